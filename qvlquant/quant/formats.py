@@ -1,0 +1,149 @@
+"""Packed on-disk layouts of quantized linears: one Enum value, one pack and one unpack function each.
+
+K = in_features, N = out_features, G = number of groups, b = bits.
+
+- ``GPTQ`` (AutoGPTQ "v1" on disk, what transformers/optimum/gptqmodel and vLLM's gptq_marlin read):
+  ``qweight`` [K*b/32, N] int32, codes packed along K as a little-endian bit stream (so 3-bit codes cross word
+  boundaries exactly as AutoGPTQ writes them); ``qzeros`` [G, N*b/32] int32, packed the same way along N and storing
+  ``zero - 1``; ``scales`` [G, N] fp16; ``g_idx`` [K] int32, the group of each input column (act-order permutes it).
+- ``AWQ_GEMM`` (AutoAWQ GEMM, ``version: gemm``; 4-bit only): ``qweight`` [K, N/8] int32 packed along N with the
+  interleaved order ``AWQ_PACK_ORDER``; ``qzeros`` [G, N/8] packed the same way, storing the zero itself;
+  ``scales`` [G, N] fp16. No g_idx: groups are contiguous.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+from qvlquant.quant.rtn import QuantSpec, default_g_idx, dequantize, expand_groups
+
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column n0 + AWQ_PACK_ORDER[i] goes to nibble i of a word
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """A quantized linear weight before packing. q [N, K] int32; scale/zero [N, G] fp32; g_idx [K] int32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    spec: QuantSpec
+    # AWQ: the linear's input was divided by this [K] (folded into the previous op); None when nothing was folded.
+    input_scale: torch.Tensor | None = None
+    # AWQ: the linear's outputs were divided by this [N] (it is the previous op of a folded group); None otherwise.
+    output_scale: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """-> [N, K] fp32."""
+        return dequantize(self.q, expand_groups(self.scale, self.g_idx), expand_groups(self.zero, self.g_idx))
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight in the original model's terms: dequantize() / input_scale * output_scale. -> [N, K] fp32."""
+        w = self.dequantize()
+        if self.input_scale is not None:
+            w = w / self.input_scale.view(1, -1).float()
+        if self.output_scale is not None:
+            w = w * self.output_scale.view(-1, 1).float()
+        return w
+
+
+class PackFormat(str, enum.Enum):
+    GPTQ = "gptq"
+    AWQ_GEMM = "awq_gemm"
+
+    def pack(self, w: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return _pack_gptq(w) if self is PackFormat.GPTQ else _pack_awq(w)
+
+    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, in_features: int) -> QuantizedWeight:
+        if self is PackFormat.GPTQ:
+            return _unpack_gptq(tensors, spec, in_features)
+        return _unpack_awq(tensors, spec)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return ("qweight", "qzeros", "scales", "g_idx") if self is PackFormat.GPTQ else ("qweight", "qzeros", "scales")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes [L, M] along dim 0 as a little-endian bit stream. -> [L*bits/32, M] int32."""
+    length, m = codes.shape
+    if (length * bits) % 32:
+        raise ValueError(f"cannot pack {length} {bits}-bit values into whole 32-bit words")
+    c = codes.to(torch.int64) & (2**bits - 1)
+    bit = torch.arange(bits, dtype=torch.int64)
+    stream = ((c.unsqueeze(1) >> bit.view(1, bits, 1)) & 1).reshape(length * bits, m)  # [L*b, M], LSB first
+    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).view(1, 32, 1)
+    words = (stream.view(-1, 32, m) * weights).sum(1)  # [words, M], values in [0, 2**32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: [W, M] int32 -> [length, M] int32."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    m = w.shape[1]
+    stream = ((w.unsqueeze(1) >> torch.arange(32).view(1, 32, 1)) & 1).reshape(-1, m)  # [W*32, M]
+    stream = stream[: length * bits].view(length, bits, m)
+    return (stream << torch.arange(bits).view(1, bits, 1)).sum(1).to(torch.int32)
+
+
+def _pack_gptq(w: QuantizedWeight) -> dict[str, torch.Tensor]:
+    b = w.spec.bits
+    zeros_minus_one = (w.zero.round().to(torch.int64) - 1) & (2**b - 1)  # v1 stores zero-1; loaders add it back
+    return {
+        "qweight": pack_bits(w.q.t(), b),  # [K*b/32, N]
+        "qzeros": pack_bits(zeros_minus_one, b).t().contiguous(),  # [G, N*b/32]
+        "scales": w.scale.t().contiguous().to(torch.float16),  # [G, N]
+        "g_idx": w.g_idx.to(torch.int32).contiguous(),  # [K]
+    }
+
+
+def _unpack_gptq(t: dict[str, torch.Tensor], spec: QuantSpec, in_features: int) -> QuantizedWeight:
+    b = spec.bits
+    n = t["scales"].shape[1]
+    q = unpack_bits(t["qweight"], b, in_features).t().contiguous()  # [N, K]
+    zero = (unpack_bits(t["qzeros"].t(), b, n).to(torch.int64) + 1) & (2**b - 1)  # [N, G]
+    g_idx = t["g_idx"].to(torch.int32) if "g_idx" in t else default_g_idx(in_features, spec)
+    return QuantizedWeight(q, t["scales"].float().t().contiguous(), zero.float(), g_idx, spec)
+
+
+def _awq_interleave(x: torch.Tensor) -> torch.Tensor:
+    """[R, N] codes -> [R, N/8] int32 words, column n0 + AWQ_PACK_ORDER[i] in nibble i."""
+    r, n = x.shape
+    if n % 8:
+        raise ValueError(f"AWQ GEMM packing needs out_features divisible by 8, got {n}")
+    cols = x.to(torch.int64).view(r, n // 8, 8)[:, :, list(AWQ_PACK_ORDER)]  # [R, N/8, 8]
+    words = (cols << (4 * torch.arange(8))).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _awq_deinterleave(words: torch.Tensor) -> torch.Tensor:
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    nibbles = (w.unsqueeze(-1) >> (4 * torch.arange(8))) & 0xF  # [R, N/8, 8] in pack order
+    inverse = torch.argsort(torch.tensor(AWQ_PACK_ORDER))  # [0, 4, 1, 5, 2, 6, 3, 7]
+    return nibbles[:, :, inverse].reshape(w.shape[0], -1).to(torch.int32)
+
+
+def _check_awq(w: QuantizedWeight) -> None:
+    if w.spec.bits != 4:
+        raise ValueError(f"the AWQ GEMM format is 4-bit only, got {w.spec.bits} bits")
+    if not torch.equal(w.g_idx.long(), default_g_idx(w.q.shape[1], w.spec).long()):
+        raise ValueError("the AWQ GEMM format cannot store act-order (permuted g_idx); use the GPTQ format")
+
+
+def _pack_awq(w: QuantizedWeight) -> dict[str, torch.Tensor]:
+    _check_awq(w)
+    return {
+        "qweight": _awq_interleave(w.q.t()),  # [K, N/8]
+        "qzeros": _awq_interleave(w.zero.round().t()),  # [G, N/8]
+        "scales": w.scale.t().contiguous().to(torch.float16),  # [G, N]
+    }
+
+
+def _unpack_awq(t: dict[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+    q = _awq_deinterleave(t["qweight"]).t().contiguous()  # [N, K]
+    zero = _awq_deinterleave(t["qzeros"]).t().float()  # [N, G]
+    return QuantizedWeight(q, t["scales"].float().t().contiguous(), zero, default_g_idx(q.shape[1], spec), spec)

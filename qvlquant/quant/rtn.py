@@ -1,0 +1,107 @@
+"""Round-to-nearest quantization as pure tensor functions.
+
+Conventions (those of GPTQ checkpoints): a weight ``w`` is ``[N, K]`` (out_features, in_features); groups of
+``group_size`` consecutive input columns share one scale and one zero point; integer codes are unsigned in
+``[0, 2**bits - 1]`` and ``w ~= scale * (q - zero)``. Symmetric quantization fixes ``zero = 2**(bits-1)``.
+
+>>> w = torch.tensor([[-1.0, 0.0, 0.5, 1.0]])
+>>> scale, zero = group_qparams(w, QuantSpec(bits=4, group_size=-1, sym=True))
+>>> q = quantize(w, scale, zero, bits=4)
+>>> q.tolist(), round(scale.item(), 4), zero.item()
+([[0.0, 8.0, 12.0, 15.0]], 0.1333, 8.0)
+
+(1.0 / scale + 8 = 15.5 is clipped to 15: symmetric GPTQ grids have one more code below zero than above.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+FP16_TINY = 1e-7  # smallest scale kept: still non-zero in fp16 (subnormal)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output row (per-channel)
+    sym: bool = True
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def effective_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from per-group ranges. xmin/xmax: [...], returns fp32 tensors of the same shape."""
+    xmin = torch.clamp(xmin.float(), max=0.0)
+    xmax = torch.clamp(xmax.float(), min=0.0)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    dead = (xmin == 0) & (xmax == 0)  # an all-zero group: any scale works, keep it finite
+    xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
+    # Checkpoints store fp16 scales: round here so the in-memory model is exactly the one that reloads.
+    scale = torch.clamp((xmax - xmin) / spec.maxq, min=FP16_TINY).half().float()
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero of ``w`` [N, K]. -> (scale [N, G], zero [N, G]), fp32."""
+    n, k = w.shape
+    g = spec.effective_group(k)
+    if k % g:
+        raise ValueError(f"in_features {k} is not divisible by group_size {g}")
+    grouped = w.float().reshape(n, k // g, g)  # [N, G, g]
+    return minmax_qparams(grouped.amin(-1), grouped.amax(-1), spec)
+
+
+def expand_groups(t: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """Per-group tensor [N, G] -> per-column [N, K] through g_idx [K] (group of each input column)."""
+    return t[:, g_idx.long()]
+
+
+def default_g_idx(in_features: int, spec: QuantSpec) -> torch.Tensor:
+    return torch.arange(in_features, dtype=torch.int32) // spec.effective_group(in_features)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w``; scale/zero broadcast against ``w`` (per-column [N, K] or [N, 1])."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q.float() - zero)
+
+
+def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN of ``w`` [N, K]. -> (q [N, K] int32, scale [N, G] fp32, zero [N, G] fp32)."""
+    scale, zero = group_qparams(w, spec)
+    g_idx = default_g_idx(w.shape[1], spec)
+    q = quantize(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), spec.bits)
+    return q.to(torch.int32), scale, zero
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """RTN quantize-dequantize of ``w`` [N, K], in ``w``'s dtype."""
+    q, scale, zero = rtn_quantize(w, spec)
+    g_idx = default_g_idx(w.shape[1], spec)
+    return dequantize(q, expand_groups(scale, g_idx), expand_groups(zero, g_idx)).to(w.dtype)

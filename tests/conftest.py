@@ -1,0 +1,44 @@
+"""Test-wide settings: offline hub, 2 threads, and any non-loopback network connection is a failure."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["QVLQUANT_QUIET"] = "1"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or self.family == socket.AF_UNIX):
+        raise AssertionError(f"test tried to reach the network: {address!r}")
+    return _connect(self, address)
+
+
+socket.socket.connect = _guarded_connect
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The embedded demo model (fp32 compute) and its processor, loaded once."""
+    import qvlquant
+
+    model, processor = qvlquant.load("demo")
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def demo_batches(demo):
+    """Real calibration batches through the demo processor: 3 easy-vqa chats (one batch of 2, padded) + 1 text."""
+    from qvlquant.calib.dataset import CalibConfig, build_batches
+    from qvlquant.calib.sources import load_samples
+
+    _, processor = demo
+    samples, names, _ = load_samples("demo", 4, seed=3)
+    return build_batches(processor, samples, CalibConfig(batch_size=2), names)

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from qvlquant.quant.formats import AWQ_PACK_ORDER, PackFormat, QuantizedWeight, pack_bits, unpack_bits
+from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
+
+
+def quantized(n, k, spec, seed=0, act_order=False):
+    torch.manual_seed(seed)
+    q, scale, zero = rtn_quantize(torch.randn(n, k), spec)
+    g_idx = default_g_idx(k, spec)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k)]
+    return QuantizedWeight(q, scale, zero, g_idx, spec)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_bits_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (64, 5), dtype=torch.int32)
+    words = pack_bits(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (64 * bits // 32, 5)
+    assert torch.equal(unpack_bits(words, bits, 64), codes)
+
+
+def test_pack_bits_layout_matches_autogptq():
+    # 4-bit: value j of a column sits at bits 4j..4j+3 of word j // 8
+    codes = torch.arange(8, dtype=torch.int32).view(8, 1)
+    assert pack_bits(codes, 4).item() == 0x76543210
+    # 3-bit: the 11th value (index 10) straddles words 0 and 1 (bits 30-31, then bit 0), as AutoGPTQ packs it
+    codes = torch.zeros(32, 1, dtype=torch.int32)
+    codes[10] = 0b111
+    words = pack_bits(codes, 3).view(-1).tolist()
+    assert words[0] & 0xFFFFFFFF == 0b11 << 30 and words[1] == 1 and words[2] == 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_round_trip_exact(bits, group_size, sym):
+    w = quantized(64, 256, QuantSpec(bits, group_size, sym))
+    packed = PackFormat.GPTQ.pack(w)
+    k, n, g = 256, 64, w.spec.groups(256)
+    assert packed["qweight"].shape == (k * bits // 32, n)
+    assert packed["qzeros"].shape == (g, n * bits // 32)
+    assert packed["scales"].shape == (g, n) and packed["scales"].dtype == torch.float16
+    back = PackFormat.GPTQ.unpack(packed, w.spec, k)
+    assert torch.equal(back.q, w.q) and torch.equal(back.zero, w.zero) and torch.equal(back.g_idx, w.g_idx)
+    assert torch.equal(back.scale, w.scale)  # scales are fp16-representable by construction
+    assert torch.equal(back.dequantize(), w.dequantize())
+
+
+def test_gptq_qzeros_store_zero_minus_one():
+    w = quantized(8, 128, QuantSpec(4, 128, True))
+    words = PackFormat.GPTQ.pack(w)["qzeros"]  # sym 4-bit: zero 8 stored as 7 in every nibble
+    assert (words == 0x77777777).all()
+
+
+def test_act_order_g_idx_round_trip():
+    w = quantized(32, 256, QuantSpec(4, 64, True), act_order=True)
+    back = PackFormat.GPTQ.unpack(PackFormat.GPTQ.pack(w), w.spec, 256)
+    assert torch.equal(back.g_idx, w.g_idx)
+    assert torch.equal(back.dequantize(), w.dequantize())
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_awq_round_trip_exact(group_size):
+    w = quantized(64, 256, QuantSpec(4, group_size, False))
+    packed = PackFormat.AWQ_GEMM.pack(w)
+    assert packed["qweight"].shape == (256, 8) and packed["qzeros"].shape == (256 // group_size, 8)
+    back = PackFormat.AWQ_GEMM.unpack(packed, w.spec, 256)
+    assert torch.equal(back.q, w.q) and torch.equal(back.zero, w.zero)
+    assert torch.equal(back.dequantize(), w.dequantize())
+
+
+def test_awq_interleaved_order():
+    # out columns 0..7 of input row 0 hold codes 0..7; nibble i of the word must hold column AWQ_PACK_ORDER[i]
+    q = torch.zeros(8, 128, dtype=torch.int32)
+    q[:, 0] = torch.arange(8, dtype=torch.int32)
+    w = QuantizedWeight(q, torch.ones(8, 1), torch.zeros(8, 1), default_g_idx(128, QuantSpec(4, -1, False)), QuantSpec(4, -1, False))
+    word = PackFormat.AWQ_GEMM.pack(w)["qweight"][0, 0].item() & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == list(AWQ_PACK_ORDER)
+
+
+def test_awq_refuses_what_it_cannot_store():
+    with pytest.raises(ValueError, match="4-bit only"):
+        PackFormat.AWQ_GEMM.pack(quantized(8, 128, QuantSpec(8, 128, False)))
+    with pytest.raises(ValueError, match="act-order"):
+        PackFormat.AWQ_GEMM.pack(quantized(8, 128, QuantSpec(4, 32, False), act_order=True))

@@ -1,0 +1,77 @@
+import itertools
+
+import pytest
+import torch
+
+from qvlquant.quant.rtn import QuantSpec, dequantize, expand_groups, default_g_idx, fake_quantize, group_qparams, rtn_quantize
+
+
+def reference_rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Plain-Python loop reference: quantize-dequantize each group from its min/max."""
+    n, k = w.shape
+    g = k if spec.group_size == -1 else spec.group_size
+    out = torch.empty_like(w)
+    maxq = 2**spec.bits - 1
+    for r, c0 in itertools.product(range(n), range(0, k, g)):
+        grp = w[r, c0:c0 + g].double()
+        lo, hi = min(grp.min().item(), 0.0), max(grp.max().item(), 0.0)
+        if spec.sym:
+            hi = max(abs(lo), hi)
+            lo = -hi
+        scale = float(torch.tensor((hi - lo) / maxq).clamp(min=1e-7).half().float())
+        zero = (maxq + 1) / 2 if spec.sym else round(-lo / scale)
+        q = torch.clamp(torch.round(grp / scale) + zero, 0, maxq)
+        out[r, c0:c0 + g] = (scale * (q - zero)).float()
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_matches_loop_reference(bits, group_size, sym):
+    torch.manual_seed(bits * 100 + group_size)
+    w = torch.randn(6, 128)
+    spec = QuantSpec(bits, group_size, sym)
+    torch.testing.assert_close(fake_quantize(w, spec), reference_rtn(w, spec), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+def test_rtn_error_bounded_by_half_step(bits, sym):
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    spec = QuantSpec(bits, 128, sym)
+    q, scale, zero = rtn_quantize(w, spec)
+    assert q.min() >= 0 and q.max() <= 2**bits - 1
+    g_idx = default_g_idx(256, spec)
+    err = (dequantize(q, expand_groups(scale, g_idx), expand_groups(zero, g_idx)) - w).abs()
+    step = expand_groups(scale, g_idx)
+    # within the representable range the error is at most half a step; sym clips one code at the top
+    slack = step if sym else 0.5 * step
+    assert (err <= slack + 1e-6).all()
+    assert err.mean() < 0.3 * step.mean()
+
+
+def test_more_bits_less_error():
+    torch.manual_seed(1)
+    w = torch.randn(32, 256)
+    errs = [(fake_quantize(w, QuantSpec(b, 64, True)) - w).pow(2).mean().item() for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True)
+    assert errs[3] < errs[2] / 100
+
+
+def test_zero_group_and_bad_shapes():
+    w = torch.zeros(2, 64)
+    assert torch.equal(fake_quantize(w, QuantSpec(4, 32, False)), w)
+    with pytest.raises(ValueError, match="not divisible"):
+        group_qparams(torch.zeros(2, 96), QuantSpec(4, 64, True))
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=5)
+
+
+def test_docstring_example_holds():
+    import doctest
+
+    import qvlquant.quant.rtn as rtn
+
+    result = doctest.testmod(rtn)
+    assert result.attempted >= 1 and result.failed == 0
