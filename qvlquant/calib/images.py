@@ -1,0 +1,115 @@
+"""qvlquant's own image loader: local files and data URIs only, checked before they are opened.
+
+qwen_vl_utils fetches any URL with no timeout or size cap; this loader never touches the network. A path is resolved
+(symlinks included) and must stay inside the allowed root; it must be a regular file; the decode is forced at load so
+a truncated or fake image fails here, naming the file; decompression bombs are errors; every image is normalised to
+8-bit RGB with its EXIF orientation applied.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import pathlib
+import stat
+import warnings
+
+from PIL import Image, ImageOps
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_DATA_URI_BYTES = 32 * 1024 * 1024
+MAX_ASPECT_RATIO = 200  # the Qwen2-VL image processor refuses more
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names it and says why."""
+
+
+def _check_path(path: str | os.PathLike, root: str | os.PathLike | None) -> pathlib.Path:
+    resolved = pathlib.Path(path).resolve()
+    if root is not None:
+        root_resolved = pathlib.Path(root).resolve()
+        if resolved != root_resolved and root_resolved not in resolved.parents:
+            raise ImageError(f"image {str(path)!r} resolves to {resolved}, outside the allowed root {root_resolved}")
+    try:
+        st = os.stat(resolved)
+    except FileNotFoundError:
+        raise ImageError(f"image {str(path)!r} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"image {str(path)!r} is not a regular file")
+    if st.st_size == 0:
+        raise ImageError(f"image {str(path)!r} is empty")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(f"image {str(path)!r} is {st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap")
+    return resolved
+
+
+def _decode(data: bytes, name: str) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()  # force the decode: truncated files fail here, not later
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ImageError(f"image {name!r} is too large to decode safely: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"image {name!r} cannot be decoded: {e}") from None
+    return normalise(img, name)
+
+
+def normalise(img: Image.Image, name: str = "<image>") -> Image.Image:
+    """First frame, EXIF rotation applied, 8-bit RGB (alpha composited on white)."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    w, h = img.size
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ImageError(f"image {name!r} is {w}x{h}: aspect ratio over {MAX_ASPECT_RATIO} is not supported")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def _data_uri(uri: str) -> Image.Image:
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.startswith("data:image/") or ";base64" not in header:
+        raise ImageError(f"data URI {uri[:40]!r}... is not a base64 image (expected data:image/...;base64,...)")
+    if len(payload) * 3 // 4 > MAX_DATA_URI_BYTES:
+        raise ImageError(f"data URI image is over the {MAX_DATA_URI_BYTES}-byte cap")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("data URI holds invalid base64") from None
+    return _decode(data, "data URI")
+
+
+def load_image(source, root: str | os.PathLike | None = None) -> Image.Image:
+    """An RGB image from a PIL image, a local path, a ``file://`` URI or a base64 data URI.
+
+    ``root``: relative paths are taken from it and no path may leave it. URLs are refused here (network images are
+    off by default; see RELIABILITY.md).
+    """
+    if isinstance(source, Image.Image):
+        return normalise(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"image must be a path, a file:// or data: URI, or a PIL image, got {type(source).__name__}")
+    text = os.fspath(source)
+    if text.startswith("data:"):
+        return _data_uri(text)
+    if text.startswith(("http://", "https://")):
+        raise ImageError(f"image {text!r} is a URL: network images are off; download it and pass a local path")
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
+        raise ImageError(f"image {text!r} has an unsupported scheme; use a local path, file:// or data:")
+    path = pathlib.Path(text)
+    if root is not None and not path.is_absolute():
+        path = pathlib.Path(root) / path
+    resolved = _check_path(path, root)
+    return _decode(resolved.read_bytes(), text)

@@ -1,0 +1,128 @@
+import base64
+import io
+import os
+
+import pytest
+from PIL import Image
+
+from qvlquant.calib.images import ImageError, load_image
+
+
+def save(img, path, **kw):
+    img.save(path, **kw)
+    return str(path)
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_loads_rgb_from_path_and_file_uri(tmp_path):
+    p = save(Image.new("RGB", (32, 20), (10, 200, 30)), tmp_path / "a.png")
+    for src in (p, "file://" + p):
+        img = load_image(src)
+        assert img.mode == "RGB" and img.size == (32, 20) and img.getpixel((0, 0)) == (10, 200, 30)
+
+
+def test_relative_path_taken_from_root(tmp_path):
+    save(Image.new("RGB", (8, 8)), tmp_path / "x.png")
+    assert load_image("x.png", root=tmp_path).size == (8, 8)
+
+
+def test_path_traversal_and_symlink_out_of_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    outside = save(Image.new("RGB", (8, 8)), tmp_path / "secret.png")
+    with pytest.raises(ImageError, match="outside the allowed root"):
+        load_image("../secret.png", root=root)
+    with pytest.raises(ImageError, match="outside the allowed root"):
+        load_image("/etc/passwd", root=root)
+    os.symlink(outside, root / "link.png")
+    with pytest.raises(ImageError, match="outside the allowed root"):
+        load_image("link.png", root=root)
+
+
+def test_not_regular_files(tmp_path):
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image("/dev/zero")
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(str(tmp_path))
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(str(fifo))
+
+
+def test_broken_files_name_the_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image at all")
+    good = png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    for name, match in (("empty.png", "empty"), ("text.png", "cannot be decoded"), ("cut.png", "cannot be decoded"),
+                        ("missing.png", "does not exist")):
+        with pytest.raises(ImageError, match=match) as e:
+            load_image(str(tmp_path / name))
+        assert name in str(e.value)
+
+
+def test_decompression_bomb_is_an_error(tmp_path):
+    # a real PNG header claiming 100000 x 100000 pixels
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(png)
+    with pytest.raises(ImageError, match="too large"):
+        load_image(str(tmp_path / "bomb.png"))
+
+
+def test_urls_and_unknown_schemes_refused():
+    with pytest.raises(ImageError, match="network images are off"):
+        load_image("http://127.0.0.1/x.png")
+    with pytest.raises(ImageError, match="unsupported scheme"):
+        load_image("ftp://host/x.png")
+    with pytest.raises(ImageError, match="must be a path"):
+        load_image(123)
+
+
+def test_data_uris():
+    ok = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (5, 7)))).decode()
+    assert load_image(ok).size == (5, 7)
+    with pytest.raises(ImageError, match="invalid base64"):
+        load_image("data:image/png;base64,@@@not-base64@@@")
+    with pytest.raises(ImageError, match="not a base64 image"):
+        load_image("data:text/plain,hello")
+
+
+def test_modes_are_normalised_deterministically(tmp_path):
+    cmyk = load_image(save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "c.jpg"))
+    assert cmyk.mode == "RGB" and cmyk.getpixel((0, 0))[0] > 200
+    sixteen = load_image(save(Image.new("I;16", (8, 8), 65535), tmp_path / "s.png"))
+    assert sixteen.mode == "RGB" and sixteen.getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([255, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    assert load_image(save(pal, tmp_path / "p.png")).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    frames = [Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))]
+    gif = save(frames[0], tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert load_image(gif).getpixel((0, 0))[0] > 200  # first frame
+
+
+def test_exif_rotation_applied(tmp_path):
+    img = Image.new("RGB", (40, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    p = save(img, tmp_path / "r.jpg", exif=exif)
+    assert load_image(p).size == (10, 40)
+
+
+def test_extreme_aspect_ratio_refused():
+    with pytest.raises(ImageError, match="aspect ratio"):
+        load_image(Image.new("RGB", (10000, 10)))
+    assert load_image(Image.new("RGB", (1, 1))).size == (1, 1)
