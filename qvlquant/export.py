@@ -1,0 +1,145 @@
+"""Writing quantized checkpoints: safetensors in the keys ``save_pretrained`` writes, a ``quantization_config`` the
+loaders read, the processor without any truncation setting, a report, and a sha256 manifest.
+
+Everything is written into a temporary folder beside the output and renamed into place at the end, so a crash never
+leaves a partial model and never destroys the model that was there before.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from qvlquant import __version__
+from qvlquant.families import ModelFamily
+from qvlquant.pipeline import QuantConfig, QuantResult
+
+MANIFEST = "qvlquant_manifest.json"
+REPORT = "quantize_report.json"
+
+
+def quantization_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
+    spec = qcfg.spec
+    not_converted = family.unquantized_disk_names()
+    if qcfg.method == "awq":
+        return {
+            "quant_method": "awq",
+            "version": "gemm",
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "zero_point": not spec.sym,
+            "modules_to_not_convert": not_converted,
+        }
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "sym": spec.sym,
+        "desc_act": qcfg.desc_act,
+        "static_groups": qcfg.static_groups,
+        "true_sequential": qcfg.true_sequential,
+        "damp_percent": qcfg.damp_percent,  # what was asked; the damping each layer used is in quantize_report.json
+        "pack_dtype": "int32",
+        "modules_in_block_to_quantize": [list(g) for g in family.linear_groups],
+        "modules_to_not_convert": not_converted,
+        "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method},
+    }
+
+
+def checkpoint_tensors(model, family: ModelFamily, result: QuantResult, qcfg: QuantConfig, dtype) -> dict:
+    """The state dict to save: packed tensors for quantized linears, everything else in the storage dtype."""
+    quantized = set(result.weights)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {}
+    for name, t in model.state_dict().items():
+        module, leaf = name.rsplit(".", 1)
+        if (module in quantized and leaf == "weight") or (tied and name == "lm_head.weight"):
+            continue
+        tensors[family.to_disk(name)] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    for name, w in result.weights.items():
+        for key, t in qcfg.pack_format.pack(w).items():
+            tensors[f"{family.to_disk(name)}.{key}"] = t.contiguous()
+    return tensors
+
+
+def _strip_truncation(folder: pathlib.Path) -> None:
+    """vLLM fails on a tokenizer.json that carries calibration truncation; none is ever saved."""
+    path = folder / "tokenizer.json"
+    if path.exists():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("truncation") is not None:
+            data["truncation"] = None
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: pathlib.Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {"files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_manifest(folder: pathlib.Path) -> None:
+    """Every file the manifest lists exists with its recorded hash; a checkpoint without manifest passes (not ours)."""
+    path = pathlib.Path(folder) / MANIFEST
+    if not path.exists():
+        return
+    for name, entry in json.loads(path.read_text())["files"].items():
+        f = pathlib.Path(folder) / name
+        if not f.exists():
+            raise FileNotFoundError(f"{folder}: {name} is listed in {MANIFEST} but missing")
+        if sha256(f) != entry["sha256"]:
+            raise ValueError(f"{folder}: {name} does not match its sha256 in {MANIFEST} (corrupted or edited)")
+
+
+def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Move ``tmp`` to ``out``; an existing ``out`` is kept until the new one is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(model, processor, family: ModelFamily, result: QuantResult, qcfg: QuantConfig, out: str | os.PathLike,
+           dtype: torch.dtype, report: dict) -> pathlib.Path:
+    out = pathlib.Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(checkpoint_tensors(model, family, result, qcfg, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = copy.deepcopy(model.config)
+        config.quantization_config = quantization_config(qcfg, family)
+        config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        _strip_truncation(tmp)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

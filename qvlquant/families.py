@@ -1,0 +1,95 @@
+"""Model families as data: where the decoder layers are, what stays unquantized, how linears are grouped.
+
+One frozen declaration per family and one visible dict from ``config.model_type`` to it. Module paths are those of
+the runtime model of the installed transformers (``model.language_model.layers.N...``); ``disk_prefixes`` maps them
+to the checkpoint keys ``save_pretrained`` writes (``model.layers.N...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingGroup:
+    """An AWQ smoothing group: ``prev`` (a norm or linear) feeds ``linears``; ``inspect`` is the module whose output
+    the scale search measures (None: the linears themselves)."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    decoder_layers: str  # runtime path of the ModuleList of decoder layers
+    vision_tower: str  # runtime path of the vision tower (never quantized)
+    # Linears of one decoder layer in execution order; each tuple reads the same input (one Hessian per tuple).
+    linear_groups: tuple[tuple[str, ...], ...]
+    scaling_groups: tuple[ScalingGroup, ...]
+    not_quantized: tuple[str, ...]  # runtime paths kept in full precision
+    disk_prefixes: tuple[tuple[str, str], ...]  # (runtime prefix, checkpoint prefix)
+    needs_remote_code: bool = False
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.linear_groups for name in group)
+
+    def to_disk(self, runtime_name: str) -> str:
+        for runtime, disk in self.disk_prefixes:
+            if runtime_name.startswith(runtime):
+                return disk + runtime_name[len(runtime):]
+        return runtime_name
+
+    def to_runtime(self, disk_name: str) -> str:
+        for runtime, disk in self.disk_prefixes:
+            if disk_name.startswith(disk):
+                return runtime + disk_name[len(disk):]
+        return disk_name
+
+    def unquantized_disk_names(self) -> list[str]:
+        """What ``modules_to_not_convert`` must list: both layouts, since transformers 5 matches the runtime name
+        and a bare "visual" protects nothing (shared/design/INTEROP.md)."""
+        names = []
+        for path in self.not_quantized:
+            names += [self.to_disk(path + ".")[:-1], path]
+        return list(dict.fromkeys(names))
+
+
+QWEN2_VL = ModelFamily(
+    name="qwen2_vl",
+    decoder_layers="model.language_model.layers",
+    vision_tower="model.visual",
+    linear_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    scaling_groups=(
+        ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalingGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    not_quantized=("model.visual", "lm_head"),
+    disk_prefixes=(
+        ("model.language_model.", "model."),
+        ("model.visual.", "visual."),
+    ),
+)
+
+FAMILIES: dict[str, ModelFamily] = {
+    "qwen2_vl": QWEN2_VL,
+    "qwen2_5_vl": QWEN2_VL,
+}
+
+
+def family_for(model_type: str) -> ModelFamily:
+    """The declaration for ``model_type``; an error listing the supported types otherwise."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(FAMILIES))
+        raise ValueError(f"model_type {model_type!r} is not supported by qvlquant; supported: {supported}") from None

@@ -1,0 +1,157 @@
+"""The layer-by-layer loop: capture what decoder layer 0 receives, then quantize and replay one layer at a time.
+
+Layer 0's inputs are captured with a forward pre-hook on the real HF forward, so the hidden states (text embeddings
+with the vision tower's features merged in) and the M-RoPE position embeddings are exactly what transformers
+computed. Each layer is then quantized from those inputs and replayed; its quantized outputs become the next
+layer's inputs. The vision tower, the embeddings and lm_head are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from qvlquant.families import ModelFamily
+from qvlquant.progress import progress
+from qvlquant.quant.formats import PackFormat, QuantizedWeight
+from qvlquant.quant.rtn import QuantSpec
+
+_DROP_KWARGS = ("past_key_values", "use_cache", "past_key_value", "cache_position")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook so the rest of the model does not run (private: never escapes capture())."""
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not go on; the message names the layer."""
+
+
+@dataclasses.dataclass
+class LayerInput:
+    hidden: torch.Tensor  # [B, S, H]
+    kwargs: dict  # what the HF model passed to the layer: attention_mask, position_embeddings (cos, sin), ...
+    token_mask: torch.Tensor  # [B, S] bool: real tokens (padding excluded from statistics)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    method: str = "rtn"  # rtn | gptq | awq
+    spec: QuantSpec = QuantSpec()
+    damp_percent: float = 0.1
+    damp_max: float = 1.0  # damping is raised step by step up to this before giving up
+    block_size: int = 128
+    desc_act: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    awq_grid: int = 20
+    awq_clip: bool = True
+    awq_max_tokens: int = 4096  # tokens kept per linear for AWQ's statistics and clipping search
+    storage_dtype: torch.dtype = torch.bfloat16  # what the export writes: folded AWQ scales are rounded to it
+
+    @property
+    def pack_format(self) -> PackFormat:
+        return PackFormat.AWQ_GEMM if self.method == "awq" else PackFormat.GPTQ
+
+
+@dataclasses.dataclass
+class QuantResult:
+    weights: dict[str, QuantizedWeight]  # runtime module name -> quantized weight
+    layer_info: dict[str, dict]  # runtime module name -> what the method recorded (damping, scales, error)
+    seconds: float = 0.0
+
+
+def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    return model.get_submodule(path)
+
+
+@torch.no_grad()
+def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[LayerInput]:
+    """Run the real forward on each batch and keep what decoder layer 0 receives."""
+    layer0 = get_module(model, family.decoder_layers)[0]
+    captured: list[LayerInput] = []
+    mask_of_batch: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kept = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+        captured.append(LayerInput(hidden.detach(), kept, mask_of_batch[-1]))
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            mask_of_batch.append(batch["attention_mask"].bool().to(device))
+            try:
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise QuantizationError(f"captured inputs for {len(captured)} of {len(batches)} batches")
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: torch.nn.Module, x: LayerInput) -> torch.Tensor:
+    out = layer(x.hidden, use_cache=False, **x.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise QuantizationError(
+            f"non-finite values (NaN/inf) in {where}: compute in float32 or bfloat16, not float16, and check the model"
+        )
+
+
+def check_group_size(model, family: ModelFamily, spec: QuantSpec) -> None:
+    """Every targeted linear's in_features must divide into groups; checked before any calibration work."""
+    if spec.group_size == -1:
+        return
+    bad = []
+    for i, layer in enumerate(get_module(model, family.decoder_layers)):
+        for name in family.linears:
+            k = layer.get_submodule(name).in_features
+            if k % spec.group_size:
+                bad.append(f"{family.decoder_layers}.{i}.{name} (in_features {k})")
+    if bad:
+        raise ValueError(f"group_size {spec.group_size} does not divide in_features of: {', '.join(bad[:8])}")
+
+
+def quantize_model(model, family: ModelFamily, batches: list[dict], qcfg: QuantConfig, layer_done=None) -> QuantResult:
+    """Quantize every decoder layer in place (weights become their dequantized values) and return the codes.
+
+    ``layer_done(i, weights_of_layer)`` is called after each layer (checkpointing, progress reports)."""
+    from qvlquant.quant import METHODS
+
+    check_group_size(model, family, qcfg.spec)
+    quantize_layer = METHODS[qcfg.method]
+    t0 = time.time()
+    inputs = capture_inputs(model, family, batches)
+    layers = get_module(model, family.decoder_layers)
+    result = QuantResult({}, {})
+    for i in progress(range(len(layers)), desc=f"{qcfg.method} W{qcfg.spec.bits}", unit="layer"):
+        prefix = f"{family.decoder_layers}.{i}"
+        for x in inputs:
+            check_finite(x.hidden, f"the inputs of {prefix}")
+        weights, info = quantize_layer(layers[i], inputs, family, qcfg, prefix)
+        for name, w in weights.items():
+            result.weights[f"{prefix}.{name}"] = w
+            result.layer_info[f"{prefix}.{name}"] = info.get(name, {})
+        inputs = [dataclasses.replace(x, hidden=run_layer(layers[i], x)) for x in inputs]
+        if layer_done is not None:
+            layer_done(i, weights)
+    for x in inputs:
+        check_finite(x.hidden, f"the outputs of {family.decoder_layers}.{len(layers) - 1}")
+    result.seconds = time.time() - t0
+    return result
+
+
+def set_weight(linear: torch.nn.Linear, w: QuantizedWeight) -> None:
+    """Give ``linear`` the dequantized weight, bit-identical to what a reloaded QuantLinear computes."""
+    linear.weight.data = w.dequantize().to(linear.weight.dtype)

@@ -1,0 +1,103 @@
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import qvlquant
+from qvlquant.export import MANIFEST, export
+from qvlquant.families import QWEN2_VL
+from qvlquant.pipeline import QuantConfig, quantize_model
+from qvlquant.quant.rtn import QuantSpec
+from qvlquant.runtime import QuantLinear
+
+
+def quantize_and_export(demo, demo_batches, out, spec=QuantSpec(4, 128, True)):
+    model, processor = demo
+    q = copy.deepcopy(model)
+    qcfg = QuantConfig("rtn", spec)
+    result = quantize_model(q, QWEN2_VL, demo_batches, qcfg)
+    export(q, processor, QWEN2_VL, result, qcfg, out, torch.bfloat16, {"base_model": "demo"})
+    return q
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128, True), QuantSpec(8, -1, False), QuantSpec(3, 64, True)])
+def test_export_then_load_gives_the_same_logits(demo, demo_batches, tmp_path, spec):
+    q = quantize_and_export(demo, demo_batches, tmp_path / "q", spec)
+    loaded, _ = qvlquant.load(tmp_path / "q")
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 28
+    visual = [m for n, m in loaded.named_modules() if n.startswith("model.visual")]
+    assert sum(type(m) is torch.nn.Linear for m in visual) == 10 and not any(isinstance(m, QuantLinear) for m in visual)
+    batch = next(b for b in demo_batches if "pixel_values" in b)
+    torch.testing.assert_close(logits(loaded, batch), logits(q, batch), rtol=0, atol=1e-5)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["bits"] == spec.bits and cfg["group_size"] == spec.group_size
+    assert cfg["sym"] == spec.sym and cfg["desc_act"] is False and "model.visual" in cfg["modules_to_not_convert"]
+
+
+def test_keys_are_those_save_pretrained_writes(demo, demo_batches, tmp_path):
+    model, _ = demo
+    quantize_and_export(demo, demo_batches, tmp_path / "q")
+    model.save_pretrained(tmp_path / "ref")
+    with safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt") as f:
+        reference = set(f.keys())
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        ours = set(f.keys())
+    qsuffix = (".qweight", ".qzeros", ".scales", ".g_idx")
+    as_weights = {k.rsplit(".", 1)[0] + ".weight" if k.endswith(qsuffix) else k for k in ours}
+    assert as_weights == reference
+    assert any(k.startswith("model.layers.0.self_attn.q_proj.qweight") for k in ours)
+    assert "lm_head.weight" not in ours  # tied embeddings, as save_pretrained writes them
+
+
+def test_tied_embeddings_survive_reload(demo, demo_batches, tmp_path):
+    quantize_and_export(demo, demo_batches, tmp_path / "q")
+    loaded, _ = qvlquant.load(tmp_path / "q")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_saved_processor_has_no_truncation(demo, demo_batches, tmp_path):
+    quantize_and_export(demo, demo_batches, tmp_path / "q")
+    tok = json.loads((tmp_path / "q" / "tokenizer.json").read_text())
+    assert tok["truncation"] is None
+
+
+def test_two_runs_are_byte_identical(demo, demo_batches, tmp_path):
+    quantize_and_export(demo, demo_batches, tmp_path / "a")
+    quantize_and_export(demo, demo_batches, tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_crash_mid_save_keeps_the_old_model(demo, demo_batches, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    quantize_and_export(demo, demo_batches, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("qvlquant.export.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        quantize_and_export(demo, demo_batches, out, QuantSpec(8, 128, True))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary folder left behind
+
+
+def test_tampered_or_missing_file_fails_loading(demo, demo_batches, tmp_path):
+    out = tmp_path / "q"
+    quantize_and_export(demo, demo_batches, out)
+    assert json.loads((out / MANIFEST).read_text())["files"]["model.safetensors"]["sha256"]
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        qvlquant.load(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        qvlquant.load(out)
