@@ -1,0 +1,105 @@
+"""AWQ (Lin et al., 2023) as pure tensor functions: activation-aware per-channel scales, and a clipping search.
+
+Input channels that carry large activations matter most. AWQ multiplies the weight columns of those channels by
+``s`` before quantizing (so their rounding error shrinks relative to their size) and divides the previous op (an
+RMSNorm weight, or the previous linear's output rows) by ``s``, which leaves the full-precision function unchanged.
+``s = mean|x|^r / mean|w_normalised|^(1-r)`` with ``r`` chosen on a grid of 20 points by the output error of the
+module the linears feed. Then each group's clipping range is shrunk where that lowers the output error.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from qvlquant.quant.rtn import QuantSpec, fake_quantize, minmax_qparams
+
+
+def activation_scale(x: torch.Tensor) -> torch.Tensor:
+    """Mean |x| per input channel. x: [T, K] -> [K]."""
+    return x.abs().float().mean(0)
+
+
+def weight_scale(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """Mean per-channel |w| normalised by its group's max, over all rows of the linears sharing the input. -> [K]."""
+    w = torch.cat([t.float() for t in weights])  # [sum N, K]
+    n, k = w.shape
+    g = spec.effective_group(k)
+    grouped = w.abs().view(n, k // g, g)
+    normalised = grouped / grouped.amax(-1, keepdim=True).clamp(min=1e-8)
+    return normalised.view(n, k).mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    """s [K] for one grid point, normalised so that sqrt(max * min) = 1."""
+    s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """What the linear computes after scaling and quantization, seen from the unscaled input: Q(W diag(s)) / s."""
+    return fake_quantize(w.float() * s, spec) / s
+
+
+def search_scale(
+    weights: list[torch.Tensor],
+    x_mean: torch.Tensor,
+    spec: QuantSpec,
+    output_of: Callable[[list[torch.Tensor]], torch.Tensor],
+    grid: int = 20,
+) -> tuple[torch.Tensor, dict]:
+    """Grid search of the scale ratio. ``output_of(weights)`` runs the inspected module with the given weights for
+    the linears and returns its output on the calibration tokens. -> (s [K], {"ratio", "loss", "loss_unscaled"})."""
+    w_mean = weight_scale(weights, spec)
+    reference = output_of([w.float() for w in weights])
+    best = (float("inf"), None, None)
+    losses = []
+    for i in range(grid):
+        ratio = i / grid
+        s = candidate_scales(x_mean, w_mean, ratio)
+        out = output_of([scaled_fake_quant(w, s, spec) for w in weights])
+        loss = (reference - out).float().pow(2).mean().item()
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, ratio, s)
+    if best[2] is None:
+        raise FloatingPointError("AWQ scale search produced no finite loss (NaN in activations or weights?)")
+    return best[2], {"ratio": best[1], "loss": best[0], "loss_unscaled": losses[0]}
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+    """Per-(row, group) clipping range that minimises the group's output error on tokens x [T, K].
+    -> max_val [N, G]: clamp each group to [-max_val, max_val] before quantizing."""
+    n, k = w.shape
+    rows = max(1, 2**25 // max(1, x.shape[0] * k))  # bound the [rows, T, G, g] temporaries
+    return torch.cat([_search_clip_rows(w[r:r + rows], x, spec, grid, max_shrink) for r in range(0, n, rows)])
+
+
+def _search_clip_rows(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int, max_shrink: float) -> torch.Tensor:
+    n, k = w.shape
+    g = spec.effective_group(k)
+    wg = w.float().view(n, 1, k // g, g)  # [N, 1, G, g]
+    xg = x.float().view(1, -1, k // g, g)  # [1, T, G, g]
+    reference = (wg * xg).sum(-1)  # [N, T, G]: each group's contribution to the output
+    original = wg.abs().amax(-1, keepdim=True)  # [N, 1, G, 1]
+    best_err = torch.full(original.shape, float("inf"))
+    best_max = original.clone()
+    for i in range(int(max_shrink * grid)):
+        max_val = original * (1 - i / grid)
+        clipped = torch.clamp(wg, -max_val, max_val)
+        scale, zero = minmax_qparams(clipped.amin(-1, keepdim=True), clipped.amax(-1, keepdim=True), spec)
+        q = torch.clamp(torch.round(clipped / scale) + zero, 0, spec.maxq)
+        err = (((scale * (q - zero)) * xg).sum(-1) - reference).pow(2).mean(1, keepdim=True).unsqueeze(-1)  # [N,1,G,1]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max.view(n, k // g)
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """Clamp each group of w [N, K] to [-max_val, max_val] (max_val [N, G])."""
+    n, k = w.shape
+    groups = max_val.shape[1]
+    m = max_val.view(n, groups, 1)
+    return torch.clamp(w.float().view(n, groups, k // groups), -m, m).view(n, k).to(w.dtype)

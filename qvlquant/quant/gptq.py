@@ -1,0 +1,131 @@
+"""GPTQ (Frantar et al., 2022) as pure tensor functions: a Hessian from layer inputs, then column-by-column
+quantization with error feedback through the inverse Hessian's Cholesky factor.
+
+``H = 2/n * sum_t x_t x_t^T`` over the n calibration tokens a linear saw (padding excluded). Quantizing column j moves
+its rounding error onto the not-yet-quantized columns in proportion to ``Hinv[j, j:]``, so that ``X W^T`` changes as
+little as possible; updates are applied lazily in blocks of ``block_size`` columns.
+
+>>> _ = torch.manual_seed(0)
+>>> x = torch.randn(512, 8) @ torch.randn(8, 64) + 0.1 * torch.randn(512, 64)  # correlated inputs [T, K]
+>>> w = torch.randn(16, 64)
+>>> H, n = accumulate_hessian(torch.zeros(64, 64), 0, x, None)
+>>> qw, info = gptq_quantize(w, H, QuantSpec(bits=3, group_size=32))
+>>> from qvlquant.quant.rtn import fake_quantize
+>>> err = lambda wq: ((x @ (w - wq).T) ** 2).sum() / ((x @ w.T) ** 2).sum()
+>>> bool(err(qw.dequantize()) < 0.5 * err(fake_quantize(w, QuantSpec(3, 32))))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qvlquant.quant.formats import QuantizedWeight
+from qvlquant.quant.rtn import QuantSpec, default_g_idx, minmax_qparams, quantize
+
+
+class CholeskyError(RuntimeError):
+    pass
+
+
+def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Running ``2/n X^T X`` in fp32. x: [..., K]; mask: [...] bool of real tokens (None: all). -> (H [K, K], n)."""
+    x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
+    if mask is not None:
+        x = x[mask.reshape(-1)]
+    t = x.shape[0]
+    if t == 0:
+        return H, n
+    H = H * (n / (n + t))
+    x = x * (2.0 / (n + t)) ** 0.5
+    return H + x.T @ x, n + t
+
+
+def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp (x2 each try) until it factorises.
+    -> (Hinv_chol [K, K], damp_percent used)."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    damp = damp_percent
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    while True:
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), damp
+        except torch.linalg.LinAlgError:
+            if damp >= damp_max:
+                raise CholeskyError(
+                    f"Hessian not positive definite even with damp_percent {damp:g} (limit {damp_max:g}): "
+                    "use more calibration samples or raise the damping limit"
+                ) from None
+            damp = min(damp * 2, damp_max)
+
+
+def _group_params(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero [N, 1] of the columns [N, g] about to form one group."""
+    s, z = minmax_qparams(cols.amin(1, keepdim=True), cols.amax(1, keepdim=True), spec)
+    return s, z
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    block_size: int = 128,
+    damp_percent: float = 0.1,
+    damp_max: float = 1.0,
+    desc_act: bool = False,
+    static_groups: bool = False,
+) -> tuple[QuantizedWeight, dict]:
+    """GPTQ of ``w`` [N, K] given its input Hessian ``H`` [K, K]. -> (codes, {"damp_percent", "dead_columns", "loss"})."""
+    n_out, k = w.shape
+    g = spec.effective_group(k)
+    W = w.detach().float().clone()  # [N, K]
+    H = H.detach().float().clone()  # [K, K]
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, make H invertible there
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    static = None
+    if static_groups or spec.group_size == -1:  # params fixed up front, on the original column order
+        static = [_group_params(W[:, c:c + g], spec) for c in range(0, k, g)]
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp_used = damped_inverse_cholesky(H, damp_percent, damp_max)
+
+    Q = torch.zeros(n_out, k, dtype=torch.int32)
+    scales = torch.zeros(n_out, k // g)
+    zeros = torch.zeros(n_out, k // g)
+    g_idx_perm = torch.zeros(k, dtype=torch.int32)  # group of each permuted column
+    losses = torch.zeros(n_out)
+    scale = zero = None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # [N, b]: updated within the block, written back lazily
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                grp = int(perm[col]) // g
+                scale, zero = static[grp]
+            elif col % g == 0:
+                grp = col // g
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]  # the group's current values
+                scale, zero = _group_params(upcoming, spec)
+            g_idx_perm[col] = grp
+            scales[:, grp], zeros[:, grp] = scale[:, 0], zero[:, 0]
+            wcol = W1[:, i]
+            q = quantize(wcol.unsqueeze(1), scale, zero, spec.bits)  # [N, 1]
+            deq = (scale * (q - zero)).flatten()
+            Q[:, col] = q.flatten().to(torch.int32)
+            d = Hinv1[i, i]
+            losses += (wcol - deq) ** 2 / d**2 / 2
+            err = (wcol - deq) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    g_idx = g_idx_perm[inv] if (desc_act and static is None) else default_g_idx(k, spec)
+    qw = QuantizedWeight(Q[:, inv].contiguous(), scales, zeros, g_idx.contiguous(), spec)
+    info = {"damp_percent": damp_used, "dead_columns": int(dead.sum()), "loss": float(losses.sum())}
+    return qw, info

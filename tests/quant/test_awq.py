@@ -1,0 +1,65 @@
+import copy
+
+import torch
+
+from qvlquant.families import QWEN2_VL
+from qvlquant.pipeline import capture_inputs, run_layer
+from qvlquant.quant.apply import _fold
+from qvlquant.quant.awq import apply_clip, candidate_scales, scaled_fake_quant, search_clip, search_scale, activation_scale
+from qvlquant.quant.rtn import QuantSpec, fake_quantize
+
+SPEC = QuantSpec(4, 64, False)
+
+
+def outlier_inputs(t=1024, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, :4] *= 30  # a few salient channels, as in real LLM activations
+    return x
+
+
+def test_scale_search_beats_plain_rtn_on_salient_channels():
+    x = outlier_inputs()
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
+    s, info = search_scale([w], activation_scale(x), SPEC, lambda ws: x @ ws[0].T)
+    err_awq = (x @ (w - scaled_fake_quant(w, s, SPEC)).T).pow(2).mean()
+    err_rtn = (x @ (w - fake_quantize(w, SPEC)).T).pow(2).mean()
+    assert info["ratio"] > 0 and info["loss"] <= info["loss_unscaled"]
+    assert err_awq < 0.8 * err_rtn
+
+
+def test_candidate_scales_normalised():
+    s = candidate_scales(torch.rand(64) + 0.1, torch.rand(64) + 0.1, 0.5)
+    assert torch.isclose(s.max() * s.min(), torch.tensor(1.0), atol=1e-5)
+    assert torch.equal(candidate_scales(torch.rand(8), torch.ones(8), 0.0), torch.ones(8))
+
+
+def test_clip_search_never_worse_than_no_clip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 128, generator=g)
+    w = torch.distributions.StudentT(2.0).sample((32, 128))  # heavy tails: rare extremes stretch the ranges
+    max_val = search_clip(w, x, SPEC)
+    clipped = apply_clip(w, max_val)
+    err = lambda v: (x @ (w - fake_quantize(v, SPEC)).T).pow(2).mean(0).sum()
+    assert err(clipped) < err(w)
+    original = w.abs().view(32, 2, 64).amax(-1)
+    assert (max_val <= original).all() and (max_val < original).float().mean() > 0.2
+
+
+def test_folding_scales_leaves_the_full_precision_layer_unchanged(demo, demo_batches):
+    model, _ = demo
+    layer = copy.deepcopy(model.model.language_model.layers[1])
+    inputs = capture_inputs(model, QWEN2_VL, demo_batches[:2])
+    before = [run_layer(layer, x) for x in inputs]
+    g = torch.Generator().manual_seed(0)
+    for group in QWEN2_VL.scaling_groups:
+        prev = layer.get_submodule(group.prev)
+        linears = [layer.get_submodule(n) for n in group.linears]
+        if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
+            continue
+        s = torch.rand(linears[0].in_features, generator=g) * 4 + 0.25
+        _fold(prev, linears, s, torch.float32)
+    after = [run_layer(layer, x) for x in inputs]
+    for a, b, x in zip(after, before, inputs):
+        torch.testing.assert_close(a[x.token_mask], b[x.token_mask], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(layer.input_layernorm.weight, model.model.language_model.layers[1].input_layernorm.weight)
