@@ -1,0 +1,76 @@
+"""The main job as one function: load the base model, build calibration batches, quantize layer by layer, export."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import resource
+import time
+
+import torch
+
+from qvlquant import __version__
+from qvlquant.calib.dataset import CalibConfig, build_batches
+from qvlquant.calib.sources import load_samples
+from qvlquant.export import export
+from qvlquant.models import load_base
+from qvlquant.pipeline import QuantConfig, quantize_model
+from qvlquant.quant.rtn import QuantSpec
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quantize(
+    output: str | os.PathLike,
+    model: str = "demo",
+    method: str = "rtn",
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    calib: str = "demo",
+    num_samples: int = 64,
+    seed: int = 0,
+    calib_config: CalibConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    **method_options,
+) -> dict:
+    """Quantize ``model`` with ``method`` and write the checkpoint to ``output``. -> the report it saved."""
+    t0 = time.time()
+    torch.manual_seed(seed)
+    from qvlquant.quant import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "awq" and (bits != 4 or sym):
+        raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (--asym) only")
+    spec = QuantSpec(bits, group_size, sym)
+    net, processor, family, store_dtype = load_base(model, dtype=dtype)
+    qcfg = QuantConfig(method=method, spec=spec, storage_dtype=store_dtype, **method_options)
+    samples, names, root = load_samples(calib, num_samples, seed)
+    cfg = calib_config or CalibConfig()
+    if root and cfg.image_root is None:
+        cfg = CalibConfig(cfg.max_length, cfg.min_pixels, cfg.max_pixels, cfg.batch_size, root)
+    batches = build_batches(processor, samples, cfg, names)
+    result = quantize_model(net, family, batches, qcfg)
+    report = {
+        "qvlquant_version": __version__,
+        "base_model": str(model),
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
+        "options": {k: v for k, v in vars(qcfg).items() if k not in ("method", "spec", "storage_dtype")},
+        "calibration": {"source": calib, "num_samples": num_samples, "seed": seed, "batches": len(batches),
+                        "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+                        "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels, "max_length": cfg.max_length},
+        "layers": result.layer_info,
+        "quantize_seconds": round(result.seconds, 2),
+        "total_seconds": round(time.time() - t0, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    }
+    export(net, processor, family, result, qcfg, pathlib.Path(output), store_dtype, report)
+    return report

@@ -1,0 +1,174 @@
+"""The ``qvlquant`` command: quantize, eval.
+
+Bad input ends in one line on stderr naming what is wrong, exit status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model's language layers and export the checkpoint")
+    p.add_argument("--model", default="demo", help="'demo' (embedded), a local folder, or a hub id")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 for per-channel")
+    p.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric (GPTQ default)")
+    p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric, with zero points (AWQ default)")
+    p.add_argument("--damp-percent", type=float, default=0.1, help="GPTQ: Hessian damping (raised on failure)")
+    p.add_argument("--desc-act", action="store_true", help="GPTQ: act-order (columns by decreasing Hessian diag)")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: group params fixed before act-order")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="GPTQ: all Hessians from the unquantized layer instead of group by group")
+    p.add_argument("--calib", default="demo", help="'demo', 'easyvqa', or a .json/.jsonl file of chat samples")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--min-pixels", type=int, default=56 * 56)
+    p.add_argument("--max-pixels", type=int, default=448 * 448)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype while quantizing")
+    p.add_argument("--output", required=True, help="output folder (replaced atomically if it exists)")
+
+
+def method_options(args) -> dict:
+    if args.method != "gptq":
+        if args.desc_act or args.static_groups or not args.true_sequential or args.damp_percent != 0.1:
+            raise ValueError(f"--desc-act/--static-groups/--no-true-sequential/--damp-percent are GPTQ options, not {args.method}")
+        return {}
+    return {"damp_percent": args.damp_percent, "desc_act": args.desc_act, "static_groups": args.static_groups,
+            "true_sequential": args.true_sequential}
+
+
+def run_quantize(args) -> int:
+    from qvlquant.api import quantize
+    from qvlquant.calib.dataset import CalibConfig
+
+    sym = (args.method != "awq") if args.sym is None else args.sym
+    cfg = CalibConfig(args.max_length, args.min_pixels, args.max_pixels, args.batch_size)
+    report = quantize(
+        output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
+        sym=sym, calib=args.calib, num_samples=args.num_samples, seed=args.seed, calib_config=cfg,
+        dtype=_dtype(args.dtype), **method_options(args),
+    )
+    print(f"quantized {len(report['layers'])} linears ({args.method} W{args.bits} g{args.group_size}) "
+          f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_mb']:.0f} MB -> {args.output}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="easy-vqa accuracy and held-out perplexity, side by side with the base model")
+    p.add_argument("--model", default="demo", help="a checkpoint folder (quantized or not) or 'demo'")
+    p.add_argument("--base", default=None, help="model to compare with (default: the base recorded at quantization; "
+                   "'none' to skip)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N test questions")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-perplexity", action="store_true")
+    p.add_argument("--report", default=None, help="write the JSON summary here (per-sample outputs beside it)")
+
+
+def evaluate_one(model_path: str, args) -> tuple[dict, list]:
+    import torch
+
+    from qvlquant.calib.easyvqa import load_split
+    from qvlquant.demo.paths import DATA_DIR
+    from qvlquant.eval.easyvqa import evaluate
+    from qvlquant.eval.perplexity import perplexity, token_stream
+    from qvlquant.runtime import load
+
+    torch.manual_seed(0)
+    model, processor = load(model_path)
+    items = load_split("test")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}")
+        items = items[: args.limit]
+    res = evaluate(model, processor, items, batch_size=args.batch_size, desc=f"easy-vqa {model_path}")
+    summary = {"task": "easyvqa", "model": str(model_path), "accuracy": round(res["accuracy"], 2), "n": res["n"]}
+    qc = getattr(model.config, "quantization_config", None)
+    summary["quantization"] = None if not qc else {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "sym", "zero_point") if k in qc}
+    if not args.no_perplexity:
+        docs = (DATA_DIR / "heldout.txt").read_text(encoding="utf-8").splitlines()
+        summary["perplexity"] = round(perplexity(model, token_stream(processor.tokenizer, docs)), 3)
+    return summary, res["predictions"]
+
+
+def recorded_base(model_path: str) -> str | None:
+    from qvlquant.export import REPORT
+
+    report = pathlib.Path(model_path) / REPORT
+    return json.loads(report.read_text())["base_model"] if report.exists() else None
+
+
+def run_eval(args) -> int:
+    base = args.base if args.base is not None else recorded_base(args.model)
+    summary, predictions = evaluate_one(args.model, args)
+    rows = [summary]
+    if base and base != "none":
+        baseline, _ = evaluate_one(base, args)
+        summary["baseline"] = baseline
+        summary["delta_accuracy"] = round(summary["accuracy"] - baseline["accuracy"], 2)
+        rows = [baseline, summary]
+    print_table(rows)
+    if args.report:
+        path = pathlib.Path(args.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".predictions.jsonl"), "w", encoding="utf-8") as f:
+            for p in predictions:
+                f.write(json.dumps(p) + "\n")
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _label(row: dict) -> str:
+    q = row.get("quantization")
+    if not q:
+        return "BF16 (full precision)"
+    if q.get("quant_method") == "awq":
+        return f"AWQ W{q['bits']}g{q['group_size']}"
+    return f"GPTQ-format W{q['bits']}g{q['group_size']}{'' if q.get('sym') else ' asym'}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'model':<40} {'weights':<24} {'easy-vqa acc %':>14} {'n':>6} {'held-out ppl':>12}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
+        print(f"{str(r['model'])[-40:]:<40} {_label(r):<24} {r['accuracy']:>14.2f} {r['n']:>6} {ppl:>12}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qvlquant", description="Quantize Qwen vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_quantize(sub)
+    add_eval(sub)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # qvlquant shows its own progress; stderr stays readable
+    try:
+        return {"quantize": run_quantize, "eval": run_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("QVLQUANT_DEBUG") == "1":
+            raise
+        print(f"qvlquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
