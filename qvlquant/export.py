@@ -134,8 +134,9 @@ def export(model, processor, family: ModelFamily, result: QuantResult, qcfg: Qua
         config.quantization_config = quantization_config(qcfg, family)
         config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        _strip_truncation(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+            _strip_truncation(tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_manifest(tmp)
         replace_dir(tmp, out)

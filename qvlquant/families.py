@@ -30,6 +30,10 @@ class ModelFamily:
     scaling_groups: tuple[ScalingGroup, ...]
     not_quantized: tuple[str, ...]  # runtime paths kept in full precision
     disk_prefixes: tuple[tuple[str, str], ...]  # (runtime prefix, checkpoint prefix)
+    language_model: str = "model.language_model"  # runtime path of the text model that runs the decoder layers
+    # Qwen3-VL: visual features re-added to the hidden states of the visual tokens after the first decoder layers
+    # (the text model receives them as ``visual_pos_masks`` and ``deepstack_visual_embeds``).
+    deepstack: bool = False
     needs_remote_code: bool = False
 
     @property
@@ -80,9 +84,14 @@ QWEN2_VL = ModelFamily(
     ),
 )
 
+# Qwen3-VL: same linear layout (q_norm / k_norm are RMSNorms inside attention and are never quantized), checkpoints
+# saved in the runtime layout, and DeepStack features to re-add during replay.
+QWEN3_VL = dataclasses.replace(QWEN2_VL, name="qwen3_vl", disk_prefixes=(), deepstack=True)
+
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl": QWEN2_VL,
+    "qwen3_vl": QWEN3_VL,
 }
 
 

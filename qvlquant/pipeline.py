@@ -34,6 +34,9 @@ class LayerInput:
     hidden: torch.Tensor  # [B, S, H]
     kwargs: dict  # what the HF model passed to the layer: attention_mask, position_embeddings (cos, sin), ...
     token_mask: torch.Tensor  # [B, S] bool: real tokens (padding excluded from statistics)
+    # Qwen3-VL DeepStack: [B, S] bool mask of visual tokens, and per early layer the features [V, H] added there
+    visual_pos_masks: torch.Tensor | None = None
+    deepstack: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +76,25 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[Laye
     layer0 = get_module(model, family.decoder_layers)[0]
     captured: list[LayerInput] = []
     mask_of_batch: list[torch.Tensor] = []
+    deepstack: dict = {}
+
+    def text_model_hook(module, args, kwargs):
+        deepstack["masks"] = kwargs.get("visual_pos_masks")
+        deepstack["embeds"] = kwargs.get("deepstack_visual_embeds")
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         kept = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
-        captured.append(LayerInput(hidden.detach(), kept, mask_of_batch[-1]))
+        x = LayerInput(hidden.detach(), kept, mask_of_batch[-1])
+        if family.deepstack and deepstack.get("embeds") is not None:
+            x.visual_pos_masks, x.deepstack = deepstack["masks"], [e.detach() for e in deepstack["embeds"]]
+        captured.append(x)
         raise _StopForward
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer0.register_forward_pre_hook(hook, with_kwargs=True)]
+    if family.deepstack:
+        text_model = get_module(model, family.language_model)
+        handles.append(text_model.register_forward_pre_hook(text_model_hook, with_kwargs=True))
     device = next(model.parameters()).device
     try:
         for batch in batches:
@@ -90,7 +104,8 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[Laye
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if len(captured) != len(batches):
         raise QuantizationError(f"captured inputs for {len(captured)} of {len(batches)} batches")
     return captured
@@ -100,6 +115,17 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[Laye
 def run_layer(layer: torch.nn.Module, x: LayerInput) -> torch.Tensor:
     out = layer(x.hidden, use_cache=False, **x.kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def next_input(index: int, layer: torch.nn.Module, x: LayerInput) -> LayerInput:
+    """What decoder layer ``index + 1`` receives: this layer's output, plus DeepStack features where the HF forward
+    adds them (Qwen3-VL, after each of the first len(deepstack) layers)."""
+    hidden = run_layer(layer, x)
+    if x.deepstack is not None and index < len(x.deepstack):
+        hidden = hidden.clone()
+        hidden[x.visual_pos_masks] = hidden[x.visual_pos_masks] + x.deepstack[index].to(hidden.dtype)
+    return dataclasses.replace(x, hidden=hidden)
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
@@ -143,7 +169,7 @@ def quantize_model(model, family: ModelFamily, batches: list[dict], qcfg: QuantC
         for name, w in weights.items():
             result.weights[f"{prefix}.{name}"] = w
             result.layer_info[f"{prefix}.{name}"] = info.get(name, {})
-        inputs = [dataclasses.replace(x, hidden=run_layer(layers[i], x)) for x in inputs]
+        inputs = [next_input(i, layers[i], x) for x in inputs]
         if layer_done is not None:
             layer_done(i, weights)
     for x in inputs:

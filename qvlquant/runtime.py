@@ -114,7 +114,8 @@ def model_class(config):
 
 
 def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a BF16 or quantized (GPTQ / AWQ GEMM) Qwen-VL checkpoint. -> (model, processor)."""
+    """Load a BF16 or quantized (GPTQ / AWQ GEMM) Qwen-VL checkpoint. -> (model, processor); the processor is None
+    only for a folder that holds none (bare test checkpoints)."""
     from transformers import AutoConfig, AutoProcessor
 
     from qvlquant.export import verify_manifest
@@ -123,7 +124,8 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
     folder = resolve_model_path(path)
     config = AutoConfig.from_pretrained(folder)
     family = family_for(config.model_type)
-    processor = AutoProcessor.from_pretrained(folder)
+    has_processor = any((folder / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
+    processor = AutoProcessor.from_pretrained(folder) if has_processor else None
     qc = getattr(config, "quantization_config", None)
     if not qc:
         model = model_class(config).from_pretrained(folder, dtype=dtype).to(device).eval()

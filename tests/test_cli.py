@@ -65,3 +65,29 @@ def test_bad_input_is_one_clear_line_and_nothing_written(argv, message, tmp_path
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,quant_method", [("gptq", "gptq"), ("awq", "awq")])
+def test_gptq_and_awq_from_the_command_line(method, quant_method, tmp_path):
+    out = tmp_path / method
+    assert main(["quantize", "--method", method, "--bits", "4", "--num-samples", "8", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == quant_method and config["bits"] == 4
+    layers = json.loads((out / "quantize_report.json").read_text())["layers"]
+    assert len(layers) == 28
+    if method == "gptq":  # the damping each layer used, and the tokens it saw, are recorded
+        assert all(v["damp_percent"] == 0.1 and v["tokens"] > 100 for v in layers.values())
+    else:
+        assert layers["model.language_model.layers.0.self_attn.q_proj"]["scaled_by"] == "input_layernorm"
+    report = tmp_path / "e.json"
+    assert main(["eval", "--model", str(out), "--limit", "200", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert abs(data["delta_accuracy"]) <= 2.0 and data["perplexity"] < 1.02 * data["baseline"]["perplexity"]
+
+
+def test_awq_refuses_what_its_format_cannot_hold(tmp_path, capsys):
+    assert main(["quantize", "--method", "awq", "--bits", "8", "--output", str(tmp_path / "o")]) == 2
+    assert "4-bit with zero point" in capsys.readouterr().err
+    assert main(["quantize", "--method", "rtn", "--desc-act", "--output", str(tmp_path / "o")]) == 2
+    assert "GPTQ options" in capsys.readouterr().err

@@ -13,10 +13,10 @@ from qvlquant.quant.rtn import QuantSpec
 from qvlquant.runtime import QuantLinear
 
 
-def quantize_and_export(demo, demo_batches, out, spec=QuantSpec(4, 128, True)):
+def quantize_and_export(demo, demo_batches, out, spec=QuantSpec(4, 128, True), method="rtn", **options):
     model, processor = demo
     q = copy.deepcopy(model)
-    qcfg = QuantConfig("rtn", spec)
+    qcfg = QuantConfig(method, spec, **options)
     result = quantize_model(q, QWEN2_VL, demo_batches, qcfg)
     export(q, processor, QWEN2_VL, result, qcfg, out, torch.bfloat16, {"base_model": "demo"})
     return q
@@ -27,9 +27,19 @@ def logits(model, batch):
         return model(**batch, use_cache=False).logits
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, 128, True), QuantSpec(8, -1, False), QuantSpec(3, 64, True)])
-def test_export_then_load_gives_the_same_logits(demo, demo_batches, tmp_path, spec):
-    q = quantize_and_export(demo, demo_batches, tmp_path / "q", spec)
+CASES = [
+    ("rtn", QuantSpec(4, 128, True), {}),
+    ("rtn", QuantSpec(8, -1, False), {}),
+    ("rtn", QuantSpec(3, 64, True), {}),
+    ("gptq", QuantSpec(4, 64, True), {"desc_act": True}),
+    ("gptq", QuantSpec(2, 128, False), {"static_groups": True, "desc_act": True}),
+    ("awq", QuantSpec(4, 128, False), {}),
+]
+
+
+@pytest.mark.parametrize("method,spec,options", CASES)
+def test_export_then_load_gives_the_same_logits(demo, demo_batches, tmp_path, method, spec, options):
+    q = quantize_and_export(demo, demo_batches, tmp_path / "q", spec, method, **options)
     loaded, _ = qvlquant.load(tmp_path / "q")
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 28
     visual = [m for n, m in loaded.named_modules() if n.startswith("model.visual")]
@@ -37,8 +47,13 @@ def test_export_then_load_gives_the_same_logits(demo, demo_batches, tmp_path, sp
     batch = next(b for b in demo_batches if "pixel_values" in b)
     torch.testing.assert_close(logits(loaded, batch), logits(q, batch), rtol=0, atol=1e-5)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "gptq" and cfg["bits"] == spec.bits and cfg["group_size"] == spec.group_size
-    assert cfg["sym"] == spec.sym and cfg["desc_act"] is False and "model.visual" in cfg["modules_to_not_convert"]
+    assert cfg["bits"] == spec.bits and cfg["group_size"] == spec.group_size
+    assert {"visual", "model.visual"} <= set(cfg["modules_to_not_convert"])
+    if method == "awq":
+        assert cfg["quant_method"] == "awq" and cfg["version"] == "gemm" and cfg["zero_point"] is True
+    else:
+        assert cfg["quant_method"] == "gptq" and cfg["sym"] == spec.sym
+        assert cfg["desc_act"] is options.get("desc_act", False)
 
 
 def test_keys_are_those_save_pretrained_writes(demo, demo_batches, tmp_path):

@@ -1,0 +1,56 @@
+"""Tiny random-weight models of each supported family, built from their transformers config classes, with a
+hand-made multimodal batch (two rows, right padding, one 4x4-patch image each)."""
+
+import torch
+
+TEXT = dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, bos_token_id=0, eos_token_id=2, pad_token_id=0)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}
+IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+
+
+def tiny_model(model_type: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if model_type == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(text_config=dict(TEXT, rope_parameters=MROPE),
+                               vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2), **IDS)
+        model = tf.Qwen2VLForConditionalGeneration(cfg)
+    elif model_type == "qwen2_5_vl":
+        cfg = tf.Qwen2_5_VLConfig(text_config=dict(TEXT, rope_parameters=MROPE),
+                                  vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                     out_hidden_size=128, fullatt_block_indexes=[1]), **IDS)
+        model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
+    elif model_type == "qwen3_vl":
+        cfg = tf.Qwen3VLConfig(text_config=dict(TEXT, head_dim=64, rope_parameters=dict(MROPE, mrope_interleaved=True)),
+                               vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                  out_hidden_size=128, deepstack_visual_indexes=[0, 1],
+                                                  num_position_embeddings=64, patch_size=16), **IDS)
+        model = tf.Qwen3VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(model_type)
+    return model.float().eval()
+
+
+def tiny_batch(model, lengths=(20, 14), seed=0) -> dict:
+    """Rows: [text..., <vision_start>, 4 x <image_pad>, <vision_end>, text...], right-padded to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    patch = vc.patch_size
+    features = vc.in_channels * vc.temporal_patch_size * patch * patch
+    rows, masks = [], []
+    n = max(lengths)
+    for length in lengths:
+        text = torch.randint(10, 300, (length - 6,), generator=g)
+        ids = torch.cat([text[:3], torch.tensor([3, 5, 5, 5, 5, 4]), text[3:]])
+        rows.append(torch.cat([ids, torch.zeros(n - len(ids), dtype=torch.long)]))
+        masks.append(torch.tensor([1] * len(ids) + [0] * (n - len(ids))))
+    input_ids = torch.stack(rows)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.stack(masks),
+        mm_token_type_ids=(input_ids == 5).long(),
+        pixel_values=torch.randn(16 * len(lengths), features, generator=g),
+        image_grid_thw=torch.tensor([[1, 4, 4]] * len(lengths)),
+    )
