@@ -35,6 +35,7 @@ def quantize(
     seed: int = 0,
     calib_config: CalibConfig | None = None,
     dtype: torch.dtype = torch.float32,
+    pad_intermediate_to: int | None = None,
     **method_options,
 ) -> dict:
     """Quantize ``model`` with ``method`` and write the checkpoint to ``output``. -> the report it saved."""
@@ -49,6 +50,10 @@ def quantize(
     spec = QuantSpec(bits, group_size, sym)
     net, processor, family, store_dtype = load_base(model, dtype=dtype)
     qcfg = QuantConfig(method=method, spec=spec, storage_dtype=store_dtype, **method_options)
+    if pad_intermediate_to:
+        from qvlquant.transforms import pad_intermediate
+
+        pad_intermediate(net, family, pad_intermediate_to)
     samples, names, root = load_samples(calib, num_samples, seed)
     cfg = calib_config or CalibConfig()
     if root and cfg.image_root is None:
@@ -62,6 +67,7 @@ def quantize(
         "bits": bits,
         "group_size": group_size,
         "sym": sym,
+        "pad_intermediate_to": pad_intermediate_to,
         "options": {k: v for k, v in vars(qcfg).items() if k not in ("method", "spec", "storage_dtype")},
         "calibration": {"source": calib, "num_samples": num_samples, "seed": seed, "batches": len(batches),
                         "tokens": int(sum(b["attention_mask"].sum() for b in batches)),

@@ -41,6 +41,9 @@ def add_quantize(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=448 * 448)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype while quantizing")
+    p.add_argument("--pad-intermediate-to", type=int, default=None, metavar="M",
+                   help="zero-pad the MLP intermediate size to a multiple of M for tensor parallelism "
+                        "(Qwen2-VL-72B: 1024 turns 29568 into 29696)")
     p.add_argument("--output", required=True, help="output folder (replaced atomically if it exists)")
 
 
@@ -62,7 +65,7 @@ def run_quantize(args) -> int:
     report = quantize(
         output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
         sym=sym, calib=args.calib, num_samples=args.num_samples, seed=args.seed, calib_config=cfg,
-        dtype=_dtype(args.dtype), **method_options(args),
+        dtype=_dtype(args.dtype), pad_intermediate_to=args.pad_intermediate_to, **method_options(args),
     )
     print(f"quantized {len(report['layers'])} linears ({args.method} W{args.bits} g{args.group_size}) "
           f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_mb']:.0f} MB -> {args.output}")
@@ -151,18 +154,53 @@ def print_table(rows: list[dict]) -> None:
         print(f"{str(r['model'])[-40:]:<40} {_label(r):<24} {r['accuracy']:>14.2f} {r['n']:>6} {ppl:>12}")
 
 
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="what a quantized checkpoint is, and whether vLLM / transformers load it right")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--repair", action="store_true", help="rewrite modules_to_not_convert so the vision tower stays "
+                   "unquantized in transformers 5")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_inspect(args) -> int:
+    from qvlquant.inspect import inspect_checkpoint, repair_config
+
+    if args.repair:
+        names = repair_config(args.model)
+        print(f"repaired {args.model}: modules_to_not_convert = {names}")
+    report = inspect_checkpoint(args.model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['folder']}: {report['model_type']}, {report['quantization']}")
+    print(f"  {report['quantized_linears']} quantized linears, {report['unquantized_linears']} unquantized "
+          f"({report['vision_linears']} in the vision tower)")
+    exposed = report["vision_exposed_in_transformers"]
+    if exposed:
+        print(f"  WARNING: transformers 5 would replace {len(exposed)} vision linears (e.g. {exposed[0]}) with "
+              "randomly initialised quantized modules: modules_to_not_convert does not match their names. "
+              "Fix: qvlquant inspect --repair")
+    else:
+        print("  vision tower: stays full precision in transformers 5")
+    for tp, problems in report["marlin"].items():
+        status = "ok" if not problems else f"{len(problems)} problem(s), e.g. {problems[0]}"
+        print(f"  vLLM Marlin at tensor-parallel {tp}: {status}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qvlquant", description="Quantize Qwen vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_quantize(sub)
     add_eval(sub)
+    add_inspect(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # qvlquant shows its own progress; stderr stays readable
     try:
-        return {"quantize": run_quantize, "eval": run_eval}[args.command](args)
+        return {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("QVLQUANT_DEBUG") == "1":
             raise

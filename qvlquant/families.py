@@ -31,6 +31,8 @@ class ModelFamily:
     not_quantized: tuple[str, ...]  # runtime paths kept in full precision
     disk_prefixes: tuple[tuple[str, str], ...]  # (runtime prefix, checkpoint prefix)
     language_model: str = "model.language_model"  # runtime path of the text model that runs the decoder layers
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # their outputs form the MLP's intermediate
+    mlp_out: str = "mlp.down_proj"
     # Qwen3-VL: visual features re-added to the hidden states of the visual tokens after the first decoder layers
     # (the text model receives them as ``visual_pos_masks`` and ``deepstack_visual_embeds``).
     deepstack: bool = False

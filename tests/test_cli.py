@@ -91,3 +91,15 @@ def test_awq_refuses_what_its_format_cannot_hold(tmp_path, capsys):
     assert "4-bit with zero point" in capsys.readouterr().err
     assert main(["quantize", "--method", "rtn", "--desc-act", "--output", str(tmp_path / "o")]) == 2
     assert "GPTQ options" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tensor_parallel_padding_from_the_command_line(tmp_path):
+    import qvlquant
+
+    out = tmp_path / "padded"
+    argv = ["quantize", "--method", "gptq", "--pad-intermediate-to", "384", "--num-samples", "4", "--output", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["text_config"]["intermediate_size"] == 768
+    model, _ = qvlquant.load(out)
+    assert model.model.language_model.layers[0].mlp.down_proj.in_features == 768

@@ -1,0 +1,112 @@
+"""What a quantized checkpoint is, whether vLLM's Marlin kernels can run it, and whether transformers 5 keeps its
+vision tower in full precision; plus the repair for configs whose ``modules_to_not_convert`` does not protect it.
+
+Reads only config.json and the safetensors headers (names, shapes, dtypes): no weights are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+from safetensors import safe_open
+
+from qvlquant.families import ModelFamily, family_for
+
+MARLIN_GROUPS = (-1, 32, 64, 128)
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along outputs under TP
+ROW_PARALLEL = ("o_proj", "down_proj")  # split along inputs
+
+
+def transformers_converts(runtime_name: str, patterns: list[str] | None) -> bool:
+    """Whether transformers 5 replaces the module ``runtime_name`` by a quantized one, given ``patterns`` from
+    ``modules_to_not_convert`` (the semantics of ``quantizers_utils.should_convert_module``: a pattern protects a
+    module when it matches from the start of the name up to a module boundary, as a regex, or as a suffix)."""
+    if not patterns:
+        return True
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(re.match(rf"(?:{p}){boundary}", runtime_name) or runtime_name.endswith(p) for p in patterns)
+
+
+def read_header(folder: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) for every tensor of the checkpoint."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(str(folder / name), "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
+def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int) -> list[str]:
+    """Reasons vLLM's gptq_marlin / awq_marlin would refuse this checkpoint at tensor-parallel size ``tp``."""
+    method, bits, group = qc.get("quant_method"), int(qc.get("bits", qc.get("w_bit", 0))), int(qc.get("group_size", -1))
+    problems = []
+    if method == "gptq" and (bits, bool(qc.get("sym", True))) not in ((4, True), (8, True)):
+        problems.append(f"gptq_marlin needs bits 4 or 8 with sym=true, got bits {bits}, sym {qc.get('sym')}")
+    if method == "awq" and (bits != 4 or not qc.get("zero_point", True)):
+        problems.append(f"awq_marlin needs 4-bit with zero_point, got bits {bits}")
+    if group not in MARLIN_GROUPS:
+        problems.append(f"group_size {group} not in {MARLIN_GROUPS}")
+    for name, (k, n) in sorted(shapes.items()):
+        kind = name.rsplit(".", 1)[-1]
+        k_shard, n_shard = (k // tp if kind in ROW_PARALLEL else k), (n // tp if kind in COLUMN_PARALLEL else n)
+        split_ok = (kind not in ROW_PARALLEL or k % tp == 0) and (kind not in COLUMN_PARALLEL or n % tp == 0)
+        if not split_ok or n_shard % 64 or k_shard % 128 or (group > 0 and k_shard % group):
+            problems.append(f"{name}: per-shard in {k_shard} / out {n_shard} at tp={tp} (need out % 64, in % 128, in % group)")
+    return problems
+
+
+def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
+    folder = pathlib.Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    family = family_for(config.get("model_type", "?"))
+    qc = config.get("quantization_config") or {}
+    header = read_header(folder)
+    shapes = {}
+    for key, (shape, _) in header.items():
+        if key.endswith(".qweight"):
+            module = key[: -len(".qweight")]
+            n = header[module + ".scales"][0][1]
+            k = shape[0] * 32 // int(qc.get("bits", 4)) if qc.get("quant_method") == "gptq" else shape[0]
+            shapes[family.to_runtime(module + ".")[:-1]] = (k, n)
+    plain = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                   if k.endswith(".weight") and len(s) == 2)
+    vision = [m for m in plain if m.startswith(family.vision_tower + ".")]
+    patterns = qc.get("modules_to_not_convert")
+    exposed = [m for m in vision if transformers_converts(m, patterns)] if qc.get("quant_method") == "awq" else []
+    return {
+        "folder": str(folder),
+        "model_type": config.get("model_type"),
+        "quantization": {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "sym", "zero_point", "desc_act", "version") if k in qc},
+        "quantized_linears": len(shapes),
+        "unquantized_linears": len(plain),
+        "vision_linears": len(vision),
+        "vision_exposed_in_transformers": exposed,
+        "marlin": {tp: marlin_problems(qc, shapes, tp) for tp in (1, 2, 4, 8)} if shapes else {},
+    }
+
+
+def repair_config(folder: str | pathlib.Path) -> list[str]:
+    """Make ``modules_to_not_convert`` name every unquantized part in both layouts. -> the list written."""
+    from qvlquant.export import MANIFEST, write_manifest
+
+    folder = pathlib.Path(folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    family = family_for(config.get("model_type", "?"))
+    qc = config.get("quantization_config")
+    if not qc:
+        raise ValueError(f"{folder} is not quantized: nothing to repair")
+    names = list(dict.fromkeys(list(qc.get("modules_to_not_convert") or []) + family.unquantized_disk_names()))
+    qc["modules_to_not_convert"] = names
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    if (folder / MANIFEST).exists():
+        write_manifest(folder)
+    return names
