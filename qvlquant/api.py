@@ -45,7 +45,7 @@ def quantize(
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "awq" and (bits != 4 or sym):
+    if method == "awq" and (bits != 4 or sym) and method_options.get("export_format", "auto") == "auto":
         raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (--asym) only")
     spec = QuantSpec(bits, group_size, sym)
     net, processor, family, store_dtype = load_base(model, dtype=dtype)

@@ -44,15 +44,18 @@ def add_quantize(sub) -> None:
     p.add_argument("--pad-intermediate-to", type=int, default=None, metavar="M",
                    help="zero-pad the MLP intermediate size to a multiple of M for tensor parallelism "
                         "(Qwen2-VL-72B: 1024 turns 29568 into 29696)")
+    p.add_argument("--format", dest="export_format", choices=["auto", "compressed-tensors"], default="auto",
+                   help="auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's native format")
     p.add_argument("--output", required=True, help="output folder (replaced atomically if it exists)")
 
 
 def method_options(args) -> dict:
+    fmt = {} if args.export_format == "auto" else {"export_format": args.export_format}
     if args.method != "gptq":
         if args.desc_act or args.static_groups or not args.true_sequential or args.damp_percent != 0.1:
             raise ValueError(f"--desc-act/--static-groups/--no-true-sequential/--damp-percent are GPTQ options, not {args.method}")
-        return {}
-    return {"damp_percent": args.damp_percent, "desc_act": args.desc_act, "static_groups": args.static_groups,
+        return fmt
+    return {**fmt, "damp_percent": args.damp_percent, "desc_act": args.desc_act, "static_groups": args.static_groups,
             "true_sequential": args.true_sequential}
 
 

@@ -25,9 +25,32 @@ MANIFEST = "qvlquant_manifest.json"
 REPORT = "quantize_report.json"
 
 
+def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
+    """compressed-tensors ``pack-quantized``: one config group for every targeted Linear; the vision tower and lm_head
+    in ``ignore``."""
+    spec = qcfg.spec
+    weights = {
+        "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
+        "strategy": "channel" if spec.group_size == -1 else "group",
+        "group_size": None if spec.group_size == -1 else spec.group_size, "actorder": None, "observer": "minmax",
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ["lm_head", "re:.*visual.*"],
+        "kv_cache_scheme": None,
+        "meta": {"quantizer": f"qvlquant:{__version__}", "method": qcfg.method},
+    }
+
+
 def quantization_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
     spec = qcfg.spec
     not_converted = family.unquantized_disk_names()
+    if qcfg.export_format == "compressed-tensors":
+        return compressed_tensors_config(qcfg, family)
     if qcfg.method == "awq":
         return {
             "quant_method": "awq",

@@ -53,9 +53,16 @@ class QuantConfig:
     awq_clip: bool = True
     awq_max_tokens: int = 4096  # tokens kept per linear for AWQ's statistics and clipping search
     storage_dtype: torch.dtype = torch.bfloat16  # what the export writes: folded AWQ scales are rounded to it
+    export_format: str = "auto"  # auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); or "compressed-tensors"
+
+    def __post_init__(self):
+        if self.export_format not in ("auto", "compressed-tensors"):
+            raise ValueError(f"export format must be 'auto' or 'compressed-tensors', got {self.export_format!r}")
 
     @property
     def pack_format(self) -> PackFormat:
+        if self.export_format == "compressed-tensors":
+            return PackFormat.COMPRESSED
         return PackFormat.AWQ_GEMM if self.method == "awq" else PackFormat.GPTQ
 
 

@@ -22,15 +22,10 @@ class QuantLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, fmt: PackFormat, bias: bool, dtype):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.fmt = in_features, out_features, spec, fmt
-        k, n, b, groups = in_features, out_features, spec.bits, spec.groups(in_features)
-        if fmt is PackFormat.GPTQ:
-            shapes = {"qweight": (k * b // 32, n), "qzeros": (groups, n * b // 32), "scales": (groups, n), "g_idx": (k,)}
-        else:
-            shapes = {"qweight": (k, n // 8), "qzeros": (groups, n // 8), "scales": (groups, n)}
-        for name, shape in shapes.items():
-            dt = torch.float16 if name == "scales" else torch.int32
+        self.tensor_names = tuple(fmt.tensor_shapes(in_features, out_features, spec))
+        for name, (shape, dt) in fmt.tensor_shapes(in_features, out_features, spec).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dt))
-        self.bias = torch.nn.Parameter(torch.zeros(n, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._dequantized: torch.Tensor | None = None
 
     @classmethod
@@ -45,7 +40,7 @@ class QuantLinear(torch.nn.Module):
         return module
 
     def quantized_weight(self) -> QuantizedWeight:
-        tensors = {name: getattr(self, name) for name in self.fmt.tensor_names}
+        tensors = {name: getattr(self, name) for name in self.tensor_names}
         return self.fmt.unpack(tensors, self.spec, self.in_features)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -72,7 +67,13 @@ def spec_from_config(qc: dict) -> tuple[QuantSpec, PackFormat]:
         bits = int(qc.get("bits", qc.get("w_bit", 4)))
         group = int(qc.get("group_size", qc.get("q_group_size", 128)))
         return QuantSpec(bits, group, not qc.get("zero_point", True)), PackFormat.AWQ_GEMM
-    raise ValueError(f"quant_method {method!r} is not supported; qvlquant loads 'gptq' and 'awq'")
+    if method == "compressed-tensors":
+        if qc.get("format") != "pack-quantized" or len(qc.get("config_groups", {})) != 1:
+            raise ValueError("compressed-tensors checkpoints load here only as one pack-quantized config group")
+        w = next(iter(qc["config_groups"].values()))["weights"]
+        group = -1 if w.get("strategy") == "channel" else int(w["group_size"])
+        return QuantSpec(int(w["num_bits"]), group, bool(w["symmetric"])), PackFormat.COMPRESSED
+    raise ValueError(f"quant_method {method!r} is not supported; qvlquant loads 'gptq', 'awq' and 'compressed-tensors'")
 
 
 def read_safetensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -138,10 +139,10 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
     model = model_class(bare)._from_config(bare, dtype=dtype)
     model.config.quantization_config = qc
     tensors = {family.to_runtime(k): v for k, v in read_safetensors(folder).items()}
-    targets = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    marker = ".weight_packed" if fmt is PackFormat.COMPRESSED else ".qweight"
+    targets = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
     swap_in_quant_linears(model, family, targets, spec, fmt, dtype)
-    state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v) for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)  # copies cast to each parameter's dtype
     if config.tie_word_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
         model.tie_weights()

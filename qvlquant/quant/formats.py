@@ -9,6 +9,11 @@ K = in_features, N = out_features, G = number of groups, b = bits.
 - ``AWQ_GEMM`` (AutoAWQ GEMM, ``version: gemm``; 4-bit only): ``qweight`` [K, N/8] int32 packed along N with the
   interleaved order ``AWQ_PACK_ORDER``; ``qzeros`` [G, N/8] packed the same way, storing the zero itself;
   ``scales`` [G, N] fp16. No g_idx: groups are contiguous.
+- ``COMPRESSED`` (compressed-tensors ``pack-quantized``, llm-compressor's output and vLLM's native format):
+  ``weight_packed`` [N, K*b/32] int32, codes packed along K as a little-endian bit stream (compressed-tensors stores
+  signed codes shifted by 2**(b-1), which are exactly our unsigned codes); ``weight_scale`` [N, G];
+  ``weight_zero_point`` [N*b/32, G] packed along N (asymmetric only; symmetric means zero point 0 signed);
+  ``weight_shape`` [2] int64. Contiguous groups only.
 """
 
 from __future__ import annotations
@@ -54,18 +59,32 @@ class QuantizedWeight:
 class PackFormat(str, enum.Enum):
     GPTQ = "gptq"
     AWQ_GEMM = "awq_gemm"
+    COMPRESSED = "pack_quantized"
 
     def pack(self, w: QuantizedWeight) -> dict[str, torch.Tensor]:
-        return _pack_gptq(w) if self is PackFormat.GPTQ else _pack_awq(w)
+        return {PackFormat.GPTQ: _pack_gptq, PackFormat.AWQ_GEMM: _pack_awq, PackFormat.COMPRESSED: _pack_compressed}[self](w)
 
     def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, in_features: int) -> QuantizedWeight:
         if self is PackFormat.GPTQ:
             return _unpack_gptq(tensors, spec, in_features)
+        if self is PackFormat.COMPRESSED:
+            return _unpack_compressed(tensors, spec)
         return _unpack_awq(tensors, spec)
 
-    @property
-    def tensor_names(self) -> tuple[str, ...]:
-        return ("qweight", "qzeros", "scales", "g_idx") if self is PackFormat.GPTQ else ("qweight", "qzeros", "scales")
+    def tensor_shapes(self, k: int, n: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the packed tensors of a [N, K] linear."""
+        b, g = spec.bits, spec.groups(k)
+        if self is PackFormat.GPTQ:
+            return {"qweight": ((k * b // 32, n), torch.int32), "qzeros": ((g, n * b // 32), torch.int32),
+                    "scales": ((g, n), torch.float16), "g_idx": ((k,), torch.int32)}
+        if self is PackFormat.AWQ_GEMM:
+            return {"qweight": ((k, n // 8), torch.int32), "qzeros": ((g, n // 8), torch.int32),
+                    "scales": ((g, n), torch.float16)}
+        shapes = {"weight_packed": ((n, k * b // 32), torch.int32), "weight_scale": ((n, g), torch.float16),
+                  "weight_shape": ((2,), torch.int64)}
+        if not spec.sym:
+            shapes["weight_zero_point"] = ((n * b // 32, g), torch.int32)
+        return shapes
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -147,3 +166,27 @@ def _unpack_awq(t: dict[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
     q = _awq_deinterleave(t["qweight"]).t().contiguous()  # [N, K]
     zero = _awq_deinterleave(t["qzeros"]).t().float()  # [N, G]
     return QuantizedWeight(q, t["scales"].float().t().contiguous(), zero, default_g_idx(q.shape[1], spec), spec)
+
+
+def _pack_compressed(w: QuantizedWeight) -> dict[str, torch.Tensor]:
+    if not torch.equal(w.g_idx.long(), default_g_idx(w.q.shape[1], w.spec).long()):
+        raise ValueError("the compressed-tensors export here stores contiguous groups only; quantize without --desc-act")
+    packed = {
+        "weight_packed": pack_bits(w.q.t(), w.spec.bits).t().contiguous(),  # [N, K*b/32]
+        "weight_scale": w.scale.contiguous().to(torch.float16),  # [N, G]
+        "weight_shape": torch.tensor(list(w.q.shape), dtype=torch.int64),
+    }
+    if not w.spec.sym:
+        packed["weight_zero_point"] = pack_bits(w.zero.round(), w.spec.bits)  # [N*b/32, G]
+    return packed
+
+
+def _unpack_compressed(t: dict[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+    n, k = (int(v) for v in t["weight_shape"])
+    q = unpack_bits(t["weight_packed"].t(), spec.bits, k).t().contiguous()  # [N, K]
+    scale = t["weight_scale"].float()
+    if spec.sym:
+        zero = torch.full_like(scale, 2 ** (spec.bits - 1))
+    else:
+        zero = unpack_bits(t["weight_zero_point"], spec.bits, n).float()
+    return QuantizedWeight(q, scale, zero, default_g_idx(k, spec), spec)

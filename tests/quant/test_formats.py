@@ -86,3 +86,16 @@ def test_awq_refuses_what_it_cannot_store():
         PackFormat.AWQ_GEMM.pack(quantized(8, 128, QuantSpec(8, 128, False)))
     with pytest.raises(ValueError, match="act-order"):
         PackFormat.AWQ_GEMM.pack(quantized(8, 128, QuantSpec(4, 32, False), act_order=True))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size,sym", [(32, True), (128, False), (-1, False), (-1, True)])
+def test_compressed_tensors_round_trip_exact(bits, group_size, sym):
+    w = quantized(64, 256, QuantSpec(bits, group_size, sym))
+    packed = PackFormat.COMPRESSED.pack(w)
+    assert packed["weight_packed"].shape == (64, 256 * bits // 32)
+    assert ("weight_zero_point" in packed) == (not sym)
+    assert packed["weight_shape"].tolist() == [64, 256]
+    back = PackFormat.COMPRESSED.unpack(packed, w.spec, 256)
+    assert torch.equal(back.q, w.q) and torch.equal(back.zero, w.zero)
+    assert torch.equal(back.dequantize(), w.dequantize())
