@@ -36,6 +36,7 @@ def quantize(
     calib_config: CalibConfig | None = None,
     dtype: torch.dtype = torch.float32,
     pad_intermediate_to: int | None = None,
+    trust_remote_code: bool = False,
     **method_options,
 ) -> dict:
     """Quantize ``model`` with ``method`` and write the checkpoint to ``output``. -> the report it saved."""
@@ -48,7 +49,7 @@ def quantize(
     if method == "awq" and (bits != 4 or sym) and method_options.get("export_format", "auto") == "auto":
         raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (--asym) only")
     spec = QuantSpec(bits, group_size, sym)
-    net, processor, family, store_dtype = load_base(model, dtype=dtype)
+    net, processor, family, store_dtype = load_base(model, dtype=dtype, trust_remote_code=trust_remote_code)
     qcfg = QuantConfig(method=method, spec=spec, storage_dtype=store_dtype, **method_options)
     if pad_intermediate_to:
         from qvlquant.transforms import pad_intermediate
@@ -58,7 +59,7 @@ def quantize(
     cfg = calib_config or CalibConfig()
     if root and cfg.image_root is None:
         cfg = CalibConfig(cfg.max_length, cfg.min_pixels, cfg.max_pixels, cfg.batch_size, root)
-    batches = build_batches(processor, samples, cfg, names)
+    batches = build_batches(processor, samples, cfg, names, v1=family.needs_remote_code)
     result = quantize_model(net, family, batches, qcfg)
     report = {
         "qvlquant_version": __version__,

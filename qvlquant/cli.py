@@ -44,6 +44,9 @@ def add_quantize(sub) -> None:
     p.add_argument("--pad-intermediate-to", type=int, default=None, metavar="M",
                    help="zero-pad the MLP intermediate size to a multiple of M for tensor parallelism "
                         "(Qwen2-VL-72B: 1024 turns 29568 into 29696)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the modelling code shipped with the checkpoint to run (Qwen-VL-Chat only; never "
+                        "passed for transformers-native models)")
     p.add_argument("--format", dest="export_format", choices=["auto", "compressed-tensors"], default="auto",
                    help="auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's native format")
     p.add_argument("--output", required=True, help="output folder (replaced atomically if it exists)")
@@ -68,7 +71,8 @@ def run_quantize(args) -> int:
     report = quantize(
         output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
         sym=sym, calib=args.calib, num_samples=args.num_samples, seed=args.seed, calib_config=cfg,
-        dtype=_dtype(args.dtype), pad_intermediate_to=args.pad_intermediate_to, **method_options(args),
+        dtype=_dtype(args.dtype), pad_intermediate_to=args.pad_intermediate_to,
+        trust_remote_code=args.trust_remote_code, **method_options(args),
     )
     print(f"quantized {len(report['layers'])} linears ({args.method} W{args.bits} g{args.group_size}) "
           f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_mb']:.0f} MB -> {args.output}")

@@ -90,10 +90,31 @@ QWEN2_VL = ModelFamily(
 # saved in the runtime layout, and DeepStack features to re-add during replay.
 QWEN3_VL = dataclasses.replace(QWEN2_VL, name="qwen3_vl", disk_prefixes=(), deepstack=True)
 
+# Qwen-VL / Qwen-VL-Chat (first generation): Qwen-7B with remote modelling code. Its MLP computes
+# c_proj(w1(x) * silu(w2(x))); 256 image tokens per picture come from `<img>path</img>` in the text.
+QWEN_VL_V1 = ModelFamily(
+    name="qwen_vl_v1",
+    decoder_layers="transformer.h",
+    vision_tower="transformer.visual",
+    linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",)),
+    scaling_groups=(
+        ScalingGroup("ln_1", ("attn.c_attn",), "attn"),
+        ScalingGroup("ln_2", ("mlp.w1", "mlp.w2"), "mlp"),
+        ScalingGroup("mlp.w1", ("mlp.c_proj",)),
+    ),
+    not_quantized=("transformer.visual", "lm_head"),
+    disk_prefixes=(),
+    language_model="transformer",
+    mlp_in=("mlp.w1", "mlp.w2"),
+    mlp_out="mlp.c_proj",
+    needs_remote_code=True,
+)
+
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl": QWEN2_VL,
     "qwen3_vl": QWEN3_VL,
+    "qwen": QWEN_VL_V1,  # Qwen-VL-Chat's config.json says model_type "qwen"
 }
 
 

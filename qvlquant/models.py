@@ -41,15 +41,42 @@ def storage_dtype(config) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(str(name), torch.bfloat16)
 
 
-def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """-> (model, processor, family, storage dtype). The model_type is checked before any weight loads."""
+def read_model_type(folder: pathlib.Path) -> str:
+    """model_type from config.json, read as plain JSON (no remote code runs to find it)."""
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text())["model_type"]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{folder}/config.json has no readable model_type ({e})") from None
+
+
+def check_remote_code(family: ModelFamily, folder: pathlib.Path, trust_remote_code: bool) -> None:
+    if family.needs_remote_code and not trust_remote_code:
+        raise ValueError(
+            f"{folder} is a {family.name} model whose modelling code ships with the checkpoint and would run on "
+            "this machine; pass --trust-remote-code only if you trust its source"
+        )
+
+
+def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+              trust_remote_code: bool = False):
+    """-> (model, processor, family, storage dtype). The model_type is checked before any weight loads; remote code
+    runs only for families that need it and only when the user opted in."""
     from transformers import AutoConfig, AutoProcessor
 
     from qvlquant.runtime import model_class
 
     folder = resolve_model_path(model)
+    family = family_for(read_model_type(folder))
+    check_remote_code(family, folder, trust_remote_code)
+    if family.needs_remote_code:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        return net, tokenizer, family, storage_dtype(net.config)
     config = AutoConfig.from_pretrained(folder)
-    family = family_for(config.model_type)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{folder} is already quantized; quantize its full-precision base model instead")
     if not list(folder.glob("*.safetensors")):

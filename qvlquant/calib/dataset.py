@@ -134,6 +134,8 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
     n = max(e["input_ids"].shape[1] for e in encoded)
     batch = {}
     for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if key not in encoded[0]:
+            continue
         rows = [torch.nn.functional.pad(e[key], (0, n - e[key].shape[1]), value=fill) for e in encoded]
         batch[key] = torch.cat(rows)
     with_images = [e for e in encoded if "pixel_values" in e]
@@ -143,13 +145,20 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
     return batch
 
 
-def build_batches(processor, samples: list, cfg: CalibConfig, names: list[str] | None = None) -> list[dict]:
-    """All samples encoded (each validated, errors naming it), then grouped into padded batches of ``batch_size``."""
+def build_batches(processor, samples: list, cfg: CalibConfig, names: list[str] | None = None, v1: bool = False) -> list[dict]:
+    """All samples encoded (each validated, errors naming it), then grouped into padded batches of ``batch_size``.
+    ``v1``: Qwen-VL-Chat, whose "processor" is its remote tokenizer reading ``<img>`` tags."""
     if not samples:
         raise CalibrationError("the calibration set is empty")
     names = names or [f"sample {i}" for i in range(len(samples))]
-    encoded = [encode_sample(processor, s, cfg, n) for s, n in zip(samples, names)]
-    pad_id = processor.tokenizer.pad_token_id
+    if v1:
+        from qvlquant.calib.qwen_vl_v1 import encode_v1
+
+        encoded = [encode_v1(processor, s, cfg, n) for s, n in zip(samples, names)]
+        pad_id = processor.pad_token_id if processor.pad_token_id is not None else processor.eod_id
+    else:
+        encoded = [encode_sample(processor, s, cfg, n) for s, n in zip(samples, names)]
+        pad_id = processor.tokenizer.pad_token_id
     return [collate(encoded[i:i + cfg.batch_size], pad_id) for i in range(0, len(encoded), cfg.batch_size)]
 
 
