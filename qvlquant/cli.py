@@ -161,6 +161,44 @@ def print_table(rows: list[dict]) -> None:
         print(f"{str(r['model'])[-40:]:<40} {_label(r):<24} {r['accuracy']:>14.2f} {r['n']:>6} {ppl:>12}")
 
 
+def add_check(sub) -> None:
+    p = sub.add_parser("check", help="CI gate: fail (exit 1) when an eval report regresses against its baseline")
+    p.add_argument("report", help="eval JSON of the quantized model (from qvlquant eval --report)")
+    p.add_argument("--baseline", default=None, help="eval JSON of the baseline (default: the one embedded in report)")
+    p.add_argument("--max-drop", action="append", default=[], metavar="TASK=POINTS",
+                   help="accuracy points TASK may lose (default 1.0); repeatable")
+    p.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT")
+
+
+def run_check(args) -> int:
+    from qvlquant.eval.check import compare, format_rows
+
+    def read(path):
+        try:
+            return json.loads(pathlib.Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read eval report {path}: {e}") from None
+
+    report = read(args.report)
+    baseline = read(args.baseline) if args.baseline else report.get("baseline")
+    if baseline is None:
+        raise ValueError(f"{args.report} holds no baseline; pass --baseline BASE.json")
+    drops = {}
+    for item in args.max_drop:
+        task, sep, points = item.partition("=")
+        try:
+            drops[task] = float(points)
+        except ValueError:
+            raise ValueError(f"--max-drop {item!r}: expected TASK=POINTS, e.g. easyvqa=0.5") from None
+        if not sep or not task:
+            raise ValueError(f"--max-drop {item!r}: expected TASK=POINTS, e.g. easyvqa=0.5")
+    rows = compare(report, baseline, drops, args.max_ppl_increase)
+    print(format_rows(rows))
+    failed = [r.measure for r in rows if not r.ok]
+    print(f"check: {'FAILED: ' + ', '.join(failed) if failed else 'passed'}")
+    return 1 if failed else 0
+
+
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="what a quantized checkpoint is, and whether vLLM / transformers load it right")
     p.add_argument("model", help="checkpoint folder")
@@ -201,13 +239,15 @@ def main(argv=None) -> int:
     add_quantize(sub)
     add_eval(sub)
     add_inspect(sub)
+    add_check(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # qvlquant shows its own progress; stderr stays readable
     try:
-        return {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect}[args.command](args)
+        return {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect,
+                "check": run_check}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("QVLQUANT_DEBUG") == "1":
             raise

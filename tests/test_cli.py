@@ -36,6 +36,7 @@ def test_eval_prints_base_and_quantized_side_by_side(w8_dir, tmp_path, capsys):
     assert abs(data["perplexity"] / data["baseline"]["perplexity"] - 1) < 0.01
     lines = report.with_suffix(".predictions.jsonl").read_text().splitlines()
     assert len(lines) == 300 and {"question", "answer", "prediction", "correct"} <= set(json.loads(lines[0]))
+    assert main(["check", str(report)]) == 0  # the CI gate passes W8
 
 
 @pytest.mark.slow
@@ -47,6 +48,7 @@ def test_w2_per_channel_rtn_visibly_hurts_perplexity(tmp_path):
     assert main(["eval", "--model", str(out), "--limit", "64", "--report", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["perplexity"] > 1.1 * data["baseline"]["perplexity"]  # measured here: 34.16 -> 39.46
+    assert main(["check", str(report)]) == 1  # and the CI gate catches it
 
 
 @pytest.mark.parametrize(
@@ -84,6 +86,7 @@ def test_gptq_and_awq_from_the_command_line(method, quant_method, tmp_path):
     assert main(["eval", "--model", str(out), "--limit", "200", "--report", str(report)]) == 0
     data = json.loads(report.read_text())
     assert abs(data["delta_accuracy"]) <= 2.0 and data["perplexity"] < 1.02 * data["baseline"]["perplexity"]
+    assert main(["check", str(report), "--max-drop", "easyvqa=2.0"]) == 0  # qvlquant's own gate: W4 vs BF16
 
 
 def test_awq_refuses_what_its_format_cannot_hold(tmp_path, capsys):
