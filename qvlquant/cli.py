@@ -20,8 +20,40 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def recipe_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Values of a recipe YAML, keyed and typed like the quantize flags (unknown keys and bad values are errors)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(pathlib.Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read recipe {path}: {e}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path}: expected a mapping of settings")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "recipe")}
+    unknown = sorted(set(recipe) - set(actions))
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown key(s) {unknown}; known: {', '.join(sorted(actions))}")
+    values = {}
+    for key, value in recipe.items():
+        action = actions[key]
+        if action.nargs == 0:  # store_true / store_false flags
+            if not isinstance(value, bool):
+                raise ValueError(f"recipe {path}: {key} must be true or false, got {value!r}")
+        elif action.type is not None:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"recipe {path}: {key} must be {action.type.__name__}, got {value!r}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"recipe {path}: {key} must be one of {list(action.choices)}, got {value!r}")
+        values[key] = value
+    return values
+
+
 def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's language layers and export the checkpoint")
+    p.add_argument("--recipe", default=None, help="YAML of settings (recipes/*.yaml); flags given override it")
     p.add_argument("--model", default="demo", help="'demo' (embedded), a local folder, or a hub id")
     p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
@@ -241,6 +273,13 @@ def main(argv=None) -> int:
     add_inspect(sub)
     add_check(sub)
     args = parser.parse_args(argv)
+    if args.command == "quantize" and args.recipe:
+        try:
+            sub.choices["quantize"].set_defaults(**recipe_defaults(sub.choices["quantize"], args.recipe))
+        except ValueError as e:
+            print(f"qvlquant quantize: error: {e}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)  # recipe values are now defaults: flags on the command line win
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
