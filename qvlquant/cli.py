@@ -231,6 +231,31 @@ def run_check(args) -> int:
     return 1 if failed else 0
 
 
+def add_push(sub) -> None:
+    p = sub.add_parser("push", help="upload a verified export to the Hugging Face hub with a generated model card")
+    p.add_argument("model", help="export folder written by qvlquant quantize")
+    p.add_argument("--repo", required=True, help="owner/name on the hub (created if needed)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if needed; default main)")
+    p.add_argument("--eval", default=None, help="eval JSON from qvlquant eval, for the model card's table")
+    p.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
+
+
+def run_push(args) -> int:
+    from qvlquant.push import PushError, push
+
+    eval_report = json.loads(pathlib.Path(args.eval).read_text()) if args.eval else None
+    try:
+        plan = push(args.model, args.repo, args.private, args.revision, args.dry_run, eval_report)
+    except PushError as e:
+        raise RuntimeError(str(e)) from None
+    verb = "would push" if plan["dry_run"] else "pushed"
+    print(f"{verb} {len(plan['files'])} files to {plan['repo']}@{plan['revision']} in one commit:")
+    for name in plan["files"]:
+        print(f"  {name}")
+    return 0
+
+
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="what a quantized checkpoint is, and whether vLLM / transformers load it right")
     p.add_argument("model", help="checkpoint folder")
@@ -272,6 +297,7 @@ def main(argv=None) -> int:
     add_eval(sub)
     add_inspect(sub)
     add_check(sub)
+    add_push(sub)
     args = parser.parse_args(argv)
     if args.command == "quantize" and args.recipe:
         try:
@@ -286,7 +312,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()  # qvlquant shows its own progress; stderr stays readable
     try:
         return {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect,
-                "check": run_check}[args.command](args)
+                "check": run_check, "push": run_push}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("QVLQUANT_DEBUG") == "1":
             raise

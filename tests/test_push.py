@@ -1,0 +1,108 @@
+"""qvlquant push, tested at the huggingface_hub client boundary (no network): one commit, only the export's files,
+nothing when verification fails, and the token nowhere."""
+
+import json
+import logging
+
+import pytest
+import yaml
+
+from qvlquant.cli import main
+from qvlquant.push import PushError, model_card, push
+
+TOKEN = "hf_SECRETsecretSECRETsecret0123456789"
+
+
+class FakeApi:
+    def __init__(self, fail_with=None):
+        self.calls, self.fail_with = [], fail_with
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
+
+    def create_commit(self, repo_id, operations, **kw):
+        if self.fail_with:
+            raise self.fail_with
+        self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kw))
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("push") / "q"
+    assert main(["quantize", "--bits", "4", "--num-samples", "2", "--output", str(out)]) == 0
+    return out
+
+
+def test_one_commit_with_exactly_the_export_files(export_dir):
+    api = FakeApi()
+    plan = push(export_dir, "me/demo-w4", private=True, revision="v1", api=api)
+    expected = sorted(json.loads((export_dir / "qvlquant_manifest.json").read_text())["files"]) + ["qvlquant_manifest.json", "README.md"]
+    commits = [c for c in api.calls if c[0] == "create_commit"]
+    assert len(commits) == 1 and commits[0][2] == expected == plan["files"]
+    assert commits[0][3]["revision"] == "v1"
+    assert api.calls[0] == ("create_repo", "me/demo-w4", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert ("create_branch", "me/demo-w4", {"branch": "v1", "exist_ok": True}) in api.calls
+
+
+def test_dry_run_sends_nothing(export_dir, capsys):
+    assert main(["push", str(export_dir), "--repo", "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would push" in out and "model.safetensors" in out and "README.md" in out
+
+
+def test_failed_verification_pushes_nothing(export_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    (broken / "config.json").write_text((broken / "config.json").read_text() + " ")
+    api = FakeApi()
+    with pytest.raises(PushError, match="verification failed, nothing pushed.*sha256"):
+        push(broken, "me/x", api=api)
+    assert api.calls == []
+    (broken / "qvlquant_manifest.json").unlink()
+    with pytest.raises(PushError, match="no qvlquant_manifest.json"):
+        push(broken, "me/x", api=api)
+
+
+def test_token_never_appears(export_dir, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG)
+    api = FakeApi(fail_with=RuntimeError(f"401 Unauthorized for Authorization: Bearer {TOKEN}"))
+    with pytest.raises(PushError) as e:
+        push(export_dir, "me/x", api=api)
+    assert TOKEN not in str(e.value) and "***" in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # the original exception is not chained
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err + caplog.text
+    assert not any(TOKEN in p.read_text(errors="ignore") for p in export_dir.iterdir() if p.is_file() and p.suffix != ".safetensors")
+
+
+def test_model_card(export_dir, tmp_path):
+    report = {"task": "easyvqa", "accuracy": 77.5, "n": 100, "perplexity": 34.3, "model": "q",
+              "baseline": {"task": "easyvqa", "accuracy": 77.9, "n": 100, "perplexity": 34.16, "model": "demo"}}
+    card = model_card(export_dir, "me/demo-w4", report)
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "image-text-to-text" and "gptq" in meta["tags"] and "4-bit" in meta["tags"]
+    assert "| demo | easyvqa | 77.90 | 100 | 34.160 |" in card and "| q | easyvqa | 77.50 | 100 | 34.300 |" in card
+    assert 'Qwen2VLForConditionalGeneration.from_pretrained("me/demo-w4"' in card and "vllm serve me/demo-w4" in card
+    assert "`bits`: `4`" in card and "2 samples from `demo`" in card
+
+
+def test_license_carried_from_a_local_base(export_dir, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
+    copy = tmp_path / "q"
+    shutil.copytree(export_dir, copy)
+    report = json.loads((copy / "quantize_report.json").read_text())
+    report["base_model"] = str(base)
+    (copy / "quantize_report.json").write_text(json.dumps(report))
+    meta = yaml.safe_load(model_card(copy, "me/x").split("---")[1])
+    assert meta["license"] == "mit" and "base_model" not in meta  # a local path is no hub id
