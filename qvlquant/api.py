@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import platform
@@ -37,6 +38,8 @@ def quantize(
     dtype: torch.dtype = torch.float32,
     pad_intermediate_to: int | None = None,
     trust_remote_code: bool = False,
+    calib_split: str = "train",
+    calib_columns: dict | None = None,
     **method_options,
 ) -> dict:
     """Quantize ``model`` with ``method`` and write the checkpoint to ``output``. -> the report it saved."""
@@ -55,10 +58,10 @@ def quantize(
         from qvlquant.transforms import pad_intermediate
 
         pad_intermediate(net, family, pad_intermediate_to)
-    samples, names, root = load_samples(calib, num_samples, seed)
+    samples, names, root = load_samples(calib, num_samples, seed, calib_split, calib_columns)
     cfg = calib_config or CalibConfig()
     if root and cfg.image_root is None:
-        cfg = CalibConfig(cfg.max_length, cfg.min_pixels, cfg.max_pixels, cfg.batch_size, root)
+        cfg = dataclasses.replace(cfg, image_root=root)
     batches = build_batches(processor, samples, cfg, names, v1=family.needs_remote_code)
     result = quantize_model(net, family, batches, qcfg)
     report = {

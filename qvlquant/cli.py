@@ -65,12 +65,18 @@ def add_quantize(sub) -> None:
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group params fixed before act-order")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="GPTQ: all Hessians from the unquantized layer instead of group by group")
-    p.add_argument("--calib", default="demo", help="'demo', 'easyvqa', or a .json/.jsonl file of chat samples")
+    p.add_argument("--calib", default="demo", help="'demo', 'easyvqa', a .json/.jsonl file (chat or sharegpt), "
+                   "an image folder with captions, or hf:PATH_OR_ID")
     p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--split", default="train", help="hf: datasets: the split to read")
+    for col, default in (("image", "image"), ("question", "question"), ("answer", "answer"), ("text", None)):
+        p.add_argument(f"--{col}-column", default=default, help=f"hf: datasets: the {col} column")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--min-pixels", type=int, default=56 * 56)
     p.add_argument("--max-pixels", type=int, default=448 * 448)
+    p.add_argument("--allow-urls", action="store_true", help="fetch http(s) images (timeout, 32 MB cap, "
+                   "private addresses refused); off by default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype while quantizing")
     p.add_argument("--pad-intermediate-to", type=int, default=None, metavar="M",
@@ -99,12 +105,15 @@ def run_quantize(args) -> int:
     from qvlquant.calib.dataset import CalibConfig
 
     sym = (args.method != "awq") if args.sym is None else args.sym
-    cfg = CalibConfig(args.max_length, args.min_pixels, args.max_pixels, args.batch_size)
+    cfg = CalibConfig(args.max_length, args.min_pixels, args.max_pixels, args.batch_size, allow_urls=args.allow_urls)
     report = quantize(
         output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
         sym=sym, calib=args.calib, num_samples=args.num_samples, seed=args.seed, calib_config=cfg,
         dtype=_dtype(args.dtype), pad_intermediate_to=args.pad_intermediate_to,
-        trust_remote_code=args.trust_remote_code, **method_options(args),
+        trust_remote_code=args.trust_remote_code, calib_split=args.split,
+        calib_columns={"image": args.image_column, "question": args.question_column, "answer": args.answer_column,
+                       "text": args.text_column},
+        **method_options(args),
     )
     print(f"quantized {len(report['layers'])} linears ({args.method} W{args.bits} g{args.group_size}) "
           f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_mb']:.0f} MB -> {args.output}")

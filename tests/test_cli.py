@@ -56,7 +56,7 @@ def test_w2_per_channel_rtn_visibly_hurts_perplexity(tmp_path):
     [
         (["quantize", "--model", "/nonexistent/model", "--output", "{out}"], "no such folder"),
         (["quantize", "--group-size", "96", "--num-samples", "2", "--output", "{out}"], "group_size 96 does not divide"),
-        (["quantize", "--calib", "missing.json", "--output", "{out}"], "not 'demo', 'easyvqa' or an existing"),
+        (["quantize", "--calib", "missing.json", "--output", "{out}"], "not 'demo', 'easyvqa', hf:..."),
         (["eval", "--model", "/nonexistent/model"], "no such folder"),
         (["eval", "--limit", "0", "--base", "none"], "--limit must be at least 1"),
     ],

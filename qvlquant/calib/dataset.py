@@ -40,6 +40,7 @@ class CalibConfig:
     max_pixels: int = 448 * 448  # qwen-vl-utils' default (16384 * 28 * 28) is what makes calibration OOM
     batch_size: int = 1
     image_root: str | None = None  # relative image paths are taken from here and may not leave it
+    allow_urls: bool = False  # http(s) images are fetched only when the user opts in
 
     def __post_init__(self):
         if not 0 < self.min_pixels <= self.max_pixels:
@@ -72,17 +73,27 @@ def _resize_within(img: Image.Image, max_pixels: int) -> Image.Image:
     return img.resize((max(1, int(w * f)), max(1, int(h * f))), Image.BICUBIC)
 
 
-def prepare_messages(messages: list[dict], cfg: CalibConfig, name: str) -> tuple[list[dict], list[Image.Image]]:
-    """Validate one chat sample and load its images (a per-image ``max_pixels`` is clamped to the budget)."""
-    images = []
+def prepare_messages(messages: list[dict], cfg: CalibConfig, name: str) -> tuple[list[dict], list, list]:
+    """Validate one chat sample and load its images and video frames (a per-image ``max_pixels`` is clamped to the
+    budget). -> (messages, images, videos as lists of frames)."""
+    images, videos = [], []
     for item in _image_items(messages, name):
         kind = item.get("type")
-        if kind in ("image", "image_url") or "image" in item or "image_url" in item:
+        if kind == "video" or "video" in item:
+            frames = item.get("video")
+            if not isinstance(frames, list) or not frames:
+                raise CalibrationError(f"{name}: a video item needs a non-empty list of frames (paths or images)")
+            try:
+                videos.append([_resize_within(load_image(f, root=cfg.image_root, allow_urls=cfg.allow_urls), cfg.max_pixels)
+                               for f in frames])
+            except ValueError as e:
+                raise CalibrationError(f"{name}: {e}") from None
+        elif kind in ("image", "image_url") or "image" in item or "image_url" in item:
             source = item.get("image", item.get("image_url"))
             if isinstance(source, dict):
                 source = source.get("url")
             try:
-                img = load_image(source, root=cfg.image_root)
+                img = load_image(source, root=cfg.image_root, allow_urls=cfg.allow_urls)
             except ValueError as e:
                 raise CalibrationError(f"{name}: {e}") from None
             budget = min(int(float(item.get("max_pixels", cfg.max_pixels))), cfg.max_pixels)
@@ -94,17 +105,16 @@ def prepare_messages(messages: list[dict], cfg: CalibConfig, name: str) -> tuple
             found = [m for m in RESERVED_MARKERS if m in text]
             if found:
                 raise CalibrationError(f"{name}: text contains the reserved marker(s) {found}; remove them")
-        elif kind == "video":
-            raise CalibrationError(f"{name}: video items are not supported yet; pass frames as images")
         else:
             raise CalibrationError(f"{name}: unknown content item type {kind!r}")
-    return messages, images
+    return messages, images, videos
 
 
 def encode_sample(processor, sample, cfg: CalibConfig, name: str) -> dict[str, torch.Tensor]:
     """One sample -> a batch of one: input_ids, attention_mask, mm_token_type_ids [1, S] (+ pixel_values,
     image_grid_thw when it has images)."""
-    kw = {"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}}  # the pixel budget
+    budget = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # the pixel budget
+    kw = {"images_kwargs": {"size": budget}}
     if isinstance(sample, str):
         if not sample.strip():
             raise CalibrationError(f"{name}: empty text")
@@ -113,11 +123,14 @@ def encode_sample(processor, sample, cfg: CalibConfig, name: str) -> dict[str, t
             raise CalibrationError(f"{name}: text contains the reserved marker(s) {found}; remove them")
         enc = processor(text=[sample], return_tensors="pt")
     else:
-        messages, images = prepare_messages(sample, cfg, name)
+        messages, images, videos = prepare_messages(sample, cfg, name)
         text = processor.apply_chat_template(messages, tokenize=False)
-        if text.count("<|image_pad|>") != len(images):
-            raise CalibrationError(f"{name}: {len(images)} images but {text.count('<|image_pad|>')} image placeholders")
-        enc = processor(text=[text], images=images or None, return_tensors="pt", **kw)
+        if text.count("<|image_pad|>") != len(images) or text.count("<|video_pad|>") != len(videos):
+            raise CalibrationError(f"{name}: {len(images)} images / {len(videos)} videos but the chat template wrote "
+                                   f"{text.count('<|image_pad|>')} / {text.count('<|video_pad|>')} placeholders")
+        if videos:
+            kw["videos_kwargs"] = {"do_sample_frames": False, "size": budget}
+        enc = processor(text=[text], images=images or None, videos=videos or None, return_tensors="pt", **kw)
     enc = dict(enc)
     length = enc["input_ids"].shape[1]
     if length > cfg.max_length:
@@ -138,10 +151,11 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
             continue
         rows = [torch.nn.functional.pad(e[key], (0, n - e[key].shape[1]), value=fill) for e in encoded]
         batch[key] = torch.cat(rows)
-    with_images = [e for e in encoded if "pixel_values" in e]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    for values, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        present = [e for e in encoded if values in e]
+        if present:
+            batch[values] = torch.cat([e[values] for e in present])
+            batch[grid] = torch.cat([e[grid] for e in present])
     return batch
 
 

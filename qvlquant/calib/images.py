@@ -89,11 +89,13 @@ def _data_uri(uri: str) -> Image.Image:
     return _decode(data, "data URI")
 
 
-def load_image(source, root: str | os.PathLike | None = None) -> Image.Image:
-    """An RGB image from a PIL image, a local path, a ``file://`` URI or a base64 data URI.
+def load_image(source, root: str | os.PathLike | None = None, allow_urls: bool = False,
+               allow_private_urls: bool = False) -> Image.Image:
+    """An RGB image from a PIL image, a local path, a ``file://`` URI or a base64 data URI; an http(s) URL only with
+    ``allow_urls`` (then fetched by qvlquant.calib.fetch: timeout, byte cap, no private addresses unless
+    ``allow_private_urls``, which exists for tests against a loopback server).
 
-    ``root``: relative paths are taken from it and no path may leave it. URLs are refused here (network images are
-    off by default; see RELIABILITY.md).
+    ``root``: relative paths are taken from it and no path may leave it.
     """
     if isinstance(source, Image.Image):
         return normalise(source)
@@ -103,7 +105,11 @@ def load_image(source, root: str | os.PathLike | None = None) -> Image.Image:
     if text.startswith("data:"):
         return _data_uri(text)
     if text.startswith(("http://", "https://")):
-        raise ImageError(f"image {text!r} is a URL: network images are off; download it and pass a local path")
+        if not allow_urls:
+            raise ImageError(f"image {text!r} is a URL: network images are off (--allow-urls turns them on)")
+        from qvlquant.calib.fetch import fetch
+
+        return _decode(fetch(text, allow_private=allow_private_urls), text)
     if text.startswith("file://"):
         text = text[len("file://"):]
     elif "://" in text:

@@ -3,8 +3,14 @@
 - ``demo`` (default for the demo model): easy-vqa train chats mixed half and half with natural-text documents from
   the demo's calibration text (the same kind of text its language model was trained on, none of it held out).
 - ``easyvqa``: easy-vqa train chats only.
-- a ``.json`` / ``.jsonl`` file: a list of samples, each a list of chat messages (Qwen2-VL README format) or
-  ``{"messages": [...]}``, or a plain string of text. Relative image paths are taken from the file's folder.
+- a ``.json`` / ``.jsonl`` file whose samples are any of: a list of chat messages (Qwen2-VL README format);
+  ``{"messages": [...]}``; LLaMA-Factory sharegpt rows (``messages`` with ``role``/``content`` or ``conversations``
+  with ``from``/``value``, ``<image>`` placeholders in the text and an ``images`` list); ``{"text": ...}`` or a plain
+  string (text-only). Relative image paths are taken from the file's folder and may not leave it.
+- a folder of images with ``captions.jsonl`` (``{"image": ..., "caption": ...}`` per line) or ``captions.tsv``
+  (``file<TAB>caption``): one "describe this image" conversation per image.
+- ``hf:PATH_OR_ID`` (``--split``, column flags): a Hugging Face dataset, saved with ``save_to_disk`` or loadable
+  with ``load_dataset``; image columns hold PIL images or paths.
 """
 
 from __future__ import annotations
@@ -50,11 +56,116 @@ def _file(path: pathlib.Path) -> tuple[list, list[str]]:
         if not isinstance(rows, list):
             raise CalibrationError(f"{path}: expected a JSON list of samples")
         names = [f"{path.name}[{i}]" for i in range(len(rows))]
-    samples = [r["messages"] if isinstance(r, dict) and "messages" in r else r for r in rows]
-    return samples, names
+    return rows, names
 
 
-def load_samples(source: str, num_samples: int, seed: int = 0) -> tuple[list, list[str], str | None]:
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+CAPTION_PROMPT = "Describe this image."
+
+
+def from_sharegpt(row: dict, name: str) -> list[dict]:
+    """LLaMA-Factory sharegpt -> chat messages, each ``<image>`` replaced by the next entry of ``images``."""
+    turns = row.get("messages") or row.get("conversations")
+    images = list(row.get("images") or [])
+    placeholders = sum(str(t.get("content", t.get("value", ""))).count("<image>") for t in turns)
+    if placeholders != len(images):
+        raise CalibrationError(f"{name}: {placeholders} <image> placeholders but {len(images)} images")
+    messages, it = [], iter(images)
+    for turn in turns:
+        role = SHAREGPT_ROLES.get(turn.get("role", turn.get("from")))
+        if role is None:
+            raise CalibrationError(f"{name}: unknown role {turn.get('role', turn.get('from'))!r}")
+        text = str(turn.get("content", turn.get("value", "")))
+        items = []
+        for i, piece in enumerate(text.split("<image>")):
+            if i:
+                items.append({"type": "image", "image": next(it)})
+            if piece.strip():
+                items.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": items})
+    return messages
+
+
+def normalise_row(row, name: str):
+    """One sample of any accepted shape -> chat messages or a text string."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, list):
+        return row
+    if isinstance(row, dict):
+        if "images" in row or "conversations" in row or (
+            "messages" in row and any(isinstance(t.get("content"), str) and "<image>" in t["content"] for t in row["messages"])
+        ):
+            return from_sharegpt(row, name)
+        if "messages" in row:
+            return row["messages"]
+        if isinstance(row.get("text"), str):
+            return row["text"]
+    raise CalibrationError(f"{name}: not a chat sample, a sharegpt row or a text sample")
+
+
+def _folder(path: pathlib.Path) -> tuple[list, list[str]]:
+    rows = []
+    if (path / "captions.jsonl").exists():
+        for i, line in enumerate((path / "captions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                    rows.append((entry["image"], entry["caption"], f"captions.jsonl:{i}"))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CalibrationError(f"{path}/captions.jsonl:{i}: expected {{\"image\": ..., \"caption\": ...}}") from None
+    elif (path / "captions.tsv").exists():
+        for i, line in enumerate((path / "captions.tsv").read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                image, sep, caption = line.partition("\t")
+                if not sep:
+                    raise CalibrationError(f"{path}/captions.tsv:{i}: expected file<TAB>caption")
+                rows.append((image, caption, f"captions.tsv:{i}"))
+    else:
+        raise CalibrationError(f"{path}: an image folder needs captions.jsonl or captions.tsv")
+    samples = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": CAPTION_PROMPT}]},
+                {"role": "assistant", "content": [{"type": "text", "text": cap}]}] for img, cap, _ in rows]
+    return samples, [n for _, _, n in rows]
+
+
+def _hf(spec: str, split: str, columns: dict) -> tuple[list, list[str], str | None]:
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError("--calib hf:...: the datasets package is not installed (pip install datasets)") from None
+    path = spec[len("hf:"):]
+    local = pathlib.Path(path)
+    try:
+        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
+            ds = datasets.load_from_disk(str(local))
+        elif (local / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(local))[split]
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except Exception as e:  # datasets raises many types; the message names the problem
+        raise CalibrationError(f"--calib {spec}: cannot load the dataset ({type(e).__name__}: {e})") from None
+    missing = [c for c in columns.values() if c and c not in ds.column_names]
+    if missing:
+        raise CalibrationError(f"--calib {spec}: no column(s) {missing}; it has {ds.column_names}")
+    samples = []
+    for i, row in enumerate(ds):
+        if columns.get("image") and row.get(columns["image"]) is not None:
+            content = [{"type": "image", "image": row[columns["image"]]}]
+            if columns.get("question"):
+                content.append({"type": "text", "text": str(row[columns["question"]])})
+            sample = [{"role": "user", "content": content}]
+            if columns.get("answer"):
+                sample.append({"role": "assistant", "content": [{"type": "text", "text": str(row[columns["answer"]])}]})
+        elif columns.get("text"):
+            sample = str(row[columns["text"]])
+        else:
+            raise CalibrationError(f"--calib {spec} row {i}: no image in {columns['image']!r} and no --text-column")
+        samples.append(sample)
+    return samples, [f"{spec} row {i}" for i in range(len(samples))], str(local.resolve()) if local.exists() else None
+
+
+def load_samples(source: str, num_samples: int, seed: int = 0, split: str = "train",
+                 columns: dict | None = None) -> tuple[list, list[str], str | None]:
     """-> (samples, names, image_root). Exactly ``num_samples`` or an error: never a silently smaller set."""
     if num_samples < 1:
         raise CalibrationError(f"--num-samples must be at least 1, got {num_samples}")
@@ -67,12 +178,21 @@ def load_samples(source: str, num_samples: int, seed: int = 0) -> tuple[list, li
         samples, names = _easyvqa(num_samples, rng)
         return samples, names, None
     path = pathlib.Path(source)
+    root = str(path.resolve().parent)
     if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle"):
         raise CalibrationError(f"{path}: pickle-based files are refused; use JSON or JSONL")
-    if not path.is_file():
-        raise CalibrationError(f"--calib {source!r}: not 'demo', 'easyvqa' or an existing .json/.jsonl file")
-    samples, names = _file(path)
+    if source.startswith("hf:"):
+        cols = {"image": "image", "question": "question", "answer": "answer", "text": None, **(columns or {})}
+        samples, names, root = _hf(source, split, cols)
+    elif path.is_dir():
+        samples, names = _folder(path)
+        root = str(path.resolve())
+    elif path.is_file():
+        samples, names = _file(path)
+        samples = [normalise_row(r, n) for r, n in zip(samples, names)]
+    else:
+        raise CalibrationError(f"--calib {source!r}: not 'demo', 'easyvqa', hf:..., a folder or an existing .json/.jsonl file")
     if len(samples) < num_samples:
         raise CalibrationError(f"{path} holds {len(samples)} samples, fewer than --num-samples {num_samples}")
     order = rng.sample(range(len(samples)), num_samples)
-    return [samples[i] for i in order], [names[i] for i in order], str(path.resolve().parent)
+    return [samples[i] for i in order], [names[i] for i in order], root

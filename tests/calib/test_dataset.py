@@ -84,3 +84,24 @@ def test_json_sources_with_relative_images(tmp_path):
         load_samples(str(tmp_path / "bad.jsonl"), 1)
     with pytest.raises(CalibrationError, match="pickle"):
         load_samples(str(tmp_path / "x.bin"), 1)
+
+
+def test_video_frames_sample(demo, tmp_path):
+    from qvlquant.families import QWEN2_VL
+    from qvlquant.pipeline import capture_inputs
+
+    model, processor = demo
+    frames = []
+    for i in range(4):
+        Image.new("RGB", (112, 112), (60 * i, 0, 0)).save(tmp_path / f"f{i}.png")
+        frames.append(f"f{i}.png")
+    sample = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "what moves?"}]},
+              {"role": "assistant", "content": "the shape"}]
+    batch = build_batches(processor, [sample, chat(Image.new("RGB", (112, 112)))],
+                          CalibConfig(image_root=str(tmp_path), batch_size=2, max_pixels=112 * 112))[0]
+    assert batch["video_grid_thw"].tolist() == [[2, 8, 8]] and batch["image_grid_thw"].shape[0] == 1
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert int((batch["input_ids"] == video_id).sum()) == 2 * 8 * 8 // 4
+    assert capture_inputs(model, QWEN2_VL, [batch])[0].hidden.shape[0] == 2
+    with pytest.raises(CalibrationError, match="non-empty list of frames"):
+        build_batches(processor, [[{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]], CalibConfig())

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+from PIL import Image
+
+from qvlquant.calib.dataset import CalibConfig, CalibrationError, build_batches
+from qvlquant.calib.sources import from_sharegpt, load_samples
+
+
+@pytest.fixture
+def images(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (64, 48), color).save(tmp_path / "img" / f"{i}.png")
+    return tmp_path
+
+
+def test_sharegpt_rows(images):
+    rows = [
+        {"conversations": [{"from": "human", "value": "<image>What color?"}, {"from": "gpt", "value": "red"}],
+         "images": ["img/0.png"]},
+        {"messages": [{"role": "user", "content": "Compare <image> and <image>."}, {"role": "assistant", "content": "two"}],
+         "images": ["img/1.png", "img/2.png"]},
+        {"text": "plain text sample"},
+    ]
+    (images / "sg.json").write_text(json.dumps(rows))
+    samples, names, root = load_samples(str(images / "sg.json"), 3, seed=0)
+    assert root == str(images)
+    by_name = dict(zip(names, samples))
+    two = by_name["sg.json[1]"][0]["content"]
+    assert [c.get("image", c.get("text")) for c in two] == ["Compare ", "img/1.png", " and ", "img/2.png", "."]
+    assert by_name["sg.json[2]"] == "plain text sample"
+
+
+def test_sharegpt_placeholder_count_checked():
+    with pytest.raises(CalibrationError, match="row 3: 2 <image> placeholders but 1 images"):
+        from_sharegpt({"messages": [{"role": "user", "content": "<image><image>"}], "images": ["a.png"]}, "row 3")
+    with pytest.raises(CalibrationError, match="unknown role 'robot'"):
+        from_sharegpt({"conversations": [{"from": "robot", "value": "hi"}]}, "row 4")
+
+
+def test_multi_image_sample_becomes_one_batch(demo, images):
+    _, processor = demo
+    sample = from_sharegpt({"messages": [{"role": "user", "content": "<image> vs <image>"},
+                                          {"role": "assistant", "content": "x"}], "images": ["img/0.png", "img/1.png"]}, "s")
+    batch = build_batches(processor, [sample], CalibConfig(image_root=str(images), max_pixels=112 * 112))[0]
+    assert batch["image_grid_thw"].shape[0] == 2
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((batch["input_ids"] == pad).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4
+
+
+def test_image_folder_with_captions(images):
+    (images / "img" / "captions.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"}) for i in range(3)))
+    samples, names, root = load_samples(str(images / "img"), 2, seed=1)
+    assert root == str(images / "img") and len(samples) == 2
+    assert samples[0][0]["content"][1]["text"] == "Describe this image." and samples[0][1]["content"][0]["text"].startswith("c")
+    (images / "img" / "captions.jsonl").unlink()
+    (images / "img" / "captions.tsv").write_text("0.png\tred square\nbroken line\n")
+    with pytest.raises(CalibrationError, match="captions.tsv:2: expected file<TAB>caption"):
+        load_samples(str(images / "img"), 1)
+
+
+def test_hf_dataset_saved_to_disk(tmp_path, demo):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({
+        "picture": [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(4)],
+        "q": [f"question {i}" for i in range(4)],
+        "a": [f"answer {i}" for i in range(4)],
+    }).cast_column("picture", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    cols = {"image": "picture", "question": "q", "answer": "a"}
+    samples, names, _ = load_samples(f"hf:{tmp_path / 'ds'}", 3, seed=0, columns=cols)
+    assert len(samples) == 3 and names[0].startswith("hf:") and isinstance(samples[0][0]["content"][0]["image"], Image.Image)
+    _, processor = demo
+    assert len(build_batches(processor, samples, CalibConfig())) == 3
+    with pytest.raises(CalibrationError, match=r"no column\(s\) \['missing', 'question', 'answer'\]; it has"):
+        load_samples(f"hf:{tmp_path / 'ds'}", 1, columns={"image": "missing"})
