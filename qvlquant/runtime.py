@@ -27,6 +27,7 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dt))
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._dequantized: torch.Tensor | None = None
+        self._act_order: bool | None = None
 
     @classmethod
     def from_weight(cls, w: QuantizedWeight, fmt: PackFormat, bias: torch.Tensor | None) -> "QuantLinear":
@@ -44,14 +45,25 @@ class QuantLinear(torch.nn.Module):
         return self.fmt.unpack(tensors, self.spec, self.in_features)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._dequantized = None
+        self._dequantized, self._act_order = None, None
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.fmt is not PackFormat.COMPRESSED and self.spec.bits in (4, 8):
+            return self._fused(x)
         if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
             self._dequantized = self.quantized_weight().dequantize().to(device=x.device, dtype=x.dtype)  # [N, K]
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self._dequantized, bias)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton dequant-matmul kernel (CUDA): reads the packed weight, never a dequantized copy."""
+        from qvlquant.kernels.dequant_matmul import dequant_matmul, has_act_order
+
+        tensors = {name: getattr(self, name) for name in self.tensor_names}
+        if self._act_order is None:
+            self._act_order = has_act_order(tensors.get("g_idx"), self.spec, self.in_features)
+        return dequant_matmul(x, tensors, self.fmt, self.spec, self.in_features, self.bias, act_order=self._act_order)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, group={self.spec.group_size}, {self.fmt.value}"

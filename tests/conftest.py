@@ -9,6 +9,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["QVLQUANT_QUIET"] = "1"
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in the interpreter on CPU (read when they are defined)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 _connect = socket.socket.connect
