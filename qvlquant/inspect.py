@@ -12,7 +12,7 @@ import re
 
 from safetensors import safe_open
 
-from qvlquant.families import ModelFamily, family_for
+from qvlquant.families import family_for
 
 MARLIN_GROUPS = (-1, 32, 64, 128)
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along outputs under TP

@@ -9,7 +9,7 @@ import torch
 from qvlquant.demo.paths import MODEL_DIR
 from qvlquant.families import ModelFamily, family_for
 
-SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "*.md"]
 
 
 def resolve_model_path(model: str | pathlib.Path) -> pathlib.Path:

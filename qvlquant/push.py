@@ -52,6 +52,17 @@ def _front_matter(readme: pathlib.Path) -> dict:
         return {}
 
 
+def _cached_readme(repo_id: str) -> pathlib.Path:
+    """The base model's README.md as quantize downloaded it (the hub cache), without a network call."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "README.md")
+    except Exception:  # a malformed id or no cache: no license to carry
+        found = None
+    return pathlib.Path(found) if isinstance(found, str) else pathlib.Path("/nonexistent/README.md")
+
+
 def _eval_table(report: dict) -> str:
     rows = [report.get("baseline"), report] if report.get("baseline") else [report]
     lines = ["| model | task | accuracy % | n | held-out perplexity |", "|---|---|---|---|---|"]
@@ -71,9 +82,12 @@ def model_card(folder: pathlib.Path, repo_id: str, eval_report: dict | None = No
     bits = qc.get("bits") or next(iter(qc.get("config_groups", {}).values()), {}).get("weights", {}).get("num_bits")
     meta: dict = {"library_name": "transformers", "pipeline_tag": "image-text-to-text",
                   "tags": ["qvlquant", qc.get("quant_method", "quantized"), f"{bits}-bit", config.get("model_type", "qwen")]}
-    base_meta = _front_matter(pathlib.Path(base) / "README.md") if base and pathlib.Path(base).is_dir() else {}
-    if base and not pathlib.Path(base).exists() and base != "demo" and base.count("/") == 1:
+    base_meta = {}
+    if base and pathlib.Path(base).is_dir():
+        base_meta = _front_matter(pathlib.Path(base) / "README.md")
+    elif base and base != "demo" and base.count("/") == 1:
         meta["base_model"] = base
+        base_meta = _front_matter(_cached_readme(base))
     if base_meta.get("license"):
         meta["license"] = base_meta["license"]
     arch = (config.get("architectures") or ["AutoModelForImageTextToText"])[0]

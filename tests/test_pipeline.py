@@ -24,7 +24,6 @@ def test_replaying_captured_inputs_reproduces_hf_forward(demo, demo_batches):
 
 def test_capture_keeps_mrope_positions_per_row(demo, demo_batches):
     """Rows of a padded batch see exactly what they see alone (M-RoPE position embeddings included)."""
-    from qvlquant.calib.dataset import collate
 
     model, processor = demo
     batch = next(b for b in demo_batches if b["input_ids"].shape[0] == 2 and "pixel_values" in b)

@@ -106,3 +106,18 @@ def test_license_carried_from_a_local_base(export_dir, tmp_path):
     (copy / "quantize_report.json").write_text(json.dumps(report))
     meta = yaml.safe_load(model_card(copy, "me/x").split("---")[1])
     assert meta["license"] == "mit" and "base_model" not in meta  # a local path is no hub id
+
+
+def test_license_carried_from_a_hub_base_in_the_cache(export_dir, tmp_path, monkeypatch):
+    import shutil
+
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: apache-2.0\n---\n")
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: str(readme))
+    copy = tmp_path / "q"
+    shutil.copytree(export_dir, copy)
+    report = json.loads((copy / "quantize_report.json").read_text())
+    report["base_model"] = "Qwen/Qwen2-VL-2B-Instruct"
+    (copy / "quantize_report.json").write_text(json.dumps(report))
+    meta = yaml.safe_load(model_card(copy, "me/x").split("---")[1])
+    assert meta["license"] == "apache-2.0" and meta["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 from PIL import Image
@@ -174,7 +173,3 @@ def build_batches(processor, samples: list, cfg: CalibConfig, names: list[str] |
         encoded = [encode_sample(processor, s, cfg, n) for s, n in zip(samples, names)]
         pad_id = processor.tokenizer.pad_token_id
     return [collate(encoded[i:i + cfg.batch_size], pad_id) for i in range(0, len(encoded), cfg.batch_size)]
-
-
-def resolve_root(data_file: str | os.PathLike | None) -> str | None:
-    return os.path.dirname(os.path.abspath(data_file)) if data_file else None
