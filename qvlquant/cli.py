@@ -125,6 +125,10 @@ def add_eval(sub) -> None:
     p.add_argument("--model", default="demo", help="a checkpoint folder (quantized or not) or 'demo'")
     p.add_argument("--base", default=None, help="model to compare with (default: the base recorded at quantization; "
                    "'none' to skip)")
+    p.add_argument("--task", default="easyvqa", choices=["easyvqa", "docvqa", "textvqa", "chartqa", "mmbench", "mmmu",
+                                                        "mathvista"])
+    p.add_argument("--data", default=None, help="VLMEvalKit TSV of the task (all tasks but the embedded easyvqa)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="score only the first N test questions")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-perplexity", action="store_true")
@@ -138,17 +142,22 @@ def evaluate_one(model_path: str, args) -> tuple[dict, list]:
     from qvlquant.demo.paths import DATA_DIR
     from qvlquant.eval.easyvqa import evaluate
     from qvlquant.eval.perplexity import perplexity, token_stream
+    from qvlquant.eval.tasks import model_answerer, read_tsv, run_task
     from qvlquant.runtime import load
 
     torch.manual_seed(0)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    if args.task != "easyvqa" and not args.data:
+        raise ValueError(f"--task {args.task} needs --data FILE.tsv (VLMEvalKit layout)")
+    rows = read_tsv(args.data)[: args.limit] if args.task != "easyvqa" else None
     model, processor = load(model_path)
-    items = load_split("test")
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {args.limit}")
-        items = items[: args.limit]
-    res = evaluate(model, processor, items, batch_size=args.batch_size, desc=f"easy-vqa {model_path}")
-    summary = {"task": "easyvqa", "model": str(model_path), "accuracy": round(res["accuracy"], 2), "n": res["n"]}
+    if rows is None:
+        items = load_split("test")[: args.limit]
+        res = evaluate(model, processor, items, batch_size=args.batch_size, desc=f"easy-vqa {model_path}")
+    else:
+        res = run_task(args.task, rows, model_answerer(model, processor, args.max_new_tokens), args.batch_size)
+    summary = {"task": args.task, "model": str(model_path), "accuracy": round(res["accuracy"], 2), "n": res["n"]}
     qc = getattr(model.config, "quantization_config", None)
     summary["quantization"] = None if not qc else {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "sym", "zero_point") if k in qc}
     if not args.no_perplexity:
@@ -174,6 +183,7 @@ def run_eval(args) -> int:
         summary["delta_accuracy"] = round(summary["accuracy"] - baseline["accuracy"], 2)
         rows = [baseline, summary]
     print_table(rows)
+    print_published(base or args.model, args.task)
     if args.report:
         path = pathlib.Path(args.report)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +192,24 @@ def run_eval(args) -> int:
                 f.write(json.dumps(p) + "\n")
         path.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+PUBLISHED_COLUMNS = {"mmmu": "MMMU_VAL", "docvqa": "DocVQA_VAL", "mmbench": "MMBench_DEV_EN", "mathvista": "MathVista_MINI"}
+
+
+def print_published(model: str, task: str) -> None:
+    """The published figures of the same model and task (shared/reference), when there are some."""
+    import csv
+    import importlib.resources
+
+    column = PUBLISHED_COLUMNS.get(task)
+    name = str(model).rstrip("/").split("/")[-1]
+    if column is None:
+        return
+    text = importlib.resources.files("qvlquant.eval").joinpath("reference/qwen2vl_accuracy.csv").read_text()
+    rows = [r for r in csv.DictReader(line for line in text.splitlines() if not line.startswith("#")) if r["model"] == name]
+    if rows:
+        print(f"published ({name}, {column}, VLMEvalKit): " + ", ".join(f"{r['quantization']} {r[column]}" for r in rows))
 
 
 def _label(row: dict) -> str:
@@ -194,7 +222,7 @@ def _label(row: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'model':<40} {'weights':<24} {'easy-vqa acc %':>14} {'n':>6} {'held-out ppl':>12}"
+    head = f"{'model':<40} {'weights':<24} {rows[0]['task'] + ' %':>14} {'n':>6} {'held-out ppl':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -1,0 +1,106 @@
+"""Task runners on small VLMEvalKit-layout TSV fixtures written here; generation is replaced by canned answers so
+the scores are known exactly, and one run goes through the real demo model."""
+
+import base64
+import csv
+import io
+
+import pytest
+from PIL import Image
+
+from qvlquant.eval.tasks import answers_of, model_answerer, questions, read_tsv, run_task
+
+
+def b64_png(color=(255, 0, 0)):
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def canned(answers: dict):
+    return lambda batch: [answers[q.index] for q in batch]
+
+
+def test_docvqa_anls(tmp_path):
+    rows = [{"index": "1", "image": b64_png(), "question": "title?", "answer": "['Acme Corp', 'ACME']"},
+            {"index": "2", "image": b64_png(), "question": "year?", "answer": "['1990']"}]
+    data = read_tsv(write_tsv(tmp_path / "d.tsv", rows))
+    assert answers_of(data[0]) == ["Acme Corp", "ACME"]
+    res = run_task("docvqa", data, canned({"1": "acme corq", "2": "nothing like it"}))
+    assert res["n"] == 2 and res["accuracy"] == pytest.approx(100 * (1 - 1 / 9) / 2)
+
+
+def test_mmbench_is_circular(tmp_path):
+    rows = [{"index": "7", "image": b64_png(), "question": "animal?", "answer": "B", "A": "cat", "B": "dog", "C": "bird",
+             "D": "", "hint": "nan"}]
+    data = read_tsv(write_tsv(tmp_path / "m.tsv", rows))
+    qs = questions("mmbench", data)
+    assert len(qs) == 3 and all("D." not in q.prompt for q in qs)  # empty options dropped, 3 rotations
+    always_dog = lambda batch: [next(k for k, v in q.options.items() if v == "dog") for q in batch]
+    assert run_task("mmbench", data, always_dog)["accuracy"] == 100.0
+    always_b = lambda batch: ["B" for _ in batch]  # right only in the unrotated order
+    assert run_task("mmbench", data, always_b)["accuracy"] == 0.0
+
+
+def test_textvqa_chartqa_mathvista_mmmu(tmp_path):
+    tv = [{"index": "1", "image": b64_png(), "question": "q", "answer": str(["red"] * 3 + ["dark red"] * 7)}]
+    assert run_task("textvqa", tv, canned({"1": "Red"}))["accuracy"] == pytest.approx(90.0)
+    cq = [{"index": "1", "image": b64_png(), "question": "q", "answer": "100"}]
+    assert run_task("chartqa", cq, canned({"1": "104"}))["accuracy"] == 100.0
+    mv = [{"index": "1", "image": b64_png(), "question": "sum?", "answer": "3.14", "question_type": "free_form",
+           "answer_type": "float", "precision": "2.0"},
+          {"index": "2", "image": b64_png(), "question": "which?", "answer": "dog", "question_type": "multi_choice",
+           "answer_type": "text", "precision": "", "A": "cat", "B": "dog"}]
+    assert run_task("mathvista", mv, canned({"1": "x = 3.14159", "2": "(A)"}))["accuracy"] == 50.0
+    mm = [{"index": "1", "image": b64_png(), "question": "which?", "answer": "A", "question_type": "multiple-choice",
+           "A": "yes", "B": "no"}]
+    assert run_task("mmmu", mm, canned({"1": "The answer is A"}))["accuracy"] == 100.0
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="not a VLMEvalKit TSV"):
+        read_tsv(write_tsv(tmp_path / "x.tsv", [{"index": "1", "question": "q"}]))
+    with pytest.raises(FileNotFoundError):
+        read_tsv(tmp_path / "missing.tsv")
+    with pytest.raises(ValueError, match="unknown task 'vqav9'"):
+        run_task("vqav9", [], canned({}))
+
+
+def test_real_generation_through_the_demo(demo, tmp_path):
+    model, processor = demo
+    rows = [{"index": str(i), "image": b64_png((255, 0, 0)), "question": "what color is the shape?", "answer": "['red']"}
+            for i in range(3)]
+    res = run_task("docvqa", rows, model_answerer(model, processor, max_new_tokens=4), batch_size=2)
+    from qvlquant.eval.metrics import anls
+
+    assert res["n"] == 3 and len(res["predictions"]) == 3
+    assert all(p["prediction"] and p["score"] == anls(p["prediction"], ["red"]) for p in res["predictions"])
+    # the same image and question give the same greedy answer, batched or not
+    assert len({p["prediction"] for p in res["predictions"]}) == 1
+
+
+def test_eval_command_on_a_tsv_with_published_figures(tmp_path, capsys):
+    from qvlquant.cli import main, print_published
+
+    rows = [{"index": str(i), "image": b64_png(), "question": "title?", "answer": "['red']"} for i in range(2)]
+    data = write_tsv(tmp_path / "docvqa.tsv", rows)
+    report = tmp_path / "e.json"
+    argv = ["eval", "--model", "demo", "--base", "none", "--task", "docvqa", "--data", str(data), "--max-new-tokens",
+            "4", "--no-perplexity", "--report", str(report)]
+    assert main(argv) == 0
+    import json
+
+    out = json.loads(report.read_text())
+    assert out["task"] == "docvqa" and out["n"] == 2
+    assert main(["eval", "--task", "mmbench", "--base", "none"]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    print_published("Qwen/Qwen2-VL-7B-Instruct", "docvqa")
+    assert "published (Qwen2-VL-7B-Instruct, DocVQA_VAL, VLMEvalKit): BF16 93.89, GPTQ-Int8 93.94" in capsys.readouterr().out
