@@ -6,6 +6,7 @@ Bad input ends in one line on stderr naming what is wrong, exit status 2; nothin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -293,6 +294,44 @@ def run_push(args) -> int:
     return 0
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="decode tokens/s and peak memory, BF16 vs quantized, beside the published tables")
+    p.add_argument("--shape", default="demo", help="qwen2-vl-2b | qwen2-vl-7b (random weights of the real shapes, "
+                   "for a GPU) | demo (the scaled-down CPU protocol)")
+    p.add_argument("--variants", default="bf16,gptq-int4,awq,gptq-int8")
+    p.add_argument("--input-lengths", default=None, help="default 1,6144,14336,30720 on CUDA, 1,32 on CPU")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 2048 on CUDA, 8 on CPU")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--static-cache", action="store_true", help="generate with a static KV cache")
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--plot", default=None, help="write tokens/s and memory vs input length here (PNG)")
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from qvlquant.bench import BenchConfig, format_table, plot, run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    lengths = args.input_lengths or ("1,6144,14336,30720" if gpu else "1,32")
+    try:
+        input_lengths = tuple(int(v) for v in lengths.split(","))
+    except ValueError:
+        raise ValueError(f"--input-lengths {lengths!r}: expected comma-separated integers") from None
+    cfg = BenchConfig(args.shape, tuple(args.variants.split(",")), input_lengths,
+                      args.new_tokens or (2048 if gpu else 8), device, args.static_cache)
+    rows = run(cfg)
+    where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"{cfg.shape} on {where}, batch 1, {cfg.new_tokens} new tokens")
+    print(format_table(rows, device))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"device": where, "config": dataclasses.asdict(cfg), "rows": rows}, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="what a quantized checkpoint is, and whether vLLM / transformers load it right")
     p.add_argument("model", help="checkpoint folder")
@@ -335,6 +374,7 @@ def main(argv=None) -> int:
     add_inspect(sub)
     add_check(sub)
     add_push(sub)
+    add_bench(sub)
     args = parser.parse_args(argv)
     if args.command == "quantize" and args.recipe:
         try:
@@ -349,7 +389,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()  # qvlquant shows its own progress; stderr stays readable
     try:
         return {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect,
-                "check": run_check, "push": run_push}[args.command](args)
+                "check": run_check, "push": run_push,
+                "bench": run_bench}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("QVLQUANT_DEBUG") == "1":
             raise
