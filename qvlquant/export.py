@@ -93,6 +93,31 @@ def checkpoint_tensors(model, family: ModelFamily, result: QuantResult, qcfg: Qu
     return tensors
 
 
+def save_shards(tensors: dict[str, torch.Tensor], folder: pathlib.Path, max_shard_bytes: int | None) -> list[str]:
+    """One ``model.safetensors``, or shards of at most ``max_shard_bytes`` with a ``model.safetensors.index.json``
+    in the layout transformers writes. -> the file names written."""
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    if max_shard_bytes is None or sum(sizes.values()) <= max_shard_bytes:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key in tensors:  # state-dict order keeps a layer's tensors together
+        if shards[-1] and used + sizes[key] > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += sizes[key]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        save_file({k: tensors[k] for k in keys}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
 def _strip_truncation(folder: pathlib.Path) -> None:
     """vLLM fails on a tokenizer.json that carries calibration truncation; none is ever saved."""
     path = folder / "tokenizer.json"
@@ -145,14 +170,14 @@ def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
 
 
 def export(model, processor, family: ModelFamily, result: QuantResult, qcfg: QuantConfig, out: str | os.PathLike,
-           dtype: torch.dtype, report: dict) -> pathlib.Path:
+           dtype: torch.dtype, report: dict, max_shard_bytes: int | None = 5 * 2**30) -> pathlib.Path:
     out = pathlib.Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(checkpoint_tensors(model, family, result, qcfg, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_shards(checkpoint_tensors(model, family, result, qcfg, dtype), tmp, max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = quantization_config(qcfg, family)
         config.dtype = str(dtype).removeprefix("torch.")

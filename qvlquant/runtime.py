@@ -95,6 +95,9 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in files)
+        if stray:
+            raise ValueError(f"{folder}: {stray} are not in model.safetensors.index.json (mixed checkpoints?)")
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:

@@ -116,3 +116,22 @@ def test_tampered_or_missing_file_fails_loading(demo, demo_batches, tmp_path):
     (out / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         qvlquant.load(out)
+
+
+def test_sharded_export_index_and_missing_shard(demo, demo_batches, tmp_path):
+    model, processor = demo
+    q = copy.deepcopy(model)
+    qcfg = QuantConfig("rtn", QuantSpec(4, 128, True))
+    result = quantize_model(q, QWEN2_VL, demo_batches, qcfg)
+    out = tmp_path / "sharded"
+    export(q, processor, QWEN2_VL, result, qcfg, out, torch.bfloat16, {}, max_shard_bytes=2 * 2**20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and all((out / s).exists() for s in shards) and not (out / "model.safetensors").exists()
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    loaded, _ = qvlquant.load(out)
+    batch = next(b for b in demo_batches if "pixel_values" in b)
+    torch.testing.assert_close(logits(loaded, batch), logits(q, batch), rtol=0, atol=1e-5)
+    (out / shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        qvlquant.load(out)
