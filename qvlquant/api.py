@@ -7,6 +7,7 @@ import os
 import pathlib
 import platform
 import resource
+import shutil
 import time
 
 import torch
@@ -40,6 +41,7 @@ def quantize(
     trust_remote_code: bool = False,
     calib_split: str = "train",
     calib_columns: dict | None = None,
+    resume: bool = True,
     **method_options,
 ) -> dict:
     """Quantize ``model`` with ``method`` and write the checkpoint to ``output``. -> the report it saved."""
@@ -63,7 +65,17 @@ def quantize(
     if root and cfg.image_root is None:
         cfg = dataclasses.replace(cfg, image_root=root)
     batches = build_batches(processor, samples, cfg, names, v1=family.needs_remote_code)
-    result = quantize_model(net, family, batches, qcfg)
+    out = pathlib.Path(output).resolve()
+    from qvlquant.models import resolve_model_path
+    from qvlquant.resume import LayerCheckpoints, fingerprint, model_fingerprint
+
+    partial = out.with_name(f".{out.name}.partial")
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    print_ = fingerprint(version=__version__, model=model_fingerprint(resolve_model_path(model)), calib=names,
+                         calib_config=cfg, qcfg=qcfg, pad=pad_intermediate_to, dtype=dtype)
+    checkpoints = LayerCheckpoints(partial, print_)
+    result = quantize_model(net, family, batches, qcfg, checkpoints)
     report = {
         "qvlquant_version": __version__,
         "base_model": str(model),
@@ -82,5 +94,6 @@ def quantize(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
     }
-    export(net, processor, family, result, qcfg, pathlib.Path(output), store_dtype, report)
+    export(net, processor, family, result, qcfg, out, store_dtype, report)
+    checkpoints.remove()
     return report

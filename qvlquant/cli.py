@@ -88,6 +88,8 @@ def add_quantize(sub) -> None:
                         "passed for transformers-native models)")
     p.add_argument("--format", dest="export_format", choices=["auto", "compressed-tensors"], default="auto",
                    help="auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's native format")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="ignore and overwrite a partial run (.OUTPUT.partial) instead of resuming it")
     p.add_argument("--output", required=True, help="output folder (replaced atomically if it exists)")
 
 
@@ -111,7 +113,7 @@ def run_quantize(args) -> int:
         output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
         sym=sym, calib=args.calib, num_samples=args.num_samples, seed=args.seed, calib_config=cfg,
         dtype=_dtype(args.dtype), pad_intermediate_to=args.pad_intermediate_to,
-        trust_remote_code=args.trust_remote_code, calib_split=args.split,
+        trust_remote_code=args.trust_remote_code, calib_split=args.split, resume=args.resume,
         calib_columns={"image": args.image_column, "question": args.question_column, "answer": args.answer_column,
                        "text": args.text_column},
         **method_options(args),

@@ -156,10 +156,11 @@ def check_group_size(model, family: ModelFamily, spec: QuantSpec) -> None:
         raise ValueError(f"group_size {spec.group_size} does not divide in_features of: {', '.join(bad[:8])}")
 
 
-def quantize_model(model, family: ModelFamily, batches: list[dict], qcfg: QuantConfig, layer_done=None) -> QuantResult:
+def quantize_model(model, family: ModelFamily, batches: list[dict], qcfg: QuantConfig, checkpoints=None) -> QuantResult:
     """Quantize every decoder layer in place (weights become their dequantized values) and return the codes.
 
-    ``layer_done(i, weights_of_layer)`` is called after each layer (checkpointing, progress reports)."""
+    ``checkpoints`` (qvlquant.resume.LayerCheckpoints): finished layers are restored from it instead of being
+    quantized again, and each newly finished layer is saved to it."""
     from qvlquant.quant import METHODS
 
     check_group_size(model, family, qcfg.spec)
@@ -172,13 +173,16 @@ def quantize_model(model, family: ModelFamily, batches: list[dict], qcfg: QuantC
         prefix = f"{family.decoder_layers}.{i}"
         for x in inputs:
             check_finite(x.hidden, f"the inputs of {prefix}")
-        weights, info = quantize_layer(layers[i], inputs, family, qcfg, prefix)
+        if checkpoints is not None and checkpoints.has(i):
+            weights, info = checkpoints.load(i, layers[i], qcfg.spec)
+        else:
+            weights, info = quantize_layer(layers[i], inputs, family, qcfg, prefix)
+            if checkpoints is not None:
+                checkpoints.save(i, layers[i], weights, info)
         for name, w in weights.items():
             result.weights[f"{prefix}.{name}"] = w
             result.layer_info[f"{prefix}.{name}"] = info.get(name, {})
         inputs = [next_input(i, layers[i], x) for x in inputs]
-        if layer_done is not None:
-            layer_done(i, weights)
     for x in inputs:
         check_finite(x.hidden, f"the outputs of {family.decoder_layers}.{len(layers) - 1}")
     result.seconds = time.time() - t0

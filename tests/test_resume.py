@@ -1,0 +1,54 @@
+"""A run killed halfway resumes from the last finished layer, and gives the same checkpoint as an unbroken run."""
+
+import pytest
+
+import qvlquant.quant as quant_methods
+from qvlquant.cli import main
+
+ARGS = ["quantize", "--method", "gptq", "--bits", "4", "--num-samples", "4"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
+    assert main(ARGS + ["--output", str(tmp_path / "unbroken")]) == 0
+    real = quant_methods.METHODS["gptq"]
+    calls = []
+
+    def crash_at_layer_2(layer, inputs, family, qcfg, prefix):
+        calls.append(prefix)
+        if prefix.endswith(".2"):
+            raise RuntimeError("simulated out-of-memory")
+        return real(layer, inputs, family, qcfg, prefix)
+
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crash_at_layer_2)
+    out = tmp_path / "resumed"
+    assert main(ARGS + ["--output", str(out)]) == 2
+    partial = tmp_path / ".resumed.partial"
+    assert sorted(p.name for p in partial.glob("layer_*")) == ["layer_0000.safetensors", "layer_0001.safetensors"]
+    assert not out.exists()
+
+    calls.clear()
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", lambda *a: (calls.append(a[-1]), real(*a))[1])
+    assert main(ARGS + ["--output", str(out)]) == 0
+    assert [c.rsplit(".", 1)[-1] for c in calls] == ["2", "3"]  # layers 0 and 1 came from the partial run
+    assert not partial.exists()
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "unbroken" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_partial_run_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
+    real = quant_methods.METHODS["gptq"]
+
+    def crash(layer, inputs, family, qcfg, prefix):
+        if prefix.endswith(".1"):
+            raise RuntimeError("killed")
+        return real(layer, inputs, family, qcfg, prefix)
+
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crash)
+    out = tmp_path / "q"
+    assert main(ARGS + ["--output", str(out)]) == 2
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", real)
+    capsys.readouterr()
+    assert main(["quantize", "--method", "gptq", "--bits", "8", "--num-samples", "4", "--output", str(out)]) == 2
+    assert "partial run of a different model, calibration set or settings" in capsys.readouterr().err
+    assert main(["quantize", "--method", "gptq", "--bits", "8", "--num-samples", "4", "--no-resume", "--output", str(out)]) == 0
