@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("QVLQUANT_DEBUG") == "1":
             raise
-        print(f"qvlquant {args.command}: error: {e}", file=sys.stderr)
+        print(f"qvlquant {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
 
 

@@ -61,12 +61,13 @@ class LayerCheckpoints:
         if not (self.folder / "fingerprint.json").exists():  # created with the first finished layer
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / "fingerprint.json").write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-        tensors = {f"state.{k}": v.detach().contiguous() for k, v in layer.state_dict().items()}
+        # clones: AWQ's scales are one tensor shared by the linears of a group, and safetensors refuses shared memory
+        tensors = {f"state.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
         for name, w in weights.items():
             for field in FIELDS:
                 t = getattr(w, field)
                 if t is not None:
-                    tensors[f"w.{name}.{field}"] = t.contiguous()
+                    tensors[f"w.{name}.{field}"] = t.detach().clone()
         tmp = self.path(i).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
         os.replace(tmp, self.path(i))

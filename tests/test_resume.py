@@ -52,3 +52,22 @@ def test_partial_run_with_other_settings_is_refused(tmp_path, monkeypatch, capsy
     assert main(["quantize", "--method", "gptq", "--bits", "8", "--num-samples", "4", "--output", str(out)]) == 2
     assert "partial run of a different model, calibration set or settings" in capsys.readouterr().err
     assert main(["quantize", "--method", "gptq", "--bits", "8", "--num-samples", "4", "--no-resume", "--output", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_awq_resume_restores_shared_scales(tmp_path, monkeypatch):
+    """AWQ's codes carry one scale tensor per group (shared by its linears): they are saved and restored."""
+    real = quant_methods.METHODS["awq"]
+
+    def crash(layer, inputs, family, qcfg, prefix):
+        if prefix.endswith(".1"):
+            raise RuntimeError("killed")
+        return real(layer, inputs, family, qcfg, prefix)
+
+    argv = ["quantize", "--method", "awq", "--bits", "4", "--num-samples", "2"]
+    assert main(argv + ["--output", str(tmp_path / "unbroken")]) == 0
+    monkeypatch.setitem(quant_methods.METHODS, "awq", crash)
+    assert main(argv + ["--output", str(tmp_path / "q")]) == 2
+    monkeypatch.setitem(quant_methods.METHODS, "awq", real)
+    assert main(argv + ["--output", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == (tmp_path / "unbroken" / "model.safetensors").read_bytes()
