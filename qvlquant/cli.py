@@ -130,7 +130,12 @@ def add_eval(sub) -> None:
                    "'none' to skip)")
     p.add_argument("--task", default="easyvqa", choices=["easyvqa", "docvqa", "textvqa", "chartqa", "mmbench", "mmmu",
                                                         "mathvista"])
-    p.add_argument("--data", default=None, help="VLMEvalKit TSV of the task (all tasks but the embedded easyvqa)")
+    p.add_argument("--data", default=None, help="the task's questions: a VLMEvalKit TSV, or hf:PATH_OR_ID (columns "
+                   "image, question, answer, A, B, ...); all tasks but the embedded easyvqa")
+    p.add_argument("--split", default="test", help="hf: datasets: the split")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: generate on vLLM with --tensor-parallel GPUs (TSV / hf: tasks)")
+    p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="score only the first N test questions")
     p.add_argument("--batch-size", type=int, default=64)
@@ -145,7 +150,7 @@ def evaluate_one(model_path: str, args) -> tuple[dict, list]:
     from qvlquant.demo.paths import DATA_DIR
     from qvlquant.eval.easyvqa import evaluate
     from qvlquant.eval.perplexity import perplexity, token_stream
-    from qvlquant.eval.tasks import model_answerer, read_tsv, run_task
+    from qvlquant.eval.tasks import model_answerer, read_rows, run_task, vllm_answerer
     from qvlquant.runtime import load
 
     torch.manual_seed(0)
@@ -153,7 +158,14 @@ def evaluate_one(model_path: str, args) -> tuple[dict, list]:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.task != "easyvqa" and not args.data:
         raise ValueError(f"--task {args.task} needs --data FILE.tsv (VLMEvalKit layout)")
-    rows = read_tsv(args.data)[: args.limit] if args.task != "easyvqa" else None
+    rows = read_rows(args.data, args.split)[: args.limit] if args.task != "easyvqa" else None
+    if args.backend == "vllm":
+        if rows is None:
+            raise ValueError("--backend vllm runs the TSV / hf: tasks; easy-vqa runs on transformers")
+        answerer = vllm_answerer(str(model_path), args.tensor_parallel, args.max_new_tokens)
+        res = run_task(args.task, rows, answerer, args.batch_size)
+        return {"task": args.task, "model": str(model_path), "accuracy": round(res["accuracy"], 2), "n": res["n"],
+                "backend": "vllm"}, res["predictions"]
     model, processor = load(model_path)
     if rows is None:
         items = load_split("test")[: args.limit]

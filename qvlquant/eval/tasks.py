@@ -72,6 +72,45 @@ def read_tsv(path: str | pathlib.Path) -> list[dict]:
     return rows
 
 
+def read_hf(spec: str, split: str = "test") -> list[dict]:
+    """Rows of a Hugging Face dataset (``hf:PATH_OR_ID``, saved with save_to_disk or loadable with load_dataset),
+    shaped like TSV rows: PIL images become base64 PNG, lists stay lists."""
+    import base64
+    import io
+
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("--data hf:...: the datasets package is not installed (pip install datasets)") from None
+    path = spec[len("hf:"):]
+    local = pathlib.Path(path)
+    try:
+        if (local / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(local))[split]
+        elif local.exists():
+            ds = datasets.load_from_disk(str(local))
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except Exception as e:  # datasets raises many types; the message names the problem
+        raise ValueError(f"--data {spec}: cannot load the dataset ({type(e).__name__}: {e})") from None
+    missing = {"question", "answer", "image"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"--data {spec}: missing column(s) {sorted(missing)}; it has {ds.column_names}")
+    rows = []
+    for i, row in enumerate(ds):
+        out = {k: (json.dumps(v) if isinstance(v, list) else "" if v is None else v) for k, v in row.items() if k != "image"}
+        buf = io.BytesIO()
+        load_image(row["image"]).save(buf, format="PNG")
+        out["image"] = base64.b64encode(buf.getvalue()).decode()
+        out.setdefault("index", str(i))
+        rows.append({k: str(v) for k, v in out.items()})
+    return rows
+
+
+def read_rows(data: str, split: str = "test") -> list[dict]:
+    return read_hf(data, split) if data.startswith("hf:") else read_tsv(data)
+
+
 def questions(task: str, rows: list[dict]) -> list[Question]:
     """The questions to ask. MMBench asks each question once per rotation of its options (CircularEval)."""
     out = []
@@ -133,6 +172,31 @@ def run_task(task: str, rows: list[dict], answer: Callable[[list[Question]], lis
         "task": task, "metric": TASKS[task], "accuracy": 100.0 * sum(values) / len(values), "n": len(values),
         "predictions": [{"index": q.index, "prediction": p, "score": s} for q, p, s in zip(qs, preds, per_q)],
     }
+
+
+def vllm_answerer(model_path: str, tensor_parallel: int = 1, max_new_tokens: int = 32) -> Callable[[list[Question]], list[str]]:
+    """Greedy generation on vLLM (tensor parallel across GPUs), for models one machine's transformers cannot hold.
+    Not exercised in this project's CI (vLLM needs a GPU); the error when it is missing is."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise ValueError("--backend vllm needs vLLM (pip install vllm, on a machine with a GPU)") from None
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel, limit_mm_per_prompt={"image": 1})
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+
+    def answer(batch: list[Question]) -> list[str]:
+        prompts = [{
+            "prompt": processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.prompt}]}],
+                tokenize=False, add_generation_prompt=True),
+            "multi_modal_data": {"image": load_image(q.image)},
+        } for q in batch]
+        return [o.outputs[0].text.strip() for o in llm.generate(prompts, params)]
+
+    return answer
 
 
 def model_answerer(model, processor, max_new_tokens: int = 32) -> Callable[[list[Question]], list[str]]:

@@ -104,3 +104,24 @@ def test_eval_command_on_a_tsv_with_published_figures(tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err
     print_published("Qwen/Qwen2-VL-7B-Instruct", "docvqa")
     assert "published (Qwen2-VL-7B-Instruct, DocVQA_VAL, VLMEvalKit): BF16 93.89, GPTQ-Int8 93.94" in capsys.readouterr().out
+
+
+def test_hf_dataset_rows_and_vllm_backend_error(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from qvlquant.cli import main
+    from qvlquant.eval.tasks import read_rows
+
+    ds = datasets.Dataset.from_dict({
+        "image": [Image.new("RGB", (40, 40), (0, 0, 255)) for _ in range(2)],
+        "question": ["color?", "shape?"], "answer": [["blue", "navy"], ["square"]],
+    }).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    rows = read_rows(f"hf:{tmp_path / 'ds'}")
+    assert [r["index"] for r in rows] == ["0", "1"] and answers_of(rows[0]) == ["blue", "navy"]
+    res = run_task("docvqa", rows, canned({"0": "Blue", "1": "circle"}))
+    assert res["accuracy"] == 50.0
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        argv = ["eval", "--task", "docvqa", "--data", f"hf:{tmp_path / 'ds'}", "--backend", "vllm", "--base", "none"]
+        assert main(argv) == 2 and "needs vLLM" in capsys.readouterr().err
