@@ -94,14 +94,63 @@ if triton is not None:
 
 
 def launch_config(m: int, n: int, k: int) -> dict:
-    """Tile sizes by M: split-K GEMV-style tiles for decode, plain tiles for prefill. (One config per shape, so it
-    also runs in the interpreter, where autotuning cannot benchmark.)"""
+    """The default tiles by M: split-K GEMV-style tiles for decode, plain tiles for prefill (what the interpreter
+    runs, and the first candidate of the autotuning on a GPU)."""
+    return autotune_configs(m, n, k)[0]
+
+
+def autotune_configs(m: int, n: int, k: int) -> list[dict]:
+    """Candidate launch configurations for a problem of M rows, produced by rule rather than listed by hand:
+    decode (M <= 16) tries more split-K and narrower N tiles, so that enough programs stream the weight; prefill
+    tries larger tiles without split-K."""
     if m <= 16:
-        split = max(1, min(8, k // 512))
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4)
-    if m <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=max(1, min(4, k // 1024)), num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8)
+        splits = sorted({max(1, min(s, k // 256)) for s in (1, 2, 4, 8, 16)}, key=lambda s: -s)
+        base = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4)
+                for sk in splits for bn in (64, 32, 128) for bk in (128, 64)]
+        first = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=max(1, min(8, k // 512)), num_warps=4)
+    elif m <= 64:
+        base = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=sk, num_warps=4)
+                for bm in (32, 64) for bn in (64, 128) for sk in (1, 2, 4) if sk == 1 or k >= 1024 * sk]
+        first = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=max(1, min(4, k // 1024)), num_warps=4)
+    else:
+        base = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w)
+                for bm, bn, bk, w in ((64, 128, 64, 8), (128, 128, 32, 8), (64, 64, 64, 4), (128, 64, 64, 4))]
+        first = base[0]
+    return [first] + [c for c in base if c != first]
+
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _m_bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())  # 1, 2, 4, ... : one tuning per power of two of M
+
+
+def pick_config(key: tuple, candidates: list[dict], launch) -> dict:
+    """The fastest candidate for ``key``, timed once on the GPU and cached; the first one when only one is allowed
+    (the interpreter cannot time kernels). ``launch(cfg)`` runs the kernel into a scratch output."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if INTERPRET or len(candidates) == 1 or not torch.cuda.is_available():
+        _TUNED[key] = candidates[0]
+        return candidates[0]
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            launch(cfg)  # compile and warm up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                launch(cfg)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 5
+        except Exception:  # a candidate that does not compile for this device (too much shared memory) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    return best
 
 
 def check_supported(fmt: PackFormat, spec: QuantSpec, k: int, n: int) -> None:
@@ -133,20 +182,27 @@ def dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackF
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
-    cfg = config or launch_config(m, n, k)
-    out = torch.zeros(m, n, device=x.device, dtype=torch.float32)  # fp32: split-K accumulates with atomics
     g_idx = tensors.get("g_idx")
     if act_order is None:  # callers that run it often (QuantLinear) pass it, saving a sync per call
         act_order = has_act_order(g_idx, spec, k)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-    _dequant_matmul_kernel[grid](
-        x2, tensors["qweight"], tensors["scales"], tensors["qzeros"], g_idx if act_order else tensors["qzeros"], out,
-        m, n, k, spec.groups(k), x2.stride(0), out.stride(0),
-        BITS=spec.bits, GROUP=spec.effective_group(k), LAYOUT=0 if fmt is PackFormat.GPTQ else 1,
-        ACT_ORDER=act_order, UPCAST=INTERPRET or x.dtype == torch.float32,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
-        num_warps=cfg.get("num_warps", 4),
-    )
+
+    def launch(cfg: dict) -> torch.Tensor:
+        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)  # fp32: split-K accumulates with atomics
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        _dequant_matmul_kernel[grid](
+            x2, tensors["qweight"], tensors["scales"], tensors["qzeros"], g_idx if act_order else tensors["qzeros"],
+            out, m, n, k, spec.groups(k), x2.stride(0), out.stride(0),
+            BITS=spec.bits, GROUP=spec.effective_group(k), LAYOUT=0 if fmt is PackFormat.GPTQ else 1,
+            ACT_ORDER=act_order, UPCAST=INTERPRET or x.dtype == torch.float32,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
+            num_warps=cfg.get("num_warps", 4),
+        )
+        return out
+
+    if config is None:
+        key = (_m_bucket(m), n, k, fmt, spec, x.dtype, act_order, str(x.device))
+        config = pick_config(key, autotune_configs(m, n, k), launch)
+    out = launch(config)
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype).reshape(*lead, n)

@@ -97,3 +97,16 @@ def test_quant_linear_fused_path_matches_its_reference_path(fmt, spec, act_order
     x = torch.randn(4, 7, k)
     torch.testing.assert_close(layer._fused(x), layer(x), rtol=1e-4, atol=1e-3)
     assert layer._act_order is act_order
+
+
+def test_autotune_candidates_and_choice():
+    for m, k in ((1, 4096), (16, 512), (33, 8192), (2048, 4096)):
+        cands = kernels.autotune_configs(m, 4096, k)
+        assert cands[0] == kernels.launch_config(m, 4096, k) and len(cands) > 1
+        assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)  # no duplicates
+        assert all(c["BLOCK_M"] >= 16 and (c["SPLIT_K"] == 1 or m <= 64) for c in cands)
+    assert {c["SPLIT_K"] for c in kernels.autotune_configs(1, 4096, 4096)} >= {1, 8, 16}
+    ran = []
+    key = ("test-key",)
+    assert kernels.pick_config(key, [{"a": 1}, {"a": 2}], ran.append) == {"a": 1}  # interpreter/CPU: the first
+    assert ran == [] and kernels.pick_config(key, [{"a": 3}], ran.append) == {"a": 1}  # cached per key
