@@ -32,6 +32,7 @@ def recipe_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path}: expected a mapping of settings")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "recipe")}
+    recipe = {k: v for k, v in recipe.items() if k != "check"}  # the check gate's tolerances (qvlquant check --recipe)
     unknown = sorted(set(recipe) - set(actions))
     if unknown:
         raise ValueError(f"recipe {path}: unknown key(s) {unknown}; known: {', '.join(sorted(actions))}")
@@ -251,7 +252,9 @@ def add_check(sub) -> None:
     p.add_argument("--baseline", default=None, help="eval JSON of the baseline (default: the one embedded in report)")
     p.add_argument("--max-drop", action="append", default=[], metavar="TASK=POINTS",
                    help="accuracy points TASK may lose (default 1.0); repeatable")
-    p.add_argument("--max-ppl-increase", type=float, default=2.0, metavar="PERCENT")
+    p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PERCENT", help="default 2.0")
+    p.add_argument("--recipe", default=None, help="take tolerances from the recipe's check: section "
+                   "(max_drop: {task: points}, max_ppl_increase: percent); flags override it")
 
 
 def run_check(args) -> int:
@@ -267,7 +270,18 @@ def run_check(args) -> int:
     baseline = read(args.baseline) if args.baseline else report.get("baseline")
     if baseline is None:
         raise ValueError(f"{args.report} holds no baseline; pass --baseline BASE.json")
-    drops = {}
+    drops, ppl = {}, 2.0
+    if args.recipe:
+        import yaml
+
+        section = (yaml.safe_load(pathlib.Path(args.recipe).read_text()) or {}).get("check") or {}
+        unknown = sorted(set(section) - {"max_drop", "max_ppl_increase"})
+        if unknown:
+            raise ValueError(f"recipe {args.recipe}: unknown check key(s) {unknown}; known: max_drop, max_ppl_increase")
+        drops.update({str(k): float(v) for k, v in (section.get("max_drop") or {}).items()})
+        ppl = float(section.get("max_ppl_increase", ppl))
+    if args.max_ppl_increase is not None:
+        ppl = args.max_ppl_increase
     for item in args.max_drop:
         task, sep, points = item.partition("=")
         try:
@@ -276,7 +290,7 @@ def run_check(args) -> int:
             raise ValueError(f"--max-drop {item!r}: expected TASK=POINTS, e.g. easyvqa=0.5") from None
         if not sep or not task:
             raise ValueError(f"--max-drop {item!r}: expected TASK=POINTS, e.g. easyvqa=0.5")
-    rows = compare(report, baseline, drops, args.max_ppl_increase)
+    rows = compare(report, baseline, drops, ppl)
     print(format_rows(rows))
     failed = [r.measure for r in rows if not r.ok]
     print(f"check: {'FAILED: ' + ', '.join(failed) if failed else 'passed'}")

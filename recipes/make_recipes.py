@@ -47,7 +47,9 @@ def main():
                 (here / f"{name.lower()}-{suffix.lower()}.yaml").write_text("\n".join(lines) + "\n")
     demo = ["# The embedded demo model, GPTQ Int4 as the published Qwen2-VL settings (runs offline in ~30 s).",
             "model: demo", "calib: demo"] + [f"{k}: {yaml_value(v)}" for k, v in METHODS["GPTQ-Int4"].items() if k != "num_samples"]
-    (here / "demo-gptq-int4.yaml").write_text("\n".join(demo + ["num_samples: 32"]) + "\n")
+    check = ["check:  # qvlquant check --recipe: what this quantization may cost against BF16", "  max_drop:",
+             "    easyvqa: 1.0", "  max_ppl_increase: 2.0"]
+    (here / "demo-gptq-int4.yaml").write_text("\n".join(demo + ["num_samples: 32"] + check) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,3 +39,15 @@ def test_cli_exit_codes(tmp_path, capsys):
     alone = tmp_path / "alone.json"
     alone.write_text(json.dumps(report(70, 30)))
     assert main(["check", str(alone)]) == 2 and "holds no baseline" in capsys.readouterr().err
+
+
+def test_tolerances_from_a_recipe(tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    rep.write_text(json.dumps(report(76.0, 34.3, baseline=report(77.5, 34.16))))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: gptq\ncheck:\n  max_drop:\n    easyvqa: 2.0\n  max_ppl_increase: 1.0\n")
+    assert main(["check", str(rep), "--recipe", str(recipe)]) == 0  # 1.5 points allowed by the recipe's 2.0
+    assert main(["check", str(rep), "--recipe", str(recipe), "--max-drop", "easyvqa=1.0"]) == 1  # flag wins
+    assert main(["check", str(rep), "--recipe", str(recipe), "--max-ppl-increase", "0.1"]) == 1
+    recipe.write_text("check:\n  max_dorp: {}\n")
+    assert main(["check", str(rep), "--recipe", str(recipe)]) == 2 and "unknown check key(s) ['max_dorp']" in capsys.readouterr().err
