@@ -49,6 +49,7 @@ class BenchConfig:
     new_tokens: int = 8
     device: str = "cpu"
     static_cache: bool = False
+    compile: bool = False  # torch.compile the forward ("reduce-overhead": CUDA graphs on a GPU); implies static_cache
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype):
@@ -142,10 +143,12 @@ def run(cfg: BenchConfig) -> list[dict]:
         model = build_model(cfg.shape, cfg.device, dtype)
         if VARIANTS[variant] is not None:
             quantize_random(model, *VARIANTS[variant])
+        if cfg.compile:  # a static KV cache keeps shapes fixed, so the decode step compiles (and graphs) once
+            model.forward = torch.compile(model.forward, mode="reduce-overhead")
         for length in cfg.input_lengths:
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            speed, first = decode_speed(model, length, cfg.new_tokens, cfg.device, cfg.static_cache)
+            speed, first = decode_speed(model, length, cfg.new_tokens, cfg.device, cfg.static_cache or cfg.compile)
             pub = refs.get((variant, length))
             rows.append(dict(shape=cfg.shape, variant=variant, input_length=length, new_tokens=cfg.new_tokens,
                              tokens_per_s=speed, first_token_s=first, peak_memory_gb=peak_memory_gb(cfg.device),

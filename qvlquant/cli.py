@@ -331,6 +331,8 @@ def add_bench(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="default 2048 on CUDA, 8 on CPU")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--static-cache", action="store_true", help="generate with a static KV cache")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU); "
+                   "implies --static-cache")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="write tokens/s and memory vs input length here (PNG)")
 
@@ -348,7 +350,7 @@ def run_bench(args) -> int:
     except ValueError:
         raise ValueError(f"--input-lengths {lengths!r}: expected comma-separated integers") from None
     cfg = BenchConfig(args.shape, tuple(args.variants.split(",")), input_lengths,
-                      args.new_tokens or (2048 if gpu else 8), device, args.static_cache)
+                      args.new_tokens or (2048 if gpu else 8), device, args.static_cache, args.compile)
     rows = run(cfg)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"{cfg.shape} on {where}, batch 1, {cfg.new_tokens} new tokens")

@@ -46,3 +46,10 @@ def test_bench_command_writes_json_and_plot(tmp_path, capsys):
     assert len(data["rows"]) == 4 and data["config"]["shape"] == "demo"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "--shape", "llama-70b"]) == 2
+
+
+@pytest.mark.slow
+def test_compiled_decode_with_static_cache_runs():
+    """torch.compile + static KV cache (CUDA graphs on a GPU) on the CPU protocol: compiles once, then decodes."""
+    rows = run(BenchConfig(variants=("gptq-int4",), input_lengths=(4,), new_tokens=4, compile=True))
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["variant"] == "gptq-int4"
