@@ -128,22 +128,31 @@ def _folder(path: pathlib.Path) -> tuple[list, list[str]]:
     return samples, [n for _, _, n in rows]
 
 
-def _hf(spec: str, split: str, columns: dict) -> tuple[list, list[str], str | None]:
+def open_hf_dataset(spec: str, split: str, flag: str):
+    """A Hugging Face dataset from ``hf:PATH_OR_ID``: a folder saved with save_to_disk (a Dataset, or a DatasetDict
+    from which ``split`` is taken) or anything ``load_dataset`` reads. Errors are ValueErrors naming ``flag``."""
     try:
         import datasets
     except ImportError:
-        raise CalibrationError("--calib hf:...: the datasets package is not installed (pip install datasets)") from None
+        raise ValueError(f"{flag} hf:...: the datasets package is not installed (pip install datasets)") from None
     path = spec[len("hf:"):]
     local = pathlib.Path(path)
     try:
-        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
-            ds = datasets.load_from_disk(str(local))
-        elif (local / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(local))[split]
-        else:
-            ds = datasets.load_dataset(path, split=split)
+        if (local / "dataset_dict.json").exists():
+            return datasets.load_from_disk(str(local))[split]
+        if local.exists():
+            return datasets.load_from_disk(str(local))
+        return datasets.load_dataset(path, split=split)
     except Exception as e:  # datasets raises many types; the message names the problem
-        raise CalibrationError(f"--calib {spec}: cannot load the dataset ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{flag} {spec}: cannot load the dataset ({type(e).__name__}: {e})") from None
+
+
+def _hf(spec: str, split: str, columns: dict) -> tuple[list, list[str], str | None]:
+    try:
+        ds = open_hf_dataset(spec, split, "--calib")
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
+    local = pathlib.Path(spec[len("hf:"):])
     missing = [c for c in columns.values() if c and c not in ds.column_names]
     if missing:
         raise CalibrationError(f"--calib {spec}: no column(s) {missing}; it has {ds.column_names}")

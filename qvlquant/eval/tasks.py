@@ -78,21 +78,9 @@ def read_hf(spec: str, split: str = "test") -> list[dict]:
     import base64
     import io
 
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("--data hf:...: the datasets package is not installed (pip install datasets)") from None
-    path = spec[len("hf:"):]
-    local = pathlib.Path(path)
-    try:
-        if (local / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(local))[split]
-        elif local.exists():
-            ds = datasets.load_from_disk(str(local))
-        else:
-            ds = datasets.load_dataset(path, split=split)
-    except Exception as e:  # datasets raises many types; the message names the problem
-        raise ValueError(f"--data {spec}: cannot load the dataset ({type(e).__name__}: {e})") from None
+    from qvlquant.calib.sources import open_hf_dataset
+
+    ds = open_hf_dataset(spec, split, "--data")
     missing = {"question", "answer", "image"} - set(ds.column_names)
     if missing:
         raise ValueError(f"--data {spec}: missing column(s) {sorted(missing)}; it has {ds.column_names}")
