@@ -73,14 +73,10 @@ class QuantResult:
     seconds: float = 0.0
 
 
-def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    return model.get_submodule(path)
-
-
 @torch.no_grad()
 def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[LayerInput]:
     """Run the real forward on each batch and keep what decoder layer 0 receives."""
-    layer0 = get_module(model, family.decoder_layers)[0]
+    layer0 = model.get_submodule(family.decoder_layers)[0]
     captured: list[LayerInput] = []
     mask_of_batch: list[torch.Tensor] = []
     deepstack: dict = {}
@@ -100,7 +96,7 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[Laye
 
     handles = [layer0.register_forward_pre_hook(hook, with_kwargs=True)]
     if family.deepstack:
-        text_model = get_module(model, family.language_model)
+        text_model = model.get_submodule(family.language_model)
         handles.append(text_model.register_forward_pre_hook(text_model_hook, with_kwargs=True))
     device = next(model.parameters()).device
     try:
@@ -147,7 +143,7 @@ def check_group_size(model, family: ModelFamily, spec: QuantSpec) -> None:
     if spec.group_size == -1:
         return
     bad = []
-    for i, layer in enumerate(get_module(model, family.decoder_layers)):
+    for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
         for name in family.linears:
             k = layer.get_submodule(name).in_features
             if k % spec.group_size:
@@ -167,7 +163,7 @@ def quantize_model(model, family: ModelFamily, batches: list[dict], qcfg: QuantC
     quantize_layer = METHODS[qcfg.method]
     t0 = time.time()
     inputs = capture_inputs(model, family, batches)
-    layers = get_module(model, family.decoder_layers)
+    layers = model.get_submodule(family.decoder_layers)
     result = QuantResult({}, {})
     for i in progress(range(len(layers)), desc=f"{qcfg.method} W{qcfg.spec.bits}", unit="layer"):
         prefix = f"{family.decoder_layers}.{i}"

@@ -13,7 +13,7 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-from qvlquant.families import ModelFamily, family_for
+from qvlquant.families import family_for
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import QuantSpec
 
@@ -112,7 +112,7 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def swap_in_quant_linears(model, family: ModelFamily, targets: list[str], spec: QuantSpec, fmt: PackFormat, dtype):
+def swap_in_quant_linears(model, targets: list[str], spec: QuantSpec, fmt: PackFormat, dtype):
     """Replace the nn.Linear at each runtime path in ``targets`` by an empty QuantLinear."""
     for name in targets:
         parent_name, leaf = name.rsplit(".", 1)
@@ -156,7 +156,7 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
     tensors = {family.to_runtime(k): v for k, v in read_safetensors(folder).items()}
     marker = ".weight_packed" if fmt is PackFormat.COMPRESSED else ".qweight"
     targets = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
-    swap_in_quant_linears(model, family, targets, spec, fmt, dtype)
+    swap_in_quant_linears(model, targets, spec, fmt, dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False)  # copies cast to each parameter's dtype
     if config.tie_word_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]

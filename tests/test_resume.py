@@ -8,19 +8,26 @@ from qvlquant.cli import main
 ARGS = ["quantize", "--method", "gptq", "--bits", "4", "--num-samples", "4"]
 
 
+def crashing(method: str, at_layer: int, calls: list | None = None):
+    """The method's layer function, raising when it reaches decoder layer ``at_layer`` (a simulated kill)."""
+    real = quant_methods.METHODS[method]
+
+    def run(layer, inputs, family, qcfg, prefix):
+        if calls is not None:
+            calls.append(prefix)
+        if prefix.endswith(f".{at_layer}"):
+            raise RuntimeError("simulated out-of-memory")
+        return real(layer, inputs, family, qcfg, prefix)
+
+    return run
+
+
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
     assert main(ARGS + ["--output", str(tmp_path / "unbroken")]) == 0
     real = quant_methods.METHODS["gptq"]
     calls = []
-
-    def crash_at_layer_2(layer, inputs, family, qcfg, prefix):
-        calls.append(prefix)
-        if prefix.endswith(".2"):
-            raise RuntimeError("simulated out-of-memory")
-        return real(layer, inputs, family, qcfg, prefix)
-
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", crash_at_layer_2)
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 2, calls))
     out = tmp_path / "resumed"
     assert main(ARGS + ["--output", str(out)]) == 2
     partial = tmp_path / ".resumed.partial"
@@ -38,13 +45,7 @@ def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, cap
 @pytest.mark.slow
 def test_partial_run_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
     real = quant_methods.METHODS["gptq"]
-
-    def crash(layer, inputs, family, qcfg, prefix):
-        if prefix.endswith(".1"):
-            raise RuntimeError("killed")
-        return real(layer, inputs, family, qcfg, prefix)
-
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", crash)
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 1))
     out = tmp_path / "q"
     assert main(ARGS + ["--output", str(out)]) == 2
     monkeypatch.setitem(quant_methods.METHODS, "gptq", real)
@@ -58,15 +59,9 @@ def test_partial_run_with_other_settings_is_refused(tmp_path, monkeypatch, capsy
 def test_awq_resume_restores_shared_scales(tmp_path, monkeypatch):
     """AWQ's codes carry one scale tensor per group (shared by its linears): they are saved and restored."""
     real = quant_methods.METHODS["awq"]
-
-    def crash(layer, inputs, family, qcfg, prefix):
-        if prefix.endswith(".1"):
-            raise RuntimeError("killed")
-        return real(layer, inputs, family, qcfg, prefix)
-
     argv = ["quantize", "--method", "awq", "--bits", "4", "--num-samples", "2"]
     assert main(argv + ["--output", str(tmp_path / "unbroken")]) == 0
-    monkeypatch.setitem(quant_methods.METHODS, "awq", crash)
+    monkeypatch.setitem(quant_methods.METHODS, "awq", crashing("awq", 1))
     assert main(argv + ["--output", str(tmp_path / "q")]) == 2
     monkeypatch.setitem(quant_methods.METHODS, "awq", real)
     assert main(argv + ["--output", str(tmp_path / "q")]) == 0

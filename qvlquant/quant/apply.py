@@ -192,7 +192,8 @@ def awq_layer(layer: torch.nn.Module, inputs, family: ModelFamily, qcfg, prefix:
             max_val = search_clip(w, _tokens(feats[owner[name]], inputs, min(qcfg.awq_max_tokens, 512)), qcfg.spec)
             w = apply_clip(w, max_val)
         q, scale, zero = rtn_quantize(w, qcfg.spec)
-        weights[name] = QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], qcfg.spec), qcfg.spec, scale_of.get(name), out_scale_of.get(name))
+        g_idx = default_g_idx(q.shape[1], qcfg.spec)
+        weights[name] = QuantizedWeight(q, scale, zero, g_idx, qcfg.spec, scale_of.get(name), out_scale_of.get(name))
         set_weight(linear, weights[name])
         info.setdefault(name, {})
     return weights, info
