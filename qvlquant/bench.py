@@ -6,13 +6,16 @@ model of the real architecture is built from its config with random weights and 
 RTN-style into the real packed formats (QuantLinear, which runs the Triton kernel on CUDA). On CPU a scaled-down
 protocol (the demo's shape, short inputs, a few tokens) exercises the same code path.
 
-Inputs are text tokens (random ids); the image part of the published inputs is not reproduced here, so prefill
-differs from the published setup, while decode, which the tables measure, reads the same weights and KV cache.
+The vision tower is the released one (32 blocks, 1280 wide, about 0.68 B parameters, kept in bf16 as in the
+published checkpoints), so peak memory counts it as the published figures do. Each input of length L >= 16 is an
+image plus text, as published: one image of about 99 % of L tokens (a near-square grid of merged 28x28 patches, random
+pixels) between <|vision_start|> and <|vision_end|>, the rest text; shorter inputs are text only.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import dataclasses
 import importlib.resources
 import resource
@@ -23,7 +26,7 @@ import torch
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
 
-SHAPES = {  # text configs of the released checkpoints (the vision tower does not run in this protocol)
+SHAPES = {  # text configs of the released checkpoints
     "qwen2-vl-2b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -31,6 +34,16 @@ SHAPES = {  # text configs of the released checkpoints (the vision tower does no
     "demo": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2008, tie_word_embeddings=True),
 }
+QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu", patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2)
+VISION = {"qwen2-vl-2b": QWEN2_VL_VISION, "qwen2-vl-7b": QWEN2_VL_VISION,  # the demo's tower: qvlquant/demo/model
+          "demo": dict(depth=2, embed_dim=128, num_heads=4, mlp_ratio=2, hidden_act="quick_gelu", patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2)}
+TOKEN_IDS = {"qwen2-vl-2b": dict(vision_start_token_id=151652, vision_end_token_id=151653, image_token_id=151655,
+                                 video_token_id=151656),
+             "demo": dict(vision_start_token_id=3, vision_end_token_id=4, image_token_id=5, video_token_id=6)}
+TOKEN_IDS["qwen2-vl-7b"] = TOKEN_IDS["qwen2-vl-2b"]
+MIN_IMAGE_INPUT = 16  # inputs shorter than this are text only (input length 1 is a single text token, as published)
 VARIANTS = {
     "bf16": None,
     "gptq-int8": (PackFormat.GPTQ, QuantSpec(8, 128, True)),
@@ -63,8 +76,8 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # Qwen2-VL's [16, 24, 24] at head_dim 128
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
-    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=64, hidden_size=text["hidden_size"],
-                                                                num_heads=1), tie_word_embeddings=tie)
+    vision = dict(VISION[shape], hidden_size=text["hidden_size"])
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **TOKEN_IDS[shape])
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration(config).to(dtype)
@@ -81,11 +94,77 @@ def quantize_random(model, fmt: PackFormat, spec: QuantSpec) -> None:
         for name in QWEN2_VL.linears:
             parent, leaf = name.rsplit(".", 1)
             old = layer.get_submodule(name)
+            if old.weight.is_meta:  # sizes only (--weights-only): packed buffers of the right shapes, no data
+                with torch.device("meta"):
+                    new = QuantLinear(old.in_features, old.out_features, spec, fmt, old.bias is not None, old.weight.dtype)
+                setattr(layer.get_submodule(parent), leaf, new)
+                continue
             q, scale, zero = rtn_quantize(old.weight.data.float().cpu(), spec)  # packing runs on the CPU
             w = QuantizedWeight(q, scale, zero, default_g_idx(old.in_features, spec), spec)
             new = QuantLinear.from_weight(w, fmt, old.bias.data if old.bias is not None else None)
             setattr(layer.get_submodule(parent), leaf, new.to(old.weight.device))
             del old
+
+
+def image_grid(input_length: int) -> tuple[int, int] | None:
+    """(rows, cols) of merged image tokens for an input of ``input_length`` tokens, or None for text only: a
+    near-square grid of about 99 % of the input, leaving room for <|vision_start|>, <|vision_end|> and the text."""
+    if input_length < MIN_IMAGE_INPUT:
+        return None
+    budget = input_length - 2 - max(1, input_length // 100)
+    rows = math.isqrt(budget)
+    return rows, budget // rows
+
+
+def prefill_inputs(model, input_length: int, device: str) -> dict[str, torch.Tensor]:
+    """Exactly ``input_length`` tokens for ``generate``: random text ids, with one image (random pixels, patches as
+    the Qwen2-VL processor lays them out) when the input is long enough."""
+    cfg, vcfg = model.config, model.config.vision_config
+    special = {cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, cfg.text_config.vocab_size, (1, input_length), generator=gen)
+    for t in special:  # random text never contains the vision markers
+        ids[ids == t] = 10
+    grid = image_grid(input_length)
+    if grid is None:
+        return {"input_ids": ids.to(device)}
+    rows, cols = grid
+    n_image = rows * cols
+    text = input_length - 2 - n_image
+    start = text // 2  # text before and after the image, as in "<question> <image> <instruction>"
+    ids[0, start] = cfg.vision_start_token_id
+    ids[0, start + 1:start + 1 + n_image] = cfg.image_token_id
+    ids[0, start + 1 + n_image] = cfg.vision_end_token_id
+    merge = vcfg.spatial_merge_size
+    thw = torch.tensor([[1, rows * merge, cols * merge]])
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    pixels = torch.randn(int(thw.prod()), patch_dim, generator=gen)
+    dtype = next(model.model.visual.parameters()).dtype
+    return {"input_ids": ids.to(device), "mm_token_type_ids": (ids == cfg.image_token_id).long().to(device),
+            "pixel_values": pixels.to(device, dtype), "image_grid_thw": thw.to(device)}
+
+
+def model_gb(model) -> float:
+    """Bytes held by the model's parameters and buffers (packed codes included), in GiB: the floor of peak memory."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # tied embeddings counted once
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
+
+
+def weights_table(shape: str, variants: tuple[str, ...]) -> list[dict]:
+    """Bytes each variant's model holds (built on the meta device: nothing is allocated), beside the published peak
+    memory at input length 1, which no run can go below. Runs anywhere, in seconds."""
+    refs = published(shape)
+    rows = []
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        model = build_model(shape, "meta", torch.bfloat16)
+        if VARIANTS[variant] is not None:
+            quantize_random(model, *VARIANTS[variant])
+        pub = refs.get((variant, 1))
+        rows.append(dict(shape=shape, variant=variant, weights_gb=model_gb(model),
+                         vision_gb=model_gb(model.model.visual), published_memory_gb_input_1=pub[1] if pub else None))
+    return rows
 
 
 def _sync(device: str) -> None:
@@ -96,19 +175,18 @@ def _sync(device: str) -> None:
 @torch.no_grad()
 def decode_speed(model, input_length: int, new_tokens: int, device: str, static_cache: bool) -> tuple[float, float]:
     """-> (decode tokens/s, seconds to the first token). Decode time = time(N tokens) - time(1 token)."""
-    vocab = model.config.text_config.vocab_size
-    ids = torch.randint(10, vocab, (1, input_length), generator=torch.Generator().manual_seed(0)).to(device)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    inputs = prefill_inputs(model, input_length, device)
+    kw = dict(inputs, do_sample=False, pad_token_id=0, eos_token_id=None)
     if static_cache:
         kw["cache_implementation"] = "static"
-    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (kernels compiled, caches allocated)
+    model.generate(max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (kernels compiled, caches allocated)
     _sync(device)
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    model.generate(max_new_tokens=1, min_new_tokens=1, **kw)
     _sync(device)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    model.generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
     _sync(device)
     total = time.perf_counter() - t0
     return (new_tokens - 1) / max(total - first, 1e-9), first
@@ -143,6 +221,7 @@ def run(cfg: BenchConfig) -> list[dict]:
         model = build_model(cfg.shape, cfg.device, dtype)
         if VARIANTS[variant] is not None:
             quantize_random(model, *VARIANTS[variant])
+        weights = model_gb(model)
         if cfg.compile:  # a static KV cache keeps shapes fixed, so the decode step compiles (and graphs) once
             model.forward = torch.compile(model.forward, mode="reduce-overhead")
         for length in cfg.input_lengths:
@@ -151,7 +230,7 @@ def run(cfg: BenchConfig) -> list[dict]:
             speed, first = decode_speed(model, length, cfg.new_tokens, cfg.device, cfg.static_cache or cfg.compile)
             pub = refs.get((variant, length))
             rows.append(dict(shape=cfg.shape, variant=variant, input_length=length, new_tokens=cfg.new_tokens,
-                             tokens_per_s=speed, first_token_s=first, peak_memory_gb=peak_memory_gb(cfg.device),
+                             tokens_per_s=speed, first_token_s=first, weights_gb=weights, peak_memory_gb=peak_memory_gb(cfg.device),
                              published_tokens_per_s=pub[0] if pub else None, published_memory_gb=pub[1] if pub else None))
         del model
     base = {r["input_length"]: r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
@@ -162,12 +241,13 @@ def run(cfg: BenchConfig) -> list[dict]:
 
 def format_table(rows: list[dict], device: str) -> str:
     mem = "peak GPU GB" if device.startswith("cuda") else "peak RSS GB"
-    lines = [f"| variant | input | tokens/s | x bf16 | {mem} | published tokens/s | published GB |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | input | tokens/s | x bf16 | weights GB | {mem} | published tokens/s | published GB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = f"{r['speedup_vs_bf16']:.2f}" if r["speedup_vs_bf16"] is not None else "-"
         pt = f"{r['published_tokens_per_s']:.2f}" if r["published_tokens_per_s"] is not None else "-"
         pm = f"{r['published_memory_gb']:.2f}" if r["published_memory_gb"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['input_length']} | {r['tokens_per_s']:.1f} | {sp} | {r['peak_memory_gb']:.2f} | {pt} | {pm} |")
+        lines.append(f"| {r['variant']} | {r['input_length']} | {r['tokens_per_s']:.1f} | {sp} | {r['weights_gb']:.2f} | {r['peak_memory_gb']:.2f} | {pt} | {pm} |")
     return "\n".join(lines)
 
 

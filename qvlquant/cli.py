@@ -335,12 +335,25 @@ def add_bench(sub) -> None:
                    "implies --static-cache")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="write tokens/s and memory vs input length here (PNG)")
+    p.add_argument("--weights-only", action="store_true", help="only the bytes each variant's weights hold (built on "
+                   "the meta device, any machine, seconds), beside the published peak memory at input length 1")
 
 
 def run_bench(args) -> int:
     import torch
 
-    from qvlquant.bench import BenchConfig, format_table, plot, run
+    from qvlquant.bench import BenchConfig, format_table, plot, run, weights_table
+
+    if args.weights_only:
+        rows = weights_table(args.shape, tuple(args.variants.split(",")))
+        print(f"{args.shape}: bytes held by the weights (GiB; vision tower in bf16)")
+        print("| variant | weights GiB | of which vision | published peak GB at input 1 |\n|---|---|---|---|")
+        for r in rows:
+            pub = r["published_memory_gb_input_1"]
+            print(f"| {r['variant']} | {r['weights_gb']:.2f} | {r['vision_gb']:.2f} | {'-' if pub is None else f'{pub:.2f}'} |")
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        return 0
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")

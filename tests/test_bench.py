@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from qvlquant.bench import BenchConfig, build_model, published, quantize_random, run, VARIANTS
+from qvlquant.bench import (BenchConfig, build_model, image_grid, prefill_inputs, published, quantize_random, run,
+                            VARIANTS, weights_table)
 from qvlquant.cli import main
 from qvlquant.runtime import QuantLinear
 
@@ -14,6 +15,51 @@ def test_published_reference_rows():
     ref = published("qwen2-vl-7b")
     assert ref[("gptq-int4", 1)] == (42.76, 7.20) and ref[("bf16", 30720)] == (19.53, 44.08)
     assert published("demo") == {}
+
+
+@pytest.mark.parametrize("shape,params", [("qwen2-vl-2b", 2.21e9), ("qwen2-vl-7b", 8.29e9)])
+def test_real_shapes_have_the_released_parameter_counts(shape, params):
+    """The random-weight models are the released architectures, vision tower included (2.21 B / 8.29 B on the hub)."""
+    model = build_model(shape, "meta", torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    assert abs(total - params) < 0.005e9 and 0.66e9 < vision < 0.68e9
+
+
+def test_weights_only_sizes_sit_below_the_published_peaks():
+    """Bytes of each variant's weights (meta device): Int4 is ~40 % of BF16 for 7B (the bf16 vision tower and
+    embeddings stay), every figure sits below the published peak at input length 1, which adds activations."""
+    rows = {r["variant"]: r for r in weights_table("qwen2-vl-7b", tuple(VARIANTS))}
+    assert 15.3 < rows["bf16"]["weights_gb"] < rows["bf16"]["published_memory_gb_input_1"]
+    assert 0.40 < rows["gptq-int4"]["weights_gb"] / rows["bf16"]["weights_gb"] < 0.43
+    assert rows["gptq-int8"]["weights_gb"] > rows["gptq-int4"]["weights_gb"] > rows["awq"]["weights_gb"]  # g_idx
+    for r in rows.values():
+        assert r["vision_gb"] == rows["bf16"]["vision_gb"]  # the vision tower is never quantized
+        assert r["weights_gb"] < r["published_memory_gb_input_1"]
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 32, 100])
+def test_prefill_is_an_image_plus_text_of_exactly_the_input_length(length):
+    model = build_model("demo", "cpu", torch.float32)
+    inputs = prefill_inputs(model, length, "cpu")
+    ids = inputs["input_ids"]
+    assert ids.shape == (1, length)
+    grid = image_grid(length)
+    n_image = int((ids == model.config.image_token_id).sum())
+    if grid is None:
+        assert length < 16 and n_image == 0 and "pixel_values" not in inputs
+    else:
+        assert n_image == grid[0] * grid[1] >= 0.8 * (length - 3)
+        assert inputs["image_grid_thw"].tolist() == [[1, 2 * grid[0], 2 * grid[1]]]
+        assert inputs["pixel_values"].shape == (4 * n_image, 3 * 2 * 14 * 14)
+        assert torch.equal(inputs["mm_token_type_ids"], (ids == model.config.image_token_id).long())
+        assert int((ids == model.config.vision_start_token_id).sum()) == 1
+    assert model(**inputs).logits.shape == (1, length, model.config.text_config.vocab_size)  # tokens match features
+
+
+def test_large_input_is_mostly_image():
+    rows, cols = image_grid(6144)
+    assert 6000 < rows * cols <= 6144 - 3 and abs(rows - cols) <= 2
 
 
 def test_quantized_random_model_computes_like_its_dequantized_weights():
@@ -46,6 +92,8 @@ def test_bench_command_writes_json_and_plot(tmp_path, capsys):
     assert len(data["rows"]) == 4 and data["config"]["shape"] == "demo"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "--shape", "llama-70b"]) == 2
+    assert main(["bench", "--shape", "qwen2-vl-2b", "--weights-only", "--variants", "bf16,awq"]) == 0
+    assert "| awq | 2.31 | 1.24 | 2.88 |" in capsys.readouterr().out
 
 
 @pytest.mark.slow
