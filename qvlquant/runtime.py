@@ -58,12 +58,13 @@ class QuantLinear(torch.nn.Module):
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton dequant-matmul kernel (CUDA): reads the packed weight, never a dequantized copy."""
-        from qvlquant.kernels.dequant_matmul import dequant_matmul, has_act_order
+        from qvlquant.kernels.dequant_matmul import dequant_matmul_op, has_act_order
 
-        tensors = {name: getattr(self, name) for name in self.tensor_names}
+        g_idx = getattr(self, "g_idx", None)
         if self._act_order is None:
-            self._act_order = has_act_order(tensors.get("g_idx"), self.spec, self.in_features)
-        return dequant_matmul(x, tensors, self.fmt, self.spec, self.in_features, self.bias, act_order=self._act_order)
+            self._act_order = has_act_order(g_idx, self.spec, self.in_features)
+        return dequant_matmul_op(x, self.qweight, self.scales, self.qzeros, g_idx, self.bias, self.fmt.value,
+                                 self.spec.bits, self.spec.group_size, self.spec.sym, self.in_features, self._act_order)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, group={self.spec.group_size}, {self.fmt.value}"

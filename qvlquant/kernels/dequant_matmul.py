@@ -1,13 +1,16 @@
 """Fused dequantize-and-multiply for W4A16 / W8A16, reading qvlquant's packed layouts directly (no dequantized copy).
 
 Reads top to bottom: the Triton kernel, its launch configurations, the wrapper (checks, allocation, dispatch by M),
-the torch reference it is tested against, and the benchmark entry point (``kernels/bench_dequant_matmul.py``).
+the ahead-of-time compile check, the torch reference it is tested against; the benchmark and the compile report
+are ``kernels/bench_dequant_matmul.py`` and ``kernels/compile_report.py``.
 
 One kernel serves both layouts (``LAYOUT`` 0: GPTQ v1, codes packed along K in ``qweight`` [K*b/32, N], zeros-1
 packed along N, optional act-order ``g_idx``; 1: AWQ GEMM, codes packed along N in the interleaved order, zeros as
-is). Each program computes a [BLOCK_M, BLOCK_N] tile of ``x @ W^T`` over a 1/SPLIT_K slice of K, unpacking a
-[BLOCK_K, BLOCK_N] tile of codes in registers. Decode (M <= 16) splits K across programs so that enough programs
-stream the weight (the GEMV regime, bound by memory bandwidth); prefill uses plain tiles.
+is). Each program computes a [BLOCK_M, BLOCK_N] tile of ``x @ W^T`` over a 1/SPLIT_K slice of K: it loads each
+packed word of its tile once and unpacks it in registers into a [BLOCK_K, BLOCK_N] tile of codes, and when the K
+tile lies inside one quantization group it loads one row of scales and zeros per tile. Decode (M <= 16) splits K
+across programs so that enough programs stream the weight (the GEMV regime, bound by memory bandwidth); prefill
+uses plain tiles. Without split-K the result is written once, in the input's dtype, bias included.
 
 Under ``TRITON_INTERPRET=1`` (CPU, CI) tiles are upcast to fp32 before ``tl.dot``: the interpreter's bf16 dot is
 wrong (numpy has no bf16), and only fp32 atomics are used for split-K in any case.
@@ -33,90 +36,146 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if triton is not None:
 
     @triton.jit
+    def _dequant_tile(qw_ptr, scales_ptr, qz_ptr, gidx_ptr, k0, pid_n, N, K,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, LAYOUT: tl.constexpr, ACT_ORDER: tl.constexpr,
+                      TILE_IN_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Rows k0 .. k0+BLOCK_K of W^T, columns of N tile ``pid_n``, dequantized: a [BLOCK_K, BLOCK_N] fp32 tile."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = offs_k < K
+        n_ok = offs_n < N
+        if LAYOUT == 0:  # GPTQ: qweight [K/PER_WORD, N], code k at bits (k % PER_WORD) * BITS of word k // PER_WORD
+            offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
+                            mask=(offs_w[:, None] < K // PER_WORD) & n_ok[None, :], other=0)  # each word once
+            shifts = tl.arange(0, PER_WORD) * BITS
+            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+            z_word = offs_n // PER_WORD  # zeros [G, N/PER_WORD], packed along N, stored minus one
+            z_shift = (offs_n % PER_WORD) * BITS
+        else:  # AWQ: qweight [K, N/8], column j of a word at nibble (j % 2) * 4 + j // 2 (codes and zeros alike)
+            offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+            words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :],
+                            mask=k_ok[:, None] & (offs_w[None, :] < N // 8), other=0)  # each word once
+            j = tl.arange(0, 8)
+            shifts = ((j % 2) * 4 + j // 2) * 4
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_K, BLOCK_N))
+            z_word = offs_n // 8
+            z_shift = (((offs_n % 8) % 2) * 4 + (offs_n % 8) // 2) * 4
+        if TILE_IN_GROUP:  # the whole K tile lies in one group: one row of scales and zeros per tile
+            g = k0 // GROUP
+            s = tl.load(scales_ptr + g * N + offs_n, mask=n_ok, other=0.0)[None, :]  # [1, BN]
+            zw = tl.load(qz_ptr + g * (N * BITS // 32) + z_word, mask=n_ok, other=0)[None, :]
+        else:  # act-order g_idx, or groups smaller than the tile: a group per input row
+            if ACT_ORDER:
+                g = tl.load(gidx_ptr + offs_k, mask=k_ok, other=0)
+            else:
+                g = offs_k // GROUP
+            s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            zw = tl.load(qz_ptr + g[:, None] * (N * BITS // 32) + z_word[None, :],
+                         mask=k_ok[:, None] & n_ok[None, :], other=0)
+        z = (zw >> z_shift[None, :]) & MASK
+        if LAYOUT == 0:
+            z = (z + 1) & MASK
+        return (q - z).to(tl.float32) * s.to(tl.float32)
+
+    @triton.jit
     def _dequant_matmul_kernel(
-        x_ptr, qw_ptr, scales_ptr, qz_ptr, gidx_ptr, out_ptr,
-        M, N, K, G,
+        x_ptr, qw_ptr, scales_ptr, qz_ptr, gidx_ptr, bias_ptr, out_ptr,
+        M, N, K,
         stride_xm, stride_om,
         BITS: tl.constexpr, GROUP: tl.constexpr, LAYOUT: tl.constexpr, ACT_ORDER: tl.constexpr,
+        TILE_IN_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        PER_WORD: tl.constexpr = 32 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        k_per_split = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
         k_start = pid_k * k_per_split
         for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)  # [BM, BK]
-            n_ok = offs_n < N
-            j = offs_n % 8
-            if LAYOUT == 0:  # GPTQ: qweight [K/PER_WORD, N], code k at bits (k % PER_WORD) * BITS
-                words = tl.load(qw_ptr + (offs_k[:, None] // PER_WORD) * N + offs_n[None, :],
-                                mask=k_ok[:, None] & n_ok[None, :], other=0)
-                q = (words >> ((offs_k[:, None] % PER_WORD) * BITS)) & MASK
-            else:  # AWQ: qweight [K, N/8], column j of a word at nibble (j % 2) * 4 + j // 2
-                words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + (offs_n[None, :] // 8),
-                                mask=k_ok[:, None] & n_ok[None, :], other=0)
-                q = (words >> ((((j % 2) * 4) + (j // 2)) * 4)[None, :]) & MASK
-            if ACT_ORDER:
-                g = tl.load(gidx_ptr + offs_k, mask=k_ok, other=0)  # [BK] group of each input row
-            else:
-                g = offs_k // GROUP
-            s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if LAYOUT == 0:  # zeros [G, N/PER_WORD] packed along N, stored minus one
-                zw = tl.load(qz_ptr + g[:, None] * (N // PER_WORD) + offs_n[None, :] // PER_WORD,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0)
-                z = ((zw >> ((offs_n[None, :] % PER_WORD) * BITS)) & MASK) + 1
-                z = z & MASK
-            else:
-                zw = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0)
-                z = (zw >> ((((j % 2) * 4) + (j // 2)) * 4)[None, :]) & MASK
-            w = (q - z).to(tl.float32) * s.to(tl.float32)  # [BK, BN]
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
+            w = _dequant_tile(qw_ptr, scales_ptr, qz_ptr, gidx_ptr, k0, pid_n, N, K, BITS, GROUP, LAYOUT, ACT_ORDER,
+                              TILE_IN_GROUP, BLOCK_N, BLOCK_K)  # [BK, BN]
             if UPCAST:
                 acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(x, w.to(x.dtype))
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if SPLIT_K == 1:
+                acc += bias[None, :]
+            else:
+                acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # added once, by the first K slice
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        o_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        o_mask = (offs_m[:, None] < M) & n_ok[None, :]
         if SPLIT_K == 1:
-            tl.store(out, acc, mask=o_mask)
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_mask)  # straight into the caller's dtype
         else:
-            tl.atomic_add(out, acc, mask=o_mask)
+            tl.atomic_add(out, acc, mask=o_mask)  # fp32 partial sums
 
 
-def launch_config(m: int, n: int, k: int) -> dict:
+if triton is not None:
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, scales_ptr, qz_ptr, gidx_ptr, out_ptr, N, K,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, LAYOUT: tl.constexpr, ACT_ORDER: tl.constexpr,
+                        TILE_IN_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W^T [K, N] in the output's dtype: the first half of dequantize-then-matmul, the baseline the fused kernel
+        must beat (what GPTQModel's Triton path does before calling matmul)."""
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        w = _dequant_tile(qw_ptr, scales_ptr, qz_ptr, gidx_ptr, pid_k * BLOCK_K, pid_n, N, K, BITS, GROUP, LAYOUT,
+                          ACT_ORDER, TILE_IN_GROUP, BLOCK_N, BLOCK_K)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+
+
+def launch_config(m: int, n: int, k: int, group: int | None = None, act_order: bool = False) -> dict:
     """The default tiles by M: split-K GEMV-style tiles for decode, plain tiles for prefill (what the interpreter
     runs, and the first candidate of the autotuning on a GPU)."""
-    return autotune_configs(m, n, k)[0]
+    return autotune_configs(m, n, k, group, act_order)[0]
 
 
-def autotune_configs(m: int, n: int, k: int) -> list[dict]:
+def autotune_configs(m: int, n: int, k: int, group: int | None = None, act_order: bool = False) -> list[dict]:
     """Candidate launch configurations for a problem of M rows, produced by rule rather than listed by hand:
     decode (M <= 16) tries more split-K and narrower N tiles, so that enough programs stream the weight; prefill
-    tries larger tiles without split-K."""
+    tries larger tiles without split-K. With a quantization ``group`` smaller than a K tile, the tile shrinks to the
+    group, so each tile reads one row of scales and zeros (``TILE_IN_GROUP``) instead of one per input row. With
+    act-order every input row has its own group index (a [BLOCK_K, BLOCK_N] tile of scales and zeros), so its K
+    tiles are halved: at full size they spill registers on sm_80 and sm_90 (kernels/compile_report.py, which
+    compiles every candidate for both without a GPU)."""
+    k_tiles = (64, 32) if act_order else (128, 64)
     if m <= 16:
         splits = sorted({max(1, min(s, k // 256)) for s in (1, 2, 4, 8, 16)}, key=lambda s: -s)
-        base = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4)
-                for sk in splits for bn in (64, 32, 128) for bk in (128, 64)]
-        first = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=max(1, min(8, k // 512)), num_warps=4)
+        base = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
+                for sk in splits for bn in (64, 32, 128) for bk in k_tiles for st in (3, 4)]
+        first = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=k_tiles[0], SPLIT_K=max(1, min(8, k // 512)), num_warps=4,
+                     num_stages=3)
     elif m <= 64:
-        base = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=sk, num_warps=4)
+        base = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k_tiles[1], SPLIT_K=sk, num_warps=4, num_stages=3)
                 for bm in (32, 64) for bn in (64, 128) for sk in (1, 2, 4) if sk == 1 or k >= 1024 * sk]
-        first = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=max(1, min(4, k // 1024)), num_warps=4)
+        first = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=k_tiles[1], SPLIT_K=max(1, min(4, k // 1024)), num_warps=4,
+                     num_stages=3)
     else:
-        base = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w)
-                for bm, bn, bk, w in ((64, 128, 64, 8), (128, 128, 32, 8), (64, 64, 64, 4), (128, 64, 64, 4))]
+        base = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w, num_stages=3)
+                for bm, bn, bk, w in ((64, 128, 64, 8), (128, 128, 32, 8), (64, 64, 64, 4), (128, 64, 64, 8))]
         first = base[0]
-    return [first] + [c for c in base if c != first]
+    configs = [first] + [c for c in base if c != first]
+    if group is not None and group < k and not act_order:
+        configs = [dict(c, BLOCK_K=min(c["BLOCK_K"], group)) for c in configs]
+        configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
+    return configs
 
 
 _TUNED: dict[tuple, dict] = {}
@@ -170,10 +229,23 @@ def has_act_order(g_idx: torch.Tensor | None, spec: QuantSpec, k: int) -> bool:
     return g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // spec.effective_group(k))
 
 
+def kernel_constants(fmt: PackFormat, spec: QuantSpec, k: int, x_dtype: torch.dtype, act_order: bool, has_bias: bool,
+                     cfg: dict) -> dict:
+    """The kernel's compile-time constants for one problem and launch configuration."""
+    group = spec.effective_group(k)
+    return dict(BITS=spec.bits, GROUP=group, LAYOUT=0 if fmt is PackFormat.GPTQ else 1, ACT_ORDER=act_order,
+                TILE_IN_GROUP=not act_order and group % cfg["BLOCK_K"] == 0, HAS_BIAS=has_bias,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
+                UPCAST=INTERPRET or x_dtype == torch.float32)
+
+
 def dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec,
                    in_features: int, bias: torch.Tensor | None = None, config: dict | None = None,
                    act_order: bool | None = None) -> torch.Tensor:
-    """``x @ dequantize(W)^T (+ bias)`` without materialising W. x: [..., K] fp16/bf16/fp32 -> [..., N] in x's dtype."""
+    """``x @ dequantize(W)^T (+ bias)`` without materialising W. x: [..., K] fp16/bf16/fp32 -> [..., N] in x's dtype.
+
+    One kernel launch when K is not split (the output is written in x's dtype, bias added in the kernel); split-K
+    sums fp32 partials with atomics into a zeroed buffer, then casts (two more small launches)."""
     k = in_features
     n = tensors["scales"].shape[1]
     check_supported(fmt, spec, k, n)
@@ -185,27 +257,119 @@ def dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackF
     g_idx = tensors.get("g_idx")
     if act_order is None:  # callers that run it often (QuantLinear) pass it, saving a sync per call
         act_order = has_act_order(g_idx, spec, k)
+    qzeros = tensors["qzeros"]
 
     def launch(cfg: dict) -> torch.Tensor:
-        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)  # fp32: split-K accumulates with atomics
+        if cfg["SPLIT_K"] == 1:
+            out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        else:
+            out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _dequant_matmul_kernel[grid](
-            x2, tensors["qweight"], tensors["scales"], tensors["qzeros"], g_idx if act_order else tensors["qzeros"],
-            out, m, n, k, spec.groups(k), x2.stride(0), out.stride(0),
-            BITS=spec.bits, GROUP=spec.effective_group(k), LAYOUT=0 if fmt is PackFormat.GPTQ else 1,
-            ACT_ORDER=act_order, UPCAST=INTERPRET or x.dtype == torch.float32,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
-            num_warps=cfg.get("num_warps", 4),
+            x2, tensors["qweight"], tensors["scales"], qzeros, g_idx if act_order else qzeros,
+            bias if bias is not None else qzeros, out, m, n, k, x2.stride(0), out.stride(0),
+            **kernel_constants(fmt, spec, k, x.dtype, act_order, bias is not None, cfg),
+            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         )
         return out
 
     if config is None:
-        key = (_m_bucket(m), n, k, fmt, spec, x.dtype, act_order, str(x.device))
-        config = pick_config(key, autotune_configs(m, n, k), launch)
-    out = launch(config)
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*lead, n)
+        key = (_m_bucket(m), n, k, fmt, spec, x.dtype, act_order, bias is not None, str(x.device))
+        config = pick_config(key, autotune_configs(m, n, k, spec.effective_group(k), act_order), launch)
+    return launch(config).to(x.dtype).reshape(*lead, n)
+
+
+@torch.library.custom_op("qvlquant::dequant_matmul", mutates_args=())
+def dequant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                      g_idx: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, bits: int, group_size: int,
+                      sym: bool, in_features: int, act_order: bool) -> torch.Tensor:
+    """``dequant_matmul`` as a torch operator: torch.compile sees one opaque op (no graph break on the launch
+    logic and the autotuning cache) and CUDA graphs capture its kernels. QuantLinear calls this on CUDA."""
+    tensors = {"qweight": qweight, "scales": scales, "qzeros": qzeros}
+    if g_idx is not None:
+        tensors["g_idx"] = g_idx
+    return dequant_matmul(x, tensors, PackFormat(fmt), QuantSpec(bits, group_size, sym), in_features, bias,
+                          act_order=act_order)
+
+
+@dequant_matmul_op.register_fake
+def _(x, qweight, scales, qzeros, g_idx, bias, fmt, bits, group_size, sym, in_features, act_order):
+    return x.new_empty(*x.shape[:-1], scales.shape[1])
+
+
+def dequantize(tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec, in_features: int,
+               dtype: torch.dtype = torch.bfloat16, act_order: bool | None = None) -> torch.Tensor:
+    """The whole weight, transposed ([K, N], ``dtype``), written by a Triton kernel from the packed layout."""
+    k = in_features
+    n = tensors["scales"].shape[1]
+    check_supported(fmt, spec, k, n)
+    g_idx = tensors.get("g_idx")
+    if act_order is None:
+        act_order = has_act_order(g_idx, spec, k)
+    qzeros = tensors["qzeros"]
+    cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=min(64, spec.effective_group(k)) if not act_order else 64, SPLIT_K=1)
+    consts = kernel_constants(fmt, spec, k, dtype, act_order, False, cfg)
+    out = torch.empty(k, n, device=qzeros.device, dtype=dtype)
+    grid = (triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _dequant_kernel[grid](tensors["qweight"], tensors["scales"], qzeros, g_idx if act_order else qzeros, out, n, k,
+                          **{c: consts[c] for c in ("BITS", "GROUP", "LAYOUT", "ACT_ORDER", "TILE_IN_GROUP",
+                                                    "BLOCK_N", "BLOCK_K")})
+    return out
+
+
+def dequantize_then_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec,
+                           in_features: int, act_order: bool | None = None) -> torch.Tensor:
+    """The two-step baseline: the weight dequantized in full by a kernel, then a dense matmul (cuBLAS on a GPU)."""
+    return x @ dequantize(tensors, fmt, spec, in_features, x.dtype, act_order)
+
+
+LINEAR_SHAPES = {  # (in_features K, out_features N) of the decoder linears the benchmarks and compile report use
+    "qwen2-vl-2b": {"q/o_proj": (1536, 1536), "k/v_proj": (1536, 256), "gate/up_proj": (1536, 8960),
+                    "down_proj": (8960, 1536)},
+    "qwen2-vl-7b": {"q/o_proj": (3584, 3584), "k/v_proj": (3584, 512), "gate/up_proj": (3584, 18944),
+                    "down_proj": (18944, 3584)},
+}
+GPU_SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # max shared memory per block, bytes (CUDA docs)
+
+
+def compile_stats(arch: int, fmt: PackFormat, spec: QuantSpec, k: int, cfg: dict, x_dtype: torch.dtype = torch.bfloat16,
+                  act_order: bool = False, has_bias: bool = False) -> dict:
+    """Compile the kernel for an NVIDIA architecture (80: A100, 90: H100) with no GPU present, through Triton's
+    ahead-of-time path and its bundled ptxas, and report what decides whether a launch configuration can run and
+    stream well: shared memory, registers per thread, and bytes spilled to local memory."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    if INTERPRET:  # the interpreter patches triton.language in place, which can leak into the compiler
+        raise RuntimeError("compile_stats needs a process without TRITON_INTERPRET=1 "
+                           "(run kernels/compile_report.py, which the tests start in a subprocess)")
+    fn = _dequant_matmul_kernel
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[x_dtype]
+    consts = kernel_constants(fmt, spec, k, x_dtype, act_order, has_bias, cfg)
+    consts["UPCAST"] = x_dtype == torch.float32  # what a GPU runs, whatever this process interprets
+    signature = {"x_ptr": ptr, "qw_ptr": "*i32", "scales_ptr": "*fp16", "qz_ptr": "*i32", "gidx_ptr": "*i32",
+                 "bias_ptr": ptr, "out_ptr": ptr if cfg["SPLIT_K"] == 1 else "*fp32", "M": "i32", "N": "i32",
+                 "K": "i32", "stride_xm": "i32", "stride_om": "i32"} | {name: "constexpr" for name in consts}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3)))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = f"{tmp}/k.ptx"
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", ptx, "-o", f"{tmp}/k.cubin"],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    shared = compiled.metadata.shared
+    return dict(arch=arch, shared_bytes=shared, registers=regs, spill_store_bytes=int(spill.group(1)),
+                spill_load_bytes=int(spill.group(2)), fits=shared <= GPU_SHARED_LIMIT.get(arch, 101376))
 
 
 def reference_dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec,

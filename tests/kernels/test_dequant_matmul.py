@@ -110,3 +110,107 @@ def test_autotune_candidates_and_choice():
     key = ("test-key",)
     assert kernels.pick_config(key, [{"a": 1}, {"a": 2}], ran.append) == {"a": 1}  # interpreter/CPU: the first
     assert ran == [] and kernels.pick_config(key, [{"a": 3}], ran.append) == {"a": 1}  # cached per key
+
+
+def test_groups_smaller_than_the_tile_take_the_per_row_path():
+    """A K tile spanning several groups reads a group per input row (TILE_IN_GROUP off); the tuned tiles shrink to
+    the group instead. Both paths must agree with the reference."""
+    k, n, spec = 256, 64, QuantSpec(4, 32, False)
+    for fmt in (PackFormat.GPTQ, PackFormat.AWQ_GEMM):
+        tensors = packed(n, k, spec, fmt)
+        x = torch.randn(4, k).to(DEVICE, torch.float16)
+        ref = kernels.reference_dequant_matmul(x, tensors, fmt, spec, k).float()
+        wide = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1)
+        assert not kernels.kernel_constants(fmt, spec, k, x.dtype, False, False, wide)["TILE_IN_GROUP"]
+        tuned = kernels.launch_config(4, n, k, spec.effective_group(k))
+        assert tuned["BLOCK_K"] == 32 and kernels.kernel_constants(fmt, spec, k, x.dtype, False, False, tuned)["TILE_IN_GROUP"]
+        for cfg in (wide, tuned):
+            torch.testing.assert_close(kernels.dequant_matmul(x, tensors, fmt, spec, k, config=cfg).float(), ref,
+                                       rtol=2e-3, atol=2e-2)
+
+
+def test_candidate_configs_follow_the_group():
+    for m in (1, 16, 64, 2048):
+        assert all(c["BLOCK_K"] <= 64 for c in kernels.autotune_configs(m, 3584, 3584, 64))
+        assert kernels.autotune_configs(m, 3584, 3584, 3584) == kernels.autotune_configs(m, 3584, 3584)  # channelwise
+
+
+def test_default_configs_compile_for_a100_and_h100_without_spilling(tmp_path):
+    """Triton's ahead-of-time compiler (no GPU needed; run in a subprocess without the interpreter) builds the
+    default tiles of each M regime for sm_80 / sm_90 on the Qwen2-VL-7B shapes: they fit in shared memory and spill
+    no registers. (An earlier version of the kernel, which loaded every packed word eight times, spilled on sm_90.)"""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = pathlib.Path(__file__).parents[2] / "kernels" / "compile_report.py"
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(script), "--m", "1,64,2048", "--json", str(out)], env=env, check=True,
+                   capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["case"], r["m"], r["arch"]) for r in rows} == {
+        (c, m, a) for c in ("gptq-w4", "gptq-w4-act-order", "awq-w4", "gptq-w8") for m in (1, 64, 2048) for a in (80, 90)}
+    for r in rows:  # the default (first) candidate of each regime
+        assert r["configs"] == 1 and r["fit"] == 1 and r["default"]["shared_bytes"] > 0, r
+        assert r["no_spill"] == 1 and r["default"]["spill_load_bytes"] == 0, r
+
+
+def test_compile_stats_refuses_the_interpreter():
+    if not kernels.INTERPRET:
+        pytest.skip("only meaningful under TRITON_INTERPRET=1")
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET"):
+        kernels.compile_stats(90, PackFormat.GPTQ, QuantSpec(4, 128, True), 256, kernels.launch_config(1, 64, 256))
+
+
+@pytest.mark.parametrize("fmt,spec,act_order", CASES, ids=lambda c: getattr(c, "value", str(c)))
+def test_dequantize_kernel_writes_the_reference_weight(fmt, spec, act_order):
+    """The baseline's first half (the whole weight dequantized by a kernel) is exactly the torch dequantization."""
+    k, n = 256, 128
+    tensors = packed(n, k, spec, fmt, act_order)
+    ref = fmt.unpack({name: t.cpu() for name, t in tensors.items()}, spec, k).dequantize().T  # [K, N] fp32
+    out = kernels.dequantize(tensors, fmt, spec, k, torch.float32)
+    assert out.shape == (k, n)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+    x = torch.randn(3, k).to(DEVICE, torch.float16)
+    torch.testing.assert_close(kernels.dequantize_then_matmul(x, tensors, fmt, spec, k).float(),
+                               kernels.reference_dequant_matmul(x, tensors, fmt, spec, k).float(), rtol=2e-3, atol=2e-2)
+
+
+def test_benchmark_script_runs_every_path(tmp_path):
+    """kernels/bench_dequant_matmul.py --dry-run: every path of the GPU benchmark once, on CPU (timings meaningless)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "kernels" / "bench_dequant_matmul.py"
+    spec = importlib.util.spec_from_file_location("bench_dequant_matmul", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    rows = bench.main(["--dry-run", "--m", "1,33", "--json", str(out)])
+    assert len(rows) == 4 * 3 * 2 and {r["fmt"] for r in rows} == {"gptq-w4", "awq-w4", "gptq-w8"}
+    assert all(r["fused_us"] > 0 and r["bandwidth_fraction"] is None for r in rows)
+    assert json.loads(out.read_text())["meta"]["device"] == "cpu (dry run)"
+
+
+def test_operator_compiles_as_one_graph():
+    """QuantLinear calls the kernel through a torch operator, so torch.compile (and CUDA graphs on a GPU) sees one
+    opaque op: fullgraph=True fails on any graph break."""
+    k, n, spec = 256, 64, QuantSpec(4, 64, True)
+    tensors = packed(n, k, spec, PackFormat.GPTQ)
+    bias = torch.randn(n).to(DEVICE, torch.float16)
+
+    def f(x):
+        h = kernels.dequant_matmul_op(x, tensors["qweight"], tensors["scales"], tensors["qzeros"], tensors["g_idx"],
+                                      bias, "gptq", 4, 64, True, k, False)
+        return torch.nn.functional.silu(h)
+
+    x = torch.randn(2, 5, k).to(DEVICE, torch.float16)
+    expected = torch.nn.functional.silu(kernels.reference_dequant_matmul(x, tensors, PackFormat.GPTQ, spec, k, bias).float())
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert out.shape == (2, 5, n)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-2)
