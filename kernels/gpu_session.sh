@@ -4,7 +4,9 @@
 #   bash kernels/gpu_session.sh env                          # versions, GPU name
 #   bash kernels/gpu_session.sh test                         # kernel tests on the real GPU (compiled, not interpreted)
 #   bash kernels/gpu_session.sh kernels                      # bench_dequant_matmul: fused vs bf16 vs deq+mm
-#   bash kernels/gpu_session.sh bench SHAPE VARIANTS TOKENS  # qvlquant bench --compile, e.g. qwen2-vl-7b bf16,gptq-int4 512
+#   bash kernels/gpu_session.sh bench SHAPE VARIANTS TOKENS [LENGTHS] [compile|eager]
+#        e.g. bench qwen2-vl-7b bf16,gptq-int4 512 1,6144 compile   (speed: static cache + CUDA graphs)
+#             bench qwen2-vl-7b bf16,gptq-int4,awq,gptq-int8 64 1 eager   (as published: dynamic cache, no graphs)
 #
 # Results go to $OUT (the device tool's folder that comes back) or out/gpu: JSON, logs, PNG. Commit them under
 # kernels/results/ and eval/results/ with the GPU named, and put the tables in the README.
@@ -29,7 +31,9 @@ case "${1:-env}" in
 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
     ;;
   test)
-    python3 -m pytest -q tests/kernels tests/quant/test_formats.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
+    # the compile report test needs Triton >= 3.8's AOT helpers; it says nothing a GPU run does not
+    python3 -m pytest -q tests/kernels tests/quant/test_formats.py "tests/test_bench.py::test_fused_kernel_path_under_torch_compile_matches_eager" \
+      -k "not compile_for" -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
     ;;
   kernels)
     python3 kernels/bench_dequant_matmul.py --json "$OUT/kernels_$gpu.json" 2>&1 | tee "$OUT/kernels_$gpu.log"
@@ -38,12 +42,15 @@ case "${1:-env}" in
     shape=${2:-qwen2-vl-7b}
     variants=${3:-bf16,gptq-int4}
     tokens=${4:-512}
-    name="bench_${shape}_${variants//,/_}_$gpu"
-    python3 -m qvlquant.cli bench --shape "$shape" --variants "$variants" --new-tokens "$tokens" --compile \
-      --json "$OUT/$name.json" --plot "$OUT/$name.png" 2>&1 | tee "$OUT/$name.log"
+    lengths=${5:-1,6144}
+    mode=${6:-compile}
+    flag=$([ "$mode" = compile ] && echo --compile || true)  # eager: dynamic KV cache, as published
+    name="bench_${shape}_${variants//,/_}_${lengths//,/_}_${mode}_$gpu"
+    python3 -m qvlquant.cli bench --shape "$shape" --variants "$variants" --new-tokens "$tokens" \
+      --input-lengths "$lengths" $flag --json "$OUT/$name.json" --plot "$OUT/$name.png" 2>&1 | tee "$OUT/$name.log"
     ;;
   *)
-    echo "unknown step ${1}: env | test | kernels | bench SHAPE VARIANTS TOKENS" >&2
+    echo "unknown step ${1}: env | test | kernels | bench SHAPE VARIANTS TOKENS [LENGTHS] [compile|eager]" >&2
     exit 2
     ;;
 esac

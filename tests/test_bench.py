@@ -101,3 +101,24 @@ def test_compiled_decode_with_static_cache_runs():
     """torch.compile + static KV cache (CUDA graphs on a GPU) on the CPU protocol: compiles once, then decodes."""
     rows = run(BenchConfig(variants=("gptq-int4",), input_lengths=(4,), new_tokens=4, compile=True))
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["variant"] == "gptq-int4"
+
+
+@pytest.mark.slow
+def test_fused_kernel_path_under_torch_compile_matches_eager(monkeypatch):
+    """What `bench --compile` runs on a GPU, here in Triton's interpreter: every decoder linear through the
+    qvlquant::dequant_matmul operator, the forward compiled ("reduce-overhead") with a static KV cache. Same logits
+    as the eager fused path, image in the prefill."""
+    from qvlquant.bench import prefill_inputs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(QuantLinear, "forward", QuantLinear._fused)  # the CUDA path, on CPU tensors if need be
+    model = build_model("demo", device, torch.float32)
+    quantize_random(model, *VARIANTS["gptq-int4"])
+    kw = dict(prefill_inputs(model, 20, device), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+              eos_token_id=None, cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    eager = model.generate(**kw)
+    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    compiled = model.generate(**kw)
+    assert torch.equal(eager.sequences, compiled.sequences)
+    for a, b in zip(eager.logits, compiled.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -105,7 +105,9 @@ if triton is not None:
                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
             w = _dequant_tile(qw_ptr, scales_ptr, qz_ptr, gidx_ptr, k0, pid_n, N, K, BITS, GROUP, LAYOUT, ACT_ORDER,
                               TILE_IN_GROUP, BLOCK_N, BLOCK_K)  # [BK, BN]
-            if UPCAST:
+            if BLOCK_M == 1:  # GEMV (decode at batch 1): multiply and reduce over K in registers, no tensor cores
+                acc += tl.sum(tl.trans(x).to(tl.float32) * w, axis=0)[None, :]
+            elif UPCAST:
                 acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(x, w.to(x.dtype))
@@ -149,8 +151,9 @@ def launch_config(m: int, n: int, k: int, group: int | None = None, act_order: b
 
 def autotune_configs(m: int, n: int, k: int, group: int | None = None, act_order: bool = False) -> list[dict]:
     """Candidate launch configurations for a problem of M rows, produced by rule rather than listed by hand:
-    decode (M <= 16) tries more split-K and narrower N tiles, so that enough programs stream the weight; prefill
-    tries larger tiles without split-K. With a quantization ``group`` smaller than a K tile, the tile shrinks to the
+    decode (M <= 16) tries more split-K and narrower N tiles, so that enough programs stream the weight (at M = 1
+    also BLOCK_M = 1 tiles, the GEMV variant that reduces in registers instead of padding M to 16 for tl.dot);
+    prefill tries larger tiles without split-K. With a quantization ``group`` smaller than a K tile, the tile shrinks to the
     group, so each tile reads one row of scales and zeros (``TILE_IN_GROUP``) instead of one per input row. With
     act-order every input row has its own group index (a [BLOCK_K, BLOCK_N] tile of scales and zeros), so its K
     tiles are halved: at full size they spill registers on sm_80 and sm_90 (kernels/compile_report.py, which
@@ -162,6 +165,10 @@ def autotune_configs(m: int, n: int, k: int, group: int | None = None, act_order
                 for sk in splits for bn in (64, 32, 128) for bk in k_tiles for st in (3, 4)]
         first = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=k_tiles[0], SPLIT_K=max(1, min(8, k // 512)), num_warps=4,
                      num_stages=3)
+        if m == 1:  # a single row: also the GEMV variant, which skips the tensor cores' operand shuffle
+            base += [dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=3)
+                     for sk in splits for bn in (64, 32, 128) for bk in k_tiles
+                     if bn * bk <= 8192]  # 64 weights per thread at 4 warps: larger tiles spill (compile report)
     elif m <= 64:
         base = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k_tiles[1], SPLIT_K=sk, num_warps=4, num_stages=3)
                 for bm in (32, 64) for bn in (64, 128) for sk in (1, 2, 4) if sk == 1 or k >= 1024 * sk]

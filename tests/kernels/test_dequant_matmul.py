@@ -104,7 +104,8 @@ def test_autotune_candidates_and_choice():
         cands = kernels.autotune_configs(m, 4096, k)
         assert cands[0] == kernels.launch_config(m, 4096, k) and len(cands) > 1
         assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)  # no duplicates
-        assert all(c["BLOCK_M"] >= 16 and (c["SPLIT_K"] == 1 or m <= 64) for c in cands)
+        assert all((c["BLOCK_M"] >= 16 or m == 1) and (c["SPLIT_K"] == 1 or m <= 64) for c in cands)
+        assert all(c["BLOCK_N"] * c["BLOCK_K"] <= 8192 for c in cands if c["BLOCK_M"] == 1)  # GEMV tiles stay small
     assert {c["SPLIT_K"] for c in kernels.autotune_configs(1, 4096, 4096)} >= {1, 8, 16}
     ran = []
     key = ("test-key",)
@@ -214,3 +215,19 @@ def test_operator_compiles_as_one_graph():
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert out.shape == (2, 5, n)
     torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("fmt,spec,act_order", CASES, ids=lambda c: getattr(c, "value", str(c)))
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv_variant_matches_reference(fmt, spec, act_order, split_k):
+    """BLOCK_M = 1 (one of the M = 1 autotune candidates): reduction in registers instead of tl.dot."""
+    k, n = 256, 128
+    tensors = packed(n, k, spec, fmt, act_order)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.float16)
+    bias = torch.randn(n).to(DEVICE, torch.float16)
+    cfg = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k)
+    assert any(c["BLOCK_M"] == 1 for c in kernels.autotune_configs(1, n, k))
+    assert not any(c["BLOCK_M"] == 1 for c in kernels.autotune_configs(2, n, k))
+    torch.testing.assert_close(kernels.dequant_matmul(x, tensors, fmt, spec, k, bias, config=cfg).float(),
+                               kernels.reference_dequant_matmul(x, tensors, fmt, spec, k, bias).float(),
+                               rtol=2e-3, atol=2e-2)
