@@ -99,7 +99,8 @@ def quantize_random(model, fmt: PackFormat, spec: QuantSpec) -> None:
                     new = QuantLinear(old.in_features, old.out_features, spec, fmt, old.bias is not None, old.weight.dtype)
                 setattr(layer.get_submodule(parent), leaf, new)
                 continue
-            q, scale, zero = rtn_quantize(old.weight.data.float().cpu(), spec)  # packing runs on the CPU
+            # rounding on the model's device (a GPU does 7B in seconds), packing on the CPU
+            q, scale, zero = (t.cpu() for t in rtn_quantize(old.weight.data.float(), spec))
             w = QuantizedWeight(q, scale, zero, default_g_idx(old.in_features, spec), spec)
             new = QuantLinear.from_weight(w, fmt, old.bias.data if old.bias is not None else None)
             setattr(layer.get_submodule(parent), leaf, new.to(old.weight.device))

@@ -88,20 +88,50 @@ class PackFormat(str, enum.Enum):
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes [L, M] along dim 0 as a little-endian bit stream. -> [L*bits/32, M] int32."""
+    """Pack unsigned codes [L, M] along dim 0 as a little-endian bit stream. -> [L*bits/32, M] int32.
+
+    Widths that divide 32 (2, 4, 8) fill each word with 32/bits whole codes, shifted in place one position at a time
+    (no temporaries larger than the output); 3 bits, whose codes straddle words, goes through an explicit stream."""
     length, m = codes.shape
     if (length * bits) % 32:
         raise ValueError(f"cannot pack {length} {bits}-bit values into whole 32-bit words")
-    c = codes.to(torch.int64) & (2**bits - 1)
-    bit = torch.arange(bits, dtype=torch.int64)
-    stream = ((c.unsqueeze(1) >> bit.view(1, bits, 1)) & 1).reshape(length * bits, m)  # [L*b, M], LSB first
-    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).view(1, 32, 1)
-    words = (stream.view(-1, 32, m) * weights).sum(1)  # [words, M], values in [0, 2**32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    if 32 % bits:
+        return _pack_bits_stream(codes, bits)
+    per = 32 // bits
+    c = codes.to(torch.int64).view(length // per, per, m)
+    words = torch.zeros(length // per, m, dtype=torch.int64)
+    for j in range(per):
+        words |= (c[:, j] & (2**bits - 1)) << (bits * j)
+    return _as_int32(words)
 
 
 def unpack_bits(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: [W, M] int32 -> [length, M] int32."""
+    if 32 % bits:
+        return _unpack_bits_stream(words, bits, length)
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(w.shape[0], per, w.shape[1], dtype=torch.int32)
+    for j in range(per):
+        out[:, j] = (w >> (bits * j)) & (2**bits - 1)
+    return out.view(-1, w.shape[1])[:length]
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> the int32 with the same 32 bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_bits_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    length, m = codes.shape
+    c = codes.to(torch.int64) & (2**bits - 1)
+    bit = torch.arange(bits, dtype=torch.int64)
+    stream = ((c.unsqueeze(1) >> bit.view(1, bits, 1)) & 1).reshape(length * bits, m)  # [L*b, M], LSB first
+    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).view(1, 32, 1)
+    return _as_int32((stream.view(-1, 32, m) * weights).sum(1))  # [words, M]
+
+
+def _unpack_bits_stream(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     w = words.to(torch.int64) & 0xFFFFFFFF
     m = w.shape[1]
     stream = ((w.unsqueeze(1) >> torch.arange(32).view(1, 32, 1)) & 1).reshape(-1, m)  # [W*32, M]
@@ -135,8 +165,7 @@ def _awq_interleave(x: torch.Tensor) -> torch.Tensor:
     if n % 8:
         raise ValueError(f"AWQ GEMM packing needs out_features divisible by 8, got {n}")
     cols = x.to(torch.int64).view(r, n // 8, 8)[:, :, list(AWQ_PACK_ORDER)]  # [R, N/8, 8]
-    words = (cols << (4 * torch.arange(8))).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return _as_int32((cols << (4 * torch.arange(8))).sum(-1))
 
 
 def _awq_deinterleave(words: torch.Tensor) -> torch.Tensor:

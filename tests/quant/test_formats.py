@@ -22,6 +22,19 @@ def test_pack_bits_round_trip(bits):
     assert torch.equal(unpack_bits(words, bits, 64), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_whole_code_packing_equals_the_bit_stream(bits):
+    """The fast path (whole codes per word) writes the same words as the explicit bit stream 3-bit packing uses,
+    high codes (sign bit of the int32) included."""
+    from qvlquant.quant.formats import _pack_bits_stream, _unpack_bits_stream
+
+    codes = torch.randint(0, 2**bits, (256, 7), dtype=torch.int32)
+    codes[-1] = 2**bits - 1  # the top code of the last word sets bit 31
+    words = pack_bits(codes, bits)
+    assert torch.equal(words, _pack_bits_stream(codes, bits)) and (words < 0).any()
+    assert torch.equal(unpack_bits(words, bits, 256), _unpack_bits_stream(words, bits, 256))
+
+
 def test_pack_bits_layout_matches_autogptq():
     # 4-bit: value j of a column sits at bits 4j..4j+3 of word j // 8
     codes = torch.arange(8, dtype=torch.int32).view(8, 1)
