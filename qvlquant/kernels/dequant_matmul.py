@@ -200,17 +200,23 @@ def pick_config(key: tuple, candidates: list[dict], launch) -> dict:
     if INTERPRET or len(candidates) == 1 or not torch.cuda.is_available():
         _TUNED[key] = candidates[0]
         return candidates[0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def mean_ms(cfg: dict, reps: int) -> float:
+        start.record()
+        for _ in range(reps):
+            launch(cfg)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:
         try:
             launch(cfg)  # compile and warm up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                launch(cfg)
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / 5
+            estimate = mean_ms(cfg, 3)
+            # decode kernels take microseconds: repeat them for about 1 ms so that the events resolve them
+            ms = mean_ms(cfg, max(5, min(200, int(1.0 / max(estimate, 1e-3)))))
         except Exception:  # a candidate that does not compile for this device (too much shared memory) is skipped
             continue
         if ms < best_ms:
