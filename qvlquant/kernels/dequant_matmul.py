@@ -13,7 +13,8 @@ across programs so that enough programs stream the weight (the GEMV regime, boun
 uses plain tiles. Without split-K the result is written once, in the input's dtype, bias included.
 
 Under ``TRITON_INTERPRET=1`` (CPU, CI) tiles are upcast to fp32 before ``tl.dot``: the interpreter's bf16 dot is
-wrong (numpy has no bf16), and only fp32 atomics are used for split-K in any case.
+wrong (numpy has no bf16). Split-K uses no atomics: each K slice stores fp32 partials, a second small kernel sums
+them in a fixed order, so results repeat bit for bit.
 """
 
 from __future__ import annotations
@@ -111,18 +112,29 @@ if triton is not None:
                 acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(x, w.to(x.dtype))
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            if SPLIT_K == 1:
-                acc += bias[None, :]
-            else:
-                acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # added once, by the first K slice
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         o_mask = (offs_m[:, None] < M) & n_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_mask)  # straight into the caller's dtype
-        else:
-            tl.atomic_add(out, acc, mask=o_mask)  # fp32 partial sums
+        if SPLIT_K == 1:  # straight into the caller's dtype, bias included
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:  # this K slice's fp32 partial sums, plane pid_k of [SPLIT_K, M, N]; _split_k_sum adds them up
+            out = out_ptr + pid_k * M * stride_om + offs_m[:, None] * stride_om + offs_n[None, :]
+            tl.store(out, acc, mask=o_mask)
+
+    @triton.jit
+    def _split_k_sum(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """out = sum of the SPLIT_K partial planes (+ bias), in out's dtype: a fixed order, so results repeat
+        bit for bit (atomics would not), and no zero-filled buffer or separate cast."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 if triton is not None:
@@ -258,7 +270,7 @@ def dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackF
     """``x @ dequantize(W)^T (+ bias)`` without materialising W. x: [..., K] fp16/bf16/fp32 -> [..., N] in x's dtype.
 
     One kernel launch when K is not split (the output is written in x's dtype, bias added in the kernel); split-K
-    sums fp32 partials with atomics into a zeroed buffer, then casts (two more small launches)."""
+    stores fp32 partials per K slice and a second launch sums them (+ bias) into x's dtype."""
     k = in_features
     n = tensors["scales"].shape[1]
     check_supported(fmt, spec, k, n)
@@ -273,23 +285,25 @@ def dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackF
     qzeros = tensors["qzeros"]
 
     def launch(cfg: dict) -> torch.Tensor:
-        if cfg["SPLIT_K"] == 1:
-            out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        else:
-            out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        split = cfg["SPLIT_K"]
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
         _dequant_matmul_kernel[grid](
             x2, tensors["qweight"], tensors["scales"], qzeros, g_idx if act_order else qzeros,
-            bias if bias is not None else qzeros, out, m, n, k, x2.stride(0), out.stride(0),
+            bias if bias is not None else qzeros, part, m, n, k, x2.stride(0), n,
             **kernel_constants(fmt, spec, k, x.dtype, act_order, bias is not None, cfg),
             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         )
+        if split > 1:
+            _split_k_sum[(triton.cdiv(m * n, 1024),)](part, bias if bias is not None else part, out, m * n, n,
+                                                      SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
         return out
 
     if config is None:
         key = (_m_bucket(m), n, k, fmt, spec, x.dtype, act_order, bias is not None, str(x.device))
         config = pick_config(key, autotune_configs(m, n, k, spec.effective_group(k), act_order), launch)
-    return launch(config).to(x.dtype).reshape(*lead, n)
+    return launch(config).reshape(*lead, n)
 
 
 @torch.library.custom_op("qvlquant::dequant_matmul", mutates_args=())

@@ -49,7 +49,7 @@ def test_kernel_matches_reference(m, fmt, spec, act_order):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dtypes_and_split_k(dtype):
-    k, n = 1024, 64  # k // 512 = 2: decode splits K across programs and sums with fp32 atomics
+    k, n = 1024, 64  # k // 512 = 2: decode splits K across programs, a second kernel sums the fp32 partials
     spec = QuantSpec(4, 128, True)
     tensors = packed(n, k, spec, PackFormat.GPTQ)
     x = torch.randn(2, 3, k).to(DEVICE, dtype)  # leading dims are kept
