@@ -15,9 +15,9 @@ pixels) between <|vision_start|> and <|vision_end|>, the rest text; shorter inpu
 from __future__ import annotations
 
 import csv
-import math
 import dataclasses
 import importlib.resources
+import math
 import resource
 import time
 
@@ -153,7 +153,7 @@ def model_gb(model) -> float:
 
 def weights_table(shape: str, variants: tuple[str, ...]) -> list[dict]:
     """Bytes each variant's model holds (built on the meta device: nothing is allocated), beside the published peak
-    memory at input length 1, which no run can go below. Runs anywhere, in seconds."""
+    memory at input length 1 (weights plus activations and KV cache). The floor of any run's peak; runs anywhere."""
     refs = published(shape)
     rows = []
     for variant in variants:

@@ -1,8 +1,10 @@
 """Fused dequantize-and-multiply for W4A16 / W8A16, reading qvlquant's packed layouts directly (no dequantized copy).
 
-Reads top to bottom: the Triton kernel, its launch configurations, the wrapper (checks, allocation, dispatch by M),
-the ahead-of-time compile check, the torch reference it is tested against; the benchmark and the compile report
-are ``kernels/bench_dequant_matmul.py`` and ``kernels/compile_report.py``.
+Reads top to bottom: the Triton kernels (the fused one, the split-K sum, a dequantize-only one for the two-step
+baseline), their launch configurations, the wrapper (checks, allocation, dispatch by M), the torch operator
+QuantLinear calls, the two-step baseline, the ahead-of-time compile check, and the torch reference the kernels are
+tested against; the benchmark and the compile report are ``kernels/bench_dequant_matmul.py`` and
+``kernels/compile_report.py``.
 
 One kernel serves both layouts (``LAYOUT`` 0: GPTQ v1, codes packed along K in ``qweight`` [K*b/32, N], zeros-1
 packed along N, optional act-order ``g_idx``; 1: AWQ GEMM, codes packed along N in the interleaved order, zeros as
@@ -192,9 +194,13 @@ def autotune_configs(m: int, n: int, k: int, group: int | None = None, act_order
         first = base[0]
     configs = [first] + [c for c in base if c != first]
     if group is not None and group < k and not act_order:
-        configs = [dict(c, BLOCK_K=min(c["BLOCK_K"], group)) for c in configs]
+        configs = [dict(c, BLOCK_K=min(c["BLOCK_K"], _pow2_floor(group))) for c in configs]
         configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
     return configs
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (v.bit_length() - 1)  # tile sizes are powers of two (tl.arange)
 
 
 _TUNED: dict[tuple, dict] = {}
@@ -334,7 +340,8 @@ def dequantize(tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpe
     if act_order is None:
         act_order = has_act_order(g_idx, spec, k)
     qzeros = tensors["qzeros"]
-    cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=min(64, spec.effective_group(k)) if not act_order else 64, SPLIT_K=1)
+    cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64 if act_order else min(64, _pow2_floor(spec.effective_group(k))),
+               SPLIT_K=1)
     consts = kernel_constants(fmt, spec, k, dtype, act_order, False, cfg)
     out = torch.empty(k, n, device=qzeros.device, dtype=dtype)
     grid = (triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(n, cfg["BLOCK_N"]))

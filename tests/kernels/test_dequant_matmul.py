@@ -231,3 +231,17 @@ def test_gemv_variant_matches_reference(fmt, spec, act_order, split_k):
     torch.testing.assert_close(kernels.dequant_matmul(x, tensors, fmt, spec, k, bias, config=cfg).float(),
                                kernels.reference_dequant_matmul(x, tensors, fmt, spec, k, bias).float(),
                                rtol=2e-3, atol=2e-2)
+
+
+def test_group_size_that_is_no_power_of_two():
+    """A group of 48 rows: tiles stay powers of two (32) and read a group per row, results still exact."""
+    k, n, spec = 192, 64, QuantSpec(4, 48, True)
+    tensors = packed(n, k, spec, PackFormat.GPTQ)
+    x = torch.randn(3, k).to(DEVICE, torch.float16)
+    assert kernels.launch_config(3, n, k, 48)["BLOCK_K"] == 32
+    torch.testing.assert_close(kernels.dequant_matmul(x, tensors, PackFormat.GPTQ, spec, k).float(),
+                               kernels.reference_dequant_matmul(x, tensors, PackFormat.GPTQ, spec, k).float(),
+                               rtol=2e-3, atol=2e-2)
+    ref = PackFormat.GPTQ.unpack({name: t.cpu() for name, t in tensors.items()}, spec, k).dequantize().T
+    torch.testing.assert_close(kernels.dequantize(tensors, PackFormat.GPTQ, spec, k, torch.float32).cpu(), ref,
+                               rtol=0, atol=0)
