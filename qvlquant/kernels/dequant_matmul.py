@@ -138,9 +138,6 @@ if triton is not None:
             acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
-
-if triton is not None:
-
     @triton.jit
     def _dequant_kernel(qw_ptr, scales_ptr, qz_ptr, gidx_ptr, out_ptr, N, K,
                         BITS: tl.constexpr, GROUP: tl.constexpr, LAYOUT: tl.constexpr, ACT_ORDER: tl.constexpr,
@@ -260,6 +257,18 @@ def has_act_order(g_idx: torch.Tensor | None, spec: QuantSpec, k: int) -> bool:
     return g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // spec.effective_group(k))
 
 
+def _checked(tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec, k: int,
+             act_order: bool | None) -> tuple[int, torch.Tensor | None, bool]:
+    """-> (out_features, g_idx, act_order) after checking the layout is supported. Callers that run often
+    (QuantLinear) pass ``act_order``, saving the comparison (a device sync) per call."""
+    n = tensors["scales"].shape[1]
+    check_supported(fmt, spec, k, n)
+    g_idx = tensors.get("g_idx")
+    if act_order is None:
+        act_order = has_act_order(g_idx, spec, k)
+    return n, g_idx, act_order
+
+
 def kernel_constants(fmt: PackFormat, spec: QuantSpec, k: int, x_dtype: torch.dtype, act_order: bool, has_bias: bool,
                      cfg: dict) -> dict:
     """The kernel's compile-time constants for one problem and launch configuration."""
@@ -278,16 +287,12 @@ def dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackF
     One kernel launch when K is not split (the output is written in x's dtype, bias added in the kernel); split-K
     stores fp32 partials per K slice and a second launch sums them (+ bias) into x's dtype."""
     k = in_features
-    n = tensors["scales"].shape[1]
-    check_supported(fmt, spec, k, n)
+    n, g_idx, act_order = _checked(tensors, fmt, spec, k, act_order)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight {k}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
-    g_idx = tensors.get("g_idx")
-    if act_order is None:  # callers that run it often (QuantLinear) pass it, saving a sync per call
-        act_order = has_act_order(g_idx, spec, k)
     qzeros = tensors["qzeros"]
 
     def launch(cfg: dict) -> torch.Tensor:
@@ -334,11 +339,7 @@ def dequantize(tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpe
                dtype: torch.dtype = torch.bfloat16, act_order: bool | None = None) -> torch.Tensor:
     """The whole weight, transposed ([K, N], ``dtype``), written by a Triton kernel from the packed layout."""
     k = in_features
-    n = tensors["scales"].shape[1]
-    check_supported(fmt, spec, k, n)
-    g_idx = tensors.get("g_idx")
-    if act_order is None:
-        act_order = has_act_order(g_idx, spec, k)
+    n, g_idx, act_order = _checked(tensors, fmt, spec, k, act_order)
     qzeros = tensors["qzeros"]
     cfg = dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64 if act_order else min(64, _pow2_floor(spec.effective_group(k))),
                SPLIT_K=1)
@@ -385,7 +386,6 @@ def compile_stats(arch: int, fmt: PackFormat, spec: QuantSpec, k: int, cfg: dict
     fn = _dequant_matmul_kernel
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[x_dtype]
     consts = kernel_constants(fmt, spec, k, x_dtype, act_order, has_bias, cfg)
-    consts["UPCAST"] = x_dtype == torch.float32  # what a GPU runs, whatever this process interprets
     signature = {"x_ptr": ptr, "qw_ptr": "*i32", "scales_ptr": "*fp16", "qz_ptr": "*i32", "gidx_ptr": "*i32",
                  "bias_ptr": ptr, "out_ptr": ptr if cfg["SPLIT_K"] == 1 else "*fp32", "M": "i32", "N": "i32",
                  "K": "i32", "stride_xm": "i32", "stride_om": "i32"} | {name: "constexpr" for name in consts}
