@@ -8,7 +8,6 @@ leaves a partial model and never destroys the model that was there before.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import pathlib
@@ -19,9 +18,10 @@ from safetensors.torch import save_file
 
 from qvlquant import __version__
 from qvlquant.families import ModelFamily
+from qvlquant.manifest import MANIFEST, sha256, verify_manifest, write_manifest  # noqa: F401 (re-exported)
+from qvlquant.outputs import replace_dir
 from qvlquant.pipeline import QuantConfig, QuantResult
 
-MANIFEST = "qvlquant_manifest.json"
 REPORT = "quantize_report.json"
 
 
@@ -126,47 +126,6 @@ def _strip_truncation(folder: pathlib.Path) -> None:
         if data.get("truncation") is not None:
             data["truncation"] = None
             path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
-def sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(folder: pathlib.Path) -> None:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def verify_manifest(folder: pathlib.Path) -> None:
-    """Every file the manifest lists exists with its recorded hash; a checkpoint without manifest passes (not ours)."""
-    path = pathlib.Path(folder) / MANIFEST
-    if not path.exists():
-        return
-    for name, entry in json.loads(path.read_text())["files"].items():
-        f = pathlib.Path(folder) / name
-        if not f.exists():
-            raise FileNotFoundError(f"{folder}: {name} is listed in {MANIFEST} but missing")
-        if sha256(f) != entry["sha256"]:
-            raise ValueError(f"{folder}: {name} does not match its sha256 in {MANIFEST} (corrupted or edited)")
-
-
-def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is kept until the new one is in place."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export(model, processor, family: ModelFamily, result: QuantResult, qcfg: QuantConfig, out: str | os.PathLike,
