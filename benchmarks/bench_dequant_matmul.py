@@ -1,6 +1,6 @@
 """Fused W4A16 / W8A16 kernels vs torch bf16 matmul vs dequantize-then-matmul, on the linear shapes of Qwen2-VL.
 
-    python kernels/bench_dequant_matmul.py [--json kernels/results/GPU.json] [--m 1,16,64,256,2048] [--dry-run]
+    python benchmarks/bench_dequant_matmul.py [--json benchmarks/results/GPU.json] [--m 1,16,64,256,2048] [--dry-run]
 
 Needs a CUDA GPU. Prints, per shape and M: microseconds of each path (bf16: F.linear on the dense weight;
 deq+mm: a Triton kernel writes the whole dequantized weight, then a dense matmul; fused: this project's kernel),

@@ -1,6 +1,6 @@
 """BF16 vs RTN vs GPTQ vs AWQ on the embedded demo model, one table.
 
-    python eval/bench_methods.py [--limit N] [--num-samples N] [--json eval/results/methods_demo.json]
+    python benchmarks/bench_methods.py [--limit N] [--num-samples N] [--json benchmarks/results/methods_demo.json]
 
 For each method and setting (W8g128, W4g128, W4g32, W3g128, W2g64) the demo is quantized from the same calibration
 batches, in a child process of its own (so peak memory is that run's), and measured against BF16:
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--heldout-samples", type=int, default=32, help="held-out samples for layer errors")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma list of settings to run, e.g. W4g128,W3g128")
-    ap.add_argument("--json", default="eval/results/methods_demo.json")
+    ap.add_argument("--json", default="benchmarks/results/methods_demo.json")
     args = ap.parse_args()
     os.environ.setdefault("QVLQUANT_QUIET", "1")
     settings = [s for s in SETTINGS if args.only is None or s[0] in args.only.split(",")]

@@ -1,6 +1,6 @@
 """Compile the fused kernel's launch configurations for A100 (sm_80) and H100 (sm_90) on a machine with no GPU.
 
-    python kernels/compile_report.py [--arch 80,90] [--m 1,16,64,2048] [--shape qwen2-vl-7b] [--all] [--json F]
+    python benchmarks/compile_report.py [--arch 80,90] [--m 1,16,64,2048] [--shape qwen2-vl-7b] [--all] [--json F]
 
 Triton compiles ahead of time for a named architecture with its bundled ptxas, so shared memory, registers per
 thread and register spills of every candidate the autotuner would time are known before any GPU is at hand. This

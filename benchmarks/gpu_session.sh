@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU-only measurements, one step per call (a device call may run 10 minutes; the session has 30 in all).
 #
-#   bash kernels/gpu_session.sh env                          # versions, GPU name
-#   bash kernels/gpu_session.sh test                         # kernel tests on the real GPU (compiled, not interpreted)
-#   bash kernels/gpu_session.sh kernels                      # bench_dequant_matmul: fused vs bf16 vs deq+mm
-#   bash kernels/gpu_session.sh bench SHAPE VARIANTS TOKENS [LENGTHS] [compile|eager]
+#   bash benchmarks/gpu_session.sh env                       # versions, GPU name
+#   bash benchmarks/gpu_session.sh test                      # kernel tests on the real GPU (compiled, not interpreted)
+#   bash benchmarks/gpu_session.sh kernels                   # bench_dequant_matmul: fused vs bf16 vs deq+mm
+#   bash benchmarks/gpu_session.sh bench SHAPE VARIANTS TOKENS [LENGTHS] [compile|eager]
 #        e.g. bench qwen2-vl-7b bf16,gptq-int4 512 1,6144 compile   (speed: static cache + CUDA graphs)
 #             bench qwen2-vl-7b bf16,gptq-int4,awq,gptq-int8 64 1 eager   (as published: dynamic cache, no graphs)
 #
 # Results go to $OUT (the device tool's folder that comes back) or out/gpu: JSON, logs, PNG. Commit them under
-# kernels/results/ and eval/results/ with the GPU named, and put the tables in the README.
+# benchmarks/results/ with the GPU named, and put the tables in the README.
 #
 # The device image has torch, triton and an older transformers; qvlquant runs from this checkout (PYTHONPATH).
 # Carry a transformers wheel as the device README says (.whl/, pip download --no-deps transformers==5.23.0 ...);
@@ -36,7 +36,7 @@ case "${1:-env}" in
       -k "not compile_for" -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
     ;;
   kernels)
-    python3 kernels/bench_dequant_matmul.py --json "$OUT/kernels_$gpu.json" 2>&1 | tee "$OUT/kernels_$gpu.log"
+    python3 benchmarks/bench_dequant_matmul.py --json "$OUT/kernels_$gpu.json" 2>&1 | tee "$OUT/kernels_$gpu.log"
     ;;
   bench)
     shape=${2:-qwen2-vl-7b}

@@ -3,8 +3,8 @@
 Reads top to bottom: the Triton kernels (the fused one, the split-K sum, a dequantize-only one for the two-step
 baseline), their launch configurations, the wrapper (checks, allocation, dispatch by M), the torch operator
 QuantLinear calls, the two-step baseline, the ahead-of-time compile check, and the torch reference the kernels are
-tested against; the benchmark and the compile report are ``kernels/bench_dequant_matmul.py`` and
-``kernels/compile_report.py``.
+tested against; the benchmark and the compile report are ``benchmarks/bench_dequant_matmul.py`` and
+``benchmarks/compile_report.py``.
 
 One kernel serves both layouts (``LAYOUT`` 0: GPTQ v1, codes packed along K in ``qweight`` [K*b/32, N], zeros-1
 packed along N, optional act-order ``g_idx``; 1: AWQ GEMM, codes packed along N in the interleaved order, zeros as
@@ -167,7 +167,7 @@ def autotune_configs(m: int, n: int, k: int, group: int | None = None, act_order
     prefill tries larger tiles without split-K. With a quantization ``group`` smaller than a K tile, the tile shrinks to the
     group, so each tile reads one row of scales and zeros (``TILE_IN_GROUP``) instead of one per input row. With
     act-order every input row has its own group index (a [BLOCK_K, BLOCK_N] tile of scales and zeros), so its K
-    tiles are halved: at full size they spill registers on sm_80 and sm_90 (kernels/compile_report.py, which
+    tiles are halved: at full size they spill registers on sm_80 and sm_90 (benchmarks/compile_report.py, which
     compiles every candidate for both without a GPU)."""
     k_tiles = (64, 32) if act_order else (128, 64)
     if m <= 16:
@@ -382,7 +382,7 @@ def compile_stats(arch: int, fmt: PackFormat, spec: QuantSpec, k: int, cfg: dict
 
     if INTERPRET:  # the interpreter patches triton.language in place, which can leak into the compiler
         raise RuntimeError("compile_stats needs a process without TRITON_INTERPRET=1 "
-                           "(run kernels/compile_report.py, which the tests start in a subprocess)")
+                           "(run benchmarks/compile_report.py, which the tests start in a subprocess)")
     fn = _dequant_matmul_kernel
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[x_dtype]
     consts = kernel_constants(fmt, spec, k, x_dtype, act_order, has_bias, cfg)

@@ -147,7 +147,7 @@ def test_default_configs_compile_for_a100_and_h100_without_spilling(tmp_path):
     import sys
 
     pytest.importorskip("triton.backends.nvidia.compiler")
-    script = pathlib.Path(__file__).parents[2] / "kernels" / "compile_report.py"
+    script = pathlib.Path(__file__).parents[2] / "benchmarks" / "compile_report.py"
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, str(script), "--m", "1,64,2048", "--json", str(out)], env=env, check=True,
@@ -182,14 +182,14 @@ def test_dequantize_kernel_writes_the_reference_weight(fmt, spec, act_order):
 
 
 def test_benchmark_script_runs_every_path(tmp_path):
-    """kernels/bench_dequant_matmul.py --dry-run: every path of the GPU benchmark once, on CPU (timings meaningless)."""
+    """benchmarks/bench_dequant_matmul.py --dry-run: every path of the GPU benchmark once, on CPU (timings meaningless)."""
     if torch.cuda.is_available():
         pytest.skip("with a GPU the kernels are compiled, not interpreted: run the benchmark itself")
     import importlib.util
     import json
     import pathlib
 
-    path = pathlib.Path(__file__).parents[2] / "kernels" / "bench_dequant_matmul.py"
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "bench_dequant_matmul.py"
     spec = importlib.util.spec_from_file_location("bench_dequant_matmul", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
