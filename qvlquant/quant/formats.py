@@ -56,6 +56,12 @@ class QuantizedWeight:
         return w
 
 
+def is_contiguous_groups(g_idx: torch.Tensor, spec: QuantSpec, in_features: int) -> bool:
+    """Whether ``g_idx`` [K] is the default one (input column k in group k // group_size), i.e. no act-order
+    permutation: what the AWQ and compressed-tensors layouts can store and the fused kernel's fast path reads."""
+    return torch.equal(g_idx.long().cpu(), default_g_idx(in_features, spec).long())
+
+
 class PackFormat(str, enum.Enum):
     GPTQ = "gptq"
     AWQ_GEMM = "awq_gemm"
@@ -178,7 +184,7 @@ def _awq_deinterleave(words: torch.Tensor) -> torch.Tensor:
 def _check_awq(w: QuantizedWeight) -> None:
     if w.spec.bits != 4:
         raise ValueError(f"the AWQ GEMM format is 4-bit only, got {w.spec.bits} bits")
-    if not torch.equal(w.g_idx.long(), default_g_idx(w.q.shape[1], w.spec).long()):
+    if not is_contiguous_groups(w.g_idx, w.spec, w.q.shape[1]):
         raise ValueError("the AWQ GEMM format cannot store act-order (permuted g_idx); use the GPTQ format")
 
 
@@ -198,7 +204,7 @@ def _unpack_awq(t: dict[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
 
 
 def _pack_compressed(w: QuantizedWeight) -> dict[str, torch.Tensor]:
-    if not torch.equal(w.g_idx.long(), default_g_idx(w.q.shape[1], w.spec).long()):
+    if not is_contiguous_groups(w.g_idx, w.spec, w.q.shape[1]):
         raise ValueError("the compressed-tensors export here stores contiguous groups only; quantize without --desc-act")
     packed = {
         "weight_packed": pack_bits(w.q.t(), w.spec.bits).t().contiguous(),  # [N, K*b/32]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qvlquant.quant.formats import AWQ_PACK_ORDER, PackFormat, QuantizedWeight, pack_bits, unpack_bits
+from qvlquant.quant.formats import (AWQ_PACK_ORDER, PackFormat, QuantizedWeight, is_contiguous_groups, pack_bits,
+                                    unpack_bits)
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
 
 
@@ -99,6 +100,22 @@ def test_awq_refuses_what_it_cannot_store():
         PackFormat.AWQ_GEMM.pack(quantized(8, 128, QuantSpec(8, 128, False)))
     with pytest.raises(ValueError, match="act-order"):
         PackFormat.AWQ_GEMM.pack(quantized(8, 128, QuantSpec(4, 32, False), act_order=True))
+
+
+def test_contiguous_groups_are_told_from_act_order():
+    """One check decides whether g_idx is the default one: the AWQ and compressed-tensors packers and the kernel's
+    act-order switch all use it."""
+    spec = QuantSpec(4, 32, True)
+    assert is_contiguous_groups(default_g_idx(128, spec), spec, 128)
+    assert is_contiguous_groups(torch.arange(128) // 32, spec, 128)  # any integer dtype
+    assert is_contiguous_groups(torch.zeros(128, dtype=torch.int32), QuantSpec(4, -1, True), 128)  # per-channel
+    swapped = default_g_idx(128, spec)
+    swapped[[31, 32]] = swapped[[32, 31]]  # two columns trade groups: act-order, however slight
+    assert not is_contiguous_groups(swapped, spec, 128)
+    assert not is_contiguous_groups(default_g_idx(128, spec), QuantSpec(4, 64, True), 128)  # another group size
+    assert not is_contiguous_groups(default_g_idx(96, spec), spec, 128)  # another length
+    with pytest.raises(ValueError, match="contiguous groups only"):
+        PackFormat.COMPRESSED.pack(QuantizedWeight(*rtn_quantize(torch.randn(8, 128), spec), swapped, spec))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
