@@ -1,4 +1,4 @@
-"""Scoring rules of the benchmarks the seeds report, as pure functions of (prediction, reference).
+"""Scoring rules of the benchmarks the Qwen2-VL README and paper report, as pure functions of (prediction, reference).
 
 - DocVQA: ANLS with threshold 0.5 (Biten et al.), best over the reference answers.
 - TextVQA: VQA accuracy, min(#annotators who gave the answer / 3, 1) averaged over the 10 leave-one-out subsets, after
@@ -20,6 +20,12 @@ CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": 
                 "wont": "won't", "didnt": "didn't", "wasnt": "wasn't", "werent": "weren't", "im": "i'm",
                 "ive": "i've", "youre": "you're", "thats": "that's", "whats": "what's", "its": "it's"}
 _PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$]")
+
+# The benchmarks read from VLMEvalKit TSVs (eval/tasks.py) and the metric each reports.
+TASKS = {"docvqa": "ANLS", "textvqa": "VQA accuracy", "chartqa": "relaxed accuracy", "mmbench": "circular accuracy",
+         "mmmu": "accuracy", "mathvista": "accuracy (rule-based)"}
+# Every task qvlquant evaluates: the embedded easy-vqa (eval/easyvqa.py) and the TSV ones.
+EVAL_TASKS = ("easyvqa", *TASKS)
 
 
 def levenshtein(a: str, b: str) -> int:

@@ -133,31 +133,33 @@ def score(task: str, q: Question, prediction: str) -> float:
         precision = int(float(row["precision"])) if row.get("precision") not in (None, "", "nan") else None
         return float(metrics.mathvista_correct(prediction, row["answer"], row.get("answer_type", "text"), precision,
                                                q.options))
-    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(metrics.TASKS)}")
 
 
-TASKS = {"docvqa": "ANLS", "textvqa": "VQA accuracy", "chartqa": "relaxed accuracy", "mmbench": "circular accuracy",
-         "mmmu": "accuracy", "mathvista": "accuracy (rule-based)"}
+def circular_scores(qs: list[Question], predictions: list[str]) -> list[float]:
+    """MMBench CircularEval: 1.0 per question whose every rotation was answered right, else 0.0 (in row order)."""
+    by_row: dict[str, tuple[list, list]] = {}
+    for q, p in zip(qs, predictions):
+        picked, wanted = by_row.setdefault(q.row["index"], ([], []))
+        picked.append(metrics.extract_choice(p, q.options))
+        wanted.append(q.answer_letter)
+    return [float(metrics.circular_correct(picked, wanted)) for picked, wanted in by_row.values()]
 
 
 def run_task(task: str, rows: list[dict], answer: Callable[[list[Question]], list[str]], batch_size: int = 16) -> dict:
     """Ask every question (through ``answer``, a batch -> predictions function) and score the task."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task not in metrics.TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(metrics.TASKS)}")
+    if not rows:
+        raise ValueError(f"{task}: no questions to score (an empty data set?)")
     qs = questions(task, rows)
     preds: list[str] = []
     for start in progress(range(0, len(qs), batch_size), desc=task, unit="batch"):
         preds += answer(qs[start:start + batch_size])
     per_q = [score(task, q, p) for q, p in zip(qs, preds)]
-    if task == "mmbench":  # a question counts only if every rotation is right
-        by_row: dict[str, list[float]] = {}
-        for q, s in zip(qs, per_q):
-            by_row.setdefault(q.row["index"], []).append(s)
-        values = [float(all(v == 1.0 for v in vs)) for vs in by_row.values()]
-    else:
-        values = per_q
+    values = circular_scores(qs, preds) if task == "mmbench" else per_q  # MMBench: every rotation right
     return {
-        "task": task, "metric": TASKS[task], "accuracy": 100.0 * sum(values) / len(values), "n": len(values),
+        "task": task, "metric": metrics.TASKS[task], "accuracy": 100.0 * sum(values) / len(values), "n": len(values),
         "predictions": [{"index": q.index, "prediction": p, "score": s} for q, p, s in zip(qs, preds, per_q)],
     }
 
