@@ -384,16 +384,24 @@ def add_inspect(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from qvlquant.inspect import inspect_checkpoint, repair_config
+    from qvlquant.inspection import inspect_checkpoint, repair_config
 
     if args.repair:
         names = repair_config(args.model)
         print(f"repaired {args.model}: modules_to_not_convert = {names}")
     report = inspect_checkpoint(args.model)
+    verified = report["verification"]
+    failed = verified["status"] == "failed"
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return 1 if failed else 0
     print(f"{report['folder']}: {report['model_type']}, {report['quantization']}")
+    if failed:
+        print(f"  FAILED verification: {verified['error']}. What follows describes the files as they are now, not as "
+              "exported. Re-export the model (or restore the files).")
+    else:
+        print(f"  manifest: {verified['files']} files verified" if verified["status"] == "verified"
+              else "  manifest: none (not a qvlquant export; nothing to verify)")
     print(f"  {report['quantized_linears']} quantized linears, {report['unquantized_linears']} unquantized "
           f"({report['vision_linears']} in the vision tower)")
     exposed = report["vision_exposed_in_transformers"]
@@ -406,7 +414,9 @@ def run_inspect(args) -> int:
     for tp, problems in report["marlin"].items():
         status = "ok" if not problems else f"{len(problems)} problem(s), e.g. {problems[0]}"
         print(f"  vLLM Marlin at tensor-parallel {tp}: {status}")
-    return 0
+    if failed:
+        print(f"qvlquant inspect: error: {args.model} fails verification against its manifest", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

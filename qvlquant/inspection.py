@@ -1,7 +1,14 @@
-"""What a quantized checkpoint is, whether vLLM's Marlin kernels can run it, and whether transformers 5 keeps its
-vision tower in full precision; plus the repair for configs whose ``modules_to_not_convert`` does not protect it.
+"""What a quantized checkpoint is, whether it still matches its manifest, whether vLLM's Marlin kernels can run it,
+and whether transformers 5 keeps its vision tower in full precision; plus the repair for configs whose
+``modules_to_not_convert`` does not protect it.
 
-Reads only config.json and the safetensors headers (names, shapes, dtypes): no weights are loaded.
+Reads config.json and the safetensors headers (names, shapes, dtypes); no weights are loaded, though verifying a
+qvlquant export's manifest hashes every file. (Named ``inspection`` so that it does not shadow the stdlib ``inspect``.)
+
+``repair_config`` changes nothing but ``modules_to_not_convert`` in config.json (names are only added), written
+atomically. On a qvlquant export it first verifies the manifest (an edited or corrupted export is refused, so a repair
+never hides it) and afterwards re-hashes the one entry of config.json, so the repaired export still verifies and
+every other entry keeps its recorded hash. Folders without a manifest (the official releases) are repaired too.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import re
 from safetensors import safe_open
 
 from qvlquant.families import family_for
+from qvlquant.manifest import (MANIFEST, ManifestError, atomic_write_text, is_pickle, read_manifest, update_entry,
+                               verify_manifest)
 
 MARLIN_GROUPS = (-1, 32, 64, 128)
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along outputs under TP
@@ -32,6 +41,11 @@ def transformers_converts(runtime_name: str, patterns: list[str] | None) -> bool
 def read_header(folder: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) for every tensor of the checkpoint."""
     index = folder / "model.safetensors.index.json"
+    if not index.exists() and not (folder / "model.safetensors").exists():
+        pickles = sorted(p.name for p in folder.iterdir() if is_pickle(p.name)) if folder.is_dir() else []
+        found = f"it holds pickle weights {pickles}, which qvlquant never reads" if pickles else "it holds none"
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json ({found}); "
+                                "qvlquant reads safetensors checkpoints only")
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     out = {}
     for name in files:
@@ -61,8 +75,22 @@ def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int) -> li
     return problems
 
 
+def verification(folder: pathlib.Path) -> dict:
+    """{"status": "verified" | "failed" | "no manifest", "files": n listed, "error": why it failed or None}."""
+    if not (folder / MANIFEST).exists():
+        return {"status": "no manifest", "files": 0, "error": None}
+    try:
+        verify_manifest(folder)
+        return {"status": "verified", "files": len(read_manifest(folder)), "error": None}
+    except (ManifestError, OSError) as e:
+        return {"status": "failed", "files": 0, "error": str(e)}
+
+
 def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
+    """The report; ``verification`` says whether a qvlquant export still matches its manifest (the rest is read from
+    the files as they are, so it is only trustworthy when that is "verified" or the folder is not ours)."""
     folder = pathlib.Path(folder)
+    verified = verification(folder)
     config = json.loads((folder / "config.json").read_text())
     family = family_for(config.get("model_type", "?"))
     qc = config.get("quantization_config") or {}
@@ -81,6 +109,7 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
     exposed = [m for m in vision if transformers_converts(m, patterns)] if qc.get("quant_method") == "awq" else []
     return {
         "folder": str(folder),
+        "verification": verified,
         "model_type": config.get("model_type"),
         "quantization": {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "sym", "zero_point", "desc_act", "version") if k in qc},
         "quantized_linears": len(shapes),
@@ -92,10 +121,15 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
 
 
 def repair_config(folder: str | pathlib.Path) -> list[str]:
-    """Make ``modules_to_not_convert`` name every unquantized part in both layouts. -> the list written."""
-    from qvlquant.export import MANIFEST, write_manifest
-
+    """Make ``modules_to_not_convert`` name every unquantized part in both layouts (see the module docstring for what
+    is written). -> the list written."""
     folder = pathlib.Path(folder)
+    ours = (folder / MANIFEST).exists()
+    if ours:
+        try:
+            verify_manifest(folder)
+        except (ManifestError, OSError) as e:
+            raise ValueError(f"not repairing {folder}: the export fails verification ({e}); re-export it") from None
     path = folder / "config.json"
     config = json.loads(path.read_text())
     family = family_for(config.get("model_type", "?"))
@@ -103,10 +137,10 @@ def repair_config(folder: str | pathlib.Path) -> list[str]:
     if not qc:
         raise ValueError(f"{folder} is not quantized: nothing to repair")
     names = list(dict.fromkeys(list(qc.get("modules_to_not_convert") or []) + family.unquantized_disk_names()))
+    if names == qc.get("modules_to_not_convert"):
+        return names  # already right: nothing is rewritten
     qc["modules_to_not_convert"] = names
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    if (folder / MANIFEST).exists():
-        write_manifest(folder)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if ours and "config.json" in read_manifest(folder):
+        update_entry(folder, "config.json")
     return names

@@ -1,0 +1,193 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qvlquant.cli import main
+from qvlquant.inspection import inspect_checkpoint, marlin_problems, repair_config, transformers_converts
+from qvlquant.manifest import MANIFEST, sha256, verify_manifest, write_manifest
+
+
+@pytest.mark.parametrize("name", ["model.visual.blocks.0.attn.qkv", "model.language_model.layers.0.mlp.up_proj",
+                                  "lm_head", "visual.blocks.0.mlp.fc1", "model.visual.merger.mlp.0"])
+@pytest.mark.parametrize("patterns", [["visual"], ["visual", "model.visual"], ["lm_head"], ["re.*qkv"], [r"model\.visual\..*"], None])
+def test_matcher_agrees_with_transformers(name, patterns):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    assert transformers_converts(name, patterns) == should_convert_module(name, patterns)
+
+
+def test_bare_visual_does_not_protect_the_runtime_vision_tower():
+    assert transformers_converts("model.visual.blocks.0.attn.qkv", ["visual"])
+    assert not transformers_converts("model.visual.blocks.0.attn.qkv", ["visual", "model.visual"])
+
+
+def test_marlin_conditions():
+    shapes = {"l.0.self_attn.k_proj": (256, 128), "l.0.mlp.down_proj": (29568, 8192)}
+    assert marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, {}, 1) == []
+    assert "sym=true" in marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False}, {}, 1)[0]
+    assert "group_size 96" in marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 96, "sym": True}, {}, 1)[0]
+    problems = marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, shapes, 2)
+    assert any("down_proj" in p for p in problems) and not any("k_proj" in p for p in problems)  # 72B's 29568
+    padded = {"l.0.mlp.down_proj": (29696, 8192)}
+    assert marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, padded, 8) == []
+
+
+@pytest.fixture(scope="module")
+def awq_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect") / "awq"
+    assert main(["quantize", "--method", "awq", "--bits", "4", "--num-samples", "4", "--output", str(out)]) == 0
+    return out
+
+
+def official_style(src, dst):
+    """The same checkpoint with the config of the official Qwen2-VL-*-AWQ releases: modules_to_not_convert = ["visual"]."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = ["visual"]
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "qvlquant_manifest.json").unlink()
+    return dst
+
+
+@pytest.mark.slow
+def test_inspect_flags_and_repair_fixes_official_style_awq_config(awq_export, tmp_path, capsys):
+    report = inspect_checkpoint(awq_export)
+    assert report["quantized_linears"] == 28 and report["vision_linears"] == 10
+    assert report["vision_exposed_in_transformers"] == [] and report["marlin"][1] == []
+    bad = official_style(awq_export, tmp_path / "official")
+    assert len(inspect_checkpoint(bad)["vision_exposed_in_transformers"]) == 10
+    assert main(["inspect", str(bad)]) == 0
+    assert "WARNING: transformers 5 would replace 10 vision linears" in capsys.readouterr().out
+    names = repair_config(bad)
+    assert {"visual", "model.visual"} <= set(names)
+    assert inspect_checkpoint(bad)["vision_exposed_in_transformers"] == []
+
+
+@pytest.mark.slow
+def test_transformers_really_corrupts_then_repair_protects(awq_export, tmp_path):
+    """The INTEROP.md finding, checked against transformers itself (needs the interop extra)."""
+    pytest.importorskip("gptqmodel")
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    bad = official_style(awq_export, tmp_path / "official")
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(bad, device_map="cpu", dtype=torch.float32)
+    assert type(hf.model.visual.blocks[0].attn.qkv) is not torch.nn.Linear  # replaced: weights never loaded
+    repair_config(bad)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(bad, device_map="cpu", dtype=torch.float32)
+    assert type(hf.model.visual.blocks[0].attn.qkv) is torch.nn.Linear
+
+
+def tiny_export(folder, modules_to_not_convert=None):
+    """A hand-made GPTQ export (one quantized linear, one vision linear) with its manifest: no quantization run."""
+    folder.mkdir()
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+    if modules_to_not_convert is not None:
+        qc["modules_to_not_convert"] = modules_to_not_convert
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "quantization_config": qc}, indent=2))
+    save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(16, 64, dtype=torch.int32),
+               "model.layers.0.mlp.up_proj.scales": torch.ones(1, 64, dtype=torch.float16),
+               "visual.blocks.0.attn.qkv.weight": torch.ones(48, 16)}, str(folder / "model.safetensors"))
+    write_manifest(folder)
+    return folder
+
+
+def edit_bits(folder, bits=3):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["bits"] = bits
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_inspect_verifies_an_intact_export(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    report = inspect_checkpoint(q)
+    assert report["verification"] == {"status": "verified", "files": 2, "error": None}
+    assert report["quantization"]["bits"] == 4 and report["quantized_linears"] == 1
+    assert main(["inspect", str(q)]) == 0
+    assert "manifest: 2 files verified" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit", ["bits", "shard"])
+def test_inspect_fails_an_edited_export(tmp_path, capsys, edit):
+    """Issue 13: an export whose config says bits=3 after the fact (or a shard edited) fails, rc != 0."""
+    q = tiny_export(tmp_path / "q")
+    edit_bits(q) if edit == "bits" else flip_last_byte(q / "model.safetensors")
+    changed = "config.json" if edit == "bits" else "model.safetensors"
+    assert inspect_checkpoint(q)["verification"]["status"] == "failed"
+    assert main(["inspect", str(q)]) == 1
+    out = capsys.readouterr()
+    assert f"FAILED verification: {q}: {changed} does not match its sha256" in out.out
+    assert "fails verification" in out.err
+    assert main(["inspect", str(q), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["verification"]["status"] == "failed"
+
+
+def test_inspect_of_a_folder_without_manifest_says_so(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / MANIFEST).unlink()
+    assert main(["inspect", str(q)]) == 0
+    assert "manifest: none (not a qvlquant export" in capsys.readouterr().out
+
+
+def test_inspect_names_pickle_weights_and_reads_none(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / "model.safetensors").rename(q / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"pickle weights \['pytorch_model.bin'\].*safetensors checkpoints only"):
+        inspect_checkpoint(q)
+
+
+def test_repair_keeps_the_export_verified_and_touches_nothing_else(tmp_path):
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    (q / "notes.txt").write_text("the user's")
+    shard_entry = json.loads((q / MANIFEST).read_text())["files"]["model.safetensors"]
+    names = repair_config(q)
+    assert names[0] == "visual" and {"visual", "model.visual"} <= set(names)  # only added, in order
+    verify_manifest(q)
+    files = json.loads((q / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["config.json", "model.safetensors"]  # the user's file is not taken into the manifest
+    assert files["model.safetensors"] == shard_entry and files["config.json"]["sha256"] == sha256(q / "config.json")
+    assert (q / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in q.iterdir()) == ["config.json", "model.safetensors", "notes.txt", MANIFEST]
+    before = (q / "config.json").read_bytes()
+    assert repair_config(q) == names and (q / "config.json").read_bytes() == before  # idempotent
+
+
+@pytest.mark.parametrize("edit", ["bits", "shard"])
+def test_repair_refuses_an_export_that_fails_verification(tmp_path, capsys, edit):
+    """A repair must not re-hash (and so bless) an edited config or a corrupted shard."""
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    edit_bits(q) if edit == "bits" else flip_last_byte(q / "model.safetensors")
+    before = {p.name: p.read_bytes() for p in q.iterdir()}
+    assert main(["inspect", str(q), "--repair"]) == 2
+    assert "not repairing" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in q.iterdir()} == before
+
+
+def test_repair_without_manifest_writes_only_config(tmp_path):
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    (q / MANIFEST).unlink()
+    repair_config(q)
+    assert sorted(p.name for p in q.iterdir()) == ["config.json", "model.safetensors"]
+    assert "model.visual" in json.loads((q / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+
+
+def test_repair_that_fails_midway_leaves_config_as_it_was(tmp_path, monkeypatch):
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    before = {p.name: p.read_bytes() for p in q.iterdir()}
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("qvlquant.manifest.os.replace", no_space)
+    with pytest.raises(OSError, match="No space"):
+        repair_config(q)
+    assert {p.name: p.read_bytes() for p in q.iterdir()} == before  # config intact, no temporary file left
