@@ -11,7 +11,8 @@ import json
 import os
 import pathlib
 
-from qvlquant.export import MANIFEST, REPORT, verify_manifest
+from qvlquant.export import REPORT
+from qvlquant.manifest import MANIFEST, is_pickle, read_manifest, verify_manifest
 
 
 class PushError(RuntimeError):
@@ -26,15 +27,18 @@ def files_to_push(folder: pathlib.Path) -> list[str]:
     config = json.loads((folder / "config.json").read_text())
     if not config.get("quantization_config"):
         raise PushError(f"{folder}/config.json has no quantization_config: not a quantized export")
+    listed = read_manifest(folder)  # verified above: plain file names inside the export only
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        missing = sorted({f for f in json.loads(index.read_text())["weight_map"].values() if not (folder / f).exists()})
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(f for f in shards if f not in listed)
         if missing:
-            raise PushError(f"{folder}: shards {missing} listed in the index are missing")
-    names = sorted(json.loads((folder / MANIFEST).read_text())["files"]) + [MANIFEST]
-    bad = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+            raise PushError(f"{folder}: shards {missing} named in the index are not files of the export "
+                            f"(missing, or not in {MANIFEST}); re-export the model")
+    names = sorted(listed) + [MANIFEST]
+    bad = [n for n in names if is_pickle(n)]
     if bad:
-        raise PushError(f"{folder}: pickle files {bad} are never pushed")
+        raise PushError(f"{folder}: pickle files {bad} are never pushed (safetensors only); re-export the model")
     return names
 
 

@@ -5,9 +5,12 @@ import json
 import logging
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from qvlquant.cli import main
+from qvlquant.manifest import MANIFEST, sha256, write_manifest
 from qvlquant.push import PushError, model_card, push
 
 TOKEN = "hf_SECRETsecretSECRETsecret0123456789"
@@ -121,3 +124,62 @@ def test_license_carried_from_a_hub_base_in_the_cache(export_dir, tmp_path, monk
     (copy / "quantize_report.json").write_text(json.dumps(report))
     meta = yaml.safe_load(model_card(copy, "me/x").split("---")[1])
     assert meta["license"] == "apache-2.0" and meta["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+
+
+def tiny_export(folder):
+    """A hand-made export with its manifest (no quantization run)."""
+    folder.mkdir()
+    config = {"model_type": "qwen2_vl", "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
+    write_manifest(folder)
+    return folder
+
+
+def add_entry(folder, name, path):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def test_tiny_export_pushes(tmp_path):
+    api = FakeApi()
+    push(tiny_export(tmp_path / "q"), "me/x", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
+    assert api.calls[1][2] == ["config.json", "model.safetensors", MANIFEST, "README.md"]
+
+
+def test_manifest_naming_a_file_outside_pushes_nothing(tmp_path):
+    """RELIABILITY.md 33 / issue 13: ``../outside.txt`` with the right hash fails before ``create_repo``."""
+    q = tiny_export(tmp_path / "q")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a file of the user, beside the export\n")
+    add_entry(q, "../outside.txt", outside)
+    api = FakeApi()
+    with pytest.raises(PushError, match=r"verification failed, nothing pushed.*'\.\./outside\.txt' is not a plain file name"):
+        push(q, "me/x", api=api)
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("name", ["extra.bin", "opt.pt", "w.pth", "s.pkl", "x.pickle", "last.ckpt", "W.PT"])
+def test_pickle_files_are_never_pushed(tmp_path, name):
+    q = tmp_path / "q"
+    tiny_export(q)
+    (q / name).write_bytes(b"\x80\x04pickle")
+    write_manifest(q)  # even when listed with the right hash
+    api = FakeApi()
+    with pytest.raises(PushError, match=rf"pickle files \['{name}'\] are never pushed"):
+        push(q, "me/x", api=api)
+    assert api.calls == []
+
+
+def test_index_shard_outside_the_manifest_pushes_nothing(tmp_path):
+    q = tiny_export(tmp_path / "q")
+    index = {"metadata": {}, "weight_map": {"w": "model.safetensors", "v": "model-00002-of-00002.safetensors"}}
+    (q / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_manifest(q)
+    (q / "model-00002-of-00002.safetensors").write_bytes(b"unlisted")
+    api = FakeApi()
+    with pytest.raises(PushError, match=r"shards \['model-00002-of-00002.safetensors'\] named in the index"):
+        push(q, "me/x", api=api)
+    assert api.calls == []
