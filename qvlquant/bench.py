@@ -54,6 +54,15 @@ PUBLISHED_NAMES = {"qwen2-vl-2b": ("Qwen2-VL-2B-Instruct", "BF16", "GPTQ-Int8", 
                    "qwen2-vl-7b": ("Qwen2-VL-7B-Instruct", "BF16", "GPTQ-Int8", "GPTQ-Int4", "AWQ")}
 
 
+def decoder_linears(shape: str) -> dict[str, tuple[int, int]]:
+    """(in_features K, out_features N) of each kind of decoder linear of a shape, from its text config: what the
+    kernel benchmark and the compile report run."""
+    c = SHAPES[shape]
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]  # key/value heads times head_dim
+    return {"q/o_proj": (h, h), "k/v_proj": (h, kv), "gate/up_proj": (h, inter), "down_proj": (inter, h)}
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     shape: str = "demo"

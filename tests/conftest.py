@@ -26,6 +26,16 @@ def _guarded_connect(self, address):
 socket.socket.connect = _guarded_connect
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (pyproject's markers) need a CUDA device: skipped, saying so, without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def demo():
     """The embedded demo model (fp32 compute) and its processor, loaded once."""

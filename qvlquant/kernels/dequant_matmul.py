@@ -1,16 +1,17 @@
 """Fused dequantize-and-multiply for W4A16 / W8A16, reading qvlquant's packed layouts directly (no dequantized copy).
 
-Reads top to bottom: the Triton kernels (the fused one, the split-K sum, a dequantize-only one for the two-step
-baseline), their launch configurations, the wrapper (checks, allocation, dispatch by M), the torch operator
-QuantLinear calls, the two-step baseline, the ahead-of-time compile check, and the torch reference the kernels are
-tested against; the benchmark and the compile report are ``benchmarks/bench_dequant_matmul.py`` and
+Reads top to bottom: the Triton kernels (the fused one, the split-K sum, a dequantize-only one); the wrapper (launch
+configurations by M, the autotuner, layout checks, allocation and dispatch, the torch operator QuantLinear calls);
+the torch reference the kernels are tested against; the two-step baseline the benchmark times the fused kernel
+against. The benchmark and the ahead-of-time compile report are scripts: ``benchmarks/bench_dequant_matmul.py`` and
 ``benchmarks/compile_report.py``.
 
 One kernel serves both layouts (``LAYOUT`` 0: GPTQ v1, codes packed along K in ``qweight`` [K*b/32, N], zeros-1
-packed along N, optional act-order ``g_idx``; 1: AWQ GEMM, codes packed along N in the interleaved order, zeros as
-is). Each program computes a [BLOCK_M, BLOCK_N] tile of ``x @ W^T`` over a 1/SPLIT_K slice of K: it loads each
-packed word of its tile once and unpacks it in registers into a [BLOCK_K, BLOCK_N] tile of codes, and when the K
-tile lies inside one quantization group it loads one row of scales and zeros per tile. Decode (M <= 16) splits K
+packed along N, optional act-order ``g_idx``; 1: AWQ GEMM, codes packed along N in the interleaved order
+``AWQ_PACK_ORDER`` of quant/formats.py, zeros as is). Each program computes a [BLOCK_M, BLOCK_N] tile of
+``x @ W^T`` over a 1/SPLIT_K slice of K: it loads each packed word of its tile once and unpacks it in registers into
+a [BLOCK_K, BLOCK_N] tile of codes, and when the K tile lies inside one quantization group it loads one row of
+scales and zeros per tile. Decode (M <= 16) splits K
 across programs so that enough programs stream the weight (the GEMV regime, bound by memory bandwidth); prefill
 uses plain tiles. Without split-K the result is written once, in the input's dtype, bias included.
 
@@ -28,15 +29,22 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime import OutOfResources
 except ImportError:  # pragma: no cover - triton ships with the CUDA torch wheels
     triton = None
 
-from qvlquant.quant.formats import PackFormat
+    class OutOfResources(Exception):  # stand-in: without triton nothing is launched, so nothing raises it
+        pass
+
+from qvlquant.quant.formats import AWQ_PACK_ORDER, PackFormat, is_contiguous_groups
 from qvlquant.quant.rtn import QuantSpec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the nibble (0..7) of an AWQ word that holds its column j, in bits 4j..4j+3: AWQ_PACK_ORDER inverted (0x73625140)
+AWQ_NIBBLE_OF_COLUMN = sum(AWQ_PACK_ORDER.index(j) << (4 * j) for j in range(8))
 
 if triton is not None:
+    _AWQ_NIBBLES = tl.constexpr(AWQ_NIBBLE_OF_COLUMN)  # kernels read globals only as constexpr
 
     @triton.jit
     def _dequant_tile(qw_ptr, scales_ptr, qz_ptr, gidx_ptr, k0, pid_n, N, K,
@@ -45,6 +53,7 @@ if triton is not None:
         """Rows k0 .. k0+BLOCK_K of W^T, columns of N tile ``pid_n``, dequantized: a [BLOCK_K, BLOCK_N] fp32 tile."""
         PER_WORD: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
+        NIBBLES: tl.constexpr = _AWQ_NIBBLES
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = offs_k < K
@@ -57,15 +66,14 @@ if triton is not None:
             q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
             z_word = offs_n // PER_WORD  # zeros [G, N/PER_WORD], packed along N, stored minus one
             z_shift = (offs_n % PER_WORD) * BITS
-        else:  # AWQ: qweight [K, N/8], column j of a word at nibble (j % 2) * 4 + j // 2 (codes and zeros alike)
+        else:  # AWQ: qweight [K, N/8], column j of a word in the nibble AWQ_NIBBLE_OF_COLUMN names (codes and zeros)
             offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
             words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :],
                             mask=k_ok[:, None] & (offs_w[None, :] < N // 8), other=0)  # each word once
-            j = tl.arange(0, 8)
-            shifts = ((j % 2) * 4 + j // 2) * 4
+            shifts = ((NIBBLES >> (tl.arange(0, 8) * 4)) & 0xF) * 4  # [8]
             q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_K, BLOCK_N))
             z_word = offs_n // 8
-            z_shift = (((offs_n % 8) % 2) * 4 + (offs_n % 8) // 2) * 4
+            z_shift = ((NIBBLES >> ((offs_n % 8) * 4)) & 0xF) * 4  # [BN]
         if TILE_IN_GROUP:  # the whole K tile lies in one group: one row of scales and zeros per tile
             g = k0 // GROUP
             s = tl.load(scales_ptr + g * N + offs_n, mask=n_ok, other=0.0)[None, :]  # [1, BN]
@@ -84,7 +92,7 @@ if triton is not None:
         return (q - z).to(tl.float32) * s.to(tl.float32)
 
     @triton.jit
-    def _dequant_matmul_kernel(
+    def dequant_matmul_kernel(
         x_ptr, qw_ptr, scales_ptr, qz_ptr, gidx_ptr, bias_ptr, out_ptr,
         M, N, K,
         stride_xm, stride_om,
@@ -207,17 +215,41 @@ def _m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())  # 1, 2, 4, ... : one tuning per power of two of M
 
 
-def pick_config(key: tuple, candidates: list[dict], launch) -> dict:
-    """The fastest candidate for ``key``, timed once on the GPU and cached; the first one when only one is allowed
-    (the interpreter cannot time kernels). ``launch(cfg)`` runs the kernel into a scratch output."""
-    if key in _TUNED:
-        return _TUNED[key]
-    if INTERPRET or len(candidates) == 1 or not torch.cuda.is_available():
-        _TUNED[key] = candidates[0]
-        return candidates[0]
+def is_resource_error(e: Exception) -> bool:
+    """Whether a launch failed because this device cannot hold the configuration (shared memory, threads, or
+    registers x threads), the one failure a candidate may be skipped for."""
+    msg = str(e)
+    return isinstance(e, OutOfResources) or "too many resources requested for launch" in msg \
+        or "uses too much shared data" in msg  # the CUDA driver's and ptxas's words for the same limits
+
+
+def fastest_config(candidates: list[dict], launch, time_ms, key: tuple = ()) -> dict:
+    """The candidate with the lowest ``time_ms(cfg)``, each first run once by ``launch(cfg)`` (compile, warm up).
+    A candidate this device cannot hold is skipped; any other failure is a bug in the kernel or its launch and is
+    raised, naming the candidate."""
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            launch(cfg)
+            ms = time_ms(cfg)
+        except Exception as e:
+            if is_resource_error(e):
+                continue
+            raise RuntimeError(f"autotuning {key}: launch configuration {cfg} failed for a reason other than the "
+                               f"device's resources ({type(e).__name__}: {e}); pass config= to run another one") from e
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"autotuning {key}: none of the {len(candidates)} launch configurations fits this device")
+    return best
+
+
+def _cuda_time_ms(launch, cfg: dict) -> float:
+    """Mean milliseconds of ``launch(cfg)`` by CUDA events. Decode kernels take microseconds: they are repeated for
+    about 1 ms so that the events resolve them."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def mean_ms(cfg: dict, reps: int) -> float:
+    def mean_ms(reps: int) -> float:
         start.record()
         for _ in range(reps):
             launch(cfg)
@@ -225,19 +257,19 @@ def pick_config(key: tuple, candidates: list[dict], launch) -> dict:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / reps
 
-    best, best_ms = candidates[0], float("inf")
-    for cfg in candidates:
-        try:
-            launch(cfg)  # compile and warm up
-            estimate = mean_ms(cfg, 3)
-            # decode kernels take microseconds: repeat them for about 1 ms so that the events resolve them
-            ms = mean_ms(cfg, max(5, min(200, int(1.0 / max(estimate, 1e-3)))))
-        except Exception:  # a candidate that does not compile for this device (too much shared memory) is skipped
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _TUNED[key] = best
-    return best
+    estimate = mean_ms(3)
+    return mean_ms(max(5, min(200, int(1.0 / max(estimate, 1e-3)))))
+
+
+def pick_config(key: tuple, candidates: list[dict], launch) -> dict:
+    """The fastest candidate for ``key``, timed once on the GPU and cached; the first one when only one is allowed
+    or nothing can be timed (the interpreter, no CUDA). ``launch(cfg)`` runs the kernel into a scratch output."""
+    if key not in _TUNED:
+        if INTERPRET or len(candidates) == 1 or not torch.cuda.is_available():
+            _TUNED[key] = candidates[0]
+        else:
+            _TUNED[key] = fastest_config(candidates, launch, lambda cfg: _cuda_time_ms(launch, cfg), key)
+    return _TUNED[key]
 
 
 def check_supported(fmt: PackFormat, spec: QuantSpec, k: int, n: int) -> None:
@@ -254,7 +286,7 @@ def check_supported(fmt: PackFormat, spec: QuantSpec, k: int, n: int) -> None:
 
 
 def has_act_order(g_idx: torch.Tensor | None, spec: QuantSpec, k: int) -> bool:
-    return g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // spec.effective_group(k))
+    return g_idx is not None and not is_contiguous_groups(g_idx, spec, k)
 
 
 def _checked(tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec, k: int,
@@ -300,7 +332,7 @@ def dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackF
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-        _dequant_matmul_kernel[grid](
+        dequant_matmul_kernel[grid](
             x2, tensors["qweight"], tensors["scales"], qzeros, g_idx if act_order else qzeros,
             bias if bias is not None else qzeros, part, m, n, k, x2.stride(0), n,
             **kernel_constants(fmt, spec, k, x.dtype, act_order, bias is not None, cfg),
@@ -335,6 +367,19 @@ def _(x, qweight, scales, qzeros, g_idx, bias, fmt, bits, group_size, sym, in_fe
     return x.new_empty(*x.shape[:-1], scales.shape[1])
 
 
+def reference_dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec,
+                             in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize then matmul, in fp32 (what the kernel is tested against)."""
+    w = fmt.unpack({k: v.cpu() for k, v in tensors.items()}, spec, in_features).dequantize().to(x.device)  # [N, K]
+    out = x.float() @ w.T
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+# The two-step baseline benchmarks/bench_dequant_matmul.py times the fused kernel against.
+
+
 def dequantize(tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec, in_features: int,
                dtype: torch.dtype = torch.bfloat16, act_order: bool | None = None) -> torch.Tensor:
     """The whole weight, transposed ([K, N], ``dtype``), written by a Triton kernel from the packed layout."""
@@ -356,61 +401,3 @@ def dequantize_then_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fm
                            in_features: int, act_order: bool | None = None) -> torch.Tensor:
     """The two-step baseline: the weight dequantized in full by a kernel, then a dense matmul (cuBLAS on a GPU)."""
     return x @ dequantize(tensors, fmt, spec, in_features, x.dtype, act_order)
-
-
-LINEAR_SHAPES = {  # (in_features K, out_features N) of the decoder linears the benchmarks and compile report use
-    "qwen2-vl-2b": {"q/o_proj": (1536, 1536), "k/v_proj": (1536, 256), "gate/up_proj": (1536, 8960),
-                    "down_proj": (8960, 1536)},
-    "qwen2-vl-7b": {"q/o_proj": (3584, 3584), "k/v_proj": (3584, 512), "gate/up_proj": (3584, 18944),
-                    "down_proj": (18944, 3584)},
-}
-GPU_SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # max shared memory per block, bytes (CUDA docs)
-
-
-def compile_stats(arch: int, fmt: PackFormat, spec: QuantSpec, k: int, cfg: dict, x_dtype: torch.dtype = torch.bfloat16,
-                  act_order: bool = False, has_bias: bool = False) -> dict:
-    """Compile the kernel for an NVIDIA architecture (80: A100, 90: H100) with no GPU present, through Triton's
-    ahead-of-time path and its bundled ptxas, and report what decides whether a launch configuration can run and
-    stream well: shared memory, registers per thread, and bytes spilled to local memory."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    if INTERPRET:  # the interpreter patches triton.language in place, which can leak into the compiler
-        raise RuntimeError("compile_stats needs a process without TRITON_INTERPRET=1 "
-                           "(run benchmarks/compile_report.py, which the tests start in a subprocess)")
-    fn = _dequant_matmul_kernel
-    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[x_dtype]
-    consts = kernel_constants(fmt, spec, k, x_dtype, act_order, has_bias, cfg)
-    signature = {"x_ptr": ptr, "qw_ptr": "*i32", "scales_ptr": "*fp16", "qz_ptr": "*i32", "gidx_ptr": "*i32",
-                 "bias_ptr": ptr, "out_ptr": ptr if cfg["SPLIT_K"] == 1 else "*fp32", "M": "i32", "N": "i32",
-                 "K": "i32", "stride_xm": "i32", "stride_om": "i32"} | {name: "constexpr" for name in consts}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3)))
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = f"{tmp}/k.ptx"
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        log = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", ptx, "-o", f"{tmp}/k.cubin"],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    shared = compiled.metadata.shared
-    return dict(arch=arch, shared_bytes=shared, registers=regs, spill_store_bytes=int(spill.group(1)),
-                spill_load_bytes=int(spill.group(2)), fits=shared <= GPU_SHARED_LIMIT.get(arch, 101376))
-
-
-def reference_dequant_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: PackFormat, spec: QuantSpec,
-                             in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize then matmul, in fp32 (what the kernel is tested against)."""
-    w = fmt.unpack({k: v.cpu() for k, v in tensors.items()}, spec, in_features).dequantize().to(x.device)  # [N, K]
-    out = x.float() @ w.T
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
