@@ -21,36 +21,11 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def recipe_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
-    """Values of a recipe YAML, keyed and typed like the quantize flags (unknown keys and bad values are errors)."""
-    import yaml
+def recipe_defaults(path: str) -> dict:
+    """A recipe's quantize settings (unknown keys and bad values are errors naming the file): the flags' defaults."""
+    from qvlquant.recipes import load_recipe
 
-    try:
-        recipe = yaml.safe_load(pathlib.Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read recipe {path}: {e}") from None
-    if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path}: expected a mapping of settings")
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "recipe")}
-    recipe = {k: v for k, v in recipe.items() if k != "check"}  # the check gate's tolerances (qvlquant check --recipe)
-    unknown = sorted(set(recipe) - set(actions))
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown key(s) {unknown}; known: {', '.join(sorted(actions))}")
-    values = {}
-    for key, value in recipe.items():
-        action = actions[key]
-        if action.nargs == 0:  # store_true / store_false flags
-            if not isinstance(value, bool):
-                raise ValueError(f"recipe {path}: {key} must be true or false, got {value!r}")
-        elif action.type is not None:
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"recipe {path}: {key} must be {action.type.__name__}, got {value!r}") from None
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"recipe {path}: {key} must be one of {list(action.choices)}, got {value!r}")
-        values[key] = value
-    return values
+    return dict(load_recipe(path).settings)
 
 
 def add_quantize(sub) -> None:
@@ -247,7 +222,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def add_check(sub) -> None:
-    p = sub.add_parser("check", help="CI gate: fail (exit 1) when an eval report regresses against its baseline")
+    p = sub.add_parser("check", help="CI gate: exit 1 when an eval report regresses against its baseline (2 for "
+                       "bad input: an unreadable report or recipe, an unknown task, a negative tolerance)")
     p.add_argument("report", help="eval JSON of the quantized model (from qvlquant eval --report)")
     p.add_argument("--baseline", default=None, help="eval JSON of the baseline (default: the one embedded in report)")
     p.add_argument("--max-drop", action="append", default=[], metavar="TASK=POINTS",
@@ -258,43 +234,14 @@ def add_check(sub) -> None:
 
 
 def run_check(args) -> int:
-    from qvlquant.eval.check import compare, format_rows
+    from qvlquant.eval.check import check, format_rows, parse_max_drop, tolerance
+    from qvlquant.recipes import check_tolerances
 
-    def read(path):
-        try:
-            return json.loads(pathlib.Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read eval report {path}: {e}") from None
-
-    report = read(args.report)
-    baseline = read(args.baseline) if args.baseline else report.get("baseline")
-    if baseline is None:
-        raise ValueError(f"{args.report} holds no baseline; pass --baseline BASE.json")
-    drops, ppl = {}, 2.0
-    if args.recipe:
-        import yaml
-
-        section = (yaml.safe_load(pathlib.Path(args.recipe).read_text()) or {}).get("check") or {}
-        unknown = sorted(set(section) - {"max_drop", "max_ppl_increase"})
-        if unknown:
-            raise ValueError(f"recipe {args.recipe}: unknown check key(s) {unknown}; known: max_drop, max_ppl_increase")
-        drops.update({str(k): float(v) for k, v in (section.get("max_drop") or {}).items()})
-        ppl = float(section.get("max_ppl_increase", ppl))
-    if args.max_ppl_increase is not None:
-        ppl = args.max_ppl_increase
-    for item in args.max_drop:
-        task, sep, points = item.partition("=")
-        try:
-            drops[task] = float(points)
-        except ValueError:
-            raise ValueError(f"--max-drop {item!r}: expected TASK=POINTS, e.g. easyvqa=0.5") from None
-        if not sep or not task:
-            raise ValueError(f"--max-drop {item!r}: expected TASK=POINTS, e.g. easyvqa=0.5")
-    rows = compare(report, baseline, drops, ppl)
-    print(format_rows(rows))
-    failed = [r.measure for r in rows if not r.ok]
-    print(f"check: {'FAILED: ' + ', '.join(failed) if failed else 'passed'}")
-    return 1 if failed else 0
+    ppl = None if args.max_ppl_increase is None else tolerance(args.max_ppl_increase, "--max-ppl-increase")
+    result = check(args.report, args.baseline, check_tolerances(args.recipe, parse_max_drop(args.max_drop), ppl))
+    print(format_rows(result.rows))
+    print(f"check: {'FAILED: ' + ', '.join(result.failed) if result.failed else 'passed'}")
+    return 0 if result.passed else 1
 
 
 def add_push(sub) -> None:
@@ -431,7 +378,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "quantize" and args.recipe:
         try:
-            sub.choices["quantize"].set_defaults(**recipe_defaults(sub.choices["quantize"], args.recipe))
+            sub.choices["quantize"].set_defaults(**recipe_defaults(args.recipe))
         except ValueError as e:
             print(f"qvlquant quantize: error: {e}", file=sys.stderr)
             return 2

@@ -1,20 +1,23 @@
+import argparse
 import json
 import pathlib
 
 import pytest
 
 from qvlquant.cli import add_quantize, main, recipe_defaults
+from qvlquant.eval.check import Tolerances
+from qvlquant.recipes import COMMAND_LINE_ONLY, SETTINGS, load_recipe, parse_recipe
 
 RECIPES = sorted((pathlib.Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+# Settings a recipe may hold before the quantize command has the flag (the streaming work adds them).
+PLANNED_FLAGS = {"device", "offload"}
 
 
-def quantize_parser():
-    import argparse
-
-    root = argparse.ArgumentParser()
-    sub = root.add_subparsers()
+def quantize_actions() -> dict:
+    """dest -> argparse action of the quantize flags (argparse's private list: only this cross-check reads it)."""
+    sub = argparse.ArgumentParser().add_subparsers()
     add_quantize(sub)
-    return sub.choices["quantize"]
+    return {a.dest: a for a in sub.choices["quantize"]._actions if a.dest != "help"}
 
 
 def test_every_published_checkpoint_has_a_recipe():
@@ -27,13 +30,68 @@ def test_every_published_checkpoint_has_a_recipe():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipes_validate(path):
-    values = recipe_defaults(quantize_parser(), str(path))
+    values = load_recipe(path).settings
     assert values["method"] in ("gptq", "awq") and values["group_size"] == 128
     if values["method"] == "gptq":
         assert values["sym"] is True and values["desc_act"] is False and values["damp_percent"] == 0.1
     else:
         assert values["bits"] == 4 and values["sym"] is False
     assert ("pad_intermediate_to" in values) == ("72b" in path.stem)
+    assert recipe_defaults(str(path)) == dict(values)  # the CLI takes exactly the library's settings
+
+
+def test_the_demo_recipe_carries_its_check_tolerances():
+    recipe = load_recipe(pathlib.Path(__file__).parent.parent / "recipes" / "demo-gptq-int4.yaml")
+    assert recipe.tolerances == Tolerances({"easyvqa": 1.0}, 2.0)
+    assert recipe.settings["model"] == "demo" and recipe.settings["num_samples"] == 32 and "check" not in recipe.settings
+
+
+def test_schema_matches_the_quantize_flags():
+    """Every quantize flag is a recipe key or deliberately command-line only; the declared types and choices are
+    the flags' (a flag added or changed without the schema fails here)."""
+    actions = quantize_actions()
+    assert set(SETTINGS) - PLANNED_FLAGS <= set(actions)
+    assert set(actions) - COMMAND_LINE_ONLY == set(SETTINGS) - (PLANNED_FLAGS - set(actions))
+    for key, action in actions.items():
+        if key in COMMAND_LINE_ONLY:
+            continue
+        spec = SETTINGS[key]
+        if action.nargs == 0:  # store_true / store_false
+            assert spec.type is bool, key
+        else:
+            assert spec.type is (action.type or str), key
+        assert tuple(sorted(action.choices or ())) == tuple(sorted(spec.choices)), key
+
+
+def test_values_are_typed_and_nullable_only_where_declared():
+    settings = parse_recipe({"damp_percent": 1, "device": "cuda:1", "offload": "cpu", "text_column": None,
+                             "pad_intermediate_to": None}, "r.yaml").settings
+    assert settings == {"damp_percent": 1.0, "device": "cuda:1", "offload": "cpu", "text_column": None,
+                        "pad_intermediate_to": None}
+    assert type(settings["damp_percent"]) is float
+    assert parse_recipe({}, "r.yaml").tolerances == Tolerances()
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"method": "gptq", "bitz": 4}, "recipe r.yaml: unknown key(s) ['bitz']"),
+    ({"bits": 5}, "recipe r.yaml: bits must be one of [2, 3, 4, 8], got 5"),
+    ({"bits": "four"}, "bits must be int, got 'four'"),
+    ({"bits": 4.0}, "bits must be int, got 4.0"),
+    ({"bits": True}, "bits must be int, got True"),
+    ({"num_samples": None}, "num_samples must be int, got None"),
+    ({"desc_act": "yes please"}, "desc_act must be true or false"),
+    ({"desc_act": 1}, "desc_act must be true or false"),
+    ({"damp_percent": float("nan")}, "damp_percent must be a finite number"),
+    ({"model": 7}, "model must be str, got 7"),
+    ({"offload": "disk"}, "offload must be one of ['auto', 'cpu', 'device']"),
+    ({"overwrite": True}, "unknown key(s) ['overwrite']"),  # replacing a folder is never a recipe's decision
+    (["a list"], "expected a mapping"),
+    (None, "expected a mapping"),
+])
+def test_bad_recipes_name_the_file_and_the_key(data, message):
+    with pytest.raises(ValueError) as e:
+        parse_recipe(data, "r.yaml")
+    assert message in str(e.value) and "r.yaml" in str(e.value)
 
 
 @pytest.mark.parametrize("text,message", [
@@ -42,12 +100,16 @@ def test_recipes_validate(path):
     ("bits: four\n", "bits must be int"),
     ("desc_act: yes please\n", "desc_act must be true or false"),
     ("- a list\n", "expected a mapping"),
+    ("method: [gptq\n", "cannot read recipe"),
+    ("check:\n  max_drop: {easyvqq: 1}\n", "unknown task 'easyvqq'"),
 ])
 def test_bad_recipes_named(tmp_path, text, message, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(text)
     assert main(["quantize", "--recipe", str(path), "--output", str(tmp_path / "o")]) == 2
-    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -1,53 +1,171 @@
+"""The CI gate, as a library (qvlquant.check, eval.check) and through ``qvlquant check``: a regression exits 1, bad
+input (unknown task, negative / non-numeric tolerance, broken recipe, a report without the fields) exits 2."""
+
 import json
 
 import pytest
 
+import qvlquant
 from qvlquant.cli import main
-from qvlquant.eval.check import compare
+from qvlquant.eval.check import (DEFAULT_MAX_DROP, Tolerances, check, format_rows, parse_max_drop, task_scores,
+                                 verdicts)
+from qvlquant.recipes import check_tolerances
 
 
 def report(acc, ppl, n=100, **extra):
     return {"task": "easyvqa", "accuracy": acc, "n": n, "perplexity": ppl, **extra}
 
 
-def test_compare_rows_and_verdicts():
-    rows = compare(report(77.0, 34.5), report(77.5, 34.16))
-    assert [r.ok for r in rows] == [True, True]
-    rows = compare(report(75.0, 34.5), report(77.5, 34.16), {"easyvqa": 3.0})
-    assert rows[0].ok
-    rows = compare(report(77.5, 36.0), report(77.5, 34.16), max_ppl_increase=2.0)
+def write(path, data):
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_verdicts_rows_and_bounds():
+    rows = verdicts(report(77.0, 34.5), report(77.5, 34.16))
+    assert [(r.measure, r.ok, r.limit) for r in rows] == [("easyvqa accuracy %", True, ">= 76.50"),
+                                                          ("held-out perplexity", True, "<= 34.843")]
+    rows = verdicts(report(75.0, 34.5), report(77.5, 34.16), Tolerances({"easyvqa": 3.0}))
+    assert rows[0].ok and rows[0].limit == ">= 74.50"
+    rows = verdicts(report(76.4, 34.5), report(77.5, 34.16))  # 1.1 points lost, 1.0 allowed by default
+    assert not rows[0].ok and DEFAULT_MAX_DROP == 1.0
+    rows = verdicts(report(77.5, 36.0), report(77.5, 34.16), Tolerances(max_ppl_increase=2.0))
     assert not rows[1].ok and rows[1].limit == "<= 34.843"
+    assert [r.measure for r in verdicts({"task": "easyvqa", "accuracy": 70, "n": 1}, report(70, 30, n=1))] == [
+        "easyvqa accuracy %"]  # no perplexity in the candidate: no perplexity row
 
 
-def test_compare_refuses_mismatched_reports():
+def test_verdicts_refuse_mismatched_reports():
     with pytest.raises(ValueError, match="different numbers of questions"):
-        compare(report(70, 30, n=50), report(70, 30, n=100))
-    with pytest.raises(ValueError, match="lacks task"):
-        compare({"tasks": {}, "n": 1}, report(70, 30, n=1))
+        verdicts(report(70, 30, n=50), report(70, 30, n=100))
+    with pytest.raises(ValueError, match=r"lacks task\(s\) \['easyvqa'\]"):
+        verdicts({"tasks": {"docvqa": {"accuracy": 50}}, "n": 1}, report(70, 30, n=1))
+
+
+def test_check_library_passes_and_fails_without_raising(tmp_path):
+    good = check(report(77.2, 34.2, baseline=report(77.5, 34.16)))
+    assert good.passed and good.failed == [] and len(good.rows) == 2
+    bad = check(report(70.0, 40.0), report(77.5, 34.16))
+    assert not bad.passed and bad.failed == ["easyvqa accuracy %", "held-out perplexity"]
+    path = write(tmp_path / "r.json", report(76.0, 34.2, baseline=report(77.5, 34.16)))
+    assert not check(path).passed  # 1.5 points lost
+    assert check(path, tolerances=Tolerances({"easyvqa": 2.0})).passed
+    assert qvlquant.check(str(path), max_drop={"easyvqa": 2.0}).passed
+    base = write(tmp_path / "b.json", report(76.0, 34.2))
+    assert check(str(path), str(base)).passed  # an explicit baseline file replaces the embedded one
+    assert "REGRESSION" in format_rows(bad.rows) and "ok" in format_rows(good.rows)
+
+
+@pytest.mark.parametrize("tol,message", [
+    (lambda: Tolerances({"easyvqq": 0.0}), "unknown task 'easyvqq'; known: easyvqa, docvqa"),
+    (lambda: Tolerances({"easyvqa": -1.0}), r"max_drop\['easyvqa'\] must be a finite number >= 0, got -1.0"),
+    (lambda: Tolerances({"easyvqa": "1"}), "must be a finite number >= 0, got '1'"),
+    (lambda: Tolerances({"easyvqa": float("inf")}), "got inf"),
+    (lambda: Tolerances(max_ppl_increase=-0.5), "max_ppl_increase must be a finite number >= 0"),
+    (lambda: Tolerances(max_ppl_increase=float("nan")), "max_ppl_increase must be"),
+    (lambda: Tolerances().override({"mmbenc": 1.0}), "unknown task 'mmbenc'"),
+    (lambda: parse_max_drop(["easyvqq=0"]), "--max-drop 'easyvqq=0': unknown task 'easyvqq'"),
+    (lambda: parse_max_drop(["easyvqa=-2"]), "--max-drop 'easyvqa=-2': POINTS must be a finite number >= 0"),
+    (lambda: parse_max_drop(["easyvqa=lots"]), "expected TASK=POINTS"),
+    (lambda: parse_max_drop(["easyvqa"]), "expected TASK=POINTS"),
+    (lambda: parse_max_drop(["=1"]), "expected TASK=POINTS"),
+])
+def test_bad_tolerances_are_errors(tol, message):
+    with pytest.raises(ValueError, match=message):
+        tol()
+
+
+def test_tolerance_resolution_recipe_then_flags(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "method: gptq\ncheck:\n  max_drop:\n    easyvqa: 2.0\n  max_ppl_increase: 1.0\n")
+    assert check_tolerances() == Tolerances({}, 2.0)
+    assert check_tolerances(recipe) == Tolerances({"easyvqa": 2.0}, 1.0)
+    assert check_tolerances(recipe, {"easyvqa": 0.5}) == Tolerances({"easyvqa": 0.5}, 1.0)
+    assert check_tolerances(recipe, {"docvqa": 3.0}, 0.0) == Tolerances({"easyvqa": 2.0, "docvqa": 3.0}, 0.0)
+    assert parse_max_drop(["easyvqa=1", "docvqa=2.5", "easyvqa=0"]) == {"easyvqa": 0.0, "docvqa": 2.5}
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"n": 3}, "not an eval report"),
+    ({"task": "easyvqa", "n": 3}, "accuracy must be a finite number, got None"),
+    ({"task": "easyvqa", "accuracy": "77", "n": 3}, "accuracy must be a finite number, got '77'"),
+    ({"task": "easyvqa", "accuracy": 77, "n": 3, "perplexity": "high"}, "perplexity must be a finite number"),
+    ({"tasks": {"docvqa": 50}, "n": 3}, "tasks must map task"),
+    ([1, 2], "not an eval report"),
+    ("{not json", "cannot read eval report"),
+])
+def test_reports_without_the_needed_fields_are_errors(tmp_path, data, message):
+    path = write(tmp_path / "r.json", data)
+    with pytest.raises(ValueError, match=message) as e:
+        check(path, report(77.5, 34.16, n=3))
+    assert str(path) in str(e.value)  # the error names the file
+    with pytest.raises(ValueError, match=message):  # the same fields wrong in the baseline
+        check(report(77.5, 34.16, n=3), path)
+
+
+def test_task_scores_reads_one_or_many_tasks():
+    assert task_scores({"task": "easyvqa", "accuracy": 70}) == {"easyvqa": 70.0}
+    assert task_scores({"tasks": {"docvqa": {"accuracy": 50}}, "task": "easyvqa", "accuracy": 70}) == {
+        "docvqa": 50.0, "easyvqa": 70.0}
 
 
 def test_cli_exit_codes(tmp_path, capsys):
-    good = tmp_path / "good.json"
-    good.write_text(json.dumps(report(77.2, 34.2, baseline=report(77.5, 34.16))))
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(report(70.0, 40.0, baseline=report(77.5, 34.16))))
+    good = write(tmp_path / "good.json", report(77.2, 34.2, baseline=report(77.5, 34.16)))
+    bad = write(tmp_path / "bad.json", report(70.0, 40.0, baseline=report(77.5, 34.16)))
     assert main(["check", str(good)]) == 0 and "check: passed" in capsys.readouterr().out
     assert main(["check", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "REGRESSION" in out and "FAILED: easyvqa accuracy %, held-out perplexity" in out
-    assert main(["check", str(bad), "--max-drop", "easyvqa"]) == 2
-    alone = tmp_path / "alone.json"
-    alone.write_text(json.dumps(report(70, 30)))
+    alone = write(tmp_path / "alone.json", report(70, 30))
     assert main(["check", str(alone)]) == 2 and "holds no baseline" in capsys.readouterr().err
 
 
-def test_tolerances_from_a_recipe(tmp_path, capsys):
-    rep = tmp_path / "r.json"
-    rep.write_text(json.dumps(report(76.0, 34.3, baseline=report(77.5, 34.16))))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("method: gptq\ncheck:\n  max_drop:\n    easyvqa: 2.0\n  max_ppl_increase: 1.0\n")
+@pytest.mark.parametrize("argv,message", [
+    (["--max-drop", "easyvqa"], "expected TASK=POINTS"),
+    (["--max-drop", "easyvqq=0"], "unknown task 'easyvqq'"),  # a typo no longer passes the gate silently
+    (["--max-drop", "easyvqa=-1"], "must be a finite number >= 0"),
+    (["--max-drop", "easyvqa=nan"], "must be a finite number >= 0"),
+    (["--max-ppl-increase", "-1"], "--max-ppl-increase must be a finite number >= 0"),
+])
+def test_cli_bad_tolerances_exit_2_even_on_a_regression(tmp_path, capsys, argv, message):
+    bad = write(tmp_path / "bad.json", report(70.0, 40.0, baseline=report(77.5, 34.16)))
+    assert main(["check", str(bad), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("check:\n  max_dorp: {}\n", "unknown check key(s) ['max_dorp']"),
+    ("check:\n  max_drop:\n    easyvqq: 0\n", "check.max_drop: unknown task 'easyvqq'"),
+    ("check:\n  max_drop:\n    easyvqa: -1\n", "check.max_drop.easyvqa must be a finite number >= 0"),
+    ("check:\n  max_drop:\n    easyvqa: lots\n", "check.max_drop.easyvqa must be a finite number >= 0, got 'lots'"),
+    ("check:\n  max_ppl_increase: [1]\n", "check.max_ppl_increase must be"),
+    ("check: 3\n", "check must be a mapping"),
+    ("check:\n  max_drop: [easyvqa]\n", "check.max_drop must map task -> points"),
+    ("check: {max_drop: {easyvqa: 1}\n", "cannot read recipe"),  # broken YAML: exit 2, not a traceback
+    ("bitz: 4\n", "unknown key(s) ['bitz']"),
+])
+def test_cli_bad_recipe_exits_2_naming_the_file(tmp_path, capsys, text, message):
+    rep = write(tmp_path / "r.json", report(76.0, 34.3, baseline=report(77.5, 34.16)))
+    recipe = write(tmp_path / "r.yaml", text)
+    assert main(["check", str(rep), "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(recipe) in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_missing_recipe_or_report_exits_2(tmp_path, capsys):
+    rep = write(tmp_path / "r.json", report(76.0, 34.3, baseline=report(77.5, 34.16)))
+    assert main(["check", str(rep), "--recipe", str(tmp_path / "none.yaml")]) == 2
+    assert "cannot read recipe" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "none.json")]) == 2
+    assert "cannot read eval report" in capsys.readouterr().err
+    assert main(["check", str(write(tmp_path / "x.json", {"n": 1, "baseline": report(1, 1)}))]) == 2
+    assert "not an eval report" in capsys.readouterr().err
+
+
+def test_tolerances_from_a_recipe(tmp_path):
+    rep = write(tmp_path / "r.json", report(76.0, 34.3, baseline=report(77.5, 34.16)))
+    recipe = write(tmp_path / "r.yaml", "method: gptq\ncheck:\n  max_drop:\n    easyvqa: 2.0\n  max_ppl_increase: 1.0\n")
     assert main(["check", str(rep), "--recipe", str(recipe)]) == 0  # 1.5 points allowed by the recipe's 2.0
     assert main(["check", str(rep), "--recipe", str(recipe), "--max-drop", "easyvqa=1.0"]) == 1  # flag wins
     assert main(["check", str(rep), "--recipe", str(recipe), "--max-ppl-increase", "0.1"]) == 1
-    recipe.write_text("check:\n  max_dorp: {}\n")
-    assert main(["check", str(rep), "--recipe", str(recipe)]) == 2 and "unknown check key(s) ['max_dorp']" in capsys.readouterr().err
+    assert main(["check", str(rep)]) == 1  # without the recipe: the default 1.0 point

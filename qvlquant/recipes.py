@@ -1,0 +1,145 @@
+"""Recipes: YAML files of quantize settings plus an optional ``check:`` section with the CI gate's tolerances.
+
+A recipe's keys are the quantize settings' names, i.e. the quantize flags' names with underscores (``group_size``
+for ``--group-size``); ``recipes/*.yaml`` are examples. What a recipe may hold is declared here (SETTINGS: type and
+choices of each key), not read from a command-line parser. Every error names the file and the key.
+
+    recipe = load_recipe("recipes/demo-gptq-int4.yaml")
+    recipe.settings     # {"model": "demo", "method": "gptq", "bits": 4, ...}
+    recipe.tolerances   # Tolerances(max_drop={"easyvqa": 1.0}, max_ppl_increase=2.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections.abc import Mapping
+
+import yaml
+
+from qvlquant.eval.check import DEFAULT_MAX_PPL_INCREASE, Tolerances, known_task, tolerance
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A recipe key: a value of ``type`` (bool, int, float or str), one of ``choices`` when given, null only when
+    ``nullable``."""
+
+    type: type
+    choices: tuple = ()
+    nullable: bool = False
+
+
+SETTINGS: dict[str, Setting] = {
+    "model": Setting(str),
+    "method": Setting(str, ("rtn", "gptq", "awq")),
+    "bits": Setting(int, (2, 3, 4, 8)),
+    "group_size": Setting(int),
+    "sym": Setting(bool),
+    "damp_percent": Setting(float),
+    "desc_act": Setting(bool),
+    "static_groups": Setting(bool),
+    "true_sequential": Setting(bool),
+    "calib": Setting(str),
+    "num_samples": Setting(int),
+    "split": Setting(str),
+    "image_column": Setting(str),
+    "question_column": Setting(str),
+    "answer_column": Setting(str),
+    "text_column": Setting(str, nullable=True),
+    "batch_size": Setting(int),
+    "max_length": Setting(int),
+    "min_pixels": Setting(int),
+    "max_pixels": Setting(int),
+    "allow_urls": Setting(bool),
+    "seed": Setting(int),
+    "dtype": Setting(str, ("bfloat16", "float16", "float32")),
+    "pad_intermediate_to": Setting(int, nullable=True),
+    "trust_remote_code": Setting(bool),
+    "export_format": Setting(str, ("auto", "compressed-tensors")),
+    "resume": Setting(bool),
+    "output": Setting(str),
+    "device": Setting(str, nullable=True),
+    "offload": Setting(str, ("auto", "cpu", "device")),
+}
+# Quantize flags a recipe may not set: the recipe itself, replacing an existing folder (asked for on the command line
+# each time, never by a file), and a debugging limit.
+COMMAND_LINE_ONLY = frozenset({"recipe", "overwrite", "max_layers"})
+CHECK_KEYS = ("max_drop", "max_ppl_increase")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe: ``settings`` (key -> validated value) and the check gate's ``tolerances`` (the defaults
+    when the recipe has no check: section)."""
+
+    path: str
+    settings: Mapping
+    tolerances: Tolerances
+
+
+def setting_value(key: str, value, source: str):
+    """``value`` of recipe key ``key`` checked against SETTINGS (ints are accepted for floats); errors name
+    ``source``."""
+    if key not in SETTINGS:
+        raise ValueError(f"recipe {source}: unknown key(s) {[key]}; known: {', '.join(sorted(SETTINGS))}")
+    spec = SETTINGS[key]
+    if value is None and spec.nullable:
+        return None
+    if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) != (spec.type is bool) or not isinstance(value, spec.type):  # YAML true is no int
+        expected = "true or false" if spec.type is bool else spec.type.__name__
+        raise ValueError(f"recipe {source}: {key} must be {expected}, got {value!r}")
+    if spec.type is float and not math.isfinite(value):
+        raise ValueError(f"recipe {source}: {key} must be a finite number, got {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise ValueError(f"recipe {source}: {key} must be one of {list(spec.choices)}, got {value!r}")
+    return value
+
+
+def check_section(section, source: str) -> Tolerances:
+    """The tolerances of a recipe's ``check:`` section (max_drop: {task: points}, max_ppl_increase: percent)."""
+    if section is None:
+        return Tolerances()
+    if not isinstance(section, Mapping):
+        raise ValueError(f"recipe {source}: check must be a mapping with {' and/or '.join(CHECK_KEYS)}, got {section!r}")
+    unknown = sorted(set(section) - set(CHECK_KEYS))
+    if unknown:
+        raise ValueError(f"recipe {source}: unknown check key(s) {unknown}; known: {', '.join(CHECK_KEYS)}")
+    drops = section.get("max_drop") or {}
+    if not isinstance(drops, Mapping):
+        raise ValueError(f"recipe {source}: check.max_drop must map task -> points, got {drops!r}")
+    max_drop = {known_task(task, f"recipe {source}: check.max_drop"): tolerance(points, f"recipe {source}: check.max_drop.{task}")
+                for task, points in drops.items()}
+    ppl = tolerance(section.get("max_ppl_increase", DEFAULT_MAX_PPL_INCREASE), f"recipe {source}: check.max_ppl_increase")
+    return Tolerances(max_drop, ppl)
+
+
+def parse_recipe(data, source: str) -> Recipe:
+    """A recipe from its parsed YAML ``data``; ``source`` (the file) is named in every error."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"recipe {source}: expected a mapping of settings, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in set(data) - set(SETTINGS) - {"check"})
+    if unknown:
+        raise ValueError(f"recipe {source}: unknown key(s) {unknown}; known: {', '.join(sorted(SETTINGS))}")
+    settings = {k: setting_value(k, v, source) for k, v in data.items() if k != "check"}
+    return Recipe(str(source), settings, check_section(data.get("check"), source))
+
+
+def load_recipe(path: str | pathlib.Path) -> Recipe:
+    """Read and validate the recipe YAML at ``path``."""
+    try:
+        data = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read recipe {path}: {' '.join(str(e).split())}") from None
+    return parse_recipe(data, str(path))
+
+
+def check_tolerances(recipe: str | pathlib.Path | None = None, max_drop: Mapping[str, float] | None = None,
+                     max_ppl_increase: float | None = None) -> Tolerances:
+    """The gate's tolerances: the recipe's check: section (defaults without a recipe), ``max_drop`` and
+    ``max_ppl_increase`` overriding it."""
+    base = load_recipe(recipe).tolerances if recipe is not None else Tolerances()
+    return base.override(max_drop, max_ppl_increase)
