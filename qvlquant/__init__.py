@@ -17,6 +17,15 @@ def quantize(**kwargs):
     return _quantize(**kwargs)
 
 
+def evaluate(model="demo", base=None, **settings):
+    """Accuracy and held-out perplexity of a checkpoint, beside ``base`` (default: the base recorded at quantization;
+    'none' to skip). ``settings``: the fields of qvlquant.eval.run.EvalConfig (task, data, limit, ...).
+    -> EvalResult (summary, predictions). See qvlquant.eval.run.evaluate_with_baseline."""
+    from qvlquant.eval.run import EvalConfig, evaluate_with_baseline
+
+    return evaluate_with_baseline(model, EvalConfig(**settings), base=base)
+
+
 def check(report, baseline=None, recipe=None, max_drop=None, max_ppl_increase=None):
     """The CI gate: an eval report (dict or JSON path) against its baseline (default: the one embedded in it), under
     the recipe's check: tolerances with ``max_drop`` ({task: points}) and ``max_ppl_increase`` (percent) winning.

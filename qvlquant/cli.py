@@ -1,6 +1,8 @@
-"""The ``qvlquant`` command: quantize, eval.
+"""The ``qvlquant`` command: quantize, eval, check, inspect, push, bench; a thin shell over the Python API
+(qvlquant.api, qvlquant.eval.run, qvlquant.eval.check, qvlquant.recipes, ...).
 
 Bad input ends in one line on stderr naming what is wrong, exit status 2; nothing half-written is left behind.
+``qvlquant check`` exits 1 for a regression, distinct from 2 for bad input.
 """
 
 from __future__ import annotations
@@ -119,106 +121,29 @@ def add_eval(sub) -> None:
     p.add_argument("--report", default=None, help="write the JSON summary here (per-sample outputs beside it)")
 
 
-def evaluate_one(model_path: str, args) -> tuple[dict, list]:
-    import torch
+def eval_config(args):
+    """The eval flags as a qvlquant.eval.run.EvalConfig (validated there)."""
+    from qvlquant.eval.run import EvalConfig  # torch and transformers: imported when the command runs
 
-    from qvlquant.calib.easyvqa import load_split
-    from qvlquant.demo.paths import DATA_DIR
-    from qvlquant.eval.easyvqa import evaluate
-    from qvlquant.eval.perplexity import perplexity, token_stream
-    from qvlquant.eval.tasks import model_answerer, read_rows, run_task, vllm_answerer
-    from qvlquant.runtime import load
-
-    torch.manual_seed(0)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    if args.task != "easyvqa" and not args.data:
-        raise ValueError(f"--task {args.task} needs --data FILE.tsv (VLMEvalKit layout)")
-    rows = read_rows(args.data, args.split)[: args.limit] if args.task != "easyvqa" else None
-    if args.backend == "vllm":
-        if rows is None:
-            raise ValueError("--backend vllm runs the TSV / hf: tasks; easy-vqa runs on transformers")
-        answerer = vllm_answerer(str(model_path), args.tensor_parallel, args.max_new_tokens)
-        res = run_task(args.task, rows, answerer, args.batch_size)
-        return {"task": args.task, "model": str(model_path), "accuracy": round(res["accuracy"], 2), "n": res["n"],
-                "backend": "vllm"}, res["predictions"]
-    model, processor = load(model_path)
-    if rows is None:
-        items = load_split("test")[: args.limit]
-        res = evaluate(model, processor, items, batch_size=args.batch_size, desc=f"easy-vqa {model_path}")
-    else:
-        res = run_task(args.task, rows, model_answerer(model, processor, args.max_new_tokens), args.batch_size)
-    summary = {"task": args.task, "model": str(model_path), "accuracy": round(res["accuracy"], 2), "n": res["n"]}
-    qc = getattr(model.config, "quantization_config", None)
-    summary["quantization"] = None if not qc else {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "sym", "zero_point") if k in qc}
-    if not args.no_perplexity:
-        docs = (DATA_DIR / "heldout.txt").read_text(encoding="utf-8").splitlines()
-        summary["perplexity"] = round(perplexity(model, token_stream(processor.tokenizer, docs)), 3)
-    return summary, res["predictions"]
-
-
-def recorded_base(model_path: str) -> str | None:
-    from qvlquant.export import REPORT
-
-    report = pathlib.Path(model_path) / REPORT
-    return json.loads(report.read_text())["base_model"] if report.exists() else None
+    return EvalConfig(task=args.task, data=args.data, split=args.split, backend=args.backend,
+                      tensor_parallel=args.tensor_parallel, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      batch_size=args.batch_size, perplexity=not args.no_perplexity)
 
 
 def run_eval(args) -> int:
+    from qvlquant.eval.run import evaluate_with_baseline, format_table, published_figures, recorded_base, write_report
+
+    config = eval_config(args)
     base = args.base if args.base is not None else recorded_base(args.model)
-    summary, predictions = evaluate_one(args.model, args)
-    rows = [summary]
-    if base and base != "none":
-        baseline, _ = evaluate_one(base, args)
-        summary["baseline"] = baseline
-        summary["delta_accuracy"] = round(summary["accuracy"] - baseline["accuracy"], 2)
-        rows = [baseline, summary]
-    print_table(rows)
-    print_published(base or args.model, args.task)
+    result = evaluate_with_baseline(args.model, config, base=base)
+    baseline = result.summary.get("baseline")
+    print(format_table([baseline, result.summary] if baseline else [result.summary]))
+    published = published_figures(base or args.model, args.task)
+    if published:
+        print(published)
     if args.report:
-        path = pathlib.Path(args.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".predictions.jsonl"), "w", encoding="utf-8") as f:
-            for p in predictions:
-                f.write(json.dumps(p) + "\n")
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_report(result, args.report)
     return 0
-
-
-PUBLISHED_COLUMNS = {"mmmu": "MMMU_VAL", "docvqa": "DocVQA_VAL", "mmbench": "MMBench_DEV_EN", "mathvista": "MathVista_MINI"}
-
-
-def print_published(model: str, task: str) -> None:
-    """The published figures of the same model and task (shared/reference), when there are some."""
-    import csv
-    import importlib.resources
-
-    column = PUBLISHED_COLUMNS.get(task)
-    name = str(model).rstrip("/").split("/")[-1]
-    if column is None:
-        return
-    text = importlib.resources.files("qvlquant.eval").joinpath("reference/qwen2vl_accuracy.csv").read_text()
-    rows = [r for r in csv.DictReader(line for line in text.splitlines() if not line.startswith("#")) if r["model"] == name]
-    if rows:
-        print(f"published ({name}, {column}, VLMEvalKit): " + ", ".join(f"{r['quantization']} {r[column]}" for r in rows))
-
-
-def _label(row: dict) -> str:
-    q = row.get("quantization")
-    if not q:
-        return "BF16 (full precision)"
-    if q.get("quant_method") == "awq":
-        return f"AWQ W{q['bits']}g{q['group_size']}"
-    return f"GPTQ-format W{q['bits']}g{q['group_size']}{'' if q.get('sym') else ' asym'}"
-
-
-def print_table(rows: list[dict]) -> None:
-    head = f"{'model':<40} {'weights':<24} {rows[0]['task'] + ' %':>14} {'n':>6} {'held-out ppl':>12}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
-        print(f"{str(r['model'])[-40:]:<40} {_label(r):<24} {r['accuracy']:>14.2f} {r['n']:>6} {ppl:>12}")
 
 
 def add_check(sub) -> None:

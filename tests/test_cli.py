@@ -106,3 +106,43 @@ def test_tensor_parallel_padding_from_the_command_line(tmp_path):
     assert json.loads((out / "config.json").read_text())["text_config"]["intermediate_size"] == 768
     model, _ = qvlquant.load(out)
     assert model.model.language_model.layers[0].mlp.down_proj.in_features == 768
+
+
+def test_eval_command_is_a_shell_over_the_library(monkeypatch, tmp_path, capsys):
+    """qvlquant eval prints the library's table (baseline first) and the published figures of the base, and writes
+    the library's summary and predictions; evaluate itself is stubbed here (the slow tests run it for real)."""
+    from qvlquant.eval import run
+
+    def fake(model_path, config):
+        quant = None if model_path == "Qwen/Qwen2-VL-2B-Instruct" else {"quant_method": "awq", "bits": 4, "group_size": 128}
+        summary = {"task": config.task, "model": str(model_path), "accuracy": 70.0 if quant else 72.5, "n": config.limit,
+                   "quantization": quant}
+        return run.EvalResult(summary, [{"index": "1", "prediction": "A", "score": 1.0}])
+
+    monkeypatch.setattr(run, "evaluate", fake)
+    data = tmp_path / "mmbench.tsv"  # never read: evaluate is stubbed
+    report = tmp_path / "e.json"
+    argv = ["eval", "--model", "out/awq", "--base", "Qwen/Qwen2-VL-2B-Instruct", "--task", "mmbench", "--data", str(data),
+            "--limit", "5", "--report", str(report)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "Qwen/Qwen2-VL-2B-Instruct                BF16 (full precision)             72.50      5            -",
+        "out/awq                                  AWQ W4g128                        70.00      5            -",
+        "published (Qwen2-VL-2B-Instruct, MMBench_DEV_EN, VLMEvalKit): BF16 72.07, GPTQ-Int8 71.99, GPTQ-Int4 70.87, AWQ 71.64",
+    ]
+    data = json.loads(report.read_text())
+    assert list(data) == ["task", "model", "accuracy", "n", "quantization", "baseline", "delta_accuracy"]
+    assert data["delta_accuracy"] == -2.5 and data["baseline"]["model"] == "Qwen/Qwen2-VL-2B-Instruct"
+    assert report.with_suffix(".predictions.jsonl").read_text() == '{"index": "1", "prediction": "A", "score": 1.0}\n'
+
+
+def test_eval_task_choices_are_the_library_tasks():
+    import argparse
+
+    from qvlquant.cli import add_eval
+    from qvlquant.eval.metrics import EVAL_TASKS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_eval(sub)
+    task = next(a for a in sub.choices["eval"]._actions if a.dest == "task")  # argparse's private list, only here
+    assert tuple(task.choices) == EVAL_TASKS
