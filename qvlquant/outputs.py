@@ -58,7 +58,8 @@ def check_output_target(out: os.PathLike | str, protected: Iterable[os.PathLike 
     target = pathlib.Path(out).expanduser().resolve()
     why = _never_replaced(target, protected)
     if why:
-        raise OutputError(f"--output {target} {why}; it is never replaced, even with --overwrite: choose another folder")
+        raise OutputError(f"--output {target} {why}; it is never replaced, even with --overwrite: "
+                          "choose another folder")
     if os.path.lexists(target) and not target.is_dir():
         raise OutputError(f"--output {target} exists and is not a folder; it is never replaced: choose a folder path")
     above = target.parent

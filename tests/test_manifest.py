@@ -36,7 +36,8 @@ def test_entry_outside_the_export_fails_even_with_the_right_hash(export, name):
     """RELIABILITY.md 33: a manifest naming ``../x`` with x's true sha256 must not verify."""
     outside = export.parent / "outside.txt"
     outside.write_text("not part of the export\n")
-    edit_manifest(export, lambda files: files.update({name: {"sha256": sha256(outside), "bytes": outside.stat().st_size}}))
+    entry = {"sha256": sha256(outside), "bytes": outside.stat().st_size}
+    edit_manifest(export, lambda files: files.update({name: entry}))
     with pytest.raises(ManifestError, match="not a plain file name"):
         verify_manifest(export)
 

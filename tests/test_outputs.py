@@ -112,7 +112,8 @@ def test_a_file_is_never_replaced(tmp_path):
         check_output_target(f / "sub", overwrite=True)
     with pytest.raises(OutputError):
         publish(new_tmp(tmp_path / "side"), f, overwrite=True)
-    assert f.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir() if "afile" in p.name) == ["afile.txt"]
+    assert f.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir() if "afile" in p.name) == ["afile.txt"]
 
 
 def test_publish_replaces_an_export_and_keeps_it_when_the_rename_fails(tmp_path, monkeypatch):
@@ -162,7 +163,8 @@ def test_stale_temps_of_dead_exports_are_cleaned_live_ones_kept(tmp_path):
     (tmp_path / f".q.tmp-{dead}" / "model.safetensors").write_bytes(b"half")
     removed = clean_stale_temps(out)
     assert sorted(p.name for p in removed) == [f".q.old-{dead}", f".q.tmp-{dead}"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".other.tmp-{dead}", ".q.tmp-x", f".q.tmp-{live}", "q"])
+    kept = [f".other.tmp-{dead}", ".q.tmp-x", f".q.tmp-{live}", "q"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_a_stranded_old_export_is_put_back(tmp_path):

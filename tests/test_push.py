@@ -156,7 +156,7 @@ def test_manifest_naming_a_file_outside_pushes_nothing(tmp_path):
     outside.write_text("a file of the user, beside the export\n")
     add_entry(q, "../outside.txt", outside)
     api = FakeApi()
-    with pytest.raises(PushError, match=r"verification failed, nothing pushed.*'\.\./outside\.txt' is not a plain file name"):
+    with pytest.raises(PushError, match=r"verification failed, nothing pushed.*'\.\./outside\.txt' is not a plain"):
         push(q, "me/x", api=api)
     assert api.calls == []
 
