@@ -1,99 +1,166 @@
-"""The main job as one function: load the base model, build calibration batches, quantize layer by layer, export."""
+"""The main job as one function: check everything, build the calibration batches, stream the model through the
+layer loop one decoder layer at a time, and export.
+
+Memory holds the vision tower and embeddings during the capture pass, then one decoder layer, its statistics and
+the calibration activations; never the whole model (see ``estimate``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import platform
-import resource
-import shutil
 import time
 
 import torch
 
 from qvlquant import __version__
-from qvlquant.calib.dataset import CalibConfig, build_batches
+from qvlquant.calib.dataset import build_batches
 from qvlquant.calib.sources import load_samples
-from qvlquant.export import export
-from qvlquant.models import load_base
-from qvlquant.pipeline import QuantConfig, quantize_model
-from qvlquant.quant.rtn import QuantSpec
+from qvlquant.config import JobConfig
+from qvlquant.devices import (choose_offload, compute_dtype, peak_gpu_bytes, peak_rss_bytes, resolve_device,
+                              set_threads)
+from qvlquant.estimate import estimate, format_estimate
+from qvlquant.export import CheckpointTensors, export
+from qvlquant.families import family_for
+from qvlquant.models import (StreamedLayers, build_skeleton, check_processor_files, check_remote_code, load_config,
+                             read_model_type, resolve_model_path, storage_dtype)
+from qvlquant.outputs import check_output_target
+from qvlquant.pipeline import LoopPlan, QuantResult, check_group_size, quantize_model
+from qvlquant.progress import say
+from qvlquant.resume import FINGERPRINT, DiskStore, batches_digest, model_digest, settings_fingerprint
+from qvlquant.shards import ShardReader
+from qvlquant.transforms import pad_config
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def quantize(
-    output: str | os.PathLike,
-    model: str = "demo",
-    method: str = "rtn",
-    bits: int = 4,
-    group_size: int = 128,
-    sym: bool = True,
-    calib: str = "demo",
-    num_samples: int = 64,
-    seed: int = 0,
-    calib_config: CalibConfig | None = None,
-    dtype: torch.dtype = torch.float32,
-    pad_intermediate_to: int | None = None,
-    trust_remote_code: bool = False,
-    calib_split: str = "train",
-    calib_columns: dict | None = None,
-    resume: bool = True,
-    **method_options,
-) -> dict:
-    """Quantize ``model`` with ``method`` and write the checkpoint to ``output``. -> the report it saved."""
+def quantize(config: JobConfig | None = None, **settings) -> dict:
+    """Quantize a model and export it. Pass a ``JobConfig``, or flat settings named like the CLI flags
+    (``qvlquant.quantize(output="out/q", method="awq")``). -> the report saved beside the weights (for a run
+    stopped by ``max_layers``: the report of the layers done, saved in the partial folder)."""
+    if config is None:
+        config = JobConfig.from_flat(**settings)
+    elif settings:
+        raise TypeError("pass either a JobConfig or flat settings, not both")
     t0 = time.time()
-    torch.manual_seed(seed)
-    from qvlquant.quant import METHODS
+    torch.manual_seed(config.calib.seed)
+    job = _prepare(config)
+    batches = _batches(config, job)
+    tokens = int(sum(b["attention_mask"].sum() for b in batches))
+    job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], job["dtype"], job["padded"],
+                               tokens)
+    say(format_estimate(job["estimate"]))
+    store = DiskStore(job["partial"], settings_fingerprint(
+        version=__version__, settings=config.result_settings(), model=model_digest(job["folder"]),
+        batches=batches_digest(batches), storage=str(job["storage"]), compute=str(job["dtype"])))
+    offload = choose_offload(job["device"], _activation_bytes(batches, job["hidden"], job["dtype"]),
+                             config.device.offload)
+    plan = LoopPlan(job["family"], config.quant, config.pack_format, job["storage"], offload, config.max_layers)
+    source = StreamedLayers(job["skeleton"], job["family"], job["reader"], job["device"], job["dtype"],
+                            config.pad_intermediate_to)
+    say(f"loading the vision tower and embeddings onto {job['device']} for the capture pass")
+    source.prepare_capture()
+    result = quantize_model(job["skeleton"], batches, plan, source, store)
+    make_report = lambda: _report(config, job, batches, result, t0, offload)  # noqa: E731
+    if not result.complete:
+        report = make_report()
+        (job["partial"] / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        say(f"stopped after {len(result.store.finished())} of {result.num_layers} layers (--max-layers); "
+            f"rerun without it to finish from {job['partial']}")
+        return report
+    say(f"writing the export to {job['out']}")
+    base = CheckpointTensors(job["reader"], job["family"], job["storage"])
+    export(job["skeleton"], job["processor"], result, job["out"], make_report, base, config.export, job["protected"])
+    store.remove()
+    return json.loads((job["out"] / "quantize_report.json").read_text())
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "awq" and (bits != 4 or sym) and method_options.get("export_format", "auto") == "auto":
-        raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (--asym) only")
-    spec = QuantSpec(bits, group_size, sym)
-    net, processor, family, store_dtype = load_base(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    qcfg = QuantConfig(method=method, spec=spec, storage_dtype=store_dtype, **method_options)
-    if pad_intermediate_to:
-        from qvlquant.transforms import pad_intermediate
 
-        pad_intermediate(net, family, pad_intermediate_to)
-    samples, names, root = load_samples(calib, num_samples, seed, calib_split, calib_columns)
-    cfg = calib_config or CalibConfig()
+def _prepare(config: JobConfig) -> dict:
+    """Every check that needs no calibration data, in seconds: device, model type, remote code, processor files,
+    --output, group sizes (on a meta skeleton). -> what the run needs."""
+    device = resolve_device(config.device.device)
+    threads = set_threads(config.device.threads)
+    folder = resolve_model_path(config.model)
+    family = family_for(read_model_type(folder))
+    check_remote_code(family, folder, config.trust_remote_code)
+    hf_config = load_config(folder, family)
+    storage = storage_dtype(hf_config)  # before the skeleton is built: building it sets config.dtype
+    check_processor_files(folder, family)
+    out = pathlib.Path(config.output).expanduser().resolve()
+    protected = (folder,) + _calib_paths(config.calib.source)
+    check_output_target(out, protected, config.export.overwrite)
+    dtype = compute_dtype(device, config.device.dtype)
+    say(f"building {family.name} from {folder} on the meta device")
+    skeleton = build_skeleton(hf_config, family, dtype)
+    padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
+    check_group_size(skeleton, family, config.quant.spec, padded)
+    reader = ShardReader(folder)
+    partial = out.with_name(f".{out.name}.partial")
+    if not config.resume and (partial / FINGERPRINT).exists():
+        DiskStore(partial, "").remove()  # --no-resume: our own partial run, never another folder
+    text = getattr(hf_config, "text_config", hf_config)
+    return dict(device=device, threads=threads, folder=folder, family=family, out=out, protected=protected,
+                dtype=dtype, skeleton=skeleton, reader=reader, partial=partial, storage=storage,
+                hidden=text.hidden_size, processor=_processor(folder, family), padded=padded)
+
+
+def _processor(folder: pathlib.Path, family):
+    from transformers import AutoProcessor, AutoTokenizer  # heavy; the model type was checked first
+
+    if family.needs_remote_code:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    return AutoProcessor.from_pretrained(folder)
+
+
+def _calib_paths(source: str) -> tuple[pathlib.Path, ...]:
+    """The calibration data's file or folder, when it is one (never replaced by --output)."""
+    if source in ("demo", "easyvqa") or source.startswith("hf:"):
+        return ()
+    path = pathlib.Path(source).expanduser()
+    return (path,) if path.exists() else ()
+
+
+def _batches(config: JobConfig, job: dict) -> list[dict]:
+    src = config.calib
+    samples, names, root = load_samples(src.source, src.num_samples, src.seed, src.split, dict(src.columns))
+    cfg = config.processing
     if root and cfg.image_root is None:
         cfg = dataclasses.replace(cfg, image_root=root)
-    batches = build_batches(processor, samples, cfg, names, v1=family.needs_remote_code)
-    out = pathlib.Path(output).resolve()
-    from qvlquant.models import resolve_model_path
-    from qvlquant.resume import LayerCheckpoints, fingerprint, model_fingerprint
+    say(f"encoding {len(samples)} calibration samples through the processor")
+    return build_batches(job["processor"], samples, cfg, names, v1=job["family"].needs_remote_code)
 
-    partial = out.with_name(f".{out.name}.partial")
-    if not resume:
-        shutil.rmtree(partial, ignore_errors=True)
-    print_ = fingerprint(version=__version__, model=model_fingerprint(resolve_model_path(model)), calib=names,
-                         calib_config=cfg, qcfg=qcfg, pad=pad_intermediate_to, dtype=dtype)
-    checkpoints = LayerCheckpoints(partial, print_)
-    result = quantize_model(net, family, batches, qcfg, checkpoints)
-    report = {
+
+def _activation_bytes(batches: list[dict], hidden: int, dtype: torch.dtype) -> int:
+    """Hidden states of every calibration batch, plus the position embeddings that travel with them."""
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return tokens * hidden * torch.tensor([], dtype=dtype).element_size() * 2
+
+
+def _report(config: JobConfig, job: dict, batches: list[dict], result: QuantResult, t0: float, offload) -> dict:
+    device = job["device"]
+    gpu = peak_gpu_bytes(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {job['threads']} threads"
+    return {
         "qvlquant_version": __version__,
-        "base_model": str(model),
-        "method": method,
-        "bits": bits,
-        "group_size": group_size,
-        "sym": sym,
-        "pad_intermediate_to": pad_intermediate_to,
-        "options": {k: v for k, v in vars(qcfg).items() if k not in ("method", "spec", "storage_dtype")},
-        "calibration": {"source": calib, "num_samples": num_samples, "seed": seed, "batches": len(batches),
-                        "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
-                        "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels, "max_length": cfg.max_length},
+        "config": config.to_dict(),
+        "base_model": str(config.model),
+        "method": config.quant.method,
+        "bits": config.quant.spec.bits,
+        "group_size": config.quant.spec.group_size,
+        "sym": config.quant.spec.sym,
+        "calibration": {"source": config.calib.source, "num_samples": config.calib.num_samples,
+                        "seed": config.calib.seed, "batches": len(batches),
+                        "tokens": int(sum(b["attention_mask"].sum() for b in batches))},
+        "device": str(device),
+        "compute_dtype": str(job["dtype"]).removeprefix("torch."),
+        "activations_on": offload or str(device),
         "layers": result.layer_info,
+        "layer_seconds": {str(k): v for k, v in result.layer_seconds.items()},
         "quantize_seconds": round(result.seconds, 2),
         "total_seconds": round(time.time() - t0, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+        "peak_gpu_allocated_gib": None if gpu is None else round(gpu / 2**30, 3),
+        "estimate": job["estimate"],
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job['threads']} used), torch {torch.__version__}"
+                   f", {where}",
     }
-    export(net, processor, family, result, qcfg, out, store_dtype, report)
-    checkpoints.remove()
-    return report

@@ -14,13 +14,8 @@ import os
 import pathlib
 import sys
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
+from qvlquant.api import quantize
+from qvlquant.config import DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig
 
 
 def recipe_defaults(path: str) -> dict:
@@ -31,73 +26,72 @@ def recipe_defaults(path: str) -> dict:
 
 
 def add_quantize(sub) -> None:
+    """Flags default to None: the defaults live in qvlquant.config (shown here), so a recipe can set them."""
     p = sub.add_parser("quantize", help="quantize a model's language layers and export the checkpoint")
     p.add_argument("--recipe", default=None, help="YAML of settings (recipes/*.yaml); flags given override it")
-    p.add_argument("--model", default="demo", help="'demo' (embedded), a local folder, or a hub id")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
-    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
-    p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 for per-channel")
-    p.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric (GPTQ default)")
-    p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric, with zero points (AWQ default)")
-    p.add_argument("--damp-percent", type=float, default=0.1, help="GPTQ: Hessian damping (raised on failure)")
-    p.add_argument("--desc-act", action="store_true", help="GPTQ: act-order (columns by decreasing Hessian diag)")
-    p.add_argument("--static-groups", action="store_true", help="GPTQ: group params fixed before act-order")
-    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+    p.add_argument("--model", help="'demo' (embedded, the default), a local folder, or a hub id")
+    p.add_argument("--method", choices=list(METHODS), help="default rtn")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="default 4")
+    p.add_argument("--group-size", type=int, help="input columns per scale; -1 for per-channel (default 128)")
+    p.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric (rtn/gptq default)")
+    p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric, with zero points (awq default)")
+    p.add_argument("--damp-percent", type=float, help=f"GPTQ: Hessian damping, doubled on Cholesky failure up to "
+                   f"1.0 (default {GPTQ_DAMP_PERCENT})")
+    p.add_argument("--desc-act", action="store_true", default=None, help="GPTQ: act-order (columns by decreasing "
+                   "Hessian diagonal)")
+    p.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group parameters fixed "
+                   "before act-order")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                    help="GPTQ: all Hessians from the unquantized layer instead of group by group")
-    p.add_argument("--calib", default="demo", help="'demo', 'easyvqa', a .json/.jsonl file (chat or sharegpt), "
+    p.add_argument("--calib", help="'demo' (default), 'easyvqa', a .json/.jsonl file (chat or sharegpt), "
                    "an image folder with captions, or hf:PATH_OR_ID")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--split", default="train", help="hf: datasets: the split to read")
-    for col, default in (("image", "image"), ("question", "question"), ("answer", "answer"), ("text", None)):
-        p.add_argument(f"--{col}-column", default=default, help=f"hf: datasets: the {col} column")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--min-pixels", type=int, default=56 * 56)
-    p.add_argument("--max-pixels", type=int, default=448 * 448)
-    p.add_argument("--allow-urls", action="store_true", help="fetch http(s) images (timeout, 32 MB cap, "
-                   "private addresses refused); off by default")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype while quantizing")
-    p.add_argument("--pad-intermediate-to", type=int, default=None, metavar="M",
+    p.add_argument("--num-samples", type=int, help="default 64")
+    p.add_argument("--split", help="hf: datasets: the split to read (default train)")
+    for col in ("image", "question", "answer", "text"):
+        p.add_argument(f"--{col}-column", help=f"hf: datasets: the {col} column")
+    p.add_argument("--batch-size", type=int, help="calibration samples per forward (default 1)")
+    p.add_argument("--max-length", type=int, help="tokens per sample; longer samples are errors (default 2048)")
+    p.add_argument("--min-pixels", type=int, help="default 3136 (56x56)")
+    p.add_argument("--max-pixels", type=int, help="default 200704 (448x448)")
+    p.add_argument("--allow-urls", action="store_true", default=None, help="fetch http(s) images (timeout, 32 MB "
+                   "cap, private addresses refused); off by default")
+    p.add_argument("--seed", type=int, help="which samples are drawn (default 0)")
+    p.add_argument("--device", help="auto (CUDA when present, the default), cpu, cuda or cuda:N: where each layer, "
+                   "its statistics and the math live")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype of the layer weights (default: float32 on "
+                   "the CPU, bfloat16 on a GPU; Hessians are float32 always)")
+    p.add_argument("--offload", choices=list(OFFLOAD), help="where calibration activations wait between layers: "
+                   "auto (on the device when they fit, the default), device, cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the machine's real CPU quota)")
+    p.add_argument("--max-layers", type=int, metavar="N", help="stop after N decoder layers (to measure); the "
+                   "partial run stays and a rerun without it finishes")
+    p.add_argument("--pad-intermediate-to", type=int, metavar="M",
                    help="zero-pad the MLP intermediate size to a multiple of M for tensor parallelism "
                         "(Qwen2-VL-72B: 1024 turns 29568 into 29696)")
-    p.add_argument("--trust-remote-code", action="store_true",
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow the modelling code shipped with the checkpoint to run (Qwen-VL-Chat only; never "
                         "passed for transformers-native models)")
-    p.add_argument("--format", dest="export_format", choices=["auto", "compressed-tensors"], default="auto",
-                   help="auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's native format")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="ignore and overwrite a partial run (.OUTPUT.partial) instead of resuming it")
-    p.add_argument("--output", required=True, help="output folder (replaced atomically if it exists)")
-
-
-def method_options(args) -> dict:
-    fmt = {} if args.export_format == "auto" else {"export_format": args.export_format}
-    if args.method != "gptq":
-        if args.desc_act or args.static_groups or not args.true_sequential or args.damp_percent != 0.1:
-            raise ValueError(f"--desc-act/--static-groups/--no-true-sequential/--damp-percent are GPTQ options, not {args.method}")
-        return fmt
-    return {**fmt, "damp_percent": args.damp_percent, "desc_act": args.desc_act, "static_groups": args.static_groups,
-            "true_sequential": args.true_sequential}
+    p.add_argument("--format", dest="export_format", choices=list(EXPORT_FORMATS),
+                   help="auto (default): GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's "
+                        "native format")
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="delete a partial run of this output (.OUTPUT.partial) and start over instead of resuming")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --output that is "
+                   "not a qvlquant export (never the base model or the calibration data)")
+    p.add_argument("--output", required=True, help="output folder; an earlier qvlquant export there is replaced "
+                   "atomically, anything else only with --overwrite")
 
 
 def run_quantize(args) -> int:
-    from qvlquant.api import quantize
-    from qvlquant.calib.dataset import CalibConfig
-
-    sym = (args.method != "awq") if args.sym is None else args.sym
-    cfg = CalibConfig(args.max_length, args.min_pixels, args.max_pixels, args.batch_size, allow_urls=args.allow_urls)
-    report = quantize(
-        output=args.output, model=args.model, method=args.method, bits=args.bits, group_size=args.group_size,
-        sym=sym, calib=args.calib, num_samples=args.num_samples, seed=args.seed, calib_config=cfg,
-        dtype=_dtype(args.dtype), pad_intermediate_to=args.pad_intermediate_to,
-        trust_remote_code=args.trust_remote_code, calib_split=args.split, resume=args.resume,
-        calib_columns={"image": args.image_column, "question": args.question_column, "answer": args.answer_column,
-                       "text": args.text_column},
-        **method_options(args),
-    )
-    print(f"quantized {len(report['layers'])} linears ({args.method} W{args.bits} g{args.group_size}) "
-          f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_mb']:.0f} MB -> {args.output}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe")}
+    report = quantize(JobConfig.from_flat(**settings))
+    if report.get("config", {}).get("max_layers") and "layer_seconds" in report and len(report["layer_seconds"]) \
+            < report["estimate"]["layers"]:
+        print(f"quantized {len(report['layer_seconds'])} of {report['estimate']['layers']} layers "
+              f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB (stopped early)")
+        return 0
+    print(f"quantized {len(report['layers'])} linears ({report['method']} W{report['bits']} g{report['group_size']}) "
+          f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
     return 0
 
 
@@ -214,15 +208,11 @@ def add_bench(sub) -> None:
 def run_bench(args) -> int:
     import torch
 
-    from qvlquant.bench import BenchConfig, format_table, plot, run, weights_table
+    from qvlquant.bench import BenchConfig, format_table, format_weights_table, plot, run, weights_table
 
     if args.weights_only:
         rows = weights_table(args.shape, tuple(args.variants.split(",")))
-        print(f"{args.shape}: bytes held by the weights (GiB; vision tower in bf16)")
-        print("| variant | weights GiB | of which vision | published peak GB at input 1 |\n|---|---|---|---|")
-        for r in rows:
-            pub = r["published_memory_gb_input_1"]
-            print(f"| {r['variant']} | {r['weights_gb']:.2f} | {r['vision_gb']:.2f} | {'-' if pub is None else f'{pub:.2f}'} |")
+        print(format_weights_table(args.shape, rows))
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
         return 0
@@ -316,7 +306,7 @@ def main(argv=None) -> int:
         return {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect,
                 "check": run_check, "push": run_push,
                 "bench": run_bench}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("QVLQUANT_DEBUG") == "1":
             raise
         print(f"qvlquant {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line

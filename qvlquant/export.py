@@ -1,8 +1,13 @@
 """Writing quantized checkpoints: safetensors in the keys ``save_pretrained`` writes, a ``quantization_config`` the
 loaders read, the processor without any truncation setting, a report, and a sha256 manifest.
 
-Everything is written into a temporary folder beside the output and renamed into place at the end, so a crash never
-leaves a partial model and never destroys the model that was there before.
+The tensors are streamed: the export plans every shard from names, dtypes and shapes alone, then writes each file
+one tensor at a time, fetching it from where it is: the finished layers' records (a ``MemoryStore`` or the
+partial run on disk) and, for everything that is not quantized (vision tower, embeddings, norms, lm_head), the
+base checkpoint's shards (``CheckpointTensors``) or a model in memory (``ModelTensors``), cast to the storage
+dtype. Memory holds one tensor at a time. Everything is written into a temporary folder beside the output and
+renamed into place at the end (``qvlquant.outputs.publish``), so a crash never leaves a partial model and never
+destroys the model that was there before.
 """
 
 from __future__ import annotations
@@ -12,17 +17,23 @@ import json
 import os
 import pathlib
 import shutil
+from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from qvlquant import __version__
+from qvlquant.config import ExportConfig, QuantConfig
 from qvlquant.families import ModelFamily
-from qvlquant.manifest import MANIFEST, sha256, verify_manifest, write_manifest  # noqa: F401 (re-exported)
-from qvlquant.outputs import replace_dir
-from qvlquant.pipeline import QuantConfig, QuantResult
+from qvlquant.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401 (MANIFEST, verify re-exported)
+from qvlquant.models import disk_key
+from qvlquant.outputs import publish, temp_dir
+from qvlquant.pipeline import QuantResult
+from qvlquant.progress import progress
+from qvlquant.quant.formats import PackFormat
+from qvlquant.shards import INDEX, SINGLE, ShardReader, write_safetensors
 
 REPORT = "quantize_report.json"
+Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
 def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
@@ -40,18 +51,19 @@ def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                       "output_activations": None, "format": "pack-quantized"}},
-        "ignore": ["lm_head", "re:.*visual.*"],
+        "ignore": family.compressed_ignore(),
         "kv_cache_scheme": None,
         "meta": {"quantizer": f"qvlquant:{__version__}", "method": qcfg.method},
     }
 
 
-def quantization_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
+def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily) -> dict:
+    """The ``quantization_config`` loaders read for the format the tensors were packed in."""
     spec = qcfg.spec
     not_converted = family.unquantized_disk_names()
-    if qcfg.export_format == "compressed-tensors":
+    if fmt is PackFormat.COMPRESSED:
         return compressed_tensors_config(qcfg, family)
-    if qcfg.method == "awq":
+    if fmt is PackFormat.AWQ_GEMM:
         return {
             "quant_method": "awq",
             "version": "gemm",
@@ -77,44 +89,118 @@ def quantization_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
     }
 
 
-def checkpoint_tensors(model, family: ModelFamily, result: QuantResult, qcfg: QuantConfig, dtype) -> dict:
-    """The state dict to save: packed tensors for quantized linears, everything else in the storage dtype."""
-    quantized = set(result.weights)
+class ModelTensors:
+    """The tensors of a model in memory (non-layer parts), in the storage dtype."""
+
+    def __init__(self, model, family: ModelFamily, dtype: torch.dtype):
+        self.state, self.family, self.dtype = model.state_dict(), family, dtype
+
+    def meta(self, runtime_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self.state[runtime_name]
+        return (self.dtype if t.is_floating_point() else t.dtype), tuple(t.shape)
+
+    def get(self, runtime_name: str) -> torch.Tensor:
+        t = self.state[runtime_name]
+        return (t.to(self.dtype) if t.is_floating_point() else t).contiguous()
+
+
+class CheckpointTensors:
+    """The tensors of the base checkpoint on disk, read one at a time and cast to the storage dtype."""
+
+    def __init__(self, reader: ShardReader, family: ModelFamily, dtype: torch.dtype):
+        self.reader, self.family, self.dtype = reader, family, dtype
+
+    def meta(self, runtime_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype, shape = self.reader.meta(disk_key(self.reader, self.family, runtime_name))
+        return (self.dtype if dtype.is_floating_point else dtype), shape
+
+    def get(self, runtime_name: str) -> torch.Tensor:
+        t = self.reader.get(disk_key(self.reader, self.family, runtime_name))
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+
+def plan_tensors(model, result: QuantResult, base) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]]]:
+    """Every tensor of the export in state-dict order (a layer's packed tensors where its weights were), with a
+    function fetching each. ``model`` may be a meta skeleton: only its names are read."""
+    family = result.plan.family
+    quantized = set(family.linears)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    tensors = {}
-    for name, t in model.state_dict().items():
-        module, leaf = name.rsplit(".", 1)
-        if (module in quantized and leaf == "weight") or (tied and name == "lm_head.weight"):
+    entries: list[Entry] = []
+    fetch: dict[str, Callable[[], torch.Tensor]] = {}
+    layers_done = set()
+    for name in model.state_dict().keys():
+        if family.is_layer_key(name):
+            i = int(name[len(family.decoder_layers) + 1:].split(".", 1)[0])
+            if i not in layers_done:
+                layers_done.add(i)
+                _plan_layer(i, model, result, quantized, entries, fetch)
             continue
-        tensors[family.to_disk(name)] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    for name, w in result.weights.items():
-        for key, t in qcfg.pack_format.pack(w).items():
-            tensors[f"{family.to_disk(name)}.{key}"] = t.contiguous()
-    return tensors
+        if tied and name == f"{family.lm_head}.weight":
+            continue
+        key = family.to_disk(name)
+        entries.append((key, *base.meta(name)))
+        fetch[key] = lambda name=name: base.get(name)
+    return entries, fetch
 
 
-def save_shards(tensors: dict[str, torch.Tensor], folder: pathlib.Path, max_shard_bytes: int | None) -> list[str]:
-    """One ``model.safetensors``, or shards of at most ``max_shard_bytes`` with a ``model.safetensors.index.json``
-    in the layout transformers writes. -> the file names written."""
-    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
-    if max_shard_bytes is None or sum(sizes.values()) <= max_shard_bytes:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    shards: list[list[str]] = [[]]
+def _plan_layer(i: int, model, result: QuantResult, quantized: set, entries: list, fetch: dict) -> None:
+    family, store = result.plan.family, result.store
+    prefix = f"{family.decoder_layers}.{i}"
+    meta = store.tensor_meta(i)
+    ordered = []
+    for key in model.get_submodule(prefix).state_dict().keys():
+        module, leaf = key.rsplit(".", 1)
+        disk = family.to_disk(f"{prefix}.{key}")
+        if module in quantized and leaf == "weight":
+            head = disk[: -len(".weight")] + "."
+            ordered += [k for k in meta if k.startswith(head) and "." not in k[len(head):] and k != head + "bias"]
+        else:
+            ordered.append(disk)
+    if sorted(ordered) != sorted(meta):
+        raise ValueError(f"{prefix}: its record holds {sorted(set(meta) - set(ordered))[:4]} and lacks "
+                         f"{sorted(set(ordered) - set(meta))[:4]}; the partial run does not match this model")
+    for key in ordered:
+        entries.append((key, *meta[key]))
+        fetch[key] = lambda key=key: store.get(i, key)
+
+
+def plan_shards(entries: list[Entry], max_shard_bytes: int | None) -> list[list[Entry]]:
+    """Consecutive entries grouped into shards of at most ``max_shard_bytes`` (one shard when it all fits)."""
+    size = lambda e: torch.tensor([], dtype=e[1]).element_size() * int(torch.Size(e[2]).numel())  # noqa: E731
+    if max_shard_bytes is None or sum(size(e) for e in entries) <= max_shard_bytes:
+        return [entries]
+    shards: list[list[Entry]] = [[]]
     used = 0
-    for key in tensors:  # state-dict order keeps a layer's tensors together
-        if shards[-1] and used + sizes[key] > max_shard_bytes:
+    for e in entries:  # state-dict order keeps a layer's tensors together
+        if shards[-1] and used + size(e) > max_shard_bytes:
             shards.append([])
             used = 0
-        shards[-1].append(key)
-        used += sizes[key]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, keys in zip(names, shards):
-        save_file({k: tensors[k] for k in keys}, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        shards[-1].append(e)
+        used += size(e)
+    return shards
+
+
+def write_shards(entries: list[Entry], fetch: dict, folder: pathlib.Path, max_shard_bytes: int | None) -> list[str]:
+    """``model.safetensors``, or shards with a ``model.safetensors.index.json`` in the layout transformers writes,
+    one tensor in memory at a time. -> the file names written."""
+    shards = plan_shards(entries, max_shard_bytes)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    bar = progress(total=len(entries), iterable=None, desc="export", unit="tensor")
+    weight_map, total = {}, 0
+
+    def fetched(key):
+        bar.update(1)
+        return fetch[key]()
+
+    for name, shard in zip(names, shards):
+        write_safetensors(folder / name, shard, fetched, {"format": "pt"})
+        weight_map.update({e[0]: name for e in shard})
+        total += sum(torch.tensor([], dtype=e[1]).element_size() * int(torch.Size(e[2]).numel()) for e in shard)
+    bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
 
 
@@ -128,26 +214,31 @@ def _strip_truncation(folder: pathlib.Path) -> None:
             path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
-def export(model, processor, family: ModelFamily, result: QuantResult, qcfg: QuantConfig, out: str | os.PathLike,
-           dtype: torch.dtype, report: dict, max_shard_bytes: int | None = 5 * 2**30) -> pathlib.Path:
-    out = pathlib.Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def export(model, processor, result: QuantResult, out: str | os.PathLike, report: dict | Callable[[], dict],
+           base=None, options: ExportConfig = ExportConfig(), protected: tuple = ()) -> pathlib.Path:
+    """Write the quantized checkpoint of ``result`` to ``out``. ``model``: the model quantized (or its meta
+    skeleton, with ``base`` reading the checkpoint); ``base``: where the tensors that are not quantized come from
+    (default: ``model`` itself); ``report``: a dict, or a function making it once the tensors are written (so
+    the peak memory it records covers the export)."""
+    plan = result.plan
+    if not result.complete:
+        raise ValueError(f"only layers {result.store.finished()} of {result.num_layers} are quantized")
+    base = base or ModelTensors(model, plan.family, plan.storage_dtype)
+    tmp = temp_dir(out)
     try:
-        save_shards(checkpoint_tensors(model, family, result, qcfg, dtype), tmp, max_shard_bytes)
+        entries, fetch = plan_tensors(model, result, base)
+        write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
-        config.quantization_config = quantization_config(qcfg, family)
-        config.dtype = str(dtype).removeprefix("torch.")
+        config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family)
+        config.dtype = str(plan.storage_dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
             _strip_truncation(tmp)
+        report = report() if callable(report) else report
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_manifest(tmp)
-        replace_dir(tmp, out)
+        return publish(tmp, out, options.overwrite, protected)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

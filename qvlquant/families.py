@@ -36,7 +36,19 @@ class ModelFamily:
     # Qwen3-VL: visual features re-added to the hidden states of the visual tokens after the first decoder layers
     # (the text model receives them as ``visual_pos_masks`` and ``deepstack_visual_embeds``).
     deepstack: bool = False
+    deepstack_kwargs: tuple[str, str] = ("visual_pos_masks", "deepstack_visual_embeds")  # what the text model receives
     needs_remote_code: bool = False
+    embed_tokens: str = "model.language_model.embed_tokens"  # runtime path of the token embedding
+    lm_head: str = "lm_head"
+    # AWQ: the attention module its scale search runs, and the keyword arguments (from what the decoder layer
+    # receives) that module needs; linears whose clipping search is skipped (q/k: the softmax hides their errors).
+    attention: str = "self_attn"
+    attention_kwargs: tuple[str, ...] = ("attention_mask", "position_ids", "position_embeddings")
+    clip_skipped: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    # vLLM tensor parallelism: linears split along their outputs (column) and along their inputs (row)
+    column_parallel: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                        "mlp.up_proj")
+    row_parallel: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -54,9 +66,18 @@ class ModelFamily:
                 return runtime + disk_name[len(disk):]
         return disk_name
 
+    def is_layer_key(self, runtime_name: str) -> bool:
+        return runtime_name.startswith(self.decoder_layers + ".")
+
+    def compressed_ignore(self) -> list[str]:
+        """compressed-tensors ``ignore``: lm_head and every module of the vision tower, in either layout."""
+        leaf = self.vision_tower.rsplit(".", 1)[-1]
+        return [self.lm_head, f"re:.*{leaf}.*"]
+
     def unquantized_disk_names(self) -> list[str]:
         """What ``modules_to_not_convert`` must list: both layouts, since transformers 5 matches the runtime name
-        and a bare "visual" protects nothing (shared/design/INTEROP.md)."""
+        and a bare "visual" protects nothing: its matcher anchors a pattern at the start of the runtime name or
+        matches it as a suffix (transformers' ``quantizers_utils.should_convert_module``)."""
         names = []
         for path in self.not_quantized:
             names += [self.to_disk(path + ".")[:-1], path]
@@ -108,6 +129,15 @@ QWEN_VL_V1 = ModelFamily(
     mlp_in=("mlp.w1", "mlp.w2"),
     mlp_out="mlp.c_proj",
     needs_remote_code=True,
+    embed_tokens="transformer.wte",
+    # QWenBlock passes these to QWenAttention (its remote modelling code)
+    attention="attn",
+    attention_kwargs=("rotary_pos_emb_list", "attention_mask"),
+    # c_attn is q, k and v fused: two thirds of its rows are q/k, whose errors the softmax hides, so it is not
+    # clipped either (AutoAWQ matches none of its exclusion names against "c_attn" and clips it whole)
+    clip_skipped=("attn.c_attn",),
+    column_parallel=("attn.c_attn", "mlp.w1", "mlp.w2"),
+    row_parallel=("attn.c_proj", "mlp.c_proj"),
 )
 
 FAMILIES: dict[str, ModelFamily] = {

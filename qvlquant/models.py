@@ -1,15 +1,23 @@
-"""Finding and loading the full-precision model to quantize: the embedded demo, a local folder or a hub id."""
+"""Finding the model to quantize (the embedded demo, a local folder or a hub id), its classes, and building it
+without holding it: a skeleton whose parameters live on the meta device, filled from the safetensors shards one
+part at a time (the vision tower and embeddings for the capture pass, then one decoder layer at a time)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import pathlib
 
 import torch
 
 from qvlquant.demo.paths import MODEL_DIR
 from qvlquant.families import ModelFamily, family_for
+from qvlquant.shards import ShardReader
+from qvlquant.transforms import pad_layer
 
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "*.md"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def resolve_model_path(model: str | pathlib.Path) -> pathlib.Path:
@@ -26,12 +34,13 @@ def resolve_model_path(model: str | pathlib.Path) -> pathlib.Path:
         return path
     if str(model).count("/") != 1 or str(model).startswith((".", "/")):
         raise FileNotFoundError(f"--model {model!r}: no such folder, and not a hub id of the form owner/name")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only for hub ids
 
     try:
         return pathlib.Path(snapshot_download(str(model), allow_patterns=SAFE_PATTERNS))
     except Exception as e:  # the hub client raises many types; the message is what matters
-        raise FileNotFoundError(f"--model {model!r}: could not fetch it from the hub ({type(e).__name__})") from None
+        raise FileNotFoundError(f"--model {model!r}: could not fetch it from the hub ({type(e).__name__}); "
+                                "offline? set HF_HUB_OFFLINE=1 with a cached copy, or pass a local folder") from None
 
 
 def storage_dtype(config) -> torch.dtype:
@@ -43,8 +52,6 @@ def storage_dtype(config) -> torch.dtype:
 
 def read_model_type(folder: pathlib.Path) -> str:
     """model_type from config.json, read as plain JSON (no remote code runs to find it)."""
-    import json
-
     try:
         return json.loads((folder / "config.json").read_text())["model_type"]
     except (KeyError, ValueError) as e:
@@ -59,28 +66,180 @@ def check_remote_code(family: ModelFamily, folder: pathlib.Path, trust_remote_co
         )
 
 
+def check_processor_files(folder: pathlib.Path, family: ModelFamily) -> None:
+    """The processor (tokenizer and image processor) must be saved beside the weights: say which files are
+    missing and where they come from, instead of transformers' OSError."""
+    missing = []
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if not family.needs_remote_code and not any((folder / f).is_file() for f in IMAGE_PROCESSOR_FILES):
+        missing.append(" or ".join(IMAGE_PROCESSOR_FILES))
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} has no processor files ({'; '.join(missing)}): copy them from the base model's hub repo "
+            "(e.g. huggingface-cli download OWNER/NAME --include '*.json' '*.txt' '*.jinja') into the folder")
+
+
+def model_class(config):
+    from transformers import AutoModelForImageTextToText  # heavy: imported when a model is built
+
+    return AutoModelForImageTextToText._model_mapping[type(config)]
+
+
+def load_config(folder: pathlib.Path, family: ModelFamily):
+    """The HF config of a full-precision checkpoint (an already quantized one is refused)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=family.needs_remote_code)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{folder} is already quantized; quantize its full-precision base model instead")
+    return config
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Modules built inside this block get their parameters on the meta device (no memory, no initialisation);
+    buffers (rotary frequencies) are computed for real, as ``from_pretrained`` computes them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def build_skeleton(config, family: ModelFamily, dtype: torch.dtype):
+    """The model with every parameter on the meta device, in ``dtype``, in eval mode."""
+    with meta_parameters():
+        if family.needs_remote_code:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
+        else:
+            model = model_class(config)._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str:
+    """The checkpoint key of a runtime parameter name, in either layout (save_pretrained's or the runtime one)."""
+    for key in (family.to_disk(runtime_name), runtime_name):
+        if key in reader:
+            return key
+    raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
+
+
+def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
+                device: torch.device, dtype: torch.dtype) -> None:
+    """Fill ``module``'s meta parameters (and persistent buffers the checkpoint holds) from ``reader``, in
+    ``dtype`` on ``device``, one tensor at a time. ``prefix``: the module's runtime path in the model."""
+    for name, param in list(module.named_parameters(recurse=True)):
+        full = f"{prefix}.{name}" if prefix else name
+        t = reader.get(disk_key(reader, family, full))
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"{reader.folder}: {full} is {list(t.shape)} in the checkpoint, the config says "
+                             f"{list(param.shape)}")
+        owner, leaf = _owner(module, name)
+        owner._parameters[leaf] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        del t
+
+
+def release(module: torch.nn.Module) -> None:
+    """Give ``module``'s parameters back: each becomes a meta tensor of the same shape."""
+    for name, param in list(module.named_parameters(recurse=True)):
+        owner, leaf = _owner(module, name)
+        owner._parameters[leaf] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    parent, _, leaf = name.rpartition(".")
+    return (module.get_submodule(parent) if parent else module), leaf
+
+
+class StreamedLayers:
+    """A skeleton filled from the checkpoint part by part. ``prepare_capture`` loads what the capture pass needs
+    (all but the decoder layers and lm_head; the token embedding stays in the checkpoint's dtype and its output is
+    cast, which gives the same values as a float32 table); ``after_capture`` releases it; ``load(i)`` /
+    ``release(i)`` hold one decoder layer at a time (padded when --pad-intermediate-to asks)."""
+
+    def __init__(self, model, family: ModelFamily, reader: ShardReader, device: torch.device, dtype: torch.dtype,
+                 pad_to: int | None = None):
+        self.model, self.family, self.reader = model, family, reader
+        self.device, self.dtype, self.pad_to = device, dtype, pad_to
+        self.layers = model.get_submodule(family.decoder_layers)
+        self._capture_parts: list[str] = []
+        self._hook = None
+
+    def prepare_capture(self) -> None:
+        skip = (self.family.decoder_layers, self.family.lm_head, self.family.embed_tokens)
+        for name, child in _top_children(self.model, skip):
+            materialize(child, name, self.reader, self.family, self.device, self.dtype)
+            self._capture_parts.append(name)
+        embed = self.model.get_submodule(self.family.embed_tokens)
+        materialize(embed, self.family.embed_tokens, self.reader, self.family, self.device,
+                    self.reader.meta(disk_key(self.reader, self.family, self.family.embed_tokens + ".weight"))[0])
+        self._capture_parts.append(self.family.embed_tokens)
+        self._hook = embed.register_forward_hook(lambda m, args, out: out.to(self.dtype))
+
+    def after_capture(self) -> None:
+        for name in self._capture_parts:
+            release(self.model.get_submodule(name))
+        if self._hook is not None:
+            self._hook.remove()
+
+    def load(self, i: int) -> torch.nn.Module:
+        layer = self.layers[i]
+        materialize(layer, f"{self.family.decoder_layers}.{i}", self.reader, self.family, self.device, self.dtype)
+        if self.pad_to:
+            pad_layer(layer, self.family, self.pad_to)
+        return layer
+
+    def release(self, i: int) -> None:
+        release(self.layers[i])
+
+
+def _top_children(model: torch.nn.Module, skip: tuple[str, ...]):
+    """(path, module) of the largest submodules that hold no ``skip`` path and lie inside none: the parts of the
+    model besides the decoder layers, embedding and lm_head (vision tower, norms, ...)."""
+    out = []
+
+    def walk(module, path):
+        for name, child in module.named_children():
+            full = f"{path}.{name}" if path else name
+            if full in skip:
+                continue
+            if any(s.startswith(full + ".") for s in skip):
+                walk(child, full)
+            elif any(True for _ in child.parameters()):
+                out.append((full, child))
+
+    walk(model, "")
+    return out
+
+
 def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
               trust_remote_code: bool = False):
-    """-> (model, processor, family, storage dtype). The model_type is checked before any weight loads; remote code
-    runs only for families that need it and only when the user opted in."""
-    from transformers import AutoConfig, AutoProcessor
-
-    from qvlquant.runtime import model_class
+    """The whole model in memory (for Python users with small models, and the method benchmarks).
+    -> (model, processor, family, storage dtype)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     folder = resolve_model_path(model)
     family = family_for(read_model_type(folder))
     check_remote_code(family, folder, trust_remote_code)
-    if family.needs_remote_code:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-        return net, tokenizer, family, storage_dtype(net.config)
-    config = AutoConfig.from_pretrained(folder)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{folder} is already quantized; quantize its full-precision base model instead")
-    if not list(folder.glob("*.safetensors")):
-        raise FileNotFoundError(f"{folder} holds no .safetensors weights (pickle .bin checkpoints are refused)")
-    processor = AutoProcessor.from_pretrained(folder)
-    net = model_class(config).from_pretrained(folder, dtype=dtype).to(device).eval()
-    return net, processor, family, storage_dtype(config)
+    config = load_config(folder, family)
+    reader = ShardReader(folder)
+    net = build_skeleton(config, family, dtype)
+    for name, child in _top_children(net, ()):
+        tied = name == family.lm_head and family.lm_head + ".weight" not in reader
+        if not tied:  # a tied lm_head is the embedding itself
+            materialize(child, name, reader, family, torch.device(device), dtype)
+    net.tie_weights()
+    check_processor_files(folder, family)
+    processor = (AutoTokenizer.from_pretrained(folder, trust_remote_code=True) if family.needs_remote_code
+                 else AutoProcessor.from_pretrained(folder))
+    return net.eval(), processor, family, storage_dtype(config)

@@ -4,86 +4,136 @@ Layer 0's inputs are captured with a forward pre-hook on the real HF forward, so
 with the vision tower's features merged in) and the M-RoPE position embeddings are exactly what transformers
 computed. Each layer is then quantized from those inputs and replayed; its quantized outputs become the next
 layer's inputs. The vision tower, the embeddings and lm_head are never touched.
+
+Where the layers come from is a ``LayerSource``: the model itself (``InMemoryLayers``), or the checkpoint on disk,
+one layer at a time (``qvlquant.models.StreamedLayers``). Where finished layers go is a store
+(``qvlquant.resume``): packed tensors ready for the export, never int32 codes or float copies of the layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 
+from qvlquant.config import QuantConfig
 from qvlquant.families import ModelFamily
 from qvlquant.progress import progress
+from qvlquant.quant.apply import METHODS
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
+from qvlquant.quant.layer import LayerContext, LayerInput, QuantizationError, check_finite, hooked, next_input, set_weight
 from qvlquant.quant.rtn import QuantSpec
+from qvlquant.resume import LayerRecord, MemoryStore
 
 _DROP_KWARGS = ("past_key_values", "use_cache", "past_key_value", "cache_position")
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook so the rest of the model does not run (private: never escapes capture())."""
-
-
-class QuantizationError(RuntimeError):
-    """Quantization could not go on; the message names the layer."""
-
-
-@dataclasses.dataclass
-class LayerInput:
-    hidden: torch.Tensor  # [B, S, H]
-    kwargs: dict  # what the HF model passed to the layer: attention_mask, position_embeddings (cos, sin), ...
-    token_mask: torch.Tensor  # [B, S] bool: real tokens (padding excluded from statistics)
-    # Qwen3-VL DeepStack: [B, S] bool mask of visual tokens, and per early layer the features [V, H] added there
-    visual_pos_masks: torch.Tensor | None = None
-    deepstack: list | None = None
+    """Raised by the capture hook so the rest of the model does not run (private: never escapes capture_inputs)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    method: str = "rtn"  # rtn | gptq | awq
-    spec: QuantSpec = QuantSpec()
-    damp_percent: float = 0.1
-    damp_max: float = 1.0  # damping is raised step by step up to this before giving up
-    block_size: int = 128
-    desc_act: bool = False
-    static_groups: bool = False
-    true_sequential: bool = True
-    awq_grid: int = 20
-    awq_clip: bool = True
-    awq_max_tokens: int = 4096  # tokens kept per linear for AWQ's statistics and clipping search
-    storage_dtype: torch.dtype = torch.bfloat16  # what the export writes: folded AWQ scales are rounded to it
-    export_format: str = "auto"  # auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); or "compressed-tensors"
+class LoopPlan:
+    """How the loop runs, derived from the job's settings and the model (not user settings themselves)."""
 
-    def __post_init__(self):
-        if self.export_format not in ("auto", "compressed-tensors"):
-            raise ValueError(f"export format must be 'auto' or 'compressed-tensors', got {self.export_format!r}")
+    family: ModelFamily
+    qcfg: QuantConfig
+    fmt: PackFormat | None = None  # None: GPTQ layout, AWQ GEMM for awq
+    storage_dtype: torch.dtype = torch.bfloat16  # the checkpoint's dtype: what the export writes
+    offload: str | None = None  # where activations wait between layers ("cpu"), None: where they were computed
+    max_layers: int | None = None  # stop after this many layers
 
     @property
     def pack_format(self) -> PackFormat:
-        if self.export_format == "compressed-tensors":
-            return PackFormat.COMPRESSED
-        return PackFormat.AWQ_GEMM if self.method == "awq" else PackFormat.GPTQ
+        if self.fmt is not None:
+            return self.fmt
+        return PackFormat.AWQ_GEMM if self.qcfg.method == "awq" else PackFormat.GPTQ
+
+
+class LayerSource(Protocol):
+    def load(self, i: int) -> torch.nn.Module: ...
+
+    def release(self, i: int) -> None: ...
+
+
+class InMemoryLayers:
+    """The decoder layers of a model that is already in memory; they keep their quantized (dequantized) weights."""
+
+    def __init__(self, model, family: ModelFamily):
+        self.layers = model.get_submodule(family.decoder_layers)
+
+    def load(self, i: int) -> torch.nn.Module:
+        return self.layers[i]
+
+    def release(self, i: int) -> None:
+        pass
+
+
+class QuantizedWeights(Mapping):
+    """runtime linear name -> QuantizedWeight, unpacked from the store on access (one at a time)."""
+
+    def __init__(self, store, plan: LoopPlan):
+        self.store, self.plan = store, plan
+
+    def _names(self) -> list[str]:
+        return [f"{self.plan.family.decoder_layers}.{i}.{n}" for i in self.store.finished() for n in self.plan.family.linears]
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        family = self.plan.family
+        head, linear = name[len(family.decoder_layers) + 1:].split(".", 1)
+        record = self.store.load(int(head))
+        disk = family.to_disk(name)
+        k = record.in_features[linear]
+        tensors = {key.rsplit(".", 1)[1]: t for key, t in record.tensors.items() if key.rsplit(".", 1)[0] == disk}
+        w = self.plan.pack_format.unpack(tensors, self.plan.qcfg.spec, k)
+        return dataclasses.replace(w, input_scale=record.aux.get(f"{linear}.input_scale"),
+                                   output_scale=record.aux.get(f"{linear}.output_scale"))
 
 
 @dataclasses.dataclass
 class QuantResult:
-    weights: dict[str, QuantizedWeight]  # runtime module name -> quantized weight
-    layer_info: dict[str, dict]  # runtime module name -> what the method recorded (damping, scales, error)
+    plan: LoopPlan
+    store: object  # MemoryStore or DiskStore: the finished layers' records
+    num_layers: int
     seconds: float = 0.0
+    layer_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.store.finished() == list(range(self.num_layers))
+
+    @property
+    def weights(self) -> QuantizedWeights:
+        return QuantizedWeights(self.store, self.plan)
+
+    @property
+    def layer_info(self) -> dict[str, dict]:
+        """runtime linear name -> what the method recorded (damping, scales, tokens)."""
+        prefix = self.plan.family.decoder_layers
+        return {f"{prefix}.{i}.{name}": info for i in self.store.finished()
+                for name, info in self.store.load_info(i).items()}
 
 
 @torch.no_grad()
-def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[LayerInput]:
-    """Run the real forward on each batch and keep what decoder layer 0 receives."""
+def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str | None = None) -> list[LayerInput]:
+    """Run the real forward on each batch and keep what decoder layer 0 receives (moved to ``offload`` if set)."""
     layer0 = model.get_submodule(family.decoder_layers)[0]
     captured: list[LayerInput] = []
     mask_of_batch: list[torch.Tensor] = []
     deepstack: dict = {}
+    masks_kw, embeds_kw = family.deepstack_kwargs
 
     def text_model_hook(module, args, kwargs):
-        deepstack["masks"] = kwargs.get("visual_pos_masks")
-        deepstack["embeds"] = kwargs.get("deepstack_visual_embeds")
+        deepstack["masks"], deepstack["embeds"] = kwargs.get(masks_kw), kwargs.get(embeds_kw)
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -91,100 +141,111 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict]) -> list[Laye
         x = LayerInput(hidden.detach(), kept, mask_of_batch[-1])
         if family.deepstack and deepstack.get("embeds") is not None:
             x.visual_pos_masks, x.deepstack = deepstack["masks"], [e.detach() for e in deepstack["embeds"]]
-        captured.append(x)
+        captured.append(x if offload is None else x.to(offload))
         raise _StopForward
 
-    handles = [layer0.register_forward_pre_hook(hook, with_kwargs=True)]
+    pre_hooks = [(layer0, hook)]
     if family.deepstack:
-        text_model = model.get_submodule(family.language_model)
-        handles.append(text_model.register_forward_pre_hook(text_model_hook, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
+        pre_hooks.append((model.get_submodule(family.language_model), text_model_hook))
+    device = model.get_submodule(family.embed_tokens).weight.device
+    with hooked(pre_hooks, pre=True, with_kwargs=True):
+        for batch in progress(batches, desc="capture layer-0 inputs", unit="batch"):
             mask_of_batch.append(batch["attention_mask"].bool().to(device))
             try:
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
     if len(captured) != len(batches):
         raise QuantizationError(f"captured inputs for {len(captured)} of {len(batches)} batches")
     return captured
 
 
-@torch.no_grad()
-def run_layer(layer: torch.nn.Module, x: LayerInput) -> torch.Tensor:
-    out = layer(x.hidden, use_cache=False, **x.kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def next_input(index: int, layer: torch.nn.Module, x: LayerInput) -> LayerInput:
-    """What decoder layer ``index + 1`` receives: this layer's output, plus DeepStack features where the HF forward
-    adds them (Qwen3-VL, after each of the first len(deepstack) layers)."""
-    hidden = run_layer(layer, x)
-    if x.deepstack is not None and index < len(x.deepstack):
-        hidden = hidden.clone()
-        hidden[x.visual_pos_masks] = hidden[x.visual_pos_masks] + x.deepstack[index].to(hidden.dtype)
-    return dataclasses.replace(x, hidden=hidden)
-
-
-def check_finite(t: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(t).all():
-        raise QuantizationError(
-            f"non-finite values (NaN/inf) in {where}: compute in float32 or bfloat16, not float16, and check the model"
-        )
-
-
-def check_group_size(model, family: ModelFamily, spec: QuantSpec) -> None:
-    """Every targeted linear's in_features must divide into groups; checked before any calibration work."""
+def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_intermediate: int | None = None) -> None:
+    """Every targeted linear's in_features must divide into groups; checked before any calibration work (on a
+    meta skeleton it costs nothing). ``padded_intermediate``: the MLP's size after --pad-intermediate-to."""
     if spec.group_size == -1:
         return
     bad = []
     for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
         for name in family.linears:
             k = layer.get_submodule(name).in_features
+            if name == family.mlp_out and padded_intermediate:
+                k = padded_intermediate
             if k % spec.group_size:
                 bad.append(f"{family.decoder_layers}.{i}.{name} (in_features {k})")
     if bad:
         raise ValueError(f"group_size {spec.group_size} does not divide in_features of: {', '.join(bad[:8])}")
 
 
-def quantize_model(model, family: ModelFamily, batches: list[dict], qcfg: QuantConfig, checkpoints=None) -> QuantResult:
-    """Quantize every decoder layer in place (weights become their dequantized values) and return the codes.
+def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopPlan, prefix: str, bar=None) -> LayerRecord:
+    """Quantize one decoder layer in place (weights become their dequantized values). -> its record: the packed
+    tensors and every other parameter of the layer in the storage dtype, under checkpoint names."""
+    family, fmt = plan.family, plan.pack_format
+    record = LayerRecord()
+    show = (lambda what: bar.set_postfix_str(f"{prefix.rsplit('.', 1)[-1]}: {what}", refresh=True)) if bar else (lambda what: None)
 
-    ``checkpoints`` (qvlquant.resume.LayerCheckpoints): finished layers are restored from it instead of being
-    quantized again, and each newly finished layer is saved to it."""
-    from qvlquant.quant import METHODS
+    def finish(name: str, w: QuantizedWeight, info: dict) -> None:
+        set_weight(layer.get_submodule(name), w)
+        w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
+                            *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
+        disk = family.to_disk(f"{prefix}.{name}")
+        record.tensors.update({f"{disk}.{key}": t for key, t in fmt.pack(w).items()})
+        record.in_features[name] = w.q.shape[1]
+        record.info[name] = info
+        for field in ("input_scale", "output_scale"):
+            if getattr(w, field) is not None:
+                record.aux[f"{name}.{field}"] = getattr(w, field).clone()
+        show(f"{name} done")
 
-    check_group_size(model, family, qcfg.spec)
-    quantize_layer = METHODS[qcfg.method]
+    METHODS[plan.qcfg.method](layer, inputs, LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, finish, show))
+    missing = [n for n in family.linears if n not in record.info]
+    if missing:
+        raise QuantizationError(f"{prefix}: the {plan.qcfg.method} method left {missing} unquantized")
+    quantized = set(family.linears)
+    for key, t in layer.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        if module in quantized and leaf == "weight":
+            continue
+        t = t.to(plan.storage_dtype) if t.is_floating_point() else t
+        record.tensors[family.to_disk(f"{prefix}.{key}")] = t.detach().cpu().contiguous()
+    return record
+
+
+def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSource | None = None, store=None) -> QuantResult:
+    """Quantize every decoder layer (or the first ``plan.max_layers``): capture, then per layer load it from
+    ``source``, quantize, replay, hand its record to ``store`` and release it. A store that already holds
+    finished layers (a resumed run) is continued from the last one, with the inputs it saved."""
+    family = plan.family
+    source = source or InMemoryLayers(model, family)
+    store = store if store is not None else MemoryStore()
     t0 = time.time()
-    inputs = capture_inputs(model, family, batches)
-    layers = model.get_submodule(family.decoder_layers)
-    result = QuantResult({}, {})
-    for i in progress(range(len(layers)), desc=f"{qcfg.method} W{qcfg.spec.bits}", unit="layer"):
+    inputs = capture_inputs(model, family, batches, plan.offload)
+    if hasattr(source, "after_capture"):
+        source.after_capture()
+    n = len(model.get_submodule(family.decoder_layers))
+    start, hidden = store.resume_point()
+    if hidden is not None:
+        inputs = [dataclasses.replace(x, hidden=h.to(x.hidden.device)) for x, h in zip(inputs, hidden)]
+    result = QuantResult(plan, store, n)
+    stop = n if plan.max_layers is None else min(n, plan.max_layers)
+    bar = progress(range(n), desc=f"{plan.qcfg.method} W{plan.qcfg.spec.bits}", unit="layer", total=n)
+    bar.update(start)
+    for i in range(start, stop):
+        t_layer = time.time()
         prefix = f"{family.decoder_layers}.{i}"
         for x in inputs:
             check_finite(x.hidden, f"the inputs of {prefix}")
-        if checkpoints is not None and checkpoints.has(i):
-            weights, info = checkpoints.load(i, layers[i], qcfg.spec)
-        else:
-            weights, info = quantize_layer(layers[i], inputs, family, qcfg, prefix)
-            if checkpoints is not None:
-                checkpoints.save(i, layers[i], weights, info)
-        for name, w in weights.items():
-            result.weights[f"{prefix}.{name}"] = w
-            result.layer_info[f"{prefix}.{name}"] = info.get(name, {})
-        inputs = [next_input(i, layers[i], x) for x in inputs]
-    for x in inputs:
-        check_finite(x.hidden, f"the outputs of {family.decoder_layers}.{len(layers) - 1}")
+        layer = source.load(i)
+        record = quantize_layer(layer, inputs, plan, prefix, bar)
+        inputs = [next_input(i, layer, x) for x in inputs]
+        if i == n - 1:
+            for x in inputs:
+                check_finite(x.hidden, f"the outputs of {prefix}")
+        source.release(i)
+        record.seconds = time.time() - t_layer
+        store.save(i, record, [x.hidden for x in inputs])
+        result.layer_seconds[i] = round(record.seconds, 2)
+        bar.update(1)
+    bar.close()
     result.seconds = time.time() - t0
     return result
-
-
-def set_weight(linear: torch.nn.Linear, w: QuantizedWeight) -> None:
-    """Give ``linear`` the dequantized weight, bit-identical to what a reloaded QuantLinear computes."""
-    linear.weight.data = w.dequantize().to(linear.weight.dtype)

@@ -1,87 +1,214 @@
-"""Resuming an interrupted quantization from the last finished decoder layer.
+"""Where finished layers go: in memory, or into ``.<output>.partial/`` on disk, from which an interrupted run resumes.
 
-After each layer, its full state (quantized weights in place, folded AWQ scales included) and its codes are saved
-into ``.<output>.partial/`` beside the output, each file written then renamed, under a fingerprint of the model,
-the calibration data and the settings. A rerun with the same fingerprint restores the finished layers and replays
-them to rebuild the next layer's inputs; a different fingerprint is refused rather than mixed in. The folder is
-removed once the export is in place.
+A layer's record is what the export needs of it and nothing more: the packed tensors of its linears and its other
+parameters (norms, biases, AWQ-folded norms) in the storage dtype, under checkpoint names. On disk each finished
+layer is one ``layer_NNNN.safetensors`` (written, then renamed), followed by ``inputs.safetensors``: the hidden
+states the next layer receives, so a rerun starts at the next layer directly, without replaying the earlier ones.
+Everything sits under a fingerprint of what decides the result (settings, the calibration batches' contents, the
+base checkpoint's sha256); a different fingerprint is refused rather than mixed in. The export reads the records
+tensor by tensor, and the folder is removed once the export is in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import struct
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from qvlquant.quant.formats import QuantizedWeight
-from qvlquant.quant.rtn import QuantSpec
+from qvlquant.manifest import sha256
+from qvlquant.shards import ShardReader, checkpoint_files, write_safetensors
 
-FIELDS = ("q", "scale", "zero", "g_idx", "input_scale", "output_scale")
-
-
-def fingerprint(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+FINGERPRINT = "fingerprint.json"
+INPUTS = "inputs.safetensors"
 
 
-def model_fingerprint(folder: pathlib.Path) -> dict:
-    """config.json's hash and the names and sizes of the weight files (hashing tens of GB would cost minutes)."""
-    return {
-        "config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
-        "weights": sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")),
-    }
+@dataclasses.dataclass
+class LayerRecord:
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # checkpoint key -> export tensor
+    info: dict[str, dict] = dataclasses.field(default_factory=dict)  # linear -> what the method recorded
+    in_features: dict[str, int] = dataclasses.field(default_factory=dict)  # linear -> K (to unpack its codes)
+    aux: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # AWQ's folded scales, not exported
+    seconds: float = 0.0
 
 
-class LayerCheckpoints:
-    def __init__(self, folder: str | os.PathLike, print_: str):
+class MemoryStore:
+    """Finished layers kept in memory (packed: an eighth of float32 at 4 bits). For models already in memory."""
+
+    def __init__(self):
+        self.records: dict[int, LayerRecord] = {}
+
+    def resume_point(self) -> tuple[int, None]:
+        return 0, None
+
+    def save(self, i: int, record: LayerRecord, hidden: list[torch.Tensor]) -> None:
+        self.records[i] = record
+
+    def finished(self) -> list[int]:
+        return sorted(self.records)
+
+    def load(self, i: int) -> LayerRecord:
+        return self.records[i]
+
+    def load_info(self, i: int) -> dict:
+        return self.records[i].info
+
+    def tensor_meta(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {k: (t.dtype, tuple(t.shape)) for k, t in self.records[i].tensors.items()}
+
+    def get(self, i: int, key: str) -> torch.Tensor:
+        return self.records[i].tensors[key]
+
+    def remove(self) -> None:
+        self.records.clear()
+
+
+class DiskStore:
+    """Finished layers in ``folder`` (``.<output>.partial``), resumable under ``fingerprint``."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
         self.folder = pathlib.Path(folder)
-        self.fingerprint = print_
-        stamp = self.folder / "fingerprint.json"
-        if stamp.exists():
-            found = json.loads(stamp.read_text()).get("fingerprint")
-            if found != print_:
-                raise ValueError(
-                    f"{self.folder} holds a partial run of a different model, calibration set or settings; "
-                    "delete it to start over, or rerun with the same settings to resume"
-                )
-
+        self.fingerprint = fingerprint
+        stamp = self.folder / FINGERPRINT
+        if self.folder.exists() and not stamp.exists():
+            raise FileExistsError(f"{self.folder} exists but is not a qvlquant partial run (no {FINGERPRINT}); "
+                                  "move it away or choose another --output")
+        if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{self.folder} holds a partial run of a different model, calibration set or settings; "
+                "rerun with the same settings to resume, or pass --no-resume to start over"
+            )
+        self._readers: dict[int, ShardReader] = {}
 
     def path(self, i: int) -> pathlib.Path:
         return self.folder / f"layer_{i:04d}.safetensors"
 
-    def has(self, i: int) -> bool:
-        return self.path(i).exists()
+    def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
+        """(first layer to quantize, the hidden states it receives) from the last layer whose inputs were saved."""
+        last = self._last()
+        if last is None:
+            return 0, None
+        reader = ShardReader(self.folder, [INPUTS])
+        return last + 1, [reader.get(f"hidden.{b}") for b in range(len(reader.keys()))]
 
-    def save(self, i: int, layer: torch.nn.Module, weights: dict[str, QuantizedWeight], info: dict) -> None:
-        if not (self.folder / "fingerprint.json").exists():  # created with the first finished layer
+    def _last(self) -> int | None:
+        path = self.folder / INPUTS
+        if not path.exists():
+            return None
+        last = int(_metadata(path)["layer"])
+        return last if all(self.path(i).exists() for i in range(last + 1)) else None
+
+    def finished(self) -> list[int]:
+        last = self._last()
+        return [] if last is None else list(range(last + 1))
+
+    def save(self, i: int, record: LayerRecord, hidden: list[torch.Tensor]) -> None:
+        if not (self.folder / FINGERPRINT).exists():  # created with the first finished layer
             self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / "fingerprint.json").write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-        # clones: AWQ's scales are one tensor shared by the linears of a group, and safetensors refuses shared memory
-        tensors = {f"state.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
-        for name, w in weights.items():
-            for field in FIELDS:
-                t = getattr(w, field)
-                if t is not None:
-                    tensors[f"w.{name}.{field}"] = t.detach().clone()
-        tmp = self.path(i).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
-        os.replace(tmp, self.path(i))
+            (self.folder / FINGERPRINT).write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        tensors = {f"t.{k}": v for k, v in record.tensors.items()} | {f"aux.{k}": v for k, v in record.aux.items()}
+        meta = {"info": json.dumps(record.info), "in_features": json.dumps(record.in_features),
+                "seconds": str(record.seconds)}
+        _write_atomic(self.path(i), tensors, meta)
+        _write_atomic(self.folder / INPUTS, {f"hidden.{b}": h for b, h in enumerate(hidden)},
+                      {"layer": json.dumps(i)})
+        self._readers.pop(i, None)
 
-    def load(self, i: int, layer: torch.nn.Module, spec: QuantSpec) -> tuple[dict[str, QuantizedWeight], dict]:
-        with safe_open(str(self.path(i)), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            info = json.loads(f.metadata()["info"])
-        layer.load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
-        weights = {}
-        for name in sorted({k.split(".", 1)[1].rsplit(".", 1)[0] for k in tensors if k.startswith("w.")}):
-            fields = {f: tensors.get(f"w.{name}.{f}") for f in FIELDS}
-            weights[name] = QuantizedWeight(spec=spec, **fields)
-        return weights, info
+    def _reader(self, i: int) -> ShardReader:
+        if i not in self._readers:
+            self._readers = {i: ShardReader(self.folder, [self.path(i).name])}  # one layer's header at a time
+        return self._readers[i]
+
+    def load(self, i: int) -> LayerRecord:
+        reader = self._reader(i)
+        meta = _metadata(self.path(i))
+        tensors = {k[2:]: reader.get(k) for k in reader.keys() if k.startswith("t.")}
+        aux = {k[4:]: reader.get(k) for k in reader.keys() if k.startswith("aux.")}
+        return LayerRecord(tensors, json.loads(meta["info"]), json.loads(meta["in_features"]), aux,
+                           float(meta["seconds"]))
+
+    def load_info(self, i: int) -> dict:
+        return json.loads(_metadata(self.path(i))["info"])
+
+    def tensor_meta(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        reader = self._reader(i)
+        return {k[2:]: reader.meta(k) for k in reader.keys() if k.startswith("t.")}
+
+    def get(self, i: int, key: str) -> torch.Tensor:
+        return self._reader(i).get(f"t.{key}")
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the partial folder: only when it is ours (holds the fingerprint stamp)."""
+        if (self.folder / FINGERPRINT).exists():
+            shutil.rmtree(self.folder)
+
+
+def _metadata(path: pathlib.Path) -> dict[str, str]:
+    """A safetensors file's metadata entry ({} when it has none)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def _write_atomic(path: pathlib.Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    write_safetensors(tmp, entries, tensors.__getitem__, metadata)
+    os.replace(tmp, path)
+
+
+def settings_fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def batches_digest(batches: list[dict]) -> str:
+    """sha256 of every calibration batch tensor (names, dtypes, shapes, bytes): the samples' texts, images and
+    processing settings all end up here, so an edited file or image changes it."""
+    h = hashlib.sha256()
+    for b in batches:
+        for key in sorted(b):
+            t = b[key].contiguous()
+            h.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_path() -> pathlib.Path:
+    root = os.environ.get("QVLQUANT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                             os.path.expanduser("~/.cache"), "qvlquant")
+    return pathlib.Path(root) / "sha256.json"
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    """sha256 of a file, cached by (absolute path, size, mtime): a 15 GB checkpoint is hashed once (see the
+    README for what that costs), later runs read the cache."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256(path)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=0))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # an unwritable cache only costs the hash again next time
+    return cache[key]
+
+
+def model_digest(folder: pathlib.Path) -> dict:
+    """config.json's hash and the sha256 of each weight file."""
+    return {
+        "config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        "weights": {name: file_sha256(folder / name) for name in checkpoint_files(folder)},
+    }

@@ -7,15 +7,17 @@ reference path; the dequantized weight is cached after the first call).
 from __future__ import annotations
 
 import copy
-import json
 import pathlib
 
 import torch
 import torch.nn.functional as F
 
 from qvlquant.families import family_for
+from qvlquant.manifest import verify_manifest
+from qvlquant.models import build_skeleton, resolve_model_path
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import QuantSpec
+from qvlquant.shards import ShardReader
 
 
 class QuantLinear(torch.nn.Module):
@@ -90,53 +92,66 @@ def spec_from_config(qc: dict) -> tuple[QuantSpec, PackFormat]:
 
 
 def read_safetensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (single file or an index of shards); pickle files are refused."""
-    from safetensors.torch import load_file
+    """All tensors of a checkpoint folder (single file or an index of shards), for small checkpoints and tests;
+    pickle files are refused. ``load`` reads one tensor at a time instead."""
+    reader = ShardReader(folder)
+    return {k: reader.get(k) for k in reader.keys()}
 
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in files)
-        if stray:
-            raise ValueError(f"{folder}: {stray} are not in model.safetensors.index.json (mixed checkpoints?)")
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        hint = f" (found {pickles}: pickle checkpoints are refused)" if pickles else ""
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
-    tensors = {}
-    for name in files:
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder}: shard {name} listed in the index is missing")
-        tensors.update(load_file(str(folder / name)))
-    return tensors
+
+def _quant_linear_targets(reader: ShardReader, family, fmt: PackFormat) -> list[str]:
+    marker = ".weight_packed" if fmt is PackFormat.COMPRESSED else ".qweight"
+    return sorted(family.to_runtime(k)[: -len(marker)] for k in reader.keys() if k.endswith(marker))
 
 
 def swap_in_quant_linears(model, targets: list[str], spec: QuantSpec, fmt: PackFormat, dtype):
-    """Replace the nn.Linear at each runtime path in ``targets`` by an empty QuantLinear."""
+    """Replace the nn.Linear at each runtime path in ``targets`` by an empty QuantLinear (buffers on the meta
+    device when the model's parameters are: the checkpoint fills them)."""
     for name in targets:
         parent_name, leaf = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         old = getattr(parent, leaf)
         if not isinstance(old, torch.nn.Linear):
             raise ValueError(f"{name} is a {type(old).__name__}, not a Linear: the checkpoint does not fit this model")
-        setattr(parent, leaf, QuantLinear(old.in_features, old.out_features, spec, fmt, old.bias is not None, dtype))
+        with torch.device(old.weight.device):
+            new = QuantLinear(old.in_features, old.out_features, spec, fmt, old.bias is not None, dtype)
+        setattr(parent, leaf, new)
 
 
-def model_class(config):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText._model_mapping[type(config)]
+def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.device) -> None:
+    """Give every parameter and persistent buffer of ``model`` its checkpoint tensor, one at a time, straight in
+    the dtype the module declares and on ``device`` (no float32 copy of the model on the way). A tied lm_head
+    is tied afterwards; any other missing or unexpected tensor is an error naming it."""
+    state = model.state_dict(keep_vars=True)
+    expected = {}
+    for name in state:
+        for key in (family.to_disk(name), name):
+            if key in reader:
+                expected[name] = key
+                break
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [n for n in state if n not in expected and not (tied and n == f"{family.lm_head}.weight")]
+    unexpected = sorted(set(reader.keys()) - set(expected.values()))
+    if missing or unexpected:
+        raise ValueError(f"{reader.folder}: checkpoint does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, key in expected.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        value = reader.get(key).to(device=device, dtype=state[name].dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+    if tied:
+        model.tie_weights()
 
 
 def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a BF16 or quantized (GPTQ / AWQ GEMM) Qwen-VL checkpoint. -> (model, processor); the processor is None
-    only for a folder that holds none (bare test checkpoints)."""
-    from transformers import AutoConfig, AutoProcessor
-
-    from qvlquant.export import verify_manifest
-    from qvlquant.models import resolve_model_path
+    """Load a BF16 or quantized (GPTQ / AWQ GEMM / compressed-tensors) Qwen-VL checkpoint. -> (model, processor);
+    the processor is None only for a folder that holds none (bare test checkpoints). The model is built on the
+    meta device and each tensor read straight into ``dtype`` on ``device``: a quantized model holds its packed
+    tensors, never a float copy of the whole model. Pickle checkpoints are refused."""
+    from transformers import AutoConfig, AutoProcessor  # heavy; only when a model is loaded
 
     folder = resolve_model_path(path)
     config = AutoConfig.from_pretrained(folder)
@@ -144,24 +159,18 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
     has_processor = any((folder / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
     processor = AutoProcessor.from_pretrained(folder) if has_processor else None
     qc = getattr(config, "quantization_config", None)
+    if qc:
+        verify_manifest(folder)
+    reader = ShardReader(folder)
     if not qc:
-        model = model_class(config).from_pretrained(folder, dtype=dtype).to(device).eval()
-        return model, processor
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    verify_manifest(folder)
-    spec, fmt = spec_from_config(qc)
-    bare = copy.deepcopy(config)
-    del bare.quantization_config
-    model = model_class(bare)._from_config(bare, dtype=dtype)
-    model.config.quantization_config = qc
-    tensors = {family.to_runtime(k): v for k, v in read_safetensors(folder).items()}
-    marker = ".weight_packed" if fmt is PackFormat.COMPRESSED else ".qweight"
-    targets = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
-    swap_in_quant_linears(model, targets, spec, fmt, dtype)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)  # copies cast to each parameter's dtype
-    if config.tie_word_embeddings:
-        missing = [m for m in missing if m != "lm_head.weight"]
-        model.tie_weights()
-    if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model = build_skeleton(config, family, dtype)
+    else:
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        spec, fmt = spec_from_config(qc)
+        bare = copy.deepcopy(config)
+        del bare.quantization_config
+        model = build_skeleton(bare, family, dtype)
+        model.config.quantization_config = qc
+        swap_in_quant_linears(model, _quant_linear_targets(reader, family, fmt), spec, fmt, dtype)
+    fill_from_checkpoint(model, reader, family, torch.device(device))
     return model.to(device).eval(), processor

@@ -17,24 +17,42 @@ def _pad_linear(linear: torch.nn.Linear, rows: int = 0, cols: int = 0) -> torch.
     return new
 
 
-@torch.no_grad()
-def pad_intermediate(model, family: ModelFamily, multiple: int) -> int:
-    """Zero-pad the MLP intermediate size of every decoder layer up to a multiple of ``multiple`` (gate/up rows,
-    down columns), so it splits across tensor-parallel ranks with whole groups: Qwen2-VL-72B's 29568 -> 29696 with
-    multiple 1024 (= 8 ranks x 128). The padded channels compute silu(0) * 0 = 0, so outputs do not change.
-    The vision tower is not touched. -> the new intermediate size."""
+def padded_size(size: int, multiple: int) -> int:
+    """``size`` rounded up to a multiple of ``multiple``."""
     if multiple < 1:
         raise ValueError(f"--pad-intermediate-to must be positive, got {multiple}")
-    text_config = getattr(model.config, "text_config", model.config)
-    size = text_config.intermediate_size
-    target = -(-size // multiple) * multiple
+    return -(-size // multiple) * multiple
+
+
+@torch.no_grad()
+def pad_layer(layer: torch.nn.Module, family: ModelFamily, multiple: int) -> int:
+    """Zero-pad one decoder layer's MLP intermediate size up to a multiple of ``multiple`` (gate/up rows, down
+    columns). The padded channels compute silu(0) * 0 = 0, so outputs do not change. -> the new size."""
+    size = layer.get_submodule(family.mlp_out).in_features
+    target = padded_size(size, multiple)
     if target == size:
         return size
-    for layer in model.get_submodule(family.decoder_layers):
-        for name in family.mlp_in:
-            parent, leaf = name.rsplit(".", 1)
-            setattr(layer.get_submodule(parent), leaf, _pad_linear(layer.get_submodule(name), rows=target - size))
-        parent, leaf = family.mlp_out.rsplit(".", 1)
-        setattr(layer.get_submodule(parent), leaf, _pad_linear(layer.get_submodule(family.mlp_out), cols=target - size))
-    text_config.intermediate_size = target
+    for name in family.mlp_in:
+        parent, leaf = name.rsplit(".", 1)
+        setattr(layer.get_submodule(parent), leaf, _pad_linear(layer.get_submodule(name), rows=target - size))
+    parent, leaf = family.mlp_out.rsplit(".", 1)
+    setattr(layer.get_submodule(parent), leaf, _pad_linear(layer.get_submodule(family.mlp_out), cols=target - size))
     return target
+
+
+def pad_config(config, multiple: int) -> int:
+    """Record the padded intermediate size in the (text) config. -> the new size."""
+    text_config = getattr(config, "text_config", config)
+    text_config.intermediate_size = padded_size(text_config.intermediate_size, multiple)
+    return text_config.intermediate_size
+
+
+@torch.no_grad()
+def pad_intermediate(model, family: ModelFamily, multiple: int) -> int:
+    """``pad_layer`` for every decoder layer of a model in memory, and its config: Qwen2-VL-72B's 29568 -> 29696
+    with multiple 1024 (= 8 ranks x 128), so it splits across tensor-parallel ranks with whole groups. The vision
+    tower is not touched. -> the new intermediate size."""
+    padded_size(1, multiple)  # validates multiple before anything changes
+    for layer in model.get_submodule(family.decoder_layers):
+        pad_layer(layer, family, multiple)
+    return pad_config(model.config, multiple)

@@ -1,104 +1,79 @@
-"""Per-layer glue between the pipeline loop and the pure quantization math: one function per method, each taking a
-decoder layer and its captured inputs, quantizing its linears in place and returning their codes."""
+"""Per-layer glue between the layer loop and the pure quantization math: one function per method, each taking a
+decoder layer, its captured inputs and a ``LayerContext``, and reporting every quantized linear to
+``ctx.finish`` as soon as it is done. Model-specific names come only from the family declaration."""
 
 from __future__ import annotations
 
 import torch
 
-from qvlquant.families import ModelFamily
+from qvlquant.quant.awq import activation_scale, apply_clip, search_clip, search_scale
 from qvlquant.quant.formats import QuantizedWeight
+from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, gptq_quantize
+from qvlquant.quant.layer import LayerContext, LayerInput, replay
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 
 
-def rtn_layer(layer: torch.nn.Module, inputs, family: ModelFamily, qcfg, prefix: str):
+def rtn_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
     """Round-to-nearest: needs no calibration statistics."""
-    from qvlquant.pipeline import set_weight
-
-    weights = {}
-    for name in family.linears:
-        linear = layer.get_submodule(name)
-        q, scale, zero = rtn_quantize(linear.weight.data, qcfg.spec)
-        weights[name] = QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], qcfg.spec), qcfg.spec)
-        set_weight(linear, weights[name])
-    return weights, {}
+    spec = ctx.qcfg.spec
+    for name in ctx.family.linears:
+        q, scale, zero = rtn_quantize(layer.get_submodule(name).weight.data, spec)
+        ctx.finish(name, QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec).to(q.device), spec), {})
 
 
-def collect_hessians(layer: torch.nn.Module, inputs, groups) -> dict[tuple[str, ...], tuple[torch.Tensor, int]]:
-    """Replay ``layer`` over ``inputs`` and accumulate one Hessian per linear group (its members share the input)."""
-    from qvlquant.pipeline import run_layer
-    from qvlquant.quant.gptq import accumulate_hessian
-
+def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups) -> dict[tuple[str, ...], tuple[torch.Tensor, int]]:
+    """Replay ``layer`` over ``inputs`` and accumulate one float32 Hessian per linear group (its members share the
+    input), on the layer's device. -> {group: (H [K, K], tokens)}."""
     stats: dict = {}
-    current_mask: list = [None]
+    mask: list = [None]
 
     def hook_for(group):
         def hook(module, args, output):
-            k = args[0].shape[-1]
-            H, n = stats.get(group, (torch.zeros(k, k), 0))
-            stats[group] = accumulate_hessian(H, n, args[0], current_mask[0])
+            x = args[0]  # [B, S, K]
+            H, n = stats.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0)
+            stats[group] = accumulate_hessian(H, n, x, mask[0].to(x.device))
 
         return hook
 
-    handles = [layer.get_submodule(g[0]).register_forward_hook(hook_for(g)) for g in groups]
-    try:
-        for x in inputs:
-            current_mask[0] = x.token_mask
-            run_layer(layer, x)
-    finally:
-        for h in handles:
-            h.remove()
+    replay(layer, inputs, [(layer.get_submodule(g[0]), hook_for(g)) for g in groups],
+           before_each=lambda x: mask.__setitem__(0, x.token_mask))
     return stats
 
 
-def gptq_layer(layer: torch.nn.Module, inputs, family: ModelFamily, qcfg, prefix: str):
+def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
     """GPTQ, one linear group at a time (true-sequential: each group's Hessian is re-captured after the groups
     before it were quantized), or all groups from the unquantized layer when true_sequential is off."""
-    from qvlquant.pipeline import QuantizationError, set_weight
-    from qvlquant.quant.gptq import CholeskyError, gptq_quantize
-
-    steps = [[g] for g in family.linear_groups] if qcfg.true_sequential else [list(family.linear_groups)]
-    weights, info = {}, {}
+    groups = ctx.family.linear_groups
+    steps = [[g] for g in groups] if ctx.qcfg.true_sequential else [list(groups)]
     for step in steps:
+        ctx.step(f"Hessian of {', '.join(g[0] for g in step)}")
         hessians = collect_hessians(layer, inputs, step)
         for group in step:
-            H, n = hessians.get(group, (None, 0))
+            H, n = hessians.pop(group, (None, 0))
             if n == 0:
-                raise QuantizationError(f"{prefix}.{group[0]} received no calibration tokens; add samples or exclude it")
-            for name in group:
-                linear = layer.get_submodule(name)
+                raise ctx.fail(group[0], "received no calibration tokens; add samples or exclude it")
+            for j, name in enumerate(group):
+                mine = H if j == len(group) - 1 else H.clone()  # gptq_quantize uses its Hessian in place
                 try:
-                    weights[name], info[name] = gptq_quantize(
-                        linear.weight.data, H, qcfg.spec, qcfg.block_size, qcfg.damp_percent, qcfg.damp_max,
-                        qcfg.desc_act, qcfg.static_groups,
-                    )
+                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, mine, ctx.qcfg)
                 except CholeskyError as e:
-                    raise QuantizationError(f"{prefix}.{name}: {e}") from None
-                info[name]["tokens"] = n
-                set_weight(linear, weights[name])
-    return weights, info
+                    raise ctx.fail(name, str(e)) from None
+                ctx.finish(name, w, dict(info, tokens=n))
+                del mine
+            del H
 
 
-def capture_linear_inputs(layer: torch.nn.Module, inputs, names) -> dict[str, list[torch.Tensor]]:
+def capture_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], names) -> dict[str, list[torch.Tensor]]:
     """Replay ``layer`` and keep the input [B, S, K] of each named linear, per batch."""
-    from qvlquant.pipeline import run_layer
-
     seen: dict[str, list] = {n: [] for n in names}
-    handles = [
-        layer.get_submodule(n).register_forward_hook(lambda m, args, out, n=n: seen[n].append(args[0].detach()))
-        for n in names
-    ]
-    try:
-        for x in inputs:
-            run_layer(layer, x)
-    finally:
-        for h in handles:
-            h.remove()
+    replay(layer, inputs, [(layer.get_submodule(n), lambda m, args, out, n=n: seen[n].append(args[0].detach()))
+                           for n in names])
     return seen
 
 
-def _tokens(feats: list[torch.Tensor], inputs, limit: int) -> torch.Tensor:
+def _tokens(feats: list[torch.Tensor], inputs: list[LayerInput], limit: int) -> torch.Tensor:
     """Real (unpadded) tokens of per-batch features, evenly subsampled to at most ``limit``. -> [T, K]."""
-    x = torch.cat([f[i.token_mask] for f, i in zip(feats, inputs)])
+    x = torch.cat([f[i.token_mask.to(f.device)] for f, i in zip(feats, inputs)])
     if x.shape[0] > limit:
         x = x[torch.linspace(0, x.shape[0] - 1, limit).long()]
     return x
@@ -120,22 +95,23 @@ class _swapped_weights:
             lin.weight.data = w
 
 
-def _output_fn(layer, group, linears, feats, inputs):
+def _output_fn(layer, group, linears, feats, inputs, family):
     """output_of(weights) for AWQ's scale search: the inspected module's output on the real tokens. -> [T, out]."""
+    module = None if group.inspect is None else layer.get_submodule(group.inspect)
 
     def run(x, li):
-        if group.inspect is None:
+        if module is None:
             return torch.cat([torch.nn.functional.linear(x, lin.weight) for lin in linears], dim=-1)
-        module = layer.get_submodule(group.inspect)
-        if group.inspect == "self_attn":
-            kw = {k: v for k, v in li.kwargs.items() if k in ("attention_mask", "position_ids", "position_embeddings")}
+        if group.inspect == family.attention:
+            li = li.to(x.device)
+            kw = {k: v for k, v in li.kwargs.items() if k in family.attention_kwargs}
             return module(hidden_states=x, **kw)[0]
         return module(x)
 
     @torch.no_grad()
     def output_of(weights):
         with _swapped_weights(linears, weights):
-            return torch.cat([run(f, li)[li.token_mask] for f, li in zip(feats, inputs)])
+            return torch.cat([run(f, li)[li.token_mask.to(f.device)] for f, li in zip(feats, inputs)])
 
     return output_of
 
@@ -156,44 +132,62 @@ def _fold(prev: torch.nn.Module, linears, s: torch.Tensor, storage_dtype) -> Non
             lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
 
 
-def awq_layer(layer: torch.nn.Module, inputs, family: ModelFamily, qcfg, prefix: str):
-    """AWQ: search every scaling group's scales on the full-precision layer, fold them all, search clipping ranges
-    (not for q/k, whose errors the softmax hides), then quantize with zero points."""
-    from qvlquant.pipeline import set_weight
-    from qvlquant.quant.awq import activation_scale, apply_clip, search_clip, search_scale
-
-    firsts = [g[0] for g in family.linear_groups]
-    feats = capture_linear_inputs(layer, inputs, firsts)
-    owner = {name: g[0] for g in family.linear_groups for name in g}
-    info: dict[str, dict] = {}
-    found = []
+def _search_scales(layer, inputs, ctx: LayerContext, feats, owner) -> tuple[list, dict]:
+    """Every scaling group's scales, searched on the full-precision layer. -> ([(group, prev, linears, s)], info)."""
+    family, qcfg = ctx.family, ctx.qcfg
+    found, info = [], {}
     for group in family.scaling_groups:
         prev = layer.get_submodule(group.prev)
         linears = [layer.get_submodule(n) for n in group.linears]
         if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
             continue  # v_proj -> o_proj under GQA: v's outputs are shared by several heads, no per-channel fold
-        x_mean = activation_scale(_tokens(feats[owner[group.linears[0]]], inputs, qcfg.awq_max_tokens))
-        output_of = _output_fn(layer, group, linears, feats[owner[group.linears[0]]], inputs)
-        s, found_info = search_scale([lin.weight.data for lin in linears], x_mean, qcfg.spec, output_of, qcfg.awq_grid)
+        ctx.step(f"scale search {group.prev} -> {', '.join(group.linears)}")
+        x_feats = feats[owner[group.linears[0]]]
+        x_mean = activation_scale(_tokens(x_feats, inputs, qcfg.awq_max_tokens))
+        output_of = _output_fn(layer, group, linears, x_feats, inputs, family)
+        try:
+            s, found_info = search_scale([lin.weight.data for lin in linears], x_mean, qcfg.spec, output_of,
+                                         qcfg.awq_grid)
+        except FloatingPointError as e:
+            raise ctx.fail(group.linears[0], str(e)) from None
         found.append((group, prev, linears, s))
         for n in group.linears:
             info[n] = dict(found_info, scaled_by=group.prev)
+    return found, info
+
+
+def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
+    """AWQ: search every scaling group's scales on the full-precision layer, fold them all, search clipping ranges
+    (not for the family's ``clip_skipped`` linears, whose errors the softmax hides), then quantize with zero
+    points."""
+    family, qcfg = ctx.family, ctx.qcfg
+    firsts = [g[0] for g in family.linear_groups]
+    feats = capture_linear_inputs(layer, inputs, firsts)
+    owner = {name: g[0] for g in family.linear_groups for name in g}
+    for name in firsts:
+        if not any(i.token_mask.any() for i in inputs):
+            raise ctx.fail(name, "received no calibration tokens; add samples or exclude it")
+    found, info = _search_scales(layer, inputs, ctx, feats, owner)
     for group, prev, linears, s in found:
-        _fold(prev, linears, s, qcfg.storage_dtype)
+        _fold(prev, linears, s, ctx.storage_dtype)
         key = owner[group.linears[0]]
         feats[key] = [f / s.to(f.dtype) for f in feats[key]]
     scale_of = {n: s for group, _, _, s in found for n in group.linears}
     out_scale_of = {group.prev: s for group, prev, _, s in found if isinstance(prev, torch.nn.Linear)}
-    weights = {}
     for name in family.linears:
-        linear = layer.get_submodule(name)
-        w = linear.weight.data
-        if qcfg.awq_clip and not name.endswith(("q_proj", "k_proj")):
+        w = layer.get_submodule(name).weight.data
+        if qcfg.awq_clip and name not in family.clip_skipped:
+            ctx.step(f"clip search {name}")
             max_val = search_clip(w, _tokens(feats[owner[name]], inputs, min(qcfg.awq_max_tokens, 512)), qcfg.spec)
             w = apply_clip(w, max_val)
         q, scale, zero = rtn_quantize(w, qcfg.spec)
-        g_idx = default_g_idx(q.shape[1], qcfg.spec)
-        weights[name] = QuantizedWeight(q, scale, zero, g_idx, qcfg.spec, scale_of.get(name), out_scale_of.get(name))
-        set_weight(linear, weights[name])
-        info.setdefault(name, {})
-    return weights, info
+        g_idx = default_g_idx(q.shape[1], qcfg.spec).to(q.device)
+        ctx.finish(name, QuantizedWeight(q, scale, zero, g_idx, qcfg.spec, scale_of.get(name), out_scale_of.get(name)),
+                   info.get(name, {}))
+
+
+METHODS = {
+    "rtn": rtn_layer,
+    "gptq": gptq_layer,
+    "awq": awq_layer,
+}

@@ -9,7 +9,7 @@ little as possible; updates are applied lazily in blocks of ``block_size`` colum
 >>> x = torch.randn(512, 8) @ torch.randn(8, 64) + 0.1 * torch.randn(512, 64)  # correlated inputs [T, K]
 >>> w = torch.randn(16, 64)
 >>> H, n = accumulate_hessian(torch.zeros(64, 64), 0, x, None)
->>> qw, info = gptq_quantize(w, H, QuantSpec(bits=3, group_size=32))
+>>> qw, info = gptq_quantize(w, H, QuantConfig("gptq", QuantSpec(bits=3, group_size=32)))
 >>> from qvlquant.quant.rtn import fake_quantize
 >>> err = lambda wq: ((x @ (w - wq).T) ** 2).sum() / ((x @ w.T) ** 2).sum()
 >>> bool(err(qw.dequantize()) < 0.5 * err(fake_quantize(w, QuantSpec(3, 32))))
@@ -18,8 +18,11 @@ True
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from qvlquant.config import QuantConfig
 from qvlquant.quant.formats import QuantizedWeight
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, minmax_qparams, quantize
 
@@ -29,36 +32,48 @@ class CholeskyError(RuntimeError):
 
 
 def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Running ``2/n X^T X`` in fp32. x: [..., K]; mask: [...] bool of real tokens (None: all). -> (H [K, K], n)."""
+    """Running ``2/n X^T X`` in fp32, updated in place (``H`` is returned). x: [..., K]; mask: [...] bool of real
+    tokens (None: all). -> (H [K, K], n). At most one [K, K] temporary (x^T x) besides H."""
     x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
     if mask is not None:
         x = x[mask.reshape(-1)]
     t = x.shape[0]
     if t == 0:
         return H, n
-    H = H * (n / (n + t))
+    H.mul_(n / (n + t))  # the same values as H * (n / (n + t)) and H + x^T x, without their copies
     x = x * (2.0 / (n + t)) ** 0.5
-    return H + x.T @ x, n + t
+    H.add_(x.T @ x)
+    return H, n + t
 
 
 def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp (x2 each try) until it factorises.
-    -> (Hinv_chol [K, K], damp_percent used)."""
+    -> (Hinv_chol [K, K], damp_percent used); H is left as it was. Ends for every input: damp must be finite and
+    positive, and after at most log2(damp_max / damp_percent) + 2 tries it is an error. The factorisations run in
+    place in one working copy, so at most two [K, K] matrices are alive (H and the result)."""
+    if not (math.isfinite(damp_percent) and math.isfinite(damp_max) and 0 < damp_percent <= damp_max):
+        raise ValueError(f"need 0 < damp_percent <= damp_max, both finite; got {damp_percent!r} and {damp_max!r}")
     mean_diag = torch.mean(torch.diag(H)).item()
+    if not math.isfinite(mean_diag):
+        raise CholeskyError("the Hessian holds NaN/inf: check the layer's inputs")
     damp = damp_percent
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     while True:
-        try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            Hinv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(Hinv, upper=True), damp
-        except torch.linalg.LinAlgError:
-            if damp >= damp_max:
-                raise CholeskyError(
-                    f"Hessian not positive definite even with damp_percent {damp:g} (limit {damp_max:g}): "
-                    "use more calibration samples or raise the damping limit"
-                ) from None
-            damp = min(damp * 2, damp_max)
+        work = H.clone()
+        work.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(work, out=(work, info))  # lower L, in place
+        if info.item() == 0:
+            torch.cholesky_inverse(work, out=work)  # (L L^T)^-1
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+            if info.item() == 0:
+                return work, damp
+        del work
+        if damp >= damp_max:
+            raise CholeskyError(
+                f"Hessian not positive definite even with damp_percent {damp:g} (limit {damp_max:g}): "
+                "use more calibration samples or raise the damping limit"
+            )
+        damp = min(damp * 2, damp_max)
 
 
 def _group_params(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,36 +82,35 @@ def _group_params(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     return s, z
 
 
-def gptq_quantize(
-    w: torch.Tensor,
-    H: torch.Tensor,
-    spec: QuantSpec,
-    block_size: int = 128,
-    damp_percent: float = 0.1,
-    damp_max: float = 1.0,
-    desc_act: bool = False,
-    static_groups: bool = False,
-) -> tuple[QuantizedWeight, dict]:
-    """GPTQ of ``w`` [N, K] given its input Hessian ``H`` [K, K]. -> (codes, {"damp_percent", "dead_columns", "loss"})."""
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> tuple[QuantizedWeight, dict]:
+    """GPTQ of ``w`` [N, K] given its input Hessian ``H`` [K, K], with ``config``'s spec, block size, damping,
+    act-order and static groups; runs on ``w``'s device. A float32 ``H`` is used in place (its dead diagonal
+    entries are set to 1): pass a copy to keep it.
+    -> (codes, {"damp_percent", "dead_columns", "loss"})."""
+    spec, block_size, desc_act = config.spec, config.block_size, config.desc_act
+    static_groups = config.static_groups
     n_out, k = w.shape
+    device = w.device
     g = spec.effective_group(k)
     W = w.detach().float().clone()  # [N, K]
-    H = H.detach().float().clone()  # [K, K]
+    H = H.detach().float()  # [K, K]; no copy when it is float32 already (a 7B down_proj's is 1.4 GB)
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, make H invertible there
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     static = None
     if static_groups or spec.group_size == -1:  # params fixed up front, on the original column order
         static = [_group_params(W[:, c:c + g], spec) for c in range(0, k, g)]
-    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp_used = damped_inverse_cholesky(H, damp_percent, damp_max)
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k, device=device)
+    if desc_act:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp_used = damped_inverse_cholesky(H, config.damp_percent, config.damp_max)
+    del H
 
-    Q = torch.zeros(n_out, k, dtype=torch.int32)
-    scales = torch.zeros(n_out, k // g)
-    zeros = torch.zeros(n_out, k // g)
-    g_idx_perm = torch.zeros(k, dtype=torch.int32)  # group of each permuted column
-    losses = torch.zeros(n_out)
+    Q = torch.zeros(n_out, k, dtype=torch.int32, device=device)
+    scales = torch.zeros(n_out, k // g, device=device)
+    zeros = torch.zeros(n_out, k // g, device=device)
+    g_idx_perm = torch.zeros(k, dtype=torch.int32, device=device)  # group of each permuted column
+    losses = torch.zeros(n_out, device=device)
     scale = zero = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -125,7 +139,7 @@ def gptq_quantize(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
-    g_idx = g_idx_perm[inv] if (desc_act and static is None) else default_g_idx(k, spec)
+    g_idx = g_idx_perm[inv] if (desc_act and static is None) else default_g_idx(k, spec).to(device)
     qw = QuantizedWeight(Q[:, inv].contiguous(), scales, zeros, g_idx.contiguous(), spec)
     info = {"damp_percent": damp_used, "dead_columns": int(dead.sum()), "loss": float(losses.sum())}
     return qw, info

@@ -1,0 +1,94 @@
+"""Where a job computes: the device, the compute dtype that follows it, the CPU thread count that the machine's
+real CPU quota allows, and measured peaks (resident memory, GPU memory)."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the first CUDA device when there is one, else the CPU; cuda / cuda:N must exist."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                             "use --device cpu, or auto")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    return device
+
+
+def compute_dtype(device: torch.device, name: str | None) -> torch.dtype:
+    """float32 on the CPU, bfloat16 on a GPU, unless the job names one."""
+    if name is not None:
+        return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cpu_quota() -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup CPU quota (containers often see every
+    core of the host but get two)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path in ("/sys/fs/cgroup/cpu.max",):  # cgroup v2: "<quota> <period>" or "max <period>"
+        try:
+            quota, period = open(path).read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    try:  # cgroup v1
+        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+        period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+        if quota > 0:
+            n = min(n, max(1, quota // period))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's CPU threads: ``threads``, else OMP_NUM_THREADS when set, else the CPU quota. -> the count set."""
+    n = threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else cpu_quota())
+    torch.set_num_threads(n)
+    return n
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_gpu_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory available for activations on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**40
+
+
+def choose_offload(device: torch.device, activation_bytes: int, setting: str) -> str | None:
+    """Where calibration activations wait between layers: None (on the device) or "cpu". auto keeps them on a
+    GPU when they take at most a quarter of its free memory (the layer, its Hessians and the replay need the
+    rest), else in CPU memory, moved one batch at a time."""
+    if device.type == "cpu" or setting == "device":
+        return None
+    if setting == "cpu":
+        return "cpu"
+    return None if activation_bytes <= free_bytes(device) // 4 else "cpu"

@@ -1,0 +1,119 @@
+"""What the per-layer methods and the layer loop share: a decoder layer's captured inputs, replaying the layer,
+the one hook helper, and the context a method reports each finished linear to."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterable
+
+import torch
+
+from qvlquant.config import QuantConfig
+from qvlquant.families import ModelFamily
+from qvlquant.quant.formats import QuantizedWeight
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not go on; the message names the layer."""
+
+
+@dataclasses.dataclass
+class LayerInput:
+    hidden: torch.Tensor  # [B, S, H]
+    kwargs: dict  # what the HF model passed to the layer: attention_mask, position_embeddings (cos, sin), ...
+    token_mask: torch.Tensor  # [B, S] bool: real tokens (padding excluded from statistics)
+    # Qwen3-VL DeepStack: [B, S] bool mask of visual tokens, and per early layer the features [V, H] added there
+    visual_pos_masks: torch.Tensor | None = None
+    deepstack: list | None = None
+
+    def to(self, device) -> "LayerInput":
+        """The same input on ``device`` (tensors inside kwargs too); itself when already there."""
+        if self.hidden.device == torch.device(device):
+            return self
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        kwargs = {k: tuple(move(t) for t in v) if isinstance(v, tuple) else move(v) for k, v in self.kwargs.items()}
+        deepstack = None if self.deepstack is None else [move(t) for t in self.deepstack]
+        return LayerInput(move(self.hidden), kwargs, move(self.token_mask), move(self.visual_pos_masks), deepstack)
+
+    def nbytes(self) -> int:
+        tensors = [self.hidden, self.token_mask] + [t for v in self.kwargs.values()
+                                                    for t in (v if isinstance(v, tuple) else (v,))
+                                                    if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def layer_device(layer: torch.nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
+@torch.no_grad()
+def run_layer(layer: torch.nn.Module, x: LayerInput) -> torch.Tensor:
+    """The layer's output hidden states [B, S, H], computed where the layer lives (inputs moved there)."""
+    x = x.to(layer_device(layer))
+    out = layer(x.hidden, use_cache=False, **x.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def next_input(index: int, layer: torch.nn.Module, x: LayerInput) -> LayerInput:
+    """What decoder layer ``index + 1`` receives: this layer's output, plus DeepStack features where the HF forward
+    adds them (Qwen3-VL, after each of the first len(deepstack) layers). Stays on ``x``'s device."""
+    hidden = run_layer(layer, x).to(x.hidden.device)
+    if x.deepstack is not None and index < len(x.deepstack):
+        hidden = hidden.clone()
+        hidden[x.visual_pos_masks] = hidden[x.visual_pos_masks] + x.deepstack[index].to(hidden)
+    return dataclasses.replace(x, hidden=hidden)
+
+
+@contextlib.contextmanager
+def hooked(pairs: Iterable[tuple[torch.nn.Module, Callable]], pre: bool = False, with_kwargs: bool = False):
+    """Register ``hook`` on each ``module`` (forward hooks, or pre-hooks) for the block; always removed after."""
+    handles = []
+    try:
+        for module, hook in pairs:
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            handles.append(register(hook, with_kwargs=with_kwargs))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def replay(layer: torch.nn.Module, inputs: list[LayerInput], pairs: Iterable[tuple[torch.nn.Module, Callable]],
+           before_each: Callable[[LayerInput], None] | None = None) -> None:
+    """Run ``layer`` over every input with forward hooks ``pairs`` registered (``before_each(x)`` first)."""
+    with hooked(list(pairs)):
+        for x in inputs:
+            if before_each is not None:
+                before_each(x)
+            run_layer(layer, x)
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise QuantizationError(
+            f"non-finite values (NaN/inf) in {where}: compute in float32 or bfloat16, not float16, and check the model"
+        )
+
+
+def set_weight(linear: torch.nn.Linear, w: QuantizedWeight) -> None:
+    """Give ``linear`` the dequantized weight, bit-identical to what a reloaded QuantLinear computes."""
+    linear.weight.data = w.dequantize().to(device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+@dataclasses.dataclass
+class LayerContext:
+    """What a per-layer method needs besides the layer and its inputs. ``finish(name, weight, info)`` is called
+    once per linear as soon as it is quantized: it packs the codes, gives the linear its dequantized weight and
+    records the result, so no layer's int32 codes outlive their linear."""
+
+    family: ModelFamily
+    qcfg: QuantConfig
+    prefix: str  # runtime path of the layer, for messages: model.language_model.layers.3
+    storage_dtype: torch.dtype  # what the export writes: AWQ's folded parameters are rounded to it
+    finish: Callable[[str, QuantizedWeight, dict], None]
+    step: Callable[[str], None] = lambda what: None  # progress inside the layer (AWQ search, Hessians)
+
+    def fail(self, name: str, why: str) -> QuantizationError:
+        return QuantizationError(f"{self.prefix}.{name}: {why}")
