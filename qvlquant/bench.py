@@ -1,7 +1,8 @@
 """``qvlquant bench``: decode speed and peak memory of BF16 vs quantized variants, the published protocol.
 
-The published tables (shared/reference/qwen2vl_speed_memory.csv): batch 1, an input of 1 / 6144 / 14336 / 30720
-tokens, 2048 generated tokens, tokens/s and peak GPU memory. Speed and memory do not depend on weight values, so a
+The published tables (the Qwen2-VL README's "Speed Benchmark", https://github.com/QwenLM/Qwen2-VL, shipped here as
+qvlquant/eval/reference/qwen2vl_speed_memory.csv): batch 1, an input of 1 / 6144 / 14336 / 30720 tokens, 2048
+generated tokens, tokens/s and peak GPU memory. Speed and memory do not depend on weight values, so a
 model of the real architecture is built from its config with random weights and its decoder linears are quantized
 RTN-style into the real packed formats (QuantLinear, which runs the Triton kernel on CUDA). On CPU a scaled-down
 protocol (the demo's shape, short inputs, a few tokens) exercises the same code path.
@@ -23,8 +24,10 @@ import time
 
 import torch
 
+from qvlquant.families import QWEN2_VL
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
+from qvlquant.runtime import QuantLinear
 
 SHAPES = {  # text configs of the released checkpoints
     "qwen2-vl-2b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -63,8 +66,16 @@ def decoder_linears(shape: str) -> dict[str, tuple[int, int]]:
     return {"q/o_proj": (h, h), "k/v_proj": (h, kv), "gate/up_proj": (h, inter), "down_proj": (inter, h)}
 
 
+def check_variants(variants: tuple[str, ...]) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
+    """One ``bench`` run, checked when it is made."""
+
     shape: str = "demo"
     variants: tuple[str, ...] = ("bf16", "gptq-int4", "awq", "gptq-int8")
     input_lengths: tuple[int, ...] = (1, 32)
@@ -73,10 +84,19 @@ class BenchConfig:
     static_cache: bool = False
     compile: bool = False  # torch.compile the forward ("reduce-overhead": CUDA graphs on a GPU); implies static_cache
 
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown --shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
+        check_variants(self.variants)
+        if not self.input_lengths or min(self.input_lengths) < 1:
+            raise ValueError(f"input lengths must be positive token counts, got {self.input_lengths}")
+        if self.new_tokens < 2:  # decode speed is time(N tokens) - time(1 token): one token measures nothing
+            raise ValueError(f"new_tokens must be at least 2, got {self.new_tokens}")
+
 
 def build_model(shape: str, device: str, dtype: torch.dtype):
     """A Qwen2-VL of the given shape with random weights, built directly on ``device``."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # heavy: only once a model is built
 
     if shape not in SHAPES:
         raise ValueError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}")
@@ -96,9 +116,6 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
 @torch.no_grad()
 def quantize_random(model, fmt: PackFormat, spec: QuantSpec) -> None:
     """Replace every decoder linear by a QuantLinear holding the RTN codes of its (random) weight."""
-    from qvlquant.families import QWEN2_VL
-    from qvlquant.runtime import QuantLinear
-
     for layer in model.get_submodule(QWEN2_VL.decoder_layers):
         for name in QWEN2_VL.linears:
             parent, leaf = name.rsplit(".", 1)
@@ -163,11 +180,10 @@ def model_gb(model) -> float:
 def weights_table(shape: str, variants: tuple[str, ...]) -> list[dict]:
     """Bytes each variant's model holds (built on the meta device: nothing is allocated), beside the published peak
     memory at input length 1 (weights plus activations and KV cache). The floor of any run's peak; runs anywhere."""
+    check_variants(variants)
     refs = published(shape)
     rows = []
     for variant in variants:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         model = build_model(shape, "meta", torch.bfloat16)
         if VARIANTS[variant] is not None:
             quantize_random(model, *VARIANTS[variant])
@@ -177,29 +193,55 @@ def weights_table(shape: str, variants: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def format_weights_table(shape: str, rows: list[dict]) -> str:
+    """``weights_table``'s rows as a Markdown table under a title line (what ``bench --weights-only`` prints)."""
+    lines = [f"{shape}: bytes held by the weights (GiB; vision tower in bf16)",
+             "| variant | weights GiB | of which vision | published peak GB at input 1 |", "|---|---|---|---|"]
+    for r in rows:
+        pub = r["published_memory_gb_input_1"]
+        lines.append(f"| {r['variant']} | {r['weights_gb']:.2f} | {r['vision_gb']:.2f} | "
+                     f"{'-' if pub is None else f'{pub:.2f}'} |")
+    return "\n".join(lines)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
+class TokenClock:
+    """A ``generate`` streamer that notes the time each token reaches the host: ``put`` gets the prompt, then one
+    token per step, already copied to the CPU (so on a GPU the step has finished)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
-def decode_speed(model, input_length: int, new_tokens: int, device: str, static_cache: bool) -> tuple[float, float]:
-    """-> (decode tokens/s, seconds to the first token). Decode time = time(N tokens) - time(1 token)."""
+def decode_speed(model, input_length: int, new_tokens: int, device: str,
+                 static_cache: bool) -> tuple[float, float, float]:
+    """-> (decode tokens/s, seconds to the first token, seconds of the decode), from one timed ``generate`` of
+    ``new_tokens`` after a warm-up: the decode is the time from the first token to the last, so tokens/s is
+    (new_tokens - 1) over it, prefill excluded, and no run-to-run noise enters the difference."""
     inputs = prefill_inputs(model, input_length, device)
     kw = dict(inputs, do_sample=False, pad_token_id=0, eos_token_id=None)
     if static_cache:
         kw["cache_implementation"] = "static"
     model.generate(max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (kernels compiled, caches allocated)
     _sync(device)
+    clock = TokenClock()
     t0 = time.perf_counter()
-    model.generate(max_new_tokens=1, min_new_tokens=1, **kw)
-    _sync(device)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model.generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-    _sync(device)
-    total = time.perf_counter() - t0
-    return (new_tokens - 1) / max(total - first, 1e-9), first
+    model.generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kw)
+    if len(clock.times) != new_tokens + 1:  # the prompt, then each new token
+        raise RuntimeError(f"generate streamed {len(clock.times) - 1} tokens, {new_tokens} were asked for")
+    first, last = clock.times[1], clock.times[-1]
+    return (new_tokens - 1) / max(last - first, 1e-9), first - t0, last - first
 
 
 def peak_memory_gb(device: str) -> float:
@@ -224,8 +266,6 @@ def run(cfg: BenchConfig) -> list[dict]:
     refs = published(cfg.shape)
     rows = []
     for variant in cfg.variants:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         if cfg.device.startswith("cuda"):
             torch.cuda.empty_cache()
         model = build_model(cfg.shape, cfg.device, dtype)
@@ -237,11 +277,13 @@ def run(cfg: BenchConfig) -> list[dict]:
         for length in cfg.input_lengths:
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            speed, first = decode_speed(model, length, cfg.new_tokens, cfg.device, cfg.static_cache or cfg.compile)
+            speed, first, decode = decode_speed(model, length, cfg.new_tokens, cfg.device,
+                                                cfg.static_cache or cfg.compile)
             pub = refs.get((variant, length))
             rows.append(dict(shape=cfg.shape, variant=variant, input_length=length, new_tokens=cfg.new_tokens,
-                             tokens_per_s=speed, first_token_s=first, weights_gb=weights, peak_memory_gb=peak_memory_gb(cfg.device),
-                             published_tokens_per_s=pub[0] if pub else None, published_memory_gb=pub[1] if pub else None))
+                             tokens_per_s=speed, first_token_s=first, decode_s=decode, weights_gb=weights,
+                             peak_memory_gb=peak_memory_gb(cfg.device), published_tokens_per_s=pub[0] if pub else None,
+                             published_memory_gb=pub[1] if pub else None))
         del model
     base = {r["input_length"]: r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:

@@ -1,13 +1,19 @@
 """qvlquant bench: the scaled-down CPU protocol runs the same code path the GPU protocol does."""
 
+import copy
 import json
+import time
+import types
 
 import pytest
 import torch
 
-from qvlquant.bench import (BenchConfig, build_model, image_grid, prefill_inputs, published, quantize_random, run,
-                            VARIANTS, weights_table)
+import qvlquant.bench as bench
+from qvlquant.bench import (BenchConfig, build_model, decoder_linears, decode_speed, format_weights_table, image_grid,
+                            prefill_inputs, published, quantize_random, run, VARIANTS, weights_table)
 from qvlquant.cli import main
+from qvlquant.families import QWEN2_VL
+from qvlquant.quant.rtn import fake_quantize
 from qvlquant.runtime import QuantLinear
 
 
@@ -62,23 +68,107 @@ def test_large_input_is_mostly_image():
     assert 6000 < rows * cols <= 6144 - 3 and abs(rows - cols) <= 2
 
 
-def test_quantized_random_model_computes_like_its_dequantized_weights():
+@pytest.mark.parametrize("shape", ["demo", "qwen2-vl-2b", "qwen2-vl-7b"])
+def test_decoder_linears_are_the_models_linears(shape):
+    """The (K, N) table the kernel benchmark and the compile report run is the built model's, linear by linear."""
+    kind = {"q_proj": "q/o_proj", "o_proj": "q/o_proj", "k_proj": "k/v_proj", "v_proj": "k/v_proj",
+            "gate_proj": "gate/up_proj", "up_proj": "gate/up_proj", "down_proj": "down_proj"}
+    layer = build_model(shape, "meta", torch.bfloat16).get_submodule(QWEN2_VL.decoder_layers)[0]
+    table = decoder_linears(shape)
+    assert set(table) == set(kind.values())
+    for name in QWEN2_VL.linears:
+        linear = layer.get_submodule(name)
+        assert (linear.in_features, linear.out_features) == table[kind[name.rsplit(".", 1)[1]]], name
+
+
+@pytest.mark.parametrize("variant", ["gptq-int4", "awq", "gptq-int8"])
+def test_quantized_random_model_computes_like_its_dequantized_weights(variant):
+    """Every decoder linear becomes a QuantLinear whose weight is exactly the RTN quantize-dequantize of the random
+    weight it replaced, so the model computes what the same model with those weights computes."""
+    fmt, spec = VARIANTS[variant]
     model = build_model("demo", "cpu", torch.float32)
-    ids = torch.randint(10, 2000, (1, 12))
-    fmt, spec = VARIANTS["awq"]
+    dense = copy.deepcopy(model)  # the same random weights, left unquantized
     quantize_random(model, fmt, spec)
-    layer = model.model.language_model.layers[0]
-    assert isinstance(layer.mlp.down_proj, QuantLinear) and layer.mlp.down_proj.fmt is fmt
-    assert torch.isfinite(model(input_ids=ids).logits).all()
+    rounded = copy.deepcopy(dense)
+    n_linears = 0
+    for layer, ref in zip(model.get_submodule(QWEN2_VL.decoder_layers), rounded.get_submodule(QWEN2_VL.decoder_layers)):
+        for name in QWEN2_VL.linears:
+            q, lin = layer.get_submodule(name), ref.get_submodule(name)
+            assert isinstance(q, QuantLinear) and q.fmt is fmt and q.spec == spec, name
+            lin.weight.data = fake_quantize(lin.weight.data, spec)
+            assert torch.equal(q.quantized_weight().dequantize(), lin.weight.data), name
+            n_linears += 1
+    assert n_linears == 4 * len(QWEN2_VL.linears)
+    ids = torch.randint(10, 2000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, expected, unquantized = (m(input_ids=ids).logits for m in (model, rounded, dense))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert (out - unquantized).abs().max() > 1e-3  # the comparison can tell quantized from not
+
+
+def test_decode_speed_is_decode_tokens_over_decode_time(monkeypatch):
+    """With a fake clock: generate takes a setup, a prefill that yields the first token, then one step per token;
+    tokens/s must be 1 / step exactly, the first token setup + prefill; the warm-up runs first, untimed, and the
+    static cache is asked for."""
+    setup, prefill, step, now, calls = 0.1, 0.5, 0.02, [0.0], []
+
+    class Model:
+        def generate(self, max_new_tokens, min_new_tokens, streamer=None, **kw):
+            calls.append((max_new_tokens, kw.get("cache_implementation"), streamer is not None))
+            now[0] += setup
+            if streamer:
+                streamer.put(kw["input_ids"])
+            for i in range(max_new_tokens):
+                now[0] += prefill if i == 0 else step
+                if streamer:
+                    streamer.put(torch.zeros(1))
+
+    monkeypatch.setattr(bench, "prefill_inputs", lambda model, length, device: {"input_ids": torch.zeros(1, length)})
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    speed, first, decode = decode_speed(Model(), 7, 9, "cpu", static_cache=True)
+    assert speed == pytest.approx(1 / step) and first == pytest.approx(setup + prefill)
+    assert decode == pytest.approx(8 * step)
+    assert calls == [(2, "static", False), (9, "static", True)]
 
 
 def test_bench_rows_and_speedup_column():
+    t0 = time.perf_counter()
     rows = run(BenchConfig(variants=("bf16", "gptq-int4"), input_lengths=(1, 16), new_tokens=4))
+    wall = time.perf_counter() - t0
     assert [(r["variant"], r["input_length"]) for r in rows] == [("bf16", 1), ("bf16", 16), ("gptq-int4", 1), ("gptq-int4", 16)]
-    assert all(r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 for r in rows)
+    bf16 = {r["input_length"]: r for r in rows if r["variant"] == "bf16"}
+    for r in rows:
+        assert r["new_tokens"] == 4 and r["first_token_s"] > 0 and r["decode_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(3 / r["decode_s"], rel=1e-9)  # 3 tokens after the first one
+        assert r["first_token_s"] + r["decode_s"] < wall / 4  # one timed generate of the run's four
+        assert r["speedup_vs_bf16"] == pytest.approx(r["tokens_per_s"] / bf16[r["input_length"]]["tokens_per_s"])
+        assert r["peak_memory_gb"] >= r["weights_gb"]  # the process holds at least the model
+        assert r["published_tokens_per_s"] is None and r["published_memory_gb"] is None  # nothing published for demo
     assert rows[0]["speedup_vs_bf16"] == 1.0
+    assert rows[2]["weights_gb"] < 0.6 * rows[0]["weights_gb"]  # packed 4-bit decoder linears
+
+
+def test_bench_config_is_checked_when_made():
     with pytest.raises(ValueError, match="unknown variant 'int3'"):
         run(BenchConfig(variants=("int3",)))
+    with pytest.raises(ValueError, match="unknown --shape 'llama-70b'"):
+        BenchConfig(shape="llama-70b")
+    with pytest.raises(ValueError, match="new_tokens must be at least 2"):
+        BenchConfig(new_tokens=1)
+    with pytest.raises(ValueError, match="positive token counts"):
+        BenchConfig(input_lengths=(0, 16))
+
+
+def test_weights_only_table():
+    rows = [dict(variant="bf16", weights_gb=15.5, vision_gb=1.254, published_memory_gb_input_1=16.07),
+            dict(variant="awq", weights_gb=5.0, vision_gb=1.254, published_memory_gb_input_1=None)]
+    assert format_weights_table("qwen2-vl-7b", rows).splitlines() == [
+        "qwen2-vl-7b: bytes held by the weights (GiB; vision tower in bf16)",
+        "| variant | weights GiB | of which vision | published peak GB at input 1 |",
+        "|---|---|---|---|",
+        "| bf16 | 15.50 | 1.25 | 16.07 |",
+        "| awq | 5.00 | 1.25 | - |",
+    ]
 
 
 def test_bench_command_writes_json_and_plot(tmp_path, capsys):
