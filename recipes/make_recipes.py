@@ -1,4 +1,6 @@
-"""Writes recipes/*.yaml: the settings of each published Qwen VL quantized checkpoint (shared/reference/README.md).
+"""Writes recipes/*.yaml: the settings of each published Qwen VL quantized checkpoint, as released with them (the
+``quantization_config`` in each checkpoint's config.json on the Hugging Face Hub, e.g.
+Qwen/Qwen2-VL-7B-Instruct-GPTQ-Int4, and the Qwen2-VL README, https://github.com/QwenLM/Qwen2-VL).
 
     python recipes/make_recipes.py
 
