@@ -5,6 +5,7 @@ import torch
 
 import qvlquant.quant.gptq as gptq_module
 from qvlquant.quant.formats import PackFormat
+from qvlquant.config import QuantConfig
 from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, damped_inverse_cholesky, gptq_quantize
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, fake_quantize
 
@@ -30,7 +31,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, sym):
     x = correlated_inputs()
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     spec = QuantSpec(bits, group_size, sym)
-    qw, info = gptq_quantize(w, hessian(x), spec)
+    qw, info = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec))
     assert rel_error(x, w, qw.dequantize()) < 0.5 * rel_error(x, w, fake_quantize(w, spec))
     assert info["damp_percent"] == 0.1 and info["dead_columns"] == 0
 
@@ -45,39 +46,48 @@ def test_hessian_is_running_mean_and_excludes_padding():
     torch.testing.assert_close(H, 2 / 8 * real.T @ real)
 
 
-def test_act_order_and_static_groups():
-    x = correlated_inputs()
-    w = torch.randn(32, 256)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_act_order_and_static_groups(seed):
+    x = correlated_inputs(seed=seed)
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(100 + seed))
     spec = QuantSpec(4, 64, True)
-    plain, _ = gptq_quantize(w, hessian(x), spec)
-    act, _ = gptq_quantize(w, hessian(x), spec, desc_act=True)
+    plain, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec))
+    act, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, desc_act=True))
     assert not torch.equal(act.g_idx, default_g_idx(256, spec))  # groups follow the activation order
     assert torch.bincount(act.g_idx.long()).tolist() == [64] * 4
     back = PackFormat.GPTQ.unpack(PackFormat.GPTQ.pack(act), spec, 256)
     assert torch.equal(back.dequantize(), act.dequantize())
-    static, _ = gptq_quantize(w, hessian(x), spec, desc_act=True, static_groups=True)
+    static, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, desc_act=True, static_groups=True))
     assert torch.equal(static.g_idx, default_g_idx(256, spec))
+    # channels of 10x different magnitude: quantizing the large-Hessian columns first cuts the error ~13x; measured
+    # act / plain and static / plain at most 0.086 and 0.088 over seeds 0..11 (this test runs 0..2)
     for q in (act, static):
-        assert rel_error(x, w, q.dequantize()) < 1.5 * rel_error(x, w, plain.dequantize())
+        assert rel_error(x, w, q.dequantize()) < 0.1 * rel_error(x, w, plain.dequantize())
 
 
 def test_cholesky_failure_raises_damping_and_records_it():
     H = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.3] * 8))  # mean diag 0.675; needs damp 0.8 to factorise
     _, used = damped_inverse_cholesky(H, 0.1, 1.0)
     assert used == pytest.approx(0.8)
-    qw, info = gptq_quantize(torch.randn(8, 32), H, QuantSpec(4, 32, True))
+    qw, info = gptq_quantize(torch.randn(8, 32), H, QuantConfig("gptq", QuantSpec(4, 32, True)))
     assert info["damp_percent"] == pytest.approx(0.8)
     with pytest.raises(CholeskyError, match="damp_percent 0.4"):
         damped_inverse_cholesky(H, 0.1, 0.4)
 
 
-def test_dead_input_columns():
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_dead_input_columns(sym, desc_act):
+    """A column whose input is always zero is zeroed before quantization and gets no error feedback (its Hessian
+    row is zero), and 0 is on the grid (symmetric: the zero code; asymmetric: every group's range includes 0), so
+    it dequantizes to exactly 0, not to something bounded by a scale."""
     x = correlated_inputs(k=128)
     x[:, 5] = 0
-    w = torch.randn(16, 128)
-    qw, info = gptq_quantize(w, hessian(x), QuantSpec(4, 128, True))
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    qw, info = gptq_quantize(w, hessian(x), QuantConfig("gptq", QuantSpec(4, 128, sym), desc_act=desc_act))
     assert info["dead_columns"] == 1 and torch.isfinite(qw.dequantize()).all()
-    assert qw.dequantize()[:, 5].abs().max() <= qw.scale.max()  # zeroed, not blown up
+    assert torch.equal(qw.dequantize()[:, 5], torch.zeros(16))
+    assert (qw.dequantize()[:, [4, 6]] != 0).any()  # the live neighbours are not zeroed
 
 
 def test_docstring_example_holds():
