@@ -2,66 +2,24 @@
 
 A sample is either chat messages in the Qwen2-VL README format (a user turn whose content lists
 ``{"type": "image", "image": ...}`` and ``{"type": "text", "text": ...}`` items, then usually an assistant answer) or a
-plain string of natural text (tokenized as is, no chat template). Images go through qvlquant's safe loader; a pixel
+plain string of natural text (tokenized as is, no chat template); ``calib.samples`` checks the shape, the roles and
+the reserved markers (the model tokenizer's own added tokens included) before anything is encoded. Images go through qvlquant's safe loader; a pixel
 budget bounds the visual tokens; a sample longer than ``max_length`` is refused, naming it, and never truncated
 (cutting through image tokens would desynchronise them from ``pixel_values``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 from PIL import Image
 
+from qvlquant.calib.config import CalibConfig
+from qvlquant.calib.errors import CalibrationError
 from qvlquant.calib.images import load_image
-
-RESERVED_MARKERS = (
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|endoftext|>",
-)
-
-
-class CalibrationError(ValueError):
-    """A calibration sample that cannot be used; the message names the sample and the reason."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibConfig:
-    max_length: int = 2048
-    min_pixels: int = 56 * 56
-    max_pixels: int = 448 * 448  # qwen-vl-utils' default (16384 * 28 * 28) is what makes calibration OOM
-    batch_size: int = 1
-    image_root: str | None = None  # relative image paths are taken from here and may not leave it
-    allow_urls: bool = False  # http(s) images are fetched only when the user opts in
-
-    def __post_init__(self):
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
-        if self.batch_size < 1 or self.max_length < 1:
-            raise ValueError("batch_size and max_length must be positive")
-
-
-def _image_items(messages: list[dict], name: str):
-    if not isinstance(messages, list) or not messages:
-        raise CalibrationError(f"{name}: expected a non-empty list of chat messages")
-    for turn in messages:
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise CalibrationError(f"{name}: every message needs 'role' and 'content', got {turn!r:.80}")
-        content = turn["content"]
-        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(items, list):
-            raise CalibrationError(f"{name}: content must be a string or a list of items")
-        for item in items:
-            if not isinstance(item, dict):
-                raise CalibrationError(f"{name}: content item {item!r:.60} is not a dict")
-            yield item
+from qvlquant.calib.qwen_vl_v1 import V1_PATTERN, encode_v1
+from qvlquant.calib.samples import content_items, image_source, item_kind, reserved_pattern, validate_sample
 
 
 def _resize_within(img: Image.Image, max_pixels: int) -> Image.Image:
@@ -72,54 +30,45 @@ def _resize_within(img: Image.Image, max_pixels: int) -> Image.Image:
     return img.resize((max(1, int(w * f)), max(1, int(h * f))), Image.BICUBIC)
 
 
+def _load(source, cfg: CalibConfig, where: str) -> Image.Image:
+    try:
+        return load_image(source, root=cfg.image_root, allow_urls=cfg.allow_urls)
+    except ValueError as e:  # ImageError, or PIL refusing a conversion
+        raise CalibrationError(f"{where}: {e}") from None
+
+
+def _frames(item: dict, cfg: CalibConfig, where: str) -> list[Image.Image]:
+    frames = [_resize_within(_load(f, cfg, where), cfg.max_pixels) for f in item["video"]]
+    sizes = list(dict.fromkeys(f.size for f in frames))
+    if len(sizes) > 1:
+        shown = " and ".join(f"{w}x{h}" for w, h in sizes[:2])
+        raise CalibrationError(f"{where}: video frames differ in size ({shown}); give every frame one size")
+    return frames
+
+
 def prepare_messages(messages: list[dict], cfg: CalibConfig, name: str) -> tuple[list[dict], list, list]:
-    """Validate one chat sample and load its images and video frames (a per-image ``max_pixels`` is clamped to the
-    budget). -> (messages, images, videos as lists of frames)."""
+    """Load the images and video frames of a chat sample that ``validate_sample`` accepted (a per-image
+    ``max_pixels`` is clamped to the budget; the global ``min_pixels`` applies). -> (messages, images, videos as
+    lists of frames)."""
     images, videos = [], []
-    for item in _image_items(messages, name):
-        kind = item.get("type")
-        if kind == "video" or "video" in item:
-            frames = item.get("video")
-            if not isinstance(frames, list) or not frames:
-                raise CalibrationError(f"{name}: a video item needs a non-empty list of frames (paths or images)")
-            try:
-                videos.append([_resize_within(load_image(f, root=cfg.image_root, allow_urls=cfg.allow_urls), cfg.max_pixels)
-                               for f in frames])
-            except ValueError as e:
-                raise CalibrationError(f"{name}: {e}") from None
-        elif kind in ("image", "image_url") or "image" in item or "image_url" in item:
-            source = item.get("image", item.get("image_url"))
-            if isinstance(source, dict):
-                source = source.get("url")
-            try:
-                img = load_image(source, root=cfg.image_root, allow_urls=cfg.allow_urls)
-            except ValueError as e:
-                raise CalibrationError(f"{name}: {e}") from None
-            budget = min(int(float(item.get("max_pixels", cfg.max_pixels))), cfg.max_pixels)
-            images.append(_resize_within(img, budget))
-        elif kind == "text" or "text" in item:
-            text = item.get("text")
-            if not isinstance(text, str):
-                raise CalibrationError(f"{name}: a text item holds {type(text).__name__}, not a string")
-            found = [m for m in RESERVED_MARKERS if m in text]
-            if found:
-                raise CalibrationError(f"{name}: text contains the reserved marker(s) {found}; remove them")
-        else:
-            raise CalibrationError(f"{name}: unknown content item type {kind!r}")
+    for i, turn in enumerate(messages, 1):
+        for j, item in enumerate(content_items(turn), 1):
+            where, kind = f"{name}: message {i} item {j}", item_kind(item)
+            if kind == "video":
+                videos.append(_frames(item, cfg, where))
+            elif kind == "image":
+                budget = min(int(item.get("max_pixels", cfg.max_pixels)), cfg.max_pixels)
+                images.append(_resize_within(_load(image_source(item), cfg, where), budget))
     return messages, images, videos
 
 
 def encode_sample(processor, sample, cfg: CalibConfig, name: str) -> dict[str, torch.Tensor]:
     """One sample -> a batch of one: input_ids, attention_mask, mm_token_type_ids [1, S] (+ pixel_values,
     image_grid_thw when it has images)."""
+    validate_sample(sample, name, reserved_pattern(processor.tokenizer))
     budget = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # the pixel budget
     kw = {"images_kwargs": {"size": budget}}
     if isinstance(sample, str):
-        if not sample.strip():
-            raise CalibrationError(f"{name}: empty text")
-        found = [m for m in RESERVED_MARKERS if m in sample]
-        if found:
-            raise CalibrationError(f"{name}: text contains the reserved marker(s) {found}; remove them")
         enc = processor(text=[sample], return_tensors="pt")
     else:
         messages, images, videos = prepare_messages(sample, cfg, name)
@@ -158,15 +107,26 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
     return batch
 
 
-def build_batches(processor, samples: list, cfg: CalibConfig, names: list[str] | None = None, v1: bool = False) -> list[dict]:
-    """All samples encoded (each validated, errors naming it), then grouped into padded batches of ``batch_size``.
-    ``v1``: Qwen-VL-Chat, whose "processor" is its remote tokenizer reading ``<img>`` tags."""
+def _names(samples, names: list[str] | None) -> list[str]:
+    if not isinstance(samples, (list, tuple)):
+        raise CalibrationError(f"build_batches needs a list of samples, got {type(samples).__name__}")
     if not samples:
-        raise CalibrationError("the calibration set is empty")
-    names = names or [f"sample {i}" for i in range(len(samples))]
-    if v1:
-        from qvlquant.calib.qwen_vl_v1 import encode_v1
+        raise CalibrationError("the calibration set is empty; add samples (--calib, --num-samples)")
+    if names is None:
+        return [f"sample {i}" for i in range(len(samples))]
+    if len(names) != len(samples):
+        raise CalibrationError(f"{len(samples)} samples but {len(names)} names; give one name per sample")
+    return list(names)
 
+
+def build_batches(processor, samples: list, cfg: CalibConfig, names: list[str] | None = None, v1: bool = False) -> list[dict]:
+    """All samples validated first (errors naming the sample), then encoded and grouped into padded batches of
+    ``batch_size``. ``v1``: Qwen-VL-Chat, whose "processor" is its remote tokenizer reading ``<img>`` tags."""
+    names = _names(samples, names)
+    markers = V1_PATTERN if v1 else reserved_pattern(processor.tokenizer)
+    for sample, name in zip(samples, names):
+        validate_sample(sample, name, markers)
+    if v1:
         encoded = [encode_v1(processor, s, cfg, n) for s, n in zip(samples, names)]
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else processor.eod_id
     else:

@@ -13,16 +13,21 @@ import pathlib
 
 import torch
 
-from qvlquant.calib.dataset import CalibConfig, CalibrationError, _image_items
+from qvlquant.calib.config import CalibConfig
+from qvlquant.calib.errors import CalibrationError
 from qvlquant.calib.images import load_image
+from qvlquant.calib.samples import RESERVED_MARKERS, content_items, item_kind, marker_pattern, validate_sample
 
-V1_MARKERS = ("<img>", "</img>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<|im_start|>", "<|im_end|>")
+V1_MARKERS = ("<img>", "</img>", "<imgpad>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<|im_start|>",
+              "<|im_end|>", "<|endoftext|>")
+# its tiktoken tokenizer reads every special token in text (allowed_special="all"), <|extra_0|> ... <|extra_204|> included
+V1_PATTERN = marker_pattern(V1_MARKERS + RESERVED_MARKERS, extra=r"<\|extra_\d+\|>")
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
-def _image_path(source, cfg: CalibConfig, name: str) -> str:
+def _image_path(source, cfg: CalibConfig, where: str) -> str:
     if not isinstance(source, (str, os.PathLike)) or str(source).startswith(("data:", "http://", "https://")):
-        raise CalibrationError(f"{name}: Qwen-VL v1 reads images from local files only (its own code opens them)")
+        raise CalibrationError(f"{where}: Qwen-VL v1 reads images from local files only (its own code opens them)")
     text = str(source).removeprefix("file://")
     path = pathlib.Path(text)
     if cfg.image_root is not None and not path.is_absolute():
@@ -30,25 +35,28 @@ def _image_path(source, cfg: CalibConfig, name: str) -> str:
     try:
         load_image(path, root=cfg.image_root)  # checks: inside the root, regular file, decodes
     except ValueError as e:
-        raise CalibrationError(f"{name}: {e}") from None
-    return str(path.resolve())
+        raise CalibrationError(f"{where}: {e}") from None
+    resolved = str(path.resolve())
+    found = sorted(set(V1_PATTERN.findall(resolved)))
+    if found:  # the path is written between <img> tags: a file name may not close them or open a turn
+        raise CalibrationError(f"{where}: the image path {resolved!r} contains the reserved marker(s) {found}; rename it")
+    return resolved
 
 
 def v1_text(messages: list[dict], cfg: CalibConfig, name: str) -> str:
     """ChatML text with ``Picture i: <img>/abs/path</img>`` for each image, as Qwen-VL-Chat's chat() builds it."""
-    for item in _image_items(messages, name):
-        text = item.get("text")
-        if isinstance(text, str) and any(m in text for m in V1_MARKERS):
-            raise CalibrationError(f"{name}: text contains Qwen-VL markup ({[m for m in V1_MARKERS if m in text]})")
+    validate_sample(messages, name, V1_PATTERN)
     out, picture = [SYSTEM], 0
-    for turn in messages:
-        content = turn["content"]
-        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    for i, turn in enumerate(messages, 1):
         parts = []
-        for item in items:
-            if item.get("type") in ("image", "image_url") or "image" in item:
+        for j, item in enumerate(content_items(turn), 1):
+            kind = item_kind(item)
+            if kind == "video":
+                raise CalibrationError(f"{name}: message {i} item {j}: Qwen-VL v1 has no video input; remove the item")
+            if kind == "image":
                 picture += 1
-                parts.append(f"Picture {picture}: <img>{_image_path(item.get('image', item.get('image_url')), cfg, name)}</img>\n")
+                path = _image_path(item.get("image", item.get("image_url")), cfg, f"{name}: message {i} item {j}")
+                parts.append(f"Picture {picture}: <img>{path}</img>\n")
             else:
                 parts.append(item["text"])
         out.append(f"<|im_start|>{turn['role']}\n{''.join(parts)}<|im_end|>\n")
@@ -56,9 +64,11 @@ def v1_text(messages: list[dict], cfg: CalibConfig, name: str) -> str:
 
 
 def encode_v1(tokenizer, sample, cfg: CalibConfig, name: str) -> dict[str, torch.Tensor]:
-    text = sample if isinstance(sample, str) else v1_text(sample, cfg, name)
-    if isinstance(sample, str) and any(m in sample for m in V1_MARKERS):
-        raise CalibrationError(f"{name}: text contains Qwen-VL markup")
+    if isinstance(sample, str):
+        validate_sample(sample, name, V1_PATTERN)
+        text = sample
+    else:
+        text = v1_text(sample, cfg, name)
     enc = tokenizer(text, return_tensors="pt")
     if enc["input_ids"].shape[1] > cfg.max_length:
         raise CalibrationError(f"{name}: {enc['input_ids'].shape[1]} tokens (256 per picture), over max_length {cfg.max_length}")

@@ -19,23 +19,44 @@ import json
 import pathlib
 import random
 
-from qvlquant.calib.dataset import CalibrationError
-from qvlquant.calib.easyvqa import load_split
+from qvlquant.calib.easyvqa import VqaItem, load_split
+from qvlquant.calib.errors import CalibrationError
+from qvlquant.calib.samples import validate_sample
 from qvlquant.demo.paths import DATA_DIR
 
 
-def _easyvqa(n: int, rng: random.Random) -> tuple[list, list[str]]:
-    items = load_split("train")
+def _check_count(num_samples: int, what: str, available: int) -> None:
+    if num_samples > available:
+        raise CalibrationError(f"--num-samples {num_samples}: {what} holds at most {available} samples; "
+                               f"lower --num-samples or add data")
+
+
+def _easyvqa(items: list[VqaItem], n: int, rng: random.Random) -> tuple[list, list[str]]:
     picks = rng.sample(range(len(items)), n)
     return [items[i].messages() for i in picks], [f"easy-vqa train question {i}" for i in picks]
 
 
-def _demo_text(n: int, rng: random.Random) -> tuple[list, list[str]]:
-    docs = [d for d in (DATA_DIR / "calib_text.txt").read_text(encoding="utf-8").splitlines() if d.strip()]
-    if n > len(docs):
-        raise CalibrationError(f"asked for {n} text samples, the demo calibration text has {len(docs)}")
+def _demo_docs() -> list[str]:
+    return [d for d in (DATA_DIR / "calib_text.txt").read_text(encoding="utf-8").splitlines() if d.strip()]
+
+
+def _demo_text(docs: list[str], n: int, rng: random.Random) -> tuple[list, list[str]]:
     picks = rng.sample(range(len(docs)), n)
     return [" ".join(docs[i].split()[:200]) for i in picks], [f"calib_text.txt line {i + 1}" for i in picks]
+
+
+def _builtin(source: str, num_samples: int, rng: random.Random) -> tuple[list, list[str]]:
+    """``demo``: easy-vqa chats and demo text documents, half and half (the odd one a chat); ``easyvqa``: chats."""
+    items = load_split("train")
+    if source == "easyvqa":
+        _check_count(num_samples, "the easyvqa source (easy-vqa train questions)", len(items))
+        return _easyvqa(items, num_samples, rng)
+    docs = _demo_docs()
+    half = "the demo source (easy-vqa chats and calib_text.txt documents, half and half)"
+    _check_count(num_samples, half, min(2 * len(items), 2 * len(docs) + 1))
+    chats, chat_names = _easyvqa(items, num_samples - num_samples // 2, rng)
+    texts, text_names = _demo_text(docs, num_samples // 2, rng)
+    return chats + texts, chat_names + text_names
 
 
 def _file(path: pathlib.Path) -> tuple[list, list[str]]:
@@ -63,22 +84,59 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 CAPTION_PROMPT = "Describe this image."
 
 
+def _kind(value) -> str:
+    return "an empty list" if value == [] else type(value).__name__
+
+
+def _turns(row: dict, name: str) -> list[dict]:
+    """A sharegpt row's turns: a non-empty list of objects."""
+    key = next((k for k in ("messages", "conversations") if row.get(k) is not None), None)
+    if key is None:
+        raise CalibrationError(f"{name}: a sharegpt row needs 'messages' or 'conversations' (a non-empty list of turns)")
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise CalibrationError(f"{name}: {key!r} must be a non-empty list of turns, got {_kind(turns)}")
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise CalibrationError(f"{name}: turn {i} is {type(turn).__name__}, not an object with role and content")
+    return turns
+
+
+def _turn_text(turn: dict, where: str) -> str:
+    text = turn["content"] if "content" in turn else turn.get("value")
+    if not isinstance(text, str):
+        raise CalibrationError(f"{where}: the text must be a string (with <image> placeholders), got {type(text).__name__}")
+    return text
+
+
+def _images(row: dict, name: str) -> list[str]:
+    images = row.get("images")
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        raise CalibrationError(f"{name}: 'images' must be a list of paths, got {type(images).__name__}")
+    for i, image in enumerate(images, 1):
+        if not isinstance(image, str):
+            raise CalibrationError(f"{name}: image {i} must be a path string, got {type(image).__name__}")
+    return images
+
+
 def from_sharegpt(row: dict, name: str) -> list[dict]:
     """LLaMA-Factory sharegpt -> chat messages, each ``<image>`` replaced by the next entry of ``images``."""
-    turns = row.get("messages") or row.get("conversations")
-    images = list(row.get("images") or [])
-    placeholders = sum(str(t.get("content", t.get("value", ""))).count("<image>") for t in turns)
+    turns, images = _turns(row, name), _images(row, name)
+    texts = [_turn_text(turn, f"{name}: turn {i}") for i, turn in enumerate(turns, 1)]
+    placeholders = sum(text.count("<image>") for text in texts)
     if placeholders != len(images):
         raise CalibrationError(f"{name}: {placeholders} <image> placeholders but {len(images)} images")
     messages, it = [], iter(images)
-    for turn in turns:
-        role = SHAREGPT_ROLES.get(turn.get("role", turn.get("from")))
+    for i, (turn, text) in enumerate(zip(turns, texts), 1):
+        raw = turn.get("role", turn.get("from"))
+        role = SHAREGPT_ROLES.get(raw) if isinstance(raw, str) else None
         if role is None:
-            raise CalibrationError(f"{name}: unknown role {turn.get('role', turn.get('from'))!r}")
-        text = str(turn.get("content", turn.get("value", "")))
+            raise CalibrationError(f"{name}: turn {i}: unknown role {raw!r:.60}; use one of {', '.join(SHAREGPT_ROLES)}")
         items = []
-        for i, piece in enumerate(text.split("<image>")):
-            if i:
+        for k, piece in enumerate(text.split("<image>")):
+            if k:
                 items.append({"type": "image", "image": next(it)})
             if piece.strip():
                 items.append({"type": "text", "text": piece})
@@ -86,22 +144,28 @@ def from_sharegpt(row: dict, name: str) -> list[dict]:
     return messages
 
 
+def _is_sharegpt(row: dict) -> bool:
+    messages = row.get("messages")
+    return "images" in row or "conversations" in row or (isinstance(messages, list) and any(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and "<image>" in t["content"] for t in messages))
+
+
 def normalise_row(row, name: str):
-    """One sample of any accepted shape -> chat messages or a text string."""
-    if isinstance(row, str):
-        return row
-    if isinstance(row, list):
+    """One sample of any accepted shape -> chat messages or a text string (``validate_sample`` checks it next)."""
+    if isinstance(row, (str, list)):
         return row
     if isinstance(row, dict):
-        if "images" in row or "conversations" in row or (
-            "messages" in row and any(isinstance(t.get("content"), str) and "<image>" in t["content"] for t in row["messages"])
-        ):
+        if _is_sharegpt(row):
             return from_sharegpt(row, name)
         if "messages" in row:
+            if not isinstance(row["messages"], list) or not row["messages"]:
+                raise CalibrationError(f"{name}: 'messages' must be a non-empty list, got {_kind(row['messages'])}")
             return row["messages"]
-        if isinstance(row.get("text"), str):
+        if "text" in row:
+            if not isinstance(row["text"], str):
+                raise CalibrationError(f"{name}: 'text' must be a string, got {type(row['text']).__name__}")
             return row["text"]
-    raise CalibrationError(f"{name}: not a chat sample, a sharegpt row or a text sample")
+    raise CalibrationError(f"{name}: not a chat sample, a sharegpt row or a text sample; see --calib in the README")
 
 
 def _folder(path: pathlib.Path) -> tuple[list, list[str]]:
@@ -175,16 +239,13 @@ def _hf(spec: str, split: str, columns: dict) -> tuple[list, list[str], str | No
 
 def load_samples(source: str, num_samples: int, seed: int = 0, split: str = "train",
                  columns: dict | None = None) -> tuple[list, list[str], str | None]:
-    """-> (samples, names, image_root). Exactly ``num_samples`` or an error: never a silently smaller set."""
-    if num_samples < 1:
-        raise CalibrationError(f"--num-samples must be at least 1, got {num_samples}")
+    """-> (samples, names, image_root). Exactly ``num_samples`` or an error: never a silently smaller set. Every
+    sample of the source is checked (``validate_sample``), not only the ones drawn."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise CalibrationError(f"--num-samples must be an integer >= 1, got {num_samples!r}")
     rng = random.Random(seed)
-    if source == "demo":
-        chats, chat_names = _easyvqa(num_samples - num_samples // 2, rng)
-        texts, text_names = _demo_text(num_samples // 2, rng)
-        return chats + texts, chat_names + text_names, None
-    if source == "easyvqa":
-        samples, names = _easyvqa(num_samples, rng)
+    if source in ("demo", "easyvqa"):
+        samples, names = _builtin(source, num_samples, rng)
         return samples, names, None
     path = pathlib.Path(source)
     root = str(path.resolve().parent)
@@ -201,6 +262,8 @@ def load_samples(source: str, num_samples: int, seed: int = 0, split: str = "tra
         samples = [normalise_row(r, n) for r, n in zip(samples, names)]
     else:
         raise CalibrationError(f"--calib {source!r}: not 'demo', 'easyvqa', hf:..., a folder or an existing .json/.jsonl file")
+    for sample, name in zip(samples, names):
+        validate_sample(sample, name)
     if len(samples) < num_samples:
         raise CalibrationError(f"{path} holds {len(samples)} samples, fewer than --num-samples {num_samples}")
     order = rng.sample(range(len(samples)), num_samples)

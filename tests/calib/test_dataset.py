@@ -52,7 +52,7 @@ def test_bad_samples_name_themselves(demo, tmp_path):
     _, processor = demo
     with pytest.raises(CalibrationError, match="s3: .*does not exist"):
         encode_sample(processor, chat(str(tmp_path / "nope.png")), CalibConfig(), "s3")
-    with pytest.raises(CalibrationError, match="s4: every message needs"):
+    with pytest.raises(CalibrationError, match="s4: message 1 needs .role. and .content."):
         encode_sample(processor, [{"content": "x"}], CalibConfig(), "s4")
     with pytest.raises(CalibrationError, match="empty"):
         build_batches(processor, [], CalibConfig())

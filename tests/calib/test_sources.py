@@ -75,3 +75,17 @@ def test_hf_dataset_saved_to_disk(tmp_path, demo):
     assert len(build_batches(processor, samples, CalibConfig())) == 3
     with pytest.raises(CalibrationError, match=r"no column\(s\) \['missing', 'question', 'answer'\]; it has"):
         load_samples(f"hf:{tmp_path / 'ds'}", 1, columns={"image": "missing"})
+
+
+@pytest.mark.parametrize("source,asked,available", [("easyvqa", 10 ** 6, 38575), ("demo", 10 ** 4, 273)])
+def test_more_samples_than_the_source_holds_names_the_flag(source, asked, available):
+    """Not Python's "Sample larger than population": the flag, the number asked and the number available."""
+    with pytest.raises(CalibrationError, match=rf"--num-samples {asked}: .*holds at most {available}"):
+        load_samples(source, asked)
+    assert len(load_samples(source, available)[0]) == available  # the bound is exact
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True, None, "3"])
+def test_num_samples_must_be_a_positive_integer(n):
+    with pytest.raises(CalibrationError, match=rf"--num-samples must be an integer >= 1, got {n!r}"):
+        load_samples("demo", n)
