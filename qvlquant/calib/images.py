@@ -1,9 +1,11 @@
-"""qvlquant's own image loader: local files and data URIs only, checked before they are opened.
+"""qvlquant's own image loader: local files and data URIs, checked before they are opened; http(s) URLs only when the
+user opts in.
 
-qwen_vl_utils fetches any URL with no timeout or size cap; this loader never touches the network. A path is resolved
-(symlinks included) and must stay inside the allowed root; it must be a regular file; the decode is forced at load so
-a truncated or fake image fails here, naming the file; decompression bombs are errors; every image is normalised to
-8-bit RGB with its EXIF orientation applied.
+qwen_vl_utils fetches any URL with no timeout or size cap. Here network images are off by default; with ``allow_urls``
+they go through ``calib.fetch`` (http(s) only, public addresses only, every redirect re-checked, one deadline for the
+whole download, a byte cap). A path is resolved (symlinks included) and must stay inside the allowed root; it must be a
+regular file; the decode is forced at load so a truncated or fake image fails here, naming the file; decompression
+bombs are errors; every image is normalised to 8-bit RGB with its EXIF orientation applied.
 """
 
 from __future__ import annotations
@@ -18,31 +20,35 @@ import warnings
 
 from PIL import Image, ImageOps
 
+from qvlquant.calib.errors import ImageError
+from qvlquant.calib.fetch import fetch
+
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_DATA_URI_BYTES = 32 * 1024 * 1024
 MAX_ASPECT_RATIO = 200  # the Qwen2-VL image processor refuses more
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names it and says why."""
-
-
 def _check_path(path: str | os.PathLike, root: str | os.PathLike | None) -> pathlib.Path:
-    resolved = pathlib.Path(path).resolve()
-    if root is not None:
-        root_resolved = pathlib.Path(root).resolve()
-        if resolved != root_resolved and root_resolved not in resolved.parents:
-            raise ImageError(f"image {str(path)!r} resolves to {resolved}, outside the allowed root {root_resolved}")
+    shown = str(path)
+    try:
+        resolved = pathlib.Path(path).resolve()
+        root_resolved = None if root is None else pathlib.Path(root).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop is a RuntimeError before Python 3.13
+        raise ImageError(f"image {shown!r} cannot be opened: {getattr(e, 'strerror', None) or e}") from None
+    if root_resolved is not None and resolved != root_resolved and root_resolved not in resolved.parents:
+        raise ImageError(f"image {shown!r} resolves to {resolved}, outside the allowed root {root_resolved}")
     try:
         st = os.stat(resolved)
     except FileNotFoundError:
-        raise ImageError(f"image {str(path)!r} does not exist") from None
+        raise ImageError(f"image {shown!r} does not exist") from None
+    except OSError as e:  # a name too long, a loop, a path through a file
+        raise ImageError(f"image {shown!r} cannot be opened: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"image {str(path)!r} is not a regular file")
+        raise ImageError(f"image {shown!r} is not a regular file")
     if st.st_size == 0:
-        raise ImageError(f"image {str(path)!r} is empty")
+        raise ImageError(f"image {shown!r} is empty")
     if st.st_size > MAX_FILE_BYTES:
-        raise ImageError(f"image {str(path)!r} is {st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap")
+        raise ImageError(f"image {shown!r} is {st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap")
     return resolved
 
 
@@ -107,8 +113,6 @@ def load_image(source, root: str | os.PathLike | None = None, allow_urls: bool =
     if text.startswith(("http://", "https://")):
         if not allow_urls:
             raise ImageError(f"image {text!r} is a URL: network images are off (--allow-urls turns them on)")
-        from qvlquant.calib.fetch import fetch
-
         return _decode(fetch(text, allow_private=allow_private_urls), text)
     if text.startswith("file://"):
         text = text[len("file://"):]
@@ -118,4 +122,8 @@ def load_image(source, root: str | os.PathLike | None = None, allow_urls: bool =
     if root is not None and not path.is_absolute():
         path = pathlib.Path(root) / path
     resolved = _check_path(path, root)
-    return _decode(resolved.read_bytes(), text)
+    try:
+        data = resolved.read_bytes()
+    except OSError as e:
+        raise ImageError(f"image {str(path)!r} cannot be read: {e.strerror}") from None
+    return _decode(data, text)

@@ -126,3 +126,18 @@ def test_extreme_aspect_ratio_refused():
     with pytest.raises(ImageError, match="aspect ratio"):
         load_image(Image.new("RGB", (10000, 10)))
     assert load_image(Image.new("RGB", (1, 1))).size == (1, 1)
+
+
+def test_unreadable_paths_are_image_errors_naming_the_file(tmp_path, monkeypatch):
+    """A symlink loop, a name too long for the file system, a file that cannot be read: ImageError, not
+    RuntimeError / OSError tracebacks."""
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    with pytest.raises(ImageError, match=r"a\.png' cannot be opened: .*[Ll]oop"):
+        load_image("a.png", root=tmp_path)
+    with pytest.raises(ImageError, match="cannot be opened.*too long"):
+        load_image("x" * 300 + ".png", root=tmp_path)
+    save(Image.new("RGB", (8, 8)), tmp_path / "locked.png")
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(ImageError, match=r"locked\.png' cannot be read: Permission denied"):
+        load_image("locked.png", root=tmp_path)
