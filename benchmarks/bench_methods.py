@@ -47,8 +47,9 @@ def measure(method: str | None, bits: int, group: int, sym: bool, args) -> dict:
     from qvlquant.eval.compare import answer_logits, layer_errors, mean_kl
     from qvlquant.eval.easyvqa import evaluate
     from qvlquant.eval.perplexity import perplexity, token_stream
+    from qvlquant.config import QuantConfig
     from qvlquant.families import QWEN2_VL
-    from qvlquant.pipeline import QuantConfig, quantize_model
+    from qvlquant.pipeline import LoopPlan, quantize_model
     from qvlquant.quant.rtn import QuantSpec
 
     torch.set_num_threads(args.threads)
@@ -61,7 +62,7 @@ def measure(method: str | None, bits: int, group: int, sym: bool, args) -> dict:
         model = copy.deepcopy(base)
         qcfg = QuantConfig(method, QuantSpec(bits, group, sym))
         t0 = time.time()
-        result = quantize_model(model, QWEN2_VL, calib, qcfg)
+        result = quantize_model(model, calib, LoopPlan(QWEN2_VL, qcfg))
         row = {"method": method, "setting": f"W{bits}g{group}", "sym": sym, "quantize_seconds": round(time.time() - t0, 2)}
         row["layer_error"] = layer_errors(base, result.weights, _batches(processor, args.heldout_samples, seed=1))
     row["accuracy"] = evaluate(model, processor, items, desc=row["method"])["accuracy"]
