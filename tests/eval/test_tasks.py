@@ -90,16 +90,19 @@ def easyvqa_png_b64(index=0):
 
 
 def test_real_generation_through_the_demo(demo):
-    """The demo, asked through the TSV prompt (short-answer suffix it was not trained with), answers 'no' greedily
-    (measured; CPU, fp32): ANLS 1 against 'no', 1 - 1/3 against 'noo', 0 against 'red'."""
+    """The demo, asked through the TSV prompt (a short-answer suffix it was not trained with), answers 'no', 'red',
+    'no' greedily (measured; CPU, fp32), batched with left padding or one by one: ANLS 1 - 1/3 against 'noo', 1
+    against 'red', 0 against 'yes'."""
     model, processor = demo
     image = easyvqa_png_b64(0)
-    rows = [{"index": str(i), "image": image, "question": "what is the color of the shape?", "answer": answer}
-            for i, answer in enumerate(["['no']", "['noo']", "['red']"])]
-    res = run_task("docvqa", rows, model_answerer(model, processor, max_new_tokens=4), batch_size=2)
-    assert [p["prediction"] for p in res["predictions"]] == ["no", "no", "no"]
-    assert [p["score"] for p in res["predictions"]] == pytest.approx([1.0, 2 / 3, 0.0])
-    assert res["n"] == 3 and res["accuracy"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    questions_answers = [("what is the color of the shape?", "['noo']"), ("color?", "['red']"),
+                         ("is there a red shape in the image?", "['yes']")]  # prompts of different lengths
+    rows = [{"index": str(i), "image": image, "question": q, "answer": a} for i, (q, a) in enumerate(questions_answers)]
+    for batch_size in (3, 1):
+        res = run_task("docvqa", rows, model_answerer(model, processor, max_new_tokens=4), batch_size=batch_size)
+        assert [p["prediction"] for p in res["predictions"]] == ["no", "red", "no"]
+        assert [p["score"] for p in res["predictions"]] == pytest.approx([2 / 3, 1.0, 0.0])
+        assert res["n"] == 3 and res["accuracy"] == pytest.approx(100 * (2 / 3 + 1) / 3)
 
 
 def test_eval_command_on_a_tsv_with_published_figures(tmp_path, capsys):
