@@ -64,8 +64,8 @@ SETTINGS: dict[str, Setting] = {
     "offload": Setting(str, ("auto", "cpu", "device")),
 }
 # Quantize flags a recipe may not set: the recipe itself, replacing an existing folder (asked for on the command line
-# each time, never by a file), and a debugging limit.
-COMMAND_LINE_ONLY = frozenset({"recipe", "overwrite", "max_layers"})
+# each time, never by a file), a limit for measuring, and the machine's thread count.
+COMMAND_LINE_ONLY = frozenset({"recipe", "overwrite", "max_layers", "threads"})
 CHECK_KEYS = ("max_drop", "max_ppl_increase")
 
 
