@@ -145,8 +145,8 @@ def write_report(result: EvalResult, path: str | pathlib.Path) -> None:
     path.write_text(json.dumps(result.summary, indent=2) + "\n")
 
 
-# The published figures' columns (qvlquant/eval/reference/qwen2vl_accuracy.csv, from the Qwen2-VL README's
-# "Performance of Quantized Models", https://github.com/QwenLM/Qwen2-VL).
+# The published figures' columns (qvlquant/eval/reference/qwen2vl_accuracy.csv, from the model cards of Qwen's
+# quantized Qwen2-VL releases, e.g. https://huggingface.co/Qwen/Qwen2-VL-7B-Instruct-GPTQ-Int4).
 PUBLISHED_COLUMNS = {"mmmu": "MMMU_VAL", "docvqa": "DocVQA_VAL", "mmbench": "MMBench_DEV_EN", "mathvista": "MathVista_MINI"}
 
 
