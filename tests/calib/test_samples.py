@@ -190,6 +190,14 @@ def test_v1_refuses_markup_in_roles_text_and_image_paths(tmp_path):
         v1_text([user({"type": "video", "video": ["x.png"]}, TXT)], cfg, "s6")
 
 
+def test_every_sample_is_checked_before_any_is_encoded(demo, root):
+    """A malformed sample 2 is reported before sample 1's missing image is even opened."""
+    _, processor = demo
+    samples = [[user({"type": "image", "image": "missing.png"}, TXT)], [{"role": "robot", "content": "hi"}]]
+    with pytest.raises(CalibrationError, match=named("b", "role must be one of")):
+        build_batches(processor, samples, CalibConfig(image_root=str(root)), ["a", "b"])
+
+
 def test_build_batches_checks_its_arguments(demo):
     _, processor = demo
     with pytest.raises(CalibrationError, match="3 samples but 2 names"):
