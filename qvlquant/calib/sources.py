@@ -59,25 +59,35 @@ def _builtin(source: str, num_samples: int, rng: random.Random) -> tuple[list, l
     return chats + texts, chat_names + text_names
 
 
+def _text(path: pathlib.Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                               "save it as UTF-8") from None
+
+
+def _parse(text: str, where: str, one_line: bool = False):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f" at column {e.colno}" if one_line else f" at line {e.lineno}"
+        raise CalibrationError(f"{where}: invalid JSON ({e.msg}{at})") from None
+    except RecursionError:
+        raise CalibrationError(f"{where}: invalid JSON (nested too deeply)") from None
+
+
 def _file(path: pathlib.Path) -> tuple[list, list[str]]:
+    """-> (rows, names): ``file.jsonl:LINE`` or ``file.json[INDEX]``."""
+    text = _text(path)
     if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise CalibrationError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        names = [f"{path.name}:{i + 1}" for i in range(len(rows))]
-    else:
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(rows, list):
-            raise CalibrationError(f"{path}: expected a JSON list of samples")
-        names = [f"{path.name}[{i}]" for i in range(len(rows))]
-    return rows, names
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [_parse(line, f"{path}:{n}", one_line=True) for n, line in lines], [f"{path.name}:{n}" for n, _ in lines]
+    rows = _parse(text, str(path))
+    if not isinstance(rows, list):
+        raise CalibrationError(f"{path}: expected a JSON list of samples")
+    return rows, [f"{path.name}[{i}]" for i in range(len(rows))]
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

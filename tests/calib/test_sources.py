@@ -89,3 +89,15 @@ def test_more_samples_than_the_source_holds_names_the_flag(source, asked, availa
 def test_num_samples_must_be_a_positive_integer(n):
     with pytest.raises(CalibrationError, match=rf"--num-samples must be an integer >= 1, got {n!r}"):
         load_samples("demo", n)
+
+
+def test_jsonl_rows_are_named_by_their_line_and_undecodable_files_by_their_path(tmp_path):
+    (tmp_path / "c.jsonl").write_text('"first sample"\n\n{"messages": true}\n')
+    with pytest.raises(CalibrationError, match=r"^c\.jsonl:3: 'messages' must be"):
+        load_samples(str(tmp_path / "c.jsonl"), 1)
+    (tmp_path / "latin1.json").write_bytes('["caf\xe9"]'.encode("latin-1"))
+    with pytest.raises(CalibrationError, match=r"latin1\.json: not UTF-8 text \(byte 0xe9 at offset 5\)"):
+        load_samples(str(tmp_path / "latin1.json"), 1)
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(CalibrationError, match=r"deep\.json: invalid JSON \(nested too deeply\)"):
+        load_samples(str(tmp_path / "deep.json"), 1)
