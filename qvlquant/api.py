@@ -70,6 +70,7 @@ def quantize(config: JobConfig | None = None, **settings) -> dict:
         return report
     say(f"writing the export to {job['out']}")
     base = CheckpointTensors(job["reader"], job["family"], job["storage"])
+    job["export_started"] = time.time()
     export(job["skeleton"], job["processor"], result, job["out"], make_report, base, config.export, job["protected"])
     store.remove()
     return json.loads((job["out"] / "quantize_report.json").read_text())
@@ -156,7 +157,9 @@ def _report(config: JobConfig, job: dict, batches: list[dict], result: QuantResu
         "activations_on": offload or str(device),
         "layers": result.layer_info,
         "layer_seconds": {str(k): v for k, v in result.layer_seconds.items()},
+        "phase_seconds": result.phases.rounded(),
         "quantize_seconds": round(result.seconds, 2),
+        "export_seconds": round(time.time() - job["export_started"], 2) if "export_started" in job else None,
         "total_seconds": round(time.time() - t0, 2),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
         "peak_gpu_allocated_gib": None if gpu is None else round(gpu / 2**30, 3),

@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import sys
+
+# torchao (pulled in by transformers when gptqmodel's stack is installed) registers Enums with torch's pytree at
+# import and torch logs a deprecation line for each, on every command: noise about a library qvlquant never calls.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from qvlquant.api import quantize
 from qvlquant.config import DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig

@@ -41,7 +41,7 @@ class LoopPlan:
 
     family: ModelFamily
     qcfg: QuantConfig
-    fmt: PackFormat | None = None  # None: GPTQ layout, AWQ GEMM for awq
+    fmt: PackFormat | None = None  # None: AWQ GEMM for 4-bit asymmetric awq, else the GPTQ layout (any width)
     storage_dtype: torch.dtype = torch.bfloat16  # the checkpoint's dtype: what the export writes
     offload: str | None = None  # where activations wait between layers ("cpu"), None: where they were computed
     max_layers: int | None = None  # stop after this many layers
@@ -50,7 +50,26 @@ class LoopPlan:
     def pack_format(self) -> PackFormat:
         if self.fmt is not None:
             return self.fmt
-        return PackFormat.AWQ_GEMM if self.qcfg.method == "awq" else PackFormat.GPTQ
+        spec = self.qcfg.spec
+        awq_gemm = self.qcfg.method == "awq" and spec.bits == 4 and not spec.sym
+        return PackFormat.AWQ_GEMM if awq_gemm else PackFormat.GPTQ
+
+
+class Phases:
+    """Wall time per phase of the loop (load, hessian, quantize, pack, scale/clip search, replay, save)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.current, self.since = None, 0.0
+
+    def switch(self, name: str | None) -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name, now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
 class LayerSource(Protocol):
@@ -106,6 +125,7 @@ class QuantResult:
     num_layers: int
     seconds: float = 0.0
     layer_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
+    phases: Phases = dataclasses.field(default_factory=Phases)  # where the time went, over all layers
 
     @property
     def complete(self) -> bool:
@@ -177,14 +197,21 @@ def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_interme
         raise ValueError(f"group_size {spec.group_size} does not divide in_features of: {', '.join(bad[:8])}")
 
 
-def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopPlan, prefix: str, bar=None) -> LayerRecord:
+def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopPlan, prefix: str, bar=None,
+                   phases: Phases | None = None) -> LayerRecord:
     """Quantize one decoder layer in place (weights become their dequantized values). -> its record: the packed
     tensors and every other parameter of the layer in the storage dtype, under checkpoint names."""
     family, fmt = plan.family, plan.pack_format
     record = LayerRecord()
-    show = (lambda what: bar.set_postfix_str(f"{prefix.rsplit('.', 1)[-1]}: {what}", refresh=True)) if bar else (lambda what: None)
+    phases = phases or Phases()
+
+    def show(what: str) -> None:
+        phases.switch(what.split()[0].lower() if not what.endswith("done") else "quantize")
+        if bar is not None:
+            bar.set_postfix_str(f"{prefix.rsplit('.', 1)[-1]}: {what}", refresh=True)
 
     def finish(name: str, w: QuantizedWeight, info: dict) -> None:
+        phases.switch("pack")
         set_weight(layer.get_submodule(name), w)
         w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
                             *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
@@ -197,7 +224,9 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
                 record.aux[f"{name}.{field}"] = getattr(w, field).clone()
         show(f"{name} done")
 
+    phases.switch("quantize")
     METHODS[plan.qcfg.method](layer, inputs, LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, finish, show))
+    phases.switch("pack")
     missing = [n for n in family.linears if n not in record.info]
     if missing:
         raise QuantizationError(f"{prefix}: the {plan.qcfg.method} method left {missing} unquantized")
@@ -219,14 +248,16 @@ def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSour
     source = source or InMemoryLayers(model, family)
     store = store if store is not None else MemoryStore()
     t0 = time.time()
+    n = len(model.get_submodule(family.decoder_layers))
+    result = QuantResult(plan, store, n)
+    phases = result.phases
+    phases.switch("capture")
     inputs = capture_inputs(model, family, batches, plan.offload)
     if hasattr(source, "after_capture"):
         source.after_capture()
-    n = len(model.get_submodule(family.decoder_layers))
     start, hidden = store.resume_point()
     if hidden is not None:
         inputs = [dataclasses.replace(x, hidden=h.to(x.hidden.device)) for x, h in zip(inputs, hidden)]
-    result = QuantResult(plan, store, n)
     stop = n if plan.max_layers is None else min(n, plan.max_layers)
     bar = progress(range(n), desc=f"{plan.qcfg.method} W{plan.qcfg.spec.bits}", unit="layer", total=n)
     bar.update(start)
@@ -235,17 +266,21 @@ def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSour
         prefix = f"{family.decoder_layers}.{i}"
         for x in inputs:
             check_finite(x.hidden, f"the inputs of {prefix}")
+        phases.switch("load")
         layer = source.load(i)
-        record = quantize_layer(layer, inputs, plan, prefix, bar)
+        record = quantize_layer(layer, inputs, plan, prefix, bar, phases)
+        phases.switch("replay")
         inputs = [next_input(i, layer, x) for x in inputs]
         if i == n - 1:
             for x in inputs:
                 check_finite(x.hidden, f"the outputs of {prefix}")
         source.release(i)
         record.seconds = time.time() - t_layer
+        phases.switch("save")
         store.save(i, record, [x.hidden for x in inputs])
         result.layer_seconds[i] = round(record.seconds, 2)
         bar.update(1)
+    phases.switch(None)
     bar.close()
     result.seconds = time.time() - t0
     return result

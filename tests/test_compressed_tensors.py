@@ -16,7 +16,9 @@ from safetensors.torch import load_file  # noqa: E402
 import qvlquant  # noqa: E402
 from qvlquant.export import export  # noqa: E402
 from qvlquant.families import QWEN2_VL  # noqa: E402
-from qvlquant.pipeline import QuantConfig, quantize_model  # noqa: E402
+from qvlquant.config import QuantConfig  # noqa: E402
+from qvlquant.pipeline import LoopPlan, quantize_model  # noqa: E402
+from qvlquant.quant.formats import PackFormat  # noqa: E402
 from qvlquant.quant.rtn import QuantSpec  # noqa: E402
 
 
@@ -36,9 +38,9 @@ def library_dequantize(tensors: dict, prefix: str, weights_args: dict) -> torch.
 def test_library_decompresses_to_our_weights(demo, demo_batches, tmp_path, method, spec):
     model, processor = demo
     q = copy.deepcopy(model)
-    qcfg = QuantConfig(method, spec, export_format="compressed-tensors")
-    result = quantize_model(q, QWEN2_VL, demo_batches, qcfg)
-    export(q, processor, QWEN2_VL, result, qcfg, tmp_path / "ct", torch.bfloat16, {})
+    plan = LoopPlan(QWEN2_VL, QuantConfig(method, spec), PackFormat.COMPRESSED)
+    result = quantize_model(q, demo_batches, plan)
+    export(q, processor, result, tmp_path / "ct", {})
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     assert "re:.*visual.*" in config["ignore"] and "lm_head" in config["ignore"]

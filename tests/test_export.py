@@ -8,7 +8,8 @@ from safetensors import safe_open
 import qvlquant
 from qvlquant.export import MANIFEST, export
 from qvlquant.families import QWEN2_VL
-from qvlquant.pipeline import QuantConfig, quantize_model
+from qvlquant.config import ExportConfig, QuantConfig
+from qvlquant.pipeline import LoopPlan, quantize_model
 from qvlquant.quant.rtn import QuantSpec
 from qvlquant.runtime import QuantLinear
 
@@ -16,9 +17,8 @@ from qvlquant.runtime import QuantLinear
 def quantize_and_export(demo, demo_batches, out, spec=QuantSpec(4, 128, True), method="rtn", **options):
     model, processor = demo
     q = copy.deepcopy(model)
-    qcfg = QuantConfig(method, spec, **options)
-    result = quantize_model(q, QWEN2_VL, demo_batches, qcfg)
-    export(q, processor, QWEN2_VL, result, qcfg, out, torch.bfloat16, {"base_model": "demo"})
+    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig(method, spec, **options)))
+    export(q, processor, result, out, {"base_model": "demo"})
     return q
 
 
@@ -97,7 +97,7 @@ def test_crash_mid_save_keeps_the_old_model(demo, demo_batches, tmp_path, monkey
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("qvlquant.export.save_file", boom)
+    monkeypatch.setattr("qvlquant.export.write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         quantize_and_export(demo, demo_batches, out, QuantSpec(8, 128, True))
     assert (out / "model.safetensors").read_bytes() == before
@@ -121,10 +121,9 @@ def test_tampered_or_missing_file_fails_loading(demo, demo_batches, tmp_path):
 def test_sharded_export_index_and_missing_shard(demo, demo_batches, tmp_path):
     model, processor = demo
     q = copy.deepcopy(model)
-    qcfg = QuantConfig("rtn", QuantSpec(4, 128, True))
-    result = quantize_model(q, QWEN2_VL, demo_batches, qcfg)
+    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(4, 128, True))))
     out = tmp_path / "sharded"
-    export(q, processor, QWEN2_VL, result, qcfg, out, torch.bfloat16, {}, max_shard_bytes=2 * 2**20)
+    export(q, processor, result, out, {}, options=ExportConfig(max_shard_bytes=2 * 2**20))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and all((out / s).exists() for s in shards) and not (out / "model.safetensors").exists()

@@ -9,7 +9,9 @@ import torch
 import qvlquant
 from qvlquant.export import export
 from qvlquant.families import family_for
-from qvlquant.pipeline import QuantConfig, capture_inputs, next_input, quantize_model
+from qvlquant.config import QuantConfig
+from qvlquant.pipeline import LoopPlan, capture_inputs, quantize_model
+from qvlquant.quant.layer import next_input
 from qvlquant.quant.rtn import QuantSpec
 from qvlquant.runtime import QuantLinear
 from tiny_models import tiny_batch, tiny_model
@@ -56,10 +58,10 @@ def test_quantize_export_load(model_type, method, tmp_path):
     family = family_for(model.config.model_type)
     batches = [tiny_batch(model, seed=s) for s in range(3)]
     q = copy.deepcopy(model)
-    qcfg = QuantConfig(method, QuantSpec(4, 64, method == "gptq"), storage_dtype=torch.float32)
-    result = quantize_model(q, family, batches, qcfg)
+    plan = LoopPlan(family, QuantConfig(method, QuantSpec(4, 64, method == "gptq")), storage_dtype=torch.float32)
+    result = quantize_model(q, batches, plan)
     assert len(result.weights) == 3 * 7
-    export(q, None, family, result, qcfg, tmp_path / "q", torch.float32, {})
+    export(q, None, result, tmp_path / "q", {})
     loaded, processor = qvlquant.load(tmp_path / "q")
     assert processor is None and sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 21
     with torch.no_grad():

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from qvlquant.families import QWEN2_VL
-from qvlquant.pipeline import QuantConfig, QuantizationError, capture_inputs, check_group_size, next_input, quantize_model
+from qvlquant.config import QuantConfig
+from qvlquant.pipeline import LoopPlan, capture_inputs, check_group_size, quantize_model
+from qvlquant.quant.layer import LayerContext, QuantizationError, next_input
 from qvlquant.quant.rtn import QuantSpec
 
 
@@ -45,7 +47,7 @@ def test_rtn_pipeline_quantizes_only_decoder_linears(demo, demo_batches):
     model, _ = demo
     q = copy.deepcopy(model)
     before = {k: v.clone() for k, v in q.state_dict().items()}
-    result = quantize_model(q, QWEN2_VL, demo_batches, QuantConfig("rtn", QuantSpec(4, 128, True)))
+    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(4, 128, True))))
     assert len(result.weights) == 4 * 7
     changed = {k for k, v in q.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {f"{name}.weight" for name in result.weights}
@@ -63,7 +65,7 @@ def test_nan_activations_stop_naming_the_layer(demo, demo_batches):
     q = copy.deepcopy(model)
     q.model.language_model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(QuantizationError, match=r"layers\.2"):
-        quantize_model(q, QWEN2_VL, demo_batches[:1], QuantConfig("rtn", QuantSpec(8, 128, True)))
+        quantize_model(q, demo_batches[:1], LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(8, 128, True))))
 
 
 def test_linear_without_calibration_tokens_raises_naming_it(demo, demo_batches):
@@ -75,8 +77,10 @@ def test_linear_without_calibration_tokens_raises_naming_it(demo, demo_batches):
     layer = copy.deepcopy(model.model.language_model.layers[0])
     inputs = capture_inputs(model, QWEN2_VL, demo_batches[:1])
     empty = [dataclasses.replace(x, token_mask=torch.zeros_like(x.token_mask)) for x in inputs]
-    with pytest.raises(QuantizationError, match=r"layers\.0\.self_attn\.q_proj received no calibration tokens"):
-        gptq_layer(layer, empty, QWEN2_VL, QuantConfig("gptq", QuantSpec(4, 128, True)), "model.language_model.layers.0")
+    with pytest.raises(QuantizationError, match=r"layers\.0\.self_attn\.q_proj: received no calibration tokens"):
+        ctx = LayerContext(QWEN2_VL, QuantConfig("gptq", QuantSpec(4, 128, True)), "model.language_model.layers.0",
+                           torch.bfloat16, finish=lambda *a: None)
+        gptq_layer(layer, empty, ctx)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
@@ -93,7 +97,7 @@ def test_gptq_and_awq_beat_rtn_on_layer_error(demo, demo_batches, method):
     errors = {}
     for m in ("rtn", method):
         q = copy.deepcopy(model)
-        result = quantize_model(q, QWEN2_VL, demo_batches, QuantConfig(m, QuantSpec(3, 128, sym)))
+        result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig(m, QuantSpec(3, 128, sym))))
         errs = layer_errors(model, result.weights, heldout)
         errors[m] = sum(errs.values()) / len(errs)
     factor = 0.5 if method == "gptq" else 0.95

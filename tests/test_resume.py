@@ -2,7 +2,7 @@
 
 import pytest
 
-import qvlquant.quant as quant_methods
+import qvlquant.quant.apply as quant_methods
 from qvlquant.cli import main
 
 ARGS = ["quantize", "--method", "gptq", "--bits", "4", "--num-samples", "4"]
@@ -12,12 +12,12 @@ def crashing(method: str, at_layer: int, calls: list | None = None):
     """The method's layer function, raising when it reaches decoder layer ``at_layer`` (a simulated kill)."""
     real = quant_methods.METHODS[method]
 
-    def run(layer, inputs, family, qcfg, prefix):
+    def run(layer, inputs, ctx):
         if calls is not None:
-            calls.append(prefix)
-        if prefix.endswith(f".{at_layer}"):
+            calls.append(ctx.prefix)
+        if ctx.prefix.endswith(f".{at_layer}"):
             raise RuntimeError("simulated out-of-memory")
-        return real(layer, inputs, family, qcfg, prefix)
+        return real(layer, inputs, ctx)
 
     return run
 
@@ -35,7 +35,7 @@ def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, cap
     assert not out.exists()
 
     calls.clear()
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", lambda *a: (calls.append(a[-1]), real(*a))[1])
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", lambda *a: (calls.append(a[-1].prefix), real(*a))[1])
     assert main(ARGS + ["--output", str(out)]) == 0
     assert [c.rsplit(".", 1)[-1] for c in calls] == ["2", "3"]  # layers 0 and 1 came from the partial run
     assert not partial.exists()

@@ -48,6 +48,7 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
     for step in steps:
         ctx.step(f"Hessian of {', '.join(g[0] for g in step)}")
         hessians = collect_hessians(layer, inputs, step)
+        ctx.step(f"solve {', '.join(n for g in step for n in g)}")
         for group in step:
             H, n = hessians.pop(group, (None, 0))
             if n == 0:
@@ -180,6 +181,7 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
             ctx.step(f"clip search {name}")
             max_val = search_clip(w, _tokens(feats[owner[name]], inputs, min(qcfg.awq_max_tokens, 512)), qcfg.spec)
             w = apply_clip(w, max_val)
+        ctx.step(f"quantize {name}")
         q, scale, zero = rtn_quantize(w, qcfg.spec)
         g_idx = default_g_idx(q.shape[1], qcfg.spec).to(q.device)
         ctx.finish(name, QuantizedWeight(q, scale, zero, g_idx, qcfg.spec, scale_of.get(name), out_scale_of.get(name)),

@@ -3,7 +3,8 @@ import copy
 import torch
 
 from qvlquant.families import QWEN2_VL
-from qvlquant.pipeline import capture_inputs, run_layer
+from qvlquant.pipeline import capture_inputs
+from qvlquant.quant.layer import run_layer
 from qvlquant.quant.apply import _fold
 from qvlquant.quant.awq import apply_clip, candidate_scales, scaled_fake_quant, search_clip, search_scale, activation_scale
 from qvlquant.quant.rtn import QuantSpec, fake_quantize
