@@ -64,3 +64,16 @@ def test_folding_scales_leaves_the_full_precision_layer_unchanged(demo, demo_bat
     for a, b, x in zip(after, before, inputs):
         torch.testing.assert_close(a[x.token_mask], b[x.token_mask], rtol=1e-4, atol=1e-4)
     assert not torch.equal(layer.input_layernorm.weight, model.model.language_model.layers[1].input_layernorm.weight)
+
+
+def test_group_gram_gives_each_groups_mean_squared_output_error():
+    """d^T C[g] d (the clipping search's error) equals mean_t (x_tg . d_g)^2 computed token by token."""
+    from qvlquant.quant.awq import group_gram
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 128, generator=g)
+    d = torch.randn(5, 128, generator=g)  # a weight error per output row
+    gram = group_gram(x, SPEC)  # [2, 64, 64]
+    via_gram = torch.einsum("ngi,gij,ngj->ng", d.view(5, 2, 64), gram, d.view(5, 2, 64))
+    direct = (x.view(300, 1, 2, 64) * d.view(1, 5, 2, 64)).sum(-1).pow(2).mean(0)  # [5, 2]
+    torch.testing.assert_close(via_gram, direct, rtol=1e-4, atol=1e-6)
