@@ -161,10 +161,61 @@ def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (module.get_submodule(parent) if parent else module), leaf
 
 
+def materialize_upcast(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
+                       device: torch.device, dtype: torch.dtype) -> list:
+    """``materialize`` for a part that only runs forward (the vision tower during capture), holding its weights in
+    the checkpoint's dtype and giving each leaf module ``dtype`` copies only while it runs: the values it computes
+    with are the same as a ``dtype`` copy's (bf16 -> float32 is exact), in half the memory. The first leaf keeps
+    ``dtype`` weights, so the part reports ``dtype`` (transformers casts pixel values to ``visual.dtype``).
+    -> the hook handles, to remove at release."""
+    stored = reader.meta(disk_key(reader, family, f"{prefix}.{next(iter(dict(module.named_parameters())))}"))[0]
+    if stored == dtype or not stored.is_floating_point:
+        materialize(module, prefix, reader, family, device, dtype)
+        return []
+    handles = []
+    leaves = [(n, m) for n, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    for j, (name, leaf) in enumerate(leaves):
+        path = f"{prefix}.{name}" if name else prefix
+        materialize_shallow(leaf, path, reader, family, device, dtype if j == 0 else stored)
+        if j:
+            handles += [leaf.register_forward_pre_hook(_cast_params(dtype)), leaf.register_forward_hook(_cast_back(stored))]
+    return handles
+
+
+def materialize_shallow(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
+                        device: torch.device, dtype: torch.dtype) -> None:
+    """``materialize`` of a module's own parameters, not its children's."""
+    for leaf, param in list(module._parameters.items()):
+        if param is None:
+            continue
+        t = reader.get(disk_key(reader, family, f"{prefix}.{leaf}"))
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"{reader.folder}: {prefix}.{leaf} is {list(t.shape)} in the checkpoint, the config "
+                             f"says {list(param.shape)}")
+        module._parameters[leaf] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+
+
+def _cast_params(dtype):
+    def hook(module, args):
+        for leaf, p in module._parameters.items():
+            if p is not None:
+                module._parameters[leaf] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
+    return hook
+
+
+def _cast_back(dtype):
+    def hook(module, args, output):
+        for leaf, p in module._parameters.items():
+            if p is not None:
+                module._parameters[leaf] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
+    return hook
+
+
 class StreamedLayers:
     """A skeleton filled from the checkpoint part by part. ``prepare_capture`` loads what the capture pass needs
     (all but the decoder layers and lm_head; the token embedding stays in the checkpoint's dtype and its output is
-    cast, which gives the same values as a float32 table); ``after_capture`` releases it; ``load(i)`` /
+    cast, which gives the same values as a float32 table; the vision tower is held the same way, see
+    ``materialize_upcast``); ``after_capture`` releases it; ``load(i)`` /
     ``release(i)`` hold one decoder layer at a time (padded when --pad-intermediate-to asks)."""
 
     def __init__(self, model, family: ModelFamily, reader: ShardReader, device: torch.device, dtype: torch.dtype,
@@ -173,24 +224,28 @@ class StreamedLayers:
         self.device, self.dtype, self.pad_to = device, dtype, pad_to
         self.layers = model.get_submodule(family.decoder_layers)
         self._capture_parts: list[str] = []
-        self._hook = None
+        self._hooks: list = []
 
     def prepare_capture(self) -> None:
         skip = (self.family.decoder_layers, self.family.lm_head, self.family.embed_tokens)
         for name, child in _top_children(self.model, skip):
-            materialize(child, name, self.reader, self.family, self.device, self.dtype)
+            if name == self.family.vision_tower:
+                self._hooks += materialize_upcast(child, name, self.reader, self.family, self.device, self.dtype)
+            else:
+                materialize(child, name, self.reader, self.family, self.device, self.dtype)
             self._capture_parts.append(name)
         embed = self.model.get_submodule(self.family.embed_tokens)
         materialize(embed, self.family.embed_tokens, self.reader, self.family, self.device,
                     self.reader.meta(disk_key(self.reader, self.family, self.family.embed_tokens + ".weight"))[0])
         self._capture_parts.append(self.family.embed_tokens)
-        self._hook = embed.register_forward_hook(lambda m, args, out: out.to(self.dtype))
+        self._hooks.append(embed.register_forward_hook(lambda m, args, out: out.to(self.dtype)))
 
     def after_capture(self) -> None:
         for name in self._capture_parts:
             release(self.model.get_submodule(name))
-        if self._hook is not None:
-            self._hook.remove()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def load(self, i: int) -> torch.nn.Module:
         layer = self.layers[i]
