@@ -3,6 +3,7 @@ real CPU quota allows, and measured peaks (resident memory, GPU memory)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 
@@ -92,3 +93,12 @@ def choose_offload(device: torch.device, activation_bytes: int, setting: str) ->
     if setting == "cpu":
         return "cpu"
     return None if activation_bytes <= free_bytes(device) // 4 else "cpu"
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps the many small blocks of a released vision tower or
+    layer in its arenas, so the process's resident size would not fall); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

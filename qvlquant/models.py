@@ -11,6 +11,7 @@ import pathlib
 import torch
 
 from qvlquant.demo.paths import MODEL_DIR
+from qvlquant.devices import return_freed_memory
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.shards import ShardReader
 from qvlquant.transforms import pad_layer
@@ -246,6 +247,7 @@ class StreamedLayers:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        return_freed_memory()
 
     def load(self, i: int) -> torch.nn.Module:
         layer = self.layers[i]
@@ -256,6 +258,7 @@ class StreamedLayers:
 
     def release(self, i: int) -> None:
         release(self.layers[i])
+        return_freed_memory()
 
 
 def _top_children(model: torch.nn.Module, skip: tuple[str, ...]):

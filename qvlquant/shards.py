@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from qvlquant.manifest import PICKLE_SUFFIXES
+from qvlquant.manifest import is_pickle
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -69,7 +69,7 @@ def checkpoint_files(folder: pathlib.Path) -> list[str]:
         return files
     if (folder / SINGLE).is_file():
         return [SINGLE]
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    pickles = sorted(p.name for p in folder.iterdir() if is_pickle(p.name)) if folder.is_dir() else []
     hint = f" (found {pickles}: pickle checkpoints are refused; convert them to safetensors)" if pickles else ""
     raise FileNotFoundError(f"{folder}: no {SINGLE} or {INDEX}{hint}")
 

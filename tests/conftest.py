@@ -2,6 +2,7 @@
 
 import os
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["QVLQUANT_QUIET"] = "1"
+os.environ.setdefault("QVLQUANT_CACHE", tempfile.mkdtemp(prefix="qvlquant-cache-"))  # checkpoint hashes, per run
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in the interpreter on CPU (read when they are defined)
 torch.set_num_threads(min(2, os.cpu_count() or 1))

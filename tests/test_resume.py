@@ -1,5 +1,8 @@
 """A run killed halfway resumes from the last finished layer, and gives the same checkpoint as an unbroken run."""
 
+import json
+import shutil
+
 import pytest
 
 import qvlquant.quant.apply as quant_methods
@@ -66,3 +69,43 @@ def test_awq_resume_restores_shared_scales(tmp_path, monkeypatch):
     monkeypatch.setitem(quant_methods.METHODS, "awq", real)
     assert main(argv + ["--output", str(tmp_path / "q")]) == 0
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == (tmp_path / "unbroken" / "model.safetensors").read_bytes()
+
+
+def _crash_then(monkeypatch, argv, edit, capsys):
+    """Crash a run at layer 1, apply ``edit``, rerun: -> (exit code, stderr) of the rerun."""
+    real = quant_methods.METHODS["gptq"]
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 1))
+    assert main(argv) == 2
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", real)
+    edit()
+    capsys.readouterr()
+    return main(argv), capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_edited_calibration_contents_under_the_same_name_are_not_resumed(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "calib.jsonl"
+    chats = [{"messages": [{"role": "user", "content": f"what is shape {i}?"},
+                           {"role": "assistant", "content": "a red circle"}]} for i in range(4)]
+    data.write_text("\n".join(json.dumps(c) for c in chats))
+    argv = ARGS + ["--calib", str(data), "--output", str(tmp_path / "q")]
+    edited = lambda: data.write_text(data.read_text().replace("red", "blue"))  # noqa: E731 same name, same count
+    code, err = _crash_then(monkeypatch, argv, edited, capsys)
+    assert code == 2 and "partial run of a different model, calibration set or settings" in err
+
+
+@pytest.mark.slow
+def test_replaced_base_weights_of_the_same_size_are_not_resumed(tmp_path, monkeypatch, capsys):
+    from qvlquant.demo.paths import MODEL_DIR
+
+    base = tmp_path / "base"
+    shutil.copytree(MODEL_DIR, base)
+    weights = base / "model.safetensors"
+
+    def edit():
+        data = bytearray(weights.read_bytes())
+        data[-2] ^= 0x01  # one bf16 value of the last tensor, same size
+        weights.write_bytes(bytes(data))
+
+    code, err = _crash_then(monkeypatch, ARGS + ["--model", str(base), "--output", str(tmp_path / "q")], edit, capsys)
+    assert code == 2 and "partial run of a different model, calibration set or settings" in err

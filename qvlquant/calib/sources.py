@@ -23,6 +23,7 @@ from qvlquant.calib.easyvqa import VqaItem, load_split
 from qvlquant.calib.errors import CalibrationError
 from qvlquant.calib.samples import validate_sample
 from qvlquant.demo.paths import DATA_DIR
+from qvlquant.manifest import is_pickle
 
 
 def _check_count(num_samples: int, what: str, available: int) -> None:
@@ -259,7 +260,7 @@ def load_samples(source: str, num_samples: int, seed: int = 0, split: str = "tra
         return samples, names, None
     path = pathlib.Path(source)
     root = str(path.resolve().parent)
-    if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle"):
+    if is_pickle(path.name):
         raise CalibrationError(f"{path}: pickle-based files are refused; use JSON or JSONL")
     if source.startswith("hf:"):
         cols = {"image": "image", "question": "question", "answer": "answer", "text": None, **(columns or {})}

@@ -8,8 +8,8 @@ import torch
 
 from qvlquant.quant.awq import activation_scale, apply_clip, search_clip, search_scale
 from qvlquant.quant.formats import QuantizedWeight
-from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, gptq_quantize
-from qvlquant.quant.layer import LayerContext, LayerInput, replay
+from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, gptq_quantize, hessian
+from qvlquant.quant.layer import LayerContext, LayerInput, StopReplay, replay
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 
 
@@ -22,22 +22,26 @@ def rtn_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
 
 
 def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups) -> dict[tuple[str, ...], tuple[torch.Tensor, int]]:
-    """Replay ``layer`` over ``inputs`` and accumulate one float32 Hessian per linear group (its members share the
-    input), on the layer's device. -> {group: (H [K, K], tokens)}."""
-    stats: dict = {}
+    """Replay ``layer`` over ``inputs`` and build one float32 Hessian ``2/n X^T X`` per linear group (its members
+    share the input), on the layer's device. Each replay stops at the last of ``groups`` (in execution order): the
+    rest of the layer is not needed. -> {group: (H [K, K], tokens)}."""
+    sums: dict = {}
     mask: list = [None]
+    last = groups[-1] if groups else None  # groups come in execution order
 
     def hook_for(group):
         def hook(module, args, output):
             x = args[0]  # [B, S, K]
-            H, n = stats.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0)
-            stats[group] = accumulate_hessian(H, n, x, mask[0].to(x.device))
+            S, n = sums.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0)
+            sums[group] = accumulate_hessian(S, n, x, mask[0].to(x.device))
+            if group == last:
+                raise StopReplay
 
         return hook
 
     replay(layer, inputs, [(layer.get_submodule(g[0]), hook_for(g)) for g in groups],
            before_each=lambda x: mask.__setitem__(0, x.token_mask))
-    return stats
+    return {g: (hessian(S, n), n) for g, (S, n) in sums.items()}
 
 
 def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:

@@ -80,14 +80,22 @@ def hooked(pairs: Iterable[tuple[torch.nn.Module, Callable]], pre: bool = False,
             h.remove()
 
 
+class StopReplay(Exception):
+    """Raised by a replay hook once it has seen what it needs: the rest of the layer does not run."""
+
+
 def replay(layer: torch.nn.Module, inputs: list[LayerInput], pairs: Iterable[tuple[torch.nn.Module, Callable]],
            before_each: Callable[[LayerInput], None] | None = None) -> None:
-    """Run ``layer`` over every input with forward hooks ``pairs`` registered (``before_each(x)`` first)."""
+    """Run ``layer`` over every input with forward hooks ``pairs`` registered (``before_each(x)`` first); a hook
+    may end one input's run early by raising ``StopReplay``."""
     with hooked(list(pairs)):
         for x in inputs:
             if before_each is not None:
                 before_each(x)
-            run_layer(layer, x)
+            try:
+                run_layer(layer, x)
+            except StopReplay:
+                pass
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:

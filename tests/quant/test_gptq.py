@@ -7,6 +7,7 @@ import qvlquant.quant.gptq as gptq_module
 from qvlquant.quant.formats import PackFormat
 from qvlquant.config import QuantConfig
 from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, damped_inverse_cholesky, gptq_quantize
+from qvlquant.quant.gptq import hessian as finish_hessian
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, fake_quantize
 
 
@@ -22,7 +23,7 @@ def rel_error(x, w, wq):
 
 
 def hessian(x):
-    return accumulate_hessian(torch.zeros(x.shape[1], x.shape[1]), 0, x, None)[0]
+    return finish_hessian(*accumulate_hessian(torch.zeros(x.shape[1], x.shape[1]), 0, x, None))
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (3, 128), (4, 32), (2, 64), (4, -1)])
@@ -36,14 +37,15 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, sym):
     assert info["damp_percent"] == 0.1 and info["dead_columns"] == 0
 
 
-def test_hessian_is_running_mean_and_excludes_padding():
+def test_hessian_is_the_mean_over_real_tokens():
     x = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     H, n = accumulate_hessian(torch.zeros(8, 8), 0, x[:1], mask[:1])
     H, n = accumulate_hessian(H, n, x[1:], mask[1:])
     real = x[mask]
     assert n == 8
-    torch.testing.assert_close(H, 2 / 8 * real.T @ real)
+    torch.testing.assert_close(H, real.T @ real)  # the running sum
+    torch.testing.assert_close(finish_hessian(H, n), 2 / 8 * real.T @ real)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -93,3 +95,13 @@ def test_dead_input_columns(sym, desc_act):
 def test_docstring_example_holds():
     result = doctest.testmod(gptq_module)
     assert result.attempted >= 1 and result.failed == 0
+
+
+@pytest.mark.parametrize("case", ["nan", "negative definite", "zero damping", "negative damping", "nan damping"])
+def test_damped_inverse_cholesky_ends_for_every_input(case):
+    """The damping loop doubles up to its limit and then stops with an error: it never spins (damp 0 * 2 = 0)."""
+    H = {"nan": torch.full((8, 8), float("nan")), "negative definite": -torch.eye(8)}.get(case, torch.eye(8))
+    damp = {"zero damping": 0.0, "negative damping": -0.1, "nan damping": float("nan")}.get(case, 0.1)
+    error = ValueError if "damping" in case else CholeskyError
+    with pytest.raises(error):
+        damped_inverse_cholesky(H, damp, 1.0)

@@ -1,0 +1,68 @@
+"""qvlquant.quantize as a Python call, and the checks it makes before any work: --output, processor files."""
+
+import os
+import shutil
+
+import pytest
+
+import qvlquant
+from qvlquant.cli import main
+from qvlquant.demo.paths import MODEL_DIR
+
+
+@pytest.mark.slow
+def test_quantize_from_python_with_the_awq_defaults(tmp_path):
+    """qvlquant.quantize(output=..., method="awq") works: the config owns AWQ's asymmetric default."""
+    report = qvlquant.quantize(output=str(tmp_path / "q"), method="awq", num_samples=2)
+    assert report["method"] == "awq" and report["sym"] is False and report["bits"] == 4
+    assert len(report["layers"]) == 28 and report["peak_rss_gib"] > 0.1
+    assert set(report["phase_seconds"]) >= {"capture", "load", "scale", "clip", "pack", "replay", "save"}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "q" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not save_file's 0600
+
+
+@pytest.mark.slow
+def test_max_layers_stops_early_and_a_rerun_finishes_byte_identically(tmp_path):
+    argv = ["quantize", "--method", "gptq", "--num-samples", "2"]
+    assert main(argv + ["--output", str(tmp_path / "whole")]) == 0
+    assert main(argv + ["--max-layers", "2", "--output", str(tmp_path / "q")]) == 0
+    partial = tmp_path / ".q.partial"
+    assert not (tmp_path / "q").exists() and (partial / "report.json").exists()
+    assert sorted(p.name for p in partial.glob("layer_*")) == ["layer_0000.safetensors", "layer_0001.safetensors"]
+    assert main(argv + ["--output", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def user_folder(path):
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    (path / "photos").mkdir()
+    return path
+
+
+@pytest.mark.parametrize("target", ["user files", "the base model", "a file"])
+def test_output_that_is_not_an_export_is_refused_before_any_work(tmp_path, capsys, target):
+    base = tmp_path / "base"
+    shutil.copytree(MODEL_DIR, base)
+    out = {"user files": user_folder(tmp_path / "userdir"), "the base model": base,
+           "a file": tmp_path / "afile.txt"}[target]
+    if target == "a file":
+        out.write_text("keep me")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()
+    assert main(["quantize", "--model", str(base), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and len(err.strip().splitlines()) == 1
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp or partial left
+
+
+def test_missing_processor_files_are_named(tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(MODEL_DIR, base)
+    for f in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        (base / f).unlink()
+    assert main(["quantize", "--model", str(base), "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "has no processor files (tokenizer.json or tokenizer_config.json or vocab.json;" in err
+    assert "copy them from the base model's hub repo" in err and not (tmp_path / "q").exists()

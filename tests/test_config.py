@@ -1,0 +1,58 @@
+"""The job's settings: per-method defaults and every check live in qvlquant.config, before any work starts."""
+
+import math
+
+import pytest
+
+from qvlquant.config import GPTQ_DAMP_PERCENT, JobConfig, QuantConfig
+from qvlquant.quant.rtn import QuantSpec
+
+
+def test_per_method_defaults():
+    assert QuantConfig("awq").spec == QuantSpec(4, 128, sym=False)  # the AWQ GEMM format stores zero points
+    assert QuantConfig("gptq").spec == QuantSpec(4, 128, sym=True)
+    assert QuantConfig("gptq").damp_percent == GPTQ_DAMP_PERCENT and QuantConfig("rtn").damp_percent is None
+    job = JobConfig.from_flat(output="out/q", method="awq")  # what qvlquant.quantize(output=..., method="awq") builds
+    assert job.quant.spec.sym is False and job.pack_format.value == "awq_gemm"
+    assert JobConfig.from_flat(output="o", method="awq", bits=4).quant.spec.sym is False  # bits alone keeps asym
+
+
+@pytest.mark.parametrize("damp", [0, -1, math.nan, math.inf, "0.1", True])
+def test_damping_is_checked_at_the_boundary(damp):
+    with pytest.raises(ValueError, match="damp_percent must be a finite number above 0"):
+        QuantConfig("gptq", damp_percent=damp)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(method="rtn", damp_percent=0.01), "damp_percent: GPTQ options, not for method rtn"),
+    (dict(method="awq", desc_act=True), "desc_act: GPTQ options, not for method awq"),
+    (dict(method="gptq", damp_percent=2.0), "above its limit damp_max"),
+    (dict(method="awq", bits=3), "AWQ exports the AWQ GEMM format: 4-bit"),
+    (dict(method="gptq", desc_act=True, export_format="compressed-tensors"), "contiguous groups only"),
+    (dict(method="bogus"), "unknown method 'bogus'"),
+    (dict(device="gpu"), "device must be auto, cpu, cuda or cuda:N"),
+    (dict(dtype="int8"), "dtype must be one of"),
+    (dict(offload="disk"), "offload must be one of"),
+    (dict(max_layers=0), "max_layers must be a whole number of at least 1"),
+    (dict(num_samples=-3), "num_samples must be a whole number of at least 1"),
+    (dict(pad_intermediate_to=0), "pad_intermediate_to must be"),
+    (dict(group_size=0), "group_size must be positive or -1"),
+    (dict(threads=0), "threads must be"),
+    (dict(colour="red"), r"unknown setting\(s\) \['colour'\]"),
+])
+def test_bad_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        JobConfig.from_flat(output="out/q", **settings)
+
+
+def test_report_and_fingerprint_settings():
+    job = JobConfig.from_flat(output="out/q", method="gptq", bits=3, resume=False, max_layers=2, threads=1,
+                              overwrite=True)
+    d = job.to_dict()
+    assert d["version"] == 1 and d["quant"]["spec"] == {"bits": 3, "group_size": 128, "sym": True}
+    fp = job.result_settings()
+    assert "output" not in fp and "resume" not in fp and "max_layers" not in fp
+    assert "overwrite" not in fp["export"] and "threads" not in fp["device"]
+    other = JobConfig.from_flat(output="elsewhere", method="gptq", bits=3)
+    assert other.result_settings() == fp  # where it goes does not change what it computes
+    assert JobConfig.from_flat(output="o", method="gptq", bits=4).result_settings() != fp
