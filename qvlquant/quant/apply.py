@@ -101,13 +101,17 @@ class _swapped_weights:
 
 
 def _output_fn(layer, group, linears, feats, inputs, family):
-    """output_of(weights) for AWQ's scale search: the inspected module's output on the real tokens. -> [T, out]."""
+    """output_of(weights) for AWQ's scale search: the inspected module's output on the real tokens. -> [T, out].
+    The attention runs per batch (its tokens interact); an MLP or bare linears act token by token, so they run
+    once on all real tokens together (one large matmul instead of one small one per batch)."""
     module = None if group.inspect is None else layer.get_submodule(group.inspect)
+    attention = group.inspect == family.attention
+    tokens = None if attention else torch.cat([f[li.token_mask.to(f.device)] for f, li in zip(feats, inputs)])
 
-    def run(x, li):
+    def run(x, li=None):
         if module is None:
             return torch.cat([torch.nn.functional.linear(x, lin.weight) for lin in linears], dim=-1)
-        if group.inspect == family.attention:
+        if attention:
             li = li.to(x.device)
             kw = {k: v for k, v in li.kwargs.items() if k in family.attention_kwargs}
             return module(hidden_states=x, **kw)[0]
@@ -116,6 +120,8 @@ def _output_fn(layer, group, linears, feats, inputs, family):
     @torch.no_grad()
     def output_of(weights):
         with _swapped_weights(linears, weights):
+            if not attention:
+                return run(tokens)
             return torch.cat([run(f, li)[li.token_mask.to(f.device)] for f, li in zip(feats, inputs)])
 
     return output_of
