@@ -94,14 +94,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN of ``w`` [N, K]. -> (q [N, K] int32, scale [N, G] fp32, zero [N, G] fp32)."""
-    scale, zero = group_qparams(w, spec)
-    g_idx = default_g_idx(w.shape[1], spec)
-    q = quantize(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), spec.bits)
-    return q.to(torch.int32), scale, zero
+    q, scale, zero = _grouped_codes(w, spec)
+    return q.reshape(w.shape).to(torch.int32), scale, zero
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """RTN quantize-dequantize of ``w`` [N, K], in ``w``'s dtype."""
-    q, scale, zero = rtn_quantize(w, spec)
-    g_idx = default_g_idx(w.shape[1], spec)
-    return dequantize(q, expand_groups(scale, g_idx), expand_groups(zero, g_idx)).to(w.dtype)
+    q, scale, zero = _grouped_codes(w, spec)
+    return (scale.unsqueeze(-1) * (q - zero.unsqueeze(-1))).reshape(w.shape).to(w.dtype)
+
+
+def _grouped_codes(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, G, g] (float) and scale / zero [N, G] of contiguous groups, broadcast over each group's columns
+    (the same values as ``quantize`` with per-column params, without gathering [N, K] copies of them)."""
+    n, k = w.shape
+    g = spec.effective_group(k)
+    if k % g:
+        raise ValueError(f"in_features {k} is not divisible by group_size {g}")
+    grouped = w.float().reshape(n, k // g, g)  # [N, G, g]
+    scale, zero = minmax_qparams(grouped.amin(-1), grouped.amax(-1), spec)
+    q = torch.clamp(torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, spec.maxq)
+    return q, scale, zero

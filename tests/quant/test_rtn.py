@@ -75,3 +75,19 @@ def test_docstring_example_holds():
 
     result = doctest.testmod(rtn)
     assert result.attempted >= 1 and result.failed == 0
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128, True), QuantSpec(3, 64, False), QuantSpec(8, -1, True),
+                                  QuantSpec(2, 32, False)])
+def test_grouped_rounding_equals_the_per_column_formula(spec):
+    """rtn_quantize / fake_quantize broadcast each group's scale and zero; the values are exactly those of
+    quantize / dequantize with per-column parameters (what GPTQ's column loop and the packed formats use)."""
+    from qvlquant.quant.rtn import dequantize, expand_groups, group_qparams, quantize
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    scale, zero = group_qparams(w, spec)
+    g_idx = default_g_idx(256, spec)
+    q = quantize(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), spec.bits)
+    codes, s, z = rtn_quantize(w, spec)
+    assert torch.equal(codes, q.to(torch.int32)) and torch.equal(s, scale) and torch.equal(z, zero)
+    assert torch.equal(fake_quantize(w, spec), dequantize(q, expand_groups(scale, g_idx), expand_groups(zero, g_idx)))
