@@ -47,8 +47,7 @@ def quantize(config: JobConfig | None = None, **settings) -> dict:
     job = _prepare(config)
     batches = _batches(config, job)
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], job["dtype"], job["padded"],
-                               tokens)
+    job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], tokens, job["storage"])
     say(format_estimate(job["estimate"]))
     store = DiskStore(job["partial"], settings_fingerprint(
         version=__version__, settings=config.result_settings(), model=model_digest(job["folder"]),
@@ -71,7 +70,8 @@ def quantize(config: JobConfig | None = None, **settings) -> dict:
     say(f"writing the export to {job['out']}")
     base = CheckpointTensors(job["reader"], job["family"], job["storage"])
     job["export_started"] = time.time()
-    export(job["skeleton"], job["processor"], result, job["out"], make_report, base, config.export, job["protected"])
+    options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job["protected"]))
+    export(job["skeleton"], job["processor"], result, job["out"], make_report, base, options)
     store.remove()
     return json.loads((job["out"] / "quantize_report.json").read_text())
 

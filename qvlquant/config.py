@@ -117,6 +117,7 @@ class ExportConfig:
     format: str = "auto"  # auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); or compressed-tensors
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False  # replace an existing --output that is not a qvlquant export
+    protected: tuple[str, ...] = ()  # never replaced by the output, overwrite or not (set from the job's inputs)
 
     def __post_init__(self):
         if self.format not in EXPORT_FORMATS:
@@ -172,6 +173,7 @@ class JobConfig:
         for key in ("output", "resume", "max_layers"):
             d.pop(key)
         d["export"].pop("overwrite")
+        d["export"].pop("protected")
         d["device"].pop("threads")
         return d
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from qvlquant.config import JobConfig
+from qvlquant.devices import compute_dtype
 from qvlquant.families import ModelFamily
 
 BASE_RSS = int(0.7 * 2**30)  # interpreter, torch, transformers and the processor, measured here
@@ -62,20 +63,25 @@ def layer_flops(layer: torch.nn.Module, family: ModelFamily, method: str, tokens
     return 41 * forward + sum(2 * n * k * clip_tokens * 10 * 6 for n, k in shapes)  # AWQ: 20-point grid, 10 clips
 
 
-def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.device, dtype: torch.dtype,
-             padded: int | None, tokens: int) -> dict:
-    """Peak RAM / GPU memory (GiB) and seconds per layer for this job, from the meta skeleton's shapes."""
+def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.device, tokens: int,
+             storage: torch.dtype) -> dict:
+    """Peak RAM / GPU memory (GiB) and seconds per layer for this job, from the meta skeleton's shapes (its
+    config holds the padded intermediate size, if any), ``tokens`` calibration tokens and the checkpoint's dtype."""
+    dtype = compute_dtype(device, config.device.dtype)
     size = torch.tensor([], dtype=dtype).element_size()
+    stored = torch.tensor([], dtype=storage).element_size()
+    text = getattr(skeleton.config, "text_config", skeleton.config)
+    padded = text.intermediate_size if config.pad_intermediate_to else None
     layers = skeleton.get_submodule(family.decoder_layers)
     embed = _numel(skeleton.get_submodule(family.embed_tokens))
     lm_head_and_layers = _numel(layers) + (0 if _shares_embedding(skeleton, family) else
                                            _numel(skeleton.get_submodule(family.lm_head)))
-    capture = (_numel(skeleton) - embed - lm_head_and_layers) * size + embed * 2
+    capture = (_numel(skeleton) - embed - lm_head_and_layers) * stored + embed * stored  # held as stored, see models
     layer = layers[0]
     layer_params = _numel(layer) * size
     k_max = max(layer.get_submodule(n).in_features for n in family.linears)
     k_max = max(k_max, padded or 0)
-    hidden = getattr(getattr(skeleton.config, "text_config", skeleton.config), "hidden_size")
+    hidden = text.hidden_size
     activations = 2 * tokens * hidden * size
     method = config.quant.method
     work = {"rtn": layer_params, "gptq": 2 * 4 * k_max * k_max + layer_params // 2,

@@ -215,11 +215,11 @@ def _strip_truncation(folder: pathlib.Path) -> None:
 
 
 def export(model, processor, result: QuantResult, out: str | os.PathLike, report: dict | Callable[[], dict],
-           base=None, options: ExportConfig = ExportConfig(), protected: tuple = ()) -> pathlib.Path:
+           base=None, options: ExportConfig = ExportConfig()) -> pathlib.Path:
     """Write the quantized checkpoint of ``result`` to ``out``. ``model``: the model quantized (or its meta
     skeleton, with ``base`` reading the checkpoint); ``base``: where the tensors that are not quantized come from
     (default: ``model`` itself); ``report``: a dict, or a function making it once the tensors are written (so
-    the peak memory it records covers the export)."""
+    the peak memory it records covers the export); ``options.protected``: paths the output may never replace."""
     plan = result.plan
     if not result.complete:
         raise ValueError(f"only layers {result.store.finished()} of {result.num_layers} are quantized")
@@ -238,7 +238,7 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         report = report() if callable(report) else report
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_manifest(tmp)
-        return publish(tmp, out, options.overwrite, protected)
+        return publish(tmp, out, options.overwrite, options.protected)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
