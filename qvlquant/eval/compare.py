@@ -11,6 +11,7 @@ import torch
 from qvlquant.calib.easyvqa import VqaItem
 from qvlquant.eval.easyvqa import prompt_batch
 from qvlquant.quant.formats import QuantizedWeight
+from qvlquant.quant.layer import hooked
 
 
 @torch.inference_mode()
@@ -36,17 +37,11 @@ def linear_inputs(model, names: list[str], batches: list[dict], max_tokens: int 
     """Inputs of the named linears of ``model`` on ``batches`` (real tokens only, subsampled). -> name: [T, K]."""
     seen: dict[str, list] = collections.defaultdict(list)
     mask: list = [None]
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0][mask[0]].float()))
-        for n in names
-    ]
-    try:
+    hooks = [(model.get_submodule(n), lambda m, a, o, n=n: seen[n].append(a[0][mask[0]].float())) for n in names]
+    with hooked(hooks):
         for b in batches:
             mask[0] = b["attention_mask"].bool()
             model(**b, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     result = {}
     for n, xs in seen.items():
         x = torch.cat(xs)
