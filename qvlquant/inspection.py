@@ -19,13 +19,11 @@ import re
 
 from safetensors import safe_open
 
-from qvlquant.families import family_for
+from qvlquant.families import QWEN2_VL, ModelFamily, family_for
 from qvlquant.manifest import (MANIFEST, ManifestError, atomic_write_text, is_pickle, read_manifest, update_entry,
                                verify_manifest)
 
 MARLIN_GROUPS = (-1, 32, 64, 128)
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along outputs under TP
-ROW_PARALLEL = ("o_proj", "down_proj")  # split along inputs
 
 
 def transformers_converts(runtime_name: str, patterns: list[str] | None) -> bool:
@@ -56,8 +54,9 @@ def read_header(folder: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int) -> list[str]:
-    """Reasons vLLM's gptq_marlin / awq_marlin would refuse this checkpoint at tensor-parallel size ``tp``."""
+def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int, family: ModelFamily = QWEN2_VL) -> list[str]:
+    """Reasons vLLM's gptq_marlin / awq_marlin would refuse this checkpoint at tensor-parallel size ``tp``; which
+    linears split along outputs or inputs comes from the family (``column_parallel`` / ``row_parallel``)."""
     method, bits, group = qc.get("quant_method"), int(qc.get("bits", qc.get("w_bit", 0))), int(qc.get("group_size", -1))
     problems = []
     if method == "gptq" and (bits, bool(qc.get("sym", True))) not in ((4, True), (8, True)):
@@ -67,9 +66,10 @@ def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int) -> li
     if group not in MARLIN_GROUPS:
         problems.append(f"group_size {group} not in {MARLIN_GROUPS}")
     for name, (k, n) in sorted(shapes.items()):
-        kind = name.rsplit(".", 1)[-1]
-        k_shard, n_shard = (k // tp if kind in ROW_PARALLEL else k), (n // tp if kind in COLUMN_PARALLEL else n)
-        split_ok = (kind not in ROW_PARALLEL or k % tp == 0) and (kind not in COLUMN_PARALLEL or n % tp == 0)
+        row = any(name.endswith("." + p) for p in family.row_parallel)
+        column = any(name.endswith("." + p) for p in family.column_parallel)
+        k_shard, n_shard = (k // tp if row else k), (n // tp if column else n)
+        split_ok = (not row or k % tp == 0) and (not column or n % tp == 0)
         if not split_ok or n_shard % 64 or k_shard % 128 or (group > 0 and k_shard % group):
             problems.append(f"{name}: per-shard in {k_shard} / out {n_shard} at tp={tp} (need out % 64, in % 128, in % group)")
     return problems
@@ -116,7 +116,7 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
         "unquantized_linears": len(plain),
         "vision_linears": len(vision),
         "vision_exposed_in_transformers": exposed,
-        "marlin": {tp: marlin_problems(qc, shapes, tp) for tp in (1, 2, 4, 8)} if shapes else {},
+        "marlin": {tp: marlin_problems(qc, shapes, tp, family) for tp in (1, 2, 4, 8)} if shapes else {},
     }
 
 

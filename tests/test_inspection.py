@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from qvlquant.cli import main
+from qvlquant.families import family_for
 from qvlquant.inspection import inspect_checkpoint, marlin_problems, repair_config, transformers_converts
 from qvlquant.manifest import MANIFEST, sha256, verify_manifest, write_manifest
 
@@ -33,6 +34,9 @@ def test_marlin_conditions():
     assert any("down_proj" in p for p in problems) and not any("k_proj" in p for p in problems)  # 72B's 29568
     padded = {"l.0.mlp.down_proj": (29696, 8192)}
     assert marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, padded, 8) == []
+    v1 = {"transformer.h.0.mlp.c_proj": (29568, 8192)}  # the split lists come from the family: Qwen-VL v1's names
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
+    assert marlin_problems(qc, v1, 2, family_for("qwen")) and not marlin_problems(qc, v1, 2)
 
 
 @pytest.fixture(scope="module")
