@@ -1,6 +1,9 @@
 """qvlquant: GPTQ / AWQ / RTN quantization of Qwen vision-language models."""
 
-__version__ = "0.1.0"
+from qvlquant.version import __version__  # noqa: F401
+
+# The entry points import their modules when first called: ``import qvlquant`` stays light (no torch, no
+# transformers), and the modules they load never import this package's namespace back.
 
 
 def load(path="demo", **kwargs):
@@ -10,11 +13,12 @@ def load(path="demo", **kwargs):
     return _load(path, **kwargs)
 
 
-def quantize(**kwargs):
-    """Quantize a model and export it. See qvlquant.api.quantize."""
+def quantize(config=None, **settings):
+    """Quantize a model and export it: a qvlquant.config.JobConfig, or flat settings named like the CLI flags
+    (``qvlquant.quantize(output="out/q", method="awq")``). -> the report. See qvlquant.api.quantize."""
     from qvlquant.api import quantize as _quantize
 
-    return _quantize(**kwargs)
+    return _quantize(config, **settings)
 
 
 def evaluate(model="demo", base=None, **settings):

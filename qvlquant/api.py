@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from qvlquant import __version__
+from qvlquant.version import __version__
 from qvlquant.calib.dataset import build_batches
 from qvlquant.calib.sources import load_samples
 from qvlquant.config import JobConfig

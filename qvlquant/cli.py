@@ -19,7 +19,6 @@ import sys
 # import and torch logs a deprecation line for each, on every command: noise about a library qvlquant never calls.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from qvlquant.api import quantize
 from qvlquant.config import DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig
 
 
@@ -88,6 +87,8 @@ def add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> int:
+    from qvlquant.api import quantize  # transformers: each command imports its heavy modules when it runs
+
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe")}
     report = quantize(JobConfig.from_flat(**settings))
     if report.get("config", {}).get("max_layers") and "layer_seconds" in report and len(report["layer_seconds"]) \

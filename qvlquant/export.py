@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from qvlquant import __version__
+from qvlquant.version import __version__
 from qvlquant.config import ExportConfig, QuantConfig
 from qvlquant.families import ModelFamily
 from qvlquant.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401 (MANIFEST, verify re-exported)
