@@ -158,6 +158,7 @@ def _report(config: JobConfig, job: dict, batches: list[dict], result: QuantResu
         "layers": result.layer_info,
         "layer_seconds": {str(k): v for k, v in result.layer_seconds.items()},
         "phase_seconds": result.phases.rounded(),
+        "complete": result.complete,
         "quantize_seconds": round(result.seconds, 2),
         "export_seconds": round(time.time() - job["export_started"], 2) if "export_started" in job else None,
         "total_seconds": round(time.time() - t0, 2),

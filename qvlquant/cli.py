@@ -91,8 +91,7 @@ def run_quantize(args) -> int:
 
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe")}
     report = quantize(JobConfig.from_flat(**settings))
-    if report.get("config", {}).get("max_layers") and "layer_seconds" in report and len(report["layer_seconds"]) \
-            < report["estimate"]["layers"]:
+    if not report["complete"]:  # --max-layers
         print(f"quantized {len(report['layer_seconds'])} of {report['estimate']['layers']} layers "
               f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB (stopped early)")
         return 0

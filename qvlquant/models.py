@@ -137,17 +137,11 @@ def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str
 
 def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
                 device: torch.device, dtype: torch.dtype) -> None:
-    """Fill ``module``'s meta parameters (and persistent buffers the checkpoint holds) from ``reader``, in
-    ``dtype`` on ``device``, one tensor at a time. ``prefix``: the module's runtime path in the model."""
-    for name, param in list(module.named_parameters(recurse=True)):
-        full = f"{prefix}.{name}" if prefix else name
-        t = reader.get(disk_key(reader, family, full))
-        if tuple(t.shape) != tuple(param.shape):
-            raise ValueError(f"{reader.folder}: {full} is {list(t.shape)} in the checkpoint, the config says "
-                             f"{list(param.shape)}")
-        owner, leaf = _owner(module, name)
-        owner._parameters[leaf] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
-        del t
+    """Fill ``module``'s meta parameters from ``reader``, in ``dtype`` on ``device``, one tensor at a time (Qwen VL
+    models keep no persistent buffers; their rotary tables are computed). ``prefix``: the module's runtime path."""
+    for name, sub in list(module.named_modules()):
+        path = ".".join(p for p in (prefix, name) if p)
+        materialize_shallow(sub, path, reader, family, device, dtype)
 
 
 def release(module: torch.nn.Module) -> None:
@@ -179,7 +173,8 @@ def materialize_upcast(module: torch.nn.Module, prefix: str, reader: ShardReader
         path = f"{prefix}.{name}" if name else prefix
         materialize_shallow(leaf, path, reader, family, device, dtype if j == 0 else stored)
         if j:
-            handles += [leaf.register_forward_pre_hook(_cast_params(dtype)), leaf.register_forward_hook(_cast_back(stored))]
+            handles += [leaf.register_forward_pre_hook(lambda m, args: _cast_parameters(m, dtype)),
+                        leaf.register_forward_hook(lambda m, args, out: _cast_parameters(m, stored))]
     return handles
 
 
@@ -189,27 +184,19 @@ def materialize_shallow(module: torch.nn.Module, prefix: str, reader: ShardReade
     for leaf, param in list(module._parameters.items()):
         if param is None:
             continue
-        t = reader.get(disk_key(reader, family, f"{prefix}.{leaf}"))
+        full = f"{prefix}.{leaf}" if prefix else leaf
+        t = reader.get(disk_key(reader, family, full))
         if tuple(t.shape) != tuple(param.shape):
-            raise ValueError(f"{reader.folder}: {prefix}.{leaf} is {list(t.shape)} in the checkpoint, the config "
-                             f"says {list(param.shape)}")
+            raise ValueError(f"{reader.folder}: {full} is {list(t.shape)} in the checkpoint, the config says "
+                             f"{list(param.shape)}")
         module._parameters[leaf] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
 
 
-def _cast_params(dtype):
-    def hook(module, args):
-        for leaf, p in module._parameters.items():
-            if p is not None:
-                module._parameters[leaf] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
-    return hook
-
-
-def _cast_back(dtype):
-    def hook(module, args, output):
-        for leaf, p in module._parameters.items():
-            if p is not None:
-                module._parameters[leaf] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
-    return hook
+def _cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The module's own parameters, cast to ``dtype`` (new tensors; the old ones are freed)."""
+    for leaf, p in module._parameters.items():
+        if p is not None:
+            module._parameters[leaf] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
 
 
 class StreamedLayers:
