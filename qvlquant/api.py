@@ -29,7 +29,7 @@ from qvlquant.models import (StreamedLayers, build_skeleton, check_processor_fil
 from qvlquant.outputs import check_output_target
 from qvlquant.pipeline import LoopPlan, QuantResult, check_group_size, quantize_model
 from qvlquant.progress import say
-from qvlquant.resume import FINGERPRINT, DiskStore, batches_digest, model_digest, settings_fingerprint
+from qvlquant.resume import DiskStore, batches_digest, model_digest, settings_fingerprint
 from qvlquant.shards import ShardReader
 from qvlquant.transforms import pad_config
 
@@ -97,8 +97,8 @@ def _prepare(config: JobConfig) -> dict:
     check_group_size(skeleton, family, config.quant.spec, padded)
     reader = ShardReader(folder)
     partial = out.with_name(f".{out.name}.partial")
-    if not config.resume and (partial / FINGERPRINT).exists():
-        DiskStore(partial, "").remove()  # --no-resume: our own partial run, never another folder
+    if not config.resume:
+        DiskStore.discard(partial)  # --no-resume: our own partial run, never another folder
     text = getattr(hf_config, "text_config", hf_config)
     return dict(device=device, threads=threads, folder=folder, family=family, out=out, protected=protected,
                 dtype=dtype, skeleton=skeleton, reader=reader, partial=partial, storage=storage,

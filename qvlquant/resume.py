@@ -143,9 +143,13 @@ class DiskStore:
         return self._reader(i).get(f"t.{key}")
 
     def remove(self) -> None:
-        """Delete the partial folder: only when it is ours (holds the fingerprint stamp)."""
-        if (self.folder / FINGERPRINT).exists():
-            shutil.rmtree(self.folder)
+        self.discard(self.folder)
+
+    @staticmethod
+    def discard(folder: pathlib.Path) -> None:
+        """Delete a partial folder, whatever run it holds: only when it is ours (holds the fingerprint stamp)."""
+        if (pathlib.Path(folder) / FINGERPRINT).exists():
+            shutil.rmtree(folder)
 
 
 def _metadata(path: pathlib.Path) -> dict[str, str]:
