@@ -167,7 +167,7 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str
     pre_hooks = [(layer0, hook)]
     if family.deepstack:
         pre_hooks.append((model.get_submodule(family.language_model), text_model_hook))
-    device = model.get_submodule(family.embed_tokens).weight.device
+    device = next(p.device for p in model.parameters() if not p.is_meta)  # where the capture parts live
     with hooked(pre_hooks, pre=True, with_kwargs=True):
         for batch in progress(batches, desc="capture layer-0 inputs", unit="batch"):
             mask_of_batch.append(batch["attention_mask"].bool().to(device))

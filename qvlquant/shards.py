@@ -107,6 +107,20 @@ class ShardReader:
                 raise ShardError(f"{path}: {key} is truncated")
         return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
+    def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` of the 2-D tensor ``key`` (an embedding table), one positioned read each. -> [len, D]."""
+        path, entry = self._entry(key)
+        dtype, (n, d) = DTYPES[entry["dtype"]], entry["shape"]
+        size = d * torch.tensor([], dtype=dtype).element_size()
+        out = torch.empty(len(rows), size, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            for j, r in enumerate(rows):
+                if not 0 <= r < n:
+                    raise ShardError(f"{path}: row {r} of {key} is outside its {n} rows")
+                f.seek(entry["start"] + entry["data_offsets"][0] + r * size)
+                f.readinto(memoryview(out[j].numpy()))
+        return out.view(dtype).reshape(len(rows), d)
+
     def _entry(self, key: str):
         try:
             return self.where[key]

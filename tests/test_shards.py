@@ -73,3 +73,12 @@ def test_truncated_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-10])
     with pytest.raises(ShardError, match="x is truncated"):
         ShardReader(tmp_path).get("x")
+
+
+def test_rows_of_a_table_are_those_of_the_whole_tensor(tmp_path):
+    table = torch.randn(50, 6).bfloat16()
+    save_file({"embed": table}, str(tmp_path / "model.safetensors"))
+    rows = ShardReader(tmp_path).get_rows("embed", [7, 0, 49, 7])
+    assert torch.equal(rows, table[[7, 0, 49, 7]])
+    with pytest.raises(ShardError, match="row 50 of embed is outside its 50 rows"):
+        ShardReader(tmp_path).get_rows("embed", [50])
