@@ -1,16 +1,17 @@
 """qvlquant push, tested at the huggingface_hub client boundary (no network): one commit, only the export's files,
 nothing when verification fails, and the token nowhere."""
 
+import hashlib
 import json
 import logging
 
 import pytest
 import torch
-import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from qvlquant.cli import main
-from qvlquant.manifest import MANIFEST, sha256, write_manifest
+from qvlquant.manifest import MANIFEST, sha256, verify_manifest, write_manifest
 from qvlquant.push import PushError, model_card, push
 
 TOKEN = "hf_SECRETsecretSECRETsecret0123456789"
@@ -30,6 +31,7 @@ class FakeApi:
         if self.fail_with:
             raise self.fail_with
         self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kw))
+        self.sent = {op.path_in_repo: op.path_or_fileobj for op in operations}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,9 @@ def export_dir(tmp_path_factory):
 def test_one_commit_with_exactly_the_export_files(export_dir):
     api = FakeApi()
     plan = push(export_dir, "me/demo-w4", private=True, revision="v1", api=api)
-    expected = sorted(json.loads((export_dir / "qvlquant_manifest.json").read_text())["files"]) + ["qvlquant_manifest.json", "README.md"]
+    listed = json.loads((export_dir / "qvlquant_manifest.json").read_text())["files"]
+    assert "README.md" in listed  # the export's own card, replaced by the repo's (sent last, once)
+    expected = sorted(set(listed) - {"README.md"}) + ["qvlquant_manifest.json", "README.md"]
     commits = [c for c in api.calls if c[0] == "create_commit"]
     assert len(commits) == 1 and commits[0][2] == expected == plan["files"]
     assert commits[0][3]["revision"] == "v1"
@@ -89,11 +93,31 @@ def test_model_card(export_dir, tmp_path):
     report = {"task": "easyvqa", "accuracy": 77.5, "n": 100, "perplexity": 34.3, "model": "q",
               "baseline": {"task": "easyvqa", "accuracy": 77.9, "n": 100, "perplexity": 34.16, "model": "demo"}}
     card = model_card(export_dir, "me/demo-w4", report)
-    meta = yaml.safe_load(card.split("---")[1])
+    meta = ModelCard(card).data.to_dict()
     assert meta["pipeline_tag"] == "image-text-to-text" and "gptq" in meta["tags"] and "4-bit" in meta["tags"]
     assert "| demo | easyvqa | 77.90 | 100 | 34.160 |" in card and "| q | easyvqa | 77.50 | 100 | 34.300 |" in card
-    assert 'Qwen2VLForConditionalGeneration.from_pretrained("me/demo-w4"' in card and "vllm serve me/demo-w4" in card
-    assert "`bits`: `4`" in card and "2 samples from `demo`" in card
+    assert 'model_id = "me/demo-w4"' in card and "vllm serve me/demo-w4" in card and "# demo-w4" in card
+    assert "| `bits` | 4 |" in card and "2 samples from `demo`" in card
+
+
+def test_push_sends_the_card_for_the_repo_and_a_manifest_that_verifies_it(export_dir, tmp_path):
+    """The export's README.md names the folder; the pushed one names the repo, and the pushed manifest re-hashes it
+    (every other entry as exported), so a download of the repo verifies."""
+    assert 'model_id = "q"' in (export_dir / "README.md").read_text()
+    api = FakeApi()
+    plan = push(export_dir, "me/demo-w4", api=api)
+    assert plan["files"].count("README.md") == 1 and plan["files"][-1] == "README.md"
+    card, manifest = api.sent["README.md"], json.loads(api.sent[MANIFEST])["files"]
+    assert b'model_id = "me/demo-w4"' in card
+    assert manifest["README.md"] == {"sha256": hashlib.sha256(card).hexdigest(), "bytes": len(card)}
+    exported = json.loads((export_dir / MANIFEST).read_text())["files"]
+    assert {k: v for k, v in manifest.items() if k != "README.md"} == {k: v for k, v in exported.items() if k != "README.md"}
+    download = tmp_path / "download"  # the repo as a user would download it
+    download.mkdir()
+    for name in plan["files"]:
+        sent = api.sent[name]
+        (download / name).write_bytes(sent if isinstance(sent, bytes) else (export_dir / name).read_bytes())
+    verify_manifest(download)
 
 
 def test_license_carried_from_a_local_base(export_dir, tmp_path):
@@ -107,7 +131,7 @@ def test_license_carried_from_a_local_base(export_dir, tmp_path):
     report = json.loads((copy / "quantize_report.json").read_text())
     report["base_model"] = str(base)
     (copy / "quantize_report.json").write_text(json.dumps(report))
-    meta = yaml.safe_load(model_card(copy, "me/x").split("---")[1])
+    meta = ModelCard(model_card(copy, "me/x")).data.to_dict()
     assert meta["license"] == "mit" and "base_model" not in meta  # a local path is no hub id
 
 
@@ -122,8 +146,9 @@ def test_license_carried_from_a_hub_base_in_the_cache(export_dir, tmp_path, monk
     report = json.loads((copy / "quantize_report.json").read_text())
     report["base_model"] = "Qwen/Qwen2-VL-2B-Instruct"
     (copy / "quantize_report.json").write_text(json.dumps(report))
-    meta = yaml.safe_load(model_card(copy, "me/x").split("---")[1])
+    meta = ModelCard(model_card(copy, "me/x")).data.to_dict()
     assert meta["license"] == "apache-2.0" and meta["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+    assert meta["base_model_relation"] == "quantized"
 
 
 def tiny_export(folder):
