@@ -6,6 +6,11 @@ tensor with one positioned read into a fresh tensor: no mmap, so the checkpoint 
 process's resident memory. ``write_safetensors`` writes a file from a list of (name, dtype, shape) and a function
 that fetches each tensor when its turn comes; its bytes are exactly those of ``safetensors.torch.save_file`` for
 the same tensors (same order, header and padding: tested), so streamed and in-memory exports are identical.
+
+Why not huggingface_hub's ``save_torch_state_dict``: it takes a state dict of real tensors and writes each shard with
+``safetensors.torch.save_file``, so a whole shard (up to ``max_shard_size``) sits in memory at once; the export holds
+one tensor. ``split_torch_state_dict_into_shards`` only plans (names and sizes) and does accept meta tensors, so it
+could replace ``export.plan_shards``; writing stays here.
 """
 
 from __future__ import annotations
