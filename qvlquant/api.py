@@ -21,6 +21,7 @@ from qvlquant.calib.sources import load_samples
 from qvlquant.config import JobConfig
 from qvlquant.devices import (choose_offload, compute_dtype, peak_gpu_bytes, peak_rss_bytes, resolve_device,
                               set_threads)
+from qvlquant.distributed import World, barrier, check_same, shard, start, stop, total
 from qvlquant.estimate import estimate, format_estimate
 from qvlquant.export import CheckpointTensors, export
 from qvlquant.families import family_for
@@ -29,42 +30,73 @@ from qvlquant.models import (StreamedLayers, build_skeleton, check_processor_fil
 from qvlquant.outputs import check_output_target
 from qvlquant.pipeline import LoopPlan, QuantResult, check_group_size, quantize_model
 from qvlquant.progress import say
-from qvlquant.resume import DiskStore, batches_digest, model_digest, settings_fingerprint
+from qvlquant.resume import DiskStore, RankStore, batches_digest, model_digest, settings_fingerprint
 from qvlquant.shards import ShardReader
 from qvlquant.transforms import pad_config
 
 
-def quantize(config: JobConfig | None = None, **settings) -> dict:
+def quantize(config: JobConfig | None = None, **settings) -> dict | None:
     """Quantize a model and export it. Pass a ``JobConfig``, or flat settings named like the CLI flags
     (``qvlquant.quantize(output="out/q", method="awq")``). -> the report saved beside the weights (for a run
-    stopped by ``max_layers``: the report of the layers done, saved in the partial folder)."""
+    stopped by ``max_layers``: the report of the layers done, saved in the partial folder).
+
+    Under torchrun (or ``--nproc``) every process calls this; each runs its share of the calibration batches
+    (``qvlquant.distributed``) and rank 0 alone writes; the other ranks return None."""
     if config is None:
         config = JobConfig.from_flat(**settings)
     elif settings:
         raise TypeError("pass either a JobConfig or flat settings, not both")
+    world = World.from_env()
+    device = resolve_device(config.device.device, world.local_rank if world.distributed else None)
+    start(world, device)
+    try:
+        return _quantize(config, world, device)
+    finally:
+        stop(world)
+
+
+def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | None:
     t0 = time.time()
     torch.manual_seed(config.calib.seed)
-    job = _prepare(config)
+    job = _prepare(config, world, device)
     batches = _batches(config, job)
+    digest = batches_digest(batches)
+    check_same(digest, "the calibration batches", world)
+    if len(batches) < world.size:
+        raise ValueError(f"{len(batches)} calibration batches for {world.size} processes: every process needs at "
+                         "least one; use more samples (--num-samples), a smaller --batch-size or fewer processes")
+    shards = [shard(len(batches), world, r) for r in range(world.size)]
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], tokens, job["storage"])
-    say(format_estimate(job["estimate"]))
+    if world.leader:
+        job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], tokens, job["storage"])
+        say(format_estimate(job["estimate"]))
     store = DiskStore(job["partial"], settings_fingerprint(
         version=__version__, settings=config.result_settings(), model=model_digest(job["folder"]),
-        batches=batches_digest(batches), storage=str(job["storage"]), compute=str(job["dtype"])))
-    offload = choose_offload(job["device"], _activation_bytes(batches, job["hidden"], job["dtype"]),
+        batches=digest, storage=str(job["storage"]), compute=str(job["dtype"]))) if world.leader else None
+    if world.distributed:
+        store = RankStore(store, world, shards)
+    local = [batches[b] for b in shards[world.rank]]
+    offload = choose_offload(job["device"], _activation_bytes(local, job["hidden"], job["dtype"]),
                              config.device.offload)
-    plan = LoopPlan(job["family"], config.quant, config.pack_format, job["storage"], offload, config.max_layers)
+    plan = LoopPlan(job["family"], config.quant, config.pack_format, job["storage"], offload, config.max_layers,
+                    world)
     source = StreamedLayers(job["skeleton"], job["family"], job["reader"], job["device"], job["dtype"],
                             config.pad_intermediate_to)
-    say(f"loading the vision tower and embeddings onto {job['device']} for the capture pass")
+    say(f"loading the vision tower and embeddings onto {job['device']} for the capture pass"
+        + (f" ({world.size} processes, {len(local)} of {len(batches)} batches each)" if world.distributed else ""))
     source.prepare_capture()
-    result = quantize_model(job["skeleton"], batches, plan, source, store)
+    result = quantize_model(job["skeleton"], local, plan, source, store)
+    job["peak_rss"] = total(torch.nn.functional.one_hot(torch.tensor(world.rank), world.size) * peak_rss_bytes(),
+                            world).tolist()
+    barrier(world)
+    if not world.leader:
+        return None
+    store = store.inner if world.distributed else store
     make_report = lambda: _report(config, job, batches, result, t0, offload)  # noqa: E731
     if not result.complete:
         report = make_report()
         (job["partial"] / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        say(f"stopped after {len(result.store.finished())} of {result.num_layers} layers (--max-layers); "
+        say(f"stopped after {len(store.finished())} of {result.num_layers} layers (--max-layers); "
             f"rerun without it to finish from {job['partial']}")
         return report
     say(f"writing the export to {job['out']}")
@@ -76,11 +108,10 @@ def quantize(config: JobConfig | None = None, **settings) -> dict:
     return json.loads((job["out"] / "quantize_report.json").read_text())
 
 
-def _prepare(config: JobConfig) -> dict:
-    """Every check that needs no calibration data, in seconds: device, model type, remote code, processor files,
-    --output, group sizes (on a meta skeleton). -> what the run needs."""
-    device = resolve_device(config.device.device)
-    threads = set_threads(config.device.threads)
+def _prepare(config: JobConfig, world: World, device: torch.device) -> dict:
+    """Every check that needs no calibration data, in seconds: model type, remote code, processor files,
+    --output (rank 0: the only one that writes), group sizes (on a meta skeleton). -> what the run needs."""
+    threads = set_threads(config.device.threads, world.local_size)
     folder = resolve_model_path(config.model)
     family = family_for(read_model_type(folder))
     check_remote_code(family, folder, config.trust_remote_code)
@@ -89,7 +120,8 @@ def _prepare(config: JobConfig) -> dict:
     check_processor_files(folder, family)
     out = pathlib.Path(config.output).expanduser().resolve()
     protected = (folder,) + _calib_paths(config.calib.source)
-    check_output_target(out, protected, config.export.overwrite)
+    if world.leader:
+        check_output_target(out, protected, config.export.overwrite)
     dtype = compute_dtype(device, config.device.dtype)
     say(f"building {family.name} from {folder} on the meta device")
     skeleton = build_skeleton(hf_config, family, dtype)
@@ -97,7 +129,7 @@ def _prepare(config: JobConfig) -> dict:
     check_group_size(skeleton, family, config.quant.spec, padded)
     reader = ShardReader(folder)
     partial = out.with_name(f".{out.name}.partial")
-    if not config.resume:
+    if not config.resume and world.leader:
         DiskStore.discard(partial)  # --no-resume: our own partial run, never another folder
     text = getattr(hf_config, "text_config", hf_config)
     return dict(device=device, threads=threads, folder=folder, family=family, out=out, protected=protected,
@@ -163,6 +195,8 @@ def _report(config: JobConfig, job: dict, batches: list[dict], result: QuantResu
         "export_seconds": round(time.time() - job["export_started"], 2) if "export_started" in job else None,
         "total_seconds": round(time.time() - t0, 2),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+        "processes": len(job["peak_rss"]),
+        "peak_rss_gib_per_process": [round(b / 2**30, 3) for b in job["peak_rss"]],  # at the loop's end
         "peak_gpu_allocated_gib": None if gpu is None else round(gpu / 2**30, 3),
         "estimate": job["estimate"],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job['threads']} used), torch {torch.__version__}"

@@ -15,11 +15,56 @@ import os
 import pathlib
 import sys
 
-# torchao (pulled in by transformers when gptqmodel's stack is installed) registers Enums with torch's pytree at
-# import and torch logs a deprecation line for each, on every command: noise about a library qvlquant never calls.
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
+
+class _TorchaoEnumNotice(logging.Filter):
+    """torchao 0.18 (imported by transformers once gptqmodel's stack is installed: the interop extra) calls
+    ``torch.utils._pytree.register_constant`` on its Enums at import (torchao/utils.py), and torch 2.14 logs a
+    deprecation warning for each, on every command that loads a model: noise about a library qvlquant never calls.
+    Only that message is dropped; everything else torch's pytree logs still shows."""
+
+    MESSAGE = "is an Enum subclass and is now natively supported by torch.compile as an opaque value type"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.MESSAGE not in record.getMessage()
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
+
+from qvlquant import launch
+from qvlquant.bench import SHAPES, VARIANTS
 from qvlquant.config import DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig
+from qvlquant.eval.metrics import EVAL_TASKS
+from qvlquant.version import __version__
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show (None: the default lives in
+    qvlquant.config or is computed, and the help text says it; False: a switch that is off) or the help already
+    names it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every qvlquant parser, subcommands included (``add_subparsers`` makes them of this class): defaults shown."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def variant_list(text: str) -> tuple[str, ...]:
+    """--variants: comma-separated names of qvlquant.bench.VARIANTS (an unknown one is an error listing them)."""
+    variants = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0] if unknown else text!r}; choose from "
+                                         f"{', '.join(VARIANTS)}")
+    return variants
 
 
 def recipe_defaults(path: str) -> dict:
@@ -66,7 +111,11 @@ def add_quantize(sub) -> None:
                    "the CPU, bfloat16 on a GPU; Hessians are float32 always)")
     p.add_argument("--offload", choices=list(OFFLOAD), help="where calibration activations wait between layers: "
                    "auto (on the device when they fit, the default), device, cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the machine's real CPU quota)")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: the machine's real CPU quota, "
+                   "shared by the processes)")
+    p.add_argument("--nproc", type=int, metavar="N", help="start N processes on this machine (torch.distributed: "
+                   "gloo on CPUs, nccl on GPUs with one GPU each), the same as torchrun --nproc-per-node N -m "
+                   "qvlquant quantize ...: each runs a share of the calibration batches (default 1)")
     p.add_argument("--max-layers", type=int, metavar="N", help="stop after N decoder layers (to measure); the "
                    "partial run stays and a rerun without it finishes")
     p.add_argument("--pad-intermediate-to", type=int, metavar="M",
@@ -89,8 +138,12 @@ def add_quantize(sub) -> None:
 def run_quantize(args) -> int:
     from qvlquant.api import quantize  # transformers: each command imports its heavy modules when it runs
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "nproc", "argv")}
+    if args.nproc is not None and args.nproc != 1:
+        return launch.run_ranks(args.nproc, [sys.executable, "-m", "qvlquant", *launch.without_option(args.argv, "--nproc")])
     report = quantize(JobConfig.from_flat(**settings))
+    if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return 0
     if not report["complete"]:  # --max-layers
         print(f"quantized {len(report['layer_seconds'])} of {report['estimate']['layers']} layers "
               f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB (stopped early)")
@@ -101,22 +154,25 @@ def run_quantize(args) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="easy-vqa accuracy and held-out perplexity, side by side with the base model")
-    p.add_argument("--model", default="demo", help="a checkpoint folder (quantized or not) or 'demo'")
+    about = ("task accuracy (the embedded easy-vqa, or a VLMEvalKit TSV / hf: benchmark) and held-out perplexity of "
+             "a checkpoint, beside its base model; bnb-nf4 / bnb-int8 load a base through bitsandbytes")
+    p = sub.add_parser("eval", help=about, description=about[0].upper() + about[1:] + ".")
+    p.add_argument("--model", default="demo", help="a checkpoint folder (quantized or not), 'demo', a hub id, or "
+                   "bnb-nf4:BASE / bnb-int8:BASE (BASE loaded through transformers' BitsAndBytesConfig)")
     p.add_argument("--base", default=None, help="model to compare with (default: the base recorded at quantization; "
                    "'none' to skip)")
-    p.add_argument("--task", default="easyvqa", choices=["easyvqa", "docvqa", "textvqa", "chartqa", "mmbench", "mmmu",
-                                                        "mathvista"])
+    p.add_argument("--task", default="easyvqa", choices=list(EVAL_TASKS), help="what to score")
     p.add_argument("--data", default=None, help="the task's questions: a VLMEvalKit TSV, or hf:PATH_OR_ID (columns "
                    "image, question, answer, A, B, ...); all tasks but the embedded easyvqa")
     p.add_argument("--split", default="test", help="hf: datasets: the split")
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                    help="vllm: generate on vLLM with --tensor-parallel GPUs (TSV / hf: tasks)")
-    p.add_argument("--tensor-parallel", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="score only the first N test questions")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-perplexity", action="store_true")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="vllm: GPUs to shard the model over")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer (TSV / hf: tasks; "
+                   "easy-vqa answers are one word)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N test questions (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="questions per generate call")
+    p.add_argument("--no-perplexity", action="store_true", help="skip the held-out perplexity")
     p.add_argument("--report", default=None, help="write the JSON summary here (per-sample outputs beside it)")
 
 
@@ -146,8 +202,9 @@ def run_eval(args) -> int:
 
 
 def add_check(sub) -> None:
-    p = sub.add_parser("check", help="CI gate: exit 1 when an eval report regresses against its baseline (2 for "
-                       "bad input: an unreadable report or recipe, an unknown task, a negative tolerance)")
+    about = ("CI gate: exit 1 when an eval report regresses against its baseline (2 for bad input: an unreadable "
+             "report or recipe, an unknown task, a negative tolerance)")
+    p = sub.add_parser("check", help=about, description=about + ".")
     p.add_argument("report", help="eval JSON of the quantized model (from qvlquant eval --report)")
     p.add_argument("--baseline", default=None, help="eval JSON of the baseline (default: the one embedded in report)")
     p.add_argument("--max-drop", action="append", default=[], metavar="TASK=POINTS",
@@ -169,10 +226,13 @@ def run_check(args) -> int:
 
 
 def add_push(sub) -> None:
-    p = sub.add_parser("push", help="upload a verified export to the Hugging Face hub with a generated model card")
+    about = ("upload a verified export to the Hugging Face hub in one commit, its model card regenerated for the "
+             "repo (with the eval table when --eval is given)")
+    p = sub.add_parser("push", help=about, description=about[0].upper() + about[1:] + ".")
     p.add_argument("model", help="export folder written by qvlquant quantize")
     p.add_argument("--repo", required=True, help="owner/name on the hub (created if needed)")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
+                   "visibility)")
     p.add_argument("--revision", default=None, help="branch to commit to (created if needed; default main)")
     p.add_argument("--eval", default=None, help="eval JSON from qvlquant eval, for the model card's table")
     p.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
@@ -194,10 +254,14 @@ def run_push(args) -> int:
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="decode tokens/s and peak memory, BF16 vs quantized, beside the published tables")
-    p.add_argument("--shape", default="demo", help="qwen2-vl-2b | qwen2-vl-7b (random weights of the real shapes, "
-                   "for a GPU) | demo (the scaled-down CPU protocol)")
-    p.add_argument("--variants", default="bf16,gptq-int4,awq,gptq-int8")
+    about = ("decode tokens/s and peak memory per variant (BF16, GPTQ, AWQ on random weights of a real shape; "
+             "bitsandbytes on the demo), beside the published tables")
+    p = sub.add_parser("bench", help=about, description=about[0].upper() + about[1:] + ".")
+    p.add_argument("--shape", default="demo", choices=list(SHAPES), help="qwen2-vl-2b / qwen2-vl-7b: random "
+                   "weights of the real shapes, for a GPU; demo: the scaled-down CPU protocol")
+    p.add_argument("--variants", type=variant_list, default="bf16,gptq-int4,awq,gptq-int8",
+                   metavar="V,V,...", help=f"comma-separated, from: {', '.join(VARIANTS)} (bnb-*: bitsandbytes, "
+                   "the demo shape only)")
     p.add_argument("--input-lengths", default=None, help="default 1,6144,14336,30720 on CUDA, 1,32 on CPU")
     p.add_argument("--new-tokens", type=int, default=None, help="default 2048 on CUDA, 8 on CPU")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
@@ -216,7 +280,7 @@ def run_bench(args) -> int:
     from qvlquant.bench import BenchConfig, format_table, format_weights_table, plot, run, weights_table
 
     if args.weights_only:
-        rows = weights_table(args.shape, tuple(args.variants.split(",")))
+        rows = weights_table(args.shape, args.variants)
         print(format_weights_table(args.shape, rows))
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
@@ -229,7 +293,7 @@ def run_bench(args) -> int:
         input_lengths = tuple(int(v) for v in lengths.split(","))
     except ValueError:
         raise ValueError(f"--input-lengths {lengths!r}: expected comma-separated integers") from None
-    cfg = BenchConfig(args.shape, tuple(args.variants.split(",")), input_lengths,
+    cfg = BenchConfig(args.shape, args.variants, input_lengths,
                       args.new_tokens or (2048 if gpu else 8), device, args.static_cache, args.compile)
     rows = run(cfg)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
@@ -243,7 +307,8 @@ def run_bench(args) -> int:
 
 
 def add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="what a quantized checkpoint is, and whether vLLM / transformers load it right")
+    about = "what a quantized checkpoint is, whether it verifies, and whether vLLM / transformers load it right"
+    p = sub.add_parser("inspect", help=about, description=about[0].upper() + about[1:] + ".")
     p.add_argument("model", help="checkpoint folder")
     p.add_argument("--repair", action="store_true", help="rewrite modules_to_not_convert so the vision tower stays "
                    "unquantized in transformers 5")
@@ -287,14 +352,17 @@ def run_inspect(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="qvlquant", description="Quantize Qwen vision-language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="qvlquant", description="Quantize Qwen vision-language models (RTN, GPTQ, AWQ) into "
+                    "checkpoints transformers and vLLM load; evaluate, gate, inspect, push and benchmark them.")
+    parser.add_argument("--version", action="version", version=f"qvlquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_quantize(sub)
     add_eval(sub)
     add_inspect(sub)
     add_check(sub)
     add_push(sub)
     add_bench(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "quantize" and args.recipe:
         try:
@@ -303,6 +371,7 @@ def main(argv=None) -> int:
             print(f"qvlquant quantize: error: {e}", file=sys.stderr)
             return 2
         args = parser.parse_args(argv)  # recipe values are now defaults: flags on the command line win
+    args.argv = argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

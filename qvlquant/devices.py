@@ -5,23 +5,30 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import resource
 
 import torch
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: the first CUDA device when there is one, else the CPU; cuda / cuda:N must exist."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """auto: the first CUDA device when there is one, else the CPU; cuda / cuda:N must exist. In a distributed
+    run (``local_rank`` given) cuda and auto mean cuda:LOCAL_RANK: one GPU per process."""
+    if local_rank is not None and re.fullmatch(r"cuda:\d+", name):
+        raise ValueError(f"--device {name} with several processes: pass --device cuda, and each process takes "
+                         "cuda:LOCAL_RANK")
     if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: no CUDA device is visible (torch.cuda.is_available() is False); "
                              "use --device cpu, or auto")
-        index = device.index or 0
+        index = local_rank if local_rank is not None else (device.index or 0)
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+                             + (f" for local rank {index}: start at most that many processes per node"
+                                if local_rank is not None else ""))
         return torch.device("cuda", index)
     return device
 
@@ -54,9 +61,11 @@ def cpu_quota() -> int:
     return max(1, n)
 
 
-def set_threads(threads: int | None) -> int:
-    """torch's CPU threads: ``threads``, else OMP_NUM_THREADS when set, else the CPU quota. -> the count set."""
-    n = threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else cpu_quota())
+def set_threads(threads: int | None, processes: int = 1) -> int:
+    """torch's CPU threads: ``threads``, else OMP_NUM_THREADS when set, else this process's share of the CPU
+    quota (``processes`` on this machine share it). -> the count set."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    n = threads or (int(env) if env.isdigit() else max(1, cpu_quota() // processes))
     torch.set_num_threads(n)
     return n
 

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from qvlquant.config import QuantConfig
+from qvlquant.distributed import SINGLE, World, broadcast_tensors
 from qvlquant.families import ModelFamily
 from qvlquant.progress import progress
 from qvlquant.quant.apply import METHODS
@@ -45,6 +46,7 @@ class LoopPlan:
     storage_dtype: torch.dtype = torch.bfloat16  # the checkpoint's dtype: what the export writes
     offload: str | None = None  # where activations wait between layers ("cpu"), None: where they were computed
     max_layers: int | None = None  # stop after this many layers
+    world: World = SINGLE  # the ranks of a distributed run (each runs its own share of the batches)
 
     @property
     def pack_format(self) -> PackFormat:
@@ -210,22 +212,49 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
         if bar is not None:
             bar.set_postfix_str(f"{prefix.rsplit('.', 1)[-1]}: {what}", refresh=True)
 
+    def keep(name: str, packed: dict[str, torch.Tensor], info: dict, aux: dict[str, torch.Tensor]) -> None:
+        disk = family.to_disk(f"{prefix}.{name}")
+        record.tensors.update({f"{disk}.{key}": t for key, t in packed.items()})
+        record.in_features[name] = layer.get_submodule(name).weight.shape[1]
+        record.info[name] = info
+        record.aux.update({f"{name}.{field}": t for field, t in aux.items()})
+
     def finish(name: str, w: QuantizedWeight, info: dict) -> None:
         phases.switch("pack")
         set_weight(layer.get_submodule(name), w)
         w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
                             *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
-        disk = family.to_disk(f"{prefix}.{name}")
-        record.tensors.update({f"{disk}.{key}": t for key, t in fmt.pack(w).items()})
-        record.in_features[name] = w.q.shape[1]
-        record.info[name] = info
-        for field in ("input_scale", "output_scale"):
-            if getattr(w, field) is not None:
-                record.aux[f"{name}.{field}"] = getattr(w, field).clone()
+        aux = {f: getattr(w, f).clone() for f in ("input_scale", "output_scale") if getattr(w, f) is not None}
+        keep(name, fmt.pack(w), info, aux)
         show(f"{name} done")
 
+    def settle(owner: dict[str, int]) -> None:
+        """Hand each linear from the rank that solved it to every rank, in the same order on all of them: its
+        packed tensors, info and AWQ scales; the other ranks unpack it into their copy of the layer."""
+        if not plan.world.distributed:
+            return
+        phases.switch("share")
+        for name, src in owner.items():
+            mine = src == plan.world.rank
+            disk = family.to_disk(f"{prefix}.{name}")
+            tensors = {k.rsplit(".", 1)[1]: t for k, t in record.tensors.items() if k.rsplit(".", 1)[0] == disk}
+            aux = {k.rsplit(".", 1)[1]: t for k, t in record.aux.items() if k.rsplit(".", 1)[0] == name}
+            both, info = broadcast_tensors(tensors | {f"aux.{k}": t for k, t in aux.items()} if mine else None,
+                                           record.info.get(name), src, plan.world)
+            if not mine:
+                packed = {k: t for k, t in both.items() if not k.startswith("aux.")}
+                aux = {k[4:]: t for k, t in both.items() if k.startswith("aux.")}
+                set_weight(layer.get_submodule(name), fmt.unpack(packed, plan.qcfg.spec, layer.get_submodule(name).weight.shape[1]))
+                keep(name, packed, info, aux)
+        for name in owner:  # the order one process records them in, whichever rank solved what
+            disk = family.to_disk(f"{prefix}.{name}")
+            for key in [k for k in record.tensors if k.rsplit(".", 1)[0] == disk]:
+                record.tensors[key] = record.tensors.pop(key)
+            record.info[name] = record.info.pop(name)
+
     phases.switch("quantize")
-    METHODS[plan.qcfg.method](layer, inputs, LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, finish, show))
+    ctx = LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, finish, show, plan.world, settle)
+    METHODS[plan.qcfg.method](layer, inputs, ctx)
     phases.switch("pack")
     missing = [n for n in family.linears if n not in record.info]
     if missing:

@@ -21,6 +21,7 @@ import struct
 
 import torch
 
+from qvlquant.distributed import World, broadcast_json, recv_tensors, send_tensors
 from qvlquant.manifest import sha256
 from qvlquant.shards import ShardReader, checkpoint_files, write_safetensors
 
@@ -150,6 +151,45 @@ class DiskStore:
         """Delete a partial folder, whatever run it holds: only when it is ours (holds the fingerprint stamp)."""
         if (pathlib.Path(folder) / FINGERPRINT).exists():
             shutil.rmtree(folder)
+
+
+class RankStore:
+    """The store as one rank of a distributed run sees it. Rank 0 holds the real store (``inner``) and saves, after
+    each layer, every batch's hidden states in batch order, received from the ranks that ran them, so the partial
+    folder is the one a single process writes (and resumes with any number of processes). The other ranks send
+    theirs and keep nothing; on resume rank 0 sends each rank its batches' states."""
+
+    def __init__(self, inner, world: World, shards: list[range]):
+        self.inner, self.world, self.shards = inner, world, shards
+
+    def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
+        world = self.world
+        start, hidden = self.inner.resume_point() if world.leader else (None, None)
+        start, resumed = broadcast_json([start, hidden is not None] if world.leader else None, 0, world)
+        if not resumed:
+            return start, None
+        if world.leader:
+            for r in range(1, world.size):
+                send_tensors({f"hidden.{b}": hidden[b].cpu() for b in self.shards[r]}, r)
+            return start, [hidden[b] for b in self.shards[0]]
+        got = recv_tensors(0)
+        return start, [got[f"hidden.{b}"] for b in self.shards[world.rank]]
+
+    def save(self, i: int, record: LayerRecord, hidden: list[torch.Tensor]) -> None:
+        world = self.world
+        if not world.leader:
+            send_tensors({f"hidden.{b}": h.cpu() for b, h in zip(self.shards[world.rank], hidden)}, 0)
+            return
+        everyone = list(hidden)
+        for r in range(1, world.size):
+            got = recv_tensors(r)
+            everyone += [got[f"hidden.{b}"] for b in self.shards[r]]
+        self.inner.save(i, record, everyone)
+
+    def __getattr__(self, name):  # finished(), load(), tensor_meta(), ...: rank 0's store
+        if self.inner is None:
+            raise AttributeError(f"rank {self.world.rank} keeps no finished layers (only rank 0 does): {name}")
+        return getattr(self.inner, name)
 
 
 def _metadata(path: pathlib.Path) -> dict[str, str]:

@@ -6,25 +6,29 @@ from __future__ import annotations
 
 import torch
 
-from qvlquant.quant.awq import activation_scale, apply_clip, search_clip, search_scale
+from qvlquant.distributed import fold
+from qvlquant.quant.awq import apply_clip, clip_from_gram, group_gram_sum, search_scale
 from qvlquant.quant.formats import QuantizedWeight
 from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, gptq_quantize, hessian
-from qvlquant.quant.layer import LayerContext, LayerInput, StopReplay, replay
+from qvlquant.quant.layer import LayerContext, LayerInput, StopReplay, layer_device, replay
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 
 
 def rtn_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
     """Round-to-nearest: needs no calibration statistics."""
     spec = ctx.qcfg.spec
+    owner = ctx.owners(layer, ctx.family.linears)
     for name in ctx.family.linears:
-        q, scale, zero = rtn_quantize(layer.get_submodule(name).weight.data, spec)
-        ctx.finish(name, QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec).to(q.device), spec), {})
+        if owner[name] == ctx.world.rank:
+            q, scale, zero = rtn_quantize(layer.get_submodule(name).weight.data, spec)
+            ctx.finish(name, QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec).to(q.device), spec), {})
+    ctx.settle(owner)
 
 
 def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups) -> dict[tuple[str, ...], tuple[torch.Tensor, int]]:
-    """Replay ``layer`` over ``inputs`` and build one float32 Hessian ``2/n X^T X`` per linear group (its members
-    share the input), on the layer's device. Each replay stops at the last of ``groups`` (in execution order): the
-    rest of the layer is not needed. -> {group: (H [K, K], tokens)}."""
+    """Replay ``layer`` over ``inputs`` and sum ``X^T X`` per linear group (its members share the input), in
+    float64 on the layer's device; ``gptq.hessian`` turns a sum into GPTQ's ``2/n X^T X``. Each replay stops at
+    the last of ``groups`` (in execution order): the rest of the layer is not needed. -> {group: (S [K, K], n)}."""
     sums: dict = {}
     mask: list = [None]
     last = groups[-1] if groups else None  # groups come in execution order
@@ -32,7 +36,7 @@ def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups) -
     def hook_for(group):
         def hook(module, args, output):
             x = args[0]  # [B, S, K]
-            S, n = sums.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0)
+            S, n = sums.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device), 0)
             sums[group] = accumulate_hessian(S, n, x, mask[0].to(x.device))
             if group == last:
                 raise StopReplay
@@ -41,31 +45,42 @@ def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups) -
 
     replay(layer, inputs, [(layer.get_submodule(g[0]), hook_for(g)) for g in groups],
            before_each=lambda x: mask.__setitem__(0, x.token_mask))
-    return {g: (hessian(S, n), n) for g, (S, n) in sums.items()}
+    return sums
 
 
 def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
     """GPTQ, one linear group at a time (true-sequential: each group's Hessian is re-captured after the groups
-    before it were quantized), or all groups from the unquantized layer when true_sequential is off."""
+    before it were quantized), or all groups from the unquantized layer when true_sequential is off. Across
+    ranks: every rank sums its own batches, the sums meet on the ranks that solve the group's linears."""
     groups = ctx.family.linear_groups
     steps = [[g] for g in groups] if ctx.qcfg.true_sequential else [list(groups)]
     for step in steps:
+        names = [n for g in step for n in g]
+        owner = ctx.owners(layer, names)
         ctx.step(f"Hessian of {', '.join(g[0] for g in step)}")
-        hessians = collect_hessians(layer, inputs, step)
-        ctx.step(f"solve {', '.join(n for g in step for n in g)}")
+        sums = collect_hessians(layer, inputs, step)
+        ctx.step(f"solve {', '.join(names)}")
         for group in step:
-            H, n = hessians.pop(group, (None, 0))
+            k = layer.get_submodule(group[0]).in_features
+            S, n = sums.pop(group, None) or (torch.zeros(k, k, dtype=torch.float64, device=layer_device(layer)), 0)
+            S, n = fold(S, sorted({owner[name] for name in group}), ctx.world), ctx.total_count(n)
             if n == 0:
                 raise ctx.fail(group[0], "received no calibration tokens; add samples or exclude it")
-            for j, name in enumerate(group):
-                mine = H if j == len(group) - 1 else H.clone()  # gptq_quantize uses its Hessian in place
+            if S is None:
+                continue  # another rank solves this group's linears
+            H = hessian(S, n)
+            del S
+            mine = [name for name in group if owner[name] == ctx.world.rank]
+            for j, name in enumerate(mine):
+                Hj = H if j == len(mine) - 1 else H.clone()  # gptq_quantize uses its Hessian in place
                 try:
-                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, mine, ctx.qcfg)
+                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, ctx.qcfg)
                 except CholeskyError as e:
                     raise ctx.fail(name, str(e)) from None
                 ctx.finish(name, w, dict(info, tokens=n))
-                del mine
+                del Hj
             del H
+        ctx.settle(owner)
 
 
 def capture_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], names) -> dict[str, list[torch.Tensor]]:
@@ -76,12 +91,22 @@ def capture_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], name
     return seen
 
 
-def _tokens(feats: list[torch.Tensor], inputs: list[LayerInput], limit: int) -> torch.Tensor:
-    """Real (unpadded) tokens of per-batch features, evenly subsampled to at most ``limit``. -> [T, K]."""
+def _tokens(feats: list[torch.Tensor], inputs: list[LayerInput], limit: int, ctx: LayerContext) -> tuple[torch.Tensor, int]:
+    """Real (unpadded) tokens of per-batch features, evenly subsampled to at most ``limit`` over every rank's
+    tokens (this rank keeps those of the subsample that are its own). -> ([T, K] here, T over all ranks)."""
     x = torch.cat([f[i.token_mask.to(f.device)] for f, i in zip(feats, inputs)])
-    if x.shape[0] > limit:
-        x = x[torch.linspace(0, x.shape[0] - 1, limit).long()]
-    return x
+    counts = ctx.total(torch.nn.functional.one_hot(torch.tensor(ctx.world.rank), ctx.world.size) * x.shape[0])
+    start, everyone = int(counts[:ctx.world.rank].sum()), int(counts.sum())
+    if everyone > limit:
+        picked = torch.linspace(0, everyone - 1, limit).long()
+        picked = picked[(picked >= start) & (picked < start + x.shape[0])] - start
+        return x[picked.to(x.device)], limit
+    return x, everyone
+
+
+def _mean_abs(x: torch.Tensor, count: int, ctx: LayerContext) -> torch.Tensor:
+    """Mean |x| per input channel over every rank's tokens (float64 sums, rank order). x: [T, K] -> [K]."""
+    return (ctx.total(x.abs().sum(0, dtype=torch.float64)) / max(1, count)).float()
 
 
 class _swapped_weights:
@@ -154,11 +179,11 @@ def _search_scales(layer, inputs, ctx: LayerContext, feats, owner) -> tuple[list
             continue  # v_proj -> o_proj under GQA: v's outputs are shared by several heads, no per-channel fold
         ctx.step(f"scale search {group.prev} -> {', '.join(group.linears)}")
         x_feats = feats[owner[group.linears[0]]]
-        x_mean = activation_scale(_tokens(x_feats, inputs, qcfg.awq_max_tokens))
+        x_mean = _mean_abs(*_tokens(x_feats, inputs, qcfg.awq_max_tokens, ctx), ctx)
         output_of = _output_fn(layer, group, linears, x_feats, inputs, family)
         try:
             s, found_info = search_scale([lin.weight.data for lin in linears], x_mean, qcfg.spec, output_of,
-                                         qcfg.awq_grid)
+                                         qcfg.awq_grid, ctx.total)
         except FloatingPointError as e:
             raise ctx.fail(group.linears[0], str(e)) from None
         found.append((group, prev, linears, s))
@@ -170,14 +195,15 @@ def _search_scales(layer, inputs, ctx: LayerContext, feats, owner) -> tuple[list
 def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
     """AWQ: search every scaling group's scales on the full-precision layer, fold them all, search clipping ranges
     (not for the family's ``clip_skipped`` linears, whose errors the softmax hides), then quantize with zero
-    points."""
+    points. Across ranks: the searches' statistics and losses are summed over every rank's tokens (so every rank
+    folds the same scales); each linear's clipping and rounding runs on its owner."""
     family, qcfg = ctx.family, ctx.qcfg
     firsts = [g[0] for g in family.linear_groups]
     feats = capture_linear_inputs(layer, inputs, firsts)
     owner = {name: g[0] for g in family.linear_groups for name in g}
-    for name in firsts:
-        if not any(i.token_mask.any() for i in inputs):
-            raise ctx.fail(name, "received no calibration tokens; add samples or exclude it")
+    real = ctx.total_count(sum(int(i.token_mask.sum()) for i in inputs))
+    if real == 0:
+        raise ctx.fail(firsts[0], "received no calibration tokens; add samples or exclude it")
     found, info = _search_scales(layer, inputs, ctx, feats, owner)
     for group, prev, linears, s in found:
         _fold(prev, linears, s, ctx.storage_dtype)
@@ -185,17 +211,28 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
         feats[key] = [f / s.to(f.dtype) for f in feats[key]]
     scale_of = {n: s for group, _, _, s in found for n in group.linears}
     out_scale_of = {group.prev: s for group, prev, _, s in found if isinstance(prev, torch.nn.Linear)}
+    solver = ctx.owners(layer, family.linears)
     for name in family.linears:
+        clip = qcfg.awq_clip and name not in family.clip_skipped
+        gram = _clip_gram(feats[owner[name]], inputs, ctx) if clip else None  # every rank: a collective
+        if solver[name] != ctx.world.rank:
+            continue
         w = layer.get_submodule(name).weight.data
-        if qcfg.awq_clip and name not in family.clip_skipped:
+        if clip:
             ctx.step(f"clip search {name}")
-            max_val = search_clip(w, _tokens(feats[owner[name]], inputs, min(qcfg.awq_max_tokens, 512)), qcfg.spec)
-            w = apply_clip(w, max_val)
+            w = apply_clip(w, clip_from_gram(w, gram, qcfg.spec))
         ctx.step(f"quantize {name}")
         q, scale, zero = rtn_quantize(w, qcfg.spec)
         g_idx = default_g_idx(q.shape[1], qcfg.spec).to(q.device)
         ctx.finish(name, QuantizedWeight(q, scale, zero, g_idx, qcfg.spec, scale_of.get(name), out_scale_of.get(name)),
                    info.get(name, {}))
+    ctx.settle(solver)
+
+
+def _clip_gram(feats: list[torch.Tensor], inputs: list[LayerInput], ctx: LayerContext) -> torch.Tensor:
+    """The clipping search's per-group Gram matrices over (a subsample of) every rank's tokens. -> [G, gs, gs]."""
+    x, count = _tokens(feats, inputs, min(ctx.qcfg.awq_max_tokens, 512), ctx)
+    return (ctx.total(group_gram_sum(x, ctx.qcfg.spec)) / max(1, count)).float()
 
 
 METHODS = {

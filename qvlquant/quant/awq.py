@@ -9,6 +9,7 @@ module the linears feed. Then each group's clipping range is shrunk where that l
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -48,24 +49,36 @@ def search_scale(
     spec: QuantSpec,
     output_of: Callable[[list[torch.Tensor]], torch.Tensor],
     grid: int = 20,
+    total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> tuple[torch.Tensor, dict]:
     """Grid search of the scale ratio. ``output_of(weights)`` runs the inspected module with the given weights for
-    the linears and returns its output on the calibration tokens. -> (s [K], {"ratio", "loss", "loss_unscaled"})."""
+    the linears and returns its output on the calibration tokens; ``total`` sums a float64 tensor over every
+    process's tokens (identity in one process). The loss of a ratio is the mean squared output error over all
+    tokens, from float64 sums. -> (s [K], {"ratio", "loss", "loss_unscaled"})."""
     w_mean = weight_scale(weights, spec)
     reference = output_of([w.float() for w in weights])
-    best = (float("inf"), None, None)
-    losses = []
+    sums = []
     for i in range(grid):
-        ratio = i / grid
-        s = candidate_scales(x_mean, w_mean, ratio)
+        s = candidate_scales(x_mean, w_mean, i / grid)
         out = output_of([scaled_fake_quant(w, s, spec) for w in weights])
-        loss = (reference - out).float().pow(2).mean().item()
-        losses.append(loss)
-        if loss < best[0]:
-            best = (loss, ratio, s)
-    if best[2] is None:
+        sums.append((reference - out).float().pow(2).sum(dtype=torch.float64))
+    count = total(torch.tensor(float(reference.numel()), dtype=torch.float64, device=reference.device))
+    losses = (total(torch.stack(sums)) / count).tolist()
+    best = min((loss, i) for i, loss in enumerate(losses) if math.isfinite(loss)) if any(
+        math.isfinite(loss) for loss in losses) else None
+    if best is None:
         raise FloatingPointError("AWQ scale search produced no finite loss (NaN in activations or weights?)")
-    return best[2], {"ratio": best[1], "loss": best[0], "loss_unscaled": losses[0]}
+    ratio = best[1] / grid
+    return candidate_scales(x_mean, w_mean, ratio), {"ratio": ratio, "loss": best[0], "loss_unscaled": losses[0]}
+
+
+def group_gram_sum(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-group sums of token outer products of x [T, K]: S[g] = X_g^T X_g. -> [G, gs, gs] float64 (sums over
+    several processes' tokens add up to one process's, whatever the grouping)."""
+    t, k = x.shape
+    g = spec.effective_group(k)
+    xg = x.double().view(t, k // g, g).transpose(0, 1)  # [G, T, gs]
+    return xg.transpose(1, 2) @ xg
 
 
 def group_gram(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -73,17 +86,20 @@ def group_gram(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
     A group's mean squared output error over the tokens, mean_t (x_tg . d)^2 for a weight error d [gs], equals
     d^T C[g] d: the clipping search evaluates every candidate in O(N K gs) instead of O(N T K)."""
-    t, k = x.shape
-    g = spec.effective_group(k)
-    xg = x.float().view(t, k // g, g).transpose(0, 1)  # [G, T, gs]
-    return xg.transpose(1, 2) @ xg / t
+    return (group_gram_sum(x, spec) / max(1, x.shape[0])).float()
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
     """Per-(row, group) clipping range that minimises the group's output error on tokens x [T, K] (AWQ's
     auto_clip: shrink the range in 1/grid steps up to max_shrink). -> max_val [N, G]: clamp each group to
-    [-max_val, max_val] before quantizing. Errors through ``group_gram``; rows in chunks that bound memory."""
-    gram = group_gram(x, spec)  # [G, gs, gs]
+    [-max_val, max_val] before quantizing."""
+    return clip_from_gram(w, group_gram(x, spec), spec, grid, max_shrink)
+
+
+def clip_from_gram(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, grid: int = 20,
+                   max_shrink: float = 0.5) -> torch.Tensor:
+    """``search_clip`` from the tokens' per-group Gram matrices [G, gs, gs] (errors through ``group_gram``); rows
+    in chunks that bound memory."""
     n, k = w.shape
     rows = max(1, 2**24 // k)  # about 64 MB per [rows, K] float32 temporary
     return torch.cat([_search_clip_rows(w[r:r + rows], gram, spec, grid, max_shrink) for r in range(0, n, rows)])

@@ -32,20 +32,22 @@ class CholeskyError(RuntimeError):
 
 
 def accumulate_hessian(S: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Add the real tokens of x [..., K] to the running sum ``S = sum_t x_t x_t^T`` [K, K] (fp32, in place: one
-    pass over S per batch, no [K, K] temporary); mask: [...] bool of real tokens (None: all). -> (S, n tokens).
-    ``hessian(S, n)`` turns the sum into GPTQ's ``2/n X^T X`` once, at the end."""
-    x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
+    """Add the real tokens of x [..., K] to the running sum ``S = sum_t x_t x_t^T`` [K, K] in S's dtype (in place:
+    one pass over S per batch, no [K, K] temporary); mask: [...] bool of real tokens (None: all). -> (S, n tokens).
+    The layer loop keeps S in float64, so sums over the batches in any grouping (one process, or several ranks
+    summed in rank order) round to the same float32 Hessian. ``hessian(S, n)`` makes ``2/n X^T X`` of it."""
+    x = x.reshape(-1, x.shape[-1])
     if mask is not None:
         x = x[mask.reshape(-1)]
+    x = x.to(S.dtype)
     if x.shape[0]:
         S.addmm_(x.T, x)
     return S, n + x.shape[0]
 
 
 def hessian(S: torch.Tensor, n: int) -> torch.Tensor:
-    """``2/n S``, in place. S: the sum of ``accumulate_hessian``."""
-    return S.mul_(2.0 / n) if n else S
+    """``2/n S`` as float32 (S, the sum of ``accumulate_hessian``, is scaled in place and then released)."""
+    return (S.mul_(2.0 / n) if n else S).float()
 
 
 def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: float) -> tuple[torch.Tensor, float]:

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from qvlquant.config import QuantConfig
+from qvlquant.distributed import SINGLE, World, assign, total, total_count
 from qvlquant.families import ModelFamily
 from qvlquant.quant.formats import QuantizedWeight
 
@@ -114,7 +115,12 @@ def set_weight(linear: torch.nn.Linear, w: QuantizedWeight) -> None:
 class LayerContext:
     """What a per-layer method needs besides the layer and its inputs. ``finish(name, weight, info)`` is called
     once per linear as soon as it is quantized: it packs the codes, gives the linear its dequantized weight and
-    records the result, so no layer's int32 codes outlive their linear."""
+    records the result, so no layer's int32 codes outlive their linear.
+
+    In a distributed run (``world``) each linear is solved by one rank (``owners``): the method calls ``finish``
+    for the linears this rank solved, then ``settle(owners)`` on every rank, which hands each of those linears from
+    its owner to all ranks (in one process ``settle`` has nothing to do). ``total`` sums a statistic over every
+    rank's calibration tokens, in rank order."""
 
     family: ModelFamily
     qcfg: QuantConfig
@@ -122,6 +128,18 @@ class LayerContext:
     storage_dtype: torch.dtype  # what the export writes: AWQ's folded parameters are rounded to it
     finish: Callable[[str, QuantizedWeight, dict], None]
     step: Callable[[str], None] = lambda what: None  # progress inside the layer (AWQ search, Hessians)
+    world: World = SINGLE
+    settle: Callable[[dict[str, int]], None] = lambda owners: None
 
     def fail(self, name: str, why: str) -> QuantizationError:
         return QuantizationError(f"{self.prefix}.{name}: {why}")
+
+    def owners(self, layer: torch.nn.Module, names) -> dict[str, int]:
+        """linear -> the rank that solves it, balanced by weight size (every rank computes the same)."""
+        return assign({n: layer.get_submodule(n).weight.numel() for n in names}, self.world)
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        return total(t, self.world)
+
+    def total_count(self, n: int) -> int:
+        return total_count(n, self.world)

@@ -97,8 +97,9 @@ def test_qwen_vl_v1_layout_quantizes_from_its_declaration(method, monkeypatch):
     with torch.no_grad():
         before = [model(**b) for b in data]
     clipped = []
-    search_clip = apply.search_clip
-    monkeypatch.setattr(apply, "search_clip", lambda w, x, spec: (clipped.append(w.shape), search_clip(w, x, spec))[1])
+    clip_from_gram = apply.clip_from_gram
+    monkeypatch.setattr(apply, "clip_from_gram",
+                        lambda w, gram, spec: (clipped.append(w.shape), clip_from_gram(w, gram, spec))[1])
     result = quantize_model(model, data, LoopPlan(QWEN_VL_V1, QuantConfig(method, QuantSpec(4, 32, method == "gptq"))))
     assert sorted(result.weights) == sorted(f"transformer.h.{i}.{n}" for i in range(LAYERS) for n in QWEN_VL_V1.linears)
     if method == "awq":  # c_attn (q, k, v fused) is declared clip-skipped; c_proj, w1, w2, mlp.c_proj are clipped

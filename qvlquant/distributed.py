@@ -1,0 +1,220 @@
+"""Quantizing with several processes over torch.distributed (gloo on CPUs, nccl on GPUs), launched by torchrun
+or ``qvlquant quantize --nproc N`` (``qvlquant.launch``).
+
+Every rank streams the same decoder layer onto its own device and runs its contiguous share of the calibration
+batches (``shard``). Statistics are summed across ranks in rank order (``total``, ``fold``), never with an
+all-reduce whose order the library picks, so a run is reproducible. Hessians are accumulated in float64, where a
+sum's rounding (2^-53) is far below float32's: summed over ranks in rank order and then rounded to float32, they
+equal the single process's sequential sum except where a float64 sum lands within 2^-53 of a float32 rounding
+boundary (about one entry in 10^8). Each linear's solve runs on one rank (``assign``: largest first, to the least
+loaded rank), and its packed tensors are broadcast (``broadcast_tensors``) so every rank replays the same
+quantized layer. Rank 0 alone writes the resume folder and the export; the other ranks send it their batches'
+hidden states after each layer (``send_tensors``).
+
+Collectives carry tensors and JSON (as uint8 tensors) only: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 may hash a checkpoint or write a layer while the others wait
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank of size, and its rank among the processes of its node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); one process without it."""
+        env = os.environ
+        size = int(env.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        world = cls(int(env["RANK"]), size, int(env.get("LOCAL_RANK", env["RANK"])),
+                    int(env.get("LOCAL_WORLD_SIZE", size)))
+        if not (0 <= world.rank < size and 0 <= world.local_rank < world.local_size):
+            raise ValueError(f"bad torchrun environment: RANK {world.rank}, WORLD_SIZE {size}, LOCAL_RANK "
+                             f"{world.local_rank}, LOCAL_WORLD_SIZE {world.local_size}")
+        return world
+
+
+SINGLE = World()
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo for CPU tensors always; nccl for CUDA tensors when the ranks compute on GPUs."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def start(world: World, device: torch.device) -> None:
+    """Join the process group (rendezvous from MASTER_ADDR / MASTER_PORT); non-leader ranks print nothing."""
+    if not world.distributed or dist.is_initialized():
+        return
+    if world.rank:
+        os.environ["QVLQUANT_QUIET"] = "1"  # one set of progress bars and messages: rank 0's
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend_for(device), rank=world.rank, world_size=world.size, timeout=TIMEOUT, **kwargs)
+
+
+def stop(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shard(n: int, world: World, rank: int | None = None) -> range:
+    """The contiguous share of ``n`` items (calibration batches) that ``rank`` (default: this one) runs."""
+    r = world.rank if rank is None else rank
+    return range(n * r // world.size, n * (r + 1) // world.size)
+
+
+def assign(sizes: dict[str, int], world: World) -> dict[str, int]:
+    """name -> the rank that solves it: largest first, each to the least loaded rank (ties: the lower rank), so
+    that every rank computes the same assignment. A single process solves everything."""
+    load = [0] * world.size
+    owner = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world.size), key=lambda i: (load[i], i))
+        owner[name] = r
+        load[r] += sizes[name]
+    return {name: owner[name] for name in sizes}  # in the caller's order
+
+
+def total(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's ``t`` summed in rank order, on every rank (for small tensors: it gathers all of them)."""
+    if not world.distributed:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world.size)]
+    dist.all_gather(parts, t.contiguous())
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def total_count(n: int, world: World) -> int:
+    return int(total(torch.tensor([n], dtype=torch.int64), world).item())
+
+
+def fold(t: torch.Tensor, owners: list[int], world: World) -> torch.Tensor | None:
+    """Every rank's ``t`` summed in rank order, delivered to the ranks in ``owners`` only (None elsewhere). The
+    first owner receives the parts one at a time into one buffer (at most three tensors alive, not one per rank)
+    and sends the sum on. ``t`` is consumed: the sum may be accumulated into it."""
+    if not world.distributed:
+        return t
+    first = owners[0]
+    if world.rank == first:
+        acc = buf = None
+        for r in range(world.size):
+            if r == world.rank:
+                part = t
+            else:
+                buf = torch.empty_like(t) if buf is None else buf
+                dist.recv(buf, src=r)
+                part = buf
+            if acc is None:
+                acc, buf = part, (None if part is buf else buf)  # the first part becomes the sum
+            else:
+                acc.add_(part)
+        for r in owners[1:]:
+            dist.send(acc, dst=r)
+        return acc
+    dist.send(t.contiguous(), dst=first)
+    if world.rank in owners:
+        acc = torch.empty_like(t)
+        dist.recv(acc, src=first)
+        return acc
+    return None
+
+
+def _header(tensors: dict[str, torch.Tensor], extra) -> torch.Tensor:
+    entries = [[k, str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in tensors.items()]
+    data = json.dumps({"tensors": entries, "extra": extra}).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _empty(entries) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, dtype, shape in entries}
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, extra, src: int, world: World):
+    """``src``'s CPU tensors and a JSON-able ``extra``, on every rank. -> (tensors, extra)."""
+    if not world.distributed:
+        return tensors, extra
+    if world.rank == src:
+        head = _header(tensors, extra)
+        dist.broadcast(torch.tensor([head.numel()], dtype=torch.int64), src=src)
+        dist.broadcast(head, src=src)
+        for t in tensors.values():
+            dist.broadcast(t.contiguous(), src=src)
+        return tensors, extra
+    n = torch.empty(1, dtype=torch.int64)
+    dist.broadcast(n, src=src)
+    head = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.broadcast(head, src=src)
+    meta = json.loads(head.numpy().tobytes())
+    out = _empty(meta["tensors"])
+    for t in out.values():
+        dist.broadcast(t, src=src)
+    return out, meta["extra"]
+
+
+def broadcast_json(obj, src: int, world: World):
+    return broadcast_tensors({}, obj, src, world)[1]
+
+
+def send_tensors(tensors: dict[str, torch.Tensor], dst: int) -> None:
+    """CPU tensors to one rank (point to point; the receiver learns names, dtypes and shapes from a header)."""
+    head = _header(tensors, None)
+    dist.send(torch.tensor([head.numel()], dtype=torch.int64), dst=dst)
+    dist.send(head, dst=dst)
+    for t in tensors.values():
+        dist.send(t.contiguous(), dst=dst)
+
+
+def recv_tensors(src: int) -> dict[str, torch.Tensor]:
+    n = torch.empty(1, dtype=torch.int64)
+    dist.recv(n, src=src)
+    head = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.recv(head, src=src)
+    out = _empty(json.loads(head.numpy().tobytes())["tensors"])
+    for t in out.values():
+        dist.recv(t, src=src)
+    return out
+
+
+def check_same(value: str, what: str, world: World) -> None:
+    """Every rank must hold rank 0's ``value`` (a digest): ranks that built different calibration batches, or
+    read a different checkpoint, would quantize from different data."""
+    if not world.distributed:
+        return
+    ours = broadcast_json(value if world.leader else None, 0, world)
+    agree = total(torch.tensor([int(ours == value)], dtype=torch.int64), world)
+    if int(agree.item()) != world.size:
+        raise RuntimeError(f"the ranks disagree about {what} (rank {world.rank}: {'same' if ours == value else 'different'}"
+                           f"); every rank must see the same model and calibration data")
