@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 
 from safetensors import safe_open
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from qvlquant.families import QWEN2_VL, ModelFamily, family_for
 from qvlquant.manifest import (MANIFEST, ManifestError, atomic_write_text, is_pickle, read_manifest, update_entry,
@@ -28,12 +28,8 @@ MARLIN_GROUPS = (-1, 32, 64, 128)
 
 def transformers_converts(runtime_name: str, patterns: list[str] | None) -> bool:
     """Whether transformers 5 replaces the module ``runtime_name`` by a quantized one, given ``patterns`` from
-    ``modules_to_not_convert`` (the semantics of ``quantizers_utils.should_convert_module``: a pattern protects a
-    module when it matches from the start of the name up to a module boundary, as a regex, or as a suffix)."""
-    if not patterns:
-        return True
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return not any(re.match(rf"(?:{p}){boundary}", runtime_name) or runtime_name.endswith(p) for p in patterns)
+    ``modules_to_not_convert``: transformers' own matcher (``quantizers_utils.should_convert_module``), not a copy."""
+    return should_convert_module(runtime_name, patterns or None)
 
 
 def read_header(folder: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:

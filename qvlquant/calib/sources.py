@@ -209,7 +209,8 @@ def open_hf_dataset(spec: str, split: str, flag: str):
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{flag} hf:...: the datasets package is not installed (pip install datasets)") from None
+        raise ValueError(f"{flag} hf:...: the datasets package is not installed "
+                         "(pip install 'qvlquant[datasets]')") from None
     path = spec[len("hf:"):]
     local = pathlib.Path(path)
     try:
