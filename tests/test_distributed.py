@@ -173,6 +173,19 @@ def test_awq_subsampling_tokens_across_ranks_matches_one_process(tmp_path, monke
     assert (tmp_path / "1" / "model.safetensors").read_bytes() == (tmp_path / "2" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
+def test_torchrun_launches_the_same_job(tmp_path):
+    """torchrun --nproc-per-node 2 -m qvlquant quantize ...: the environment --nproc imitates is torchrun's."""
+    quantize(tmp_path / "one", "rtn")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qvlquant",
+           "quantize", "--method", "rtn", *ARGS, "--output", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", QVLQUANT_QUIET="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "two" / "quantize_report.json").read_text())["processes"] == 2
+
+
 KILL_RANK_1_AT_LAYER_2 = textwrap.dedent("""
     import os, signal, sys
     from qvlquant import resume
