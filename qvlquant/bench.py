@@ -11,20 +11,35 @@ The vision tower is the released one (32 blocks, 1280 wide, about 0.68 B paramet
 published checkpoints), so peak memory counts it as the published figures do. Each input of length L >= 16 is an
 image plus text, as published: one image of about 99 % of L tokens (a near-square grid of merged 28x28 patches, random
 pixels) between <|vision_start|> and <|vision_end|>, the rest text; shorter inputs are text only.
+
+``bnb-nf4`` / ``bnb-int8`` are the no-calibration baseline: the demo checkpoint loaded through transformers'
+``BitsAndBytesConfig`` (qvlquant.eval.bnb; the demo shape only, as they need real weights on disk to load).
+
+Peak memory is measured per variant and input length, never the process-wide maximum that only grows: on CUDA the
+allocator's peak is reset (``torch.cuda.reset_peak_memory_stats``) before each variant is built and before each
+input length; on the CPU (Linux) the kernel's resident high-water mark (VmHWM) is reset the same way, by writing 5
+to /proc/self/clear_refs, so the figure is the peak RSS since then: the model and that run, plus the ~0.5 GiB of
+Python, torch and transformers the process holds. (A fresh process per variant does not serve: Linux carries
+ru_maxrss, and the child's copy of the parent's RSS at fork, across exec.) Where the reset is refused, rows say
+``peak_memory_scope: process``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import importlib.resources
 import math
+import pathlib
 import resource
 import time
 
 import torch
 
+from qvlquant.eval.bnb import BNB_KINDS, load_bnb
 from qvlquant.families import QWEN2_VL
+from qvlquant.progress import progress
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
 from qvlquant.runtime import QuantLinear
@@ -53,6 +68,7 @@ VARIANTS = {
     "gptq-int4": (PackFormat.GPTQ, QuantSpec(4, 128, True)),
     "awq": (PackFormat.AWQ_GEMM, QuantSpec(4, 128, False)),
 }
+BENCH_VARIANTS = (*VARIANTS, *BNB_KINDS)  # what --variants accepts
 PUBLISHED_NAMES = {"qwen2-vl-2b": ("Qwen2-VL-2B-Instruct", "BF16", "GPTQ-Int8", "GPTQ-Int4", "AWQ"),
                    "qwen2-vl-7b": ("Qwen2-VL-7B-Instruct", "BF16", "GPTQ-Int8", "GPTQ-Int4", "AWQ")}
 
@@ -66,10 +82,14 @@ def decoder_linears(shape: str) -> dict[str, tuple[int, int]]:
     return {"q/o_proj": (h, h), "k/v_proj": (h, kv), "gate/up_proj": (h, inter), "down_proj": (inter, h)}
 
 
-def check_variants(variants: tuple[str, ...]) -> None:
-    unknown = [v for v in variants if v not in VARIANTS]
+def check_variants(variants: tuple[str, ...], shape: str = "demo") -> None:
+    unknown = [v for v in variants if v not in BENCH_VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(BENCH_VARIANTS)}")
+    bnb = [v for v in variants if v in BNB_KINDS]
+    if bnb and shape != "demo":
+        raise ValueError(f"variant {bnb[0]} loads the demo checkpoint through bitsandbytes: --shape demo only "
+                         f"(random weights of {shape} are never on disk to load)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +107,7 @@ class BenchConfig:
     def __post_init__(self):
         if self.shape not in SHAPES:
             raise ValueError(f"unknown --shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
-        check_variants(self.variants)
+        check_variants(self.variants, self.shape)
         if not self.input_lengths or min(self.input_lengths) < 1:
             raise ValueError(f"input lengths must be positive token counts, got {self.input_lengths}")
         if self.new_tokens < 2:  # decode speed is time(N tokens) - time(1 token): one token measures nothing
@@ -131,6 +151,17 @@ def quantize_random(model, fmt: PackFormat, spec: QuantSpec) -> None:
             new = QuantLinear.from_weight(w, fmt, old.bias.data if old.bias is not None else None)
             setattr(layer.get_submodule(parent), leaf, new.to(old.weight.device))
             del old
+
+
+def variant_model(shape: str, variant: str, device: str, dtype: torch.dtype):
+    """The model a variant measures: random weights of ``shape`` quantized RTN-style into the variant's packed
+    format (none for bf16); a bnb-* variant: the demo checkpoint loaded through bitsandbytes."""
+    if variant in BNB_KINDS:
+        return load_bnb(variant, "demo", "cpu" if device == "meta" else device, dtype)[0]
+    model = build_model(shape, device, dtype)
+    if VARIANTS[variant] is not None:
+        quantize_random(model, *VARIANTS[variant])
+    return model
 
 
 def image_grid(input_length: int) -> tuple[int, int] | None:
@@ -180,13 +211,11 @@ def model_gb(model) -> float:
 def weights_table(shape: str, variants: tuple[str, ...]) -> list[dict]:
     """Bytes each variant's model holds (built on the meta device: nothing is allocated), beside the published peak
     memory at input length 1 (weights plus activations and KV cache). The floor of any run's peak; runs anywhere."""
-    check_variants(variants)
+    check_variants(variants, shape)
     refs = published(shape)
     rows = []
     for variant in variants:
-        model = build_model(shape, "meta", torch.bfloat16)
-        if VARIANTS[variant] is not None:
-            quantize_random(model, *VARIANTS[variant])
+        model = variant_model(shape, variant, "meta", torch.bfloat16)  # bnb-*: the demo, loaded on the CPU
         pub = refs.get((variant, 1))
         rows.append(dict(shape=shape, variant=variant, weights_gb=model_gb(model),
                          vision_gb=model_gb(model.model.visual), published_memory_gb_input_1=pub[1] if pub else None))
@@ -195,11 +224,11 @@ def weights_table(shape: str, variants: tuple[str, ...]) -> list[dict]:
 
 def format_weights_table(shape: str, rows: list[dict]) -> str:
     """``weights_table``'s rows as a Markdown table under a title line (what ``bench --weights-only`` prints)."""
-    lines = [f"{shape}: bytes held by the weights (GiB; vision tower in bf16)",
-             "| variant | weights GiB | of which vision | published peak GB at input 1 |", "|---|---|---|---|"]
+    lines = [f"{shape}: bytes held by the weights, GiB to 3 significant digits (vision tower in bf16)",
+             "| variant | weights GiB | of which vision GiB | published peak GB at input 1 |", "|---|---|---|---|"]
     for r in rows:
         pub = r["published_memory_gb_input_1"]
-        lines.append(f"| {r['variant']} | {r['weights_gb']:.2f} | {r['vision_gb']:.2f} | "
+        lines.append(f"| {r['variant']} | {r['weights_gb']:.3g} | {r['vision_gb']:.3g} | "
                      f"{'-' if pub is None else f'{pub:.2f}'} |")
     return "\n".join(lines)
 
@@ -220,7 +249,7 @@ class TokenClock:
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
-        pass
+        CLEAR_REFS.write_text("5")
 
 
 @torch.no_grad()
@@ -244,10 +273,34 @@ def decode_speed(model, input_length: int, new_tokens: int, device: str,
     return (new_tokens - 1) / max(last - first, 1e-9), first - t0, last - first
 
 
+PROC_STATUS, CLEAR_REFS = pathlib.Path("/proc/self/status"), pathlib.Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: str) -> str:
+    """Start a new peak: the CUDA allocator's, or the kernel's resident high-water mark of this process (Linux:
+    5 to /proc/self/clear_refs). -> the scope the next ``peak_memory_gb`` covers: "since reset" or "process"."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return "since reset"
+    try:
+        pass
+    except OSError:  # not Linux, or the kernel refuses: only the process-wide peak is left
+        return "process"
+    return "since reset"
+
+
 def peak_memory_gb(device: str) -> float:
+    """GiB: the CUDA allocator's peak, or this process's peak RSS (VmHWM), both since ``reset_peak_memory``; the
+    process-wide ru_maxrss where /proc is missing."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (monotone on CPU)
+    try:
+        hwm = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 2**20  # kB
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def published(shape: str) -> dict[tuple[str, int], tuple[float, float]]:
@@ -261,49 +314,62 @@ def published(shape: str) -> dict[tuple[str, int], tuple[float, float]]:
             for r in rows if r["model"] == name}
 
 
-def run(cfg: BenchConfig) -> list[dict]:
+def measure_variant(cfg: BenchConfig, variant: str) -> list[dict]:
+    """The rows of one variant: every input length, on a model built for it, peak memory reset before the build
+    (which counts towards the first length's peak) and before each further length."""
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
     refs = published(cfg.shape)
+    scope = reset_peak_memory(cfg.device)
+    model = variant_model(cfg.shape, variant, cfg.device, dtype)
+    weights = model_gb(model)
+    if cfg.compile:  # a static KV cache keeps shapes fixed, so the decode step compiles (and graphs) once
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
     rows = []
-    for variant in cfg.variants:
-        if cfg.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        model = build_model(cfg.shape, cfg.device, dtype)
-        if VARIANTS[variant] is not None:
-            quantize_random(model, *VARIANTS[variant])
-        weights = model_gb(model)
-        if cfg.compile:  # a static KV cache keeps shapes fixed, so the decode step compiles (and graphs) once
-            model.forward = torch.compile(model.forward, mode="reduce-overhead")
-        for length in cfg.input_lengths:
-            if cfg.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            speed, first, decode = decode_speed(model, length, cfg.new_tokens, cfg.device,
-                                                cfg.static_cache or cfg.compile)
-            pub = refs.get((variant, length))
-            rows.append(dict(shape=cfg.shape, variant=variant, input_length=length, new_tokens=cfg.new_tokens,
-                             tokens_per_s=speed, first_token_s=first, decode_s=decode, weights_gb=weights,
-                             peak_memory_gb=peak_memory_gb(cfg.device), published_tokens_per_s=pub[0] if pub else None,
-                             published_memory_gb=pub[1] if pub else None))
-        del model
+    for i, length in enumerate(cfg.input_lengths):
+        if i:
+            reset_peak_memory(cfg.device)
+        speed, first, decode = decode_speed(model, length, cfg.new_tokens, cfg.device, cfg.static_cache or cfg.compile)
+        pub = refs.get((variant, length))
+        rows.append(dict(shape=cfg.shape, variant=variant, input_length=length, new_tokens=cfg.new_tokens,
+                         tokens_per_s=speed, first_token_s=first, decode_s=decode, weights_gb=weights,
+                         peak_memory_gb=peak_memory_gb(cfg.device), peak_memory_scope=scope,
+                         published_tokens_per_s=pub[0] if pub else None, published_memory_gb=pub[1] if pub else None))
+    del model
+    return rows
+
+
+def run(cfg: BenchConfig) -> list[dict]:
+    rows = []
+    for variant in progress(cfg.variants, desc=f"bench {cfg.shape}", unit="variant"):
+        rows += measure_variant(cfg, variant)
     base = {r["input_length"]: r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
         r["speedup_vs_bf16"] = r["tokens_per_s"] / base[r["input_length"]] if r["input_length"] in base else None
     return rows
 
 
+def title(cfg: BenchConfig, where: str) -> str:
+    """The line above the table (and the plot's title): shape, device, tokens, units."""
+    return (f"qvlquant bench: {cfg.shape} on {where}, batch 1, {cfg.new_tokens} new tokens per input "
+            f"(input lengths {', '.join(map(str, cfg.input_lengths))}); memory in GiB")
+
+
 def format_table(rows: list[dict], device: str) -> str:
-    mem = "peak GPU GB" if device.startswith("cuda") else "peak RSS GB"
-    lines = [f"| variant | input | tokens/s | x bf16 | weights GB | {mem} | published tokens/s | published GB |",
+    """Weights in MiB (so 4- and 8-bit differ visibly), peak memory per variant in GiB; published figures as
+    Qwen's README states them (GB)."""
+    mem = "peak GPU GiB" if device.startswith("cuda") else "peak RSS GiB"
+    lines = [f"| variant | input | tokens/s | x bf16 | weights MiB | {mem} | published tokens/s | published GB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = f"{r['speedup_vs_bf16']:.2f}" if r["speedup_vs_bf16"] is not None else "-"
         pt = f"{r['published_tokens_per_s']:.2f}" if r["published_tokens_per_s"] is not None else "-"
         pm = f"{r['published_memory_gb']:.2f}" if r["published_memory_gb"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['input_length']} | {r['tokens_per_s']:.1f} | {sp} | {r['weights_gb']:.2f} | {r['peak_memory_gb']:.2f} | {pt} | {pm} |")
+        lines.append(f"| {r['variant']} | {r['input_length']} | {r['tokens_per_s']:.1f} | {sp} | "
+                     f"{r['weights_gb'] * 1024:.1f} | {r['peak_memory_gb']:.2f} | {pt} | {pm} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, heading: str = "") -> None:
     try:
         import matplotlib
 
@@ -318,7 +384,9 @@ def plot(rows: list[dict], path: str) -> None:
         axes[0].plot(xs, [r["tokens_per_s"] for r in sel], marker="o", label=variant)
         axes[1].plot(xs, [r["peak_memory_gb"] for r in sel], marker="o", label=variant)
     axes[0].set(xlabel="input length (tokens)", ylabel="decode tokens/s", title="speed")
-    axes[1].set(xlabel="input length (tokens)", ylabel="peak memory (GB)", title="memory")
+    axes[1].set(xlabel="input length (tokens)", ylabel="peak memory (GiB)", title="memory")
+    if heading:
+        fig.suptitle(heading, fontsize=9)
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)

@@ -32,7 +32,7 @@ class _TorchaoEnumNotice(logging.Filter):
 logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 
 from qvlquant import launch
-from qvlquant.bench import SHAPES, VARIANTS
+from qvlquant.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.config import DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.version import __version__
@@ -58,12 +58,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def variant_list(text: str) -> tuple[str, ...]:
-    """--variants: comma-separated names of qvlquant.bench.VARIANTS (an unknown one is an error listing them)."""
+    """--variants: comma-separated names of qvlquant.bench.BENCH_VARIANTS (an unknown one is an error listing them)."""
     variants = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in BENCH_VARIANTS]
     if unknown or not variants:
         raise argparse.ArgumentTypeError(f"unknown variant {unknown[0] if unknown else text!r}; choose from "
-                                         f"{', '.join(VARIANTS)}")
+                                         f"{', '.join(BENCH_VARIANTS)}")
     return variants
 
 
@@ -260,8 +260,8 @@ def add_bench(sub) -> None:
     p.add_argument("--shape", default="demo", choices=list(SHAPES), help="qwen2-vl-2b / qwen2-vl-7b: random "
                    "weights of the real shapes, for a GPU; demo: the scaled-down CPU protocol")
     p.add_argument("--variants", type=variant_list, default="bf16,gptq-int4,awq,gptq-int8",
-                   metavar="V,V,...", help=f"comma-separated, from: {', '.join(VARIANTS)} (bnb-*: bitsandbytes, "
-                   "the demo shape only)")
+                   metavar="V,V,...", help=f"comma-separated, from: {', '.join(BENCH_VARIANTS)} (bnb-*: "
+                   "bitsandbytes, the demo shape only)")
     p.add_argument("--input-lengths", default=None, help="default 1,6144,14336,30720 on CUDA, 1,32 on CPU")
     p.add_argument("--new-tokens", type=int, default=None, help="default 2048 on CUDA, 8 on CPU")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
@@ -277,7 +277,7 @@ def add_bench(sub) -> None:
 def run_bench(args) -> int:
     import torch
 
-    from qvlquant.bench import BenchConfig, format_table, format_weights_table, plot, run, weights_table
+    from qvlquant.bench import BenchConfig, format_table, format_weights_table, plot, run, title, weights_table
 
     if args.weights_only:
         rows = weights_table(args.shape, args.variants)
@@ -297,12 +297,13 @@ def run_bench(args) -> int:
                       args.new_tokens or (2048 if gpu else 8), device, args.static_cache, args.compile)
     rows = run(cfg)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
-    print(f"{cfg.shape} on {where}, batch 1, {cfg.new_tokens} new tokens")
+    heading = title(cfg, where)
+    print(heading)
     print(format_table(rows, device))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"device": where, "config": dataclasses.asdict(cfg), "rows": rows}, indent=2) + "\n")
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, heading)
     return 0
 
 
@@ -363,7 +364,10 @@ def main(argv=None) -> int:
     add_push(sub)
     add_bench(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help / --version (0), or a bad flag or choice, already printed (2)
+        return e.code
     if args.command == "quantize" and args.recipe:
         try:
             sub.choices["quantize"].set_defaults(**recipe_defaults(args.recipe))

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 import time
 import types
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 import qvlquant.bench as bench
-from qvlquant.bench import (BenchConfig, build_model, decoder_linears, decode_speed, format_weights_table, image_grid,
-                            prefill_inputs, published, quantize_random, run, VARIANTS, weights_table)
+from qvlquant.bench import (BenchConfig, build_model, decoder_linears, decode_speed, format_table, format_weights_table,
+                            image_grid, peak_memory_gb, prefill_inputs, published, quantize_random, run, title, VARIANTS,
+                            weights_table)
 from qvlquant.cli import main
 from qvlquant.families import QWEN2_VL
 from qvlquant.quant.rtn import fake_quantize
@@ -163,12 +165,58 @@ def test_weights_only_table():
     rows = [dict(variant="bf16", weights_gb=15.5, vision_gb=1.254, published_memory_gb_input_1=16.07),
             dict(variant="awq", weights_gb=5.0, vision_gb=1.254, published_memory_gb_input_1=None)]
     assert format_weights_table("qwen2-vl-7b", rows).splitlines() == [
-        "qwen2-vl-7b: bytes held by the weights (GiB; vision tower in bf16)",
-        "| variant | weights GiB | of which vision | published peak GB at input 1 |",
+        "qwen2-vl-7b: bytes held by the weights, GiB to 3 significant digits (vision tower in bf16)",
+        "| variant | weights GiB | of which vision GiB | published peak GB at input 1 |",
         "|---|---|---|---|",
-        "| bf16 | 15.50 | 1.25 | 16.07 |",
-        "| awq | 5.00 | 1.25 | - |",
+        "| bf16 | 15.5 | 1.25 | 16.07 |",
+        "| awq | 5 | 1.25 | - |",
     ]
+    small = format_weights_table("demo", [dict(variant="gptq-int4", weights_gb=0.00613, vision_gb=0.00173,
+                                               published_memory_gb_input_1=None)])
+    assert small.splitlines()[-1] == "| gptq-int4 | 0.00613 | 0.00173 | - |"  # the demo's sizes show, not 0.00
+
+
+def test_bench_table_title_and_units():
+    cfg = BenchConfig(variants=("bf16", "gptq-int4"), input_lengths=(1, 32), new_tokens=8)
+    heading = title(cfg, "CPU (2 cores)")
+    assert heading == ("qvlquant bench: demo on CPU (2 cores), batch 1, 8 new tokens per input (input lengths 1, 32); "
+                       "memory in GiB")
+    row = dict(variant="gptq-int4", input_length=1, tokens_per_s=10.0, speedup_vs_bf16=0.9, weights_gb=0.00613,
+               peak_memory_gb=0.755, published_tokens_per_s=None, published_memory_gb=None)
+    lines = format_table([dict(row, variant="bf16", weights_gb=0.01373, speedup_vs_bf16=1.0), row], "cpu").splitlines()
+    assert lines[0] == ("| variant | input | tokens/s | x bf16 | weights MiB | peak RSS GiB | published tokens/s | "
+                        "published GB |")
+    assert lines[2:] == ["| bf16 | 1 | 10.0 | 1.00 | 14.1 | 0.76 | - | - |",
+                         "| gptq-int4 | 1 | 10.0 | 0.90 | 6.3 | 0.76 | - | - |"]
+    assert "peak GPU GiB" in format_table([row], "cuda")
+
+
+def test_cpu_peak_memory_is_each_variants_own():
+    """Not the process-wide maximum that only grows: 600 MiB held and freed before the run do not count in any
+    row's peak (each row's peak is since a reset: the kernel's VmHWM via /proc/self/clear_refs)."""
+    ballast = torch.ones(600 * 2**20 // 4)  # 600 MiB, touched
+    assert ballast.sum() > 0
+    del ballast
+    before = peak_memory_gb("cpu")
+    rows = run(BenchConfig(variants=("gptq-int4", "gptq-int8"), input_lengths=(1,), new_tokens=2))
+    assert all(r["peak_memory_scope"] == "since reset" for r in rows)
+    assert all(r["weights_gb"] < r["peak_memory_gb"] < before - 0.4 for r in rows)
+
+
+def test_bnb_variants_load_the_demo_through_bitsandbytes():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    rows = run(BenchConfig(variants=("bf16", "bnb-nf4", "bnb-int8"), input_lengths=(1,), new_tokens=2))
+    weights = {r["variant"]: r["weights_gb"] for r in rows}
+    assert weights["bnb-nf4"] < weights["bnb-int8"] < 0.6 * weights["bf16"]  # 4-bit < 8-bit < fp32 decoder linears
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_bnb_variants_are_refused_where_they_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="bnb-nf4 loads the demo checkpoint.*--shape demo only"):
+        BenchConfig(shape="qwen2-vl-7b", variants=("bnb-nf4",))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(RuntimeError, match=r"need bitsandbytes: pip install 'bitsandbytes>=0.49'"):
+        bench.measure_variant(BenchConfig(variants=("bnb-int8",), input_lengths=(1,), new_tokens=2), "bnb-int8")
 
 
 def test_bench_command_writes_json_and_plot(tmp_path, capsys):

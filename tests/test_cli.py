@@ -146,3 +146,82 @@ def test_eval_task_choices_are_the_library_tasks():
     add_eval(sub)
     task = next(a for a in sub.choices["eval"]._actions if a.dest == "task")  # argparse's private list, only here
     assert tuple(task.choices) == EVAL_TASKS
+
+
+def test_version(capsys):
+    from qvlquant.version import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"qvlquant {__version__}"
+
+
+def subcommand_help(name, capsys) -> str:
+    assert main([name, "--help"]) == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare with single spaces
+
+
+@pytest.mark.parametrize("name,shown", [
+    ("eval", ["--task {easyvqa,docvqa,textvqa,chartqa,mmbench,mmmu,mathvista}", "(default: easyvqa)",
+              "(default: 64)", "questions per generate call", "skip the held-out perplexity", "(default: demo)",
+              "Task accuracy (the embedded easy-vqa, or a VLMEvalKit TSV / hf: benchmark)"]),
+    ("bench", ["--shape {qwen2-vl-2b,qwen2-vl-7b,demo}", "(default: demo)",
+               "from: bf16, gptq-int8, gptq-int4, awq, bnb-nf4, bnb-int8", "(default: bf16,gptq-int4,awq,gptq-int8)"]),
+    ("push", ["create the repo private", "owner/name on the hub"]),
+    ("check", ["accuracy points TASK may lose (default 1.0)", "CI gate: exit 1"]),
+    ("inspect", ["whether it verifies"]),
+    ("quantize", ["--method {rtn,gptq,awq}", "default rtn"]),  # the lead's flags: None defaults stay unprinted
+])
+def test_help_shows_defaults_choices_and_a_description(name, shown, capsys):
+    text = subcommand_help(name, capsys)
+    for part in shown:
+        assert part in text, part
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_every_option_of_the_non_quantize_subcommands_has_help():
+    from qvlquant.cli import Parser, add_bench, add_check, add_eval, add_inspect, add_push
+
+    sub = Parser().add_subparsers()
+    for add in (add_eval, add_check, add_push, add_bench, add_inspect):
+        add(sub)
+    missing = [(name, a.dest) for name, p in sub.choices.items() for a in p._actions if not a.help]  # argparse's list
+    assert missing == []
+
+
+def test_bad_choice_and_bad_variant_exit_2_with_the_choices(capsys):
+    assert main(["bench", "--variants", "bf16,int3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'int3'; choose from bf16, gptq-int8, gptq-int4, awq, bnb-nf4, bnb-int8" in err
+    assert main(["bench", "--shape", "llama"]) == 2
+    assert "invalid choice: 'llama'" in capsys.readouterr().err
+
+
+def test_a_hub_id_without_network_says_what_to_do(capsys):
+    """HF_HUB_OFFLINE=1 (conftest) and nothing cached: the error says offline and how to get past it."""
+    assert main(["eval", "--model", "nobody-here/no-such-model", "--base", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not fetch it from the hub" in err and "offline? set HF_HUB_OFFLINE=1" in err
+    assert "pass a local folder" in err and len(err.splitlines()) == 1
+
+
+def test_only_the_torchao_enum_notice_is_silenced():
+    import logging
+
+    import qvlquant.cli  # noqa: F401  installs the filter
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    log = logging.getLogger("torch.utils._pytree")
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        log.warning("%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type. "
+                    "Calling register_constant() on Enum subclasses is deprecated", "<enum 'KernelPreference'>")
+        log.warning("something else torch's pytree says")
+    finally:
+        log.removeHandler(handler)
+    assert records == ["something else torch's pytree says"]

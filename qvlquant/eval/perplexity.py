@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from qvlquant.progress import progress
+
 
 def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
     """All documents tokenized and joined, each followed by the end-of-text token. -> [T] int64."""
@@ -25,7 +27,7 @@ def perplexity(model, stream: torch.Tensor, window: int = 128, batch_size: int =
         raise ValueError(f"held-out text has {stream.numel()} tokens, fewer than one window of {window}")
     windows = stream[: n * window].view(n, window)  # [n, window]
     total, count = 0.0, 0
-    for start in range(0, n, batch_size):
+    for start in progress(range(0, n, batch_size), desc="perplexity", unit="batch"):
         ids = windows[start:start + batch_size].to(model.device)
         logits = model(input_ids=ids).logits.float()  # [b, window, vocab]
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")

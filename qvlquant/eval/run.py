@@ -21,14 +21,17 @@ import torch
 from qvlquant.calib.easyvqa import load_split
 from qvlquant.demo.paths import DATA_DIR
 from qvlquant.eval import easyvqa
+from qvlquant.eval.bnb import load_bnb, parse_bnb
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.eval.perplexity import perplexity, token_stream
 from qvlquant.eval.tasks import model_answerer, read_rows, run_task, vllm_answerer
 from qvlquant.export import REPORT
+from qvlquant.progress import say
 from qvlquant.runtime import load
 
 BACKENDS = ("transformers", "vllm")
-QUANT_KEYS = ("quant_method", "bits", "group_size", "sym", "zero_point")
+QUANT_KEYS = ("quant_method", "bits", "group_size", "sym", "zero_point", "load_in_4bit", "load_in_8bit",
+              "bnb_4bit_quant_type")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,23 @@ class EvalResult:
 def quantization_summary(model) -> dict | None:
     """The settings of the model's quantization_config that the eval table shows; None for a full-precision model."""
     qc = getattr(model.config, "quantization_config", None)
-    return None if not qc else {k: qc.get(k) for k in QUANT_KEYS if k in qc}
+    if qc is not None and not isinstance(qc, dict):  # transformers' config object (bitsandbytes)
+        qc = qc.to_dict()
+    return None if not qc else {k: getattr(qc[k], "value", qc[k]) for k in QUANT_KEYS if k in qc}  # an Enum
+
+
+def load_model(model_path):
+    """(model, processor): a qvlquant / BF16 checkpoint through qvlquant.runtime.load, or a bnb-nf4:BASE /
+    bnb-int8:BASE baseline through transformers' BitsAndBytesConfig."""
+    bnb = parse_bnb(model_path)
+    return load_bnb(*bnb) if bnb else load(model_path)
+
+
+def summary_line(summary: dict) -> str:
+    """One line for a model as soon as it is scored (the table comes when all are)."""
+    ppl = f", held-out perplexity {summary['perplexity']:.3f}" if "perplexity" in summary else ""
+    return (f"eval {summary['model']} ({weights_label(summary)}): {summary['task']} {summary['accuracy']:.2f} % "
+            f"of {summary['n']}{ppl}")
 
 
 def heldout_perplexity(model, processor) -> float:
@@ -93,7 +112,7 @@ def evaluate(model_path: str | pathlib.Path, config: EvalConfig = EvalConfig()) 
         res = run_task(config.task, rows, answerer, config.batch_size)
         return EvalResult({"task": config.task, "model": str(model_path), "accuracy": round(res["accuracy"], 2),
                            "n": res["n"], "backend": "vllm"}, res["predictions"])
-    model, processor = load(model_path)
+    model, processor = load_model(model_path)
     if rows is None:
         items = load_split("test")[: config.limit]
         res = easyvqa.evaluate(model, processor, items, batch_size=config.batch_size, desc=f"easy-vqa {model_path}")
@@ -103,11 +122,16 @@ def evaluate(model_path: str | pathlib.Path, config: EvalConfig = EvalConfig()) 
                "quantization": quantization_summary(model)}
     if config.perplexity:
         summary["perplexity"] = heldout_perplexity(model, processor)
+    say(summary_line(summary))
     return EvalResult(summary, res["predictions"])
 
 
 def recorded_base(model_path: str | pathlib.Path) -> str | None:
-    """The base model recorded in a qvlquant export's quantize report; None when there is no report."""
+    """The base model recorded in a qvlquant export's quantize report (a bnb-*:BASE baseline: BASE); None when there
+    is no report."""
+    bnb = parse_bnb(model_path)
+    if bnb:
+        return bnb[1]
     report = pathlib.Path(model_path) / REPORT
     if not report.exists():
         return None
@@ -169,6 +193,8 @@ def weights_label(summary: dict) -> str:
     q = summary.get("quantization")
     if not q:
         return "BF16 (full precision)"
+    if q.get("quant_method") == "bitsandbytes":
+        return f"bnb {'NF4' if q.get('load_in_4bit') else 'int8'} (no calib)"
     if q.get("quant_method") == "awq":
         return f"AWQ W{q['bits']}g{q['group_size']}"
     return f"GPTQ-format W{q['bits']}g{q['group_size']}{'' if q.get('sym') else ' asym'}"

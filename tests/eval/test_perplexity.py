@@ -71,3 +71,18 @@ class Tokenizer:
 def test_token_stream_joins_documents_with_end_of_text():
     stream = token_stream(Tokenizer(), ["ab", "", "c"])
     assert stream.dtype == torch.long and stream.tolist() == [0, 1, 99, 99, 2, 99]
+
+
+def test_perplexity_shows_a_bar_over_its_batches(monkeypatch):
+    """Issue 14 item 5: a progress bar on perplexity, one step per batch of windows."""
+    import qvlquant.eval.perplexity as ppl
+
+    bars = []
+
+    def recording(iterable, desc, unit="it", **kw):
+        bars.append((desc, unit, list(iterable)))
+        return bars[-1][2]
+
+    monkeypatch.setattr(ppl, "progress", recording)
+    perplexity(Uniform(), counting(0, 10 * 16), window=16, batch_size=4)  # 10 windows in batches of 4
+    assert bars == [("perplexity", "batch", [0, 4, 8])]

@@ -131,3 +131,18 @@ def test_evaluate_the_demo(demo):
                               "perplexity": pytest.approx(34.163, abs=0.002)}
     assert [p["correct"] for p in result.predictions] == [False] + [True] * 11
     assert "perplexity" not in evaluate("demo", EvalConfig(limit=1, perplexity=False)).summary
+
+
+def test_each_model_is_summarised_as_it_finishes(monkeypatch, capsys):
+    """One line on stderr per model as soon as it is scored (before the table), through qvlquant.progress.say."""
+    monkeypatch.setattr("qvlquant.progress.quiet", lambda: False)
+    summary = {"task": "easyvqa", "model": "out/q", "accuracy": 77.5, "n": 300, "perplexity": 34.3,
+               "quantization": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}}
+    assert run.summary_line(summary) == ("eval out/q (GPTQ-format W4g128): easyvqa 77.50 % of 300, held-out "
+                                         "perplexity 34.300")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=None))
+    monkeypatch.setattr(run, "load_model", lambda path: (model, None))
+    monkeypatch.setattr(run, "load_split", lambda split: ["q"] * 3)
+    monkeypatch.setattr(run.easyvqa, "evaluate", lambda *a, **k: {"accuracy": 100 * 2 / 3, "n": 3, "predictions": []})
+    evaluate("demo", EvalConfig(perplexity=False))
+    assert capsys.readouterr().err == "eval demo (BF16 (full precision)): easyvqa 66.67 % of 3\n"
