@@ -36,16 +36,28 @@ REPORT = "quantize_report.json"
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
+def act_order_is_static(qcfg: QuantConfig) -> bool:
+    """Whether act-order left the trivial g_idx (input column k in group k // group_size): with static groups, or
+    per-channel, the group parameters are fixed on the original column order, so the packed weights are in that
+    order and the checkpoint needs no act-order at load time (``desc_act: false``, compressed-tensors ``actorder:
+    weight``), which is also the only act-order vLLM 0.33 still loads."""
+    return qcfg.desc_act and (qcfg.static_groups or qcfg.spec.group_size == -1)
+
+
 def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
     """compressed-tensors ``pack-quantized``: one config group for every targeted Linear; the vision tower and lm_head
-    in ``ignore``."""
+    in ``ignore``. Validated by ``compressed_tensors.QuantizationConfig`` where that library is installed (the
+    interop / vllm extras), so a field it would reject never reaches a checkpoint; the plain dict otherwise."""
     spec = qcfg.spec
     weights = {
         "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
         "strategy": "channel" if spec.group_size == -1 else "group",
-        "group_size": None if spec.group_size == -1 else spec.group_size, "actorder": None, "observer": "minmax",
+        "group_size": None if spec.group_size == -1 else spec.group_size,
+        # "weight": columns quantized in activation order, groups contiguous (no g_idx); the only act-order the
+        # contiguous layout holds (the job config refuses act-order without static groups for this format)
+        "actorder": "weight" if act_order_is_static(qcfg) else None, "observer": "minmax",
     }
-    return {
+    config = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
@@ -53,14 +65,39 @@ def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
                                       "output_activations": None, "format": "pack-quantized"}},
         "ignore": family.compressed_ignore(),
         "kv_cache_scheme": None,
-        "meta": {"quantizer": f"qvlquant:{__version__}", "method": qcfg.method},
     }
+    return {**validated_by_library(config), "meta": {"quantizer": f"qvlquant:{__version__}", "method": qcfg.method}}
 
 
-def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily) -> dict:
-    """The ``quantization_config`` loaders read for the format the tensors were packed in."""
+def validated_by_library(config: dict) -> dict:
+    """``config`` as ``compressed_tensors.QuantizationConfig`` validates and writes it (a pydantic ValidationError
+    naming the field otherwise); ``config`` unchanged when compressed-tensors is not installed."""
+    try:
+        from compressed_tensors import QuantizationConfig  # optional: the interop / vllm extras install it
+    except ImportError:
+        return config
+    return QuantizationConfig.model_validate(config).model_dump(mode="json")
+
+
+def modules_in_block_to_quantize(family: ModelFamily, num_layers: int) -> list[list[str]]:
+    """GPTQ's list of quantized linears, one group per layer and linear group, each named from the decoder-layer
+    list on (``layers.3.mlp.gate_proj``). Short names (``mlp.gate_proj``) are not enough: vLLM treats every linear
+    whose name contains one as GPTQ-quantized, and Qwen2.5-VL's vision MLP has those names too (bf16 weights built
+    as GPTQ layers). ``layers.N.`` occurs in no vision tower name; optimum matches these as suffixes of its runtime
+    names (``model.language_model.layers.3.mlp.gate_proj``) and vLLM as substrings of its own
+    (``language_model.model.layers.3.mlp.gate_up_proj``'s shards)."""
+    head = family.decoder_layers.rsplit(".", 1)[-1]
+    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.linear_groups]
+
+
+def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily, num_layers: int) -> dict:
+    """The ``quantization_config`` loaders read for the format the tensors were packed in (``num_layers``: the
+    model's decoder layers, all quantized)."""
     spec = qcfg.spec
-    not_converted = family.unquantized_disk_names()
+    # both checkpoint layouts for transformers, and the bare leaf ("visual") for vLLM, whose name mapper turns
+    # "model.visual" into "visual" only with a trailing dot: Qwen3-VL's checkpoint layout has no bare "visual"
+    leaves = [path.rsplit(".", 1)[-1] for path in family.not_quantized]
+    not_converted = list(dict.fromkeys(family.unquantized_disk_names() + leaves))
     if fmt is PackFormat.COMPRESSED:
         return compressed_tensors_config(qcfg, family)
     if fmt is PackFormat.AWQ_GEMM:
@@ -78,14 +115,16 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily)
         "bits": spec.bits,
         "group_size": spec.group_size,
         "sym": spec.sym,
-        "desc_act": qcfg.desc_act,
+        # act-order with static groups leaves g_idx trivial: written as plain groups, which vLLM loads (it refuses
+        # desc_act: true); meta says act-order ran
+        "desc_act": qcfg.desc_act and not act_order_is_static(qcfg),
         "static_groups": qcfg.static_groups,
         "true_sequential": qcfg.true_sequential,
         "damp_percent": qcfg.damp_percent,  # what was asked; the damping each layer used is in quantize_report.json
         "pack_dtype": "int32",
-        "modules_in_block_to_quantize": [list(g) for g in family.linear_groups],
+        "modules_in_block_to_quantize": modules_in_block_to_quantize(family, num_layers),
         "modules_to_not_convert": not_converted,
-        "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method},
+        "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method, "act_order": qcfg.desc_act},
     }
 
 
@@ -229,7 +268,7 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         entries, fetch = plan_tensors(model, result, base)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
-        config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family)
+        config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family, result.num_layers)
         config.dtype = str(plan.storage_dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if processor is not None:
