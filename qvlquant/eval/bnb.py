@@ -2,8 +2,8 @@
 (NF4 or LLM.int8), the one-line alternative users already know, scored beside qvlquant's calibrated exports.
 
 ``bnb-nf4:BASE`` / ``bnb-int8:BASE`` name such a model (``bnb-nf4`` alone: the demo). As in qvlquant's exports, the
-vision tower and lm_head stay in full precision (both module-name layouts named: INTEROP.md). bitsandbytes 0.49+
-has a CPU backend (measured here with 0.50.2: both kinds load and run the demo on CPU).
+vision tower and lm_head stay in full precision (both module-name layouts named: INTEROP.md). bitsandbytes
+has a CPU backend (measured here with 0.50.2, the only version tried: both kinds load and run the demo on CPU).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401  optional: only the bnb-* baselines need it
     except ImportError:
-        raise RuntimeError("bnb-nf4 / bnb-int8 need bitsandbytes: pip install 'bitsandbytes>=0.49' (0.49+ runs "
-                           "on the CPU too)") from None
+        raise RuntimeError("bnb-nf4 / bnb-int8 need bitsandbytes: pip install 'bitsandbytes>=0.50' (0.50.2 runs "
+                           "on this CPU too)") from None
 
 
 def bnb_config(kind: str, compute_dtype: torch.dtype):
