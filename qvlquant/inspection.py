@@ -58,24 +58,41 @@ def read_header(folder: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int, family: ModelFamily = QWEN2_VL,
-                    heads: tuple[int, int] | None = None) -> list[str]:
-    """A COPY of vLLM 0.33's rules, used only when vLLM is not installed (``ask_vllm`` asks vLLM's own classes):
-    reasons it would refuse the checkpoint at tensor-parallel size ``tp``. GPTQ: 4/8-bit symmetric only, act-order
-    (``desc_act``) refused; AWQ: 4-bit; groups -1/32/64/128; ``heads`` (attention heads, KV heads): query heads
-    split evenly, KV heads replicated when ``tp`` >= their count; outputs split evenly; an input split must hold
-    whole groups (misaligned kernel tiles are padded, so that is the only shape rule left). Which linears split
-    along outputs or inputs comes from the family (``column_parallel`` / ``row_parallel``)."""
-    method, bits, group = qc.get("quant_method"), int(qc.get("bits", qc.get("w_bit", 0))), int(qc.get("group_size", -1))
+def weight_format(qc: dict) -> tuple[int, int, bool]:
+    """(bits, group size, symmetric) of a GPTQ / AWQ / compressed-tensors ``quantization_config``."""
+    if qc.get("quant_method") == "compressed-tensors":
+        weights = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
+        return int(weights.get("num_bits", 0)), int(weights.get("group_size") or -1), bool(weights.get("symmetric", True))
+    return int(qc.get("bits", qc.get("w_bit", 0))), int(qc.get("group_size", -1)), bool(qc.get("sym", True))
+
+
+def copied_config_refusals(qc: dict) -> list[str]:
+    """A COPY of vLLM 0.33's rules (fallback when vLLM is not installed; ``ask_vllm`` asks its own classes): why
+    it refuses the config itself. GPTQ: 4/8-bit symmetric only, act-order (``desc_act``) refused; AWQ: 4-bit;
+    groups -1/32/64/128."""
+    method = qc.get("quant_method")
+    bits, group, sym = weight_format(qc)
     problems = []
-    if method == "gptq" and (bits, bool(qc.get("sym", True))) not in ((4, True), (8, True)):
-        problems.append(f"GPTQ needs bits 4 or 8 with sym=true, got bits {bits}, sym {qc.get('sym')}")
+    if method == "gptq" and (bits, sym) not in ((4, True), (8, True)):
+        problems.append(f"GPTQ needs bits 4 or 8 with sym=true, got bits {bits}, sym {sym}")
     if method == "gptq" and qc.get("desc_act") and group != -1:
         problems.append("GPTQ act-order (desc_act=true) is refused by vLLM 0.33: export with --static-groups")
     if method == "awq" and bits != 4:
         problems.append(f"AWQ needs 4-bit, got bits {bits}")
     if group not in MARLIN_GROUPS:
         problems.append(f"group_size {group} not in {MARLIN_GROUPS}")
+    return problems
+
+
+def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int, family: ModelFamily = QWEN2_VL,
+                    heads: tuple[int, int] | None = None) -> list[str]:
+    """A COPY of vLLM 0.33's rules (fallback): ``copied_config_refusals`` and why it refuses the shapes at
+    tensor-parallel size ``tp``. ``heads`` (attention heads, KV heads): query heads split evenly, KV heads are
+    replicated when ``tp`` >= their count; outputs split evenly; an input split must hold whole groups
+    (misaligned kernel tiles are padded, so that is the only shape rule left). Which linears split along outputs
+    or inputs comes from the family (``column_parallel`` / ``row_parallel``)."""
+    group = weight_format(qc)[1]
+    problems = copied_config_refusals(qc)
     if heads is not None:
         num_heads, num_kv = heads
         kv_ok = tp % num_kv == 0 if tp >= num_kv else num_kv % tp == 0
@@ -83,7 +100,8 @@ def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int, famil
             problems.append(f"{num_heads} attention heads / {num_kv} KV heads do not split over tp={tp}")
     for name, (k, n) in sorted(shapes.items()):
         row = any(name.endswith("." + p) for p in family.row_parallel)
-        column = any(name.endswith("." + p) for p in family.column_parallel) and not name.endswith(("k_proj", "v_proj"))
+        kv = heads is not None and name.endswith(("k_proj", "v_proj"))  # split by heads, or replicated
+        column = any(name.endswith("." + p) for p in family.column_parallel) and not kv
         if (row and (k % tp or (group > 0 and (k // tp) % group))) or (column and n % tp):
             problems.append(f"{name}: in {k} / out {n} does not split over tp={tp} "
                             f"({'inputs into whole groups of ' + str(group) if row else 'outputs evenly'})")
@@ -113,7 +131,7 @@ def copied_rules(qc: dict, shapes: dict, vision: list[str], family: ModelFamily,
     text = config.get("text_config") or config
     heads = (text["num_attention_heads"], text["num_key_value_heads"]) if "num_attention_heads" in text else None
     tp = {n: marlin_problems(qc, shapes, n, family, heads) for n in TP_SIZES}
-    refused = [p for p in tp[1] if "refused" in p or "needs" in p or "group_size" in p]
+    refused = copied_config_refusals(qc)
     return {"checked_by": f"a COPY of vLLM {VLLM_CHECKED}'s rules in qvlquant (vLLM is not installed here; "
                           "pip install 'qvlquant[vllm]' to ask vLLM's own classes)",
             "method": qc.get("quant_method"), "refused": "; ".join(refused) or None, "layers": {},
@@ -136,7 +154,7 @@ def vllm_compatibility_warnings(quantization_config: dict, family: ModelFamily) 
             return [f"vLLM {vllm_installed()} will refuse this export: {e}"]
         return []
     return [f"vLLM {VLLM_CHECKED} (copied rules) will refuse this export: {p}"
-            for p in marlin_problems(quantization_config, {}, 1, family)]
+            for p in copied_config_refusals(quantization_config)]
 
 
 # --- vLLM, asked through its own classes -------------------------------------------------------------------------

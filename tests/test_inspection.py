@@ -7,7 +7,9 @@ from safetensors.torch import save_file
 
 from qvlquant.cli import main
 from qvlquant.families import family_for
-from qvlquant.inspection import inspect_checkpoint, marlin_problems, repair_config, transformers_converts
+from qvlquant.export import modules_in_block_to_quantize
+from qvlquant.inspection import (copied_config_refusals, copied_vision_decision, inspect_checkpoint, marlin_problems,
+                                 repair_config, transformers_converts, vllm_compatibility_warnings)
 from qvlquant.manifest import MANIFEST, sha256, verify_manifest, write_manifest
 
 
@@ -206,3 +208,55 @@ def test_repair_that_fails_midway_leaves_config_as_it_was(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space"):
         repair_config(q)
     assert {p.name: p.read_bytes() for p in q.iterdir()} == before  # config intact, no temporary file left
+
+
+QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+
+
+def test_copied_rules_of_vllm_0_33_refuse_act_order_and_asymmetric_gptq():
+    """The fallback (vLLM absent) copies vLLM 0.33: desc_act=true is refused (with groups), asymmetric GPTQ too."""
+    assert marlin_problems(QC, {}, 1) == []
+    assert "desc_act" in marlin_problems(dict(QC, desc_act=True), {}, 1)[0]
+    assert marlin_problems(dict(QC, desc_act=True, group_size=-1), {}, 1) == []  # act-order is a no-op per channel
+    assert "sym" in copied_config_refusals(dict(QC, sym=False))[0]
+    ct = {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 96}}}}
+    assert "group_size 96" in copied_config_refusals(ct)[0]
+
+
+def test_copied_rules_replicate_kv_heads_and_refuse_only_groups_straddling_shards():
+    shapes = {"l.0.self_attn.k_proj": (3584, 512), "l.0.self_attn.o_proj": (3584, 3584), "l.0.mlp.down_proj": (18944, 3584)}
+    for tp in (1, 2, 4):  # Qwen2-VL-7B: 28 heads, 4 KV heads (k_proj's 512 outputs are split by heads, not checked)
+        assert marlin_problems(QC, shapes, tp, heads=(28, 4)) == []
+    at8 = marlin_problems(QC, shapes, 8, heads=(28, 4))  # 28 heads over 8 ranks; 18944 / 8, 3584 / 8: half groups
+    assert len(at8) == 3 and "28 attention heads" in at8[0] and "down_proj" in at8[1] and "o_proj" in at8[2]
+    assert marlin_problems(QC, {}, 8, heads=(32, 4)) == []  # 4 KV heads replicated over 8 ranks
+    assert marlin_problems(QC, {"l.0.mlp.down_proj": (18944, 3584 + 8)}, 2) == []  # out % 64 != 0: tiles are padded
+    assert "down_proj" in marlin_problems(QC, {"l.0.mlp.down_proj": (18944 + 128, 3584)}, 2)[0]  # a group straddles
+    assert "KV heads" in marlin_problems(QC, {}, 4, heads=(12, 3))[0]  # 3 KV heads over 4 ranks: no
+
+
+def test_copied_vision_decision_flags_short_gptq_names_and_missing_bare_visual():
+    vision = ["model.visual.blocks.0.mlp.gate_proj", "model.visual.blocks.0.attn.qkv"]  # Qwen2.5-VL's vision MLP
+    short = dict(QC, modules_in_block_to_quantize=[["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]])
+    assert copied_vision_decision(short, vision) == ["visual.blocks.0.mlp.gate_proj"]
+    ours = dict(QC, modules_in_block_to_quantize=modules_in_block_to_quantize(family_for("qwen2_5_vl"), 28))
+    assert copied_vision_decision(ours, vision) == []
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    assert copied_vision_decision(dict(awq, modules_to_not_convert=["model.visual", "lm_head"]), vision) == [
+        n.removeprefix("model.") for n in vision]  # vLLM's mapper leaves "model.visual" (no dot) as it is
+    assert copied_vision_decision(dict(awq, modules_to_not_convert=["model.visual", "visual"]), vision) == []
+    ct = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:.*visual.*"]}
+    assert copied_vision_decision(ct, vision) == [] and len(copied_vision_decision(dict(ct, ignore=[]), vision)) == 2
+
+
+def test_without_vllm_inspect_says_its_rules_are_a_copy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qvlquant.inspection.vllm_installed", lambda: None)
+    q = tiny_export(tmp_path / "q")
+    report = inspect_checkpoint(q)
+    assert report["vllm"]["checked_by"].startswith("a COPY of vLLM 0.33.0's rules")
+    edit = json.loads((q / "config.json").read_text())
+    edit["quantization_config"]["desc_act"] = True
+    (q / "config.json").write_text(json.dumps(edit))
+    report = inspect_checkpoint(q)
+    assert "desc_act" in report["vllm"]["refused"] and "a COPY" in report["marlin"][1][0]
+    assert "desc_act" in vllm_compatibility_warnings(edit["quantization_config"], family_for("qwen2_vl"))[0]
