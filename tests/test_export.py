@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 import qvlquant
 from qvlquant.export import MANIFEST, export
-from qvlquant.families import QWEN2_VL
+from qvlquant.families import QWEN2_VL, family_for
 from qvlquant.config import ExportConfig, QuantConfig
 from qvlquant.pipeline import LoopPlan, quantize_model
 from qvlquant.quant.rtn import QuantSpec
@@ -136,3 +136,69 @@ def test_sharded_export_index_and_missing_shard(demo, demo_batches, tmp_path):
     (out / shards[1]).unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         qvlquant.load(out)
+
+
+def test_static_act_order_exports_the_trivial_g_idx_in_the_original_column_order(demo, demo_batches, tmp_path):
+    """--desc-act --static-groups: act-order's g_idx is the trivial one, so the checkpoint says desc_act false (the
+    only act-order vLLM 0.33 loads) and its packed codes, read with that g_idx, are the quantized weights as they
+    are, in the original column order."""
+    from qvlquant.quant.formats import PackFormat
+    from qvlquant.quant.rtn import default_g_idx
+
+    model, processor = demo
+    q = copy.deepcopy(model)
+    spec = QuantSpec(4, 64, True)
+    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("gptq", spec, desc_act=True, static_groups=True)))
+    export(q, processor, result, tmp_path / "q", {})
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["desc_act"] is False and cfg["static_groups"] is True and cfg["meta"]["act_order"] is True
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        for name, qw in result.weights.items():
+            prefix = QWEN2_VL.to_disk(name)
+            tensors = {k: f.get_tensor(f"{prefix}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+            k = qw.q.shape[1]
+            assert torch.equal(tensors["g_idx"], default_g_idx(k, spec))
+            unpacked = PackFormat.GPTQ.unpack({n: t for n, t in tensors.items() if n != "g_idx"}, spec, k)
+            assert torch.equal(unpacked.q, qw.q)  # the codes, column for column, without any g_idx
+            torch.testing.assert_close(unpacked.dequantize(), qw.dequantize(), rtol=0, atol=1e-3)
+
+
+def test_gptq_module_names_match_no_vision_linear_of_any_family():
+    """vLLM treats a linear as GPTQ-quantized when its name contains a modules_in_block_to_quantize entry: the
+    entries name the decoder layer, so no vision linear (Qwen2.5-VL's vision MLP is mlp.gate_proj/up/down) matches,
+    and optimum still finds each of its runtime names as a suffix."""
+    from qvlquant.export import modules_in_block_to_quantize
+    from tiny_models import tiny_model
+
+    for model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        family = family_for(model_type)
+        model = tiny_model(model_type)
+        entries = sum(modules_in_block_to_quantize(family, 3), [])
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        vision = [family.to_disk(n + ".")[:-1].removeprefix("model.") for n in linears if n.startswith("model.visual.")]
+        assert vision and not [v for v in vision if any(e in v for e in entries)]
+        language = [n for n in linears if n.startswith(family.decoder_layers + ".")]
+        assert len(language) == len(entries) == 21
+        assert all([e for e in entries if n.endswith(e)] == [n.split("language_model.")[-1]] for n in language)
+
+
+def test_compressed_tensors_config_is_validated_by_the_library():
+    """Where compressed-tensors is installed the config is what its QuantizationConfig validates and writes (static
+    act-order as actorder "weight"); a field it rejects fails the export, naming the field."""
+    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors (interop / vllm extra) not installed")
+    from pydantic import ValidationError
+
+    from qvlquant.export import compressed_tensors_config, validated_by_library
+
+    qcfg = QuantConfig("gptq", QuantSpec(4, 128, False), desc_act=True, static_groups=True)
+    config = compressed_tensors_config(qcfg, QWEN2_VL)
+    parsed = ct.QuantizationConfig.model_validate(config)
+    weights = parsed.config_groups["group_0"].weights
+    actorder = getattr(weights.actorder, "value", weights.actorder)
+    assert actorder in ("weight", "static") and weights.group_size == 128 and not weights.symmetric
+    assert config["meta"]["method"] == "gptq" and config["ignore"] == ["lm_head", "re:.*visual.*"]
+    bad = {k: v for k, v in config.items() if k != "meta"}
+    bad["config_groups"] = {"group_0": dict(bad["config_groups"]["group_0"],
+                                            weights=dict(bad["config_groups"]["group_0"]["weights"], group_size=None))}
+    with pytest.raises(ValidationError, match="group_size"):
+        validated_by_library(bad)
