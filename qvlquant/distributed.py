@@ -2,9 +2,9 @@
 or ``qvlquant quantize --nproc N`` (``qvlquant.launch``).
 
 Every rank streams the same decoder layer onto its own device and runs its contiguous share of the calibration
-batches (``shard``). Statistics are summed across ranks in rank order (``total``, ``fold``), never with an
-all-reduce whose order the library picks, so a run is reproducible. Hessians are accumulated in float64, where a
-sum's rounding (2^-53) is far below float32's: summed over ranks in rank order and then rounded to float32, they
+batches (``shard``). Statistics are summed across ranks in a fixed order (``total``: rank order; ``fold``: the
+solving rank's part first), never with an all-reduce whose order the library picks, so a run is reproducible. Hessians are accumulated in float64, where a
+sum's rounding (2^-53) is far below float32's: summed over ranks in a fixed order and then rounded to float32, they
 equal the single process's sequential sum except where a float64 sum lands within 2^-53 of a float32 rounding
 boundary (about one entry in 10^8). Each linear's solve runs on one rank (``assign``: largest first, to the least
 loaded rank), and its packed tensors are broadcast (``broadcast_tensors``) so every rank replays the same
@@ -121,35 +121,41 @@ def total_count(n: int, world: World) -> int:
     return int(total(torch.tensor([n], dtype=torch.int64), world).item())
 
 
+CHUNK_ELEMENTS = 2**23  # point-to-point messages of at most 64 MB of float64: the receiving buffer stays small
+
+
+def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    flat = t.view(-1)
+    return [flat[i:i + CHUNK_ELEMENTS] for i in range(0, flat.numel(), CHUNK_ELEMENTS)]
+
+
 def fold(t: torch.Tensor, owners: list[int], world: World) -> torch.Tensor | None:
-    """Every rank's ``t`` summed in rank order, delivered to the ranks in ``owners`` only (None elsewhere). The
-    first owner receives the parts one at a time into one buffer (at most three tensors alive, not one per rank)
-    and sends the sum on. ``t`` is consumed: the sum may be accumulated into it."""
+    """Every rank's ``t`` summed in a fixed order (the first owner's own part, then the other ranks' in rank
+    order), delivered to the ranks in ``owners`` only (None elsewhere). ``t`` (contiguous) is consumed: the first
+    owner adds the others into it, receiving them in 64 MB pieces, and the other owners receive the sum into it,
+    so a [K, K] Hessian is never held twice."""
     if not world.distributed:
         return t
     first = owners[0]
+    pieces = _chunks(t)
     if world.rank == first:
-        acc = buf = None
+        buf = torch.empty_like(pieces[0])
         for r in range(world.size):
-            if r == world.rank:
-                part = t
-            else:
-                buf = torch.empty_like(t) if buf is None else buf
-                dist.recv(buf, src=r)
-                part = buf
-            if acc is None:
-                acc, buf = part, (None if part is buf else buf)  # the first part becomes the sum
-            else:
-                acc.add_(part)
+            if r != world.rank:
+                for piece in pieces:
+                    dist.recv(buf[:piece.numel()], src=r)
+                    piece.add_(buf[:piece.numel()])
         for r in owners[1:]:
-            dist.send(acc, dst=r)
-        return acc
-    dist.send(t.contiguous(), dst=first)
-    if world.rank in owners:
-        acc = torch.empty_like(t)
-        dist.recv(acc, src=first)
-        return acc
-    return None
+            for piece in pieces:
+                dist.send(piece, dst=r)
+        return t
+    for piece in pieces:
+        dist.send(piece, dst=first)
+    if world.rank not in owners:
+        return None
+    for piece in pieces:
+        dist.recv(piece, src=first)
+    return t
 
 
 def _header(tensors: dict[str, torch.Tensor], extra) -> torch.Tensor:

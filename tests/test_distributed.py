@@ -77,14 +77,18 @@ COLLECTIVES = textwrap.dedent("""
     t = torch.randn(33, 17, dtype=torch.float64, generator=g)
     parts = [torch.randn(33, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
              for i in range(world.size)]
-    expected = parts[0]
+    in_order = parts[0]
     for p in parts[1:]:
-        expected = expected + p
+        in_order = in_order + p
     out = {}
+    d.CHUNK_ELEMENTS = 100  # several pieces per tensor, and a short last one
     for owners in ([0], [1], [1, 0], [2, 0]):
+        expected = parts[owners[0]]  # the first owner's part, then the others in rank order
+        for i in range(world.size):
+            expected = expected if i == owners[0] else expected + parts[i]
         got = d.fold(t.clone(), owners, world)
         out[str(owners)] = None if got is None else bool(torch.equal(got, expected))
-    out["total"] = bool(torch.equal(d.total(t, world), expected))
+    out["total"] = bool(torch.equal(d.total(t, world), in_order))
     out["count"] = d.total_count(r + 1, world)
     src = {"q": torch.arange(12, dtype=torch.int32).view(3, 4), "s": torch.rand(5, generator=torch.Generator().manual_seed(9)).half(),
            "m": torch.tensor([True, False])}
