@@ -68,7 +68,8 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
     shards = [shard(len(batches), world, r) for r in range(world.size)]
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
     if world.leader:
-        job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], tokens, job["storage"])
+        job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], tokens, job["storage"],
+                                   world.size)
         say(format_estimate(job["estimate"]))
     store = DiskStore(job["partial"], settings_fingerprint(
         version=__version__, settings=config.result_settings(), model=model_digest(job["folder"]),
