@@ -108,7 +108,7 @@ def add_quantize(sub) -> None:
     p.add_argument("--device", help="auto (CUDA when present, the default), cpu, cuda or cuda:N: where each layer, "
                    "its statistics and the math live")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype of the layer weights (default: float32 on "
-                   "the CPU, bfloat16 on a GPU; Hessians are float32 always)")
+                   "the CPU, bfloat16 on a GPU; Hessians are summed in float64 and solved in float32)")
     p.add_argument("--offload", choices=list(OFFLOAD), help="where calibration activations wait between layers: "
                    "auto (on the device when they fit, the default), device, cpu")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: the machine's real CPU quota, "

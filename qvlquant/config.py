@@ -94,7 +94,7 @@ class CalibSource:
 @dataclasses.dataclass(frozen=True)
 class DeviceConfig:
     """Where the layer, its statistics and the math live. ``dtype`` None: float32 on the CPU, bfloat16 layer
-    weights on a GPU (Hessians and statistics are float32 everywhere). ``offload``: where the calibration
+    weights on a GPU (Hessians and statistics summed in float64, solved in float32). ``offload``: where the calibration
     activations wait between layers (auto: on the device when they fit)."""
 
     device: str = "auto"
