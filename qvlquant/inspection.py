@@ -302,10 +302,22 @@ def build_vllm_layer(shards: list[tuple[int, int]], kind: str, heads: tuple[int,
                                                  quant_config=quant, prefix=vname)
 
 
-def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily, config: dict) -> tuple[dict, dict]:
-    """For each TP size: the problems vLLM raises building the first decoder layer's linears, and the kernel it
-    picks for each. -> ({tp: [problem]}, {tp: {vLLM name: kernel}})."""
+def shape_mismatches(layer, disk_module: str, header: dict) -> list[str]:
+    """The tensors of ``disk_module`` in the checkpoint whose shape is not the one vLLM's ``create_weights``
+    allocated to load it into (a packing vLLM reads differently; vLLM's loader would fail on them)."""
+    out = []
+    for pname, param in layer.named_parameters():
+        key = f"{disk_module}.{pname}"
+        if key in header and tuple(param.shape) != tuple(header[key][0]):
+            out.append(f"{key}: vLLM allocates {tuple(param.shape)}, the checkpoint holds {tuple(header[key][0])}")
+    return out
 
+
+def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily, config: dict,
+                         header: dict) -> tuple[dict, dict]:
+    """For each TP size: the problems vLLM raises building the first decoder layer's linears, and the kernel it
+    picks for each; at TP 1 also the checkpoint tensors of its unfused linears whose shapes differ from what vLLM
+    allocates. -> ({tp: [problem]}, {tp: {vLLM name: kernel}})."""
     text = config.get("text_config") or config
     heads = (text["num_attention_heads"], text["num_key_value_heads"],
              text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
@@ -324,6 +336,8 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
                 except (ValueError, AssertionError, NotImplementedError) as e:
                     problems[tp].append(f"{vname}: {type(e).__name__}: {e}")
                     continue
+                if tp == 1 and len(shards) == 1:
+                    problems[tp] += shape_mismatches(layer, family.to_disk(shards[0] + ".")[:-1], header)
                 kernel = getattr(layer.quant_method, "kernel", None) or getattr(getattr(layer, "scheme", None), "kernel", None)
                 kernels[tp][vname] = type(kernel).__name__ if kernel is not None else type(layer.quant_method).__name__
     return problems, kernels
@@ -349,7 +363,8 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
     report["vision_quantized"] = sorted(v for v, shards in names.items()
                                         if shards[0].startswith(family.vision_tower + ".")
                                         and report["layers"][v] != "UnquantizedLinearMethod")
-    report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config)
+    report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
+                                                           read_header(folder))
     return report
 
 

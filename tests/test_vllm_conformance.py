@@ -5,7 +5,8 @@ layer, the kernel chosen by ``create_weights`` at each tensor-parallel size, GPU
 every linear gets. The vision tower must be unquantized, the language model quantized, TP 1/2 accepted.
 
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it (the CI venv
-has none). Measured on 2 cores: about 40 s for the whole file, most of it importing vLLM once.
+has none). Measured on 2 cores: 13-40 s for the 22 tests (18-46 s wall with pytest's start, depending on
+the load), most of it importing vLLM once (~9 s) and building the tiny exports.
 """
 
 import copy
@@ -39,10 +40,10 @@ FORMATS = {  # format -> (how it is packed, the spec, vLLM's method, the method 
 VISION_LINEARS = {"qwen2_vl": 10, "qwen2_5_vl": 10, "qwen3_vl": 18}  # vLLM's names (Qwen2.5-VL's gate/up fused)
 
 
-def make_export(out, model_type, fmt, method="rtn", **options):
+def make_export(out, model_type, fmt, method="rtn", spec=None, **options):
     model = tiny_model(model_type)
-    pack, spec, _, _ = FORMATS[fmt]
-    qcfg = QuantConfig(method, spec, **options)
+    pack, default_spec, _, _ = FORMATS[fmt]
+    qcfg = QuantConfig(method, spec or default_spec, **options)
     result = quantize_model(model, [tiny_batch(model)], LoopPlan(family_for(model_type), qcfg, pack, torch.bfloat16))
     export(model, None, result, out, {})
     return out
@@ -129,3 +130,31 @@ def test_the_copied_rules_agree_with_vllm(exports, model_type):
         assert copied["checked_by"].startswith("a COPY") and copied["vision_quantized"] == asked["vision_quantized"]
         assert copied["refused"] is None and asked["refused"] is None
         assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
+
+
+def test_vllm_allocates_the_shapes_the_checkpoint_holds(exports, tmp_path):
+    """At TP 1 the packed tensors of the unfused linears have the shapes vLLM's create_weights allocates to load them
+    into (none reported above); a checkpoint packed another way is reported, naming the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "repacked"
+    shutil.copytree(exports["qwen2_vl", "gptq"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.qweight"
+    tensors[key] = tensors[key].t().contiguous()  # [N, K/8] instead of GPTQ's [K/8, N]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    problems = inspect_checkpoint(bad)["vllm"]["tp"][1]
+    assert problems == [f"{key}: vLLM allocates (32, 128), the checkpoint holds (128, 32)"]
+
+
+@pytest.mark.parametrize("fmt,bits,accepted", [("gptq", 3, False), ("gptq", 8, True), ("compressed-tensors", 3, True),
+                                               ("compressed-tensors", 8, True)])
+def test_which_widths_vllm_loads(tmp_path, fmt, bits, accepted):
+    """vLLM 0.33 runs GPTQ at 4/8 bits only; compressed-tensors WNA16 at 3 bits too, with the bit-stream packing
+    qvlquant writes (its allocated shapes match the checkpoint's)."""
+    vllm = inspect_checkpoint(make_export(tmp_path / "q", "qwen2_vl", fmt, spec=QuantSpec(bits, 64, True)))["vllm"]
+    assert (vllm["refused"] is None) is accepted and (vllm["tp"][1] == []) is accepted
+    if not accepted:
+        assert f"bits={bits}, sym=True" in vllm["refused"]
