@@ -324,6 +324,7 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
     dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
     first = f"{family.decoder_layers}.0."
     layer0 = {v: s for v, s in names.items() if s[0].startswith(first)}
+    group = weight_format(config.get("quantization_config") or {})[1]
     problems, kernels = {}, {}
     for tp in TP_SIZES:
         problems[tp], kernels[tp] = [], {}
@@ -338,6 +339,12 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
                     continue
                 if tp == 1 and len(shards) == 1:
                     problems[tp] += shape_mismatches(layer, family.to_disk(shards[0] + ".")[:-1], header)
+                k = linears[shards[0]][0]
+                if kind == "row" and group > 0 and (k // tp) % group:  # vLLM's GPTQ path builds it (0.33)
+                    problems[tp].append(f"{vname}: its input shard of {k // tp} columns at tp={tp} splits a "
+                                        f"quantization group of {group}; vLLM's AWQ and compressed-tensors refuse "
+                                        "that, its GPTQ builds the layer but would read shifted scales "
+                                        "[qvlquant's check, not vLLM's]")
                 kernel = getattr(layer.quant_method, "kernel", None) or getattr(getattr(layer, "scheme", None), "kernel", None)
                 kernels[tp][vname] = type(kernel).__name__ if kernel is not None else type(layer.quant_method).__name__
     return problems, kernels

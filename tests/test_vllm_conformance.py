@@ -158,3 +158,43 @@ def test_which_widths_vllm_loads(tmp_path, fmt, bits, accepted):
     assert (vllm["refused"] is None) is accepted and (vllm["tp"][1] == []) is accepted
     if not accepted:
         assert f"bits={bits}, sym=True" in vllm["refused"]
+
+
+REAL = {  # the released Qwen2-VL text models (2 of their decoder layers; TP decisions are per layer)
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4),
+    "72B": dict(hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8),
+    "72B-padded": dict(hidden_size=8192, intermediate_size=29696, num_attention_heads=64, num_key_value_heads=8),
+}
+REFUSED_AT = {"7B": {8}, "72B": {2, 4, 8}, "72B-padded": set()}  # 28 heads / 8; 29568 / 2 splits a group of 128
+
+
+@pytest.mark.parametrize("size", list(REAL))
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_tensor_parallel_at_the_real_sizes(tmp_path, size, fmt):
+    """vLLM's own layer classes at the released shapes (a config.json only: vLLM allocates on the meta device):
+    which TP sizes it accepts, and that the copied rules (the fallback) say the same."""
+    import transformers
+
+    from qvlquant.inspection import (TP_SIZES, checkpoint_linears, marlin_problems, pretend_gpu, vllm_model_classes,
+                                     vllm_names, vllm_quant_config, vllm_tensor_parallel)
+
+    pack, spec, _, _ = FORMATS[fmt]
+    family = family_for("qwen2_vl")
+    text = dict(REAL[size], num_hidden_layers=2, vocab_size=1000, bos_token_id=0, eos_token_id=1)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=64, num_heads=2,
+                                                                             hidden_size=text["hidden_size"]))
+    spec = QuantSpec(4, 128, spec.sym)  # the released checkpoints' group size
+    config.quantization_config = quantization_config(QuantConfig("rtn", spec), pack, family, 2)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(tmp_path, "qwen2_vl")
+        outer, _ = vllm_model_classes("qwen2_vl")
+    linears = checkpoint_linears(tmp_path)
+    problems, kernels = vllm_tensor_parallel(quant, vllm_names(linears, family, outer, quant), linears, family, saved, {})
+    assert {tp for tp, p in problems.items() if p} == REFUSED_AT[size]
+    assert len(kernels[1]) == 4
+    layer0 = {n: s for n, s in linears.items() if n.startswith(family.decoder_layers + ".0.")}
+    heads = (text["num_attention_heads"], text["num_key_value_heads"])
+    qc = saved["quantization_config"]
+    assert {tp for tp in TP_SIZES if marlin_problems(qc, layer0, tp, family, heads)} == REFUSED_AT[size]
