@@ -65,7 +65,7 @@ SETTINGS: dict[str, Setting] = {
 }
 # Quantize flags a recipe may not set: the recipe itself, replacing an existing folder (asked for on the command line
 # each time, never by a file), a limit for measuring, and the machine's thread count.
-COMMAND_LINE_ONLY = frozenset({"recipe", "overwrite", "max_layers", "threads"})
+COMMAND_LINE_ONLY = frozenset({"recipe", "overwrite", "max_layers", "threads", "nproc"})
 CHECK_KEYS = ("max_drop", "max_ppl_increase")
 
 
