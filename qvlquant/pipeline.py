@@ -199,12 +199,61 @@ def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_interme
         raise ValueError(f"group_size {spec.group_size} does not divide in_features of: {', '.join(bad[:8])}")
 
 
+class _Recorder:
+    """Where a layer's quantized linears go as they are finished: the layer gets each one's dequantized weight, the
+    record its packed tensors, info and AWQ scales. In a distributed run ``settle`` then hands each linear from
+    the rank that solved it to every rank, in the same order on all of them."""
+
+    def __init__(self, layer: torch.nn.Module, plan: LoopPlan, prefix: str, phases: Phases, show):
+        self.layer, self.plan, self.prefix, self.phases, self.show = layer, plan, prefix, phases, show
+        self.record = LayerRecord()
+
+    def _disk(self, name: str) -> str:
+        return self.plan.family.to_disk(f"{self.prefix}.{name}")
+
+    def _keep(self, name: str, packed: dict[str, torch.Tensor], info: dict, aux: dict[str, torch.Tensor]) -> None:
+        disk, record = self._disk(name), self.record
+        record.tensors.update({f"{disk}.{key}": t for key, t in packed.items()})
+        record.in_features[name] = self.layer.get_submodule(name).weight.shape[1]
+        record.info[name] = info
+        record.aux.update({f"{name}.{field}": t for field, t in aux.items()})
+
+    def finish(self, name: str, w: QuantizedWeight, info: dict) -> None:
+        self.phases.switch("pack")
+        set_weight(self.layer.get_submodule(name), w)
+        w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
+                            *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
+        aux = {f: getattr(w, f).clone() for f in ("input_scale", "output_scale") if getattr(w, f) is not None}
+        self._keep(name, self.plan.pack_format.pack(w), info, aux)
+        self.show(f"{name} done")
+
+    def settle(self, owner: dict[str, int]) -> None:
+        world, record = self.plan.world, self.record
+        if not world.distributed:
+            return
+        self.phases.switch("share")
+        for name, src in owner.items():
+            mine, disk = src == world.rank, self._disk(name)
+            sent = {k.rsplit(".", 1)[1]: t for k, t in record.tensors.items() if k.rsplit(".", 1)[0] == disk}
+            sent |= {f"aux.{k.rsplit('.', 1)[1]}": t for k, t in record.aux.items() if k.rsplit(".", 1)[0] == name}
+            got, info = broadcast_tensors(sent if mine else None, record.info.get(name), src, world)
+            if not mine:
+                packed = {k: t for k, t in got.items() if not k.startswith("aux.")}
+                linear = self.layer.get_submodule(name)
+                set_weight(linear, self.plan.pack_format.unpack(packed, self.plan.qcfg.spec, linear.weight.shape[1]))
+                self._keep(name, packed, info, {k[4:]: t for k, t in got.items() if k.startswith("aux.")})
+        for name in owner:  # the order one process records them in, whichever rank solved what
+            disk = self._disk(name)
+            for key in [k for k in record.tensors if k.rsplit(".", 1)[0] == disk]:
+                record.tensors[key] = record.tensors.pop(key)
+            record.info[name] = record.info.pop(name)
+
+
 def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopPlan, prefix: str, bar=None,
                    phases: Phases | None = None) -> LayerRecord:
     """Quantize one decoder layer in place (weights become their dequantized values). -> its record: the packed
     tensors and every other parameter of the layer in the storage dtype, under checkpoint names."""
-    family, fmt = plan.family, plan.pack_format
-    record = LayerRecord()
+    family = plan.family
     phases = phases or Phases()
 
     def show(what: str) -> None:
@@ -212,48 +261,11 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
         if bar is not None:
             bar.set_postfix_str(f"{prefix.rsplit('.', 1)[-1]}: {what}", refresh=True)
 
-    def keep(name: str, packed: dict[str, torch.Tensor], info: dict, aux: dict[str, torch.Tensor]) -> None:
-        disk = family.to_disk(f"{prefix}.{name}")
-        record.tensors.update({f"{disk}.{key}": t for key, t in packed.items()})
-        record.in_features[name] = layer.get_submodule(name).weight.shape[1]
-        record.info[name] = info
-        record.aux.update({f"{name}.{field}": t for field, t in aux.items()})
-
-    def finish(name: str, w: QuantizedWeight, info: dict) -> None:
-        phases.switch("pack")
-        set_weight(layer.get_submodule(name), w)
-        w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
-                            *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
-        aux = {f: getattr(w, f).clone() for f in ("input_scale", "output_scale") if getattr(w, f) is not None}
-        keep(name, fmt.pack(w), info, aux)
-        show(f"{name} done")
-
-    def settle(owner: dict[str, int]) -> None:
-        """Hand each linear from the rank that solved it to every rank, in the same order on all of them: its
-        packed tensors, info and AWQ scales; the other ranks unpack it into their copy of the layer."""
-        if not plan.world.distributed:
-            return
-        phases.switch("share")
-        for name, src in owner.items():
-            mine = src == plan.world.rank
-            disk = family.to_disk(f"{prefix}.{name}")
-            tensors = {k.rsplit(".", 1)[1]: t for k, t in record.tensors.items() if k.rsplit(".", 1)[0] == disk}
-            aux = {k.rsplit(".", 1)[1]: t for k, t in record.aux.items() if k.rsplit(".", 1)[0] == name}
-            both, info = broadcast_tensors(tensors | {f"aux.{k}": t for k, t in aux.items()} if mine else None,
-                                           record.info.get(name), src, plan.world)
-            if not mine:
-                packed = {k: t for k, t in both.items() if not k.startswith("aux.")}
-                aux = {k[4:]: t for k, t in both.items() if k.startswith("aux.")}
-                set_weight(layer.get_submodule(name), fmt.unpack(packed, plan.qcfg.spec, layer.get_submodule(name).weight.shape[1]))
-                keep(name, packed, info, aux)
-        for name in owner:  # the order one process records them in, whichever rank solved what
-            disk = family.to_disk(f"{prefix}.{name}")
-            for key in [k for k in record.tensors if k.rsplit(".", 1)[0] == disk]:
-                record.tensors[key] = record.tensors.pop(key)
-            record.info[name] = record.info.pop(name)
-
+    recorder = _Recorder(layer, plan, prefix, phases, show)
+    record = recorder.record
     phases.switch("quantize")
-    ctx = LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, finish, show, plan.world, settle)
+    ctx = LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, recorder.finish, show, plan.world,
+                       recorder.settle)
     METHODS[plan.qcfg.method](layer, inputs, ctx)
     phases.switch("pack")
     missing = [n for n in family.linears if n not in record.info]
