@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import pathlib
 import re
@@ -22,6 +23,7 @@ import types
 
 import torch
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from qvlquant.families import QWEN2_VL, ModelFamily, family_for
@@ -203,8 +205,6 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
 
 def vllm_model_classes(model_type: str) -> tuple[type, type]:
     """vLLM's multimodal model class and the language-model class it builds inside."""
-    import importlib
-
     outer_mod, outer, inner_mod, inner = VLLM_MODELS[model_type]
     load = lambda mod, name: getattr(importlib.import_module(f"vllm.model_executor.models.{mod}"), name)  # noqa: E731
     return load(outer_mod, outer), load(inner_mod, inner)
@@ -216,7 +216,6 @@ def vllm_quant_config(folder: pathlib.Path, model_type: str):
     reads the checkpoint, and the model classes apply their name mappers and fused-module lists as vLLM's loader
     does (``configure_quant_config`` for the top class, ``SupportsQuant`` for the classes built inside).
     -> (method name, vLLM's quantization config object). Raises what vLLM raises (a refused config)."""
-    from transformers import AutoConfig
     from vllm.config.model import ModelConfig  # optional: the vllm extra
     from vllm.model_executor.model_loader.utils import configure_quant_config  # optional: the vllm extra
     from vllm.model_executor.model_loader.weight_utils import get_quant_config  # optional: the vllm extra
@@ -247,8 +246,6 @@ def vllm_quant_config(folder: pathlib.Path, model_type: str):
 def checkpoint_linears(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
     """Runtime name -> (in, out) of every nn.Linear of the model transformers builds from config.json (on the meta
     device: no memory, no weights), lm_head excepted."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
