@@ -24,6 +24,7 @@ import torch
 from qvlquant.version import __version__
 from qvlquant.config import ExportConfig, QuantConfig
 from qvlquant.families import ModelFamily
+from qvlquant.inspection import not_converted_names
 from qvlquant.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401 (MANIFEST, verify re-exported)
 from qvlquant.models import disk_key
 from qvlquant.outputs import publish, temp_dir
@@ -94,10 +95,7 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
     """The ``quantization_config`` loaders read for the format the tensors were packed in (``num_layers``: the
     model's decoder layers, all quantized)."""
     spec = qcfg.spec
-    # both checkpoint layouts for transformers, and the bare leaf ("visual") for vLLM, whose name mapper turns
-    # "model.visual" into "visual" only with a trailing dot: Qwen3-VL's checkpoint layout has no bare "visual"
-    leaves = [path.rsplit(".", 1)[-1] for path in family.not_quantized]
-    not_converted = list(dict.fromkeys(family.unquantized_disk_names() + leaves))
+    not_converted = not_converted_names(family)  # for transformers and for vLLM
     if fmt is PackFormat.COMPRESSED:
         return compressed_tensors_config(qcfg, family)
     if fmt is PackFormat.AWQ_GEMM:

@@ -42,6 +42,15 @@ def transformers_converts(runtime_name: str, patterns: list[str] | None) -> bool
     return should_convert_module(runtime_name, patterns or None)
 
 
+def not_converted_names(family: ModelFamily) -> list[str]:
+    """What ``modules_to_not_convert`` must list so that every loader keeps the unquantized parts: both checkpoint
+    layouts for transformers (``family.unquantized_disk_names``), and the bare leaf (``visual``) for vLLM, whose
+    Qwen-VL name mappers turn ``model.visual.`` into ``visual.`` only with the trailing dot (so Qwen3-VL's
+    ``model.visual`` protects nothing there)."""
+    leaves = [path.rsplit(".", 1)[-1] for path in family.not_quantized]
+    return list(dict.fromkeys(family.unquantized_disk_names() + leaves))
+
+
 def read_header(folder: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) for every tensor of the checkpoint."""
     index = folder / "model.safetensors.index.json"
@@ -445,8 +454,8 @@ def vllm_problems(vllm: dict, tp: int) -> list[str]:
 
 
 def repair_config(folder: str | pathlib.Path) -> list[str]:
-    """Make ``modules_to_not_convert`` name every unquantized part in both layouts (see the module docstring for what
-    is written). -> the list written."""
+    """Make ``modules_to_not_convert`` name every unquantized part in both layouts and for vLLM
+    (``not_converted_names``; see the module docstring for what is written). -> the list written."""
     folder = pathlib.Path(folder)
     ours = (folder / MANIFEST).exists()
     if ours:
@@ -460,7 +469,7 @@ def repair_config(folder: str | pathlib.Path) -> list[str]:
     qc = config.get("quantization_config")
     if not qc:
         raise ValueError(f"{folder} is not quantized: nothing to repair")
-    names = list(dict.fromkeys(list(qc.get("modules_to_not_convert") or []) + family.unquantized_disk_names()))
+    names = list(dict.fromkeys(list(qc.get("modules_to_not_convert") or []) + not_converted_names(family)))
     if names == qc.get("modules_to_not_convert"):
         return names  # already right: nothing is rewritten
     qc["modules_to_not_convert"] = names

@@ -9,7 +9,8 @@ from qvlquant.cli import main
 from qvlquant.families import family_for
 from qvlquant.export import modules_in_block_to_quantize
 from qvlquant.inspection import (copied_config_refusals, copied_vision_decision, inspect_checkpoint, marlin_problems,
-                                 repair_config, transformers_converts, vllm_compatibility_warnings)
+                                 not_converted_names, repair_config, transformers_converts,
+                                 vllm_compatibility_warnings)
 from qvlquant.manifest import MANIFEST, sha256, verify_manifest, write_manifest
 
 
@@ -260,3 +261,12 @@ def test_without_vllm_inspect_says_its_rules_are_a_copy(tmp_path, capsys, monkey
     report = inspect_checkpoint(q)
     assert "desc_act" in report["vllm"]["refused"] and "a COPY" in report["marlin"][1][0]
     assert "desc_act" in vllm_compatibility_warnings(edit["quantization_config"], family_for("qwen2_vl"))[0]
+
+
+def test_not_converted_names_protect_the_vision_tower_in_transformers_and_vllm():
+    """Both checkpoint layouts for transformers, and the bare leaf vLLM's mapper leaves (Qwen3-VL's checkpoint
+    layout is the runtime one, so without it vLLM would quantize its whole vision tower: the conformance test)."""
+    assert not_converted_names(family_for("qwen2_vl")) == ["visual", "model.visual", "lm_head"]
+    assert not_converted_names(family_for("qwen3_vl")) == ["model.visual", "lm_head", "visual"]
+    for name in ("model.visual.blocks.0.attn.qkv", "model.visual.merger.linear_fc1"):
+        assert not transformers_converts(name, not_converted_names(family_for("qwen3_vl")))
