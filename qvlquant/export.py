@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from qvlquant.version import __version__
+from qvlquant.card import write_card
 from qvlquant.config import ExportConfig, QuantConfig
 from qvlquant.families import ModelFamily
 from qvlquant.inspection import not_converted_names
@@ -274,6 +275,7 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
             _strip_truncation(tmp)
         report = report() if callable(report) else report
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_card(tmp, report, pathlib.Path(out).name)  # README.md, listed in the manifest
         write_manifest(tmp)
         return publish(tmp, out, options.overwrite, options.protected)
     except BaseException:
