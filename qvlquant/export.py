@@ -108,7 +108,7 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
             "zero_point": not spec.sym,
             "modules_to_not_convert": not_converted,
         }
-    return {
+    config = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "bits": spec.bits,
@@ -119,12 +119,15 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
         "desc_act": qcfg.desc_act and not act_order_is_static(qcfg),
         "static_groups": qcfg.static_groups,
         "true_sequential": qcfg.true_sequential,
-        "damp_percent": qcfg.damp_percent,  # what was asked; the damping each layer used is in quantize_report.json
+        # what was asked (the damping each layer used is in quantize_report.json); RTN has none, and transformers'
+        # GPTQConfig refuses a null, so the key is left out
+        "damp_percent": qcfg.damp_percent,
         "pack_dtype": "int32",
         "modules_in_block_to_quantize": modules_in_block_to_quantize(family, num_layers),
         "modules_to_not_convert": not_converted,
         "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method, "act_order": qcfg.desc_act},
     }
+    return {k: v for k, v in config.items() if not (k == "damp_percent" and v is None)}
 
 
 class ModelTensors:

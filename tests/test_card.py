@@ -137,8 +137,6 @@ def test_cells_are_json_spelled():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="export.quantization_config writes damp_percent null for "
-                   "--method rtn in the GPTQ layout, which transformers' GPTQConfig refuses (0 < None); reported")
 def test_the_card_snippet_chats_with_a_default_rtn_export(tmp_path, monkeypatch):
     pytest.importorskip("gptqmodel", reason="the interop extra (gptqmodel, optimum) is not installed")
     out = tmp_path / "demo-rtn"
