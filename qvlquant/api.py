@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 
 import torch
@@ -23,8 +24,9 @@ from qvlquant.devices import (choose_offload, compute_dtype, peak_gpu_bytes, pea
                               set_threads)
 from qvlquant.distributed import World, barrier, check_same, shard, start, stop, total
 from qvlquant.estimate import estimate, format_estimate
-from qvlquant.export import CheckpointTensors, export
+from qvlquant.export import CheckpointTensors, export, quantization_config
 from qvlquant.families import family_for
+from qvlquant.inspection import vllm_compatibility_warnings
 from qvlquant.models import (StreamedLayers, build_skeleton, check_processor_files, check_remote_code, load_config,
                              read_model_type, resolve_model_path, storage_dtype)
 from qvlquant.outputs import check_output_target
@@ -59,6 +61,8 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
     t0 = time.time()
     torch.manual_seed(config.calib.seed)
     job = _prepare(config, world, device)
+    if world.leader:
+        _warn_about_vllm(config, job)
     batches = _batches(config, job)
     digest = batches_digest(batches)
     check_same(digest, "the calibration batches", world)
@@ -136,6 +140,14 @@ def _prepare(config: JobConfig, world: World, device: torch.device) -> dict:
     return dict(device=device, threads=threads, folder=folder, family=family, out=out, protected=protected,
                 dtype=dtype, skeleton=skeleton, reader=reader, partial=partial, storage=storage,
                 hidden=text.hidden_size, processor=_processor(folder, family), padded=padded)
+
+
+def _warn_about_vllm(config: JobConfig, job: dict) -> None:
+    """Say before any work when vLLM (its own code when installed, else the copied rules) will refuse the export."""
+    layers = len(job["skeleton"].get_submodule(job["family"].decoder_layers))
+    qc = quantization_config(config.quant, config.pack_format, job["family"], layers)
+    for line in vllm_compatibility_warnings(qc, job["family"]):
+        print(f"qvlquant quantize: warning: {line}", file=sys.stderr, flush=True)
 
 
 def _processor(folder: pathlib.Path, family):
