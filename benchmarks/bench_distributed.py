@@ -43,7 +43,9 @@ def run(model: str, method: str, nproc: int, out: pathlib.Path, max_layers: int 
     folder = out.with_name(f".{out.name}.partial") if max_layers else out
     report = json.loads((folder / ("report.json" if max_layers else "quantize_report.json")).read_text())
     layer_s = list(report["layer_seconds"].values())
-    return {"nproc": nproc, "wall_s": round(wall, 1), "quantize_s": report["quantize_seconds"],
+    losses = [info["loss"] for info in report["layers"].values() if "loss" in info]
+    return {"objective_sum": sum(losses) if losses else None,  # GPTQ: each linear's squared output error
+            "nproc": nproc, "wall_s": round(wall, 1), "quantize_s": report["quantize_seconds"],
             "mean_layer_s": round(sum(layer_s) / len(layer_s), 2), "layers_run": len(layer_s),
             "phase_s": report["phase_seconds"], "peak_rss_gib_per_process": report["peak_rss_gib_per_process"],
             "folder": str(folder)}
@@ -61,6 +63,19 @@ def tensors(folder: pathlib.Path, partial: bool) -> dict[str, bytes]:
     return out
 
 
+def differing_codes(a: pathlib.Path, b: pathlib.Path) -> float:
+    """Fraction of the 4-bit codes (nibbles of the packed qweight words, either layout) that differ."""
+    differ = total = 0
+    for f in sorted(a.glob("layer_*.safetensors")):
+        with safe_open(str(f), "pt") as ha, safe_open(str(b / f.name), "pt") as hb:
+            for k in (k for k in ha.keys() if k.endswith(".qweight")):
+                x = ha.get_tensor(k) ^ hb.get_tensor(k)
+                nibbles = torch.stack([(x >> (4 * i)) & 0xF for i in range(8)])
+                differ += int((nibbles != 0).sum())
+                total += nibbles.numel()
+    return differ / max(1, total)
+
+
 def compare(a: pathlib.Path, b: pathlib.Path, partial: bool) -> dict:
     if not partial:
         same_files = all((a / f.name).read_bytes() == f.read_bytes() for f in b.glob("*.safetensors"))
@@ -68,7 +83,7 @@ def compare(a: pathlib.Path, b: pathlib.Path, partial: bool) -> dict:
     ta, tb = tensors(a, True), tensors(b, True)
     differ = [k for k in ta if ta[k] != tb.get(k)]
     return {"tensors": len(ta), "tensors_differing": len(differ), "same_names": ta.keys() == tb.keys(),
-            "differing": differ[:10]}
+            "codes_differing": round(differing_codes(a, b), 5), "differing": differ[:10]}
 
 
 def main() -> None:
@@ -95,6 +110,7 @@ def main() -> None:
                "speedup_wall": round(one["wall_s"] / many["wall_s"], 2),
                "speedup_layer": round(one["mean_layer_s"] / many["mean_layer_s"], 2), "equality": same,
                "machine": f"{os.uname().machine}, {os.cpu_count()} cores, 1 thread per process"}
+        row["objective_sum"] = [one["objective_sum"], many["objective_sum"]]
         print(json.dumps({k: v for k, v in row.items() if k not in ("one", "many")}), flush=True)
         rows.append(row)
         path.parent.mkdir(parents=True, exist_ok=True)

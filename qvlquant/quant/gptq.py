@@ -34,8 +34,8 @@ class CholeskyError(RuntimeError):
 def accumulate_hessian(S: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """Add the real tokens of x [..., K] to the running sum ``S = sum_t x_t x_t^T`` [K, K] in S's dtype (in place:
     one pass over S per batch, no [K, K] temporary); mask: [...] bool of real tokens (None: all). -> (S, n tokens).
-    The layer loop keeps S in float64, so sums over the batches in any grouping (one process, or several ranks
-    summed in rank order) round to the same float32 Hessian. ``hessian(S, n)`` makes ``2/n X^T X`` of it."""
+    The layer loop keeps S in float64, so sums over the batches in another grouping (several ranks) round to the
+    same float32 Hessian in all but a few entries per million (``qvlquant.distributed``). ``hessian(S, n)`` makes ``2/n X^T X`` of it."""
     x = x.reshape(-1, x.shape[-1])
     if mask is not None:
         x = x[mask.reshape(-1)]
