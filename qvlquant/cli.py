@@ -344,9 +344,14 @@ def run_inspect(args) -> int:
               "Fix: qvlquant inspect --repair")
     else:
         print("  vision tower: stays full precision in transformers 5")
+    if report["vllm"]:
+        print(f"  vLLM: judged by {report['vllm']['checked_by']}")
+        at_tp1 = report["vllm"].get("kernels", {}).get(1) or {}  # {vLLM layer: kernel class}
+        if at_tp1:
+            print(f"  vLLM kernels at tensor-parallel 1: {', '.join(sorted(set(at_tp1.values())))}")
     for tp, problems in report["marlin"].items():
         status = "ok" if not problems else f"{len(problems)} problem(s), e.g. {problems[0]}"
-        print(f"  vLLM Marlin at tensor-parallel {tp}: {status}")
+        print(f"  vLLM at tensor-parallel {tp}: {status}")
     if failed:
         print(f"qvlquant inspect: error: {args.model} fails verification against its manifest", file=sys.stderr)
     return 1 if failed else 0

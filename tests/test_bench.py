@@ -215,7 +215,7 @@ def test_bnb_variants_are_refused_where_they_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="bnb-nf4 loads the demo checkpoint.*--shape demo only"):
         BenchConfig(shape="qwen2-vl-7b", variants=("bnb-nf4",))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(RuntimeError, match=r"need bitsandbytes: pip install 'bitsandbytes>=0.50'"):
+    with pytest.raises(RuntimeError, match=r"need bitsandbytes: pip install 'qvlquant\[bnb\]'"):
         bench.measure_variant(BenchConfig(variants=("bnb-int8",), input_lengths=(1,), new_tokens=2), "bnb-int8")
 
 

@@ -130,7 +130,9 @@ def test_inspect_verifies_an_intact_export(tmp_path, capsys):
     assert report["verification"] == {"status": "verified", "files": 2, "error": None}
     assert report["quantization"]["bits"] == 4 and report["quantized_linears"] == 1
     assert main(["inspect", str(q)]) == 0
-    assert "manifest: 2 files verified" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "manifest: 2 files verified" in out
+    assert "vLLM: judged by " in out and "vLLM at tensor-parallel 1:" in out  # says whose rules, vLLM's or a copy
 
 
 @pytest.mark.parametrize("edit", ["bits", "shard"])

@@ -31,7 +31,7 @@ def require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401  optional: only the bnb-* baselines need it
     except ImportError:
-        raise RuntimeError("bnb-nf4 / bnb-int8 need bitsandbytes: pip install 'bitsandbytes>=0.50' (0.50.2 runs "
+        raise RuntimeError("bnb-nf4 / bnb-int8 need bitsandbytes: pip install 'qvlquant[bnb]' (bitsandbytes>=0.50; 0.50.2 runs "
                            "on this CPU too)") from None
 
 

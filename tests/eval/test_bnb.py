@@ -32,7 +32,7 @@ def test_missing_bitsandbytes_is_one_line_naming_the_install(monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     assert main(["eval", "--model", "bnb-nf4", "--base", "none", "--limit", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "bnb-nf4 / bnb-int8 need bitsandbytes: pip install 'bitsandbytes>=0.50'" in err and len(err.splitlines()) == 1
+    assert "bnb-nf4 / bnb-int8 need bitsandbytes: pip install 'qvlquant[bnb]'" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("kind,linear,label", [("bnb-nf4", "Linear4bit", "bnb NF4 (no calib)"),
