@@ -22,7 +22,7 @@ from qvlquant.calib.sources import load_samples
 from qvlquant.config import JobConfig
 from qvlquant.devices import (choose_offload, compute_dtype, peak_gpu_bytes, peak_rss_bytes, resolve_device,
                               set_threads)
-from qvlquant.distributed import World, barrier, check_same, shard, start, stop, total
+from qvlquant.distributed import World, barrier, check_same, each, shard, start, stop
 from qvlquant.estimate import estimate, format_estimate
 from qvlquant.export import CheckpointTensors, export, quantization_config
 from qvlquant.families import family_for
@@ -91,8 +91,7 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
         + (f" ({world.size} processes, {len(local)} of {len(batches)} batches each)" if world.distributed else ""))
     source.prepare_capture()
     result = quantize_model(job["skeleton"], local, plan, source, store)
-    job["peak_rss"] = total(torch.nn.functional.one_hot(torch.tensor(world.rank), world.size) * peak_rss_bytes(),
-                            world).tolist()
+    job["peak_rss"] = each(peak_rss_bytes(), world)
     barrier(world)
     if not world.leader:
         return None

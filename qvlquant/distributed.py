@@ -120,8 +120,17 @@ def total(t: torch.Tensor, world: World) -> torch.Tensor:
     return out
 
 
+def each(n: int, world: World) -> list[int]:
+    """Every rank's integer ``n``, in rank order, on every rank."""
+    if not world.distributed:
+        return [n]
+    parts = [torch.empty(1, dtype=torch.int64) for _ in range(world.size)]
+    dist.all_gather(parts, torch.tensor([n], dtype=torch.int64))
+    return [int(p.item()) for p in parts]
+
+
 def total_count(n: int, world: World) -> int:
-    return int(total(torch.tensor([n], dtype=torch.int64), world).item())
+    return sum(each(n, world))
 
 
 CHUNK_ELEMENTS = 2**23  # point-to-point messages of at most 64 MB of float64: the receiving buffer stays small

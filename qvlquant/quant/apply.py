@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from qvlquant.distributed import fold
-from qvlquant.quant.awq import apply_clip, clip_from_gram, group_gram_sum, search_scale
+from qvlquant.quant.awq import activation_sum, apply_clip, clip_from_gram, group_gram_sum, search_scale
 from qvlquant.quant.formats import QuantizedWeight
 from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, gptq_quantize, hessian
 from qvlquant.quant.layer import LayerContext, LayerInput, StopReplay, layer_device, replay
@@ -95,8 +95,8 @@ def _tokens(feats: list[torch.Tensor], inputs: list[LayerInput], limit: int, ctx
     """Real (unpadded) tokens of per-batch features, evenly subsampled to at most ``limit`` over every rank's
     tokens (this rank keeps those of the subsample that are its own). -> ([T, K] here, T over all ranks)."""
     x = torch.cat([f[i.token_mask.to(f.device)] for f, i in zip(feats, inputs)])
-    counts = ctx.total(torch.nn.functional.one_hot(torch.tensor(ctx.world.rank), ctx.world.size) * x.shape[0])
-    start, everyone = int(counts[:ctx.world.rank].sum()), int(counts.sum())
+    counts = ctx.each(x.shape[0])
+    start, everyone = sum(counts[:ctx.world.rank]), sum(counts)
     if everyone > limit:
         picked = torch.linspace(0, everyone - 1, limit).long()
         picked = picked[(picked >= start) & (picked < start + x.shape[0])] - start
@@ -106,7 +106,7 @@ def _tokens(feats: list[torch.Tensor], inputs: list[LayerInput], limit: int, ctx
 
 def _mean_abs(x: torch.Tensor, count: int, ctx: LayerContext) -> torch.Tensor:
     """Mean |x| per input channel over every rank's tokens (float64 sums, rank order). x: [T, K] -> [K]."""
-    return (ctx.total(x.abs().sum(0, dtype=torch.float64)) / max(1, count)).float()
+    return (ctx.total(activation_sum(x)) / max(1, count)).float()
 
 
 class _swapped_weights:
@@ -212,9 +212,12 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     scale_of = {n: s for group, _, _, s in found for n in group.linears}
     out_scale_of = {group.prev: s for group, prev, _, s in found if isinstance(prev, torch.nn.Linear)}
     solver = ctx.owners(layer, family.linears)
+    grams: dict[str, torch.Tensor] = {}  # one per shared input (gate and up clip against the same tokens)
     for name in family.linears:
         clip = qcfg.awq_clip and name not in family.clip_skipped
-        gram = _clip_gram(feats[owner[name]], inputs, ctx) if clip else None  # every rank: a collective
+        if clip and owner[name] not in grams:  # on every rank: a collective
+            grams[owner[name]] = _clip_gram(feats[owner[name]], inputs, ctx)
+        gram = grams.get(owner[name]) if clip else None
         if solver[name] != ctx.world.rank:
             continue
         w = layer.get_submodule(name).weight.data

@@ -17,9 +17,14 @@ import torch
 from qvlquant.quant.rtn import QuantSpec, fake_quantize, minmax_qparams
 
 
+def activation_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of |x| per input channel, float64 (sums over several processes' tokens add up). x: [T, K] -> [K]."""
+    return x.abs().sum(0, dtype=torch.float64)
+
+
 def activation_scale(x: torch.Tensor) -> torch.Tensor:
-    """Mean |x| per input channel. x: [T, K] -> [K]."""
-    return x.abs().float().mean(0)
+    """Mean |x| per input channel. x: [T, K] -> [K] float32."""
+    return (activation_sum(x) / max(1, x.shape[0])).float()
 
 
 def weight_scale(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:

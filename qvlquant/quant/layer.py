@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from qvlquant.config import QuantConfig
-from qvlquant.distributed import SINGLE, World, assign, total, total_count
+from qvlquant.distributed import SINGLE, World, assign, each, total, total_count
 from qvlquant.families import ModelFamily
 from qvlquant.quant.formats import QuantizedWeight
 
@@ -143,3 +143,6 @@ class LayerContext:
 
     def total_count(self, n: int) -> int:
         return total_count(n, self.world)
+
+    def each(self, n: int) -> list[int]:
+        return each(n, self.world)
