@@ -1,0 +1,233 @@
+"""Quantize a Qwen2-VL with llm-compressor from exported calibration batches; write the result as dense weights.
+
+    /work/peers/llmc/bin/python benchmarks/peers/run_llmcompressor.py --model qvlquant/demo/model \
+        --batches /tmp/peer-batches --method gptq --bits 4 --group-size 128 --sym --damp 0.01 --output OUT
+
+Runs inside llm-compressor's own venv (benchmarks/peers/setup_venvs.sh) and never imports qvlquant. The batches
+are benchmarks/peers/export_batches.py's, one per sample, fed to ``oneshot`` as a DataLoader in their order. Only the
+language model's linears are quantized (``visual.*`` and ``lm_head`` are ignored), on the CPU.
+
+- GPTQ: ``GPTQModifier`` (``--damp`` is its ``dampening_frac``; ``--actorder none|static|group``; llm-compressor's
+  own default is static, so it is given explicitly).
+- AWQ: 0.14's ``AWQModifier`` (a transform that folds the smoothing scales into the previous ops) followed by a
+  ``QuantizationModifier`` with the same scheme, i.e. what ``llmcompressor.modifiers.awq.AWQModifier`` builds.
+
+The compressed checkpoint it saves (compressed-tensors ``pack-quantized``) is decompressed with compressed-tensors'
+own ``PackedQuantizationCompressor.decompress`` (transformers cannot decompress it with ``run_compressed=False``)
+and written as ``OUTPUT/model.safetensors``: every tensor of the input folder's model.safetensors, under the same
+keys (the legacy ``model.layers.N`` / ``visual.*`` layout included), float32. ``OUTPUT/meta.json`` records the
+versions, the settings, the wall time and the calibration counts.
+
+Work-arounds, each for a failure met on a CPU-only machine:
+- text-only samples carry ``pixel_values=None`` / ``image_grid_thw=None`` (the traced pipeline fails without them);
+- AWQ pins its cached activations (``IntermediatesCache.pin_memory``) for faster host-to-device copies, which needs
+  CUDA: without CUDA it is replaced by a no-op (``_no_pinning``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata as md
+import json
+import pathlib
+import platform
+import re
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+IGNORE = ["lm_head", "re:(model\\.)?visual\\..*"]  # the vision tower stays BF16, as in qvlquant
+SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    method: str
+    bits: int
+    group_size: int  # -1: one group per output channel
+    sym: bool
+    damp: float = 0.01
+    actorder: str = "none"
+    dtype: str = "float32"  # the dtype the model is loaded and calibrated in
+
+    def __post_init__(self):
+        if self.method not in ("gptq", "awq"):
+            raise ValueError(f"--method {self.method!r}: use gptq or awq")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"--bits {self.bits}: llm-compressor packs 2..8-bit integers")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"--group-size {self.group_size}: a positive group size, or -1 for per-channel")
+        if self.actorder not in ("none", "static", "group") or (self.method == "awq" and self.actorder != "none"):
+            raise ValueError(f"--actorder {self.actorder!r}: none, static or group, and GPTQ only")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"--damp {self.damp}: a fraction of the Hessian's mean diagonal, in [0, 1)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype {self.dtype!r}: float32 or bfloat16")
+
+
+def read_batches(folder: pathlib.Path) -> tuple[list[dict], dict]:
+    """export_batches.py's files, in order; text-only samples get pixel_values / image_grid_thw = None."""
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    batches = []
+    for name in index["files"]:
+        batch = load_file(str(folder / name))
+        batch.setdefault("pixel_values", None)
+        batch.setdefault("image_grid_thw", None)
+        batches.append(batch)
+    return batches, index
+
+
+def scheme(s: Settings):
+    """The compressed-tensors scheme of the language model's linears."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # peer venv only
+
+    weights = QuantizationArgs(
+        num_bits=s.bits, type="int", symmetric=s.sym, strategy="group" if s.group_size > 0 else "channel",
+        group_size=s.group_size if s.group_size > 0 else None,
+        actorder=None if s.actorder == "none" else s.actorder,
+    )
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
+def recipe(s: Settings) -> list:
+    from llmcompressor.modifiers.gptq import GPTQModifier  # peer venv only
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    if s.method == "gptq":
+        actorder = None if s.actorder == "none" else s.actorder
+        return [GPTQModifier(config_groups=scheme(s), ignore=IGNORE, dampening_frac=s.damp, actorder=actorder)]
+    return [AWQModifier(), QuantizationModifier(config_groups=scheme(s), ignore=IGNORE)]
+
+
+def _no_pinning():
+    """Without CUDA, page-locked memory cannot be allocated: make AWQ's pinning of its cached batches a no-op (it
+    only speeds up copies to a GPU)."""
+    from llmcompressor.pipelines.cache import IntermediatesCache  # peer venv only
+
+    if not torch.cuda.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
+def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: pathlib.Path) -> None:
+    """oneshot over the batches, then save the compressed checkpoint to ``saved``."""
+    from llmcompressor import oneshot  # peer venv only
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _no_pinning()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, s.dtype))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    loader = torch.utils.data.DataLoader(batches, batch_size=1, shuffle=False, collate_fn=lambda b: b[0])
+    targets = [t for t in SEQUENTIAL_TARGETS if any(type(m).__name__ == t for m in model.modules())]
+    oneshot(model=model, processor=processor, dataset=loader, recipe=recipe(s), num_calibration_samples=len(batches),
+            sequential_targets=targets, shuffle_calibration_samples=False)
+    model.save_pretrained(saved, save_compressed=True)
+
+
+def decompress(saved: pathlib.Path) -> dict[str, torch.Tensor]:
+    """The saved pack-quantized checkpoint -> a dense state dict, through compressed-tensors' decompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # peer venv only
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = QuantizationConfig.model_validate(json.loads((saved / "config.json").read_text())["quantization_config"])
+    if qc.format != "pack-quantized" or len(qc.config_groups) != 1:
+        raise SystemExit(f"{saved}: format {qc.format} with {len(qc.config_groups)} groups; expected one pack-quantized group")
+    group = next(iter(qc.config_groups.values()))
+    state = {}
+    for f in sorted(saved.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    for prefix in sorted(k[: -len(".weight_packed")] for k in list(state) if k.endswith(".weight_packed")):
+        names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+        local = {n: state.pop(f"{prefix}.{n}") for n in names if f"{prefix}.{n}" in state}
+        state[f"{prefix}.weight"] = PackedQuantizationCompressor.decompress(local, group)["weight"]
+    return state
+
+
+def _candidates(key: str) -> list[str]:
+    """Names a checkpoint key may have in a transformers-5 Qwen-VL state dict (the legacy layout is renamed)."""
+    out = [key]
+    if key.startswith("model."):
+        out.append("model.language_model." + key[len("model."):])
+    if key.startswith("visual."):
+        out.append("model." + key)
+    return out
+
+
+def to_input_layout(state: dict[str, torch.Tensor], model_dir: pathlib.Path) -> dict[str, torch.Tensor]:
+    """``state`` under exactly the keys (and shapes) of the input folder's model.safetensors, float32."""
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    out = {}
+    for key, shape in shapes.items():
+        found = [c for c in _candidates(key) if c in state]
+        if len(found) != 1:
+            raise SystemExit(f"{key}: {len(found)} matches in the quantized checkpoint ({found}); cannot map it back")
+        t = state[found[0]]
+        if list(t.shape) != list(shape):
+            raise SystemExit(f"{key}: shape {list(t.shape)} after decompression, {list(shape)} in {model_dir}")
+        out[key] = t.float().contiguous()
+    return out
+
+
+def quantized_names(state: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed"))
+
+
+def versions() -> dict:
+    names = ("llmcompressor", "compressed-tensors", "torch", "transformers")
+    return {n: md.version(n) for n in names} | {"python": platform.python_version()}
+
+
+def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: pathlib.Path) -> dict:
+    batches, index = read_batches(batch_dir)
+    with tempfile.TemporaryDirectory(prefix="llmc-") as tmp:
+        saved = pathlib.Path(tmp)
+        t0 = time.time()
+        quantize(model_dir, batches, s, saved)
+        seconds = time.time() - t0
+        packed = {}
+        for f in saved.glob("*.safetensors"):
+            packed.update(load_file(str(f)))
+        dense = to_input_layout(decompress(saved), model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dense, str(out / "model.safetensors"))
+    meta = {
+        "peer": "llm-compressor", "versions": versions(), "settings": dataclasses.asdict(s),
+        "model": str(model_dir), "batches": str(batch_dir), "wall_seconds": round(seconds, 2),
+        "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
+        "quantized_linears": quantized_names(packed), "threads": torch.get_num_threads(),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, type=pathlib.Path, help="BF16 model folder (with its processor)")
+    ap.add_argument("--batches", required=True, type=pathlib.Path, help="export_batches.py's output folder")
+    ap.add_argument("--method", required=True, choices=["gptq", "awq"])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--sym", dest="sym", action="store_true", default=None)
+    ap.add_argument("--asym", dest="sym", action="store_false")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--actorder", default="none", choices=["none", "static", "group"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--output", required=True, type=pathlib.Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sym = args.sym if args.sym is not None else args.method == "gptq"  # each method's published default
+    s = Settings(args.method, args.bits, args.group_size, sym, args.damp, args.actorder, args.dtype)
+    meta = run(args.model.resolve(), args.batches.resolve(), s, args.output)
+    print(f"llm-compressor {s.method} W{s.bits}g{s.group_size}: {len(meta['quantized_linears'])} linears, "
+          f"{meta['wall_seconds']} s -> {args.output / 'model.safetensors'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Create the two peer virtual environments the peer benchmark runs in, each with its own torch/transformers:
+#
+#   bash benchmarks/peers/setup_venvs.sh [PEERS_DIR]        # default $QVLQUANT_PEERS_DIR or /work/peers
+#   PEERS_DIR/llmc       llmcompressor 0.14 (pins transformers <= 5.17, torch <= 2.14.0)
+#   PEERS_DIR/gptqmodel  gptqmodel 7.7      (needs torch >= 2.14.1, transformers >= 5.20.2)
+#
+# The versions below are exact, so a rerun builds the same stacks; transitive dependencies are whatever pip resolves
+# for these pins. torchvision is required by transformers 5's Qwen2-VL processor (its video processor).
+# An existing venv is reused (pip only adds what is missing); delete it to start over.
+# torch 2.14.0 is a CUDA build from PyPI (~900 MB wheel, ~4 GB installed with its nvidia-* wheels); it runs on CPU.
+# Not for CI: it installs two more stacks (~10 GB in all).
+set -euo pipefail
+
+PEERS_DIR="${1:-${QVLQUANT_PEERS_DIR:-/work/peers}}"
+PYTHON="${PYTHON:-python3}"
+NICE="nice -n 10"
+
+LLMC_PINS=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 torch==2.14.0 torchvision==0.29.0 transformers==5.17.0)
+GPTQMODEL_PINS=(gptqmodel==7.7.0 torch==2.14.1 torchvision==0.29.1 transformers==5.24.0)
+
+make_venv() {  # make_venv DIR PIN...
+    local dir="$1"; shift
+    local t0=$SECONDS
+    [ -x "$dir/bin/python" ] || $NICE "$PYTHON" -m venv "$dir"
+    $NICE "$dir/bin/python" -m pip install -q --upgrade pip
+    $NICE "$dir/bin/python" -m pip install -q "$@"
+    echo "$dir: installed in $((SECONDS - t0)) s"
+}
+
+report() {  # report DIR PACKAGE...: the versions the runners will see
+    local dir="$1"; shift
+    "$dir/bin/python" - "$@" <<'EOF'
+import importlib.metadata as md
+import sys
+
+print(sys.prefix, "python", sys.version.split()[0])
+for name in sys.argv[1:]:
+    print(f"  {name} {md.version(name)}")
+EOF
+}
+
+mkdir -p "$PEERS_DIR"
+make_venv "$PEERS_DIR/llmc" "${LLMC_PINS[@]}"
+make_venv "$PEERS_DIR/gptqmodel" "${GPTQMODEL_PINS[@]}"
+# The CUDA wheels are huge; pip's cache would keep a second copy of each.
+"$PEERS_DIR/llmc/bin/python" -m pip cache purge >/dev/null 2>&1 || true
+
+report "$PEERS_DIR/llmc" llmcompressor compressed-tensors torch torchvision transformers accelerate safetensors
+report "$PEERS_DIR/gptqmodel" gptqmodel torch torchvision transformers accelerate safetensors
