@@ -129,23 +129,26 @@ def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: p
     model.save_pretrained(saved, save_compressed=True)
 
 
-def decompress(saved: pathlib.Path) -> dict[str, torch.Tensor]:
-    """The saved pack-quantized checkpoint -> a dense state dict, through compressed-tensors' decompressor."""
+def decompress(saved: pathlib.Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The saved pack-quantized checkpoint -> (dense state dict, names of the quantized linears), through
+    compressed-tensors' own decompressor."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # peer venv only
     from compressed_tensors.quantization import QuantizationConfig
 
     qc = QuantizationConfig.model_validate(json.loads((saved / "config.json").read_text())["quantization_config"])
     if qc.format != "pack-quantized" or len(qc.config_groups) != 1:
-        raise SystemExit(f"{saved}: format {qc.format} with {len(qc.config_groups)} groups; expected one pack-quantized group")
+        raise SystemExit(f"{saved}: format {qc.format}, {len(qc.config_groups)} groups; "
+                         "expected one pack-quantized group")
     group = next(iter(qc.config_groups.values()))
     state = {}
     for f in sorted(saved.glob("*.safetensors")):
         state.update(load_file(str(f)))
-    for prefix in sorted(k[: -len(".weight_packed")] for k in list(state) if k.endswith(".weight_packed")):
-        names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-        local = {n: state.pop(f"{prefix}.{n}") for n in names if f"{prefix}.{n}" in state}
+    names = sorted(k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed"))
+    for prefix in names:
+        parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+        local = {n: state.pop(f"{prefix}.{n}") for n in parts if f"{prefix}.{n}" in state}
         state[f"{prefix}.weight"] = PackedQuantizationCompressor.decompress(local, group)["weight"]
-    return state
+    return state, names
 
 
 def _candidates(key: str) -> list[str]:
@@ -158,11 +161,12 @@ def _candidates(key: str) -> list[str]:
     return out
 
 
-def to_input_layout(state: dict[str, torch.Tensor], model_dir: pathlib.Path) -> dict[str, torch.Tensor]:
-    """``state`` under exactly the keys (and shapes) of the input folder's model.safetensors, float32."""
+def to_input_layout(state: dict[str, torch.Tensor], model_dir: pathlib.Path) -> tuple[dict, dict[str, str]]:
+    """``state`` under exactly the keys (and shapes) of the input folder's model.safetensors, float32.
+    -> (that state dict, each used key of ``state`` -> its input-folder key)."""
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    out = {}
+    out, renamed = {}, {}
     for key, shape in shapes.items():
         found = [c for c in _candidates(key) if c in state]
         if len(found) != 1:
@@ -171,11 +175,8 @@ def to_input_layout(state: dict[str, torch.Tensor], model_dir: pathlib.Path) -> 
         if list(t.shape) != list(shape):
             raise SystemExit(f"{key}: shape {list(t.shape)} after decompression, {list(shape)} in {model_dir}")
         out[key] = t.float().contiguous()
-    return out
-
-
-def quantized_names(state: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed"))
+        renamed[found[0]] = key
+    return out, renamed
 
 
 def versions() -> dict:
@@ -190,17 +191,16 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
         t0 = time.time()
         quantize(model_dir, batches, s, saved)
         seconds = time.time() - t0
-        packed = {}
-        for f in saved.glob("*.safetensors"):
-            packed.update(load_file(str(f)))
-        dense = to_input_layout(decompress(saved), model_dir)
+        state, names = decompress(saved)
+    dense, renamed = to_input_layout(state, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(dense, str(out / "model.safetensors"))
     meta = {
         "peer": "llm-compressor", "versions": versions(), "settings": dataclasses.asdict(s),
         "model": str(model_dir), "batches": str(batch_dir), "wall_seconds": round(seconds, 2),
         "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
-        "quantized_linears": quantized_names(packed), "threads": torch.get_num_threads(),
+        "quantized_linears": [renamed[n + ".weight"][: -len(".weight")] for n in names],
+        "threads": torch.get_num_threads(),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return meta

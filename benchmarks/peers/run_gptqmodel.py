@@ -1,0 +1,228 @@
+"""Quantize a Qwen2-VL with GPTQModel from exported calibration batches; write the result as dense weights.
+
+    GPTQMODEL_CPU_WORKERS=2 /work/peers/gptqmodel/bin/python benchmarks/peers/run_gptqmodel.py \
+        --model qvlquant/demo/model --batches /tmp/peer-batches --method gptq --bits 4 --group-size 128 --sym \
+        --damp 0.01 --output OUT
+
+Runs inside GPTQModel's own venv (benchmarks/peers/setup_venvs.sh) and never imports qvlquant. The batches are
+benchmarks/peers/export_batches.py's, one per sample, in their order: GPTQModel's Qwen2-VL definition would
+re-encode chat conversations through the processor itself, so the model's ``prepare_dataset`` is replaced by one
+that hands the already-encoded batches through (``_use_encoded_batches``); its length sort and minimum-length
+filter are switched off. Only the language model's decoder linears are quantized (GPTQModel's Qwen2-VL
+``module_tree``); the vision tower and lm_head stay as they are. On the CPU.
+
+- ``--damp``: ``damp_percent``; ``--actorder none|static|gar``: none = plain column order (``desc_act=False``,
+  ``act_group_aware=False``), static = ``desc_act=True, static_groups=True``, gar = GPTQModel's own default
+  (group-aware reordering, ``act_group_aware=True``); ``--mse F``: GPTQModel's MSE scale search (0 = off).
+
+GPTQModel saves GPTQ "v1" (``qweight`` [K*b/32, N] int32 packed along K as a little-endian bit stream, ``qzeros``
+[G, N*b/32] packed along N holding zero - 1, ``scales`` [G, N] fp16, ``g_idx`` [K]); ``dequantize_gptq`` reads
+those tensors back to W [N, K] = scales[g_idx] * (q - zero), float32, and the result is written as
+``OUTPUT/model.safetensors`` under exactly the keys (and shapes) of the input folder's model.safetensors.
+``OUTPUT/meta.json`` records the versions, the settings, the wall time and the calibration counts.
+Needs ``GPTQMODEL_CPU_WORKERS=2`` on a 2-core machine (set here when unset) and ``mm_token_type_ids`` in the
+batches (export_batches.py writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata as md
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # read when gptqmodel is imported; its default hangs on 2 cores
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    bits: int
+    group_size: int  # -1: one group per output channel
+    sym: bool
+    damp: float = 0.01
+    actorder: str = "none"
+    mse: float = 0.0
+    dtype: str = "float32"  # the dtype the model is loaded and calibrated in
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"--bits {self.bits}: GPTQModel packs 2..8-bit integers")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"--group-size {self.group_size}: a positive group size, or -1 for per-channel")
+        if self.actorder not in ("none", "static", "gar"):
+            raise ValueError(f"--actorder {self.actorder!r}: none, static or gar")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"--damp {self.damp}: GPTQModel needs 0 < damp_percent < 1")
+        if self.mse < 0:
+            raise ValueError(f"--mse {self.mse}: 0 (off) or a positive norm")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype {self.dtype!r}: float32 or bfloat16")
+
+
+def unpack_stream(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Codes packed along dim 0 as a little-endian bit stream (AutoGPTQ's layout, 3 bits crossing words included).
+    words [W, M] int32 -> [length, M] int64."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(32, dtype=torch.int64).view(1, 32, 1)
+    stream = ((w.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1, w.shape[1])  # [W*32, M], LSB first
+    if stream.shape[0] < length * bits:
+        raise ValueError(f"{words.shape[0]} words hold {stream.shape[0] // bits} {bits}-bit codes, not {length}")
+    stream = stream[: length * bits].view(length, bits, w.shape[1]).to(torch.int64)
+    return (stream << torch.arange(bits, dtype=torch.int64).view(1, bits, 1)).sum(1)
+
+
+def dequantize_gptq(t: dict[str, torch.Tensor], bits: int, v1: bool = True) -> torch.Tensor:
+    """One GPTQ linear (qweight, qzeros, scales, optional g_idx) -> W [N, K] float32. ``v1``: qzeros hold zero - 1
+    (the AutoGPTQ checkpoint convention, stored modulo 2**bits), which the loaders add back."""
+    scales = t["scales"].float()  # [G, N]
+    groups, n = scales.shape
+    k = t["qweight"].shape[0] * 32 // bits
+    q = unpack_stream(t["qweight"], bits, k)  # [K, N]
+    zero = unpack_stream(t["qzeros"].t(), bits, n).t()  # [G, N]
+    if v1:
+        zero = (zero + 1) & (2**bits - 1)
+    g_idx = t["g_idx"].long() if "g_idx" in t else torch.arange(k) // (k // groups)
+    return (scales[g_idx] * (q - zero[g_idx]).float()).t().contiguous()  # [N, K]
+
+
+def dequantize_state(packed: dict[str, torch.Tensor], bits: int, v1: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A saved GPTQ checkpoint's tensors -> (dense state dict, names of the quantized linears)."""
+    state = dict(packed)
+    names = sorted(k[: -len(".qweight")] for k in packed if k.endswith(".qweight"))
+    for name in names:
+        keys = ("qweight", "qzeros", "scales", "g_idx")
+        parts = {p: state.pop(f"{name}.{p}") for p in keys if f"{name}.{p}" in state}
+        state[f"{name}.weight"] = dequantize_gptq(parts, bits, v1)
+    return state, names
+
+
+def _candidates(key: str) -> list[str]:
+    """Names a checkpoint key may have in a transformers-5 Qwen-VL state dict (the legacy layout is renamed)."""
+    out = [key]
+    if key.startswith("model."):
+        out.append("model.language_model." + key[len("model."):])
+    if key.startswith("visual."):
+        out.append("model." + key)
+    return out
+
+
+def to_input_layout(state: dict[str, torch.Tensor], model_dir: pathlib.Path) -> tuple[dict, dict[str, str]]:
+    """``state`` under exactly the keys (and shapes) of the input folder's model.safetensors, float32.
+    -> (that state dict, each used key of ``state`` -> its input-folder key)."""
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    out, renamed = {}, {}
+    for key, shape in shapes.items():
+        found = [c for c in _candidates(key) if c in state]
+        if len(found) != 1:
+            raise SystemExit(f"{key}: {len(found)} matches in the quantized checkpoint ({found}); cannot map it back")
+        t = state[found[0]]
+        if list(t.shape) != list(shape):
+            raise SystemExit(f"{key}: shape {list(t.shape)} after dequantization, {list(shape)} in {model_dir}")
+        out[key] = t.float().contiguous()
+        renamed[found[0]] = key
+    return out, renamed
+
+
+def read_batches(folder: pathlib.Path) -> tuple[list[dict], dict]:
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    batches = [load_file(str(folder / name)) for name in index["files"]]
+    missing = [n for n, b in zip(index["files"], batches) if "mm_token_type_ids" not in b]
+    if missing:
+        raise SystemExit(f"{folder / missing[0]}: no mm_token_type_ids; re-export with export_batches.py")
+    return batches, index
+
+
+def quantize_config(s: Settings):
+    from gptqmodel import QuantizeConfig  # peer venv only
+
+    order = {"none": {"desc_act": False, "act_group_aware": False},
+             "static": {"desc_act": True, "static_groups": True, "act_group_aware": False},
+             "gar": {"desc_act": False, "act_group_aware": True}}[s.actorder]
+    return QuantizeConfig(bits=s.bits, group_size=s.group_size, sym=s.sym, damp_percent=s.damp, mse=s.mse, **order)
+
+
+def _use_encoded_batches(model) -> None:
+    """The batches are already the processor's output: pass them through instead of re-encoding conversations."""
+    model.prepare_dataset = lambda calibration_dataset, **_: calibration_dataset
+
+
+def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: pathlib.Path) -> None:
+    from gptqmodel import GPTQModel  # peer venv only
+
+    model = GPTQModel.load(str(model_dir), quantize_config(s), device="cpu", dtype=getattr(torch, s.dtype))
+    _use_encoded_batches(model)
+    model.quantize(batches, batch_size=1, calibration_sort=None, calibration_data_min_length=0)
+    model.save(str(saved))
+
+
+def versions() -> dict:
+    names = ("gptqmodel", "torch", "transformers")
+    return {n: md.version(n) for n in names} | {"python": platform.python_version()}
+
+
+def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: pathlib.Path) -> dict:
+    batches, index = read_batches(batch_dir)
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
+        saved = pathlib.Path(tmp)
+        t0 = time.time()
+        quantize(model_dir, batches, s, saved)
+        seconds = time.time() - t0
+        qcfg = json.loads((saved / "quantize_config.json").read_text())
+        packed = {}
+        for f in sorted(saved.glob("*.safetensors")):
+            packed.update(load_file(str(f)))
+    fmt = qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise SystemExit(f"GPTQModel saved checkpoint_format {fmt!r}; this runner reads gptq (v1) and gptq_v2")
+    state, names = dequantize_state(packed, s.bits, v1=fmt == "gptq")
+    dense, renamed = to_input_layout(state, model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dense, str(out / "model.safetensors"))
+    meta = {
+        "peer": "GPTQModel", "versions": versions(), "settings": {"method": "gptq", **dataclasses.asdict(s)},
+        "model": str(model_dir), "batches": str(batch_dir), "wall_seconds": round(seconds, 2),
+        "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
+        "quantized_linears": [renamed[n + ".weight"][: -len(".weight")] for n in names],
+        "checkpoint_format": fmt, "quantize_config": qcfg,
+        "threads": torch.get_num_threads(), "cpu_workers": os.environ["GPTQMODEL_CPU_WORKERS"],
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, type=pathlib.Path, help="BF16 model folder (with its processor)")
+    ap.add_argument("--batches", required=True, type=pathlib.Path, help="export_batches.py's output folder")
+    ap.add_argument("--method", default="gptq", choices=["gptq"])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--sym", dest="sym", action="store_true", default=True)
+    ap.add_argument("--asym", dest="sym", action="store_false")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--actorder", default="none", choices=["none", "static", "gar"])
+    ap.add_argument("--mse", type=float, default=0.0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--output", required=True, type=pathlib.Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = Settings(args.bits, args.group_size, args.sym, args.damp, args.actorder, args.mse, args.dtype)
+    meta = run(args.model.resolve(), args.batches.resolve(), s, args.output)
+    print(f"GPTQModel gptq W{s.bits}g{s.group_size}: {len(meta['quantized_linears'])} linears, "
+          f"{meta['wall_seconds']} s -> {args.output / 'model.safetensors'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

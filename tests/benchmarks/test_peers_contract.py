@@ -1,0 +1,106 @@
+"""The peer benchmark's contract, checked in qvlquant's venv without the peers' venvs (benchmarks/peers/).
+
+export_batches.py must hand the peers exactly the batches qvlquant calibrates on; run_gptqmodel.py's GPTQ reader
+must invert the GPTQ v1 layout qvlquant writes (the same AutoGPTQ layout GPTQModel saves); both runners map the
+transformers-5 names back to the input folder's keys, or refuse naming the key.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoProcessor
+
+from qvlquant.calib.dataset import CalibConfig, build_batches
+from qvlquant.calib.sources import load_samples
+from qvlquant.demo.paths import MODEL_DIR
+from qvlquant.quant.formats import PackFormat, QuantizedWeight
+from qvlquant.quant.rtn import QuantSpec, default_g_idx
+
+PEERS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
+
+
+def _module(name: str):
+    """A script of benchmarks/peers/ as a module (the folder is not a package; the peers' own libraries are
+    imported inside functions only, so this works without their venvs)."""
+    spec = importlib.util.spec_from_file_location(f"peers_{name}", PEERS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+export_batches = _module("export_batches")
+run_gptqmodel = _module("run_gptqmodel")
+run_llmcompressor = _module("run_llmcompressor")
+
+
+def test_exported_batches_are_qvlquants_batches(tmp_path):
+    export_batches.main(["--model", "demo", "--num-samples", "6", "--seed", "3", "--output", str(tmp_path)])
+    samples, names, _ = load_samples("demo", 6, seed=3)
+    expected = build_batches(AutoProcessor.from_pretrained(MODEL_DIR), samples, CalibConfig(), names)
+    got = export_batches.read_batches(tmp_path)
+    assert len(got) == len(expected) == 6
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert sorted(g) == sorted(e), f"batch {i}"
+        assert "mm_token_type_ids" in g  # GPTQModel needs it for image samples
+        for key in e:
+            assert g[key].dtype == e[key].dtype and torch.equal(g[key], e[key]), f"batch {i} {key}"
+    assert any("pixel_values" in b for b in got) and any("pixel_values" not in b for b in got)  # both kinds drawn
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["count"] == 6 and index["seed"] == 3 and index["model"] == str(MODEL_DIR.resolve())
+    assert index["num_tokens"] == sum(int(b["attention_mask"].sum()) for b in expected)
+    assert index["num_images"] == sum(len(b["image_grid_thw"]) for b in expected if "image_grid_thw" in b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(index["files"] + ["index.json"])  # no pickle
+
+
+def _random_weight(bits: int, group: int, act_order: bool, n: int = 32, k: int = 64) -> QuantizedWeight:
+    spec = QuantSpec(bits, group, sym=False)
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    groups = spec.groups(k)
+    q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.int32)
+    zero = torch.randint(0, 2**bits, (n, groups), generator=g).float()
+    zero[:, 0] = 0  # v1 stores zero - 1: zero 0 wraps to 2**bits - 1 and must come back as 0
+    scale = (torch.rand(n, groups, generator=g) + 0.01).half().float()  # fp16-exact: the layout stores fp16
+    g_idx = default_g_idx(k, spec)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    return QuantizedWeight(q, scale, zero, g_idx.to(torch.int32), spec)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group,act_order", [(32, False), (32, True), (-1, False)])
+def test_gptq_reader_inverts_the_v1_layout(bits, group, act_order):
+    w = _random_weight(bits, group, act_order)
+    packed = PackFormat.GPTQ.pack(w)
+    got = run_gptqmodel.dequantize_gptq(packed, bits, v1=True)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, w.dequantize())
+
+
+def test_gptq_reader_v2_keeps_zeros_as_stored():
+    w = _random_weight(4, 32, False)
+    packed = PackFormat.GPTQ.pack(w)
+    v1 = run_gptqmodel.dequantize_gptq(packed, 4, v1=True)
+    v2 = run_gptqmodel.dequantize_gptq(packed, 4, v1=False)  # zeros read one lower (mod 16): every weight shifts
+    assert not torch.equal(v1, v2)
+    nonwrapped = (w.zero != 0)[:, w.g_idx.long()]  # [N, K]
+    assert torch.allclose((v1 - v2)[nonwrapped], -w.scale[:, w.g_idx.long()][nonwrapped])
+
+
+@pytest.mark.parametrize("runner", [run_gptqmodel, run_llmcompressor])
+def test_runners_map_transformers5_names_back(runner):
+    with safe_open(str(MODEL_DIR / "model.safetensors"), "pt") as f:
+        base = {k: f.get_tensor(k) for k in f.keys()}
+    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else "model." + k): v for k, v in base.items()}
+    dense, names = runner.to_input_layout(renamed, MODEL_DIR)
+    assert list(dense) == list(base)
+    assert all(dense[k].dtype == torch.float32 and torch.equal(dense[k], base[k].float()) for k in base)
+    assert names["model.language_model.layers.0.mlp.up_proj.weight"] == "model.layers.0.mlp.up_proj.weight"
+    del renamed["model.visual.merger.ln_q.weight"]
+    with pytest.raises(SystemExit, match="visual.merger.ln_q.weight: 0 matches"):
+        runner.to_input_layout(renamed, MODEL_DIR)
