@@ -7,8 +7,8 @@ Runs inside llm-compressor's own venv (benchmarks/peers/setup_venvs.sh) and neve
 are benchmarks/peers/export_batches.py's, one per sample, fed to ``oneshot`` as a DataLoader in their order. Only the
 language model's linears are quantized (``visual.*`` and ``lm_head`` are ignored), on the CPU.
 
-- GPTQ: ``GPTQModifier`` (``--damp`` is its ``dampening_frac``; ``--actorder none|static|group``; llm-compressor's
-  own default is static, so it is given explicitly).
+- GPTQ: ``GPTQModifier`` (``--damp`` is its ``dampening_frac``; ``--actorder none|static``; llm-compressor's own
+  default is static, so it is always given explicitly; compressed-tensors 0.19 refuses ``group``, the g_idx kind).
 - AWQ: 0.14's ``AWQModifier`` (a transform that folds the smoothing scales into the previous ops) followed by a
   ``QuantizationModifier`` with the same scheme, i.e. what ``llmcompressor.modifiers.awq.AWQModifier`` builds.
 
@@ -62,8 +62,8 @@ class Settings:
             raise ValueError(f"--bits {self.bits}: llm-compressor packs 2..8-bit integers")
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"--group-size {self.group_size}: a positive group size, or -1 for per-channel")
-        if self.actorder not in ("none", "static", "group") or (self.method == "awq" and self.actorder != "none"):
-            raise ValueError(f"--actorder {self.actorder!r}: none, static or group, and GPTQ only")
+        if self.actorder not in ("none", "static") or (self.method == "awq" and self.actorder != "none"):
+            raise ValueError(f"--actorder {self.actorder!r}: none or static, and GPTQ only")
         if not 0 <= self.damp < 1:
             raise ValueError(f"--damp {self.damp}: a fraction of the Hessian's mean diagonal, in [0, 1)")
         if self.dtype not in ("float32", "bfloat16"):
@@ -129,6 +129,12 @@ def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: p
     model.save_pretrained(saved, save_compressed=True)
 
 
+def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:
+    """g_idx [K]: input column k in group k // (K / groups), i.e. no act-order permutation of the groups."""
+    k = g_idx.numel()
+    return bool(torch.equal(g_idx.long(), torch.arange(k) // (k // groups)))
+
+
 def decompress(saved: pathlib.Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The saved pack-quantized checkpoint -> (dense state dict, names of the quantized linears), through
     compressed-tensors' own decompressor."""
@@ -145,8 +151,11 @@ def decompress(saved: pathlib.Path) -> tuple[dict[str, torch.Tensor], list[str]]
         state.update(load_file(str(f)))
     names = sorted(k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed"))
     for prefix in names:
-        parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+        parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
         local = {n: state.pop(f"{prefix}.{n}") for n in parts if f"{prefix}.{n}" in state}
+        g_idx = state.pop(f"{prefix}.weight_g_idx", None)
+        if g_idx is not None and not _is_default_g_idx(g_idx, local["weight_scale"].shape[-1]):
+            raise SystemExit(f"{prefix}: permuted weight_g_idx, which the pack-quantized decompressor does not apply")
         state[f"{prefix}.weight"] = PackedQuantizationCompressor.decompress(local, group)["weight"]
     return state, names
 
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sym", dest="sym", action="store_true", default=None)
     ap.add_argument("--asym", dest="sym", action="store_false")
     ap.add_argument("--damp", type=float, default=0.01)
-    ap.add_argument("--actorder", default="none", choices=["none", "static", "group"])
+    ap.add_argument("--actorder", default="none", choices=["none", "static"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", required=True, type=pathlib.Path)
