@@ -6,10 +6,12 @@
 #   PEERS_DIR/gptqmodel  gptqmodel 7.7      (needs torch >= 2.14.1, transformers >= 5.20.2)
 #
 # The versions below are exact, so a rerun builds the same stacks; transitive dependencies are whatever pip resolves
-# for these pins. torchvision is required by transformers 5's Qwen2-VL processor (its video processor).
+# for these pins, and each venv's full resolution is written to VENV/pip-freeze.txt (compare it across machines). torchvision is required by transformers 5's Qwen2-VL processor (its video processor).
 # An existing venv is reused (pip only adds what is missing); delete it to start over.
-# torch 2.14.0 is a CUDA build from PyPI (~900 MB wheel, ~4 GB installed with its nvidia-* wheels); it runs on CPU.
-# Not for CI: it installs two more stacks (~10 GB in all).
+# torch 2.14.0 is a CUDA build from PyPI (~900 MB wheel; with its nvidia-* wheels ~6 GB per venv); it runs on CPU.
+# Measured on the 2-core build machine: llmc 103 s (torch 2.14.0 downloaded from PyPI), gptqmodel 120 s (torch
+# 2.14.1 from the local wheels; gptqmodel and a few of its dependencies build from sdists), 12 GB on disk in all.
+# Not for CI: it installs two more stacks.
 set -euo pipefail
 
 PEERS_DIR="${1:-${QVLQUANT_PEERS_DIR:-/work/peers}}"
@@ -25,6 +27,7 @@ make_venv() {  # make_venv DIR PIN...
     [ -x "$dir/bin/python" ] || $NICE "$PYTHON" -m venv "$dir"
     $NICE "$dir/bin/python" -m pip install -q --upgrade pip
     $NICE "$dir/bin/python" -m pip install -q "$@"
+    "$dir/bin/python" -m pip freeze > "$dir/pip-freeze.txt"
     echo "$dir: installed in $((SECONDS - t0)) s"
 }
 
