@@ -33,7 +33,7 @@ logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 
 from qvlquant import launch
 from qvlquant.bench import BENCH_VARIANTS, SHAPES
-from qvlquant.config import DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig
+from qvlquant.config import AWQ_ROUNDING, DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.version import __version__
 
@@ -92,6 +92,12 @@ def add_quantize(sub) -> None:
                    "before act-order")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                    help="GPTQ: all Hessians from the unquantized layer instead of group by group")
+    p.add_argument("--mse", type=float, metavar="P", help="GPTQ: shrink each group's range to minimise "
+                   "|w - Q(w)|^P (GPTQModel's mse; 2.4 typical; default 0: min-max)")
+    p.add_argument("--vision-weight", type=float, metavar="W", help="GPTQ: weight of image / video tokens in the "
+                   "Hessian, VLMQ-style (default 1: like text tokens)")
+    p.add_argument("--awq-rounding", choices=list(AWQ_ROUNDING), help="AWQ: rtn (AWQ's clipping search and "
+                   "round-to-nearest, the default) or gptq (GPTQ rounds the AWQ-scaled layer)")
     p.add_argument("--calib", help="'demo' (default), 'easyvqa', a .json/.jsonl file (chat or sharegpt), "
                    "an image folder with captions, or hf:PATH_OR_ID")
     p.add_argument("--num-samples", type=int, help="default 64")

@@ -19,6 +19,7 @@ from qvlquant.quant.rtn import QuantSpec
 
 CONFIG_VERSION = 1
 METHODS = ("rtn", "gptq", "awq")
+AWQ_ROUNDING = ("rtn", "gptq")
 GPTQ_DAMP_PERCENT = 0.1  # the GPTQ paper's and the published Qwen2-VL GPTQ checkpoints' damping
 EXPORT_FORMATS = ("auto", "compressed-tensors")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,18 +55,33 @@ class QuantConfig:
     awq_grid: int = 20  # AWQ: grid points of the scale search
     awq_clip: bool = True  # AWQ: clipping search after scaling
     awq_max_tokens: int = 4096  # AWQ: tokens kept per linear for its statistics and scale search
+    awq_rounding: str = "rtn"  # AWQ: "rtn" (AWQ's own, after the clipping search) or "gptq" (GPTQ rounds the scaled layer)
+    mse: float = 0.0  # GPTQ: group ranges shrunk to minimise |w - Q(w)|^mse (GPTQModel's mse, 2.4 typical); 0: min-max
+    vision_weight: float = 1.0  # GPTQ: weight of image / video tokens in the Hessian (VLMQ-style); 1: as text
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.spec is None:
             object.__setattr__(self, "spec", QuantSpec(4, 128, sym=self.method != "awq"))
-        gptq_only = {"damp_percent": self.damp_percent is not None, "desc_act": self.desc_act,
-                     "static_groups": self.static_groups, "true_sequential": not self.true_sequential}
-        if self.method != "gptq" and any(gptq_only.values()):
-            named = ", ".join(k for k, v in gptq_only.items() if v)
-            raise ValueError(f"{named}: GPTQ options, not for method {self.method}")
-        if self.method == "gptq":
+        if self.awq_rounding not in AWQ_ROUNDING:
+            raise ValueError(f"awq_rounding must be one of {', '.join(AWQ_ROUNDING)}, got {self.awq_rounding!r}")
+        if self.awq_rounding != "rtn" and self.method != "awq":
+            raise ValueError(f"awq_rounding: an AWQ option, not for method {self.method}")
+        gptq_rounds = self.method == "gptq" or self.awq_rounding == "gptq"
+        rounding = {"damp_percent": self.damp_percent is not None, "mse": self.mse != 0.0,
+                    "vision_weight": self.vision_weight != 1.0}  # wherever GPTQ rounds (gptq, awq + gptq)
+        ordering = {"desc_act": self.desc_act, "static_groups": self.static_groups,
+                    "true_sequential": not self.true_sequential}  # GPTQ's own column order and layout
+        misplaced = [k for k, v in rounding.items() if v and not gptq_rounds]
+        misplaced += [k for k, v in ordering.items() if v and self.method != "gptq"]
+        if misplaced:
+            hint = " (AWQ takes damp_percent, mse and vision_weight with awq_rounding 'gptq')" if self.method == "awq" else ""
+            raise ValueError(f"{', '.join(misplaced)}: GPTQ options, not for method {self.method}{hint}")
+        if not (isinstance(self.mse, (int, float)) and math.isfinite(self.mse) and self.mse >= 0):
+            raise ValueError(f"mse must be a finite number >= 0 (0: off; 2.4 is GPTQModel's), got {self.mse!r}")
+        _finite_positive("vision_weight", self.vision_weight)
+        if gptq_rounds:
             if self.damp_percent is None:
                 object.__setattr__(self, "damp_percent", GPTQ_DAMP_PERCENT)
             _finite_positive("damp_percent", self.damp_percent)
@@ -211,7 +227,8 @@ class JobConfig:
 
 
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "damp_percent", "damp_max", "block_size", "desc_act",
-               "static_groups", "true_sequential", "awq_grid", "awq_clip", "awq_max_tokens")
+               "static_groups", "true_sequential", "awq_grid", "awq_clip", "awq_max_tokens", "awq_rounding",
+               "mse", "vision_weight")
 _COLUMN_KEYS = ("image_column", "question_column", "answer_column", "text_column")
 _PROCESSING_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
 FLAT_KEYS = frozenset(_QUANT_KEYS + _COLUMN_KEYS + _PROCESSING_KEYS + (

@@ -153,6 +153,10 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str
     mask_of_batch: list[torch.Tensor] = []
     deepstack: dict = {}
     masks_kw, embeds_kw = family.deepstack_kwargs
+    config = getattr(model, "config", None)
+    vision_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                  if i is not None]  # Qwen-VL-Chat has none: its vision tokens are not told apart (weights stay 1)
+    vision_of_batch: list = []
 
     def text_model_hook(module, args, kwargs):
         deepstack["masks"], deepstack["embeds"] = kwargs.get(masks_kw), kwargs.get(embeds_kw)
@@ -160,7 +164,7 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         kept = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
-        x = LayerInput(hidden.detach(), kept, mask_of_batch[-1])
+        x = LayerInput(hidden.detach(), kept, mask_of_batch[-1], vision_mask=vision_of_batch[-1])
         if family.deepstack and deepstack.get("embeds") is not None:
             x.visual_pos_masks, x.deepstack = deepstack["masks"], [e.detach() for e in deepstack["embeds"]]
         captured.append(x if offload is None else x.to(offload))
@@ -173,6 +177,8 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str
     with hooked(pre_hooks, pre=True, with_kwargs=True):
         for batch in progress(batches, desc="capture layer-0 inputs", unit="batch"):
             mask_of_batch.append(batch["attention_mask"].bool().to(device))
+            ids = batch.get("input_ids")
+            vision_of_batch.append(None if ids is None or not vision_ids else torch.isin(ids, torch.tensor(vision_ids)).to(device))
             try:
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
             except _StopForward:

@@ -15,6 +15,8 @@ def test_per_method_defaults():
     job = JobConfig.from_flat(output="out/q", method="awq")  # what qvlquant.quantize(output=..., method="awq") builds
     assert job.quant.spec.sym is False and job.pack_format.value == "awq_gemm"
     assert JobConfig.from_flat(output="o", method="awq", bits=4).quant.spec.sym is False  # bits alone keeps asym
+    awq_gptq = JobConfig.from_flat(output="o", method="awq", awq_rounding="gptq", mse=2.4, vision_weight=0.5).quant
+    assert awq_gptq.damp_percent == GPTQ_DAMP_PERCENT and awq_gptq.mse == 2.4  # GPTQ's rounding settings apply
 
 
 @pytest.mark.parametrize("damp", [0, -1, math.nan, math.inf, "0.1", True])
@@ -26,6 +28,13 @@ def test_damping_is_checked_at_the_boundary(damp):
 @pytest.mark.parametrize("settings,message", [
     (dict(method="rtn", damp_percent=0.01), "damp_percent: GPTQ options, not for method rtn"),
     (dict(method="awq", desc_act=True), "desc_act: GPTQ options, not for method awq"),
+    (dict(method="awq", mse=2.4), "mse: GPTQ options, not for method awq \\(AWQ takes .* awq_rounding 'gptq'\\)"),
+    (dict(method="awq", awq_rounding="gptq", static_groups=True), "static_groups: GPTQ options"),
+    (dict(method="rtn", vision_weight=0.5), "vision_weight: GPTQ options, not for method rtn"),
+    (dict(method="gptq", awq_rounding="gptq"), "awq_rounding: an AWQ option, not for method gptq"),
+    (dict(method="awq", awq_rounding="nearest"), "awq_rounding must be one of rtn, gptq"),
+    (dict(method="gptq", mse=-1.0), "mse must be a finite number >= 0"),
+    (dict(method="gptq", vision_weight=0.0), "vision_weight must be a finite number above 0"),
     (dict(method="gptq", damp_percent=2.0), "above its limit damp_max"),
     (dict(method="awq", bits=3), "AWQ exports the AWQ GEMM format: 4-bit"),
     (dict(method="gptq", desc_act=True, export_format="compressed-tensors"), "contiguous groups only"),

@@ -89,3 +89,13 @@ def test_batch_of_four_gives_the_hessians_of_batch_one():
     for g in groups:
         assert h4[g][1] == h1[g][1] == sum(lengths)
         torch.testing.assert_close(hessian(*h4[g]), hessian(*h1[g]), rtol=1e-4, atol=1e-5)
+
+
+def test_capture_marks_the_image_tokens(demo, demo_batches):
+    from qvlquant.families import QWEN2_VL
+
+    model, _ = demo
+    for batch, x in zip(demo_batches, capture_inputs(model, QWEN2_VL, demo_batches)):
+        expected = (batch["input_ids"] == model.config.image_token_id)
+        assert torch.equal(x.vision_mask, expected)
+    assert sum(int(x.vision_mask.sum()) for x in capture_inputs(model, QWEN2_VL, demo_batches)) > 0

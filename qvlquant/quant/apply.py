@@ -4,6 +4,8 @@ decoder layer, its captured inputs and a ``LayerContext``, and reporting every q
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qvlquant.distributed import fold
@@ -25,40 +27,46 @@ def rtn_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     ctx.settle(owner)
 
 
-def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups) -> dict[tuple[str, ...], tuple[torch.Tensor, int]]:
+def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups,
+                     vision_weight: float = 1.0) -> dict[tuple[str, ...], tuple[torch.Tensor, int]]:
     """Replay ``layer`` over ``inputs`` and sum ``X^T X`` per linear group (its members share the input), in
-    float64 on the layer's device; ``gptq.hessian`` turns a sum into GPTQ's ``2/n X^T X``. Each replay stops at
-    the last of ``groups`` (in execution order): the rest of the layer is not needed. -> {group: (S [K, K], n)}."""
+    float64 on the layer's device; ``gptq.hessian`` turns a sum into GPTQ's ``2/n X^T X``. Image / video tokens
+    count ``vision_weight`` times (1: like text). Each replay stops at the last of ``groups`` (in execution order):
+    the rest of the layer is not needed. -> {group: (S [K, K], n)}."""
     sums: dict = {}
-    mask: list = [None]
+    mask: list = [None, None]
     last = groups[-1] if groups else None  # groups come in execution order
 
     def hook_for(group):
         def hook(module, args, output):
             x = args[0]  # [B, S, K]
             S, n = sums.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device), 0)
-            sums[group] = accumulate_hessian(S, n, x, mask[0].to(x.device))
+            weight = None if mask[1] is None else mask[1].to(x.device)
+            sums[group] = accumulate_hessian(S, n, x, mask[0].to(x.device), weight)
             if group == last:
                 raise StopReplay
 
         return hook
 
     replay(layer, inputs, [(layer.get_submodule(g[0]), hook_for(g)) for g in groups],
-           before_each=lambda x: mask.__setitem__(0, x.token_mask))
+           before_each=lambda x: mask.__setitem__(slice(None), [x.token_mask, x.token_weight(vision_weight)]))
     return sums
 
 
-def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
+def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext,
+               decorate=lambda name, w, info: (w, info)) -> None:
     """GPTQ, one linear group at a time (true-sequential: each group's Hessian is re-captured after the groups
     before it were quantized), or all groups from the unquantized layer when true_sequential is off. Across
-    ranks: every rank sums its own batches, the sums meet on the ranks that solve the group's linears."""
+    ranks: every rank sums its own batches, the sums meet on the ranks that solve the group's linears.
+    ``decorate(name, weight, info) -> (weight, info)`` adds what another method did before (AWQ's folded scales
+    and search results) to each result."""
     groups = ctx.family.linear_groups
     steps = [[g] for g in groups] if ctx.qcfg.true_sequential else [list(groups)]
     for step in steps:
         names = [n for g in step for n in g]
         owner = ctx.owners(layer, names)
         ctx.step(f"Hessian of {', '.join(g[0] for g in step)}")
-        sums = collect_hessians(layer, inputs, step)
+        sums = collect_hessians(layer, inputs, step, ctx.qcfg.vision_weight)
         ctx.step(f"solve {', '.join(names)}")
         for group in step:
             k = layer.get_submodule(group[0]).in_features
@@ -77,7 +85,7 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
                     w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, ctx.qcfg)
                 except CholeskyError as e:
                     raise ctx.fail(name, str(e)) from None
-                ctx.finish(name, w, dict(info, tokens=n))
+                ctx.finish(name, *decorate(name, w, dict(info, tokens=n)))
                 del Hj
             del H
         ctx.settle(owner)
@@ -211,6 +219,12 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
         feats[key] = [f / s.to(f.dtype) for f in feats[key]]
     scale_of = {n: s for group, _, _, s in found for n in group.linears}
     out_scale_of = {group.prev: s for group, prev, _, s in found if isinstance(prev, torch.nn.Linear)}
+    if qcfg.awq_rounding == "gptq":  # GPTQ rounds the scaled layer (its own Hessians, true-sequential); no clipping
+        del feats
+        gptq_layer(layer, inputs, ctx, lambda name, w, more: (dataclasses.replace(
+            w, input_scale=scale_of.get(name), output_scale=out_scale_of.get(name)),
+            dict(info.get(name, {}), **{"gptq_loss" if k == "loss" else k: v for k, v in more.items()})))
+        return
     solver = ctx.owners(layer, family.linears)
     grams: dict[str, torch.Tensor] = {}  # one per shared input (gate and up clip against the same tokens)
     for name in family.linears:

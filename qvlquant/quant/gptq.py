@@ -24,24 +24,29 @@ import torch
 
 from qvlquant.config import QuantConfig
 from qvlquant.quant.formats import QuantizedWeight
-from qvlquant.quant.rtn import QuantSpec, default_g_idx, minmax_qparams, quantize
+from qvlquant.quant.rtn import QuantSpec, default_g_idx, minmax_qparams, mse_qparams, quantize
 
 
 class CholeskyError(RuntimeError):
     pass
 
 
-def accumulate_hessian(S: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Add the real tokens of x [..., K] to the running sum ``S = sum_t x_t x_t^T`` [K, K] in S's dtype (in place:
-    one pass over S per batch, no [K, K] temporary); mask: [...] bool of real tokens (None: all). -> (S, n tokens).
+def accumulate_hessian(S: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Tensor | None,
+                       weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Add the real tokens of x [..., K] to the running sum ``S = sum_t w_t x_t x_t^T`` [K, K] in S's dtype (in
+    place: one pass over S per batch, no [K, K] temporary); mask: [...] bool of real tokens (None: all); weight:
+    [...] per-token weights w_t (None: all 1; e.g. vision tokens weighted apart, VLMQ-style). -> (S, n tokens).
+    GPTQ's solution does not change when H is scaled, so weights need no normalising.
     The layer loop keeps S in float64, so sums over the batches in another grouping (several ranks) round to the
     same float32 Hessian in all but a few entries per million (``qvlquant.distributed``). ``hessian(S, n)`` makes ``2/n X^T X`` of it."""
     x = x.reshape(-1, x.shape[-1])
+    w = None if weight is None else weight.reshape(-1)
     if mask is not None:
         x = x[mask.reshape(-1)]
+        w = None if w is None else w[mask.reshape(-1)]
     x = x.to(S.dtype)
     if x.shape[0]:
-        S.addmm_(x.T, x)
+        S.addmm_(x.T if w is None else (x * w.to(S.dtype).unsqueeze(1)).T, x)
     return S, n + x.shape[0]
 
 
@@ -115,10 +120,12 @@ def _invert_lower_(A: torch.Tensor, base: int = 256, chunk: int = 1024) -> None:
         B[:, c:c + chunk] = -(Y_inv @ B[:, c:c + chunk])
 
 
-def _group_params(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale/zero [N, 1] of the columns [N, g] about to form one group."""
-    s, z = minmax_qparams(cols.amin(1, keepdim=True), cols.amax(1, keepdim=True), spec)
-    return s, z
+def _group_params(cols: torch.Tensor, spec: QuantSpec, mse: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero [N, 1] of the columns [N, g] about to form one group: their min-max range, or with ``mse`` > 0
+    the shrunk range that minimises the |error|^mse of rounding them (``rtn.mse_qparams``)."""
+    if mse > 0:
+        return mse_qparams(cols, spec, norm=mse)
+    return minmax_qparams(cols.amin(1, keepdim=True), cols.amax(1, keepdim=True), spec)
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> tuple[QuantizedWeight, dict]:
@@ -138,7 +145,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> tupl
     W[:, dead] = 0.0
     static = None
     if static_groups or spec.group_size == -1:  # params fixed up front, on the original column order
-        static = [_group_params(W[:, c:c + g], spec) for c in range(0, k, g)]
+        static = [_group_params(W[:, c:c + g], spec, config.mse) for c in range(0, k, g)]
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k, device=device)
     if desc_act:
         W, H = W[:, perm], H[perm][:, perm]
@@ -164,7 +171,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> tupl
             elif col % g == 0:
                 grp = col // g
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]  # the group's current values
-                scale, zero = _group_params(upcoming, spec)
+                scale, zero = _group_params(upcoming, spec, config.mse)
             g_idx_perm[col] = grp
             scales[:, grp], zeros[:, grp] = scale[:, 0], zero[:, 0]
             wcol = W1[:, i]

@@ -27,6 +27,14 @@ class LayerInput:
     # Qwen3-VL DeepStack: [B, S] bool mask of visual tokens, and per early layer the features [V, H] added there
     visual_pos_masks: torch.Tensor | None = None
     deepstack: list | None = None
+    vision_mask: torch.Tensor | None = None  # [B, S] bool: image / video tokens (for vision-token weighting)
+
+    def token_weight(self, vision_weight: float) -> torch.Tensor | None:
+        """[B, S] weight of each token in GPTQ's Hessian: ``vision_weight`` for image / video tokens, 1 for text
+        (None when every weight is 1)."""
+        if vision_weight == 1.0 or self.vision_mask is None:
+            return None
+        return torch.where(self.vision_mask, vision_weight, 1.0).to(self.hidden.device)
 
     def to(self, device) -> "LayerInput":
         """The same input on ``device`` (tensors inside kwargs too); itself when already there."""
@@ -35,7 +43,8 @@ class LayerInput:
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
         kwargs = {k: tuple(move(t) for t in v) if isinstance(v, tuple) else move(v) for k, v in self.kwargs.items()}
         deepstack = None if self.deepstack is None else [move(t) for t in self.deepstack]
-        return LayerInput(move(self.hidden), kwargs, move(self.token_mask), move(self.visual_pos_masks), deepstack)
+        return LayerInput(move(self.hidden), kwargs, move(self.token_mask), move(self.visual_pos_masks), deepstack,
+                          move(self.vision_mask))
 
     def nbytes(self) -> int:
         tensors = [self.hidden, self.token_mask] + [t for v in self.kwargs.values()

@@ -64,6 +64,26 @@ def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> t
     return scale, zero
 
 
+def mse_qparams(w: torch.Tensor, spec: QuantSpec, norm: float = 2.4, grid: int = 100,
+                max_shrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of each row of ``w`` [N, g] (one group per row) whose range, shrunk towards zero by a factor
+    on a grid of ``grid`` steps (up to ``max_shrink``), minimises sum |w - Q(w)|^norm; the min-max range is the first
+    candidate, so the result is never worse than ``minmax_qparams`` in that norm (GPTQ's and GPTQModel's ``mse``
+    option). -> (scale [N, 1], zero [N, 1])."""
+    w = w.float()
+    xmin, xmax = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    best_scale, best_zero = minmax_qparams(xmin, xmax, spec)
+    best = torch.full_like(best_scale, float("inf"))
+    for i in range(max(1, int(max_shrink * grid))):
+        p = 1 - i / grid
+        scale, zero = minmax_qparams(p * xmin, p * xmax, spec)
+        err = (dequantize(quantize(w, scale, zero, spec.bits), scale, zero) - w).abs().pow(norm).sum(1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero of ``w`` [N, K]. -> (scale [N, G], zero [N, G]), fp32."""
     n, k = w.shape

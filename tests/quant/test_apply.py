@@ -110,3 +110,54 @@ def test_qwen_vl_v1_layout_quantizes_from_its_declaration(method, monkeypatch):
         after = [model(**b) for b in data]
     err = sum((a - b).pow(2).sum() for a, b in zip(after, before)) / sum(b.pow(2).sum() for b in before)
     assert err < 0.05  # 4-bit g128 of a random 64-wide stub: the function is kept, not destroyed
+
+
+def _output_error(config):
+    torch.manual_seed(0)
+    model = V1Model().eval()
+    data = batches()
+    with torch.no_grad():
+        before = [model(**b) for b in data]
+    result = quantize_model(model, data, LoopPlan(QWEN_VL_V1, config))
+    with torch.no_grad():
+        after = [model(**b) for b in data]
+    return result, float(sum((a - b).pow(2).sum() for a, b in zip(after, before)) / sum(b.pow(2).sum() for b in before))
+
+
+def test_awq_scales_then_gptq_rounding(monkeypatch):
+    clipped = []
+    monkeypatch.setattr(apply, "clip_from_gram", lambda *a, **k: clipped.append(1))
+    spec = QuantSpec(3, 32, False)
+    result, err = _output_error(QuantConfig("awq", spec, awq_rounding="gptq", damp_percent=0.01))
+    _, err_rtn = _output_error(QuantConfig("awq", spec, awq_clip=False))
+    assert not clipped  # GPTQ rounds instead of the clipping search
+    info = result.layer_info["transformer.h.0.attn.c_attn"]
+    assert info["scaled_by"] == "ln_1" and info["damp_percent"] == 0.01 and "gptq_loss" in info and "ratio" in info
+    w = result.weights["transformer.h.0.mlp.w1"]
+    assert w.input_scale is not None and w.zero.min() >= 0  # AWQ's folded scale kept, zero points (AWQ layout)
+    assert err < 0.8 * err_rtn  # the same scales, rounded by GPTQ against the calibration inputs: a lower error
+
+
+class _OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, hidden, use_cache=False):
+        return (self.lin(hidden),)
+
+
+def test_vision_weight_counts_vision_tokens_that_many_times():
+    from qvlquant.quant.layer import LayerInput
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    vision = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)  # [0, 4] is padding: never counted
+    layer = _OneLinear().double()
+    inputs = [LayerInput(x[i:i + 1], {}, mask[i:i + 1], vision_mask=vision[i:i + 1]) for i in range(2)]
+    (S1, n1), = apply.collect_hessians(layer, inputs, [("lin",)]).values()
+    (S3, n3), = apply.collect_hessians(layer, inputs, [("lin",)], vision_weight=3.0).values()
+    seen = x[mask & vision]
+    assert n1 == n3 == 9 and seen.shape[0] == 3
+    torch.testing.assert_close(S3, S1 + 2 * seen.T @ seen)

@@ -105,3 +105,25 @@ def test_damped_inverse_cholesky_ends_for_every_input(case):
     error = ValueError if "damping" in case else CholeskyError
     with pytest.raises(error):
         damped_inverse_cholesky(H, damp, 1.0)
+
+
+def test_weighted_hessian_is_the_weighted_sum_over_real_tokens():
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    weight = torch.tensor([[1.0, 2.0, 1.0, 0.5, 3.0, 1.0]])  # the padded token's 3.0 must not count
+    S, n = accumulate_hessian(torch.zeros(8, 8, dtype=torch.float64), 0, x, mask, weight)
+    plain, _ = accumulate_hessian(torch.zeros(8, 8, dtype=torch.float64), 0, x, mask, None)
+    t1, t3 = x[0, 1:2], x[0, 3:4]
+    torch.testing.assert_close(S, plain + t1.T @ t1 - 0.5 * t3.T @ t3)  # token 1 counted twice, token 3 half
+    assert n == 5  # a token count, whatever the weights
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptq_mse_ranges_lower_the_output_error_on_heavy_tailed_weights(seed):
+    x = correlated_inputs(seed=seed)
+    w = torch.distributions.StudentT(2.5).sample((64, 256))
+    spec = QuantSpec(3, 128, True)
+    plain, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec))
+    shrunk, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, mse=2.4))
+    assert rel_error(x, w, shrunk.dequantize()) < 0.95 * rel_error(x, w, plain.dequantize())
+    assert (shrunk.scale <= plain.scale * 1.001).float().mean() > 0.9  # shrunk ranges, nearly everywhere
