@@ -5,6 +5,7 @@ accuracy does not move)."""
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 
@@ -65,3 +66,55 @@ def layer_errors(base_model, weights: dict[str, QuantizedWeight], batches: list[
         w = base_model.get_submodule(name).weight.detach()
         per_type[name.rsplit(".", 1)[-1]].append(relative_output_error(xs[name], w, qw.effective_weight()))
     return {k: sum(v) / len(v) for k, v in per_type.items()}
+
+
+@torch.inference_mode()
+def decoder_layer_errors(base_model, model, layers_path: str, batches: list[dict]) -> list[float]:
+    """Per decoder layer, ``||L_q(x) - L(x)||^2 / ||L(x) - x||^2`` summed over the real tokens of ``batches``:
+    the quantized layer's output error on the inputs the full-precision model feeds that layer, relative to what
+    the layer adds to the residual stream. Blind to function-preserving rescaling (AWQ's folded scales, anyone's),
+    so it compares any two quantizations of the same base. ``layers_path``: the family's ``decoder_layers``."""
+    base_layers, layers = base_model.get_submodule(layers_path), model.get_submodule(layers_path)
+    num, den = [0.0] * len(base_layers), [0.0] * len(base_layers)
+    mask: list = [None]
+
+    def hook_for(i):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            ref = output[0] if isinstance(output, tuple) else output
+            got = layers[i](*args, **rest) if args else layers[i](**kwargs)
+            got = got[0] if isinstance(got, tuple) else got
+            m = mask[0]
+            num[i] += float((got - ref)[m].float().pow(2).sum())
+            den[i] += float((ref - x)[m].float().pow(2).sum())
+        return hook
+
+    hooks = [base_layers[i].register_forward_hook(hook_for(i), with_kwargs=True) for i in range(len(base_layers))]
+    try:
+        for b in batches:
+            mask[0] = b["attention_mask"].bool()
+            base_model(**b, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n / max(d, 1e-30) for n, d in zip(num, den)]
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of repeated measurements (0 spread for a single one)."""
+    if not values:
+        raise ValueError("no measurements to summarise")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def verdict(values: list[float], reference: list[float], tolerance: float = 0.0) -> str:
+    """'better', 'worse' or 'tie' for a lower-is-better measure against ``reference``: a difference of means no
+    larger than the larger of the two spreads (standard deviations over repeats), or than ``tolerance``, is a tie."""
+    (m, s), (mr, sr) = spread(values), spread(reference)
+    if abs(m - mr) <= max(s, sr, tolerance):
+        return "tie"
+    return "better" if m < mr else "worse"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qvlquant.calib.easyvqa import load_split
-from qvlquant.eval.compare import answer_logits, layer_errors, linear_inputs, mean_kl, relative_output_error
+from qvlquant.eval.compare import (answer_logits, decoder_layer_errors, layer_errors, linear_inputs, mean_kl,
+                                    relative_output_error, spread, verdict)
 
 
 def test_mean_kl_hand_computed():
@@ -93,3 +94,36 @@ def test_answer_logits_batched_equal_unbatched(demo):
     assert one.shape == (3, model.config.text_config.vocab_size) and one.dtype == torch.float32
     torch.testing.assert_close(three, one, atol=1e-4, rtol=1e-4)
     assert mean_kl(one, three) < 1e-6
+
+
+def test_spread_and_verdict_hand_computed():
+    assert spread([1.0, 2.0, 3.0]) == (2.0, 1.0) and spread([5.0]) == (5.0, 0.0)
+    assert verdict([1.0, 1.2, 1.1], [1.5, 1.6, 1.4]) == "better"  # 0.4 apart, spreads 0.1
+    assert verdict([1.5, 1.6, 1.4], [1.0, 1.2, 1.1]) == "worse"
+    assert verdict([1.0, 1.4, 1.2], [1.3, 1.5, 1.4]) == "tie"  # 0.2 apart, a spread of 0.2: within the noise
+    assert verdict([1.0], [1.1], tolerance=0.2) == "tie"
+    with pytest.raises(ValueError, match="no measurements"):
+        spread([])
+
+
+def test_decoder_layer_errors_see_the_function_not_the_parametrisation(demo, demo_batches):
+    """Zero for the same model and for a function-preserving rescale (AWQ-style: RMSNorm / s, columns * s); the
+    relative squared error of the output for a damaged layer, and only for that layer."""
+    import copy
+
+    model, _ = demo
+    layers = "model.language_model.layers"
+    assert decoder_layer_errors(model, copy.deepcopy(model), layers, demo_batches) == [0.0] * 4
+    rescaled = copy.deepcopy(model)
+    s = torch.linspace(0.5, 2.0, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        layer = rescaled.model.language_model.layers[1]
+        layer.input_layernorm.weight.div_(s)
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            lin.weight.mul_(s)
+    assert max(decoder_layer_errors(model, rescaled, layers, demo_batches)) < 1e-10
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        damaged.model.language_model.layers[2].mlp.down_proj.weight.mul_(1.1)  # the MLP's output: 10 % larger
+    errors = decoder_layer_errors(model, damaged, layers, demo_batches)
+    assert errors[0] == errors[1] == errors[3] == 0.0 and 1e-3 < errors[2] < 1e-2 * 1.1 ** 2
