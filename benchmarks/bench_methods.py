@@ -1,35 +1,108 @@
-"""BF16 vs RTN vs GPTQ vs AWQ on the embedded demo model, one table.
+"""Quantization methods side by side, with error bars over calibration draws, on an embedded model.
 
-    python benchmarks/bench_methods.py [--limit N] [--num-samples N] [--json benchmarks/results/methods_demo.json]
+    python benchmarks/bench_methods.py [--model testbed|demo|DIR] [--seeds 0,1,2] [--settings W4g128,W3g128]
+        [--variants rtn,gptq,...] [--peers benchmarks/results/peers_testbed.json] [--json FILE]
 
-For each method and setting (W8g128, W4g128, W4g32, W3g128, W2g64) the demo is quantized from the same calibration
-batches, in a child process of its own (so peak memory is that run's), and measured against BF16:
-easy-vqa test accuracy, mean KL divergence of the answer-token distribution, held-out text perplexity, layer-wise
-relative output error per linear type on held-out calibration activations, wall time and peak RSS.
-RTN and GPTQ are symmetric (the published GPTQ setting); AWQ uses zero points (its published setting), and RTN
-with zero points is listed as its like-for-like baseline. AWQ below 4 bits is measured in memory only (its GEMM
-export format is 4-bit).
+Every variant is quantized in memory (``quantize_model``, the loop ``qvlquant quantize`` runs) from the calibration
+samples of each seed (``--num-samples`` drawn from the demo source: half easy-vqa questions with their image,
+half text), and scored by ``Scorer``, the one evaluation every row gets (peers included, through
+benchmarks/bench_peers.py):
+- held-out text perplexity (the demo's held-out stdlib docstrings, 128-token windows);
+- KL(base || quantized) of the answer-token distribution on easy-vqa test questions, and on held-out real
+  photographs (``qvlquant.eval.photos``: scikit-image's and matplotlib's sample photos, easy-vqa's questions);
+- decoder-layer error: per layer, the quantized layer's output error on the inputs the base model feeds it, over
+  what the layer adds to the residual stream, averaged over layers (blind to AWQ's function-preserving scales);
+- easy-vqa accuracy on ``--acc-limit`` test questions (greedy generate).
+Each cell is mean +- sample standard deviation over the seeds. Within a setting, each variant is compared with the
+best mean perplexity: a difference no larger than the larger of the two spreads is a tie (``verdict``).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import copy
 import json
-import multiprocessing
 import os
 import pathlib
 import platform
-import resource
 import time
 
-SETTINGS = [("W8g128", 8, 128), ("W4g128", 4, 128), ("W4g32", 4, 32), ("W3g128", 3, 128), ("W2g64", 2, 64)]
-METHODS = [("rtn", True), ("rtn", False), ("gptq", True), ("awq", False)]
-TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+import torch
+
+VARIANTS = {  # name -> (method, settings beyond the bit width and group size)
+    "rtn": ("rtn", {}),
+    "rtn-asym": ("rtn", {"sym": False}),
+    "gptq-damp0.1": ("gptq", {"damp_percent": 0.1}),
+    "gptq-damp0.01": ("gptq", {"damp_percent": 0.01}),
+    "gptq-asym": ("gptq", {"damp_percent": 0.01, "sym": False}),
+    "gptq-actorder": ("gptq", {"damp_percent": 0.01, "desc_act": True, "static_groups": True}),
+    "gptq-mse": ("gptq", {"damp_percent": 0.01, "mse": 2.4}),
+    "gptq-vision0.25": ("gptq", {"damp_percent": 0.01, "vision_weight": 0.25}),
+    "gptq-vision4": ("gptq", {"damp_percent": 0.01, "vision_weight": 4.0}),
+    "awq": ("awq", {}),
+    "awq-noclip": ("awq", {"awq_clip": False}),
+    "awq-gptq": ("awq", {"awq_rounding": "gptq", "damp_percent": 0.01}),
+    "gptq-default": ("gptq", {}),
+    "awq-default": ("awq", {}),
+}
+DEFAULT_VARIANTS = ("rtn", "rtn-asym", "gptq-damp0.1", "gptq-damp0.01", "gptq-asym", "gptq-actorder", "gptq-mse",
+                    "gptq-vision0.25", "awq", "awq-gptq")
+METRICS = ("perplexity", "answer_kl", "photo_kl", "layer_error", "accuracy")
 
 
-def _batches(processor, n, seed):
+def parse_setting(text: str) -> tuple[int, int]:
+    """'W4g128' -> (4, 128)."""
+    bits, group = text.upper().removeprefix("W").split("G")
+    return int(bits), int(group)
+
+
+class Scorer:
+    """What every quantized model is measured by against one base, with the base's side computed once."""
+
+    def __init__(self, base, processor, family, kl_limit: int = 512, acc_limit: int = 1000):
+        from qvlquant.calib.easyvqa import load_split
+        from qvlquant.demo.paths import DATA_DIR
+        from qvlquant.eval.compare import answer_logits
+        from qvlquant.eval.easyvqa import evaluate, prompt_batch
+        from qvlquant.eval.perplexity import token_stream
+        from qvlquant.eval.photos import photo_items
+
+        self.base, self.processor, self.family = base, processor, family
+        test = load_split("test")
+        self.kl_items, self.acc_items, self.photos = test[:kl_limit], test[:acc_limit], photo_items()
+        docs = (DATA_DIR / "heldout.txt").read_text(encoding="utf-8").splitlines()
+        self.stream = token_stream(processor.tokenizer, docs)
+        self.base_logits = answer_logits(base, processor, self.kl_items)
+        self.base_photo_logits = answer_logits(base, processor, self.photos)
+        windows = self.stream[: 16 * 128].view(16, 128)
+        images: dict = {}
+        self.layer_batches = [  # held-out: text windows and easy-vqa test prompts (images), never calibration
+            {"input_ids": windows[i:i + 8], "attention_mask": torch.ones_like(windows[i:i + 8])} for i in (0, 8)
+        ] + [prompt_batch(processor, test[-64:][i:i + 32], images) for i in (0, 32)]
+        self.base_accuracy = evaluate(base, processor, self.acc_items, desc="bf16")["accuracy"] if acc_limit else None
+
+    def base_row(self) -> dict:
+        from qvlquant.eval.perplexity import perplexity
+
+        return {"perplexity": perplexity(self.base, self.stream), "answer_kl": 0.0, "photo_kl": 0.0,
+                "layer_error": 0.0, "accuracy": self.base_accuracy}
+
+    def score(self, model) -> dict:
+        from qvlquant.eval.compare import answer_logits, decoder_layer_errors, mean_kl
+        from qvlquant.eval.easyvqa import evaluate
+        from qvlquant.eval.perplexity import perplexity
+
+        errors = decoder_layer_errors(self.base, model, self.family.decoder_layers, self.layer_batches)
+        return {
+            "perplexity": perplexity(model, self.stream),
+            "answer_kl": mean_kl(self.base_logits, answer_logits(model, self.processor, self.kl_items)),
+            "photo_kl": mean_kl(self.base_photo_logits, answer_logits(model, self.processor, self.photos)),
+            "layer_error": sum(errors) / len(errors),
+            "accuracy": evaluate(model, self.processor, self.acc_items)["accuracy"] if self.acc_items else None,
+        }
+
+
+def calibration(processor, n: int, seed: int) -> list[dict]:
     from qvlquant.calib.dataset import CalibConfig, build_batches
     from qvlquant.calib.sources import load_samples
 
@@ -37,82 +110,119 @@ def _batches(processor, n, seed):
     return build_batches(processor, samples, CalibConfig(), names)
 
 
-def measure(method: str | None, bits: int, group: int, sym: bool, args) -> dict:
-    """One row: quantize (unless method is None: BF16) and measure. Runs in its own process."""
-    import torch
-
-    import qvlquant
-    from qvlquant.calib.easyvqa import load_split
-    from qvlquant.demo.paths import DATA_DIR
-    from qvlquant.eval.compare import answer_logits, layer_errors, mean_kl
-    from qvlquant.eval.easyvqa import evaluate
-    from qvlquant.eval.perplexity import perplexity, token_stream
+def run_variant(base, calib, family, variant: str, bits: int, group: int):
+    """-> (quantized copy of base, seconds)."""
     from qvlquant.config import QuantConfig
-    from qvlquant.families import QWEN2_VL
     from qvlquant.pipeline import LoopPlan, quantize_model
     from qvlquant.quant.rtn import QuantSpec
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base, processor = qvlquant.load("demo")
-    items = load_split("test")[: args.limit]
-    model, row = base, {"method": "bf16", "setting": "-", "sym": None}
-    if method is not None:
-        calib = _batches(processor, args.num_samples, seed=0)
-        model = copy.deepcopy(base)
-        qcfg = QuantConfig(method, QuantSpec(bits, group, sym))
-        t0 = time.time()
-        result = quantize_model(model, calib, LoopPlan(QWEN2_VL, qcfg))
-        row = {"method": method, "setting": f"W{bits}g{group}", "sym": sym, "quantize_seconds": round(time.time() - t0, 2)}
-        row["layer_error"] = layer_errors(base, result.weights, _batches(processor, args.heldout_samples, seed=1))
-    row["accuracy"] = evaluate(model, processor, items, desc=row["method"])["accuracy"]
-    docs = (DATA_DIR / "heldout.txt").read_text(encoding="utf-8").splitlines()
-    row["perplexity"] = perplexity(model, token_stream(processor.tokenizer, docs))
-    kl_items = items[: args.kl_limit]
-    row["answer_kl"] = 0.0 if method is None else mean_kl(answer_logits(base, processor, kl_items), answer_logits(model, processor, kl_items))
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return row
+    method, settings = VARIANTS[variant]
+    settings = dict(settings)
+    sym = settings.pop("sym", method != "awq")
+    qcfg = QuantConfig(method, QuantSpec(bits, group, sym), **settings)
+    model = copy.deepcopy(base)
+    t0 = time.time()
+    quantize_model(model, calib, LoopPlan(family, qcfg))
+    return model, time.time() - t0
 
 
-def fmt_table(rows: list[dict]) -> str:
-    head = ["method", "setting", "acc %", "ppl", "KL", *[t.replace("_proj", "") for t in TYPES], "time s", "RSS MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def summarise(rows: list[dict]) -> list[dict]:
+    """Group per-seed rows by (setting, variant): mean and spread of each metric, and the verdict on perplexity
+    against the best mean of its setting."""
+    from qvlquant.eval.compare import spread, verdict
+
+    groups: dict = {}
     for r in rows:
-        name = r["method"] if r["sym"] is None else f"{r['method']}{'' if r['sym'] else '-asym'}"
-        errs = [f"{r['layer_error'][t]:.2e}" if "layer_error" in r else "-" for t in TYPES]
+        groups.setdefault((r["setting"], r["variant"]), []).append(r)
+    out = []
+    for (setting, variant), rs in groups.items():
+        row = {"setting": setting, "variant": variant, "seeds": [r["seed"] for r in rs], "peer": rs[0].get("peer")}
+        for m in METRICS:
+            vals = [r[m] for r in rs if r.get(m) is not None]
+            if vals:
+                row[m] = dict(zip(("mean", "sd"), spread(vals)), values=vals)
+        out.append(row)
+    for setting in {r["setting"] for r in out if r["variant"] != "bf16"}:
+        mine = [r for r in out if r["setting"] == setting and r["variant"] != "bf16"]
+        best = min(mine, key=lambda r: r["perplexity"]["mean"])
+        peers = [r for r in mine if r["peer"]]
+        best_peer = min(peers, key=lambda r: r["perplexity"]["mean"]) if peers else None
+        for r in mine:
+            r["vs_best"] = "best" if r is best else verdict(r["perplexity"]["values"], best["perplexity"]["values"])
+            if best_peer is not None and not r["peer"]:
+                r["vs_best_peer"] = verdict(r["perplexity"]["values"], best_peer["perplexity"]["values"])
+    return out
+
+
+def fmt_table(summary: list[dict]) -> str:
+    head = ["setting", "variant", "ppl", "vs best", "vs best peer", "KL easy-vqa", "KL photos", "layer err", "acc %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cell = lambda r, m, f: "-" if m not in r else (f"{r[m]['mean']:{f}} ± {r[m]['sd']:{f}}" if len(r[m]["values"]) > 1
+                                                   else f"{r[m]['mean']:{f}}")  # noqa: E731
+    for r in summary:
         lines.append("| " + " | ".join([
-            name, r["setting"], f"{r['accuracy']:.2f}", f"{r['perplexity']:.2f}", f"{r['answer_kl']:.4f}", *errs,
-            f"{r.get('quantize_seconds', 0):.1f}", f"{r['peak_rss_mb']:.0f}",
+            r["setting"], r["variant"], cell(r, "perplexity", ".3f"), r.get("vs_best", "-"), r.get("vs_best_peer", "-"),
+            cell(r, "answer_kl", ".4f"),
+            cell(r, "photo_kl", ".4f"), cell(r, "layer_error", ".2e"), cell(r, "accuracy", ".2f"),
         ]) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=None, help="easy-vqa test questions (default all 9,673)")
-    ap.add_argument("--kl-limit", type=int, default=1000, help="questions for the answer-token KL")
-    ap.add_argument("--num-samples", type=int, default=64, help="calibration samples (half images, half text)")
-    ap.add_argument("--heldout-samples", type=int, default=32, help="held-out samples for layer errors")
+    ap.add_argument("--model", default="testbed", help="testbed (default), demo, or a Qwen2-VL folder")
+    ap.add_argument("--seeds", default="0,1,2", help="calibration draws, comma-separated")
+    ap.add_argument("--settings", default="W4g128,W3g128")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--num-samples", type=int, default=64, help="calibration samples per draw")
+    ap.add_argument("--kl-limit", type=int, default=512, help="easy-vqa questions for the answer-token KL")
+    ap.add_argument("--acc-limit", type=int, default=1000, help="easy-vqa questions for accuracy (0: skip)")
+    ap.add_argument("--peers", default=None, help="JSON of bench_peers.py: its per-seed rows join the table")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default=None, help="comma list of settings to run, e.g. W4g128,W3g128")
-    ap.add_argument("--json", default="benchmarks/results/methods_demo.json")
+    ap.add_argument("--json", default=None, help="default benchmarks/results/methods_MODEL.json")
     args = ap.parse_args()
     os.environ.setdefault("QVLQUANT_QUIET", "1")
-    settings = [s for s in SETTINGS if args.only is None or s[0] in args.only.split(",")]
-    jobs = [(None, 16, -1, True)] + [(m, b, g, sym) for _, b, g in settings for m, sym in METHODS]
-    rows = []
-    ctx = multiprocessing.get_context("spawn")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import qvlquant
+    from qvlquant.families import family_for
+    from qvlquant.models import EMBEDDED
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    settings = [(s, *parse_setting(s)) for s in args.settings.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base, processor = qvlquant.load(args.model)
+    family = family_for(base.config.model_type)
     t0 = time.time()
-    for job in jobs:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            rows.append(pool.submit(measure, *job, args).result())
-        print(f"[{time.time() - t0:6.0f}s] {rows[-1]['method']} {rows[-1]['setting']} done", flush=True)
-    table = fmt_table(rows)
+    scorer = Scorer(base, processor, family, args.kl_limit, args.acc_limit)
+    rows = [dict(scorer.base_row(), setting="-", variant="bf16", seed=None)]
+    for seed in seeds:
+        calib = calibration(processor, args.num_samples, seed)
+        for name, bits, group in settings:
+            for variant in variants:
+                model, seconds = run_variant(base, calib, family, variant, bits, group)
+                rows.append(dict(scorer.score(model), setting=name, variant=variant, seed=seed,
+                                 quantize_seconds=round(seconds, 2)))
+                del model
+                r = rows[-1]
+                print(f"[{time.time() - t0:6.0f}s] seed {seed} {name} {variant}: ppl {r['perplexity']:.3f} "
+                      f"KL {r['answer_kl']:.4f} photo KL {r['photo_kl']:.4f} layer {r['layer_error']:.2e}", flush=True)
+    if args.peers:
+        peers = json.loads(pathlib.Path(args.peers).read_text())
+        rows += [r for r in peers["rows"] if r["setting"] in {s for s, _, _ in settings}]
+    summary = summarise(rows)
+    table = fmt_table(summary)
     print(table)
-    out = pathlib.Path(args.json)
+    label = args.model if args.model in EMBEDDED else pathlib.Path(args.model).name
+    out = pathlib.Path(args.json or f"benchmarks/results/methods_{label}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads", "args": vars(args)}
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+            "torch": torch.__version__, "qvlquant": qvlquant.__version__, "args": vars(args),
+            "seconds": round(time.time() - t0, 1), "load_average": os.getloadavg()}
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "table": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
