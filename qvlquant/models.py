@@ -10,24 +10,27 @@ import pathlib
 
 import torch
 
-from qvlquant.demo.paths import MODEL_DIR
+from qvlquant.demo.paths import MODEL_DIR, TESTBED_DIR
 from qvlquant.devices import return_freed_memory
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.shards import ShardReader
 from qvlquant.transforms import pad_layer
 
+EMBEDDED = {"demo": MODEL_DIR, "testbed": TESTBED_DIR}  # models shipped inside the package
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "*.md"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def resolve_model_path(model: str | pathlib.Path) -> pathlib.Path:
-    """'demo' -> the embedded demo; an existing folder -> itself; anything else is taken as a hub id and fetched
+    """'demo' -> the embedded demo; 'testbed' -> the embedded test bed (the demo with outlier channels,
+    ``qvlquant.demo.testbed``); an existing folder -> itself; anything else is taken as a hub id and fetched
     (safetensors and text files only; the local cache when HF_HUB_OFFLINE=1)."""
-    if str(model) == "demo":
-        if not (MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the embedded demo model is missing from {MODEL_DIR}; reinstall qvlquant")
-        return MODEL_DIR
+    if str(model) in EMBEDDED:
+        folder = EMBEDDED[str(model)]
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the embedded {model} model is missing from {folder}; reinstall qvlquant")
+        return folder
     path = pathlib.Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -10,6 +10,7 @@ of what it reached (accuracy, majority baseline, held-out perplexity, training t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import random
@@ -47,7 +48,7 @@ def image_patches(processor, paths: list[str]) -> tuple[dict, torch.Tensor]:
     return index, torch.cat(rows)
 
 
-def vqa_batch(encoded, items, rows, patches, pad_id, image_token_id, grid) -> dict:
+def vqa_batch_of(encoded, items, rows, patches, pad_id, image_token_id, grid) -> dict:
     n = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
     labels = torch.full_like(input_ids, -100)
@@ -65,6 +66,60 @@ def vqa_batch(encoded, items, rows, patches, pad_id, image_token_id, grid) -> di
         image_grid_thw=grid.repeat(len(items), 1),
         mm_token_type_ids=(input_ids == image_token_id).long(),
     )
+
+
+@dataclasses.dataclass
+class TrainData:
+    """Everything a training step draws from: encoded easy-vqa questions, their image patches, the text stream."""
+
+    items: list
+    encoded: list
+    rows: dict
+    patches: torch.Tensor
+    grid: torch.Tensor
+    stream: torch.Tensor
+    pad_id: int
+    image_id: int
+
+
+def load_data(tokenizer, processor, config, train_items, docs_train) -> TrainData:
+    from qvlquant.eval.perplexity import token_stream
+
+    rows, patches = image_patches(processor, sorted({it.image_path for it in train_items}))
+    grid = torch.tensor([[1, build.IMAGE_SIDE // 14, build.IMAGE_SIDE // 14]])
+    return TrainData(train_items, encode_vqa(tokenizer, train_items), rows, patches, grid,
+                     token_stream(tokenizer, docs_train), tokenizer.pad_token_id, config.image_token_id)
+
+
+def fit(model, data: TrainData, steps: int, lr: float, vqa_batch: int = 64, text_batch: int = 16,
+        pct_start: float = 0.1, frozen=()) -> float:
+    """AdamW with a one-cycle schedule, one easy-vqa batch and one text batch per step, in a fixed order; the
+    parameters in ``frozen`` keep their values. -> training seconds."""
+    params = [p for p in model.parameters() if not any(p is f for f in frozen)]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
+    order = torch.randperm(len(data.items), generator=torch.Generator().manual_seed(0)).tolist()
+    g = torch.Generator().manual_seed(1)
+    t_train = time.time()
+    model.train()
+    for step in range(steps):
+        pick = [order[(step * vqa_batch + j) % len(order)] for j in range(vqa_batch)]
+        items = [data.items[i] for i in pick]
+        batch = vqa_batch_of([data.encoded[i] for i in pick], items, data.rows, data.patches, data.pad_id,
+                             data.image_id, data.grid)
+        vqa_loss = model(**batch).loss
+        starts = torch.randint(0, data.stream.numel() - TEXT_WINDOW, (text_batch,), generator=g)
+        text = torch.stack([data.stream[s:s + TEXT_WINDOW] for s in starts.tolist()])  # [b, window]
+        text_loss = model(input_ids=text, labels=text).loss
+        opt.zero_grad(set_to_none=True)
+        (vqa_loss + text_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:5d}  vqa {vqa_loss.item():.3f}  text {text_loss.item():.3f}  {time.time() - t_train:.0f}s", flush=True)
+    model.eval()
+    return time.time() - t_train
 
 
 def main(argv=None) -> None:
@@ -93,36 +148,9 @@ def main(argv=None) -> None:
     from qvlquant.eval.perplexity import perplexity, token_stream
 
     model = Qwen2VLForConditionalGeneration(config).float()
-    encoded = encode_vqa(tokenizer, train_items)
-    rows, patches = image_patches(processor, sorted({it.image_path for it in train_items}))
-    grid = torch.tensor([[1, build.IMAGE_SIDE // 14, build.IMAGE_SIDE // 14]])
-    stream = token_stream(tokenizer, docs_train)
-    print(f"data ready in {time.time() - t0:.0f}s: {len(train_items)} questions, {stream.numel()} text tokens")
-
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(0)).tolist()
-    g = torch.Generator().manual_seed(1)
-    pad_id, image_id = tokenizer.pad_token_id, config.image_token_id
-    t_train = time.time()
-    model.train()
-    for step in range(args.steps):
-        pick = [order[(step * args.vqa_batch + j) % len(order)] for j in range(args.vqa_batch)]
-        items = [train_items[i] for i in pick]
-        batch = vqa_batch([encoded[i] for i in pick], items, rows, patches, pad_id, image_id, grid)
-        vqa_loss = model(**batch).loss
-        starts = torch.randint(0, stream.numel() - TEXT_WINDOW, (args.text_batch,), generator=g)
-        text = torch.stack([stream[s:s + TEXT_WINDOW] for s in starts.tolist()])  # [b, window]
-        text_loss = model(input_ids=text, labels=text).loss
-        opt.zero_grad(set_to_none=True)
-        (vqa_loss + text_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  vqa {vqa_loss.item():.3f}  text {text_loss.item():.3f}  {time.time() - t_train:.0f}s", flush=True)
-    train_seconds = time.time() - t_train
-    model.eval()
+    data = load_data(tokenizer, processor, config, train_items, docs_train)
+    print(f"data ready in {time.time() - t0:.0f}s: {len(train_items)} questions, {data.stream.numel()} text tokens")
+    train_seconds = fit(model, data, args.steps, args.lr, args.vqa_batch, args.text_batch)
     model = model.to(torch.bfloat16)
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)
