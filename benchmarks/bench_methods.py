@@ -29,19 +29,26 @@ import time
 
 import torch
 
-VARIANTS = {  # name -> (method, settings beyond the bit width and group size)
+VARIANTS = {  # name -> (method, settings beyond the bit width and group size); column order explicit, so a name
+    # means the same settings whatever qvlquant's defaults are ("*-default": qvlquant's defaults, whatever they are)
     "rtn": ("rtn", {}),
     "rtn-asym": ("rtn", {"sym": False}),
-    "gptq-damp0.1": ("gptq", {"damp_percent": 0.1}),
-    "gptq-damp0.01": ("gptq", {"damp_percent": 0.01}),
-    "gptq-asym": ("gptq", {"damp_percent": 0.01, "sym": False}),
+    "gptq-damp0.1": ("gptq", {"damp_percent": 0.1, "desc_act": False}),
+    "gptq-damp0.01": ("gptq", {"damp_percent": 0.01, "desc_act": False}),
+    "gptq-asym": ("gptq", {"damp_percent": 0.01, "desc_act": False, "sym": False}),
     "gptq-actorder": ("gptq", {"damp_percent": 0.01, "desc_act": True, "static_groups": True}),
-    "gptq-mse": ("gptq", {"damp_percent": 0.01, "mse": 2.4}),
-    "gptq-vision0.25": ("gptq", {"damp_percent": 0.01, "vision_weight": 0.25}),
-    "gptq-vision4": ("gptq", {"damp_percent": 0.01, "vision_weight": 4.0}),
-    "awq": ("awq", {}),
-    "awq-noclip": ("awq", {"awq_clip": False}),
+    "gptq-actorder-damp0.1": ("gptq", {"damp_percent": 0.1, "desc_act": True, "static_groups": True}),
+    "gptq-mse": ("gptq", {"damp_percent": 0.01, "desc_act": False, "mse": 2.4}),
+    "gptq-vision0.25": ("gptq", {"damp_percent": 0.01, "desc_act": False, "vision_weight": 0.25}),
+    "gptq-vision4": ("gptq", {"damp_percent": 0.01, "desc_act": False, "vision_weight": 4.0}),
+    "gptq-actorder-mse": ("gptq", {"damp_percent": 0.01, "desc_act": True, "static_groups": True, "mse": 2.4}),
+    "gptq-actorder-asym": ("gptq", {"damp_percent": 0.01, "desc_act": True, "static_groups": True, "sym": False}),
+    "gptq-actorder-vision0.25": ("gptq", {"damp_percent": 0.01, "desc_act": True, "static_groups": True,
+                                          "vision_weight": 0.25}),
+    "awq": ("awq", {"awq_rounding": "rtn"}),
+    "awq-noclip": ("awq", {"awq_rounding": "rtn", "awq_clip": False}),
     "awq-gptq": ("awq", {"awq_rounding": "gptq", "damp_percent": 0.01}),
+    "awq-gptq-mse": ("awq", {"awq_rounding": "gptq", "damp_percent": 0.01, "mse": 2.4}),
     "gptq-default": ("gptq", {}),
     "awq-default": ("awq", {}),
 }
@@ -126,9 +133,17 @@ def run_variant(base, calib, family, variant: str, bits: int, group: int):
     return model, time.time() - t0
 
 
+def method_of(variant: str) -> str:
+    """rtn, gptq or awq: qvlquant's variants from VARIANTS, a peer's run from its name (llmc-awq, gptqmodel-gptq)."""
+    if variant in VARIANTS:
+        return VARIANTS[variant][0]
+    return "bf16" if variant == "bf16" else ("awq" if "awq" in variant else "gptq")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Group per-seed rows by (setting, variant): mean and spread of each metric, and the verdict on perplexity
-    against the best mean of its setting."""
+    """Group per-seed rows by (setting, variant): mean and spread of each metric, and verdicts on perplexity
+    within the same method and setting: against qvlquant's best variant ("vs best") and the peers' best run
+    ("vs best peer")."""
     from qvlquant.eval.compare import spread, verdict
 
     groups: dict = {}
@@ -142,15 +157,21 @@ def summarise(rows: list[dict]) -> list[dict]:
             if vals:
                 row[m] = dict(zip(("mean", "sd"), spread(vals)), values=vals)
         out.append(row)
-    for setting in {r["setting"] for r in out if r["variant"] != "bf16"}:
-        mine = [r for r in out if r["setting"] == setting and r["variant"] != "bf16"]
-        best = min(mine, key=lambda r: r["perplexity"]["mean"])
+    for r in out:
+        r["method"] = method_of(r["variant"])
+    for setting, method in {(r["setting"], r["method"]) for r in out if r["variant"] != "bf16"}:
+        mine = [r for r in out if r["setting"] == setting and r["method"] == method]
+        ours = [r for r in mine if not r["peer"]]
         peers = [r for r in mine if r["peer"]]
+        best = min(ours, key=lambda r: r["perplexity"]["mean"]) if ours else None
         best_peer = min(peers, key=lambda r: r["perplexity"]["mean"]) if peers else None
-        for r in mine:
+        for r in ours:
             r["vs_best"] = "best" if r is best else verdict(r["perplexity"]["values"], best["perplexity"]["values"])
-            if best_peer is not None and not r["peer"]:
+            if best_peer is not None:
                 r["vs_best_peer"] = verdict(r["perplexity"]["values"], best_peer["perplexity"]["values"])
+        for r in peers:
+            r["vs_best_peer"] = "best" if r is best_peer else verdict(r["perplexity"]["values"],
+                                                                      best_peer["perplexity"]["values"])
     return out
 
 
@@ -168,6 +189,18 @@ def fmt_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[str], out: str | None) -> None:
+    """One table from the per-seed rows of earlier runs (each file's meta kept beside)."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    summary = summarise(rows)
+    table = fmt_table(summary)
+    print(table)
+    if out:
+        meta = {"combined": {p: run["meta"] for p, run in zip(paths, runs)}}
+        pathlib.Path(out).write_text(json.dumps({"meta": meta, "summary": summary, "table": table}, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed", help="testbed (default), demo, or a Qwen2-VL folder")
@@ -178,10 +211,15 @@ def main() -> None:
     ap.add_argument("--kl-limit", type=int, default=512, help="easy-vqa questions for the answer-token KL")
     ap.add_argument("--acc-limit", type=int, default=1000, help="easy-vqa questions for accuracy (0: skip)")
     ap.add_argument("--peers", default=None, help="JSON of bench_peers.py: its per-seed rows join the table")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: one table from the rows of earlier runs' JSON (this script's, bench_peers')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="default benchmarks/results/methods_MODEL.json")
     args = ap.parse_args()
     os.environ.setdefault("QVLQUANT_QUIET", "1")
+    if args.combine:
+        combine(args.combine, args.json)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     import qvlquant

@@ -87,9 +87,13 @@ def add_quantize(sub) -> None:
     p.add_argument("--damp-percent", type=float, help=f"GPTQ: Hessian damping, doubled on Cholesky failure up to "
                    f"1.0 (default {GPTQ_DAMP_PERCENT})")
     p.add_argument("--desc-act", action="store_true", default=None, help="GPTQ: act-order (columns by decreasing "
-                   "Hessian diagonal)")
+                   "Hessian diagonal); the default is act-order with static groups, --desc-act alone gives dynamic "
+                   "groups (a permuted g_idx, which vLLM refuses)")
+    p.add_argument("--no-desc-act", dest="desc_act", action="store_false", help="GPTQ: columns in their own order")
     p.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group parameters fixed "
-                   "before act-order")
+                   "before act-order (the default with the default act-order)")
+    p.add_argument("--no-static-groups", dest="static_groups", action="store_false", help="GPTQ: group parameters "
+                   "from the updated columns as each group starts")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                    help="GPTQ: all Hessians from the unquantized layer instead of group by group")
     p.add_argument("--mse", type=float, metavar="P", help="GPTQ: shrink each group's range to minimise "

@@ -20,7 +20,16 @@ from qvlquant.quant.rtn import QuantSpec
 CONFIG_VERSION = 1
 METHODS = ("rtn", "gptq", "awq")
 AWQ_ROUNDING = ("rtn", "gptq")
-GPTQ_DAMP_PERCENT = 0.1  # the GPTQ paper's and the published Qwen2-VL GPTQ checkpoints' damping
+# GPTQ's defaults, chosen by measurement (README, "Methods with error bars"): damping 0.01 of the mean Hessian diagonal
+# and act-order with static groups (columns by decreasing Hessian diagonal, group parameters fixed on the original
+# order, so the checkpoint needs no runtime g_idx and vLLM serves it). The recipes of published checkpoints keep
+# those checkpoints' own settings (damp 0.1, no act-order).
+GPTQ_DAMP_PERCENT = 0.01
+GPTQ_ACT_ORDER = True
+# AWQ's rounding after its scales, by bit width (measured the same way): below 4 bits GPTQ rounds the scaled layer
+# (perplexity beyond the spread); at 4 bits and up AWQ's own clipping search and round-to-nearest (a perplexity tie,
+# at about half the time and without GPTQ's Hessians in memory).
+AWQ_GPTQ_ROUNDING_BELOW_BITS = 4
 EXPORT_FORMATS = ("auto", "compressed-tensors")
 DTYPES = ("float32", "bfloat16", "float16")
 OFFLOAD = ("auto", "device", "cpu")
@@ -49,13 +58,15 @@ class QuantConfig:
     damp_percent: float | None = None  # GPTQ: Hessian damping (x mean diagonal); None: GPTQ_DAMP_PERCENT
     damp_max: float = 1.0  # GPTQ: damping is doubled on Cholesky failure up to this, then it is an error
     block_size: int = 128  # GPTQ: columns per lazy update
-    desc_act: bool = False  # GPTQ: act-order (columns by decreasing Hessian diagonal)
-    static_groups: bool = False  # GPTQ: group parameters fixed before act-order permutes the columns
+    desc_act: bool | None = None  # GPTQ: act-order (columns by decreasing Hessian diagonal); None: GPTQ_ACT_ORDER
+    static_groups: bool | None = None  # GPTQ: group parameters fixed before act-order permutes the columns; None:
+    # with the default act-order, static; with an explicit desc_act, dynamic (the g_idx layout)
     true_sequential: bool = True  # GPTQ: each linear group's Hessian re-captured after the groups before it
     awq_grid: int = 20  # AWQ: grid points of the scale search
     awq_clip: bool = True  # AWQ: clipping search after scaling
     awq_max_tokens: int = 4096  # AWQ: tokens kept per linear for its statistics and scale search
-    awq_rounding: str = "rtn"  # AWQ: "rtn" (AWQ's own, after the clipping search) or "gptq" (GPTQ rounds the scaled layer)
+    awq_rounding: str | None = None  # AWQ: "rtn" (AWQ's own, after the clipping search) or "gptq" (GPTQ rounds the
+    # scaled layer); None: gptq below AWQ_GPTQ_ROUNDING_BELOW_BITS bits, else rtn
     mse: float = 0.0  # GPTQ: group ranges shrunk to minimise |w - Q(w)|^mse (GPTQModel's mse, 2.4 typical); 0: min-max
     vision_weight: float = 1.0  # GPTQ: weight of image / video tokens in the Hessian (VLMQ-style); 1: as text
 
@@ -64,6 +75,7 @@ class QuantConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.spec is None:
             object.__setattr__(self, "spec", QuantSpec(4, 128, sym=self.method != "awq"))
+        self._resolve_order()
         if self.awq_rounding not in AWQ_ROUNDING:
             raise ValueError(f"awq_rounding must be one of {', '.join(AWQ_ROUNDING)}, got {self.awq_rounding!r}")
         if self.awq_rounding != "rtn" and self.method != "awq":
@@ -90,6 +102,21 @@ class QuantConfig:
                 raise ValueError(f"damp_percent {self.damp_percent:g} is above its limit damp_max {self.damp_max:g}")
         for name in ("block_size", "awq_grid", "awq_max_tokens"):
             _positive_int(name, getattr(self, name))
+
+
+    def _resolve_order(self) -> None:
+        """desc_act / static_groups left None take their defaults: for GPTQ, act-order with static groups unless
+        desc_act was given; for the other methods, off."""
+        gptq = self.method == "gptq"
+        if self.static_groups is None:
+            static = gptq and self.desc_act is None and GPTQ_ACT_ORDER
+            object.__setattr__(self, "static_groups", static)
+        if self.desc_act is None:
+            object.__setattr__(self, "desc_act", gptq and GPTQ_ACT_ORDER)
+        if self.awq_rounding is None and self.method == "awq":
+            object.__setattr__(self, "awq_rounding", "gptq" if self.spec.bits < AWQ_GPTQ_ROUNDING_BELOW_BITS else "rtn")
+        elif self.awq_rounding is None:
+            object.__setattr__(self, "awq_rounding", "rtn")
 
 
 @dataclasses.dataclass(frozen=True)

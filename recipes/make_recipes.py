@@ -6,6 +6,7 @@ Qwen/Qwen2-VL-7B-Instruct-GPTQ-Int4, and the Qwen2-VL README, https://github.com
 
 GPTQ (Int4 / Int8): bits 4 or 8, group_size 128, damp_percent 0.1, desc_act false, static_groups false, sym true,
 true_sequential true, 20 calibration conversations (image captioning). AWQ: 4-bit, group_size 128, zero point, GEMM,
+AWQ's own clipping search and round-to-nearest (awq_rounding rtn),
 8 calibration conversations. The 72B models zero-pad the MLP (29568 -> 29696) so they split across 2/4/8 GPUs.
 """
 
@@ -26,7 +27,7 @@ METHODS = {
                       true_sequential=True, damp_percent=0.1, num_samples=20),
     "GPTQ-Int8": dict(method="gptq", bits=8, group_size=128, sym=True, desc_act=False, static_groups=False,
                       true_sequential=True, damp_percent=0.1, num_samples=20),
-    "AWQ": dict(method="awq", bits=4, group_size=128, sym=False, num_samples=8),
+    "AWQ": dict(method="awq", bits=4, group_size=128, sym=False, awq_rounding="rtn", num_samples=8),
 }
 
 

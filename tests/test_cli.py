@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from qvlquant.config import GPTQ_DAMP_PERCENT
+
 from qvlquant.cli import main
 
 
@@ -79,7 +81,8 @@ def test_gptq_and_awq_from_the_command_line(method, quant_method, tmp_path):
     layers = json.loads((out / "quantize_report.json").read_text())["layers"]
     assert len(layers) == 28
     if method == "gptq":  # the damping each layer used, and the tokens it saw, are recorded
-        assert all(v["damp_percent"] == 0.1 and v["tokens"] > 100 for v in layers.values())
+        assert all(v["damp_percent"] == GPTQ_DAMP_PERCENT and v["tokens"] > 100 for v in layers.values())
+        assert config["desc_act"] is False and config["meta"]["act_order"] is True  # static act-order, the default
     else:
         assert layers["model.language_model.layers.0.self_attn.q_proj"]["scaled_by"] == "input_layernorm"
     report = tmp_path / "e.json"

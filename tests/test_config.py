@@ -15,6 +15,12 @@ def test_per_method_defaults():
     job = JobConfig.from_flat(output="out/q", method="awq")  # what qvlquant.quantize(output=..., method="awq") builds
     assert job.quant.spec.sym is False and job.pack_format.value == "awq_gemm"
     assert JobConfig.from_flat(output="o", method="awq", bits=4).quant.spec.sym is False  # bits alone keeps asym
+    gptq = QuantConfig("gptq")  # the measured defaults: damping 0.01, act-order with static groups
+    assert (gptq.damp_percent, gptq.desc_act, gptq.static_groups) == (0.01, True, True)
+    assert QuantConfig("gptq", desc_act=True).static_groups is False  # an explicit --desc-act keeps dynamic groups
+    assert QuantConfig("gptq", desc_act=False).static_groups is False
+    assert QuantConfig("awq").awq_rounding == "rtn" and QuantConfig("awq", QuantSpec(3, 128, False)).awq_rounding == "gptq"
+    assert QuantConfig("rtn").desc_act is False and QuantConfig("awq").static_groups is False
     awq_gptq = JobConfig.from_flat(output="o", method="awq", awq_rounding="gptq", mse=2.4, vision_weight=0.5).quant
     assert awq_gptq.damp_percent == GPTQ_DAMP_PERCENT and awq_gptq.mse == 2.4  # GPTQ's rounding settings apply
 

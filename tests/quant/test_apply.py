@@ -129,7 +129,7 @@ def test_awq_scales_then_gptq_rounding(monkeypatch):
     monkeypatch.setattr(apply, "clip_from_gram", lambda *a, **k: clipped.append(1))
     spec = QuantSpec(3, 32, False)
     result, err = _output_error(QuantConfig("awq", spec, awq_rounding="gptq", damp_percent=0.01))
-    _, err_rtn = _output_error(QuantConfig("awq", spec, awq_clip=False))
+    _, err_rtn = _output_error(QuantConfig("awq", spec, awq_rounding="rtn", awq_clip=False))
     assert not clipped  # GPTQ rounds instead of the clipping search
     info = result.layer_info["transformer.h.0.attn.c_attn"]
     assert info["scaled_by"] == "ln_1" and info["damp_percent"] == 0.01 and "gptq_loss" in info and "ratio" in info

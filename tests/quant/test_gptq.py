@@ -5,7 +5,7 @@ import torch
 
 import qvlquant.quant.gptq as gptq_module
 from qvlquant.quant.formats import PackFormat
-from qvlquant.config import QuantConfig
+from qvlquant.config import GPTQ_DAMP_PERCENT, QuantConfig
 from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, damped_inverse_cholesky, gptq_quantize
 from qvlquant.quant.gptq import hessian as finish_hessian
 from qvlquant.quant.rtn import QuantSpec, default_g_idx, fake_quantize
@@ -34,7 +34,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, sym):
     spec = QuantSpec(bits, group_size, sym)
     qw, info = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec))
     assert rel_error(x, w, qw.dequantize()) < 0.5 * rel_error(x, w, fake_quantize(w, spec))
-    assert info["damp_percent"] == 0.1 and info["dead_columns"] == 0
+    assert info["damp_percent"] == GPTQ_DAMP_PERCENT and info["dead_columns"] == 0
 
 
 def test_hessian_is_the_mean_over_real_tokens():
@@ -53,7 +53,7 @@ def test_act_order_and_static_groups(seed):
     x = correlated_inputs(seed=seed)
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(100 + seed))
     spec = QuantSpec(4, 64, True)
-    plain, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec))
+    plain, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, desc_act=False))
     act, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, desc_act=True))
     assert not torch.equal(act.g_idx, default_g_idx(256, spec))  # groups follow the activation order
     assert torch.bincount(act.g_idx.long()).tolist() == [64] * 4
@@ -71,7 +71,7 @@ def test_cholesky_failure_raises_damping_and_records_it():
     H = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.3] * 8))  # mean diag 0.675; needs damp 0.8 to factorise
     _, used = damped_inverse_cholesky(H, 0.1, 1.0)
     assert used == pytest.approx(0.8)
-    qw, info = gptq_quantize(torch.randn(8, 32), H, QuantConfig("gptq", QuantSpec(4, 32, True)))
+    qw, info = gptq_quantize(torch.randn(8, 32), H, QuantConfig("gptq", QuantSpec(4, 32, True), damp_percent=0.1))
     assert info["damp_percent"] == pytest.approx(0.8)
     with pytest.raises(CholeskyError, match="damp_percent 0.4"):
         damped_inverse_cholesky(H, 0.1, 0.4)
@@ -123,7 +123,7 @@ def test_gptq_mse_ranges_lower_the_output_error_on_heavy_tailed_weights(seed):
     x = correlated_inputs(seed=seed)
     w = torch.distributions.StudentT(2.5).sample((64, 256))
     spec = QuantSpec(3, 128, True)
-    plain, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec))
-    shrunk, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, mse=2.4))
+    plain, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, desc_act=False))
+    shrunk, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, desc_act=False, mse=2.4))
     assert rel_error(x, w, shrunk.dequantize()) < 0.95 * rel_error(x, w, plain.dequantize())
     assert (shrunk.scale <= plain.scale * 1.001).float().mean() > 0.9  # shrunk ranges, nearly everywhere
