@@ -28,8 +28,12 @@ GPTQ_DAMP_PERCENT = 0.01
 GPTQ_ACT_ORDER = True
 # AWQ's rounding after its scales, by bit width (measured the same way): below 4 bits GPTQ rounds the scaled layer
 # (perplexity beyond the spread); at 4 bits and up AWQ's own clipping search and round-to-nearest (a perplexity tie,
-# at about half the time and without GPTQ's Hessians in memory).
+# and no GPTQ Hessians in memory).
 AWQ_GPTQ_ROUNDING_BELOW_BITS = 4
+# GPTQ's group ranges: below 4 bits searched for the least |w - Q(w)|^2.4 (GPTQModel's mse; beyond the spread at
+# W3 with act-order), at 4 bits and up min-max (within a hair of the spread, and no search time).
+GPTQ_MSE = 2.4
+GPTQ_MSE_BELOW_BITS = 4
 EXPORT_FORMATS = ("auto", "compressed-tensors")
 DTYPES = ("float32", "bfloat16", "float16")
 OFFLOAD = ("auto", "device", "cpu")
@@ -67,7 +71,8 @@ class QuantConfig:
     awq_max_tokens: int = 4096  # AWQ: tokens kept per linear for its statistics and scale search
     awq_rounding: str | None = None  # AWQ: "rtn" (AWQ's own, after the clipping search) or "gptq" (GPTQ rounds the
     # scaled layer); None: gptq below AWQ_GPTQ_ROUNDING_BELOW_BITS bits, else rtn
-    mse: float = 0.0  # GPTQ: group ranges shrunk to minimise |w - Q(w)|^mse (GPTQModel's mse, 2.4 typical); 0: min-max
+    mse: float | None = None  # GPTQ: group ranges shrunk to minimise |w - Q(w)|^mse (GPTQModel's mse, 2.4 typical);
+    # 0: min-max; None: GPTQ_MSE below GPTQ_MSE_BELOW_BITS bits for method gptq, else 0
     vision_weight: float = 1.0  # GPTQ: weight of image / video tokens in the Hessian (VLMQ-style); 1: as text
 
     def __post_init__(self):
@@ -75,7 +80,7 @@ class QuantConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.spec is None:
             object.__setattr__(self, "spec", QuantSpec(4, 128, sym=self.method != "awq"))
-        self._resolve_order()
+        self._resolve_defaults()
         if self.awq_rounding not in AWQ_ROUNDING:
             raise ValueError(f"awq_rounding must be one of {', '.join(AWQ_ROUNDING)}, got {self.awq_rounding!r}")
         if self.awq_rounding != "rtn" and self.method != "awq":
@@ -104,9 +109,9 @@ class QuantConfig:
             _positive_int(name, getattr(self, name))
 
 
-    def _resolve_order(self) -> None:
-        """desc_act / static_groups left None take their defaults: for GPTQ, act-order with static groups unless
-        desc_act was given; for the other methods, off."""
+    def _resolve_defaults(self) -> None:
+        """Settings left None take their measured defaults: for GPTQ, act-order with static groups unless desc_act
+        was given, and mse below GPTQ_MSE_BELOW_BITS bits; AWQ's rounding by bit width; for the others, off."""
         gptq = self.method == "gptq"
         if self.static_groups is None:
             static = gptq and self.desc_act is None and GPTQ_ACT_ORDER
@@ -117,6 +122,8 @@ class QuantConfig:
             object.__setattr__(self, "awq_rounding", "gptq" if self.spec.bits < AWQ_GPTQ_ROUNDING_BELOW_BITS else "rtn")
         elif self.awq_rounding is None:
             object.__setattr__(self, "awq_rounding", "rtn")
+        if self.mse is None:
+            object.__setattr__(self, "mse", GPTQ_MSE if gptq and self.spec.bits < GPTQ_MSE_BELOW_BITS else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,8 @@ def test_per_method_defaults():
     assert QuantConfig("gptq", desc_act=False).static_groups is False
     assert QuantConfig("awq").awq_rounding == "rtn" and QuantConfig("awq", QuantSpec(3, 128, False)).awq_rounding == "gptq"
     assert QuantConfig("rtn").desc_act is False and QuantConfig("awq").static_groups is False
+    assert QuantConfig("gptq").mse == 0.0 and QuantConfig("gptq", QuantSpec(3, 128, True)).mse == 2.4  # below 4 bits
+    assert QuantConfig("awq", QuantSpec(3, 128, False)).mse == 0.0
     awq_gptq = JobConfig.from_flat(output="o", method="awq", awq_rounding="gptq", mse=2.4, vision_weight=0.5).quant
     assert awq_gptq.damp_percent == GPTQ_DAMP_PERCENT and awq_gptq.mse == 2.4  # GPTQ's rounding settings apply
 
