@@ -127,3 +127,10 @@ def test_gptq_mse_ranges_lower_the_output_error_on_heavy_tailed_weights(seed):
     shrunk, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, desc_act=False, mse=2.4))
     assert rel_error(x, w, shrunk.dequantize()) < 0.95 * rel_error(x, w, plain.dequantize())
     assert (shrunk.scale <= plain.scale * 1.001).float().mean() > 0.9  # shrunk ranges, nearly everywhere
+
+
+def test_symmetric_permutation_matches_fancy_indexing():
+    A = torch.randn(300, 300)
+    H = A @ A.T
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gptq_module._permute_symmetric(H, perm, chunk=64), H[perm][:, perm])
