@@ -7,8 +7,9 @@ Make the checkpoints first (benchmarks/make_random_checkpoint.py), then e.g.
     python benchmarks/bench_real_size.py --checkpoints /tmp/ckpt --runs 2b:gptq 2b:awq 7b:rtn 7b:gptq:2 \\
         --json benchmarks/results/real_size_cpu.json
 
-A run is SHAPE:METHOD[:MAX_LAYERS]; every run uses W4 g128, the demo calibration source (--num-samples 16) and
-the machine's default device. Each finished run is appended to the JSON at once, so a long series that is
+A run is SHAPE:METHOD[:MAX_LAYERS[:BITS]] (BITS default 4); every run uses g128 and the method's defaults (so a
+row measures whatever the defaults were when it ran: its settings are recorded), the demo calibration source
+(--num-samples 16) and the machine's default device. Each finished run is appended to the JSON at once, so a long series that is
 stopped keeps what it measured; exports are deleted after each run (the disk fills).
 """
 
@@ -25,12 +26,13 @@ import sys
 import time
 
 
-def run_one(checkpoint: pathlib.Path, method: str, max_layers: int | None, work: pathlib.Path, samples: int) -> dict:
+def run_one(checkpoint: pathlib.Path, method: str, max_layers: int | None, work: pathlib.Path, samples: int,
+            bits: int = 4) -> dict:
     out = work / f"{checkpoint.name}-{method}"
     for p in (out, out.with_name(f".{out.name}.partial")):
         shutil.rmtree(p, ignore_errors=True)
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "qvlquant.cli", "quantize", "--model", str(checkpoint),
-           "--method", method, "--bits", "4", "--group-size", "128", "--num-samples", str(samples), "--output", str(out)]
+           "--method", method, "--bits", str(bits), "--group-size", "128", "--num-samples", str(samples), "--output", str(out)]
     if max_layers:
         cmd += ["--max-layers", str(max_layers)]
     t0 = time.time()
@@ -46,7 +48,8 @@ def run_one(checkpoint: pathlib.Path, method: str, max_layers: int | None, work:
         shutil.rmtree(p, ignore_errors=True)
     layer_s = list(report["layer_seconds"].values())
     return {
-        "checkpoint": checkpoint.name, "method": method, "layers_run": len(layer_s),
+        "checkpoint": checkpoint.name, "method": method, "bits": bits, "quant_settings": report.get("config", {}).get("quant"),
+        "layers_run": len(layer_s),
         "layers_total": report["estimate"]["layers"], "wall_s": round(wall, 1),
         "quantize_s": report["quantize_seconds"], "export_s": report.get("export_seconds"),
         "mean_layer_s": round(sum(layer_s) / len(layer_s), 2), "max_layer_s": max(layer_s),
@@ -60,7 +63,7 @@ def run_one(checkpoint: pathlib.Path, method: str, max_layers: int | None, work:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", required=True, help="folder holding qwen2-vl-2b-random / qwen2-vl-7b-random")
-    p.add_argument("--runs", nargs="+", required=True, help="SHAPE:METHOD[:MAX_LAYERS], SHAPE 2b or 7b")
+    p.add_argument("--runs", nargs="+", required=True, help="SHAPE:METHOD[:MAX_LAYERS[:BITS]], SHAPE 2b or 7b")
     p.add_argument("--work", default=None, help="where exports go (default: beside the checkpoints)")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--json", required=True)
@@ -72,8 +75,9 @@ def main() -> None:
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     for spec in args.runs:
         shape, method, *rest = spec.split(":")
-        row = run_one(root / f"qwen2-vl-{shape}-random", method, int(rest[0]) if rest else None, work,
-                      args.num_samples)
+        max_layers = int(rest[0]) if rest and rest[0] else None
+        row = run_one(root / f"qwen2-vl-{shape}-random", method, max_layers, work, args.num_samples,
+                      int(rest[1]) if len(rest) > 1 else 4)
         rows.append(row)
         path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
         print(f"{spec}: wall {row['wall_s']} s, {row['layers_run']}/{row['layers_total']} layers, "
