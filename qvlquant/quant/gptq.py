@@ -55,9 +55,11 @@ def hessian(S: torch.Tensor, n: int) -> torch.Tensor:
     return (S.mul_(2.0 / n) if n else S).float()
 
 
-def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: float) -> tuple[torch.Tensor, float]:
+def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: float,
+                            perm: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = that inverse), raising damp (x2 each try)
-    until it factorises. -> (U [K, K], damp_percent used); H is left as it was.
+    until it factorises; with ``perm``, of the permuted ``H[perm][:, perm]`` (act-order), gathered straight into the
+    working copy. -> (U [K, K], damp_percent used); H is left as it was.
 
     With P the reversal permutation, P H P = M M^T (M lower) gives H = V V^T for the upper V = P M P, so
     U = V^-1 = P M^-1 P: one Cholesky and one triangular inverse (2/3 K^3 multiply-adds) instead of a Cholesky, a
@@ -72,7 +74,7 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: floa
     damp = damp_percent
     info = torch.empty((), dtype=torch.int32, device=H.device)
     while True:
-        work = H.clone()
+        work = _permuted_copy(H, perm)
         work.diagonal().add_(damp * mean_diag)
         _reverse_(work)
         torch.linalg.cholesky_ex(work, out=(work, info))  # M, lower, in place
@@ -90,14 +92,16 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: floa
         damp = min(damp * 2, damp_max)
 
 
-def _permute_symmetric(H: torch.Tensor, perm: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """``H[perm][:, perm]`` with one [K, K] temporary instead of two (act-order at real size: a 7B down_proj's
-    Hessian is 1.4 GB): the rows are gathered into a new matrix, then its rows' columns are permuted in place,
-    ``chunk`` rows at a time."""
-    P = H.index_select(0, perm)
-    for r0 in range(0, P.shape[0], chunk):
-        P[r0:r0 + chunk] = P[r0:r0 + chunk].index_select(1, perm)
-    return P
+def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, chunk: int = 1024) -> torch.Tensor:
+    """A copy of ``H`` (``H[perm][:, perm]`` for act-order), gathered ``chunk`` rows at a time: the working copy
+    the factorisation needs anyway, so act-order costs no [K, K] matrix more than the plain order (a 7B
+    down_proj's Hessian is 1.4 GB)."""
+    if perm is None:
+        return H.clone()
+    out = torch.empty_like(H)
+    for r0 in range(0, H.shape[0], chunk):
+        out[r0:r0 + chunk] = H.index_select(0, perm[r0:r0 + chunk]).index_select(1, perm)
+    return out
 
 
 def _reverse_(A: torch.Tensor, chunk: int = 1024) -> None:
@@ -159,8 +163,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> tupl
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k, device=device)
     if desc_act:
         W = W[:, perm]
-        H = _permute_symmetric(H, perm)
-    Hinv, damp_used = damped_inverse_cholesky(H, config.damp_percent, config.damp_max)
+    Hinv, damp_used = damped_inverse_cholesky(H, config.damp_percent, config.damp_max, perm if desc_act else None)
     del H
 
     Q = torch.zeros(n_out, k, dtype=torch.int32, device=device)

@@ -129,8 +129,11 @@ def test_gptq_mse_ranges_lower_the_output_error_on_heavy_tailed_weights(seed):
     assert (shrunk.scale <= plain.scale * 1.001).float().mean() > 0.9  # shrunk ranges, nearly everywhere
 
 
-def test_symmetric_permutation_matches_fancy_indexing():
-    A = torch.randn(300, 300)
+def test_permuted_factorisation_is_that_of_the_permuted_hessian():
+    A = torch.randn(300, 300, dtype=torch.float64)
     H = A @ A.T
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(gptq_module._permute_symmetric(H, perm, chunk=64), H[perm][:, perm])
+    assert torch.equal(gptq_module._permuted_copy(H, perm, chunk=64), H[perm][:, perm])
+    U, _ = damped_inverse_cholesky(H, 0.01, 1.0, perm)
+    V, _ = damped_inverse_cholesky(H[perm][:, perm], 0.01, 1.0)
+    torch.testing.assert_close(U, V, rtol=0, atol=0)
