@@ -38,8 +38,10 @@ import tempfile
 import time
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/peers: layout.py beside this script
+from layout import to_input_layout  # noqa: E402
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # read when gptqmodel is imported; its default hangs on 2 cores
 
@@ -104,34 +106,6 @@ def dequantize_state(packed: dict[str, torch.Tensor], bits: int, v1: bool) -> tu
         parts = {p: state.pop(f"{name}.{p}") for p in keys if f"{name}.{p}" in state}
         state[f"{name}.weight"] = dequantize_gptq(parts, bits, v1)
     return state, names
-
-
-def _candidates(key: str) -> list[str]:
-    """Names a checkpoint key may have in a transformers-5 Qwen-VL state dict (the legacy layout is renamed)."""
-    out = [key]
-    if key.startswith("model."):
-        out.append("model.language_model." + key[len("model."):])
-    if key.startswith("visual."):
-        out.append("model." + key)
-    return out
-
-
-def to_input_layout(state: dict[str, torch.Tensor], model_dir: pathlib.Path) -> tuple[dict, dict[str, str]]:
-    """``state`` under exactly the keys (and shapes) of the input folder's model.safetensors, float32.
-    -> (that state dict, each used key of ``state`` -> its input-folder key)."""
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    out, renamed = {}, {}
-    for key, shape in shapes.items():
-        found = [c for c in _candidates(key) if c in state]
-        if len(found) != 1:
-            raise SystemExit(f"{key}: {len(found)} matches in the quantized checkpoint ({found}); cannot map it back")
-        t = state[found[0]]
-        if list(t.shape) != list(shape):
-            raise SystemExit(f"{key}: shape {list(t.shape)} after dequantization, {list(shape)} in {model_dir}")
-        out[key] = t.float().contiguous()
-        renamed[found[0]] = key
-    return out, renamed
 
 
 def read_batches(folder: pathlib.Path) -> tuple[list[dict], dict]:
