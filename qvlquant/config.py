@@ -108,7 +108,6 @@ class QuantConfig:
         for name in ("block_size", "awq_grid", "awq_max_tokens"):
             _positive_int(name, getattr(self, name))
 
-
     def _resolve_defaults(self) -> None:
         """Settings left None take their measured defaults: for GPTQ, act-order with static groups unless desc_act
         was given, and mse below GPTQ_MSE_BELOW_BITS bits; AWQ's rounding by bit width; for the others, off."""
@@ -118,10 +117,9 @@ class QuantConfig:
             object.__setattr__(self, "static_groups", static)
         if self.desc_act is None:
             object.__setattr__(self, "desc_act", gptq and GPTQ_ACT_ORDER)
-        if self.awq_rounding is None and self.method == "awq":
-            object.__setattr__(self, "awq_rounding", "gptq" if self.spec.bits < AWQ_GPTQ_ROUNDING_BELOW_BITS else "rtn")
-        elif self.awq_rounding is None:
-            object.__setattr__(self, "awq_rounding", "rtn")
+        if self.awq_rounding is None:
+            below = self.method == "awq" and self.spec.bits < AWQ_GPTQ_ROUNDING_BELOW_BITS
+            object.__setattr__(self, "awq_rounding", "gptq" if below else "rtn")
         if self.mse is None:
             object.__setattr__(self, "mse", GPTQ_MSE if gptq and self.spec.bits < GPTQ_MSE_BELOW_BITS else 0.0)
 

@@ -81,9 +81,8 @@ def decoder_layer_errors(base_model, model, layers_path: str, batches: list[dict
     def hook_for(i):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             ref = output[0] if isinstance(output, tuple) else output
-            got = layers[i](*args, **rest) if args else layers[i](**kwargs)
+            got = layers[i](*args, **kwargs)  # the same call, on the quantized layer
             got = got[0] if isinstance(got, tuple) else got
             m = mask[0]
             num[i] += float((got - ref)[m].float().pow(2).sum())

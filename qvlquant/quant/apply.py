@@ -34,22 +34,23 @@ def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups,
     count ``vision_weight`` times (1: like text). Each replay stops at the last of ``groups`` (in execution order):
     the rest of the layer is not needed. -> {group: (S [K, K], n)}."""
     sums: dict = {}
-    mask: list = [None, None]
+    current: dict = {}  # the batch being replayed: its real-token mask and token weights
     last = groups[-1] if groups else None  # groups come in execution order
 
     def hook_for(group):
         def hook(module, args, output):
             x = args[0]  # [B, S, K]
             S, n = sums.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device), 0)
-            weight = None if mask[1] is None else mask[1].to(x.device)
-            sums[group] = accumulate_hessian(S, n, x, mask[0].to(x.device), weight)
+            weight = current["weight"]
+            sums[group] = accumulate_hessian(S, n, x, current["mask"].to(x.device),
+                                             None if weight is None else weight.to(x.device))
             if group == last:
                 raise StopReplay
 
         return hook
 
     replay(layer, inputs, [(layer.get_submodule(g[0]), hook_for(g)) for g in groups],
-           before_each=lambda x: mask.__setitem__(slice(None), [x.token_mask, x.token_weight(vision_weight)]))
+           before_each=lambda x: current.update(mask=x.token_mask, weight=x.token_weight(vision_weight)))
     return sums
 
 
@@ -213,13 +214,15 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     if real == 0:
         raise ctx.fail(firsts[0], "received no calibration tokens; add samples or exclude it")
     found, info = _search_scales(layer, inputs, ctx, feats, owner)
+    gptq_rounds = qcfg.awq_rounding == "gptq"
     for group, prev, linears, s in found:
         _fold(prev, linears, s, ctx.storage_dtype)
-        key = owner[group.linears[0]]
-        feats[key] = [f / s.to(f.dtype) for f in feats[key]]
+        if not gptq_rounds:  # the clipping search reads the scaled inputs; GPTQ captures its own
+            key = owner[group.linears[0]]
+            feats[key] = [f / s.to(f.dtype) for f in feats[key]]
     scale_of = {n: s for group, _, _, s in found for n in group.linears}
     out_scale_of = {group.prev: s for group, prev, _, s in found if isinstance(prev, torch.nn.Linear)}
-    if qcfg.awq_rounding == "gptq":  # GPTQ rounds the scaled layer (its own Hessians, true-sequential); no clipping
+    if gptq_rounds:  # GPTQ rounds the scaled layer (its own Hessians, true-sequential); no clipping
         del feats
         gptq_layer(layer, inputs, ctx, lambda name, w, more: (dataclasses.replace(
             w, input_scale=scale_of.get(name), output_scale=out_scale_of.get(name)),
