@@ -21,9 +21,10 @@ import time
 
 import torch
 
-from qvlquant.bench import decoder_linears
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
-from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
+from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+from qvlquant.quant.spec import QuantSpec
+from qvlquant.tools.bench import decoder_linears
 
 LAYOUTS = {"gptq-w4": (PackFormat.GPTQ, QuantSpec(4, 128, True)),
            "awq-w4": (PackFormat.AWQ_GEMM, QuantSpec(4, 128, False)),

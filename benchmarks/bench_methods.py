@@ -67,8 +67,8 @@ class Scorer:
     """What every quantized model is measured by against one base, with the base's side computed once."""
 
     def __init__(self, base, processor, family, kl_limit: int = 512, acc_limit: int = 1000):
+        from qvlquant.assets.paths import DATA_DIR
         from qvlquant.calib.easyvqa import load_split
-        from qvlquant.demo.paths import DATA_DIR
         from qvlquant.eval.compare import answer_logits
         from qvlquant.eval.easyvqa import evaluate, prompt_batch
         from qvlquant.eval.perplexity import token_stream
@@ -119,9 +119,8 @@ def calibration(processor, n: int, seed: int) -> list[dict]:
 
 def run_variant(base, calib, family, variant: str, bits: int, group: int):
     """-> (quantized copy of base, seconds)."""
-    from qvlquant.config import QuantConfig
-    from qvlquant.pipeline import LoopPlan, quantize_model
-    from qvlquant.quant.rtn import QuantSpec
+    from qvlquant.engine.loop import LoopPlan, quantize_model
+    from qvlquant.quant.spec import QuantConfig, QuantSpec
 
     method, settings = VARIANTS[variant]
     settings = dict(settings)
@@ -223,8 +222,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     import qvlquant
+    from qvlquant.engine.skeleton import EMBEDDED
     from qvlquant.families import family_for
-    from qvlquant.models import EMBEDDED
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]

@@ -95,8 +95,8 @@ def main() -> None:
     os.environ.setdefault("QVLQUANT_QUIET", "1")
     torch.set_num_threads(args.threads)
     import qvlquant
+    from qvlquant.engine.skeleton import EMBEDDED, resolve_model_path
     from qvlquant.families import family_for
-    from qvlquant.models import EMBEDDED, resolve_model_path
 
     sys.path.insert(0, str(HERE / "peers"))
     from export_batches import calibration_batches, write_batches  # noqa: E402 (benchmarks/peers is not a package)

@@ -28,10 +28,14 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from qvlquant.bench import SHAPES, decoder_linears
-from qvlquant.kernels.dequant_matmul import autotune_configs, dequant_matmul_kernel, kernel_constants
+from qvlquant.kernels.dequant_matmul import (
+    autotune_configs,
+    dequant_matmul_kernel,
+    kernel_constants,
+)
 from qvlquant.quant.formats import PackFormat
-from qvlquant.quant.rtn import QuantSpec
+from qvlquant.quant.spec import QuantSpec
+from qvlquant.tools.bench import SHAPES, decoder_linears
 
 GPU_SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # max shared memory per block, bytes (CUDA docs)
 PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}

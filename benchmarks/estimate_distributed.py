@@ -1,5 +1,5 @@
 """How much N processes shorten a decoder layer, computed (not measured) from the loop's own operation counts and
-its own solve assignment (``qvlquant.estimate.layer_flops``): each rank runs 1/N of the calibration tokens, and
+its own solve assignment (``qvlquant.engine.estimate.layer_flops``): each rank runs 1/N of the calibration tokens, and
 each linear's solve runs on one rank; with true-sequential GPTQ the groups are solved one after the other, so a
 step's largest solve (down_proj: K = 29696 at 72B) does not split.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from qvlquant.bench import SHAPES
-from qvlquant.estimate import layer_flops
+from qvlquant.engine.estimate import layer_flops
 from qvlquant.families import family_for
+from qvlquant.tools.bench import SHAPES
 
 SHAPES_72B = dict(hidden_size=8192, intermediate_size=29696, num_hidden_layers=80, num_attention_heads=64,
                   num_key_value_heads=8)  # the MLP padded to 29696 (--pad-intermediate-to 1024)

@@ -32,7 +32,7 @@ case "${1:-env}" in
     ;;
   test)
     # the compile report test needs Triton >= 3.8's AOT helpers; it says nothing a GPU run does not
-    python3 -m pytest -q tests/kernels tests/quant/test_formats.py "tests/test_bench.py::test_fused_kernel_path_under_torch_compile_matches_eager" \
+    python3 -m pytest -q tests/kernels tests/quant/test_formats.py "tests/tools/test_bench.py::test_fused_kernel_path_under_torch_compile_matches_eager" \
       -k "not compile_for" -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
     ;;
   kernels)

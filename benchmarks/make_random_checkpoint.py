@@ -5,7 +5,7 @@ safetensors in 5 GiB shards with an index, and a processor: the embedded demo's 
 the Qwen special tokens; the config's image / video / vision marker ids are set to that tokenizer's, so real
 multimodal calibration batches run through the model). Speed and memory do not depend on weight values; accuracy
 does, so nothing about accuracy is measured on these. Each tensor is generated when its turn comes and written
-at once (``qvlquant.shards.write_safetensors``): the script holds one tensor, never the model.
+at once (``qvlquant.storage.shards.write_safetensors``): the script holds one tensor, never the model.
 
     python benchmarks/make_random_checkpoint.py --shape qwen2-vl-7b --output /tmp/qwen2-vl-7b-random
 """
@@ -19,12 +19,12 @@ import shutil
 
 import torch
 
-from qvlquant.bench import SHAPES, VISION
-from qvlquant.demo.paths import MODEL_DIR
-from qvlquant.export import plan_shards
+from qvlquant.assets.paths import MODEL_DIR
+from qvlquant.checkpoint.export import plan_shards
+from qvlquant.engine.skeleton import build_skeleton
 from qvlquant.families import QWEN2_VL
-from qvlquant.models import build_skeleton
-from qvlquant.shards import INDEX, write_safetensors
+from qvlquant.storage.shards import INDEX, write_safetensors
+from qvlquant.tools.bench import SHAPES, VISION
 
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json")

@@ -7,8 +7,8 @@ from qvlquant.version import __version__  # noqa: F401
 
 
 def load(path="demo", **kwargs):
-    """Load a BF16 or quantized checkpoint folder (or 'demo'). -> (model, processor). See qvlquant.runtime.load."""
-    from qvlquant.runtime import load as _load
+    """Load a BF16 or quantized checkpoint folder (or 'demo'). -> (model, processor). See qvlquant.runtime.load.load."""
+    from qvlquant.runtime.load import load as _load
 
     return _load(path, **kwargs)
 
@@ -23,9 +23,9 @@ def quantize(config=None, **settings):
 
 def evaluate(model="demo", base=None, **settings):
     """Accuracy and held-out perplexity of a checkpoint, beside ``base`` (default: the base recorded at quantization;
-    'none' to skip). ``settings``: the fields of qvlquant.eval.run.EvalConfig (task, data, limit, ...).
-    -> EvalResult (summary, predictions). See qvlquant.eval.run.evaluate_with_baseline."""
-    from qvlquant.eval.run import EvalConfig, evaluate_with_baseline
+    'none' to skip). ``settings``: the fields of qvlquant.evaluation.EvalConfig (task, data, limit, ...).
+    -> EvalResult (summary, predictions). See qvlquant.evaluation.evaluate_with_baseline."""
+    from qvlquant.evaluation import EvalConfig, evaluate_with_baseline
 
     return evaluate_with_baseline(model, EvalConfig(**settings), base=base)
 

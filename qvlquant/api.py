@@ -16,25 +16,53 @@ import time
 
 import torch
 
-from qvlquant.version import __version__
 from qvlquant.calib.dataset import build_batches
 from qvlquant.calib.sources import load_samples
+from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config
+from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import JobConfig
-from qvlquant.devices import (choose_offload, compute_dtype, peak_gpu_bytes, peak_rss_bytes, resolve_device,
-                              set_threads)
-from qvlquant.distributed import World, barrier, check_same, each, shard, start, stop
-from qvlquant.estimate import estimate, format_estimate
-from qvlquant.export import CheckpointTensors, export, quantization_config
+from qvlquant.engine.estimate import estimate, format_estimate
+from qvlquant.engine.loop import LoopPlan, QuantResult, check_group_size, quantize_model
+from qvlquant.engine.resume import (
+    DiskStore,
+    RankStore,
+    batches_digest,
+    model_digest,
+    settings_fingerprint,
+)
+from qvlquant.engine.skeleton import (
+    build_skeleton,
+    check_processor_files,
+    check_remote_code,
+    load_config,
+    read_model_type,
+    resolve_model_path,
+    storage_dtype,
+)
+from qvlquant.engine.streaming import StreamedLayers
+from qvlquant.engine.transforms import pad_config
 from qvlquant.families import family_for
-from qvlquant.inspection import vllm_compatibility_warnings
-from qvlquant.models import (StreamedLayers, build_skeleton, check_processor_files, check_remote_code, load_config,
-                             read_model_type, resolve_model_path, storage_dtype)
-from qvlquant.outputs import check_output_target
-from qvlquant.pipeline import LoopPlan, QuantResult, check_group_size, quantize_model
-from qvlquant.progress import say
-from qvlquant.resume import DiskStore, RankStore, batches_digest, model_digest, settings_fingerprint
-from qvlquant.shards import ShardReader
-from qvlquant.transforms import pad_config
+from qvlquant.parallel.devices import (
+    choose_offload,
+    compute_dtype,
+    peak_gpu_bytes,
+    peak_rss_bytes,
+    resolve_device,
+    set_threads,
+)
+from qvlquant.parallel.distributed import (
+    World,
+    barrier,
+    check_same,
+    each,
+    shard,
+    start,
+    stop,
+)
+from qvlquant.storage.outputs import check_output_target
+from qvlquant.storage.shards import ShardReader
+from qvlquant.ui.progress import say
+from qvlquant.version import __version__
 
 
 def quantize(config: JobConfig | None = None, **settings) -> dict | None:
@@ -43,7 +71,7 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
     stopped by ``max_layers``: the report of the layers done, saved in the partial folder).
 
     Under torchrun (or ``--nproc``) every process calls this; each runs its share of the calibration batches
-    (``qvlquant.distributed``) and rank 0 alone writes; the other ranks return None."""
+    (``qvlquant.parallel.distributed``) and rank 0 alone writes; the other ranks return None."""
     if config is None:
         config = JobConfig.from_flat(**settings)
     elif settings:
@@ -150,7 +178,10 @@ def _warn_about_vllm(config: JobConfig, job: dict) -> None:
 
 
 def _processor(folder: pathlib.Path, family):
-    from transformers import AutoProcessor, AutoTokenizer  # heavy; the model type was checked first
+    from transformers import (  # heavy; the model type was checked first
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
     if family.needs_remote_code:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)

@@ -1,5 +1,5 @@
 """The ``qvlquant`` command: quantize, eval, check, inspect, push, bench; a thin shell over the Python API
-(qvlquant.api, qvlquant.eval.run, qvlquant.eval.check, qvlquant.recipes, ...).
+(qvlquant.api, qvlquant.evaluation, qvlquant.eval.check, qvlquant.recipes, ...).
 
 Bad input ends in one line on stderr naming what is wrong, exit status 2; nothing half-written is left behind.
 ``qvlquant check`` exits 1 for a regression, distinct from 2 for bad input.
@@ -16,7 +16,6 @@ import pathlib
 import sys
 
 
-
 class _TorchaoEnumNotice(logging.Filter):
     """torchao 0.18 (imported by transformers once gptqmodel's stack is installed: the interop extra) calls
     ``torch.utils._pytree.register_constant`` on its Enums at import (torchao/utils.py), and torch 2.14 logs a
@@ -31,10 +30,11 @@ class _TorchaoEnumNotice(logging.Filter):
 
 logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 
-from qvlquant import launch
-from qvlquant.bench import BENCH_VARIANTS, SHAPES
-from qvlquant.config import AWQ_ROUNDING, DTYPES, EXPORT_FORMATS, GPTQ_DAMP_PERCENT, METHODS, OFFLOAD, JobConfig
+from qvlquant.config import DTYPES, EXPORT_FORMATS, OFFLOAD, JobConfig
 from qvlquant.eval.metrics import EVAL_TASKS
+from qvlquant.parallel import launch
+from qvlquant.quant.spec import AWQ_ROUNDING, GPTQ_DAMP_PERCENT, METHODS
+from qvlquant.tools.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.version import __version__
 
 
@@ -58,7 +58,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def variant_list(text: str) -> tuple[str, ...]:
-    """--variants: comma-separated names of qvlquant.bench.BENCH_VARIANTS (an unknown one is an error listing them)."""
+    """--variants: comma-separated names of qvlquant.tools.bench.BENCH_VARIANTS (an unknown one is an error listing them)."""
     variants = tuple(v.strip() for v in text.split(",") if v.strip())
     unknown = [v for v in variants if v not in BENCH_VARIANTS]
     if unknown or not variants:
@@ -146,7 +146,9 @@ def add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> int:
-    from qvlquant.api import quantize  # transformers: each command imports its heavy modules when it runs
+    from qvlquant.api import (
+        quantize,  # transformers: each command imports its heavy modules when it runs
+    )
 
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "nproc", "argv")}
     if args.nproc is not None and args.nproc != 1:
@@ -187,8 +189,10 @@ def add_eval(sub) -> None:
 
 
 def eval_config(args):
-    """The eval flags as a qvlquant.eval.run.EvalConfig (validated there)."""
-    from qvlquant.eval.run import EvalConfig  # torch and transformers: imported when the command runs
+    """The eval flags as a qvlquant.evaluation.EvalConfig (validated there)."""
+    from qvlquant.evaluation import (
+        EvalConfig,  # torch and transformers: imported when the command runs
+    )
 
     return EvalConfig(task=args.task, data=args.data, split=args.split, backend=args.backend,
                       tensor_parallel=args.tensor_parallel, max_new_tokens=args.max_new_tokens, limit=args.limit,
@@ -196,7 +200,13 @@ def eval_config(args):
 
 
 def run_eval(args) -> int:
-    from qvlquant.eval.run import evaluate_with_baseline, format_table, published_figures, recorded_base, write_report
+    from qvlquant.evaluation import (
+        evaluate_with_baseline,
+        format_table,
+        published_figures,
+        recorded_base,
+        write_report,
+    )
 
     config = eval_config(args)
     base = args.base if args.base is not None else recorded_base(args.model)
@@ -249,7 +259,7 @@ def add_push(sub) -> None:
 
 
 def run_push(args) -> int:
-    from qvlquant.push import PushError, push
+    from qvlquant.checkpoint.push import PushError, push
 
     eval_report = json.loads(pathlib.Path(args.eval).read_text()) if args.eval else None
     try:
@@ -287,7 +297,15 @@ def add_bench(sub) -> None:
 def run_bench(args) -> int:
     import torch
 
-    from qvlquant.bench import BenchConfig, format_table, format_weights_table, plot, run, title, weights_table
+    from qvlquant.tools.bench import (
+        BenchConfig,
+        format_table,
+        format_weights_table,
+        plot,
+        run,
+        title,
+        weights_table,
+    )
 
     if args.weights_only:
         rows = weights_table(args.shape, args.variants)
@@ -327,7 +345,8 @@ def add_inspect(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from qvlquant.inspection import inspect_checkpoint, repair_config
+    from qvlquant.checkpoint.inspection import inspect_checkpoint
+    from qvlquant.checkpoint.repair import repair_config
 
     if args.repair:
         names = repair_config(args.model)

@@ -83,6 +83,14 @@ class ModelFamily:
             names += [self.to_disk(path + ".")[:-1], path]
         return list(dict.fromkeys(names))
 
+    def not_converted_names(self) -> list[str]:
+        """What ``modules_to_not_convert`` must list so that every loader keeps the unquantized parts: both
+        checkpoint layouts for transformers (``unquantized_disk_names``), and the bare leaf (``visual``) for vLLM,
+        whose Qwen-VL name mappers turn ``model.visual.`` into ``visual.`` only with the trailing dot (so Qwen3-VL's
+        ``model.visual`` protects nothing there)."""
+        leaves = [path.rsplit(".", 1)[-1] for path in self.not_quantized]
+        return list(dict.fromkeys(self.unquantized_disk_names() + leaves))
+
 
 QWEN2_VL = ModelFamily(
     name="qwen2_vl",

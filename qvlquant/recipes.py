@@ -18,7 +18,12 @@ from collections.abc import Mapping
 
 import yaml
 
-from qvlquant.eval.check import DEFAULT_MAX_PPL_INCREASE, Tolerances, known_task, tolerance
+from qvlquant.eval.check import (
+    DEFAULT_MAX_PPL_INCREASE,
+    Tolerances,
+    known_task,
+    tolerance,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 import qvlquant
+from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.cli import main
-from qvlquant.demo.paths import MODEL_DIR
 
 
 @pytest.mark.slow

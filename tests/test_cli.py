@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from qvlquant.config import GPTQ_DAMP_PERCENT
-
 from qvlquant.cli import main
+from qvlquant.quant.spec import GPTQ_DAMP_PERCENT
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +113,7 @@ def test_tensor_parallel_padding_from_the_command_line(tmp_path):
 def test_eval_command_is_a_shell_over_the_library(monkeypatch, tmp_path, capsys):
     """qvlquant eval prints the library's table (baseline first) and the published figures of the base, and writes
     the library's summary and predictions; evaluate itself is stubbed here (the slow tests run it for real)."""
-    from qvlquant.eval import run
+    from qvlquant import evaluation as run
 
     def fake(model_path, config):
         quant = None if model_path == "Qwen/Qwen2-VL-2B-Instruct" else {"quant_method": "awq", "bits": 4, "group_size": 128}
@@ -182,7 +181,14 @@ def test_help_shows_defaults_choices_and_a_description(name, shown, capsys):
 
 
 def test_every_option_of_the_non_quantize_subcommands_has_help():
-    from qvlquant.cli import Parser, add_bench, add_check, add_eval, add_inspect, add_push
+    from qvlquant.cli import (
+        Parser,
+        add_bench,
+        add_check,
+        add_eval,
+        add_inspect,
+        add_push,
+    )
 
     sub = Parser().add_subparsers()
     for add in (add_eval, add_check, add_push, add_bench, add_inspect):

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from qvlquant.config import GPTQ_DAMP_PERCENT, JobConfig, QuantConfig
-from qvlquant.quant.rtn import QuantSpec
+from qvlquant.config import JobConfig
+from qvlquant.quant.spec import GPTQ_DAMP_PERCENT, QuantConfig, QuantSpec
 
 
 def test_per_method_defaults():

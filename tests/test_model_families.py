@@ -5,16 +5,15 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_batch, tiny_model
 
 import qvlquant
-from qvlquant.export import export
+from qvlquant.checkpoint.export import export
+from qvlquant.engine.loop import LoopPlan, capture_inputs, quantize_model
 from qvlquant.families import family_for
-from qvlquant.config import QuantConfig
-from qvlquant.pipeline import LoopPlan, capture_inputs, quantize_model
 from qvlquant.quant.layer import next_input
-from qvlquant.quant.rtn import QuantSpec
-from qvlquant.runtime import QuantLinear
-from tiny_models import tiny_batch, tiny_model
+from qvlquant.quant.spec import QuantConfig, QuantSpec
+from qvlquant.runtime.load import QuantLinear
 
 TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 
+from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.calib.dataset import CalibConfig, build_batches
 from qvlquant.calib.sources import load_samples
-from qvlquant.demo.paths import MODEL_DIR
 
 
 def model_folder(model: str) -> pathlib.Path:

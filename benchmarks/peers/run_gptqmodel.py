@@ -1,7 +1,7 @@
 """Quantize a Qwen2-VL with GPTQModel from exported calibration batches; write the result as dense weights.
 
     GPTQMODEL_CPU_WORKERS=2 /work/peers/gptqmodel/bin/python benchmarks/peers/run_gptqmodel.py \
-        --model qvlquant/demo/model --batches /tmp/peer-batches --method gptq --bits 4 --group-size 128 --sym \
+        --model qvlquant/assets/demo --batches /tmp/peer-batches --method gptq --bits 4 --group-size 128 --sym \
         --damp 0.01 --output OUT
 
 Runs inside GPTQModel's own venv (benchmarks/peers/setup_venvs.sh) and never imports qvlquant. The batches are

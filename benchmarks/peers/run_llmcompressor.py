@@ -1,6 +1,6 @@
 """Quantize a Qwen2-VL with llm-compressor from exported calibration batches; write the result as dense weights.
 
-    /work/peers/llmc/bin/python benchmarks/peers/run_llmcompressor.py --model qvlquant/demo/model \
+    /work/peers/llmc/bin/python benchmarks/peers/run_llmcompressor.py --model qvlquant/assets/demo \
         --batches /tmp/peer-batches --method gptq --bits 4 --group-size 128 --sym --damp 0.01 --output OUT
 
 Runs inside llm-compressor's own venv (benchmarks/peers/setup_venvs.sh) and never imports qvlquant. The batches
@@ -32,7 +32,6 @@ import importlib.metadata as md
 import json
 import pathlib
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -86,7 +85,10 @@ def read_batches(folder: pathlib.Path) -> tuple[list[dict], dict]:
 
 def scheme(s: Settings):
     """The compressed-tensors scheme of the language model's linears."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # peer venv only
+    from compressed_tensors.quantization import (  # peer venv only
+        QuantizationArgs,
+        QuantizationScheme,
+    )
 
     weights = QuantizationArgs(
         num_bits=s.bits, type="int", symmetric=s.sym, strategy="group" if s.group_size > 0 else "channel",
@@ -140,7 +142,9 @@ def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:
 def decompress(saved: pathlib.Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The saved pack-quantized checkpoint -> (dense state dict, names of the quantized linears), through
     compressed-tensors' own decompressor."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # peer venv only
+    from compressed_tensors.compressors.pack_quantized.base import (
+        PackedQuantizationCompressor,  # peer venv only
+    )
     from compressed_tensors.quantization import QuantizationConfig
 
     qc = QuantizationConfig.model_validate(json.loads((saved / "config.json").read_text())["quantization_config"])

@@ -19,7 +19,13 @@ from qvlquant.calib.config import CalibConfig
 from qvlquant.calib.errors import CalibrationError
 from qvlquant.calib.images import load_image
 from qvlquant.calib.qwen_vl_v1 import V1_PATTERN, encode_v1
-from qvlquant.calib.samples import content_items, image_source, item_kind, reserved_pattern, validate_sample
+from qvlquant.calib.samples import (
+    content_items,
+    image_source,
+    item_kind,
+    reserved_pattern,
+    validate_sample,
+)
 
 
 def _resize_within(img: Image.Image, max_pixels: int) -> Image.Image:

@@ -16,7 +16,13 @@ import torch
 from qvlquant.calib.config import CalibConfig
 from qvlquant.calib.errors import CalibrationError
 from qvlquant.calib.images import load_image
-from qvlquant.calib.samples import RESERVED_MARKERS, content_items, item_kind, marker_pattern, validate_sample
+from qvlquant.calib.samples import (
+    RESERVED_MARKERS,
+    content_items,
+    item_kind,
+    marker_pattern,
+    validate_sample,
+)
 
 V1_MARKERS = ("<img>", "</img>", "<imgpad>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<|im_start|>",
               "<|im_end|>", "<|endoftext|>")

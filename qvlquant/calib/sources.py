@@ -19,11 +19,11 @@ import json
 import pathlib
 import random
 
+from qvlquant.assets.paths import DATA_DIR
 from qvlquant.calib.easyvqa import VqaItem, load_split
 from qvlquant.calib.errors import CalibrationError
 from qvlquant.calib.samples import validate_sample
-from qvlquant.demo.paths import DATA_DIR
-from qvlquant.manifest import is_pickle
+from qvlquant.storage.manifest import is_pickle
 
 
 def _check_count(num_samples: int, what: str, available: int) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from qvlquant.calib.easyvqa import VqaItem
 from qvlquant.calib.images import load_image
-from qvlquant.progress import progress
+from qvlquant.ui.progress import progress
 
 
 def normalise_answer(text: str) -> str:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from qvlquant.progress import progress
+from qvlquant.ui.progress import progress
 
 
 def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:

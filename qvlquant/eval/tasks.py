@@ -21,7 +21,7 @@ import torch
 
 from qvlquant.calib.images import load_image
 from qvlquant.eval import metrics
-from qvlquant.progress import progress
+from qvlquant.ui.progress import progress
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_SUFFIX = "Answer the question using a single word or phrase."

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - triton ships with the CUDA torch wheel
         pass
 
 from qvlquant.quant.formats import AWQ_PACK_ORDER, PackFormat, is_contiguous_groups
-from qvlquant.quant.rtn import QuantSpec
+from qvlquant.quant.spec import QuantSpec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the nibble (0..7) of an AWQ word that holds its column j, in bits 4j..4j+3: AWQ_PACK_ORDER inverted (0x73625140)

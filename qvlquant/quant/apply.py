@@ -8,11 +8,28 @@ import dataclasses
 
 import torch
 
-from qvlquant.distributed import fold
-from qvlquant.quant.awq import activation_sum, apply_clip, clip_from_gram, group_gram_sum, search_scale
+from qvlquant.parallel.distributed import fold
+from qvlquant.quant.awq import (
+    activation_sum,
+    apply_clip,
+    clip_from_gram,
+    group_gram_sum,
+    search_scale,
+)
 from qvlquant.quant.formats import QuantizedWeight
-from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, gptq_quantize, hessian
-from qvlquant.quant.layer import LayerContext, LayerInput, StopReplay, layer_device, replay
+from qvlquant.quant.gptq import (
+    CholeskyError,
+    accumulate_hessian,
+    gptq_quantize,
+    hessian,
+)
+from qvlquant.quant.layer import (
+    LayerContext,
+    LayerInput,
+    StopReplay,
+    layer_device,
+    replay,
+)
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from qvlquant.quant.rtn import QuantSpec, fake_quantize, minmax_qparams
+from qvlquant.quant.rtn import fake_quantize, minmax_qparams
+from qvlquant.quant.spec import QuantSpec
 
 
 def activation_sum(x: torch.Tensor) -> torch.Tensor:

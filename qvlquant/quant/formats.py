@@ -23,7 +23,8 @@ import enum
 
 import torch
 
-from qvlquant.quant.rtn import QuantSpec, default_g_idx, dequantize, expand_groups
+from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups
+from qvlquant.quant.spec import QuantSpec
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column n0 + AWQ_PACK_ORDER[i] goes to nibble i of a word
 

@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from qvlquant.config import QuantConfig
 from qvlquant.quant.formats import QuantizedWeight
-from qvlquant.quant.rtn import QuantSpec, default_g_idx, minmax_qparams, mse_qparams, quantize
+from qvlquant.quant.rtn import default_g_idx, minmax_qparams, mse_qparams, quantize
+from qvlquant.quant.spec import QuantConfig, QuantSpec
 
 
 class CholeskyError(RuntimeError):
@@ -38,7 +38,7 @@ def accumulate_hessian(S: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Ten
     [...] per-token weights w_t (None: all 1; e.g. vision tokens weighted apart, VLMQ-style). -> (S, n tokens).
     GPTQ's solution does not change when H is scaled, so weights need no normalising.
     The layer loop keeps S in float64, so sums over the batches in another grouping (several ranks) round to the
-    same float32 Hessian in all but a few entries per million (``qvlquant.distributed``). ``hessian(S, n)`` makes ``2/n X^T X`` of it."""
+    same float32 Hessian in all but a few entries per million (``qvlquant.parallel.distributed``). ``hessian(S, n)`` makes ``2/n X^T X`` of it."""
     x = x.reshape(-1, x.shape[-1])
     w = None if weight is None else weight.reshape(-1)
     if mask is not None:

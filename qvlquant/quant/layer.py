@@ -9,10 +9,17 @@ from typing import Callable, Iterable
 
 import torch
 
-from qvlquant.config import QuantConfig
-from qvlquant.distributed import SINGLE, World, assign, each, total, total_count
 from qvlquant.families import ModelFamily
+from qvlquant.parallel.distributed import (
+    SINGLE,
+    World,
+    assign,
+    each,
+    total,
+    total_count,
+)
 from qvlquant.quant.formats import QuantizedWeight
+from qvlquant.quant.spec import QuantConfig
 
 
 class QuantizationError(RuntimeError):

@@ -15,35 +15,11 @@ Conventions (those of GPTQ checkpoints): a weight ``w`` is ``[N, K]`` (out_featu
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from qvlquant.quant.spec import QuantSpec
+
 FP16_TINY = 1e-7  # smallest scale kept: still non-zero in fp16 (subnormal)
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    bits: int = 4
-    group_size: int = 128  # -1: one group per output row (per-channel)
-    sym: bool = True
-
-    def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
-
-    def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else in_features // self.group_size
-
-    def effective_group(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
-
 
 def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point from per-group ranges. xmin/xmax: [...], returns fp32 tensors of the same shape."""

@@ -15,11 +15,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor
 
+from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.calib.dataset import CalibConfig, build_batches
 from qvlquant.calib.sources import load_samples
-from qvlquant.demo.paths import MODEL_DIR
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
-from qvlquant.quant.rtn import QuantSpec, default_g_idx
+from qvlquant.quant.rtn import default_g_idx
+from qvlquant.quant.spec import QuantSpec
 
 PEERS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
 

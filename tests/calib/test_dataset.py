@@ -3,7 +3,12 @@ import json
 import pytest
 from PIL import Image
 
-from qvlquant.calib.dataset import CalibConfig, CalibrationError, build_batches, encode_sample
+from qvlquant.calib.dataset import (
+    CalibConfig,
+    CalibrationError,
+    build_batches,
+    encode_sample,
+)
 from qvlquant.calib.sources import load_samples
 
 
@@ -87,8 +92,8 @@ def test_json_sources_with_relative_images(tmp_path):
 
 
 def test_video_frames_sample(demo, tmp_path):
+    from qvlquant.engine.loop import capture_inputs
     from qvlquant.families import QWEN2_VL
-    from qvlquant.pipeline import capture_inputs
 
     model, processor = demo
     frames = []

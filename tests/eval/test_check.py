@@ -7,8 +7,15 @@ import pytest
 
 import qvlquant
 from qvlquant.cli import main
-from qvlquant.eval.check import (DEFAULT_MAX_DROP, Tolerances, check, format_rows, parse_max_drop, task_scores,
-                                 verdicts)
+from qvlquant.eval.check import (
+    DEFAULT_MAX_DROP,
+    Tolerances,
+    check,
+    format_rows,
+    parse_max_drop,
+    task_scores,
+    verdicts,
+)
 from qvlquant.recipes import check_tolerances
 
 

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from qvlquant.calib.easyvqa import load_split
-from qvlquant.eval.compare import (answer_logits, decoder_layer_errors, layer_errors, linear_inputs, mean_kl,
-                                    relative_output_error, spread, verdict)
+from qvlquant.eval.compare import (
+    answer_logits,
+    decoder_layer_errors,
+    layer_errors,
+    linear_inputs,
+    mean_kl,
+    relative_output_error,
+    spread,
+    verdict,
+)
 
 
 def test_mean_kl_hand_computed():

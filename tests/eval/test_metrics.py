@@ -2,8 +2,17 @@
 
 import pytest
 
-from qvlquant.eval.metrics import (anls, circular_correct, extract_choice, levenshtein, mathvista_correct,
-                                   normalise_vqa, relaxed_accuracy, rotations, vqa_accuracy)
+from qvlquant.eval.metrics import (
+    anls,
+    circular_correct,
+    extract_choice,
+    levenshtein,
+    mathvista_correct,
+    normalise_vqa,
+    relaxed_accuracy,
+    rotations,
+    vqa_accuracy,
+)
 
 
 def test_levenshtein():

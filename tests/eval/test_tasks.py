@@ -9,7 +9,13 @@ import io
 import pytest
 from PIL import Image
 
-from qvlquant.eval.tasks import answers_of, model_answerer, questions, read_tsv, run_task
+from qvlquant.eval.tasks import (
+    answers_of,
+    model_answerer,
+    questions,
+    read_tsv,
+    run_task,
+)
 
 
 def b64_png(color=(255, 0, 0)):
@@ -107,7 +113,7 @@ def test_real_generation_through_the_demo(demo):
 
 def test_eval_command_on_a_tsv_with_published_figures(tmp_path, capsys):
     from qvlquant.cli import main
-    from qvlquant.eval.run import published_figures
+    from qvlquant.evaluation import published_figures
 
     rows = [{"index": str(i), "image": b64_png(), "question": "title?", "answer": answer}
             for i, answer in enumerate(["['no']", "['noo']"])]

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
-from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
-from qvlquant.runtime import QuantLinear
+from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+from qvlquant.quant.spec import QuantSpec
+from qvlquant.runtime.load import QuantLinear
 
 kernels = pytest.importorskip("qvlquant.kernels.dequant_matmul")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

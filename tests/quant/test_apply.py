@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from qvlquant.config import QuantConfig
+from qvlquant.engine.loop import LoopPlan, quantize_model
 from qvlquant.families import QWEN_VL_V1
-from qvlquant.pipeline import LoopPlan, quantize_model
 from qvlquant.quant import apply
-from qvlquant.quant.rtn import QuantSpec
+from qvlquant.quant.spec import QuantConfig, QuantSpec
 
 H, I, LAYERS = 64, 128, 2
 

@@ -2,12 +2,20 @@ import copy
 
 import torch
 
+from qvlquant.engine.loop import capture_inputs
 from qvlquant.families import QWEN2_VL
-from qvlquant.pipeline import capture_inputs
-from qvlquant.quant.layer import run_layer
 from qvlquant.quant.apply import _fold
-from qvlquant.quant.awq import apply_clip, candidate_scales, scaled_fake_quant, search_clip, search_scale, activation_scale
-from qvlquant.quant.rtn import QuantSpec, fake_quantize
+from qvlquant.quant.awq import (
+    activation_scale,
+    apply_clip,
+    candidate_scales,
+    scaled_fake_quant,
+    search_clip,
+    search_scale,
+)
+from qvlquant.quant.layer import run_layer
+from qvlquant.quant.rtn import fake_quantize
+from qvlquant.quant.spec import QuantSpec
 
 SPEC = QuantSpec(4, 64, False)
 

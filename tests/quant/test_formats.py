@@ -1,9 +1,16 @@
 import pytest
 import torch
 
-from qvlquant.quant.formats import (AWQ_PACK_ORDER, PackFormat, QuantizedWeight, is_contiguous_groups, pack_bits,
-                                    unpack_bits)
-from qvlquant.quant.rtn import QuantSpec, default_g_idx, rtn_quantize
+from qvlquant.quant.formats import (
+    AWQ_PACK_ORDER,
+    PackFormat,
+    QuantizedWeight,
+    is_contiguous_groups,
+    pack_bits,
+    unpack_bits,
+)
+from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+from qvlquant.quant.spec import QuantSpec
 
 
 def quantized(n, k, spec, seed=0, act_order=False):

@@ -5,10 +5,15 @@ import torch
 
 import qvlquant.quant.gptq as gptq_module
 from qvlquant.quant.formats import PackFormat
-from qvlquant.config import GPTQ_DAMP_PERCENT, QuantConfig
-from qvlquant.quant.gptq import CholeskyError, accumulate_hessian, damped_inverse_cholesky, gptq_quantize
+from qvlquant.quant.gptq import (
+    CholeskyError,
+    accumulate_hessian,
+    damped_inverse_cholesky,
+    gptq_quantize,
+)
 from qvlquant.quant.gptq import hessian as finish_hessian
-from qvlquant.quant.rtn import QuantSpec, default_g_idx, fake_quantize
+from qvlquant.quant.rtn import default_g_idx, fake_quantize
+from qvlquant.quant.spec import GPTQ_DAMP_PERCENT, QuantConfig, QuantSpec
 
 
 def correlated_inputs(t=2048, k=256, seed=0):

@@ -3,8 +3,18 @@ import itertools
 import pytest
 import torch
 
-from qvlquant.quant.rtn import (QuantSpec, dequantize, expand_groups, default_g_idx, fake_quantize, group_qparams,
-                                minmax_qparams, mse_qparams, quantize, rtn_quantize)
+from qvlquant.quant.rtn import (
+    default_g_idx,
+    dequantize,
+    expand_groups,
+    fake_quantize,
+    group_qparams,
+    minmax_qparams,
+    mse_qparams,
+    quantize,
+    rtn_quantize,
+)
+from qvlquant.quant.spec import QuantSpec
 
 
 def reference_rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

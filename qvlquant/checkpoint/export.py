@@ -1,0 +1,288 @@
+"""Writing quantized checkpoints: safetensors in the keys ``save_pretrained`` writes, a ``quantization_config`` the
+loaders read, the processor without any truncation setting, a report, and a sha256 manifest.
+
+The tensors are streamed: the export plans every shard from names, dtypes and shapes alone, then writes each file
+one tensor at a time, fetching it from where it is: the finished layers' records (a ``MemoryStore`` or the
+partial run on disk) and, for everything that is not quantized (vision tower, embeddings, norms, lm_head), the
+base checkpoint's shards (``CheckpointTensors``) or a model in memory (``ModelTensors``), cast to the storage
+dtype. Memory holds one tensor at a time. Everything is written into a temporary folder beside the output and
+renamed into place at the end (``qvlquant.storage.outputs.publish``), so a crash never leaves a partial model and never
+destroys the model that was there before.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import shutil
+from typing import Callable
+
+import torch
+
+from qvlquant.checkpoint.card import write_card
+from qvlquant.config import ExportConfig
+from qvlquant.engine.loop import QuantResult
+from qvlquant.engine.streaming import disk_key
+from qvlquant.families import ModelFamily
+from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.spec import QuantConfig
+from qvlquant.storage.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401 (MANIFEST, verify re-exported)
+from qvlquant.storage.outputs import publish, temp_dir
+from qvlquant.storage.shards import INDEX, SINGLE, ShardReader, write_safetensors
+from qvlquant.ui.progress import progress
+from qvlquant.version import __version__
+
+REPORT = "quantize_report.json"
+Entry = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def act_order_is_static(qcfg: QuantConfig) -> bool:
+    """Whether act-order left the trivial g_idx (input column k in group k // group_size): with static groups, or
+    per-channel, the group parameters are fixed on the original column order, so the packed weights are in that
+    order and the checkpoint needs no act-order at load time (``desc_act: false``, compressed-tensors ``actorder:
+    weight``), which is also the only act-order vLLM 0.33 still loads."""
+    return qcfg.desc_act and (qcfg.static_groups or qcfg.spec.group_size == -1)
+
+
+def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
+    """compressed-tensors ``pack-quantized``: one config group for every targeted Linear; the vision tower and lm_head
+    in ``ignore``. Validated by ``compressed_tensors.QuantizationConfig`` where that library is installed (the
+    interop / vllm extras), so a field it would reject never reaches a checkpoint; the plain dict otherwise."""
+    spec = qcfg.spec
+    weights = {
+        "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
+        "strategy": "channel" if spec.group_size == -1 else "group",
+        "group_size": None if spec.group_size == -1 else spec.group_size,
+        # "weight": columns quantized in activation order, groups contiguous (no g_idx); the only act-order the
+        # contiguous layout holds (the job config refuses act-order without static groups for this format)
+        "actorder": "weight" if act_order_is_static(qcfg) else None, "observer": "minmax",
+    }
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": family.compressed_ignore(),
+        "kv_cache_scheme": None,
+    }
+    return {**validated_by_library(config), "meta": {"quantizer": f"qvlquant:{__version__}", "method": qcfg.method}}
+
+
+def validated_by_library(config: dict) -> dict:
+    """``config`` as ``compressed_tensors.QuantizationConfig`` validates and writes it (a pydantic ValidationError
+    naming the field otherwise); ``config`` unchanged when compressed-tensors is not installed."""
+    try:
+        from compressed_tensors import (
+            QuantizationConfig,  # optional: the interop / vllm extras install it
+        )
+    except ImportError:
+        return config
+    return QuantizationConfig.model_validate(config).model_dump(mode="json")
+
+
+def modules_in_block_to_quantize(family: ModelFamily, num_layers: int) -> list[list[str]]:
+    """GPTQ's list of quantized linears, one group per layer and linear group, each named from the decoder-layer
+    list on (``layers.3.mlp.gate_proj``). Short names (``mlp.gate_proj``) are not enough: vLLM treats every linear
+    whose name contains one as GPTQ-quantized, and Qwen2.5-VL's vision MLP has those names too (bf16 weights built
+    as GPTQ layers). ``layers.N.`` occurs in no vision tower name; optimum matches these as suffixes of its runtime
+    names (``model.language_model.layers.3.mlp.gate_proj``) and vLLM as substrings of its own
+    (``language_model.model.layers.3.mlp.gate_up_proj``'s shards)."""
+    head = family.decoder_layers.rsplit(".", 1)[-1]
+    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.linear_groups]
+
+
+def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily, num_layers: int) -> dict:
+    """The ``quantization_config`` loaders read for the format the tensors were packed in (``num_layers``: the
+    model's decoder layers, all quantized)."""
+    spec = qcfg.spec
+    not_converted = family.not_converted_names()  # for transformers and for vLLM
+    if fmt is PackFormat.COMPRESSED:
+        return compressed_tensors_config(qcfg, family)
+    if fmt is PackFormat.AWQ_GEMM:
+        return {
+            "quant_method": "awq",
+            "version": "gemm",
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "zero_point": not spec.sym,
+            "modules_to_not_convert": not_converted,
+        }
+    config = {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "sym": spec.sym,
+        # act-order with static groups leaves g_idx trivial: written as plain groups, which vLLM loads (it refuses
+        # desc_act: true); meta says act-order ran
+        "desc_act": qcfg.desc_act and not act_order_is_static(qcfg),
+        "static_groups": qcfg.static_groups,
+        "true_sequential": qcfg.true_sequential,
+        # what was asked (the damping each layer used is in quantize_report.json); RTN has none, and transformers'
+        # GPTQConfig refuses a null, so the key is left out
+        "damp_percent": qcfg.damp_percent,
+        "pack_dtype": "int32",
+        "modules_in_block_to_quantize": modules_in_block_to_quantize(family, num_layers),
+        "modules_to_not_convert": not_converted,
+        "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method, "act_order": qcfg.desc_act},
+    }
+    return {k: v for k, v in config.items() if not (k == "damp_percent" and v is None)}
+
+
+class ModelTensors:
+    """The tensors of a model in memory (non-layer parts), in the storage dtype."""
+
+    def __init__(self, model, family: ModelFamily, dtype: torch.dtype):
+        self.state, self.family, self.dtype = model.state_dict(), family, dtype
+
+    def meta(self, runtime_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self.state[runtime_name]
+        return (self.dtype if t.is_floating_point() else t.dtype), tuple(t.shape)
+
+    def get(self, runtime_name: str) -> torch.Tensor:
+        t = self.state[runtime_name]
+        return (t.to(self.dtype) if t.is_floating_point() else t).contiguous()
+
+
+class CheckpointTensors:
+    """The tensors of the base checkpoint on disk, read one at a time and cast to the storage dtype."""
+
+    def __init__(self, reader: ShardReader, family: ModelFamily, dtype: torch.dtype):
+        self.reader, self.family, self.dtype = reader, family, dtype
+
+    def meta(self, runtime_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype, shape = self.reader.meta(disk_key(self.reader, self.family, runtime_name))
+        return (self.dtype if dtype.is_floating_point else dtype), shape
+
+    def get(self, runtime_name: str) -> torch.Tensor:
+        t = self.reader.get(disk_key(self.reader, self.family, runtime_name))
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+
+def plan_tensors(model, result: QuantResult, base) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]]]:
+    """Every tensor of the export in state-dict order (a layer's packed tensors where its weights were), with a
+    function fetching each. ``model`` may be a meta skeleton: only its names are read."""
+    family = result.plan.family
+    quantized = set(family.linears)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    entries: list[Entry] = []
+    fetch: dict[str, Callable[[], torch.Tensor]] = {}
+    layers_done = set()
+    for name in model.state_dict().keys():
+        if family.is_layer_key(name):
+            i = int(name[len(family.decoder_layers) + 1:].split(".", 1)[0])
+            if i not in layers_done:
+                layers_done.add(i)
+                _plan_layer(i, model, result, quantized, entries, fetch)
+            continue
+        if tied and name == f"{family.lm_head}.weight":
+            continue
+        key = family.to_disk(name)
+        entries.append((key, *base.meta(name)))
+        fetch[key] = lambda name=name: base.get(name)
+    return entries, fetch
+
+
+def _plan_layer(i: int, model, result: QuantResult, quantized: set, entries: list, fetch: dict) -> None:
+    family, store = result.plan.family, result.store
+    prefix = f"{family.decoder_layers}.{i}"
+    meta = store.tensor_meta(i)
+    ordered = []
+    for key in model.get_submodule(prefix).state_dict().keys():
+        module, leaf = key.rsplit(".", 1)
+        disk = family.to_disk(f"{prefix}.{key}")
+        if module in quantized and leaf == "weight":
+            head = disk[: -len(".weight")] + "."
+            ordered += [k for k in meta if k.startswith(head) and "." not in k[len(head):] and k != head + "bias"]
+        else:
+            ordered.append(disk)
+    if sorted(ordered) != sorted(meta):
+        raise ValueError(f"{prefix}: its record holds {sorted(set(meta) - set(ordered))[:4]} and lacks "
+                         f"{sorted(set(ordered) - set(meta))[:4]}; the partial run does not match this model")
+    for key in ordered:
+        entries.append((key, *meta[key]))
+        fetch[key] = lambda key=key: store.get(i, key)
+
+
+def plan_shards(entries: list[Entry], max_shard_bytes: int | None) -> list[list[Entry]]:
+    """Consecutive entries grouped into shards of at most ``max_shard_bytes`` (one shard when it all fits)."""
+    size = lambda e: torch.tensor([], dtype=e[1]).element_size() * int(torch.Size(e[2]).numel())  # noqa: E731
+    if max_shard_bytes is None or sum(size(e) for e in entries) <= max_shard_bytes:
+        return [entries]
+    shards: list[list[Entry]] = [[]]
+    used = 0
+    for e in entries:  # state-dict order keeps a layer's tensors together
+        if shards[-1] and used + size(e) > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(e)
+        used += size(e)
+    return shards
+
+
+def write_shards(entries: list[Entry], fetch: dict, folder: pathlib.Path, max_shard_bytes: int | None) -> list[str]:
+    """``model.safetensors``, or shards with a ``model.safetensors.index.json`` in the layout transformers writes,
+    one tensor in memory at a time. -> the file names written."""
+    shards = plan_shards(entries, max_shard_bytes)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    bar = progress(total=len(entries), iterable=None, desc="export", unit="tensor")
+    weight_map, total = {}, 0
+
+    def fetched(key):
+        bar.update(1)
+        return fetch[key]()
+
+    for name, shard in zip(names, shards):
+        write_safetensors(folder / name, shard, fetched, {"format": "pt"})
+        weight_map.update({e[0]: name for e in shard})
+        total += sum(torch.tensor([], dtype=e[1]).element_size() * int(torch.Size(e[2]).numel()) for e in shard)
+    bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def _strip_truncation(folder: pathlib.Path) -> None:
+    """vLLM fails on a tokenizer.json that carries calibration truncation; none is ever saved."""
+    path = folder / "tokenizer.json"
+    if path.exists():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("truncation") is not None:
+            data["truncation"] = None
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def export(model, processor, result: QuantResult, out: str | os.PathLike, report: dict | Callable[[], dict],
+           base=None, options: ExportConfig = ExportConfig()) -> pathlib.Path:
+    """Write the quantized checkpoint of ``result`` to ``out``. ``model``: the model quantized (or its meta
+    skeleton, with ``base`` reading the checkpoint); ``base``: where the tensors that are not quantized come from
+    (default: ``model`` itself); ``report``: a dict, or a function making it once the tensors are written (so
+    the peak memory it records covers the export); ``options.protected``: paths the output may never replace."""
+    plan = result.plan
+    if not result.complete:
+        raise ValueError(f"only layers {result.store.finished()} of {result.num_layers} are quantized")
+    base = base or ModelTensors(model, plan.family, plan.storage_dtype)
+    tmp = temp_dir(out)
+    try:
+        entries, fetch = plan_tensors(model, result, base)
+        write_shards(entries, fetch, tmp, options.max_shard_bytes)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family, result.num_layers)
+        config.dtype = str(plan.storage_dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+            _strip_truncation(tmp)
+        report = report() if callable(report) else report
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_card(tmp, report, pathlib.Path(out).name)  # README.md, listed in the manifest
+        write_manifest(tmp)
+        return publish(tmp, out, options.overwrite, options.protected)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

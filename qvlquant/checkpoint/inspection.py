@@ -1,0 +1,104 @@
+"""The checkpoint report (``qvlquant inspect``): what a quantized checkpoint is, whether it still matches its
+manifest, what vLLM decides for it (``qvlquant.checkpoint.vllm``), and whether transformers 5 keeps its vision tower
+in full precision. The repair of ``modules_to_not_convert`` is ``qvlquant.checkpoint.repair``.
+
+Reads config.json and the safetensors headers (names, shapes, dtypes); no weights are loaded, though verifying a
+qvlquant export's manifest hashes every file. (Named ``inspection`` so that it does not shadow the stdlib ``inspect``.)
+transformers and vLLM are imported by the functions that use them, not with this module.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from qvlquant.checkpoint.vllm import (
+    TP_SIZES,
+    VLLM_MODELS,
+    ask_vllm,
+    copied_rules,
+    vllm_installed,
+    vllm_problems,
+)
+from qvlquant.families import ModelFamily, family_for
+from qvlquant.storage.manifest import (
+    MANIFEST,
+    ManifestError,
+    read_manifest,
+    verify_manifest,
+)
+from qvlquant.storage.shards import read_checkpoint_header
+
+
+def transformers_converts(runtime_name: str, patterns: list[str] | None) -> bool:
+    """Whether transformers 5 replaces the module ``runtime_name`` by a quantized one, given ``patterns`` from
+    ``modules_to_not_convert``: transformers' own matcher (``quantizers_utils.should_convert_module``), not a copy."""
+    from transformers.quantizers.quantizers_utils import (
+        should_convert_module,  # heavy: only when asked
+    )
+
+    return should_convert_module(runtime_name, patterns or None)
+
+
+def verification(folder: pathlib.Path) -> dict:
+    """{"status": "verified" | "failed" | "no manifest", "files": n listed, "error": why it failed or None}."""
+    if not (folder / MANIFEST).exists():
+        return {"status": "no manifest", "files": 0, "error": None}
+    try:
+        verify_manifest(folder)
+        return {"status": "verified", "files": len(read_manifest(folder)), "error": None}
+    except (ManifestError, OSError) as e:
+        return {"status": "failed", "files": 0, "error": str(e)}
+
+
+def quantized_shapes(header: dict, qc: dict, family: ModelFamily) -> dict[str, tuple[int, int]]:
+    """Runtime name -> (in, out) of every quantized linear: GPTQ / AWQ ``qweight`` + ``scales``, compressed-tensors
+    ``weight_packed`` [out, in * bits / 32]."""
+    bits = int(qc.get("bits") or next(iter((qc.get("config_groups") or {}).values()), {}).get("weights", {}).get("num_bits", 4))
+    shapes = {}
+    for key, (shape, _) in header.items():
+        if key.endswith(".qweight"):
+            module = key[: -len(".qweight")]
+            n = header[module + ".scales"][0][1]
+            k = shape[0] * 32 // bits if qc.get("quant_method") == "gptq" else shape[0]
+        elif key.endswith(".weight_packed"):
+            module, (n, k) = key[: -len(".weight_packed")], (shape[0], shape[1] * 32 // bits)
+        else:
+            continue
+        shapes[family.to_runtime(module + ".")[:-1]] = (k, n)
+    return shapes
+
+
+def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
+    """The report; ``verification`` says whether a qvlquant export still matches its manifest (the rest is read from
+    the files as they are, so it is only trustworthy when that is "verified" or the folder is not ours). ``vllm``:
+    what vLLM's own classes decide (``ask_vllm``) where vLLM is installed, else the copied rules; ``marlin`` (kept
+    for the CLI): per TP size, every reason vLLM would refuse or mis-load the export."""
+    folder = pathlib.Path(folder)
+    verified = verification(folder)
+    config = json.loads((folder / "config.json").read_text())
+    family = family_for(config.get("model_type", "?"))
+    qc = config.get("quantization_config") or {}
+    header = read_checkpoint_header(folder)
+    shapes = quantized_shapes(header, qc, family)
+    plain = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                   if k.endswith(".weight") and len(s) == 2)
+    vision = [m for m in plain if m.startswith(family.vision_tower + ".")]
+    patterns = qc.get("modules_to_not_convert")
+    exposed = [m for m in vision if transformers_converts(m, patterns)] if qc.get("quant_method") == "awq" else []
+    vllm = {}
+    if shapes:
+        asked = vllm_installed() and config.get("model_type") in VLLM_MODELS
+        vllm = ask_vllm(folder, config, family) if asked else copied_rules(qc, shapes, vision, family, config)
+    return {
+        "folder": str(folder),
+        "verification": verified,
+        "model_type": config.get("model_type"),
+        "quantization": {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "sym", "zero_point", "desc_act", "version") if k in qc},
+        "quantized_linears": len(shapes),
+        "unquantized_linears": len(plain),
+        "vision_linears": len(vision),
+        "vision_exposed_in_transformers": exposed,
+        "vllm": vllm,
+        "marlin": {tp: vllm_problems(vllm, tp) for tp in TP_SIZES} if vllm else {},
+    }

@@ -1,0 +1,115 @@
+"""``qvlquant push``: a verified export to the Hugging Face hub, in one commit, with its model card.
+
+Only the files the export wrote (its sha256 manifest lists them) are sent; its README.md (qvlquant.checkpoint.card) is
+regenerated under the repo's name, with the eval table when one is given, and the manifest sent re-hashes it. An
+export that fails verification sends nothing. The token (HF_TOKEN or the cached login) is handed to the hub
+client and appears nowhere else: not in output, logs, saved files or exception text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+from qvlquant.checkpoint.card import CARD, folder_card
+from qvlquant.checkpoint.export import REPORT
+from qvlquant.storage.manifest import (
+    MANIFEST,
+    dump_manifest,
+    is_pickle,
+    read_manifest,
+    verify_manifest,
+)
+
+
+class PushError(RuntimeError):
+    pass
+
+
+def files_to_push(folder: pathlib.Path) -> list[str]:
+    """The export's own files, after verifying them (manifest hashes, quantized config, index shards)."""
+    if not (folder / MANIFEST).exists():
+        raise PushError(f"{folder} has no {MANIFEST}: push only pushes qvlquant exports (re-export, or verify by hand)")
+    verify_manifest(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if not config.get("quantization_config"):
+        raise PushError(f"{folder}/config.json has no quantization_config: not a quantized export")
+    listed = read_manifest(folder)  # verified above: plain file names inside the export only
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(f for f in shards if f not in listed)
+        if missing:
+            raise PushError(f"{folder}: shards {missing} named in the index are not files of the export "
+                            f"(missing, or not in {MANIFEST}); re-export the model")
+    names = sorted(n for n in listed if n != CARD) + [MANIFEST]  # the card is regenerated for the repo
+    bad = [n for n in names if is_pickle(n)]
+    if bad:
+        raise PushError(f"{folder}: pickle files {bad} are never pushed (safetensors only); re-export the model")
+    return names
+
+
+def model_card(folder: pathlib.Path, repo_id: str, eval_report: dict | None = None) -> str:
+    """The export's card (qvlquant.checkpoint.card) named after ``repo_id``, with the eval table when a report is given."""
+    report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).exists() else {}
+    return folder_card(folder, report, repo_id, eval_report)
+
+
+def manifest_with_card(folder: pathlib.Path, card: bytes) -> bytes | None:
+    """The manifest to push when the export's README.md is replaced by ``card``: its entry re-hashed, so the
+    pushed repository still verifies. None when the manifest does not list a README.md (sent as it is)."""
+    files = read_manifest(folder)
+    if CARD not in files:
+        return None
+    files[CARD] = {"sha256": hashlib.sha256(card).hexdigest(), "bytes": len(card)}
+    return dump_manifest(files).encode("utf-8")
+
+
+def resolve_token() -> str | None:
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # no cached login is not an error here
+        return None
+
+
+def push(folder, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False,
+         eval_report: dict | None = None, api=None) -> dict:
+    """-> {"repo", "files", "revision", "dry_run"}; raises PushError without the token in its text."""
+    folder = pathlib.Path(folder)
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise PushError(f"--repo {repo_id!r}: expected owner/name")
+    try:
+        names = files_to_push(folder)
+    except (ValueError, FileNotFoundError) as e:
+        raise PushError(f"export verification failed, nothing pushed: {e}") from None
+    card = model_card(folder, repo_id, eval_report).encode("utf-8")
+    manifest = manifest_with_card(folder, card)
+    plan = {"repo": repo_id, "files": names + [CARD], "revision": revision or "main", "dry_run": dry_run}
+    if dry_run:
+        return plan
+    token = resolve_token()
+    try:
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = api or HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=manifest if n == MANIFEST and manifest
+                                  else str(folder / n)) for n in names]
+        ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card))
+        api.create_commit(repo_id, operations=ops, commit_message=f"qvlquant export ({len(names)} files + model card)",
+                          revision=revision)
+    except Exception as e:  # the hub client raises many types; re-raise one, scrubbed of the token
+        message = f"{type(e).__name__}: {e}"
+        if token:
+            message = message.replace(token, "***")
+        raise PushError(f"push to {repo_id} failed: {message}") from None
+    return plan

@@ -1,0 +1,353 @@
+"""What vLLM makes of a quantized checkpoint: its own quantization classes asked on a CPU (a GPU of
+``VLLM_CAPABILITY`` and tensor-parallel groups faked, no kernel run) where vLLM is installed, else a COPY of vLLM
+``VLLM_CHECKED``'s rules. transformers and vLLM are imported by the functions that use them."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import pathlib
+import re
+import types
+
+import torch
+
+from qvlquant.checkpoint.qconfig import weight_format
+from qvlquant.families import QWEN2_VL, ModelFamily
+from qvlquant.storage.shards import read_checkpoint_header
+
+MARLIN_GROUPS = (-1, 32, 64, 128)
+VLLM_CHECKED = "0.33.0"  # the release whose code the conformance tests ran and whose rules the fallback copies
+VLLM_CAPABILITY = (9, 0)  # the GPU vLLM's kernel-support checks are asked about (sm_90, an H100): no GPU needed
+TP_SIZES = (1, 2, 4, 8)
+
+
+def copied_config_refusals(qc: dict) -> list[str]:
+    """A COPY of vLLM 0.33's rules (fallback when vLLM is not installed; ``ask_vllm`` asks its own classes): why
+    it refuses the config itself. GPTQ: 4/8-bit symmetric only, act-order (``desc_act``) refused; AWQ: 4-bit;
+    groups -1/32/64/128."""
+    method = qc.get("quant_method")
+    bits, group, sym = weight_format(qc)
+    problems = []
+    if method == "gptq" and (bits, sym) not in ((4, True), (8, True)):
+        problems.append(f"GPTQ needs bits 4 or 8 with sym=true, got bits {bits}, sym {sym}")
+    if method == "gptq" and qc.get("desc_act") and group != -1:
+        problems.append("GPTQ act-order (desc_act=true) is refused by vLLM 0.33: export with --static-groups")
+    if method == "awq" and bits != 4:
+        problems.append(f"AWQ needs 4-bit, got bits {bits}")
+    if group not in MARLIN_GROUPS:
+        problems.append(f"group_size {group} not in {MARLIN_GROUPS}")
+    return problems
+
+
+def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int, family: ModelFamily = QWEN2_VL,
+                    heads: tuple[int, int] | None = None) -> list[str]:
+    """A COPY of vLLM 0.33's rules (fallback): ``copied_config_refusals`` and why it refuses the shapes at
+    tensor-parallel size ``tp``. ``heads`` (attention heads, KV heads): query heads split evenly, KV heads are
+    replicated when ``tp`` >= their count; outputs split evenly; an input split must hold whole groups
+    (misaligned kernel tiles are padded, so that is the only shape rule left). Which linears split along outputs
+    or inputs comes from the family (``column_parallel`` / ``row_parallel``)."""
+    group = weight_format(qc)[1]
+    problems = copied_config_refusals(qc)
+    if heads is not None:
+        num_heads, num_kv = heads
+        kv_ok = tp % num_kv == 0 if tp >= num_kv else num_kv % tp == 0
+        if num_heads % tp or not kv_ok:
+            problems.append(f"{num_heads} attention heads / {num_kv} KV heads do not split over tp={tp}")
+    for name, (k, n) in sorted(shapes.items()):
+        row = any(name.endswith("." + p) for p in family.row_parallel)
+        kv = heads is not None and name.endswith(("k_proj", "v_proj"))  # split by heads, or replicated
+        column = any(name.endswith("." + p) for p in family.column_parallel) and not kv
+        if (row and (k % tp or (group > 0 and (k // tp) % group))) or (column and n % tp):
+            problems.append(f"{name}: in {k} / out {n} does not split over tp={tp} "
+                            f"({'inputs into whole groups of ' + str(group) if row else 'outputs evenly'})")
+    return problems
+
+
+def copied_vision_decision(qc: dict, vision: list[str]) -> list[str]:
+    """A COPY of vLLM 0.33's rules (fallback): the vision linears it would treat as quantized. GPTQ: a name
+    containing any ``modules_in_block_to_quantize`` entry; AWQ: none containing a ``modules_to_not_convert``
+    entry; compressed-tensors: none matched by ``ignore`` (``re:`` entries as regexes)."""
+    method = qc.get("quant_method")
+    names = [n.removeprefix("model.") for n in vision]  # vLLM's mapper: model.visual.* -> visual.*
+    if method == "gptq":
+        entries = [e for group in (qc.get("modules_in_block_to_quantize") or []) for e in
+                   (group if isinstance(group, list) else [group])]
+        return [n for n in names if not entries or any(e in n for e in entries)]
+    if method == "awq":
+        return [n for n in names if not any(e in n for e in qc.get("modules_to_not_convert") or [])]
+    if method == "compressed-tensors":
+        ignore = qc.get("ignore") or []
+        return [n for n in names if not any(re.fullmatch(e[3:], n) if e.startswith("re:") else e == n for e in ignore)]
+    return []
+
+
+def copied_rules(qc: dict, shapes: dict, vision: list[str], family: ModelFamily, config: dict) -> dict:
+    """The fallback report, in the shape of ``ask_vllm``'s, from the copied rules."""
+    text = config.get("text_config") or config
+    heads = (text["num_attention_heads"], text["num_key_value_heads"]) if "num_attention_heads" in text else None
+    tp = {n: marlin_problems(qc, shapes, n, family, heads) for n in TP_SIZES}
+    refused = copied_config_refusals(qc)
+    return {"checked_by": f"a COPY of vLLM {VLLM_CHECKED}'s rules in qvlquant (vLLM is not installed here; "
+                          "pip install 'qvlquant[vllm]' to ask vLLM's own classes)",
+            "method": qc.get("quant_method"), "refused": "; ".join(refused) or None, "layers": {},
+            "vision_quantized": copied_vision_decision(qc, vision), "tp": tp, "kernels": {}}
+
+
+def vllm_compatibility_warnings(quantization_config: dict, family: ModelFamily) -> list[str]:
+    """What to warn about at quantize time, before any work: the reasons vLLM (its own ``from_config`` when it is
+    installed, else the copied rules) refuses the ``quantization_config`` qvlquant will write
+    (``export.quantization_config``). [] when vLLM accepts it."""
+    if vllm_installed() and family.name in VLLM_MODELS:
+        from vllm.model_executor.layers.quantization import (
+            get_quantization_config,  # optional: the vllm extra
+        )
+
+        method = {"gptq": "auto_gptq", "awq": "auto_awq"}.get(quantization_config.get("quant_method"),
+                                                            quantization_config.get("quant_method"))
+        try:
+            with pretend_gpu(1):
+                get_quantization_config(method).from_config(copy.deepcopy(quantization_config))
+        except (ValueError, KeyError) as e:
+            return [f"vLLM {vllm_installed()} will refuse this export: {e}"]
+        return []
+    return [f"vLLM {VLLM_CHECKED} (copied rules) will refuse this export: {p}"
+            for p in copied_config_refusals(quantization_config)]
+
+
+# --- vLLM, asked through its own classes -------------------------------------------------------------------------
+# Where vLLM builds each family: (module, multimodal class, module, language-model class inside it)
+VLLM_MODELS = {
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2", "Qwen2ForCausalLM"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2ForCausalLM"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3LLMForCausalLM"),
+}
+
+
+def vllm_installed() -> str | None:
+    """vLLM's version when it imports here, else None."""
+    try:
+        import vllm  # optional: the vllm extra
+    except ImportError:
+        return None
+    return vllm.__version__
+
+
+@contextlib.contextmanager
+def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
+    """vLLM's platform reports a CUDA device of ``capability`` and a tensor-parallel group of ``tp`` ranks (this
+    process rank 0) while the block runs, so its quantization classes take the decisions they take on a GPU server;
+    everything is put back afterwards. Only construction-time decisions are asked: no kernel runs."""
+    from vllm.distributed import parallel_state  # optional: the vllm extra
+    from vllm.model_executor.layers.quantization import (
+        get_quantization_config,  # optional: the vllm extra
+    )
+    from vllm.platforms import current_platform  # optional: the vllm extra
+    from vllm.platforms.interface import (  # optional: the vllm extra
+        DeviceCapability,
+        PlatformEnum,
+    )
+
+    get_quantization_config("gptq")  # imports every method's module while the platform is still the real one
+    fake = {"_enum": PlatformEnum.CUDA, "device_type": "cuda", "device_name": "cuda",
+            "get_device_capability": lambda device_id=0: DeviceCapability(*capability)}
+    saved = {k: current_platform.__dict__[k] for k in fake if k in current_platform.__dict__}
+    saved_tp = parallel_state._TP
+    current_platform.__dict__.update(fake)
+    parallel_state._TP = types.SimpleNamespace(world_size=tp, rank_in_group=0)
+    try:
+        yield
+    finally:
+        parallel_state._TP = saved_tp
+        for k in fake:
+            current_platform.__dict__.pop(k, None)
+        current_platform.__dict__.update(saved)
+
+
+def vllm_model_classes(model_type: str) -> tuple[type, type]:
+    """vLLM's multimodal model class and the language-model class it builds inside."""
+    outer_mod, outer, inner_mod, inner = VLLM_MODELS[model_type]
+    load = lambda mod, name: getattr(importlib.import_module(f"vllm.model_executor.models.{mod}"), name)  # noqa: E731
+    return load(outer_mod, outer), load(inner_mod, inner)
+
+
+def vllm_quant_config(folder: pathlib.Path, model_type: str):
+    """What vLLM's loader makes of the checkpoint's ``quantization_config``: its override chain picks the method
+    (``ModelConfig._verify_quantization``), ``get_quant_config`` builds it (``from_config``), ``maybe_update_config``
+    reads the checkpoint, and the model classes apply their name mappers and fused-module lists as vLLM's loader
+    does (``configure_quant_config`` for the top class, ``SupportsQuant`` for the classes built inside).
+    -> (method name, vLLM's quantization config object). Raises what vLLM raises (a refused config)."""
+    from transformers import AutoConfig
+    from vllm.config.model import ModelConfig  # optional: the vllm extra
+    from vllm.model_executor.model_loader.utils import (
+        configure_quant_config,  # optional: the vllm extra
+    )
+    from vllm.model_executor.model_loader.weight_utils import (
+        get_quant_config,  # optional: the vllm extra
+    )
+    from vllm.model_executor.models.interfaces import (
+        SupportsQuant,  # optional: the vllm extra
+    )
+
+    hf = AutoConfig.from_pretrained(folder)
+    text = getattr(hf, "text_config", hf)
+    arch = types.SimpleNamespace(quantization_config=hf.quantization_config,
+                                 total_num_attention_heads=text.num_attention_heads,
+                                 total_num_kv_heads=text.num_key_value_heads)
+    model_config = types.SimpleNamespace(quantization=None, quantization_config=None, hf_config=hf, hf_overrides={},
+                                         allow_deprecated_quantization=False, model_arch_config=arch)
+    ModelConfig._verify_quantization(model_config)
+    quant = get_quant_config(model_config, None)
+    quant.maybe_update_config(str(folder), hf_config=hf)
+    outer, inner = vllm_model_classes(model_type)
+    for cls in (outer, inner):
+        if issubclass(cls, SupportsQuant):  # what SupportsQuant.__new__ does when vLLM builds the class
+            view = types.SimpleNamespace(quant_config=quant, hf_to_vllm_mapper=cls.hf_to_vllm_mapper,
+                                         packed_modules_mapping=getattr(cls, "packed_modules_mapping", None))
+            SupportsQuant._maybe_apply_model_mapping(view)
+        elif cls is outer:
+            configure_quant_config(quant, cls)
+            quant.packed_modules_mapping = dict(quant.packed_modules_mapping)  # later updates stay off vLLM's class
+    return model_config.quantization, quant
+
+
+def checkpoint_linears(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
+    """Runtime name -> (in, out) of every nn.Linear of the model transformers builds from config.json (on the meta
+    device: no memory, no weights), lm_head excepted."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+
+
+def vllm_names(linears: dict, family: ModelFamily, outer, quant) -> dict[str, list[str]]:
+    """vLLM's module name -> the runtime names of its shards: checkpoint names through the model's
+    ``hf_to_vllm_mapper``, then q/k/v and gate/up fused as ``packed_modules_mapping`` says."""
+    mapper = outer.hf_to_vllm_mapper.get_rename_mapper()
+    fused_of = {shard: fused for fused, shards in quant.packed_modules_mapping.items() for shard in shards}
+    out: dict[str, list[str]] = {}
+    for name in linears:
+        vname = mapper.apply_list([family.to_disk(name + ".")[:-1]])[0]
+        head, leaf = vname.rsplit(".", 1)
+        out.setdefault(f"{head}.{fused_of.get(leaf, leaf)}", []).append(name)
+    return out
+
+
+def vllm_decisions(quant, names: dict[str, list[str]], linears: dict) -> dict[str, str]:
+    """vLLM module name -> the method vLLM's ``get_quant_method`` gives it (with the compressed-tensors scheme),
+    at tensor-parallel 1."""
+    from vllm.model_executor.layers.linear import (
+        ReplicatedLinear,  # optional: the vllm extra
+    )
+
+    out = {}
+    for vname, shards in names.items():
+        stub = ReplicatedLinear.__new__(ReplicatedLinear)  # a LinearBase with its sizes: what the decision reads
+        torch.nn.Module.__init__(stub)
+        stub.input_size = stub.input_size_per_partition = linears[shards[0]][0]
+        stub.output_size = stub.output_size_per_partition = sum(linears[s][1] for s in shards)
+        method = quant.get_quant_method(stub, vname)
+        scheme = getattr(stub, "scheme", None)
+        out[vname] = type(method).__name__ + (f"({type(scheme).__name__})" if scheme is not None else "")
+    return out
+
+
+def build_vllm_layer(shards: list[tuple[int, int]], kind: str, heads: tuple[int, int, int], quant, vname: str, dtype):
+    """One vLLM parallel linear of the first decoder layer, built the way vLLM's model builds it (its
+    ``create_weights`` choosing the kernel), at the tensor-parallel size ``pretend_gpu`` set."""
+    from vllm.model_executor.layers import linear  # optional: the vllm extra
+
+    k = shards[0][0]
+    with torch.device("meta"):
+        if kind == "qkv":
+            num_heads, num_kv, head_dim = heads
+            return linear.QKVParallelLinear(k, head_dim, num_heads, num_kv, False, params_dtype=dtype,
+                                            quant_config=quant, prefix=vname)
+        if kind == "row":
+            return linear.RowParallelLinear(k, shards[0][1], False, params_dtype=dtype, quant_config=quant, prefix=vname)
+        return linear.MergedColumnParallelLinear(k, [n for _, n in shards], False, params_dtype=dtype,
+                                                 quant_config=quant, prefix=vname)
+
+
+def shape_mismatches(layer, disk_module: str, header: dict) -> list[str]:
+    """The tensors of ``disk_module`` in the checkpoint whose shape is not the one vLLM's ``create_weights``
+    allocated to load it into (a packing vLLM reads differently; vLLM's loader would fail on them)."""
+    out = []
+    for pname, param in layer.named_parameters():
+        key = f"{disk_module}.{pname}"
+        if key in header and tuple(param.shape) != tuple(header[key][0]):
+            out.append(f"{key}: vLLM allocates {tuple(param.shape)}, the checkpoint holds {tuple(header[key][0])}")
+    return out
+
+
+def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily, config: dict,
+                         header: dict) -> tuple[dict, dict]:
+    """For each TP size: the problems vLLM raises building the first decoder layer's linears, and the kernel it
+    picks for each; at TP 1 also the checkpoint tensors of its unfused linears whose shapes differ from what vLLM
+    allocates. -> ({tp: [problem]}, {tp: {vLLM name: kernel}})."""
+    text = config.get("text_config") or config
+    heads = (text["num_attention_heads"], text["num_key_value_heads"],
+             text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+    dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
+    first = f"{family.decoder_layers}.0."
+    layer0 = {v: s for v, s in names.items() if s[0].startswith(first)}
+    group = weight_format(config.get("quantization_config") or {})[1]
+    problems, kernels = {}, {}
+    for tp in TP_SIZES:
+        problems[tp], kernels[tp] = [], {}
+        with pretend_gpu(tp):
+            for vname, shards in layer0.items():
+                leaf = shards[0][len(first):]
+                kind = "qkv" if vname.endswith("qkv_proj") else "row" if leaf in family.row_parallel else "column"
+                try:
+                    layer = build_vllm_layer([linears[s] for s in shards], kind, heads, quant, vname, dtype)
+                except (ValueError, AssertionError, NotImplementedError) as e:
+                    problems[tp].append(f"{vname}: {type(e).__name__}: {e}")
+                    continue
+                if tp == 1 and len(shards) == 1:
+                    problems[tp] += shape_mismatches(layer, family.to_disk(shards[0] + ".")[:-1], header)
+                k = linears[shards[0]][0]
+                if kind == "row" and group > 0 and (k // tp) % group:  # vLLM's GPTQ path builds it (0.33)
+                    problems[tp].append(f"{vname}: its input shard of {k // tp} columns at tp={tp} splits a "
+                                        f"quantization group of {group}; vLLM's AWQ and compressed-tensors refuse "
+                                        "that, its GPTQ builds the layer but would read shifted scales "
+                                        "[qvlquant's check, not vLLM's]")
+                kernel = getattr(layer.quant_method, "kernel", None) or getattr(getattr(layer, "scheme", None), "kernel", None)
+                kernels[tp][vname] = type(kernel).__name__ if kernel is not None else type(layer.quant_method).__name__
+    return problems, kernels
+
+
+def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
+    """vLLM's own answer for the export (see ``vllm_quant_config``, ``vllm_decisions``, ``vllm_tensor_parallel``)."""
+    version = vllm_installed()
+    report = {"checked_by": f"vLLM {version}'s own quantization classes (GPU sm_{VLLM_CAPABILITY[0]}{VLLM_CAPABILITY[1]} "
+                            "and tensor-parallel groups faked; no GPU, no kernel run)",
+              "method": None, "refused": None, "layers": {}, "vision_quantized": [], "tp": {}, "kernels": {}}
+    linears = checkpoint_linears(folder)
+    try:
+        with pretend_gpu(1):
+            report["method"], quant = vllm_quant_config(folder, config["model_type"])
+            outer, _ = vllm_model_classes(config["model_type"])
+            names = vllm_names(linears, family, outer, quant)
+            report["layers"] = vllm_decisions(quant, names, linears)
+    except (ValueError, AssertionError, KeyError, NotImplementedError) as e:
+        report["refused"] = f"{type(e).__name__}: {e}"
+        report["tp"] = {tp: [f"vLLM {version} refuses the config: {e}"] for tp in TP_SIZES}
+        return report
+    report["vision_quantized"] = sorted(v for v, shards in names.items()
+                                        if shards[0].startswith(family.vision_tower + ".")
+                                        and report["layers"][v] != "UnquantizedLinearMethod")
+    report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
+                                                           read_checkpoint_header(folder))
+    return report
+
+
+def vllm_problems(vllm: dict, tp: int) -> list[str]:
+    """Every reason vLLM would refuse or mis-load the export at tensor-parallel ``tp``, naming who said so."""
+    quantized = vllm["vision_quantized"]
+    vision = [f"vLLM would build {len(quantized)} vision linears (e.g. {quantized[0]}) as quantized while the "
+              "checkpoint holds them in full precision"] if quantized else []
+    return [f"{p} [{vllm['checked_by']}]" for p in vision + vllm["tp"][tp]]

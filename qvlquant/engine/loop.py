@@ -1,0 +1,340 @@
+"""The layer-by-layer loop: capture what decoder layer 0 receives, then quantize and replay one layer at a time.
+
+Layer 0's inputs are captured with a forward pre-hook on the real HF forward, so the hidden states (text embeddings
+with the vision tower's features merged in) and the M-RoPE position embeddings are exactly what transformers
+computed. Each layer is then quantized from those inputs and replayed; its quantized outputs become the next
+layer's inputs. The vision tower, the embeddings and lm_head are never touched.
+
+Where the layers come from is a ``LayerSource``: the model itself (``InMemoryLayers``), or the checkpoint on disk,
+one layer at a time (``qvlquant.engine.streaming.StreamedLayers``). Where finished layers go is a store
+(``qvlquant.engine.resume``): packed tensors ready for the export, never int32 codes or float copies of the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from qvlquant.engine.resume import LayerRecord, MemoryStore
+from qvlquant.families import ModelFamily
+from qvlquant.parallel.distributed import SINGLE, World, broadcast_tensors
+from qvlquant.quant.apply import METHODS
+from qvlquant.quant.formats import PackFormat, QuantizedWeight
+from qvlquant.quant.layer import (
+    LayerContext,
+    LayerInput,
+    QuantizationError,
+    check_finite,
+    hooked,
+    next_input,
+    set_weight,
+)
+from qvlquant.quant.spec import QuantConfig, QuantSpec
+from qvlquant.ui.progress import progress
+
+_DROP_KWARGS = ("past_key_values", "use_cache", "past_key_value", "cache_position")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook so the rest of the model does not run (private: never escapes capture_inputs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopPlan:
+    """How the loop runs, derived from the job's settings and the model (not user settings themselves)."""
+
+    family: ModelFamily
+    qcfg: QuantConfig
+    fmt: PackFormat | None = None  # None: AWQ GEMM for 4-bit asymmetric awq, else the GPTQ layout (any width)
+    storage_dtype: torch.dtype = torch.bfloat16  # the checkpoint's dtype: what the export writes
+    offload: str | None = None  # where activations wait between layers ("cpu"), None: where they were computed
+    max_layers: int | None = None  # stop after this many layers
+    world: World = SINGLE  # the ranks of a distributed run (each runs its own share of the batches)
+
+    @property
+    def pack_format(self) -> PackFormat:
+        if self.fmt is not None:
+            return self.fmt
+        spec = self.qcfg.spec
+        awq_gemm = self.qcfg.method == "awq" and spec.bits == 4 and not spec.sym
+        return PackFormat.AWQ_GEMM if awq_gemm else PackFormat.GPTQ
+
+
+class Phases:
+    """Wall time per phase of the loop (load, hessian, quantize, pack, scale/clip search, replay, save)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.current, self.since = None, 0.0
+
+    def switch(self, name: str | None) -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name, now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+
+class LayerSource(Protocol):
+    def load(self, i: int) -> torch.nn.Module: ...
+
+    def release(self, i: int) -> None: ...
+
+
+class InMemoryLayers:
+    """The decoder layers of a model that is already in memory; they keep their quantized (dequantized) weights."""
+
+    def __init__(self, model, family: ModelFamily):
+        self.layers = model.get_submodule(family.decoder_layers)
+
+    def load(self, i: int) -> torch.nn.Module:
+        return self.layers[i]
+
+    def release(self, i: int) -> None:
+        pass
+
+
+class QuantizedWeights(Mapping):
+    """runtime linear name -> QuantizedWeight, unpacked from the store on access (one at a time)."""
+
+    def __init__(self, store, plan: LoopPlan):
+        self.store, self.plan = store, plan
+
+    def _names(self) -> list[str]:
+        return [f"{self.plan.family.decoder_layers}.{i}.{n}" for i in self.store.finished() for n in self.plan.family.linears]
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        family = self.plan.family
+        head, linear = name[len(family.decoder_layers) + 1:].split(".", 1)
+        record = self.store.load(int(head))
+        disk = family.to_disk(name)
+        k = record.in_features[linear]
+        tensors = {key.rsplit(".", 1)[1]: t for key, t in record.tensors.items() if key.rsplit(".", 1)[0] == disk}
+        w = self.plan.pack_format.unpack(tensors, self.plan.qcfg.spec, k)
+        return dataclasses.replace(w, input_scale=record.aux.get(f"{linear}.input_scale"),
+                                   output_scale=record.aux.get(f"{linear}.output_scale"))
+
+
+@dataclasses.dataclass
+class QuantResult:
+    plan: LoopPlan
+    store: object  # MemoryStore or DiskStore: the finished layers' records
+    num_layers: int
+    seconds: float = 0.0
+    layer_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
+    phases: Phases = dataclasses.field(default_factory=Phases)  # where the time went, over all layers
+
+    @property
+    def complete(self) -> bool:
+        return self.store.finished() == list(range(self.num_layers))
+
+    @property
+    def weights(self) -> QuantizedWeights:
+        return QuantizedWeights(self.store, self.plan)
+
+    @property
+    def layer_info(self) -> dict[str, dict]:
+        """runtime linear name -> what the method recorded (damping, scales, tokens)."""
+        prefix = self.plan.family.decoder_layers
+        return {f"{prefix}.{i}.{name}": info for i in self.store.finished()
+                for name, info in self.store.load_info(i).items()}
+
+
+@torch.no_grad()
+def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str | None = None) -> list[LayerInput]:
+    """Run the real forward on each batch and keep what decoder layer 0 receives (moved to ``offload`` if set)."""
+    layer0 = model.get_submodule(family.decoder_layers)[0]
+    captured: list[LayerInput] = []
+    mask_of_batch: list[torch.Tensor] = []
+    deepstack: dict = {}
+    masks_kw, embeds_kw = family.deepstack_kwargs
+    config = getattr(model, "config", None)
+    vision_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                  if i is not None]  # Qwen-VL-Chat has none: its vision tokens are not told apart (weights stay 1)
+    vision_of_batch: list = []
+
+    def text_model_hook(module, args, kwargs):
+        deepstack["masks"], deepstack["embeds"] = kwargs.get(masks_kw), kwargs.get(embeds_kw)
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kept = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
+        x = LayerInput(hidden.detach(), kept, mask_of_batch[-1], vision_mask=vision_of_batch[-1])
+        if family.deepstack and deepstack.get("embeds") is not None:
+            x.visual_pos_masks, x.deepstack = deepstack["masks"], [e.detach() for e in deepstack["embeds"]]
+        captured.append(x if offload is None else x.to(offload))
+        raise _StopForward
+
+    pre_hooks = [(layer0, hook)]
+    if family.deepstack:
+        pre_hooks.append((model.get_submodule(family.language_model), text_model_hook))
+    device = next(p.device for p in model.parameters() if not p.is_meta)  # where the capture parts live
+    with hooked(pre_hooks, pre=True, with_kwargs=True):
+        for batch in progress(batches, desc="capture layer-0 inputs", unit="batch"):
+            mask_of_batch.append(batch["attention_mask"].bool().to(device))
+            ids = batch.get("input_ids")
+            vision_of_batch.append(None if ids is None or not vision_ids else torch.isin(ids, torch.tensor(vision_ids)).to(device))
+            try:
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            except _StopForward:
+                pass
+    if len(captured) != len(batches):
+        raise QuantizationError(f"captured inputs for {len(captured)} of {len(batches)} batches")
+    return captured
+
+
+def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_intermediate: int | None = None) -> None:
+    """Every targeted linear's in_features must divide into groups; checked before any calibration work (on a
+    meta skeleton it costs nothing). ``padded_intermediate``: the MLP's size after --pad-intermediate-to."""
+    if spec.group_size == -1:
+        return
+    bad = []
+    for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
+        for name in family.linears:
+            k = layer.get_submodule(name).in_features
+            if name == family.mlp_out and padded_intermediate:
+                k = padded_intermediate
+            if k % spec.group_size:
+                bad.append(f"{family.decoder_layers}.{i}.{name} (in_features {k})")
+    if bad:
+        raise ValueError(f"group_size {spec.group_size} does not divide in_features of: {', '.join(bad[:8])}")
+
+
+class _Recorder:
+    """Where a layer's quantized linears go as they are finished: the layer gets each one's dequantized weight, the
+    record its packed tensors, info and AWQ scales. In a distributed run ``settle`` then hands each linear from
+    the rank that solved it to every rank, in the same order on all of them."""
+
+    def __init__(self, layer: torch.nn.Module, plan: LoopPlan, prefix: str, phases: Phases, show):
+        self.layer, self.plan, self.prefix, self.phases, self.show = layer, plan, prefix, phases, show
+        self.record = LayerRecord()
+
+    def _disk(self, name: str) -> str:
+        return self.plan.family.to_disk(f"{self.prefix}.{name}")
+
+    def _keep(self, name: str, packed: dict[str, torch.Tensor], info: dict, aux: dict[str, torch.Tensor]) -> None:
+        disk, record = self._disk(name), self.record
+        record.tensors.update({f"{disk}.{key}": t for key, t in packed.items()})
+        record.in_features[name] = self.layer.get_submodule(name).weight.shape[1]
+        record.info[name] = info
+        record.aux.update({f"{name}.{field}": t for field, t in aux.items()})
+
+    def finish(self, name: str, w: QuantizedWeight, info: dict) -> None:
+        self.phases.switch("pack")
+        set_weight(self.layer.get_submodule(name), w)
+        w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
+                            *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
+        aux = {f: getattr(w, f).clone() for f in ("input_scale", "output_scale") if getattr(w, f) is not None}
+        self._keep(name, self.plan.pack_format.pack(w), info, aux)
+        self.show(f"{name} done")
+
+    def settle(self, owner: dict[str, int]) -> None:
+        world, record = self.plan.world, self.record
+        if not world.distributed:
+            return
+        self.phases.switch("share")
+        for name, src in owner.items():
+            mine, disk = src == world.rank, self._disk(name)
+            sent = {k.rsplit(".", 1)[1]: t for k, t in record.tensors.items() if k.rsplit(".", 1)[0] == disk}
+            sent |= {f"aux.{k.rsplit('.', 1)[1]}": t for k, t in record.aux.items() if k.rsplit(".", 1)[0] == name}
+            got, info = broadcast_tensors(sent if mine else None, record.info.get(name), src, world)
+            if not mine:
+                packed = {k: t for k, t in got.items() if not k.startswith("aux.")}
+                linear = self.layer.get_submodule(name)
+                set_weight(linear, self.plan.pack_format.unpack(packed, self.plan.qcfg.spec, linear.weight.shape[1]))
+                self._keep(name, packed, info, {k[4:]: t for k, t in got.items() if k.startswith("aux.")})
+        for name in owner:  # the order one process records them in, whichever rank solved what
+            disk = self._disk(name)
+            for key in [k for k in record.tensors if k.rsplit(".", 1)[0] == disk]:
+                record.tensors[key] = record.tensors.pop(key)
+            record.info[name] = record.info.pop(name)
+
+
+def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopPlan, prefix: str, bar=None,
+                   phases: Phases | None = None) -> LayerRecord:
+    """Quantize one decoder layer in place (weights become their dequantized values). -> its record: the packed
+    tensors and every other parameter of the layer in the storage dtype, under checkpoint names."""
+    family = plan.family
+    phases = phases or Phases()
+
+    def show(what: str) -> None:
+        phases.switch(what.split()[0].lower() if not what.endswith("done") else "quantize")
+        if bar is not None:
+            bar.set_postfix_str(f"{prefix.rsplit('.', 1)[-1]}: {what}", refresh=True)
+
+    recorder = _Recorder(layer, plan, prefix, phases, show)
+    record = recorder.record
+    phases.switch("quantize")
+    ctx = LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, recorder.finish, show, plan.world,
+                       recorder.settle)
+    METHODS[plan.qcfg.method](layer, inputs, ctx)
+    phases.switch("pack")
+    missing = [n for n in family.linears if n not in record.info]
+    if missing:
+        raise QuantizationError(f"{prefix}: the {plan.qcfg.method} method left {missing} unquantized")
+    quantized = set(family.linears)
+    for key, t in layer.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        if module in quantized and leaf == "weight":
+            continue
+        t = t.to(plan.storage_dtype) if t.is_floating_point() else t
+        record.tensors[family.to_disk(f"{prefix}.{key}")] = t.detach().cpu().contiguous()
+    return record
+
+
+def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSource | None = None, store=None) -> QuantResult:
+    """Quantize every decoder layer (or the first ``plan.max_layers``): capture, then per layer load it from
+    ``source``, quantize, replay, hand its record to ``store`` and release it. A store that already holds
+    finished layers (a resumed run) is continued from the last one, with the inputs it saved."""
+    family = plan.family
+    source = source or InMemoryLayers(model, family)
+    store = store if store is not None else MemoryStore()
+    t0 = time.time()
+    n = len(model.get_submodule(family.decoder_layers))
+    result = QuantResult(plan, store, n)
+    phases = result.phases
+    phases.switch("capture")
+    inputs = capture_inputs(model, family, batches, plan.offload)
+    if hasattr(source, "after_capture"):
+        source.after_capture()
+    start, hidden = store.resume_point()
+    if hidden is not None:
+        inputs = [dataclasses.replace(x, hidden=h.to(x.hidden.device)) for x, h in zip(inputs, hidden)]
+    stop = n if plan.max_layers is None else min(n, plan.max_layers)
+    bar = progress(range(n), desc=f"{plan.qcfg.method} W{plan.qcfg.spec.bits}", unit="layer", total=n)
+    bar.update(start)
+    for i in range(start, stop):
+        t_layer = time.time()
+        prefix = f"{family.decoder_layers}.{i}"
+        for x in inputs:
+            check_finite(x.hidden, f"the inputs of {prefix}")
+        phases.switch("load")
+        layer = source.load(i)
+        record = quantize_layer(layer, inputs, plan, prefix, bar, phases)
+        phases.switch("replay")
+        inputs = [next_input(i, layer, x) for x in inputs]
+        if i == n - 1:
+            for x in inputs:
+                check_finite(x.hidden, f"the outputs of {prefix}")
+        source.release(i)
+        record.seconds = time.time() - t_layer
+        phases.switch("save")
+        store.save(i, record, [x.hidden for x in inputs])
+        result.layer_seconds[i] = round(record.seconds, 2)
+        bar.update(1)
+    phases.switch(None)
+    bar.close()
+    result.seconds = time.time() - t0
+    return result

@@ -1,0 +1,263 @@
+"""Where finished layers go: in memory, or into ``.<output>.partial/`` on disk, from which an interrupted run resumes.
+
+A layer's record is what the export needs of it and nothing more: the packed tensors of its linears and its other
+parameters (norms, biases, AWQ-folded norms) in the storage dtype, under checkpoint names. On disk each finished
+layer is one ``layer_NNNN.safetensors`` (written, then renamed), followed by ``inputs.safetensors``: the hidden
+states the next layer receives, so a rerun starts at the next layer directly, without replaying the earlier ones.
+Everything sits under a fingerprint of what decides the result (settings, the calibration batches' contents, the
+base checkpoint's sha256); a different fingerprint is refused rather than mixed in. The export reads the records
+tensor by tensor, and the folder is removed once the export is in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import struct
+
+import torch
+
+from qvlquant.parallel.distributed import (
+    World,
+    broadcast_json,
+    recv_tensors,
+    send_tensors,
+)
+from qvlquant.storage.manifest import sha256
+from qvlquant.storage.shards import ShardReader, checkpoint_files, write_safetensors
+
+FINGERPRINT = "fingerprint.json"
+INPUTS = "inputs.safetensors"
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # checkpoint key -> export tensor
+    info: dict[str, dict] = dataclasses.field(default_factory=dict)  # linear -> what the method recorded
+    in_features: dict[str, int] = dataclasses.field(default_factory=dict)  # linear -> K (to unpack its codes)
+    aux: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # AWQ's folded scales, not exported
+    seconds: float = 0.0
+
+
+class MemoryStore:
+    """Finished layers kept in memory (packed: an eighth of float32 at 4 bits). For models already in memory."""
+
+    def __init__(self):
+        self.records: dict[int, LayerRecord] = {}
+
+    def resume_point(self) -> tuple[int, None]:
+        return 0, None
+
+    def save(self, i: int, record: LayerRecord, hidden: list[torch.Tensor]) -> None:
+        self.records[i] = record
+
+    def finished(self) -> list[int]:
+        return sorted(self.records)
+
+    def load(self, i: int) -> LayerRecord:
+        return self.records[i]
+
+    def load_info(self, i: int) -> dict:
+        return self.records[i].info
+
+    def tensor_meta(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {k: (t.dtype, tuple(t.shape)) for k, t in self.records[i].tensors.items()}
+
+    def get(self, i: int, key: str) -> torch.Tensor:
+        return self.records[i].tensors[key]
+
+    def remove(self) -> None:
+        self.records.clear()
+
+
+class DiskStore:
+    """Finished layers in ``folder`` (``.<output>.partial``), resumable under ``fingerprint``."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        self.folder = pathlib.Path(folder)
+        self.fingerprint = fingerprint
+        stamp = self.folder / FINGERPRINT
+        if self.folder.exists() and not stamp.exists():
+            raise FileExistsError(f"{self.folder} exists but is not a qvlquant partial run (no {FINGERPRINT}); "
+                                  "move it away or choose another --output")
+        if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{self.folder} holds a partial run of a different model, calibration set or settings; "
+                "rerun with the same settings to resume, or pass --no-resume to start over"
+            )
+        self._readers: dict[int, ShardReader] = {}
+
+    def path(self, i: int) -> pathlib.Path:
+        return self.folder / f"layer_{i:04d}.safetensors"
+
+    def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
+        """(first layer to quantize, the hidden states it receives) from the last layer whose inputs were saved."""
+        last = self._last()
+        if last is None:
+            return 0, None
+        reader = ShardReader(self.folder, [INPUTS])
+        return last + 1, [reader.get(f"hidden.{b}") for b in range(len(reader.keys()))]
+
+    def _last(self) -> int | None:
+        path = self.folder / INPUTS
+        if not path.exists():
+            return None
+        last = int(_metadata(path)["layer"])
+        return last if all(self.path(i).exists() for i in range(last + 1)) else None
+
+    def finished(self) -> list[int]:
+        last = self._last()
+        return [] if last is None else list(range(last + 1))
+
+    def save(self, i: int, record: LayerRecord, hidden: list[torch.Tensor]) -> None:
+        if not (self.folder / FINGERPRINT).exists():  # created with the first finished layer
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / FINGERPRINT).write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        tensors = {f"t.{k}": v for k, v in record.tensors.items()} | {f"aux.{k}": v for k, v in record.aux.items()}
+        meta = {"info": json.dumps(record.info), "in_features": json.dumps(record.in_features),
+                "seconds": str(record.seconds)}
+        _write_atomic(self.path(i), tensors, meta)
+        _write_atomic(self.folder / INPUTS, {f"hidden.{b}": h for b, h in enumerate(hidden)},
+                      {"layer": json.dumps(i)})
+        self._readers.pop(i, None)
+
+    def _reader(self, i: int) -> ShardReader:
+        if i not in self._readers:
+            self._readers = {i: ShardReader(self.folder, [self.path(i).name])}  # one layer's header at a time
+        return self._readers[i]
+
+    def load(self, i: int) -> LayerRecord:
+        reader = self._reader(i)
+        meta = _metadata(self.path(i))
+        tensors = {k[2:]: reader.get(k) for k in reader.keys() if k.startswith("t.")}
+        aux = {k[4:]: reader.get(k) for k in reader.keys() if k.startswith("aux.")}
+        return LayerRecord(tensors, json.loads(meta["info"]), json.loads(meta["in_features"]), aux,
+                           float(meta["seconds"]))
+
+    def load_info(self, i: int) -> dict:
+        return json.loads(_metadata(self.path(i))["info"])
+
+    def tensor_meta(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        reader = self._reader(i)
+        return {k[2:]: reader.meta(k) for k in reader.keys() if k.startswith("t.")}
+
+    def get(self, i: int, key: str) -> torch.Tensor:
+        return self._reader(i).get(f"t.{key}")
+
+    def remove(self) -> None:
+        self.discard(self.folder)
+
+    @staticmethod
+    def discard(folder: pathlib.Path) -> None:
+        """Delete a partial folder, whatever run it holds: only when it is ours (holds the fingerprint stamp)."""
+        if (pathlib.Path(folder) / FINGERPRINT).exists():
+            shutil.rmtree(folder)
+
+
+class RankStore:
+    """The store as one rank of a distributed run sees it. Rank 0 holds the real store (``inner``) and saves, after
+    each layer, every batch's hidden states in batch order, received from the ranks that ran them, so the partial
+    folder is the one a single process writes (and resumes with any number of processes). The other ranks send
+    theirs and keep nothing; on resume rank 0 sends each rank its batches' states."""
+
+    def __init__(self, inner, world: World, shards: list[range]):
+        self.inner, self.world, self.shards = inner, world, shards
+
+    def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
+        world = self.world
+        start, hidden = self.inner.resume_point() if world.leader else (None, None)
+        start, resumed = broadcast_json([start, hidden is not None] if world.leader else None, 0, world)
+        if not resumed:
+            return start, None
+        if world.leader:
+            for r in range(1, world.size):
+                send_tensors({f"hidden.{b}": hidden[b].cpu() for b in self.shards[r]}, r)
+            return start, [hidden[b] for b in self.shards[0]]
+        got = recv_tensors(0)
+        return start, [got[f"hidden.{b}"] for b in self.shards[world.rank]]
+
+    def save(self, i: int, record: LayerRecord, hidden: list[torch.Tensor]) -> None:
+        world = self.world
+        if not world.leader:
+            send_tensors({f"hidden.{b}": h.cpu() for b, h in zip(self.shards[world.rank], hidden)}, 0)
+            return
+        everyone = list(hidden)
+        for r in range(1, world.size):
+            got = recv_tensors(r)
+            everyone += [got[f"hidden.{b}"] for b in self.shards[r]]
+        self.inner.save(i, record, everyone)
+
+    def __getattr__(self, name):  # finished(), load(), tensor_meta(), ...: rank 0's store
+        if self.inner is None:
+            raise AttributeError(f"rank {self.world.rank} keeps no finished layers (only rank 0 does): {name}")
+        return getattr(self.inner, name)
+
+
+def _metadata(path: pathlib.Path) -> dict[str, str]:
+    """A safetensors file's metadata entry ({} when it has none)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def _write_atomic(path: pathlib.Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    write_safetensors(tmp, entries, tensors.__getitem__, metadata)
+    os.replace(tmp, path)
+
+
+def settings_fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def batches_digest(batches: list[dict]) -> str:
+    """sha256 of every calibration batch tensor (names, dtypes, shapes, bytes): the samples' texts, images and
+    processing settings all end up here, so an edited file or image changes it."""
+    h = hashlib.sha256()
+    for b in batches:
+        for key in sorted(b):
+            t = b[key].contiguous()
+            h.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_path() -> pathlib.Path:
+    root = os.environ.get("QVLQUANT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                             os.path.expanduser("~/.cache"), "qvlquant")
+    return pathlib.Path(root) / "sha256.json"
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    """sha256 of a file, cached by (absolute path, size, mtime): a 15 GB checkpoint is hashed once (see the
+    README for what that costs), later runs read the cache."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256(path)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=0))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # an unwritable cache only costs the hash again next time
+    return cache[key]
+
+
+def model_digest(folder: pathlib.Path) -> dict:
+    """config.json's hash and the sha256 of each weight file."""
+    return {
+        "config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        "weights": {name: file_sha256(folder / name) for name in checkpoint_files(folder)},
+    }

@@ -1,0 +1,129 @@
+"""Finding the model to quantize (the embedded demo or test bed, a local folder or a hub id), checking it before any
+weight loads (model type, remote code, processor files, already quantized), and building its skeleton: every
+parameter on the meta device, no memory. ``qvlquant.engine.streaming`` fills it part by part."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+
+import torch
+
+from qvlquant.assets.paths import MODEL_DIR, TESTBED_DIR
+from qvlquant.families import ModelFamily
+
+EMBEDDED = {"demo": MODEL_DIR, "testbed": TESTBED_DIR}  # models shipped inside the package
+SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "*.md"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def resolve_model_path(model: str | pathlib.Path) -> pathlib.Path:
+    """'demo' -> the embedded demo; 'testbed' -> the embedded test bed (the demo with outlier channels,
+    ``qvlquant.tools.demo.testbed``); an existing folder -> itself; anything else is taken as a hub id and fetched
+    (safetensors and text files only; the local cache when HF_HUB_OFFLINE=1)."""
+    if str(model) in EMBEDDED:
+        folder = EMBEDDED[str(model)]
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the embedded {model} model is missing from {folder}; reinstall qvlquant")
+        return folder
+    path = pathlib.Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+        return path
+    if str(model).count("/") != 1 or str(model).startswith((".", "/")):
+        raise FileNotFoundError(f"--model {model!r}: no such folder, and not a hub id of the form owner/name")
+    from huggingface_hub import snapshot_download  # only for hub ids
+
+    try:
+        return pathlib.Path(snapshot_download(str(model), allow_patterns=SAFE_PATTERNS))
+    except Exception as e:  # the hub client raises many types; the message is what matters
+        raise FileNotFoundError(f"--model {model!r}: could not fetch it from the hub ({type(e).__name__}); "
+                                "offline? set HF_HUB_OFFLINE=1 with a cached copy, or pass a local folder") from None
+
+
+def storage_dtype(config) -> torch.dtype:
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
+    if isinstance(name, torch.dtype):
+        return name
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(str(name), torch.bfloat16)
+
+
+def read_model_type(folder: pathlib.Path) -> str:
+    """model_type from config.json, read as plain JSON (no remote code runs to find it)."""
+    try:
+        return json.loads((folder / "config.json").read_text())["model_type"]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{folder}/config.json has no readable model_type ({e})") from None
+
+
+def check_remote_code(family: ModelFamily, folder: pathlib.Path, trust_remote_code: bool) -> None:
+    if family.needs_remote_code and not trust_remote_code:
+        raise ValueError(
+            f"{folder} is a {family.name} model whose modelling code ships with the checkpoint and would run on "
+            "this machine; pass --trust-remote-code only if you trust its source"
+        )
+
+
+def check_processor_files(folder: pathlib.Path, family: ModelFamily) -> None:
+    """The processor (tokenizer and image processor) must be saved beside the weights: say which files are
+    missing and where they come from, instead of transformers' OSError."""
+    missing = []
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if not family.needs_remote_code and not any((folder / f).is_file() for f in IMAGE_PROCESSOR_FILES):
+        missing.append(" or ".join(IMAGE_PROCESSOR_FILES))
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} has no processor files ({'; '.join(missing)}): copy them from the base model's hub repo "
+            "(e.g. huggingface-cli download OWNER/NAME --include '*.json' '*.txt' '*.jinja') into the folder")
+
+
+def model_class(config):
+    from transformers import (
+        AutoModelForImageTextToText,  # heavy: imported when a model is built
+    )
+
+    return AutoModelForImageTextToText._model_mapping[type(config)]
+
+
+def load_config(folder: pathlib.Path, family: ModelFamily):
+    """The HF config of a full-precision checkpoint (an already quantized one is refused)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=family.needs_remote_code)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{folder} is already quantized; quantize its full-precision base model instead")
+    return config
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Modules built inside this block get their parameters on the meta device (no memory, no initialisation);
+    buffers (rotary frequencies) are computed for real, as ``from_pretrained`` computes them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def build_skeleton(config, family: ModelFamily, dtype: torch.dtype):
+    """The model with every parameter on the meta device, in ``dtype``, in eval mode."""
+    with meta_parameters():
+        if family.needs_remote_code:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
+        else:
+            model = model_class(config)._from_config(config, dtype=dtype)
+    return model.eval()

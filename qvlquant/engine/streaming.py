@@ -1,0 +1,202 @@
+"""Filling a meta skeleton (``qvlquant.engine.skeleton``) from the safetensors shards one part at a time: the vision
+tower and embeddings for the capture pass, then one decoder layer at a time (``StreamedLayers``); and ``load_base``,
+the whole model in memory for small models."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from qvlquant.engine.skeleton import (
+    build_skeleton,
+    check_processor_files,
+    check_remote_code,
+    load_config,
+    read_model_type,
+    resolve_model_path,
+    storage_dtype,
+)
+from qvlquant.engine.transforms import pad_layer
+from qvlquant.families import ModelFamily, family_for
+from qvlquant.parallel.devices import return_freed_memory
+from qvlquant.storage.shards import ShardReader
+
+
+def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str:
+    """The checkpoint key of a runtime parameter name, in either layout (save_pretrained's or the runtime one)."""
+    for key in (family.to_disk(runtime_name), runtime_name):
+        if key in reader:
+            return key
+    raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
+
+
+def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
+                device: torch.device, dtype: torch.dtype) -> None:
+    """Fill ``module``'s meta parameters from ``reader``, in ``dtype`` on ``device``, one tensor at a time (Qwen VL
+    models keep no persistent buffers; their rotary tables are computed). ``prefix``: the module's runtime path."""
+    for name, sub in list(module.named_modules()):
+        path = ".".join(p for p in (prefix, name) if p)
+        materialize_shallow(sub, path, reader, family, device, dtype)
+
+
+def release(module: torch.nn.Module) -> None:
+    """Give ``module``'s parameters back: each becomes a meta tensor of the same shape."""
+    for name, param in list(module.named_parameters(recurse=True)):
+        owner, leaf = _owner(module, name)
+        owner._parameters[leaf] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    parent, _, leaf = name.rpartition(".")
+    return (module.get_submodule(parent) if parent else module), leaf
+
+
+def materialize_upcast(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
+                       device: torch.device, dtype: torch.dtype) -> list:
+    """``materialize`` for a part that only runs forward (the vision tower during capture), holding its weights in
+    the checkpoint's dtype and giving each leaf module ``dtype`` copies only while it runs: the values it computes
+    with are the same as a ``dtype`` copy's (bf16 -> float32 is exact), in half the memory. The first leaf keeps
+    ``dtype`` weights, so the part reports ``dtype`` (transformers casts pixel values to ``visual.dtype``).
+    -> the hook handles, to remove at release."""
+    stored = reader.meta(disk_key(reader, family, f"{prefix}.{next(iter(dict(module.named_parameters())))}"))[0]
+    if stored == dtype or not stored.is_floating_point:
+        materialize(module, prefix, reader, family, device, dtype)
+        return []
+    handles = []
+    leaves = [(n, m) for n, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    for j, (name, leaf) in enumerate(leaves):
+        path = f"{prefix}.{name}" if name else prefix
+        materialize_shallow(leaf, path, reader, family, device, dtype if j == 0 else stored)
+        if j:
+            handles += [leaf.register_forward_pre_hook(lambda m, args: _cast_parameters(m, dtype)),
+                        leaf.register_forward_hook(lambda m, args, out: _cast_parameters(m, stored))]
+    return handles
+
+
+def materialize_shallow(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
+                        device: torch.device, dtype: torch.dtype) -> None:
+    """``materialize`` of a module's own parameters, not its children's."""
+    for leaf, param in list(module._parameters.items()):
+        if param is None:
+            continue
+        full = f"{prefix}.{leaf}" if prefix else leaf
+        t = reader.get(disk_key(reader, family, full))
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"{reader.folder}: {full} is {list(t.shape)} in the checkpoint, the config says "
+                             f"{list(param.shape)}")
+        module._parameters[leaf] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+
+
+def _cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The module's own parameters, cast to ``dtype`` (new tensors; the old ones are freed)."""
+    for leaf, p in module._parameters.items():
+        if p is not None:
+            module._parameters[leaf] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
+
+
+class RowsFromCheckpoint(torch.nn.Module):
+    """Stands in for the token embedding during the capture pass: looks up only the rows of the tokens it is given,
+    read from the checkpoint (a 7B's table is 1.09 GB in bf16; the calibration tokens need a few thousand rows),
+    and returns them in ``dtype`` (the same values as a float32 table's)."""
+
+    def __init__(self, reader: ShardReader, key: str, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.reader, self.key, self.dtype, self.device = reader, key, dtype, device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows, where = torch.unique(input_ids.cpu(), return_inverse=True)
+        table = self.reader.get_rows(self.key, rows.tolist()).to(device=self.device, dtype=self.dtype)
+        return table[where.to(self.device)]
+
+
+class StreamedLayers:
+    """A skeleton filled from the checkpoint part by part. ``prepare_capture`` loads what the capture pass needs
+    (all but the decoder layers and lm_head; the token embedding reads only the rows the calibration tokens use,
+    ``RowsFromCheckpoint``; the vision tower is held in the checkpoint's dtype, see ``materialize_upcast``);
+    ``after_capture`` releases it; ``load(i)`` /
+    ``release(i)`` hold one decoder layer at a time (padded when --pad-intermediate-to asks)."""
+
+    def __init__(self, model, family: ModelFamily, reader: ShardReader, device: torch.device, dtype: torch.dtype,
+                 pad_to: int | None = None):
+        self.model, self.family, self.reader = model, family, reader
+        self.device, self.dtype, self.pad_to = device, dtype, pad_to
+        self.layers = model.get_submodule(family.decoder_layers)
+        self._capture_parts: list[str] = []
+        self._hooks: list = []
+
+    def prepare_capture(self) -> None:
+        skip = (self.family.decoder_layers, self.family.lm_head, self.family.embed_tokens)
+        for name, child in _top_children(self.model, skip):
+            if name == self.family.vision_tower:
+                self._hooks += materialize_upcast(child, name, self.reader, self.family, self.device, self.dtype)
+            else:
+                materialize(child, name, self.reader, self.family, self.device, self.dtype)
+            self._capture_parts.append(name)
+        parent, leaf = self.family.embed_tokens.rsplit(".", 1)
+        self._embedding = self.model.get_submodule(self.family.embed_tokens)
+        key = disk_key(self.reader, self.family, self.family.embed_tokens + ".weight")
+        setattr(self.model.get_submodule(parent), leaf, RowsFromCheckpoint(self.reader, key, self.dtype, self.device))
+
+    def after_capture(self) -> None:
+        for name in self._capture_parts:
+            release(self.model.get_submodule(name))
+        parent, leaf = self.family.embed_tokens.rsplit(".", 1)
+        setattr(self.model.get_submodule(parent), leaf, self._embedding)
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return_freed_memory()
+
+    def load(self, i: int) -> torch.nn.Module:
+        layer = self.layers[i]
+        materialize(layer, f"{self.family.decoder_layers}.{i}", self.reader, self.family, self.device, self.dtype)
+        if self.pad_to:
+            pad_layer(layer, self.family, self.pad_to)
+        return layer
+
+    def release(self, i: int) -> None:
+        release(self.layers[i])
+        return_freed_memory()
+
+
+def _top_children(model: torch.nn.Module, skip: tuple[str, ...]):
+    """(path, module) of the largest submodules that hold no ``skip`` path and lie inside none: the parts of the
+    model besides the decoder layers, embedding and lm_head (vision tower, norms, ...)."""
+    out = []
+
+    def walk(module, path):
+        for name, child in module.named_children():
+            full = f"{path}.{name}" if path else name
+            if full in skip:
+                continue
+            if any(s.startswith(full + ".") for s in skip):
+                walk(child, full)
+            elif any(True for _ in child.parameters()):
+                out.append((full, child))
+
+    walk(model, "")
+    return out
+
+
+def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+              trust_remote_code: bool = False):
+    """The whole model in memory (for Python users with small models, and the method benchmarks).
+    -> (model, processor, family, storage dtype)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    folder = resolve_model_path(model)
+    family = family_for(read_model_type(folder))
+    check_remote_code(family, folder, trust_remote_code)
+    config = load_config(folder, family)
+    reader = ShardReader(folder)
+    net = build_skeleton(config, family, dtype)
+    for name, child in _top_children(net, ()):
+        tied = name == family.lm_head and family.lm_head + ".weight" not in reader
+        if not tied:  # a tied lm_head is the embedding itself
+            materialize(child, name, reader, family, torch.device(device), dtype)
+    net.tie_weights()
+    check_processor_files(folder, family)
+    processor = (AutoTokenizer.from_pretrained(folder, trust_remote_code=True) if family.needs_remote_code
+                 else AutoProcessor.from_pretrained(folder))
+    return net.eval(), processor, family, storage_dtype(config)

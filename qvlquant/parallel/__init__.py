@@ -1,0 +1,1 @@
+"""Several processes: torch.distributed collectives, the process launcher, device and thread choice."""

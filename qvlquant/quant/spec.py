@@ -1,0 +1,132 @@
+"""What a quantization is: the integer grid (``QuantSpec``) and the method with its settings (``QuantConfig``),
+with the per-method defaults chosen by measurement and every check of them. Frozen; validated here, once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output row (per-channel)
+    sym: bool = True
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def effective_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+METHODS = ("rtn", "gptq", "awq")
+AWQ_ROUNDING = ("rtn", "gptq")
+# GPTQ's defaults, chosen by measurement (README, "Methods with error bars"): damping 0.01 of the mean Hessian diagonal
+# and act-order with static groups (columns by decreasing Hessian diagonal, group parameters fixed on the original
+# order, so the checkpoint needs no runtime g_idx and vLLM serves it). The recipes of published checkpoints keep
+# those checkpoints' own settings (damp 0.1, no act-order).
+GPTQ_DAMP_PERCENT = 0.01
+GPTQ_ACT_ORDER = True
+# AWQ's rounding after its scales, by bit width (measured the same way): below 4 bits GPTQ rounds the scaled layer
+# (perplexity beyond the spread); at 4 bits and up AWQ's own clipping search and round-to-nearest (a perplexity tie,
+# and no GPTQ Hessians in memory).
+AWQ_GPTQ_ROUNDING_BELOW_BITS = 4
+# GPTQ's group ranges: below 4 bits searched for the least |w - Q(w)|^2.4 (GPTQModel's mse; beyond the spread at
+# W3 with act-order), at 4 bits and up min-max (within a hair of the spread, and no search time).
+GPTQ_MSE = 2.4
+GPTQ_MSE_BELOW_BITS = 4
+
+
+def finite_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+
+
+def positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """The method and its settings. ``spec`` defaults to 4-bit, group 128, symmetric (asymmetric for AWQ, whose
+    format stores zero points); the GPTQ options are refused for the other methods."""
+
+    method: str = "rtn"
+    spec: QuantSpec | None = None
+    damp_percent: float | None = None  # GPTQ: Hessian damping (x mean diagonal); None: GPTQ_DAMP_PERCENT
+    damp_max: float = 1.0  # GPTQ: damping is doubled on Cholesky failure up to this, then it is an error
+    block_size: int = 128  # GPTQ: columns per lazy update
+    desc_act: bool | None = None  # GPTQ: act-order (columns by decreasing Hessian diagonal); None: GPTQ_ACT_ORDER
+    static_groups: bool | None = None  # GPTQ: group parameters fixed before act-order permutes the columns; None:
+    # with the default act-order, static; with an explicit desc_act, dynamic (the g_idx layout)
+    true_sequential: bool = True  # GPTQ: each linear group's Hessian re-captured after the groups before it
+    awq_grid: int = 20  # AWQ: grid points of the scale search
+    awq_clip: bool = True  # AWQ: clipping search after scaling
+    awq_max_tokens: int = 4096  # AWQ: tokens kept per linear for its statistics and scale search
+    awq_rounding: str | None = None  # AWQ: "rtn" (AWQ's own, after the clipping search) or "gptq" (GPTQ rounds the
+    # scaled layer); None: gptq below AWQ_GPTQ_ROUNDING_BELOW_BITS bits, else rtn
+    mse: float | None = None  # GPTQ: group ranges shrunk to minimise |w - Q(w)|^mse (GPTQModel's mse, 2.4 typical);
+    # 0: min-max; None: GPTQ_MSE below GPTQ_MSE_BELOW_BITS bits for method gptq, else 0
+    vision_weight: float = 1.0  # GPTQ: weight of image / video tokens in the Hessian (VLMQ-style); 1: as text
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.spec is None:
+            object.__setattr__(self, "spec", QuantSpec(4, 128, sym=self.method != "awq"))
+        self._resolve_defaults()
+        if self.awq_rounding not in AWQ_ROUNDING:
+            raise ValueError(f"awq_rounding must be one of {', '.join(AWQ_ROUNDING)}, got {self.awq_rounding!r}")
+        if self.awq_rounding != "rtn" and self.method != "awq":
+            raise ValueError(f"awq_rounding: an AWQ option, not for method {self.method}")
+        gptq_rounds = self.method == "gptq" or self.awq_rounding == "gptq"
+        rounding = {"damp_percent": self.damp_percent is not None, "mse": self.mse != 0.0,
+                    "vision_weight": self.vision_weight != 1.0}  # wherever GPTQ rounds (gptq, awq + gptq)
+        ordering = {"desc_act": self.desc_act, "static_groups": self.static_groups,
+                    "true_sequential": not self.true_sequential}  # GPTQ's own column order and layout
+        misplaced = [k for k, v in rounding.items() if v and not gptq_rounds]
+        misplaced += [k for k, v in ordering.items() if v and self.method != "gptq"]
+        if misplaced:
+            hint = " (AWQ takes damp_percent, mse and vision_weight with awq_rounding 'gptq')" if self.method == "awq" else ""
+            raise ValueError(f"{', '.join(misplaced)}: GPTQ options, not for method {self.method}{hint}")
+        if not (isinstance(self.mse, (int, float)) and math.isfinite(self.mse) and self.mse >= 0):
+            raise ValueError(f"mse must be a finite number >= 0 (0: off; 2.4 is GPTQModel's), got {self.mse!r}")
+        finite_positive("vision_weight", self.vision_weight)
+        if gptq_rounds:
+            if self.damp_percent is None:
+                object.__setattr__(self, "damp_percent", GPTQ_DAMP_PERCENT)
+            finite_positive("damp_percent", self.damp_percent)
+            finite_positive("damp_max", self.damp_max)
+            if self.damp_percent > self.damp_max:
+                raise ValueError(f"damp_percent {self.damp_percent:g} is above its limit damp_max {self.damp_max:g}")
+        for name in ("block_size", "awq_grid", "awq_max_tokens"):
+            positive_int(name, getattr(self, name))
+
+    def _resolve_defaults(self) -> None:
+        """Settings left None take their measured defaults: for GPTQ, act-order with static groups unless desc_act
+        was given, and mse below GPTQ_MSE_BELOW_BITS bits; AWQ's rounding by bit width; for the others, off."""
+        gptq = self.method == "gptq"
+        if self.static_groups is None:
+            static = gptq and self.desc_act is None and GPTQ_ACT_ORDER
+            object.__setattr__(self, "static_groups", static)
+        if self.desc_act is None:
+            object.__setattr__(self, "desc_act", gptq and GPTQ_ACT_ORDER)
+        if self.awq_rounding is None:
+            below = self.method == "awq" and self.spec.bits < AWQ_GPTQ_ROUNDING_BELOW_BITS
+            object.__setattr__(self, "awq_rounding", "gptq" if below else "rtn")
+        if self.mse is None:
+            object.__setattr__(self, "mse", GPTQ_MSE if gptq and self.spec.bits < GPTQ_MSE_BELOW_BITS else 0.0)

@@ -1,0 +1,1 @@
+"""Running checkpoints: qvlquant.load with QuantLinear, and the bitsandbytes baselines."""

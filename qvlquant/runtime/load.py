@@ -1,0 +1,179 @@
+"""Running quantized checkpoints: the QuantLinear module and ``load``.
+
+QuantLinear holds the packed tensors exactly as they are on disk and computes ``x @ dequantize(W)^T`` (the torch
+reference path; the dequantized weight is cached after the first call).
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+from qvlquant.engine.skeleton import build_skeleton, resolve_model_path
+from qvlquant.families import family_for
+from qvlquant.quant.formats import PackFormat, QuantizedWeight
+from qvlquant.quant.spec import QuantSpec
+from qvlquant.storage.manifest import verify_manifest
+from qvlquant.storage.shards import ShardReader
+
+
+class QuantLinear(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, fmt: PackFormat, bias: bool, dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.spec, self.fmt = in_features, out_features, spec, fmt
+        self.tensor_names = tuple(fmt.tensor_shapes(in_features, out_features, spec))
+        for name, (shape, dt) in fmt.tensor_shapes(in_features, out_features, spec).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self._dequantized: torch.Tensor | None = None
+        self._act_order: bool | None = None
+
+    @classmethod
+    def from_weight(cls, w: QuantizedWeight, fmt: PackFormat, bias: torch.Tensor | None) -> "QuantLinear":
+        n, k = w.q.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        module = cls(k, n, w.spec, fmt, bias is not None, dtype)
+        for name, t in fmt.pack(w).items():
+            getattr(module, name).copy_(t)
+        if bias is not None:
+            module.bias.data.copy_(bias)
+        return module
+
+    def quantized_weight(self) -> QuantizedWeight:
+        tensors = {name: getattr(self, name) for name in self.tensor_names}
+        return self.fmt.unpack(tensors, self.spec, self.in_features)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequantized, self._act_order = None, None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.fmt is not PackFormat.COMPRESSED and self.spec.bits in (4, 8):
+            return self._fused(x)
+        if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
+            self._dequantized = self.quantized_weight().dequantize().to(device=x.device, dtype=x.dtype)  # [N, K]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._dequantized, bias)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton dequant-matmul kernel (CUDA): reads the packed weight, never a dequantized copy."""
+        from qvlquant.kernels.dequant_matmul import dequant_matmul_op, has_act_order
+
+        g_idx = getattr(self, "g_idx", None)
+        if self._act_order is None:
+            self._act_order = has_act_order(g_idx, self.spec, self.in_features)
+        return dequant_matmul_op(x, self.qweight, self.scales, self.qzeros, g_idx, self.bias, self.fmt.value,
+                                 self.spec.bits, self.spec.group_size, self.spec.sym, self.in_features, self._act_order)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, group={self.spec.group_size}, {self.fmt.value}"
+
+
+def spec_from_config(qc: dict) -> tuple[QuantSpec, PackFormat]:
+    method = qc.get("quant_method")
+    if method == "gptq":
+        return QuantSpec(int(qc["bits"]), int(qc["group_size"]), bool(qc.get("sym", True))), PackFormat.GPTQ
+    if method == "awq":
+        if str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"AWQ version {qc.get('version')!r} is not supported; only 'gemm'")
+        bits = int(qc.get("bits", qc.get("w_bit", 4)))
+        group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+        return QuantSpec(bits, group, not qc.get("zero_point", True)), PackFormat.AWQ_GEMM
+    if method == "compressed-tensors":
+        if qc.get("format") != "pack-quantized" or len(qc.get("config_groups", {})) != 1:
+            raise ValueError("compressed-tensors checkpoints load here only as one pack-quantized config group")
+        w = next(iter(qc["config_groups"].values()))["weights"]
+        group = -1 if w.get("strategy") == "channel" else int(w["group_size"])
+        return QuantSpec(int(w["num_bits"]), group, bool(w["symmetric"])), PackFormat.COMPRESSED
+    raise ValueError(f"quant_method {method!r} is not supported; qvlquant loads 'gptq', 'awq' and 'compressed-tensors'")
+
+
+def read_safetensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (single file or an index of shards), for small checkpoints and tests;
+    pickle files are refused. ``load`` reads one tensor at a time instead."""
+    reader = ShardReader(folder)
+    return {k: reader.get(k) for k in reader.keys()}
+
+
+def _quant_linear_targets(reader: ShardReader, family, fmt: PackFormat) -> list[str]:
+    marker = ".weight_packed" if fmt is PackFormat.COMPRESSED else ".qweight"
+    return sorted(family.to_runtime(k)[: -len(marker)] for k in reader.keys() if k.endswith(marker))
+
+
+def swap_in_quant_linears(model, targets: list[str], spec: QuantSpec, fmt: PackFormat, dtype):
+    """Replace the nn.Linear at each runtime path in ``targets`` by an empty QuantLinear (buffers on the meta
+    device when the model's parameters are: the checkpoint fills them)."""
+    for name in targets:
+        parent_name, leaf = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, leaf)
+        if not isinstance(old, torch.nn.Linear):
+            raise ValueError(f"{name} is a {type(old).__name__}, not a Linear: the checkpoint does not fit this model")
+        with torch.device(old.weight.device):
+            new = QuantLinear(old.in_features, old.out_features, spec, fmt, old.bias is not None, dtype)
+        setattr(parent, leaf, new)
+
+
+def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.device) -> None:
+    """Give every parameter and persistent buffer of ``model`` its checkpoint tensor, one at a time, straight in
+    the dtype the module declares and on ``device`` (no float32 copy of the model on the way). A tied lm_head
+    is tied afterwards; any other missing or unexpected tensor is an error naming it."""
+    state = model.state_dict(keep_vars=True)
+    expected = {}
+    for name in state:
+        for key in (family.to_disk(name), name):
+            if key in reader:
+                expected[name] = key
+                break
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [n for n in state if n not in expected and not (tied and n == f"{family.lm_head}.weight")]
+    unexpected = sorted(set(reader.keys()) - set(expected.values()))
+    if missing or unexpected:
+        raise ValueError(f"{reader.folder}: checkpoint does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, key in expected.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        value = reader.get(key).to(device=device, dtype=state[name].dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+    if tied:
+        model.tie_weights()
+
+
+def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a BF16 or quantized (GPTQ / AWQ GEMM / compressed-tensors) Qwen-VL checkpoint. -> (model, processor);
+    the processor is None only for a folder that holds none (bare test checkpoints). The model is built on the
+    meta device and each tensor read straight into ``dtype`` on ``device``: a quantized model holds its packed
+    tensors, never a float copy of the whole model. Pickle checkpoints are refused."""
+    from transformers import (  # heavy; only when a model is loaded
+        AutoConfig,
+        AutoProcessor,
+    )
+
+    folder = resolve_model_path(path)
+    config = AutoConfig.from_pretrained(folder)
+    family = family_for(config.model_type)
+    has_processor = any((folder / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
+    processor = AutoProcessor.from_pretrained(folder) if has_processor else None
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        verify_manifest(folder)
+    reader = ShardReader(folder)
+    if not qc:
+        model = build_skeleton(config, family, dtype)
+    else:
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        spec, fmt = spec_from_config(qc)
+        bare = copy.deepcopy(config)
+        del bare.quantization_config
+        model = build_skeleton(bare, family, dtype)
+        model.config.quantization_config = qc
+        swap_in_quant_linears(model, _quant_linear_targets(reader, family, fmt), spec, fmt, dtype)
+    fill_from_checkpoint(model, reader, family, torch.device(device))
+    return model.to(device).eval(), processor

@@ -1,0 +1,1 @@
+"""What the terminal shows: progress bars and one-line messages on stderr."""

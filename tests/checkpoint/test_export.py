@@ -1,0 +1,208 @@
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import qvlquant
+from qvlquant.checkpoint.export import MANIFEST, export
+from qvlquant.config import ExportConfig
+from qvlquant.engine.loop import LoopPlan, quantize_model
+from qvlquant.families import QWEN2_VL, family_for
+from qvlquant.quant.spec import QuantConfig, QuantSpec
+from qvlquant.runtime.load import QuantLinear
+
+
+def quantize_and_export(demo, demo_batches, out, spec=QuantSpec(4, 128, True), method="rtn", **options):
+    model, processor = demo
+    q = copy.deepcopy(model)
+    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig(method, spec, **options)))
+    export(q, processor, result, out, {"base_model": "demo"})
+    return q
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+CASES = [
+    ("rtn", QuantSpec(4, 128, True), {}),
+    ("rtn", QuantSpec(8, -1, False), {}),
+    ("rtn", QuantSpec(3, 64, True), {}),
+    ("gptq", QuantSpec(4, 64, True), {"desc_act": True}),
+    ("gptq", QuantSpec(2, 128, False), {"static_groups": True, "desc_act": True}),
+    ("awq", QuantSpec(4, 128, False), {}),
+]
+
+
+@pytest.mark.parametrize("method,spec,options", CASES)
+def test_export_then_load_gives_the_same_logits(demo, demo_batches, tmp_path, method, spec, options):
+    q = quantize_and_export(demo, demo_batches, tmp_path / "q", spec, method, **options)
+    loaded, _ = qvlquant.load(tmp_path / "q")
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 28
+    visual = [m for n, m in loaded.named_modules() if n.startswith("model.visual")]
+    assert sum(type(m) is torch.nn.Linear for m in visual) == 10 and not any(isinstance(m, QuantLinear) for m in visual)
+    batch = next(b for b in demo_batches if "pixel_values" in b)
+    torch.testing.assert_close(logits(loaded, batch), logits(q, batch), rtol=0, atol=1e-5)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["bits"] == spec.bits and cfg["group_size"] == spec.group_size
+    assert {"visual", "model.visual"} <= set(cfg["modules_to_not_convert"])
+    if method == "awq":
+        assert cfg["quant_method"] == "awq" and cfg["version"] == "gemm" and cfg["zero_point"] is True
+    else:
+        assert cfg["quant_method"] == "gptq" and cfg["sym"] == spec.sym
+        # act-order with static groups is written as plain groups (its g_idx is trivial): vLLM refuses desc_act
+        true_act_order = options.get("desc_act", False) and not options.get("static_groups", False)
+        assert cfg["desc_act"] is true_act_order and cfg["meta"]["act_order"] is options.get("desc_act", False)
+
+
+def test_keys_are_those_save_pretrained_writes(demo, demo_batches, tmp_path):
+    model, _ = demo
+    quantize_and_export(demo, demo_batches, tmp_path / "q")
+    model.save_pretrained(tmp_path / "ref")
+    with safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt") as f:
+        reference = set(f.keys())
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        ours = set(f.keys())
+    qsuffix = (".qweight", ".qzeros", ".scales", ".g_idx")
+    as_weights = {k.rsplit(".", 1)[0] + ".weight" if k.endswith(qsuffix) else k for k in ours}
+    assert as_weights == reference
+    assert any(k.startswith("model.layers.0.self_attn.q_proj.qweight") for k in ours)
+    assert "lm_head.weight" not in ours  # tied embeddings, as save_pretrained writes them
+
+
+def test_tied_embeddings_survive_reload(demo, demo_batches, tmp_path):
+    quantize_and_export(demo, demo_batches, tmp_path / "q")
+    loaded, _ = qvlquant.load(tmp_path / "q")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_saved_processor_has_no_truncation(demo, demo_batches, tmp_path):
+    quantize_and_export(demo, demo_batches, tmp_path / "q")
+    tok = json.loads((tmp_path / "q" / "tokenizer.json").read_text())
+    assert tok["truncation"] is None
+
+
+def test_two_runs_are_byte_identical(demo, demo_batches, tmp_path):
+    quantize_and_export(demo, demo_batches, tmp_path / "a")
+    quantize_and_export(demo, demo_batches, tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_crash_mid_save_keeps_the_old_model(demo, demo_batches, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    quantize_and_export(demo, demo_batches, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("qvlquant.checkpoint.export.write_safetensors", boom)
+    with pytest.raises(OSError, match="disk full"):
+        quantize_and_export(demo, demo_batches, out, QuantSpec(8, 128, True))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary folder left behind
+
+
+def test_tampered_or_missing_file_fails_loading(demo, demo_batches, tmp_path):
+    out = tmp_path / "q"
+    quantize_and_export(demo, demo_batches, out)
+    assert json.loads((out / MANIFEST).read_text())["files"]["model.safetensors"]["sha256"]
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        qvlquant.load(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        qvlquant.load(out)
+
+
+def test_sharded_export_index_and_missing_shard(demo, demo_batches, tmp_path):
+    model, processor = demo
+    q = copy.deepcopy(model)
+    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(4, 128, True))))
+    out = tmp_path / "sharded"
+    export(q, processor, result, out, {}, options=ExportConfig(max_shard_bytes=2 * 2**20))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and all((out / s).exists() for s in shards) and not (out / "model.safetensors").exists()
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    loaded, _ = qvlquant.load(out)
+    batch = next(b for b in demo_batches if "pixel_values" in b)
+    torch.testing.assert_close(logits(loaded, batch), logits(q, batch), rtol=0, atol=1e-5)
+    (out / shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        qvlquant.load(out)
+
+
+def test_static_act_order_exports_the_trivial_g_idx_in_the_original_column_order(demo, demo_batches, tmp_path):
+    """--desc-act --static-groups: act-order's g_idx is the trivial one, so the checkpoint says desc_act false (the
+    only act-order vLLM 0.33 loads) and its packed codes, read with that g_idx, are the quantized weights as they
+    are, in the original column order."""
+    from qvlquant.quant.formats import PackFormat
+    from qvlquant.quant.rtn import default_g_idx
+
+    model, processor = demo
+    q = copy.deepcopy(model)
+    spec = QuantSpec(4, 64, True)
+    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("gptq", spec, desc_act=True, static_groups=True)))
+    export(q, processor, result, tmp_path / "q", {})
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["desc_act"] is False and cfg["static_groups"] is True and cfg["meta"]["act_order"] is True
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        for name, qw in result.weights.items():
+            prefix = QWEN2_VL.to_disk(name)
+            tensors = {k: f.get_tensor(f"{prefix}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+            k = qw.q.shape[1]
+            assert torch.equal(tensors["g_idx"], default_g_idx(k, spec))
+            unpacked = PackFormat.GPTQ.unpack({n: t for n, t in tensors.items() if n != "g_idx"}, spec, k)
+            assert torch.equal(unpacked.q, qw.q)  # the codes, column for column, without any g_idx
+            torch.testing.assert_close(unpacked.dequantize(), qw.dequantize(), rtol=0, atol=1e-3)
+
+
+def test_gptq_module_names_match_no_vision_linear_of_any_family():
+    """vLLM treats a linear as GPTQ-quantized when its name contains a modules_in_block_to_quantize entry: the
+    entries name the decoder layer, so no vision linear (Qwen2.5-VL's vision MLP is mlp.gate_proj/up/down) matches,
+    and optimum still finds each of its runtime names as a suffix."""
+    from tiny_models import tiny_model
+
+    from qvlquant.checkpoint.export import modules_in_block_to_quantize
+
+    for model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        family = family_for(model_type)
+        model = tiny_model(model_type)
+        entries = sum(modules_in_block_to_quantize(family, 3), [])
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        vision = [family.to_disk(n + ".")[:-1].removeprefix("model.") for n in linears if n.startswith("model.visual.")]
+        assert vision and not [v for v in vision if any(e in v for e in entries)]
+        language = [n for n in linears if n.startswith(family.decoder_layers + ".")]
+        assert len(language) == len(entries) == 21
+        assert all([e for e in entries if n.endswith(e)] == [n.split("language_model.")[-1]] for n in language)
+
+
+def test_compressed_tensors_config_is_validated_by_the_library():
+    """Where compressed-tensors is installed the config is what its QuantizationConfig validates and writes (static
+    act-order as actorder "weight"); a field it rejects fails the export, naming the field."""
+    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors (interop / vllm extra) not installed")
+    from pydantic import ValidationError
+
+    from qvlquant.checkpoint.export import (
+        compressed_tensors_config,
+        validated_by_library,
+    )
+
+    qcfg = QuantConfig("gptq", QuantSpec(4, 128, False), desc_act=True, static_groups=True)
+    config = compressed_tensors_config(qcfg, QWEN2_VL)
+    parsed = ct.QuantizationConfig.model_validate(config)
+    weights = parsed.config_groups["group_0"].weights
+    actorder = getattr(weights.actorder, "value", weights.actorder)
+    assert actorder in ("weight", "static") and weights.group_size == 128 and not weights.symmetric
+    assert config["meta"]["method"] == "gptq" and config["ignore"] == ["lm_head", "re:.*visual.*"]
+    bad = {k: v for k, v in config.items() if k != "meta"}
+    bad["config_groups"] = {"group_0": dict(bad["config_groups"]["group_0"],
+                                            weights=dict(bad["config_groups"]["group_0"]["weights"], group_size=None))}
+    with pytest.raises(ValidationError, match="group_size"):
+        validated_by_library(bad)

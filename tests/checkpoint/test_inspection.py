@@ -1,0 +1,278 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qvlquant.checkpoint.export import modules_in_block_to_quantize
+from qvlquant.checkpoint.inspection import inspect_checkpoint, transformers_converts
+from qvlquant.checkpoint.repair import repair_config
+from qvlquant.checkpoint.vllm import (
+    copied_config_refusals,
+    copied_vision_decision,
+    marlin_problems,
+    vllm_compatibility_warnings,
+)
+from qvlquant.cli import main
+from qvlquant.families import family_for
+from qvlquant.storage.manifest import MANIFEST, sha256, verify_manifest, write_manifest
+
+NAMES = ["model.visual.blocks.0.attn.qkv", "model.language_model.layers.0.mlp.up_proj", "lm_head",
+         "visual.blocks.0.mlp.fc1", "model.visual.merger.mlp.0"]
+
+
+@pytest.mark.parametrize("patterns,converted", [
+    (["visual"], [True, True, True, False, True]),  # a bare "visual" protects only the on-disk layout
+    (["visual", "model.visual"], [False, True, True, False, False]),
+    (["lm_head"], [True, True, False, True, True]),
+    (["re.*qkv"], [True, True, True, True, True]),
+    ([r"model\.visual\..*"], [False, True, True, True, False]),
+    (None, [True] * 5),
+    ([], [True] * 5),
+])
+def test_matcher_is_transformers_own(patterns, converted):
+    """transformers_converts is transformers' should_convert_module (5.x semantics: anchored at the start up to a
+    module boundary, or a suffix), so these are transformers' answers."""
+    assert [transformers_converts(n, patterns) for n in NAMES] == converted
+
+
+def test_bare_visual_does_not_protect_the_runtime_vision_tower():
+    assert transformers_converts("model.visual.blocks.0.attn.qkv", ["visual"])
+    assert not transformers_converts("model.visual.blocks.0.attn.qkv", ["visual", "model.visual"])
+
+
+def test_marlin_conditions():
+    shapes = {"l.0.self_attn.k_proj": (256, 128), "l.0.mlp.down_proj": (29568, 8192)}
+    assert marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, {}, 1) == []
+    assert "sym=true" in marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False}, {}, 1)[0]
+    assert "group_size 96" in marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 96, "sym": True}, {}, 1)[0]
+    problems = marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, shapes, 2)
+    assert any("down_proj" in p for p in problems) and not any("k_proj" in p for p in problems)  # 72B's 29568
+    padded = {"l.0.mlp.down_proj": (29696, 8192)}
+    assert marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, padded, 8) == []
+    v1 = {"transformer.h.0.mlp.c_proj": (29568, 8192)}  # the split lists come from the family: Qwen-VL v1's names
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
+    assert marlin_problems(qc, v1, 2, family_for("qwen")) and not marlin_problems(qc, v1, 2)
+
+
+@pytest.fixture(scope="module")
+def awq_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect") / "awq"
+    assert main(["quantize", "--method", "awq", "--bits", "4", "--num-samples", "4", "--output", str(out)]) == 0
+    return out
+
+
+def official_style(src, dst):
+    """The same checkpoint with the config of the official Qwen2-VL-*-AWQ releases: modules_to_not_convert = ["visual"]."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = ["visual"]
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "qvlquant_manifest.json").unlink()
+    return dst
+
+
+@pytest.mark.slow
+def test_inspect_flags_and_repair_fixes_official_style_awq_config(awq_export, tmp_path, capsys):
+    report = inspect_checkpoint(awq_export)
+    assert report["quantized_linears"] == 28 and report["vision_linears"] == 10
+    assert report["vision_exposed_in_transformers"] == [] and report["marlin"][1] == []
+    bad = official_style(awq_export, tmp_path / "official")
+    assert len(inspect_checkpoint(bad)["vision_exposed_in_transformers"]) == 10
+    assert main(["inspect", str(bad)]) == 0
+    assert "WARNING: transformers 5 would replace 10 vision linears" in capsys.readouterr().out
+    names = repair_config(bad)
+    assert {"visual", "model.visual"} <= set(names)
+    assert inspect_checkpoint(bad)["vision_exposed_in_transformers"] == []
+
+
+@pytest.mark.slow
+def test_transformers_really_corrupts_then_repair_protects(awq_export, tmp_path):
+    """The INTEROP.md finding, checked against transformers itself (needs the interop extra)."""
+    pytest.importorskip("gptqmodel")
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    bad = official_style(awq_export, tmp_path / "official")
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(bad, device_map="cpu", dtype=torch.float32)
+    assert type(hf.model.visual.blocks[0].attn.qkv) is not torch.nn.Linear  # replaced: weights never loaded
+    repair_config(bad)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(bad, device_map="cpu", dtype=torch.float32)
+    assert type(hf.model.visual.blocks[0].attn.qkv) is torch.nn.Linear
+
+
+def tiny_export(folder, modules_to_not_convert=None):
+    """A hand-made GPTQ export (one quantized linear, one vision linear) with its manifest: no quantization run."""
+    folder.mkdir()
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+    if modules_to_not_convert is not None:
+        qc["modules_to_not_convert"] = modules_to_not_convert
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "quantization_config": qc}, indent=2))
+    save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(16, 64, dtype=torch.int32),
+               "model.layers.0.mlp.up_proj.scales": torch.ones(1, 64, dtype=torch.float16),
+               "visual.blocks.0.attn.qkv.weight": torch.ones(48, 16)}, str(folder / "model.safetensors"))
+    write_manifest(folder)
+    return folder
+
+
+def edit_bits(folder, bits=3):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["bits"] = bits
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_inspect_verifies_an_intact_export(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    report = inspect_checkpoint(q)
+    assert report["verification"] == {"status": "verified", "files": 2, "error": None}
+    assert report["quantization"]["bits"] == 4 and report["quantized_linears"] == 1
+    assert main(["inspect", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert "manifest: 2 files verified" in out
+    assert "vLLM: judged by " in out and "vLLM at tensor-parallel 1:" in out  # says whose rules, vLLM's or a copy
+
+
+@pytest.mark.parametrize("edit", ["bits", "shard"])
+def test_inspect_fails_an_edited_export(tmp_path, capsys, edit):
+    """Issue 13: an export whose config says bits=3 after the fact (or a shard edited) fails, rc != 0."""
+    q = tiny_export(tmp_path / "q")
+    edit_bits(q) if edit == "bits" else flip_last_byte(q / "model.safetensors")
+    changed = "config.json" if edit == "bits" else "model.safetensors"
+    assert inspect_checkpoint(q)["verification"]["status"] == "failed"
+    assert main(["inspect", str(q)]) == 1
+    out = capsys.readouterr()
+    assert f"FAILED verification: {q}: {changed} does not match its sha256" in out.out
+    assert "fails verification" in out.err
+    assert main(["inspect", str(q), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["verification"]["status"] == "failed"
+
+
+def test_inspect_of_a_folder_without_manifest_says_so(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / MANIFEST).unlink()
+    assert main(["inspect", str(q)]) == 0
+    assert "manifest: none (not a qvlquant export" in capsys.readouterr().out
+
+
+def test_inspect_names_pickle_weights_and_reads_none(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / "model.safetensors").rename(q / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"pickle weights \['pytorch_model.bin'\].*safetensors .* only"):
+        inspect_checkpoint(q)
+
+
+def test_repair_keeps_the_export_verified_and_touches_nothing_else(tmp_path):
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    (q / "notes.txt").write_text("the user's")
+    shard_entry = json.loads((q / MANIFEST).read_text())["files"]["model.safetensors"]
+    names = repair_config(q)
+    assert names[0] == "visual" and {"visual", "model.visual"} <= set(names)  # only added, in order
+    verify_manifest(q)
+    files = json.loads((q / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["config.json", "model.safetensors"]  # the user's file is not taken into the manifest
+    assert files["model.safetensors"] == shard_entry and files["config.json"]["sha256"] == sha256(q / "config.json")
+    assert (q / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in q.iterdir()) == ["config.json", "model.safetensors", "notes.txt", MANIFEST]
+    before = (q / "config.json").read_bytes()
+    assert repair_config(q) == names and (q / "config.json").read_bytes() == before  # idempotent
+
+
+@pytest.mark.parametrize("edit", ["bits", "shard"])
+def test_repair_refuses_an_export_that_fails_verification(tmp_path, capsys, edit):
+    """A repair must not re-hash (and so bless) an edited config or a corrupted shard."""
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    edit_bits(q) if edit == "bits" else flip_last_byte(q / "model.safetensors")
+    before = {p.name: p.read_bytes() for p in q.iterdir()}
+    assert main(["inspect", str(q), "--repair"]) == 2
+    assert "not repairing" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in q.iterdir()} == before
+
+
+def test_repair_without_manifest_writes_only_config(tmp_path):
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    (q / MANIFEST).unlink()
+    repair_config(q)
+    assert sorted(p.name for p in q.iterdir()) == ["config.json", "model.safetensors"]
+    qc = json.loads((q / "config.json").read_text())["quantization_config"]
+    assert "model.visual" in qc["modules_to_not_convert"]
+
+
+def test_repair_that_fails_midway_leaves_config_as_it_was(tmp_path, monkeypatch):
+    q = tiny_export(tmp_path / "q", modules_to_not_convert=["visual"])
+    before = {p.name: p.read_bytes() for p in q.iterdir()}
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("qvlquant.storage.manifest.os.replace", no_space)
+    with pytest.raises(OSError, match="No space"):
+        repair_config(q)
+    assert {p.name: p.read_bytes() for p in q.iterdir()} == before  # config intact, no temporary file left
+
+
+QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+
+
+def test_copied_rules_of_vllm_0_33_refuse_act_order_and_asymmetric_gptq():
+    """The fallback (vLLM absent) copies vLLM 0.33: desc_act=true is refused (with groups), asymmetric GPTQ too."""
+    assert marlin_problems(QC, {}, 1) == []
+    assert "desc_act" in marlin_problems(dict(QC, desc_act=True), {}, 1)[0]
+    assert marlin_problems(dict(QC, desc_act=True, group_size=-1), {}, 1) == []  # act-order is a no-op per channel
+    assert "sym" in copied_config_refusals(dict(QC, sym=False))[0]
+    ct = {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 96}}}}
+    assert "group_size 96" in copied_config_refusals(ct)[0]
+
+
+def test_copied_rules_replicate_kv_heads_and_refuse_only_groups_straddling_shards():
+    shapes = {"l.0.self_attn.k_proj": (3584, 512), "l.0.self_attn.o_proj": (3584, 3584), "l.0.mlp.down_proj": (18944, 3584)}
+    for tp in (1, 2, 4):  # Qwen2-VL-7B: 28 heads, 4 KV heads (k_proj's 512 outputs are split by heads, not checked)
+        assert marlin_problems(QC, shapes, tp, heads=(28, 4)) == []
+    at8 = marlin_problems(QC, shapes, 8, heads=(28, 4))  # 28 heads over 8 ranks; 18944 / 8, 3584 / 8: half groups
+    assert len(at8) == 3 and "28 attention heads" in at8[0] and "down_proj" in at8[1] and "o_proj" in at8[2]
+    assert marlin_problems(QC, {}, 8, heads=(32, 4)) == []  # 4 KV heads replicated over 8 ranks
+    assert marlin_problems(QC, {"l.0.mlp.down_proj": (18944, 3584 + 8)}, 2) == []  # out % 64 != 0: tiles are padded
+    assert "down_proj" in marlin_problems(QC, {"l.0.mlp.down_proj": (18944 + 128, 3584)}, 2)[0]  # a group straddles
+    assert "KV heads" in marlin_problems(QC, {}, 4, heads=(12, 3))[0]  # 3 KV heads over 4 ranks: no
+
+
+def test_copied_vision_decision_flags_short_gptq_names_and_missing_bare_visual():
+    vision = ["model.visual.blocks.0.mlp.gate_proj", "model.visual.blocks.0.attn.qkv"]  # Qwen2.5-VL's vision MLP
+    short = dict(QC, modules_in_block_to_quantize=[["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]])
+    assert copied_vision_decision(short, vision) == ["visual.blocks.0.mlp.gate_proj"]
+    ours = dict(QC, modules_in_block_to_quantize=modules_in_block_to_quantize(family_for("qwen2_5_vl"), 28))
+    assert copied_vision_decision(ours, vision) == []
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    assert copied_vision_decision(dict(awq, modules_to_not_convert=["model.visual", "lm_head"]), vision) == [
+        n.removeprefix("model.") for n in vision]  # vLLM's mapper leaves "model.visual" (no dot) as it is
+    assert copied_vision_decision(dict(awq, modules_to_not_convert=["model.visual", "visual"]), vision) == []
+    ct = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:.*visual.*"]}
+    assert copied_vision_decision(ct, vision) == [] and len(copied_vision_decision(dict(ct, ignore=[]), vision)) == 2
+
+
+def test_without_vllm_inspect_says_its_rules_are_a_copy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qvlquant.checkpoint.vllm.vllm_installed", lambda: None)
+    q = tiny_export(tmp_path / "q")
+    report = inspect_checkpoint(q)
+    assert report["vllm"]["checked_by"].startswith("a COPY of vLLM 0.33.0's rules")
+    edit = json.loads((q / "config.json").read_text())
+    edit["quantization_config"]["desc_act"] = True
+    (q / "config.json").write_text(json.dumps(edit))
+    report = inspect_checkpoint(q)
+    assert "desc_act" in report["vllm"]["refused"] and "a COPY" in report["marlin"][1][0]
+    assert "desc_act" in vllm_compatibility_warnings(edit["quantization_config"], family_for("qwen2_vl"))[0]
+
+
+def test_not_converted_names_protect_the_vision_tower_in_transformers_and_vllm():
+    """Both checkpoint layouts for transformers, and the bare leaf vLLM's mapper leaves (Qwen3-VL's checkpoint
+    layout is the runtime one, so without it vLLM would quantize its whole vision tower: the conformance test)."""
+    assert family_for("qwen2_vl").not_converted_names() == ["visual", "model.visual", "lm_head"]
+    assert family_for("qwen3_vl").not_converted_names() == ["model.visual", "lm_head", "visual"]
+    for name in ("model.visual.blocks.0.attn.qkv", "model.visual.merger.linear_fc1"):
+        assert not transformers_converts(name, family_for("qwen3_vl").not_converted_names())

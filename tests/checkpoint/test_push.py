@@ -1,0 +1,210 @@
+"""qvlquant push, tested at the huggingface_hub client boundary (no network): one commit, only the export's files,
+nothing when verification fails, and the token nowhere."""
+
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import save_file
+
+from qvlquant.checkpoint.push import PushError, model_card, push
+from qvlquant.cli import main
+from qvlquant.storage.manifest import MANIFEST, sha256, verify_manifest, write_manifest
+
+TOKEN = "hf_SECRETsecretSECRETsecret0123456789"
+
+
+class FakeApi:
+    def __init__(self, fail_with=None):
+        self.calls, self.fail_with = [], fail_with
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
+
+    def create_commit(self, repo_id, operations, **kw):
+        if self.fail_with:
+            raise self.fail_with
+        self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kw))
+        self.sent = {op.path_in_repo: op.path_or_fileobj for op in operations}
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("push") / "q"
+    assert main(["quantize", "--bits", "4", "--num-samples", "2", "--output", str(out)]) == 0
+    return out
+
+
+def test_one_commit_with_exactly_the_export_files(export_dir):
+    api = FakeApi()
+    plan = push(export_dir, "me/demo-w4", private=True, revision="v1", api=api)
+    listed = json.loads((export_dir / "qvlquant_manifest.json").read_text())["files"]
+    assert "README.md" in listed  # the export's own card, replaced by the repo's (sent last, once)
+    expected = sorted(set(listed) - {"README.md"}) + ["qvlquant_manifest.json", "README.md"]
+    commits = [c for c in api.calls if c[0] == "create_commit"]
+    assert len(commits) == 1 and commits[0][2] == expected == plan["files"]
+    assert commits[0][3]["revision"] == "v1"
+    assert api.calls[0] == ("create_repo", "me/demo-w4", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert ("create_branch", "me/demo-w4", {"branch": "v1", "exist_ok": True}) in api.calls
+
+
+def test_dry_run_sends_nothing(export_dir, capsys):
+    assert main(["push", str(export_dir), "--repo", "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would push" in out and "model.safetensors" in out and "README.md" in out
+
+
+def test_failed_verification_pushes_nothing(export_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    (broken / "config.json").write_text((broken / "config.json").read_text() + " ")
+    api = FakeApi()
+    with pytest.raises(PushError, match="verification failed, nothing pushed.*sha256"):
+        push(broken, "me/x", api=api)
+    assert api.calls == []
+    (broken / "qvlquant_manifest.json").unlink()
+    with pytest.raises(PushError, match="no qvlquant_manifest.json"):
+        push(broken, "me/x", api=api)
+
+
+def test_token_never_appears(export_dir, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG)
+    api = FakeApi(fail_with=RuntimeError(f"401 Unauthorized for Authorization: Bearer {TOKEN}"))
+    with pytest.raises(PushError) as e:
+        push(export_dir, "me/x", api=api)
+    assert TOKEN not in str(e.value) and "***" in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # the original exception is not chained
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err + caplog.text
+    assert not any(TOKEN in p.read_text(errors="ignore") for p in export_dir.iterdir() if p.is_file() and p.suffix != ".safetensors")
+
+
+def test_model_card(export_dir, tmp_path):
+    report = {"task": "easyvqa", "accuracy": 77.5, "n": 100, "perplexity": 34.3, "model": "q",
+              "baseline": {"task": "easyvqa", "accuracy": 77.9, "n": 100, "perplexity": 34.16, "model": "demo"}}
+    card = model_card(export_dir, "me/demo-w4", report)
+    meta = ModelCard(card).data.to_dict()
+    assert meta["pipeline_tag"] == "image-text-to-text" and "gptq" in meta["tags"] and "4-bit" in meta["tags"]
+    assert "| demo | easyvqa | 77.90 | 100 | 34.160 |" in card and "| q | easyvqa | 77.50 | 100 | 34.300 |" in card
+    assert 'model_id = "me/demo-w4"' in card and "vllm serve me/demo-w4" in card and "# demo-w4" in card
+    assert "| `bits` | 4 |" in card and "2 samples from `demo`" in card
+
+
+def test_push_sends_the_card_for_the_repo_and_a_manifest_that_verifies_it(export_dir, tmp_path):
+    """The export's README.md names the folder; the pushed one names the repo, and the pushed manifest re-hashes it
+    (every other entry as exported), so a download of the repo verifies."""
+    assert 'model_id = "q"' in (export_dir / "README.md").read_text()
+    api = FakeApi()
+    plan = push(export_dir, "me/demo-w4", api=api)
+    assert plan["files"].count("README.md") == 1 and plan["files"][-1] == "README.md"
+    card, manifest = api.sent["README.md"], json.loads(api.sent[MANIFEST])["files"]
+    assert b'model_id = "me/demo-w4"' in card
+    assert manifest["README.md"] == {"sha256": hashlib.sha256(card).hexdigest(), "bytes": len(card)}
+    exported = json.loads((export_dir / MANIFEST).read_text())["files"]
+    assert {k: v for k, v in manifest.items() if k != "README.md"} == {k: v for k, v in exported.items() if k != "README.md"}
+    download = tmp_path / "download"  # the repo as a user would download it
+    download.mkdir()
+    for name in plan["files"]:
+        sent = api.sent[name]
+        (download / name).write_bytes(sent if isinstance(sent, bytes) else (export_dir / name).read_bytes())
+    verify_manifest(download)
+
+
+def test_license_carried_from_a_local_base(export_dir, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
+    copy = tmp_path / "q"
+    shutil.copytree(export_dir, copy)
+    report = json.loads((copy / "quantize_report.json").read_text())
+    report["base_model"] = str(base)
+    (copy / "quantize_report.json").write_text(json.dumps(report))
+    meta = ModelCard(model_card(copy, "me/x")).data.to_dict()
+    assert meta["license"] == "mit" and "base_model" not in meta  # a local path is no hub id
+
+
+def test_license_carried_from_a_hub_base_in_the_cache(export_dir, tmp_path, monkeypatch):
+    import shutil
+
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: apache-2.0\n---\n")
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: str(readme))
+    copy = tmp_path / "q"
+    shutil.copytree(export_dir, copy)
+    report = json.loads((copy / "quantize_report.json").read_text())
+    report["base_model"] = "Qwen/Qwen2-VL-2B-Instruct"
+    (copy / "quantize_report.json").write_text(json.dumps(report))
+    meta = ModelCard(model_card(copy, "me/x")).data.to_dict()
+    assert meta["license"] == "apache-2.0" and meta["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+    assert meta["base_model_relation"] == "quantized"
+
+
+def tiny_export(folder):
+    """A hand-made export with its manifest (no quantization run)."""
+    folder.mkdir()
+    config = {"model_type": "qwen2_vl", "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
+    write_manifest(folder)
+    return folder
+
+
+def add_entry(folder, name, path):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def test_tiny_export_pushes(tmp_path):
+    api = FakeApi()
+    push(tiny_export(tmp_path / "q"), "me/x", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
+    assert api.calls[1][2] == ["config.json", "model.safetensors", MANIFEST, "README.md"]
+
+
+def test_manifest_naming_a_file_outside_pushes_nothing(tmp_path):
+    """RELIABILITY.md 33 / issue 13: ``../outside.txt`` with the right hash fails before ``create_repo``."""
+    q = tiny_export(tmp_path / "q")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a file of the user, beside the export\n")
+    add_entry(q, "../outside.txt", outside)
+    api = FakeApi()
+    with pytest.raises(PushError, match=r"verification failed, nothing pushed.*'\.\./outside\.txt' is not a plain"):
+        push(q, "me/x", api=api)
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("name", ["extra.bin", "opt.pt", "w.pth", "s.pkl", "x.pickle", "last.ckpt", "W.PT"])
+def test_pickle_files_are_never_pushed(tmp_path, name):
+    q = tmp_path / "q"
+    tiny_export(q)
+    (q / name).write_bytes(b"\x80\x04pickle")
+    write_manifest(q)  # even when listed with the right hash
+    api = FakeApi()
+    with pytest.raises(PushError, match=rf"pickle files \['{name}'\] are never pushed"):
+        push(q, "me/x", api=api)
+    assert api.calls == []
+
+
+def test_index_shard_outside_the_manifest_pushes_nothing(tmp_path):
+    q = tiny_export(tmp_path / "q")
+    index = {"metadata": {}, "weight_map": {"w": "model.safetensors", "v": "model-00002-of-00002.safetensors"}}
+    (q / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_manifest(q)
+    (q / "model-00002-of-00002.safetensors").write_bytes(b"unlisted")
+    api = FakeApi()
+    with pytest.raises(PushError, match=r"shards \['model-00002-of-00002.safetensors'\] named in the index"):
+        push(q, "me/x", api=api)
+    assert api.calls == []

@@ -1,0 +1,212 @@
+"""vLLM's own code judges qvlquant's exports: for GPTQ, AWQ and compressed-tensors exports of every family (tiny
+random models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL), ``inspect`` asks vLLM's quantization classes (override chain,
+``from_config``, ``maybe_update_config``, the model's name mapper and fused-module lists, ``get_quant_method`` per
+layer, the kernel chosen by ``create_weights`` at each tensor-parallel size, GPU capability faked) which method
+every linear gets. The vision tower must be unquantized, the language model quantized, TP 1/2 accepted.
+
+Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it (the CI venv
+has none). Measured on 2 cores: 13-40 s for the 22 tests (18-46 s wall with pytest's start, depending on
+the load), most of it importing vLLM once (~9 s) and building the tiny exports.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'qvlquant[vllm,test]' in its own venv, "
+                                   "docs/VLLM.md): its own classes cannot be asked")
+
+from tiny_models import tiny_batch, tiny_model  # noqa: E402
+
+from qvlquant.checkpoint.export import export, quantization_config  # noqa: E402
+from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes
+from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings
+from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
+from qvlquant.families import family_for  # noqa: E402
+from qvlquant.quant.formats import PackFormat  # noqa: E402
+from qvlquant.quant.spec import (
+    QuantConfig,  # noqa: E402
+    QuantSpec,  # noqa: E402
+)
+from qvlquant.storage.shards import read_header
+
+pytestmark = pytest.mark.slow
+
+TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FORMATS = {  # format -> (how it is packed, the spec, vLLM's method, the method vLLM gives a quantized linear)
+    "gptq": (PackFormat.GPTQ, QuantSpec(4, 64, True), "auto_gptq", "AutoGPTQLinearMethod"),
+    "awq": (PackFormat.AWQ_GEMM, QuantSpec(4, 64, False), "auto_awq", "AutoAWQMarlinLinearMethod"),
+    "compressed-tensors": (PackFormat.COMPRESSED, QuantSpec(4, 64, True), "compressed-tensors",
+                           "CompressedTensorsLinearMethod(CompressedTensorsWNA16)"),
+}
+VISION_LINEARS = {"qwen2_vl": 10, "qwen2_5_vl": 10, "qwen3_vl": 18}  # vLLM's names (Qwen2.5-VL's gate/up fused)
+
+
+def make_export(out, model_type, fmt, method="rtn", spec=None, **options):
+    model = tiny_model(model_type)
+    pack, default_spec, _, _ = FORMATS[fmt]
+    qcfg = QuantConfig(method, spec or default_spec, **options)
+    result = quantize_model(model, [tiny_batch(model)], LoopPlan(family_for(model_type), qcfg, pack, torch.bfloat16))
+    export(model, None, result, out, {})
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    return {(t, f): make_export(root / f"{t}-{f}", t, f) for t in TYPES for f in FORMATS}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_quantizes_the_language_model_and_nothing_of_the_vision_tower(exports, model_type, fmt):
+    vllm = inspect_checkpoint(exports[model_type, fmt])["vllm"]
+    _, _, method, linear_method = FORMATS[fmt]
+    assert vllm["checked_by"].startswith("vLLM 0.33") and vllm["refused"] is None and vllm["method"] == method
+    language = {v: m for v, m in vllm["layers"].items() if v.startswith("language_model.model.layers.")}
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(language) == 3 * 4 and set(language.values()) == {linear_method}  # qkv, o, gate_up, down fused
+    assert len(vision) == VISION_LINEARS[model_type] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert vllm["vision_quantized"] == []
+    # TP 2 replicates the one KV head; the tiny models' 2 attention heads do not split over 4 or 8 ranks
+    assert vllm["tp"][1] == [] and vllm["tp"][2] == []
+    for tp in (4, 8):
+        assert any("qkv_proj" in p and f"not divisible by {tp}" in p for p in vllm["tp"][tp])
+    assert len(vllm["kernels"][1]) == 4 and all(k.endswith("Kernel") for k in vllm["kernels"][1].values())
+
+
+def test_short_module_names_would_quantize_the_qwen2_5_vl_vision_mlp(exports, tmp_path):
+    """The clash vLLM's own substring rule makes of GPTQ's short ``modules_in_block_to_quantize`` names: shown on a
+    copy of the export with the old names, so the test above would catch their return."""
+    import shutil
+
+    old = tmp_path / "short-names"
+    shutil.copytree(exports["qwen2_5_vl", "gptq"], old)
+    config = json.loads((old / "config.json").read_text())
+    config["quantization_config"]["modules_in_block_to_quantize"] = [list(g) for g in family_for("qwen2_5_vl").linear_groups]
+    (old / "config.json").write_text(json.dumps(config))
+    report = inspect_checkpoint(old)
+    assert report["vllm"]["vision_quantized"] == ["visual.blocks.0.mlp.down_proj", "visual.blocks.0.mlp.gate_up_proj",
+                                                  "visual.blocks.1.mlp.down_proj", "visual.blocks.1.mlp.gate_up_proj"]
+    assert "vLLM would build 4 vision linears" in report["marlin"][1][0]
+
+
+def test_true_act_order_is_refused_and_static_groups_accepted(tmp_path):
+    """GPTQ act-order: without static groups vLLM 0.33 refuses the export (inspect says so, and the quantize-time
+    check warns); with static groups the export is written as desc_act false and vLLM takes it."""
+    refused = make_export(tmp_path / "desc-act", "qwen2_vl", "gptq", "gptq", desc_act=True)
+    report = inspect_checkpoint(refused)
+    assert "desc_act=True) is no longer supported" in report["vllm"]["refused"]
+    assert all("refuses the config" in p[0] for p in report["marlin"].values())
+    qc = json.loads((refused / "config.json").read_text())["quantization_config"]
+    assert "no longer supported" in vllm_compatibility_warnings(qc, family_for("qwen2_vl"))[0]
+    static = make_export(tmp_path / "static", "qwen2_vl", "gptq", "gptq", desc_act=True, static_groups=True)
+    report = inspect_checkpoint(static)
+    assert report["vllm"]["refused"] is None and report["quantization"]["desc_act"] is False
+    assert report["marlin"][1] == []
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_quantize_time_check_agrees_with_vllm(fmt):
+    pack, spec, _, _ = FORMATS[fmt]
+    family = family_for("qwen2_5_vl")
+    assert vllm_compatibility_warnings(quantization_config(QuantConfig("rtn", spec), pack, family, 3), family) == []
+    if fmt == "gptq":  # asymmetric GPTQ: vLLM 0.33 has no kernel for it
+        asym = quantization_config(QuantConfig("rtn", QuantSpec(4, 64, False)), pack, family, 3)
+        assert "sym=False" in vllm_compatibility_warnings(asym, family)[0]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_copied_rules_agree_with_vllm(exports, model_type):
+    """The fallback used where vLLM is absent says what vLLM's code says on every export: vision tower, refusal,
+    which TP sizes pass."""
+    for fmt in FORMATS:
+        folder = exports[model_type, fmt]
+        config = json.loads((folder / "config.json").read_text())
+        qc, family = config["quantization_config"], family_for(model_type)
+        header = read_header(folder)
+        vision = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                        if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
+        copied = copied_rules(qc, quantized_shapes(header, qc, family), vision, family, copy.deepcopy(config))
+        asked = inspect_checkpoint(folder)["vllm"]
+        assert copied["checked_by"].startswith("a COPY") and copied["vision_quantized"] == asked["vision_quantized"]
+        assert copied["refused"] is None and asked["refused"] is None
+        assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
+
+
+def test_vllm_allocates_the_shapes_the_checkpoint_holds(exports, tmp_path):
+    """At TP 1 the packed tensors of the unfused linears have the shapes vLLM's create_weights allocates to load them
+    into (none reported above); a checkpoint packed another way is reported, naming the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "repacked"
+    shutil.copytree(exports["qwen2_vl", "gptq"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.qweight"
+    tensors[key] = tensors[key].t().contiguous()  # [N, K/8] instead of GPTQ's [K/8, N]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    problems = inspect_checkpoint(bad)["vllm"]["tp"][1]
+    assert problems == [f"{key}: vLLM allocates (32, 128), the checkpoint holds (128, 32)"]
+
+
+@pytest.mark.parametrize("fmt,bits,accepted", [("gptq", 3, False), ("gptq", 8, True), ("compressed-tensors", 3, True),
+                                               ("compressed-tensors", 8, True)])
+def test_which_widths_vllm_loads(tmp_path, fmt, bits, accepted):
+    """vLLM 0.33 runs GPTQ at 4/8 bits only; compressed-tensors WNA16 at 3 bits too, with the bit-stream packing
+    qvlquant writes (its allocated shapes match the checkpoint's)."""
+    vllm = inspect_checkpoint(make_export(tmp_path / "q", "qwen2_vl", fmt, spec=QuantSpec(bits, 64, True)))["vllm"]
+    assert (vllm["refused"] is None) is accepted and (vllm["tp"][1] == []) is accepted
+    if not accepted:
+        assert f"bits={bits}, sym=True" in vllm["refused"]
+
+
+REAL = {  # the released Qwen2-VL text models (2 of their decoder layers; TP decisions are per layer)
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4),
+    "72B": dict(hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8),
+    "72B-padded": dict(hidden_size=8192, intermediate_size=29696, num_attention_heads=64, num_key_value_heads=8),
+}
+REFUSED_AT = {"7B": {8}, "72B": {2, 4, 8}, "72B-padded": set()}  # 28 heads / 8; 29568 / 2 splits a group of 128
+
+
+@pytest.mark.parametrize("size", list(REAL))
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_tensor_parallel_at_the_real_sizes(tmp_path, size, fmt):
+    """vLLM's own layer classes at the released shapes (a config.json only: vLLM allocates on the meta device):
+    which TP sizes it accepts, and that the copied rules (the fallback) say the same."""
+    import transformers
+
+    from qvlquant.checkpoint.vllm import (
+        TP_SIZES,
+        checkpoint_linears,
+        marlin_problems,
+        pretend_gpu,
+        vllm_model_classes,
+        vllm_names,
+        vllm_quant_config,
+        vllm_tensor_parallel,
+    )
+
+    pack, spec, _, _ = FORMATS[fmt]
+    family = family_for("qwen2_vl")
+    text = dict(REAL[size], num_hidden_layers=2, vocab_size=1000, bos_token_id=0, eos_token_id=1)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=dict(depth=1, embed_dim=64, num_heads=2,
+                                                                             hidden_size=text["hidden_size"]))
+    spec = QuantSpec(4, 128, spec.sym)  # the released checkpoints' group size
+    config.quantization_config = quantization_config(QuantConfig("rtn", spec), pack, family, 2)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(tmp_path, "qwen2_vl")
+        outer, _ = vllm_model_classes("qwen2_vl")
+    linears = checkpoint_linears(tmp_path)
+    problems, kernels = vllm_tensor_parallel(quant, vllm_names(linears, family, outer, quant), linears, family, saved, {})
+    assert {tp for tp, p in problems.items() if p} == REFUSED_AT[size]
+    assert len(kernels[1]) == 4
+    layer0 = {n: s for n, s in linears.items() if n.startswith(family.decoder_layers + ".0.")}
+    heads = (text["num_attention_heads"], text["num_key_value_heads"])
+    qc = saved["quantization_config"]
+    assert {tp for tp in TP_SIZES if marlin_problems(qc, layer0, tp, family, heads)} == REFUSED_AT[size]

@@ -1,0 +1,111 @@
+"""A run killed halfway resumes from the last finished layer, and gives the same checkpoint as an unbroken run."""
+
+import json
+import shutil
+
+import pytest
+
+import qvlquant.quant.apply as quant_methods
+from qvlquant.cli import main
+
+ARGS = ["quantize", "--method", "gptq", "--bits", "4", "--num-samples", "4"]
+
+
+def crashing(method: str, at_layer: int, calls: list | None = None):
+    """The method's layer function, raising when it reaches decoder layer ``at_layer`` (a simulated kill)."""
+    real = quant_methods.METHODS[method]
+
+    def run(layer, inputs, ctx):
+        if calls is not None:
+            calls.append(ctx.prefix)
+        if ctx.prefix.endswith(f".{at_layer}"):
+            raise RuntimeError("simulated out-of-memory")
+        return real(layer, inputs, ctx)
+
+    return run
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
+    assert main(ARGS + ["--output", str(tmp_path / "unbroken")]) == 0
+    real = quant_methods.METHODS["gptq"]
+    calls = []
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 2, calls))
+    out = tmp_path / "resumed"
+    assert main(ARGS + ["--output", str(out)]) == 2
+    partial = tmp_path / ".resumed.partial"
+    assert sorted(p.name for p in partial.glob("layer_*")) == ["layer_0000.safetensors", "layer_0001.safetensors"]
+    assert not out.exists()
+
+    calls.clear()
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", lambda *a: (calls.append(a[-1].prefix), real(*a))[1])
+    assert main(ARGS + ["--output", str(out)]) == 0
+    assert [c.rsplit(".", 1)[-1] for c in calls] == ["2", "3"]  # layers 0 and 1 came from the partial run
+    assert not partial.exists()
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "unbroken" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_partial_run_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
+    real = quant_methods.METHODS["gptq"]
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 1))
+    out = tmp_path / "q"
+    assert main(ARGS + ["--output", str(out)]) == 2
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", real)
+    capsys.readouterr()
+    assert main(["quantize", "--method", "gptq", "--bits", "8", "--num-samples", "4", "--output", str(out)]) == 2
+    assert "partial run of a different model, calibration set or settings" in capsys.readouterr().err
+    assert main(["quantize", "--method", "gptq", "--bits", "8", "--num-samples", "4", "--no-resume", "--output", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_awq_resume_restores_shared_scales(tmp_path, monkeypatch):
+    """AWQ's codes carry one scale tensor per group (shared by its linears): they are saved and restored."""
+    real = quant_methods.METHODS["awq"]
+    argv = ["quantize", "--method", "awq", "--bits", "4", "--num-samples", "2"]
+    assert main(argv + ["--output", str(tmp_path / "unbroken")]) == 0
+    monkeypatch.setitem(quant_methods.METHODS, "awq", crashing("awq", 1))
+    assert main(argv + ["--output", str(tmp_path / "q")]) == 2
+    monkeypatch.setitem(quant_methods.METHODS, "awq", real)
+    assert main(argv + ["--output", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == (tmp_path / "unbroken" / "model.safetensors").read_bytes()
+
+
+def _crash_then(monkeypatch, argv, edit, capsys):
+    """Crash a run at layer 1, apply ``edit``, rerun: -> (exit code, stderr) of the rerun."""
+    real = quant_methods.METHODS["gptq"]
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 1))
+    assert main(argv) == 2
+    monkeypatch.setitem(quant_methods.METHODS, "gptq", real)
+    edit()
+    capsys.readouterr()
+    return main(argv), capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_edited_calibration_contents_under_the_same_name_are_not_resumed(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "calib.jsonl"
+    chats = [{"messages": [{"role": "user", "content": f"what is shape {i}?"},
+                           {"role": "assistant", "content": "a red circle"}]} for i in range(4)]
+    data.write_text("\n".join(json.dumps(c) for c in chats))
+    argv = ARGS + ["--calib", str(data), "--output", str(tmp_path / "q")]
+    edited = lambda: data.write_text(data.read_text().replace("red", "blue"))  # noqa: E731 same name, same count
+    code, err = _crash_then(monkeypatch, argv, edited, capsys)
+    assert code == 2 and "partial run of a different model, calibration set or settings" in err
+
+
+@pytest.mark.slow
+def test_replaced_base_weights_of_the_same_size_are_not_resumed(tmp_path, monkeypatch, capsys):
+    from qvlquant.assets.paths import MODEL_DIR
+
+    base = tmp_path / "base"
+    shutil.copytree(MODEL_DIR, base)
+    weights = base / "model.safetensors"
+
+    def edit():
+        data = bytearray(weights.read_bytes())
+        data[-2] ^= 0x01  # one bf16 value of the last tensor, same size
+        weights.write_bytes(bytes(data))
+
+    code, err = _crash_then(monkeypatch, ARGS + ["--model", str(base), "--output", str(tmp_path / "q")], edit, capsys)
+    assert code == 2 and "partial run of a different model, calibration set or settings" in err

@@ -1,0 +1,119 @@
+"""Streaming: the checkpoint is read one decoder layer at a time, what is resident does not grow with the number
+of layers, and the export equals the one made from a model held in memory, byte for byte."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import TEXT, tiny_batch, tiny_model
+
+import qvlquant
+from qvlquant.calib.dataset import CalibConfig
+from qvlquant.checkpoint.export import export
+from qvlquant.config import CalibSource, JobConfig
+from qvlquant.engine.loop import LoopPlan, quantize_model
+from qvlquant.engine.resume import DiskStore
+from qvlquant.engine.skeleton import build_skeleton, load_config
+from qvlquant.engine.streaming import StreamedLayers
+from qvlquant.families import QWEN2_VL, family_for
+from qvlquant.quant.spec import QuantConfig
+from qvlquant.storage.shards import ShardReader
+
+CASES = [("rtn", {}), ("gptq", {"desc_act": True}), ("awq", {})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options", CASES)
+def test_streamed_and_in_memory_exports_are_byte_identical(demo, demo_batches, tmp_path, method, options):
+    model, processor = demo
+    qcfg = QuantConfig(method, **options)
+    q = copy.deepcopy(model)
+    export(q, processor, quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, qcfg)), tmp_path / "memory", {})
+    job = JobConfig(output=str(tmp_path / "streamed"), quant=qcfg, calib=CalibSource(num_samples=4, seed=3),
+                    processing=CalibConfig(batch_size=2))  # the demo_batches fixture's samples and batching
+    qvlquant.quantize(job)
+    streamed = (tmp_path / "streamed" / "model.safetensors").read_bytes()
+    assert streamed == (tmp_path / "memory" / "model.safetensors").read_bytes()
+    assert not (tmp_path / ".streamed.partial").exists()
+
+
+def resident_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+
+
+def tiny_checkpoint(folder, layers: int, monkeypatch):
+    """A bf16 safetensors checkpoint of a tiny Qwen2-VL with ``layers`` decoder layers."""
+    monkeypatch.setitem(TEXT, "num_hidden_layers", layers)
+    model = tiny_model("qwen2_vl")
+    model.to(torch.bfloat16).save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("layers", [2, 5])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_resident_parameters_are_one_layer_whatever_the_depth(tmp_path, monkeypatch, layers, method):
+    """Counted at every step of the loop: exactly one decoder layer's parameters are materialised, for 2 layers as
+    for 5; the capture parts are released before the loop, and nothing stays resident at the end."""
+    model = tiny_checkpoint(tmp_path / "base", layers, monkeypatch)
+    batches = [tiny_batch(model.float(), seed=s) for s in range(2)]
+    family = family_for("qwen2_vl")
+    skeleton = build_skeleton(load_config(tmp_path / "base", family), family, torch.float32)
+    assert resident_bytes(skeleton) == 0
+    source = StreamedLayers(skeleton, family, ShardReader(tmp_path / "base"), torch.device("cpu"), torch.float32)
+    seen = []
+    load, release = source.load, source.release
+    monkeypatch.setattr(source, "load", lambda i: (layer := load(i), seen.append(resident_bytes(skeleton)))[0])
+    monkeypatch.setattr(source, "release", lambda i: (release(i), seen.append(resident_bytes(skeleton)))[0])
+    source.prepare_capture()
+    capture = resident_bytes(skeleton)
+    one_layer = sum(p.numel() * 4 for p in model.model.language_model.layers[0].parameters())
+    result = quantize_model(skeleton, batches, LoopPlan(family, QuantConfig(method)), source,
+                            DiskStore(tmp_path / "partial", "test"))
+    assert result.complete and len(result.weights) == 7 * layers
+    assert seen[0::2] == [one_layer] * layers and seen[1::2] == [0] * layers
+    assert 0 < capture <= resident_bytes(model) - layers * one_layer  # the capture parts hold no decoder layer
+    assert resident_bytes(skeleton) == 0
+
+
+def test_resume_checkpoints_hold_packed_tensors_not_float_copies(tmp_path, monkeypatch):
+    model = tiny_checkpoint(tmp_path / "base", 2, monkeypatch)
+    family = family_for("qwen2_vl")
+    skeleton = build_skeleton(load_config(tmp_path / "base", family), family, torch.float32)
+    source = StreamedLayers(skeleton, family, ShardReader(tmp_path / "base"), torch.device("cpu"), torch.float32)
+    source.prepare_capture()
+    store = DiskStore(tmp_path / "partial", "test")
+    quantize_model(skeleton, [tiny_batch(model.float())], LoopPlan(family, QuantConfig("gptq")), source, store)
+    keys = ShardReader(tmp_path / "partial", ["layer_0000.safetensors"]).keys()
+    linears = [f"t.model.layers.0.{n}" for n in family.linears]
+    assert all(f"{n}.qweight" in keys and f"{n}.weight" not in keys for n in linears)
+    layer_file = (tmp_path / "partial" / "layer_0000.safetensors").stat().st_size
+    assert layer_file < sum(p.numel() for p in model.model.language_model.layers[0].parameters())  # < 1 byte a weight
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no CUDA device exists")
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    from qvlquant.cli import main
+
+    assert main(["quantize", "--device", "cuda", "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is visible" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_cuda_quantization_matches_the_cpu_within_tolerance(tmp_path, method):
+    """The layer, its statistics and the math on the GPU (float32 here, to compare): the exported weights agree
+    with the CPU's up to floating-point tolerance."""
+    weights = {}
+    for device in ("cpu", "cuda"):
+        job = JobConfig.from_flat(output=str(tmp_path / device), method=method, num_samples=4, device=device,
+                                  dtype="float32")
+        qvlquant.quantize(job)
+        model, _ = qvlquant.load(tmp_path / device)
+        weights[device] = {n: m.quantized_weight().dequantize() for n, m in model.named_modules()
+                           if hasattr(m, "quantized_weight")}
+    assert weights["cpu"].keys() == weights["cuda"].keys() and len(weights["cpu"]) == 28
+    for name, w in weights["cpu"].items():
+        rel = (w - weights["cuda"][name]).norm() / w.norm()
+        assert rel < 2e-2, f"{name}: {rel:.3g}"
