@@ -113,11 +113,11 @@ def main(argv=None) -> None:
     random.seed(0)
     torch.set_num_threads(2)
 
-    import qvlquant
     from qvlquant.eval.easyvqa import evaluate
     from qvlquant.eval.perplexity import perplexity, token_stream
+    from qvlquant.runtime.load import load
 
-    model, processor = qvlquant.load("demo")
+    model, processor = load("demo")
     model = model.float()
     for p in model.parameters():
         p.requires_grad_(True)  # qvlquant.load hands out an inference model
