@@ -257,7 +257,7 @@ def test_copied_vision_decision_flags_short_gptq_names_and_missing_bare_visual()
 
 
 def test_without_vllm_inspect_says_its_rules_are_a_copy(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("qvlquant.checkpoint.vllm.vllm_installed", lambda: None)
+    monkeypatch.setattr("qvlquant.checkpoint.inspection.vllm_installed", lambda: None)
     q = tiny_export(tmp_path / "q")
     report = inspect_checkpoint(q)
     assert report["vllm"]["checked_by"].startswith("a COPY of vLLM 0.33.0's rules")
