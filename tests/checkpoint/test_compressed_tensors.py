@@ -18,10 +18,7 @@ from qvlquant.checkpoint.export import export  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import QWEN2_VL  # noqa: E402
 from qvlquant.quant.formats import PackFormat  # noqa: E402
-from qvlquant.quant.spec import (
-    QuantConfig,  # noqa: E402
-    QuantSpec,  # noqa: E402
-)
+from qvlquant.quant.spec import QuantConfig, QuantSpec  # noqa: E402
 
 
 def library_dequantize(tensors: dict, prefix: str, weights_args: dict) -> torch.Tensor:
