@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -33,20 +34,44 @@ logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 from qvlquant.config import DTYPES, EXPORT_FORMATS, OFFLOAD, JobConfig
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.parallel import launch
-from qvlquant.quant.spec import AWQ_ROUNDING, GPTQ_DAMP_PERCENT, METHODS
+from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, resolved_by_bits
 from qvlquant.tools.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.version import __version__
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except where there is none to show (None: the default lives in
-    qvlquant.config or is computed, and the help text says it; False: a switch that is off) or the help already
-    names it."""
+    qvlquant.config or is computed, and the help text says it) or the help already names it. A switch (a flag that
+    takes no value) never shows one: what its dest holds when it is absent is not what it sets (``--no-desc-act``'s
+    would read "default: True")."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.nargs == 0 or action.default in (None, False) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def shown(value) -> str:
+    """A default as the help writes it: 0.01, 2.4, 0, on / off, rtn."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def by_bits(values: dict[int, object]) -> str:
+    """{bits: value} -> '2.4 at 2/3 bits, 0 at 4/8 bits', or the one value when every width agrees."""
+    widths: dict[str, list[str]] = {}
+    for bits, value in values.items():
+        widths.setdefault(shown(value), []).append(str(bits))
+    if len(widths) == 1:
+        return next(iter(widths))
+    return ", ".join(f"{value} at {'/'.join(bits)} bits" for value, bits in widths.items())
+
+
+def pixels(n: int) -> str:
+    """3136 -> '3136 (56x56)' (a square's side when it is one)."""
+    side = math.isqrt(n)
+    return f"{n} ({side}x{side})" if side * side == n else str(n)
 
 
 class Parser(argparse.ArgumentParser):
@@ -75,52 +100,21 @@ def recipe_defaults(path: str) -> dict:
 
 
 def add_quantize(sub) -> None:
-    """Flags default to None: the defaults live in qvlquant.config (shown here), so a recipe can set them."""
+    """Flags default to None, so a recipe can set them; the defaults the help shows are read from what
+    JobConfig.from_flat applies and QuantConfig resolves per bit width (never typed twice)."""
+    job = JobConfig.from_flat(output="-")  # what a run given no flags applies
     p = sub.add_parser("quantize", help="quantize a model's language layers and export the checkpoint")
     p.add_argument("--recipe", default=None, help="YAML of settings (recipes/*.yaml); flags given override it")
-    p.add_argument("--model", help="'demo' (embedded, the default), a local folder, or a hub id")
-    p.add_argument("--method", choices=list(METHODS), help="default rtn")
-    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="default 4")
-    p.add_argument("--group-size", type=int, help="input columns per scale; -1 for per-channel (default 128)")
-    p.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric (rtn/gptq default)")
-    p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric, with zero points (awq default)")
-    p.add_argument("--damp-percent", type=float, help=f"GPTQ: Hessian damping, doubled on Cholesky failure up to "
-                   f"1.0 (default {GPTQ_DAMP_PERCENT})")
-    p.add_argument("--desc-act", action="store_true", default=None, help="GPTQ: act-order (columns by decreasing "
-                   "Hessian diagonal); the default is act-order with static groups, --desc-act alone gives dynamic "
-                   "groups (a permuted g_idx, which vLLM refuses)")
-    p.add_argument("--no-desc-act", dest="desc_act", action="store_false", help="GPTQ: columns in their own order")
-    p.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group parameters fixed "
-                   "before act-order (the default with the default act-order)")
-    p.add_argument("--no-static-groups", dest="static_groups", action="store_false", help="GPTQ: group parameters "
-                   "from the updated columns as each group starts")
-    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
-                   help="GPTQ: all Hessians from the unquantized layer instead of group by group")
-    p.add_argument("--mse", type=float, metavar="P", help="GPTQ: shrink each group's range to minimise "
-                   "|w - Q(w)|^P (GPTQModel's mse; 2.4 typical; default 0: min-max)")
-    p.add_argument("--vision-weight", type=float, metavar="W", help="GPTQ: weight of image / video tokens in the "
-                   "Hessian, VLMQ-style (default 1: like text tokens)")
-    p.add_argument("--awq-rounding", choices=list(AWQ_ROUNDING), help="AWQ: rtn (AWQ's clipping search and "
-                   "round-to-nearest, the default) or gptq (GPTQ rounds the AWQ-scaled layer)")
-    p.add_argument("--calib", help="'demo' (default), 'easyvqa', a .json/.jsonl file (chat or sharegpt), "
-                   "an image folder with captions, or hf:PATH_OR_ID")
-    p.add_argument("--num-samples", type=int, help="default 64")
-    p.add_argument("--split", help="hf: datasets: the split to read (default train)")
-    for col in ("image", "question", "answer", "text"):
-        p.add_argument(f"--{col}-column", help=f"hf: datasets: the {col} column")
-    p.add_argument("--batch-size", type=int, help="calibration samples per forward (default 1)")
-    p.add_argument("--max-length", type=int, help="tokens per sample; longer samples are errors (default 2048)")
-    p.add_argument("--min-pixels", type=int, help="default 3136 (56x56)")
-    p.add_argument("--max-pixels", type=int, help="default 200704 (448x448)")
-    p.add_argument("--allow-urls", action="store_true", default=None, help="fetch http(s) images (timeout, 32 MB "
-                   "cap, private addresses refused); off by default")
-    p.add_argument("--seed", type=int, help="which samples are drawn (default 0)")
-    p.add_argument("--device", help="auto (CUDA when present, the default), cpu, cuda or cuda:N: where each layer, "
-                   "its statistics and the math live")
+    p.add_argument("--model", help=f"'demo' (the embedded demo model), a local folder, or a hub id (default "
+                   f"{job.model})")
+    _add_method_flags(p, job)
+    _add_calib_flags(p, job)
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: where each layer, its "
+                   f"statistics and the math live (default {job.device.device})")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype of the layer weights (default: float32 on "
                    "the CPU, bfloat16 on a GPU; Hessians are summed in float64 and solved in float32)")
     p.add_argument("--offload", choices=list(OFFLOAD), help="where calibration activations wait between layers: "
-                   "auto (on the device when they fit, the default), device, cpu")
+                   f"auto (on the device when they fit), device, cpu (default {job.device.offload})")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: the machine's real CPU quota, "
                    "shared by the processes)")
     p.add_argument("--nproc", type=int, metavar="N", help="start N processes on this machine (torch.distributed: "
@@ -135,14 +129,77 @@ def add_quantize(sub) -> None:
                    help="allow the modelling code shipped with the checkpoint to run (Qwen-VL-Chat only; never "
                         "passed for transformers-native models)")
     p.add_argument("--format", dest="export_format", choices=list(EXPORT_FORMATS),
-                   help="auto (default): GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's "
-                        "native format")
+                   help="auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's native "
+                        f"format (default {job.export.format})")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="delete a partial run of this output (.OUTPUT.partial) and start over instead of resuming")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --output that is "
                    "not a qvlquant export (never the base model or the calibration data)")
     p.add_argument("--output", required=True, help="output folder; an earlier qvlquant export there is replaced "
                    "atomically, anything else only with --overwrite")
+
+
+def _add_method_flags(p, job: JobConfig) -> None:
+    """The method's flags; per-width defaults as QuantConfig resolves them at each of the --bits choices."""
+    widths = [2, 3, 4, 8]
+    gptq = JobConfig.from_flat(output="-", method="gptq").quant
+    sym = {m: JobConfig.from_flat(output="-", method=m).quant.spec.sym for m in METHODS}
+
+    def gptq_by(name: str, **given) -> str:
+        return by_bits(resolved_by_bits("gptq", name, widths, **given))
+
+    static, static_given = gptq_by("static_groups"), gptq_by("static_groups", desc_act=True)
+    p.add_argument("--method", choices=list(METHODS), help=f"default {job.quant.method}")
+    p.add_argument("--bits", type=int, choices=widths, help=f"default {job.quant.spec.bits}")
+    p.add_argument("--group-size", type=int, help="input columns per scale; -1 for per-channel (default "
+                   f"{job.quant.spec.group_size})")
+    p.add_argument("--sym", dest="sym", action="store_true", default=None,
+                   help=f"symmetric (default for {'/'.join(m for m in METHODS if sym[m])})")
+    p.add_argument("--asym", dest="sym", action="store_false", default=None,
+                   help=f"asymmetric, with zero points (default for {'/'.join(m for m in METHODS if not sym[m])})")
+    p.add_argument("--damp-percent", type=float, help=f"GPTQ: Hessian damping, doubled on Cholesky failure up to "
+                   f"{shown(gptq.damp_max)} (default {shown(gptq.damp_percent)})")
+    p.add_argument("--desc-act", action="store_true", default=None, help="GPTQ: act-order, columns by decreasing "
+                   f"Hessian diagonal (default: {gptq_by('desc_act')}, with static groups {static}); given alone, "
+                   f"--desc-act turns static groups {static_given} (off means a permuted g_idx, which vLLM refuses)")
+    p.add_argument("--no-desc-act", dest="desc_act", action="store_false", default=None,
+                   help="GPTQ: columns in their own order")
+    p.add_argument("--static-groups", action="store_true", default=None, help="GPTQ: group parameters fixed "
+                   f"before act-order (default: {static} with the default act-order, {static_given} with --desc-act)")
+    p.add_argument("--no-static-groups", dest="static_groups", action="store_false", default=None,
+                   help="GPTQ: group parameters from the updated columns as each group starts")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
+                   help="GPTQ: all Hessians from the unquantized layer instead of group by group (true-sequential: "
+                        f"{shown(gptq.true_sequential)} by default)")
+    p.add_argument("--mse", type=float, metavar="P", help="GPTQ: shrink each group's range to minimise "
+                   "|w - Q(w)|^P (GPTQModel's mse; 0: min-max); default for gptq: "
+                   f"{gptq_by('mse')}; for awq with --awq-rounding gptq: "
+                   f"{by_bits(resolved_by_bits('awq', 'mse', widths, awq_rounding='gptq'))}")
+    p.add_argument("--vision-weight", type=float, metavar="W", help="GPTQ: weight of image / video tokens in the "
+                   f"Hessian, VLMQ-style (default {shown(gptq.vision_weight)}; 1 weighs them like text tokens)")
+    p.add_argument("--awq-rounding", choices=list(AWQ_ROUNDING), help="AWQ: rtn (AWQ's clipping search and "
+                   "round-to-nearest) or gptq (GPTQ rounds the AWQ-scaled layer); default: "
+                   f"{by_bits(resolved_by_bits('awq', 'awq_rounding', widths))}")
+
+
+def _add_calib_flags(p, job: JobConfig) -> None:
+    """Which calibration samples and how they become batches."""
+    calib, proc, columns = job.calib, job.processing, dict(job.calib.columns)
+    p.add_argument("--calib", help="'demo', 'easyvqa', a .json/.jsonl file (chat or sharegpt), an image folder "
+                   f"with captions, or hf:PATH_OR_ID (default {calib.source})")
+    p.add_argument("--num-samples", type=int, help=f"default {calib.num_samples}")
+    p.add_argument("--split", help=f"hf: datasets: the split to read (default {calib.split})")
+    for col in ("image", "question", "answer", "text"):
+        default = f" (default {columns[col]})" if columns[col] else ""
+        p.add_argument(f"--{col}-column", help=f"hf: datasets: the {col} column{default}")
+    p.add_argument("--batch-size", type=int, help=f"calibration samples per forward (default {proc.batch_size})")
+    p.add_argument("--max-length", type=int, help="tokens per sample; longer samples are errors (default "
+                   f"{proc.max_length})")
+    p.add_argument("--min-pixels", type=int, help=f"default {pixels(proc.min_pixels)}")
+    p.add_argument("--max-pixels", type=int, help=f"default {pixels(proc.max_pixels)}")
+    p.add_argument("--allow-urls", action="store_true", default=None, help="fetch http(s) images (timeout, 32 MB "
+                   f"cap, private addresses refused); {shown(proc.allow_urls)} by default")
+    p.add_argument("--seed", type=int, help=f"which samples are drawn (default {calib.seed})")
 
 
 def run_quantize(args) -> int:

@@ -1,11 +1,13 @@
 """The command line end to end on the embedded demo model."""
 
 import json
+import re
 
 import pytest
 
 from qvlquant.cli import main
-from qvlquant.quant.spec import GPTQ_DAMP_PERCENT
+from qvlquant.config import JobConfig
+from qvlquant.quant.spec import GPTQ_DAMP_PERCENT, QuantConfig, QuantSpec
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +180,58 @@ def test_help_shows_defaults_choices_and_a_description(name, shown, capsys):
     for part in shown:
         assert part in text, part
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def option_helps(text: str) -> dict[str, str]:
+    """An --help output -> {option: its help text on one line}, from the options section."""
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    return {e.split()[0]: " ".join(e.split()) for e in entries if e.strip()}
+
+
+def per_width(shown: str) -> dict[int, str]:
+    """'2.4 at 2/3 bits, 0 at 4/8 bits' -> {2: '2.4', 3: '2.4', 4: '0', 8: '0'}; one value: the same at every width."""
+    pairs = re.findall(r"(\S+) at ([\d/]+) bits", shown)
+    return {int(b): v for v, bits in pairs for b in bits.split("/")} if pairs else dict.fromkeys((2, 3, 4, 8), shown)
+
+
+def shown_default(helps: dict[str, str], flag: str, pattern: str) -> dict[int, str]:
+    found = re.search(pattern, helps[flag])
+    assert found, f"{flag}: no default in {helps[flag]!r}"
+    return per_width(found.group(1))
+
+
+def test_quantize_help_shows_the_defaults_quantconfig_resolves(capsys):
+    """The defaults quantize --help shows at 3 and 4 bits are what QuantConfig resolves (GPTQ's mse and
+    act-order, AWQ's rounding differ below 4 bits), the plain ones what JobConfig.from_flat applies, and no
+    switch claims a default of its own (``--no-desc-act`` once read "default: True")."""
+    assert main(["quantize", "--help"]) == 0
+    out = capsys.readouterr().out
+    helps = option_helps(out)
+    mse = shown_default(helps, "--mse", r"default for gptq: ([^;]+);")
+    rounding = shown_default(helps, "--awq-rounding", r"default: (.+)$")
+    act = shown_default(helps, "--desc-act", r"\(default: (\w+),")
+    static = shown_default(helps, "--desc-act", r"with static groups (\w+)\)")
+    on = {True: "on", False: "off"}
+    for bits in (3, 4):
+        gptq, awq = QuantConfig("gptq", QuantSpec(bits)), QuantConfig("awq", QuantSpec(bits, sym=False))
+        assert float(mse[bits]) == gptq.mse, bits
+        assert rounding[bits] == awq.awq_rounding, bits
+        assert (act[bits], static[bits]) == (on[gptq.desc_act], on[gptq.static_groups]), bits
+    job, gptq = JobConfig.from_flat(output="-"), JobConfig.from_flat(output="-", method="gptq").quant
+    plain = {"--method": job.quant.method, "--bits": job.quant.spec.bits, "--group-size": job.quant.spec.group_size,
+             "--damp-percent": gptq.damp_percent, "--vision-weight": gptq.vision_weight, "--model": job.model,
+             "--calib": job.calib.source, "--num-samples": job.calib.num_samples, "--split": job.calib.split,
+             "--seed": job.calib.seed, "--batch-size": job.processing.batch_size,
+             "--max-length": job.processing.max_length, "--min-pixels": job.processing.min_pixels,
+             "--max-pixels": job.processing.max_pixels, "--device": job.device.device,
+             "--offload": job.device.offload, "--format": job.export.format}
+    for flag, value in plain.items():
+        expected = f"{value:g}" if isinstance(value, float) else str(value)
+        assert shown_default(helps, flag, r"default ([^\s);]+)")[4] == expected, flag
+    sym = {m: JobConfig.from_flat(output="-", method=m).quant.spec.sym for m in ("rtn", "gptq", "awq")}
+    assert shown_default(helps, "--sym", r"default for ([\w/]+)")[4].split("/") == [m for m in sym if sym[m]]
+    assert shown_default(helps, "--asym", r"default for ([\w/]+)")[4].split("/") == [m for m in sym if not sym[m]]
+    assert "(default: True)" not in out and "(default: False)" not in out and "(default: None)" not in out
 
 
 def test_every_option_of_the_non_quantize_subcommands_has_help():

@@ -130,3 +130,11 @@ class QuantConfig:
             object.__setattr__(self, "awq_rounding", "gptq" if below else "rtn")
         if self.mse is None:
             object.__setattr__(self, "mse", GPTQ_MSE if gptq and self.spec.bits < GPTQ_MSE_BELOW_BITS else 0.0)
+
+
+def resolved_by_bits(method: str, name: str, widths, **given) -> dict[int, object]:
+    """What QuantConfig resolves setting ``name`` to for ``method`` at each bit width in ``widths`` (the method's
+    default spec at that width; every other setting its default, or as ``given``). -> {bits: value}: the one
+    source of the defaults ``qvlquant quantize --help`` shows, so the help cannot drift from the resolution."""
+    spec = QuantConfig(method).spec
+    return {b: getattr(QuantConfig(method, dataclasses.replace(spec, bits=b), **given), name) for b in widths}

@@ -106,3 +106,33 @@ def test_gptq_and_awq_beat_rtn_on_layer_error(demo, demo_batches, method):
         errors[m] = sum(errs.values()) / len(errs)
     factor = 0.5 if method == "gptq" else 0.95
     assert errors[method] < factor * errors["rtn"]
+
+
+def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_one_before(demo, demo_batches, monkeypatch):
+    """What layer N + 1's method receives is layer N's output with layer N's weights already quantized (so each
+    layer's quantization sees and can correct the error of those before it), not the full-precision output.
+    Measured at W3 RTN on the demo: the full-precision outputs are 5-14% away (relative norm over real tokens)."""
+    import dataclasses
+
+    from qvlquant.quant import apply
+
+    model, _ = demo
+    q = copy.deepcopy(model)
+    received = []  # per layer: the inputs its method was handed
+    rtn = apply.METHODS["rtn"]
+
+    def recording(layer, inputs, ctx):
+        received.append([dataclasses.replace(x, hidden=x.hidden.clone()) for x in inputs])
+        rtn(layer, inputs, ctx)
+
+    monkeypatch.setitem(apply.METHODS, "rtn", recording)
+    quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(3, 128, True))))
+    full, quantized = model.model.language_model.layers, q.model.language_model.layers
+    assert len(received) == len(full) == 4
+    for i in range(len(full) - 1):
+        for x, seen in zip(received[i], received[i + 1]):
+            mask = x.token_mask
+            assert torch.equal(seen.hidden[mask], next_input(i, quantized[i], x).hidden[mask])
+            fp = next_input(i, full[i], x).hidden[mask]
+            gap = ((seen.hidden[mask] - fp).norm() / fp.norm()).item()
+            assert gap > 0.01, f"layer {i + 1}'s inputs are within {gap:.4f} of the full-precision outputs"

@@ -42,6 +42,24 @@ def test_verdicts_rows_and_bounds():
         "easyvqa accuracy %"]  # no perplexity in the candidate: no perplexity row
 
 
+@pytest.mark.parametrize("drop,ppl_increase,accuracy,perplexity", [
+    (0.0, 0.0, 77.5, 32.0),  # zero tolerance: the baseline's own scores
+    (0.5, 12.5, 77.0, 36.0),  # exactly at the bounds (77.5 - 0.5 and 32 * 1.125 are exact in binary)
+])
+def test_a_score_at_its_bound_passes_and_the_next_float_beyond_fails(tmp_path, drop, ppl_increase, accuracy,
+                                                                     perplexity):
+    """The bounds are inclusive: --max-drop easyvqa=0 --max-ppl-increase 0 passes an unchanged model, and the
+    smallest regression past a bound (one float) fails."""
+    import math
+
+    base, tol = report(77.5, 32.0), Tolerances({"easyvqa": drop}, ppl_increase)
+    assert check(report(accuracy, perplexity), base, tol).passed
+    assert check(report(math.nextafter(accuracy, 0), perplexity), base, tol).failed == ["easyvqa accuracy %"]
+    assert check(report(accuracy, math.nextafter(perplexity, math.inf)), base, tol).failed == ["held-out perplexity"]
+    same = write(tmp_path / "same.json", report(accuracy, perplexity, baseline=base))
+    assert main(["check", str(same), "--max-drop", f"easyvqa={drop}", "--max-ppl-increase", str(ppl_increase)]) == 0
+
+
 def test_verdicts_refuse_mismatched_reports():
     with pytest.raises(ValueError, match="different numbers of questions"):
         verdicts(report(70, 30, n=50), report(70, 30, n=100))

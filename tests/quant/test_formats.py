@@ -102,6 +102,41 @@ def test_awq_interleaved_order():
     assert [(word >> (4 * i)) & 0xF for i in range(8)] == list(AWQ_PACK_ORDER)
 
 
+def words(t):
+    """Packed int32 words as their unsigned 32-bit values, to compare with hex literals."""
+    return [[v & 0xFFFFFFFF for v in row] for row in t.tolist()]
+
+
+def test_awq_gemm_words_are_autoawqs_literally():
+    """Hand-packed AutoAWQ GEMM words (not the packer's own constant): nibble i, from the lowest up, holds column
+    n0 + [0, 2, 4, 6, 1, 3, 5, 7][i] of the same input row; qzeros are interleaved alike and store the zero itself."""
+    spec = QuantSpec(4, 32, False)
+    q = torch.zeros(16, 32, dtype=torch.int32)  # [N, K]
+    q[:, 0] = torch.arange(16)  # input row 0: column n holds code n
+    q[:, 1] = 15 - torch.arange(16)  # input row 1: column n holds 15 - n
+    zero = (15 - torch.arange(16)).float().view(16, 1)  # [N, G]
+    packed = PackFormat.AWQ_GEMM.pack(QuantizedWeight(q, torch.ones(16, 1), zero, default_g_idx(32, spec), spec))
+    assert words(packed["qweight"][:3]) == [[0x75316420, 0xFDB9ECA8],  # nibbles 0,2,4,6,1,3,5,7 | 8,a,c,e,9,b,d,f
+                                            [0x8ACE9BDF, 0x02461357],  # nibbles f,d,b,9,e,c,a,8 | 7,5,3,1,6,4,2,0
+                                            [0, 0]]
+    assert words(packed["qzeros"]) == [[0x8ACE9BDF, 0x02461357]]
+
+
+def test_gptq_v1_words_are_autogptqs_literally():
+    """Hand-packed GPTQ v1 words: qweight packs along K (nibble i of word j holds input row 8j + i of that column),
+    qzeros along N storing zero - 1 (a zero of 0 wraps to 0xf)."""
+    spec = QuantSpec(4, 8, False)
+    q = torch.zeros(8, 16, dtype=torch.int32)  # [N, K]
+    q[0] = torch.arange(16)  # column 0: row k holds code k
+    q[1] = 15 - torch.arange(16)  # column 1: row k holds 15 - k
+    zero = torch.stack([torch.arange(8), 8 + torch.arange(8)], dim=1).float()  # [N, G=2]: n, then 8 + n
+    packed = PackFormat.GPTQ.pack(QuantizedWeight(q, torch.ones(8, 2), zero, default_g_idx(16, spec), spec))
+    assert words(packed["qweight"]) == [[0x76543210, 0x89ABCDEF] + [0] * 6,
+                                        [0xFEDCBA98, 0x01234567] + [0] * 6]
+    assert words(packed["qzeros"]) == [[0x6543210F],  # zeros 0..7 stored as f,0,1,...,6
+                                       [0xEDCBA987]]  # zeros 8..15 stored as 7..e
+
+
 def test_awq_refuses_what_it_cannot_store():
     with pytest.raises(ValueError, match="4-bit only"):
         PackFormat.AWQ_GEMM.pack(quantized(8, 128, QuantSpec(8, 128, False)))

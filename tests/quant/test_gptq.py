@@ -42,6 +42,20 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, sym):
     assert info["damp_percent"] == GPTQ_DAMP_PERCENT and info["dead_columns"] == 0
 
 
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (3, 128, True), (4, 32, False), (2, 64, True)])
+@pytest.mark.parametrize("block_size", [32, 128])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_output_error_is_a_small_fraction_of_rtns_across_blocks(bits, group_size, sym, block_size, seed):
+    """K = 256 columns in 2 or 8 lazy blocks with the default act-order: each block's error must reach the columns
+    after it. Measured ||X(W - Q)^T||^2 GPTQ / RTN over seeds 0..11: at most 0.0071 (0.0041-0.0071 over these
+    shapes); without the cross-block update 0.096-0.18 at block 128 and 0.37-0.75 at block 32."""
+    x = correlated_inputs(seed=seed)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(100 + seed))
+    spec = QuantSpec(bits, group_size, sym)
+    qw, _ = gptq_quantize(w, hessian(x), QuantConfig("gptq", spec, block_size=block_size))
+    assert rel_error(x, w, qw.dequantize()) < 0.02 * rel_error(x, w, fake_quantize(w, spec))
+
+
 def test_hessian_is_the_mean_over_real_tokens():
     x = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
