@@ -115,8 +115,7 @@ def add_quantize(sub) -> None:
                    "the CPU, bfloat16 on a GPU; Hessians are summed in float64 and solved in float32)")
     p.add_argument("--offload", choices=list(OFFLOAD), help="where calibration activations wait between layers: "
                    f"auto (on the device when they fit), device, cpu (default {job.device.offload})")
-    p.add_argument("--threads", type=int, help="CPU threads per process (default: the machine's real CPU quota, "
-                   "shared by the processes)")
+    add_threads(p)
     p.add_argument("--nproc", type=int, metavar="N", help="start N processes on this machine (torch.distributed: "
                    "gloo on CPUs, nccl on GPUs with one GPU each), the same as torchrun --nproc-per-node N -m "
                    "qvlquant quantize ...: each runs a share of the calibration batches (default 1)")
@@ -443,6 +442,12 @@ def run_inspect(args) -> int:
     return 1 if failed else 0
 
 
+def add_threads(p) -> None:
+    """--threads, taken by every subcommand."""
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: the CPU quota's share of each "
+                   "process, cut to the CPUs the load average leaves idle; OMP_NUM_THREADS when set)")
+
+
 def main(argv=None) -> int:
     parser = Parser(prog="qvlquant", description="Quantize Qwen vision-language models (RTN, GPTQ, AWQ) into "
                     "checkpoints transformers and vLLM load; evaluate, gate, inspect, push and benchmark them.")
@@ -454,6 +459,9 @@ def main(argv=None) -> int:
     add_check(sub)
     add_push(sub)
     add_bench(sub)
+    for name, p in sub.choices.items():
+        if name != "quantize":  # quantize adds it beside its other device flags
+            add_threads(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
@@ -467,6 +475,13 @@ def main(argv=None) -> int:
             return 2
         args = parser.parse_args(argv)  # recipe values are now defaults: flags on the command line win
     args.argv = argv
+    if args.threads is not None and args.threads < 1:
+        print(f"qvlquant {args.command}: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.command != "quantize":  # quantize sets them per process (api.quantize, with --nproc's share)
+        from qvlquant.parallel.devices import set_threads
+
+        set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

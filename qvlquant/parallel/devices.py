@@ -61,11 +61,29 @@ def cpu_quota() -> int:
     return max(1, n)
 
 
+def idle_cpus(quota: int) -> float:
+    """CPUs of the quota that other work is not already using: the quota less the 1-minute load average."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform: assume a quiet machine
+        return float(quota)
+    return max(0.0, quota - load)
+
+
+def default_threads(processes: int = 1) -> int:
+    """Threads per process when none are asked for: this process's share of the CPU quota, cut to the CPUs that are
+    idle. More threads than idle CPUs make torch's threads wait on each other: at load ~4 on 2 cores test-bed AWQ
+    took 70.6 s with 2 threads against 12.2 s with 1 (docs/REAL_SIZE.md, "Threads")."""
+    quota = cpu_quota()
+    idle = idle_cpus(quota) / processes
+    return max(1, min(quota // processes, int(idle + 0.7)))  # a load of 0.5 left by the shell still gets both
+
+
 def set_threads(threads: int | None, processes: int = 1) -> int:
-    """torch's CPU threads: ``threads``, else OMP_NUM_THREADS when set, else this process's share of the CPU
-    quota (``processes`` on this machine share it). -> the count set."""
+    """torch's CPU threads: ``threads``, else OMP_NUM_THREADS when set, else ``default_threads`` (``processes`` on
+    this machine share the quota). -> the count set."""
     env = os.environ.get("OMP_NUM_THREADS", "")
-    n = threads or (int(env) if env.isdigit() else max(1, cpu_quota() // processes))
+    n = threads or (int(env) if env.isdigit() else default_threads(processes))
     torch.set_num_threads(n)
     return n
 
