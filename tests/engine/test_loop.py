@@ -63,7 +63,7 @@ def test_rtn_pipeline_quantizes_only_decoder_linears(demo, demo_batches):
 def test_phases_are_the_ones_the_method_names_never_its_text(demo, demo_batches, monkeypatch):
     """The clock follows the Phase a method reports; its progress text (here starting with another phase's word)
     is only shown."""
-    import qvlquant.quant.apply as apply
+    from qvlquant.quant import apply
 
     rtn = apply.LAYER_METHODS["rtn"]
 

@@ -114,7 +114,7 @@ def test_replaced_base_weights_of_the_same_size_are_not_resumed(tmp_path, monkey
 
 
 def test_only_rank_0_keeps_finished_layers():
-    store = RankStore(None, World(rank=1, size=2), [range(0, 1), range(1, 2)])
+    store = RankStore(None, World(rank=1, size=2), [range(1), range(1, 2)])
     for read in (store.finished, lambda: store.load(0), lambda: store.get(0, "x"), store.remove):
         with pytest.raises(RuntimeError, match="rank 1 keeps no finished layers"):
             read()
