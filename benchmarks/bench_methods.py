@@ -120,6 +120,7 @@ def calibration(processor, n: int, seed: int) -> list[dict]:
 def run_variant(base, calib, family, variant: str, bits: int, group: int):
     """-> (quantized copy of base, seconds)."""
     from qvlquant.engine.loop import LoopPlan, quantize_model
+    from qvlquant.quant.formats import PackFormat
     from qvlquant.quant.spec import QuantConfig, QuantSpec
 
     method, settings = VARIANTS[variant]
@@ -128,7 +129,8 @@ def run_variant(base, calib, family, variant: str, bits: int, group: int):
     qcfg = QuantConfig(method, QuantSpec(bits, group, sym), **settings)
     model = copy.deepcopy(base)
     t0 = time.time()
-    quantize_model(model, calib, LoopPlan(family, qcfg))
+    plan = LoopPlan(family=family, qcfg=qcfg, pack_format=PackFormat.GPTQ)  # any width; the model in memory is scored
+    quantize_model(model, calib, plan)
     return model, time.time() - t0
 
 

@@ -18,11 +18,22 @@ import torch
 
 from qvlquant.calib.dataset import build_batches
 from qvlquant.calib.sources import load_samples
-from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config
+from qvlquant.checkpoint.export import (
+    REPORT,
+    CheckpointTensors,
+    export,
+    quantization_config,
+)
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import JobConfig
 from qvlquant.engine.estimate import estimate, format_estimate
-from qvlquant.engine.loop import LoopPlan, QuantResult, check_group_size, quantize_model
+from qvlquant.engine.loop import (
+    LayerStore,
+    LoopPlan,
+    QuantResult,
+    check_group_size,
+    quantize_model,
+)
 from qvlquant.engine.resume import (
     DiskStore,
     RankStore,
@@ -35,13 +46,14 @@ from qvlquant.engine.skeleton import (
     check_processor_files,
     check_remote_code,
     load_config,
+    load_processor,
     read_model_type,
     resolve_model_path,
     storage_dtype,
 )
 from qvlquant.engine.streaming import StreamedLayers
 from qvlquant.engine.transforms import pad_config
-from qvlquant.families import family_for
+from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
     choose_offload,
     compute_dtype,
@@ -85,6 +97,37 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
         stop(world)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreparedJob:
+    """What ``_prepare`` checked, found and built before any calibration work; fixed for the rest of the run."""
+
+    device: torch.device  # where the layer and its math live
+    threads: int  # the CPU threads torch uses
+    folder: pathlib.Path  # the base model's checkpoint
+    family: ModelFamily
+    out: pathlib.Path  # --output, resolved
+    protected: tuple[pathlib.Path, ...]  # the job's inputs (model, calibration data): the output never replaces them
+    dtype: torch.dtype  # the compute dtype
+    storage: torch.dtype  # the checkpoint's dtype: what the export writes
+    skeleton: torch.nn.Module  # the model on the meta device, filled part by part
+    reader: ShardReader  # the base checkpoint's shards
+    partial: pathlib.Path  # .<output>.partial: this run's finished layers, kept for a resume
+    hidden: int  # the text model's hidden size
+    processor: object  # what encodes the calibration samples, saved with the export
+    padded: int | None  # the MLP's intermediate size after --pad-intermediate-to (None: not padded)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunMeasures:
+    """What the run measured on its way, for the report."""
+
+    started: float  # time.time() when the run began
+    estimate: dict | None  # what was estimated before the loop (rank 0 says it; None on the other ranks)
+    offload: str | None  # where the activations waited between layers (None: on the device)
+    peak_rss: tuple[int, ...]  # every process's peak resident bytes at the loop's end, in rank order
+    export_started: float | None = None  # time.time() when the export began (None: stopped by --max-layers)
+
+
 def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | None:
     t0 = time.time()
     torch.manual_seed(config.calib.seed)
@@ -99,48 +142,60 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
                          "least one; use more samples (--num-samples), a smaller --batch-size or fewer processes")
     shards = [shard(len(batches), world, r) for r in range(world.size)]
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
+    estimated = None
     if world.leader:
-        job["estimate"] = estimate(job["skeleton"], job["family"], config, job["device"], tokens, job["storage"],
-                                   world.size)
-        say(format_estimate(job["estimate"]))
-    store = DiskStore(job["partial"], settings_fingerprint(
-        version=__version__, settings=config.result_settings(), model=model_digest(job["folder"]),
-        batches=digest, storage=str(job["storage"]), compute=str(job["dtype"]))) if world.leader else None
-    if world.distributed:
-        store = RankStore(store, world, shards)
+        estimated = estimate(job.skeleton, job.family, config, job.device, tokens, job.storage, world.size)
+        say(format_estimate(estimated))
+    store = _open_store(config, job, world, digest, shards)
     local = [batches[b] for b in shards[world.rank]]
-    offload = choose_offload(job["device"], _activation_bytes(local, job["hidden"], job["dtype"]),
-                             config.device.offload)
-    plan = LoopPlan(job["family"], config.quant, config.pack_format, job["storage"], offload, config.max_layers,
-                    world)
-    source = StreamedLayers(job["skeleton"], job["family"], job["reader"], job["device"], job["dtype"],
-                            config.pad_intermediate_to)
-    say(f"loading the vision tower and embeddings onto {job['device']} for the capture pass"
+    offload = choose_offload(job.device, _activation_bytes(local, job.hidden, job.dtype), config.device.offload)
+    plan = LoopPlan(family=job.family, qcfg=config.quant, pack_format=config.pack_format, storage_dtype=job.storage,
+                    offload=offload, max_layers=config.max_layers, world=world)
+    source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
+                            dtype=job.dtype, pad_to=config.pad_intermediate_to)
+    say(f"loading the vision tower and embeddings onto {job.device} for the capture pass"
         + (f" ({world.size} processes, {len(local)} of {len(batches)} batches each)" if world.distributed else ""))
     source.prepare_capture()
-    result = quantize_model(job["skeleton"], local, plan, source, store)
-    job["peak_rss"] = each(peak_rss_bytes(), world)
+    result = quantize_model(job.skeleton, local, plan, source, store)
+    peak_rss = tuple(each(peak_rss_bytes(), world))
+    measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss)
     barrier(world)
     if not world.leader:
         return None
-    store = store.inner if world.distributed else store
-    make_report = lambda: _report(config, job, batches, result, t0, offload)  # noqa: E731
+    return _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
+
+
+def _open_store(config: JobConfig, job: PreparedJob, world: World, digest: str,
+                shards: list[range]) -> LayerStore | None:
+    """Rank 0's partial folder, under a fingerprint of everything that decides the result; in a distributed run
+    every rank reaches it through a ``RankStore``."""
+    store = DiskStore(job.partial, settings_fingerprint(
+        version=__version__, settings=config.result_settings(), model=model_digest(job.folder),
+        batches=digest, storage=str(job.storage), compute=str(job.dtype))) if world.leader else None
+    return RankStore(store, world, shards) if world.distributed else store
+
+
+def _finish(config: JobConfig, job: PreparedJob, batches: list[dict], result: QuantResult, measures: RunMeasures,
+            store: LayerStore) -> dict:
+    """Rank 0, after the loop: the report of a run stopped by --max-layers (in the partial folder), or the export
+    of a finished one. -> the report."""
     if not result.complete:
-        report = make_report()
-        (job["partial"] / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = _report(config, job, batches, result, measures)
+        (job.partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         say(f"stopped after {len(store.finished())} of {result.num_layers} layers (--max-layers); "
-            f"rerun without it to finish from {job['partial']}")
+            f"rerun without it to finish from {job.partial}")
         return report
-    say(f"writing the export to {job['out']}")
-    base = CheckpointTensors(job["reader"], job["family"], job["storage"])
-    job["export_started"] = time.time()
-    options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job["protected"]))
-    export(job["skeleton"], job["processor"], result, job["out"], make_report, base, options)
+    say(f"writing the export to {job.out}")
+    base = CheckpointTensors(job.reader, job.family, job.storage)
+    measures = dataclasses.replace(measures, export_started=time.time())
+    options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
+    export(job.skeleton, job.processor, result, job.out, lambda: _report(config, job, batches, result, measures),
+           base, options)
     store.remove()
-    return json.loads((job["out"] / "quantize_report.json").read_text())
+    return json.loads((job.out / REPORT).read_text())
 
 
-def _prepare(config: JobConfig, world: World, device: torch.device) -> dict:
+def _prepare(config: JobConfig, world: World, device: torch.device) -> PreparedJob:
     """Every check that needs no calibration data, in seconds: model type, remote code, processor files,
     --output (rank 0: the only one that writes), group sizes (on a meta skeleton). -> what the run needs."""
     threads = set_threads(config.device.threads, world.local_size)
@@ -164,28 +219,17 @@ def _prepare(config: JobConfig, world: World, device: torch.device) -> dict:
     if not config.resume and world.leader:
         DiskStore.discard(partial)  # --no-resume: our own partial run, never another folder
     text = getattr(hf_config, "text_config", hf_config)
-    return dict(device=device, threads=threads, folder=folder, family=family, out=out, protected=protected,
-                dtype=dtype, skeleton=skeleton, reader=reader, partial=partial, storage=storage,
-                hidden=text.hidden_size, processor=_processor(folder, family), padded=padded)
+    return PreparedJob(device=device, threads=threads, folder=folder, family=family, out=out, protected=protected,
+                       dtype=dtype, storage=storage, skeleton=skeleton, reader=reader, partial=partial,
+                       hidden=text.hidden_size, processor=load_processor(folder, family), padded=padded)
 
 
-def _warn_about_vllm(config: JobConfig, job: dict) -> None:
+def _warn_about_vllm(config: JobConfig, job: PreparedJob) -> None:
     """Say before any work when vLLM (its own code when installed, else the copied rules) will refuse the export."""
-    layers = len(job["skeleton"].get_submodule(job["family"].decoder_layers))
-    qc = quantization_config(config.quant, config.pack_format, job["family"], layers)
-    for line in vllm_compatibility_warnings(qc, job["family"]):
+    layers = len(job.skeleton.get_submodule(job.family.decoder_layers))
+    qc = quantization_config(config.quant, config.pack_format, job.family, layers)
+    for line in vllm_compatibility_warnings(qc, job.family):
         print(f"qvlquant quantize: warning: {line}", file=sys.stderr, flush=True)
-
-
-def _processor(folder: pathlib.Path, family):
-    from transformers import (  # heavy; the model type was checked first
-        AutoProcessor,
-        AutoTokenizer,
-    )
-
-    if family.needs_remote_code:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    return AutoProcessor.from_pretrained(folder)
 
 
 def _calib_paths(source: str) -> tuple[pathlib.Path, ...]:
@@ -196,14 +240,14 @@ def _calib_paths(source: str) -> tuple[pathlib.Path, ...]:
     return (path,) if path.exists() else ()
 
 
-def _batches(config: JobConfig, job: dict) -> list[dict]:
+def _batches(config: JobConfig, job: PreparedJob) -> list[dict]:
     src = config.calib
     samples, names, root = load_samples(src.source, src.num_samples, src.seed, src.split, dict(src.columns))
     cfg = config.processing
     if root and cfg.image_root is None:
         cfg = dataclasses.replace(cfg, image_root=root)
     say(f"encoding {len(samples)} calibration samples through the processor")
-    return build_batches(job["processor"], samples, cfg, names, v1=job["family"].needs_remote_code)
+    return build_batches(job.processor, samples, cfg, names, v1=job.family.needs_remote_code)
 
 
 def _activation_bytes(batches: list[dict], hidden: int, dtype: torch.dtype) -> int:
@@ -212,10 +256,13 @@ def _activation_bytes(batches: list[dict], hidden: int, dtype: torch.dtype) -> i
     return tokens * hidden * torch.tensor([], dtype=dtype).element_size() * 2
 
 
-def _report(config: JobConfig, job: dict, batches: list[dict], result: QuantResult, t0: float, offload) -> dict:
-    device = job["device"]
+def _report(config: JobConfig, job: PreparedJob, batches: list[dict], result: QuantResult,
+            measures: RunMeasures) -> dict:
+    """What quantize_report.json records (and report.json of a stopped run)."""
+    device = job.device
     gpu = peak_gpu_bytes(device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {job['threads']} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {job.threads} threads"
+    export_started = measures.export_started
     return {
         "qvlquant_version": __version__,
         "config": config.to_dict(),
@@ -228,20 +275,20 @@ def _report(config: JobConfig, job: dict, batches: list[dict], result: QuantResu
                         "seed": config.calib.seed, "batches": len(batches),
                         "tokens": int(sum(b["attention_mask"].sum() for b in batches))},
         "device": str(device),
-        "compute_dtype": str(job["dtype"]).removeprefix("torch."),
-        "activations_on": offload or str(device),
+        "compute_dtype": str(job.dtype).removeprefix("torch."),
+        "activations_on": measures.offload or str(device),
         "layers": result.layer_info,
         "layer_seconds": {str(k): v for k, v in result.layer_seconds.items()},
         "phase_seconds": result.phases.rounded(),
         "complete": result.complete,
         "quantize_seconds": round(result.seconds, 2),
-        "export_seconds": round(time.time() - job["export_started"], 2) if "export_started" in job else None,
-        "total_seconds": round(time.time() - t0, 2),
+        "export_seconds": None if export_started is None else round(time.time() - export_started, 2),
+        "total_seconds": round(time.time() - measures.started, 2),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
-        "processes": len(job["peak_rss"]),
-        "peak_rss_gib_per_process": [round(b / 2**30, 3) for b in job["peak_rss"]],  # at the loop's end
+        "processes": len(measures.peak_rss),
+        "peak_rss_gib_per_process": [round(b / 2**30, 3) for b in measures.peak_rss],  # at the loop's end
         "peak_gpu_allocated_gib": None if gpu is None else round(gpu / 2**30, 3),
-        "estimate": job["estimate"],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job['threads']} used), torch {torch.__version__}"
+        "estimate": measures.estimate,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}"
                    f", {where}",
     }

@@ -13,11 +13,10 @@ import dataclasses
 import re
 
 from qvlquant.calib.dataset import CalibConfig
-from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.formats import EXPORT_FORMATS, PackFormat
 from qvlquant.quant.spec import QuantConfig, QuantSpec, positive_int
 
 CONFIG_VERSION = 1
-EXPORT_FORMATS = ("auto", "compressed-tensors")
 DTYPES = ("float32", "bfloat16", "float16")
 OFFLOAD = ("auto", "device", "cpu")
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -71,11 +70,6 @@ class ExportConfig:
             raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
         positive_int("max_shard_bytes", self.max_shard_bytes)
 
-    def pack_format(self, method: str) -> PackFormat:
-        if self.format == "compressed-tensors":
-            return PackFormat.COMPRESSED
-        return PackFormat.AWQ_GEMM if method == "awq" else PackFormat.GPTQ
-
 
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
@@ -97,7 +91,7 @@ class JobConfig:
             raise ValueError("output must name a folder")
         positive_int("pad_intermediate_to", self.pad_intermediate_to, allow_none=True)
         positive_int("max_layers", self.max_layers, allow_none=True)
-        spec, fmt = self.quant.spec, self.export.pack_format(self.quant.method)
+        spec, fmt = self.quant.spec, self.pack_format
         if fmt is PackFormat.AWQ_GEMM and (spec.bits != 4 or spec.sym):
             raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (asymmetric) only; "
                              "use --format compressed-tensors for other widths")
@@ -107,7 +101,7 @@ class JobConfig:
 
     @property
     def pack_format(self) -> PackFormat:
-        return self.export.pack_format(self.quant.method)
+        return PackFormat.for_job(self.quant.method, self.export.format)
 
     def to_dict(self) -> dict:
         """JSON-ready settings (what the report records)."""

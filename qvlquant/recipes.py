@@ -24,6 +24,8 @@ from qvlquant.eval.check import (
     known_task,
     tolerance,
 )
+from qvlquant.quant.formats import EXPORT_FORMATS
+from qvlquant.quant.spec import AWQ_ROUNDING, METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {
     "model": Setting(str),
-    "method": Setting(str, ("rtn", "gptq", "awq")),
+    "method": Setting(str, METHODS),
     "bits": Setting(int, (2, 3, 4, 8)),
     "group_size": Setting(int),
     "sym": Setting(bool),
@@ -48,7 +50,7 @@ SETTINGS: dict[str, Setting] = {
     "true_sequential": Setting(bool),
     "mse": Setting(float),
     "vision_weight": Setting(float),
-    "awq_rounding": Setting(str, ("rtn", "gptq")),
+    "awq_rounding": Setting(str, AWQ_ROUNDING),
     "calib": Setting(str),
     "num_samples": Setting(int),
     "split": Setting(str),
@@ -65,7 +67,7 @@ SETTINGS: dict[str, Setting] = {
     "dtype": Setting(str, ("bfloat16", "float16", "float32")),
     "pad_intermediate_to": Setting(int, nullable=True),
     "trust_remote_code": Setting(bool),
-    "export_format": Setting(str, ("auto", "compressed-tensors")),
+    "export_format": Setting(str, EXPORT_FORMATS),
     "resume": Setting(bool),
     "output": Setting(str),
     "device": Setting(str, nullable=True),

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from qvlquant.config import JobConfig
+from qvlquant.quant.formats import PackFormat
 from qvlquant.quant.spec import GPTQ_DAMP_PERCENT, QuantConfig, QuantSpec
 
 
@@ -25,6 +26,14 @@ def test_per_method_defaults():
     assert QuantConfig("awq", QuantSpec(3, 128, False)).mse == 0.0
     awq_gptq = JobConfig.from_flat(output="o", method="awq", awq_rounding="gptq", mse=2.4, vision_weight=0.5).quant
     assert awq_gptq.damp_percent == GPTQ_DAMP_PERCENT and awq_gptq.mse == 2.4  # GPTQ's rounding settings apply
+
+
+@pytest.mark.parametrize("export_format", ["auto", "compressed-tensors"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_job_pack_format_is_the_one_rule(method, export_format):
+    job = JobConfig.from_flat(output="o", method=method, export_format=export_format)
+    assert job.pack_format is PackFormat.for_job(method, export_format)
+    assert (job.pack_format is PackFormat.COMPRESSED) == (export_format == "compressed-tensors")
 
 
 @pytest.mark.parametrize("damp", [0, -1, math.nan, math.inf, "0.1", True])

@@ -11,6 +11,7 @@ import qvlquant
 from qvlquant.checkpoint.export import export
 from qvlquant.engine.loop import LoopPlan, capture_inputs, quantize_model
 from qvlquant.families import family_for
+from qvlquant.quant.formats import PackFormat
 from qvlquant.quant.layer import next_input
 from qvlquant.quant.spec import QuantConfig, QuantSpec
 from qvlquant.runtime.load import QuantLinear
@@ -57,7 +58,8 @@ def test_quantize_export_load(model_type, method, tmp_path):
     family = family_for(model.config.model_type)
     batches = [tiny_batch(model, seed=s) for s in range(3)]
     q = copy.deepcopy(model)
-    plan = LoopPlan(family, QuantConfig(method, QuantSpec(4, 64, method == "gptq")), storage_dtype=torch.float32)
+    plan = LoopPlan(family=family, qcfg=QuantConfig(method, QuantSpec(4, 64, method == "gptq")),
+                    pack_format=PackFormat.for_job(method), storage_dtype=torch.float32)
     result = quantize_model(q, batches, plan)
     assert len(result.weights) == 3 * 7
     export(q, None, result, tmp_path / "q", {})

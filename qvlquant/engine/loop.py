@@ -6,7 +6,7 @@ computed. Each layer is then quantized from those inputs and replayed; its quant
 layer's inputs. The vision tower, the embeddings and lm_head are never touched.
 
 Where the layers come from is a ``LayerSource``: the model itself (``InMemoryLayers``), or the checkpoint on disk,
-one layer at a time (``qvlquant.engine.streaming.StreamedLayers``). Where finished layers go is a store
+one layer at a time (``qvlquant.engine.streaming.StreamedLayers``). Where finished layers go is a ``LayerStore``
 (``qvlquant.engine.resume``): packed tensors ready for the export, never int32 codes or float copies of the layer.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import torch
@@ -22,11 +22,12 @@ import torch
 from qvlquant.engine.resume import LayerRecord, MemoryStore
 from qvlquant.families import ModelFamily
 from qvlquant.parallel.distributed import SINGLE, World, broadcast_tensors
-from qvlquant.quant.apply import METHODS
+from qvlquant.quant.apply import LAYER_METHODS
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.layer import (
     LayerContext,
     LayerInput,
+    Phase,
     QuantizationError,
     check_finite,
     hooked,
@@ -43,48 +44,67 @@ class _StopForward(Exception):
     """Raised by the capture hook so the rest of the model does not run (private: never escapes capture_inputs)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoopPlan:
     """How the loop runs, derived from the job's settings and the model (not user settings themselves)."""
 
     family: ModelFamily
     qcfg: QuantConfig
-    fmt: PackFormat | None = None  # None: AWQ GEMM for 4-bit asymmetric awq, else the GPTQ layout (any width)
+    pack_format: PackFormat  # the layout the records hold (``PackFormat.for_job`` for a job)
     storage_dtype: torch.dtype = torch.bfloat16  # the checkpoint's dtype: what the export writes
     offload: str | None = None  # where activations wait between layers ("cpu"), None: where they were computed
     max_layers: int | None = None  # stop after this many layers
     world: World = SINGLE  # the ranks of a distributed run (each runs its own share of the batches)
 
-    @property
-    def pack_format(self) -> PackFormat:
-        if self.fmt is not None:
-            return self.fmt
-        spec = self.qcfg.spec
-        awq_gemm = self.qcfg.method == "awq" and spec.bits == 4 and not spec.sym
-        return PackFormat.AWQ_GEMM if awq_gemm else PackFormat.GPTQ
-
 
 class Phases:
-    """Wall time per phase of the loop (load, hessian, quantize, pack, scale/clip search, replay, save)."""
+    """Wall time per ``Phase`` of the loop, summed over all layers."""
 
     def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.current, self.since = None, 0.0
+        self.seconds: dict[Phase, float] = {}
+        self.current: Phase | None = None
+        self.since = 0.0
 
-    def switch(self, name: str | None) -> None:
+    def switch(self, phase: Phase | None) -> None:
         now = time.perf_counter()
         if self.current is not None:
             self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
-        self.current, self.since = name, now
+        self.current, self.since = phase, now
 
     def rounded(self) -> dict[str, float]:
-        return {k: round(v, 2) for k, v in self.seconds.items()}
+        """phase name -> seconds (what the report records)."""
+        return {phase.value: round(v, 2) for phase, v in self.seconds.items()}
 
 
 class LayerSource(Protocol):
+    """Where the loop gets decoder layer ``i`` (``load``) and gives it back once it is quantized and replayed."""
+
+    def after_capture(self) -> None: ...  # the capture pass is done: what only it needed can go
+
     def load(self, i: int) -> torch.nn.Module: ...
 
     def release(self, i: int) -> None: ...
+
+
+class LayerStore(Protocol):
+    """Where finished layers go (``qvlquant.engine.resume``: MemoryStore, DiskStore, RankStore): the loop saves
+    each layer's record and resumes after the last one saved; the export reads the records tensor by tensor."""
+
+    def resume_point(self) -> tuple[int, list[torch.Tensor] | None]: ...  # (first layer to do, its inputs' hidden)
+
+    def save(self, i: int, record: LayerRecord, hidden: list[torch.Tensor]) -> None: ...
+
+    def finished(self) -> list[int]: ...
+
+    def load(self, i: int) -> LayerRecord: ...
+
+    def load_info(self, i: int) -> dict: ...
+
+    def tensor_meta(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]: ...
+
+    def get(self, i: int, key: str) -> torch.Tensor: ...
+
+    def remove(self) -> None: ...
 
 
 class InMemoryLayers:
@@ -92,6 +112,9 @@ class InMemoryLayers:
 
     def __init__(self, model, family: ModelFamily):
         self.layers = model.get_submodule(family.decoder_layers)
+
+    def after_capture(self) -> None:
+        pass
 
     def load(self, i: int) -> torch.nn.Module:
         return self.layers[i]
@@ -103,7 +126,7 @@ class InMemoryLayers:
 class QuantizedWeights(Mapping):
     """runtime linear name -> QuantizedWeight, unpacked from the store on access (one at a time)."""
 
-    def __init__(self, store, plan: LoopPlan):
+    def __init__(self, store: LayerStore, plan: LoopPlan):
         self.store, self.plan = store, plan
 
     def _names(self) -> list[str]:
@@ -130,7 +153,7 @@ class QuantizedWeights(Mapping):
 @dataclasses.dataclass
 class QuantResult:
     plan: LoopPlan
-    store: object  # MemoryStore or DiskStore: the finished layers' records
+    store: LayerStore  # the finished layers' records
     num_layers: int
     seconds: float = 0.0
     layer_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -217,8 +240,9 @@ class _Recorder:
     record its packed tensors, info and AWQ scales. In a distributed run ``settle`` then hands each linear from
     the rank that solved it to every rank, in the same order on all of them."""
 
-    def __init__(self, layer: torch.nn.Module, plan: LoopPlan, prefix: str, phases: Phases, show):
-        self.layer, self.plan, self.prefix, self.phases, self.show = layer, plan, prefix, phases, show
+    def __init__(self, layer: torch.nn.Module, plan: LoopPlan, prefix: str, phases: Phases,
+                 step: Callable[[Phase, str], None]):
+        self.layer, self.plan, self.prefix, self.phases, self.step = layer, plan, prefix, phases, step
         self.record = LayerRecord()
 
     def _disk(self, name: str) -> str:
@@ -232,19 +256,19 @@ class _Recorder:
         record.aux.update({f"{name}.{field}": t for field, t in aux.items()})
 
     def finish(self, name: str, w: QuantizedWeight, info: dict) -> None:
-        self.phases.switch("pack")
+        self.phases.switch(Phase.PACK)
         set_weight(self.layer.get_submodule(name), w)
         w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
                             *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
         aux = {f: getattr(w, f).clone() for f in ("input_scale", "output_scale") if getattr(w, f) is not None}
         self._keep(name, self.plan.pack_format.pack(w), info, aux)
-        self.show(f"{name} done")
+        self.step(Phase.QUANTIZE, f"{name} done")
 
     def settle(self, owner: dict[str, int]) -> None:
         world, record = self.plan.world, self.record
         if not world.distributed:
             return
-        self.phases.switch("share")
+        self.phases.switch(Phase.SHARE)
         for name, src in owner.items():
             mine, disk = src == world.rank, self._disk(name)
             sent = {k.rsplit(".", 1)[1]: t for k, t in record.tensors.items() if k.rsplit(".", 1)[0] == disk}
@@ -269,18 +293,18 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
     family = plan.family
     phases = phases or Phases()
 
-    def show(what: str) -> None:
-        phases.switch(what.split()[0].lower() if not what.endswith("done") else "quantize")
+    def step(phase: Phase, what: str) -> None:
+        phases.switch(phase)
         if bar is not None:
             bar.set_postfix_str(f"{prefix.rsplit('.', 1)[-1]}: {what}", refresh=True)
 
-    recorder = _Recorder(layer, plan, prefix, phases, show)
+    recorder = _Recorder(layer, plan, prefix, phases, step)
     record = recorder.record
-    phases.switch("quantize")
-    ctx = LayerContext(family, plan.qcfg, prefix, plan.storage_dtype, recorder.finish, show, plan.world,
-                       recorder.settle)
-    METHODS[plan.qcfg.method](layer, inputs, ctx)
-    phases.switch("pack")
+    phases.switch(Phase.QUANTIZE)
+    ctx = LayerContext(family=family, qcfg=plan.qcfg, prefix=prefix, storage_dtype=plan.storage_dtype,
+                       finish=recorder.finish, step=step, world=plan.world, settle=recorder.settle)
+    LAYER_METHODS[plan.qcfg.method](layer, inputs, ctx)
+    phases.switch(Phase.PACK)
     missing = [n for n in family.linears if n not in record.info]
     if missing:
         raise QuantizationError(f"{prefix}: the {plan.qcfg.method} method left {missing} unquantized")
@@ -294,7 +318,8 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
     return record
 
 
-def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSource | None = None, store=None) -> QuantResult:
+def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSource | None = None,
+                   store: LayerStore | None = None) -> QuantResult:
     """Quantize every decoder layer (or the first ``plan.max_layers``): capture, then per layer load it from
     ``source``, quantize, replay, hand its record to ``store`` and release it. A store that already holds
     finished layers (a resumed run) is continued from the last one, with the inputs it saved."""
@@ -305,10 +330,9 @@ def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSour
     n = len(model.get_submodule(family.decoder_layers))
     result = QuantResult(plan, store, n)
     phases = result.phases
-    phases.switch("capture")
+    phases.switch(Phase.CAPTURE)
     inputs = capture_inputs(model, family, batches, plan.offload)
-    if hasattr(source, "after_capture"):
-        source.after_capture()
+    source.after_capture()
     start, hidden = store.resume_point()
     if hidden is not None:
         inputs = [dataclasses.replace(x, hidden=h.to(x.hidden.device)) for x, h in zip(inputs, hidden)]
@@ -320,17 +344,17 @@ def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSour
         prefix = f"{family.decoder_layers}.{i}"
         for x in inputs:
             check_finite(x.hidden, f"the inputs of {prefix}")
-        phases.switch("load")
+        phases.switch(Phase.LOAD)
         layer = source.load(i)
         record = quantize_layer(layer, inputs, plan, prefix, bar, phases)
-        phases.switch("replay")
+        phases.switch(Phase.REPLAY)
         inputs = [next_input(i, layer, x) for x in inputs]
         if i == n - 1:
             for x in inputs:
                 check_finite(x.hidden, f"the outputs of {prefix}")
         source.release(i)
         record.seconds = time.time() - t_layer
-        phases.switch("save")
+        phases.switch(Phase.SAVE)
         store.save(i, record, [x.hidden for x in inputs])
         result.layer_seconds[i] = round(record.seconds, 2)
         bar.update(1)

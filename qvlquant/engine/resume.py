@@ -164,7 +164,7 @@ class RankStore:
     folder is the one a single process writes (and resumes with any number of processes). The other ranks send
     theirs and keep nothing; on resume rank 0 sends each rank its batches' states."""
 
-    def __init__(self, inner, world: World, shards: list[range]):
+    def __init__(self, inner: DiskStore | None, world: World, shards: list[range]):
         self.inner, self.world, self.shards = inner, world, shards
 
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
@@ -191,10 +191,29 @@ class RankStore:
             everyone += [got[f"hidden.{b}"] for b in self.shards[r]]
         self.inner.save(i, record, everyone)
 
-    def __getattr__(self, name):  # finished(), load(), tensor_meta(), ...: rank 0's store
+    # what the export and the report read: rank 0's store
+    def finished(self) -> list[int]:
+        return self._leader("finished").finished()
+
+    def load(self, i: int) -> LayerRecord:
+        return self._leader("load").load(i)
+
+    def load_info(self, i: int) -> dict:
+        return self._leader("load_info").load_info(i)
+
+    def tensor_meta(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return self._leader("tensor_meta").tensor_meta(i)
+
+    def get(self, i: int, key: str) -> torch.Tensor:
+        return self._leader("get").get(i, key)
+
+    def remove(self) -> None:
+        self._leader("remove").remove()
+
+    def _leader(self, what: str) -> DiskStore:
         if self.inner is None:
-            raise AttributeError(f"rank {self.world.rank} keeps no finished layers (only rank 0 does): {name}")
-        return getattr(self.inner, name)
+            raise RuntimeError(f"rank {self.world.rank} keeps no finished layers (only rank 0 does): {what}")
+        return self.inner
 
 
 def _metadata(path: pathlib.Path) -> dict[str, str]:

@@ -81,6 +81,19 @@ def check_processor_files(folder: pathlib.Path, family: ModelFamily) -> None:
             "(e.g. huggingface-cli download OWNER/NAME --include '*.json' '*.txt' '*.jinja') into the folder")
 
 
+def load_processor(folder: pathlib.Path, family: ModelFamily):
+    """The processor saved beside the weights: the tokenizer alone for Qwen-VL-Chat (its images go through its
+    remote code; the caller checked --trust-remote-code first), else the tokenizer and image processor."""
+    from transformers import (  # heavy; the model type was checked first
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    if family.needs_remote_code:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    return AutoProcessor.from_pretrained(folder)
+
+
 def model_class(config):
     from transformers import (
         AutoModelForImageTextToText,  # heavy: imported when a model is built

@@ -13,6 +13,7 @@ from qvlquant.engine.skeleton import (
     check_processor_files,
     check_remote_code,
     load_config,
+    load_processor,
     read_model_type,
     resolve_model_path,
     storage_dtype,
@@ -23,12 +24,18 @@ from qvlquant.parallel.devices import return_freed_memory
 from qvlquant.storage.shards import ShardReader
 
 
+def find_disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str | None:
+    """The checkpoint key of a runtime parameter name, in either layout (save_pretrained's or the runtime one);
+    None when the checkpoint holds neither."""
+    return next((key for key in (family.to_disk(runtime_name), runtime_name) if key in reader), None)
+
+
 def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str:
-    """The checkpoint key of a runtime parameter name, in either layout (save_pretrained's or the runtime one)."""
-    for key in (family.to_disk(runtime_name), runtime_name):
-        if key in reader:
-            return key
-    raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
+    """``find_disk_key`` for a tensor that must be there: a KeyError naming the folder and the keys tried."""
+    key = find_disk_key(reader, family, runtime_name)
+    if key is None:
+        raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
+    return key
 
 
 def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
@@ -183,8 +190,6 @@ def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, dev
               trust_remote_code: bool = False):
     """The whole model in memory (for Python users with small models, and the method benchmarks).
     -> (model, processor, family, storage dtype)."""
-    from transformers import AutoProcessor, AutoTokenizer
-
     folder = resolve_model_path(model)
     family = family_for(read_model_type(folder))
     check_remote_code(family, folder, trust_remote_code)
@@ -197,6 +202,4 @@ def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, dev
             materialize(child, name, reader, family, torch.device(device), dtype)
     net.tie_weights()
     check_processor_files(folder, family)
-    processor = (AutoTokenizer.from_pretrained(folder, trust_remote_code=True) if family.needs_remote_code
-                 else AutoProcessor.from_pretrained(folder))
-    return net.eval(), processor, family, storage_dtype(config)
+    return net.eval(), load_processor(folder, family), family, storage_dtype(config)

@@ -26,11 +26,13 @@ from qvlquant.quant.gptq import (
 from qvlquant.quant.layer import (
     LayerContext,
     LayerInput,
+    Phase,
     StopReplay,
     layer_device,
     replay,
 )
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+from qvlquant.quant.spec import METHODS
 
 
 def rtn_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
@@ -83,9 +85,9 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
     for step in steps:
         names = [n for g in step for n in g]
         owner = ctx.owners(layer, names)
-        ctx.step(f"Hessian of {', '.join(g[0] for g in step)}")
+        ctx.step(Phase.HESSIAN, f"Hessian of {', '.join(g[0] for g in step)}")
         sums = collect_hessians(layer, inputs, step, ctx.qcfg.vision_weight)
-        ctx.step(f"solve {', '.join(names)}")
+        ctx.step(Phase.SOLVE, f"solve {', '.join(names)}")
         for group in step:
             k = layer.get_submodule(group[0]).in_features
             S, n = sums.pop(group, None) or (torch.zeros(k, k, dtype=torch.float64, device=layer_device(layer)), 0)
@@ -203,7 +205,7 @@ def _search_scales(layer, inputs, ctx: LayerContext, feats, owner) -> tuple[list
         linears = [layer.get_submodule(n) for n in group.linears]
         if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
             continue  # v_proj -> o_proj under GQA: v's outputs are shared by several heads, no per-channel fold
-        ctx.step(f"scale search {group.prev} -> {', '.join(group.linears)}")
+        ctx.step(Phase.SCALE, f"scale search {group.prev} -> {', '.join(group.linears)}")
         x_feats = feats[owner[group.linears[0]]]
         x_mean = _mean_abs(*_tokens(x_feats, inputs, qcfg.awq_max_tokens, ctx), ctx)
         output_of = _output_fn(layer, group, linears, x_feats, inputs, family)
@@ -256,9 +258,9 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
             continue
         w = layer.get_submodule(name).weight.data
         if clip:
-            ctx.step(f"clip search {name}")
+            ctx.step(Phase.CLIP, f"clip search {name}")
             w = apply_clip(w, clip_from_gram(w, gram, qcfg.spec))
-        ctx.step(f"quantize {name}")
+        ctx.step(Phase.QUANTIZE, f"quantize {name}")
         q, scale, zero = rtn_quantize(w, qcfg.spec)
         g_idx = default_g_idx(q.shape[1], qcfg.spec).to(q.device)
         ctx.finish(name, QuantizedWeight(q, scale, zero, g_idx, qcfg.spec, scale_of.get(name), out_scale_of.get(name)),
@@ -272,8 +274,17 @@ def _clip_gram(feats: list[torch.Tensor], inputs: list[LayerInput], ctx: LayerCo
     return (ctx.total(group_gram_sum(x, ctx.qcfg.spec)) / max(1, count)).float()
 
 
-METHODS = {
+def check_dispatch(dispatch: dict, names: tuple[str, ...]) -> None:
+    """The dispatch must hold a function for exactly the method names ``spec.METHODS`` lists (what the config,
+    recipes and CLI accept), so a name is never accepted and then missing here, nor the other way round."""
+    if set(dispatch) != set(names):
+        raise RuntimeError(f"quant.apply dispatches {sorted(dispatch)} but quant.spec.METHODS lists "
+                           f"{sorted(names)}; add the method to both")
+
+
+LAYER_METHODS = {  # method name -> the function the layer loop calls for every decoder layer
     "rtn": rtn_layer,
     "gptq": gptq_layer,
     "awq": awq_layer,
 }
+check_dispatch(LAYER_METHODS, METHODS)

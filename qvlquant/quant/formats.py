@@ -27,6 +27,7 @@ from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups
 from qvlquant.quant.spec import QuantSpec
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column n0 + AWQ_PACK_ORDER[i] goes to nibble i of a word
+EXPORT_FORMATS = ("auto", "compressed-tensors")  # what --format names; auto: the method's own layout
 
 
 @dataclasses.dataclass
@@ -67,6 +68,17 @@ class PackFormat(str, enum.Enum):
     GPTQ = "gptq"
     AWQ_GEMM = "awq_gemm"
     COMPRESSED = "pack_quantized"
+
+    @classmethod
+    def for_job(cls, method: str, export_format: str = "auto") -> PackFormat:
+        """The one rule from a job's method and --format to the layout its linears are packed in: compressed-tensors
+        when asked, else the method's own (AWQ GEMM for awq, the GPTQ layout for rtn and gptq). Whether the grid
+        fits the layout (AWQ GEMM: 4-bit asymmetric) is the job config's check."""
+        if export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
+        if export_format == "compressed-tensors":
+            return cls.COMPRESSED
+        return cls.AWQ_GEMM if method == "awq" else cls.GPTQ
 
     def pack(self, w: QuantizedWeight) -> dict[str, torch.Tensor]:
         return {PackFormat.GPTQ: _pack_gptq, PackFormat.AWQ_GEMM: _pack_awq, PackFormat.COMPRESSED: _pack_compressed}[self](w)

@@ -1,10 +1,11 @@
 """What the per-layer methods and the layer loop share: a decoder layer's captured inputs, replaying the layer,
-the one hook helper, and the context a method reports each finished linear to."""
+the one hook helper, the phases the loop times, and the context a method reports each finished linear to."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 from typing import Callable, Iterable
 
 import torch
@@ -20,6 +21,24 @@ from qvlquant.parallel.distributed import (
 )
 from qvlquant.quant.formats import QuantizedWeight
 from qvlquant.quant.spec import QuantConfig
+
+
+class Phase(str, enum.Enum):
+    """Where a layer's time goes; the values are the keys of ``phase_seconds`` in quantize_report.json. The loop
+    switches to capture, load, quantize, pack, share (distributed), replay and save itself; a method names the
+    others as it enters them (``LayerContext.step``)."""
+
+    CAPTURE = "capture"  # layer 0's inputs, through the vision tower and embeddings
+    LOAD = "load"  # a decoder layer read from the checkpoint
+    HESSIAN = "hessian"  # GPTQ: replaying the layer to sum X^T X
+    SOLVE = "solve"  # GPTQ: the column-by-column solve
+    SCALE = "scale"  # AWQ: the scale search
+    CLIP = "clip"  # AWQ: the clipping search
+    QUANTIZE = "quantize"  # rounding (RTN, AWQ's own) and whatever a method does outside the phases above
+    PACK = "pack"  # codes packed into the export layout, the layer's other tensors recorded
+    SHARE = "share"  # a distributed run: finished linears handed from their rank to all
+    REPLAY = "replay"  # the quantized layer's outputs: the next layer's inputs
+    SAVE = "save"  # the layer's record and the next inputs written to the store
 
 
 class QuantizationError(RuntimeError):
@@ -127,7 +146,7 @@ def set_weight(linear: torch.nn.Linear, w: QuantizedWeight) -> None:
     linear.weight.data = w.dequantize().to(device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LayerContext:
     """What a per-layer method needs besides the layer and its inputs. ``finish(name, weight, info)`` is called
     once per linear as soon as it is quantized: it packs the codes, gives the linear its dequantized weight and
@@ -143,7 +162,8 @@ class LayerContext:
     prefix: str  # runtime path of the layer, for messages: model.language_model.layers.3
     storage_dtype: torch.dtype  # what the export writes: AWQ's folded parameters are rounded to it
     finish: Callable[[str, QuantizedWeight, dict], None]
-    step: Callable[[str], None] = lambda what: None  # progress inside the layer (AWQ search, Hessians)
+    # progress inside the layer: the phase entered and what is being done (text for the progress bar)
+    step: Callable[[Phase, str], None] = lambda phase, what: None
     world: World = SINGLE
     settle: Callable[[dict[str, int]], None] = lambda owners: None
 

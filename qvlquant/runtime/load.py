@@ -12,7 +12,8 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-from qvlquant.engine.skeleton import build_skeleton, resolve_model_path
+from qvlquant.engine.skeleton import build_skeleton, load_processor, resolve_model_path
+from qvlquant.engine.streaming import find_disk_key
 from qvlquant.families import family_for
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.spec import QuantSpec
@@ -122,12 +123,8 @@ def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.devic
     the dtype the module declares and on ``device`` (no float32 copy of the model on the way). A tied lm_head
     is tied afterwards; any other missing or unexpected tensor is an error naming it."""
     state = model.state_dict(keep_vars=True)
-    expected = {}
-    for name in state:
-        for key in (family.to_disk(name), name):
-            if key in reader:
-                expected[name] = key
-                break
+    keys = {name: find_disk_key(reader, family, name) for name in state}
+    expected = {name: key for name, key in keys.items() if key is not None}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [n for n in state if n not in expected and not (tied and n == f"{family.lm_head}.weight")]
     unexpected = sorted(set(reader.keys()) - set(expected.values()))
@@ -151,16 +148,13 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
     the processor is None only for a folder that holds none (bare test checkpoints). The model is built on the
     meta device and each tensor read straight into ``dtype`` on ``device``: a quantized model holds its packed
     tensors, never a float copy of the whole model. Pickle checkpoints are refused."""
-    from transformers import (  # heavy; only when a model is loaded
-        AutoConfig,
-        AutoProcessor,
-    )
+    from transformers import AutoConfig  # heavy; only when a model is loaded
 
     folder = resolve_model_path(path)
     config = AutoConfig.from_pretrained(folder)
     family = family_for(config.model_type)
     has_processor = any((folder / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
-    processor = AutoProcessor.from_pretrained(folder) if has_processor else None
+    processor = load_processor(folder, family) if has_processor else None
     qc = getattr(config, "quantization_config", None)
     if qc:
         verify_manifest(folder)

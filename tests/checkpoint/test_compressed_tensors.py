@@ -37,7 +37,7 @@ def library_dequantize(tensors: dict, prefix: str, weights_args: dict) -> torch.
 def test_library_decompresses_to_our_weights(demo, demo_batches, tmp_path, method, spec):
     model, processor = demo
     q = copy.deepcopy(model)
-    plan = LoopPlan(QWEN2_VL, QuantConfig(method, spec), PackFormat.COMPRESSED)
+    plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig(method, spec), pack_format=PackFormat.COMPRESSED)
     result = quantize_model(q, demo_batches, plan)
     export(q, processor, result, tmp_path / "ct", {})
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]

@@ -10,6 +10,7 @@ from qvlquant.checkpoint.export import MANIFEST, export
 from qvlquant.config import ExportConfig
 from qvlquant.engine.loop import LoopPlan, quantize_model
 from qvlquant.families import QWEN2_VL, family_for
+from qvlquant.quant.formats import PackFormat
 from qvlquant.quant.spec import QuantConfig, QuantSpec
 from qvlquant.runtime.load import QuantLinear
 
@@ -17,7 +18,8 @@ from qvlquant.runtime.load import QuantLinear
 def quantize_and_export(demo, demo_batches, out, spec=QuantSpec(4, 128, True), method="rtn", **options):
     model, processor = demo
     q = copy.deepcopy(model)
-    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig(method, spec, **options)))
+    plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig(method, spec, **options), pack_format=PackFormat.for_job(method))
+    result = quantize_model(q, demo_batches, plan)
     export(q, processor, result, out, {"base_model": "demo"})
     return q
 
@@ -123,7 +125,8 @@ def test_tampered_or_missing_file_fails_loading(demo, demo_batches, tmp_path):
 def test_sharded_export_index_and_missing_shard(demo, demo_batches, tmp_path):
     model, processor = demo
     q = copy.deepcopy(model)
-    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(4, 128, True))))
+    plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig("rtn", QuantSpec(4, 128, True)), pack_format=PackFormat.GPTQ)
+    result = quantize_model(q, demo_batches, plan)
     out = tmp_path / "sharded"
     export(q, processor, result, out, {}, options=ExportConfig(max_shard_bytes=2 * 2**20))
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -148,7 +151,8 @@ def test_static_act_order_exports_the_trivial_g_idx_in_the_original_column_order
     model, processor = demo
     q = copy.deepcopy(model)
     spec = QuantSpec(4, 64, True)
-    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("gptq", spec, desc_act=True, static_groups=True)))
+    qcfg = QuantConfig("gptq", spec, desc_act=True, static_groups=True)
+    result = quantize_model(q, demo_batches, LoopPlan(family=QWEN2_VL, qcfg=qcfg, pack_format=PackFormat.GPTQ))
     export(q, processor, result, tmp_path / "q", {})
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert cfg["desc_act"] is False and cfg["static_groups"] is True and cfg["meta"]["act_order"] is True

@@ -50,7 +50,8 @@ def make_export(out, model_type, fmt, method="rtn", spec=None, **options):
     model = tiny_model(model_type)
     pack, default_spec, _, _ = FORMATS[fmt]
     qcfg = QuantConfig(method, spec or default_spec, **options)
-    result = quantize_model(model, [tiny_batch(model)], LoopPlan(family_for(model_type), qcfg, pack, torch.bfloat16))
+    plan = LoopPlan(family=family_for(model_type), qcfg=qcfg, pack_format=pack, storage_dtype=torch.bfloat16)
+    result = quantize_model(model, [tiny_batch(model)], plan)
     export(model, None, result, out, {})
     return out
 

@@ -10,7 +10,8 @@ from qvlquant.engine.loop import (
     quantize_model,
 )
 from qvlquant.families import QWEN2_VL
-from qvlquant.quant.layer import LayerContext, QuantizationError, next_input
+from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.layer import LayerContext, Phase, QuantizationError, next_input
 from qvlquant.quant.spec import QuantConfig, QuantSpec
 
 
@@ -51,11 +52,31 @@ def test_rtn_pipeline_quantizes_only_decoder_linears(demo, demo_batches):
     model, _ = demo
     q = copy.deepcopy(model)
     before = {k: v.clone() for k, v in q.state_dict().items()}
-    result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(4, 128, True))))
+    plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig("rtn", QuantSpec(4, 128, True)), pack_format=PackFormat.GPTQ)
+    result = quantize_model(q, demo_batches, plan)
     assert len(result.weights) == 4 * 7
     changed = {k for k, v in q.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {f"{name}.weight" for name in result.weights}
     assert not any("visual" in k or "embed" in k or "lm_head" in k for k in changed)
+
+
+def test_phases_are_the_ones_the_method_names_never_its_text(demo, demo_batches, monkeypatch):
+    """The clock follows the Phase a method reports; its progress text (here starting with another phase's word)
+    is only shown."""
+    from qvlquant.quant import apply
+
+    rtn = apply.LAYER_METHODS["rtn"]
+
+    def searching_rtn(layer, inputs, ctx):
+        ctx.step(Phase.SCALE, "hessian of nothing: the text is not the phase")
+        rtn(layer, inputs, ctx)
+
+    monkeypatch.setitem(apply.LAYER_METHODS, "rtn", searching_rtn)
+    model, _ = demo
+    plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig("rtn", QuantSpec(8, 128, True)), pack_format=PackFormat.GPTQ)
+    phases = quantize_model(copy.deepcopy(model), demo_batches[:1], plan).phases.rounded()
+    assert set(phases) == {"capture", "load", "scale", "quantize", "pack", "replay", "save"}
+    assert all(type(k) is str for k in phases)  # plain names in the report's JSON
 
 
 def test_group_size_checked_before_calibration(demo):
@@ -69,7 +90,8 @@ def test_nan_activations_stop_naming_the_layer(demo, demo_batches):
     q = copy.deepcopy(model)
     q.model.language_model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(QuantizationError, match=r"layers\.2"):
-        quantize_model(q, demo_batches[:1], LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(8, 128, True))))
+        plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig("rtn", QuantSpec(8, 128, True)), pack_format=PackFormat.GPTQ)
+        quantize_model(q, demo_batches[:1], plan)
 
 
 def test_linear_without_calibration_tokens_raises_naming_it(demo, demo_batches):
@@ -82,8 +104,9 @@ def test_linear_without_calibration_tokens_raises_naming_it(demo, demo_batches):
     inputs = capture_inputs(model, QWEN2_VL, demo_batches[:1])
     empty = [dataclasses.replace(x, token_mask=torch.zeros_like(x.token_mask)) for x in inputs]
     with pytest.raises(QuantizationError, match=r"layers\.0\.self_attn\.q_proj: received no calibration tokens"):
-        ctx = LayerContext(QWEN2_VL, QuantConfig("gptq", QuantSpec(4, 128, True)), "model.language_model.layers.0",
-                           torch.bfloat16, finish=lambda *a: None)
+        ctx = LayerContext(family=QWEN2_VL, qcfg=QuantConfig("gptq", QuantSpec(4, 128, True)),
+                           prefix="model.language_model.layers.0", storage_dtype=torch.bfloat16,
+                           finish=lambda *a: None)
         gptq_layer(layer, empty, ctx)
 
 
@@ -101,7 +124,9 @@ def test_gptq_and_awq_beat_rtn_on_layer_error(demo, demo_batches, method):
     errors = {}
     for m in ("rtn", method):
         q = copy.deepcopy(model)
-        result = quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig(m, QuantSpec(3, 128, sym))))
+        plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig(m, QuantSpec(3, 128, sym)),
+                        pack_format=PackFormat.GPTQ)  # any width; the records are read back, not exported
+        result = quantize_model(q, demo_batches, plan)
         errs = layer_errors(model, result.weights, heldout)
         errors[m] = sum(errs.values()) / len(errs)
     factor = 0.5 if method == "gptq" else 0.95

@@ -7,13 +7,15 @@ import pytest
 
 import qvlquant.quant.apply as quant_methods
 from qvlquant.cli import main
+from qvlquant.engine.resume import RankStore
+from qvlquant.parallel.distributed import World
 
 ARGS = ["quantize", "--method", "gptq", "--bits", "4", "--num-samples", "4"]
 
 
 def crashing(method: str, at_layer: int, calls: list | None = None):
     """The method's layer function, raising when it reaches decoder layer ``at_layer`` (a simulated kill)."""
-    real = quant_methods.METHODS[method]
+    real = quant_methods.LAYER_METHODS[method]
 
     def run(layer, inputs, ctx):
         if calls is not None:
@@ -28,9 +30,9 @@ def crashing(method: str, at_layer: int, calls: list | None = None):
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
     assert main(ARGS + ["--output", str(tmp_path / "unbroken")]) == 0
-    real = quant_methods.METHODS["gptq"]
+    real = quant_methods.LAYER_METHODS["gptq"]
     calls = []
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 2, calls))
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "gptq", crashing("gptq", 2, calls))
     out = tmp_path / "resumed"
     assert main(ARGS + ["--output", str(out)]) == 2
     partial = tmp_path / ".resumed.partial"
@@ -38,7 +40,7 @@ def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, cap
     assert not out.exists()
 
     calls.clear()
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", lambda *a: (calls.append(a[-1].prefix), real(*a))[1])
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "gptq", lambda *a: (calls.append(a[-1].prefix), real(*a))[1])
     assert main(ARGS + ["--output", str(out)]) == 0
     assert [c.rsplit(".", 1)[-1] for c in calls] == ["2", "3"]  # layers 0 and 1 came from the partial run
     assert not partial.exists()
@@ -47,11 +49,11 @@ def test_resume_after_a_crash_matches_an_unbroken_run(tmp_path, monkeypatch, cap
 
 @pytest.mark.slow
 def test_partial_run_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
-    real = quant_methods.METHODS["gptq"]
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 1))
+    real = quant_methods.LAYER_METHODS["gptq"]
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "gptq", crashing("gptq", 1))
     out = tmp_path / "q"
     assert main(ARGS + ["--output", str(out)]) == 2
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", real)
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "gptq", real)
     capsys.readouterr()
     assert main(["quantize", "--method", "gptq", "--bits", "8", "--num-samples", "4", "--output", str(out)]) == 2
     assert "partial run of a different model, calibration set or settings" in capsys.readouterr().err
@@ -61,22 +63,22 @@ def test_partial_run_with_other_settings_is_refused(tmp_path, monkeypatch, capsy
 @pytest.mark.slow
 def test_awq_resume_restores_shared_scales(tmp_path, monkeypatch):
     """AWQ's codes carry one scale tensor per group (shared by its linears): they are saved and restored."""
-    real = quant_methods.METHODS["awq"]
+    real = quant_methods.LAYER_METHODS["awq"]
     argv = ["quantize", "--method", "awq", "--bits", "4", "--num-samples", "2"]
     assert main(argv + ["--output", str(tmp_path / "unbroken")]) == 0
-    monkeypatch.setitem(quant_methods.METHODS, "awq", crashing("awq", 1))
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "awq", crashing("awq", 1))
     assert main(argv + ["--output", str(tmp_path / "q")]) == 2
-    monkeypatch.setitem(quant_methods.METHODS, "awq", real)
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "awq", real)
     assert main(argv + ["--output", str(tmp_path / "q")]) == 0
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == (tmp_path / "unbroken" / "model.safetensors").read_bytes()
 
 
 def _crash_then(monkeypatch, argv, edit, capsys):
     """Crash a run at layer 1, apply ``edit``, rerun: -> (exit code, stderr) of the rerun."""
-    real = quant_methods.METHODS["gptq"]
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", crashing("gptq", 1))
+    real = quant_methods.LAYER_METHODS["gptq"]
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "gptq", crashing("gptq", 1))
     assert main(argv) == 2
-    monkeypatch.setitem(quant_methods.METHODS, "gptq", real)
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "gptq", real)
     edit()
     capsys.readouterr()
     return main(argv), capsys.readouterr().err
@@ -109,3 +111,10 @@ def test_replaced_base_weights_of_the_same_size_are_not_resumed(tmp_path, monkey
 
     code, err = _crash_then(monkeypatch, ARGS + ["--model", str(base), "--output", str(tmp_path / "q")], edit, capsys)
     assert code == 2 and "partial run of a different model, calibration set or settings" in err
+
+
+def test_only_rank_0_keeps_finished_layers():
+    store = RankStore(None, World(rank=1, size=2), [range(1), range(1, 2)])
+    for read in (store.finished, lambda: store.load(0), lambda: store.get(0, "x"), store.remove):
+        with pytest.raises(RuntimeError, match="rank 1 keeps no finished layers"):
+            read()

@@ -16,6 +16,7 @@ from qvlquant.engine.resume import DiskStore
 from qvlquant.engine.skeleton import build_skeleton, load_config
 from qvlquant.engine.streaming import StreamedLayers
 from qvlquant.families import QWEN2_VL, family_for
+from qvlquant.quant.formats import PackFormat
 from qvlquant.quant.spec import QuantConfig
 from qvlquant.storage.shards import ShardReader
 
@@ -28,7 +29,8 @@ def test_streamed_and_in_memory_exports_are_byte_identical(demo, demo_batches, t
     model, processor = demo
     qcfg = QuantConfig(method, **options)
     q = copy.deepcopy(model)
-    export(q, processor, quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, qcfg)), tmp_path / "memory", {})
+    plan = LoopPlan(family=QWEN2_VL, qcfg=qcfg, pack_format=PackFormat.for_job(method))
+    export(q, processor, quantize_model(q, demo_batches, plan), tmp_path / "memory", {})
     job = JobConfig(output=str(tmp_path / "streamed"), quant=qcfg, calib=CalibSource(num_samples=4, seed=3),
                     processing=CalibConfig(batch_size=2))  # the demo_batches fixture's samples and batching
     qvlquant.quantize(job)
@@ -67,8 +69,8 @@ def test_resident_parameters_are_one_layer_whatever_the_depth(tmp_path, monkeypa
     source.prepare_capture()
     capture = resident_bytes(skeleton)
     one_layer = sum(p.numel() * 4 for p in model.model.language_model.layers[0].parameters())
-    result = quantize_model(skeleton, batches, LoopPlan(family, QuantConfig(method)), source,
-                            DiskStore(tmp_path / "partial", "test"))
+    plan = LoopPlan(family=family, qcfg=QuantConfig(method), pack_format=PackFormat.for_job(method))
+    result = quantize_model(skeleton, batches, plan, source, DiskStore(tmp_path / "partial", "test"))
     assert result.complete and len(result.weights) == 7 * layers
     assert seen[0::2] == [one_layer] * layers and seen[1::2] == [0] * layers
     assert 0 < capture <= resident_bytes(model) - layers * one_layer  # the capture parts hold no decoder layer
@@ -82,7 +84,8 @@ def test_resume_checkpoints_hold_packed_tensors_not_float_copies(tmp_path, monke
     source = StreamedLayers(skeleton, family, ShardReader(tmp_path / "base"), torch.device("cpu"), torch.float32)
     source.prepare_capture()
     store = DiskStore(tmp_path / "partial", "test")
-    quantize_model(skeleton, [tiny_batch(model.float())], LoopPlan(family, QuantConfig("gptq")), source, store)
+    plan = LoopPlan(family=family, qcfg=QuantConfig("gptq"), pack_format=PackFormat.GPTQ)
+    quantize_model(skeleton, [tiny_batch(model.float())], plan, source, store)
     keys = ShardReader(tmp_path / "partial", ["layer_0000.safetensors"]).keys()
     linears = [f"t.model.layers.0.{n}" for n in family.linears]
     assert all(f"{n}.qweight" in keys and f"{n}.weight" not in keys for n in linears)

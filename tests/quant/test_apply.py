@@ -10,7 +10,8 @@ from torch import nn
 from qvlquant.engine.loop import LoopPlan, quantize_model
 from qvlquant.families import QWEN_VL_V1
 from qvlquant.quant import apply
-from qvlquant.quant.spec import QuantConfig, QuantSpec
+from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.spec import METHODS, QuantConfig, QuantSpec
 
 H, I, LAYERS = 64, 128, 2
 
@@ -99,7 +100,8 @@ def test_qwen_vl_v1_layout_quantizes_from_its_declaration(method, monkeypatch):
     clip_from_gram = apply.clip_from_gram
     monkeypatch.setattr(apply, "clip_from_gram",
                         lambda w, gram, spec: (clipped.append(w.shape), clip_from_gram(w, gram, spec))[1])
-    result = quantize_model(model, data, LoopPlan(QWEN_VL_V1, QuantConfig(method, QuantSpec(4, 32, method == "gptq"))))
+    qcfg = QuantConfig(method, QuantSpec(4, 32, method == "gptq"))
+    result = quantize_model(model, data, LoopPlan(family=QWEN_VL_V1, qcfg=qcfg, pack_format=PackFormat.for_job(method)))
     assert sorted(result.weights) == sorted(f"transformer.h.{i}.{n}" for i in range(LAYERS) for n in QWEN_VL_V1.linears)
     if method == "awq":  # c_attn (q, k, v fused) is declared clip-skipped; c_proj, w1, w2, mlp.c_proj are clipped
         assert (3 * H, H) not in clipped and len(clipped) == 4 * LAYERS
@@ -117,7 +119,8 @@ def _output_error(config):
     data = batches()
     with torch.no_grad():
         before = [model(**b) for b in data]
-    result = quantize_model(model, data, LoopPlan(QWEN_VL_V1, config))
+    plan = LoopPlan(family=QWEN_VL_V1, qcfg=config, pack_format=PackFormat.GPTQ)  # any width; nothing exported
+    result = quantize_model(model, data, plan)
     with torch.no_grad():
         after = [model(**b) for b in data]
     return result, float(sum((a - b).pow(2).sum() for a, b in zip(after, before)) / sum(b.pow(2).sum() for b in before))
@@ -160,3 +163,13 @@ def test_vision_weight_counts_vision_tokens_that_many_times():
     seen = x[mask & vision]
     assert n1 == n3 == 9 and seen.shape[0] == 3
     torch.testing.assert_close(S3, S1 + 2 * seen.T @ seen)
+
+
+def test_the_dispatch_holds_exactly_the_method_names():
+    """spec.METHODS (what the config, recipes and CLI accept) and the layer functions are checked at import."""
+    assert set(apply.LAYER_METHODS) == set(METHODS)
+    apply.check_dispatch(apply.LAYER_METHODS, METHODS)
+    with pytest.raises(RuntimeError, match=r"dispatches \['awq', 'gptq', 'rtn'\] but .* lists \['awq', 'gptq', 'rtn', 'smooth'\]"):
+        apply.check_dispatch(apply.LAYER_METHODS, METHODS + ("smooth",))
+    with pytest.raises(RuntimeError, match="add the method to both"):
+        apply.check_dispatch({k: v for k, v in apply.LAYER_METHODS.items() if k != "awq"}, METHODS)

@@ -10,7 +10,7 @@ from qvlquant.quant.formats import (
     unpack_bits,
 )
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
-from qvlquant.quant.spec import QuantSpec
+from qvlquant.quant.spec import METHODS, QuantSpec
 
 
 def quantized(n, k, spec, seed=0, act_order=False):
@@ -171,3 +171,13 @@ def test_compressed_tensors_round_trip_exact(bits, group_size, sym):
     back = PackFormat.COMPRESSED.unpack(packed, w.spec, 256)
     assert torch.equal(back.q, w.q) and torch.equal(back.zero, w.zero)
     assert torch.equal(back.dequantize(), w.dequantize())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_rule_picks_the_pack_format(method):
+    """--format compressed-tensors packs every method alike; auto packs AWQ as AWQ GEMM, the others as GPTQ."""
+    own = PackFormat.AWQ_GEMM if method == "awq" else PackFormat.GPTQ
+    assert PackFormat.for_job(method) is PackFormat.for_job(method, "auto") is own
+    assert PackFormat.for_job(method, "compressed-tensors") is PackFormat.COMPRESSED
+    with pytest.raises(ValueError, match="export format must be one of auto, compressed-tensors, got 'gguf'"):
+        PackFormat.for_job(method, "gguf")
