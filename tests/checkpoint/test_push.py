@@ -4,6 +4,7 @@ nothing when verification fails, and the token nowhere."""
 import hashlib
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -208,3 +209,70 @@ def test_index_shard_outside_the_manifest_pushes_nothing(tmp_path):
     with pytest.raises(PushError, match=r"shards \['model-00002-of-00002.safetensors'\] named in the index"):
         push(q, "me/x", api=api)
     assert api.calls == []
+
+
+def exposed(text: str, token: str = TOKEN) -> bool:
+    """Whether ``token``'s secret part is readable in ``text`` once whitespace, quotes and escapes are dropped (a
+    token split across lines or escaped by repr / JSON still counts)."""
+    return token[3:] in re.sub(r"\\+[rnt]|[\s\\'\"]", "", text)
+
+
+FORMS = {  # how a token read from a CRLF .env can show up in a client's exception text
+    "raw": lambda t: f"401 for Bearer {t}",
+    "repr of the headers": lambda t: f"401 Unauthorized, headers={ {'authorization': f'Bearer {t}'}!r}",
+    "repr of a repr": lambda t: repr(repr({"authorization": f"Bearer {t}"})),
+    "json": lambda t: json.dumps({"headers": {"authorization": f"Bearer {t}"}}),
+    "quoted": lambda t: f'token "{t.strip()}" refused',
+    "split across lines": lambda t: f"Bearer {t[:12]}\n    {t[12:]}",
+    "split, escaped": lambda t: repr(f"Bearer {t[:12]}\n{t[12:]}"),
+    "another hf_ token": lambda t: "cached login hf_" + "Z" * 30 + " refused",
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_token_with_a_crlf_is_scrubbed_in_every_form(tmp_path, monkeypatch, form):
+    """HF_TOKEN from a .env saved with CRLF: the client's error may hold the token raw, escaped (repr / JSON),
+    quoted or wrapped onto two lines; none of them reaches the PushError."""
+    raw = TOKEN + "\r\n"
+    monkeypatch.setenv("HF_TOKEN", raw)
+    text = FORMS[form](raw)
+    secret = "hf_" + "Z" * 30 if form == "another hf_ token" else TOKEN
+    assert exposed(text, secret)  # the form as the client would print it
+    api = FakeApi(fail_with=RuntimeError(text))
+    with pytest.raises(PushError, match=r"push to me/x failed: RuntimeError: .*\*\*\*") as e:
+        push(tiny_export(tmp_path / "q"), "me/x", api=api)
+    assert not exposed(str(e.value), secret), str(e.value)
+
+
+def test_token_whitespace_is_stripped_before_the_client_sees_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", f"  {TOKEN}\r\n")
+    seen = []
+
+    class Client(FakeApi):
+        def __init__(self, token=None):
+            super().__init__()
+            seen.append(token)
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Client)
+    push(tiny_export(tmp_path / "q"), "me/x")
+    assert seen == [TOKEN]
+
+
+@pytest.mark.parametrize("bad", [TOKEN[:10] + " " + TOKEN[10:], TOKEN[:10] + "\r\n" + TOKEN[10:], TOKEN + "\x07x"])
+def test_token_with_inner_whitespace_or_control_characters_is_refused_unprinted(tmp_path, monkeypatch, bad):
+    monkeypatch.setenv("HF_TOKEN", bad)
+    api = FakeApi()
+    with pytest.raises(PushError, match=r"HF_TOKEN holds whitespace or control characters") as e:
+        push(tiny_export(tmp_path / "q"), "me/x", api=api)
+    assert api.calls == [] and TOKEN[:10] not in str(e.value) and TOKEN[10:] not in str(e.value)
+
+
+def test_cached_login_is_stripped_and_checked_too(monkeypatch):
+    from qvlquant.checkpoint.push import resolve_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: TOKEN + "\n")
+    assert resolve_token() == TOKEN
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: TOKEN[:5] + "\t" + TOKEN[5:])
+    with pytest.raises(PushError, match="the cached login .* holds whitespace or control characters"):
+        resolve_token()
