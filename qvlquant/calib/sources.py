@@ -69,6 +69,12 @@ def _text(path: pathlib.Path) -> str:
                                "save it as UTF-8") from None
 
 
+def _lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of a JSONL or TSV text, split at "\\n" only: ``str.splitlines`` also splits at U+2028,
+    U+0085 and others that JSON allows raw inside a string. A CRLF's "\\r" is dropped."""
+    return [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1)]
+
+
 def _parse(text: str, where: str, one_line: bool = False):
     try:
         return json.loads(text)
@@ -83,7 +89,7 @@ def _file(path: pathlib.Path) -> tuple[list, list[str]]:
     """-> (rows, names): ``file.jsonl:LINE`` or ``file.json[INDEX]``."""
     text = _text(path)
     if path.suffix == ".jsonl":
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        lines = [(n, line) for n, line in _lines(text) if line.strip()]
         return [_parse(line, f"{path}:{n}", one_line=True) for n, line in lines], [f"{path.name}:{n}" for n, _ in lines]
     rows = _parse(text, str(path))
     if not isinstance(rows, list):
@@ -182,7 +188,7 @@ def normalise_row(row, name: str):
 def _folder(path: pathlib.Path) -> tuple[list, list[str]]:
     rows = []
     if (path / "captions.jsonl").exists():
-        for i, line in enumerate((path / "captions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in _lines((path / "captions.jsonl").read_text(encoding="utf-8")):
             if line.strip():
                 try:
                     entry = json.loads(line)
@@ -190,7 +196,7 @@ def _folder(path: pathlib.Path) -> tuple[list, list[str]]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CalibrationError(f"{path}/captions.jsonl:{i}: expected {{\"image\": ..., \"caption\": ...}}") from None
     elif (path / "captions.tsv").exists():
-        for i, line in enumerate((path / "captions.tsv").read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in _lines((path / "captions.tsv").read_text(encoding="utf-8")):
             if line.strip():
                 image, sep, caption = line.partition("\t")
                 if not sep:

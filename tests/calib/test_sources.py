@@ -101,3 +101,18 @@ def test_jsonl_rows_are_named_by_their_line_and_undecodable_files_by_their_path(
     (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(CalibrationError, match=r"deep\.json: invalid JSON \(nested too deeply\)"):
         load_samples(str(tmp_path / "deep.json"), 1)
+
+
+def test_jsonl_lines_end_at_newlines_only(images):
+    """U+2028, U+0085 (and U+2029, form feed) are valid raw inside a JSON string; ``str.splitlines`` would cut the
+    row there. A CRLF file reads the same as an LF one."""
+    texts = ["one\u2028two", "three\u0085four", "five\u2029six\x0cseven"]
+    rows = "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n"
+    (images / "c.jsonl").write_bytes(rows.encode("utf-8"))
+    samples, names, _ = load_samples(str(images / "c.jsonl"), 3)
+    assert dict(zip(names, samples)) == {f"c.jsonl:{i}": t for i, t in enumerate(texts, 1)}
+    captions = "\r\n".join(json.dumps({"image": f"{i}.png", "caption": t}, ensure_ascii=False) for i, t in enumerate(texts))
+    (images / "img" / "captions.jsonl").write_bytes(captions.encode("utf-8"))
+    samples, names, _ = load_samples(str(images / "img"), 3)
+    assert {n: s[1]["content"][0]["text"] for n, s in zip(names, samples)} == {
+        f"captions.jsonl:{i}": t for i, t in enumerate(texts, 1)}
