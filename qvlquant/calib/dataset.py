@@ -26,6 +26,7 @@ from qvlquant.calib.samples import (
     reserved_pattern,
     validate_sample,
 )
+from qvlquant.calib.template import render_chat
 
 
 def _resize_within(img: Image.Image, max_pixels: int) -> Image.Image:
@@ -78,7 +79,7 @@ def encode_sample(processor, sample, cfg: CalibConfig, name: str) -> dict[str, t
         enc = processor(text=[sample], return_tensors="pt")
     else:
         messages, images, videos = prepare_messages(sample, cfg, name)
-        text = processor.apply_chat_template(messages, tokenize=False)
+        text = render_chat(processor, messages, cfg, name)
         if text.count("<|image_pad|>") != len(images) or text.count("<|video_pad|>") != len(videos):
             raise CalibrationError(f"{name}: {len(images)} images / {len(videos)} videos but the chat template wrote "
                                    f"{text.count('<|image_pad|>')} / {text.count('<|video_pad|>')} placeholders")
