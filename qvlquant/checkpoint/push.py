@@ -18,6 +18,7 @@ import re
 
 from qvlquant.checkpoint.card import CARD, folder_card
 from qvlquant.checkpoint.export import REPORT
+from qvlquant.eval.check import read_report, validate_report
 from qvlquant.storage.manifest import (
     MANIFEST,
     dump_manifest,
@@ -111,9 +112,12 @@ def scrub(text: str, token: str | None) -> str:
 
 
 def push(folder, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False,
-         eval_report: dict | None = None, api=None) -> dict:
-    """-> {"repo", "files", "revision", "dry_run"}; raises PushError without the token in its text."""
+         eval_report: dict | str | pathlib.Path | None = None, api=None) -> dict:
+    """-> {"repo", "files", "revision", "dry_run"}; raises PushError without the token in its text. ``eval_report``:
+    a report (qvlquant eval --report) or the path of its JSON, read by qvlquant.eval.check (bounded, validated)."""
     folder = pathlib.Path(folder)
+    if eval_report is not None and not isinstance(eval_report, dict):
+        eval_report = validate_report(read_report(eval_report), str(eval_report))
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise PushError(f"--repo {repo_id!r}: expected owner/name")
     try:

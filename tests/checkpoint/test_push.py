@@ -4,6 +4,7 @@ nothing when verification fails, and the token nowhere."""
 import hashlib
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -276,3 +277,36 @@ def test_cached_login_is_stripped_and_checked_too(monkeypatch):
     monkeypatch.setattr("huggingface_hub.get_token", lambda: TOKEN[:5] + "\t" + TOKEN[5:])
     with pytest.raises(PushError, match="the cached login .* holds whitespace or control characters"):
         resolve_token()
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "folder"])
+def test_eval_report_that_is_not_a_regular_file_exits_2_unread(tmp_path, capsys, deadline, kind):
+    """``push --eval /dev/zero`` read until memory ran out; a FIFO with no writer blocked for ever."""
+    q = tiny_export(tmp_path / "q")
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "eval.json")
+    path = {"dev-zero": "/dev/zero", "fifo": str(tmp_path / "eval.json"), "folder": str(tmp_path)}[kind]
+    with deadline(5):
+        assert main(["push", str(q), "--repo", "me/x", "--dry-run", "--eval", path]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qvlquant push: error: eval report {path} is not a regular file (a FIFO, a device or a folder); give a file"]
+
+
+def test_eval_report_over_the_cap_or_not_a_report_is_refused(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    big = tmp_path / "eval.json"
+    with open(big, "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse
+    assert main(["push", str(q), "--repo", "me/x", "--dry-run", "--eval", str(big)]) == 2
+    assert f"eval report {big} is 1048577 bytes, over the 1 MiB cap" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["push", str(q), "--repo", "me/x", "--dry-run", "--eval", str(tmp_path / "list.json")]) == 2
+    assert "not an eval report" in capsys.readouterr().err
+
+
+def test_eval_report_path_fills_the_card(tmp_path):
+    q = tiny_export(tmp_path / "q")
+    (tmp_path / "eval.json").write_text(json.dumps({"task": "easyvqa", "accuracy": 77.5, "n": 100, "model": "q"}))
+    api = FakeApi()
+    push(q, "me/x", eval_report=tmp_path / "eval.json", api=api)
+    assert b"| q | easyvqa | 77.50 | 100 | - |" in api.sent["README.md"]
