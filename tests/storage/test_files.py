@@ -1,8 +1,6 @@
 """Files a user hands in: regular files under a cap, checked before and after opening; a FIFO never blocks."""
 
-import contextlib
 import os
-import signal
 
 import pytest
 
@@ -15,27 +13,11 @@ from qvlquant.storage.files import (
 )
 
 
-@contextlib.contextmanager
-def deadline(seconds):
-    """Fail instead of hanging: a blocked open() is interrupted by SIGALRM."""
-
-    def expire(signum, frame):
-        raise AssertionError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.parametrize("read", [
     lambda p: read_text_bounded(p, 1 << 20, "recipe"),
     lambda p: list(read_lines_bounded(p, 1 << 20, 1024, "recipe")),
 ])
-def test_not_regular_files_are_refused_unopened(tmp_path, read):
+def test_not_regular_files_are_refused_unopened(tmp_path, read, deadline):
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)  # no writer: a plain open() would block forever
     for path in ("/dev/zero", str(fifo), str(tmp_path)):
@@ -43,7 +25,7 @@ def test_not_regular_files_are_refused_unopened(tmp_path, read):
             read(path)
 
 
-def test_a_fifo_swapped_in_after_the_check_does_not_block(tmp_path, monkeypatch):
+def test_a_fifo_swapped_in_after_the_check_does_not_block(tmp_path, monkeypatch, deadline):
     """The race: stat() saw a file, open() meets a FIFO. O_NONBLOCK opens it at once and fstat() refuses it."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
