@@ -1,4 +1,4 @@
-"""CalibConfig: the sequence and pixel budgets, validated where they are set."""
+"""CalibConfig (qvlquant/calib/config.py; tests/test_config.py is the job config's): the sequence and pixel budgets."""
 
 import pytest
 
