@@ -5,8 +5,9 @@ qwen_vl_utils fetches any URL with no timeout or size cap. Here network images a
 they go through ``calib.fetch`` (http(s) only, public addresses only, every redirect re-checked, one deadline for the
 whole download, a byte cap). The bytes must be one of a few common raster formats (ALLOWED_FORMATS), whatever the
 name says: EPS, PostScript and the rarer PIL plugins are refused before any of them parses the file. A path is
-resolved (symlinks included) and must stay inside the allowed root; it must be a regular file; the decode is forced at load so a truncated or fake image fails here, naming the file; decompression
-bombs are errors; every image is normalised to 8-bit RGB with its EXIF orientation applied.
+resolved (symlinks included) and must stay inside the allowed root; it must be a regular file; the decode is forced
+at load so a truncated or fake image fails here, naming the file; decompression bombs are errors; every image is
+normalised to 8-bit RGB with its EXIF orientation applied.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def detected_format(data: bytes) -> str | None:
 def _refused_format(data: bytes, name: str) -> ImageError:
     fmt, allowed = detected_format(data), ", ".join(ALLOWED_FORMATS)
     if fmt is None or fmt in ALLOWED_FORMATS:
-        return ImageError(f"image {name!r} cannot be decoded: its bytes are none of the allowed image formats ({allowed})")
+        return ImageError(f"image {name!r} cannot be decoded: its bytes are none of the allowed image formats "
+                          f"({allowed})")
     return ImageError(f"image {name!r} is {fmt}, not one of the allowed image formats ({allowed}); convert it to PNG "
                       "or JPEG")
 

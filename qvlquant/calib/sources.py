@@ -194,7 +194,8 @@ def _captions(path: pathlib.Path) -> Iterator[tuple[str, str, str]]:
     jsonl, tsv = path / "captions.jsonl", path / "captions.tsv"
     if not jsonl.exists() and not tsv.exists():
         raise CalibrationError(f"{path}: an image folder needs captions.jsonl or captions.tsv")
-    for i, line in read_lines_bounded(jsonl if jsonl.exists() else tsv, MAX_JSONL_BYTES, MAX_LINE_BYTES, "captions file"):
+    lines = read_lines_bounded(jsonl if jsonl.exists() else tsv, MAX_JSONL_BYTES, MAX_LINE_BYTES, "captions file")
+    for i, line in lines:
         if not line.strip():
             continue
         if jsonl.exists():
@@ -214,7 +215,8 @@ def _captions(path: pathlib.Path) -> Iterator[tuple[str, str, str]]:
 def _folder(path: pathlib.Path) -> Iterator[tuple[list, str]]:
     """One "describe this image" conversation per captioned image."""
     for image, caption, name in _captions(path):
-        yield [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]},
+        prompt = [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]
+        yield [{"role": "user", "content": prompt},
                {"role": "assistant", "content": [{"type": "text", "text": caption}]}], name
 
 

@@ -82,7 +82,8 @@ def read_report(path: str | pathlib.Path) -> dict:
     try:
         report = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise ValueError(f"cannot read eval report {path}: {e if isinstance(e, ValueError) else 'nested too deeply'}") from None
+        reason = e if isinstance(e, ValueError) else "nested too deeply"
+        raise ValueError(f"cannot read eval report {path}: {reason}") from None
     if not isinstance(report, dict):
         raise ValueError(f"{path}: not an eval report (a JSON object from qvlquant eval --report)")
     return report

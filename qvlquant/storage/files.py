@@ -69,7 +69,8 @@ def _utf8(data: bytes, where: str, column: bool = False) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         at = f"column {e.start + 1}" if column else f"offset {e.start}"
-        raise InputFileError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at {at}); save it as UTF-8") from None
+        byte = data[e.start]
+        raise InputFileError(f"{where}: not UTF-8 text (byte 0x{byte:02x} at {at}); save it as UTF-8") from None
 
 
 def read_text_bounded(path, max_bytes: int, what: str) -> str:
