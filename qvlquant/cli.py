@@ -317,9 +317,8 @@ def add_push(sub) -> None:
 def run_push(args) -> int:
     from qvlquant.checkpoint.push import PushError, push
 
-    eval_report = json.loads(pathlib.Path(args.eval).read_text()) if args.eval else None
     try:
-        plan = push(args.model, args.repo, args.private, args.revision, args.dry_run, eval_report)
+        plan = push(args.model, args.repo, args.private, args.revision, args.dry_run, args.eval)
     except PushError as e:
         raise RuntimeError(str(e)) from None
     verb = "would push" if plan["dry_run"] else "pushed"

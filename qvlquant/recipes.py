@@ -2,7 +2,8 @@
 
 A recipe's keys are the quantize settings' names, i.e. the quantize flags' names with underscores (``group_size``
 for ``--group-size``); ``recipes/*.yaml`` are examples. What a recipe may hold is declared here (SETTINGS: type and
-choices of each key), not read from a command-line parser. Every error names the file and the key.
+choices of each key), not read from a command-line parser. Every error names the file and the key. A recipe is a
+regular file of at most 1 MiB (storage.files), in YAML without anchors or aliases (RecipeLoader).
 
     recipe = load_recipe("recipes/demo-gptq-int4.yaml")
     recipe.settings     # {"model": "demo", "method": "gptq", "bits": 4, ...}
@@ -26,6 +27,10 @@ from qvlquant.eval.check import (
 )
 from qvlquant.quant.formats import EXPORT_FORMATS
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS
+from qvlquant.storage.files import read_text_bounded
+
+MAX_RECIPE_BYTES = 1 << 20  # the published recipes are under 1 KB
+MAX_ERROR_CHARS = 300  # of a YAML parser's message quoted in an error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +106,11 @@ def setting_value(key: str, value, source: str):
         value = float(value)
     if isinstance(value, bool) != (spec.type is bool) or not isinstance(value, spec.type):  # YAML true is no int
         expected = "true or false" if spec.type is bool else spec.type.__name__
-        raise ValueError(f"recipe {source}: {key} must be {expected}, got {value!r}")
+        raise ValueError(f"recipe {source}: {key} must be {expected}, got {value!r:.80}")
     if spec.type is float and not math.isfinite(value):
-        raise ValueError(f"recipe {source}: {key} must be a finite number, got {value!r}")
+        raise ValueError(f"recipe {source}: {key} must be a finite number, got {value!r:.80}")
     if spec.choices and value not in spec.choices:
-        raise ValueError(f"recipe {source}: {key} must be one of {list(spec.choices)}, got {value!r}")
+        raise ValueError(f"recipe {source}: {key} must be one of {list(spec.choices)}, got {value!r:.80}")
     return value
 
 
@@ -114,14 +119,14 @@ def check_section(section, source: str) -> Tolerances:
     if section is None:
         return Tolerances()
     if not isinstance(section, Mapping):
-        raise ValueError(f"recipe {source}: check must be a mapping with {' and/or '.join(CHECK_KEYS)}, got {section!r}")
+        raise ValueError(f"recipe {source}: check must be a mapping with {' and/or '.join(CHECK_KEYS)}, got {section!r:.80}")
     unknown = sorted(set(section) - set(CHECK_KEYS))
     if unknown:
         raise ValueError(f"recipe {source}: unknown check key(s) {unknown}; known: {', '.join(CHECK_KEYS)}")
     drops = section.get("max_drop") or {}
     if not isinstance(drops, Mapping):
-        raise ValueError(f"recipe {source}: check.max_drop must map task -> points, got {drops!r}")
-    max_drop = {known_task(task, f"recipe {source}: check.max_drop"): tolerance(points, f"recipe {source}: check.max_drop.{task}")
+        raise ValueError(f"recipe {source}: check.max_drop must map task -> points, got {drops!r:.80}")
+    max_drop = {known_task(task, f"recipe {source}: check.max_drop"): tolerance(points, f"recipe {source}: check.max_drop.{task!s:.80}")
                 for task, points in drops.items()}
     ppl = tolerance(section.get("max_ppl_increase", DEFAULT_MAX_PPL_INCREASE), f"recipe {source}: check.max_ppl_increase")
     return Tolerances(max_drop, ppl)
@@ -131,19 +136,33 @@ def parse_recipe(data, source: str) -> Recipe:
     """A recipe from its parsed YAML ``data``; ``source`` (the file) is named in every error."""
     if not isinstance(data, Mapping):
         raise ValueError(f"recipe {source}: expected a mapping of settings, got {type(data).__name__}")
-    unknown = sorted(str(k) for k in set(data) - set(SETTINGS) - {"check"})
+    unknown = sorted(str(k)[:80] for k in set(data) - set(SETTINGS) - {"check"})
     if unknown:
-        raise ValueError(f"recipe {source}: unknown key(s) {unknown}; known: {', '.join(sorted(SETTINGS))}")
+        raise ValueError(f"recipe {source}: unknown key(s) {unknown[:20]}; known: {', '.join(sorted(SETTINGS))}")
     settings = {k: setting_value(k, v, source) for k, v in data.items() if k != "check"}
     return Recipe(str(source), settings, check_section(data.get("check"), source))
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe subset without anchors and aliases: a recipe needs neither, and aliases of aliases (a "billion
+    laughs") build a value whose printing in an error takes gigabytes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in a "
+                                              "recipe; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_recipe(path: str | pathlib.Path) -> Recipe:
-    """Read and validate the recipe YAML at ``path``."""
+    """Read (a regular file of at most MAX_RECIPE_BYTES) and validate the recipe YAML at ``path``."""
+    text = read_text_bounded(path, MAX_RECIPE_BYTES, "recipe")
     try:
-        data = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read recipe {path}: {' '.join(str(e).split())}") from None
+        data = yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
+    except (yaml.YAMLError, RecursionError) as e:
+        reason = " ".join(str(e).split()) if isinstance(e, yaml.YAMLError) else "nested too deeply"
+        raise ValueError(f"cannot read recipe {path}: {reason[:MAX_ERROR_CHARS]}") from None
     return parse_recipe(data, str(path))
 
 

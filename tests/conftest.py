@@ -1,6 +1,8 @@
 """Test-wide settings: offline hub, 2 threads, and any non-loopback network connection is a failure."""
 
+import contextlib
 import os
+import signal
 import socket
 import tempfile
 
@@ -36,6 +38,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    def expire(signum, frame):
+        raise AssertionError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def deadline():
+    """``with deadline(5): ...``: a call that blocks (open() of a FIFO with no writer) fails the test after that many
+    seconds instead of hanging it (SIGALRM interrupts the blocked call)."""
+    return _deadline
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 import argparse
 import json
+import os
 import pathlib
 
 import pytest
@@ -121,3 +122,59 @@ def test_demo_recipe_with_a_flag_overriding_it(tmp_path):
     assert report["method"] == "gptq" and report["bits"] == 4 and report["calibration"]["num_samples"] == 4
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["sym"] is True and config["damp_percent"] == 0.1 and config["true_sequential"] is True
+
+
+def special_file(tmp_path, kind: str) -> str:
+    """/dev/zero (endless), a FIFO with no writer (open blocks) or a folder, as a recipe path."""
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "r.yaml")
+        return str(tmp_path / "r.yaml")
+    return {"dev-zero": "/dev/zero", "folder": str(tmp_path)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "folder"])
+def test_recipe_that_is_not_a_regular_file_is_refused_unread(tmp_path, capsys, deadline, kind):
+    path = special_file(tmp_path, kind)
+    with deadline(5):
+        assert main(["quantize", "--recipe", path, "--output", str(tmp_path / "o")]) == 2
+        assert main(["check", "report.json", "--recipe", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qvlquant {cmd}: error: recipe {path} is not a regular file (a FIFO, a device or a folder); give a "
+                   "file" for cmd in ("quantize", "check")]
+
+
+def test_recipe_over_the_cap_is_refused_unread(tmp_path):
+    path = tmp_path / "r.yaml"
+    with open(path, "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse: the size is all that is read
+    with pytest.raises(ValueError, match=rf"^recipe {path} is 1048577 bytes, over the 1 MiB cap$"):
+        load_recipe(path)
+
+
+def alias_bomb(levels: int) -> str:
+    """A 'billion laughs' under a known key: each level an anchored list of nine aliases of the one before, so that
+    printing the value (in "model must be str, got ...") writes 9**levels strings."""
+    lines = ['model:', '  - &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"  - &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text", [alias_bomb(6), alias_bomb(9), "model: &m demo\n", "a: &x 1\nmodel: *x\n"],
+                         ids=["bomb-6", "bomb-9", "anchor", "alias"])
+def test_yaml_anchors_and_aliases_are_refused(tmp_path, text):
+    """A 0.7 KB alias bomb expands to 387 million strings when printed; a recipe needs neither anchors nor
+    aliases, so both are refused before anything is built, in a short message."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"anchors and aliases .* are not allowed in a recipe") as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, "model: " + "x" * 300000 + "\nbits: [" + "9," * 100000 + "9]\n"])
+def test_deep_or_long_recipes_give_short_errors(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"recipe {path}") as e:
+        load_recipe(path)
+    assert len(str(e.value)) < 400

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# The most pixels an image may be given: qwen-vl-utils' own maximum (16384 visual tokens of 28x28 pixels). Budgets of
+# 1e8-1e9 pixels upscale every image past what any Qwen-VL was trained on, and past the machine's memory.
+MAX_PIXELS_CEILING = 16384 * 28 * 28
+
 
 @dataclasses.dataclass(frozen=True)
 class CalibConfig:
@@ -17,5 +21,8 @@ class CalibConfig:
     def __post_init__(self):
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
+        if self.max_pixels > MAX_PIXELS_CEILING:
+            raise ValueError(f"max_pixels must be at most {MAX_PIXELS_CEILING} (16384 * 28 * 28, qwen-vl-utils' "
+                             f"maximum), got {self.max_pixels}")
         if self.batch_size < 1 or self.max_length < 1:
             raise ValueError("batch_size and max_length must be positive")

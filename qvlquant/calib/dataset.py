@@ -26,6 +26,7 @@ from qvlquant.calib.samples import (
     reserved_pattern,
     validate_sample,
 )
+from qvlquant.calib.template import render_chat
 
 
 def _resize_within(img: Image.Image, max_pixels: int) -> Image.Image:
@@ -50,6 +51,30 @@ def _frames(item: dict, cfg: CalibConfig, where: str) -> list[Image.Image]:
         shown = " and ".join(f"{w}x{h}" for w, h in sizes[:2])
         raise CalibrationError(f"{where}: video frames differ in size ({shown}); give every frame one size")
     return frames
+
+
+def min_visual_tokens(processor, cfg: CalibConfig, images: int, frames: list[int]) -> int:
+    """The fewest visual tokens ``images`` images and videos of ``frames`` frames can become: the processor scales
+    each to at least ``min_pixels``, one token per (patch * merge)**2 pixels, and a video's frames in pairs
+    (temporal_patch_size). A lower bound, known before any image is opened."""
+    vision = processor.image_processor
+    video = getattr(processor, "video_processor", None) or vision
+    per_image = max(1, cfg.min_pixels // (vision.patch_size * vision.merge_size) ** 2)
+    steps = sum(-(-n // video.temporal_patch_size) for n in frames)  # frames per step, rounded up
+    return per_image * (images + steps)
+
+
+def check_visual_count(processor, messages: list[dict], cfg: CalibConfig, name: str) -> None:
+    """Refuse a sample whose images and video frames cannot fit in ``max_length`` before loading any of them (1,500
+    frames took 12.8 GiB before the token count refused them)."""
+    items = [item for turn in messages for item in content_items(turn)]
+    images = sum(item_kind(item) == "image" for item in items)
+    frames = [len(item["video"]) for item in items if item_kind(item) == "video"]
+    need = min_visual_tokens(processor, cfg, images, frames)
+    if need > cfg.max_length:
+        raise CalibrationError(f"{name}: {sum(frames)} video frames and {images} images need at least {need} visual "
+                               f"tokens, over max_length {cfg.max_length}; use fewer frames or images, or raise "
+                               "max_length")
 
 
 def prepare_messages(messages: list[dict], cfg: CalibConfig, name: str) -> tuple[list[dict], list, list]:
@@ -77,8 +102,9 @@ def encode_sample(processor, sample, cfg: CalibConfig, name: str) -> dict[str, t
     if isinstance(sample, str):
         enc = processor(text=[sample], return_tensors="pt")
     else:
+        check_visual_count(processor, sample, cfg, name)
         messages, images, videos = prepare_messages(sample, cfg, name)
-        text = processor.apply_chat_template(messages, tokenize=False)
+        text = render_chat(processor, messages, cfg, name)
         if text.count("<|image_pad|>") != len(images) or text.count("<|video_pad|>") != len(videos):
             raise CalibrationError(f"{name}: {len(images)} images / {len(videos)} videos but the chat template wrote "
                                    f"{text.count('<|image_pad|>')} / {text.count('<|video_pad|>')} placeholders")

@@ -3,9 +3,11 @@ user opts in.
 
 qwen_vl_utils fetches any URL with no timeout or size cap. Here network images are off by default; with ``allow_urls``
 they go through ``calib.fetch`` (http(s) only, public addresses only, every redirect re-checked, one deadline for the
-whole download, a byte cap). A path is resolved (symlinks included) and must stay inside the allowed root; it must be a
-regular file; the decode is forced at load so a truncated or fake image fails here, naming the file; decompression
-bombs are errors; every image is normalised to 8-bit RGB with its EXIF orientation applied.
+whole download, a byte cap). The bytes must be one of a few common raster formats (ALLOWED_FORMATS), whatever the
+name says: EPS, PostScript and the rarer PIL plugins are refused before any of them parses the file. A path is
+resolved (symlinks included) and must stay inside the allowed root; it must be a regular file; the decode is forced
+at load so a truncated or fake image fails here, naming the file; decompression bombs are errors; every image is
+normalised to 8-bit RGB with its EXIF orientation applied.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pathlib
 import stat
 import warnings
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qvlquant.calib.errors import ImageError
 from qvlquant.calib.fetch import fetch
@@ -26,6 +28,20 @@ from qvlquant.calib.fetch import fetch
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_DATA_URI_BYTES = 32 * 1024 * 1024
 MAX_ASPECT_RATIO = 200  # the Qwen2-VL image processor refuses more
+# The formats an image may be, decided from its bytes (PIL tries only these plugins), never from its name or a data
+# URI's claimed type. Each is a raster format decoded inside the process by a library in wide use; everything else is
+# refused, above all EPS / PostScript, whose PIL plugin starts Ghostscript (an interpreter of the file) even to ask
+# its version, and the long tail of rarely exercised plugins.
+ALLOWED_FORMATS = (
+    "PNG",  # lossless: screenshots, charts, what dataset tools write
+    "JPEG",  # photographs (a phone's MPO opens as its first JPEG)
+    "GIF",  # web images and animations (the first frame is used)
+    "BMP",  # uncompressed bitmaps
+    "WEBP",  # the web's current format (libwebp)
+    "TIFF",  # scans and document images (libtiff)
+)
+# Signatures of non-image files people hand in as images that PIL cannot name (it only writes PDF).
+OTHER_SIGNATURES = {b"%PDF-": "PDF"}
 
 
 def _check_path(path: str | os.PathLike, root: str | os.PathLike | None) -> pathlib.Path:
@@ -52,12 +68,38 @@ def _check_path(path: str | os.PathLike, root: str | os.PathLike | None) -> path
     return resolved
 
 
+def detected_format(data: bytes) -> str | None:
+    """The format ``data``'s first bytes claim to be, by each PIL plugin's signature check (no plugin opens it)."""
+    Image.init()
+    prefix = data[:16]
+    for signature, kind in OTHER_SIGNATURES.items():
+        if prefix.startswith(signature):
+            return kind
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        result = accept(prefix) if accept is not None else None
+        if result and not isinstance(result, str):  # a str is PIL's "looks like it, but unsupported" note
+            return fmt
+    return None
+
+
+def _refused_format(data: bytes, name: str) -> ImageError:
+    fmt, allowed = detected_format(data), ", ".join(ALLOWED_FORMATS)
+    if fmt is None or fmt in ALLOWED_FORMATS:
+        return ImageError(f"image {name!r} cannot be decoded: its bytes are none of the allowed image formats "
+                          f"({allowed})")
+    return ImageError(f"image {name!r} is {fmt}, not one of the allowed image formats ({allowed}); convert it to PNG "
+                      "or JPEG")
+
+
 def _decode(data: bytes, name: str) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             img.load()  # force the decode: truncated files fail here, not later
+        except UnidentifiedImageError:
+            raise _refused_format(data, name) from None
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ImageError(f"image {name!r} is too large to decode safely: {e}") from None
         except (OSError, SyntaxError, ValueError) as e:

@@ -29,6 +29,7 @@ V1_MARKERS = ("<img>", "</img>", "<imgpad>", "<ref>", "</ref>", "<box>", "</box>
 # its tiktoken tokenizer reads every special token in text (allowed_special="all"), <|extra_0|> ... <|extra_204|> included
 V1_PATTERN = marker_pattern(V1_MARKERS + RESERVED_MARKERS, extra=r"<\|extra_\d+\|>")
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+TOKENS_PER_PICTURE = 256  # its visual encoder's fixed output per image
 
 
 def _image_path(source, cfg: CalibConfig, where: str) -> str:
@@ -52,6 +53,10 @@ def _image_path(source, cfg: CalibConfig, where: str) -> str:
 def v1_text(messages: list[dict], cfg: CalibConfig, name: str) -> str:
     """ChatML text with ``Picture i: <img>/abs/path</img>`` for each image, as Qwen-VL-Chat's chat() builds it."""
     validate_sample(messages, name, V1_PATTERN)
+    pictures = sum(item_kind(item) == "image" for turn in messages for item in content_items(turn))
+    if pictures * TOKENS_PER_PICTURE > cfg.max_length:  # refused before any image is opened
+        raise CalibrationError(f"{name}: {pictures} pictures take {pictures * TOKENS_PER_PICTURE} tokens "
+                               f"({TOKENS_PER_PICTURE} each), over max_length {cfg.max_length}; use fewer pictures")
     out, picture = [SYSTEM], 0
     for i, turn in enumerate(messages, 1):
         parts = []
@@ -77,5 +82,5 @@ def encode_v1(tokenizer, sample, cfg: CalibConfig, name: str) -> dict[str, torch
         text = v1_text(sample, cfg, name)
     enc = tokenizer(text, return_tensors="pt")
     if enc["input_ids"].shape[1] > cfg.max_length:
-        raise CalibrationError(f"{name}: {enc['input_ids'].shape[1]} tokens (256 per picture), over max_length {cfg.max_length}")
+        raise CalibrationError(f"{name}: {enc['input_ids'].shape[1]} tokens ({TOKENS_PER_PICTURE} per picture), over max_length {cfg.max_length}")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -11,6 +11,10 @@
   (``file<TAB>caption``): one "describe this image" conversation per image.
 - ``hf:PATH_OR_ID`` (``--split``, column flags): a Hugging Face dataset, saved with ``save_to_disk`` or loadable
   with ``load_dataset``; image columns hold PIL images or paths.
+
+Files are read as regular files under caps (qvlquant.storage.files): a .json file of at most 64 MiB (parsed whole),
+a .jsonl / captions file of at most 1 GiB read a line at a time, lines of at most 8 MiB ending at "\\n" only. Each
+row is checked as it is read, so the first bad row ends the read, naming its line.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from __future__ import annotations
 import json
 import pathlib
 import random
+from collections.abc import Iterable, Iterator
 
 from qvlquant.assets.paths import DATA_DIR
 from qvlquant.calib.easyvqa import VqaItem, load_split
 from qvlquant.calib.errors import CalibrationError
 from qvlquant.calib.samples import validate_sample
+from qvlquant.storage.files import InputFileError, read_lines_bounded, read_text_bounded
 from qvlquant.storage.manifest import is_pickle
 
 
@@ -60,13 +66,12 @@ def _builtin(source: str, num_samples: int, rng: random.Random) -> tuple[list, l
     return chats + texts, chat_names + text_names
 
 
-def _text(path: pathlib.Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CalibrationError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                               "save it as UTF-8") from None
+# A .json file is parsed whole (in memory a JSON value takes up to ~20x its text); larger sets go in .jsonl files,
+# read a line at a time with each row checked as it is read. One row: a 50 MB line took 5.7 GiB to parse, and 8 MiB
+# still holds a photograph as a data URI.
+MAX_JSON_BYTES = 64 << 20
+MAX_JSONL_BYTES = 1 << 30
+MAX_LINE_BYTES = 8 << 20
 
 
 def _parse(text: str, where: str, one_line: bool = False):
@@ -79,16 +84,21 @@ def _parse(text: str, where: str, one_line: bool = False):
         raise CalibrationError(f"{where}: invalid JSON (nested too deeply)") from None
 
 
-def _file(path: pathlib.Path) -> tuple[list, list[str]]:
-    """-> (rows, names): ``file.jsonl:LINE`` or ``file.json[INDEX]``."""
-    text = _text(path)
+def _rows(path: pathlib.Path) -> Iterator[tuple[object, str]]:
+    """(parsed row, name) of a .json / .jsonl file: ``file.jsonl:LINE`` or ``file.json[INDEX]``."""
     if path.suffix == ".jsonl":
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        return [_parse(line, f"{path}:{n}", one_line=True) for n, line in lines], [f"{path.name}:{n}" for n, _ in lines]
-    rows = _parse(text, str(path))
+        for n, line in read_lines_bounded(path, MAX_JSONL_BYTES, MAX_LINE_BYTES, "calibration file"):
+            if line.strip():
+                yield _parse(line, f"{path}:{n}", one_line=True), f"{path.name}:{n}"
+        return
+    rows = _parse(read_text_bounded(path, MAX_JSON_BYTES, "calibration file"), str(path))
     if not isinstance(rows, list):
         raise CalibrationError(f"{path}: expected a JSON list of samples")
-    return rows, [f"{path.name}[{i}]" for i in range(len(rows))]
+    yield from ((row, f"{path.name}[{i}]") for i, row in enumerate(rows))
+
+
+def _file(path: pathlib.Path) -> Iterator[tuple[object, str]]:
+    return ((normalise_row(row, name), name) for row, name in _rows(path))
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -179,28 +189,35 @@ def normalise_row(row, name: str):
     raise CalibrationError(f"{name}: not a chat sample, a sharegpt row or a text sample; see --calib in the README")
 
 
-def _folder(path: pathlib.Path) -> tuple[list, list[str]]:
-    rows = []
-    if (path / "captions.jsonl").exists():
-        for i, line in enumerate((path / "captions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                    rows.append((entry["image"], entry["caption"], f"captions.jsonl:{i}"))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CalibrationError(f"{path}/captions.jsonl:{i}: expected {{\"image\": ..., \"caption\": ...}}") from None
-    elif (path / "captions.tsv").exists():
-        for i, line in enumerate((path / "captions.tsv").read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                image, sep, caption = line.partition("\t")
-                if not sep:
-                    raise CalibrationError(f"{path}/captions.tsv:{i}: expected file<TAB>caption")
-                rows.append((image, caption, f"captions.tsv:{i}"))
-    else:
+def _captions(path: pathlib.Path) -> Iterator[tuple[str, str, str]]:
+    """(image, caption, name) of each line of an image folder's captions.jsonl or captions.tsv."""
+    jsonl, tsv = path / "captions.jsonl", path / "captions.tsv"
+    if not jsonl.exists() and not tsv.exists():
         raise CalibrationError(f"{path}: an image folder needs captions.jsonl or captions.tsv")
-    samples = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": CAPTION_PROMPT}]},
-                {"role": "assistant", "content": [{"type": "text", "text": cap}]}] for img, cap, _ in rows]
-    return samples, [n for _, _, n in rows]
+    lines = read_lines_bounded(jsonl if jsonl.exists() else tsv, MAX_JSONL_BYTES, MAX_LINE_BYTES, "captions file")
+    for i, line in lines:
+        if not line.strip():
+            continue
+        if jsonl.exists():
+            try:
+                entry = json.loads(line)
+                image, caption = entry["image"], entry["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+                raise CalibrationError(f"{jsonl}:{i}: expected {{\"image\": ..., \"caption\": ...}}") from None
+            yield image, caption, f"captions.jsonl:{i}"
+        else:
+            image, sep, caption = line.partition("\t")
+            if not sep:
+                raise CalibrationError(f"{tsv}:{i}: expected file<TAB>caption")
+            yield image, caption, f"captions.tsv:{i}"
+
+
+def _folder(path: pathlib.Path) -> Iterator[tuple[list, str]]:
+    """One "describe this image" conversation per captioned image."""
+    for image, caption, name in _captions(path):
+        prompt = [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]
+        yield [{"role": "user", "content": prompt},
+               {"role": "assistant", "content": [{"type": "text", "text": caption}]}], name
 
 
 def open_hf_dataset(spec: str, split: str, flag: str):
@@ -249,6 +266,20 @@ def _hf(spec: str, split: str, columns: dict) -> tuple[list, list[str], str | No
     return samples, [f"{spec} row {i}" for i in range(len(samples))], str(local.resolve()) if local.exists() else None
 
 
+def _checked(rows: Iterable[tuple[object, str]]) -> tuple[list, list[str]]:
+    """Each (sample, name) checked as it is read, so that a bad row stops the read there; file errors
+    (storage.files: not a regular file, over a cap, not UTF-8) become CalibrationErrors."""
+    samples, names = [], []
+    try:
+        for sample, name in rows:
+            validate_sample(sample, name)
+            samples.append(sample)
+            names.append(name)
+    except InputFileError as e:
+        raise CalibrationError(str(e)) from None
+    return samples, names
+
+
 def load_samples(source: str, num_samples: int, seed: int = 0, split: str = "train",
                  columns: dict | None = None) -> tuple[list, list[str], str | None]:
     """-> (samples, names, image_root). Exactly ``num_samples`` or an error: never a silently smaller set. Every
@@ -266,16 +297,14 @@ def load_samples(source: str, num_samples: int, seed: int = 0, split: str = "tra
     if source.startswith("hf:"):
         cols = {"image": "image", "question": "question", "answer": "answer", "text": None, **(columns or {})}
         samples, names, root = _hf(source, split, cols)
+        rows = zip(samples, names)
     elif path.is_dir():
-        samples, names = _folder(path)
-        root = str(path.resolve())
+        rows, root = _folder(path), str(path.resolve())
     elif path.is_file():
-        samples, names = _file(path)
-        samples = [normalise_row(r, n) for r, n in zip(samples, names)]
+        rows = _file(path)
     else:
         raise CalibrationError(f"--calib {source!r}: not 'demo', 'easyvqa', hf:..., a folder or an existing .json/.jsonl file")
-    for sample, name in zip(samples, names):
-        validate_sample(sample, name)
+    samples, names = _checked(rows)
     if len(samples) < num_samples:
         raise CalibrationError(f"{path} holds {len(samples)} samples, fewer than --num-samples {num_samples}")
     order = rng.sample(range(len(samples)), num_samples)

@@ -3,7 +3,9 @@
 Only the files the export wrote (its sha256 manifest lists them) are sent; its README.md (qvlquant.checkpoint.card) is
 regenerated under the repo's name, with the eval table when one is given, and the manifest sent re-hashes it. An
 export that fails verification sends nothing. The token (HF_TOKEN or the cached login) is handed to the hub
-client and appears nowhere else: not in output, logs, saved files or exception text.
+client and appears nowhere else: not in output, logs, saved files or exception text. It is stripped of surrounding
+whitespace first (a ``.env`` saved with CRLF) and refused, unprinted, with whitespace or control characters inside;
+a client's error is scrubbed of it in every form (raw, escaped, quoted, wrapped) and of anything shaped like a token.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 
 from qvlquant.checkpoint.card import CARD, folder_card
 from qvlquant.checkpoint.export import REPORT
+from qvlquant.eval.check import read_report, validate_report
 from qvlquant.storage.manifest import (
     MANIFEST,
     dump_manifest,
@@ -67,22 +71,53 @@ def manifest_with_card(folder: pathlib.Path, card: bytes) -> bytes | None:
     return dump_manifest(files).encode("utf-8")
 
 
+# The shape of a token (HF's are hf_ + 34 letters and digits): what scrub() removes even when it is not ours.
+TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+# What may stand between two characters of a token in an error text: whitespace (a wrapped line) and the escapes of
+# repr() and JSON (\\r, \\n, \\t, doubled backslashes).
+_GAP = r"(?:\s|\\+[rnt])*"
+
+
+def checked_token(token: str | None, source: str) -> str | None:
+    """``token`` without surrounding whitespace (a ``.env`` saved with CRLF leaves a ``\\r``); whitespace or control
+    characters inside it are refused, the message naming ``source`` and never the token."""
+    if token is None or not token.strip():
+        return None
+    token = token.strip()
+    if not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise PushError(f"{source} holds whitespace or control characters inside the token (a line break or a paste "
+                        "gone wrong); set it again to the token alone")
+    return token
+
+
 def resolve_token() -> str | None:
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        return token
+    """HF_TOKEN, else the cached login; stripped and checked (checked_token)."""
+    if os.environ.get("HF_TOKEN", "").strip():
+        return checked_token(os.environ["HF_TOKEN"], "HF_TOKEN")
     try:
         from huggingface_hub import get_token
 
-        return get_token()
+        token = get_token()
     except Exception:  # no cached login is not an error here
         return None
+    return checked_token(token, "the cached login (huggingface-cli login)")
+
+
+def scrub(text: str, token: str | None) -> str:
+    """``text`` without ``token`` in any form a client may print it: raw, quoted, escaped by repr() or JSON (even
+    twice), wrapped across lines; and without anything shaped like an HF token (TOKEN_SHAPE)."""
+    if token:  # each character may follow backslashes (an escaped quote or backslash) and a _GAP
+        text = re.sub(_GAP.join(r"\\*" + re.escape(c) for c in token), "***", text)
+    return TOKEN_SHAPE.sub("hf_***", text)
 
 
 def push(folder, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False,
-         eval_report: dict | None = None, api=None) -> dict:
-    """-> {"repo", "files", "revision", "dry_run"}; raises PushError without the token in its text."""
+         eval_report: dict | str | pathlib.Path | None = None, api=None) -> dict:
+    """-> {"repo", "files", "revision", "dry_run"}; raises PushError without the token in its text. ``eval_report``:
+    a report (qvlquant eval --report) or the path of its JSON, read by qvlquant.eval.check (bounded, validated)."""
     folder = pathlib.Path(folder)
+    if eval_report is not None and not isinstance(eval_report, dict):
+        eval_report = validate_report(read_report(eval_report), str(eval_report))
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise PushError(f"--repo {repo_id!r}: expected owner/name")
     try:
@@ -108,8 +143,5 @@ def push(folder, repo_id: str, private: bool = False, revision: str | None = Non
         api.create_commit(repo_id, operations=ops, commit_message=f"qvlquant export ({len(names)} files + model card)",
                           revision=revision)
     except Exception as e:  # the hub client raises many types; re-raise one, scrubbed of the token
-        message = f"{type(e).__name__}: {e}"
-        if token:
-            message = message.replace(token, "***")
-        raise PushError(f"push to {repo_id} failed: {message}") from None
+        raise PushError(f"push to {repo_id} failed: {scrub(f'{type(e).__name__}: {e}', token)}") from None
     return plan

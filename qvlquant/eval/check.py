@@ -15,22 +15,24 @@ import pathlib
 from collections.abc import Iterable, Mapping
 
 from qvlquant.eval.metrics import EVAL_TASKS
+from qvlquant.storage.files import read_text_bounded
 
 DEFAULT_MAX_DROP = 1.0  # accuracy points a task may lose
 DEFAULT_MAX_PPL_INCREASE = 2.0  # percent held-out perplexity may rise
+MAX_REPORT_BYTES = 1 << 20  # a report is a summary of a few KB (the per-question outputs are written beside it)
 
 
 def tolerance(value, what: str) -> float:
     """``value`` as a finite, non-negative float; ``what`` names it in the error (a flag or a recipe key)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r:.80}")
     return float(value)
 
 
 def known_task(task, what: str) -> str:
     """``task`` when qvlquant evaluates it (metrics.EVAL_TASKS); ``what`` names where it was given."""
     if task not in EVAL_TASKS:
-        raise ValueError(f"{what}: unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
+        raise ValueError(f"{what}: unknown task {task!r:.80}; known: {', '.join(EVAL_TASKS)}")
     return task
 
 
@@ -75,11 +77,13 @@ def parse_max_drop(items: Iterable[str]) -> dict[str, float]:
 
 
 def read_report(path: str | pathlib.Path) -> dict:
-    """An eval report (qvlquant eval --report) from its JSON file."""
+    """An eval report (qvlquant eval --report) from its JSON file: a regular file of at most MAX_REPORT_BYTES."""
+    text = read_text_bounded(path, MAX_REPORT_BYTES, "eval report")
     try:
-        report = json.loads(pathlib.Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read eval report {path}: {e}") from None
+        report = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        reason = e if isinstance(e, ValueError) else "nested too deeply"
+        raise ValueError(f"cannot read eval report {path}: {reason}") from None
     if not isinstance(report, dict):
         raise ValueError(f"{path}: not an eval report (a JSON object from qvlquant eval --report)")
     return report
@@ -88,7 +92,7 @@ def read_report(path: str | pathlib.Path) -> dict:
 def _number(entry: dict, key: str, where: str) -> float:
     value = entry.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: {key} must be a finite number, got {value!r}; is it a qvlquant eval report?")
+        raise ValueError(f"{where}: {key} must be a finite number, got {value!r:.80}; is it a qvlquant eval report?")
     return float(value)
 
 

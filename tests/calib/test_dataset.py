@@ -110,3 +110,21 @@ def test_video_frames_sample(demo, tmp_path):
     assert capture_inputs(model, QWEN2_VL, [batch])[0].hidden.shape[0] == 2
     with pytest.raises(CalibrationError, match="non-empty list of frames"):
         build_batches(processor, [[{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]], CalibConfig())
+
+
+def test_frame_and_image_counts_are_checked_before_any_image_loads(demo, monkeypatch):
+    """A 1,500-frame video took 12.8 GiB before "over max_length": each frame pair and each image costs at least
+    min_pixels / (patch * merge)**2 visual tokens (4 for the demo's 14-pixel patches, 2x2 merge, 3136 pixels), so the
+    count alone decides. The files do not exist: a load would say so."""
+    import qvlquant.calib.dataset as dataset
+
+    _, processor = demo
+    monkeypatch.setattr(dataset, "load_image", lambda *a, **k: pytest.fail("an image was loaded"))
+    video = [{"role": "user", "content": [{"type": "video", "video": [f"f{i}.png" for i in range(1500)]},
+                                          {"type": "text", "text": "what moves?"}]}]
+    with pytest.raises(CalibrationError, match=r"^clip 3: 1500 video frames and 0 images need at least 3000 visual "
+                                               r"tokens, over max_length 2048; use fewer frames"):
+        encode_sample(processor, video, CalibConfig(), "clip 3")
+    album = [{"role": "user", "content": [{"type": "image", "image": f"{i}.png"} for i in range(600)]}]
+    with pytest.raises(CalibrationError, match=r"^album: 0 video frames and 600 images need at least 2400 visual"):
+        encode_sample(processor, album, CalibConfig(), "album")

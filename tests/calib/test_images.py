@@ -141,3 +141,60 @@ def test_unreadable_paths_are_image_errors_naming_the_file(tmp_path, monkeypatch
     monkeypatch.setattr("pathlib.Path.read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(ImageError, match=r"locked\.png' cannot be read: Permission denied"):
         load_image("locked.png", root=tmp_path)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.fixture
+def no_programs(monkeypatch):
+    """Starting any program (PIL's EPS plugin runs Ghostscript, even to ask its version) or parsing EPS at all fails
+    the test; PIL's cached answer to "is Ghostscript installed" is reset so that it would ask again."""
+    import subprocess
+
+    from PIL import EpsImagePlugin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a program was started: {args[:1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", refuse)
+
+
+def test_eps_named_png_is_refused_without_starting_ghostscript(tmp_path, no_programs):
+    (tmp_path / "figure.png").write_bytes(EPS)
+    with pytest.raises(ImageError, match=r"image '.*figure\.png' is EPS, not one of the allowed image formats "
+                                         r"\(PNG, JPEG, GIF, BMP, WEBP, TIFF\)"):
+        load_image(str(tmp_path / "figure.png"))
+
+
+def test_eps_in_a_png_data_uri_is_refused_without_starting_ghostscript(no_programs):
+    uri = "data:image/png;base64," + base64.b64encode(EPS).decode()
+    with pytest.raises(ImageError, match=r"image 'data URI' is EPS, not one of the allowed image formats"):
+        load_image(uri)
+
+
+def test_refused_format_names_the_sample(tmp_path, no_programs):
+    from qvlquant.calib.dataset import CalibConfig, CalibrationError, prepare_messages
+
+    (tmp_path / "a.png").write_bytes(EPS)
+    sample = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(CalibrationError, match=r"^rows\.jsonl:3: message 1 item 1: image 'a\.png' is EPS"):
+        prepare_messages(sample, CalibConfig(image_root=str(tmp_path)), "rows.jsonl:3")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_allowed_formats_load_whatever_the_name(tmp_path, fmt, no_programs):
+    path = tmp_path / "img.eps"  # the name is never read: the bytes decide
+    Image.new("RGB", (12, 10), (250, 0, 0)).save(path, format=fmt)
+    img = load_image(str(path))
+    assert img.size == (12, 10) and img.getpixel((5, 5))[0] > 200
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "PCX", "SGI", "QOI", "PDF"])
+def test_other_formats_are_refused_naming_what_they_are(tmp_path, fmt, no_programs):
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format=fmt)
+    with pytest.raises(ImageError, match=rf"is {fmt}, not one of the allowed image formats"):
+        load_image("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())

@@ -101,3 +101,52 @@ def test_jsonl_rows_are_named_by_their_line_and_undecodable_files_by_their_path(
     (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(CalibrationError, match=r"deep\.json: invalid JSON \(nested too deeply\)"):
         load_samples(str(tmp_path / "deep.json"), 1)
+
+
+def test_jsonl_lines_end_at_newlines_only(images):
+    """U+2028, U+0085 (and U+2029, form feed) are valid raw inside a JSON string; ``str.splitlines`` would cut the
+    row there. A CRLF file reads the same as an LF one."""
+    texts = ["one\u2028two", "three\u0085four", "five\u2029six\x0cseven"]
+    rows = "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n"
+    (images / "c.jsonl").write_bytes(rows.encode("utf-8"))
+    samples, names, _ = load_samples(str(images / "c.jsonl"), 3)
+    assert dict(zip(names, samples)) == {f"c.jsonl:{i}": t for i, t in enumerate(texts, 1)}
+    captions = "\r\n".join(json.dumps({"image": f"{i}.png", "caption": t}, ensure_ascii=False) for i, t in enumerate(texts))
+    (images / "img" / "captions.jsonl").write_bytes(captions.encode("utf-8"))
+    samples, names, _ = load_samples(str(images / "img"), 3)
+    assert {n: s[1]["content"][0]["text"] for n, s in zip(names, samples)} == {
+        f"captions.jsonl:{i}": t for i, t in enumerate(texts, 1)}
+
+
+def test_a_jsonl_line_over_the_cap_is_refused_before_it_is_parsed(tmp_path):
+    """A 50 MB line cost 5.7 GiB to parse; a line over 8 MiB is refused, read no further than the cap."""
+    path = tmp_path / "c.jsonl"
+    with open(path, "w") as f:
+        f.write('"a short first sample"\n"' + "x" * (8 << 20) + '"\n')
+    with pytest.raises(CalibrationError, match=rf"^calibration file {path}:2: the line is over the 8 MiB cap per line"):
+        load_samples(str(path), 1)
+
+
+@pytest.mark.parametrize("name,cap", [("c.json", "64 MiB"), ("c.jsonl", "1 GiB"), ("img/captions.jsonl", "1 GiB"),
+                                      ("img/captions.tsv", "1 GiB")])
+def test_calibration_files_over_the_cap_are_refused_unread(images, name, cap):
+    path = images / name
+    size = {"64 MiB": 64 << 20, "1 GiB": 1 << 30}[cap] + 1
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: only the size is claimed
+    with pytest.raises(CalibrationError, match=rf"{path} is {size} bytes, over the {cap} cap"):
+        load_samples(str(images / "img") if "/" in name else str(path), 1)
+
+
+def test_a_bad_row_stops_the_read_at_that_row(tmp_path, monkeypatch):
+    """Rows are checked as they are read: the error comes from the first bad row, and the rows after it are not
+    parsed (a large file of bad rows is not held in memory first)."""
+    import qvlquant.calib.sources as sources
+
+    parsed = []
+    real = sources._parse
+    monkeypatch.setattr(sources, "_parse", lambda text, *a, **k: parsed.append(text) or real(text, *a, **k))
+    (tmp_path / "c.jsonl").write_text('"ok"\n[[], []]\n' + '"later"\n' * 100)
+    with pytest.raises(CalibrationError, match=r"c\.jsonl:2: message 1 is list"):
+        load_samples(str(tmp_path / "c.jsonl"), 1)
+    assert len(parsed) == 2

@@ -4,6 +4,8 @@ nothing when verification fails, and the token nowhere."""
 import hashlib
 import json
 import logging
+import os
+import re
 
 import pytest
 import torch
@@ -208,3 +210,103 @@ def test_index_shard_outside_the_manifest_pushes_nothing(tmp_path):
     with pytest.raises(PushError, match=r"shards \['model-00002-of-00002.safetensors'\] named in the index"):
         push(q, "me/x", api=api)
     assert api.calls == []
+
+
+def exposed(text: str, token: str = TOKEN) -> bool:
+    """Whether ``token``'s secret part is readable in ``text`` once whitespace, quotes and escapes are dropped (a
+    token split across lines or escaped by repr / JSON still counts)."""
+    return token[3:] in re.sub(r"\\+[rnt]|[\s\\'\"]", "", text)
+
+
+FORMS = {  # how a token read from a CRLF .env can show up in a client's exception text
+    "raw": lambda t: f"401 for Bearer {t}",
+    "repr of the headers": lambda t: f"401 Unauthorized, headers={ {'authorization': f'Bearer {t}'}!r}",
+    "repr of a repr": lambda t: repr(repr({"authorization": f"Bearer {t}"})),
+    "json": lambda t: json.dumps({"headers": {"authorization": f"Bearer {t}"}}),
+    "quoted": lambda t: f'token "{t.strip()}" refused',
+    "split across lines": lambda t: f"Bearer {t[:12]}\n    {t[12:]}",
+    "split, escaped": lambda t: repr(f"Bearer {t[:12]}\n{t[12:]}"),
+    "another hf_ token": lambda t: "cached login hf_" + "Z" * 30 + " refused",
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_token_with_a_crlf_is_scrubbed_in_every_form(tmp_path, monkeypatch, form):
+    """HF_TOKEN from a .env saved with CRLF: the client's error may hold the token raw, escaped (repr / JSON),
+    quoted or wrapped onto two lines; none of them reaches the PushError."""
+    raw = TOKEN + "\r\n"
+    monkeypatch.setenv("HF_TOKEN", raw)
+    text = FORMS[form](raw)
+    secret = "hf_" + "Z" * 30 if form == "another hf_ token" else TOKEN
+    assert exposed(text, secret)  # the form as the client would print it
+    api = FakeApi(fail_with=RuntimeError(text))
+    with pytest.raises(PushError, match=r"push to me/x failed: RuntimeError: .*\*\*\*") as e:
+        push(tiny_export(tmp_path / "q"), "me/x", api=api)
+    assert not exposed(str(e.value), secret), str(e.value)
+
+
+def test_token_whitespace_is_stripped_before_the_client_sees_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", f"  {TOKEN}\r\n")
+    seen = []
+
+    class Client(FakeApi):
+        def __init__(self, token=None):
+            super().__init__()
+            seen.append(token)
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Client)
+    push(tiny_export(tmp_path / "q"), "me/x")
+    assert seen == [TOKEN]
+
+
+@pytest.mark.parametrize("bad", [TOKEN[:10] + " " + TOKEN[10:], TOKEN[:10] + "\r\n" + TOKEN[10:], TOKEN + "\x07x"])
+def test_token_with_inner_whitespace_or_control_characters_is_refused_unprinted(tmp_path, monkeypatch, bad):
+    monkeypatch.setenv("HF_TOKEN", bad)
+    api = FakeApi()
+    with pytest.raises(PushError, match=r"HF_TOKEN holds whitespace or control characters") as e:
+        push(tiny_export(tmp_path / "q"), "me/x", api=api)
+    assert api.calls == [] and TOKEN[:10] not in str(e.value) and TOKEN[10:] not in str(e.value)
+
+
+def test_cached_login_is_stripped_and_checked_too(monkeypatch):
+    from qvlquant.checkpoint.push import resolve_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: TOKEN + "\n")
+    assert resolve_token() == TOKEN
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: TOKEN[:5] + "\t" + TOKEN[5:])
+    with pytest.raises(PushError, match="the cached login .* holds whitespace or control characters"):
+        resolve_token()
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "folder"])
+def test_eval_report_that_is_not_a_regular_file_exits_2_unread(tmp_path, capsys, deadline, kind):
+    """``push --eval /dev/zero`` read until memory ran out; a FIFO with no writer blocked for ever."""
+    q = tiny_export(tmp_path / "q")
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "eval.json")
+    path = {"dev-zero": "/dev/zero", "fifo": str(tmp_path / "eval.json"), "folder": str(tmp_path)}[kind]
+    with deadline(5):
+        assert main(["push", str(q), "--repo", "me/x", "--dry-run", "--eval", path]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qvlquant push: error: eval report {path} is not a regular file (a FIFO, a device or a folder); give a file"]
+
+
+def test_eval_report_over_the_cap_or_not_a_report_is_refused(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    big = tmp_path / "eval.json"
+    with open(big, "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse
+    assert main(["push", str(q), "--repo", "me/x", "--dry-run", "--eval", str(big)]) == 2
+    assert f"eval report {big} is 1048577 bytes, over the 1 MiB cap" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["push", str(q), "--repo", "me/x", "--dry-run", "--eval", str(tmp_path / "list.json")]) == 2
+    assert "not an eval report" in capsys.readouterr().err
+
+
+def test_eval_report_path_fills_the_card(tmp_path):
+    q = tiny_export(tmp_path / "q")
+    (tmp_path / "eval.json").write_text(json.dumps({"task": "easyvqa", "accuracy": 77.5, "n": 100, "model": "q"}))
+    api = FakeApi()
+    push(q, "me/x", eval_report=tmp_path / "eval.json", api=api)
+    assert b"| q | easyvqa | 77.50 | 100 | - |" in api.sent["README.md"]

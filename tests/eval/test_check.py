@@ -2,6 +2,7 @@
 input (unknown task, negative / non-numeric tolerance, broken recipe, a report without the fields) exits 2."""
 
 import json
+import os
 
 import pytest
 
@@ -194,3 +195,26 @@ def test_tolerances_from_a_recipe(tmp_path):
     assert main(["check", str(rep), "--recipe", str(recipe), "--max-drop", "easyvqa=1.0"]) == 1  # flag wins
     assert main(["check", str(rep), "--recipe", str(recipe), "--max-ppl-increase", "0.1"]) == 1
     assert main(["check", str(rep)]) == 1  # without the recipe: the default 1.0 point
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "folder"])
+def test_reports_that_are_not_regular_files_exit_2_unread(tmp_path, capsys, deadline, kind):
+    """``qvlquant check /dev/zero`` read until memory ran out; a FIFO with no writer blocked for ever."""
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "r.json")
+    path = {"dev-zero": "/dev/zero", "fifo": str(tmp_path / "r.json"), "folder": str(tmp_path)}[kind]
+    good = write(tmp_path / "good.json", report(76.0, 34.3, baseline=report(77.5, 34.16)))
+    with deadline(5):
+        assert main(["check", path]) == 2
+        assert main(["check", str(good), "--baseline", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qvlquant check: error: eval report {path} is not a regular file (a FIFO, a device or a folder); "
+                   "give a file"] * 2
+
+
+def test_report_over_the_cap_exits_2_unread(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    with open(path, "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse
+    assert main(["check", str(path)]) == 2
+    assert f"eval report {path} is 1048577 bytes, over the 1 MiB cap" in capsys.readouterr().err
