@@ -190,7 +190,7 @@ def _finish(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
     measures = dataclasses.replace(measures, export_started=time.time())
     options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
     export(job.skeleton, job.processor, result, job.out, lambda: _report(config, job, batches, result, measures),
-           base, options)
+           base, options, base_folder=job.folder)
     store.remove()
     return json.loads((job.out / REPORT).read_text())
 

@@ -1,5 +1,6 @@
 """qvlquant.quantize as a Python call, and the checks it makes before any work: --output, processor files."""
 
+import json
 import os
 import shutil
 
@@ -77,3 +78,26 @@ def test_an_export_vllm_refuses_is_warned_about_before_any_work(tmp_path, capsys
     assert "warning: vLLM" in err and "desc_act" in err
     assert main(argv + ["--desc-act", "--static-groups", "--output", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_carries_the_files_serving_stacks_read_from_the_base(tmp_path):
+    """generation_config.json (sampling defaults), the chat template and the image / video processors' settings of
+    the base reach the export byte for byte, listed in its manifest; the hub cache's symlinked files too."""
+    base = tmp_path / "base"
+    shutil.copytree(MODEL_DIR, base)
+    blob = tmp_path / "blobs" / "video"
+    blob.parent.mkdir()
+    blob.write_text('{"video_processor_type": "Qwen2VLVideoProcessor", "fps": 2.0}\n')
+    (base / "video_preprocessor_config.json").symlink_to(blob)  # the hub cache's layout
+    gen = json.loads((base / "generation_config.json").read_text())
+    gen.update(temperature=0.7, top_p=0.8, do_sample=True)
+    (base / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    assert main(["quantize", "--model", str(base), "--num-samples", "2", "--output", str(tmp_path / "q")]) == 0
+    out = tmp_path / "q"
+    for name in ("generation_config.json", "video_preprocessor_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+        assert not (out / name).is_symlink()
+    manifest = json.loads((out / "qvlquant_manifest.json").read_text())
+    assert {"generation_config.json", "video_preprocessor_config.json", "chat_template.jinja"} <= set(
+        manifest.get("files", manifest))

@@ -257,12 +257,33 @@ def _strip_truncation(folder: pathlib.Path) -> None:
             path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+# Files of the base model that serving stacks read besides the weights, the config and what the processor saves:
+# sampling defaults (vLLM and transformers' generate read generation_config.json), chat templates, the image and
+# video processors' settings. Each one the export does not already hold is copied from the base, byte for byte.
+SERVING_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "processor_config.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.json")
+
+
+def carry_serving_files(base_folder: pathlib.Path, folder: pathlib.Path) -> list[str]:
+    """Copy the base's ``SERVING_FILES`` that ``folder`` lacks (regular files only). -> the names copied."""
+    copied = []
+    for name in SERVING_FILES:
+        src = base_folder / name
+        if (folder / name).exists() or not src.is_file():  # is_file follows the hub cache's links to its blobs
+            continue
+        shutil.copyfile(src, folder / name)
+        copied.append(name)
+    return copied
+
+
 def export(model, processor, result: QuantResult, out: str | os.PathLike, report: dict | Callable[[], dict],
-           base=None, options: ExportConfig = ExportConfig()) -> pathlib.Path:
+           base=None, options: ExportConfig = ExportConfig(), base_folder: pathlib.Path | None = None) -> pathlib.Path:
     """Write the quantized checkpoint of ``result`` to ``out``. ``model``: the model quantized (or its meta
     skeleton, with ``base`` reading the checkpoint); ``base``: where the tensors that are not quantized come from
     (default: ``model`` itself); ``report``: a dict, or a function making it once the tensors are written (so
-    the peak memory it records covers the export); ``options.protected``: paths the output may never replace."""
+    the peak memory it records covers the export); ``options.protected``: paths the output may never replace;
+    ``base_folder``: the base checkpoint's folder, whose ``SERVING_FILES`` the export carries over."""
     plan = result.plan
     if not result.complete:
         raise ValueError(f"only layers {result.store.finished()} of {result.num_layers} are quantized")
@@ -277,7 +298,9 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         config.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
-            _strip_truncation(tmp)
+        if base_folder is not None:
+            carry_serving_files(pathlib.Path(base_folder), tmp)
+        _strip_truncation(tmp)
         report = report() if callable(report) else report
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_card(tmp, report, pathlib.Path(out).name)  # README.md, listed in the manifest
