@@ -31,7 +31,7 @@ from qvlquant.quant.spec import (
     QuantConfig,  # noqa: E402
     QuantSpec,  # noqa: E402
 )
-from qvlquant.storage.shards import read_header
+from qvlquant.storage.shards import read_checkpoint_header
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_the_copied_rules_agree_with_vllm(exports, model_type):
         folder = exports[model_type, fmt]
         config = json.loads((folder / "config.json").read_text())
         qc, family = config["quantization_config"], family_for(model_type)
-        header = read_header(folder)
+        header = read_checkpoint_header(folder)
         vision = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
                         if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
         quant = read_quantization_config(qc, str(folder / "config.json"))
