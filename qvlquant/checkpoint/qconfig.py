@@ -38,7 +38,7 @@ class CheckpointQuant:
     spec: QuantSpec  # bits; group_size (-1: per channel); sym (AWQ: not zero_point)
     act_order: bool  # the groups are permuted at load time (GPTQ desc_act, compressed-tensors actorder "group")
     checkpoint_format: str  # GPTQ checkpoint_format "gptq", AWQ version "gemm", compressed-tensors "pack-quantized"
-    not_converted: tuple[str, ...] = ()  # GPTQ / AWQ modules_to_not_convert (substrings, as transformers matches)
+    not_converted: tuple[str, ...] = ()  # GPTQ / AWQ modules_to_not_convert (each client matches them its own way)
     in_block: tuple[str, ...] = ()  # GPTQ modules_in_block_to_quantize, flattened; empty: every linear of a block
     ignore: tuple[str, ...] = ()  # compressed-tensors ignore (exact names, or regexes after "re:")
 
@@ -57,7 +57,8 @@ def read_quantization_config(qc: dict | None, where: str) -> CheckpointQuant | N
     if not isinstance(qc, dict):
         raise ValueError(f"{path} must be a JSON object, got {qc!r}")
     method = qc.get("quant_method")
-    read = {"gptq": _read_gptq, "awq": _read_awq, "compressed-tensors": _read_compressed}.get(method)
+    readers = {"gptq": _read_gptq, "awq": _read_awq, "compressed-tensors": _read_compressed}
+    read = readers.get(method) if isinstance(method, str) else None
     if read is None:
         raise ValueError(f"{path}.quant_method {method!r} is not supported; qvlquant reads 'gptq', 'awq' and "
                          "'compressed-tensors'")

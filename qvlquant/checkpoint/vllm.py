@@ -26,7 +26,7 @@ TP_SIZES = (1, 2, 4, 8)
 def copied_config_refusals(quant: CheckpointQuant) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback when vLLM is not installed; ``ask_vllm`` asks its own classes): why
     it refuses the config itself. GPTQ: 4/8-bit symmetric only, act-order (``desc_act``) refused; groups
-    -1/32/64/128. (AWQ's rule, 4-bit only, is the reader's: no other AWQ GEMM checkpoint gets this far.)"""
+    -1/32/64/128. (AWQ's, 4-bit only, is not repeated: ``read_quantization_config`` refuses other AWQ widths.)"""
     bits, group, sym = quant.spec.bits, quant.spec.group_size, quant.spec.sym
     problems = []
     if quant.method == "gptq" and (bits, sym) not in ((4, True), (8, True)):
@@ -38,8 +38,8 @@ def copied_config_refusals(quant: CheckpointQuant) -> list[str]:
     return problems
 
 
-def marlin_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], tp: int, family: ModelFamily = QWEN2_VL,
-                    heads: tuple[int, int] | None = None) -> list[str]:
+def marlin_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], tp: int,
+                    family: ModelFamily = QWEN2_VL, heads: tuple[int, int] | None = None) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback): ``copied_config_refusals`` and why it refuses the shapes at
     tensor-parallel size ``tp``. ``heads`` (attention heads, KV heads): query heads split evenly, KV heads are
     replicated when ``tp`` >= their count; outputs split evenly; an input split must hold whole groups

@@ -149,7 +149,7 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
         verify_manifest(folder)  # before anything is read from an edited export
     reader = ShardReader(folder)
     quant = read_quantization_config(qc, str(folder / "config.json"))
-    if not quant:
+    if quant is None:
         model = build_skeleton(config, family, dtype)
     else:
         bare = copy.deepcopy(config)

@@ -44,7 +44,7 @@ def test_bare_visual_does_not_protect_the_runtime_vision_tower():
 
 
 def gptq(**fields):
-    """A GPTQ quantization_config (4-bit, group 128, symmetric unless ``fields`` say otherwise) as the reader reads it."""
+    """A GPTQ quantization_config (4-bit, group 128, symmetric unless ``fields`` say otherwise), as read."""
     return read_quantization_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, **fields}, "t")
 
 

@@ -43,7 +43,8 @@ def test_what_the_writer_writes_reads_back(fmt, spec):
 def test_act_order_reads_back_as_the_layout_needs_it(desc_act, static_groups, act_order):
     """GPTQ act-order with static groups is written as plain groups (no g_idx permutation at load time)."""
     qcfg = QuantConfig("gptq", QuantSpec(4, 128, True), desc_act=desc_act, static_groups=static_groups)
-    assert read_quantization_config(quantization_config(qcfg, PackFormat.GPTQ, QWEN2_VL, 2), WHERE).act_order is act_order
+    written = quantization_config(qcfg, PackFormat.GPTQ, QWEN2_VL, 2)
+    assert read_quantization_config(written, WHERE).act_order is act_order
     if not act_order:  # the compressed-tensors layout holds only contiguous groups ("weight" act-order at most)
         written = quantization_config(qcfg, PackFormat.COMPRESSED, family_for("qwen3_vl"), 2)
         assert read_quantization_config(written, WHERE).act_order is False
@@ -96,6 +97,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
     ({"quant_method": "awq", "bits": 8}, "bits is 8: the AWQ GEMM layout holds 4-bit codes only"),
     ({"quant_method": "fp8"}, "quantization_config.quant_method 'fp8' is not supported"),
     ({"bits": 4}, "quantization_config.quant_method None is not supported"),
+    ({"quant_method": ["gptq"]}, "quantization_config.quant_method ['gptq'] is not supported"),
     (["gptq"], "quantization_config must be a JSON object"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "config_groups holds 0 groups"),
     ({**ct(), "config_groups": {"a": {}, "b": {}}}, "config_groups holds 2 groups; qvlquant reads one"),
