@@ -21,6 +21,7 @@ import torch
 from qvlquant.assets.paths import DATA_DIR
 from qvlquant.calib.easyvqa import load_split
 from qvlquant.checkpoint.export import REPORT
+from qvlquant.checkpoint.qconfig import read_quantization_config
 from qvlquant.eval import easyvqa
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.eval.perplexity import perplexity, token_stream
@@ -30,8 +31,9 @@ from qvlquant.runtime.load import load
 from qvlquant.ui.progress import say
 
 BACKENDS = ("transformers", "vllm")
-QUANT_KEYS = ("quant_method", "bits", "group_size", "sym", "zero_point", "load_in_4bit", "load_in_8bit",
-              "bnb_4bit_quant_type")
+BNB_KEYS = ("quant_method", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type")
+# How the eval table names each checkpoint format (weights_label)
+FORMAT_LABELS = {"gptq": "GPTQ-format", "awq": "AWQ", "compressed-tensors": "compressed-tensors"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +77,16 @@ class EvalResult:
 
 
 def quantization_summary(model) -> dict | None:
-    """The settings of the model's quantization_config that the eval table shows; None for a full-precision model."""
+    """The settings of the model's quantization_config that the eval table shows (``CheckpointQuant.summary``: method,
+    bits, group_size, sym; a bitsandbytes baseline's own keys); None for a full-precision model."""
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):  # transformers' config object (bitsandbytes)
         qc = qc.to_dict()
-    return None if not qc else {k: getattr(qc[k], "value", qc[k]) for k in QUANT_KEYS if k in qc}  # an Enum
+    if qc and qc.get("quant_method") == "bitsandbytes":
+        return {k: getattr(qc[k], "value", qc[k]) for k in BNB_KEYS if k in qc}  # an Enum
+    where = f"{getattr(model.config, 'name_or_path', None) or 'the model'}/config.json"
+    quant = read_quantization_config(qc, where)
+    return quant.summary() if quant else None
 
 
 def load_model(model_path):
@@ -189,15 +196,16 @@ def published_figures(model: str, task: str) -> str | None:
 
 
 def weights_label(summary: dict) -> str:
-    """How the eval table names a model's weights: 'BF16 (full precision)', 'AWQ W4g128', 'GPTQ-format W8g128'."""
+    """How the eval table names a model's weights: 'BF16 (full precision)', 'AWQ W4g128', 'GPTQ-format W8g128',
+    'compressed-tensors W4g128 asym', 'bnb NF4 (no calib)'."""
     q = summary.get("quantization")
     if not q:
         return "BF16 (full precision)"
     if q.get("quant_method") == "bitsandbytes":
         return f"bnb {'NF4' if q.get('load_in_4bit') else 'int8'} (no calib)"
-    if q.get("quant_method") == "awq":
-        return f"AWQ W{q['bits']}g{q['group_size']}"
-    return f"GPTQ-format W{q['bits']}g{q['group_size']}{'' if q.get('sym') else ' asym'}"
+    method = q.get("quant_method")
+    asym = "" if q.get("sym", True) or method == "awq" else " asym"  # AWQ is asymmetric by default: not repeated
+    return f"{FORMAT_LABELS.get(method, method)} W{q['bits']}g{q['group_size']}{asym}"
 
 
 def format_table(summaries: list[dict]) -> str:

@@ -8,6 +8,8 @@ import pytest
 
 import qvlquant
 from qvlquant import evaluation as run
+from qvlquant.checkpoint.export import quantization_config
+from qvlquant.cli import main
 from qvlquant.evaluation import (
     EvalConfig,
     EvalResult,
@@ -20,6 +22,9 @@ from qvlquant.evaluation import (
     weights_label,
     write_report,
 )
+from qvlquant.families import QWEN2_VL
+from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.spec import QuantConfig, QuantSpec
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -132,6 +137,57 @@ def test_labels_and_table():
         "demo                                     BF16 (full precision)             77.50    300       34.160",
         "y/long/path/to/the/export/folder/demo-w4 AWQ W4g128                        76.00    300            -",
     ]
+
+
+@pytest.mark.parametrize("fmt,spec,label", [
+    (PackFormat.COMPRESSED, QuantSpec(4, 128, True), "compressed-tensors W4g128"),
+    (PackFormat.COMPRESSED, QuantSpec(8, -1, False), "compressed-tensors W8g-1 asym"),
+    (PackFormat.AWQ_GEMM, QuantSpec(4, 64, False), "AWQ W4g64"),
+    (PackFormat.GPTQ, QuantSpec(3, 32, False), "GPTQ-format W3g32 asym"),
+])
+def test_every_format_the_writer_writes_is_summarised_and_labelled(fmt, spec, label):
+    """The eval reads the loaded model's quantization_config through the checkpoint reader: a compressed-tensors
+    config (bits inside its config group) is labelled like the others (it was a KeyError: 'bits')."""
+    method = "awq" if fmt is PackFormat.AWQ_GEMM else "rtn"
+    qc = quantization_config(QuantConfig(method, spec), fmt, QWEN2_VL, 2)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=qc, name_or_path="out/q"))
+    q = quantization_summary(model)
+    assert q == {"quant_method": qc["quant_method"], "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym}
+    assert weights_label({"quantization": q}) == label
+
+
+@pytest.fixture(scope="module")
+def rtn_exports(tmp_path_factory):
+    """The demo quantized once by RTN (deterministic: the same codes whatever the layout), written in the GPTQ
+    layout and as compressed-tensors."""
+    root = tmp_path_factory.mktemp("eval-formats")
+    for fmt in ("auto", "compressed-tensors"):
+        args = ["quantize", "--method", "rtn", "--format", fmt, "--num-samples", "2", "--output", str(root / fmt)]
+        assert main(args) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_eval_of_a_compressed_tensors_export(rtn_exports, tmp_path, capsys):
+    """qvlquant.evaluate and ``qvlquant eval`` on a compressed-tensors export: a report naming the format, bits and
+    group, and exactly the answers and perplexity of the same RTN weights in the GPTQ layout."""
+    ct, gptq = rtn_exports / "compressed-tensors", rtn_exports / "auto"
+    result = qvlquant.evaluate(ct, base="none", limit=4, batch_size=4)
+    reference = qvlquant.evaluate(gptq, base="none", limit=4, batch_size=4)
+    assert result.summary["quantization"] == {"quant_method": "compressed-tensors", "bits": 4, "group_size": 128,
+                                              "sym": True}
+    assert result.predictions == reference.predictions and result.summary["n"] == 4
+    assert (result.summary["accuracy"], result.summary["perplexity"]) == (reference.summary["accuracy"],
+                                                                        reference.summary["perplexity"])
+    report = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ct), "--base", "none", "--limit", "4", "--no-perplexity",
+                 "--report", str(report)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split()[1:4] == ["compressed-tensors", "W4g128", f"{reference.summary['accuracy']:.2f}"]
+    written = json.loads(report.read_text())
+    assert written["quantization"] == result.summary["quantization"] and written["n"] == 4
+    assert "perplexity" not in written and report.with_suffix(".predictions.jsonl").read_text().count("\n") == 4
 
 
 def test_evaluate_the_demo(demo):

@@ -16,6 +16,8 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
+
 CARD = "README.md"
 # owner/name as the hub spells repository ids (no leading dot or dash, no "..")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -83,11 +85,9 @@ def calibration_dataset(source) -> str | None:
     return None
 
 
-def metadata(config: dict, report: dict) -> ModelCardData:
-    qc = config["quantization_config"]
+def metadata(config: dict, quant: CheckpointQuant, report: dict) -> ModelCardData:
     hub_id, base_meta = base_card(str(report.get("base_model", "")))
-    method = qc.get("quant_method", "quantized")
-    tags = ["qvlquant", method, f"{weight_bits(qc)}-bit", config.get("model_type", "qwen")]
+    tags = ["qvlquant", quant.method, f"{quant.spec.bits}-bit", config.get("model_type", "qwen")]
     fields: dict = {"library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": tags}
     if hub_id:
         fields.update(base_model=hub_id, base_model_relation="quantized")
@@ -100,9 +100,12 @@ def metadata(config: dict, report: dict) -> ModelCardData:
     return ModelCardData(**fields)
 
 
-def weight_bits(qc: dict):
-    groups = qc.get("config_groups") or {}
-    return qc.get("bits") or next(iter(groups.values()), {}).get("weights", {}).get("num_bits")
+def export_quantization(config: dict) -> CheckpointQuant:
+    """The export's quantization_config, read by ``read_quantization_config``; an error for a full-precision one."""
+    quant = read_quantization_config(config.get("quantization_config"), "the export's config.json")
+    if quant is None:
+        raise ValueError("the export's config.json has no quantization_config: a card describes a quantized export")
+    return quant
 
 
 def cell(value) -> str:
@@ -187,22 +190,22 @@ def usage(method: str, model_id: str) -> str:
 def model_card(config: dict, report: dict, model_id: str, eval_report: dict | None = None) -> ModelCard:
     """The card of an export from its config.json and quantize report; ``model_id`` names it in the title and
     the snippets (the hub repo when pushed, the folder's name in the export)."""
-    qc = config["quantization_config"]
-    method = qc.get("quant_method", "quantized")
+    quant = export_quantization(config)
+    method = quant.method
     base = report.get("base_model") or "an unrecorded base model"
     parts = [
         f"# {model_id.rstrip('/').split('/')[-1]}",
         f"Quantized with qvlquant {report.get('qvlquant_version', '')}".rstrip() + f" from `{base}`: method "
         f"**{report.get('method', method)}**, stored as **{method}**; the vision tower and `lm_head` stay in full "
         "precision.",
-        "## Quantization settings\n\n" + settings_table(qc),
+        "## Quantization settings\n\n" + settings_table(config["quantization_config"]),
         "## Calibration data\n\n" + calibration_text(report),
     ]
     if eval_report:
         parts.append("## Evaluation (measured with `qvlquant eval`)\n\n" + eval_table(eval_report))
     parts.append(usage(method, model_id))
     body = "\n\n".join(parts) + "\n"
-    return ModelCard(f"---\n{metadata(config, report).to_yaml()}\n---\n\n{body}")
+    return ModelCard(f"---\n{metadata(config, quant, report).to_yaml()}\n---\n\n{body}")
 
 
 def folder_card(folder: pathlib.Path, report: dict, model_id: str, eval_report: dict | None = None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
 from qvlquant.checkpoint.vllm import (
     TP_SIZES,
     VLLM_MODELS,
@@ -21,6 +22,7 @@ from qvlquant.checkpoint.vllm import (
     vllm_problems,
 )
 from qvlquant.families import ModelFamily, family_for
+from qvlquant.quant.formats import PackFormat
 from qvlquant.storage.manifest import (
     MANIFEST,
     ManifestError,
@@ -51,22 +53,31 @@ def verification(folder: pathlib.Path) -> dict:
         return {"status": "failed", "files": 0, "error": str(e)}
 
 
-def quantized_shapes(header: dict, qc: dict, family: ModelFamily) -> dict[str, tuple[int, int]]:
+def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelFamily) -> dict[str, tuple[int, int]]:
     """Runtime name -> (in, out) of every quantized linear: GPTQ / AWQ ``qweight`` + ``scales``, compressed-tensors
-    ``weight_packed`` [out, in * bits / 32]."""
-    bits = int(qc.get("bits") or next(iter((qc.get("config_groups") or {}).values()), {}).get("weights", {}).get("num_bits", 4))
+    ``weight_packed`` [out, in * bits / 32]; {} for a full-precision checkpoint."""
+    if quant is None:
+        return {}
+    bits = quant.spec.bits
     shapes = {}
     for key, (shape, _) in header.items():
         if key.endswith(".qweight"):
             module = key[: -len(".qweight")]
             n = header[module + ".scales"][0][1]
-            k = shape[0] * 32 // bits if qc.get("quant_method") == "gptq" else shape[0]
+            k = shape[0] * 32 // bits if quant.pack_format is PackFormat.GPTQ else shape[0]
         elif key.endswith(".weight_packed"):
             module, (n, k) = key[: -len(".weight_packed")], (shape[0], shape[1] * 32 // bits)
         else:
             continue
         shapes[family.to_runtime(module + ".")[:-1]] = (k, n)
     return shapes
+
+
+def quantization_settings(quant: CheckpointQuant | None) -> dict:
+    """The settings the report shows, read by ``read_quantization_config``; {} for a full-precision checkpoint."""
+    if quant is None:
+        return {}
+    return {**quant.summary(), "desc_act": quant.act_order, "format": quant.checkpoint_format}
 
 
 def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
@@ -78,23 +89,23 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
     verified = verification(folder)
     config = json.loads((folder / "config.json").read_text())
     family = family_for(config.get("model_type", "?"))
-    qc = config.get("quantization_config") or {}
+    quant = read_quantization_config(config.get("quantization_config"), str(folder / "config.json"))
     header = read_checkpoint_header(folder)
-    shapes = quantized_shapes(header, qc, family)
+    shapes = quantized_shapes(header, quant, family)
     plain = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
                    if k.endswith(".weight") and len(s) == 2)
     vision = [m for m in plain if m.startswith(family.vision_tower + ".")]
-    patterns = qc.get("modules_to_not_convert")
-    exposed = [m for m in vision if transformers_converts(m, patterns)] if qc.get("quant_method") == "awq" else []
+    awq = quant is not None and quant.method == "awq"
+    exposed = [m for m in vision if transformers_converts(m, list(quant.not_converted))] if awq else []
     vllm = {}
     if shapes:
         asked = vllm_installed() and config.get("model_type") in VLLM_MODELS
-        vllm = ask_vllm(folder, config, family) if asked else copied_rules(qc, shapes, vision, family, config)
+        vllm = ask_vllm(folder, config, family) if asked else copied_rules(quant, shapes, vision, family, config)
     return {
         "folder": str(folder),
         "verification": verified,
         "model_type": config.get("model_type"),
-        "quantization": {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "sym", "zero_point", "desc_act", "version") if k in qc},
+        "quantization": quantization_settings(quant),
         "quantized_linears": len(shapes),
         "unquantized_linears": len(plain),
         "vision_linears": len(vision),

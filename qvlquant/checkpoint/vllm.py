@@ -13,7 +13,7 @@ import types
 
 import torch
 
-from qvlquant.checkpoint.qconfig import weight_format
+from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
 from qvlquant.families import QWEN2_VL, ModelFamily
 from qvlquant.storage.shards import read_checkpoint_header
 
@@ -23,33 +23,30 @@ VLLM_CAPABILITY = (9, 0)  # the GPU vLLM's kernel-support checks are asked about
 TP_SIZES = (1, 2, 4, 8)
 
 
-def copied_config_refusals(qc: dict) -> list[str]:
+def copied_config_refusals(quant: CheckpointQuant) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback when vLLM is not installed; ``ask_vllm`` asks its own classes): why
-    it refuses the config itself. GPTQ: 4/8-bit symmetric only, act-order (``desc_act``) refused; AWQ: 4-bit;
-    groups -1/32/64/128."""
-    method = qc.get("quant_method")
-    bits, group, sym = weight_format(qc)
+    it refuses the config itself. GPTQ: 4/8-bit symmetric only, act-order (``desc_act``) refused; groups
+    -1/32/64/128. (AWQ's, 4-bit only, is not repeated: ``read_quantization_config`` refuses other AWQ widths.)"""
+    bits, group, sym = quant.spec.bits, quant.spec.group_size, quant.spec.sym
     problems = []
-    if method == "gptq" and (bits, sym) not in ((4, True), (8, True)):
+    if quant.method == "gptq" and (bits, sym) not in ((4, True), (8, True)):
         problems.append(f"GPTQ needs bits 4 or 8 with sym=true, got bits {bits}, sym {sym}")
-    if method == "gptq" and qc.get("desc_act") and group != -1:
+    if quant.method == "gptq" and quant.act_order and group != -1:
         problems.append("GPTQ act-order (desc_act=true) is refused by vLLM 0.33: export with --static-groups")
-    if method == "awq" and bits != 4:
-        problems.append(f"AWQ needs 4-bit, got bits {bits}")
     if group not in MARLIN_GROUPS:
         problems.append(f"group_size {group} not in {MARLIN_GROUPS}")
     return problems
 
 
-def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int, family: ModelFamily = QWEN2_VL,
-                    heads: tuple[int, int] | None = None) -> list[str]:
+def marlin_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], tp: int,
+                    family: ModelFamily = QWEN2_VL, heads: tuple[int, int] | None = None) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback): ``copied_config_refusals`` and why it refuses the shapes at
     tensor-parallel size ``tp``. ``heads`` (attention heads, KV heads): query heads split evenly, KV heads are
     replicated when ``tp`` >= their count; outputs split evenly; an input split must hold whole groups
     (misaligned kernel tiles are padded, so that is the only shape rule left). Which linears split along outputs
     or inputs comes from the family (``column_parallel`` / ``row_parallel``)."""
-    group = weight_format(qc)[1]
-    problems = copied_config_refusals(qc)
+    group = quant.spec.group_size
+    problems = copied_config_refusals(quant)
     if heads is not None:
         num_heads, num_kv = heads
         kv_ok = tp % num_kv == 0 if tp >= num_kv else num_kv % tp == 0
@@ -65,34 +62,29 @@ def marlin_problems(qc: dict, shapes: dict[str, tuple[int, int]], tp: int, famil
     return problems
 
 
-def copied_vision_decision(qc: dict, vision: list[str]) -> list[str]:
+def copied_vision_decision(quant: CheckpointQuant, vision: list[str]) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback): the vision linears it would treat as quantized. GPTQ: a name
     containing any ``modules_in_block_to_quantize`` entry; AWQ: none containing a ``modules_to_not_convert``
     entry; compressed-tensors: none matched by ``ignore`` (``re:`` entries as regexes)."""
-    method = qc.get("quant_method")
     names = [n.removeprefix("model.") for n in vision]  # vLLM's mapper: model.visual.* -> visual.*
-    if method == "gptq":
-        entries = [e for group in (qc.get("modules_in_block_to_quantize") or []) for e in
-                   (group if isinstance(group, list) else [group])]
-        return [n for n in names if not entries or any(e in n for e in entries)]
-    if method == "awq":
-        return [n for n in names if not any(e in n for e in qc.get("modules_to_not_convert") or [])]
-    if method == "compressed-tensors":
-        ignore = qc.get("ignore") or []
-        return [n for n in names if not any(re.fullmatch(e[3:], n) if e.startswith("re:") else e == n for e in ignore)]
-    return []
+    if quant.method == "gptq":
+        return [n for n in names if not quant.in_block or any(e in n for e in quant.in_block)]
+    if quant.method == "awq":
+        return [n for n in names if not any(e in n for e in quant.not_converted)]
+    return [n for n in names if not any(re.fullmatch(e[3:], n) if e.startswith("re:") else e == n
+                                        for e in quant.ignore)]
 
 
-def copied_rules(qc: dict, shapes: dict, vision: list[str], family: ModelFamily, config: dict) -> dict:
+def copied_rules(quant: CheckpointQuant, shapes: dict, vision: list[str], family: ModelFamily, config: dict) -> dict:
     """The fallback report, in the shape of ``ask_vllm``'s, from the copied rules."""
     text = config.get("text_config") or config
     heads = (text["num_attention_heads"], text["num_key_value_heads"]) if "num_attention_heads" in text else None
-    tp = {n: marlin_problems(qc, shapes, n, family, heads) for n in TP_SIZES}
-    refused = copied_config_refusals(qc)
+    tp = {n: marlin_problems(quant, shapes, n, family, heads) for n in TP_SIZES}
+    refused = copied_config_refusals(quant)
     return {"checked_by": f"a COPY of vLLM {VLLM_CHECKED}'s rules in qvlquant (vLLM is not installed here; "
                           "pip install 'qvlquant[vllm]' to ask vLLM's own classes)",
-            "method": qc.get("quant_method"), "refused": "; ".join(refused) or None, "layers": {},
-            "vision_quantized": copied_vision_decision(qc, vision), "tp": tp, "kernels": {}}
+            "method": quant.method, "refused": "; ".join(refused) or None, "layers": {},
+            "vision_quantized": copied_vision_decision(quant, vision), "tp": tp, "kernels": {}}
 
 
 def vllm_compatibility_warnings(quantization_config: dict, family: ModelFamily) -> list[str]:
@@ -112,8 +104,8 @@ def vllm_compatibility_warnings(quantization_config: dict, family: ModelFamily) 
         except (ValueError, KeyError) as e:
             return [f"vLLM {vllm_installed()} will refuse this export: {e}"]
         return []
-    return [f"vLLM {VLLM_CHECKED} (copied rules) will refuse this export: {p}"
-            for p in copied_config_refusals(quantization_config)]
+    quant = read_quantization_config(quantization_config, "the export's config.json")
+    return [f"vLLM {VLLM_CHECKED} (copied rules) will refuse this export: {p}" for p in copied_config_refusals(quant)]
 
 
 # --- vLLM, asked through its own classes -------------------------------------------------------------------------
@@ -294,7 +286,7 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
     dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
     first = f"{family.decoder_layers}.0."
     layer0 = {v: s for v, s in names.items() if s[0].startswith(first)}
-    group = weight_format(config.get("quantization_config") or {})[1]
+    group = read_quantization_config(config["quantization_config"], "config.json").spec.group_size
     problems, kernels = {}, {}
     for tp in TP_SIZES:
         problems[tp], kernels[tp] = [], {}

@@ -12,6 +12,7 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
+from qvlquant.checkpoint.qconfig import read_quantization_config
 from qvlquant.engine.skeleton import build_skeleton, load_processor, resolve_model_path
 from qvlquant.engine.streaming import find_disk_key
 from qvlquant.families import family_for
@@ -71,25 +72,6 @@ class QuantLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, group={self.spec.group_size}, {self.fmt.value}"
-
-
-def spec_from_config(qc: dict) -> tuple[QuantSpec, PackFormat]:
-    method = qc.get("quant_method")
-    if method == "gptq":
-        return QuantSpec(int(qc["bits"]), int(qc["group_size"]), bool(qc.get("sym", True))), PackFormat.GPTQ
-    if method == "awq":
-        if str(qc.get("version", "gemm")).lower() != "gemm":
-            raise ValueError(f"AWQ version {qc.get('version')!r} is not supported; only 'gemm'")
-        bits = int(qc.get("bits", qc.get("w_bit", 4)))
-        group = int(qc.get("group_size", qc.get("q_group_size", 128)))
-        return QuantSpec(bits, group, not qc.get("zero_point", True)), PackFormat.AWQ_GEMM
-    if method == "compressed-tensors":
-        if qc.get("format") != "pack-quantized" or len(qc.get("config_groups", {})) != 1:
-            raise ValueError("compressed-tensors checkpoints load here only as one pack-quantized config group")
-        w = next(iter(qc["config_groups"].values()))["weights"]
-        group = -1 if w.get("strategy") == "channel" else int(w["group_size"])
-        return QuantSpec(int(w["num_bits"]), group, bool(w["symmetric"])), PackFormat.COMPRESSED
-    raise ValueError(f"quant_method {method!r} is not supported; qvlquant loads 'gptq', 'awq' and 'compressed-tensors'")
 
 
 def read_safetensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -156,18 +138,19 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
     has_processor = any((folder / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
     processor = load_processor(folder, family) if has_processor else None
     qc = getattr(config, "quantization_config", None)
+    qc = qc.to_dict() if qc and not isinstance(qc, dict) else qc
     if qc:
-        verify_manifest(folder)
+        verify_manifest(folder)  # before anything is read from an edited export
     reader = ShardReader(folder)
-    if not qc:
+    quant = read_quantization_config(qc, str(folder / "config.json"))
+    if quant is None:
         model = build_skeleton(config, family, dtype)
     else:
-        qc = qc if isinstance(qc, dict) else qc.to_dict()
-        spec, fmt = spec_from_config(qc)
         bare = copy.deepcopy(config)
         del bare.quantization_config
         model = build_skeleton(bare, family, dtype)
         model.config.quantization_config = qc
-        swap_in_quant_linears(model, _quant_linear_targets(reader, family, fmt), spec, fmt, dtype)
+        targets = _quant_linear_targets(reader, family, quant.pack_format)
+        swap_in_quant_linears(model, targets, quant.spec, quant.pack_format, dtype)
     fill_from_checkpoint(model, reader, family, torch.device(device))
     return model.to(device).eval(), processor

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from qvlquant.checkpoint.export import modules_in_block_to_quantize
 from qvlquant.checkpoint.inspection import inspect_checkpoint, transformers_converts
+from qvlquant.checkpoint.qconfig import read_quantization_config
 from qvlquant.checkpoint.repair import repair_config
 from qvlquant.checkpoint.vllm import (
     copied_config_refusals,
@@ -42,18 +43,22 @@ def test_bare_visual_does_not_protect_the_runtime_vision_tower():
     assert not transformers_converts("model.visual.blocks.0.attn.qkv", ["visual", "model.visual"])
 
 
+def gptq(**fields):
+    """A GPTQ quantization_config (4-bit, group 128, symmetric unless ``fields`` say otherwise), as read."""
+    return read_quantization_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, **fields}, "t")
+
+
 def test_marlin_conditions():
     shapes = {"l.0.self_attn.k_proj": (256, 128), "l.0.mlp.down_proj": (29568, 8192)}
-    assert marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, {}, 1) == []
-    assert "sym=true" in marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False}, {}, 1)[0]
-    assert "group_size 96" in marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 96, "sym": True}, {}, 1)[0]
-    problems = marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, shapes, 2)
+    assert marlin_problems(gptq(), {}, 1) == []
+    assert "sym=true" in marlin_problems(gptq(sym=False), {}, 1)[0]
+    assert "group_size 96" in marlin_problems(gptq(group_size=96), {}, 1)[0]
+    problems = marlin_problems(gptq(), shapes, 2)
     assert any("down_proj" in p for p in problems) and not any("k_proj" in p for p in problems)  # 72B's 29568
     padded = {"l.0.mlp.down_proj": (29696, 8192)}
-    assert marlin_problems({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}, padded, 8) == []
+    assert marlin_problems(gptq(), padded, 8) == []
     v1 = {"transformer.h.0.mlp.c_proj": (29568, 8192)}  # the split lists come from the family: Qwen-VL v1's names
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
-    assert marlin_problems(qc, v1, 2, family_for("qwen")) and not marlin_problems(qc, v1, 2)
+    assert marlin_problems(gptq(), v1, 2, family_for("qwen")) and not marlin_problems(gptq(), v1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -217,43 +222,51 @@ def test_repair_that_fails_midway_leaves_config_as_it_was(tmp_path, monkeypatch)
     assert {p.name: p.read_bytes() for p in q.iterdir()} == before  # config intact, no temporary file left
 
 
-QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+def compressed(weights=None, **fields):
+    """A compressed-tensors pack-quantized quantization_config (4-bit, group 128) as the reader reads it."""
+    group = {"weights": {"num_bits": 4, "group_size": 128, **(weights or {})}}
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": group}, **fields}
+    return read_quantization_config(qc, "t")
 
 
 def test_copied_rules_of_vllm_0_33_refuse_act_order_and_asymmetric_gptq():
     """The fallback (vLLM absent) copies vLLM 0.33: desc_act=true is refused (with groups), asymmetric GPTQ too."""
-    assert marlin_problems(QC, {}, 1) == []
-    assert "desc_act" in marlin_problems(dict(QC, desc_act=True), {}, 1)[0]
-    assert marlin_problems(dict(QC, desc_act=True, group_size=-1), {}, 1) == []  # act-order is a no-op per channel
-    assert "sym" in copied_config_refusals(dict(QC, sym=False))[0]
-    ct = {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 96}}}}
-    assert "group_size 96" in copied_config_refusals(ct)[0]
+    assert marlin_problems(gptq(desc_act=False), {}, 1) == []
+    assert "desc_act" in marlin_problems(gptq(desc_act=True), {}, 1)[0]
+    assert marlin_problems(gptq(desc_act=True, group_size=-1), {}, 1) == []  # act-order is a no-op per channel
+    assert "sym" in copied_config_refusals(gptq(sym=False))[0]
+    assert "group_size 96" in copied_config_refusals(compressed({"group_size": 96}))[0]
 
 
 def test_copied_rules_replicate_kv_heads_and_refuse_only_groups_straddling_shards():
     shapes = {"l.0.self_attn.k_proj": (3584, 512), "l.0.self_attn.o_proj": (3584, 3584), "l.0.mlp.down_proj": (18944, 3584)}
+    qc = gptq(desc_act=False)
     for tp in (1, 2, 4):  # Qwen2-VL-7B: 28 heads, 4 KV heads (k_proj's 512 outputs are split by heads, not checked)
-        assert marlin_problems(QC, shapes, tp, heads=(28, 4)) == []
-    at8 = marlin_problems(QC, shapes, 8, heads=(28, 4))  # 28 heads over 8 ranks; 18944 / 8, 3584 / 8: half groups
+        assert marlin_problems(qc, shapes, tp, heads=(28, 4)) == []
+    at8 = marlin_problems(qc, shapes, 8, heads=(28, 4))  # 28 heads over 8 ranks; 18944 / 8, 3584 / 8: half groups
     assert len(at8) == 3 and "28 attention heads" in at8[0] and "down_proj" in at8[1] and "o_proj" in at8[2]
-    assert marlin_problems(QC, {}, 8, heads=(32, 4)) == []  # 4 KV heads replicated over 8 ranks
-    assert marlin_problems(QC, {"l.0.mlp.down_proj": (18944, 3584 + 8)}, 2) == []  # out % 64 != 0: tiles are padded
-    assert "down_proj" in marlin_problems(QC, {"l.0.mlp.down_proj": (18944 + 128, 3584)}, 2)[0]  # a group straddles
-    assert "KV heads" in marlin_problems(QC, {}, 4, heads=(12, 3))[0]  # 3 KV heads over 4 ranks: no
+    assert marlin_problems(qc, {}, 8, heads=(32, 4)) == []  # 4 KV heads replicated over 8 ranks
+    assert marlin_problems(qc, {"l.0.mlp.down_proj": (18944, 3584 + 8)}, 2) == []  # out % 64 != 0: tiles are padded
+    assert "down_proj" in marlin_problems(qc, {"l.0.mlp.down_proj": (18944 + 128, 3584)}, 2)[0]  # a group straddles
+    assert "KV heads" in marlin_problems(qc, {}, 4, heads=(12, 3))[0]  # 3 KV heads over 4 ranks: no
 
 
 def test_copied_vision_decision_flags_short_gptq_names_and_missing_bare_visual():
     vision = ["model.visual.blocks.0.mlp.gate_proj", "model.visual.blocks.0.attn.qkv"]  # Qwen2.5-VL's vision MLP
-    short = dict(QC, modules_in_block_to_quantize=[["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]])
+    short = gptq(modules_in_block_to_quantize=[["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]])
     assert copied_vision_decision(short, vision) == ["visual.blocks.0.mlp.gate_proj"]
-    ours = dict(QC, modules_in_block_to_quantize=modules_in_block_to_quantize(family_for("qwen2_5_vl"), 28))
+    ours = gptq(modules_in_block_to_quantize=modules_in_block_to_quantize(family_for("qwen2_5_vl"), 28))
     assert copied_vision_decision(ours, vision) == []
-    awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
-    assert copied_vision_decision(dict(awq, modules_to_not_convert=["model.visual", "lm_head"]), vision) == [
+    assert copied_vision_decision(gptq(), vision) == [n.removeprefix("model.") for n in vision]  # no list: every one
+
+    def awq(names):
+        return read_quantization_config({"quant_method": "awq", "modules_to_not_convert": names}, "t")
+
+    assert copied_vision_decision(awq(["model.visual", "lm_head"]), vision) == [
         n.removeprefix("model.") for n in vision]  # vLLM's mapper leaves "model.visual" (no dot) as it is
-    assert copied_vision_decision(dict(awq, modules_to_not_convert=["model.visual", "visual"]), vision) == []
-    ct = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:.*visual.*"]}
-    assert copied_vision_decision(ct, vision) == [] and len(copied_vision_decision(dict(ct, ignore=[]), vision)) == 2
+    assert copied_vision_decision(awq(["model.visual", "visual"]), vision) == []
+    assert copied_vision_decision(compressed(ignore=["lm_head", "re:.*visual.*"]), vision) == []
+    assert len(copied_vision_decision(compressed(ignore=[]), vision)) == 2
 
 
 def test_without_vllm_inspect_says_its_rules_are_a_copy(tmp_path, capsys, monkeypatch):

@@ -27,6 +27,7 @@ from tiny_models import tiny_batch, tiny_model  # noqa: E402
 
 from qvlquant.checkpoint.export import export, quantization_config  # noqa: E402
 from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes  # noqa: E402
+from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
 from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
@@ -132,7 +133,8 @@ def test_the_copied_rules_agree_with_vllm(exports, model_type):
         header = read_checkpoint_header(folder)
         vision = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
                         if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
-        copied = copied_rules(qc, quantized_shapes(header, qc, family), vision, family, copy.deepcopy(config))
+        quant = read_quantization_config(qc, str(folder / "config.json"))
+        copied = copied_rules(quant, quantized_shapes(header, quant, family), vision, family, copy.deepcopy(config))
         asked = inspect_checkpoint(folder)["vllm"]
         assert copied["checked_by"].startswith("a COPY") and copied["vision_quantized"] == asked["vision_quantized"]
         assert copied["refused"] is None and asked["refused"] is None
@@ -211,5 +213,5 @@ def test_tensor_parallel_at_the_real_sizes(tmp_path, size, fmt):
     assert len(kernels[1]) == 4
     layer0 = {n: s for n, s in linears.items() if n.startswith(family.decoder_layers + ".0.")}
     heads = (text["num_attention_heads"], text["num_key_value_heads"])
-    qc = saved["quantization_config"]
-    assert {tp for tp in TP_SIZES if marlin_problems(qc, layer0, tp, family, heads)} == REFUSED_AT[size]
+    quant = read_quantization_config(saved["quantization_config"], str(tmp_path / "config.json"))
+    assert {tp for tp in TP_SIZES if marlin_problems(quant, layer0, tp, family, heads)} == REFUSED_AT[size]

@@ -55,3 +55,24 @@ def test_pickle_checkpoints_are_refused_everywhere(tmp_path, capsys, quantized):
         qvlquant.load(folder)
     assert main(["eval", "--model", str(folder), "--base", "none", "--limit", "1"]) == 2
     assert "pickle checkpoints are refused" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({"quant_method": "gptq", "group_size": 128}, "quantization_config.bits is missing"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "config_groups holds 0 groups"),
+])
+def test_a_malformed_quantization_config_is_refused_naming_the_file_and_field(tmp_path, capsys, qc, message):
+    """Read by checkpoint.qconfig, the one reader: a ValueError naming config.json (it was a KeyError for these),
+    and a one-line error from the CLI."""
+    from qvlquant.assets.paths import MODEL_DIR
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+    (folder / "model.safetensors").symlink_to(MODEL_DIR / "model.safetensors")
+    with pytest.raises(ValueError, match=f"^{folder / 'config.json'}: quantization_config") as error:
+        qvlquant.load(folder)
+    assert message in str(error.value)
+    assert main(["eval", "--model", str(folder), "--base", "none", "--limit", "1"]) == 2
+    assert message in capsys.readouterr().err
