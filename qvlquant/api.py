@@ -246,6 +246,9 @@ def _batches(config: JobConfig, job: PreparedJob) -> list[dict]:
     cfg = config.processing
     if root and cfg.image_root is None:
         cfg = dataclasses.replace(cfg, image_root=root)
+    if config.quant.method == "rtn" and src.source != "demo":
+        say(f"note: RTN rounds without calibration data; the samples of --calib {src.source} only run through "
+            "the layers to check that activations stay finite")
     say(f"encoding {len(samples)} calibration samples through the processor")
     return build_batches(job.processor, samples, cfg, names, v1=job.family.needs_remote_code)
 

@@ -185,7 +185,8 @@ def _add_calib_flags(p, job: JobConfig) -> None:
     """Which calibration samples and how they become batches."""
     calib, proc, columns = job.calib, job.processing, dict(job.calib.columns)
     p.add_argument("--calib", help="'demo', 'easyvqa', a .json/.jsonl file (chat or sharegpt), an image folder "
-                   f"with captions, or hf:PATH_OR_ID (default {calib.source})")
+                   f"with captions, or hf:PATH_OR_ID (default: the demo's chats for the embedded models and for rtn; "
+                   "required for gptq and awq on any other model)")
     p.add_argument("--num-samples", type=int, help=f"default {calib.num_samples}")
     p.add_argument("--split", help=f"hf: datasets: the split to read (default {calib.split})")
     for col in ("image", "question", "answer", "text"):

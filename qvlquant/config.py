@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
 from qvlquant.quant.formats import EXPORT_FORMATS, PackFormat
 from qvlquant.quant.spec import QuantConfig, QuantSpec, positive_int
@@ -24,9 +25,10 @@ DEFAULT_SHARD_BYTES = 5 * 2**30
 
 @dataclasses.dataclass(frozen=True)
 class CalibSource:
-    """Which calibration samples: 'demo', 'easyvqa', a .json/.jsonl file, an image folder, or hf:PATH_OR_ID."""
+    """Which calibration samples: 'demo', 'easyvqa', a .json/.jsonl file, an image folder, or hf:PATH_OR_ID.
+    None: chosen by ``JobConfig`` (the demo chats where they suffice, else an error asking for real data)."""
 
-    source: str = "demo"
+    source: str | None = None
     num_samples: int = 64
     seed: int = 0
     split: str = "train"  # hf: datasets
@@ -91,6 +93,8 @@ class JobConfig:
             raise ValueError("output must name a folder")
         positive_int("pad_intermediate_to", self.pad_intermediate_to, allow_none=True)
         positive_int("max_layers", self.max_layers, allow_none=True)
+        if self.calib.source is None:
+            object.__setattr__(self, "calib", dataclasses.replace(self.calib, source=self._default_calib()))
         spec, fmt = self.quant.spec, self.pack_format
         if fmt is PackFormat.AWQ_GEMM and (spec.bits != 4 or spec.sym):
             raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (asymmetric) only; "
@@ -98,6 +102,17 @@ class JobConfig:
         if fmt is PackFormat.COMPRESSED and self.quant.desc_act and not self.quant.static_groups:
             raise ValueError("the compressed-tensors export stores contiguous groups only: add --static-groups "
                              "to --desc-act, or use the GPTQ format")
+
+    def _default_calib(self) -> str:
+        """The demo's chats for the embedded models, and for RTN (which rounds without data; the samples only run
+        through the layers to check that activations stay finite). GPTQ and AWQ on any other model need real data:
+        an error, as llm-compressor's and GPTQModel's GPTQ / AWQ ask for a dataset, rather than auto-round's silent
+        text default, which calibrates a vision-language model on no images at all."""
+        if str(self.model) in EMBEDDED_MODELS or self.quant.method == "rtn":
+            return "demo"
+        raise ValueError(f"{self.quant.method} on {self.model} needs calibration data that looks like what the model "
+                         "will serve: pass --calib FILE.jsonl (chats with images), an image folder with captions, or "
+                         "hf:DATASET; '--calib easyvqa' or '--calib demo' pick the toy 64x64-shape chats on purpose")
 
     @property
     def pack_format(self) -> PackFormat:

@@ -220,7 +220,7 @@ def test_quantize_help_shows_the_defaults_quantconfig_resolves(capsys):
     job, gptq = JobConfig.from_flat(output="-"), JobConfig.from_flat(output="-", method="gptq").quant
     plain = {"--method": job.quant.method, "--bits": job.quant.spec.bits, "--group-size": job.quant.spec.group_size,
              "--damp-percent": gptq.damp_percent, "--vision-weight": gptq.vision_weight, "--model": job.model,
-             "--calib": job.calib.source, "--num-samples": job.calib.num_samples, "--split": job.calib.split,
+             "--num-samples": job.calib.num_samples, "--split": job.calib.split,
              "--seed": job.calib.seed, "--batch-size": job.processing.batch_size,
              "--max-length": job.processing.max_length, "--min-pixels": job.processing.min_pixels,
              "--max-pixels": job.processing.max_pixels, "--device": job.device.device,
@@ -232,6 +232,8 @@ def test_quantize_help_shows_the_defaults_quantconfig_resolves(capsys):
     assert shown_default(helps, "--sym", r"default for ([\w/]+)")[4].split("/") == [m for m in sym if sym[m]]
     assert shown_default(helps, "--asym", r"default for ([\w/]+)")[4].split("/") == [m for m in sym if not sym[m]]
     assert "(default: True)" not in out and "(default: False)" not in out and "(default: None)" not in out
+    calib = " ".join(helps["--calib"].split())
+    assert "the demo's chats for the embedded models and for rtn; required for gptq and awq" in calib
 
 
 def test_every_option_of_the_non_quantize_subcommands_has_help():

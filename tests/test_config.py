@@ -82,3 +82,16 @@ def test_report_and_fingerprint_settings():
     other = JobConfig.from_flat(output="elsewhere", method="gptq", bits=3)
     assert other.result_settings() == fp  # where it goes does not change what it computes
     assert JobConfig.from_flat(output="o", method="gptq", bits=4).result_settings() != fp
+
+
+def test_gptq_and_awq_on_a_real_model_ask_for_calibration_data():
+    """No --calib: the demo's chats for the embedded models and RTN; GPTQ / AWQ on another model is an error naming
+    what to pass, never a silent calibration on the toy shapes."""
+    assert JobConfig(output="o").calib.source == "demo"
+    assert JobConfig.from_flat(output="o", model="testbed", method="gptq").calib.source == "demo"
+    assert JobConfig.from_flat(output="o", model="Qwen/Qwen2-VL-7B-Instruct", method="rtn").calib.source == "demo"
+    for method in ("gptq", "awq"):
+        with pytest.raises(ValueError, match=r"needs calibration data.*--calib FILE.jsonl.*hf:DATASET"):
+            JobConfig.from_flat(output="o", model="Qwen/Qwen2-VL-7B-Instruct", method=method)
+    chosen = JobConfig.from_flat(output="o", model="/models/q7", method="awq", calib="easyvqa")
+    assert chosen.calib.source == "easyvqa"

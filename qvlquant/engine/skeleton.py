@@ -10,10 +10,10 @@ import pathlib
 
 import torch
 
-from qvlquant.assets.paths import MODEL_DIR, TESTBED_DIR
+from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.families import ModelFamily
 
-EMBEDDED = {"demo": MODEL_DIR, "testbed": TESTBED_DIR}  # models shipped inside the package
+EMBEDDED = EMBEDDED_MODELS  # models shipped inside the package
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "*.md"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
