@@ -393,7 +393,9 @@ def run_bench(args) -> int:
 
 def add_inspect(sub) -> None:
     about = "what a quantized checkpoint is, whether it verifies, and whether vLLM / transformers load it right"
-    p = sub.add_parser("inspect", help=about, description=about[0].upper() + about[1:] + ".")
+    p = sub.add_parser("inspect", help=about, description=about[0].upper() + about[1:] + ". Exit status 1 when "
+                       "the export fails verification, transformers 5 would replace its vision tower, or vLLM would "
+                       "refuse or mis-load it at tensor-parallel 1 (larger tensor-parallel sizes are reported only).")
     p.add_argument("model", help="checkpoint folder")
     p.add_argument("--repair", action="store_true", help="rewrite modules_to_not_convert so the vision tower stays "
                    "unquantized in transformers 5")
@@ -410,10 +412,11 @@ def run_inspect(args) -> int:
     report = inspect_checkpoint(args.model)
     verified = report["verification"]
     failed = verified["status"] == "failed"
+    broken = failed or report["vision_exposed_in_transformers"] or bool(report["marlin"].get(1))
     if args.json:
         print(json.dumps(report, indent=2))
-        return 1 if failed else 0
-    print(f"{report['folder']}: {report['model_type']}, {report['quantization']}")
+        return 1 if broken else 0
+    print(f"{report['folder']}: {report['model_type']}, {describe_quantization(report['quantization'])}")
     if failed:
         print(f"  FAILED verification: {verified['error']}. What follows describes the files as they are now, not as "
               "exported. Re-export the model (or restore the files).")
@@ -424,7 +427,7 @@ def run_inspect(args) -> int:
           f"({report['vision_linears']} in the vision tower)")
     exposed = report["vision_exposed_in_transformers"]
     if exposed:
-        print(f"  WARNING: transformers 5 would replace {len(exposed)} vision linears (e.g. {exposed[0]}) with "
+        print(f"  PROBLEM: transformers 5 would replace {len(exposed)} vision linears (e.g. {exposed[0]}) with "
               "randomly initialised quantized modules: modules_to_not_convert does not match their names. "
               "Fix: qvlquant inspect --repair")
     else:
@@ -439,7 +442,20 @@ def run_inspect(args) -> int:
         print(f"  vLLM at tensor-parallel {tp}: {status}")
     if failed:
         print(f"qvlquant inspect: error: {args.model} fails verification against its manifest", file=sys.stderr)
-    return 1 if failed else 0
+    elif broken:
+        print(f"qvlquant inspect: error: {args.model} would load wrongly or be refused (see PROBLEM / tensor-parallel "
+              "1 above)", file=sys.stderr)
+    return 1 if broken else 0
+
+
+def describe_quantization(q: dict) -> str:
+    """``inspect``'s one-line summary of the report's quantization: method, width, group, symmetry, act-order."""
+    if not q:
+        return "not quantized"
+    group = "per-channel" if q.get("group_size") == -1 else f"group {q.get('group_size')}"
+    sym = "symmetric" if q.get("sym") else "asymmetric (zero points)"
+    act = ", act-order (g_idx)" if q.get("desc_act") else ""
+    return f"{q.get('quant_method')} ({q.get('format')}) W{q.get('bits')}, {group}, {sym}{act}"
 
 
 def add_threads(p) -> None:

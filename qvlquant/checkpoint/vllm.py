@@ -82,7 +82,7 @@ def copied_rules(quant: CheckpointQuant, shapes: dict, vision: list[str], family
     tp = {n: marlin_problems(quant, shapes, n, family, heads) for n in TP_SIZES}
     refused = copied_config_refusals(quant)
     return {"checked_by": f"a COPY of vLLM {VLLM_CHECKED}'s rules in qvlquant (vLLM is not installed here; "
-                          "pip install 'qvlquant[vllm]' to ask vLLM's own classes)",
+                          "install vLLM in a venv of its own, docs/VLLM.md, to ask vLLM's own classes)",
             "method": quant.method, "refused": "; ".join(refused) or None, "layers": {},
             "vision_quantized": copied_vision_decision(quant, vision), "tp": tp, "kernels": {}}
 
@@ -338,8 +338,9 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
 
 
 def vllm_problems(vllm: dict, tp: int) -> list[str]:
-    """Every reason vLLM would refuse or mis-load the export at tensor-parallel ``tp``, naming who said so."""
+    """Every reason vLLM would refuse or mis-load the export at tensor-parallel ``tp`` (who said so is the report's
+    ``checked_by``, stated once)."""
     quantized = vllm["vision_quantized"]
     vision = [f"vLLM would build {len(quantized)} vision linears (e.g. {quantized[0]}) as quantized while the "
               "checkpoint holds them in full precision"] if quantized else []
-    return [f"{p} [{vllm['checked_by']}]" for p in vision + vllm["tp"][tp]]
+    return vision + vllm["tp"][tp]

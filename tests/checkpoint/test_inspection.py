@@ -85,8 +85,9 @@ def test_inspect_flags_and_repair_fixes_official_style_awq_config(awq_export, tm
     assert report["vision_exposed_in_transformers"] == [] and report["marlin"][1] == []
     bad = official_style(awq_export, tmp_path / "official")
     assert len(inspect_checkpoint(bad)["vision_exposed_in_transformers"]) == 10
-    assert main(["inspect", str(bad)]) == 0
-    assert "WARNING: transformers 5 would replace 10 vision linears" in capsys.readouterr().out
+    assert main(["inspect", str(bad)]) == 1  # it would load wrongly: not a success
+    out = capsys.readouterr()
+    assert "PROBLEM: transformers 5 would replace 10 vision linears" in out.out and "would load wrongly" in out.err
     names = repair_config(bad)
     assert {"visual", "model.visual"} <= set(names)
     assert inspect_checkpoint(bad)["vision_exposed_in_transformers"] == []
@@ -110,7 +111,8 @@ def test_transformers_really_corrupts_then_repair_protects(awq_export, tmp_path)
 def tiny_export(folder, modules_to_not_convert=None):
     """A hand-made GPTQ export (one quantized linear, one vision linear) with its manifest: no quantization run."""
     folder.mkdir()
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
+          "modules_in_block_to_quantize": [["mlp.up_proj"]]}  # as qvlquant writes it: vLLM leaves the vision alone
     if modules_to_not_convert is not None:
         qc["modules_to_not_convert"] = modules_to_not_convert
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "quantization_config": qc}, indent=2))
@@ -142,6 +144,10 @@ def test_inspect_verifies_an_intact_export(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "manifest: 2 files verified" in out
     assert "vLLM: judged by " in out and "vLLM at tensor-parallel 1:" in out  # says whose rules, vLLM's or a copy
+    first = out.splitlines()[0]
+    assert "W4, group " in first and "{" not in first  # a sentence, not a Python dict
+    assert "pip install 'qvlquant[vllm]'" not in out  # docs/VLLM.md: vLLM goes in a venv of its own
+    assert out.count("COPY of vLLM") <= 1  # who judged is said once, not on every problem line
 
 
 @pytest.mark.parametrize("edit", ["bits", "shard"])
@@ -278,7 +284,8 @@ def test_without_vllm_inspect_says_its_rules_are_a_copy(tmp_path, capsys, monkey
     edit["quantization_config"]["desc_act"] = True
     (q / "config.json").write_text(json.dumps(edit))
     report = inspect_checkpoint(q)
-    assert "desc_act" in report["vllm"]["refused"] and "a COPY" in report["marlin"][1][0]
+    assert "desc_act" in report["vllm"]["refused"] and any("desc_act" in p for p in report["marlin"][1])
+    assert main(["inspect", str(q)]) == 1  # vLLM would refuse it at tensor-parallel 1
     assert "desc_act" in vllm_compatibility_warnings(edit["quantization_config"], family_for("qwen2_vl"))[0]
 
 
