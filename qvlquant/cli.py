@@ -345,8 +345,11 @@ def add_bench(sub) -> None:
     p.add_argument("--static-cache", action="store_true", help="generate with a static KV cache")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU); "
                    "implies --static-cache")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant and input length: the table "
+                   "shows their median and min-max, and marks a speed-up within the noise when the ranges overlap")
     p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--plot", default=None, help="write tokens/s and memory vs input length here (PNG)")
+    p.add_argument("--plot", default=None, help="write tokens/s and memory per input length here (PNG; needs "
+                   "matplotlib: pip install 'qvlquant[plot]')")
     p.add_argument("--weights-only", action="store_true", help="only the bytes each variant's weights hold (built on "
                    "the meta device, any machine, seconds), beside the published peak memory at input length 1")
 
@@ -359,10 +362,14 @@ def run_bench(args) -> int:
         format_table,
         format_weights_table,
         plot,
+        require_pyplot,
         run,
         title,
         weights_table,
     )
+
+    if args.plot:
+        require_pyplot()  # before the benchmark runs, not after it
 
     if args.weights_only:
         rows = weights_table(args.shape, args.variants)
@@ -379,7 +386,8 @@ def run_bench(args) -> int:
     except ValueError:
         raise ValueError(f"--input-lengths {lengths!r}: expected comma-separated integers") from None
     cfg = BenchConfig(args.shape, args.variants, input_lengths,
-                      args.new_tokens or (2048 if gpu else 8), device, args.static_cache, args.compile)
+                      args.new_tokens or (2048 if gpu else 8), device, args.static_cache, args.compile,
+                      args.repeats)
     rows = run(cfg)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     heading = title(cfg, where)
