@@ -285,10 +285,11 @@ def add_check(sub) -> None:
     p.add_argument("report", help="eval JSON of the quantized model (from qvlquant eval --report)")
     p.add_argument("--baseline", default=None, help="eval JSON of the baseline (default: the one embedded in report)")
     p.add_argument("--max-drop", action="append", default=[], metavar="TASK=POINTS",
-                   help="accuracy points TASK may lose (default 1.0); repeatable")
+                   help="accuracy points TASK may lose (default 1.0); repeatable; TASK must be in the report")
     p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PERCENT", help="default 2.0")
     p.add_argument("--recipe", default=None, help="take tolerances from the recipe's check: section "
-                   "(max_drop: {task: points}, max_ppl_increase: percent); flags override it")
+                   "(max_drop: {task: points}, max_ppl_increase: percent; tasks the report lacks are ignored); "
+                   "flags override it")
 
 
 def run_check(args) -> int:
@@ -296,8 +297,11 @@ def run_check(args) -> int:
     from qvlquant.recipes import check_tolerances
 
     ppl = None if args.max_ppl_increase is None else tolerance(args.max_ppl_increase, "--max-ppl-increase")
-    result = check(args.report, args.baseline, check_tolerances(args.recipe, parse_max_drop(args.max_drop), ppl))
+    flags = parse_max_drop(args.max_drop)
+    result = check(args.report, args.baseline, check_tolerances(args.recipe, flags, ppl), named=flags)
     print(format_rows(result.rows))
+    for warning in result.warnings:
+        print(f"qvlquant check: warning: {warning}", file=sys.stderr)
     print(f"check: {'FAILED: ' + ', '.join(result.failed) if result.failed else 'passed'}")
     return 0 if result.passed else 1
 
