@@ -33,8 +33,9 @@ def evaluate(model="demo", base=None, **settings):
 def check(report, baseline=None, recipe=None, max_drop=None, max_ppl_increase=None):
     """The CI gate: an eval report (dict or JSON path) against its baseline (default: the one embedded in it), under
     the recipe's check: tolerances with ``max_drop`` ({task: points}) and ``max_ppl_increase`` (percent) winning.
-    -> CheckResult (.passed, .failed, .rows); bad input raises ValueError. See qvlquant.eval.check.check."""
+    -> CheckResult (.passed, .failed, .rows, .warnings); bad input (a ``max_drop`` task the report lacks
+    included) raises ValueError. See qvlquant.eval.check.check."""
     from qvlquant.eval.check import check as _check
     from qvlquant.recipes import check_tolerances
 
-    return _check(report, baseline, check_tolerances(recipe, max_drop, max_ppl_increase))
+    return _check(report, baseline, check_tolerances(recipe, max_drop, max_ppl_increase), named=max_drop or ())

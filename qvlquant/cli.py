@@ -285,10 +285,11 @@ def add_check(sub) -> None:
     p.add_argument("report", help="eval JSON of the quantized model (from qvlquant eval --report)")
     p.add_argument("--baseline", default=None, help="eval JSON of the baseline (default: the one embedded in report)")
     p.add_argument("--max-drop", action="append", default=[], metavar="TASK=POINTS",
-                   help="accuracy points TASK may lose (default 1.0); repeatable")
+                   help="accuracy points TASK may lose (default 1.0); repeatable; TASK must be in the report")
     p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PERCENT", help="default 2.0")
     p.add_argument("--recipe", default=None, help="take tolerances from the recipe's check: section "
-                   "(max_drop: {task: points}, max_ppl_increase: percent); flags override it")
+                   "(max_drop: {task: points}, max_ppl_increase: percent; tasks the report lacks are ignored); "
+                   "flags override it")
 
 
 def run_check(args) -> int:
@@ -296,8 +297,11 @@ def run_check(args) -> int:
     from qvlquant.recipes import check_tolerances
 
     ppl = None if args.max_ppl_increase is None else tolerance(args.max_ppl_increase, "--max-ppl-increase")
-    result = check(args.report, args.baseline, check_tolerances(args.recipe, parse_max_drop(args.max_drop), ppl))
+    flags = parse_max_drop(args.max_drop)
+    result = check(args.report, args.baseline, check_tolerances(args.recipe, flags, ppl), named=flags)
     print(format_rows(result.rows))
+    for warning in result.warnings:
+        print(f"qvlquant check: warning: {warning}", file=sys.stderr)
     print(f"check: {'FAILED: ' + ', '.join(result.failed) if result.failed else 'passed'}")
     return 0 if result.passed else 1
 
@@ -344,8 +348,11 @@ def add_bench(sub) -> None:
     p.add_argument("--static-cache", action="store_true", help="generate with a static KV cache")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU); "
                    "implies --static-cache")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant and input length: the table "
+                   "shows their median and min-max, and marks a speed-up within the noise when the ranges overlap")
     p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--plot", default=None, help="write tokens/s and memory vs input length here (PNG)")
+    p.add_argument("--plot", default=None, help="write tokens/s and memory per input length here (PNG; needs "
+                   "matplotlib: pip install 'qvlquant[plot]')")
     p.add_argument("--weights-only", action="store_true", help="only the bytes each variant's weights hold (built on "
                    "the meta device, any machine, seconds), beside the published peak memory at input length 1")
 
@@ -358,10 +365,14 @@ def run_bench(args) -> int:
         format_table,
         format_weights_table,
         plot,
+        require_pyplot,
         run,
         title,
         weights_table,
     )
+
+    if args.plot:
+        require_pyplot()  # before the benchmark runs, not after it
 
     if args.weights_only:
         rows = weights_table(args.shape, args.variants)
@@ -378,7 +389,8 @@ def run_bench(args) -> int:
     except ValueError:
         raise ValueError(f"--input-lengths {lengths!r}: expected comma-separated integers") from None
     cfg = BenchConfig(args.shape, args.variants, input_lengths,
-                      args.new_tokens or (2048 if gpu else 8), device, args.static_cache, args.compile)
+                      args.new_tokens or (2048 if gpu else 8), device, args.static_cache, args.compile,
+                      args.repeats)
     rows = run(cfg)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     heading = title(cfg, where)

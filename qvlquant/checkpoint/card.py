@@ -3,8 +3,12 @@
 The metadata are the hub's standard fields: ``base_model`` with ``base_model_relation: quantized`` (for a local base,
 the hub id its config's ``_name_or_path`` or its own card's ``base_model`` records, when that looks like a hub id),
 ``license`` carried from the base's card, ``datasets`` (an ``hf:`` calibration source), ``library_name``,
-``pipeline_tag`` and ``tags``. The body: the settings as a table, the calibration data, the evaluation when one is
-given, what to install for the export's format, and a chat-and-generate snippet (a test runs it against an export).
+``pipeline_tag`` and ``tags``. The body follows Qwen's and Red Hat's quantized cards: a short "Model overview" table
+(architecture, method, weights, activations, the quantized modules in words, what stays unquantized, the stored format,
+calibration data, the tool), then "Deployment" (what to install for the format, a chat-and-generate snippet that a test
+runs against an export, vLLM), then "Evaluation" (the table when a report is given, else how to make one). How the
+run quantized comes from the quantize report's config (its one owner: config.json's ``desc_act`` is false under
+static groups although act-order ran); config.json gives the architecture and the stored format.
 The card writes no links: a speculative link (a package index page that does not exist) is worse than none.
 """
 
@@ -13,10 +17,12 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+from collections import defaultdict
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
+from qvlquant.families import FAMILIES
 
 CARD = "README.md"
 # owner/name as the hub spells repository ids (no leading dot or dash, no "..")
@@ -85,9 +91,18 @@ def calibration_dataset(source) -> str | None:
     return None
 
 
-def metadata(config: dict, quant: CheckpointQuant, report: dict) -> ModelCardData:
+def checkpoint_quant(config: dict) -> CheckpointQuant:
+    """The export's quantization_config, through the one reader (``checkpoint.qconfig``)."""
+    q = read_quantization_config(config.get("quantization_config"), "config.json")
+    if q is None:
+        raise ValueError("config.json has no quantization_config: not a quantized export, no card to write")
+    return q
+
+
+def metadata(config: dict, report: dict) -> ModelCardData:
+    q = checkpoint_quant(config)
     hub_id, base_meta = base_card(str(report.get("base_model", "")))
-    tags = ["qvlquant", quant.method, f"{quant.spec.bits}-bit", config.get("model_type", "qwen")]
+    tags = ["qvlquant", q.method, f"{q.spec.bits}-bit", config.get("model_type", "qwen")]
     fields: dict = {"library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": tags}
     if hub_id:
         fields.update(base_model=hub_id, base_model_relation="quantized")
@@ -100,55 +115,131 @@ def metadata(config: dict, quant: CheckpointQuant, report: dict) -> ModelCardDat
     return ModelCardData(**fields)
 
 
-def export_quantization(config: dict) -> CheckpointQuant:
-    """The export's quantization_config, read by ``read_quantization_config``; an error for a full-precision one."""
-    quant = read_quantization_config(config.get("quantization_config"), "the export's config.json")
-    if quant is None:
-        raise ValueError("the export's config.json has no quantization_config: a card describes a quantized export")
-    return quant
+def run_settings(report: dict) -> dict:
+    """How the run quantized (method, spec, act-order, ...): the quantize report's config; {} when not recorded."""
+    return (report.get("config") or {}).get("quant") or {}
 
 
-def cell(value) -> str:
-    """A setting as a table cell: JSON spelling (true, null), lists comma-separated, groups of a list of lists
-    separated by ' / ', '|' escaped."""
-    if isinstance(value, list):
-        sep = " / " if any(isinstance(v, list) for v in value) else ", "
-        text = sep.join(cell(v) for v in value) if value else "(none)"
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(value)
+def gptq_rounds(quant: dict) -> bool:
+    return quant.get("method") == "gptq" or (quant.get("method") == "awq" and quant.get("awq_rounding") == "gptq")
+
+
+def method_text(method: str, quant: dict) -> str:
+    """The method and the settings that shaped it, in words."""
+    if method == "rtn":
+        return "RTN (round-to-nearest)"
+    if method == "awq":
+        rounding = "GPTQ" if quant.get("awq_rounding") == "gptq" else "round-to-nearest"
+        clip = ", clipping search" if quant.get("awq_clip") else ""
+        return (f"AWQ, scale search over {quant['awq_grid']} grid points{clip}, {rounding} rounding"
+                if "awq_grid" in quant else "AWQ")
+    if method == "gptq" and quant:
+        order = ", true-sequential" if quant.get("true_sequential") else ""
+        mse = f", group ranges by an MSE search (norm {quant['mse']:g})" if quant.get("mse") else ""
+        return f"GPTQ, damping {quant.get('damp_percent')}, block size {quant.get('block_size')}{order}{mse}"
+    return method.upper()
+
+
+def act_order_text(quant: dict) -> str:
+    if not quant.get("desc_act"):
+        return "no"
+    return "yes" if quant.get("static_groups") else "yes, dynamic groups (g_idx)"
+
+
+def weights_text(q: CheckpointQuant, quant: dict) -> str:
+    """INT bits, the group size, symmetric or not: the run's spec, else the quantization_config's."""
+    spec = quant.get("spec") or {"bits": q.spec.bits, "group_size": q.spec.group_size, "sym": q.spec.sym}
+    group = spec.get("group_size")
+    parts = [f"INT{spec.get('bits')}"]
+    if group is not None:
+        parts.append("per output channel" if group == -1 else f"groups of {group}")
+    if spec.get("sym") is not None:
+        parts.append("symmetric" if spec["sym"] else "asymmetric (zero points)")
+    return ", ".join(parts)
+
+
+STORED_AS = {"gptq": "GPTQ v1", "awq": "AWQ GEMM"}
+
+
+def stored_text(q: CheckpointQuant) -> str:
+    name = STORED_AS.get(q.method) or f"{q.method} {q.checkpoint_format}"
+    return f"{name} (`quant_method: {q.method}`)"
+
+
+def short_names(leaves: list[str]) -> str:
+    """'self_attn.q_proj', 'self_attn.k_proj', 'mlp.up_proj' -> 'self_attn q/k_proj, mlp up_proj'."""
+    by_parent: dict[str, list[str]] = defaultdict(list)
+    for leaf in leaves:
+        parent, _, name = leaf.rpartition(".")
+        by_parent[parent].append(name)
+    parts = []
+    for parent, names in by_parent.items():
+        suffix = "_proj" if len(names) > 1 and all(n.endswith("_proj") for n in names) else ""
+        joined = "/".join(n.removesuffix(suffix) for n in names) + suffix
+        parts.append(f"{parent} {joined}".strip())
+    return ", ".join(parts)
+
+
+def modules_text(report: dict, layer_count: int | None, model_type: str | None) -> str:
+    """The quantized linears in words, from the report's per-linear records (a 72B's 560 names in one line), in
+    the family's execution order."""
+    names = list(report.get("layers") or {})
+    per_layer: dict[int, set[str]] = defaultdict(set)
+    for name in names:
+        found = re.match(r"^.*?\.(\d+)\.(.+)$", name)  # PREFIX.LAYER.linear
+        if found:
+            per_layer[int(found.group(1))].add(found.group(2))
+    if not per_layer:
+        return "the linear layers of the language model's decoder layers"
+    family = FAMILIES.get(model_type)
+    order = list(family.linears) if family else []
+    leaves = sorted(per_layer[min(per_layer)], key=lambda n: order.index(n) if n in order else len(order))
+    if any(v != set(leaves) for v in per_layer.values()) or len(per_layer) != (layer_count or len(per_layer)):
+        return f"{len(names)} linear layers in {len(per_layer)} decoder layers ({short_names(leaves)})"
+    return (f"the {len(leaves)} linear layers of each of the {len(per_layer)} decoder layers "
+            f"({short_names(leaves)}), {len(names)} in all")
+
+
+def calibration_text(report: dict, method: str) -> str:
+    if method == "rtn":
+        return "none: round-to-nearest uses the weights alone"
+    calib = report.get("calibration")
+    if not calib:
+        return "not recorded"
+    pixels = (report.get("config") or {}).get("processing", {}).get("max_pixels")
+    bound = f", images bounded to {pixels} pixels" if pixels else ""
+    tokens = f", {calib['tokens']} tokens" if calib.get("tokens") else ""
+    return (f"{calib.get('num_samples')} samples from `{calib.get('source')}` (seed {calib.get('seed')})"
+            f"{tokens}{bound}")
+
+
+def escape_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def flat_settings(qc: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, value) of the quantization_config, nested dicts (compressed-tensors groups) flattened; the
-    quantizer's ``meta`` left out (the report records it)."""
-    rows = []
-    for key, value in qc.items():
-        if key == "meta" and not prefix:
-            continue
-        if isinstance(value, dict):
-            rows += flat_settings(value, f"{prefix}{key}.")
-        else:
-            rows.append((f"{prefix}{key}", value))
-    return rows
-
-
-def settings_table(qc: dict) -> str:
-    lines = ["| setting | value |", "|---|---|"]
-    lines += [f"| `{key}` | {cell(value)} |" for key, value in flat_settings(qc)]
+def overview(config: dict, report: dict) -> str:
+    """The "Model overview" table: short rows in words."""
+    q, quant = checkpoint_quant(config), run_settings(report)
+    method = report.get("method") or quant.get("method") or q.method
+    text = config.get("text_config") or config
+    layers = text.get("num_hidden_layers")
+    arch = ", ".join(config.get("architectures") or []) or "?"
+    rows = [("Architecture", f"{arch} (`{config.get('model_type', '?')}`)"
+             + (f", {layers} decoder layers" if layers else "")),
+            ("Quantization", method_text(method, quant)),
+            ("Weights", weights_text(q, quant)),
+            ("Activations", "not quantized (weight-only)")]
+    if gptq_rounds(quant):
+        rows.append(("Act-order (static groups)", act_order_text(quant)))
+    dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype")
+    rows += [("Quantized modules", modules_text(report, layers, config.get("model_type"))),
+             ("Kept unquantized", "the vision tower, the token embeddings and `lm_head`"
+              + (f", in {dtype}" if dtype else "")),
+             ("Stored as", stored_text(q)),
+             ("Calibration data", calibration_text(report, method)),
+             ("Tool", f"qvlquant {report.get('qvlquant_version', '')}".rstrip())]
+    lines = ["| property | value |", "|---|---|"] + [f"| {k} | {escape_cell(v)} |" for k, v in rows]
     return "\n".join(lines)
-
-
-def calibration_text(report: dict) -> str:
-    calib = report.get("calibration")
-    if not calib:
-        return "Not recorded."
-    pixels = (report.get("config") or {}).get("calib", {}).get("max_pixels")
-    bound = f", images bounded to {pixels} pixels" if pixels else ""
-    return (f"{calib.get('num_samples')} samples from `{calib.get('source')}` (seed {calib.get('seed')}), "
-            f"{calib.get('tokens')} tokens{bound}.")
 
 
 def eval_table(eval_report: dict) -> str:
@@ -171,7 +262,7 @@ device_map = "auto" if torch.cuda.is_available() else "cpu"
 model = AutoModelForImageTextToText.from_pretrained(model_id, device_map=device_map)
 processor = AutoProcessor.from_pretrained(model_id)
 messages = [{{"role": "user", "content": [
-    {{"type": "image", "path": "example.jpg"}},  # any local image file
+    {{"type": "image", "image": "example.jpg"}},  # a local path, file:// or data: URI, as calibration samples take
     {{"type": "text", "text": "Describe this image."}},
 ]}}]
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -181,31 +272,33 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 ```'''
 
 
-def usage(method: str, model_id: str) -> str:
+def deployment(method: str, model_id: str) -> str:
     needs = REQUIREMENTS.get(method, ("transformers", "accelerate"))
-    return (f"## Usage\n\nWith transformers (`pip install {' '.join(needs)}`; a `device_map` needs "
+    return (f"## Deployment\n\nWith transformers (`pip install {' '.join(needs)}`; a `device_map` needs "
             f"accelerate):\n\n{SNIPPET.format(model_id=model_id)}\n\nWith vLLM:\n\n```bash\nvllm serve {model_id}\n```")
+
+
+NOT_EVALUATED = ("Not yet run: `qvlquant eval --model DIR --report eval.json`, then "
+                 "`qvlquant push DIR --repo OWNER/NAME --eval eval.json` puts its table here, beside the base model's.")
 
 
 def model_card(config: dict, report: dict, model_id: str, eval_report: dict | None = None) -> ModelCard:
     """The card of an export from its config.json and quantize report; ``model_id`` names it in the title and
     the snippets (the hub repo when pushed, the folder's name in the export)."""
-    quant = export_quantization(config)
-    method = quant.method
+    q = checkpoint_quant(config)
+    method = report.get("method") or q.method
     base = report.get("base_model") or "an unrecorded base model"
     parts = [
         f"# {model_id.rstrip('/').split('/')[-1]}",
-        f"Quantized with qvlquant {report.get('qvlquant_version', '')}".rstrip() + f" from `{base}`: method "
-        f"**{report.get('method', method)}**, stored as **{method}**; the vision tower and `lm_head` stay in full "
-        "precision.",
-        "## Quantization settings\n\n" + settings_table(config["quantization_config"]),
-        "## Calibration data\n\n" + calibration_text(report),
+        f"`{base}` quantized by qvlquant with {method.upper()}: the language model's decoder linears hold "
+        f"{weights_text(q, run_settings(report)).split(',')[0]} weights.",
+        "## Model overview\n\n" + overview(config, report),
+        deployment(q.method, model_id),
+        "## Evaluation\n\n" + (("Measured with `qvlquant eval`:\n\n" + eval_table(eval_report)) if eval_report
+                                else NOT_EVALUATED),
     ]
-    if eval_report:
-        parts.append("## Evaluation (measured with `qvlquant eval`)\n\n" + eval_table(eval_report))
-    parts.append(usage(method, model_id))
     body = "\n\n".join(parts) + "\n"
-    return ModelCard(f"---\n{metadata(config, quant, report).to_yaml()}\n---\n\n{body}")
+    return ModelCard(f"---\n{metadata(config, report).to_yaml()}\n---\n\n{body}")
 
 
 def folder_card(folder: pathlib.Path, report: dict, model_id: str, eval_report: dict | None = None) -> str:

@@ -3,20 +3,25 @@
 Memory: the capture pass holds the parts besides the decoder layers (vision tower in the compute dtype, the
 token embedding in the checkpoint's); then one decoder layer in the compute dtype plus the method's working set
 (GPTQ: its largest Hessian's float64 sum and float32 copy; AWQ: the inputs of the linear groups and the clipping temporaries);
-the calibration activations; and about 0.7 GiB for Python, torch and transformers. Time: the method's floating
-point work per layer divided by a throughput measured on the device with one matmul, so it is a rough figure;
-the report records what was measured beside it.
+the calibration activations; and about 0.7 GiB for Python, torch and transformers. Time: operation counts at
+speeds measured on this machine when the run starts: the method's floating-point work per layer at the speed of
+one matmul, plus its small torch calls (a pass through the layer per batch and replay, GPTQ's column steps) at the
+time of one small module call, which is what a small model's layer mostly costs; then scaled by the machine's load
+(its one-minute load average over this process's CPU quota), since the measured speed is this machine's best and
+other processes take their share of it. A rough figure: the report records what was measured beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 import torch
 
 from qvlquant.config import JobConfig
 from qvlquant.families import ModelFamily
-from qvlquant.parallel.devices import compute_dtype
+from qvlquant.parallel.devices import compute_dtype, cpu_quota
 from qvlquant.parallel.distributed import World, assign
 
 BASE_RSS = int(0.7 * 2**30)  # interpreter, torch, transformers and the processor, measured here
@@ -27,19 +32,67 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def measured_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Floating-point operations per second of one 1024^2 matmul on ``device`` (best of 3)."""
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+# Small torch calls per unit of work, in units of one small nn.Linear call, counted on this project's 2-core CPU
+# against the demo's measured layers: one decoder layer's forward on one batch with the loop's hooks and Hessian
+# sums (a 1-token forward alone is ~53), and one step of GPTQ's column loop (gptq.gptq_quantize: ~80-100 us).
+CALLS_PER_PASS = 90
+CALLS_PER_COLUMN = 14
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """This machine's speed, measured when the run starts: the best of a few tries (its speed, not its share
+    under load)."""
+    flops: float  # floating-point operations per second of one square matmul (512 on a CPU, 4096 on a GPU)
+    call_seconds: float  # one small nn.Linear call: Python, module and dispatch overhead
+
+
+def _best_seconds(fn, device: torch.device, tries: int) -> float:
+    fn()  # warm-up: first calls allocate
     best = float("inf")
-    for _ in range(3):
+    for _ in range(tries):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        a @ a
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * 1024**3 / max(best, 1e-9)
+    return max(best, 1e-9)
+
+
+@torch.no_grad()
+def measured_speed(device: torch.device, dtype: torch.dtype) -> Speed:
+    """Time one square matmul and one small linear module call on ``device`` in ``dtype`` (best of a few). The
+    CPU's matmul is short (a few ms) so that one of the tries runs between other processes' time slices: the load
+    is accounted for apart (``machine_load``); a GPU's is large enough to reach its throughput."""
+    n = 4096 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    small = torch.nn.Linear(8, 8, device=device, dtype=dtype)
+    x = torch.randn(4, 8, device=device, dtype=dtype)
+    return Speed(flops=2 * n**3 / _best_seconds(lambda: a @ a, device, 10),
+                 call_seconds=_best_seconds(lambda: small(x), device, 50))
+
+
+def machine_load() -> tuple[float, int]:
+    """The one-minute load average and this process's CPU quota (``devices.cpu_quota``)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform: assume no other load
+        load = 0.0
+    return load, cpu_quota()
+
+
+def layer_calls(layer: torch.nn.Module, family: ModelFamily, qcfg, batches: int) -> int:
+    """The small torch calls of one decoder layer, outside its large matmuls, as one of the processes (holding
+    ``batches`` batches) makes them: a pass through the layer per batch and replay (the next layer's inputs, the
+    Hessians' replays per true-sequential group, AWQ's input capture and its attention scale search per grid
+    point), and GPTQ's column steps over every linear's input columns."""
+    gptq = qcfg.method == "gptq" or (qcfg.method == "awq" and qcfg.awq_rounding == "gptq")
+    hessian_passes = (len(family.linear_groups) if qcfg.true_sequential else 1) if gptq else 0
+    passes = 1 + hessian_passes + ({"awq": 1 + qcfg.awq_grid}.get(qcfg.method, 0))
+    columns = sum(layer.get_submodule(n).in_features for n in family.linears) if gptq else 0
+    return batches * passes * CALLS_PER_PASS + columns * CALLS_PER_COLUMN
 
 
 def layer_flops(layer: torch.nn.Module, family: ModelFamily, method: str, tokens: int, padded: int | None,
@@ -103,15 +156,22 @@ def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.dev
     work = {"rtn": layer_params, "gptq": (8 + 4) * k_max * k_max + layer_params // 2,
             "awq": tokens * (3 * hidden + (padded or k_max)) * size + 2**25 * 4 * 4}[method]
     on_device = max(capture, layer_params + work) + activations
-    flops = measured_flops(device, dtype)
-    seconds = layer_flops(layer, family, method, tokens, padded, processes, config.quant.true_sequential) / flops
+    speed = measured_speed(device, dtype)
+    batches = -(-config.calib.num_samples // config.processing.batch_size)
+    seconds = (layer_flops(layer, family, method, tokens, padded, processes, config.quant.true_sequential)
+               / speed.flops + layer_calls(layer, family, config.quant, -(-batches // processes)) * speed.call_seconds)
+    load, cpus = machine_load()
+    slowdown = max(1.0, load / cpus)  # other processes' share of the CPUs (a GPU's kernels also wait on the CPU)
     gpu = device.type == "cuda"
     return {
         "peak_ram_gib": round((BASE_RSS + (activations if gpu else on_device)) / GiB, 2),
         "peak_gpu_gib": round(on_device / GiB, 2) if gpu else None,
-        "seconds_per_layer": round(seconds, 1),
+        "seconds_per_layer": round(seconds * slowdown, 3),
         "layers": len(layers),
-        "measured_gflops": round(flops / 1e9, 1),
+        "measured_gflops": round(speed.flops / 1e9, 1),
+        "measured_call_us": round(speed.call_seconds * 1e6, 1),
+        "load": round(load, 1),
+        "cpus": cpus,
         "tokens": tokens,
         "processes": processes,
     }
@@ -122,10 +182,26 @@ def _shares_embedding(skeleton, family: ModelFamily) -> bool:
     return head is skeleton.get_submodule(family.embed_tokens).weight
 
 
+def format_duration(seconds: float) -> str:
+    """A rough duration with the unit that keeps a significant digit: never "0 s"."""
+    if seconds < 0.1:
+        return "under 0.1 s"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def format_estimate(e: dict) -> str:
     gpu = f", GPU {e['peak_gpu_gib']:.1f} GiB" if e["peak_gpu_gib"] is not None else ""
-    total = e["seconds_per_layer"] * e["layers"]
     each = f" per process ({e['processes']} processes)" if e.get("processes", 1) > 1 else ""
-    return (f"estimate: peak RAM {e['peak_ram_gib']:.1f} GiB{gpu}{each}; about {e['seconds_per_layer']:.0f} s per layer, "
-            f"{total / 60:.0f} min for {e['layers']} layers (rough: {e['measured_gflops']:.0f} GFLOP/s measured, "
-            f"{e['tokens']} calibration tokens)")
+    total = e["seconds_per_layer"] * e["layers"]
+    load = (f"; machine load {e['load']:.1f} on {e['cpus']} CPUs: times x{e['load'] / e['cpus']:.1f}"
+            if e["load"] > e["cpus"] else "")
+    return (f"estimate: peak RAM {e['peak_ram_gib']:.1f} GiB{gpu}{each}; roughly "
+            f"{format_duration(e['seconds_per_layer'])} per layer, {format_duration(total)} for {e['layers']} "
+            f"layers (rough estimate: operation counts at {e['measured_gflops']:.0f} GFLOP/s and "
+            f"{e['measured_call_us']:.0f} us per small call measured now, {e['tokens']} calibration tokens{load})")

@@ -1,9 +1,15 @@
 """The CI gate: a quantized model's eval report against its full-precision baseline, under per-task tolerances.
 
 Bad input raises ValueError naming the file or the setting: a report without the fields the gate reads, a tolerance
-for a task qvlquant does not evaluate (a typo such as ``easyvqq``), a negative, infinite or non-numeric tolerance.
-A regression is not an error but a result (``CheckResult.passed`` is False), so that a command line can keep the
-two apart (``qvlquant check``: exit 2 for bad input, 1 for a regression).
+for a task qvlquant does not evaluate (a typo such as ``easyvqq``), a negative, infinite or non-numeric tolerance,
+a tolerance named explicitly (``--max-drop``) for a task the reports do not hold (a recipe's ``check:`` section may
+name tasks a report lacks: those are ignored). A regression is not an error but a result (``CheckResult.passed`` is
+False), so that a command line can keep the two apart (``qvlquant check``: exit 2 for bad input, 1 for a
+regression).
+
+Each accuracy row carries the standard error of the difference, sqrt(p(1-p)/n) per side combined (for a score in
+[0, 1] such as ANLS, p(1-p) bounds its variance); a tolerance below NOISE_STD_ERRORS of them is warned about,
+since such a drop cannot be told from the noise of n questions.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from qvlquant.storage.files import read_text_bounded
 DEFAULT_MAX_DROP = 1.0  # accuracy points a task may lose
 DEFAULT_MAX_PPL_INCREASE = 2.0  # percent held-out perplexity may rise
 MAX_REPORT_BYTES = 1 << 20  # a report is a summary of a few KB (the per-question outputs are written beside it)
+NOISE_STD_ERRORS = 2.0  # a tolerance below this many standard errors of the difference gates on noise
 
 
 def tolerance(value, what: str) -> float:
@@ -109,6 +116,17 @@ def task_scores(report: dict, where: str = "the report") -> dict[str, float]:
     return scores
 
 
+def task_counts(report: dict) -> dict[str, int | None]:
+    """task -> number of questions scored (a task's own ``n``, else the report's; None when neither is a count)."""
+    def count(value):
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    counts = {name: count(t.get("n", report.get("n"))) for name, t in report.get("tasks", {}).items()}
+    if "task" in report:
+        counts[report["task"]] = count(report.get("n"))
+    return counts
+
+
 def validate_report(report, where: str) -> dict:
     """``report`` when it holds what the gate reads (accuracy per task, perplexity if any), else a ValueError."""
     if not isinstance(report, dict):
@@ -126,6 +144,30 @@ class Row:
     candidate: float
     limit: str
     ok: bool
+    allowed_drop: float | None = None  # accuracy rows: the tolerance, in points
+    n: int | None = None  # accuracy rows: questions scored on each side
+    std_error: float | None = None  # accuracy rows: standard error of candidate - baseline, in points
+
+
+def std_error_of_difference(baseline: float, candidate: float, n: int) -> float:
+    """Points: sqrt(p(1-p)/n) for each side (accuracies in percent), combined as independent."""
+    var = sum(p / 100 * (1 - p / 100) for p in (baseline, candidate)) / n
+    return 100 * math.sqrt(max(var, 0.0))
+
+
+def noise_warning(row: Row) -> str | None:
+    """A warning when ``row``'s tolerance is below NOISE_STD_ERRORS standard errors of the difference, with the
+    number of questions that would bring it there."""
+    if row.std_error is None or row.allowed_drop is None or row.allowed_drop >= NOISE_STD_ERRORS * row.std_error:
+        return None
+    task = row.measure.removesuffix(" accuracy %")
+    noise = (f"{task}: a {row.allowed_drop:g}-point tolerance is below {NOISE_STD_ERRORS:g} standard errors of the "
+             f"difference ({NOISE_STD_ERRORS:g} x {row.std_error:.2f} = {NOISE_STD_ERRORS * row.std_error:.2f} points "
+             f"on {row.n} questions), so the gate cannot tell such a drop from noise")
+    if row.allowed_drop == 0:
+        return noise + "; a zero tolerance fails any drop, noise included"
+    needed = math.ceil(row.n * (NOISE_STD_ERRORS * row.std_error / row.allowed_drop) ** 2)
+    return noise + f"; about {needed:,} questions would make it meaningful"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,23 +184,35 @@ class CheckResult:
     def passed(self) -> bool:
         return not self.failed
 
+    @property
+    def warnings(self) -> list[str]:
+        """Tolerances within the noise (``noise_warning``): said, never a failure."""
+        return [w for w in map(noise_warning, self.rows) if w]
 
-def verdicts(candidate: dict, baseline: dict, tolerances: Tolerances | None = None) -> list[Row]:
+
+def verdicts(candidate: dict, baseline: dict, tolerances: Tolerances | None = None,
+             named: Iterable[str] = ()) -> list[Row]:
     """One row per baseline task (accuracy may drop by its tolerance) and one for held-out perplexity when both
-    reports have it (may rise by max_ppl_increase percent)."""
+    reports have it (may rise by max_ppl_increase percent). ``named``: the tasks whose tolerance was given
+    explicitly (flags), which the reports must hold."""
     tolerances = tolerances or Tolerances()
     cand, base = task_scores(candidate, "the candidate report"), task_scores(baseline, "the baseline report")
     missing = sorted(set(base) - set(cand))
     if missing:
         raise ValueError(f"the candidate report lacks task(s) {missing} that the baseline has; evaluate them too")
+    absent = sorted(set(named) - set(base))
+    if absent:
+        raise ValueError(f"--max-drop names task {absent[0]!r}, which the reports do not hold (tasks present: "
+                         f"{', '.join(sorted(base))}); drop it, or evaluate {absent[0]} too")
     if candidate.get("n") != baseline.get("n"):
         raise ValueError(f"the reports scored different numbers of questions ({candidate.get('n')} vs "
                          f"{baseline.get('n')}); use the same --limit")
-    rows = []
+    rows, counts = [], task_counts(baseline)
     for task in sorted(base):
-        drop = tolerances.drop(task)
+        drop, n = tolerances.drop(task), counts.get(task)
         rows.append(Row(f"{task} accuracy %", base[task], cand[task], f">= {base[task] - drop:.2f}",
-                        cand[task] >= base[task] - drop))
+                        cand[task] >= base[task] - drop, drop, n,
+                        None if n is None else std_error_of_difference(base[task], cand[task], n)))
     if "perplexity" in candidate and "perplexity" in baseline:
         bound = baseline["perplexity"] * (1 + tolerances.max_ppl_increase / 100)
         rows.append(Row("held-out perplexity", baseline["perplexity"], candidate["perplexity"], f"<= {bound:.3f}",
@@ -167,9 +221,10 @@ def verdicts(candidate: dict, baseline: dict, tolerances: Tolerances | None = No
 
 
 def check(report: dict | str | pathlib.Path, baseline: dict | str | pathlib.Path | None = None,
-          tolerances: Tolerances | None = None) -> CheckResult:
+          tolerances: Tolerances | None = None, named: Iterable[str] = ()) -> CheckResult:
     """Gate ``report`` (an eval report, or the path of its JSON) against ``baseline`` (a report or a path; default:
-    the baseline embedded in the report). Raises ValueError on bad input; a regression is ``passed == False``."""
+    the baseline embedded in the report). ``named``: tasks whose tolerance was given explicitly (flags), which the
+    reports must hold. Raises ValueError on bad input; a regression is ``passed == False``."""
     where = "the report" if isinstance(report, dict) else str(report)
     report = validate_report(report if isinstance(report, dict) else read_report(report), where)
     if baseline is None:
@@ -180,11 +235,14 @@ def check(report: dict | str | pathlib.Path, baseline: dict | str | pathlib.Path
         base_where = "the baseline" if isinstance(baseline, dict) else str(baseline)
         baseline = baseline if isinstance(baseline, dict) else read_report(baseline)
     validate_report(baseline, base_where)
-    return CheckResult(tuple(verdicts(report, baseline, tolerances)))
+    return CheckResult(tuple(verdicts(report, baseline, tolerances, named)))
 
 
 def format_rows(rows: Iterable[Row]) -> str:
-    lines = [f"{'measure':<24} {'baseline':>10} {'candidate':>10} {'allowed':>12}  verdict"]
+    """The gate's table; ``SE diff``: the standard error of the accuracy difference, in points."""
+    lines = [f"{'measure':<24} {'baseline':>10} {'candidate':>10} {'SE diff':>8} {'allowed':>12}  verdict"]
     for r in rows:
-        lines.append(f"{r.measure:<24} {r.baseline:>10.3f} {r.candidate:>10.3f} {r.limit:>12}  {'ok' if r.ok else 'REGRESSION'}")
+        se = "-" if r.std_error is None else f"{r.std_error:.2f}"
+        lines.append(f"{r.measure:<24} {r.baseline:>10.3f} {r.candidate:>10.3f} {se:>8} {r.limit:>12}  "
+                     f"{'ok' if r.ok else 'REGRESSION'}")
     return "\n".join(lines)

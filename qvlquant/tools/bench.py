@@ -1,5 +1,8 @@
 """``qvlquant bench``: decode speed and peak memory of BF16 vs quantized variants, the published protocol.
 
+Each speed is measured ``repeats`` times (default 3) after one warm-up; rows carry the median and the min-max
+range, speed-ups are ratios of medians, and one whose range overlaps BF16's is marked within the noise.
+
 The published tables (the Qwen2-VL README's "Speed Benchmark", https://github.com/QwenLM/Qwen2-VL, shipped here as
 qvlquant/eval/reference/qwen2vl_speed_memory.csv): batch 1, an input of 1 / 6144 / 14336 / 30720 tokens, 2048
 generated tokens, tokens/s and peak GPU memory. Speed and memory do not depend on weight values, so a
@@ -33,6 +36,7 @@ import importlib.resources
 import math
 import pathlib
 import resource
+import textwrap
 import time
 
 import torch
@@ -104,6 +108,7 @@ class BenchConfig:
     device: str = "cpu"
     static_cache: bool = False
     compile: bool = False  # torch.compile the forward ("reduce-overhead": CUDA graphs on a GPU); implies static_cache
+    repeats: int = 3  # timed generates per variant and input length: the median and the min-max range are reported
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -113,6 +118,8 @@ class BenchConfig:
             raise ValueError(f"input lengths must be positive token counts, got {self.input_lengths}")
         if self.new_tokens < 2:  # decode speed is time(N tokens) - time(1 token): one token measures nothing
             raise ValueError(f"new_tokens must be at least 2, got {self.new_tokens}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype):
@@ -253,28 +260,31 @@ class TokenClock:
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
-        CLEAR_REFS.write_text("5")
+        pass  # the decode's peak memory is read after generate returns: nothing to reset here
 
 
 @torch.no_grad()
-def decode_speed(model, input_length: int, new_tokens: int, device: str,
-                 static_cache: bool) -> tuple[float, float, float]:
-    """-> (decode tokens/s, seconds to the first token, seconds of the decode), from one timed ``generate`` of
-    ``new_tokens`` after a warm-up: the decode is the time from the first token to the last, so tokens/s is
-    (new_tokens - 1) over it, prefill excluded, and no run-to-run noise enters the difference."""
+def decode_speed(model, input_length: int, new_tokens: int, device: str, static_cache: bool,
+                 repeats: int = 1) -> list[tuple[float, float, float]]:
+    """-> per timed ``generate`` of ``new_tokens`` (``repeats`` of them after one warm-up): (decode tokens/s,
+    seconds to the first token, seconds of the decode). The decode is the time from the first token to the last,
+    so tokens/s is (new_tokens - 1) over it, prefill excluded."""
     inputs = prefill_inputs(model, input_length, device)
     kw = dict(inputs, do_sample=False, pad_token_id=0, eos_token_id=None)
     if static_cache:
         kw["cache_implementation"] = "static"
     model.generate(max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (kernels compiled, caches allocated)
-    _sync(device)
-    clock = TokenClock()
-    t0 = time.perf_counter()
-    model.generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kw)
-    if len(clock.times) != new_tokens + 1:  # the prompt, then each new token
-        raise RuntimeError(f"generate streamed {len(clock.times) - 1} tokens, {new_tokens} were asked for")
-    first, last = clock.times[1], clock.times[-1]
-    return (new_tokens - 1) / max(last - first, 1e-9), first - t0, last - first
+    runs = []
+    for _ in range(repeats):
+        _sync(device)
+        clock = TokenClock()
+        t0 = time.perf_counter()
+        model.generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kw)
+        if len(clock.times) != new_tokens + 1:  # the prompt, then each new token
+            raise RuntimeError(f"generate streamed {len(clock.times) - 1} tokens, {new_tokens} were asked for")
+        first, last = clock.times[1], clock.times[-1]
+        runs.append(((new_tokens - 1) / max(last - first, 1e-9), first - t0, last - first))
+    return runs
 
 
 PROC_STATUS, CLEAR_REFS = pathlib.Path("/proc/self/status"), pathlib.Path("/proc/self/clear_refs")
@@ -289,7 +299,7 @@ def reset_peak_memory(device: str) -> str:
         torch.cuda.reset_peak_memory_stats()
         return "since reset"
     try:
-        pass
+        CLEAR_REFS.write_text("5")
     except OSError:  # not Linux, or the kernel refuses: only the process-wide peak is left
         return "process"
     return "since reset"
@@ -332,10 +342,14 @@ def measure_variant(cfg: BenchConfig, variant: str) -> list[dict]:
     for i, length in enumerate(cfg.input_lengths):
         if i:
             reset_peak_memory(cfg.device)
-        speed, first, decode = decode_speed(model, length, cfg.new_tokens, cfg.device, cfg.static_cache or cfg.compile)
+        runs = decode_speed(model, length, cfg.new_tokens, cfg.device, cfg.static_cache or cfg.compile, cfg.repeats)
+        speeds = [r[0] for r in runs]
+        middle = sorted(runs)[(len(runs) - 1) // 2]  # the median run (the lower one of an even count)
         pub = refs.get((variant, length))
         rows.append(dict(shape=cfg.shape, variant=variant, input_length=length, new_tokens=cfg.new_tokens,
-                         tokens_per_s=speed, first_token_s=first, decode_s=decode, weights_gb=weights,
+                         repeats=cfg.repeats, tokens_per_s=middle[0], tokens_per_s_min=min(speeds),
+                         tokens_per_s_max=max(speeds), tokens_per_s_runs=speeds, first_token_s=middle[1],
+                         decode_s=middle[2], weights_gb=weights,
                          peak_memory_gb=peak_memory_gb(cfg.device), peak_memory_scope=scope,
                          published_tokens_per_s=pub[0] if pub else None, published_memory_gb=pub[1] if pub else None))
     del model
@@ -346,16 +360,40 @@ def run(cfg: BenchConfig) -> list[dict]:
     rows = []
     for variant in progress(cfg.variants, desc=f"bench {cfg.shape}", unit="variant"):
         rows += measure_variant(cfg, variant)
-    base = {r["input_length"]: r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
-    for r in rows:
-        r["speedup_vs_bf16"] = r["tokens_per_s"] / base[r["input_length"]] if r["input_length"] in base else None
+    compare_to_bf16(rows)
     return rows
 
 
+def compare_to_bf16(rows: list[dict]) -> None:
+    """Add each row's speed-up over bf16 at its input length (a ratio of medians; None without a bf16 row) and
+    whether it is within the noise: its min-max range overlaps bf16's (None for bf16 itself, or with one
+    repetition, which has no range to judge by)."""
+    base = {r["input_length"]: r for r in rows if r["variant"] == "bf16"}
+    for r in rows:
+        b = base.get(r["input_length"])
+        r["speedup_vs_bf16"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
+        judged = b is not None and r is not b and r["repeats"] > 1
+        r["speedup_within_noise"] = (r["tokens_per_s_min"] <= b["tokens_per_s_max"]
+                                     and b["tokens_per_s_min"] <= r["tokens_per_s_max"]) if judged else None
+
+
 def title(cfg: BenchConfig, where: str) -> str:
-    """The line above the table (and the plot's title): shape, device, tokens, units."""
+    """The line above the table (and the plot's title): shape, device, tokens, repetitions, units."""
+    runs = (f"median of {cfg.repeats} repetitions (min-max)" if cfg.repeats > 1
+            else "1 repetition (no spread: pass --repeats 3)")
     return (f"qvlquant bench: {cfg.shape} on {where}, batch 1, {cfg.new_tokens} new tokens per input "
-            f"(input lengths {', '.join(map(str, cfg.input_lengths))}); memory in GiB")
+            f"(input lengths {', '.join(map(str, cfg.input_lengths))}); tokens/s: {runs}; memory in GiB")
+
+
+def _speed_cells(r: dict) -> tuple[str, str]:
+    """The tokens/s cell (median, and the min-max range when repeated) and the x bf16 cell."""
+    speed = f"{r['tokens_per_s']:.1f}"
+    if r.get("repeats", 1) > 1:
+        speed += f" ({r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f})"
+    ratio = "-" if r["speedup_vs_bf16"] is None else f"{r['speedup_vs_bf16']:.2f}"
+    if r.get("speedup_within_noise"):
+        ratio += " (within noise)"
+    return speed, ratio
 
 
 def format_table(rows: list[dict], device: str) -> str:
@@ -365,35 +403,57 @@ def format_table(rows: list[dict], device: str) -> str:
     lines = [f"| variant | input | tokens/s | x bf16 | weights MiB | {mem} | published tokens/s | published GB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sp = f"{r['speedup_vs_bf16']:.2f}" if r["speedup_vs_bf16"] is not None else "-"
+        speed, sp = _speed_cells(r)
         pt = f"{r['published_tokens_per_s']:.2f}" if r["published_tokens_per_s"] is not None else "-"
         pm = f"{r['published_memory_gb']:.2f}" if r["published_memory_gb"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['input_length']} | {r['tokens_per_s']:.1f} | {sp} | "
+        lines.append(f"| {r['variant']} | {r['input_length']} | {speed} | {sp} | "
                      f"{r['weights_gb'] * 1024:.1f} | {r['peak_memory_gb']:.2f} | {pt} | {pm} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, heading: str = "") -> None:
+def require_pyplot():
+    """matplotlib's pyplot (headless), or a RuntimeError saying how to install it: checked before a benchmark runs."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+        raise RuntimeError("--plot needs matplotlib: pip install 'qvlquant[plot]'") from None
+    return plt
+
+
+def figure(rows: list[dict], heading: str = ""):
+    """Speed and peak memory as bars, one group per input length and one bar per variant (no line joins two
+    lengths: the protocol measures a few, nothing in between), speed with its min-max range; both axes from 0."""
+    plt = require_pyplot()
+    lengths = list(dict.fromkeys(r["input_length"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    width = 0.8 / len(variants)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
+    for i, variant in enumerate(variants):
         sel = [r for r in rows if r["variant"] == variant]
-        xs = [r["input_length"] for r in sel]
-        axes[0].plot(xs, [r["tokens_per_s"] for r in sel], marker="o", label=variant)
-        axes[1].plot(xs, [r["peak_memory_gb"] for r in sel], marker="o", label=variant)
-    axes[0].set(xlabel="input length (tokens)", ylabel="decode tokens/s", title="speed")
-    axes[1].set(xlabel="input length (tokens)", ylabel="peak memory (GiB)", title="memory")
-    if heading:
-        fig.suptitle(heading, fontsize=9)
+        xs = [lengths.index(r["input_length"]) + (i - (len(variants) - 1) / 2) * width for r in sel]
+        speed = [r["tokens_per_s"] for r in sel]
+        spread = [[m - r.get("tokens_per_s_min", m) for m, r in zip(speed, sel)],
+                  [r.get("tokens_per_s_max", m) - m for m, r in zip(speed, sel)]]
+        axes[0].bar(xs, speed, width, yerr=spread, capsize=3, label=variant)
+        axes[1].bar(xs, [r["peak_memory_gb"] for r in sel], width, label=variant)
+    axes[0].set(ylabel="decode tokens/s (median, min-max)", title="speed")
+    axes[1].set(ylabel="peak memory (GiB)", title="memory")
     for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_xlabel("input length (tokens)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, axis="y")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the bars, not over them
+    if heading:
+        fig.suptitle(textwrap.fill(heading, 110), fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: str, heading: str = "") -> None:
+    fig = figure(rows, heading)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    require_pyplot().close(fig)

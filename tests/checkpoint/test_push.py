@@ -99,7 +99,8 @@ def test_model_card(export_dir, tmp_path):
     assert meta["pipeline_tag"] == "image-text-to-text" and "gptq" in meta["tags"] and "4-bit" in meta["tags"]
     assert "| demo | easyvqa | 77.90 | 100 | 34.160 |" in card and "| q | easyvqa | 77.50 | 100 | 34.300 |" in card
     assert 'model_id = "me/demo-w4"' in card and "vllm serve me/demo-w4" in card and "# demo-w4" in card
-    assert "| `bits` | 4 |" in card and "2 samples from `demo`" in card
+    assert "| Weights | INT4, groups of 128, symmetric |" in card and "| Quantization | RTN (round-to-nearest) |" in card
+    assert "Not yet run" not in card  # the eval table replaced the hint
 
 
 def test_push_sends_the_card_for_the_repo_and_a_manifest_that_verifies_it(export_dir, tmp_path):

@@ -2,6 +2,7 @@
 input (unknown task, negative / non-numeric tolerance, broken recipe, a report without the fields) exits 2."""
 
 import json
+import math
 import os
 
 import pytest
@@ -218,3 +219,48 @@ def test_report_over_the_cap_exits_2_unread(tmp_path, capsys):
         f.truncate((1 << 20) + 1)  # sparse
     assert main(["check", str(path)]) == 2
     assert f"eval report {path} is 1048577 bytes, over the 1 MiB cap" in capsys.readouterr().err
+
+
+def test_a_flag_for_a_task_the_report_lacks_is_an_error_but_a_recipes_is_ignored(tmp_path, capsys):
+    """--max-drop docvqa=1 on an easy-vqa report gated nothing and passed: now exit 2, naming the task and the
+    tasks present. A recipe's check: section may name several tasks; those the report lacks are ignored."""
+    rep = write(tmp_path / "r.json", report(77.2, 34.2, baseline=report(77.5, 34.16)))
+    assert main(["check", str(rep), "--max-drop", "docvqa=1"]) == 2
+    err = capsys.readouterr().err
+    assert "docvqa" in err and "easyvqa" in err and "tasks present" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match=r"'docvqa'.*tasks present: easyvqa"):
+        qvlquant.check(str(rep), max_drop={"docvqa": 1.0})
+    recipe = write(tmp_path / "r.yaml", "method: gptq\ncheck:\n  max_drop:\n    easyvqa: 1.0\n    docvqa: 2.0\n")
+    assert main(["check", str(rep), "--recipe", str(recipe)]) == 0
+    assert check(rep, tolerances=check_tolerances(recipe)).passed
+    assert main(["check", str(rep), "--max-drop", "easyvqa=1"]) == 0
+
+
+def test_each_accuracy_row_carries_the_standard_error_of_the_difference():
+    """sqrt(p(1-p)/n) per side, combined: 77.5 % and 77.0 % on 200 questions -> 4.19 points."""
+    rows = verdicts(report(77.0, 34.5, n=200), report(77.5, 34.16, n=200))
+    expected = 100 * ((0.775 * 0.225 + 0.77 * 0.23) / 200) ** 0.5
+    assert rows[0].std_error == pytest.approx(expected) and 4.1 < expected < 4.3
+    assert rows[0].n == 200 and rows[1].std_error is None  # perplexity: no binomial error
+    assert f"{expected:.2f}" in format_rows(rows).splitlines()[1]
+
+
+def test_a_tolerance_within_the_noise_warns_on_stderr_without_failing(tmp_path, capsys):
+    """A 1-point gate on 200 questions sits below 2 standard errors (8.4 points): a warning naming how many
+    questions would make it meaningful; the verdict is unchanged. A tolerance above 2 SE, or 10,000 questions,
+    gives none."""
+    noisy = write(tmp_path / "noisy.json", report(77.0, 34.5, n=200, baseline=report(77.5, 34.16, n=200)))
+    assert main(["check", str(noisy), "--max-drop", "easyvqa=1"]) == 0
+    captured = capsys.readouterr()
+    assert "check: passed" in captured.out and "warning" not in captured.out
+    warning = captured.err.strip()
+    needed = math.ceil(4 * (0.775 * 0.225 + 0.77 * 0.23) * 100**2 / 1.0**2)  # n where 2 SE = 1 point: 14,059
+    assert "easyvqa" in warning and "200 questions" in warning and f"{needed:,} questions" in warning
+    assert len(warning.splitlines()) == 1
+    assert check(noisy, tolerances=Tolerances({"easyvqa": 1.0})).warnings == [warning.removeprefix(
+        "qvlquant check: warning: ")]
+    assert "zero tolerance" in check(noisy, tolerances=Tolerances({"easyvqa": 0.0})).warnings[0]
+    assert main(["check", str(noisy), "--max-drop", "easyvqa=9"]) == 0 and capsys.readouterr().err == ""
+    large = write(tmp_path / "large.json", report(77.0, 34.5, n=20000, baseline=report(77.5, 34.16, n=20000)))
+    assert main(["check", str(large), "--max-drop", "easyvqa=1"]) == 0 and capsys.readouterr().err == ""
+    assert check(large, tolerances=Tolerances({"easyvqa": 1.0})).warnings == []

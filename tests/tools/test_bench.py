@@ -1,9 +1,9 @@
 """qvlquant bench: the scaled-down CPU protocol runs the same code path the GPU protocol does."""
 
 import copy
+import dataclasses
 import json
 import sys
-import time
 import types
 
 import pytest
@@ -17,9 +17,12 @@ from qvlquant.runtime.load import QuantLinear
 from qvlquant.tools.bench import (
     VARIANTS,
     BenchConfig,
+    TokenClock,
     build_model,
+    compare_to_bf16,
     decode_speed,
     decoder_linears,
+    figure,
     format_table,
     format_weights_table,
     image_grid,
@@ -27,6 +30,7 @@ from qvlquant.tools.bench import (
     prefill_inputs,
     published,
     quantize_random,
+    reset_peak_memory,
     run,
     title,
     weights_table,
@@ -124,8 +128,8 @@ def test_quantized_random_model_computes_like_its_dequantized_weights(variant):
 
 def test_decode_speed_is_decode_tokens_over_decode_time(monkeypatch):
     """With a fake clock: generate takes a setup, a prefill that yields the first token, then one step per token;
-    tokens/s must be 1 / step exactly, the first token setup + prefill; the warm-up runs first, untimed, and the
-    static cache is asked for."""
+    tokens/s must be 1 / step exactly, the first token setup + prefill; the warm-up runs once first, untimed, and
+    the static cache is asked for."""
     setup, prefill, step, now, calls = 0.1, 0.5, 0.02, [0.0], []
 
     class Model:
@@ -141,27 +145,73 @@ def test_decode_speed_is_decode_tokens_over_decode_time(monkeypatch):
 
     monkeypatch.setattr(bench, "prefill_inputs", lambda model, length, device: {"input_ids": torch.zeros(1, length)})
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    speed, first, decode = decode_speed(Model(), 7, 9, "cpu", static_cache=True)
-    assert speed == pytest.approx(1 / step) and first == pytest.approx(setup + prefill)
-    assert decode == pytest.approx(8 * step)
-    assert calls == [(2, "static", False), (9, "static", True)]
+    runs = decode_speed(Model(), 7, 9, "cpu", static_cache=True, repeats=2)
+    assert len(runs) == 2
+    for speed, first, decode in runs:
+        assert speed == pytest.approx(1 / step) and first == pytest.approx(setup + prefill)
+        assert decode == pytest.approx(8 * step)
+    assert calls == [(2, "static", False), (9, "static", True), (9, "static", True)]  # one warm-up, then each repeat
 
 
-def test_bench_rows_and_speedup_column():
-    t0 = time.perf_counter()
-    rows = run(BenchConfig(variants=("bf16", "gptq-int4"), input_lengths=(1, 16), new_tokens=4))
-    wall = time.perf_counter() - t0
+def test_bench_rows_repeat_each_measurement_and_compare_medians():
+    rows = run(BenchConfig(variants=("bf16", "gptq-int4"), input_lengths=(1, 16), new_tokens=4, repeats=3))
     assert [(r["variant"], r["input_length"]) for r in rows] == [("bf16", 1), ("bf16", 16), ("gptq-int4", 1), ("gptq-int4", 16)]
     bf16 = {r["input_length"]: r for r in rows if r["variant"] == "bf16"}
     for r in rows:
-        assert r["new_tokens"] == 4 and r["first_token_s"] > 0 and r["decode_s"] > 0
-        assert r["tokens_per_s"] == pytest.approx(3 / r["decode_s"], rel=1e-9)  # 3 tokens after the first one
-        assert r["first_token_s"] + r["decode_s"] < wall / 4  # one timed generate of the run's four
+        runs = r["tokens_per_s_runs"]
+        assert r["new_tokens"] == 4 and r["repeats"] == 3 and len(runs) == 3
+        assert r["tokens_per_s"] == sorted(runs)[1]  # the median
+        assert (r["tokens_per_s_min"], r["tokens_per_s_max"]) == (min(runs), max(runs))
+        assert r["first_token_s"] > 0 and r["decode_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(3 / r["decode_s"], rel=1e-9)  # the median run's 3 tokens after the first
         assert r["speedup_vs_bf16"] == pytest.approx(r["tokens_per_s"] / bf16[r["input_length"]]["tokens_per_s"])
         assert r["peak_memory_gb"] >= r["weights_gb"]  # the process holds at least the model
         assert r["published_tokens_per_s"] is None and r["published_memory_gb"] is None  # nothing published for demo
-    assert rows[0]["speedup_vs_bf16"] == 1.0
+    assert rows[0]["speedup_vs_bf16"] == 1.0 and rows[0]["speedup_within_noise"] is None
+    for r, base in zip(rows[2:], rows[:2]):
+        overlap = r["tokens_per_s_min"] <= base["tokens_per_s_max"] and base["tokens_per_s_min"] <= r["tokens_per_s_max"]
+        assert r["speedup_within_noise"] is overlap
     assert rows[2]["weights_gb"] < 0.6 * rows[0]["weights_gb"]  # packed 4-bit decoder linears
+
+
+def spread_row(variant, median, lo, hi, length=1):
+    return dict(variant=variant, input_length=length, tokens_per_s=median, tokens_per_s_min=lo, tokens_per_s_max=hi,
+                repeats=3, weights_gb=0.01, peak_memory_gb=0.74 if variant == "bf16" else 0.75,
+                published_tokens_per_s=None, published_memory_gb=None)
+
+
+def test_a_speedup_whose_spreads_overlap_bf16s_is_marked_within_noise():
+    """Speed-ups from medians; one whose min-max range overlaps bf16's is within the noise and says so."""
+    rows = [spread_row("bf16", 10.0, 9.0, 11.0), spread_row("awq", 9.4, 8.0, 9.5), spread_row("gptq-int4", 25.6, 24.0, 27.0)]
+    compare_to_bf16(rows)
+    assert [r["speedup_vs_bf16"] for r in rows] == pytest.approx([1.0, 0.94, 2.56])
+    assert [r["speedup_within_noise"] for r in rows] == [None, True, False]
+    lines = format_table(rows, "cpu").splitlines()
+    assert lines[2:] == ["| bf16 | 1 | 10.0 (9.0-11.0) | 1.00 | 10.2 | 0.74 | - | - |",
+                         "| awq | 1 | 9.4 (8.0-9.5) | 0.94 (within noise) | 10.2 | 0.75 | - | - |",
+                         "| gptq-int4 | 1 | 25.6 (24.0-27.0) | 2.56 | 10.2 | 0.75 | - | - |"]
+    single = [dict(r, repeats=1) for r in rows]  # one repetition: no spread to judge by
+    compare_to_bf16(single)
+    assert all(r["speedup_within_noise"] is None for r in single)
+
+
+def test_the_chart_starts_at_zero_and_draws_no_line_between_input_lengths():
+    """Memory and speed axes from 0 (a 0.73-0.755 GiB axis made bf16 look leaner than int4); one bar per variant
+    and input length with its min-max spread, no line joining two input lengths."""
+    pytest.importorskip("matplotlib")
+    rows = [spread_row(v, m, m - 1, m + 1, length) for v, m in (("bf16", 10.0), ("gptq-int4", 12.0))
+            for length in (1, 32)]
+    compare_to_bf16(rows)
+    fig = figure(rows, "heading")
+    speed, memory = fig.axes
+    assert speed.get_ylim()[0] == 0 and memory.get_ylim()[0] == 0
+    assert memory.get_ylim()[1] > 0.75
+    for ax in (speed, memory):
+        joined = [line for line in ax.get_lines() if line.get_linestyle() not in ("None", "") and len(line.get_xdata()) > 1]
+        assert joined == []
+        assert len(ax.patches) == 4  # a bar per variant and input length
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "32"]
+    assert sorted(p.get_height() for p in memory.patches) == [0.74, 0.74, 0.75, 0.75]
 
 
 def test_bench_config_is_checked_when_made():
@@ -194,15 +244,32 @@ def test_bench_table_title_and_units():
     cfg = BenchConfig(variants=("bf16", "gptq-int4"), input_lengths=(1, 32), new_tokens=8)
     heading = title(cfg, "CPU (2 cores)")
     assert heading == ("qvlquant bench: demo on CPU (2 cores), batch 1, 8 new tokens per input (input lengths 1, 32); "
-                       "memory in GiB")
+                       "tokens/s: median of 3 repetitions (min-max); memory in GiB")
     row = dict(variant="gptq-int4", input_length=1, tokens_per_s=10.0, speedup_vs_bf16=0.9, weights_gb=0.00613,
-               peak_memory_gb=0.755, published_tokens_per_s=None, published_memory_gb=None)
+               peak_memory_gb=0.755, published_tokens_per_s=None, published_memory_gb=None, repeats=1)
     lines = format_table([dict(row, variant="bf16", weights_gb=0.01373, speedup_vs_bf16=1.0), row], "cpu").splitlines()
     assert lines[0] == ("| variant | input | tokens/s | x bf16 | weights MiB | peak RSS GiB | published tokens/s | "
                         "published GB |")
     assert lines[2:] == ["| bf16 | 1 | 10.0 | 1.00 | 14.1 | 0.76 | - | - |",
                          "| gptq-int4 | 1 | 10.0 | 0.90 | 6.3 | 0.76 | - | - |"]
     assert "peak GPU GiB" in format_table([row], "cuda")
+    assert "1 repetition (no spread" in title(dataclasses.replace(cfg, repeats=1), "CPU")
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        BenchConfig(repeats=0)
+
+
+def test_cpu_peak_memory_counts_what_a_run_held_and_resets_only_when_asked():
+    """The resident high-water mark covers everything since the last reset_peak_memory: a generate's end (its
+    streamer's ``end``) is no reset, so the peak of a decode is still there when its row is written."""
+    reset_peak_memory("cpu")
+    ballast = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    assert ballast.sum() > 0
+    del ballast
+    held = peak_memory_gb("cpu")
+    TokenClock().end()
+    assert peak_memory_gb("cpu") > held - 0.01
+    assert reset_peak_memory("cpu") == "since reset"
+    assert peak_memory_gb("cpu") < held - 0.25
 
 
 def test_cpu_peak_memory_is_each_variants_own():
@@ -237,15 +304,26 @@ def test_bench_command_writes_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     argv = ["bench", "--variants", "bf16,gptq-int8", "--input-lengths", "1,8", "--new-tokens", "3", "--json", str(out),
-            "--plot", str(png)]
+            "--plot", str(png), "--repeats", "2"]
     assert main(argv) == 0
     assert "| gptq-int8 | 8 |" in capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert len(data["rows"]) == 4 and data["config"]["shape"] == "demo"
+    assert len(data["rows"]) == 4 and data["config"]["shape"] == "demo" and data["config"]["repeats"] == 2
+    assert all(len(r["tokens_per_s_runs"]) == 2 for r in data["rows"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "--shape", "llama-70b"]) == 2
     assert main(["bench", "--shape", "qwen2-vl-2b", "--weights-only", "--variants", "bf16,awq"]) == 0
     assert "| awq | 2.31 | 1.24 | 2.88 |" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_fails_before_benchmarking(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda cfg: ran.append(cfg) or [])
+    assert main(["bench", "--input-lengths", "1", "--new-tokens", "2", "--plot", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ran == [] and "\n" not in err
+    assert "--plot needs matplotlib" in err and "pip install 'qvlquant[plot]'" in err
 
 
 @pytest.mark.slow
