@@ -6,6 +6,7 @@ the calibration activations; never the whole model (see ``estimate``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -71,6 +72,7 @@ from qvlquant.parallel.distributed import (
     start,
     stop,
 )
+from qvlquant.storage.lock import output_lock
 from qvlquant.storage.outputs import check_output_target
 from qvlquant.storage.shards import ShardReader
 from qvlquant.ui.progress import say
@@ -131,38 +133,39 @@ class RunMeasures:
 def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | None:
     t0 = time.time()
     torch.manual_seed(config.calib.seed)
-    job = _prepare(config, world, device)
-    if world.leader:
-        _warn_about_vllm(config, job)
-    batches = _batches(config, job)
-    digest = batches_digest(batches)
-    check_same(digest, "the calibration batches", world)
-    if len(batches) < world.size:
-        raise ValueError(f"{len(batches)} calibration batches for {world.size} processes: every process needs at "
-                         "least one; use more samples (--num-samples), a smaller --batch-size or fewer processes")
-    shards = [shard(len(batches), world, r) for r in range(world.size)]
-    tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    estimated = None
-    if world.leader:
-        estimated = estimate(job.skeleton, job.family, config, job.device, tokens, job.storage, world.size)
-        say(format_estimate(estimated))
-    store = _open_store(config, job, world, digest, shards)
-    local = [batches[b] for b in shards[world.rank]]
-    offload = choose_offload(job.device, _activation_bytes(local, job.hidden, job.dtype), config.device.offload)
-    plan = LoopPlan(family=job.family, qcfg=config.quant, pack_format=config.pack_format, storage_dtype=job.storage,
-                    offload=offload, max_layers=config.max_layers, world=world)
-    source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
-                            dtype=job.dtype, pad_to=config.pad_intermediate_to)
-    say(f"loading the vision tower and embeddings onto {job.device} for the capture pass"
-        + (f" ({world.size} processes, {len(local)} of {len(batches)} batches each)" if world.distributed else ""))
-    source.prepare_capture()
-    result = quantize_model(job.skeleton, local, plan, source, store)
-    peak_rss = tuple(each(peak_rss_bytes(), world))
-    measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss)
-    barrier(world)
-    if not world.leader:
-        return None
-    return _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
+    with contextlib.ExitStack() as held:  # rank 0's lock on --output: from its checks until the export is published
+        job = _prepare(config, world, device, held)
+        if world.leader:
+            _warn_about_vllm(config, job)
+        batches = _batches(config, job)
+        digest = batches_digest(batches)
+        check_same(digest, "the calibration batches", world)
+        if len(batches) < world.size:
+            raise ValueError(f"{len(batches)} calibration batches for {world.size} processes: every process needs at "
+                             "least one; use more samples (--num-samples), a smaller --batch-size or fewer processes")
+        shards = [shard(len(batches), world, r) for r in range(world.size)]
+        tokens = int(sum(b["attention_mask"].sum() for b in batches))
+        estimated = None
+        if world.leader:
+            estimated = estimate(job.skeleton, job.family, config, job.device, tokens, job.storage, world.size)
+            say(format_estimate(estimated))
+        store = _open_store(config, job, world, digest, shards)
+        local = [batches[b] for b in shards[world.rank]]
+        offload = choose_offload(job.device, _activation_bytes(local, job.hidden, job.dtype), config.device.offload)
+        plan = LoopPlan(family=job.family, qcfg=config.quant, pack_format=config.pack_format,
+                        storage_dtype=job.storage, offload=offload, max_layers=config.max_layers, world=world)
+        source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
+                                dtype=job.dtype, pad_to=config.pad_intermediate_to)
+        say(f"loading the vision tower and embeddings onto {job.device} for the capture pass"
+            + (f" ({world.size} processes, {len(local)} of {len(batches)} batches each)" if world.distributed else ""))
+        source.prepare_capture()
+        result = quantize_model(job.skeleton, local, plan, source, store)
+        peak_rss = tuple(each(peak_rss_bytes(), world))
+        measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss)
+        barrier(world)
+        if not world.leader:
+            return None
+        return _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
 
 
 def _open_store(config: JobConfig, job: PreparedJob, world: World, digest: str,
@@ -195,9 +198,10 @@ def _finish(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
     return json.loads((job.out / REPORT).read_text())
 
 
-def _prepare(config: JobConfig, world: World, device: torch.device) -> PreparedJob:
+def _prepare(config: JobConfig, world: World, device: torch.device, held: contextlib.ExitStack) -> PreparedJob:
     """Every check that needs no calibration data, in seconds: model type, remote code, processor files,
-    --output (rank 0: the only one that writes), group sizes (on a meta skeleton). -> what the run needs."""
+    --output (rank 0: the only one that writes, and which locks it into ``held``), group sizes (on a meta
+    skeleton). -> what the run needs."""
     threads = set_threads(config.device.threads, world.local_size)
     folder = resolve_model_path(config.model)
     family = family_for(read_model_type(folder))
@@ -209,6 +213,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device) -> PreparedJ
     protected = (folder,) + _calib_paths(config.calib.source)
     if world.leader:
         check_output_target(out, protected, config.export.overwrite)
+        held.enter_context(output_lock(out))  # before anything reads or removes the partial folder
     dtype = compute_dtype(device, config.device.dtype)
     say(f"building {family.name} from {folder} on the meta device")
     skeleton = build_skeleton(hf_config, family, dtype)

@@ -1,13 +1,16 @@
 """qvlquant.quantize as a Python call, and the checks it makes before any work: --output, processor files."""
 
+import json
 import os
 import shutil
 
 import pytest
 
 import qvlquant
+import qvlquant.quant.apply as quant_methods
 from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.cli import main
+from qvlquant.storage.lock import lock_path, output_lock
 
 
 @pytest.mark.slow
@@ -77,3 +80,40 @@ def test_an_export_vllm_refuses_is_warned_about_before_any_work(tmp_path, capsys
     assert "warning: vLLM" in err and "desc_act" in err
     assert main(argv + ["--desc-act", "--static-groups", "--output", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+RUN = ["quantize", "--method", "rtn", "--num-samples", "2", "--max-layers", "1"]
+
+
+def test_a_run_into_an_output_another_run_holds_is_refused(tmp_path, capsys):
+    """RELIABILITY.md 45: the second run is refused at once, naming the first; it touches nothing of the first's."""
+    out = tmp_path / "q"
+    with output_lock(out, "qvlquant quantize (the first run)"):
+        assert main(RUN + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another run: pid {os.getpid()}" in err and "(the first run)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial folder, and the first run's lock released
+
+
+def test_the_output_is_locked_for_the_whole_run_and_released_however_it_ends(tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    real = quant_methods.LAYER_METHODS["rtn"]
+    holders = []
+
+    def spying(layer, inputs, ctx):
+        holders.append(json.loads(lock_path(out).read_text())["pid"] if lock_path(out).exists() else None)
+        return real(layer, inputs, ctx)
+
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "rtn", spying)
+    assert main(RUN + ["--output", str(out)]) == 0
+    assert holders == [os.getpid()] and not lock_path(out).exists()
+
+    def crashing(layer, inputs, ctx):
+        if ctx.prefix.endswith(".1"):
+            raise RuntimeError("simulated out-of-memory")
+        return real(layer, inputs, ctx)
+
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "rtn", crashing)
+    assert main(["quantize", "--method", "rtn", "--num-samples", "2", "--output", str(out)]) == 2  # fails at layer 1
+    assert not lock_path(out).exists() and (tmp_path / ".q.partial").exists()
