@@ -58,6 +58,14 @@ def test_the_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert not lock_path(out).exists()
 
 
+def test_a_record_naming_a_live_process_that_holds_no_lock_is_taken_over(tmp_path):
+    """The flock decides, not the record: a dead run's pid reused by another program does not block the output."""
+    out = tmp_path / "q"
+    lock_path(out).write_text(holder(os.getppid()))
+    with output_lock(out) as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
 def test_a_sigkilled_run_leaves_a_lock_the_next_run_takes_over(tmp_path):
     out = tmp_path / "q"
     held = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "60"], stdout=subprocess.PIPE, text=True)
