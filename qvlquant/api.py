@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from qvlquant.calib.dataset import build_batches
+from qvlquant.calib.dataset import build_batches, image_files
 from qvlquant.calib.sources import load_samples
 from qvlquant.checkpoint.export import (
     REPORT,
@@ -74,7 +74,7 @@ from qvlquant.parallel.distributed import (
 )
 from qvlquant.storage.lock import output_lock
 from qvlquant.storage.outputs import check_output_target
-from qvlquant.storage.shards import ShardReader
+from qvlquant.storage.shards import ShardReader, checkpoint_files
 from qvlquant.ui.progress import say
 from qvlquant.version import __version__
 
@@ -108,7 +108,7 @@ class PreparedJob:
     folder: pathlib.Path  # the base model's checkpoint
     family: ModelFamily
     out: pathlib.Path  # --output, resolved
-    protected: tuple[pathlib.Path, ...]  # the job's inputs (model, calibration data): the output never replaces them
+    protected: tuple[pathlib.Path, ...]  # every input read (model files, calibration data, images): never replaced
     dtype: torch.dtype  # the compute dtype
     storage: torch.dtype  # the checkpoint's dtype: what the export writes
     skeleton: torch.nn.Module  # the model on the meta device, filled part by part
@@ -137,7 +137,7 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
         job = _prepare(config, world, device, held)
         if world.leader:
             _warn_about_vllm(config, job)
-        batches = _batches(config, job)
+        batches, job = _batches(config, job, world)
         digest = batches_digest(batches)
         check_same(digest, "the calibration batches", world)
         if len(batches) < world.size:
@@ -210,7 +210,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     storage = storage_dtype(hf_config)  # before the skeleton is built: building it sets config.dtype
     check_processor_files(folder, family)
     out = pathlib.Path(config.output).expanduser().resolve()
-    protected = (folder,) + _calib_paths(config.calib.source)
+    protected = _model_paths(folder) + _calib_paths(config.calib.source)
     if world.leader:
         check_output_target(out, protected, config.export.overwrite)
         held.enter_context(output_lock(out))  # before anything reads or removes the partial folder
@@ -237,22 +237,35 @@ def _warn_about_vllm(config: JobConfig, job: PreparedJob) -> None:
         print(f"qvlquant quantize: warning: {line}", file=sys.stderr, flush=True)
 
 
+def _model_paths(folder: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """The base model's folder, the files in it and the weight files its index names (never replaced by --output;
+    where they are symlinks, neither is the folder they lead to)."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return (folder, *files, *(folder / name for name in checkpoint_files(folder)))
+
+
 def _calib_paths(source: str) -> tuple[pathlib.Path, ...]:
-    """The calibration data's file or folder, when it is one (never replaced by --output)."""
-    if source in ("demo", "easyvqa") or source.startswith("hf:"):
+    """The calibration data's file or folder, or an hf: dataset's local folder (never replaced by --output); the
+    images its samples name are added once they are read (``_batches``)."""
+    if source in ("demo", "easyvqa"):
         return ()
-    path = pathlib.Path(source).expanduser()
+    path = pathlib.Path(source.removeprefix("hf:")).expanduser()
     return (path,) if path.exists() else ()
 
 
-def _batches(config: JobConfig, job: PreparedJob) -> list[dict]:
+def _batches(config: JobConfig, job: PreparedJob, world: World) -> tuple[list[dict], PreparedJob]:
+    """-> (the calibration batches, the job with the image files they were read from among its inputs). The samples
+    name their images, so rank 0 checks --output against those before any is opened."""
     src = config.calib
     samples, names, root = load_samples(src.source, src.num_samples, src.seed, src.split, dict(src.columns))
     cfg = config.processing
     if root and cfg.image_root is None:
         cfg = dataclasses.replace(cfg, image_root=root)
+    job = dataclasses.replace(job, protected=job.protected + tuple(dict.fromkeys(image_files(samples, cfg.image_root))))
+    if world.leader:
+        check_output_target(job.out, job.protected, config.export.overwrite)
     say(f"encoding {len(samples)} calibration samples through the processor")
-    return build_batches(job.processor, samples, cfg, names, v1=job.family.needs_remote_code)
+    return build_batches(job.processor, samples, cfg, names, v1=job.family.needs_remote_code), job
 
 
 def _activation_bytes(batches: list[dict], hidden: int, dtype: torch.dtype) -> int:

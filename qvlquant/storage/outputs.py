@@ -4,7 +4,8 @@ The rule (RELIABILITY.md 28). An existing ``--output`` is replaced only when it 
 export (it holds ``qvlquant_manifest.json`` and nothing the export did not write), or when the user passed
 ``--overwrite``. Some paths are never replaced, overwrite or not:
 
-- a path that is, or contains, an input of the run (the base model folder, the calibration data: ``protected``);
+- a path that is, or contains, an input of the run (``protected``: every file the run reads, as named and where its
+  symlinks lead: the base model's folder and files, the calibration data and every image it names);
 - a path that contains the current folder, the home folder, or is a filesystem root (``--output .``);
 - anything that is not a folder (a regular file, a FIFO, a device).
 
@@ -36,6 +37,14 @@ def _contains(outer: pathlib.Path, inner: pathlib.Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _where(path: os.PathLike | str) -> set[pathlib.Path]:
+    """Where an input lives: the path itself (its folder resolved) and, when it is a symlink, where it leads (the
+    Hugging Face cache's snapshots/REV/model.safetensors -> ../../blobs/SHA). Replacing either loses the input."""
+    given = pathlib.Path(os.path.abspath(pathlib.Path(path).expanduser()))
+    itself = given.parent.resolve() / given.name if given.name else given
+    return {itself, given.resolve()}
+
+
 def _never_replaced(target: pathlib.Path, protected: Iterable[os.PathLike | str]) -> str | None:
     """Why ``target`` may never be replaced, or None."""
     if target == pathlib.Path(target.anchor):
@@ -43,9 +52,9 @@ def _never_replaced(target: pathlib.Path, protected: Iterable[os.PathLike | str]
     for path in protected:
         if path is None:
             continue
-        inner = pathlib.Path(path).expanduser().resolve()
-        if _contains(target, inner):
-            return f"is or contains {inner}, an input of this run"
+        for inner in sorted(_where(path)):
+            if _contains(target, inner):
+                return f"is or contains {inner}, an input of this run"
     for what, inner in (("the current folder", pathlib.Path.cwd()), ("your home folder", pathlib.Path.home())):
         if _contains(target, inner.resolve()):
             return f"is or contains {what} ({inner})"

@@ -96,6 +96,17 @@ def test_inputs_are_never_replaced_even_with_overwrite(tmp_path, where):
     assert [t for t in tree(tmp_path) if "side" not in t[0]] == before
 
 
+@pytest.mark.parametrize("out", ["links", "blobs"])
+def test_a_symlinked_input_protects_the_link_and_where_it_leads(tmp_path, out):
+    """RELIABILITY.md 46: snapshots/REV/model.safetensors -> ../../blobs/SHA, as the Hugging Face cache lays it out."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "0a1b").write_bytes(b"weights")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "model.safetensors").symlink_to("../blobs/0a1b")
+    with pytest.raises(OutputError, match=f"{tmp_path / out} is or contains {tmp_path / out}/.*an input of this run"):
+        check_output_target(tmp_path / out, [tmp_path / "links" / "model.safetensors"], overwrite=True)
+
+
 def test_current_folder_and_home_are_never_replaced(tmp_path, monkeypatch):
     monkeypatch.chdir(make_export(tmp_path / "here"))
     for out in (".", "..", str(tmp_path)):
