@@ -73,7 +73,7 @@ from qvlquant.parallel.distributed import (
     stop,
 )
 from qvlquant.storage.lock import output_lock
-from qvlquant.storage.outputs import check_output_target
+from qvlquant.storage.outputs import beside, check_output_target, check_output_writable
 from qvlquant.storage.shards import ShardReader, checkpoint_files
 from qvlquant.ui.progress import say
 from qvlquant.version import __version__
@@ -213,6 +213,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     protected = _model_paths(folder) + _calib_paths(config.calib.source)
     if world.leader:
         check_output_target(out, protected, config.export.overwrite)
+        check_output_writable(out)
         held.enter_context(output_lock(out))  # before anything reads or removes the partial folder
     dtype = compute_dtype(device, config.device.dtype)
     say(f"building {family.name} from {folder} on the meta device")
@@ -220,7 +221,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
     check_group_size(skeleton, family, config.quant.spec, padded)
     reader = ShardReader(folder)
-    partial = out.with_name(f".{out.name}.partial")
+    partial = beside(out, "partial")
     if not config.resume and world.leader:
         DiskStore.discard(partial)  # --no-resume: our own partial run, never another folder
     text = getattr(hf_config, "text_config", hf_config)

@@ -182,3 +182,28 @@ def test_overwrite_never_replaces_the_folder_a_symlinked_model_resolves_to(tmp_p
     refused_as_an_input(RUN[:-2] + ["--model", str(snapshot)], out, capsys, monkeypatch)
     assert tree(blobs) == before
     assert (snapshot / "model.safetensors").read_bytes() == (MODEL_DIR / "model.safetensors").read_bytes()
+
+
+def refused_before_any_work(argv, capsys, monkeypatch) -> str:
+    """Run ``argv``: exit 2 with one line, before any calibration sample is read. -> the line."""
+    monkeypatch.setattr("qvlquant.api.load_samples", lambda *a, **k: pytest.fail("calibration data read"))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_an_unwritable_output_parent_is_refused_before_any_work(read_only_folder, capsys, monkeypatch):
+    """RELIABILITY.md 47: it failed after calibration and a layer."""
+    out = read_only_folder / "q"
+    err = refused_before_any_work(RUN + ["--output", str(out)], capsys, monkeypatch)
+    assert f"--output {out}: cannot create files in {read_only_folder} (" in err
+
+
+def test_an_output_name_too_long_for_its_temporary_folders_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A 246-byte name failed with "File name too long" only at export, and again on every resume."""
+    out = tmp_path / ("q" * 246)
+    err = refused_before_any_work(RUN + ["--output", str(out)], capsys, monkeypatch)
+    assert f".{out.name}.tmp-PID has 259 bytes, over the 255 this filesystem allows" in err
+    assert list(tmp_path.iterdir()) == []

@@ -27,7 +27,7 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from qvlquant.storage.outputs import OutputError, pid_alive
+from qvlquant.storage.outputs import OutputError, beside, pid_alive
 
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 MAX_RECORD_BYTES = 64 << 10  # a record is a few hundred bytes; anything longer is not ours
@@ -40,8 +40,7 @@ class OutputLocked(OutputError):
 
 def lock_path(out: os.PathLike | str) -> pathlib.Path:
     """``.NAME.lock`` beside the resolved ``out``."""
-    target = pathlib.Path(out).expanduser().resolve()
-    return target.with_name(f".{target.name}.lock")
+    return beside(out, "lock")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 
 from qvlquant.storage.manifest import MANIFEST, is_qvlquant_export, unlisted_entries
@@ -31,6 +32,19 @@ from qvlquant.storage.manifest import MANIFEST, is_qvlquant_export, unlisted_ent
 
 class OutputError(ValueError):
     """``--output`` names a path qvlquant must not replace."""
+
+
+# What a run creates beside --output NAME, as ``.NAME.<what>``: the export being written (tmp-PID), the previous
+# export while the new one is renamed into place (old-PID), the finished layers of a run (partial), its lock. A PID
+# has at most 7 digits (Linux's largest is 4194304).
+SIBLINGS = ("tmp-PID", "old-PID", "partial", "lock")
+PID_DIGITS = 7
+
+
+def beside(out: os.PathLike | str, what: str) -> pathlib.Path:
+    """``.NAME.<what>`` beside the resolved ``out`` (``what``: one of SIBLINGS, with a real PID)."""
+    target = pathlib.Path(out).expanduser().resolve()
+    return target.with_name(f".{target.name}.{what}")
 
 
 def _contains(outer: pathlib.Path, inner: pathlib.Path) -> bool:
@@ -71,11 +85,12 @@ def check_output_target(out: os.PathLike | str, protected: Iterable[os.PathLike 
                           "choose another folder")
     if os.path.lexists(target) and not target.is_dir():
         raise OutputError(f"--output {target} exists and is not a folder; it is never replaced: choose a folder path")
-    above = target.parent
-    while not os.path.lexists(above):
-        above = above.parent
+    above = _existing_above(target)
     if not above.is_dir():
         raise OutputError(f"--output {target}: {above} is a file, so no folder can be made there: choose another path")
+    too_long = _name_too_long(target, above)
+    if too_long:
+        raise OutputError(f"--output {target}: {too_long}; choose a shorter name")
     if not target.exists() or overwrite or not any(target.iterdir()):
         return target
     if not is_qvlquant_export(target):
@@ -86,6 +101,45 @@ def check_output_target(out: os.PathLike | str, protected: Iterable[os.PathLike 
         raise OutputError(f"--output {target} is a qvlquant export but also holds {extra}, which it did not write; "
                           "move them out, pass --overwrite to replace them too, or choose another folder")
     return target
+
+
+def _existing_above(target: pathlib.Path) -> pathlib.Path:
+    """The nearest folder above ``target`` that exists (where the missing ones will be made)."""
+    above = target.parent
+    while not os.path.lexists(above):
+        above = above.parent
+    return above
+
+
+def _name_too_long(target: pathlib.Path, above: pathlib.Path) -> str | None:
+    """Which name the run would make is longer than the filesystem allows ("File name too long" at export,
+    after all the work, and again on every resume), or None."""
+    try:
+        limit = os.pathconf(above, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    names = [(part, part) for part in target.relative_to(above).parts]  # the folders to make, and the output
+    names += [(f".{target.name}.{what}", f".{target.name}.{what}".replace("PID", "9" * PID_DIGITS))
+              for what in SIBLINGS]
+    for shown, name in names:
+        size = len(os.fsencode(name))
+        if size > limit:
+            return f"{shown} has {size} bytes, over the {limit} this filesystem allows in a name"
+    return None
+
+
+def check_output_writable(out: os.PathLike | str) -> None:
+    """``OutputError`` unless a file can be made where ``out`` goes (its parent, or the nearest folder above it that
+    exists): found before any work, not at the first write after calibration. Makes and removes one empty file."""
+    target = pathlib.Path(out).expanduser().resolve()
+    above = _existing_above(target)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qvlquant-probe-", dir=above)
+    except OSError as e:
+        raise OutputError(f"--output {target}: cannot create files in {above} ({e.strerror}); choose a folder "
+                          "you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def pid_alive(pid: int) -> bool:
@@ -103,24 +157,40 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale(target: pathlib.Path, kinds: str = "tmp|old") -> list[pathlib.Path]:
+    """``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders beside ``target`` whose process is gone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.({kinds})-(\d+)")
+    return [path for path in sorted(target.parent.iterdir())
+            if (match := pattern.fullmatch(path.name)) and not path.is_symlink() and path.is_dir()
+            and not pid_alive(int(match[2]))]
+
+
+def restore_stranded(out: os.PathLike | str) -> pathlib.Path | None:
+    """When ``out`` is missing, put back the previous export that a kill between the two renames of ``publish``
+    left in ``.NAME.old-PID`` (its process gone; the newest, if several). -> the folder it came from, or None."""
+    target = pathlib.Path(out).expanduser().resolve()
+    if not target.name or os.path.lexists(target) or not target.parent.is_dir():
+        return None
+    stranded = _stale(target, "old")
+    if not stranded:
+        return None
+    newest = max(stranded, key=lambda p: p.stat().st_mtime_ns)
+    os.replace(newest, target)
+    return newest
+
+
 def clean_stale_temps(out: os.PathLike | str) -> list[pathlib.Path]:
-    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders beside ``out`` left by exports that are no longer running.
-    A stranded ``.old-PID`` is renamed back to ``out`` when ``out`` is missing. -> the folders removed or restored."""
+    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders beside ``out`` left by exports that are no longer running,
+    after putting a stranded ``.old-PID`` back when ``out`` is missing (``restore_stranded``). -> the folders
+    removed or restored."""
     target = pathlib.Path(out).expanduser().resolve()
     if not target.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)")
-    done = []
-    for path in sorted(target.parent.iterdir()):
-        match = pattern.fullmatch(path.name)
-        if not match or path.is_symlink() or not path.is_dir() or pid_alive(int(match[2])):
-            continue
-        if match[1] == "old" and not os.path.lexists(target):
-            os.replace(path, target)  # the previous export, stranded by a kill between the two renames of publish
-        else:
-            shutil.rmtree(path)
-        done.append(path)
-    return done
+    restored = restore_stranded(target)
+    removed = _stale(target)
+    for path in removed:
+        shutil.rmtree(path)
+    return sorted(removed + ([restored] if restored else []))
 
 
 def temp_dir(out: os.PathLike | str) -> pathlib.Path:
@@ -129,7 +199,7 @@ def temp_dir(out: os.PathLike | str) -> pathlib.Path:
     target = pathlib.Path(out).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = beside(target, f"tmp-{os.getpid()}")
     if tmp.is_dir() and not tmp.is_symlink():
         shutil.rmtree(tmp)  # our own PID's, from an earlier export in this process
     tmp.mkdir()
@@ -165,7 +235,7 @@ def publish(tmp: os.PathLike | str, out: os.PathLike | str, overwrite: bool = Fa
     tmp = pathlib.Path(tmp)
     target = check_output_target(out, protected, overwrite)
     apply_umask(tmp)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = beside(target, f"old-{os.getpid()}")
     if os.path.lexists(target):
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)  # our own PID's, left by an earlier publish whose cleanup failed
