@@ -72,6 +72,7 @@ from qvlquant.parallel.distributed import (
     start,
     stop,
 )
+from qvlquant.parallel.launch import check_batches
 from qvlquant.storage.lock import output_lock
 from qvlquant.storage.outputs import beside, check_output_target, check_output_writable
 from qvlquant.storage.shards import ShardReader, checkpoint_files
@@ -140,9 +141,7 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
         batches, job = _batches(config, job, world)
         digest = batches_digest(batches)
         check_same(digest, "the calibration batches", world)
-        if len(batches) < world.size:
-            raise ValueError(f"{len(batches)} calibration batches for {world.size} processes: every process needs at "
-                             "least one; use more samples (--num-samples), a smaller --batch-size or fewer processes")
+        check_batches(len(batches), world.size)
         shards = [shard(len(batches), world, r) for r in range(world.size)]
         tokens = int(sum(b["attention_mask"].sum() for b in batches))
         estimated = None

@@ -208,6 +208,8 @@ def run_quantize(args) -> int:
 
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "nproc", "argv")}
     if args.nproc is not None and args.nproc != 1:
+        config = JobConfig.from_flat(**settings)  # its checks and the batch count, before any process starts
+        launch.check_batches(-(-config.calib.num_samples // config.processing.batch_size), args.nproc)
         return launch.run_ranks(args.nproc, [sys.executable, "-m", "qvlquant", *launch.without_option(args.argv, "--nproc")])
     report = quantize(JobConfig.from_flat(**settings))
     if report is None:  # a rank other than 0 of a distributed run: rank 0 reports

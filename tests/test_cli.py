@@ -288,3 +288,15 @@ def test_only_the_torchao_enum_notice_is_silenced():
     finally:
         log.removeHandler(handler)
     assert records == ["something else torch's pytree says"]
+
+
+@pytest.mark.parametrize("flags,batches,nproc", [(["--num-samples", "2"], 2, 4),
+                                                 (["--num-samples", "4", "--batch-size", "2"], 2, 3)])
+def test_more_processes_than_calibration_batches_is_refused_before_any_starts(flags, batches, nproc, tmp_path,
+                                                                              capsys, monkeypatch):
+    """RELIABILITY.md 47: --nproc 4 with 2 batches started four processes before refusing."""
+    monkeypatch.setattr("qvlquant.parallel.launch.subprocess.Popen", lambda *a, **k: pytest.fail("a process started"))
+    assert main(["quantize", "--nproc", str(nproc), *flags, "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{batches} calibration batches for {nproc} processes: every process needs at least one" in err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
