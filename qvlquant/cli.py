@@ -223,6 +223,18 @@ def run_quantize(args) -> int:
     return 0
 
 
+def restore_stranded_export(command: str, *paths: str | None) -> None:
+    """Before a command reads an export: put back the previous one a quantize killed between the two renames of its
+    publish left in ``.NAME.old-PID`` (the same step quantize takes), saying so."""
+    from qvlquant.storage.outputs import restore_stranded
+
+    for path in filter(None, paths):
+        restored = restore_stranded(path)
+        if restored:
+            print(f"qvlquant {command}: restored {pathlib.Path(path).expanduser().resolve()} from {restored}, where "
+                  "a quantize killed while publishing left it", file=sys.stderr)
+
+
 def add_eval(sub) -> None:
     about = ("task accuracy (the embedded easy-vqa, or a VLMEvalKit TSV / hf: benchmark) and held-out perplexity of "
              "a checkpoint, beside its base model; bnb-nf4 / bnb-int8 load a base through bitsandbytes")
@@ -266,6 +278,7 @@ def run_eval(args) -> int:
         write_report,
     )
 
+    restore_stranded_export("eval", args.model, None if args.base == "none" else args.base)
     config = eval_config(args)
     base = args.base if args.base is not None else recorded_base(args.model)
     result = evaluate_with_baseline(args.model, config, base=base)
@@ -319,6 +332,7 @@ def add_push(sub) -> None:
 def run_push(args) -> int:
     from qvlquant.checkpoint.push import PushError, push
 
+    restore_stranded_export("push", args.model)
     try:
         plan = push(args.model, args.repo, args.private, args.revision, args.dry_run, args.eval)
     except PushError as e:
@@ -405,6 +419,7 @@ def run_inspect(args) -> int:
     from qvlquant.checkpoint.inspection import inspect_checkpoint
     from qvlquant.checkpoint.repair import repair_config
 
+    restore_stranded_export("inspect", args.model)
     if args.repair:
         names = repair_config(args.model)
         print(f"repaired {args.model}: modules_to_not_convert = {names}")
