@@ -4,6 +4,7 @@ run is taken over, and the lock is gone however the run ends."""
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,8 +40,9 @@ def test_a_second_run_is_refused_naming_the_first(tmp_path):
     with output_lock(out, "qvlquant quantize --output q"):
         record = json.loads(lock_path(out).read_text())
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
-        with pytest.raises(OutputLocked, match=rf"{out} is in use by another run: pid {os.getpid()} on "
-                                               rf"{socket.gethostname()}, since .*qvlquant quantize --output q"):
+        with pytest.raises(OutputLocked, match=rf"{re.escape(str(out))} is in use by another run: pid {os.getpid()} "
+                                               rf"on {re.escape(socket.gethostname())}, since .* \(qvlquant quantize "
+                                               r"--output q\)"):
             with output_lock(out):
                 pass
         code = "import sys\nfrom qvlquant.storage.lock import output_lock\nwith output_lock(sys.argv[1]): pass"
