@@ -51,7 +51,7 @@ def output_lock(out: os.PathLike | str, command: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(path)
     try:
-        _write_record(fd, command or shlex.join(sys.argv))
+        _write_record(fd, command or _command_line())
         yield path
     finally:
         _release(fd, path)
@@ -128,6 +128,15 @@ def _alive(record: dict) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool):
         return False
     return record.get("host") != socket.gethostname() or pid_alive(pid)
+
+
+def _command_line() -> str:
+    """This process's command line (``python -m qvlquant ...`` shown as ``qvlquant ...``)."""
+    argv = list(sys.argv) or ["?"]
+    head = pathlib.Path(argv[0])
+    if head.name == "qvlquant" or (head.name == "__main__.py" and head.parent.name == "qvlquant"):
+        argv[0] = "qvlquant"
+    return shlex.join(argv)
 
 
 def _write_record(fd: int, command: str) -> None:

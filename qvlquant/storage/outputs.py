@@ -9,13 +9,15 @@ export (it holds ``qvlquant_manifest.json`` and nothing the export did not write
 - a path that contains the current folder, the home folder, or is a filesystem root (``--output .``);
 - anything that is not a folder (a regular file, a FIFO, a device).
 
-Everything else is an ``OutputError`` naming the path and what to do. ``check_output_target`` is pure and cheap, so a
-bad ``--output`` fails before any work starts; ``publish`` checks again (the folder may have changed during a long
-run), gives the files the user's umask, and renames the new folder into place, keeping the old one until it is.
+Everything else is an ``OutputError`` naming the path and what to do. ``check_output_target`` is pure and cheap (it
+also checks that every name the run makes beside the output fits the filesystem), and ``check_output_writable``
+probes the folder with one file, so a bad ``--output`` fails before any work starts; ``publish`` checks again (the
+folder may have changed during a long run), gives the files the user's umask, and renames the new folder into
+place, keeping the old one until it is.
 
 A killed export leaves ``.NAME.tmp-PID`` (and, between the two renames, ``.NAME.old-PID``) beside the output.
-``clean_stale_temps`` removes those whose process is gone, never a live process's, and puts a stranded
-``.old-PID`` back when the output itself is missing.
+``clean_stale_temps`` removes those whose process is gone, never a live process's, after ``restore_stranded`` puts
+a stranded ``.old-PID`` back when the output itself is missing (inspect, eval and push call it too).
 """
 
 from __future__ import annotations
@@ -168,7 +170,10 @@ def _stale(target: pathlib.Path, kinds: str = "tmp|old") -> list[pathlib.Path]:
 def restore_stranded(out: os.PathLike | str) -> pathlib.Path | None:
     """When ``out`` is missing, put back the previous export that a kill between the two renames of ``publish``
     left in ``.NAME.old-PID`` (its process gone; the newest, if several). -> the folder it came from, or None."""
-    target = pathlib.Path(out).expanduser().resolve()
+    try:
+        target = pathlib.Path(out).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # not a path (a NUL byte, a loop): whoever reads it says so
+        return None
     if not target.name or os.path.lexists(target) or not target.parent.is_dir():
         return None
     stranded = _stale(target, "old")
