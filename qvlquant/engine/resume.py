@@ -239,7 +239,7 @@ def _hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # read in place: no copy of a large hidden state
 
 
 def record_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -268,6 +268,8 @@ def _verified(path: pathlib.Path) -> dict[str, torch.Tensor]:
     except (OSError, ValueError, KeyError) as e:
         raise DamagedRecord(f"{path}: cannot be read back ({e}); {redo}") from None
     expected = metadata.pop(CHECKSUM, None)
+    if expected is None:
+        raise DamagedRecord(f"{path}: has no checksum (written by an earlier qvlquant); {redo}")
     if expected != record_digest(tensors, metadata):
         raise DamagedRecord(f"{path}: its contents do not match the checksum written with it (changed or damaged "
                             f"since it was written); {redo}")
