@@ -6,6 +6,7 @@ the calibration activations; never the whole model (see ``estimate``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from qvlquant.calib.dataset import build_batches
+from qvlquant.calib.dataset import build_batches, image_files
 from qvlquant.calib.sources import load_samples
 from qvlquant.checkpoint.export import (
     REPORT,
@@ -71,8 +72,10 @@ from qvlquant.parallel.distributed import (
     start,
     stop,
 )
-from qvlquant.storage.outputs import check_output_target
-from qvlquant.storage.shards import ShardReader
+from qvlquant.parallel.launch import check_batches
+from qvlquant.storage.lock import output_lock
+from qvlquant.storage.outputs import beside, check_output_target, check_output_writable
+from qvlquant.storage.shards import ShardReader, checkpoint_files
 from qvlquant.ui.progress import say
 from qvlquant.version import __version__
 
@@ -106,7 +109,7 @@ class PreparedJob:
     folder: pathlib.Path  # the base model's checkpoint
     family: ModelFamily
     out: pathlib.Path  # --output, resolved
-    protected: tuple[pathlib.Path, ...]  # the job's inputs (model, calibration data): the output never replaces them
+    protected: tuple[pathlib.Path, ...]  # every input read (model files, calibration data, images): never replaced
     dtype: torch.dtype  # the compute dtype
     storage: torch.dtype  # the checkpoint's dtype: what the export writes
     skeleton: torch.nn.Module  # the model on the meta device, filled part by part
@@ -131,38 +134,37 @@ class RunMeasures:
 def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | None:
     t0 = time.time()
     torch.manual_seed(config.calib.seed)
-    job = _prepare(config, world, device)
-    if world.leader:
-        _warn_about_vllm(config, job)
-    batches = _batches(config, job)
-    digest = batches_digest(batches)
-    check_same(digest, "the calibration batches", world)
-    if len(batches) < world.size:
-        raise ValueError(f"{len(batches)} calibration batches for {world.size} processes: every process needs at "
-                         "least one; use more samples (--num-samples), a smaller --batch-size or fewer processes")
-    shards = [shard(len(batches), world, r) for r in range(world.size)]
-    tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    estimated = None
-    if world.leader:
-        estimated = estimate(job.skeleton, job.family, config, job.device, tokens, job.storage, world.size)
-        say(format_estimate(estimated))
-    store = _open_store(config, job, world, digest, shards)
-    local = [batches[b] for b in shards[world.rank]]
-    offload = choose_offload(job.device, _activation_bytes(local, job.hidden, job.dtype), config.device.offload)
-    plan = LoopPlan(family=job.family, qcfg=config.quant, pack_format=config.pack_format, storage_dtype=job.storage,
-                    offload=offload, max_layers=config.max_layers, world=world)
-    source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
-                            dtype=job.dtype, pad_to=config.pad_intermediate_to)
-    say(f"loading the vision tower and embeddings onto {job.device} for the capture pass"
-        + (f" ({world.size} processes, {len(local)} of {len(batches)} batches each)" if world.distributed else ""))
-    source.prepare_capture()
-    result = quantize_model(job.skeleton, local, plan, source, store)
-    peak_rss = tuple(each(peak_rss_bytes(), world))
-    measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss)
-    barrier(world)
-    if not world.leader:
-        return None
-    return _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
+    with contextlib.ExitStack() as held:  # rank 0's lock on --output: from its checks until the export is published
+        job = _prepare(config, world, device, held)
+        if world.leader:
+            _warn_about_vllm(config, job)
+        batches, job = _batches(config, job, world)
+        digest = batches_digest(batches)
+        check_same(digest, "the calibration batches", world)
+        check_batches(len(batches), world.size)
+        shards = [shard(len(batches), world, r) for r in range(world.size)]
+        tokens = int(sum(b["attention_mask"].sum() for b in batches))
+        estimated = None
+        if world.leader:
+            estimated = estimate(job.skeleton, job.family, config, job.device, tokens, job.storage, world.size)
+            say(format_estimate(estimated))
+        store = _open_store(config, job, world, digest, shards)
+        local = [batches[b] for b in shards[world.rank]]
+        offload = choose_offload(job.device, _activation_bytes(local, job.hidden, job.dtype), config.device.offload)
+        plan = LoopPlan(family=job.family, qcfg=config.quant, pack_format=config.pack_format,
+                        storage_dtype=job.storage, offload=offload, max_layers=config.max_layers, world=world)
+        source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
+                                dtype=job.dtype, pad_to=config.pad_intermediate_to)
+        say(f"loading the vision tower and embeddings onto {job.device} for the capture pass"
+            + (f" ({world.size} processes, {len(local)} of {len(batches)} batches each)" if world.distributed else ""))
+        source.prepare_capture()
+        result = quantize_model(job.skeleton, local, plan, source, store)
+        peak_rss = tuple(each(peak_rss_bytes(), world))
+        measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss)
+        barrier(world)
+        if not world.leader:
+            return None
+        return _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
 
 
 def _open_store(config: JobConfig, job: PreparedJob, world: World, digest: str,
@@ -195,9 +197,10 @@ def _finish(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
     return json.loads((job.out / REPORT).read_text())
 
 
-def _prepare(config: JobConfig, world: World, device: torch.device) -> PreparedJob:
+def _prepare(config: JobConfig, world: World, device: torch.device, held: contextlib.ExitStack) -> PreparedJob:
     """Every check that needs no calibration data, in seconds: model type, remote code, processor files,
-    --output (rank 0: the only one that writes), group sizes (on a meta skeleton). -> what the run needs."""
+    --output (rank 0: the only one that writes, and which locks it into ``held``), group sizes (on a meta
+    skeleton). -> what the run needs."""
     threads = set_threads(config.device.threads, world.local_size)
     folder = resolve_model_path(config.model)
     family = family_for(read_model_type(folder))
@@ -206,16 +209,18 @@ def _prepare(config: JobConfig, world: World, device: torch.device) -> PreparedJ
     storage = storage_dtype(hf_config)  # before the skeleton is built: building it sets config.dtype
     check_processor_files(folder, family)
     out = pathlib.Path(config.output).expanduser().resolve()
-    protected = (folder,) + _calib_paths(config.calib.source)
+    protected = _model_paths(folder) + _calib_paths(config.calib.source)
     if world.leader:
         check_output_target(out, protected, config.export.overwrite)
+        check_output_writable(out)
+        held.enter_context(output_lock(out))  # before anything reads or removes the partial folder
     dtype = compute_dtype(device, config.device.dtype)
     say(f"building {family.name} from {folder} on the meta device")
     skeleton = build_skeleton(hf_config, family, dtype)
     padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
     check_group_size(skeleton, family, config.quant.spec, padded)
     reader = ShardReader(folder)
-    partial = out.with_name(f".{out.name}.partial")
+    partial = beside(out, "partial")
     if not config.resume and world.leader:
         DiskStore.discard(partial)  # --no-resume: our own partial run, never another folder
     text = getattr(hf_config, "text_config", hf_config)
@@ -232,15 +237,25 @@ def _warn_about_vllm(config: JobConfig, job: PreparedJob) -> None:
         print(f"qvlquant quantize: warning: {line}", file=sys.stderr, flush=True)
 
 
+def _model_paths(folder: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """The base model's folder, the files in it and the weight files its index names (never replaced by --output;
+    where they are symlinks, neither is the folder they lead to)."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return (folder, *files, *(folder / name for name in checkpoint_files(folder)))
+
+
 def _calib_paths(source: str) -> tuple[pathlib.Path, ...]:
-    """The calibration data's file or folder, when it is one (never replaced by --output)."""
-    if source in ("demo", "easyvqa") or source.startswith("hf:"):
+    """The calibration data's file or folder, or an hf: dataset's local folder (never replaced by --output); the
+    images its samples name are added once they are read (``_batches``)."""
+    if source in ("demo", "easyvqa"):
         return ()
-    path = pathlib.Path(source).expanduser()
+    path = pathlib.Path(source.removeprefix("hf:")).expanduser()
     return (path,) if path.exists() else ()
 
 
-def _batches(config: JobConfig, job: PreparedJob) -> list[dict]:
+def _batches(config: JobConfig, job: PreparedJob, world: World) -> tuple[list[dict], PreparedJob]:
+    """-> (the calibration batches, the job with the image files they were read from among its inputs). The samples
+    name their images, so rank 0 checks --output against those before any is opened."""
     src = config.calib
     samples, names, root = load_samples(src.source, src.num_samples, src.seed, src.split, dict(src.columns))
     cfg = config.processing
@@ -249,8 +264,11 @@ def _batches(config: JobConfig, job: PreparedJob) -> list[dict]:
     if config.quant.method == "rtn" and src.source != "demo":
         say(f"note: RTN rounds without calibration data; the samples of --calib {src.source} only run through "
             "the layers to check that activations stay finite")
+    job = dataclasses.replace(job, protected=job.protected + tuple(dict.fromkeys(image_files(samples, cfg.image_root))))
+    if world.leader:
+        check_output_target(job.out, job.protected, config.export.overwrite)
     say(f"encoding {len(samples)} calibration samples through the processor")
-    return build_batches(job.processor, samples, cfg, names, v1=job.family.needs_remote_code)
+    return build_batches(job.processor, samples, cfg, names, v1=job.family.needs_remote_code), job
 
 
 def _activation_bytes(batches: list[dict], hidden: int, dtype: torch.dtype) -> int:

@@ -209,6 +209,8 @@ def run_quantize(args) -> int:
 
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "nproc", "argv")}
     if args.nproc is not None and args.nproc != 1:
+        config = JobConfig.from_flat(**settings)  # its checks and the batch count, before any process starts
+        launch.check_batches(-(-config.calib.num_samples // config.processing.batch_size), args.nproc)
         return launch.run_ranks(args.nproc, [sys.executable, "-m", "qvlquant", *launch.without_option(args.argv, "--nproc")])
     report = quantize(JobConfig.from_flat(**settings))
     if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
@@ -220,6 +222,18 @@ def run_quantize(args) -> int:
     print(f"quantized {len(report['layers'])} linears ({report['method']} W{report['bits']} g{report['group_size']}) "
           f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
     return 0
+
+
+def restore_stranded_export(command: str, *paths: str | None) -> None:
+    """Before a command reads an export: put back the previous one a quantize killed between the two renames of its
+    publish left in ``.NAME.old-PID`` (the same step quantize takes), saying so."""
+    from qvlquant.storage.outputs import restore_stranded
+
+    for path in filter(None, paths):
+        restored = restore_stranded(path)
+        if restored:
+            print(f"qvlquant {command}: restored {pathlib.Path(path).expanduser().resolve()} from {restored}, where "
+                  "a quantize killed while publishing left it", file=sys.stderr)
 
 
 def add_eval(sub) -> None:
@@ -265,6 +279,7 @@ def run_eval(args) -> int:
         write_report,
     )
 
+    restore_stranded_export("eval", args.model, None if args.base == "none" else args.base)
     config = eval_config(args)
     base = args.base if args.base is not None else recorded_base(args.model)
     result = evaluate_with_baseline(args.model, config, base=base)
@@ -322,6 +337,7 @@ def add_push(sub) -> None:
 def run_push(args) -> int:
     from qvlquant.checkpoint.push import PushError, push
 
+    restore_stranded_export("push", args.model)
     try:
         plan = push(args.model, args.repo, args.private, args.revision, args.dry_run, args.eval)
     except PushError as e:
@@ -418,6 +434,7 @@ def run_inspect(args) -> int:
     from qvlquant.checkpoint.inspection import inspect_checkpoint
     from qvlquant.checkpoint.repair import repair_config
 
+    restore_stranded_export("inspect", args.model)
     if args.repair:
         names = repair_config(args.model)
         print(f"repaired {args.model}: modules_to_not_convert = {names}")

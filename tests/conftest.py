@@ -2,8 +2,10 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 
 import pytest
@@ -79,3 +81,25 @@ def demo_batches(demo):
     _, processor = demo
     samples, names, _ = load_samples("demo", 4, seed=3)
     return build_batches(processor, samples, CalibConfig(batch_size=2), names)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no file can be created in, even by root (chattr +i where chmod does not stop it); skipped where
+    neither works."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = (os.geteuid() == 0 and shutil.which("chattr") is not None
+                 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        yield folder
+    else:
+        (folder / "probe").unlink()
+        pytest.skip("cannot make a read-only folder here")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)

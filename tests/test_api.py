@@ -1,5 +1,6 @@
 """qvlquant.quantize as a Python call, and the checks it makes before any work: --output, processor files."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -7,8 +8,10 @@ import shutil
 import pytest
 
 import qvlquant
+import qvlquant.quant.apply as quant_methods
 from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.cli import main
+from qvlquant.storage.lock import lock_path, output_lock
 
 
 @pytest.mark.slow
@@ -101,3 +104,130 @@ def test_export_carries_the_files_serving_stacks_read_from_the_base(tmp_path):
     manifest = json.loads((out / "qvlquant_manifest.json").read_text())
     assert {"generation_config.json", "video_preprocessor_config.json", "chat_template.jinja"} <= set(
         manifest.get("files", manifest))
+
+
+RUN = ["quantize", "--method", "rtn", "--num-samples", "2", "--max-layers", "1"]
+
+
+def test_a_run_into_an_output_another_run_holds_is_refused(tmp_path, capsys):
+    """RELIABILITY.md 45: the second run is refused at once, naming the first; it touches nothing of the first's."""
+    out = tmp_path / "q"
+    with output_lock(out, "qvlquant quantize (the first run)"):
+        assert main(RUN + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another run: pid {os.getpid()}" in err and "(the first run)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial folder, and the first run's lock released
+
+
+def test_the_output_is_locked_for_the_whole_run_and_released_however_it_ends(tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    real = quant_methods.LAYER_METHODS["rtn"]
+    holders = []
+
+    def spying(layer, inputs, ctx):
+        holders.append(json.loads(lock_path(out).read_text())["pid"] if lock_path(out).exists() else None)
+        return real(layer, inputs, ctx)
+
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "rtn", spying)
+    assert main(RUN + ["--output", str(out)]) == 0
+    assert holders == [os.getpid()] and not lock_path(out).exists()
+
+    def crashing(layer, inputs, ctx):
+        if ctx.prefix.endswith(".1"):
+            raise RuntimeError("simulated out-of-memory")
+        return real(layer, inputs, ctx)
+
+    monkeypatch.setitem(quant_methods.LAYER_METHODS, "rtn", crashing)
+    assert main(["quantize", "--method", "rtn", "--num-samples", "2", "--output", str(out)]) == 2  # fails at layer 1
+    assert not lock_path(out).exists() and (tmp_path / ".q.partial").exists()
+
+
+def tree(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def refused_as_an_input(argv, out, capsys, monkeypatch):
+    """Run ``argv --overwrite --output out``: refused naming ``out`` as an input, before any sample is encoded."""
+    monkeypatch.setattr("qvlquant.api.build_batches", lambda *a, **k: pytest.fail("samples encoded before the check"))
+    capsys.readouterr()
+    assert main(argv + ["--overwrite", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {out} is or contains" in err and "an input of this run" in err, err
+    assert "even with --overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_overwrite_never_replaces_the_image_folder_a_calibration_file_points_into(tmp_path, capsys, monkeypatch):
+    """RELIABILITY.md 46: the images are inputs as much as the JSONL naming them."""
+    from PIL import Image
+
+    data, images = tmp_path / "data", tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i in range(2):
+        Image.new("RGB", (56, 56), (120 * i, 90, 200)).save(images / f"{i}.png")
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"images/{i}.png"},
+                                                               {"type": "text", "text": "what colour is it?"}]},
+                                  {"role": "assistant", "content": "blue"}]})
+    (data / "calib.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    before = tree(images)
+    refused_as_an_input(RUN[:-2] + ["--calib", str(data / "calib.jsonl")], images, capsys, monkeypatch)
+    assert tree(images) == before
+
+
+def test_overwrite_never_replaces_a_local_hf_dataset(tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["a red circle", "a blue square"]}).save_to_disk(str(folder))
+    before = tree(folder)
+    columns = ["--text-column", "text", "--image-column", "", "--question-column", "", "--answer-column", ""]
+    refused_as_an_input(RUN[:-2] + ["--calib", f"hf:{folder}", *columns], folder, capsys, monkeypatch)
+    assert tree(folder) == before
+
+
+def hub_cache_snapshot(root):
+    """The demo model laid out as the Hugging Face cache does: snapshots/REV/NAME -> ../../blobs/SHA256."""
+    blobs, snapshot = root / "blobs", root / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in MODEL_DIR.iterdir():
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return blobs, snapshot
+
+
+@pytest.mark.parametrize("target", ["blobs", "cache root"])
+def test_overwrite_never_replaces_the_folder_a_symlinked_model_resolves_to(tmp_path, capsys, monkeypatch, target):
+    blobs, snapshot = hub_cache_snapshot(tmp_path / "models--demo")
+    out = {"blobs": blobs, "cache root": tmp_path}[target]
+    before = tree(blobs)
+    refused_as_an_input(RUN[:-2] + ["--model", str(snapshot)], out, capsys, monkeypatch)
+    assert tree(blobs) == before
+    assert (snapshot / "model.safetensors").read_bytes() == (MODEL_DIR / "model.safetensors").read_bytes()
+
+
+def refused_before_any_work(argv, capsys, monkeypatch) -> str:
+    """Run ``argv``: exit 2 with one line, before any calibration sample is read. -> the line."""
+    monkeypatch.setattr("qvlquant.api.load_samples", lambda *a, **k: pytest.fail("calibration data read"))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_an_unwritable_output_parent_is_refused_before_any_work(read_only_folder, capsys, monkeypatch):
+    """RELIABILITY.md 47: it failed after calibration and a layer."""
+    out = read_only_folder / "q"
+    err = refused_before_any_work(RUN + ["--output", str(out)], capsys, monkeypatch)
+    assert f"--output {out}: cannot create files in {read_only_folder} (" in err
+
+
+def test_an_output_name_too_long_for_its_temporary_folders_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A 246-byte name failed with "File name too long" only at export, and again on every resume."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")  # 255 on most filesystems
+    out = tmp_path / ("q" * (limit - 9))  # .NAME.partial fits exactly; .NAME.tmp-1234567 does not
+    err = refused_before_any_work(RUN + ["--output", str(out)], capsys, monkeypatch)
+    assert f".{out.name}.tmp-PID has {limit + 4} bytes, over the {limit} this filesystem allows" in err
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,9 @@
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -290,3 +293,39 @@ def test_only_the_torchao_enum_notice_is_silenced():
     finally:
         log.removeHandler(handler)
     assert records == ["something else torch's pytree says"]
+
+
+@pytest.mark.parametrize("flags,batches,nproc", [(["--num-samples", "2"], 2, 4),
+                                                 (["--num-samples", "4", "--batch-size", "2"], 2, 3)])
+def test_more_processes_than_calibration_batches_is_refused_before_any_starts(flags, batches, nproc, tmp_path,
+                                                                              capsys, monkeypatch):
+    """RELIABILITY.md 47: --nproc 4 with 2 batches started four processes before refusing."""
+    monkeypatch.setattr("qvlquant.parallel.launch.subprocess.Popen", lambda *a, **k: pytest.fail("a process started"))
+    assert main(["quantize", "--nproc", str(nproc), *flags, "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{batches} calibration batches for {nproc} processes: every process needs at least one" in err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def rtn_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stranded") / "export"
+    assert main(["quantize", "--method", "rtn", "--num-samples", "2", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("argv", [["inspect", "{q}"], ["push", "{q}", "--repo", "me/q", "--dry-run"],
+                                  ["eval", "--model", "{q}", "--base", "none", "--limit", "1", "--no-perplexity"]],
+                         ids=["inspect", "push", "eval"])
+def test_an_export_stranded_between_the_renames_of_publish_is_restored_before_it_is_read(argv, rtn_dir, tmp_path,
+                                                                                         capsys):
+    """RELIABILITY.md 47: a kill between the two renames leaves the previous export in .NAME.old-PID; only a later
+    quantize put it back."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stranded, q = tmp_path / f".q.old-{child.pid}", tmp_path / "q"
+    shutil.copytree(rtn_dir, stranded)
+    assert main([a.format(q=q) for a in argv]) == 0
+    assert f"restored {q} from {stranded}" in capsys.readouterr().err
+    assert not stranded.exists()
+    assert (q / "model.safetensors").read_bytes() == (rtn_dir / "model.safetensors").read_bytes()

@@ -11,13 +11,14 @@ budget bounds the visual tokens; a sample longer than ``max_length`` is refused,
 from __future__ import annotations
 
 import math
+import pathlib
 
 import torch
 from PIL import Image
 
 from qvlquant.calib.config import CalibConfig
 from qvlquant.calib.errors import CalibrationError
-from qvlquant.calib.images import load_image
+from qvlquant.calib.images import load_image, local_path
 from qvlquant.calib.qwen_vl_v1 import V1_PATTERN, encode_v1
 from qvlquant.calib.samples import (
     content_items,
@@ -137,6 +138,19 @@ def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
             batch[values] = torch.cat([e[values] for e in present])
             batch[grid] = torch.cat([e[grid] for e in present])
     return batch
+
+
+def image_files(samples: list, root: str | None) -> list[pathlib.Path]:
+    """Every local file the (validated) samples' images and video frames name, joined to ``root``, none opened:
+    what the run reads besides the calibration file itself."""
+    files = []
+    for sample in samples:
+        for turn in sample if isinstance(sample, list) else ():
+            for item in content_items(turn):
+                kind = item_kind(item)
+                sources = item["video"] if kind == "video" else [image_source(item)] if kind == "image" else []
+                files += [p for p in (local_path(s, root) for s in sources) if p is not None]
+    return files
 
 
 def _names(samples, names: list[str] | None) -> list[str]:

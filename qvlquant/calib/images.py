@@ -137,6 +137,20 @@ def _data_uri(uri: str) -> Image.Image:
     return _decode(data, "data URI")
 
 
+def local_path(source, root: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """The file an image source names (a path, or a ``file://`` URI, joined to ``root`` when relative), unchecked
+    and unopened; None for anything else (a PIL image, a data URI, a URL)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    text = os.fspath(source)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif text.startswith("data:") or "://" in text:
+        return None
+    path = pathlib.Path(text)
+    return pathlib.Path(root) / path if root is not None and not path.is_absolute() else path
+
+
 def load_image(source, root: str | os.PathLike | None = None, allow_urls: bool = False,
                allow_private_urls: bool = False) -> Image.Image:
     """An RGB image from a PIL image, a local path, a ``file://`` URI or a base64 data URI; an http(s) URL only with
@@ -156,13 +170,9 @@ def load_image(source, root: str | os.PathLike | None = None, allow_urls: bool =
         if not allow_urls:
             raise ImageError(f"image {text!r} is a URL: network images are off (--allow-urls turns them on)")
         return _decode(fetch(text, allow_private=allow_private_urls), text)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif "://" in text:
+    if "://" in text and not text.startswith("file://"):
         raise ImageError(f"image {text!r} has an unsupported scheme; use a local path, file:// or data:")
-    path = pathlib.Path(text)
-    if root is not None and not path.is_absolute():
-        path = pathlib.Path(root) / path
+    path = local_path(text, root)
     resolved = _check_path(path, root)
     try:
         data = resolved.read_bytes()

@@ -5,8 +5,11 @@ parameters (norms, biases, AWQ-folded norms) in the storage dtype, under checkpo
 layer is one ``layer_NNNN.safetensors`` (written, then renamed), followed by ``inputs.safetensors``: the hidden
 states the next layer receives, so a rerun starts at the next layer directly, without replaying the earlier ones.
 Everything sits under a fingerprint of what decides the result (settings, the calibration batches' contents, the
-base checkpoint's sha256); a different fingerprint is refused rather than mixed in. The export reads the records
-tensor by tensor, and the folder is removed once the export is in place.
+base checkpoint's sha256); a different fingerprint is refused rather than mixed in. Each record carries the sha256
+of its tensors and metadata in its own metadata (``record_digest``), and a rerun checks every record it resumes from
+against it, so a flipped byte is an error naming the file, never part of an export. The export reads the records
+tensor by tensor, and the folder is removed once the export is in place. Only one run at a time uses the folder
+(``qvlquant.storage.lock``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from qvlquant.storage.shards import ShardReader, checkpoint_files, write_safeten
 
 FINGERPRINT = "fingerprint.json"
 INPUTS = "inputs.safetensors"
+CHECKSUM = "sha256"  # the metadata entry holding a record's checksum
+
+
+class DamagedRecord(ValueError):
+    """A file of the partial folder does not hold what this run wrote into it."""
 
 
 @dataclasses.dataclass
@@ -95,12 +103,15 @@ class DiskStore:
         return self.folder / f"layer_{i:04d}.safetensors"
 
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
-        """(first layer to quantize, the hidden states it receives) from the last layer whose inputs were saved."""
+        """(first layer to quantize, the hidden states it receives) from the last layer whose inputs were saved;
+        every record resumed from is checked against its checksum first (``DamagedRecord`` naming the file)."""
         last = self._last()
         if last is None:
             return 0, None
-        reader = ShardReader(self.folder, [INPUTS])
-        return last + 1, [reader.get(f"hidden.{b}") for b in range(len(reader.keys()))]
+        for i in range(last + 1):
+            _verified(self.path(i))  # read back here once; what this process writes itself is not
+        hidden = _verified(self.folder / INPUTS)
+        return last + 1, [hidden[f"hidden.{b}"] for b in range(len(hidden))]
 
     def _last(self) -> int | None:
         path = self.folder / INPUTS
@@ -223,11 +234,46 @@ def _metadata(path: pathlib.Path) -> dict[str, str]:
         return json.loads(f.read(n)).get("__metadata__") or {}
 
 
+def _hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed ``h`` each tensor's name, dtype, shape and bytes, in name order."""
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # read in place: no copy of a large hidden state
+
+
+def record_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of a record: its metadata, then its tensors."""
+    h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    _hash_tensors(h, tensors)
+    return h.hexdigest()
+
+
 def _write_atomic(path: pathlib.Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a record with its checksum among its metadata, then rename it into place (one rename: a kill leaves
+    the old record or the new one, each with its own checksum)."""
     tmp = path.with_name(path.name + ".tmp")
     entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-    write_safetensors(tmp, entries, tensors.__getitem__, metadata)
+    write_safetensors(tmp, entries, tensors.__getitem__, {**metadata, CHECKSUM: record_digest(tensors, metadata)})
     os.replace(tmp, path)
+
+
+def _verified(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """A record's tensors, read back whole and checked against the checksum it was written with."""
+    redo = "rerun with --no-resume to start over"
+    try:
+        metadata = _metadata(path)
+        reader = ShardReader(path.parent, [path.name])
+        tensors = {k: reader.get(k) for k in reader.keys()}
+    except (OSError, ValueError, KeyError) as e:
+        raise DamagedRecord(f"{path}: cannot be read back ({e}); {redo}") from None
+    expected = metadata.pop(CHECKSUM, None)
+    if expected is None:
+        raise DamagedRecord(f"{path}: has no checksum (written by an earlier qvlquant); {redo}")
+    if expected != record_digest(tensors, metadata):
+        raise DamagedRecord(f"{path}: its contents do not match the checksum written with it (changed or damaged "
+                            f"since it was written); {redo}")
+    return tensors
 
 
 def settings_fingerprint(**parts) -> str:
@@ -239,10 +285,7 @@ def batches_digest(batches: list[dict]) -> str:
     processing settings all end up here, so an edited file or image changes it."""
     h = hashlib.sha256()
     for b in batches:
-        for key in sorted(b):
-            t = b[key].contiguous()
-            h.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _hash_tensors(h, b)
     return h.hexdigest()
 
 
@@ -252,16 +295,25 @@ def _cache_path() -> pathlib.Path:
     return pathlib.Path(root) / "sha256.json"
 
 
-def file_sha256(path: pathlib.Path) -> str:
-    """sha256 of a file, cached by (absolute path, size, mtime): a 15 GB checkpoint is hashed once (see the
-    README for what that costs), later runs read the cache."""
+def cache_key(path: pathlib.Path) -> str:
+    """What identifies a file's contents without reading them: where it is (path, device, inode), its size and its
+    mtime, which a user can set back (``os.utime``, ``touch -d``), and its ctime, which only the kernel sets (to now,
+    on every write, and on ``utime`` itself). The remaining risk is in RELIABILITY.md 48."""
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{path.resolve()}|{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    """sha256 of a file, cached under ``cache_key``: a 15 GB checkpoint is hashed once (see the README for what
+    that costs), later runs read the cache."""
+    key = cache_key(path)
     cache_file = _cache_path()
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
+    if not isinstance(cache, dict):
+        cache = {}  # not a cache qvlquant wrote: hashed again and rewritten
     if key not in cache:
         cache[key] = sha256(path)
         try:

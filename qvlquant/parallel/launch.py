@@ -54,6 +54,13 @@ def describe(code: int) -> str:
     return f"exited with code {code}"
 
 
+def check_batches(batches: int, nproc: int) -> None:
+    """Every process needs at least one calibration batch (checked before any starts, and again by the ranks)."""
+    if batches < nproc:
+        raise ValueError(f"{batches} calibration batches for {nproc} processes: every process needs at least one; "
+                         "use more samples (--num-samples), a smaller --batch-size or fewer processes")
+
+
 def run_ranks(nproc: int, command: list[str], poll_seconds: float = 0.1) -> int:
     """Run ``command`` as ranks 0..nproc-1 and wait. -> 0 when all succeed, else the failed rank's exit status
     (128 + signal for a killed one), after stopping the other ranks (SIGTERM, then SIGKILL)."""

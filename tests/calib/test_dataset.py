@@ -8,6 +8,7 @@ from qvlquant.calib.dataset import (
     CalibrationError,
     build_batches,
     encode_sample,
+    image_files,
 )
 from qvlquant.calib.sources import load_samples
 
@@ -128,3 +129,15 @@ def test_frame_and_image_counts_are_checked_before_any_image_loads(demo, monkeyp
     album = [{"role": "user", "content": [{"type": "image", "image": f"{i}.png"} for i in range(600)]}]
     with pytest.raises(CalibrationError, match=r"^album: 0 video frames and 600 images need at least 2400 visual"):
         encode_sample(processor, album, CalibConfig(), "album")
+
+
+def test_image_files_lists_every_local_file_the_samples_name_unopened(tmp_path):
+    """What --output may never replace (RELIABILITY.md 46): images, image_url items, video frames, file:// URIs,
+    relative to the root; nothing for data URIs, URLs, PIL images or text. None of the files needs to exist."""
+    video = {"type": "video", "video": ["v/0.png", str(tmp_path / "abs.png")]}
+    samples = [chat("a.png"), chat(f"file://{tmp_path}/b.png"), chat("data:image/png;base64,AAAA"),
+               chat("https://example.com/c.png"), chat(Image.new("RGB", (4, 4))), "plain text",
+               [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "d.png"}}, video]}]]
+    assert image_files(samples, str(tmp_path / "root")) == [
+        tmp_path / "root" / "a.png", tmp_path / "b.png", tmp_path / "root" / "d.png", tmp_path / "root" / "v" / "0.png",
+        tmp_path / "abs.png"]

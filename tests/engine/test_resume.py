@@ -1,6 +1,7 @@
 """A run killed halfway resumes from the last finished layer, and gives the same checkpoint as an unbroken run."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -118,3 +119,59 @@ def test_only_rank_0_keeps_finished_layers():
     for read in (store.finished, lambda: store.load(0), lambda: store.get(0, "x"), store.remove):
         with pytest.raises(RuntimeError, match="rank 1 keeps no finished layers"):
             read()
+
+
+RTN = ["quantize", "--method", "rtn", "--num-samples", "2"]
+
+
+def flip(path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "a finished layer's weights": ("layer_0000.safetensors", lambda p: flip(p, -3)),
+    "the last layer's weights": ("layer_0001.safetensors", lambda p: flip(p, -3)),
+    "a layer's metadata": ("layer_0000.safetensors",
+                           lambda p: p.write_bytes(p.read_bytes().replace(b"512}", b"511}", 1))),
+    "the next layer's inputs": ("inputs.safetensors", lambda p: flip(p, -5)),
+}
+
+
+@pytest.mark.parametrize("what", DAMAGE)
+def test_a_damaged_partial_record_is_refused_naming_the_file(tmp_path, capsys, what):
+    """RELIABILITY.md 48: bytes flipped in the partial folder were exported as they were, and inspect said verified."""
+    argv = RTN + ["--output", str(tmp_path / "q")]
+    assert main(argv + ["--max-layers", "2"]) == 0
+    name, damage = DAMAGE[what]
+    path = tmp_path / ".q.partial" / name
+    size = path.stat().st_size
+    damage(path)
+    assert path.stat().st_size == size
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: its contents do not match the checksum written with it" in err and "--no-resume" in err
+    assert not (tmp_path / "q").exists()
+    assert main(argv + ["--no-resume"]) == 0
+
+
+def test_base_weights_replaced_with_the_same_size_and_mtime_are_not_resumed(tmp_path, capsys):
+    """The hash cache keyed on path, size and mtime: an edit that put the mtime back was read from the cache. The
+    key holds the inode and ctime too, which no user can set back."""
+    from qvlquant.assets.paths import MODEL_DIR
+
+    base = tmp_path / "base"
+    shutil.copytree(MODEL_DIR, base)
+    weights = base / "model.safetensors"
+    argv = RTN + ["--model", str(base), "--output", str(tmp_path / "q")]
+    assert main(argv + ["--max-layers", "1"]) == 0
+    before = weights.stat()
+    flip(weights, -2)  # one bf16 value of the last tensor, in place: same file, same size
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = weights.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "partial run of a different model, calibration set or settings" in capsys.readouterr().err

@@ -16,9 +16,11 @@ from qvlquant.storage.outputs import (
     OutputError,
     apply_umask,
     check_output_target,
+    check_output_writable,
     clean_stale_temps,
     publish,
     replace_dir,
+    restore_stranded,
     temp_dir,
 )
 
@@ -94,6 +96,17 @@ def test_inputs_are_never_replaced_even_with_overwrite(tmp_path, where):
     with pytest.raises(OutputError):
         publish(new_tmp(tmp_path / "side"), out, True, [base, calib])
     assert [t for t in tree(tmp_path) if "side" not in t[0]] == before
+
+
+@pytest.mark.parametrize("out", ["links", "blobs"])
+def test_a_symlinked_input_protects_the_link_and_where_it_leads(tmp_path, out):
+    """RELIABILITY.md 46: snapshots/REV/model.safetensors -> ../../blobs/SHA, as the Hugging Face cache lays it out."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "0a1b").write_bytes(b"weights")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "model.safetensors").symlink_to("../blobs/0a1b")
+    with pytest.raises(OutputError, match=f"{tmp_path / out} is or contains {tmp_path / out}/.*an input of this run"):
+        check_output_target(tmp_path / out, [tmp_path / "links" / "model.safetensors"], overwrite=True)
 
 
 def test_current_folder_and_home_are_never_replaced(tmp_path, monkeypatch):
@@ -186,3 +199,45 @@ def test_replace_dir_keeps_the_old_name_but_follows_the_rule(tmp_path):
     with pytest.raises(OutputError):
         replace_dir(new_tmp(user), user)
     assert (user / "notes.txt").read_text() == "mine"
+
+
+def test_an_unwritable_output_parent_is_refused_up_front(read_only_folder):
+    """RELIABILITY.md 47: the folder the output goes in, or the nearest one that exists, must take a new file."""
+    for out in (read_only_folder / "q", read_only_folder / "new" / "deeper" / "q"):
+        with pytest.raises(OutputError, match=f"--output {out}: cannot create files in {read_only_folder} "):
+            check_output_writable(out)
+    assert list(read_only_folder.iterdir()) == []
+
+
+def test_a_writable_parent_is_probed_and_left_as_it_was(tmp_path):
+    check_output_writable(tmp_path / "new" / "q")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("length,refused", [(200, False), (243, True), (246, True)])
+def test_output_names_too_long_for_what_the_run_creates_beside_them_are_refused(tmp_path, length, refused):
+    """A 246-byte name failed with "File name too long" at export, after all the work, and again on every resume:
+    .NAME.tmp-PID, .NAME.old-PID, .NAME.partial and .NAME.lock must fit too (PID up to 7 digits)."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "q" * (length - 255 + limit)
+    for out in (tmp_path / name, tmp_path / "new" / name):
+        if refused:
+            with pytest.raises(OutputError, match=rf"\.{name}\.tmp-PID has .* bytes, over the {limit} this "
+                                                  "filesystem allows"):
+                check_output_target(out)
+        else:
+            check_output_target(out)
+    with pytest.raises(OutputError, match=f"{'x' * (limit + 1)} has {limit + 1} bytes"):
+        check_output_target(tmp_path / ("x" * (limit + 1)) / "q")
+
+
+def test_a_stranded_old_export_is_restored_only_when_the_output_is_missing(tmp_path):
+    dead = dead_pid()
+    make_export(tmp_path / f".q.old-{dead}", "previous")
+    assert restore_stranded(tmp_path / "q") == tmp_path / f".q.old-{dead}"
+    assert (tmp_path / "q" / "config.json").read_text() == '{"v": "previous"}\n'
+    make_export(tmp_path / f".q.old-{dead}", "older")
+    assert restore_stranded(tmp_path / "q") is None  # the output is there: nothing to restore
+    make_export(tmp_path / f".r.old-{os.getppid()}", "live")
+    assert restore_stranded(tmp_path / "r") is None  # its export is still running (between its two renames)
+    assert restore_stranded(tmp_path / "missing" / "q") is None and restore_stranded("/") is None
