@@ -30,6 +30,11 @@ class _TorchaoEnumNotice(logging.Filter):
 
 
 logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
+# OpenMP threads that wait for work sleep instead of spinning: on a loaded machine spinning threads take the CPUs
+# the working ones need (demo AWQ, 2 threads at load ~4-7 on 2 cores: 171 s and over 300 s spinning, 82 s
+# passive; at load ~1.5 passive cost nothing: 17.6-18.2 s against 17.9-20.4 s). Read by OpenMP when torch loads,
+# so set before any import below brings torch in; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qvlquant.config import DTYPES, EXPORT_FORMATS, OFFLOAD, JobConfig
 from qvlquant.eval.metrics import EVAL_TASKS

@@ -329,3 +329,28 @@ def test_an_export_stranded_between_the_renames_of_publish_is_restored_before_it
     assert f"restored {q} from {stranded}" in capsys.readouterr().err
     assert not stranded.exists()
     assert (q / "model.safetensors").read_bytes() == (rtn_dir / "model.safetensors").read_bytes()
+
+
+def test_the_command_lets_openmp_threads_sleep_unless_told_otherwise():
+    """OMP_WAIT_POLICY is read when torch loads: the CLI sets PASSIVE before that, and keeps a user's own value."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, qvlquant.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
+
+
+def test_default_threads_leave_the_cpus_the_load_takes(monkeypatch):
+    """At load ~4 on 2 cores one thread, on a quiet machine the whole quota, split between --nproc processes."""
+    from qvlquant.parallel import devices
+
+    monkeypatch.setattr(devices, "cpu_quota", lambda: 2)
+    for load, processes, expected in ((0.0, 1, 2), (0.5, 1, 2), (1.0, 1, 1), (4.0, 1, 1), (0.2, 2, 1)):
+        monkeypatch.setattr(devices.os, "getloadavg", lambda load=load: (load, load, load))
+        assert devices.default_threads(processes) == expected, (load, processes)
