@@ -72,8 +72,8 @@ def idle_cpus(quota: int) -> float:
 
 def default_threads(processes: int = 1) -> int:
     """Threads per process when none are asked for: this process's share of the CPU quota, cut to the CPUs that are
-    idle. More threads than idle CPUs make torch's threads wait on each other: at load ~4 on 2 cores test-bed AWQ
-    took 70.6 s with 2 threads against 12.2 s with 1 (docs/REAL_SIZE.md, "Threads": measured again there)."""
+    idle. More threads than idle CPUs make torch's threads wait on each other: at load ~5-7 on 2 cores test-bed AWQ
+    took 550.6 s with 2 threads against 37.0 s with this default's 1 (docs/REAL_SIZE.md, "Threads")."""
     quota = cpu_quota()
     idle = idle_cpus(quota) / processes
     return max(1, min(quota // processes, int(idle + 0.7)))  # a load of 0.5 left by the shell still gets both
