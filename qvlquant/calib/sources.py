@@ -19,6 +19,7 @@ row is checked as it is read, so the first bad row ends the read, naming its lin
 
 from __future__ import annotations
 
+import base64
 import json
 import pathlib
 import random
@@ -240,6 +241,31 @@ def open_hf_dataset(spec: str, split: str, flag: str):
         raise ValueError(f"{flag} {spec}: cannot load the dataset ({type(e).__name__}: {e})") from None
 
 
+def undecoded_images(ds, column: str | None):
+    """``ds`` with its image column left as bytes: the datasets library would open them with PIL, every plugin
+    allowed (EPS starts Ghostscript); qvlquant's own loader decides the format from the bytes (calib.images)."""
+    from datasets import (
+        Image,  # optional: the datasets extra; open_hf_dataset checked it is installed
+    )
+
+    feature = ds.features.get(column) if column else None
+    if isinstance(feature, Image) and feature.decode:
+        return ds.cast_column(column, Image(decode=False))
+    return ds
+
+
+def image_item(value, where: str):
+    """An undecoded image cell ({"bytes", "path"}) as what calib.images.load_image reads: its bytes as a data URI
+    (the format is still decided from the bytes), else its path; anything else (a path string) as it is."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return "data:image/unknown;base64," + base64.b64encode(value["bytes"]).decode("ascii")
+        if value.get("path"):
+            return value["path"]
+        raise CalibrationError(f"{where}: an image cell with neither bytes nor a path")
+    return value
+
+
 def _hf(spec: str, split: str, columns: dict) -> tuple[list, list[str], str | None]:
     try:
         ds = open_hf_dataset(spec, split, "--calib")
@@ -249,10 +275,11 @@ def _hf(spec: str, split: str, columns: dict) -> tuple[list, list[str], str | No
     missing = [c for c in columns.values() if c and c not in ds.column_names]
     if missing:
         raise CalibrationError(f"--calib {spec}: no column(s) {missing}; it has {ds.column_names}")
+    ds = undecoded_images(ds, columns.get("image"))
     samples = []
     for i, row in enumerate(ds):
         if columns.get("image") and row.get(columns["image"]) is not None:
-            content = [{"type": "image", "image": row[columns["image"]]}]
+            content = [{"type": "image", "image": image_item(row[columns["image"]], f"--calib {spec} row {i}")}]
             if columns.get("question"):
                 content.append({"type": "text", "text": str(row[columns["question"]])})
             sample = [{"role": "user", "content": content}]

@@ -78,17 +78,17 @@ def read_hf(spec: str, split: str = "test") -> list[dict]:
     import base64
     import io
 
-    from qvlquant.calib.sources import open_hf_dataset
+    from qvlquant.calib.sources import image_item, open_hf_dataset, undecoded_images
 
     ds = open_hf_dataset(spec, split, "--data")
     missing = {"question", "answer", "image"} - set(ds.column_names)
     if missing:
         raise ValueError(f"--data {spec}: missing column(s) {sorted(missing)}; it has {ds.column_names}")
     rows = []
-    for i, row in enumerate(ds):
+    for i, row in enumerate(undecoded_images(ds, "image")):
         out = {k: (json.dumps(v) if isinstance(v, list) else "" if v is None else v) for k, v in row.items() if k != "image"}
         buf = io.BytesIO()
-        load_image(row["image"]).save(buf, format="PNG")
+        load_image(image_item(row["image"], f"--data {spec} row {i}")).save(buf, format="PNG")
         out["image"] = base64.b64encode(buf.getvalue()).decode()
         out.setdefault("index", str(i))
         rows.append({k: str(v) for k, v in out.items()})

@@ -70,11 +70,32 @@ def test_hf_dataset_saved_to_disk(tmp_path, demo):
     ds.save_to_disk(str(tmp_path / "ds"))
     cols = {"image": "picture", "question": "q", "answer": "a"}
     samples, names, _ = load_samples(f"hf:{tmp_path / 'ds'}", 3, seed=0, columns=cols)
-    assert len(samples) == 3 and names[0].startswith("hf:") and isinstance(samples[0][0]["content"][0]["image"], Image.Image)
+    assert len(samples) == 3 and names[0].startswith("hf:")
+    assert samples[0][0]["content"][0]["image"].startswith("data:image/")  # bytes, decoded by qvlquant's loader
     _, processor = demo
     assert len(build_batches(processor, samples, CalibConfig())) == 3
     with pytest.raises(CalibrationError, match=r"no column\(s\) \['missing', 'question', 'answer'\]; it has"):
         load_samples(f"hf:{tmp_path / 'ds'}", 1, columns={"image": "missing"})
+
+
+def test_hf_dataset_images_go_through_the_allowlist_not_pil_plugins(tmp_path, demo, monkeypatch):
+    """RELIABILITY.md: an EPS image cell in an hf: dataset is refused by qvlquant's loader; the datasets library,
+    which opens image cells with every PIL plugin, never decodes it (Ghostscript would start)."""
+    datasets = pytest.importorskip("datasets")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    ds = datasets.Dataset.from_dict({"picture": [{"bytes": eps, "path": None}], "q": ["what?"]})
+    ds = ds.cast_column("picture", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+
+    def no_programs(*a, **k):
+        raise AssertionError("a program was started")
+
+    monkeypatch.setattr("subprocess.Popen", no_programs)
+    cols = {"image": "picture", "question": "q", "answer": None, "text": None}
+    samples, names, _ = load_samples(f"hf:{tmp_path / 'ds'}", 1, columns=cols)
+    _, processor = demo
+    with pytest.raises(CalibrationError, match=r"hf:.*row 0.*EPS, not one of the allowed image formats"):
+        build_batches(processor, samples, CalibConfig(), names)
 
 
 @pytest.mark.parametrize("source,asked,available", [("easyvqa", 10 ** 6, 38575), ("demo", 10 ** 4, 273)])
