@@ -26,6 +26,7 @@ from qvlquant.storage.manifest import (
     read_manifest,
     verify_manifest,
 )
+from qvlquant.storage.shards import index_files
 
 
 class PushError(RuntimeError):
@@ -43,7 +44,7 @@ def files_to_push(folder: pathlib.Path) -> list[str]:
     listed = read_manifest(folder)  # verified above: plain file names inside the export only
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
+        shards = set(index_files(index))
         missing = sorted(f for f in shards if f not in listed)
         if missing:
             raise PushError(f"{folder}: shards {missing} named in the index are not files of the export "
