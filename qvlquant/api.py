@@ -51,7 +51,7 @@ from qvlquant.engine.skeleton import (
     resolve_model_path,
     storage_dtype,
 )
-from qvlquant.engine.streaming import StreamedLayers
+from qvlquant.engine.streaming import StreamedLayers, check_checkpoint
 from qvlquant.engine.transforms import pad_config
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
@@ -215,6 +215,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device) -> PreparedJ
     padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
     check_group_size(skeleton, family, config.quant.spec, padded)
     reader = ShardReader(folder)
+    check_checkpoint(skeleton, family, reader)  # every tensor there, of its shape, before any data is read
     partial = out.with_name(f".{out.name}.partial")
     if not config.resume and world.leader:
         DiskStore.discard(partial)  # --no-resume: our own partial run, never another folder

@@ -1,11 +1,14 @@
 """qvlquant.quantize as a Python call, and the checks it makes before any work: --output, processor files."""
 
 import os
+import re
 import shutil
 
 import pytest
+from broken_models import demo_copy, drop_tensor, edit_header, edit_json, edit_text_config, set_values
 
 import qvlquant
+from qvlquant import api
 from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.cli import main
 
@@ -77,3 +80,80 @@ def test_an_export_vllm_refuses_is_warned_about_before_any_work(tmp_path, capsys
     assert "warning: vLLM" in err and "desc_act" in err
     assert main(argv + ["--desc-act", "--static-groups", "--output", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def no_calibration(*args, **kwargs):
+    raise AssertionError("calibration started: the check came too late")
+
+
+BROKEN_BASES = {  # how the demo copy is broken -> what the one line says
+    "a missing tensor": (lambda m: drop_tensor(m, "model.layers.3.mlp.down_proj.weight"),
+                         r"no tensor 'model\.layers\.3\.mlp\.down_proj\.weight'"),
+    "a tensor of the wrong shape": (lambda m: edit_header(m, lambda h: h["model.layers.1.mlp.down_proj.weight"]
+                                                          .update(shape=[512, 256])),
+                                    r"model\.layers\.1\.mlp\.down_proj\.weight is \[512, 256\] in the checkpoint, "
+                                    r"config\.json makes it \[256, 512\]"),
+    "float8 weights": (lambda m: edit_header(m, lambda h: h["model.norm.weight"].update(dtype="F8_E4M3",
+                                                                                        shape=[512])),
+                       r"model\.norm\.weight' is F8_E4M3, which qvlquant does not read"),
+    "integer weights": (lambda m: edit_header(m, lambda h: h["model.norm.weight"].update(dtype="I16")),
+                        r"model\.norm\.weight is I16 \(torch\.int16\) in the checkpoint; weights must be floating"),
+    "vocab_size": (lambda m: edit_text_config(m, vocab_size=3000),
+                   r"config\.json's vocab_size is 3000, but model\.embed_tokens\.weight has 2008 rows"),
+    "zero layers": (lambda m: edit_text_config(m, num_hidden_layers=0, layer_types=[]),
+                    r"num_hidden_layers must be a whole number of at least 1, got 0"),
+    "fewer layers than the checkpoint": (lambda m: edit_text_config(m, num_hidden_layers=3, layer_types=["full_attention"] * 3),
+                                         r"holds decoder layer 3 \(model\.layers\.3\.[a-z_.]+\), but config\.json's "
+                                         r"num_hidden_layers is 3"),
+    "patch_size 0": (lambda m: edit_json(m / "config.json", lambda c: c["vision_config"].update(patch_size=0)),
+                     r"config\.json: vision_config\.patch_size must be a whole number of at least 1, got 0"),
+    "config.json a list": (lambda m: (m / "config.json").write_text("[1, 2]"),
+                           r"config\.json: not a JSON object"),
+    "text_config a list": (lambda m: edit_json(m / "config.json", lambda c: c.update(text_config=[1])),
+                           r"config\.json: transformers cannot read it \(.*text_config"),
+    "hidden_size a string": (lambda m: edit_text_config(m, hidden_size="256"),
+                             r"config\.json: transformers cannot read it \(.*hidden_size"),
+    "model_type a list": (lambda m: edit_json(m / "config.json", lambda c: c.update(model_type=["qwen2_vl"])),
+                          r"config\.json: model_type must be a string, got \['qwen2_vl'\]"),
+    "tokenizer_config.json a list": (lambda m: (m / "tokenizer_config.json").write_text("[1]"),
+                                     r"tokenizer_config\.json: not a JSON object"),
+    "the image processor's patch_size 0": (lambda m: edit_json(m / "processor_config.json",
+                                                               lambda c: c["image_processor"].update(patch_size=0)),
+                                           r"the image processor's patch_size must be a whole number of at least 1"),
+    "the image processor a list": (lambda m: edit_json(m / "processor_config.json",
+                                                       lambda c: c.update(image_processor=[1])),
+                                   r"the processor files of .*: transformers cannot read it"),
+    "an empty safetensors": (lambda m: (m / "model.safetensors").write_bytes(b""),
+                             r"model\.safetensors: 0 bytes; a safetensors file starts"),
+    "an index a list": (lambda m: ((m / "model.safetensors.index.json").write_text("[1]"),
+                                   (m / "model.safetensors").rename(m / "model-1.safetensors")),
+                        r"index\.json: not a JSON object with a weight_map"),
+}
+
+
+@pytest.mark.parametrize("fault", list(BROKEN_BASES))
+def test_broken_base_models_are_refused_before_calibration(tmp_path, capsys, monkeypatch, fault):
+    """Each fault of the base model's files is found by the checks that need no data (the headers, config.json,
+    the processor files): one line naming the file and the field, exit 2, before any calibration and nothing
+    written."""
+    base = demo_copy(tmp_path / "base")
+    breaks, message = BROKEN_BASES[fault]
+    breaks(base)
+    monkeypatch.setattr(api, "_batches", no_calibration)
+    assert main(["quantize", "--model", str(base), "--num-samples", "2", "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+
+
+@pytest.mark.parametrize("tensor,index", [("model.norm.weight", (3,)), ("model.embed_tokens.weight", (2000, 5))])
+def test_nan_or_inf_in_an_unquantized_tensor_is_never_exported(tmp_path, capsys, tensor, index):
+    """The final norm and an embedding row no calibration token uses are never computed with during quantization
+    (the vision tower is, and the loop stops on its NaN, row 14): copied as they are into the export, so each
+    tensor is checked finite there, naming it; nothing is published."""
+    base = demo_copy(tmp_path / "base")
+    set_values(base, tensor, index, float("nan") if tensor != "model.embed_tokens.weight" else float("inf"))
+    assert main(["quantize", "--model", str(base), "--num-samples", "2", "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tensor} holds NaN or infinite values" in err, err
+    assert not (tmp_path / "q").exists()

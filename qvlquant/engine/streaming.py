@@ -21,7 +21,7 @@ from qvlquant.engine.skeleton import (
 from qvlquant.engine.transforms import pad_layer
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import return_freed_memory
-from qvlquant.storage.shards import ShardReader
+from qvlquant.storage.shards import NAMES, ShardReader
 
 
 def find_disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str | None:
@@ -36,6 +36,48 @@ def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str
     if key is None:
         raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
     return key
+
+
+def check_checkpoint(model: torch.nn.Module, family: ModelFamily, reader: ShardReader) -> None:
+    """Before any work, from the headers alone: the model has decoder layers; every parameter of the skeleton
+    ``model`` is in the checkpoint with a floating dtype and the shape config.json gives it (vocab_size against the
+    embedding and lm_head rows said as such); and the checkpoint holds no decoder layer config.json leaves out.
+    Each fault is a ValueError naming the folder and the tensor or field."""
+    config = f"{reader.folder}/config.json"
+    layers = len(model.get_submodule(family.decoder_layers))
+    if layers == 0:
+        raise ValueError(f"{config}: the model has no decoder layers; nothing to quantize")
+    for name, param in model.named_parameters():  # a tied lm_head is the embedding's parameter: not listed twice
+        key = find_disk_key(reader, family, name)
+        if key is None:
+            raise ValueError(f"{reader.folder}: the checkpoint has no tensor {family.to_disk(name)!r} ({name}); "
+                             "its files are incomplete or of another model")
+        dtype, shape = reader.meta(key)
+        if not dtype.is_floating_point:
+            raise ValueError(f"{reader.folder}: {key} is {NAMES[dtype]} ({dtype}) in the checkpoint; weights must "
+                             "be floating point")
+        if shape != tuple(param.shape):
+            raise ValueError(_shape_fault(config, key, name, family, shape, tuple(param.shape)))
+    _check_layer_count(reader, family, layers, config)
+
+
+def _shape_fault(config: str, key: str, name: str, family: ModelFamily, shape: tuple, expected: tuple) -> str:
+    if name in (f"{family.embed_tokens}.weight", f"{family.lm_head}.weight") and shape[1:] == expected[1:]:
+        return (f"{config}: config.json's vocab_size is {expected[0]}, but {key} has {shape[0]} rows; they must "
+                "agree")
+    return f"{config}: {key} is {list(shape)} in the checkpoint, config.json makes it {list(expected)}"
+
+
+def _check_layer_count(reader: ShardReader, family: ModelFamily, layers: int, config: str) -> None:
+    """No checkpoint key of a decoder layer at or past ``layers`` (a config.json that leaves layers out would
+    export a shorter model without a word)."""
+    prefixes = {family.to_disk(family.decoder_layers + "."), family.decoder_layers + "."}
+    for key in reader.keys():
+        head = next((p for p in prefixes if key.startswith(p)), None)
+        index = key[len(head):].split(".", 1)[0] if head else ""
+        if index.isdigit() and int(index) >= layers:
+            raise ValueError(f"{config}: the checkpoint holds decoder layer {int(index)} ({key}), but config.json's "
+                             f"num_hidden_layers is {layers}")
 
 
 def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
@@ -196,6 +238,7 @@ def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, dev
     config = load_config(folder, family)
     reader = ShardReader(folder)
     net = build_skeleton(config, family, dtype)
+    check_checkpoint(net, family, reader)
     for name, child in _top_children(net, ()):
         tied = name == family.lm_head and family.lm_head + ".weight" not in reader
         if not tied:  # a tied lm_head is the embedding itself
