@@ -63,6 +63,26 @@ def parse_header(path: pathlib.Path, readable: bool = True) -> tuple[int, dict[s
     tensor) wherever safetensors itself would refuse it: a header that is not a JSON object or runs past the end,
     an unknown dtype, a size that is not dtype x shape, tensors that overlap, leave gaps or run past the end of the
     file. ``readable``: also refuse dtypes qvlquant does not read (DTYPES; float8 and the like)."""
+    header, n, size = _json_header(path)
+    header.pop("__metadata__", None)
+    entries = {name: _entry(path, name, e, readable) for name, e in header.items()}
+    _check_layout(path, entries, size - 8 - n)
+    return 8 + n, entries
+
+
+def read_metadata(path: pathlib.Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file ({} when it has none): strings to strings, as safetensors
+    requires, else a ShardError naming the file."""
+    meta = _json_header(path)[0].get("__metadata__")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ShardError(f"{path}: its __metadata__ must map names to strings")
+    return meta
+
+
+def _json_header(path: pathlib.Path) -> tuple[dict, int, int]:
+    """(the header as JSON, its length, the file's size), the length checked against the file."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -80,10 +100,7 @@ def parse_header(path: pathlib.Path, readable: bool = True) -> tuple[int, dict[s
         raise ShardError(f"{path}: its header is not JSON; not a safetensors file") from None
     if not isinstance(header, dict):
         raise ShardError(f"{path}: its header is not a JSON object; not a safetensors file")
-    header.pop("__metadata__", None)
-    entries = {name: _entry(path, name, e, readable) for name, e in header.items()}
-    _check_layout(path, entries, size - 8 - n)
-    return 8 + n, entries
+    return header, n, size
 
 
 def _entry(path: pathlib.Path, name: str, e, readable: bool) -> dict:
