@@ -16,6 +16,8 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from qvlquant.eval.check import task_scores
+
 CARD = "README.md"
 # owner/name as the hub spells repository ids (no leading dot or dash, no "..")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -149,11 +151,13 @@ def calibration_text(report: dict) -> str:
 
 
 def eval_table(eval_report: dict) -> str:
+    """One row per model and task, the baseline first, of an eval report (``eval.check.validate_report``'s)."""
     rows = [eval_report["baseline"], eval_report] if eval_report.get("baseline") else [eval_report]
     lines = ["| model | task | accuracy % | n | held-out perplexity |", "|---|---|---|---|---|"]
     for r in rows:
         ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
-        lines.append(f"| {r.get('model', '?')} | {r['task']} | {r['accuracy']:.2f} | {r['n']} | {ppl} |")
+        for task, accuracy in task_scores(r).items():
+            lines.append(f"| {r.get('model', '?')} | {task} | {accuracy:.2f} | {r.get('n', '-')} | {ppl} |")
     return "\n".join(lines)
 
 

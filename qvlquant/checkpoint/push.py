@@ -117,8 +117,10 @@ def push(folder, repo_id: str, private: bool = False, revision: str | None = Non
     """-> {"repo", "files", "revision", "dry_run"}; raises PushError without the token in its text. ``eval_report``:
     a report (qvlquant eval --report) or the path of its JSON, read by qvlquant.eval.check (bounded, validated)."""
     folder = pathlib.Path(folder)
-    if eval_report is not None and not isinstance(eval_report, dict):
-        eval_report = validate_report(read_report(eval_report), str(eval_report))
+    if eval_report is not None:
+        where = "the eval report" if isinstance(eval_report, dict) else str(eval_report)
+        eval_report = validate_report(eval_report if isinstance(eval_report, dict) else read_report(eval_report),
+                                      where)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise PushError(f"--repo {repo_id!r}: expected owner/name")
     try:
