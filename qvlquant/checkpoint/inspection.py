@@ -9,9 +9,9 @@ transformers and vLLM are imported by the functions that use them, not with this
 
 from __future__ import annotations
 
-import json
 import pathlib
 
+from qvlquant.checkpoint.qconfig import read_config
 from qvlquant.checkpoint.vllm import (
     TP_SIZES,
     VLLM_MODELS,
@@ -59,6 +59,8 @@ def quantized_shapes(header: dict, qc: dict, family: ModelFamily) -> dict[str, t
     for key, (shape, _) in header.items():
         if key.endswith(".qweight"):
             module = key[: -len(".qweight")]
+            if module + ".scales" not in header:
+                raise ValueError(f"{key} has no {module}.scales beside it: not a GPTQ / AWQ checkpoint")
             n = header[module + ".scales"][0][1]
             k = shape[0] * 32 // bits if qc.get("quant_method") == "gptq" else shape[0]
         elif key.endswith(".weight_packed"):
@@ -76,7 +78,7 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
     for the CLI): per TP size, every reason vLLM would refuse or mis-load the export."""
     folder = pathlib.Path(folder)
     verified = verification(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)  # every field read below, checked for its type
     family = family_for(config.get("model_type", "?"))
     qc = config.get("quantization_config") or {}
     header = read_checkpoint_header(folder)

@@ -18,6 +18,7 @@ import re
 
 from qvlquant.checkpoint.card import CARD, folder_card
 from qvlquant.checkpoint.export import REPORT
+from qvlquant.checkpoint.qconfig import read_config
 from qvlquant.eval.check import read_report, validate_report
 from qvlquant.storage.manifest import (
     MANIFEST,
@@ -38,7 +39,7 @@ def files_to_push(folder: pathlib.Path) -> list[str]:
     if not (folder / MANIFEST).exists():
         raise PushError(f"{folder} has no {MANIFEST}: push only pushes qvlquant exports (re-export, or verify by hand)")
     verify_manifest(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     if not config.get("quantization_config"):
         raise PushError(f"{folder}/config.json has no quantization_config: not a quantized export")
     listed = read_manifest(folder)  # verified above: plain file names inside the export only
@@ -59,6 +60,8 @@ def files_to_push(folder: pathlib.Path) -> list[str]:
 def model_card(folder: pathlib.Path, repo_id: str, eval_report: dict | None = None) -> str:
     """The export's card (qvlquant.checkpoint.card) named after ``repo_id``, with the eval table when a report is given."""
     report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).exists() else {}
+    if not isinstance(report, dict):
+        raise PushError(f"{folder / REPORT}: not a quantize report (a JSON object); re-export the model")
     return folder_card(folder, report, repo_id, eval_report)
 
 

@@ -333,3 +333,11 @@ def test_eval_report_path_fills_the_card(tmp_path):
     api = FakeApi()
     push(q, "me/x", eval_report=tmp_path / "eval.json", api=api)
     assert b"| q | easyvqa | 77.50 | 100 | - |" in api.sent["README.md"]
+
+
+def test_an_export_whose_config_is_a_list_pushes_nothing(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / "config.json").write_text("[1]")
+    write_manifest(q)
+    assert main(["push", str(q), "--repo", "me/x", "--dry-run"]) == 2
+    assert "config.json: not a JSON object" in capsys.readouterr().err
