@@ -99,7 +99,7 @@ BROKEN_BASES = {  # how the demo copy is broken -> what the one line says
     "integer weights": (lambda m: edit_header(m, lambda h: h["model.norm.weight"].update(dtype="I16")),
                         r"model\.norm\.weight is I16 \(torch\.int16\) in the checkpoint; weights must be floating"),
     "vocab_size": (lambda m: edit_text_config(m, vocab_size=3000),
-                   r"config\.json's vocab_size is 3000, but model\.embed_tokens\.weight has 2008 rows"),
+                   r"config\.json: vocab_size is 3000, but model\.embed_tokens\.weight has 2008 rows"),
     "zero layers": (lambda m: edit_text_config(m, num_hidden_layers=0, layer_types=[]),
                     r"num_hidden_layers must be a whole number of at least 1, got 0"),
     "fewer layers than the checkpoint": (lambda m: edit_text_config(m, num_hidden_layers=3, layer_types=["full_attention"] * 3),

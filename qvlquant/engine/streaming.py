@@ -43,10 +43,9 @@ def check_checkpoint(model: torch.nn.Module, family: ModelFamily, reader: ShardR
     ``model`` is in the checkpoint with a floating dtype and the shape config.json gives it (vocab_size against the
     embedding and lm_head rows said as such); and the checkpoint holds no decoder layer config.json leaves out.
     Each fault is a ValueError naming the folder and the tensor or field."""
-    config = f"{reader.folder}/config.json"
     layers = len(model.get_submodule(family.decoder_layers))
     if layers == 0:
-        raise ValueError(f"{config}: the model has no decoder layers; nothing to quantize")
+        raise ValueError(f"{reader.folder}/config.json: the model has no decoder layers; nothing to quantize")
     for name, param in model.named_parameters():  # a tied lm_head is the embedding's parameter: not listed twice
         key = find_disk_key(reader, family, name)
         if key is None:
@@ -57,18 +56,18 @@ def check_checkpoint(model: torch.nn.Module, family: ModelFamily, reader: ShardR
             raise ValueError(f"{reader.folder}: {key} is {NAMES[dtype]} ({dtype}) in the checkpoint; weights must "
                              "be floating point")
         if shape != tuple(param.shape):
-            raise ValueError(_shape_fault(config, key, name, family, shape, tuple(param.shape)))
-    _check_layer_count(reader, family, layers, config)
+            raise ValueError(_shape_fault(reader.folder, key, name, family, shape, tuple(param.shape)))
+    _check_layer_count(reader, family, layers)
 
 
-def _shape_fault(config: str, key: str, name: str, family: ModelFamily, shape: tuple, expected: tuple) -> str:
+def _shape_fault(folder: pathlib.Path, key: str, name: str, family: ModelFamily, shape: tuple,
+                 expected: tuple) -> str:
     if name in (f"{family.embed_tokens}.weight", f"{family.lm_head}.weight") and shape[1:] == expected[1:]:
-        return (f"{config}: config.json's vocab_size is {expected[0]}, but {key} has {shape[0]} rows; they must "
-                "agree")
-    return f"{config}: {key} is {list(shape)} in the checkpoint, config.json makes it {list(expected)}"
+        return f"{folder}/config.json: vocab_size is {expected[0]}, but {key} has {shape[0]} rows; they must agree"
+    return f"{folder}: {key} is {list(shape)} in the checkpoint, config.json makes it {list(expected)}"
 
 
-def _check_layer_count(reader: ShardReader, family: ModelFamily, layers: int, config: str) -> None:
+def _check_layer_count(reader: ShardReader, family: ModelFamily, layers: int) -> None:
     """No checkpoint key of a decoder layer at or past ``layers`` (a config.json that leaves layers out would
     export a shorter model without a word)."""
     prefixes = {family.to_disk(family.decoder_layers + "."), family.decoder_layers + "."}
@@ -76,8 +75,8 @@ def _check_layer_count(reader: ShardReader, family: ModelFamily, layers: int, co
         head = next((p for p in prefixes if key.startswith(p)), None)
         index = key[len(head):].split(".", 1)[0] if head else ""
         if index.isdigit() and int(index) >= layers:
-            raise ValueError(f"{config}: the checkpoint holds decoder layer {int(index)} ({key}), but config.json's "
-                             f"num_hidden_layers is {layers}")
+            raise ValueError(f"{reader.folder}: the checkpoint holds decoder layer {int(index)} ({key}), but "
+                             f"config.json's num_hidden_layers is {layers}")
 
 
 def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
