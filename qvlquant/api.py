@@ -51,7 +51,7 @@ from qvlquant.engine.skeleton import (
     resolve_model_path,
     storage_dtype,
 )
-from qvlquant.engine.streaming import StreamedLayers, check_checkpoint
+from qvlquant.engine.streaming import StreamedLayers, check_checkpoint, check_config_fits
 from qvlquant.engine.transforms import pad_config
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
@@ -209,12 +209,13 @@ def _prepare(config: JobConfig, world: World, device: torch.device) -> PreparedJ
     protected = (folder,) + _calib_paths(config.calib.source)
     if world.leader:
         check_output_target(out, protected, config.export.overwrite)
+    reader = ShardReader(folder)
+    check_config_fits(hf_config, family, reader)  # config.json's sizes against the headers, before building
     dtype = compute_dtype(device, config.device.dtype)
     say(f"building {family.name} from {folder} on the meta device")
     skeleton = build_skeleton(hf_config, family, dtype)
     padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
     check_group_size(skeleton, family, config.quant.spec, padded)
-    reader = ShardReader(folder)
     check_checkpoint(skeleton, family, reader)  # every tensor there, of its shape, before any data is read
     partial = out.with_name(f".{out.name}.partial")
     if not config.resume and world.leader:

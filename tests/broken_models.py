@@ -14,10 +14,10 @@ def demo_copy(folder: pathlib.Path) -> pathlib.Path:
 
 
 def edit_json(path: pathlib.Path, edit) -> None:
-    """``path`` rewritten as ``edit(its JSON)`` (edit may change the object in place and return None)."""
+    """``path`` rewritten after ``edit`` changed its JSON in place (what edit returns is ignored)."""
     data = json.loads(path.read_text())
-    changed = edit(data)
-    path.write_text(json.dumps(data if changed is None else changed))
+    edit(data)
+    path.write_text(json.dumps(data))
 
 
 def edit_text_config(folder: pathlib.Path, **fields) -> None:

@@ -86,6 +86,16 @@ def no_calibration(*args, **kwargs):
     raise AssertionError("calibration started: the check came too late")
 
 
+def checked_first(build):
+    """build_skeleton, refusing a config.json whose counts would build more than the demo's layers and blocks
+    (config.json's sizes must be checked against the checkpoint before the skeleton is built)."""
+    def guarded(config, family, dtype):
+        assert config.text_config.num_hidden_layers <= 4 and config.vision_config.depth <= 2, "built before checked"
+        return build(config, family, dtype)
+
+    return guarded
+
+
 BROKEN_BASES = {  # how the demo copy is broken -> what the one line says
     "a missing tensor": (lambda m: drop_tensor(m, "model.layers.3.mlp.down_proj.weight"),
                          r"no tensor 'model\.layers\.3\.mlp\.down_proj\.weight'"),
@@ -98,13 +108,25 @@ BROKEN_BASES = {  # how the demo copy is broken -> what the one line says
                        r"model\.norm\.weight' is F8_E4M3, which qvlquant does not read"),
     "integer weights": (lambda m: edit_header(m, lambda h: h["model.norm.weight"].update(dtype="I16")),
                         r"model\.norm\.weight is I16 \(torch\.int16\) in the checkpoint; weights must be floating"),
-    "vocab_size": (lambda m: edit_text_config(m, vocab_size=3000),
-                   r"config\.json: vocab_size is 3000, but model\.embed_tokens\.weight has 2008 rows"),
+    "vocab_size": (lambda m: edit_text_config(m, vocab_size=2000),
+                   r"config\.json: vocab_size is 2000, but model\.embed_tokens\.weight has 2008 rows"),
+    "vocab_size beyond the checkpoint": (lambda m: edit_text_config(m, vocab_size=3000),
+                                         r"config\.json: vocab_size is 3000, larger than any dimension"),
     "zero layers": (lambda m: edit_text_config(m, num_hidden_layers=0, layer_types=[]),
                     r"num_hidden_layers must be a whole number of at least 1, got 0"),
-    "fewer layers than the checkpoint": (lambda m: edit_text_config(m, num_hidden_layers=3, layer_types=["full_attention"] * 3),
-                                         r"holds decoder layer 3 \(model\.layers\.3\.[a-z_.]+\), but config\.json's "
-                                         r"num_hidden_layers is 3"),
+    "fewer layers than the checkpoint": (lambda m: edit_text_config(m, num_hidden_layers=3,
+                                                                    layer_types=["full_attention"] * 3),
+                                         r"config\.json: num_hidden_layers is 3, but the checkpoint holds 4 decoder "
+                                         r"layers"),
+    "100000 layers": (lambda m: edit_json(m / "config.json", lambda c: (c["text_config"].pop("layer_types"),
+                                                                        c["text_config"].update(
+                                                                            num_hidden_layers=100000))),
+                      r"num_hidden_layers is 100000, but the checkpoint holds 4 decoder layers"),
+    "100000 vision blocks": (lambda m: edit_json(m / "config.json", lambda c: c["vision_config"].update(depth=100000)),
+                             r"vision_config\.depth is 100000, more blocks than the 31 tensors"),
+    "a size no tensor has": (lambda m: edit_json(m / "config.json", lambda c: c["vision_config"].update(
+        temporal_patch_size=100000)), r"vision_config\.temporal_patch_size is 100000, larger than any dimension of "
+                                     r"the checkpoint's tensors \(at most 2008\)"),
     "patch_size 0": (lambda m: edit_json(m / "config.json", lambda c: c["vision_config"].update(patch_size=0)),
                      r"config\.json: vision_config\.patch_size must be a whole number of at least 1, got 0"),
     "config.json a list": (lambda m: (m / "config.json").write_text("[1, 2]"),
@@ -132,7 +154,7 @@ BROKEN_BASES = {  # how the demo copy is broken -> what the one line says
 
 
 @pytest.mark.parametrize("fault", list(BROKEN_BASES))
-def test_broken_base_models_are_refused_before_calibration(tmp_path, capsys, monkeypatch, fault):
+def test_broken_base_models_are_refused_before_calibration(tmp_path, capsys, monkeypatch, deadline, fault):
     """Each fault of the base model's files is found by the checks that need no data (the headers, config.json,
     the processor files): one line naming the file and the field, exit 2, before any calibration and nothing
     written."""
@@ -140,7 +162,9 @@ def test_broken_base_models_are_refused_before_calibration(tmp_path, capsys, mon
     breaks, message = BROKEN_BASES[fault]
     breaks(base)
     monkeypatch.setattr(api, "_batches", no_calibration)
-    assert main(["quantize", "--model", str(base), "--num-samples", "2", "--output", str(tmp_path / "q")]) == 2
+    monkeypatch.setattr(api, "build_skeleton", checked_first(api.build_skeleton))
+    with deadline(60):  # 10**5 vision blocks took 5 minutes to build
+        assert main(["quantize", "--model", str(base), "--num-samples", "2", "--output", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()

@@ -98,15 +98,20 @@ def read_by_transformers(what: str):
         raise ValueError(f"{what}: transformers cannot read it ({reason[:300]})") from e
 
 
-def check_sizes(config, folder: pathlib.Path) -> None:
-    """The sizes config.json gives (TEXT_SIZES, VISION_SIZES, where present) are whole numbers >= 1."""
+def config_sizes(config) -> list[tuple[str, object]]:
+    """(field as config.json spells it, value) of each size TEXT_SIZES and VISION_SIZES name that the config has."""
     parts = [("", getattr(config, "text_config", config), TEXT_SIZES)]
     vision = getattr(config, "vision_config", None)
     if vision is not None:
         parts.append(("vision_config.", vision, VISION_SIZES))
-    for prefix, part, names in parts:
-        for name in names:
-            _whole_positive(getattr(part, name, None), f"{folder}/config.json: {prefix}{name}")
+    return [(prefix + name, getattr(part, name)) for prefix, part, names in parts for name in names
+            if getattr(part, name, None) is not None]
+
+
+def check_sizes(config, folder: pathlib.Path) -> None:
+    """The sizes config.json gives (``config_sizes``) are whole numbers >= 1."""
+    for name, value in config_sizes(config):
+        _whole_positive(value, f"{folder}/config.json: {name}")
 
 
 def check_remote_code(family: ModelFamily, folder: pathlib.Path, trust_remote_code: bool) -> None:

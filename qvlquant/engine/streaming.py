@@ -10,6 +10,7 @@ import torch
 
 from qvlquant.engine.skeleton import (
     build_skeleton,
+    config_sizes,
     check_processor_files,
     check_remote_code,
     load_config,
@@ -38,13 +39,49 @@ def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str
     return key
 
 
+def check_config_fits(config, family: ModelFamily, reader: ShardReader) -> None:
+    """Before the skeleton is built (it creates a module per layer and allocates each parameter once before moving
+    it to the meta device, so a config.json of 10**5 vision blocks took 5 minutes and 3 GiB), config.json's counts
+    and sizes against the checkpoint's headers: num_hidden_layers is the number of decoder layers the checkpoint
+    holds, the vision tower's depth at most its tensors, and every size (``config_sizes``) at most the largest
+    dimension of any tensor. A ValueError names the field and both numbers."""
+    where = reader.folder / "config.json"
+    text = getattr(config, "text_config", config)
+    held = _decoder_layers_held(reader, family)
+    if getattr(text, "num_hidden_layers", held) != held:
+        raise ValueError(f"{where}: num_hidden_layers is {text.num_hidden_layers}, but the checkpoint holds {held} "
+                         "decoder layers")
+    depth = getattr(getattr(config, "vision_config", None), "depth", None)
+    prefixes = (family.to_disk(family.vision_tower + "."), family.vision_tower + ".")
+    vision = sum(1 for key in reader.keys() if key.startswith(prefixes))
+    if isinstance(depth, int) and depth > vision:
+        raise ValueError(f"{where}: vision_config.depth is {depth}, more blocks than the {vision} tensors of the "
+                         "checkpoint's vision tower could hold")
+    largest = max((max(reader.meta(key)[1], default=1) for key in reader.keys()), default=0)
+    for name, value in config_sizes(config):
+        if value > largest:
+            raise ValueError(f"{where}: {name} is {value}, larger than any dimension of the checkpoint's tensors "
+                             f"(at most {largest}); config.json does not describe these weights")
+
+
+def _decoder_layers_held(reader: ShardReader, family: ModelFamily) -> int:
+    """How many decoder layers the checkpoint holds: the distinct N of its keys ``<decoder layers>.N.``."""
+    prefixes = tuple({family.to_disk(family.decoder_layers + "."), family.decoder_layers + "."})
+    held = set()
+    for key in reader.keys():
+        head = next((p for p in prefixes if key.startswith(p)), None)
+        index = key[len(head):].split(".", 1)[0] if head else ""
+        if index.isdigit():
+            held.add(int(index))
+    return len(held)
+
+
 def check_checkpoint(model: torch.nn.Module, family: ModelFamily, reader: ShardReader) -> None:
     """Before any work, from the headers alone: the model has decoder layers; every parameter of the skeleton
     ``model`` is in the checkpoint with a floating dtype and the shape config.json gives it (vocab_size against the
-    embedding and lm_head rows said as such); and the checkpoint holds no decoder layer config.json leaves out.
-    Each fault is a ValueError naming the folder and the tensor or field."""
-    layers = len(model.get_submodule(family.decoder_layers))
-    if layers == 0:
+    embedding and lm_head rows said as such). Each fault is a ValueError naming the folder and the tensor or
+    field. (The checkpoint's own layer count was checked against config.json before, ``check_config_fits``.)"""
+    if len(model.get_submodule(family.decoder_layers)) == 0:
         raise ValueError(f"{reader.folder}/config.json: the model has no decoder layers; nothing to quantize")
     for name, param in model.named_parameters():  # a tied lm_head is the embedding's parameter: not listed twice
         key = find_disk_key(reader, family, name)
@@ -57,7 +94,6 @@ def check_checkpoint(model: torch.nn.Module, family: ModelFamily, reader: ShardR
                              "be floating point")
         if shape != tuple(param.shape):
             raise ValueError(_shape_fault(reader.folder, key, name, family, shape, tuple(param.shape)))
-    _check_layer_count(reader, family, layers)
 
 
 def _shape_fault(folder: pathlib.Path, key: str, name: str, family: ModelFamily, shape: tuple,
@@ -65,18 +101,6 @@ def _shape_fault(folder: pathlib.Path, key: str, name: str, family: ModelFamily,
     if name in (f"{family.embed_tokens}.weight", f"{family.lm_head}.weight") and shape[1:] == expected[1:]:
         return f"{folder}/config.json: vocab_size is {expected[0]}, but {key} has {shape[0]} rows; they must agree"
     return f"{folder}: {key} is {list(shape)} in the checkpoint, config.json makes it {list(expected)}"
-
-
-def _check_layer_count(reader: ShardReader, family: ModelFamily, layers: int) -> None:
-    """No checkpoint key of a decoder layer at or past ``layers`` (a config.json that leaves layers out would
-    export a shorter model without a word)."""
-    prefixes = {family.to_disk(family.decoder_layers + "."), family.decoder_layers + "."}
-    for key in reader.keys():
-        head = next((p for p in prefixes if key.startswith(p)), None)
-        index = key[len(head):].split(".", 1)[0] if head else ""
-        if index.isdigit() and int(index) >= layers:
-            raise ValueError(f"{reader.folder}: the checkpoint holds decoder layer {int(index)} ({key}), but "
-                             f"config.json's num_hidden_layers is {layers}")
 
 
 def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
@@ -236,6 +260,7 @@ def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, dev
     check_remote_code(family, folder, trust_remote_code)
     config = load_config(folder, family)
     reader = ShardReader(folder)
+    check_config_fits(config, family, reader)
     net = build_skeleton(config, family, dtype)
     check_checkpoint(net, family, reader)
     for name, child in _top_children(net, ()):
