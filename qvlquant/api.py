@@ -52,7 +52,11 @@ from qvlquant.engine.skeleton import (
     resolve_model_path,
     storage_dtype,
 )
-from qvlquant.engine.streaming import StreamedLayers
+from qvlquant.engine.streaming import (
+    StreamedLayers,
+    check_checkpoint,
+    check_config_fits,
+)
 from qvlquant.engine.transforms import pad_config
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
@@ -214,12 +218,14 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
         check_output_target(out, protected, config.export.overwrite)
         check_output_writable(out)
         held.enter_context(output_lock(out))  # before anything reads or removes the partial folder
+    reader = ShardReader(folder)
+    check_config_fits(hf_config, family, reader)  # config.json's sizes against the headers, before building
     dtype = compute_dtype(device, config.device.dtype)
     say(f"building {family.name} from {folder} on the meta device")
     skeleton = build_skeleton(hf_config, family, dtype)
     padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
     check_group_size(skeleton, family, config.quant.spec, padded)
-    reader = ShardReader(folder)
+    check_checkpoint(skeleton, family, reader)  # every tensor there, of its shape, before any data is read
     partial = beside(out, "partial")
     if not config.resume and world.leader:
         DiskStore.discard(partial)  # --no-resume: our own partial run, never another folder

@@ -1,8 +1,15 @@
 """The ``qvlquant`` command: quantize, eval, check, inspect, push, bench; a thin shell over the Python API
 (qvlquant.api, qvlquant.evaluation, qvlquant.eval.check, qvlquant.recipes, ...).
 
-Bad input ends in one line on stderr naming what is wrong, exit status 2; nothing half-written is left behind.
-``qvlquant check`` exits 1 for a regression, distinct from 2 for bad input.
+Exit statuses, each error one line on stderr (nothing half-written is left behind):
+
+- 0: done.
+- 1: ``qvlquant check`` found a regression (``inspect``: the export fails verification).
+- 2: bad input, named: a file, a flag, a model, a library's refusal (ValueError, OSError, RuntimeError).
+- 3: an internal error, a fault no check foresaw: its type and message, and where to report it.
+- 130: interrupted (Ctrl-C).
+
+``--debug`` (before or after the command; or QVLQUANT_DEBUG=1) shows the full traceback instead of the line.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from qvlquant.parallel import launch
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, resolved_by_bits
 from qvlquant.tools.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.version import __version__
+
+COMMANDS = ("quantize", "eval", "inspect", "check", "push", "bench")
+EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+ISSUES = "the qvlquant issue tracker"  # pyproject.toml names no URL for it
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -190,7 +201,7 @@ def _add_calib_flags(p, job: JobConfig) -> None:
     """Which calibration samples and how they become batches."""
     calib, proc, columns = job.calib, job.processing, dict(job.calib.columns)
     p.add_argument("--calib", help="'demo', 'easyvqa', a .json/.jsonl file (chat or sharegpt), an image folder "
-                   f"with captions, or hf:PATH_OR_ID (default: the demo's chats for the embedded models and for rtn; "
+                   "with captions, or hf:PATH_OR_ID (default: the demo's chats for the embedded models and for rtn; "
                    "required for gptq and awq on any other model)")
     p.add_argument("--num-samples", type=int, help=f"default {calib.num_samples}")
     p.add_argument("--split", help=f"hf: datasets: the split to read (default {calib.split})")
@@ -212,7 +223,7 @@ def run_quantize(args) -> int:
         quantize,  # transformers: each command imports its heavy modules when it runs
     )
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "nproc", "argv")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "nproc", "argv", "debug")}
     if args.nproc is not None and args.nproc != 1:
         config = JobConfig.from_flat(**settings)  # its checks and the batch count, before any process starts
         launch.check_batches(-(-config.calib.num_samples // config.processing.batch_size), args.nproc)
@@ -323,7 +334,7 @@ def run_check(args) -> int:
     for warning in result.warnings:
         print(f"qvlquant check: warning: {warning}", file=sys.stderr)
     print(f"check: {'FAILED: ' + ', '.join(result.failed) if result.failed else 'passed'}")
-    return 0 if result.passed else 1
+    return 0 if result.passed else EXIT_REGRESSION
 
 
 def add_push(sub) -> None:
@@ -449,7 +460,7 @@ def run_inspect(args) -> int:
     broken = failed or report["vision_exposed_in_transformers"] or bool(report["marlin"].get(1))
     if args.json:
         print(json.dumps(report, indent=2))
-        return 1 if broken else 0
+        return EXIT_REGRESSION if broken else 0
     print(f"{report['folder']}: {report['model_type']}, {describe_quantization(report['quantization'])}")
     if failed:
         print(f"  FAILED verification: {verified['error']}. What follows describes the files as they are now, not as "
@@ -479,7 +490,7 @@ def run_inspect(args) -> int:
     elif broken:
         print(f"qvlquant inspect: error: {args.model} would load wrongly or be refused (see PROBLEM / tensor-parallel "
               "1 above)", file=sys.stderr)
-    return 1 if broken else 0
+    return EXIT_REGRESSION if broken else 0
 
 
 def describe_quantization(q: dict) -> str:
@@ -499,9 +510,43 @@ def add_threads(p) -> None:
 
 
 def main(argv=None) -> int:
+    """Run one command; -> its exit status (the module docstring lists them). Never a traceback, unless --debug
+    (or QVLQUANT_DEBUG=1) asks for one."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("QVLQUANT_DEBUG") == "1" or "--debug" in argv  # before the arguments are parsed
+    who = " ".join(["qvlquant"] + [a for a in argv if a in COMMANDS][:1])  # "qvlquant check"
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{who}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, RuntimeError) as e:  # bad input: a file, a flag, a model, a library's refusal
+        if debug:
+            raise
+        print(f"{who}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # a fault no check foresaw: said in one line, with where to report it
+        if debug:
+            raise
+        print(f"{who}: internal error: {type(e).__name__}: {one_line(e)} (please report it at "
+              f"{ISSUES}, with --debug output)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def one_line(e: BaseException, limit: int = 2000) -> str:
+    """An exception's text on one line, cut at ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.Action]:
+    """The parser and its subcommands' action (whose parsers a recipe sets defaults on)."""
     parser = Parser(prog="qvlquant", description="Quantize Qwen vision-language models (RTN, GPTQ, AWQ) into "
                     "checkpoints transformers and vLLM load; evaluate, gate, inspect, push and benchmark them.")
     parser.add_argument("--version", action="version", version=f"qvlquant {__version__}")
+    add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_quantize(sub)
     add_eval(sub)
@@ -512,22 +557,27 @@ def main(argv=None) -> int:
     for name, p in sub.choices.items():
         if name != "quantize":  # quantize adds it beside its other device flags
             add_threads(p)
-    argv = sys.argv[1:] if argv is None else list(argv)
+        add_debug(p, argparse.SUPPRESS)  # after the command too; absent there, the top-level value stands
+    return parser, sub
+
+
+def add_debug(p, default) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, show the full traceback instead of one line (as QVLQUANT_DEBUG=1 does)")
+
+
+def _main(argv: list[str]) -> int:
+    parser, sub = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help / --version (0), or a bad flag or choice, already printed (2)
         return e.code
     if args.command == "quantize" and args.recipe:
-        try:
-            sub.choices["quantize"].set_defaults(**recipe_defaults(args.recipe))
-        except ValueError as e:
-            print(f"qvlquant quantize: error: {e}", file=sys.stderr)
-            return 2
+        sub.choices["quantize"].set_defaults(**recipe_defaults(args.recipe))  # a bad recipe: ValueError, exit 2
         args = parser.parse_args(argv)  # recipe values are now defaults: flags on the command line win
     args.argv = argv
     if args.threads is not None and args.threads < 1:
-        print(f"qvlquant {args.command}: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.command != "quantize":  # quantize sets them per process (api.quantize, with --nproc's share)
         from qvlquant.parallel.devices import set_threads
 
@@ -536,15 +586,9 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # qvlquant shows its own progress; stderr stays readable
-    try:
-        return {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect,
-                "check": run_check, "push": run_push,
-                "bench": run_bench}[args.command](args)
-    except (ValueError, OSError, RuntimeError) as e:
-        if os.environ.get("QVLQUANT_DEBUG") == "1":
-            raise
-        print(f"qvlquant {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
-        return 2
+    run = {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect, "check": run_check, "push": run_push,
+           "bench": run_bench}
+    return run[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ CONFIG_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
 OFFLOAD = ("auto", "device", "cpu")
 DEFAULT_SHARD_BYTES = 5 * 2**30
+# --pad-intermediate-to: a multiple of tensor-parallel ranks x group size (1024 for 8 x 128); the padded size may also
+# be at most double the model's (engine.transforms.padded_size, checked with the model in hand)
+MAX_PAD_MULTIPLE = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,7 @@ class JobConfig:
     def __post_init__(self):
         if not str(self.output).strip():
             raise ValueError("output must name a folder")
-        positive_int("pad_intermediate_to", self.pad_intermediate_to, allow_none=True)
+        positive_int("pad_intermediate_to", self.pad_intermediate_to, allow_none=True, ceiling=MAX_PAD_MULTIPLE)
         positive_int("max_layers", self.max_layers, allow_none=True)
         if self.calib.source is None:
             object.__setattr__(self, "calib", dataclasses.replace(self.calib, source=self._default_calib()))

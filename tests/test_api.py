@@ -3,12 +3,22 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
+from broken_models import (
+    demo_copy,
+    drop_tensor,
+    edit_header,
+    edit_json,
+    edit_text_config,
+    set_values,
+)
 
 import qvlquant
 import qvlquant.quant.apply as quant_methods
+from qvlquant import api
 from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.cli import main
 from qvlquant.storage.lock import lock_path, output_lock
@@ -231,3 +241,104 @@ def test_an_output_name_too_long_for_its_temporary_folders_is_refused_before_any
     err = refused_before_any_work(RUN + ["--output", str(out)], capsys, monkeypatch)
     assert f".{out.name}.tmp-PID has {limit + 4} bytes, over the {limit} this filesystem allows" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def no_calibration(*args, **kwargs):
+    raise AssertionError("calibration started: the check came too late")
+
+
+def checked_first(build):
+    """build_skeleton, refusing a config.json whose counts would build more than the demo's layers and blocks
+    (config.json's sizes must be checked against the checkpoint before the skeleton is built)."""
+    def guarded(config, family, dtype):
+        assert config.text_config.num_hidden_layers <= 4 and config.vision_config.depth <= 2, "built before checked"
+        return build(config, family, dtype)
+
+    return guarded
+
+
+BROKEN_BASES = {  # how the demo copy is broken -> what the one line says
+    "a missing tensor": (lambda m: drop_tensor(m, "model.layers.3.mlp.down_proj.weight"),
+                         r"no tensor 'model\.layers\.3\.mlp\.down_proj\.weight'"),
+    "a tensor of the wrong shape": (lambda m: edit_header(m, lambda h: h["model.layers.1.mlp.down_proj.weight"]
+                                                          .update(shape=[512, 256])),
+                                    r"model\.layers\.1\.mlp\.down_proj\.weight is \[512, 256\] in the checkpoint, "
+                                    r"config\.json makes it \[256, 512\]"),
+    "float8 weights": (lambda m: edit_header(m, lambda h: h["model.norm.weight"].update(dtype="F8_E4M3",
+                                                                                        shape=[512])),
+                       r"model\.norm\.weight' is F8_E4M3, which qvlquant does not read"),
+    "integer weights": (lambda m: edit_header(m, lambda h: h["model.norm.weight"].update(dtype="I16")),
+                        r"model\.norm\.weight is I16 \(torch\.int16\) in the checkpoint; weights must be floating"),
+    "vocab_size": (lambda m: edit_text_config(m, vocab_size=2000),
+                   r"config\.json: vocab_size is 2000, but model\.embed_tokens\.weight has 2008 rows"),
+    "vocab_size beyond the checkpoint": (lambda m: edit_text_config(m, vocab_size=3000),
+                                         r"config\.json: vocab_size is 3000, larger than any dimension"),
+    "zero layers": (lambda m: edit_text_config(m, num_hidden_layers=0, layer_types=[]),
+                    r"num_hidden_layers must be a whole number of at least 1, got 0"),
+    "fewer layers than the checkpoint": (lambda m: edit_text_config(m, num_hidden_layers=3,
+                                                                    layer_types=["full_attention"] * 3),
+                                         r"config\.json: num_hidden_layers is 3, but the checkpoint holds 4 decoder "
+                                         r"layers"),
+    "100000 layers": (lambda m: edit_json(m / "config.json", lambda c: (c["text_config"].pop("layer_types"),
+                                                                        c["text_config"].update(
+                                                                            num_hidden_layers=100000))),
+                      r"num_hidden_layers is 100000, but the checkpoint holds 4 decoder layers"),
+    "100000 vision blocks": (lambda m: edit_json(m / "config.json", lambda c: c["vision_config"].update(depth=100000)),
+                             r"vision_config\.depth is 100000, more blocks than the 31 tensors"),
+    "a size no tensor has": (lambda m: edit_json(m / "config.json", lambda c: c["vision_config"].update(
+        temporal_patch_size=100000)), r"vision_config\.temporal_patch_size is 100000, larger than any dimension of "
+                                     r"the checkpoint's tensors \(at most 2008\)"),
+    "patch_size 0": (lambda m: edit_json(m / "config.json", lambda c: c["vision_config"].update(patch_size=0)),
+                     r"config\.json: vision_config\.patch_size must be a whole number of at least 1, got 0"),
+    "config.json a list": (lambda m: (m / "config.json").write_text("[1, 2]"),
+                           r"config\.json: not a JSON object"),
+    "text_config a list": (lambda m: edit_json(m / "config.json", lambda c: c.update(text_config=[1])),
+                           r"config\.json: transformers cannot read it \(.*text_config"),
+    "hidden_size a string": (lambda m: edit_text_config(m, hidden_size="256"),
+                             r"config\.json: transformers cannot read it \(.*hidden_size"),
+    "model_type a list": (lambda m: edit_json(m / "config.json", lambda c: c.update(model_type=["qwen2_vl"])),
+                          r"config\.json: model_type must be a string, got \['qwen2_vl'\]"),
+    "tokenizer_config.json a list": (lambda m: (m / "tokenizer_config.json").write_text("[1]"),
+                                     r"tokenizer_config\.json: not a JSON object"),
+    "the image processor's patch_size 0": (lambda m: edit_json(m / "processor_config.json",
+                                                               lambda c: c["image_processor"].update(patch_size=0)),
+                                           r"the image processor's patch_size must be a whole number of at least 1"),
+    "the image processor a list": (lambda m: edit_json(m / "processor_config.json",
+                                                       lambda c: c.update(image_processor=[1])),
+                                   r"the processor files of .*: transformers cannot read it"),
+    "an empty safetensors": (lambda m: (m / "model.safetensors").write_bytes(b""),
+                             r"model\.safetensors: 0 bytes; a safetensors file starts"),
+    "an index a list": (lambda m: ((m / "model.safetensors.index.json").write_text("[1]"),
+                                   (m / "model.safetensors").rename(m / "model-1.safetensors")),
+                        r"index\.json: not a JSON object with a weight_map"),
+}
+
+
+@pytest.mark.parametrize("fault", list(BROKEN_BASES))
+def test_broken_base_models_are_refused_before_calibration(tmp_path, capsys, monkeypatch, deadline, fault):
+    """Each fault of the base model's files is found by the checks that need no data (the headers, config.json,
+    the processor files): one line naming the file and the field, exit 2, before any calibration and nothing
+    written."""
+    base = demo_copy(tmp_path / "base")
+    breaks, message = BROKEN_BASES[fault]
+    breaks(base)
+    monkeypatch.setattr(api, "_batches", no_calibration)
+    monkeypatch.setattr(api, "build_skeleton", checked_first(api.build_skeleton))
+    with deadline(60):  # 10**5 vision blocks took 5 minutes to build
+        assert main(["quantize", "--model", str(base), "--num-samples", "2", "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+
+
+@pytest.mark.parametrize("tensor,index", [("model.norm.weight", (3,)), ("model.embed_tokens.weight", (2000, 5))])
+def test_nan_or_inf_in_an_unquantized_tensor_is_never_exported(tmp_path, capsys, tensor, index):
+    """The final norm and an embedding row no calibration token uses are never computed with during quantization
+    (the vision tower is, and the loop stops on its NaN, row 14): copied as they are into the export, so each
+    tensor is checked finite there, naming it; nothing is published."""
+    base = demo_copy(tmp_path / "base")
+    set_values(base, tensor, index, float("nan") if tensor != "model.embed_tokens.weight" else float("inf"))
+    assert main(["quantize", "--model", str(base), "--num-samples", "2", "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tensor} holds NaN or infinite values" in err, err
+    assert not (tmp_path / "q").exists()

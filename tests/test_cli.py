@@ -1,6 +1,7 @@
 """The command line end to end on the embedded demo model."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -354,3 +355,73 @@ def test_default_threads_leave_the_cpus_the_load_takes(monkeypatch):
     for load, processes, expected in ((0.0, 1, 2), (0.5, 1, 2), (1.0, 1, 1), (4.0, 1, 1), (0.2, 2, 1)):
         monkeypatch.setattr(devices.os, "getloadavg", lambda load=load: (load, load, load))
         assert devices.default_threads(processes) == expected, (load, processes)
+
+
+def failing(error: BaseException):
+    def run(args):
+        raise error
+
+    return run
+
+
+INTERNAL = ("qvlquant check: internal error: ZeroDivisionError: division by zero (please report it at the qvlquant "
+            "issue tracker, with --debug output)")
+
+
+def test_an_unexpected_error_is_one_line_saying_where_to_report_it(monkeypatch, capsys):
+    """A fault no check foresaw (here a ZeroDivisionError) is exit 3 and one line naming the error and where to
+    report it: never a traceback; 2 stays bad input and 1 a regression."""
+    from qvlquant import cli
+
+    monkeypatch.setattr(cli, "run_check", failing(ZeroDivisionError("division by zero")))
+    assert main(["check", "r.json"]) == 3
+    captured = capsys.readouterr()
+    assert captured.err.strip() == INTERNAL and "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("how", ["--debug first", "--debug after the command", "QVLQUANT_DEBUG=1"])
+def test_debug_shows_the_traceback(monkeypatch, how):
+    from qvlquant import cli
+
+    monkeypatch.setattr(cli, "run_check", failing(ZeroDivisionError("division by zero")))
+    argv = {"--debug first": ["--debug", "check", "r.json"], "--debug after the command": ["check", "r.json", "--debug"],
+            "QVLQUANT_DEBUG=1": ["check", "r.json"]}[how]
+    if how == "QVLQUANT_DEBUG=1":
+        monkeypatch.setenv("QVLQUANT_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
+
+
+def test_bad_input_under_debug_raises_too(monkeypatch):
+    from qvlquant import cli
+
+    monkeypatch.setattr(cli, "run_check", failing(ValueError("r.json: not an eval report")))
+    assert main(["check", "r.json"]) == 2
+    with pytest.raises(ValueError, match="not an eval report"):
+        main(["--debug", "check", "r.json"])
+
+
+def test_an_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    from qvlquant import cli
+
+    monkeypatch.setattr(cli, "run_check", failing(KeyboardInterrupt()))
+    assert main(["check", "r.json"]) == 130
+    assert capsys.readouterr().err.strip() == "qvlquant check: interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--debug", "check", "r.json"])
+
+
+def test_the_exit_status_of_an_internal_error_reaches_the_shell(tmp_path):
+    """Through a real interpreter: the status the shell sees is 3 and stderr holds no traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys, qvlquant.cli as c\n"
+            "def boom(args): raise KeyError('x')\n"
+            "c.run_check = boom\n"
+            "sys.exit(c.main(['check', 'r.json']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip() == ("qvlquant check: internal error: KeyError: 'x' (please report it at the qvlquant "
+                                   "issue tracker, with --debug output)")

@@ -95,3 +95,33 @@ def test_gptq_and_awq_on_a_real_model_ask_for_calibration_data():
             JobConfig.from_flat(output="o", model="Qwen/Qwen2-VL-7B-Instruct", method=method)
     chosen = JobConfig.from_flat(output="o", model="/models/q7", method="awq", calib="easyvqa")
     assert chosen.calib.source == "easyvqa"
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(damp_percent=1e-320), r"damp_percent must be at least 1e-06 \(a smaller damping only costs"),
+    (dict(damp_percent=9e-7), r"damp_percent must be at least 1e-06"),
+    (dict(damp_max=1e300), r"damp_max must be at most 10"),
+    (dict(mse=11.0), r"mse must be 0 \(off\) or between 1 and 10"),
+    (dict(mse=0.5), r"mse must be 0 \(off\) or between 1 and 10"),
+    (dict(vision_weight=1e9), r"vision_weight must be between 0\.0001 and 10000"),
+    (dict(vision_weight=1e-9), r"vision_weight must be between 0\.0001 and 10000"),
+    (dict(block_size=10**9), r"block_size must be at most 65536"),
+    (dict(method="awq", awq_grid=10**9), r"awq_grid must be at most 1000"),
+    (dict(method="awq", awq_max_tokens=10**12), r"awq_max_tokens must be at most 262144"),
+    (dict(pad_intermediate_to=10**9), r"pad_intermediate_to must be at most 65536"),
+])
+def test_numeric_settings_have_floors_and_ceilings(settings, message):
+    """A damping of 1e-320 took GPTQ 510 s (a thousand doublings before the Cholesky holds), against 20 s; the
+    other numbers bound time or memory in the same way. Each is refused up front, naming its limit."""
+    settings.setdefault("method", "gptq")
+    with pytest.raises(ValueError, match=message):
+        JobConfig.from_flat(output="out/q", **settings)
+
+
+@pytest.mark.parametrize("settings", [dict(method="gptq", damp_percent=1e-6), dict(method="gptq", damp_max=10.0),
+                                      dict(method="gptq", mse=1.0), dict(method="gptq", mse=10.0),
+                                      dict(method="gptq", vision_weight=1e4), dict(method="gptq", block_size=65536),
+                                      dict(method="awq", awq_grid=1000), dict(method="awq", awq_max_tokens=2**18),
+                                      dict(pad_intermediate_to=65536)])
+def test_numeric_settings_at_their_limits_are_accepted(settings):
+    JobConfig.from_flat(output="out/q", **settings)

@@ -22,6 +22,7 @@ from collections import defaultdict
 from huggingface_hub import ModelCard, ModelCardData
 
 from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
+from qvlquant.eval.check import task_scores
 from qvlquant.families import FAMILIES
 
 CARD = "README.md"
@@ -243,11 +244,13 @@ def overview(config: dict, report: dict) -> str:
 
 
 def eval_table(eval_report: dict) -> str:
+    """One row per model and task, the baseline first, of an eval report (``eval.check.validate_report``'s)."""
     rows = [eval_report["baseline"], eval_report] if eval_report.get("baseline") else [eval_report]
     lines = ["| model | task | accuracy % | n | held-out perplexity |", "|---|---|---|---|---|"]
     for r in rows:
         ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
-        lines.append(f"| {r.get('model', '?')} | {r['task']} | {r['accuracy']:.2f} | {r['n']} | {ppl} |")
+        for task, accuracy in task_scores(r).items():
+            lines.append(f"| {r.get('model', '?')} | {task} | {accuracy:.2f} | {r.get('n', '-')} | {ppl} |")
     return "\n".join(lines)
 
 

@@ -144,7 +144,7 @@ class ModelTensors:
 
     def get(self, runtime_name: str) -> torch.Tensor:
         t = self.state[runtime_name]
-        return (t.to(self.dtype) if t.is_floating_point() else t).contiguous()
+        return finite((t.to(self.dtype) if t.is_floating_point() else t).contiguous(), runtime_name)
 
 
 class CheckpointTensors:
@@ -158,8 +158,20 @@ class CheckpointTensors:
         return (self.dtype if dtype.is_floating_point else dtype), shape
 
     def get(self, runtime_name: str) -> torch.Tensor:
-        t = self.reader.get(disk_key(self.reader, self.family, runtime_name))
-        return t.to(self.dtype) if t.is_floating_point() else t
+        key = disk_key(self.reader, self.family, runtime_name)
+        t = self.reader.get(key)
+        return finite(t.to(self.dtype) if t.is_floating_point() else t, f"{self.reader.folder}: {key}")
+
+
+def finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t``, when it holds no NaN or infinity: the tensors copied unquantized into an export (the final norm, an
+    embedding row no calibration token used, the vision tower) are checked here, where every one of them passes,
+    since nothing else reads all of them."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} holds NaN or infinite values ({bad} of {t.numel()}); the base model is damaged "
+                         "(re-download it); nothing was exported")
+    return t
 
 
 def plan_tensors(model, result: QuantResult, base) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]]]:

@@ -9,10 +9,13 @@ transformers and vLLM are imported by the functions that use them, not with this
 
 from __future__ import annotations
 
-import json
 import pathlib
 
-from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
+from qvlquant.checkpoint.qconfig import (
+    CheckpointQuant,
+    read_config,
+    read_quantization_config,
+)
 from qvlquant.checkpoint.vllm import (
     TP_SIZES,
     VLLM_MODELS,
@@ -63,6 +66,8 @@ def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelF
     for key, (shape, _) in header.items():
         if key.endswith(".qweight"):
             module = key[: -len(".qweight")]
+            if module + ".scales" not in header:
+                raise ValueError(f"{key} has no {module}.scales beside it: not a GPTQ / AWQ checkpoint")
             n = header[module + ".scales"][0][1]
             k = shape[0] * 32 // bits if quant.pack_format is PackFormat.GPTQ else shape[0]
         elif key.endswith(".weight_packed"):
@@ -87,7 +92,7 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
     for the CLI): per TP size, every reason vLLM would refuse or mis-load the export."""
     folder = pathlib.Path(folder)
     verified = verification(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)  # every field read below, checked for its type
     family = family_for(config.get("model_type", "?"))
     quant = read_quantization_config(config.get("quantization_config"), str(folder / "config.json"))
     header = read_checkpoint_header(folder)

@@ -18,6 +18,7 @@ import re
 
 from qvlquant.checkpoint.card import CARD, folder_card
 from qvlquant.checkpoint.export import REPORT
+from qvlquant.checkpoint.qconfig import read_config
 from qvlquant.eval.check import read_report, validate_report
 from qvlquant.storage.manifest import (
     MANIFEST,
@@ -26,6 +27,7 @@ from qvlquant.storage.manifest import (
     read_manifest,
     verify_manifest,
 )
+from qvlquant.storage.shards import index_files
 
 
 class PushError(RuntimeError):
@@ -37,13 +39,13 @@ def files_to_push(folder: pathlib.Path) -> list[str]:
     if not (folder / MANIFEST).exists():
         raise PushError(f"{folder} has no {MANIFEST}: push only pushes qvlquant exports (re-export, or verify by hand)")
     verify_manifest(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     if not config.get("quantization_config"):
         raise PushError(f"{folder}/config.json has no quantization_config: not a quantized export")
     listed = read_manifest(folder)  # verified above: plain file names inside the export only
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
+        shards = set(index_files(index))
         missing = sorted(f for f in shards if f not in listed)
         if missing:
             raise PushError(f"{folder}: shards {missing} named in the index are not files of the export "
@@ -58,6 +60,8 @@ def files_to_push(folder: pathlib.Path) -> list[str]:
 def model_card(folder: pathlib.Path, repo_id: str, eval_report: dict | None = None) -> str:
     """The export's card (qvlquant.checkpoint.card) named after ``repo_id``, with the eval table when a report is given."""
     report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).exists() else {}
+    if not isinstance(report, dict):
+        raise PushError(f"{folder / REPORT}: not a quantize report (a JSON object); re-export the model")
     return folder_card(folder, report, repo_id, eval_report)
 
 
@@ -116,8 +120,10 @@ def push(folder, repo_id: str, private: bool = False, revision: str | None = Non
     """-> {"repo", "files", "revision", "dry_run"}; raises PushError without the token in its text. ``eval_report``:
     a report (qvlquant eval --report) or the path of its JSON, read by qvlquant.eval.check (bounded, validated)."""
     folder = pathlib.Path(folder)
-    if eval_report is not None and not isinstance(eval_report, dict):
-        eval_report = validate_report(read_report(eval_report), str(eval_report))
+    if eval_report is not None:
+        where = "the eval report" if isinstance(eval_report, dict) else str(eval_report)
+        eval_report = validate_report(eval_report if isinstance(eval_report, dict) else read_report(eval_report),
+                                      where)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise PushError(f"--repo {repo_id!r}: expected owner/name")
     try:

@@ -1,4 +1,4 @@
-"""Reading a checkpoint's ``quantization_config``: ``read_quantization_config`` is the one reader (load, inspect,
+"""Reading a checkpoint's config.json (``read_config``: inspect and repair) and its ``quantization_config``: ``read_quantization_config`` is the one reader (load, inspect,
 the vLLM rules, the card and the eval all take its ``CheckpointQuant``); ``checkpoint.export`` is the one writer.
 
 Defaults, decided once: a field left out means what the library that defines the format reads it as, so qvlquant
@@ -21,9 +21,12 @@ or a width ``QuantSpec`` refuses is a ValueError naming the file and the field; 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 from qvlquant.quant.formats import PackFormat
 from qvlquant.quant.spec import QuantSpec
+from qvlquant.storage.files import read_text_bounded
 
 REQUIRED = object()  # _get's default for a field the format's library has no default for
 KINDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a JSON object"}
@@ -160,3 +163,37 @@ def _names(d: dict, key: str, path: str) -> tuple[str, ...]:
     if flat is None or not all(isinstance(n, str) for n in flat):
         raise ValueError(f"{path}.{key} must be a list of module names, got {value!r}")
     return tuple(flat)
+
+
+MAX_CONFIG_BYTES = 16 * 2**20
+HEADS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")  # text_config sizes vLLM's rules read
+
+
+def read_config(folder: str | pathlib.Path) -> dict:
+    """config.json of the checkpoint in ``folder``, checked for what inspect and repair read: a JSON object;
+    model_type a string; text_config an object whose head counts are whole numbers; quantization_config absent or
+    an object with bits, group_size, flags, names and module lists of their types. -> the config."""
+    path = pathlib.Path(folder) / "config.json"
+    try:
+        config = json.loads(read_text_bounded(path, MAX_CONFIG_BYTES, "config"))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not JSON ({str(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise ValueError(f"{path}: model_type must be a string, got {config['model_type']!r:.80}")
+    text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise ValueError(f"{path}: text_config must be an object, got {text!r:.80}")
+    prefix = "text_config." if text is not config else ""
+    for name in HEADS:
+        _whole(text.get(name), f"{path}: {prefix}{name}")
+    if "num_attention_heads" in text and "num_key_value_heads" not in text:
+        raise ValueError(f"{path}: {prefix}num_key_value_heads is missing beside num_attention_heads")
+    read_quantization_config(config.get("quantization_config"), str(path))  # its fields, each of its type
+    return config
+
+
+def _whole(value, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{what} must be a whole number of at least 1, got {value!r:.80}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+from qvlquant.checkpoint.qconfig import read_config
 from qvlquant.families import family_for
 from qvlquant.storage.manifest import (
     MANIFEST,
@@ -33,7 +34,7 @@ def repair_config(folder: str | pathlib.Path) -> list[str]:
         except (ManifestError, OSError) as e:
             raise ValueError(f"not repairing {folder}: the export fails verification ({e}); re-export it") from None
     path = folder / "config.json"
-    config = json.loads(path.read_text())
+    config = read_config(folder)
     family = family_for(config.get("model_type", "?"))
     qc = config.get("quantization_config")
     if not qc:

@@ -19,8 +19,8 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
-import struct
 
 import torch
 
@@ -30,8 +30,15 @@ from qvlquant.parallel.distributed import (
     recv_tensors,
     send_tensors,
 )
+from qvlquant.storage.files import read_text_bounded
 from qvlquant.storage.manifest import sha256
-from qvlquant.storage.shards import ShardReader, checkpoint_files, write_safetensors
+from qvlquant.storage.shards import (
+    ShardError,
+    ShardReader,
+    checkpoint_files,
+    read_metadata,
+    write_safetensors,
+)
 
 FINGERPRINT = "fingerprint.json"
 INPUTS = "inputs.safetensors"
@@ -92,7 +99,7 @@ class DiskStore:
         if self.folder.exists() and not stamp.exists():
             raise FileExistsError(f"{self.folder} exists but is not a qvlquant partial run (no {FINGERPRINT}); "
                                   "move it away or choose another --output")
-        if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+        if stamp.exists() and _read_stamp(stamp) != fingerprint:
             raise ValueError(
                 f"{self.folder} holds a partial run of a different model, calibration set or settings; "
                 "rerun with the same settings to resume, or pass --no-resume to start over"
@@ -117,7 +124,9 @@ class DiskStore:
         path = self.folder / INPUTS
         if not path.exists():
             return None
-        last = int(_metadata(path)["layer"])
+        last = _stored(path, "layer", int)
+        if last < 0:
+            raise PartialRunError(f"{path}: layer {last} is no layer; {NO_RESUME}")
         return last if all(self.path(i).exists() for i in range(last + 1)) else None
 
     def finished(self) -> list[int]:
@@ -138,19 +147,18 @@ class DiskStore:
 
     def _reader(self, i: int) -> ShardReader:
         if i not in self._readers:
-            self._readers = {i: ShardReader(self.folder, [self.path(i).name])}  # one layer's header at a time
+            self._readers = {i: _open(self.folder, self.path(i).name)}  # one layer's header at a time
         return self._readers[i]
 
     def load(self, i: int) -> LayerRecord:
-        reader = self._reader(i)
-        meta = _metadata(self.path(i))
+        reader, path = self._reader(i), self.path(i)
         tensors = {k[2:]: reader.get(k) for k in reader.keys() if k.startswith("t.")}
         aux = {k[4:]: reader.get(k) for k in reader.keys() if k.startswith("aux.")}
-        return LayerRecord(tensors, json.loads(meta["info"]), json.loads(meta["in_features"]), aux,
-                           float(meta["seconds"]))
+        return LayerRecord(tensors, _stored(path, "info", dict), _stored(path, "in_features", dict), aux,
+                           float(_stored(path, "seconds", (int, float))))
 
     def load_info(self, i: int) -> dict:
-        return json.loads(_metadata(self.path(i))["info"])
+        return _stored(self.path(i), "info", dict)
 
     def tensor_meta(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         reader = self._reader(i)
@@ -227,11 +235,52 @@ class RankStore:
         return self.inner
 
 
+NO_RESUME = "pass --no-resume to start over"
+
+
+class PartialRunError(ValueError):
+    """A file of the partial folder that is not as qvlquant writes it (edited, damaged, another tool's); the message
+    names the file and the way out."""
+
+
+def _read_stamp(stamp: pathlib.Path) -> str:
+    """The fingerprint a partial folder's stamp holds."""
+    try:
+        data = json.loads(read_text_bounded(stamp, 1 << 16, "partial-run stamp"))
+    except (ValueError, RecursionError):
+        data = None
+    fingerprint = data.get("fingerprint") if isinstance(data, dict) else None
+    if not isinstance(fingerprint, str):
+        raise PartialRunError(f"{stamp}: not the stamp of a partial run (a JSON object with a fingerprint); "
+                              f"{NO_RESUME}")
+    return fingerprint
+
+
+def _open(folder: pathlib.Path, name: str) -> ShardReader:
+    try:
+        return ShardReader(folder, [name])
+    except ShardError as e:
+        raise PartialRunError(f"{e}; {NO_RESUME}") from None
+
+
 def _metadata(path: pathlib.Path) -> dict[str, str]:
     """A safetensors file's metadata entry ({} when it has none)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__") or {}
+    try:
+        return read_metadata(path)
+    except ShardError as e:
+        raise PartialRunError(f"{e}; {NO_RESUME}") from None
+
+
+def _stored(path: pathlib.Path, key: str, kinds):
+    """The JSON value ``key`` of a partial file's metadata, of a type in ``kinds`` (never a bool)."""
+    meta = _metadata(path)
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, ValueError, RecursionError):
+        value = None
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise PartialRunError(f"{path}: its metadata {key!r} is missing or of the wrong type; {NO_RESUME}")
+    return value
 
 
 def _hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
@@ -308,12 +357,7 @@ def file_sha256(path: pathlib.Path) -> str:
     that costs), later runs read the cache."""
     key = cache_key(path)
     cache_file = _cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if not isinstance(cache, dict):
-        cache = {}  # not a cache qvlquant wrote: hashed again and rewritten
+    cache = _read_cache(cache_file)
     if key not in cache:
         cache[key] = sha256(path)
         try:
@@ -324,6 +368,18 @@ def file_sha256(path: pathlib.Path) -> str:
         except OSError:
             pass  # an unwritable cache only costs the hash again next time
     return cache[key]
+
+
+def _read_cache(path: pathlib.Path) -> dict[str, str]:
+    """The hash cache: key -> sha256 hex digest; anything else in it (a list, bad JSON, an entry that is no digest)
+    is dropped: a cache only saves time, so a damaged one costs a hash, never a wrong fingerprint."""
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(cache, dict):
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)}
 
 
 def model_digest(folder: pathlib.Path) -> dict:

@@ -12,6 +12,7 @@ from qvlquant.engine.skeleton import (
     build_skeleton,
     check_processor_files,
     check_remote_code,
+    config_sizes,
     load_config,
     load_processor,
     read_model_type,
@@ -21,7 +22,7 @@ from qvlquant.engine.skeleton import (
 from qvlquant.engine.transforms import pad_layer
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import return_freed_memory
-from qvlquant.storage.shards import ShardReader
+from qvlquant.storage.shards import NAMES, ShardReader
 
 
 def find_disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str | None:
@@ -36,6 +37,70 @@ def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str
     if key is None:
         raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
     return key
+
+
+def check_config_fits(config, family: ModelFamily, reader: ShardReader) -> None:
+    """Before the skeleton is built (it creates a module per layer and allocates each parameter once before moving
+    it to the meta device, so a config.json of 10**5 vision blocks took 5 minutes and 3 GiB), config.json's counts
+    and sizes against the checkpoint's headers: num_hidden_layers is the number of decoder layers the checkpoint
+    holds, the vision tower's depth at most its tensors, and every size (``config_sizes``) at most the largest
+    dimension of any tensor. A ValueError names the field and both numbers."""
+    where = reader.folder / "config.json"
+    text = getattr(config, "text_config", config)
+    held = _decoder_layers_held(reader, family)
+    if getattr(text, "num_hidden_layers", held) != held:
+        raise ValueError(f"{where}: num_hidden_layers is {text.num_hidden_layers}, but the checkpoint holds {held} "
+                         "decoder layers")
+    depth = getattr(getattr(config, "vision_config", None), "depth", None)
+    prefixes = (family.to_disk(family.vision_tower + "."), family.vision_tower + ".")
+    vision = sum(1 for key in reader.keys() if key.startswith(prefixes))
+    if isinstance(depth, int) and depth > vision:
+        raise ValueError(f"{where}: vision_config.depth is {depth}, more blocks than the {vision} tensors of the "
+                         "checkpoint's vision tower could hold")
+    largest = max((max(reader.meta(key)[1], default=1) for key in reader.keys()), default=0)
+    for name, value in config_sizes(config):
+        if value > largest:
+            raise ValueError(f"{where}: {name} is {value}, larger than any dimension of the checkpoint's tensors "
+                             f"(at most {largest}); config.json does not describe these weights")
+
+
+def _decoder_layers_held(reader: ShardReader, family: ModelFamily) -> int:
+    """How many decoder layers the checkpoint holds: the distinct N of its keys ``<decoder layers>.N.``."""
+    prefixes = tuple({family.to_disk(family.decoder_layers + "."), family.decoder_layers + "."})
+    held = set()
+    for key in reader.keys():
+        head = next((p for p in prefixes if key.startswith(p)), None)
+        index = key[len(head):].split(".", 1)[0] if head else ""
+        if index.isdigit():
+            held.add(int(index))
+    return len(held)
+
+
+def check_checkpoint(model: torch.nn.Module, family: ModelFamily, reader: ShardReader) -> None:
+    """Before any work, from the headers alone: the model has decoder layers; every parameter of the skeleton
+    ``model`` is in the checkpoint with a floating dtype and the shape config.json gives it (vocab_size against the
+    embedding and lm_head rows said as such). Each fault is a ValueError naming the folder and the tensor or
+    field. (The checkpoint's own layer count was checked against config.json before, ``check_config_fits``.)"""
+    if len(model.get_submodule(family.decoder_layers)) == 0:
+        raise ValueError(f"{reader.folder}/config.json: the model has no decoder layers; nothing to quantize")
+    for name, param in model.named_parameters():  # a tied lm_head is the embedding's parameter: not listed twice
+        key = find_disk_key(reader, family, name)
+        if key is None:
+            raise ValueError(f"{reader.folder}: the checkpoint has no tensor {family.to_disk(name)!r} ({name}); "
+                             "its files are incomplete or of another model")
+        dtype, shape = reader.meta(key)
+        if not dtype.is_floating_point:
+            raise ValueError(f"{reader.folder}: {key} is {NAMES[dtype]} ({dtype}) in the checkpoint; weights must "
+                             "be floating point")
+        if shape != tuple(param.shape):
+            raise ValueError(_shape_fault(reader.folder, key, name, family, shape, tuple(param.shape)))
+
+
+def _shape_fault(folder: pathlib.Path, key: str, name: str, family: ModelFamily, shape: tuple,
+                 expected: tuple) -> str:
+    if name in (f"{family.embed_tokens}.weight", f"{family.lm_head}.weight") and shape[1:] == expected[1:]:
+        return f"{folder}/config.json: vocab_size is {expected[0]}, but {key} has {shape[0]} rows; they must agree"
+    return f"{folder}: {key} is {list(shape)} in the checkpoint, config.json makes it {list(expected)}"
 
 
 def materialize(module: torch.nn.Module, prefix: str, reader: ShardReader, family: ModelFamily,
@@ -195,7 +260,9 @@ def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, dev
     check_remote_code(family, folder, trust_remote_code)
     config = load_config(folder, family)
     reader = ShardReader(folder)
+    check_config_fits(config, family, reader)
     net = build_skeleton(config, family, dtype)
+    check_checkpoint(net, family, reader)
     for name, child in _top_children(net, ()):
         tied = name == family.lm_head and family.lm_head + ".weight" not in reader
         if not tied:  # a tied lm_head is the embedding itself

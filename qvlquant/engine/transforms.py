@@ -18,10 +18,15 @@ def _pad_linear(linear: torch.nn.Linear, rows: int = 0, cols: int = 0) -> torch.
 
 
 def padded_size(size: int, multiple: int) -> int:
-    """``size`` rounded up to a multiple of ``multiple``."""
+    """``size`` rounded up to a multiple of ``multiple``; more than doubling it is refused (the padded MLP is held
+    and quantized: --pad-intermediate-to 1e9 would allocate billions of rows)."""
     if multiple < 1:
         raise ValueError(f"--pad-intermediate-to must be positive, got {multiple}")
-    return -(-size // multiple) * multiple
+    target = -(-size // multiple) * multiple
+    if target > 2 * size:
+        raise ValueError(f"--pad-intermediate-to {multiple} would pad the MLP's intermediate size {size} to {target}, "
+                         "more than double it; pad to a multiple of tensor-parallel ranks x group size (e.g. 1024)")
+    return target
 
 
 @torch.no_grad()
@@ -52,7 +57,7 @@ def pad_intermediate(model, family: ModelFamily, multiple: int) -> int:
     """``pad_layer`` for every decoder layer of a model in memory, and its config: Qwen2-VL-72B's 29568 -> 29696
     with multiple 1024 (= 8 ranks x 128), so it splits across tensor-parallel ranks with whole groups. The vision
     tower is not touched. -> the new intermediate size."""
-    padded_size(1, multiple)  # validates multiple before anything changes
+    padded_size(getattr(model.config, "text_config", model.config).intermediate_size, multiple)  # before any change
     for layer in model.get_submodule(family.decoder_layers):
         pad_layer(layer, family, multiple)
     return pad_config(model.config, multiple)

@@ -110,6 +110,8 @@ def task_scores(report: dict, where: str = "the report") -> dict[str, float]:
         raise ValueError(f"{where}: tasks must map task -> {{accuracy, n, ...}}")
     scores = {name: _number(t, "accuracy", f"{where}: tasks.{name}") for name, t in tasks.items()}
     if "task" in report:
+        if not isinstance(report["task"], str):
+            raise ValueError(f"{where}: task must be a task name, got {report['task']!r:.80}")
         scores[report["task"]] = _number(report, "accuracy", where)
     if not scores:
         raise ValueError(f"{where}: not an eval report (no task and accuracy); write one with qvlquant eval --report")
@@ -128,12 +130,21 @@ def task_counts(report: dict) -> dict[str, int | None]:
 
 
 def validate_report(report, where: str) -> dict:
-    """``report`` when it holds what the gate reads (accuracy per task, perplexity if any), else a ValueError."""
+    """``report`` when it holds what the gate and the model card read, of their types (accuracy per task; n, model
+    and perplexity where present; the embedded baseline, when there is one, likewise), else a ValueError naming
+    the field."""
     if not isinstance(report, dict):
         raise ValueError(f"{where}: not an eval report (a JSON object from qvlquant eval --report)")
     task_scores(report, where)
     if "perplexity" in report:
         _number(report, "perplexity", where)
+    n = report.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"{where}: n must be a whole number >= 0, got {n!r:.80}")
+    if not isinstance(report.get("model", ""), str):
+        raise ValueError(f"{where}: model must be a string, got {report['model']!r:.80}")
+    if report.get("baseline") is not None:
+        validate_report(report["baseline"], f"{where}: baseline")
     return report
 
 

@@ -46,6 +46,14 @@ AWQ_GPTQ_ROUNDING_BELOW_BITS = 4
 # W3 with act-order), at 4 bits and up min-max (within a hair of the spread, and no search time).
 GPTQ_MSE = 2.4
 GPTQ_MSE_BELOW_BITS = 4
+# Floors and ceilings of the numeric settings: each bounds time or memory, far from any useful value. A damping of
+# 1e-320 took GPTQ 510 s instead of 20 (a thousand doublings before the Cholesky holds); beyond 10x the mean
+# diagonal GPTQ is round-to-nearest. mse is the exponent p of |w - Q(w)|^p: below 1 it is no norm, above 10 float32
+# under- or overflows and the search silently keeps min-max. The rest cap loops and buffers at 50-500x the defaults.
+DAMP_MIN, DAMP_CEILING = 1e-6, 10.0
+MSE_RANGE = (1.0, 10.0)
+VISION_WEIGHT_RANGE = (1e-4, 1e4)
+CEILINGS = {"block_size": 65536, "awq_grid": 1000, "awq_max_tokens": 2**18}
 
 
 def finite_positive(name: str, value) -> None:
@@ -53,11 +61,19 @@ def finite_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
 
 
-def positive_int(name: str, value, allow_none: bool = False) -> None:
+def positive_int(name: str, value, allow_none: bool = False, ceiling: int | None = None) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r:.80}")
+    if ceiling is not None and value > ceiling:
+        raise ValueError(f"{name} must be at most {ceiling}, got {value}")
+
+
+def within(name: str, value: float, low: float, high: float, why: str = "") -> None:
+    """``value`` (already a finite number) in [low, high]."""
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value:g}{why}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +119,33 @@ class QuantConfig:
         if misplaced:
             hint = " (AWQ takes damp_percent, mse and vision_weight with awq_rounding 'gptq')" if self.method == "awq" else ""
             raise ValueError(f"{', '.join(misplaced)}: GPTQ options, not for method {self.method}{hint}")
-        if not (isinstance(self.mse, (int, float)) and math.isfinite(self.mse) and self.mse >= 0):
-            raise ValueError(f"mse must be a finite number >= 0 (0: off; 2.4 is GPTQModel's), got {self.mse!r}")
+        self._check_numbers(gptq_rounds)
+
+    def _check_numbers(self, gptq_rounds: bool) -> None:
+        """Each number finite, of its type, and within its floor and ceiling (DAMP_MIN, MSE_RANGE, CEILINGS...)."""
+        mse = self.mse
+        if isinstance(mse, bool) or not isinstance(mse, (int, float)) or not math.isfinite(mse) or mse < 0:
+            raise ValueError(f"mse must be a finite number >= 0 (0: off; 2.4 is GPTQModel's), got {mse!r:.80}")
+        if mse and not MSE_RANGE[0] <= mse <= MSE_RANGE[1]:
+            raise ValueError(f"mse must be 0 (off) or between {MSE_RANGE[0]:g} and {MSE_RANGE[1]:g} (the exponent p "
+                             f"of |w - Q(w)|^p; 2.4 is GPTQModel's), got {mse:g}")
         finite_positive("vision_weight", self.vision_weight)
+        within("vision_weight", self.vision_weight, *VISION_WEIGHT_RANGE)
         if gptq_rounds:
             if self.damp_percent is None:
                 object.__setattr__(self, "damp_percent", GPTQ_DAMP_PERCENT)
             finite_positive("damp_percent", self.damp_percent)
             finite_positive("damp_max", self.damp_max)
+            if self.damp_percent < DAMP_MIN:
+                raise ValueError(f"damp_percent must be at least {DAMP_MIN:g} (a smaller damping only costs "
+                                 f"Cholesky retries), got {self.damp_percent:g}")
+            if self.damp_max > DAMP_CEILING:
+                raise ValueError(f"damp_max must be at most {DAMP_CEILING:g} (beyond it GPTQ is round-to-nearest), "
+                                 f"got {self.damp_max:g}")
             if self.damp_percent > self.damp_max:
                 raise ValueError(f"damp_percent {self.damp_percent:g} is above its limit damp_max {self.damp_max:g}")
-        for name in ("block_size", "awq_grid", "awq_max_tokens"):
-            positive_int(name, getattr(self, name))
+        for name, ceiling in CEILINGS.items():
+            positive_int(name, getattr(self, name), ceiling=ceiling)
 
     def _resolve_defaults(self) -> None:
         """Settings left None take their measured defaults: for GPTQ, act-order with static groups unless desc_act

@@ -23,8 +23,8 @@ import struct
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 
+from qvlquant.storage.files import read_text_bounded
 from qvlquant.storage.manifest import is_pickle
 
 INDEX = "model.safetensors.index.json"
@@ -39,33 +39,154 @@ NAMES = {v: k for k, v in DTYPES.items()}
 _RANK = {name: i for i, name in enumerate(["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"])}
 
 
+# safetensors' dtypes (its Dtype enum) and their bits per element: every file's header is checked against these;
+# DTYPES are the ones qvlquant reads
+BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+        "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64,
+        "C64": 64}
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+MAX_INDEX_BYTES = 64 * 2**20  # a 72B model's index is about 100 KB
+
+
 class ShardError(ValueError):
     """A checkpoint file or folder is missing, malformed, or not safetensors; the message names the file."""
 
 
-def read_header(path: pathlib.Path) -> dict[str, dict]:
-    """name -> {"dtype", "shape", "data_offsets"} of one safetensors file (metadata left out)."""
+def read_header(path: pathlib.Path, readable: bool = True) -> dict[str, dict]:
+    """name -> {"dtype", "shape", "data_offsets"} of one safetensors file (metadata left out), checked
+    (``parse_header``)."""
+    return parse_header(path, readable)[1]
+
+
+def parse_header(path: pathlib.Path, readable: bool = True) -> tuple[int, dict[str, dict]]:
+    """(where the data starts, name -> entry) of one safetensors file, refused (ShardError naming the file and the
+    tensor) wherever safetensors itself would refuse it: a header that is not a JSON object or runs past the end,
+    an unknown dtype, a size that is not dtype x shape, tensors that overlap, leave gaps or run past the end of the
+    file. ``readable``: also refuse dtypes qvlquant does not read (DTYPES; float8 and the like)."""
+    header, n, size = _json_header(path)
+    header.pop("__metadata__", None)
+    entries = {name: _entry(path, name, e, readable) for name, e in header.items()}
+    _check_layout(path, entries, size - 8 - n)
+    return 8 + n, entries
+
+
+def read_metadata(path: pathlib.Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file ({} when it has none): strings to strings, as safetensors
+    requires, else a ShardError naming the file."""
+    meta = _json_header(path)[0].get("__metadata__")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ShardError(f"{path}: its __metadata__ must map names to strings")
+    return meta
+
+
+def _json_header(path: pathlib.Path) -> tuple[dict, int, int]:
+    """(the header as JSON, its length, the file's size), the length checked against the file."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ShardError(f"{path}: {size} bytes; a safetensors file starts with 8 bytes of header length")
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 * 2**20:
-                raise ShardError(f"{path}: header of {n} bytes; not a safetensors file")
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise ShardError(f"{path}: cannot read it as safetensors ({e})") from None
-    header.pop("__metadata__", None)
-    return header
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise ShardError(f"{path}: header of {n} bytes in a file of {size}; not a safetensors file")
+            raw = f.read(n)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ShardError(f"{path}: its header is not JSON; not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise ShardError(f"{path}: its header is not a JSON object; not a safetensors file")
+    return header, n, size
+
+
+def _entry(path: pathlib.Path, name: str, e, readable: bool) -> dict:
+    """One header entry, checked on its own: dtype, shape, offsets, and size = dtype x shape."""
+    if not isinstance(e, dict):
+        raise ShardError(f"{path}: tensor {name!r:.100}: not an entry of dtype, shape and data_offsets")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in BITS:
+        raise ShardError(f"{path}: tensor {name!r:.100} has dtype {dtype!r:.40}, not one of safetensors'")
+    if readable and dtype not in DTYPES:
+        raise ShardError(f"{path}: tensor {name!r:.100} is {dtype}, which qvlquant does not read (it reads "
+                         f"{', '.join(DTYPES)}); quantize the bf16 / fp16 / fp32 base model instead")
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise ShardError(f"{path}: tensor {name!r:.100}: shape {shape!r:.60} must be a list of whole numbers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets) or \
+            offsets[0] > offsets[1]:
+        raise ShardError(f"{path}: tensor {name!r:.100}: data_offsets {offsets!r:.60} must be [begin, end], "
+                         "0 <= begin <= end")
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * BITS[dtype]
+    if expected % 8 or offsets[1] - offsets[0] != expected // 8:
+        raise ShardError(f"{path}: tensor {name!r:.100}: {offsets[1] - offsets[0]} bytes for {dtype} {shape} "
+                         f"({expected / 8:g} bytes); the file is corrupt")
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(path: pathlib.Path, entries: dict[str, dict], data_size: int) -> None:
+    """The tensors tile the data exactly, as safetensors requires: in offset order, each begins where the one
+    before ends, and the last ends at the end of the file."""
+    end, before = 0, None
+    for name, e in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin = e["data_offsets"][0]
+        if begin < end:
+            raise ShardError(f"{path}: tensors {before!r:.100} and {name!r:.100} overlap (bytes {begin} to {end}); "
+                             "the file is corrupt")
+        if begin > end:
+            raise ShardError(f"{path}: {begin - end} bytes between {before!r:.100} and {name!r:.100} belong to no "
+                             "tensor; the file is corrupt")
+        end, before = e["data_offsets"][1], name
+    if end > data_size:
+        raise ShardError(f"{path}: the header places tensor data up to byte {end} after it, the file holds "
+                         f"{data_size}: truncated, or not a safetensors file")
+    if end < data_size:
+        raise ShardError(f"{path}: {data_size - end} bytes after the last tensor belong to no tensor; the file is "
+                         "corrupt")
+
+
+def index_files(index: pathlib.Path) -> list[str]:
+    """The shard file names a ``model.safetensors.index.json`` maps tensors to: plain names of files beside it
+    (``../x``, an absolute path or a sub-folder is refused; a plain name that is a symlink, as in the Hugging Face
+    cache, is followed)."""
+    try:
+        data = json.loads(read_text_bounded(index, MAX_INDEX_BYTES, "checkpoint index"))
+    except (ValueError, RecursionError) as e:
+        raise ShardError(f"{index}: not JSON ({str(e)[:200]})") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise ShardError(f"{index}: not a JSON object with a weight_map (tensor name -> shard file)")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ShardError(f"{index}: weight_map must map tensor names to shard file names")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        _plain_name(index.parent, name, index)
+    return files
+
+
+def _plain_name(folder: pathlib.Path, name: str, where: pathlib.Path) -> None:
+    inside = name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and \
+        (folder / name).parent.resolve() == folder.resolve()
+    if not inside:
+        raise ShardError(f"{where}: shard {name!r:.100} is not a plain file name inside {folder}; an index may only "
+                         "name files beside it")
 
 
 def checkpoint_files(folder: pathlib.Path) -> list[str]:
     """The weight files of a checkpoint folder: the shards its index names, or model.safetensors. Pickle
-    checkpoints, stray shards and missing shards are errors naming the file."""
+    checkpoints, stray shards, missing shards and index entries outside the folder are errors naming the file."""
     index = folder / INDEX
     if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ShardError(f"{index}: unreadable index ({e})") from None
+        files = index_files(index)
         stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in files)
         if stray:
             raise ShardError(f"{folder}: {stray} are not in {INDEX} (mixed checkpoints?)")
@@ -89,8 +210,8 @@ class ShardReader:
         self.where: dict[str, tuple[pathlib.Path, dict]] = {}
         for name in checkpoint_files(self.folder) if files is None else files:
             path = self.folder / name
-            data_start = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
-            for key, entry in read_header(path).items():
+            data_start, header = parse_header(path)
+            for key, entry in header.items():
                 self.where[key] = (path, dict(entry, start=data_start))
 
     def keys(self) -> list[str]:
@@ -174,18 +295,16 @@ def write_safetensors(path: pathlib.Path, entries: Iterable[tuple[str, torch.dty
 
 
 def read_checkpoint_header(folder: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) for every tensor of the checkpoint in ``folder`` (one file or an index)."""
-    index = folder / "model.safetensors.index.json"
-    if not index.exists() and not (folder / "model.safetensors").exists():
+    """name -> (shape, dtype name) for every tensor of the checkpoint in ``folder`` (one file or an index), from
+    the checked headers (``parse_header``; any safetensors dtype, float8 included)."""
+    index = folder / INDEX
+    if not index.exists() and not (folder / SINGLE).exists():
         pickles = sorted(p.name for p in folder.iterdir() if is_pickle(p.name)) if folder.is_dir() else []
         found = f"it holds pickle weights {pickles}, which qvlquant never reads" if pickles else "it holds none"
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json ({found}); "
-                                "qvlquant reads safetensors checkpoints only")
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        raise FileNotFoundError(f"{folder}: no {SINGLE} or {INDEX} ({found}); qvlquant reads safetensors "
+                                "checkpoints only")
     out = {}
-    for name in files:
-        with safe_open(str(folder / name), "pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    for name in index_files(index) if index.exists() else [SINGLE]:
+        for key, e in read_header(folder / name, readable=False).items():
+            out[key] = (tuple(e["shape"]), e["dtype"])
     return out

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -296,3 +297,65 @@ def test_not_converted_names_protect_the_vision_tower_in_transformers_and_vllm()
     assert family_for("qwen3_vl").not_converted_names() == ["model.visual", "lm_head", "visual"]
     for name in ("model.visual.blocks.0.attn.qkv", "model.visual.merger.linear_fc1"):
         assert not transformers_converts(name, family_for("qwen3_vl").not_converted_names())
+
+
+def with_config(folder, edit):
+    config = json.loads((folder / "config.json").read_text())
+    changed = edit(config)
+    (folder / "config.json").write_text(json.dumps(config if changed is None else changed))
+
+
+ODD_CONFIGS = {  # config.json edit -> what the one line says (inspect, then inspect --repair)
+    "config.json a list": (lambda c: [1], r"config\.json: not a JSON object"),
+    "quantization_config a list": (lambda c: c.update(quantization_config=[1]),
+                                   r"config\.json: quantization_config must be a JSON object, got \[1\]"),
+    "bits a list": (lambda c: c["quantization_config"].update(bits=[4]),
+                    r"config\.json: quantization_config\.bits must be a whole number, got \[4\]"),
+    "bits 0": (lambda c: c["quantization_config"].update(bits=0), r"quantization_config: bits must be 2, 3, 4 or 8, got 0"),
+    "group_size a string": (lambda c: c["quantization_config"].update(group_size="128"),
+                            r"quantization_config\.group_size must be a whole number, got \'128\'"),
+    "model_type a list": (lambda c: c.update(model_type=["qwen2_vl"]), r"config\.json: model_type must be a string"),
+    "unknown model_type": (lambda c: c.update(model_type="llama"), r"model_type 'llama' is not supported"),
+    "modules_to_not_convert a number": (lambda c: c["quantization_config"].update(modules_to_not_convert=3),
+                                        r"quantization_config\.modules_to_not_convert must be a list of module names"),
+    "config_groups a list": (lambda c: c["quantization_config"].update(quant_method="compressed-tensors",
+                                                                        config_groups=[1]),
+                             r"quantization_config\.config_groups must be a JSON object"),
+    "text_config a list": (lambda c: c.update(text_config=[1]), r"config\.json: text_config must be an object"),
+    "heads a string": (lambda c: c.update(text_config={"num_attention_heads": "4", "num_key_value_heads": 2}),
+                       r"text_config\.num_attention_heads must be a whole number of at least 1"),
+}
+
+
+@pytest.mark.parametrize("odd", list(ODD_CONFIGS))
+def test_inspect_and_repair_of_odd_configs_are_one_line(tmp_path, capsys, odd):
+    """config.json of the wrong shape where inspect and repair read it: one line naming the file and the field,
+    exit 2, config.json untouched (never an AttributeError or TypeError traceback)."""
+    q = tiny_export(tmp_path / "q")
+    (q / MANIFEST).unlink()  # not ours: read as it is, nothing verified first
+    edit, message = ODD_CONFIGS[odd]
+    with_config(q, edit)
+    before = (q / "config.json").read_bytes()
+    for argv in (["inspect", str(q)], ["inspect", "--repair", str(q)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert (q / "config.json").read_bytes() == before
+
+
+def test_inspect_of_a_config_without_quantization_config_reports_it_unquantized(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / MANIFEST).unlink()
+    with_config(q, lambda c: c.pop("quantization_config") and None)
+    assert main(["inspect", str(q)]) == 0
+    assert main(["inspect", "--repair", str(q)]) == 2
+    assert "is not quantized: nothing to repair" in capsys.readouterr().err
+
+
+def test_a_qweight_without_scales_is_named(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / MANIFEST).unlink()
+    save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(16, 64, dtype=torch.int32)},
+              str(q / "model.safetensors"))
+    assert main(["inspect", str(q)]) == 2
+    assert "model.layers.0.mlp.up_proj.qweight has no model.layers.0.mlp.up_proj.scales" in capsys.readouterr().err

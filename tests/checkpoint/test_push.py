@@ -305,9 +305,40 @@ def test_eval_report_over_the_cap_or_not_a_report_is_refused(tmp_path, capsys):
     assert "not an eval report" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"task": "easyvqa", "accuracy": 77.5, "baseline": [1]}, "baseline: not an eval report"),
+    ({"task": ["easyvqa"], "accuracy": 77.5}, "task must be a task name"),
+    ({"task": "easyvqa", "accuracy": 77.5, "perplexity": 30.0, "baseline": {"task": "easyvqa", "accuracy": 70,
+                                                                             "perplexity": "x"}},
+     "baseline: perplexity must be a finite number"),
+])
+def test_eval_report_of_the_wrong_shape_is_refused_naming_the_field(tmp_path, capsys, data, message):
+    """What the card reads of a report is checked where the report is read: one line, exit 2, nothing sent."""
+    q = tiny_export(tmp_path / "q")
+    (tmp_path / "eval.json").write_text(json.dumps(data))
+    assert main(["push", str(q), "--repo", "me/x", "--dry-run", "--eval", str(tmp_path / "eval.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and str(tmp_path / "eval.json") in err and len(err.splitlines()) == 1
+
+
+def test_an_eval_report_without_n_or_model_still_fills_the_card(tmp_path):
+    q = tiny_export(tmp_path / "q")
+    api = FakeApi()
+    push(q, "me/x", eval_report={"task": "docvqa", "accuracy": 50.0}, api=api)
+    assert b"| ? | docvqa | 50.00 | - | - |" in api.sent["README.md"]
+
+
 def test_eval_report_path_fills_the_card(tmp_path):
     q = tiny_export(tmp_path / "q")
     (tmp_path / "eval.json").write_text(json.dumps({"task": "easyvqa", "accuracy": 77.5, "n": 100, "model": "q"}))
     api = FakeApi()
     push(q, "me/x", eval_report=tmp_path / "eval.json", api=api)
     assert b"| q | easyvqa | 77.50 | 100 | - |" in api.sent["README.md"]
+
+
+def test_an_export_whose_config_is_a_list_pushes_nothing(tmp_path, capsys):
+    q = tiny_export(tmp_path / "q")
+    (q / "config.json").write_text("[1]")
+    write_manifest(q)
+    assert main(["push", str(q), "--repo", "me/x", "--dry-run"]) == 2
+    assert "config.json: not a JSON object" in capsys.readouterr().err

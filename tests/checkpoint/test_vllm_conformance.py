@@ -11,11 +11,10 @@ venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cann
 
 import copy
 import json
+import os
 
 import pytest
 import torch
-
-import os
 
 if os.environ.get("QVLQUANT_REQUIRE_VLLM") == "1":  # CI's vLLM venv: a missing vLLM is a failure, not a skip
     import vllm  # noqa: F401

@@ -144,14 +144,15 @@ def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_one_before(dem
     model, _ = demo
     q = copy.deepcopy(model)
     received = []  # per layer: the inputs its method was handed
-    rtn = apply.METHODS["rtn"]
+    rtn = apply.LAYER_METHODS["rtn"]
 
     def recording(layer, inputs, ctx):
         received.append([dataclasses.replace(x, hidden=x.hidden.clone()) for x in inputs])
         rtn(layer, inputs, ctx)
 
-    monkeypatch.setitem(apply.METHODS, "rtn", recording)
-    quantize_model(q, demo_batches, LoopPlan(QWEN2_VL, QuantConfig("rtn", QuantSpec(3, 128, True))))
+    monkeypatch.setitem(apply.LAYER_METHODS, "rtn", recording)
+    quantize_model(q, demo_batches, LoopPlan(family=QWEN2_VL, qcfg=QuantConfig("rtn", QuantSpec(3, 128, True)),
+                                             pack_format=PackFormat.GPTQ))
     full, quantized = model.model.language_model.layers, q.model.language_model.layers
     assert len(received) == len(full) == 4
     for i in range(len(full) - 1):

@@ -175,3 +175,109 @@ def test_base_weights_replaced_with_the_same_size_and_mtime_are_not_resumed(tmp_
     capsys.readouterr()
     assert main(argv) == 2
     assert "partial run of a different model, calibration set or settings" in capsys.readouterr().err
+
+
+def a_partial_run(folder):
+    """A partial folder as a run leaves it after layer 0: the stamp, layer_0000 and the inputs of layer 1."""
+    import torch
+
+    from qvlquant.engine.resume import DiskStore, LayerRecord
+
+    store = DiskStore(folder, "f" * 64)
+    record = LayerRecord({"w": torch.ones(2, 2)}, {"q": {"loss": 0.5}}, {"q": 2}, {}, 1.5)
+    store.save(0, record, [torch.zeros(1, 3, 4)])
+    return store
+
+
+def with_metadata(path, **changes) -> None:
+    """``path`` (a safetensors file of the partial folder) with its metadata entries changed (None: removed)."""
+    from broken_models import read_raw, write_raw
+
+    header, data = read_raw(path)
+    meta = dict(header.get("__metadata__") or {})
+    meta.update({k: v for k, v in changes.items() if v is not None})
+    for k in [k for k, v in changes.items() if v is None]:
+        meta.pop(k, None)
+    header["__metadata__"] = meta
+    write_raw(path, header, data)
+
+
+PARTIAL_FAULTS = {  # what is broken -> (how, which file the message names)
+    "stamp not JSON": (lambda d: (d / "fingerprint.json").write_text("{"), "fingerprint.json"),
+    "stamp a list": (lambda d: (d / "fingerprint.json").write_text("[1]"), "fingerprint.json"),
+    "stamp without a fingerprint": (lambda d: (d / "fingerprint.json").write_text('{"fp": "x"}'), "fingerprint.json"),
+    "inputs empty": (lambda d: (d / "inputs.safetensors").write_bytes(b""), "inputs.safetensors"),
+    "inputs without a layer": (lambda d: with_metadata(d / "inputs.safetensors", layer=None), "inputs.safetensors"),
+    "inputs layer not a number": (lambda d: with_metadata(d / "inputs.safetensors", layer='"x"'),
+                                  "inputs.safetensors"),
+    "inputs layer negative": (lambda d: with_metadata(d / "inputs.safetensors", layer="-3"), "inputs.safetensors"),
+    "inputs metadata a list": (lambda d: with_metadata(d / "inputs.safetensors", layer=[1]), "inputs.safetensors"),
+    "layer info a list": (lambda d: with_metadata(d / "layer_0000.safetensors", info="[1]"),
+                          "layer_0000.safetensors"),
+    "layer without in_features": (lambda d: with_metadata(d / "layer_0000.safetensors", in_features=None),
+                                  "layer_0000.safetensors"),
+    "layer seconds not a number": (lambda d: with_metadata(d / "layer_0000.safetensors", seconds="soon"),
+                                   "layer_0000.safetensors"),
+    "layer truncated": (lambda d: (d / "layer_0000.safetensors").write_bytes(
+        (d / "layer_0000.safetensors").read_bytes()[:-3]), "layer_0000.safetensors"),
+}
+
+
+@pytest.mark.parametrize("fault", list(PARTIAL_FAULTS))
+def test_malformed_partial_files_are_named_with_the_way_out(tmp_path, fault):
+    """A stamp, inputs or layer file of .OUTPUT.partial that qvlquant did not write that way: one ValueError naming
+    the file and --no-resume, whichever reader meets it first (never a KeyError, TypeError or struct.error)."""
+    from qvlquant.engine.resume import DiskStore
+
+    folder = tmp_path / ".q.partial"
+    a_partial_run(folder)
+    breaks, name = PARTIAL_FAULTS[fault]
+    breaks(folder)
+    with pytest.raises(ValueError, match=rf"{name}.*(pass|rerun with) --no-resume to start over"):
+        store = DiskStore(folder, "f" * 64)
+        store.resume_point()
+        store.load(0), store.load_info(0), store.tensor_meta(0)
+
+
+def test_an_intact_partial_run_reads_back(tmp_path):
+    import torch
+
+    from qvlquant.engine.resume import DiskStore
+
+    a_partial_run(tmp_path / ".q.partial")
+    store = DiskStore(tmp_path / ".q.partial", "f" * 64)
+    start, hidden = store.resume_point()
+    assert start == 1 and torch.equal(hidden[0], torch.zeros(1, 3, 4))
+    record = store.load(0)
+    assert record.info == {"q": {"loss": 0.5}} and record.in_features == {"q": 2} and record.seconds == 1.5
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{", '{"a": 3}', "null", '"x"'])
+def test_a_malformed_hash_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, text):
+    """The sha256 cache is qvlquant's own file: malformed (a list, bad JSON, an entry that is no digest), it is
+    treated as empty, the file hashed again and the cache rewritten."""
+    import hashlib
+
+    from qvlquant.engine import resume
+
+    monkeypatch.setenv("QVLQUANT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "sha256.json").write_text(text)
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"weights")
+    assert resume.file_sha256(weights) == hashlib.sha256(b"weights").hexdigest()
+    assert hashlib.sha256(b"weights").hexdigest() in (tmp_path / "cache" / "sha256.json").read_text()
+
+
+def test_a_cached_entry_that_is_no_digest_is_hashed_again(tmp_path, monkeypatch):
+    import hashlib
+
+    from qvlquant.engine import resume
+
+    monkeypatch.setenv("QVLQUANT_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"weights")
+    resume.file_sha256(weights)
+    cache = tmp_path / "cache" / "sha256.json"
+    cache.write_text(json.dumps({k: [1] for k in json.loads(cache.read_text())}))
+    assert resume.file_sha256(weights) == hashlib.sha256(b"weights").hexdigest()

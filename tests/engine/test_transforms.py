@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from qvlquant.engine.transforms import pad_intermediate
@@ -32,3 +33,16 @@ def test_72b_numbers():
             return []
 
     assert pad_intermediate(M(), QWEN2_VL, 1024) == 29696
+
+
+def test_padding_that_would_more_than_double_the_mlp_is_refused_naming_both_sizes():
+    from types import SimpleNamespace
+
+    from qvlquant.engine.transforms import pad_config
+
+    config = SimpleNamespace(text_config=SimpleNamespace(intermediate_size=512))
+    with pytest.raises(ValueError, match=r"--pad-intermediate-to 1025 would pad the MLP's intermediate size 512 to "
+                                         r"1025, more than double"):
+        pad_config(config, 1025)
+    assert config.text_config.intermediate_size == 512  # unchanged
+    assert pad_config(config, 1024) == 1024  # exactly double is allowed (Qwen2-VL-72B: 29568 -> 29696 with 1024)

@@ -119,6 +119,12 @@ def test_tolerance_resolution_recipe_then_flags(tmp_path):
     ({"tasks": {"docvqa": 50}, "n": 3}, "tasks must map task"),
     ([1, 2], "not an eval report"),
     ("{not json", "cannot read eval report"),
+    ({"task": ["easyvqa"], "accuracy": 77, "n": 3}, r"task must be a task name, got \['easyvqa'\]"),
+    ({"task": "easyvqa", "accuracy": 77, "n": [3]}, r"n must be a whole number >= 0, got \[3\]"),
+    ({"task": "easyvqa", "accuracy": 77, "n": 3, "model": {"a": 1}}, "model must be a string"),
+    ({"task": "easyvqa", "accuracy": 77, "n": 3, "baseline": [1]}, "baseline: not an eval report"),
+    ({"task": "easyvqa", "accuracy": 77, "n": 3, "baseline": {"task": "easyvqa", "accuracy": 70, "perplexity": "x"}},
+     "baseline: perplexity must be a finite number"),
 ])
 def test_reports_without_the_needed_fields_are_errors(tmp_path, data, message):
     path = write(tmp_path / "r.json", data)

@@ -1,9 +1,12 @@
 """Safetensors written and read one tensor at a time: the bytes of safetensors' own save_file, exactly."""
 
 import errno
+import json
+import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qvlquant.storage import shards
@@ -76,8 +79,13 @@ def test_truncated_file_is_an_error_naming_it(tmp_path):
     save_file({"x": torch.zeros(100)}, str(tmp_path / "model.safetensors"))
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ShardError, match=r"model\.safetensors: .*truncated"):  # seen in the header, on opening
+        ShardReader(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data)
+    reader = ShardReader(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data[:-10])  # and when it shrinks after that
     with pytest.raises(ShardError, match="x is truncated"):
-        ShardReader(tmp_path).get("x")
+        reader.get("x")
 
 
 def test_rows_of_a_table_are_those_of_the_whole_tensor(tmp_path):
@@ -87,3 +95,108 @@ def test_rows_of_a_table_are_those_of_the_whole_tensor(tmp_path):
     assert torch.equal(rows, table[[7, 0, 49, 7]])
     with pytest.raises(ShardError, match="row 50 of embed is outside its 50 rows"):
         ShardReader(tmp_path).get_rows("embed", [50])
+
+
+def raw_safetensors(path, header, data: bytes) -> None:
+    """A safetensors file with exactly this header (a dict, or raw bytes) and data, however wrong."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+MALFORMED = {  # name -> (header, data, what the error says)
+    "empty file": (None, b"", r"0 bytes; a safetensors file starts with"),
+    "under 8 bytes": (None, b"\x01\x02\x03", r"3 bytes; a safetensors file starts with"),
+    "header past the end": (b"", b"", None),  # the length field claims more than the file holds (set below)
+    "header not JSON": (b"{not json}", b"", r"header is not JSON"),
+    "header a list": ([1, 2], b"", r"header is not a JSON object"),
+    "entry a list": ({"w": [1]}, b"", r"tensor 'w': not an entry"),
+    "float8": ({"w": entry("F8_E4M3", (8,), (0, 8))}, bytes(8), r"tensor 'w' is F8_E4M3, which qvlquant does not "
+               r"read \(it reads BOOL, U8, .*\)"),
+    "unknown dtype": ({"w": entry("Q4")}, bytes(8), r"tensor 'w' has dtype 'Q4', not one of safetensors'"),
+    "negative dim": ({"w": entry(shape=(-2,))}, bytes(8), r"tensor 'w': shape \[-2\] must be a list of"),
+    "offsets of the wrong type": ({"w": entry(offsets=("0", 8))}, bytes(8), r"tensor 'w': data_offsets"),
+    "size is not dtype x shape": ({"w": entry(shape=(3,))}, bytes(8), r"tensor 'w': 8 bytes for F32 \[3\] \(12 "
+                                  r"bytes\)"),
+    "overlapping": ({"a": entry(offsets=(0, 8)), "b": entry(offsets=(4, 12))}, bytes(12),
+                    r"tensors 'a' and 'b' overlap"),
+    "same bytes twice": ({"a": entry(), "b": entry()}, bytes(8), r"tensors 'a' and 'b' overlap"),
+    "a gap": ({"a": entry(offsets=(0, 8)), "b": entry(offsets=(12, 20))}, bytes(20), r"4 bytes between 'a' and 'b'"),
+    "truncated": ({"a": entry(shape=(4,), offsets=(0, 16))}, bytes(10), r"data up to byte 16 .* holds 10: "
+                  r"truncated"),
+    "trailing bytes": ({"a": entry()}, bytes(12), r"4 bytes after the last tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_headers_are_refused_on_opening_naming_the_file(tmp_path, case):
+    """Everything safetensors itself refuses (checked below with its own reader) is refused when the reader opens
+    the file: never a tensor read from overlapping or missing bytes, never an exception other than ShardError."""
+    header, data, message = MALFORMED[case]
+    path = tmp_path / "model.safetensors"
+    if header is None:
+        path.write_bytes(data)
+    elif case == "header past the end":
+        path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+        message = r"header of 1000 bytes in a file of 10"
+    else:
+        raw_safetensors(path, header, data)
+    with pytest.raises(ShardError, match=rf"{path}: .*{message}"):
+        ShardReader(tmp_path)
+    if case == "float8":  # safetensors reads it, qvlquant does not quantize it; inspect reads its shape
+        assert shards.read_checkpoint_header(tmp_path) == {"w": ((8,), "F8_E4M3")}
+        return
+    with pytest.raises(Exception):
+        safe_open(str(path), "pt")  # safetensors refuses each one too
+
+
+def test_well_formed_headers_still_read_zero_sized_tensors_included(tmp_path):
+    raw_safetensors(tmp_path / "model.safetensors", {"__metadata__": {"format": "pt"}, "e": entry(shape=(0, 3),
+                    offsets=(0, 0)), "a": entry(offsets=(0, 8)), "b": entry("BF16", (2, 2), (8, 16))}, bytes(16))
+    reader = ShardReader(tmp_path)
+    assert reader.meta("e") == (torch.float32, (0, 3)) and reader.meta("b") == (torch.bfloat16, (2, 2))
+    assert torch.equal(reader.get("b"), torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+def index_of(tmp_path, weight_map) -> None:
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "/tmp/x.safetensors", "sub/x.safetensors", "..", ".", "",
+                                  "sub\\x.safetensors"])
+def test_index_entries_must_be_plain_names_inside_the_folder(tmp_path, name):
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    for where in (tmp_path / "x.safetensors", model / "sub" / "x.safetensors"):
+        save_file({"w": torch.zeros(2)}, str(where))
+    index_of(model, {"w": name})
+    with pytest.raises(ShardError, match=r"index\.json: shard .* is not a plain file name inside"):
+        ShardReader(model)
+    with pytest.raises(ShardError, match="not a plain file name"):
+        shards.read_checkpoint_header(model)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1]", "not a JSON object with a weight_map"),
+    ('{"weight_map": [1]}', "weight_map must map tensor names to shard file names"),
+    ('{"weight_map": {"w": 1}}', "weight_map must map tensor names to shard file names"),
+    ('{"metadata": {}}', "not a JSON object with a weight_map"),
+    ("{", "not JSON"),
+])
+def test_malformed_index_is_named(tmp_path, text, message):
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ShardError, match=rf"model\.safetensors\.index\.json: .*{message}"):
+        checkpoint_files(tmp_path)
+
+
+def test_a_plain_name_that_is_a_symlink_is_followed(tmp_path):
+    """The Hugging Face cache keeps each shard as a symlink into its blob store: a plain name, read."""
+    blobs, model = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir(), model.mkdir()
+    save_file({"w": torch.ones(2)}, str(blobs / "abc123"))
+    (model / "model-1.safetensors").symlink_to("../blobs/abc123")
+    index_of(model, {"w": "model-1.safetensors"})
+    assert torch.equal(ShardReader(model).get("w"), torch.ones(2))

@@ -7,9 +7,9 @@ import sys
 import types
 
 import pytest
-import qvlquant.tools.bench as bench
 import torch
 
+import qvlquant.tools.bench as bench
 from qvlquant.cli import main
 from qvlquant.families import QWEN2_VL
 from qvlquant.quant.rtn import fake_quantize
