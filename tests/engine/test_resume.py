@@ -110,7 +110,8 @@ def test_replaced_base_weights_of_the_same_size_are_not_resumed(tmp_path, monkey
         data[-2] ^= 0x01  # one bf16 value of the last tensor, same size
         weights.write_bytes(bytes(data))
 
-    code, err = _crash_then(monkeypatch, ARGS + ["--model", str(base), "--output", str(tmp_path / "q")], edit, capsys)
+    argv = ARGS + ["--model", str(base), "--calib", "demo", "--output", str(tmp_path / "q")]  # gptq: data named
+    code, err = _crash_then(monkeypatch, argv, edit, capsys)
     assert code == 2 and "partial run of a different model, calibration set or settings" in err
 
 
