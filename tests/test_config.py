@@ -124,4 +124,7 @@ def test_numeric_settings_have_floors_and_ceilings(settings, message):
                                       dict(method="awq", awq_grid=1000), dict(method="awq", awq_max_tokens=2**18),
                                       dict(pad_intermediate_to=65536)])
 def test_numeric_settings_at_their_limits_are_accepted(settings):
-    JobConfig.from_flat(output="out/q", **settings)
+    job = JobConfig.from_flat(output="out/q", **settings)
+    for key, value in settings.items():  # kept as given, not clamped
+        if key != "method":
+            assert getattr(job.quant, key, getattr(job, key, None)) == value, key
