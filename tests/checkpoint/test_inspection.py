@@ -136,7 +136,10 @@ def flip_last_byte(path):
     path.write_bytes(bytes(data))
 
 
-def test_inspect_verifies_an_intact_export(tmp_path, capsys):
+def test_inspect_verifies_an_intact_export(tmp_path, capsys, monkeypatch):
+    # the hand-made export quantizes up_proj alone, which vLLM itself refuses (gate_up_proj's shards must agree):
+    # this test is about the manifest, so the copied rules judge, with or without vLLM in the venv
+    monkeypatch.setattr("qvlquant.checkpoint.inspection.vllm_installed", lambda: None)
     q = tiny_export(tmp_path / "q")
     report = inspect_checkpoint(q)
     assert report["verification"] == {"status": "verified", "files": 2, "error": None}
@@ -166,7 +169,8 @@ def test_inspect_fails_an_edited_export(tmp_path, capsys, edit):
     assert json.loads(capsys.readouterr().out)["verification"]["status"] == "failed"
 
 
-def test_inspect_of_a_folder_without_manifest_says_so(tmp_path, capsys):
+def test_inspect_of_a_folder_without_manifest_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qvlquant.checkpoint.inspection.vllm_installed", lambda: None)  # as above
     q = tiny_export(tmp_path / "q")
     (q / MANIFEST).unlink()
     assert main(["inspect", str(q)]) == 0
