@@ -33,6 +33,8 @@ from qvlquant.engine.loop import (
     LoopPlan,
     QuantResult,
     check_group_size,
+    decoder_linears,
+    fused_groups,
     quantize_model,
 )
 from qvlquant.engine.resume import (
@@ -58,6 +60,7 @@ from qvlquant.engine.streaming import (
     check_config_fits,
 )
 from qvlquant.engine.transforms import pad_config
+from qvlquant.quant.rules import ModulePlan, format_plan, plan_rows
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
     choose_offload,
@@ -122,6 +125,7 @@ class PreparedJob:
     hidden: int  # the text model's hidden size
     processor: object  # what encodes the calibration samples, saved with the export
     padded: int | None  # the MLP's intermediate size after --pad-intermediate-to (None: not padded)
+    modules: ModulePlan  # the job's settings and its per-module rules, checked against the model's linears
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -156,7 +160,8 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
         local = [batches[b] for b in shards[world.rank]]
         offload = choose_offload(job.device, _activation_bytes(local, job.hidden, job.dtype), config.device.offload)
         plan = LoopPlan(family=job.family, qcfg=config.quant, pack_format=config.pack_format,
-                        storage_dtype=job.storage, offload=offload, max_layers=config.max_layers, world=world)
+                        storage_dtype=job.storage, offload=offload, max_layers=config.max_layers, world=world,
+                        modules=job.modules if job.modules.mixed else None)
         source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
                                 dtype=job.dtype, pad_to=config.pad_intermediate_to)
         say(f"loading the vision tower and embeddings onto {job.device} for the capture pass"
@@ -224,7 +229,13 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     say(f"building {family.name} from {folder} on the meta device")
     skeleton = build_skeleton(hf_config, family, dtype)
     padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
-    check_group_size(skeleton, family, config.quant.spec, padded)
+    linears = decoder_linears(skeleton, family, padded)
+    modules = ModulePlan.resolve(config.rules, config.quant, [name for name, _, _ in linears],
+                                 fused_groups(family, len(skeleton.get_submodule(family.decoder_layers))))
+    check_group_size(skeleton, family, config.quant.spec, padded, modules if modules.mixed else None)
+    if world.leader:
+        say("the plan (bits per weight with scales and zeros; skipped linears at the checkpoint's 16 bits):\n"
+            + format_plan(plan_rows(modules, linears, config.pack_format)))
     check_checkpoint(skeleton, family, reader)  # every tensor there, of its shape, before any data is read
     partial = beside(out, "partial")
     if not config.resume and world.leader:
@@ -232,13 +243,15 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     text = getattr(hf_config, "text_config", hf_config)
     return PreparedJob(device=device, threads=threads, folder=folder, family=family, out=out, protected=protected,
                        dtype=dtype, storage=storage, skeleton=skeleton, reader=reader, partial=partial,
-                       hidden=text.hidden_size, processor=load_processor(folder, family), padded=padded)
+                       hidden=text.hidden_size, processor=load_processor(folder, family), padded=padded,
+                       modules=modules)
 
 
 def _warn_about_vllm(config: JobConfig, job: PreparedJob) -> None:
     """Say before any work when vLLM (its own code when installed, else the copied rules) will refuse the export."""
     layers = len(job.skeleton.get_submodule(job.family.decoder_layers))
-    qc = quantization_config(config.quant, config.pack_format, job.family, layers)
+    qc = quantization_config(config.quant, config.pack_format, job.family, layers,
+                             job.modules if job.modules.mixed else None)
     for line in vllm_compatibility_warnings(qc, job.family):
         print(f"qvlquant quantize: warning: {line}", file=sys.stderr, flush=True)
 

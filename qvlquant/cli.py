@@ -115,6 +115,19 @@ def recipe_defaults(path: str) -> dict:
     return dict(load_recipe(path).settings)
 
 
+class RuleFlag(argparse.Action):
+    """--override / --ignore: each appends a per-module rule to one list, in the order given (first match wins)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from qvlquant.quant.rules import parse_rule
+
+        try:
+            rule = parse_rule(f"{value}:skip" if option_string == "--ignore" else value)
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), rule])
+
+
 def add_quantize(sub) -> None:
     """Flags default to None, so a recipe can set them; the defaults the help shows are read from what
     JobConfig.from_flat applies and QuantConfig resolves per bit width (never typed twice)."""
@@ -146,6 +159,14 @@ def add_quantize(sub) -> None:
     p.add_argument("--format", dest="export_format", choices=list(EXPORT_FORMATS),
                    help="auto: GPTQ layout (rtn, gptq) or AWQ GEMM (awq); compressed-tensors: vLLM's native "
                         f"format (default {job.export.format})")
+    p.add_argument("--override", dest="cli_rules", action=RuleFlag, metavar="PATTERN:KEY=VALUE,...",
+                   help="other settings for the linears whose runtime name matches the regex PATTERN (searched, "
+                        "e.g. 'mlp.down_proj:bits=8' or 'layers\\.(0|27)\\.:bits=8,group_size=64'); keys: bits, "
+                        "group_size, sym, method (rtn / gptq). Repeatable; with --ignore, the first matching rule "
+                        "wins, in the order given, before a recipe's rules")
+    p.add_argument("--ignore", dest="cli_rules", action=RuleFlag, metavar="PATTERN",
+                   help="keep the linears whose runtime name matches the regex PATTERN in the checkpoint's dtype "
+                        "(e.g. 'layers\\.0\\.mlp'); repeatable")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="delete a partial run of this output (.OUTPUT.partial) and start over instead of resuming")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --output that is "
@@ -223,7 +244,9 @@ def run_quantize(args) -> int:
         quantize,  # transformers: each command imports its heavy modules when it runs
     )
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "nproc", "argv", "debug")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("command", "recipe", "nproc", "argv", "debug", "cli_rules")}
+    settings["rules"] = [*(args.cli_rules or []), *(settings.get("rules") or [])]  # the flags' before the recipe's
     if args.nproc is not None and args.nproc != 1:
         config = JobConfig.from_flat(**settings)  # its checks and the batch count, before any process starts
         launch.check_batches(-(-config.calib.num_samples // config.processing.batch_size), args.nproc)

@@ -15,6 +15,7 @@ import re
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
 from qvlquant.quant.formats import EXPORT_FORMATS, PackFormat
+from qvlquant.quant.rules import ModulePlan, Rule, parse_rule, rule_from_mapping
 from qvlquant.quant.spec import QuantConfig, QuantSpec, positive_int
 
 CONFIG_VERSION = 1
@@ -89,6 +90,8 @@ class JobConfig:
     trust_remote_code: bool = False
     resume: bool = True
     max_layers: int | None = None  # stop after this many layers (measurement); the partial run stays resumable
+    # per-module precision (quant.rules): first match wins over runtime linear names; skip, or other settings
+    rules: tuple[Rule, ...] = ()
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -98,13 +101,28 @@ class JobConfig:
         positive_int("max_layers", self.max_layers, allow_none=True)
         if self.calib.source is None:
             object.__setattr__(self, "calib", dataclasses.replace(self.calib, source=self._default_calib()))
-        spec, fmt = self.quant.spec, self.pack_format
-        if fmt is PackFormat.AWQ_GEMM and (spec.bits != 4 or spec.sym):
-            raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (asymmetric) only; "
-                             "use --format compressed-tensors for other widths")
-        if fmt is PackFormat.COMPRESSED and self.quant.desc_act and not self.quant.static_groups:
-            raise ValueError("the compressed-tensors export stores contiguous groups only: add --static-groups "
-                             "to --desc-act, or use the GPTQ format")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not all(isinstance(r, Rule) for r in self.rules):
+            raise ValueError("rules must be quant.rules.Rule values (parse_rule('PATTERN:bits=8') builds one)")
+        fmt = self.pack_format
+        check_fits_format(self.quant, fmt)
+        for rule, qcfg in self.module_plan.rules:
+            if qcfg is None:
+                continue
+            if fmt is PackFormat.AWQ_GEMM:
+                raise ValueError(f"rule {rule.text()!r}: the AWQ GEMM format holds one width for every linear, so "
+                                 "a rule may only skip (PATTERN:skip); use --format compressed-tensors for "
+                                 "per-module bits, group size or sym")
+            try:
+                check_fits_format(qcfg, fmt)
+            except ValueError as e:
+                raise ValueError(f"rule {rule.text()!r}: {e}") from None
+
+    @property
+    def module_plan(self) -> ModulePlan:
+        """The rules with the config each gives, checked against the method and each other (not yet against a
+        model's linears: ``ModulePlan.resolve`` with the names does that before any data work)."""
+        return ModulePlan.resolve(self.rules, self.quant)
 
     def _default_calib(self) -> str:
         """The demo's chats for the embedded models, and for RTN (which rounds without data; the samples only run
@@ -122,8 +140,10 @@ class JobConfig:
         return PackFormat.for_job(self.quant.method, self.export.format)
 
     def to_dict(self) -> dict:
-        """JSON-ready settings (what the report records)."""
-        return dataclasses.asdict(self)
+        """JSON-ready settings (what the report records); rules as a recipe writes them."""
+        d = dataclasses.asdict(self)
+        d["rules"] = [rule.to_dict() for rule in self.rules]
+        return d
 
     def result_settings(self) -> dict:
         """The settings that decide the exported tensors (what resume fingerprints): not where the output goes,
@@ -134,6 +154,8 @@ class JobConfig:
         d["export"].pop("overwrite")
         d["export"].pop("protected")
         d["device"].pop("threads")
+        if not d["rules"]:
+            d.pop("rules")  # a job without rules fingerprints as it did before rules existed (its partial run resumes)
         return d
 
     @classmethod
@@ -165,8 +187,29 @@ class JobConfig:
             processing=CalibConfig(**pick(_PROCESSING_KEYS)),
             device=DeviceConfig(**pick(("device", "dtype", "offload", "threads"))),
             export=ExportConfig(**export),
+            rules=tuple(as_rule(r, i) for i, r in enumerate(flat.get("rules") or ())),
             **pick(("output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers")),
         )
+
+
+def as_rule(value, index: int = 0) -> Rule:
+    """A rule given as a Rule, as text (``PATTERN:bits=8`` / ``PATTERN:skip``) or as a recipe mapping."""
+    if isinstance(value, Rule):
+        return value
+    if isinstance(value, str):
+        return parse_rule(value)
+    return rule_from_mapping(value, f"rules[{index}]")
+
+
+def check_fits_format(qcfg: QuantConfig, fmt: PackFormat) -> None:
+    """Whether the layout ``fmt`` can store what ``qcfg`` produces."""
+    spec = qcfg.spec
+    if fmt is PackFormat.AWQ_GEMM and (spec.bits != 4 or spec.sym):
+        raise ValueError("AWQ exports the AWQ GEMM format: 4-bit with zero point (asymmetric) only; "
+                         "use --format compressed-tensors for other widths")
+    if fmt is PackFormat.COMPRESSED and qcfg.desc_act and not qcfg.static_groups:
+        raise ValueError("the compressed-tensors export stores contiguous groups only: add --static-groups "
+                         "to --desc-act, or use the GPTQ format")
 
 
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "damp_percent", "damp_max", "block_size", "desc_act",
@@ -176,4 +219,4 @@ _COLUMN_KEYS = ("image_column", "question_column", "answer_column", "text_column
 _PROCESSING_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
 FLAT_KEYS = frozenset(_QUANT_KEYS + _COLUMN_KEYS + _PROCESSING_KEYS + (
     "calib", "num_samples", "seed", "split", "device", "dtype", "offload", "threads", "overwrite", "max_shard_bytes",
-    "export_format", "output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers"))
+    "export_format", "output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers", "rules"))

@@ -49,10 +49,20 @@ class ModelFamily:
     column_parallel: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
                                         "mlp.up_proj")
     row_parallel: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # vLLM runs these linears as one layer (its packed_modules_mapping): (fused name, its linears); they need one
+    # quantization setting, and per-module configs must name the fused layer too
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    )
 
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.linear_groups for name in group)
+
+    def fused_name(self, linear: str) -> str | None:
+        """The name vLLM gives the fused layer that ``linear`` (``self_attn.q_proj``) is part of; None if none."""
+        return next((name for name, parts in self.fused if linear in parts), None)
 
     def to_disk(self, runtime_name: str) -> str:
         for runtime, disk in self.disk_prefixes:
@@ -146,6 +156,7 @@ QWEN_VL_V1 = ModelFamily(
     clip_skipped=("attn.c_attn",),
     column_parallel=("attn.c_attn", "mlp.w1", "mlp.w2"),
     row_parallel=("attn.c_proj", "mlp.c_proj"),
+    fused=(("mlp.gate_up_proj", ("mlp.w2", "mlp.w1")),),  # vLLM's QWenMLP; c_attn is fused in the checkpoint
 )
 
 FAMILIES: dict[str, ModelFamily] = {

@@ -26,6 +26,7 @@ from qvlquant.eval.check import (
     tolerance,
 )
 from qvlquant.quant.formats import EXPORT_FORMATS
+from qvlquant.quant.rules import rule_from_mapping
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS
 from qvlquant.storage.files import read_text_bounded
 
@@ -77,6 +78,7 @@ SETTINGS: dict[str, Setting] = {
     "output": Setting(str),
     "device": Setting(str, nullable=True),
     "offload": Setting(str, ("auto", "cpu", "device")),
+    "rules": Setting(list),  # per-module rules: [{pattern: REGEX, skip: true} or {pattern: REGEX, bits: 8, ...}]
 }
 # Quantize flags a recipe may not set: the recipe itself, replacing an existing folder (asked for on the command line
 # each time, never by a file), a limit for measuring, and the machine's thread count.
@@ -111,6 +113,8 @@ def setting_value(key: str, value, source: str):
         raise ValueError(f"recipe {source}: {key} must be a finite number, got {value!r:.80}")
     if spec.choices and value not in spec.choices:
         raise ValueError(f"recipe {source}: {key} must be one of {list(spec.choices)}, got {value!r:.80}")
+    if key == "rules":
+        return [rule_from_mapping(entry, f"recipe {source}: rules[{i}]") for i, entry in enumerate(value)]
     return value
 
 

@@ -18,7 +18,9 @@ def quantize_actions() -> dict:
     """dest -> argparse action of the quantize flags (argparse's private list: only this cross-check reads it)."""
     sub = argparse.ArgumentParser().add_subparsers()
     add_quantize(sub)
-    return {a.dest: a for a in sub.choices["quantize"]._actions if a.dest != "help"}
+    actions = {a.dest: a for a in sub.choices["quantize"]._actions if a.dest != "help"}
+    actions["rules"] = actions.pop("cli_rules")  # --override / --ignore: a recipe's rules list
+    return actions
 
 
 def test_every_published_checkpoint_has_a_recipe():
@@ -57,6 +59,9 @@ def test_schema_matches_the_quantize_flags():
         if key in COMMAND_LINE_ONLY:
             continue
         spec = SETTINGS[key]
+        if key == "rules":  # each flag appends one rule (RuleFlag); the recipe holds the list
+            assert spec.type is list and type(action).__name__ == "RuleFlag", key
+            continue
         if action.nargs == 0:  # store_true / store_false
             assert spec.type is bool, key
         else:

@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Callable
 
@@ -27,6 +28,7 @@ from qvlquant.engine.loop import QuantResult
 from qvlquant.engine.streaming import disk_key
 from qvlquant.families import ModelFamily
 from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
 from qvlquant.storage.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401 (MANIFEST, verify re-exported)
 from qvlquant.storage.outputs import publish, temp_dir
@@ -46,12 +48,10 @@ def act_order_is_static(qcfg: QuantConfig) -> bool:
     return qcfg.desc_act and (qcfg.static_groups or qcfg.spec.group_size == -1)
 
 
-def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
-    """compressed-tensors ``pack-quantized``: one config group for every targeted Linear; the vision tower and lm_head
-    in ``ignore``. Validated by ``compressed_tensors.QuantizationConfig`` where that library is installed (the
-    interop / vllm extras), so a field it would reject never reaches a checkpoint; the plain dict otherwise."""
+def compressed_weights(qcfg: QuantConfig) -> dict:
+    """compressed-tensors' ``weights`` arguments of a config group for linears quantized by ``qcfg``."""
     spec = qcfg.spec
-    weights = {
+    return {
         "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False,
         "strategy": "channel" if spec.group_size == -1 else "group",
         "group_size": None if spec.group_size == -1 else spec.group_size,
@@ -59,16 +59,72 @@ def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily) -> dict:
         # contiguous layout holds (the job config refuses act-order without static groups for this format)
         "actorder": "weight" if act_order_is_static(qcfg) else None, "observer": "minmax",
     }
+
+
+def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily, mixed: list | None = None) -> dict:
+    """compressed-tensors ``pack-quantized``: one config group for every targeted Linear; the vision tower and lm_head
+    in ``ignore``. ``mixed`` (``mixed_settings``): a further group per other setting, targeting its linears by
+    regex (a name target takes precedence over the class target "Linear"), and skipped linears in ``ignore``.
+    Validated by ``compressed_tensors.QuantizationConfig`` where that library is installed (the interop / vllm
+    extras), so a field it would reject never reaches a checkpoint; the plain dict otherwise."""
+    group = lambda c, targets: {"targets": targets, "weights": compressed_weights(c),  # noqa: E731
+                                "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    groups = {"group_0": group(qcfg, ["Linear"])}
+    ignore = family.compressed_ignore()
+    for setting, patterns in mixed or ():
+        if setting is None:
+            ignore += [f"re:{p}" for p in patterns]
+        else:
+            groups[f"group_{len(groups)}"] = group(setting, [f"re:{p}" for p in patterns])
     config = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}},
-        "ignore": family.compressed_ignore(),
+        "config_groups": groups,
+        "ignore": ignore,
         "kv_cache_scheme": None,
     }
     return {**validated_by_library(config), "meta": {"quantizer": f"qvlquant:{__version__}", "method": qcfg.method}}
+
+
+def mixed_settings(family: ModelFamily, num_layers: int, modules: ModulePlan | None) -> list[tuple]:
+    """The linears whose settings differ from the job's, as [(QuantConfig or None for skipped, [regex, ...])]: per
+    setting, one regex per set of layers, naming those layers and the linears with vLLM's fused names beside them
+    (for layers 3 and 5: ``.*[.]layers[.](?:3|5)[.](?:self_attn[.]q_proj|...|self_attn[.]qkv_proj)$``, dots
+    escaped), so that it matches the runtime and checkpoint names of transformers, GPTQModel and vLLM alike
+    (``re.match`` / ``re.search``). [] without rules."""
+    if modules is None or not modules.mixed:
+        return []
+    head = family.decoder_layers.rsplit(".", 1)[-1]
+    found: dict = {}  # setting -> {linear group: [layers]}, in the order first met
+    for i in range(num_layers):
+        for group in family.linear_groups:
+            cfg = modules.config_for(f"{family.decoder_layers}.{i}.{group[0]}")
+            if cfg != modules.default:
+                found.setdefault(cfg, {}).setdefault(group, []).append(i)
+    out = []
+    for cfg, groups in found.items():
+        by_layers: dict[tuple[int, ...], list[str]] = {}  # linear groups given this setting in the same layers
+        for group, layers in groups.items():
+            fused = family.fused_name(group[0])
+            by_layers.setdefault(tuple(layers), []).extend(list(group) + ([fused] if fused else []))
+        out.append((cfg, [rf".*\.{re.escape(head)}\.(?:{'|'.join(map(str, layers))})\."
+                          rf"(?:{'|'.join(re.escape(n) for n in names)})$" for layers, names in by_layers.items()]))
+    return out
+
+
+def gptq_dynamic(mixed: list[tuple]) -> dict:
+    """GPTQModel's ``dynamic`` (vLLM reads it): ``-:regex`` skips, ``+:regex`` overrides bits / group_size / sym /
+    desc_act; first match wins."""
+    dynamic = {}
+    for cfg, patterns in mixed:
+        for p in patterns:
+            if cfg is None:
+                dynamic[f"-:{p}"] = {}
+            else:
+                dynamic[f"+:{p}"] = {"bits": cfg.spec.bits, "group_size": cfg.spec.group_size, "sym": cfg.spec.sym,
+                                     "desc_act": cfg.desc_act and not act_order_is_static(cfg)}
+    return dynamic
 
 
 def validated_by_library(config: dict) -> dict:
@@ -83,7 +139,8 @@ def validated_by_library(config: dict) -> dict:
     return QuantizationConfig.model_validate(config).model_dump(mode="json")
 
 
-def modules_in_block_to_quantize(family: ModelFamily, num_layers: int) -> list[list[str]]:
+def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
+                                 modules: ModulePlan | None = None) -> list[list[str]]:
     """GPTQ's list of quantized linears, one group per layer and linear group, each named from the decoder-layer
     list on (``layers.3.mlp.gate_proj``). Short names (``mlp.gate_proj``) are not enough: vLLM treats every linear
     whose name contains one as GPTQ-quantized, and Qwen2.5-VL's vision MLP has those names too (bf16 weights built
@@ -91,16 +148,31 @@ def modules_in_block_to_quantize(family: ModelFamily, num_layers: int) -> list[l
     names (``model.language_model.layers.3.mlp.gate_proj``) and vLLM as substrings of its own
     (``language_model.model.layers.3.mlp.gate_up_proj``'s shards)."""
     head = family.decoder_layers.rsplit(".", 1)[-1]
-    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.linear_groups]
+    skipped = lambda i, g: modules is not None and modules.config_for(f"{family.decoder_layers}.{i}.{g[0]}") is None  # noqa: E731
+    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.linear_groups
+            if not skipped(i, group)]
 
 
-def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily, num_layers: int) -> dict:
+def skipped_linears(family: ModelFamily, num_layers: int, modules: ModulePlan | None) -> list[str]:
+    """Linears a rule skipped, named from the decoder-layer list on (``layers.3.mlp.down_proj``): a suffix of
+    transformers' runtime names and a substring of vLLM's, as AWQ's ``modules_to_not_convert`` is matched."""
+    if modules is None:
+        return []
+    head = family.decoder_layers.rsplit(".", 1)[-1]
+    return [f"{head}.{i}.{n}" for i in range(num_layers) for n in family.linears
+            if modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None]
+
+
+def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily, num_layers: int,
+                        modules: ModulePlan | None = None) -> dict:
     """The ``quantization_config`` loaders read for the format the tensors were packed in (``num_layers``: the
-    model's decoder layers, all quantized)."""
+    model's decoder layers; ``modules``: per-module rules, written as GPTQ ``dynamic``, compressed-tensors
+    config groups and ``ignore``, or AWQ ``modules_to_not_convert``)."""
     spec = qcfg.spec
     not_converted = family.not_converted_names()  # for transformers and for vLLM
+    mixed = mixed_settings(family, num_layers, modules)
     if fmt is PackFormat.COMPRESSED:
-        return compressed_tensors_config(qcfg, family)
+        return compressed_tensors_config(qcfg, family, mixed)
     if fmt is PackFormat.AWQ_GEMM:
         return {
             "quant_method": "awq",
@@ -108,7 +180,7 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
             "bits": spec.bits,
             "group_size": spec.group_size,
             "zero_point": not spec.sym,
-            "modules_to_not_convert": not_converted,
+            "modules_to_not_convert": not_converted + skipped_linears(family, num_layers, modules),
         }
     config = {
         "quant_method": "gptq",
@@ -125,10 +197,12 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
         # GPTQConfig refuses a null, so the key is left out
         "damp_percent": qcfg.damp_percent,
         "pack_dtype": "int32",
-        "modules_in_block_to_quantize": modules_in_block_to_quantize(family, num_layers),
+        "modules_in_block_to_quantize": modules_in_block_to_quantize(family, num_layers, modules),
         "modules_to_not_convert": not_converted,
         "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method, "act_order": qcfg.desc_act},
     }
+    if mixed:
+        config["dynamic"] = gptq_dynamic(mixed)
     return {k: v for k, v in config.items() if not (k == "damp_percent" and v is None)}
 
 
@@ -305,7 +379,8 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         entries, fetch = plan_tensors(model, result, base)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
-        config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family, result.num_layers)
+        config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family, result.num_layers,
+                                                         plan.modules)
         config.dtype = str(plan.storage_dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if processor is not None:

@@ -34,6 +34,7 @@ from qvlquant.quant.layer import (
     next_input,
     set_weight,
 )
+from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig, QuantSpec
 from qvlquant.ui.progress import progress
 
@@ -55,6 +56,15 @@ class LoopPlan:
     offload: str | None = None  # where activations wait between layers ("cpu"), None: where they were computed
     max_layers: int | None = None  # stop after this many layers
     world: World = SINGLE  # the ranks of a distributed run (each runs its own share of the batches)
+    modules: ModulePlan | None = None  # per-module rules, resolved against the model (None: qcfg everywhere)
+
+    def config_for(self, name: str) -> QuantConfig | None:
+        """The settings of the linear at runtime path ``name`` (None: skipped by a rule)."""
+        return self.qcfg if self.modules is None else self.modules.config_for(name)
+
+    def quantized(self, prefix: str) -> tuple[str, ...]:
+        """The family's linears of the layer at ``prefix`` that are quantized (not skipped by a rule)."""
+        return tuple(n for n in self.family.linears if self.config_for(f"{prefix}.{n}") is not None)
 
 
 class Phases:
@@ -130,7 +140,8 @@ class QuantizedWeights(Mapping):
         self.store, self.plan = store, plan
 
     def _names(self) -> list[str]:
-        return [f"{self.plan.family.decoder_layers}.{i}.{n}" for i in self.store.finished() for n in self.plan.family.linears]
+        head = self.plan.family.decoder_layers
+        return [f"{head}.{i}.{n}" for i in self.store.finished() for n in self.plan.quantized(f"{head}.{i}")]
 
     def __iter__(self):
         return iter(self._names())
@@ -145,7 +156,7 @@ class QuantizedWeights(Mapping):
         disk = family.to_disk(name)
         k = record.in_features[linear]
         tensors = {key.rsplit(".", 1)[1]: t for key, t in record.tensors.items() if key.rsplit(".", 1)[0] == disk}
-        w = self.plan.pack_format.unpack(tensors, self.plan.qcfg.spec, k)
+        w = self.plan.pack_format.unpack(tensors, self.plan.config_for(name).spec, k)
         return dataclasses.replace(w, input_scale=record.aux.get(f"{linear}.input_scale"),
                                    output_scale=record.aux.get(f"{linear}.output_scale"))
 
@@ -218,21 +229,49 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str
     return captured
 
 
-def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_intermediate: int | None = None) -> None:
-    """Every targeted linear's in_features must divide into groups; checked before any calibration work (on a
-    meta skeleton it costs nothing). ``padded_intermediate``: the MLP's size after --pad-intermediate-to."""
-    if spec.group_size == -1:
-        return
+def decoder_linears(model, family: ModelFamily, padded_intermediate: int | None = None) -> list[tuple[str, int, int]]:
+    """Every quantizable linear of the decoder layers as (runtime name, in_features, out_features), in layer and
+    execution order; the MLP's sizes after --pad-intermediate-to. ``model`` may be a meta skeleton."""
+    out = []
+    for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
+        for name in family.linears:
+            linear = layer.get_submodule(name)
+            k, n = linear.in_features, linear.out_features
+            if padded_intermediate and name == family.mlp_out:
+                k = padded_intermediate
+            if padded_intermediate and name in family.mlp_in:
+                n = padded_intermediate
+            out.append((f"{family.decoder_layers}.{i}.{name}", k, n))
+    return out
+
+
+def fused_groups(family: ModelFamily, num_layers: int) -> list[list[str]]:
+    """Runtime names of the linears vLLM fuses into one layer (``family.fused``), per decoder layer."""
+    return [[f"{family.decoder_layers}.{i}.{n}" for n in parts] for i in range(num_layers) for _, parts in family.fused]
+
+
+def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_intermediate: int | None = None,
+                     modules: ModulePlan | None = None) -> None:
+    """Every targeted linear's in_features must divide into groups (of ``spec``, or of the group size its rule in
+    ``modules`` gives; skipped linears have none); checked before any calibration work (on a meta skeleton it
+    costs nothing). ``padded_intermediate``: the MLP's size after --pad-intermediate-to."""
     bad = []
     for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
         for name in family.linears:
+            path = f"{family.decoder_layers}.{i}.{name}"
+            cfg = modules.config_for(path) if modules is not None else None
+            if modules is not None and cfg is None:
+                continue  # skipped: kept whole
+            group = (spec if cfg is None else cfg.spec).group_size
             k = layer.get_submodule(name).in_features
             if name == family.mlp_out and padded_intermediate:
                 k = padded_intermediate
-            if k % spec.group_size:
-                bad.append(f"{family.decoder_layers}.{i}.{name} (in_features {k})")
+            if group != -1 and k % group:
+                bad.append((path, k, group))
     if bad:
-        raise ValueError(f"group_size {spec.group_size} does not divide in_features of: {', '.join(bad[:8])}")
+        sizes = sorted({g for _, _, g in bad})
+        shown = ", ".join(f"{p} (in_features {k}{'' if len(sizes) == 1 else f', group_size {g}'})" for p, k, g in bad[:8])
+        raise ValueError(f"group_size {'/'.join(map(str, sizes))} does not divide in_features of: {shown}")
 
 
 class _Recorder:
@@ -277,7 +316,8 @@ class _Recorder:
             if not mine:
                 packed = {k: t for k, t in got.items() if not k.startswith("aux.")}
                 linear = self.layer.get_submodule(name)
-                set_weight(linear, self.plan.pack_format.unpack(packed, self.plan.qcfg.spec, linear.weight.shape[1]))
+                spec = self.plan.config_for(f"{self.prefix}.{name}").spec
+                set_weight(linear, self.plan.pack_format.unpack(packed, spec, linear.weight.shape[1]))
                 self._keep(name, packed, info, {k[4:]: t for k, t in got.items() if k.startswith("aux.")})
         for name in owner:  # the order one process records them in, whichever rank solved what
             disk = self._disk(name)
@@ -302,13 +342,14 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
     record = recorder.record
     phases.switch(Phase.QUANTIZE)
     ctx = LayerContext(family=family, qcfg=plan.qcfg, prefix=prefix, storage_dtype=plan.storage_dtype,
-                       finish=recorder.finish, step=step, world=plan.world, settle=recorder.settle)
+                       finish=recorder.finish, step=step, world=plan.world, settle=recorder.settle,
+                       modules=plan.modules)
     LAYER_METHODS[plan.qcfg.method](layer, inputs, ctx)
     phases.switch(Phase.PACK)
-    missing = [n for n in family.linears if n not in record.info]
+    quantized = set(plan.quantized(prefix))
+    missing = [n for n in family.linears if n in quantized and n not in record.info]
     if missing:
         raise QuantizationError(f"{prefix}: the {plan.qcfg.method} method left {missing} unquantized")
-    quantized = set(family.linears)
     for key, t in layer.state_dict().items():
         module, leaf = key.rsplit(".", 1)
         if module in quantized and leaf == "weight":

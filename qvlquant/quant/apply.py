@@ -35,14 +35,18 @@ from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 from qvlquant.quant.spec import METHODS
 
 
+def _rtn_weight(linear: torch.nn.Linear, spec) -> QuantizedWeight:
+    q, scale, zero = rtn_quantize(linear.weight.data, spec)
+    return QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec).to(q.device), spec)
+
+
 def rtn_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext) -> None:
     """Round-to-nearest: needs no calibration statistics."""
-    spec = ctx.qcfg.spec
-    owner = ctx.owners(layer, ctx.family.linears)
-    for name in ctx.family.linears:
+    names = ctx.quantized(ctx.family.linears)
+    owner = ctx.owners(layer, names)
+    for name in names:
         if owner[name] == ctx.world.rank:
-            q, scale, zero = rtn_quantize(layer.get_submodule(name).weight.data, spec)
-            ctx.finish(name, QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec).to(q.device), spec), {})
+            ctx.finish(name, _rtn_weight(layer.get_submodule(name), ctx.config(name).spec), {})
     ctx.settle(owner)
 
 
@@ -80,15 +84,24 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
     ranks: every rank sums its own batches, the sums meet on the ranks that solve the group's linears.
     ``decorate(name, weight, info) -> (weight, info)`` adds what another method did before (AWQ's folded scales
     and search results) to each result."""
-    groups = ctx.family.linear_groups
+    groups = [g for g in ctx.family.linear_groups if ctx.config(g[0]) is not None]  # rules skip whole groups
     steps = [[g] for g in groups] if ctx.qcfg.true_sequential else [list(groups)]
     for step in steps:
         names = [n for g in step for n in g]
         owner = ctx.owners(layer, names)
-        ctx.step(Phase.HESSIAN, f"Hessian of {', '.join(g[0] for g in step)}")
-        sums = collect_hessians(layer, inputs, step, ctx.qcfg.vision_weight)
+        solved = [g for g in step if ctx.config(g[0]).method != "rtn"]  # a rule may round a group to nearest
+        sums = {}
+        if solved:
+            ctx.step(Phase.HESSIAN, f"Hessian of {', '.join(g[0] for g in solved)}")
+            sums = collect_hessians(layer, inputs, solved, ctx.qcfg.vision_weight)
         ctx.step(Phase.SOLVE, f"solve {', '.join(names)}")
         for group in step:
+            cfg = ctx.config(group[0])
+            mine = [name for name in group if owner[name] == ctx.world.rank]
+            if cfg.method == "rtn":
+                for name in mine:
+                    ctx.finish(name, *decorate(name, _rtn_weight(layer.get_submodule(name), cfg.spec), {}))
+                continue
             k = layer.get_submodule(group[0]).in_features
             S, n = sums.pop(group, None) or (torch.zeros(k, k, dtype=torch.float64, device=layer_device(layer)), 0)
             S, n = fold(S, sorted({owner[name] for name in group}), ctx.world), ctx.total_count(n)
@@ -98,11 +111,10 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
                 continue  # another rank solves this group's linears
             H = hessian(S, n)
             del S
-            mine = [name for name in group if owner[name] == ctx.world.rank]
             for j, name in enumerate(mine):
                 Hj = H if j == len(mine) - 1 else H.clone()  # gptq_quantize uses its Hessian in place
                 try:
-                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, ctx.qcfg)
+                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, cfg)
                 except CholeskyError as e:
                     raise ctx.fail(name, str(e)) from None
                 ctx.finish(name, *decorate(name, w, dict(info, tokens=n)))
@@ -205,12 +217,15 @@ def _search_scales(layer, inputs, ctx: LayerContext, feats, owner) -> tuple[list
         linears = [layer.get_submodule(n) for n in group.linears]
         if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
             continue  # v_proj -> o_proj under GQA: v's outputs are shared by several heads, no per-channel fold
+        if any(ctx.config(n) is None for n in group.linears + ((group.prev,) if group.prev in family.linears else ())):
+            continue  # a skipped linear is left as it is: nothing folded into it or out of it
+        spec = ctx.config(group.linears[0]).spec
         ctx.step(Phase.SCALE, f"scale search {group.prev} -> {', '.join(group.linears)}")
         x_feats = feats[owner[group.linears[0]]]
         x_mean = _mean_abs(*_tokens(x_feats, inputs, qcfg.awq_max_tokens, ctx), ctx)
         output_of = _output_fn(layer, group, linears, x_feats, inputs, family)
         try:
-            s, found_info = search_scale([lin.weight.data for lin in linears], x_mean, qcfg.spec, output_of,
+            s, found_info = search_scale([lin.weight.data for lin in linears], x_mean, spec, output_of,
                                          qcfg.awq_grid, ctx.total)
         except FloatingPointError as e:
             raise ctx.fail(group.linears[0], str(e)) from None
@@ -226,9 +241,10 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     points. Across ranks: the searches' statistics and losses are summed over every rank's tokens (so every rank
     folds the same scales); each linear's clipping and rounding runs on its owner."""
     family, qcfg = ctx.family, ctx.qcfg
-    firsts = [g[0] for g in family.linear_groups]
+    groups = [g for g in family.linear_groups if ctx.config(g[0]) is not None]  # rules skip whole groups
+    firsts = [g[0] for g in groups]
     feats = capture_linear_inputs(layer, inputs, firsts)
-    owner = {name: g[0] for g in family.linear_groups for name in g}
+    owner = {name: g[0] for g in groups for name in g}
     real = ctx.total_count(sum(int(i.token_mask.sum()) for i in inputs))
     if real == 0:
         raise ctx.fail(firsts[0], "received no calibration tokens; add samples or exclude it")
@@ -247,31 +263,33 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
             w, input_scale=scale_of.get(name), output_scale=out_scale_of.get(name)),
             dict(info.get(name, {}), **{"gptq_loss" if k == "loss" else k: v for k, v in more.items()})))
         return
-    solver = ctx.owners(layer, family.linears)
+    names = ctx.quantized(family.linears)
+    solver = ctx.owners(layer, names)
     grams: dict[str, torch.Tensor] = {}  # one per shared input (gate and up clip against the same tokens)
-    for name in family.linears:
+    for name in names:
+        spec = ctx.config(name).spec  # linears sharing an input share their settings (fused in serving)
         clip = qcfg.awq_clip and name not in family.clip_skipped
         if clip and owner[name] not in grams:  # on every rank: a collective
-            grams[owner[name]] = _clip_gram(feats[owner[name]], inputs, ctx)
+            grams[owner[name]] = _clip_gram(feats[owner[name]], inputs, ctx, spec)
         gram = grams.get(owner[name]) if clip else None
         if solver[name] != ctx.world.rank:
             continue
         w = layer.get_submodule(name).weight.data
         if clip:
             ctx.step(Phase.CLIP, f"clip search {name}")
-            w = apply_clip(w, clip_from_gram(w, gram, qcfg.spec))
+            w = apply_clip(w, clip_from_gram(w, gram, spec))
         ctx.step(Phase.QUANTIZE, f"quantize {name}")
-        q, scale, zero = rtn_quantize(w, qcfg.spec)
-        g_idx = default_g_idx(q.shape[1], qcfg.spec).to(q.device)
-        ctx.finish(name, QuantizedWeight(q, scale, zero, g_idx, qcfg.spec, scale_of.get(name), out_scale_of.get(name)),
+        q, scale, zero = rtn_quantize(w, spec)
+        g_idx = default_g_idx(q.shape[1], spec).to(q.device)
+        ctx.finish(name, QuantizedWeight(q, scale, zero, g_idx, spec, scale_of.get(name), out_scale_of.get(name)),
                    info.get(name, {}))
     ctx.settle(solver)
 
 
-def _clip_gram(feats: list[torch.Tensor], inputs: list[LayerInput], ctx: LayerContext) -> torch.Tensor:
+def _clip_gram(feats: list[torch.Tensor], inputs: list[LayerInput], ctx: LayerContext, spec) -> torch.Tensor:
     """The clipping search's per-group Gram matrices over (a subsample of) every rank's tokens. -> [G, gs, gs]."""
     x, count = _tokens(feats, inputs, min(ctx.qcfg.awq_max_tokens, 512), ctx)
-    return (ctx.total(group_gram_sum(x, ctx.qcfg.spec)) / max(1, count)).float()
+    return (ctx.total(group_gram_sum(x, spec)) / max(1, count)).float()
 
 
 def check_dispatch(dispatch: dict, names: tuple[str, ...]) -> None:

@@ -20,6 +20,7 @@ from qvlquant.parallel.distributed import (
     total_count,
 )
 from qvlquant.quant.formats import QuantizedWeight
+from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
 
 
@@ -166,9 +167,18 @@ class LayerContext:
     step: Callable[[Phase, str], None] = lambda phase, what: None
     world: World = SINGLE
     settle: Callable[[dict[str, int]], None] = lambda owners: None
+    modules: ModulePlan | None = None  # per-module rules (None: ``qcfg`` for every linear)
 
     def fail(self, name: str, why: str) -> QuantizationError:
         return QuantizationError(f"{self.prefix}.{name}: {why}")
+
+    def config(self, name: str) -> QuantConfig | None:
+        """The settings of linear ``name`` of this layer (None: skipped, kept in the checkpoint's dtype)."""
+        return self.qcfg if self.modules is None else self.modules.config_for(f"{self.prefix}.{name}")
+
+    def quantized(self, names) -> list[str]:
+        """``names`` less the skipped ones."""
+        return [n for n in names if self.config(n) is not None]
 
     def owners(self, layer: torch.nn.Module, names) -> dict[str, int]:
         """linear -> the rank that solves it, balanced by weight size (every rank computes the same)."""
