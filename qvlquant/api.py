@@ -317,6 +317,7 @@ def _report(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
         "device": str(device),
         "compute_dtype": str(job.dtype).removeprefix("torch."),
         "activations_on": measures.offload or str(device),
+        "plan": plan_rows(job.modules, decoder_linears(job.skeleton, job.family, job.padded), config.pack_format),
         "layers": result.layer_info,
         "layer_seconds": {str(k): v for k, v in result.layer_seconds.items()},
         "phase_seconds": result.phases.rounded(),

@@ -119,12 +119,7 @@ class RuleFlag(argparse.Action):
     """--override / --ignore: each appends a per-module rule to one list, in the order given (first match wins)."""
 
     def __call__(self, parser, namespace, value, option_string=None):
-        from qvlquant.quant.rules import parse_rule
-
-        try:
-            rule = parse_rule(f"{value}:skip" if option_string == "--ignore" else value)
-        except ValueError as e:
-            parser.error(f"{option_string}: {e}")
+        rule = f"{value}:skip" if option_string == "--ignore" else value  # parsed by the job config: one-line errors
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), rule])
 
 

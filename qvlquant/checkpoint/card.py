@@ -201,6 +201,14 @@ def modules_text(report: dict, layer_count: int | None, model_type: str | None) 
             f"({short_names(leaves)}), {len(names)} in all")
 
 
+def plan_text(plan: list[dict]) -> str:
+    """The report's plan rows in words: each setting with its linears and bits per weight (scales included)."""
+    weights = sum(r["weights"] for r in plan)
+    average = sum(r["bits"] for r in plan) / max(1, weights)
+    rows = [f"{r['setting']}: {r['linears']} linears ({r['bits_per_weight']:.2f} bits/weight)" for r in plan]
+    return "; ".join(rows) + f"; {average:.2f} bits/weight on average (skipped linears in 16-bit)"
+
+
 def calibration_text(report: dict, method: str) -> str:
     if method == "rtn":
         return "none: round-to-nearest uses the weights alone"
@@ -233,6 +241,9 @@ def overview(config: dict, report: dict) -> str:
     if gptq_rounds(quant):
         rows.append(("Act-order (static groups)", act_order_text(quant)))
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype")
+    plan = report.get("plan") or []
+    if len(plan) > 1:  # per-module rules: how many linears each setting got
+        rows.append(("Per-module precision", plan_text(plan)))
     rows += [("Quantized modules", modules_text(report, layers, config.get("model_type"))),
              ("Kept unquantized", "the vision tower, the token embeddings and `lm_head`"
               + (f", in {dtype}" if dtype else "")),

@@ -214,7 +214,7 @@ def describe(c: QuantConfig | None) -> str:
     """``W4g128 gptq`` / ``W8 per-channel rtn`` / ``skip`` (what plans and errors print)."""
     if c is None:
         return SKIP
-    group = "per-channel" if c.spec.group_size == -1 else f"g{c.spec.group_size}"
+    group = " per-channel" if c.spec.group_size == -1 else f"g{c.spec.group_size}"
     return f"W{c.spec.bits}{group}{'' if c.spec.sym else ' asym'} {c.method}"
 
 

@@ -210,3 +210,55 @@ def test_compressed_tensors_config_is_validated_by_the_library():
                                             weights=dict(bad["config_groups"]["group_0"]["weights"], group_size=None))}
     with pytest.raises(ValidationError, match="group_size"):
         validated_by_library(bad)
+
+
+def _dynamic_decision(dynamic: dict, name: str):
+    """GPTQModel's / vLLM's reading of ``dynamic``: the first key whose regex re.match-es ``name``."""
+    import re
+
+    for key, value in dynamic.items():
+        if re.match(key[2:], name):
+            return "skip" if key.startswith("-:") else value["bits"]
+    return 4
+
+
+def test_mixed_configs_name_exactly_the_linears_the_rules_chose():
+    """GPTQ dynamic, compressed-tensors groups / ignore and AWQ modules_to_not_convert from one plan: every
+    linear's decision read back the way each client reads it (transformers' runtime name, the checkpoint name and
+    vLLM's fused name) is the plan's, and no other linear is touched."""
+    import re
+
+    from qvlquant.checkpoint.export import quantization_config
+    from qvlquant.quant.rules import ModulePlan, parse_rule
+
+    rules = [parse_rule(r"layers\.(1|11)\.mlp:skip"), parse_rule(r"layers\.(0|12)\.:bits=8"), parse_rule(r"o_proj:skip")]
+    gptq, awq = QuantConfig("gptq"), QuantConfig("awq")
+    plan = ModulePlan.resolve(rules, gptq)
+    fused = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+             "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj",
+             "mlp.up_proj": "mlp.gate_up_proj"}
+    config = quantization_config(gptq, PackFormat.GPTQ, QWEN2_VL, 13, plan)
+    ct = quantization_config(gptq, PackFormat.COMPRESSED, QWEN2_VL, 13, plan)
+    groups = {g["weights"]["num_bits"]: g["targets"] for g in ct["config_groups"].values()}
+    in_block = {n for group in config["modules_in_block_to_quantize"] for n in group}
+    for i in range(13):
+        for linear in QWEN2_VL.linears:
+            runtime = f"model.language_model.layers.{i}.{linear}"
+            cfg = plan.config_for(runtime)
+            want = "skip" if cfg is None else cfg.spec.bits
+            vllm = f"language_model.model.layers.{i}.{fused.get(linear, linear)}"
+            for name in (runtime, f"model.layers.{i}.{linear}", vllm):
+                assert _dynamic_decision(config["dynamic"], name) == want, (name, want)
+            assert (f"layers.{i}.{linear}" in in_block) == (cfg is not None)
+            ct_skip = any(re.match(e[3:], runtime) for e in ct["ignore"] if e.startswith("re:"))
+            ct_bits = next((b for b, targets in groups.items() if any(
+                t.startswith("re:") and re.match(t[3:], runtime) for t in targets)), 4)
+            assert ("skip" if ct_skip else ct_bits) == want, runtime
+    awq_plan = ModulePlan.resolve(rules[:1] + rules[2:], awq)
+    not_converted = quantization_config(awq, PackFormat.AWQ_GEMM, QWEN2_VL, 13, awq_plan)["modules_to_not_convert"]
+    skipped = [n for n in not_converted if n.startswith("layers.")]
+    assert len(skipped) == 2 * 3 + 13
+    for i in range(13):
+        for linear in QWEN2_VL.linears:
+            vllm = f"language_model.model.layers.{i}.{linear}"
+            assert any(n in vllm for n in skipped) == (awq_plan.config_for(f"model.language_model.layers.{i}.{linear}") is None)

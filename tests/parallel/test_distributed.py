@@ -151,11 +151,14 @@ def quantize(out, method, *extra, nproc=None, check=True):
     return proc
 
 
+RULES = ["--override", r"layers\.0\.:bits=8", "--ignore", r"layers\.3\.mlp", "--override", "o_proj:method=rtn"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_two_gloo_processes_write_the_single_process_export(tmp_path, method):
-    quantize(tmp_path / "one", method)
-    quantize(tmp_path / "two", method, nproc=2)
+@pytest.mark.parametrize("method,extra", [("gptq", []), ("awq", []), ("gptq", RULES)], ids=["gptq", "awq", "rules"])
+def test_two_gloo_processes_write_the_single_process_export(tmp_path, method, extra):
+    quantize(tmp_path / "one", method, *extra)
+    quantize(tmp_path / "two", method, *extra, nproc=2)
     one, two = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
     assert one.read_bytes() == two.read_bytes()
     report = json.loads((tmp_path / "two" / "quantize_report.json").read_text())

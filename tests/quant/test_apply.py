@@ -173,3 +173,45 @@ def test_the_dispatch_holds_exactly_the_method_names():
         apply.check_dispatch(apply.LAYER_METHODS, METHODS + ("smooth",))
     with pytest.raises(RuntimeError, match="add the method to both"):
         apply.check_dispatch({k: v for k, v in apply.LAYER_METHODS.items() if k != "awq"}, METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rules_skip_override_and_switch_method_per_linear(method, demo, demo_batches):
+    """Per-module rules: layer 1's MLP skipped (left exactly as it was: nothing quantized, nothing folded into
+    it), layer 0's attention at 8 bits, and for GPTQ layer 2's down_proj rounded to nearest without a Hessian."""
+    import copy
+
+    from qvlquant.families import QWEN2_VL
+    from qvlquant.quant.rtn import rtn_quantize
+    from qvlquant.quant.rules import ModulePlan, parse_rule
+
+    model, _ = demo
+    q = copy.deepcopy(model)
+    sym = method != "awq"
+    qcfg = QuantConfig(method, QuantSpec(4, 128, sym))
+    rules = [parse_rule(r"layers\.1\.mlp:skip"), parse_rule(r"layers\.0\.self_attn\.[qkvo]_proj:bits=8")]
+    if method == "gptq":
+        rules.append(parse_rule(r"layers\.2\.mlp\.down_proj:method=rtn"))
+    plan = LoopPlan(family=QWEN2_VL, qcfg=qcfg, pack_format=PackFormat.COMPRESSED,
+                    modules=ModulePlan.resolve(rules, qcfg))
+    result = quantize_model(q, demo_batches, plan)
+    prefix = "model.language_model.layers"
+    before, after = model.get_submodule(f"{prefix}.1"), q.get_submodule(f"{prefix}.1")
+    for name, t in before.state_dict().items():
+        if name.startswith("mlp.") or name == "post_attention_layernorm.weight":
+            assert torch.equal(after.state_dict()[name], t), name  # skipped: bit for bit
+    record = result.store.load(1)
+    assert "model.layers.1.mlp.down_proj.weight" in record.tensors
+    assert not any(k.startswith("model.layers.1.mlp.") and "packed" in k for k in record.tensors)
+    weights = result.weights
+    assert len(weights) == 28 - 3 and f"{prefix}.1.mlp.up_proj" not in weights
+    w8, w4 = weights[f"{prefix}.0.self_attn.o_proj"], weights[f"{prefix}.3.self_attn.o_proj"]
+    assert (w8.spec.bits, w4.spec.bits) == (8, 4)
+    err = lambda w, layer: float((w.effective_weight() - model.get_submodule(f"{prefix}.{layer}.self_attn.o_proj").weight).norm())  # noqa: E731
+    scale = lambda layer: float(model.get_submodule(f"{prefix}.{layer}.self_attn.o_proj").weight.norm())  # noqa: E731
+    assert err(w8, 0) / scale(0) < 0.1 * err(w4, 3) / scale(3)
+    if method == "gptq":
+        down = f"{prefix}.2.mlp.down_proj"
+        q_codes, scale_, zero = rtn_quantize(model.get_submodule(down).weight.data, QuantSpec(4, 128, True))
+        assert torch.equal(weights[down].q, q_codes) and "tokens" not in result.layer_info[down]
+        assert "tokens" in result.layer_info[f"{prefix}.2.mlp.up_proj"]
