@@ -13,7 +13,11 @@ import types
 
 import torch
 
-from qvlquant.checkpoint.qconfig import CheckpointQuant, describe_spec, read_quantization_config
+from qvlquant.checkpoint.qconfig import (
+    CheckpointQuant,
+    describe_spec,
+    read_quantization_config,
+)
 from qvlquant.families import QWEN2_VL, ModelFamily
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.shards import read_checkpoint_header

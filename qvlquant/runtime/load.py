@@ -12,7 +12,11 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-from qvlquant.checkpoint.qconfig import CheckpointQuant, describe_spec, read_quantization_config
+from qvlquant.checkpoint.qconfig import (
+    CheckpointQuant,
+    describe_spec,
+    read_quantization_config,
+)
 from qvlquant.engine.skeleton import build_skeleton, load_processor, resolve_model_path
 from qvlquant.engine.streaming import find_disk_key
 from qvlquant.families import family_for
