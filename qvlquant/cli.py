@@ -475,7 +475,8 @@ def run_inspect(args) -> int:
     report = inspect_checkpoint(args.model)
     verified = report["verification"]
     failed = verified["status"] == "failed"
-    broken = failed or report["vision_exposed_in_transformers"] or bool(report["marlin"].get(1))
+    misdescribed = {s: n for s, n in report["module_settings"].items() if " but held " in s}
+    broken = failed or report["vision_exposed_in_transformers"] or bool(report["marlin"].get(1)) or misdescribed
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_REGRESSION if broken else 0
@@ -488,6 +489,11 @@ def run_inspect(args) -> int:
               else "  manifest: none (not a qvlquant export; nothing to verify)")
     print(f"  {report['quantized_linears']} quantized linears, {report['unquantized_linears']} unquantized "
           f"({report['vision_linears']} in the vision tower)")
+    if len(report["module_settings"]) > 1:  # a mixed checkpoint: how many decoder linears have each setting
+        print("  decoder linears: " + ", ".join(f"{n} {s}" for s, n in report["module_settings"].items()))
+    if misdescribed:
+        print(f"  PROBLEM: config.json does not describe {sum(misdescribed.values())} decoder linears as the "
+              "checkpoint holds them (see above): every loader would read them wrongly. Re-export the model.")
     exposed = report["vision_exposed_in_transformers"]
     if exposed:
         print(f"  PROBLEM: transformers 5 would replace {len(exposed)} vision linears (e.g. {exposed[0]}) with "
@@ -518,7 +524,8 @@ def describe_quantization(q: dict) -> str:
     group = "per-channel" if q.get("group_size") == -1 else f"group {q.get('group_size')}"
     sym = "symmetric" if q.get("sym") else "asymmetric (zero points)"
     act = ", act-order (g_idx)" if q.get("desc_act") else ""
-    return f"{q.get('quant_method')} ({q.get('format')}) W{q.get('bits')}, {group}, {sym}{act}"
+    mixed = f"; mixed precision: {q['mixed']}" if q.get("mixed") else ""
+    return f"{q.get('quant_method')} ({q.get('format')}) W{q.get('bits')}, {group}, {sym}{act}{mixed}"
 
 
 def add_threads(p) -> None:

@@ -13,6 +13,7 @@ import pathlib
 
 from qvlquant.checkpoint.qconfig import (
     CheckpointQuant,
+    describe_spec,
     read_config,
     read_quantization_config,
 )
@@ -61,21 +62,43 @@ def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelF
     ``weight_packed`` [out, in * bits / 32]; {} for a full-precision checkpoint."""
     if quant is None:
         return {}
-    bits = quant.spec.bits
     shapes = {}
     for key, (shape, _) in header.items():
+        module = key.rsplit(".", 1)[0]
+        name = family.to_runtime(module + ".")[:-1]
+        spec = quant.spec_for(name) if key.endswith((".qweight", ".weight_packed")) else None
+        bits = (spec or quant.spec).bits  # a packed linear the config leaves unquantized: ``module_settings`` says so
         if key.endswith(".qweight"):
-            module = key[: -len(".qweight")]
             if module + ".scales" not in header:
                 raise ValueError(f"{key} has no {module}.scales beside it: not a GPTQ / AWQ checkpoint")
             n = header[module + ".scales"][0][1]
             k = shape[0] * 32 // bits if quant.pack_format is PackFormat.GPTQ else shape[0]
         elif key.endswith(".weight_packed"):
-            module, (n, k) = key[: -len(".weight_packed")], (shape[0], shape[1] * 32 // bits)
+            n, k = shape[0], shape[1] * 32 // bits
         else:
             continue
-        shapes[family.to_runtime(module + ".")[:-1]] = (k, n)
+        shapes[name] = (k, n)
     return shapes
+
+
+def module_settings(header: dict, quant: CheckpointQuant | None, family: ModelFamily) -> dict[str, int]:
+    """How many decoder-layer linears the config gives each setting ("W8 g128 sym", "not quantized":
+    ``CheckpointQuant.spec_for``), and how many of them the checkpoint holds otherwise ("... held packed" /
+    "... held as a plain weight"); {} for a full-precision checkpoint."""
+    if quant is None:
+        return {}
+    counts: dict[str, int] = {}
+    for key in header:
+        module, _, leaf = key.rpartition(".")
+        name = family.to_runtime(module + ".")[:-1]
+        if leaf not in ("qweight", "weight_packed", "weight") or not family.is_layer_key(name) \
+                or not name.endswith(tuple("." + linear for linear in family.linears)):
+            continue
+        setting = describe_spec(quant.spec_for(name))
+        if (leaf == "weight") != (quant.spec_for(name) is None):
+            setting += " but held as a plain weight" if leaf == "weight" else " but held packed"
+        counts[setting] = counts.get(setting, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def quantization_settings(quant: CheckpointQuant | None) -> dict:
@@ -97,6 +120,7 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
     quant = read_quantization_config(config.get("quantization_config"), str(folder / "config.json"))
     header = read_checkpoint_header(folder)
     shapes = quantized_shapes(header, quant, family)
+    settings = module_settings(header, quant, family)
     plain = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
                    if k.endswith(".weight") and len(s) == 2)
     vision = [m for m in plain if m.startswith(family.vision_tower + ".")]
@@ -112,6 +136,7 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
         "model_type": config.get("model_type"),
         "quantization": quantization_settings(quant),
         "quantized_linears": len(shapes),
+        "module_settings": settings,
         "unquantized_linears": len(plain),
         "vision_linears": len(vision),
         "vision_exposed_in_transformers": exposed,

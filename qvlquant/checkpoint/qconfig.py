@@ -10,9 +10,17 @@ reads the same model transformers and vLLM read.
 - AWQ (transformers' ``AwqConfig``): ``bits`` 4, ``group_size`` 128, ``zero_point`` true, ``version`` "gemm" (the
   only layout read; it holds 4-bit codes only). AutoAWQ's own spellings ``w_bit`` / ``q_group_size`` are read where
   ``bits`` / ``group_size`` are absent.
-- compressed-tensors (its ``QuantizationArgs``): exactly one config group, ``format`` "pack-quantized" (on the group
-  or the config), ``type`` "int"; ``num_bits`` 8, ``symmetric`` true, ``strategy`` inferred from ``group_size``
-  (a size: "group", -1: "channel"), ``actorder`` null.
+- compressed-tensors (its ``QuantizationArgs``): one config group targets the class "Linear" (the default scheme),
+  further groups target module names or ``re:`` regexes; every group ``format`` "pack-quantized" (on the group or
+  the config), ``type`` "int"; ``num_bits`` 8, ``symmetric`` true, ``strategy`` inferred from ``group_size`` (a
+  size: "group", -1: "channel"), ``actorder`` null.
+
+Mixed precision (``CheckpointQuant.overrides``, resolved per module by ``CheckpointQuant.spec_for``): GPTQModel's
+``dynamic`` (an ordered dict of ``re.match`` patterns, first match wins; ``-:`` leaves the module unquantized, ``+:``
+or no prefix overrides ``bits`` / ``group_size`` / ``sym`` / ``desc_act``, each absent key the base value: vLLM's
+``gptq_utils.get_dynamic_override``); compressed-tensors' name / regex targets, which win over the class target
+"Linear" (``compressed_tensors.utils.match.match_targets`` and vLLM's ``find_matched_target``), and ``ignore``;
+AWQ holds one width, so its only per-module setting is ``modules_to_not_convert``.
 
 A present field of the wrong type (``"bits": "4"``), an unknown method, a layout qvlquant has no ``PackFormat`` for,
 or a width ``QuantSpec`` refuses is a ValueError naming the file and the field; never a KeyError.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 
 from qvlquant.quant.formats import PackFormat
 from qvlquant.quant.spec import QuantSpec
@@ -33,22 +42,97 @@ KINDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a
 
 
 @dataclasses.dataclass(frozen=True)
+class ModuleRule:
+    """One per-module setting of a mixed checkpoint: the linears ``pattern`` matches take ``spec`` (None: they stay
+    unquantized, a plain ``.weight`` in the checkpoint)."""
+
+    pattern: str  # GPTQ dynamic: the regex without its "+:" / "-:"; compressed-tensors: a target ("re:..." or a name)
+    spec: QuantSpec | None
+    act_order: bool = False  # GPTQ desc_act, compressed-tensors actorder "group", of the matched linears
+
+    def describe(self) -> str:
+        """"skipped" or "W8 g128 sym" (act-order appended): how ``inspect`` and ``summary`` name the setting."""
+        return "skipped" if self.spec is None else describe_spec(self.spec, self.act_order)
+
+
+def describe_spec(spec: QuantSpec | None, act_order: bool = False) -> str:
+    if spec is None:
+        return "not quantized"
+    group = "per-channel" if spec.group_size == -1 else f"g{spec.group_size}"
+    return f"W{spec.bits} {group} {'sym' if spec.sym else 'asym'}" + (" act-order" if act_order else "")
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointQuant:
     """What a checkpoint's ``quantization_config`` says, read once by ``read_quantization_config``."""
 
     method: str  # quant_method: "gptq", "awq" or "compressed-tensors"
     pack_format: PackFormat  # the layout of the packed tensors on disk
-    spec: QuantSpec  # bits; group_size (-1: per channel); sym (AWQ: not zero_point)
+    spec: QuantSpec  # the base setting: bits; group_size (-1: per channel); sym (AWQ: not zero_point)
     act_order: bool  # the groups are permuted at load time (GPTQ desc_act, compressed-tensors actorder "group")
     checkpoint_format: str  # GPTQ checkpoint_format "gptq", AWQ version "gemm", compressed-tensors "pack-quantized"
     not_converted: tuple[str, ...] = ()  # GPTQ / AWQ modules_to_not_convert (each client matches them its own way)
     in_block: tuple[str, ...] = ()  # GPTQ modules_in_block_to_quantize, flattened; empty: every linear of a block
     ignore: tuple[str, ...] = ()  # compressed-tensors ignore (exact names, or regexes after "re:")
+    # GPTQ dynamic in its order; compressed-tensors name / regex targets of the config groups in theirs
+    overrides: tuple[ModuleRule, ...] = ()
+    where: str = dataclasses.field(default="quantization_config", compare=False)  # for errors: file and field
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.overrides)
 
     def summary(self) -> dict:
-        """The settings the eval table and ``inspect`` show, spelled the same for every format."""
-        return {"quant_method": self.method, "bits": self.spec.bits, "group_size": self.spec.group_size,
-                "sym": self.spec.sym}
+        """The settings the eval table and ``inspect`` show, spelled the same for every format; a mixed checkpoint
+        adds ``mixed``: its per-module rules, named (the base settings are those of every other linear)."""
+        out = {"quant_method": self.method, "bits": self.spec.bits, "group_size": self.spec.group_size,
+               "sym": self.spec.sym}
+        if self.mixed:
+            settings = [r.describe() for r in self.overrides]
+            out["mixed"] = ", ".join(f"{settings.count(s)} rule(s) {s}" for s in dict.fromkeys(settings))
+        return out
+
+    def spec_for(self, name: str) -> QuantSpec | None:
+        """The setting of the linear ``name`` (transformers' runtime module name, e.g.
+        ``model.language_model.layers.3.self_attn.q_proj``); None: the checkpoint leaves it unquantized. Resolved
+        as the format's clients do: compressed-tensors ``ignore``, then name / regex targets before "Linear";
+        GPTQ / AWQ ``modules_to_not_convert`` (transformers' matcher), GPTQ ``modules_in_block_to_quantize`` (a
+        substring, as vLLM reads it), then the first ``dynamic`` pattern that ``re.match``es."""
+        if self.method == "compressed-tensors":
+            return self._compressed_spec_for(name)
+        if any(transformers_skips(name, p) for p in self.not_converted):
+            return None
+        if self.in_block and not any(entry in name for entry in self.in_block):
+            return None
+        rule = next((r for r in self.overrides if re.match(r.pattern, name)), None)
+        return self.spec if rule is None else rule.spec
+
+    def _compressed_spec_for(self, name: str) -> QuantSpec | None:
+        if any(target_matches(name, entry) for entry in self.ignore):
+            return None
+        matched = [r for r in self.overrides if target_matches(name, r.pattern)]
+        if len({(r.spec, r.act_order) for r in matched}) > 1:  # vLLM takes the first in config order,
+            # compressed-tensors exact names first, then regexes alphabetically: they can disagree
+            raise ValueError(f"{self.where}.config_groups: {name} is matched by targets of different settings "
+                             f"({', '.join(f'{r.pattern} ({r.describe()})' for r in matched)}); compressed-tensors "
+                             "and vLLM may pick different ones: give each linear one target")
+        return matched[0].spec if matched else self.spec
+
+
+def transformers_skips(name: str, pattern: str) -> bool:
+    """transformers 5's reading of one ``modules_to_not_convert`` entry (``quantizers_utils.should_convert_module``):
+    the pattern, as a regex, matches ``name`` from its start up to a module boundary, or ``name`` ends with it."""
+    try:
+        anchored = re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", name) is not None
+    except re.error:  # not a regex: only the suffix reading is left
+        anchored = False
+    return anchored or name.endswith(pattern)
+
+
+def target_matches(name: str, target: str) -> bool:
+    """compressed-tensors' and vLLM's reading of a target or ``ignore`` entry as a module name: ``re:`` + a regex
+    ``re.match``ed, else the exact name."""
+    return re.match(target[3:], name) is not None if target.startswith("re:") else target == name
 
 
 def read_quantization_config(qc: dict | None, where: str) -> CheckpointQuant | None:
@@ -74,9 +158,34 @@ def _read_gptq(qc: dict, path: str) -> CheckpointQuant:
         raise ValueError(f"{path}.checkpoint_format {layout!r} is not supported; qvlquant reads GPTQ v1 ('gptq')")
     spec = _spec(path, _get(qc, "bits", int, REQUIRED, path), _get(qc, "group_size", int, 128, path),
                  _get(qc, "sym", bool, True, path))
-    return CheckpointQuant("gptq", PackFormat.GPTQ, spec, _get(qc, "desc_act", bool, False, path), layout,
+    act_order = _get(qc, "desc_act", bool, False, path)
+    return CheckpointQuant("gptq", PackFormat.GPTQ, spec, act_order, layout,
                            not_converted=_names(qc, "modules_to_not_convert", path),
-                           in_block=_names(qc, "modules_in_block_to_quantize", path))
+                           in_block=_names(qc, "modules_in_block_to_quantize", path),
+                           overrides=_gptq_dynamic(qc, spec, act_order, path), where=path)
+
+
+def _gptq_dynamic(qc: dict, base: QuantSpec, act_order: bool, path: str) -> tuple[ModuleRule, ...]:
+    """GPTQModel's ``dynamic``, in its order: "-:" + regex -> unquantized; "+:" + regex (or a bare regex) -> the
+    base settings with the keys it gives replaced."""
+    rules = []
+    for key, fields in _get(qc, "dynamic", dict, {}, path).items():
+        where = f"{path}.dynamic[{key!r}]"
+        skip = key.startswith("-:")
+        pattern = key[2:] if key.startswith(("-:", "+:")) else key
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{where}: not a regular expression ({e})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"{where} must be a JSON object of settings, got {fields!r:.80}")
+        if skip:
+            rules.append(ModuleRule(pattern, None))
+            continue
+        spec = _spec(where, _get(fields, "bits", int, base.bits, where),
+                     _get(fields, "group_size", int, base.group_size, where), _get(fields, "sym", bool, base.sym, where))
+        rules.append(ModuleRule(pattern, spec, _get(fields, "desc_act", bool, act_order, where)))
+    return tuple(rules)
 
 
 def _read_awq(qc: dict, path: str) -> CheckpointQuant:
@@ -94,17 +203,44 @@ def _read_awq(qc: dict, path: str) -> CheckpointQuant:
 
 def _read_compressed(qc: dict, path: str) -> CheckpointQuant:
     groups = _get(qc, "config_groups", dict, {}, path)
-    if len(groups) != 1:
-        raise ValueError(f"{path}.config_groups holds {len(groups)} groups; qvlquant reads one (a single scheme for "
-                         "every quantized Linear)")
-    name, group = next(iter(groups.items()))
-    gpath = f"{path}.config_groups.{name}"
+    if not groups:
+        raise ValueError(f"{path}.config_groups holds 0 groups; qvlquant reads one that targets 'Linear' (the "
+                         "default scheme), and further groups targeting module names or re: regexes")
+    base, rules, layout = None, [], None
+    for name, group in groups.items():
+        gpath = f"{path}.config_groups.{name}"
+        spec, act_order, layout = _compressed_group(qc, group, gpath, path)
+        # a group without targets (compressed-tensors requires them) is read as the default one, as it was when
+        # qvlquant read a single group
+        targets = _names(group, "targets", gpath) if group.get("targets") is not None else ("Linear",)
+        if "Linear" in targets:
+            if base is not None:
+                raise ValueError(f"{gpath}.targets: 'Linear' is targeted by {base[2]} already; one group sets the "
+                                 "default scheme")
+            base = (spec, act_order, name)
+        for target in (t for t in targets if t != "Linear"):
+            if target.startswith("re:"):
+                _regex(target[3:], f"{gpath}.targets")
+            rules.append(ModuleRule(target, spec, act_order))
+    if base is None:
+        raise ValueError(f"{path}.config_groups: no group targets 'Linear'; qvlquant reads a default scheme for every "
+                         "Linear, with name / regex groups beside it")
+    ignore = _names(qc, "ignore", path)
+    for entry in (e for e in ignore if e.startswith("re:")):
+        _regex(entry[3:], f"{path}.ignore")
+    return CheckpointQuant("compressed-tensors", PackFormat.COMPRESSED, base[0], base[1], layout, ignore=ignore,
+                           overrides=tuple(rules), where=path)
+
+
+def _compressed_group(qc: dict, group, gpath: str, path: str) -> tuple[QuantSpec, bool, str]:
+    """One config group -> (its weights' spec, whether its groups are permuted at load time, its format)."""
     if not isinstance(group, dict):
         raise ValueError(f"{gpath} must be a JSON object, got {group!r}")
     layout = _get(group, "format", str, None, gpath) or _get(qc, "format", str, "dense", path)
     if layout != "pack-quantized":
-        raise ValueError(f"{path}.format {layout!r} is not supported; qvlquant reads 'pack-quantized' (integer "
-                         "weights packed in int32)")
+        where = f"{gpath}.format" if group.get("format") is not None else f"{path}.format"
+        raise ValueError(f"{where} {layout!r} is not supported; qvlquant reads 'pack-quantized' (integer weights "
+                         "packed in int32)")
     weights = _get(group, "weights", dict, REQUIRED, gpath)
     wpath = f"{gpath}.weights"
     if _get(weights, "type", str, "int", wpath) != "int":
@@ -112,11 +248,16 @@ def _read_compressed(qc: dict, path: str) -> CheckpointQuant:
     actorder = weights.get("actorder")
     if not (actorder is None or isinstance(actorder, (bool, str))):
         raise ValueError(f"{wpath}.actorder must be null, a string or true/false, got {actorder!r}")
-    spec = _spec(path, _get(weights, "num_bits", int, 8, wpath), _ct_group_size(weights, wpath),
+    spec = _spec(wpath, _get(weights, "num_bits", int, 8, wpath), _ct_group_size(weights, wpath),
                  _get(weights, "symmetric", bool, True, wpath))
-    return CheckpointQuant("compressed-tensors", PackFormat.COMPRESSED, spec,
-                           actorder is True or actorder in ("group", "dynamic"), layout,
-                           ignore=_names(qc, "ignore", path))
+    return spec, actorder is True or actorder in ("group", "dynamic"), layout
+
+
+def _regex(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
 
 
 def _ct_group_size(weights: dict, wpath: str) -> int:

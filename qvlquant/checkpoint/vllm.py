@@ -13,8 +13,13 @@ import types
 
 import torch
 
-from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
+from qvlquant.checkpoint.qconfig import (
+    CheckpointQuant,
+    describe_spec,
+    read_quantization_config,
+)
 from qvlquant.families import QWEN2_VL, ModelFamily
+from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.shards import read_checkpoint_header
 
 MARLIN_GROUPS = (-1, 32, 64, 128)
@@ -25,16 +30,37 @@ TP_SIZES = (1, 2, 4, 8)
 
 def copied_config_refusals(quant: CheckpointQuant) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback when vLLM is not installed; ``ask_vllm`` asks its own classes): why
-    it refuses the config itself. GPTQ: 4/8-bit symmetric only, act-order (``desc_act``) refused; groups
-    -1/32/64/128. (AWQ's, 4-bit only, is not repeated: ``read_quantization_config`` refuses other AWQ widths.)"""
-    bits, group, sym = quant.spec.bits, quant.spec.group_size, quant.spec.sym
+    it refuses the config itself, judged for the base setting and every per-module override (GPTQ ``dynamic``,
+    compressed-tensors name / regex groups). GPTQ: 4/8-bit symmetric only, act-order (``desc_act``) refused;
+    groups -1/32/64/128. (AWQ's, 4-bit only, is not repeated: ``read_quantization_config`` refuses other AWQ
+    widths.)"""
+    settings = [("", quant.spec, quant.act_order)]
+    settings += [(f" (override {r.pattern!r})", r.spec, r.act_order) for r in quant.overrides if r.spec is not None]
     problems = []
-    if quant.method == "gptq" and (bits, sym) not in ((4, True), (8, True)):
-        problems.append(f"GPTQ needs bits 4 or 8 with sym=true, got bits {bits}, sym {sym}")
-    if quant.method == "gptq" and quant.act_order and group != -1:
-        problems.append("GPTQ act-order (desc_act=true) is refused by vLLM 0.33: export with --static-groups")
-    if group not in MARLIN_GROUPS:
-        problems.append(f"group_size {group} not in {MARLIN_GROUPS}")
+    for where, spec, act_order in settings:
+        bits, group, sym = spec.bits, spec.group_size, spec.sym
+        if quant.method == "gptq" and (bits, sym) not in ((4, True), (8, True)):
+            problems.append(f"GPTQ needs bits 4 or 8 with sym=true, got bits {bits}, sym {sym}{where}")
+        if quant.method == "gptq" and act_order and group != -1:
+            problems.append(f"GPTQ act-order (desc_act=true) is refused by vLLM 0.33{where}: export with "
+                            "--static-groups")
+        if group not in MARLIN_GROUPS:
+            problems.append(f"group_size {group} not in {MARLIN_GROUPS}{where}")
+    return problems
+
+
+def fused_shard_problems(quant: CheckpointQuant, layers: set[str], family: ModelFamily) -> list[str]:
+    """vLLM runs q/k/v and gate/up (the family's linear groups of more than one linear) as one fused linear of one
+    setting: shards of different settings are refused (a partly skipped group: GPTQ's
+    ``is_layer_gptq_quantized``, compressed-tensors' ``should_ignore_layer``) or read with the first shard's (a
+    partly overridden group; vLLM checks nothing there). ``layers``: runtime paths of decoder layers."""
+    problems = []
+    for layer in sorted(layers):
+        for group in (g for g in family.linear_groups if len(g) > 1):
+            settings = {name: describe_spec(quant.spec_for(f"{layer}.{name}")) for name in group}
+            if len(set(settings.values())) > 1:
+                problems.append(f"{layer}: vLLM fuses {', '.join(group)} into one linear of one setting, the "
+                                f"config gives them {', '.join(f'{n} {v}' for n, v in settings.items())}")
     return problems
 
 
@@ -45,14 +71,16 @@ def marlin_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], 
     replicated when ``tp`` >= their count; outputs split evenly; an input split must hold whole groups
     (misaligned kernel tiles are padded, so that is the only shape rule left). Which linears split along outputs
     or inputs comes from the family (``column_parallel`` / ``row_parallel``)."""
-    group = quant.spec.group_size
     problems = copied_config_refusals(quant)
+    problems += fused_shard_problems(quant, {n.rsplit(".", 2)[0] for n in shapes if family.is_layer_key(n)}, family)
     if heads is not None:
         num_heads, num_kv = heads
         kv_ok = tp % num_kv == 0 if tp >= num_kv else num_kv % tp == 0
         if num_heads % tp or not kv_ok:
             problems.append(f"{num_heads} attention heads / {num_kv} KV heads do not split over tp={tp}")
     for name, (k, n) in sorted(shapes.items()):
+        spec = quant.spec_for(name)
+        group = spec.group_size if spec is not None else -1  # an unquantized input split needs no whole groups
         row = any(name.endswith("." + p) for p in family.row_parallel)
         kv = heads is not None and name.endswith(("k_proj", "v_proj"))  # split by heads, or replicated
         column = any(name.endswith("." + p) for p in family.column_parallel) and not kv
@@ -67,8 +95,10 @@ def copied_vision_decision(quant: CheckpointQuant, vision: list[str]) -> list[st
     containing any ``modules_in_block_to_quantize`` entry; AWQ: none containing a ``modules_to_not_convert``
     entry; compressed-tensors: none matched by ``ignore`` (``re:`` entries as regexes)."""
     names = [n.removeprefix("model.") for n in vision]  # vLLM's mapper: model.visual.* -> visual.*
-    if quant.method == "gptq":
-        return [n for n in names if not quant.in_block or any(e in n for e in quant.in_block)]
+    if quant.method == "gptq":  # then the first dynamic rule that matches: "-:" leaves it unquantized
+        first = lambda n: next((r for r in quant.overrides if re.match(r.pattern, n)), None)  # noqa: E731
+        return [n for n in names if (not quant.in_block or any(e in n for e in quant.in_block))
+                and (first(n) is None or first(n).spec is not None)]
     if quant.method == "awq":
         return [n for n in names if not any(e in n for e in quant.not_converted)]
     return [n for n in names if not any(re.fullmatch(e[3:], n) if e.startswith("re:") else e == n
@@ -83,7 +113,7 @@ def copied_rules(quant: CheckpointQuant, shapes: dict, vision: list[str], family
     refused = copied_config_refusals(quant)
     return {"checked_by": f"a COPY of vLLM {VLLM_CHECKED}'s rules in qvlquant (vLLM is not installed here; "
                           "install vLLM in a venv of its own, docs/VLLM.md, to ask vLLM's own classes)",
-            "method": quant.method, "refused": "; ".join(refused) or None, "layers": {},
+            "method": quant.method, "refused": "; ".join(refused) or None, "layers": {}, "settings": {},
             "vision_quantized": copied_vision_decision(quant, vision), "tp": tp, "kernels": {}}
 
 
@@ -228,14 +258,14 @@ def vllm_names(linears: dict, family: ModelFamily, outer, quant) -> dict[str, li
     return out
 
 
-def vllm_decisions(quant, names: dict[str, list[str]], linears: dict) -> dict[str, str]:
+def vllm_decisions(quant, names: dict[str, list[str]], linears: dict) -> tuple[dict[str, str], dict[str, str]]:
     """vLLM module name -> the method vLLM's ``get_quant_method`` gives it (with the compressed-tensors scheme),
-    at tensor-parallel 1."""
+    and -> the weight setting it builds it with (``vllm_setting``), at tensor-parallel 1."""
     from vllm.model_executor.layers.linear import (
         ReplicatedLinear,  # optional: the vllm extra
     )
 
-    out = {}
+    out, settings = {}, {}
     for vname, shards in names.items():
         stub = ReplicatedLinear.__new__(ReplicatedLinear)  # a LinearBase with its sizes: what the decision reads
         torch.nn.Module.__init__(stub)
@@ -244,7 +274,22 @@ def vllm_decisions(quant, names: dict[str, list[str]], linears: dict) -> dict[st
         method = quant.get_quant_method(stub, vname)
         scheme = getattr(stub, "scheme", None)
         out[vname] = type(method).__name__ + (f"({type(scheme).__name__})" if scheme is not None else "")
-    return out
+        settings[vname] = vllm_setting(method, scheme)
+    return out, settings
+
+
+def vllm_setting(method, scheme) -> str:
+    """The weight setting vLLM built a linear with, from its own objects: "W8 g128 sym" (as ``describe_spec``
+    writes qvlquant's), or "not quantized"."""
+    if scheme is not None and hasattr(scheme, "num_bits"):  # compressed-tensors WNA16
+        bits, group, sym = scheme.num_bits, scheme.group_size, scheme.symmetric
+    elif hasattr(getattr(method, "quant_config", None), "weight_bits"):  # GPTQ, AWQ
+        config = method.quant_config
+        bits, group = config.weight_bits, config.group_size
+        sym = getattr(config, "is_sym", not getattr(config, "zero_point", False))
+    else:
+        return "not quantized"
+    return describe_spec(QuantSpec(bits, group, sym))
 
 
 def build_vllm_layer(shards: list[tuple[int, int]], kind: str, heads: tuple[int, int, int], quant, vname: str, dtype):
@@ -286,7 +331,7 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
     dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
     first = f"{family.decoder_layers}.0."
     layer0 = {v: s for v, s in names.items() if s[0].startswith(first)}
-    group = read_quantization_config(config["quantization_config"], "config.json").spec.group_size
+    ours = read_quantization_config(config["quantization_config"], "config.json")
     problems, kernels = {}, {}
     for tp in TP_SIZES:
         problems[tp], kernels[tp] = [], {}
@@ -301,7 +346,8 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
                     continue
                 if tp == 1 and len(shards) == 1:
                     problems[tp] += shape_mismatches(layer, family.to_disk(shards[0] + ".")[:-1], header)
-                k = linears[shards[0]][0]
+                k, spec = linears[shards[0]][0], ours.spec_for(shards[0])
+                group = spec.group_size if spec is not None else -1
                 if kind == "row" and group > 0 and (k // tp) % group:  # vLLM's GPTQ path builds it (0.33)
                     problems[tp].append(f"{vname}: its input shard of {k // tp} columns at tp={tp} splits a "
                                         f"quantization group of {group}; vLLM's AWQ and compressed-tensors refuse "
@@ -317,14 +363,15 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
     version = vllm_installed()
     report = {"checked_by": f"vLLM {version}'s own quantization classes (GPU sm_{VLLM_CAPABILITY[0]}{VLLM_CAPABILITY[1]} "
                             "and tensor-parallel groups faked; no GPU, no kernel run)",
-              "method": None, "refused": None, "layers": {}, "vision_quantized": [], "tp": {}, "kernels": {}}
+              "method": None, "refused": None, "layers": {}, "settings": {}, "vision_quantized": [], "tp": {},
+              "kernels": {}}
     linears = checkpoint_linears(folder)
     try:
         with pretend_gpu(1):
             report["method"], quant = vllm_quant_config(folder, config["model_type"])
             outer, _ = vllm_model_classes(config["model_type"])
             names = vllm_names(linears, family, outer, quant)
-            report["layers"] = vllm_decisions(quant, names, linears)
+            report["layers"], report["settings"] = vllm_decisions(quant, names, linears)
     except (ValueError, AssertionError, KeyError, NotImplementedError) as e:
         report["refused"] = f"{type(e).__name__}: {e}"
         report["tp"] = {tp: [f"vLLM {version} refuses the config: {e}"] for tp in TP_SIZES}
@@ -334,7 +381,23 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
                                         and report["layers"][v] != "UnquantizedLinearMethod")
     report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
                                                            read_checkpoint_header(folder))
+    ours = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
+    misread = setting_mismatches(report["settings"], names, ours, family)
+    report["tp"] = {tp: misread + problems for tp, problems in report["tp"].items()}
     return report
+
+
+def setting_mismatches(settings: dict[str, str], names: dict[str, list[str]], quant: CheckpointQuant,
+                       family: ModelFamily) -> list[str]:
+    """The decoder-layer linears vLLM builds with another setting than the one the checkpoint holds them in
+    (``CheckpointQuant.spec_for`` of each shard): vLLM would refuse their tensors or read them wrongly."""
+    out = []
+    for vname, shards in names.items():
+        for shard in (s for s in shards if family.is_layer_key(s)):
+            if settings[vname] != describe_spec(quant.spec_for(shard)):
+                out.append(f"{vname}: vLLM builds it {settings[vname]}, the checkpoint holds {shard} "
+                           f"{describe_spec(quant.spec_for(shard))} [qvlquant's check of vLLM's decision]")
+    return out
 
 
 def vllm_problems(vllm: dict, tp: int) -> list[str]:

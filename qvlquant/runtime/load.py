@@ -12,7 +12,11 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-from qvlquant.checkpoint.qconfig import read_quantization_config
+from qvlquant.checkpoint.qconfig import (
+    CheckpointQuant,
+    describe_spec,
+    read_quantization_config,
+)
 from qvlquant.engine.skeleton import build_skeleton, load_processor, resolve_model_path
 from qvlquant.engine.streaming import find_disk_key
 from qvlquant.families import family_for
@@ -81,15 +85,35 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
     return {k: reader.get(k) for k in reader.keys()}
 
 
-def _quant_linear_targets(reader: ShardReader, family, fmt: PackFormat) -> list[str]:
-    marker = ".weight_packed" if fmt is PackFormat.COMPRESSED else ".qweight"
-    return sorted(family.to_runtime(k)[: -len(marker)] for k in reader.keys() if k.endswith(marker))
+def quant_linear_specs(reader: ShardReader, family, quant: CheckpointQuant) -> dict[str, QuantSpec]:
+    """Runtime path -> setting of every linear the checkpoint holds packed (``CheckpointQuant.spec_for``: a mixed
+    checkpoint gives each its own). A packed linear the config leaves unquantized, or a decoder-layer linear held
+    as a plain weight that the config quantizes, is an error: transformers and vLLM would read it wrongly."""
+    marker = ".weight_packed" if quant.pack_format is PackFormat.COMPRESSED else ".qweight"
+    specs = {}
+    for key in sorted(reader.keys()):
+        if key.endswith(marker):
+            name = family.to_runtime(key)[: -len(marker)]
+            specs[name] = quant.spec_for(name)
+            if specs[name] is None:
+                raise ValueError(f"{reader.folder}: {key} is packed, but config.json's quantization_config leaves "
+                                 f"{name} unquantized: the config does not describe these tensors")
+        elif key.endswith(".weight") and _is_decoder_linear(name := family.to_runtime(key)[: -len(".weight")], family):
+            if quant.spec_for(name) is not None:
+                raise ValueError(f"{reader.folder}: {key} is a plain weight, but config.json's quantization_config "
+                                 f"quantizes {name} ({describe_spec(quant.spec_for(name))}): add it to the config's "
+                                 "unquantized modules, or re-export")
+    return specs
 
 
-def swap_in_quant_linears(model, targets: list[str], spec: QuantSpec, fmt: PackFormat, dtype):
-    """Replace the nn.Linear at each runtime path in ``targets`` by an empty QuantLinear (buffers on the meta
-    device when the model's parameters are: the checkpoint fills them)."""
-    for name in targets:
+def _is_decoder_linear(name: str, family) -> bool:
+    return family.is_layer_key(name) and name.endswith(tuple("." + leaf for leaf in family.linears))
+
+
+def swap_in_quant_linears(model, specs: dict[str, QuantSpec], fmt: PackFormat, dtype):
+    """Replace the nn.Linear at each runtime path in ``specs`` by an empty QuantLinear of its setting (buffers on
+    the meta device when the model's parameters are: the checkpoint fills them)."""
+    for name, spec in specs.items():
         parent_name, leaf = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         old = getattr(parent, leaf)
@@ -116,6 +140,10 @@ def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.devic
     for name, key in expected.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
+        if reader.meta(key)[1] != tuple(state[name].shape):  # a packed tensor of another setting than the config's
+            raise ValueError(f"{reader.folder}: {key} has shape {list(reader.meta(key)[1])}, the model expects "
+                             f"{list(state[name].shape)} (for a quantized linear: the bits / group_size config.json "
+                             "gives it); the config does not describe these tensors")
         value = reader.get(key).to(device=device, dtype=state[name].dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
@@ -150,7 +178,6 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
         del bare.quantization_config
         model = build_skeleton(bare, family, dtype)
         model.config.quantization_config = qc
-        targets = _quant_linear_targets(reader, family, quant.pack_format)
-        swap_in_quant_linears(model, targets, quant.spec, quant.pack_format, dtype)
+        swap_in_quant_linears(model, quant_linear_specs(reader, family, quant), quant.pack_format, dtype)
     fill_from_checkpoint(model, reader, family, torch.device(device))
     return model.to(device).eval(), processor

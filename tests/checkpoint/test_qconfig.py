@@ -100,7 +100,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
     ({"quant_method": ["gptq"]}, "quantization_config.quant_method ['gptq'] is not supported"),
     (["gptq"], "quantization_config must be a JSON object"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "config_groups holds 0 groups"),
-    ({**ct(), "config_groups": {"a": {}, "b": {}}}, "config_groups holds 2 groups; qvlquant reads one"),
+    ({**ct(), "config_groups": {"a": {}, "b": {}}}, "quantization_config.config_groups.a.weights is missing"),
     (ct(format="float-quantized"), "quantization_config.format 'float-quantized' is not supported"),
     ({**ct(), "format": None}, "quantization_config.format 'dense' is not supported"),
     (ct(group={"weights": None}), "quantization_config.config_groups.group_0.weights is missing"),
@@ -129,3 +129,143 @@ def test_the_result_is_frozen():
     assert isinstance(quant, CheckpointQuant)
     with pytest.raises(AttributeError):
         quant.method = "awq"
+
+
+
+# --- mixed precision: per-module rules ------------------------------------------------------------------------------
+SKIP = r"-:.*\.layers\.(?:0|27)\.mlp\.(?:down_proj)$"
+EIGHT = r"+:.*\.layers\.(?:3|5)\.self_attn\.(?:q_proj|k_proj|v_proj|qkv_proj)$"
+DYNAMIC = {SKIP: {}, EIGHT: {"bits": 8, "group_size": 128, "sym": True, "desc_act": False}}
+RUNTIME = "model.language_model.layers.{}.{}"  # transformers' names of the decoder linears
+W4, W8 = QuantSpec(4, 128, True), QuantSpec(8, 128, True)
+
+
+def test_gptq_dynamic_gives_each_linear_its_setting():
+    quant = read_quantization_config({**GPTQ, "dynamic": DYNAMIC}, WHERE)
+    assert quant.overrides[0].spec is None and quant.overrides[1].spec == W8 and quant.mixed
+    assert quant.spec_for(RUNTIME.format(0, "mlp.down_proj")) is None
+    assert quant.spec_for(RUNTIME.format(27, "mlp.down_proj")) is None
+    assert quant.spec_for(RUNTIME.format(3, "self_attn.k_proj")) == W8
+    assert quant.spec_for(RUNTIME.format(5, "self_attn.q_proj")) == W8
+    for name in (RUNTIME.format(3, "self_attn.o_proj"), RUNTIME.format(4, "self_attn.q_proj"),
+                 RUNTIME.format(30, "self_attn.q_proj"), RUNTIME.format(0, "mlp.up_proj")):
+        assert quant.spec_for(name) == W4, name
+    # the patterns match the checkpoint's keys and vLLM's fused names as well
+    assert quant.spec_for("model.layers.3.self_attn.v_proj") == W8
+    assert quant.spec_for("language_model.model.layers.5.self_attn.qkv_proj") == W8
+    assert quant.spec_for("language_model.model.layers.27.mlp.down_proj") is None
+
+
+def test_gptq_dynamic_first_match_wins_and_absent_keys_are_the_base():
+    rules = {r"+:.*\.layers\.3\..*": {"group_size": 64}, r".*\.layers\.[0-9]\..*": {"bits": 8}, r"-:.*": {}}
+    quant = read_quantization_config({**GPTQ, "sym": False, "dynamic": rules}, WHERE)
+    assert quant.spec_for(RUNTIME.format(3, "mlp.up_proj")) == QuantSpec(4, 64, False)  # not the later 8-bit rule
+    assert quant.spec_for(RUNTIME.format(4, "mlp.up_proj")) == QuantSpec(8, 128, False)  # no prefix: an override
+    assert quant.spec_for(RUNTIME.format(12, "mlp.up_proj")) is None
+    assert quant.spec_for("lm_head") is None  # "-:.*" matches every name
+
+
+def test_gptq_unlisted_and_not_converted_linears_are_unquantized():
+    """modules_in_block_to_quantize leaves out a skipped linear (vLLM: a substring of its name), and
+    modules_to_not_convert is read as transformers reads it; either leaves the linear unquantized."""
+    in_block = [["layers.0.self_attn.q_proj"], ["layers.0.mlp.up_proj", "layers.0.mlp.gate_proj"]]
+    quant = read_quantization_config({**GPTQ, "modules_in_block_to_quantize": in_block,
+                                      "modules_to_not_convert": ["model.visual", "lm_head"]}, WHERE)
+    assert quant.spec_for(RUNTIME.format(0, "self_attn.q_proj")) == W4
+    assert quant.spec_for(RUNTIME.format(0, "self_attn.k_proj")) is None
+    assert quant.spec_for(RUNTIME.format(10, "self_attn.q_proj")) is None  # "layers.0." is no substring of it
+    assert quant.spec_for("model.visual.blocks.0.attn.qkv") is None and quant.spec_for("lm_head") is None
+    assert not quant.mixed  # no dynamic: the summary stays the plain one
+    assert quant.summary() == {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}
+
+
+def test_awq_modules_to_not_convert_is_matched_as_transformers_does():
+    """Each entry anchored at the start of the runtime name up to a module boundary, or a suffix of it: the answers
+    of transformers' own ``should_convert_module`` for every pair below (the checkpoint's key form
+    model.layers.5... is a suffix of Qwen2-VL's runtime model.language_model.layers.5...)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    entries = ["model.language_model.layers.0.mlp.down_proj", "layers.3.mlp.down_proj", "model.layers.5.mlp.down_proj",
+               "model.visual", r"re:.*\.layers\.9\..*", "visual"]
+    names = [RUNTIME.format(i, "mlp.down_proj") for i in (0, 3, 5, 9, 13, 30)] + [
+        "model.visual.blocks.0.mlp.fc1", "model.visualx.fc", "lm_head", RUNTIME.format(3, "mlp.up_proj")]
+    skipped = set()
+    for entry in entries:
+        quant = read_quantization_config({"quant_method": "awq", "modules_to_not_convert": [entry]}, WHERE)
+        for name in names:
+            assert (quant.spec_for(name) is None) is (not should_convert_module(name, [entry])), (entry, name)
+            skipped |= {(entry, name)} if quant.spec_for(name) is None else set()
+    assert ("model.layers.5.mlp.down_proj", RUNTIME.format(5, "mlp.down_proj")) in skipped
+    assert ("layers.3.mlp.down_proj", RUNTIME.format(3, "mlp.down_proj")) in skipped
+    assert not any(n == RUNTIME.format(13, "mlp.down_proj") or n == RUNTIME.format(30, "mlp.down_proj")
+                   for _, n in skipped)  # no entry reaches layers 13 or 30 (layers.3. is no prefix of layers.30.)
+    assert ("model.visual", "model.visual.blocks.0.mlp.fc1") in skipped
+    assert len(skipped) == 4  # a "re:" entry is no regex to transformers, a bare "visual" no prefix of model.visual
+
+
+def groups(*extra, ignore=()):
+    """compressed-tensors with the default group (W4 g128 symmetric, targets Linear) and ``extra`` groups given
+    as (targets, weights)."""
+    qc = ct(group={"targets": ["Linear"]}, ignore=["lm_head", "re:.*visual.*", *ignore])
+    for i, (targets, weights) in enumerate(extra, 1):
+        qc["config_groups"][f"group_{i}"] = {"targets": targets, "weights": weights, "format": "pack-quantized"}
+    return qc
+
+
+QKV35 = r"re:.*\.layers\.(?:3|5)\.self_attn\.(?:q_proj|k_proj|v_proj)$"
+W8_ARGS = {"num_bits": 8, "group_size": 128, "symmetric": True, "strategy": "group", "type": "int"}
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["after-Linear", "before-Linear"])
+def test_compressed_tensors_name_targets_win_over_linear_and_ignore_over_both(first):
+    qc = groups((["re:.*\\.layers\\.3\\.mlp\\.up_proj$", QKV35], W8_ARGS),
+                ([RUNTIME.format(7, "mlp.gate_proj")], {"num_bits": 2, "group_size": 64, "symmetric": False}),
+                ignore=[r"re:.*\.layers\.(?:0|27)\.mlp\.(?:down_proj)$"])
+    if first:  # the class target's group last: precedence does not depend on the order of the groups
+        qc["config_groups"] = dict(reversed(list(qc["config_groups"].items())))
+    quant = read_quantization_config(qc, WHERE)
+    assert quant.spec == W4 and quant.mixed and len(quant.overrides) == 3
+    assert quant.spec_for(RUNTIME.format(3, "self_attn.q_proj")) == W8
+    assert quant.spec_for(RUNTIME.format(5, "self_attn.v_proj")) == W8 and quant.spec_for(RUNTIME.format(3, "mlp.up_proj")) == W8
+    assert quant.spec_for(RUNTIME.format(7, "mlp.gate_proj")) == QuantSpec(2, 64, False)  # an exact name
+    assert quant.spec_for(RUNTIME.format(17, "mlp.gate_proj")) == W4
+    assert quant.spec_for(RUNTIME.format(4, "self_attn.q_proj")) == W4
+    assert quant.spec_for(RUNTIME.format(27, "mlp.down_proj")) is None
+    assert quant.spec_for("model.visual.blocks.0.attn.qkv") is None and quant.spec_for("lm_head") is None
+    assert sorted(quant.summary()["mixed"].split(", ")) == ["1 rule(s) W2 g64 asym", "2 rule(s) W8 g128 sym"]
+
+
+def test_targets_of_different_settings_on_one_linear_are_refused_naming_both():
+    """vLLM takes the first in config order, compressed-tensors exact names first and regexes alphabetically: the
+    reader does not guess."""
+    quant = read_quantization_config(groups((["re:.*\\.layers\\.3\\..*"], W8_ARGS),
+                                            (["re:.*_proj$"], {"num_bits": 2, "group_size": 64})), WHERE)
+    with pytest.raises(ValueError, match=r"^out/q/config\.json: quantization_config\.config_groups: "
+                                         r"model\.language_model\.layers\.3\.mlp\.up_proj is matched by targets"):
+        quant.spec_for(RUNTIME.format(3, "mlp.up_proj"))
+    assert quant.spec_for(RUNTIME.format(4, "mlp.up_proj")) == QuantSpec(2, 64, True)
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({**GPTQ, "dynamic": [SKIP]}, "quantization_config.dynamic must be a JSON object"),
+    ({**GPTQ, "dynamic": {EIGHT: 8}}, f"quantization_config.dynamic[{EIGHT!r}] must be a JSON object of settings"),
+    ({**GPTQ, "dynamic": {EIGHT: {"bits": "8"}}}, f"dynamic[{EIGHT!r}].bits must be a whole number, got '8'"),
+    ({**GPTQ, "dynamic": {EIGHT: {"bits": 5}}}, f"dynamic[{EIGHT!r}]: bits must be 2, 3, 4 or 8, got 5"),
+    ({**GPTQ, "dynamic": {EIGHT: {"desc_act": "no"}}}, f"dynamic[{EIGHT!r}].desc_act must be true or false"),
+    ({**GPTQ, "dynamic": {"-:layers.(": {}}}, "quantization_config.dynamic['-:layers.(']: not a regular expression"),
+    (groups((["re:x"], {"num_bits": 8, "type": "float"})), "config_groups.group_1.weights.type 'float' is not supported"),
+    (groups((["re:x"], {"num_bits": 8, "strategy": "tensor"})), "group_1.weights.strategy 'tensor' is not supported"),
+    ({**groups((["re:x"], W8_ARGS)), "config_groups": {**groups((["re:x"], W8_ARGS))["config_groups"],
+                                                        "group_1": {"targets": ["re:x"], "weights": W8_ARGS,
+                                                                    "format": "float-quantized"}}},
+     "config_groups.group_1.format 'float-quantized' is not supported"),
+    (groups((["Linear"], W8_ARGS)), "config_groups.group_1.targets: 'Linear' is targeted by group_0 already"),
+    (groups((["re:(x"], W8_ARGS)), "config_groups.group_1.targets: '(x' is not a regular expression"),
+    (groups((["re:x"], W8_ARGS), ignore=["re:[a"]), "quantization_config.ignore: '[a' is not a regular expression"),
+    (groups(([7], W8_ARGS)), "config_groups.group_1.targets must be a list of module names"),
+    ({**ct(group={"targets": ["re:x"]})}, "config_groups: no group targets 'Linear'"),
+])
+def test_a_malformed_or_unreadable_per_module_rule_is_a_value_error_naming_the_field(qc, message):
+    with pytest.raises(ValueError, match="^" + WHERE.replace(".", r"\.") + ": ") as error:
+        read_quantization_config(qc, WHERE)
+    assert message in str(error.value)

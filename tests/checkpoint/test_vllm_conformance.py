@@ -6,7 +6,8 @@ every linear gets. The vision tower must be unquantized, the language model quan
 
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it in the main
 venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 cores:
-13-40 s for the 22 tests (18-46 s wall with pytest's start, depending on the load), most of it importing vLLM once (~9 s) and building the tiny exports.
+about 72 s for the 54 tests (mixed-precision ones included), most of it importing vLLM once (~9 s) and building
+the tiny exports.
 """
 
 import copy
@@ -214,3 +215,145 @@ def test_tensor_parallel_at_the_real_sizes(tmp_path, size, fmt):
     heads = (text["num_attention_heads"], text["num_key_value_heads"])
     quant = read_quantization_config(saved["quantization_config"], str(tmp_path / "config.json"))
     assert {tp for tp in TP_SIZES if marlin_problems(quant, layer0, tp, family, heads)} == REFUSED_AT[size]
+
+
+# --- mixed precision: per-module rules as vLLM reads them ------------------------------------------------------------
+QKV1 = r".*\.layers\.(?:1)\.self_attn\.(?:{})$"
+W8 = QuantSpec(8, 64, True)
+
+
+def repack(folder, modules: dict, fmt):
+    """Rewrite each disk module of ``modules`` in the export ``folder``: to its QuantSpec (re-quantized from the
+    4-bit weight), or, for None, to a plain bf16 weight."""
+    from safetensors.torch import load_file, save_file
+
+    from qvlquant.quant.formats import QuantizedWeight
+    from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+
+    pack, spec, _, _ = FORMATS[fmt]
+    tensors = load_file(str(folder / "model.safetensors"))
+    for module, new in modules.items():
+        names = [n for n in pack.tensor_shapes(64, 64, QuantSpec(4, 64, False)) if f"{module}.{n}" in tensors]
+        old = {n: tensors.pop(f"{module}.{n}") for n in names}
+        k = {PackFormat.GPTQ: lambda: old["qweight"].shape[0] * 8, PackFormat.AWQ_GEMM: lambda: old["qweight"].shape[0],
+             PackFormat.COMPRESSED: lambda: int(old["weight_shape"][1])}[pack]()
+        w = pack.unpack(old, spec, k).dequantize()  # [N, K]
+        if new is None:
+            tensors[f"{module}.weight"] = w.to(torch.bfloat16)
+            continue
+        q, scale, zero = rtn_quantize(w, new)
+        packed = pack.pack(QuantizedWeight(q, scale, zero, default_g_idx(k, new), new))
+        tensors.update({f"{module}.{n}": t for n, t in packed.items()})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def mixed(root, model_type, fmt, skip=("mlp.down_proj",), eight=("q_proj", "k_proj", "v_proj"), fused_names=True):
+    """An export of the tiny model whose layer 0 ``skip`` linears are plain weights and layer 1 ``eight`` are 8-bit,
+    with the config in the format's own terms (the shapes the other engineer's writer writes)."""
+    folder = make_export(root / f"{model_type}-{fmt}", model_type, fmt)
+    family = family_for(model_type)
+    disk = lambda i, leaf: family.to_disk(f"{family.decoder_layers}.{i}.{leaf}.")[:-1]  # noqa: E731
+    repack(folder, {**{disk(0, s): None for s in skip}, **{disk(1, f"self_attn.{e}"): W8 for e in eight}}, fmt)
+    config = json.loads((folder / "config.json").read_text())
+    qc = config["quantization_config"]
+    section, leaves = skip[0].split(".")[0], [s.split(".")[-1] for s in skip]  # skip: linears of one section
+    fused = {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+    skip_rule = rf".*\.layers\.(?:0)\.{section}\.(?:{'|'.join(leaves)})$"
+    if fmt == "gptq":
+        gptq_leaves = leaves + sorted({fused[e] for e in leaves if e in fused} if fused_names else set())
+        qc["dynamic"] = {"-:" + skip_rule.replace("|".join(leaves), "|".join(gptq_leaves)): {},
+                         "+:" + QKV1.format("|".join(eight) + ("|qkv_proj" if fused_names else "")):
+                             {"bits": 8, "group_size": 64, "sym": True, "desc_act": False}}
+        qc["modules_in_block_to_quantize"] = [[n for n in g if not any(n == f"layers.0.{s}" for s in skip)]
+                                              for g in qc["modules_in_block_to_quantize"]]
+    else:
+        weights = {**qc["config_groups"]["group_0"]["weights"], "num_bits": 8}
+        qc["config_groups"]["group_1"] = {"targets": ["re:" + QKV1.format("|".join(eight))], "weights": weights,
+                                          "format": "pack-quantized"}
+        qc["ignore"] = qc["ignore"] + ["re:" + skip_rule]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "qvlquant_manifest.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_gives_each_linear_of_a_mixed_export_its_setting(tmp_path, model_type, fmt):
+    """GPTQ dynamic (vLLM: ``gptq_utils.get_linear_quant_method`` -> ``get_dynamic_override`` on its fused prefix)
+    and compressed-tensors groups + ignore (``get_scheme_dict``: ``should_ignore_layer``, ``find_matched_target``;
+    ``re:`` entries untouched by ``apply_vllm_mapper``): the 8-bit override reaches layer 1's fused qkv_proj, the
+    skipped down_proj is UnquantizedLinearMethod, everything else keeps the base; no problem at TP 1; the copied
+    rules and inspect's counts say the same."""
+    report = inspect_checkpoint(mixed(tmp_path, model_type, fmt))
+    vllm, prefix = report["vllm"], "language_model.model.layers."
+    assert vllm["refused"] is None and vllm["tp"][1] == [], vllm["tp"][1]
+    assert vllm["layers"][prefix + "0.mlp.down_proj"] == "UnquantizedLinearMethod"
+    assert vllm["settings"][prefix + "1.self_attn.qkv_proj"] == "W8 g64 sym"
+    others = {v: s for v, s in vllm["settings"].items() if v.startswith(prefix)
+              and v not in (prefix + "0.mlp.down_proj", prefix + "1.self_attn.qkv_proj")}
+    assert len(others) == 10 and set(others.values()) == {"W4 g64 sym"}
+    assert report["module_settings"] == {"W4 g64 sym": 17, "W8 g64 sym": 3, "not quantized": 1}
+    assert "mixed" in report["quantization"]
+    copied = copied_rules(*copied_inputs(report["folder"], model_type))
+    assert copied["refused"] is None and copied["tp"][1] == []
+
+
+def copied_inputs(folder, model_type):
+    import pathlib
+
+    folder = pathlib.Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    family, header = family_for(model_type), read_checkpoint_header(folder)
+    quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
+    return quant, quantized_shapes(header, quant, family), [], family, config
+
+
+@pytest.mark.parametrize("fmt,refusal", [("gptq", "Detected some but not all shards of language_model.model.layers.0."
+                                                  "self_attn.qkv_proj are quantized"),
+                                         ("compressed-tensors", "Found different quantization schemes for the shards "
+                                                                "of language_model.model.layers.0.self_attn.qkv_proj")])
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_refuses_a_partly_skipped_fused_group(tmp_path, model_type, fmt, refusal):
+    """GPTQ: ``is_layer_gptq_quantized`` (modules_in_block_to_quantize omits the skipped shard); compressed-tensors:
+    ``should_ignore_layer``. The copied rules refuse it too."""
+    report = inspect_checkpoint(mixed(tmp_path, model_type, fmt, skip=("self_attn.q_proj",)))
+    assert refusal in report["vllm"]["refused"]
+    copied = copied_rules(*copied_inputs(report["folder"], model_type))
+    assert any("vLLM fuses self_attn.q_proj, self_attn.k_proj, self_attn.v_proj" in p for p in copied["tp"][1])
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_a_partly_overridden_fused_group_is_flagged_where_vllm_says_nothing(tmp_path, fmt):
+    """8 bits for q_proj alone: vLLM builds layer 1's qkv_proj at the base 4 bits without a word (GPTQ: the fused
+    prefix matches no rule; compressed-tensors: ``_match_fused_layer`` wants every shard, so the class target wins):
+    qvlquant's check of vLLM's decision names it, and the copied rules refuse it."""
+    report = inspect_checkpoint(mixed(tmp_path, "qwen2_vl", fmt, eight=("q_proj",), fused_names=False))
+    assert report["vllm"]["refused"] is None
+    assert report["vllm"]["settings"]["language_model.model.layers.1.self_attn.qkv_proj"] == "W4 g64 sym"
+    assert any("qkv_proj: vLLM builds it W4 g64 sym, the checkpoint holds model.language_model.layers.1.self_attn."
+               "q_proj W8 g64 sym" in p for p in report["marlin"][1])
+    copied = copied_rules(*copied_inputs(report["folder"], "qwen2_vl"))
+    assert any("vLLM fuses self_attn.q_proj" in p for p in copied["tp"][1])
+
+
+AWQ_FORMS = {"short": "layers.0.mlp.down_proj", "disk": "{disk}", "runtime": "model.language_model.layers.0.mlp.down_proj"}
+
+
+@pytest.mark.parametrize("form", list(AWQ_FORMS))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_and_transformers_skip_an_awq_linear_named_in_modules_to_not_convert(tmp_path, model_type, form):
+    """vLLM: ``is_layer_skipped(..., match_mode="substring")`` after ``apply_vllm_mapper`` maps the list (a
+    checkpoint-key "model.layers..." becomes "language_model.model.layers..."); transformers: anchored or suffix
+    (``spec_for``). Each form below is read as skipped by both."""
+    family = family_for(model_type)
+    folder = make_export(tmp_path / "awq", model_type, "awq")
+    repack(folder, {family.to_disk(f"{family.decoder_layers}.0.mlp.down_proj.")[:-1]: None}, "awq")
+    config = json.loads((folder / "config.json").read_text())
+    entry = AWQ_FORMS[form].format(disk=family.to_disk(f"{family.decoder_layers}.0.mlp.down_proj.")[:-1])
+    config["quantization_config"]["modules_to_not_convert"].append(entry)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "qvlquant_manifest.json").unlink()
+    report = inspect_checkpoint(folder)
+    assert report["vllm"]["layers"]["language_model.model.layers.0.mlp.down_proj"] == "UnquantizedLinearMethod"
+    assert report["vllm"]["refused"] is None and report["marlin"][1] == []
+    assert report["module_settings"] == {"W4 g64 asym": 20, "not quantized": 1}
