@@ -262,3 +262,33 @@ def test_mixed_configs_name_exactly_the_linears_the_rules_chose():
         for linear in QWEN2_VL.linears:
             vllm = f"language_model.model.layers.{i}.{linear}"
             assert any(n in vllm for n in skipped) == (awq_plan.config_for(f"model.language_model.layers.{i}.{linear}") is None)
+
+
+@pytest.mark.parametrize("method,fmt", [("gptq", PackFormat.GPTQ), ("rtn", PackFormat.COMPRESSED),
+                                        ("awq", PackFormat.AWQ_GEMM)])
+def test_mixed_exports_reload_with_each_linear_as_the_rules_left_it(demo, demo_batches, tmp_path, method, fmt):
+    """Rules through export and ``qvlquant.load``: skipped linears come back as nn.Linear holding the base weight
+    (in the storage dtype), overridden ones as QuantLinears of their own width, and the logits are the in-memory
+    quantized model's."""
+    from qvlquant.quant.rules import ModulePlan, parse_rule
+
+    model, processor = demo
+    q = copy.deepcopy(model)
+    sym = method != "awq"
+    qcfg = QuantConfig(method, QuantSpec(4, 128, sym))
+    rules = [parse_rule(r"layers\.1\.mlp:skip")] + ([] if fmt is PackFormat.AWQ_GEMM else
+                                                   [parse_rule(r"layers\.(0|3)\.self_attn:bits=8,group_size=64")])
+    plan = LoopPlan(family=QWEN2_VL, qcfg=qcfg, pack_format=fmt, storage_dtype=torch.float32,
+                    modules=ModulePlan.resolve(rules, qcfg))
+    result = quantize_model(q, demo_batches, plan)
+    export(q, processor, result, tmp_path / "q", {"base_model": "demo"})
+    loaded, _ = qvlquant.load(tmp_path / "q")
+    prefix = "model.language_model.layers"
+    for name in (f"{prefix}.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")):
+        m = loaded.get_submodule(name)
+        assert type(m) is torch.nn.Linear and torch.equal(m.weight, model.get_submodule(name).weight)
+    if fmt is not PackFormat.AWQ_GEMM:
+        assert loaded.get_submodule(f"{prefix}.3.self_attn.k_proj").spec == QuantSpec(8, 64, sym)
+    assert loaded.get_submodule(f"{prefix}.2.mlp.up_proj").spec == QuantSpec(4, 128, sym)
+    batch = next(b for b in demo_batches if "pixel_values" in b)
+    torch.testing.assert_close(logits(loaded, batch), logits(q, batch), rtol=0, atol=1e-5)

@@ -47,11 +47,14 @@ FORMATS = {  # format -> (how it is packed, the spec, vLLM's method, the method 
 VISION_LINEARS = {"qwen2_vl": 10, "qwen2_5_vl": 10, "qwen3_vl": 18}  # vLLM's names (Qwen2.5-VL's gate/up fused)
 
 
-def make_export(out, model_type, fmt, method="rtn", spec=None, **options):
+def make_export(out, model_type, fmt, method="rtn", spec=None, rules=(), **options):
+    from qvlquant.quant.rules import ModulePlan
+
     model = tiny_model(model_type)
     pack, default_spec, _, _ = FORMATS[fmt]
     qcfg = QuantConfig(method, spec or default_spec, **options)
-    plan = LoopPlan(family=family_for(model_type), qcfg=qcfg, pack_format=pack, storage_dtype=torch.bfloat16)
+    plan = LoopPlan(family=family_for(model_type), qcfg=qcfg, pack_format=pack, storage_dtype=torch.bfloat16,
+                    modules=ModulePlan.resolve(rules, qcfg) if rules else None)
     result = quantize_model(model, [tiny_batch(model)], plan)
     export(model, None, result, out, {})
     return out
@@ -357,3 +360,28 @@ def test_vllm_and_transformers_skip_an_awq_linear_named_in_modules_to_not_conver
     assert report["vllm"]["layers"]["language_model.model.layers.0.mlp.down_proj"] == "UnquantizedLinearMethod"
     assert report["vllm"]["refused"] is None and report["marlin"][1] == []
     assert report["module_settings"] == {"W4 g64 asym": 20, "not quantized": 1}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_reads_qvlquants_own_mixed_exports(tmp_path, model_type, fmt):
+    """The export writer's rules (GPTQ dynamic, compressed-tensors groups + ignore, AWQ modules_to_not_convert),
+    asked of vLLM's own classes: layer 0's MLP skipped (UnquantizedLinearMethod for gate_up_proj and down_proj),
+    layer 1's attention at 8 bits (not for AWQ GEMM, which holds one width), the rest at the base setting, nothing
+    of the vision tower quantized, no problem at TP 1."""
+    from qvlquant.quant.rules import parse_rule
+
+    rules = [parse_rule(r"layers\.0\.mlp:skip")]
+    if fmt != "awq":
+        rules.append(parse_rule(r"layers\.1\.self_attn:bits=8"))
+    method = "awq" if fmt == "awq" else "rtn"
+    report = inspect_checkpoint(make_export(tmp_path / "q", model_type, fmt, method=method, rules=rules))
+    vllm, prefix = report["vllm"], "language_model.model.layers."
+    assert vllm["refused"] is None and vllm["tp"][1] == [], vllm["tp"][1]
+    assert vllm["vision_quantized"] == []
+    skipped = {prefix + "0.mlp.gate_up_proj", prefix + "0.mlp.down_proj"}
+    assert {v for v, m in vllm["layers"].items() if v.startswith(prefix) and m == "UnquantizedLinearMethod"} == skipped
+    settings = {v: s for v, s in vllm["settings"].items() if v.startswith(prefix) and v not in skipped}
+    eight = {prefix + "1.self_attn.qkv_proj", prefix + "1.self_attn.o_proj"} if fmt != "awq" else set()
+    assert {v for v, s in settings.items() if s.startswith("W8")} == eight
+    assert {s.split()[0] for v, s in settings.items() if v not in eight} == {"W4"}
