@@ -252,7 +252,12 @@ def _warn_about_vllm(config: JobConfig, job: PreparedJob) -> None:
     layers = len(job.skeleton.get_submodule(job.family.decoder_layers))
     qc = quantization_config(config.quant, config.pack_format, job.family, layers,
                              job.modules if job.modules.mixed else None)
-    for line in vllm_compatibility_warnings(qc, job.family):
+    lines = vllm_compatibility_warnings(qc, job.family)
+    if "dynamic" in qc and any(k.startswith("+:") for k in qc["dynamic"]):
+        lines.append("per-module widths in the GPTQ format (its 'dynamic' field) load in vLLM but not "
+                     "with transformers 5.24's from_pretrained, which has no 'dynamic'; --format compressed-tensors "
+                     "loads in both")
+    for line in lines:
         print(f"qvlquant quantize: warning: {line}", file=sys.stderr, flush=True)
 
 

@@ -47,3 +47,41 @@ def test_transformers_from_pretrained_loads_the_export(exported):
         b = ours(**batch).logits[:, -1].float()
     assert (a.argmax(-1) == b.argmax(-1)).all()  # the same answers
     assert (a - b).abs().max() < 0.02  # measured here: 0.0034 (AWQ), 0.0025 (GPTQ) on 256 questions
+
+
+MIXED = {  # per-module rules transformers 5.24 loads: skips in every format, widths through compressed-tensors
+    "ct-widths": ["--method", "gptq", "--format", "compressed-tensors", "--override", r"layers\.0\.:bits=8",
+                  "--ignore", r"layers\.3\.mlp"],
+    "gptq-skips": ["--method", "gptq", "--ignore", r"layers\.3\.mlp", "--ignore", r"layers\.0\.self_attn"],
+    "awq-skips": ["--method", "awq", "--ignore", r"layers\.3\.mlp"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MIXED))
+def test_transformers_loads_mixed_exports_as_qvlquant_does(tmp_path, name):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    out = tmp_path / name
+    assert main(["quantize", *MIXED[name], "--num-samples", "8", "--output", str(out)]) == 0
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(out, device_map="cpu", dtype=torch.float32)
+    assert type(hf.model.language_model.layers[3].mlp.down_proj) is torch.nn.Linear  # skipped: plain weights
+    ours, processor = qvlquant.load(out, dtype=torch.float32)
+    batch = prompt_batch(processor, load_split("test")[:64], {})
+    with torch.no_grad():
+        a, b = hf(**batch).logits[:, -1].float(), ours(**batch).logits[:, -1].float()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    assert (a - b).abs().max() < 0.02  # measured here: 0.0 (compressed-tensors, decompressed), 0.0011 (GPTQ, AWQ)
+
+
+@pytest.mark.slow
+def test_transformers_cannot_load_per_module_widths_in_the_gptq_format(tmp_path):
+    """transformers 5.24's GPTQConfig has no ``dynamic``: every linear is built at the base width and the 8-bit
+    tensors do not fit (docs/MIXED_PRECISION.md says so and points to compressed-tensors)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    out = tmp_path / "gptq-widths"
+    assert main(["quantize", "--method", "gptq", "--override", r"layers\.0\.:bits=8", "--num-samples", "8",
+                 "--output", str(out)]) == 0
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        Qwen2VLForConditionalGeneration.from_pretrained(out, device_map="cpu", dtype=torch.float32)
