@@ -21,7 +21,7 @@ from qvlquant.quant.gptq import (
     CholeskyError,
     accumulate_hessian,
     gptq_quantize,
-    hessian,
+    hessian_with_scratch,
 )
 from qvlquant.quant.layer import (
     LayerContext,
@@ -109,17 +109,18 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
                 raise ctx.fail(group[0], "received no calibration tokens; add samples or exclude it")
             if S is None:
                 continue  # another rank solves this group's linears
-            H = hessian(S, n)
+            H, scratch = hessian_with_scratch(S, n)  # both in S's memory: no [K, K] matrix more
             del S
             for j, name in enumerate(mine):
-                Hj = H if j == len(mine) - 1 else H.clone()  # gptq_quantize uses its Hessian in place
+                last = j == len(mine) - 1
+                Hj = H if last else H.clone()  # gptq_quantize uses its Hessian in place
                 try:
-                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, cfg)
+                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, cfg, scratch if last else None)
                 except CholeskyError as e:
                     raise ctx.fail(name, str(e)) from None
                 ctx.finish(name, *decorate(name, w, dict(info, tokens=n)))
                 del Hj
-            del H
+            del H, scratch  # the views hold S's memory: gone before the next group's sums
         ctx.settle(owner)
 
 

@@ -52,11 +52,32 @@ def accumulate_hessian(S: torch.Tensor, n: int, x: torch.Tensor, mask: torch.Ten
 
 def hessian(S: torch.Tensor, n: int) -> torch.Tensor:
     """``2/n S`` as float32 (S, the sum of ``accumulate_hessian``, is scaled in place and then released)."""
-    return (S.mul_(2.0 / n) if n else S).float()
+    return hessian_with_scratch(S, n)[0]
+
+
+def hessian_with_scratch(S: torch.Tensor, n: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``2/n S`` as float32, written over S's own memory: a float64 S [K, K] holds two float32 [K, K] matrices,
+    so the Hessian takes the first half and the second is returned as scratch for the factorisation
+    (``gptq_quantize``'s ``scratch``). S is consumed. No [K, K] matrix is allocated: a 7B down_proj's float64
+    sum is 2.9 GB, and a float32 copy beside it and then a working copy beside that would add 1.4 GB each.
+    -> (H, scratch or None when S is not a contiguous float64 matrix; then H is ``S.float()``)."""
+    if n:
+        S.mul_(2.0 / n)
+    if S.dtype != torch.float64 or not S.is_contiguous() or S.dim() != 2:
+        return S.float(), None
+    k = S.shape[0]
+    halves = S.view(-1).view(torch.float32)  # [2 K^2] over the same bytes
+    H, scratch = halves[: k * k].view(k, k), halves[k * k:].view(k, k)
+    for r0 in range(0, k, chunk):
+        # float32 rows r0..r1 land on the bytes of float64 rows r0/2..r1/2, all read by now (this chunk's into rows)
+        rows = S[r0:r0 + chunk].to(torch.float32)
+        halves[r0 * k:r0 * k + rows.numel()] = rows.view(-1)
+    return H, scratch
 
 
 def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: float,
-                            perm: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                            perm: torch.Tensor | None = None,
+                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = that inverse), raising damp (x2 each try)
     until it factorises; with ``perm``, of the permuted ``H[perm][:, perm]`` (act-order), gathered straight into the
     working copy. -> (U [K, K], damp_percent used); H is left as it was.
@@ -64,8 +85,9 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: floa
     With P the reversal permutation, P H P = M M^T (M lower) gives H = V V^T for the upper V = P M P, so
     U = V^-1 = P M^-1 P: one Cholesky and one triangular inverse (2/3 K^3 multiply-adds) instead of a Cholesky, a
     Cholesky inverse and a second Cholesky (4/3 K^3); 3.4x faster at K = 4096 here, equal to 4e-7. Everything runs
-    in place in one working copy (two [K, K] matrices alive, H and U), and the loop ends for every input: damp
-    must be finite and positive, and after at most log2(damp_max / damp_percent) + 2 tries it is an error."""
+    in place in one working copy (two [K, K] matrices alive, H and U; the copy is ``out`` when given, e.g. the
+    scratch of ``hessian_with_scratch``), and the loop ends for every input: damp must be finite and positive,
+    and after at most log2(damp_max / damp_percent) + 2 tries it is an error."""
     if not (math.isfinite(damp_percent) and math.isfinite(damp_max) and 0 < damp_percent <= damp_max):
         raise ValueError(f"need 0 < damp_percent <= damp_max, both finite; got {damp_percent!r} and {damp_max!r}")
     mean_diag = torch.mean(torch.diag(H)).item()
@@ -74,7 +96,7 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: floa
     damp = damp_percent
     info = torch.empty((), dtype=torch.int32, device=H.device)
     while True:
-        work = _permuted_copy(H, perm)
+        work = _permuted_copy(H, perm, out)
         work.diagonal().add_(damp * mean_diag)
         _reverse_(work)
         torch.linalg.cholesky_ex(work, out=(work, info))  # M, lower, in place
@@ -92,13 +114,14 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: floa
         damp = min(damp * 2, damp_max)
 
 
-def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, chunk: int = 1024) -> torch.Tensor:
-    """A copy of ``H`` (``H[perm][:, perm]`` for act-order), gathered ``chunk`` rows at a time: the working copy
-    the factorisation needs anyway, so act-order costs no [K, K] matrix more than the plain order (a 7B
-    down_proj's Hessian is 1.4 GB)."""
+def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, out: torch.Tensor | None = None,
+                   chunk: int = 1024) -> torch.Tensor:
+    """A copy of ``H`` (``H[perm][:, perm]`` for act-order) into ``out`` (a new matrix when None), gathered
+    ``chunk`` rows at a time: the working copy the factorisation needs anyway, so act-order costs no [K, K]
+    matrix more than the plain order (a 7B down_proj's Hessian is 1.4 GB)."""
+    out = torch.empty_like(H) if out is None else out
     if perm is None:
-        return H.clone()
-    out = torch.empty_like(H)
+        return out.copy_(H)
     for r0 in range(0, H.shape[0], chunk):
         out[r0:r0 + chunk] = H.index_select(0, perm[r0:r0 + chunk]).index_select(1, perm)
     return out
@@ -142,10 +165,12 @@ def _group_params(cols: torch.Tensor, spec: QuantSpec, mse: float = 0.0) -> tupl
     return minmax_qparams(cols.amin(1, keepdim=True), cols.amax(1, keepdim=True), spec)
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> tuple[QuantizedWeight, dict]:
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig,
+                  scratch: torch.Tensor | None = None) -> tuple[QuantizedWeight, dict]:
     """GPTQ of ``w`` [N, K] given its input Hessian ``H`` [K, K], with ``config``'s spec, block size, damping,
     act-order and static groups; runs on ``w``'s device. A float32 ``H`` is used in place (its dead diagonal
-    entries are set to 1): pass a copy to keep it.
+    entries are set to 1): pass a copy to keep it. ``scratch``: a float32 [K, K] the inverse factor is built in
+    (``hessian_with_scratch``'s; None: a new one).
     -> (codes, {"damp_percent", "dead_columns", "loss"})."""
     spec, block_size, desc_act = config.spec, config.block_size, config.desc_act
     static_groups = config.static_groups
@@ -163,7 +188,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> tupl
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k, device=device)
     if desc_act:
         W = W[:, perm]
-    Hinv, damp_used = damped_inverse_cholesky(H, config.damp_percent, config.damp_max, perm if desc_act else None)
+    Hinv, damp_used = damped_inverse_cholesky(H, config.damp_percent, config.damp_max, perm if desc_act else None,
+                                              scratch)
     del H
 
     Q = torch.zeros(n_out, k, dtype=torch.int32, device=device)

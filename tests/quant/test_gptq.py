@@ -156,3 +156,25 @@ def test_permuted_factorisation_is_that_of_the_permuted_hessian():
     U, _ = damped_inverse_cholesky(H, 0.01, 1.0, perm)
     V, _ = damped_inverse_cholesky(H[perm][:, perm], 0.01, 1.0)
     torch.testing.assert_close(U, V, rtol=0, atol=0)
+
+
+def test_the_float32_hessian_and_the_scratch_share_the_float64_sums_memory():
+    """``hessian_with_scratch`` writes 2/n S as float32 over S's own bytes and hands back the other half as the
+    factorisation's scratch: the same Hessian as ``S.float()``, no [K, K] matrix allocated, and GPTQ with the
+    scratch gives exactly the result without it (a 7B down_proj: 2.9 GB instead of 4.3 GB at the peak)."""
+    from qvlquant.quant.gptq import hessian_with_scratch
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 700, dtype=torch.float64)
+    S = x.T @ x
+    ref = (S * (2 / 300)).float()
+    start, end = S.data_ptr(), S.data_ptr() + S.numel() * 8
+    H, scratch = hessian_with_scratch(S, 300, chunk=64)
+    assert torch.equal(H, ref)
+    assert H.data_ptr() == start and scratch.data_ptr() == start + 700 * 700 * 4
+    assert scratch.data_ptr() + scratch.numel() * 4 == end  # both halves inside S: nothing new
+    w = torch.randn(32, 700)
+    cfg = QuantConfig("gptq", QuantSpec(4, 100, True), desc_act=True, static_groups=True)
+    with_scratch, _ = gptq_quantize(w, H.clone(), cfg, scratch)
+    without, _ = gptq_quantize(w, ref.clone(), cfg)
+    assert torch.equal(with_scratch.q, without.q) and torch.equal(with_scratch.scale, without.scale)
