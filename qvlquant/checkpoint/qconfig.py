@@ -24,7 +24,8 @@ import dataclasses
 import json
 import pathlib
 
-from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.formats import Fp8Format, PackFormat
+from qvlquant.quant.fp8 import BLOCK as FP8_BLOCK
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.files import read_text_bounded
 
@@ -36,8 +37,8 @@ KINDS = {int: "a whole number", bool: "true or false", str: "a string", dict: "a
 class CheckpointQuant:
     """What a checkpoint's ``quantization_config`` says, read once by ``read_quantization_config``."""
 
-    method: str  # quant_method: "gptq", "awq" or "compressed-tensors"
-    pack_format: PackFormat  # the layout of the packed tensors on disk
+    method: str  # quant_method: "gptq", "awq", "compressed-tensors" or "fp8"
+    pack_format: PackFormat | Fp8Format  # the layout of the packed tensors on disk (Fp8Format: FP8 e4m3 weights)
     spec: QuantSpec  # bits; group_size (-1: per channel); sym (AWQ: not zero_point)
     act_order: bool  # the groups are permuted at load time (GPTQ desc_act, compressed-tensors actorder "group")
     checkpoint_format: str  # GPTQ checkpoint_format "gptq", AWQ version "gemm", compressed-tensors "pack-quantized"
@@ -47,8 +48,9 @@ class CheckpointQuant:
 
     def summary(self) -> dict:
         """The settings the eval table and ``inspect`` show, spelled the same for every format."""
-        return {"quant_method": self.method, "bits": self.spec.bits, "group_size": self.spec.group_size,
-                "sym": self.spec.sym}
+        summary = {"quant_method": self.method, "bits": self.spec.bits, "group_size": self.spec.group_size,
+                   "sym": self.spec.sym}
+        return {**summary, "weights": "fp8_e4m3"} if isinstance(self.pack_format, Fp8Format) else summary
 
 
 def read_quantization_config(qc: dict | None, where: str) -> CheckpointQuant | None:
@@ -60,11 +62,11 @@ def read_quantization_config(qc: dict | None, where: str) -> CheckpointQuant | N
     if not isinstance(qc, dict):
         raise ValueError(f"{path} must be a JSON object, got {qc!r}")
     method = qc.get("quant_method")
-    readers = {"gptq": _read_gptq, "awq": _read_awq, "compressed-tensors": _read_compressed}
+    readers = {"gptq": _read_gptq, "awq": _read_awq, "compressed-tensors": _read_compressed, "fp8": read_fp8_block}
     read = readers.get(method) if isinstance(method, str) else None
     if read is None:
-        raise ValueError(f"{path}.quant_method {method!r} is not supported; qvlquant reads 'gptq', 'awq' and "
-                         "'compressed-tensors'")
+        raise ValueError(f"{path}.quant_method {method!r} is not supported; qvlquant reads 'gptq', 'awq', "
+                         "'compressed-tensors' and 'fp8'")
     return read(qc, path)
 
 
@@ -102,6 +104,8 @@ def _read_compressed(qc: dict, path: str) -> CheckpointQuant:
     if not isinstance(group, dict):
         raise ValueError(f"{gpath} must be a JSON object, got {group!r}")
     layout = _get(group, "format", str, None, gpath) or _get(qc, "format", str, "dense", path)
+    if layout == "float-quantized":
+        return read_float_quantized(qc, group, gpath, path)
     if layout != "pack-quantized":
         raise ValueError(f"{path}.format {layout!r} is not supported; qvlquant reads 'pack-quantized' (integer "
                          "weights packed in int32)")
@@ -117,6 +121,45 @@ def _read_compressed(qc: dict, path: str) -> CheckpointQuant:
     return CheckpointQuant("compressed-tensors", PackFormat.COMPRESSED, spec,
                            actorder is True or actorder in ("group", "dynamic"), layout,
                            ignore=_names(qc, "ignore", path))
+
+
+def read_fp8_block(qc: dict, path: str) -> CheckpointQuant:
+    """Qwen's FP8 (``quant_method: fp8``, vLLM's ``Fp8Config``): e4m3 weights in 128x128 blocks, dynamic
+    activations. vLLM requires ``activation_scheme``; ``fmt`` defaults to e4m3 as in transformers'
+    ``FineGrainedFP8Config``. Per-tensor FP8 (no ``weight_block_size``) and static activations are refused, naming
+    the field."""
+    if _get(qc, "fmt", str, "e4m3", path) != "e4m3":
+        raise ValueError(f"{path}.fmt {qc['fmt']!r} is not supported; qvlquant reads 'e4m3'")
+    scheme = _get(qc, "activation_scheme", str, REQUIRED, path)
+    if scheme != "dynamic":
+        raise ValueError(f"{path}.activation_scheme {scheme!r} is not supported; qvlquant reads 'dynamic'")
+    block = qc.get("weight_block_size")
+    if block != list(FP8_BLOCK):
+        raise ValueError(f"{path}.weight_block_size {block!r} is not supported; qvlquant reads "
+                         f"{list(FP8_BLOCK)} (Qwen's block FP8)")
+    return CheckpointQuant("fp8", Fp8Format.BLOCK, QuantSpec(8, FP8_BLOCK[1], True), False, "e4m3",
+                           not_converted=_names(qc, "modules_to_not_convert", path))
+
+
+def read_float_quantized(qc: dict, group: dict, gpath: str, path: str) -> CheckpointQuant:
+    """compressed-tensors ``float-quantized`` as FP8_DYNAMIC writes it: 8-bit float weights per channel,
+    symmetric; 8-bit float input activations per token, dynamic. Anything else (static or per-tensor scales,
+    weight-only) is refused, naming the field."""
+    wpath, apath = f"{gpath}.weights", f"{gpath}.input_activations"
+    weights = _get(group, "weights", dict, REQUIRED, gpath)
+    acts = _get(group, "input_activations", dict, None, gpath)
+    if acts is None:
+        raise ValueError(f"{apath} is missing; qvlquant reads FP8 with dynamic per-token activations (FP8_DYNAMIC)")
+    expected = ((weights, wpath, {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True}),
+                (acts, apath, {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}))
+    for d, where, fields in expected:
+        for key, value in fields.items():
+            got = _get(d, key, type(value), None, where)
+            if got != value:
+                raise ValueError(f"{where}.{key} is {got!r}; qvlquant reads float-quantized FP8_DYNAMIC "
+                                 f"({key} {value!r})")
+    return CheckpointQuant("compressed-tensors", Fp8Format.CHANNEL, QuantSpec(8, -1, True), False,
+                           "float-quantized", ignore=_names(qc, "ignore", path))
 
 
 def _ct_group_size(weights: dict, wpath: str) -> int:

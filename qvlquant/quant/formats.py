@@ -274,6 +274,11 @@ class Fp8Format(str, enum.Enum):
             q, scale = fp8.quantize_channels(w, name)
         return {"weight": q, self.scale_name: scale}
 
+    def scale(self, w: torch.Tensor, name: str = "weight") -> torch.Tensor:
+        """``pack(w)[scale_name]`` without computing the codes (a streamed export writes the scale and the weight
+        at different times: safetensors orders a file's tensors by dtype)."""
+        return fp8.block_scales(w, name) if self is Fp8Format.BLOCK else fp8.channel_scales(w, name)
+
     def unpack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The stored tensors -> the weight they stand for, [N, K] float32."""
         if self is Fp8Format.BLOCK:
@@ -285,3 +290,8 @@ class Fp8Format(str, enum.Enum):
         rows, cols = -(-n // fp8.BLOCK[0]), -(-k // fp8.BLOCK[1])
         scale = (rows, cols) if self is Fp8Format.BLOCK else (n, 1)
         return {"weight": ((n, k), fp8.FP8_DTYPE), self.scale_name: (scale, torch.float32)}
+
+
+# --scheme: llm-compressor's preset names for the FP8 layouts (its FP8_BLOCK, FP8_DYNAMIC), quantized data-free
+FP8_SCHEMES = {"FP8_BLOCK": Fp8Format.BLOCK, "FP8_DYNAMIC": Fp8Format.CHANNEL}
+FP8_SCHEME_NAMES = {fmt: name for name, fmt in FP8_SCHEMES.items()}

@@ -66,6 +66,12 @@ def quantize_blocks(w: torch.Tensor, name: str = "weight",
     return q.view(blocks.shape[0] * block[0], -1)[:n, :k].contiguous(), scale
 
 
+def block_scales(w: torch.Tensor, name: str = "weight", block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """The ``weight_scale_inv`` [R, C] of ``quantize_blocks`` alone (one pass over ``w``, no codes)."""
+    check_finite(w, name)
+    return _scale(_padded_blocks(w, block).abs().amax(dim=(1, 3)))
+
+
 def expand_block_scales(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] = BLOCK) -> torch.Tensor:
     """[R, C] block scales -> [N, K], each block's scale on each of its elements."""
     full = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
@@ -87,6 +93,12 @@ def quantize_channels(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tens
     check_finite(w, name)
     scale = _scale(w.abs().amax(dim=1, keepdim=True))  # [N, 1]
     return _to_fp8(w.float() / scale), scale
+
+
+def channel_scales(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """The ``weight_scale`` [N, 1] of ``quantize_channels`` alone."""
+    check_finite(w, name)
+    return _scale(w.abs().amax(dim=1, keepdim=True))
 
 
 def dequantize_channels(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ def test_round_trip_error_within_e4m3_rounding(shape, fmt):
     sqnr = 10 * torch.log10(w.float().pow(2).sum() / (back - w.float()).pow(2).sum())
     assert sqnr > 28, float(sqnr)  # measured 31.1-31.6 dB on Gaussian weights
     assert not torch.equal(back, w.float())  # it did round
+    assert torch.equal(fmt.scale(w), scale)  # the scale alone is the packed one
 
 
 @pytest.mark.parametrize("fmt", list(Fp8Format))
