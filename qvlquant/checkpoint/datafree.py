@@ -53,10 +53,10 @@ def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
         quantized.append(name[: -len(".weight")])
         n, k = base.meta(name)[1]
         head = key[: -len("weight")]
-        for tensor, (shape, dtype) in fmt.tensor_shapes(k, n).items():
+        for tensor, (shape, dtype) in fmt.tensor_shapes(k, n, base.dtype).items():
             entries.append((head + tensor, dtype, shape))
-        fetch[key] = lambda name=name, key=key: fmt.pack(base.get(name), key)["weight"]
-        fetch[head + fmt.scale_name] = lambda name=name, key=key: fmt.scale(base.get(name), key)
+        fetch[key] = lambda name=name, key=key: fmt.pack(base.get(name), key, base.dtype)["weight"]
+        fetch[head + fmt.scale_name] = lambda name=name, key=key: fmt.scale(base.get(name), key, base.dtype)
     return entries, fetch, quantized
 
 

@@ -9,7 +9,8 @@ N = out_features, K = in_features. Every function runs on the device its inputs 
   ``w ~= weight * weight_scale_inv`` block by block (transformers' ``Fp8Quantize`` stores ``1 / (448 / amax)``;
   vLLM's block kernels multiply by it).
 - Channels (compressed-tensors ``float-quantized``, llm-compressor's FP8_DYNAMIC): ``weight`` [N, K] e4m3 and
-  ``weight_scale`` [N, 1] float32, ``w ~= weight * weight_scale`` row by row.
+  ``weight_scale`` [N, 1] in the model's dtype (as llm-compressor stores it), ``w ~= weight * weight_scale`` row
+  by row.
 - Activations, dynamic: per token (channel weights) or per token and group of 128 inputs (block weights), scale
   ``amax / 448`` floored at ``1 / (448 * 512)`` as vLLM's ``QuantFP8`` does.
 
@@ -88,17 +89,19 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
     return q.float() * expand_block_scales(scale_inv.float(), (n, k), block)
 
 
-def quantize_channels(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] -> (weight [N, K] e4m3, weight_scale [N, 1] float32)."""
-    check_finite(w, name)
-    scale = _scale(w.abs().amax(dim=1, keepdim=True))  # [N, 1]
-    return _to_fp8(w.float() / scale), scale
+def quantize_channels(w: torch.Tensor, name: str = "weight",
+                      scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (weight [N, K] e4m3, weight_scale [N, 1] in ``scale_dtype``). The scale is rounded to
+    ``scale_dtype`` before it divides the weight, so ``weight * weight_scale`` is the same for a client that keeps
+    it in that dtype (transformers' compressed-tensors path loads it in the model's) and one that widens it."""
+    scale = channel_scales(w, name, scale_dtype)  # [N, 1]
+    return _to_fp8(w.float() / scale.float()), scale
 
 
-def channel_scales(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
+def channel_scales(w: torch.Tensor, name: str = "weight", scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ``weight_scale`` [N, 1] of ``quantize_channels`` alone."""
     check_finite(w, name)
-    return _scale(w.abs().amax(dim=1, keepdim=True))
+    return _scale(w.abs().amax(dim=1, keepdim=True)).to(scale_dtype)
 
 
 def dequantize_channels(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

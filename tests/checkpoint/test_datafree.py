@@ -53,9 +53,11 @@ def test_linears_hold_the_fp8_of_the_base_weights_and_the_rest_is_copied_bit_for
     expected |= {f"{m}.{t}" for m in quantized for t in ("weight", fmt.scale_name)}
     assert set(out.keys()) == expected
     for module in quantized:
-        packed = fmt.pack(base.get(module + ".weight"))
+        packed = fmt.pack(base.get(module + ".weight"), scale_dtype=torch.bfloat16)  # the demo's dtype
         assert torch.equal(out.get(module + ".weight").view(torch.uint8), packed["weight"].view(torch.uint8))
         assert torch.equal(out.get(f"{module}.{fmt.scale_name}"), packed[fmt.scale_name])
+    scale_dtype = out.meta(f"{quantized[0]}.{fmt.scale_name}")[0]
+    assert scale_dtype == (torch.float32 if fmt is Fp8Format.BLOCK else torch.bfloat16)  # as Qwen / llm-compressor
     for key in set(base.keys()) - {m + ".weight" for m in quantized}:  # vision, embeddings, norms, biases
         assert out.meta(key) == base.meta(key) and torch.equal(out.get(key), base.get(key)), key
 
@@ -133,4 +135,25 @@ def test_compressed_tensors_decompresses_to_qvlquants_weights(fp8_exports):
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj"):
         stored = {"weight": out.get(module + ".weight"), "weight_scale": out.get(module + ".weight_scale")}
         theirs = FloatQuantizationCompressor.decompress(stored, scheme)["weight"]
-        assert torch.equal(theirs.float(), Fp8Format.CHANNEL.unpack(stored)), (module, ct.__version__)
+        # it decompresses into the scale's dtype (the model's, bf16): exactly qvlquant's product, rounded once
+        assert theirs.dtype == torch.bfloat16, ct.__version__
+        assert torch.equal(theirs, Fp8Format.CHANNEL.unpack(stored).bfloat16()), (module, ct.__version__)
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_transformers_loads_both_exports_on_a_cpu_with_qvlquants_weights(fp8_exports, scheme):
+    """transformers 5.24 on a CPU: the block format through its fine-grained FP8 integration, which (no GPU or XPU)
+    dequantizes to bf16 at load; FP8_DYNAMIC through compressed-tensors, which keeps e4m3 + its bf16 scale."""
+    from transformers import AutoModelForImageTextToText
+
+    fmt = FP8_SCHEMES[scheme]
+    model = AutoModelForImageTextToText.from_pretrained(fp8_exports[scheme], device_map="cpu")
+    state = model.model.language_model.layers[2].mlp.down_proj.state_dict()
+    out = ShardReader(fp8_exports[scheme], dtypes=EXPORT_DTYPES)
+    key = "model.layers.2.mlp.down_proj"
+    ours = fmt.unpack({t: out.get(f"{key}.{t}") for t in ("weight", fmt.scale_name)})
+    theirs = fmt.unpack(state) if fmt.scale_name in state else state["weight"]
+    assert torch.equal(theirs.bfloat16(), ours.bfloat16())
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[10, 11, 12, 13]])).logits
+    assert bool(torch.isfinite(logits).all())

@@ -135,3 +135,17 @@ def test_activation_groups_are_independent_of_the_other_tokens():
     alone = fp8.fake_quantize_activations(x[1:2], 128)
     batched = fp8.fake_quantize_activations(x * torch.tensor([[100.0], [1.0], [0.01], [1.0]]).to(x.dtype), 128)
     assert torch.equal(alone[0], batched[1]) and alone.dtype == torch.bfloat16
+
+
+def test_channel_scales_rounded_to_the_model_dtype_give_the_same_weight_in_every_client():
+    """A bf16 weight_scale is rounded before it divides the weight: a client keeping it in bf16 (transformers'
+    compressed-tensors path) and one widening it to float32 (vLLM) multiply by the same number."""
+    torch.manual_seed(6)
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    packed = Fp8Format.CHANNEL.pack(w, scale_dtype=torch.bfloat16)
+    scale = packed["weight_scale"]
+    assert scale.dtype == torch.bfloat16 and torch.equal(Fp8Format.CHANNEL.scale(w, scale_dtype=torch.bfloat16), scale)
+    back = Fp8Format.CHANNEL.unpack(packed)
+    assert torch.equal(back, packed["weight"].float() * scale.float())
+    full = scale.float().expand(64, 256)
+    assert bool(((back - w.float()).abs() <= error_bound(w.float(), full) * (1 + 1e-6)).all())
