@@ -12,6 +12,7 @@ venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cann
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -24,15 +25,16 @@ else:
 
 from tiny_models import tiny_batch, tiny_model  # noqa: E402
 
-from qvlquant.checkpoint.export import export, quantization_config  # noqa: E402
+from qvlquant.checkpoint.datafree import export_fp8  # noqa: E402
+from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config  # noqa: E402
 from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes  # noqa: E402
 from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
 from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
-from qvlquant.quant.formats import PackFormat  # noqa: E402
+from qvlquant.quant.formats import Fp8Format, PackFormat  # noqa: E402
 from qvlquant.quant.spec import QuantConfig, QuantSpec  # noqa: E402
-from qvlquant.storage.shards import read_checkpoint_header  # noqa: E402
+from qvlquant.storage.shards import ShardReader, read_checkpoint_header  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -214,3 +216,58 @@ def test_tensor_parallel_at_the_real_sizes(tmp_path, size, fmt):
     heads = (text["num_attention_heads"], text["num_key_value_heads"])
     quant = read_quantization_config(saved["quantization_config"], str(tmp_path / "config.json"))
     assert {tp for tp in TP_SIZES if marlin_problems(quant, layer0, tp, family, heads)} == REFUSED_AT[size]
+
+
+# --- FP8, data-free: Qwen's block format and compressed-tensors FP8_DYNAMIC --------------------------------------
+FP8 = {  # format -> (vLLM's method, what it gives a decoder linear, the kernel at TP 1 on an sm_90)
+    Fp8Format.BLOCK: ("fp8", "Fp8LinearMethod", "TritonFp8BlockScaledMMKernel"),
+    Fp8Format.CHANNEL: ("compressed-tensors", "CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)",
+                        "CutlassFP8ScaledMMLinearKernel"),
+}
+
+
+def make_fp8_export(root, model_type, fmt, not_converted=None):
+    """The tiny model saved in bf16, then exported data-free from its checkpoint as ``quantize --scheme`` does."""
+    model = tiny_model(model_type).to(torch.bfloat16)
+    model.save_pretrained(root / f"{model_type}-base")
+    family = family_for(model_type)
+    base = CheckpointTensors(ShardReader(root / f"{model_type}-base"), family, torch.bfloat16)
+    return export_fp8(model, None, base, fmt, root / f"{model_type}-{fmt.value}", lambda quantized: {})
+
+
+@pytest.fixture(scope="module")
+def fp8_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-fp8")
+    return {(t, f): make_fp8_export(root, t, f) for t in TYPES for f in Fp8Format}
+
+
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_serves_fp8_exports_with_the_vision_tower_unquantized(fp8_exports, model_type, fmt):
+    vllm = inspect_checkpoint(fp8_exports[model_type, fmt])["vllm"]
+    method, linear_method, kernel = FP8[fmt]
+    assert vllm["checked_by"].startswith("vLLM 0.33") and vllm["refused"] is None and vllm["method"] == method
+    language = {v: m for v, m in vllm["layers"].items() if v.startswith("language_model.model.layers.")}
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(language) == 3 * 4 and set(language.values()) == {linear_method}
+    assert len(vision) == VISION_LINEARS[model_type] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert vllm["vision_quantized"] == [] and vllm["tp"][1] == []
+    assert set(vllm["kernels"][1].values()) == {kernel}
+    if fmt is Fp8Format.BLOCK:  # o_proj's input (128 columns) splits into 64 at TP 2: not a whole block of 128
+        assert vllm["tp"][2] == ["language_model.model.layers.0.self_attn.o_proj: ValueError: Weight "
+                                 "input_size_per_partition = 64 is not divisible by weight quantization block_k = 128."]
+    else:
+        assert vllm["tp"][2] == []
+
+
+def test_vllm_matches_fp8_modules_to_not_convert_by_exact_name_only(fp8_exports, tmp_path):
+    """Why the block export names every vision linear: with only the family's prefixes (``visual``, ``model.visual``)
+    vLLM's Fp8Config would build the vision tower's linears as FP8 over bf16 weights."""
+    folder = fp8_exports["qwen2_vl", Fp8Format.BLOCK]
+    edited = tmp_path / "prefixes-only"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = family_for("qwen2_vl").not_converted_names()
+    (edited / "config.json").write_text(json.dumps(config))
+    quantized = inspect_checkpoint(edited)["vllm"]["vision_quantized"]
+    assert len(quantized) == VISION_LINEARS["qwen2_vl"] and all(n.startswith("visual.") for n in quantized)
