@@ -14,6 +14,11 @@ reads the same model transformers and vLLM read.
   or the config), ``type`` "int"; ``num_bits`` 8, ``symmetric`` true, ``strategy`` inferred from ``group_size``
   (a size: "group", -1: "channel"), ``actorder`` null.
 
+- FP8, Qwen's block format (vLLM's ``Fp8Config``): ``activation_scheme`` required (vLLM reads it without a
+  default) and "dynamic"; ``fmt`` "e4m3"; ``weight_block_size`` [128, 128] (per-tensor FP8 is not read).
+- compressed-tensors ``float-quantized``: FP8_DYNAMIC only (8-bit float weights per channel, symmetric; 8-bit float
+  input activations per token, dynamic).
+
 A present field of the wrong type (``"bits": "4"``), an unknown method, a layout qvlquant has no ``PackFormat`` for,
 or a width ``QuantSpec`` refuses is a ValueError naming the file and the field; never a KeyError.
 """
