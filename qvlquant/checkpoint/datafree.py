@@ -62,11 +62,11 @@ def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
 
 def not_converted_modules(model, family: ModelFamily) -> list[str]:
     """``modules_to_not_convert`` of a block-FP8 export: the family's names (``not_converted_names``: both layouts
-    and the bare leaf, for transformers' prefix / suffix match) and every linear of the vision tower named whole in
-    both layouts, as Qwen's own FP8 checkpoints list them, since vLLM's ``Fp8Config`` matches a module only by its
-    exact name."""
-    vision = [name for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.startswith(family.vision_tower + ".")]
+    and the bare leaf, for transformers' prefix / suffix match) and every matrix-holding module of the vision tower
+    (its linears, and Qwen3-VL's position embedding, which inspect's rules cannot tell from one) named whole in both
+    layouts, as Qwen's own FP8 checkpoints list them, since vLLM's ``Fp8Config`` matches only exact names."""
+    vision = [name for name, m in model.named_modules() if name.startswith(family.vision_tower + ".")
+              and isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     whole = [form for name in vision for form in (family.to_disk(name + ".")[:-1], name)]
     return list(dict.fromkeys(family.not_converted_names() + whole))
 

@@ -72,8 +72,9 @@ def copied_vision_decision(quant: CheckpointQuant, vision: list[str]) -> list[st
         return [n for n in names if not quant.in_block or any(e in n for e in quant.in_block)]
     if quant.method == "awq":
         return [n for n in names if not any(e in n for e in quant.not_converted)]
-    if quant.method == "fp8":  # Fp8Config: exact names only
-        return [n for n in names if n not in quant.not_converted]
+    if quant.method == "fp8":  # Fp8Config: exact names only, after the same mapper (model.visual.* -> visual.*)
+        ignored = {e.removeprefix("model.") for e in quant.not_converted}
+        return [n for n in names if n not in ignored]
     return [n for n in names if not any(re.fullmatch(e[3:], n) if e.startswith("re:") else e == n
                                         for e in quant.ignore)]
 

@@ -157,3 +157,16 @@ def test_transformers_loads_both_exports_on_a_cpu_with_qvlquants_weights(fp8_exp
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[10, 11, 12, 13]])).logits
     assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_inspect_reads_fp8_exports(fp8_exports, scheme):
+    """28 quantized linears (e4m3 weight beside its scale), the vision tower's full precision, and vLLM (its own
+    classes where installed, else the copied rules) quantizing none of it."""
+    from qvlquant.checkpoint.inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(fp8_exports[scheme])
+    assert report["verification"]["status"] == "verified" and report["quantized_linears"] == 28
+    assert report["vision_linears"] == 10 and report["vision_exposed_in_transformers"] == []
+    assert report["quantization"]["weights"] == "fp8_e4m3"
+    assert report["vllm"]["vision_quantized"] == [] and report["marlin"][1] == []

@@ -142,6 +142,26 @@ def test_the_copied_rules_agree_with_vllm(exports, model_type):
         assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_copied_rules_agree_with_vllm_on_fp8(fp8_exports, model_type):
+    """The fallback's answers for the FP8 exports: no vision linear quantized (exact names for the block format),
+    and the TP sizes vLLM accepts (the block format's input shards in whole blocks of 128)."""
+    for fmt in Fp8Format:
+        folder = fp8_exports[model_type, fmt]
+        config = json.loads((folder / "config.json").read_text())
+        family = family_for(model_type)
+        header = read_checkpoint_header(folder)
+        quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
+        shapes = quantized_shapes(header, quant, family)
+        assert len(shapes) == 3 * 7
+        vision = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                        if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
+        copied = copied_rules(quant, shapes, vision, family, copy.deepcopy(config))
+        asked = inspect_checkpoint(folder)["vllm"]
+        assert copied["vision_quantized"] == asked["vision_quantized"] == []
+        assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
+
+
 def test_vllm_allocates_the_shapes_the_checkpoint_holds(exports, tmp_path):
     """At TP 1 the packed tensors of the unfused linears have the shapes vLLM's create_weights allocates to load them
     into (none reported above); a checkpoint packed another way is reported, naming the tensor."""
