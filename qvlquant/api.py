@@ -25,6 +25,7 @@ from qvlquant.checkpoint.export import (
     export,
     quantization_config,
 )
+from qvlquant.checkpoint.datafree import export_fp8
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import JobConfig
 from qvlquant.engine.estimate import estimate, format_estimate
@@ -99,6 +100,8 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
     elif settings:
         raise TypeError("pass either a JobConfig or flat settings, not both")
     world = World.from_env()
+    if config.fp8_format is not None:
+        return _quantize_datafree(config, world)
     device = resolve_device(config.device.device, world.local_rank if world.distributed else None)
     start(world, device)
     try:
@@ -176,6 +179,47 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
         return _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
 
 
+def _quantize_datafree(config: JobConfig, world: World) -> dict:
+    """A data-free scheme (``config.fp8_format``): the checks of any run, then each decoder-layer linear quantized
+    as the export streams it from the checkpoint (``checkpoint.datafree``). One process, on the CPU: the work is
+    reading and writing. -> the report saved beside the weights."""
+    if world.distributed:
+        raise ValueError(f"scheme {config.scheme} quantizes data-free in one process, as fast as the checkpoint "
+                         "reads; run it without --nproc / torchrun")
+    t0 = time.time()
+    with contextlib.ExitStack() as held:
+        job = _prepare(config, world, torch.device("cpu"), held)
+        say(f"{config.scheme}: quantizing {job.family.name}'s decoder linears to FP8 as they stream from "
+            f"{job.folder} to {job.out} (no calibration data)")
+        base = CheckpointTensors(job.reader, job.family, job.storage)
+        options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
+        export_fp8(job.skeleton, job.processor, base, config.fp8_format, job.out,
+                   lambda quantized: _datafree_report(config, job, quantized, t0), options, base_folder=job.folder)
+    return json.loads((job.out / REPORT).read_text())
+
+
+def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
+    """What quantize_report.json records for a data-free scheme."""
+    fmt = config.fp8_format
+    group = fmt.activation_group
+    return {
+        "qvlquant_version": __version__,
+        "config": config.to_dict(),
+        "base_model": str(config.model),
+        "method": "fp8",
+        "scheme": config.scheme,
+        "bits": 8,
+        "weights": f"float8_e4m3fn, {fmt.scale_name} " + ("per 128x128 block" if group else "per output channel"),
+        "activations": "float8_e4m3fn, dynamic per token" + (f" and group of {group} inputs" if group else ""),
+        "calibration": None,
+        "layers": {name: {"format": fmt.value} for name in quantized},
+        "complete": True,
+        "total_seconds": round(time.time() - started, 2),
+        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}",
+    }
+
+
 def _open_store(config: JobConfig, job: PreparedJob, world: World, digest: str,
                 shards: list[range]) -> LayerStore | None:
     """Rank 0's partial folder, under a fingerprint of everything that decides the result; in a distributed run
@@ -232,10 +276,11 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     linears = decoder_linears(skeleton, family, padded)
     modules = ModulePlan.resolve(config.rules, config.quant, [name for name, _, _ in linears],
                                  fused_groups(family, len(skeleton.get_submodule(family.decoder_layers))))
-    check_group_size(skeleton, family, config.quant.spec, padded, modules if modules.mixed else None)
-    if world.leader:
-        say("the plan (bits per weight with scales and zeros; skipped linears at the checkpoint's 16 bits):\n"
-            + format_plan(plan_rows(modules, linears, config.pack_format)))
+    if config.fp8_format is None:  # a data-free scheme has no integer groups
+        check_group_size(skeleton, family, config.quant.spec, padded, modules if modules.mixed else None)
+        if world.leader:
+            say("the plan (bits per weight with scales and zeros; skipped linears at the checkpoint's 16 bits):\n"
+                + format_plan(plan_rows(modules, linears, config.pack_format)))
     check_checkpoint(skeleton, family, reader)  # every tensor there, of its shape, before any data is read
     partial = beside(out, "partial")
     if not config.resume and world.leader:
@@ -271,7 +316,7 @@ def _model_paths(folder: pathlib.Path) -> tuple[pathlib.Path, ...]:
 def _calib_paths(source: str) -> tuple[pathlib.Path, ...]:
     """The calibration data's file or folder, or an hf: dataset's local folder (never replaced by --output); the
     images its samples name are added once they are read (``_batches``)."""
-    if source in ("demo", "easyvqa"):
+    if source in (None, "demo", "easyvqa"):  # None: a data-free scheme reads none
         return ()
     path = pathlib.Path(source.removeprefix("hf:")).expanduser()
     return (path,) if path.exists() else ()

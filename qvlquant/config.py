@@ -14,7 +14,7 @@ import re
 
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
-from qvlquant.quant.formats import EXPORT_FORMATS, PackFormat
+from qvlquant.quant.formats import EXPORT_FORMATS, FP8_SCHEMES, Fp8Format, PackFormat
 from qvlquant.quant.rules import ModulePlan, Rule, parse_rule, rule_from_mapping
 from qvlquant.quant.spec import QuantConfig, QuantSpec, positive_int
 
@@ -92,14 +92,18 @@ class JobConfig:
     max_layers: int | None = None  # stop after this many layers (measurement); the partial run stays resumable
     # per-module precision (quant.rules): first match wins over runtime linear names; skip, or other settings
     rules: tuple[Rule, ...] = ()
+    # FP8_BLOCK / FP8_DYNAMIC (llm-compressor's preset names): FP8 weights straight from the checkpoint, no
+    # calibration; None: the integer methods of ``quant``
+    scheme: str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
+        self._check_scheme()
         if not str(self.output).strip():
             raise ValueError("output must name a folder")
         positive_int("pad_intermediate_to", self.pad_intermediate_to, allow_none=True, ceiling=MAX_PAD_MULTIPLE)
         positive_int("max_layers", self.max_layers, allow_none=True)
-        if self.calib.source is None:
+        if self.calib.source is None and self.scheme is None:  # a data-free scheme reads none
             object.__setattr__(self, "calib", dataclasses.replace(self.calib, source=self._default_calib()))
         object.__setattr__(self, "rules", tuple(self.rules))
         if not all(isinstance(r, Rule) for r in self.rules):
@@ -123,6 +127,28 @@ class JobConfig:
         """The rules with the config each gives, checked against the method and each other (not yet against a
         model's linears: ``ModulePlan.resolve`` with the names does that before any data work)."""
         return ModulePlan.resolve(self.rules, self.quant)
+
+    def _check_scheme(self) -> None:
+        """A data-free scheme reads no calibration data and takes none of the integer methods' settings: any of
+        them given is an error naming it, rather than a setting silently unused."""
+        if self.scheme is None:
+            return
+        if self.scheme not in FP8_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(FP8_SCHEMES)}, got {self.scheme!r}")
+        unused = [name for name, given in (("method and its settings", self.quant != QuantConfig()),
+                                           ("calib", self.calib.source is not None),
+                                           ("format", self.export.format != "auto"),
+                                           ("pad_intermediate_to", self.pad_intermediate_to is not None),
+                                           ("max_layers", self.max_layers is not None),
+                                           ("rules (--override / --ignore)", bool(self.rules))) if given]
+        if unused:
+            raise ValueError(f"scheme {self.scheme} quantizes FP8 weights data-free, with no calibration and in "
+                             f"its own format: {', '.join(unused)} do not apply; leave them out")
+
+    @property
+    def fp8_format(self) -> Fp8Format | None:
+        """The FP8 layout ``scheme`` names; None for the integer methods."""
+        return FP8_SCHEMES.get(self.scheme)
 
     def _default_calib(self) -> str:
         """The demo's chats for the embedded models, and for RTN (which rounds without data; the samples only run
@@ -188,7 +214,7 @@ class JobConfig:
             device=DeviceConfig(**pick(("device", "dtype", "offload", "threads"))),
             export=ExportConfig(**export),
             rules=tuple(as_rule(r, i) for i, r in enumerate(flat.get("rules") or ())),
-            **pick(("output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers")),
+            **pick(("output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers", "scheme")),
         )
 
 
@@ -219,4 +245,5 @@ _COLUMN_KEYS = ("image_column", "question_column", "answer_column", "text_column
 _PROCESSING_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
 FLAT_KEYS = frozenset(_QUANT_KEYS + _COLUMN_KEYS + _PROCESSING_KEYS + (
     "calib", "num_samples", "seed", "split", "device", "dtype", "offload", "threads", "overwrite", "max_shard_bytes",
-    "export_format", "output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers", "rules"))
+    "export_format", "output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers",
+    "rules", "scheme"))

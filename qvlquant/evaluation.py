@@ -197,13 +197,16 @@ def published_figures(model: str, task: str) -> str | None:
 
 def weights_label(summary: dict) -> str:
     """How the eval table names a model's weights: 'BF16 (full precision)', 'AWQ W4g128', 'GPTQ-format W8g128',
-    'compressed-tensors W4g128 asym', 'bnb NF4 (no calib)'."""
+    'compressed-tensors W4g128 asym', 'bnb NF4 (no calib)', 'compressed-tensors FP8 channel'."""
     q = summary.get("quantization")
     if not q:
         return "BF16 (full precision)"
     if q.get("quant_method") == "bitsandbytes":
         return f"bnb {'NF4' if q.get('load_in_4bit') else 'int8'} (no calib)"
     method = q.get("quant_method")
+    if q.get("weights") == "fp8_e4m3":  # W8A8: e4m3 weights and dynamic e4m3 activations
+        prefix = "" if method == "fp8" else f"{FORMAT_LABELS.get(method, method)} "
+        return prefix + ("FP8 block" if q.get("group_size", -1) > 0 else "FP8 channel")
     asym = "" if q.get("sym", True) or method == "awq" else " asym"  # AWQ is asymmetric by default: not repeated
     return f"{FORMAT_LABELS.get(method, method)} W{q['bits']}g{q['group_size']}{asym}"
 

@@ -25,7 +25,7 @@ from qvlquant.eval.check import (
     known_task,
     tolerance,
 )
-from qvlquant.quant.formats import EXPORT_FORMATS
+from qvlquant.quant.formats import EXPORT_FORMATS, FP8_SCHEMES
 from qvlquant.quant.rules import rule_from_mapping
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS
 from qvlquant.storage.files import read_text_bounded
@@ -79,6 +79,7 @@ SETTINGS: dict[str, Setting] = {
     "device": Setting(str, nullable=True),
     "offload": Setting(str, ("auto", "cpu", "device")),
     "rules": Setting(list),  # per-module rules: [{pattern: REGEX, skip: true} or {pattern: REGEX, bits: 8, ...}]
+    "scheme": Setting(str, tuple(FP8_SCHEMES)),
 }
 # Quantize flags a recipe may not set: the recipe itself, replacing an existing folder (asked for on the command line
 # each time, never by a file), a limit for measuring, and the machine's thread count.

@@ -8,6 +8,8 @@ GPTQ (Int4 / Int8): bits 4 or 8, group_size 128, damp_percent 0.1, desc_act fals
 true_sequential true, 20 calibration conversations (image captioning). AWQ: 4-bit, group_size 128, zero point, GEMM,
 AWQ's own clipping search and round-to-nearest (awq_rounding rtn),
 8 calibration conversations. The 72B models zero-pad the MLP (29568 -> 29696) so they split across 2/4/8 GPUs.
+FP8 (Qwen3-VL, as Qwen/Qwen3-VL-8B-Instruct-FP8 and its siblings): ``quant_method: fp8``, e4m3 weights in 128x128
+blocks, dynamic activations, the vision tower and lm_head unquantized: ``scheme: FP8_BLOCK``, data-free.
 """
 
 import pathlib
@@ -48,6 +50,16 @@ def main():
                 if size == "72B":
                     lines.append("pad_intermediate_to: 1024  # 29568 -> 29696: splits across 2/4/8 GPUs with group 128")
                 (here / f"{name.lower()}-{suffix.lower()}.yaml").write_text("\n".join(lines) + "\n")
+    for size in MODELS["Qwen3-VL"]:
+        name = f"Qwen3-VL-{size}-Instruct"
+        lines = [f"# {name} FP8. Reproduces the published Qwen/{name}-FP8 settings: e4m3 weights in 128x128 blocks,",
+                 "# dynamic FP8 activations, the vision tower and lm_head unquantized. Data-free: no calibration.",
+                 f"model: Qwen/{name}", "scheme: FP8_BLOCK"]
+        (here / f"{name.lower()}-fp8.yaml").write_text("\n".join(lines) + "\n")
+    demo_fp8 = ["# The embedded demo model in Qwen's block FP8 (data-free, seconds).", "model: demo",
+                "scheme: FP8_BLOCK", "check:  # qvlquant check --recipe: W8A8 FP8 is within the noise of BF16",
+                "  max_drop:", "    easyvqa: 1.0", "  max_ppl_increase: 1.0"]
+    (here / "demo-fp8-block.yaml").write_text("\n".join(demo_fp8) + "\n")
     demo = ["# The embedded demo model, GPTQ Int4 as the published Qwen2-VL settings (runs offline in ~30 s).",
             "model: demo", "calib: demo"] + [f"{k}: {yaml_value(v)}" for k, v in METHODS["GPTQ-Int4"].items() if k != "num_samples"]
     check = ["check:  # qvlquant check --recipe: what this quantization may cost against BF16", "  max_drop:",

@@ -34,6 +34,11 @@ def test_every_published_checkpoint_has_a_recipe():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipes_validate(path):
     values = load_recipe(path).settings
+    assert recipe_defaults(str(path)) == dict(values)  # the CLI takes exactly the library's settings
+    if "scheme" in values:  # Qwen's FP8: data-free, none of the integer methods' settings
+        assert values["scheme"] == "FP8_BLOCK" and set(values) == {"model", "scheme"}
+        assert path.stem.endswith("fp8") or path.stem.endswith("fp8-block")
+        return
     assert values["method"] in ("gptq", "awq") and values["group_size"] == 128
     if values["method"] == "gptq":
         assert values["sym"] is True and values["desc_act"] is False and values["damp_percent"] == 0.1
@@ -41,6 +46,18 @@ def test_recipes_validate(path):
         assert values["bits"] == 4 and values["sym"] is False
     assert ("pad_intermediate_to" in values) == ("72b" in path.stem)
     assert recipe_defaults(str(path)) == dict(values)  # the CLI takes exactly the library's settings
+
+
+def test_qwen3_vl_fp8_checkpoints_have_a_recipe_that_configures_a_job():
+    from qvlquant.config import JobConfig
+    from qvlquant.quant.formats import Fp8Format
+
+    for size in ("2b", "4b", "8b", "32b"):
+        path = pathlib.Path(__file__).parent.parent / "recipes" / f"qwen3-vl-{size}-instruct-fp8.yaml"
+        job = JobConfig.from_flat(output="-", **load_recipe(path).settings)
+        assert job.fp8_format is Fp8Format.BLOCK and job.calib.source is None
+    demo = load_recipe(pathlib.Path(__file__).parent.parent / "recipes" / "demo-fp8-block.yaml")
+    assert demo.tolerances == Tolerances({"easyvqa": 1.0}, 1.0)
 
 
 def test_the_demo_recipe_carries_its_check_tolerances():

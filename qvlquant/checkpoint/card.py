@@ -24,6 +24,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
 from qvlquant.eval.check import task_scores
 from qvlquant.families import FAMILIES
+from qvlquant.quant.formats import Fp8Format
 
 CARD = "README.md"
 # owner/name as the hub spells repository ids (no leading dot or dash, no "..")
@@ -34,7 +35,12 @@ REQUIREMENTS = {
     "gptq": ("transformers", "accelerate", "optimum", "gptqmodel"),
     "awq": ("transformers", "accelerate", "gptqmodel"),
     "compressed-tensors": ("transformers", "accelerate", "compressed-tensors"),
+    "fp8": ("transformers", "accelerate"),
 }
+# Where FP8 exports run as W8A8 (vLLM 0.33's FP8 linears and compressed-tensors' W8A8 scheme choose their kernels
+# by compute capability; below 8.9 both fall back to FP8 Marlin, weight-only)
+FP8_HARDWARE = ("an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell) for FP8 W8A8 kernels; "
+                "on older GPUs vLLM serves the FP8 weights through its Marlin kernel with 16-bit activations")
 
 
 def looks_like_hub_id(name) -> bool:
@@ -110,7 +116,7 @@ def metadata(config: dict, report: dict) -> ModelCardData:
     for key in ("license", "license_name", "license_link"):
         if base_meta.get(key):
             fields[key] = base_meta[key]
-    dataset = calibration_dataset(report.get("calibration", {}).get("source"))
+    dataset = calibration_dataset((report.get("calibration") or {}).get("source"))
     if dataset:
         fields["datasets"] = [dataset]
     return ModelCardData(**fields)
@@ -148,7 +154,11 @@ def act_order_text(quant: dict) -> str:
 
 
 def weights_text(q: CheckpointQuant, quant: dict) -> str:
-    """INT bits, the group size, symmetric or not: the run's spec, else the quantization_config's."""
+    """INT bits, the group size, symmetric or not: the run's spec, else the quantization_config's (FP8: e4m3 and
+    its scale grid)."""
+    if isinstance(q.pack_format, Fp8Format):
+        grid = "128x128 blocks" if q.pack_format is Fp8Format.BLOCK else "per output channel"
+        return f"FP8, e4m3, {grid}, symmetric"
     spec = quant.get("spec") or {"bits": q.spec.bits, "group_size": q.spec.group_size, "sym": q.spec.sym}
     group = spec.get("group_size")
     parts = [f"INT{spec.get('bits')}"]
@@ -159,7 +169,7 @@ def weights_text(q: CheckpointQuant, quant: dict) -> str:
     return ", ".join(parts)
 
 
-STORED_AS = {"gptq": "GPTQ v1", "awq": "AWQ GEMM"}
+STORED_AS = {"gptq": "GPTQ v1", "awq": "AWQ GEMM", "fp8": "block FP8, `weight` e4m3 + `weight_scale_inv`"}
 
 
 def stored_text(q: CheckpointQuant) -> str:
@@ -212,6 +222,8 @@ def plan_text(plan: list[dict]) -> str:
 def calibration_text(report: dict, method: str) -> str:
     if method == "rtn":
         return "none: round-to-nearest uses the weights alone"
+    if method == "fp8":
+        return "none: data-free, the weight scales come from the weights alone and activation scales per token"
     calib = report.get("calibration")
     if not calib:
         return "not recorded"
@@ -220,6 +232,17 @@ def calibration_text(report: dict, method: str) -> str:
     tokens = f", {calib['tokens']} tokens" if calib.get("tokens") else ""
     return (f"{calib.get('num_samples')} samples from `{calib.get('source')}` (seed {calib.get('seed')})"
             f"{tokens}{bound}")
+
+
+def fp8_method_text(report: dict) -> str:
+    scheme = report.get("scheme")
+    return f"FP8 ({scheme}), data-free round-to-nearest" if scheme else "FP8"
+
+
+def fp8_activations_text(fmt: Fp8Format) -> str:
+    group = fmt.activation_group
+    return ("FP8 e4m3, dynamic: the serving kernel scales each token" + (f" per group of {group} inputs" if group
+                                                                         else "") + " at run time")
 
 
 def escape_cell(text: str) -> str:
@@ -233,11 +256,14 @@ def overview(config: dict, report: dict) -> str:
     text = config.get("text_config") or config
     layers = text.get("num_hidden_layers")
     arch = ", ".join(config.get("architectures") or []) or "?"
+    fp8 = q.pack_format if isinstance(q.pack_format, Fp8Format) else None
     rows = [("Architecture", f"{arch} (`{config.get('model_type', '?')}`)"
              + (f", {layers} decoder layers" if layers else "")),
-            ("Quantization", method_text(method, quant)),
+            ("Quantization", fp8_method_text(report) if fp8 else method_text(method, quant)),
             ("Weights", weights_text(q, quant)),
-            ("Activations", "not quantized (weight-only)")]
+            ("Activations", fp8_activations_text(fp8) if fp8 else "not quantized (weight-only)")]
+    if fp8:
+        rows.append(("Hardware", FP8_HARDWARE))
     if gptq_rounds(quant):
         rows.append(("Act-order (static groups)", act_order_text(quant)))
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype")

@@ -27,7 +27,8 @@ from qvlquant.config import ExportConfig
 from qvlquant.engine.loop import QuantResult
 from qvlquant.engine.streaming import disk_key
 from qvlquant.families import ModelFamily
-from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.formats import FP8_SCHEME_NAMES, Fp8Format, PackFormat
+from qvlquant.quant.fp8 import BLOCK as FP8_BLOCK
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
 from qvlquant.storage.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401 (MANIFEST, verify re-exported)
@@ -137,6 +138,31 @@ def validated_by_library(config: dict) -> dict:
     except ImportError:
         return config
     return QuantizationConfig.model_validate(config).model_dump(mode="json")
+
+
+def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: list[str]) -> dict:
+    """The ``quantization_config`` of an FP8 export. ``BLOCK``: Qwen's official FP8 checkpoints' (``quant_method:
+    fp8``; vLLM's ``Fp8Config`` and transformers' ``FineGrainedFP8Config``); ``not_converted``: the modules kept in
+    full precision, each named whole (vLLM matches them exactly). ``CHANNEL``: compressed-tensors
+    ``float-quantized``, llm-compressor's FP8_DYNAMIC scheme."""
+    meta = {"quantizer": f"qvlquant:{__version__}", "method": "fp8", "scheme": FP8_SCHEME_NAMES[fmt]}
+    if fmt is Fp8Format.BLOCK:
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": not_converted, "meta": meta}
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "channel",
+               "group_size": None, "observer": "minmax"}
+    activations = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token",
+                   "group_size": None, "observer": None}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+                                      "output_activations": None, "format": "float-quantized"}},
+        "ignore": family.compressed_ignore(),
+        "kv_cache_scheme": None,
+    }
+    return {**validated_by_library(config), "meta": meta}
 
 
 def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
@@ -382,17 +408,25 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family, result.num_layers,
                                                          plan.modules)
         config.dtype = str(plan.storage_dtype).removeprefix("torch.")
-        config.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        if base_folder is not None:
-            carry_serving_files(pathlib.Path(base_folder), tmp)
-        _strip_truncation(tmp)
-        report = report() if callable(report) else report
-        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        write_card(tmp, report, pathlib.Path(out).name)  # README.md, listed in the manifest
-        write_manifest(tmp)
-        return publish(tmp, out, options.overwrite, options.protected)
+        return finish_export(tmp, config, processor, base_folder, report, out, options)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def finish_export(tmp: pathlib.Path, config, processor, base_folder: pathlib.Path | None,
+                  report: dict | Callable[[], dict], out: str | os.PathLike, options: ExportConfig) -> pathlib.Path:
+    """Everything an export holds beside its tensors, written into ``tmp`` (the weights already there): config.json,
+    the processor, the base's serving files, the report, the card and the manifest; then ``tmp`` published as
+    ``out``. -> the published folder."""
+    config.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    if base_folder is not None:
+        carry_serving_files(pathlib.Path(base_folder), tmp)
+    _strip_truncation(tmp)
+    report = report() if callable(report) else report
+    (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_card(tmp, report, pathlib.Path(out).name)  # README.md, listed in the manifest
+    write_manifest(tmp)
+    return publish(tmp, out, options.overwrite, options.protected)

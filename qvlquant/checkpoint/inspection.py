@@ -26,7 +26,7 @@ from qvlquant.checkpoint.vllm import (
     vllm_problems,
 )
 from qvlquant.families import ModelFamily, family_for
-from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.formats import Fp8Format, PackFormat
 from qvlquant.storage.manifest import (
     MANIFEST,
     ManifestError,
@@ -59,7 +59,8 @@ def verification(folder: pathlib.Path) -> dict:
 
 def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelFamily) -> dict[str, tuple[int, int]]:
     """Runtime name -> (in, out) of every quantized linear: GPTQ / AWQ ``qweight`` + ``scales``, compressed-tensors
-    ``weight_packed`` [out, in * bits / 32]; {} for a full-precision checkpoint."""
+    ``weight_packed`` [out, in * bits / 32], FP8 ``weight`` [out, in] beside its scale; {} for a full-precision
+    checkpoint."""
     if quant is None:
         return {}
     shapes = {}
@@ -75,6 +76,8 @@ def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelF
             k = shape[0] * 32 // bits if quant.pack_format is PackFormat.GPTQ else shape[0]
         elif key.endswith(".weight_packed"):
             n, k = shape[0], shape[1] * 32 // bits
+        elif isinstance(quant.pack_format, Fp8Format) and key.endswith("." + quant.pack_format.scale_name):
+            n, k = header[module + ".weight"][0]  # FP8: e4m3 weight [out, in] beside its scale
         else:
             continue
         shapes[name] = (k, n)
@@ -121,8 +124,8 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
     header = read_checkpoint_header(folder)
     shapes = quantized_shapes(header, quant, family)
     settings = module_settings(header, quant, family)
-    plain = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
-                   if k.endswith(".weight") and len(s) == 2)
+    plain = sorted(m for m in (family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                               if k.endswith(".weight") and len(s) == 2) if m not in shapes)  # FP8 keeps .weight
     vision = [m for m in plain if m.startswith(family.vision_tower + ".")]
     awq = quant is not None and quant.method == "awq"
     exposed = [m for m in vision if transformers_converts(m, list(quant.not_converted))] if awq else []

@@ -22,6 +22,11 @@ or no prefix overrides ``bits`` / ``group_size`` / ``sym`` / ``desc_act``, each 
 "Linear" (``compressed_tensors.utils.match.match_targets`` and vLLM's ``find_matched_target``), and ``ignore``;
 AWQ holds one width, so its only per-module setting is ``modules_to_not_convert``.
 
+- FP8, Qwen's block format (vLLM's ``Fp8Config``): ``activation_scheme`` required (vLLM reads it without a
+  default) and "dynamic"; ``fmt`` "e4m3"; ``weight_block_size`` [128, 128] (per-tensor FP8 is not read).
+- compressed-tensors ``float-quantized``: FP8_DYNAMIC only (8-bit float weights per channel, symmetric; 8-bit float
+  input activations per token, dynamic).
+
 A present field of the wrong type (``"bits": "4"``), an unknown method, a layout qvlquant has no ``PackFormat`` for,
 or a width ``QuantSpec`` refuses is a ValueError naming the file and the field; never a KeyError.
 """
@@ -33,7 +38,8 @@ import json
 import pathlib
 import re
 
-from qvlquant.quant.formats import PackFormat
+from qvlquant.quant.formats import Fp8Format, PackFormat
+from qvlquant.quant.fp8 import BLOCK as FP8_BLOCK
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.files import read_text_bounded
 
@@ -66,8 +72,8 @@ def describe_spec(spec: QuantSpec | None, act_order: bool = False) -> str:
 class CheckpointQuant:
     """What a checkpoint's ``quantization_config`` says, read once by ``read_quantization_config``."""
 
-    method: str  # quant_method: "gptq", "awq" or "compressed-tensors"
-    pack_format: PackFormat  # the layout of the packed tensors on disk
+    method: str  # quant_method: "gptq", "awq", "compressed-tensors" or "fp8"
+    pack_format: PackFormat | Fp8Format  # the layout of the packed tensors on disk (Fp8Format: FP8 e4m3 weights)
     spec: QuantSpec  # the base setting: bits; group_size (-1: per channel); sym (AWQ: not zero_point)
     act_order: bool  # the groups are permuted at load time (GPTQ desc_act, compressed-tensors actorder "group")
     checkpoint_format: str  # GPTQ checkpoint_format "gptq", AWQ version "gemm", compressed-tensors "pack-quantized"
@@ -87,6 +93,8 @@ class CheckpointQuant:
         adds ``mixed``: its per-module rules, named (the base settings are those of every other linear)."""
         out = {"quant_method": self.method, "bits": self.spec.bits, "group_size": self.spec.group_size,
                "sym": self.spec.sym}
+        if isinstance(self.pack_format, Fp8Format):
+            out["weights"] = "fp8_e4m3"
         if self.mixed:
             settings = [r.describe() for r in self.overrides]
             out["mixed"] = ", ".join(f"{settings.count(s)} rule(s) {s}" for s in dict.fromkeys(settings))
@@ -144,11 +152,11 @@ def read_quantization_config(qc: dict | None, where: str) -> CheckpointQuant | N
     if not isinstance(qc, dict):
         raise ValueError(f"{path} must be a JSON object, got {qc!r}")
     method = qc.get("quant_method")
-    readers = {"gptq": _read_gptq, "awq": _read_awq, "compressed-tensors": _read_compressed}
+    readers = {"gptq": _read_gptq, "awq": _read_awq, "compressed-tensors": _read_compressed, "fp8": read_fp8_block}
     read = readers.get(method) if isinstance(method, str) else None
     if read is None:
-        raise ValueError(f"{path}.quant_method {method!r} is not supported; qvlquant reads 'gptq', 'awq' and "
-                         "'compressed-tensors'")
+        raise ValueError(f"{path}.quant_method {method!r} is not supported; qvlquant reads 'gptq', 'awq', "
+                         "'compressed-tensors' and 'fp8'")
     return read(qc, path)
 
 
@@ -206,6 +214,13 @@ def _read_compressed(qc: dict, path: str) -> CheckpointQuant:
     if not groups:
         raise ValueError(f"{path}.config_groups holds 0 groups; qvlquant reads one that targets 'Linear' (the "
                          "default scheme), and further groups targeting module names or re: regexes")
+    fp8 = [(n, g) for n, g in groups.items() if isinstance(g, dict)
+           and (_get(g, "format", str, None, f"{path}.config_groups.{n}") or qc.get("format")) == "float-quantized"]
+    if fp8:  # FP8 (llm-compressor's FP8_DYNAMIC): one scheme for every Linear
+        if len(groups) != 1:
+            raise ValueError(f"{path}.config_groups holds {len(groups)} groups with float-quantized among them; "
+                             "qvlquant reads float-quantized as one group for every Linear")
+        return read_float_quantized(qc, fp8[0][1], f"{path}.config_groups.{fp8[0][0]}", path)
     base, rules, layout = None, [], None
     for name, group in groups.items():
         gpath = f"{path}.config_groups.{name}"
@@ -258,6 +273,45 @@ def _regex(pattern: str, where: str) -> None:
         re.compile(pattern)
     except re.error as e:
         raise ValueError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+
+
+def read_fp8_block(qc: dict, path: str) -> CheckpointQuant:
+    """Qwen's FP8 (``quant_method: fp8``, vLLM's ``Fp8Config``): e4m3 weights in 128x128 blocks, dynamic
+    activations. vLLM requires ``activation_scheme``; ``fmt`` defaults to e4m3 as in transformers'
+    ``FineGrainedFP8Config``. Per-tensor FP8 (no ``weight_block_size``) and static activations are refused, naming
+    the field."""
+    if _get(qc, "fmt", str, "e4m3", path) != "e4m3":
+        raise ValueError(f"{path}.fmt {qc['fmt']!r} is not supported; qvlquant reads 'e4m3'")
+    scheme = _get(qc, "activation_scheme", str, REQUIRED, path)
+    if scheme != "dynamic":
+        raise ValueError(f"{path}.activation_scheme {scheme!r} is not supported; qvlquant reads 'dynamic'")
+    block = qc.get("weight_block_size")
+    if block != list(FP8_BLOCK):
+        raise ValueError(f"{path}.weight_block_size {block!r} is not supported; qvlquant reads "
+                         f"{list(FP8_BLOCK)} (Qwen's block FP8)")
+    return CheckpointQuant("fp8", Fp8Format.BLOCK, QuantSpec(8, FP8_BLOCK[1], True), False, "e4m3",
+                           not_converted=_names(qc, "modules_to_not_convert", path))
+
+
+def read_float_quantized(qc: dict, group: dict, gpath: str, path: str) -> CheckpointQuant:
+    """compressed-tensors ``float-quantized`` as FP8_DYNAMIC writes it: 8-bit float weights per channel,
+    symmetric; 8-bit float input activations per token, dynamic. Anything else (static or per-tensor scales,
+    weight-only) is refused, naming the field."""
+    wpath, apath = f"{gpath}.weights", f"{gpath}.input_activations"
+    weights = _get(group, "weights", dict, REQUIRED, gpath)
+    acts = _get(group, "input_activations", dict, None, gpath)
+    if acts is None:
+        raise ValueError(f"{apath} is missing; qvlquant reads FP8 with dynamic per-token activations (FP8_DYNAMIC)")
+    expected = ((weights, wpath, {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True}),
+                (acts, apath, {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}))
+    for d, where, fields in expected:
+        for key, value in fields.items():
+            got = _get(d, key, type(value), None, where)
+            if got != value:
+                raise ValueError(f"{where}.{key} is {got!r}; qvlquant reads float-quantized FP8_DYNAMIC "
+                                 f"({key} {value!r})")
+    return CheckpointQuant("compressed-tensors", Fp8Format.CHANNEL, QuantSpec(8, -1, True), False,
+                           "float-quantized", ignore=_names(qc, "ignore", path))
 
 
 def _ct_group_size(weights: dict, wpath: str) -> int:

@@ -93,7 +93,8 @@ def marlin_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], 
 def copied_vision_decision(quant: CheckpointQuant, vision: list[str]) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback): the vision linears it would treat as quantized. GPTQ: a name
     containing any ``modules_in_block_to_quantize`` entry; AWQ: none containing a ``modules_to_not_convert``
-    entry; compressed-tensors: none matched by ``ignore`` (``re:`` entries as regexes)."""
+    entry; FP8 (``fp8``): none named exactly in ``modules_to_not_convert``; compressed-tensors: none matched by
+    ``ignore`` (``re:`` entries as regexes)."""
     names = [n.removeprefix("model.") for n in vision]  # vLLM's mapper: model.visual.* -> visual.*
     if quant.method == "gptq":  # then the first dynamic rule that matches: "-:" leaves it unquantized
         first = lambda n: next((r for r in quant.overrides if re.match(r.pattern, n)), None)  # noqa: E731
@@ -101,6 +102,9 @@ def copied_vision_decision(quant: CheckpointQuant, vision: list[str]) -> list[st
                 and (first(n) is None or first(n).spec is not None)]
     if quant.method == "awq":
         return [n for n in names if not any(e in n for e in quant.not_converted)]
+    if quant.method == "fp8":  # Fp8Config: exact names only, after the same mapper (model.visual.* -> visual.*)
+        ignored = {e.removeprefix("model.") for e in quant.not_converted}
+        return [n for n in names if n not in ignored]
     return [n for n in names if not any(re.fullmatch(e[3:], n) if e.startswith("re:") else e == n
                                         for e in quant.ignore)]
 
@@ -161,6 +165,7 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
     """vLLM's platform reports a CUDA device of ``capability`` and a tensor-parallel group of ``tp`` ranks (this
     process rank 0) while the block runs, so its quantization classes take the decisions they take on a GPU server;
     everything is put back afterwards. Only construction-time decisions are asked: no kernel runs."""
+    from vllm.config import VllmConfig, set_current_vllm_config  # optional: the vllm extra
     from vllm.distributed import parallel_state  # optional: the vllm extra
     from vllm.model_executor.layers.quantization import (
         get_quantization_config,  # optional: the vllm extra
@@ -176,15 +181,39 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
             "get_device_capability": lambda device_id=0: DeviceCapability(*capability)}
     saved = {k: current_platform.__dict__[k] for k in fake if k in current_platform.__dict__}
     saved_tp = parallel_state._TP
+    saved_ops = _fake_cutlass_queries()
     current_platform.__dict__.update(fake)
     parallel_state._TP = types.SimpleNamespace(world_size=tp, rank_in_group=0)
     try:
-        yield
+        # a default engine config for the block: FP8's linear methods read the model's dtype from it and build
+        # vLLM's QuantFP8 op, which reads the rest
+        engine = VllmConfig()
+        object.__setattr__(engine, "model_config", types.SimpleNamespace(dtype=torch.bfloat16))
+        with set_current_vllm_config(engine):
+            yield
     finally:
+        _custom_ops().__dict__.update(saved_ops)
         parallel_state._TP = saved_tp
         for k in fake:
             current_platform.__dict__.pop(k, None)
         current_platform.__dict__.update(saved)
+
+
+def _custom_ops():
+    return importlib.import_module("vllm._custom_ops")
+
+
+def _fake_cutlass_queries() -> dict:
+    """FP8 kernel choice asks vLLM's compiled CUDA ops whether CUTLASS runs FP8 (per-tensor / per-token, and
+    128x128 blocks) on the device; a CPU build has no such ops. Where they are missing, answer as a CUDA 12 build of
+    vLLM 0.33 does (FP8 from sm_89, blocks from sm_90: a COPY of its build rules). -> what was replaced."""
+    ops = _custom_ops()
+    if hasattr(torch.ops._C, "cutlass_scaled_mm_supports_fp8"):
+        return {}
+    saved = {k: ops.__dict__[k] for k in ("cutlass_scaled_mm_supports_fp8", "cutlass_scaled_mm_supports_block_fp8")}
+    ops.cutlass_scaled_mm_supports_fp8 = lambda capability: capability >= 89
+    ops.cutlass_scaled_mm_supports_block_fp8 = lambda capability: capability >= 90
+    return saved
 
 
 def vllm_model_classes(model_type: str) -> tuple[type, type]:
@@ -353,9 +382,19 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
                                         f"quantization group of {group}; vLLM's AWQ and compressed-tensors refuse "
                                         "that, its GPTQ builds the layer but would read shifted scales "
                                         "[qvlquant's check, not vLLM's]")
-                kernel = getattr(layer.quant_method, "kernel", None) or getattr(getattr(layer, "scheme", None), "kernel", None)
+                kernel = _kernel_of(layer)
                 kernels[tp][vname] = type(kernel).__name__ if kernel is not None else type(layer.quant_method).__name__
     return problems, kernels
+
+
+def _kernel_of(layer):
+    """The kernel object vLLM's ``create_weights`` chose for ``layer`` (integer formats: ``kernel``; FP8:
+    ``fp8_linear``), on its linear method or its compressed-tensors scheme; None when it keeps none."""
+    for owner in (layer.quant_method, getattr(layer, "scheme", None)):
+        for name in ("kernel", "fp8_linear"):
+            if getattr(owner, name, None) is not None:
+                return getattr(owner, name)
+    return None
 
 
 def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:

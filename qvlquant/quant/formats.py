@@ -23,6 +23,7 @@ import enum
 
 import torch
 
+from qvlquant.quant import fp8
 from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups
 from qvlquant.quant.spec import QuantSpec
 
@@ -253,3 +254,63 @@ def _unpack_compressed(t: dict[str, torch.Tensor], spec: QuantSpec) -> Quantized
     else:
         zero = unpack_bits(t["weight_zero_point"], spec.bits, n).float()
     return QuantizedWeight(q, scale, zero, default_g_idx(k, spec), spec)
+
+
+class Fp8Format(str, enum.Enum):
+    """FP8 e4m3 layouts of a quantized linear (``qvlquant.quant.fp8`` has the math). Beside ``PackFormat`` rather
+    than in it: a PackFormat unpacks to integer codes on a ``QuantSpec`` grid (zero points, g_idx) that the layer
+    loop replays and GPTQ / AWQ produce; an FP8 weight is floating codes with a scale grid of its own (2-D blocks),
+    made from the weight alone, and its serving kernels also quantize the activations (``activation_group``).
+
+    - ``BLOCK`` (Qwen's official FP8, ``quant_method: fp8``, ``weight_block_size: [128, 128]``): ``weight`` [N, K]
+      e4m3, ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] float32, the multiplier of its block.
+    - ``CHANNEL`` (compressed-tensors ``float-quantized``, FP8_DYNAMIC): ``weight`` [N, K] e4m3, ``weight_scale``
+      [N, 1] in ``scale_dtype`` (an export writes the model's dtype, as llm-compressor does).
+    """
+
+    BLOCK = "fp8_block"
+    CHANNEL = "fp8_channel"
+
+    @property
+    def scale_name(self) -> str:
+        return "weight_scale_inv" if self is Fp8Format.BLOCK else "weight_scale"
+
+    @property
+    def activation_group(self) -> int | None:
+        """Inputs per dynamic activation scale in the serving kernels: per token and group of 128 for blocks
+        (vLLM's ``GroupShape(1, 128)``), per token for channels."""
+        return fp8.BLOCK[1] if self is Fp8Format.BLOCK else None
+
+    def pack(self, w: torch.Tensor, name: str = "weight",
+             scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """A float weight [N, K] -> the tensors stored for it (``name`` is named in a non-finite error;
+        ``scale_dtype``: CHANNEL's scale, BLOCK's is always float32 as Qwen stores it)."""
+        if self is Fp8Format.BLOCK:
+            q, scale = fp8.quantize_blocks(w, name)
+        else:
+            q, scale = fp8.quantize_channels(w, name, scale_dtype)
+        return {"weight": q, self.scale_name: scale}
+
+    def scale(self, w: torch.Tensor, name: str = "weight", scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``pack(w)[scale_name]`` without computing the codes (a streamed export writes the scale and the weight
+        at different times: safetensors orders a file's tensors by dtype)."""
+        return fp8.block_scales(w, name) if self is Fp8Format.BLOCK else fp8.channel_scales(w, name, scale_dtype)
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stored tensors -> the weight they stand for, [N, K] float32."""
+        if self is Fp8Format.BLOCK:
+            return fp8.dequantize_blocks(tensors["weight"], tensors["weight_scale_inv"])
+        return fp8.dequantize_channels(tensors["weight"], tensors["weight_scale"])
+
+    def tensor_shapes(self, k: int, n: int,
+                      scale_dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the stored tensors of a [N, K] linear."""
+        if self is Fp8Format.BLOCK:
+            return {"weight": ((n, k), fp8.FP8_DTYPE),
+                    self.scale_name: ((-(-n // fp8.BLOCK[0]), -(-k // fp8.BLOCK[1])), torch.float32)}
+        return {"weight": ((n, k), fp8.FP8_DTYPE), self.scale_name: ((n, 1), scale_dtype)}
+
+
+# --scheme: llm-compressor's preset names for the FP8 layouts (its FP8_BLOCK, FP8_DYNAMIC), quantized data-free
+FP8_SCHEMES = {"FP8_BLOCK": Fp8Format.BLOCK, "FP8_DYNAMIC": Fp8Format.CHANNEL}
+FP8_SCHEME_NAMES = {fmt: name for name, fmt in FP8_SCHEMES.items()}

@@ -34,9 +34,13 @@ DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
     "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64,
 }
-NAMES = {v: k for k, v in DTYPES.items()}
+# FP8 exports hold e4m3 weights: read from an export (``ShardReader(..., dtypes=EXPORT_DTYPES)``), never from a
+# base model, which must be full precision
+EXPORT_DTYPES = {**DTYPES, "F8_E4M3": torch.float8_e4m3fn}
+NAMES = {v: k for k, v in EXPORT_DTYPES.items()}
 # safetensors orders the data by dtype (its enum order, largest rank first), then by name
-_RANK = {name: i for i, name in enumerate(["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"])}
+_RANK = {name: i for i, name in enumerate(["BOOL", "U8", "I8", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64",
+                                           "I64"])}
 
 
 # safetensors' dtypes (its Dtype enum) and their bits per element: every file's header is checked against these;
@@ -58,14 +62,15 @@ def read_header(path: pathlib.Path, readable: bool = True) -> dict[str, dict]:
     return parse_header(path, readable)[1]
 
 
-def parse_header(path: pathlib.Path, readable: bool = True) -> tuple[int, dict[str, dict]]:
+def parse_header(path: pathlib.Path, readable: bool = True, dtypes: dict = DTYPES) -> tuple[int, dict[str, dict]]:
     """(where the data starts, name -> entry) of one safetensors file, refused (ShardError naming the file and the
     tensor) wherever safetensors itself would refuse it: a header that is not a JSON object or runs past the end,
     an unknown dtype, a size that is not dtype x shape, tensors that overlap, leave gaps or run past the end of the
-    file. ``readable``: also refuse dtypes qvlquant does not read (DTYPES; float8 and the like)."""
+    file. ``readable``: also refuse dtypes qvlquant does not read (``dtypes``: DTYPES, a base model's; float8 and
+    the like are refused)."""
     header, n, size = _json_header(path)
     header.pop("__metadata__", None)
-    entries = {name: _entry(path, name, e, readable) for name, e in header.items()}
+    entries = {name: _entry(path, name, e, dtypes if readable else None) for name, e in header.items()}
     _check_layout(path, entries, size - 8 - n)
     return 8 + n, entries
 
@@ -103,16 +108,16 @@ def _json_header(path: pathlib.Path) -> tuple[dict, int, int]:
     return header, n, size
 
 
-def _entry(path: pathlib.Path, name: str, e, readable: bool) -> dict:
+def _entry(path: pathlib.Path, name: str, e, readable: dict | None) -> dict:
     """One header entry, checked on its own: dtype, shape, offsets, and size = dtype x shape."""
     if not isinstance(e, dict):
         raise ShardError(f"{path}: tensor {name!r:.100}: not an entry of dtype, shape and data_offsets")
     dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in BITS:
         raise ShardError(f"{path}: tensor {name!r:.100} has dtype {dtype!r:.40}, not one of safetensors'")
-    if readable and dtype not in DTYPES:
+    if readable is not None and dtype not in readable:
         raise ShardError(f"{path}: tensor {name!r:.100} is {dtype}, which qvlquant does not read (it reads "
-                         f"{', '.join(DTYPES)}); quantize the bf16 / fp16 / fp32 base model instead")
+                         f"{', '.join(readable)}); quantize the bf16 / fp16 / fp32 base model instead")
     if not isinstance(shape, list) or not all(_whole(d) for d in shape):
         raise ShardError(f"{path}: tensor {name!r:.100}: shape {shape!r:.60} must be a list of whole numbers >= 0")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets) or \
@@ -204,13 +209,14 @@ def checkpoint_files(folder: pathlib.Path) -> list[str]:
 class ShardReader:
     """The tensors of a checkpoint folder, by checkpoint key, read one at a time from disk."""
 
-    def __init__(self, folder: str | os.PathLike, files: list[str] | None = None):
-        """``files``: read these files of ``folder`` instead of its checkpoint (index or model.safetensors)."""
+    def __init__(self, folder: str | os.PathLike, files: list[str] | None = None, dtypes: dict = DTYPES):
+        """``files``: read these files of ``folder`` instead of its checkpoint (index or model.safetensors);
+        ``dtypes``: those it may hold (a base model's; EXPORT_DTYPES for an FP8 export)."""
         self.folder = pathlib.Path(folder)
         self.where: dict[str, tuple[pathlib.Path, dict]] = {}
         for name in checkpoint_files(self.folder) if files is None else files:
             path = self.folder / name
-            data_start, header = parse_header(path)
+            data_start, header = parse_header(path, dtypes=dtypes)
             for key, entry in header.items():
                 self.where[key] = (path, dict(entry, start=data_start))
 
@@ -222,7 +228,7 @@ class ShardReader:
 
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         entry = self._entry(key)[1]
-        return DTYPES[entry["dtype"]], tuple(entry["shape"])
+        return EXPORT_DTYPES[entry["dtype"]], tuple(entry["shape"])
 
     def get(self, key: str) -> torch.Tensor:
         path, entry = self._entry(key)
@@ -232,12 +238,12 @@ class ShardReader:
             f.seek(entry["start"] + begin)
             if f.readinto(memoryview(buf.numpy())) != end - begin:
                 raise ShardError(f"{path}: {key} is truncated")
-        return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return buf.view(EXPORT_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` of the 2-D tensor ``key`` (an embedding table), one positioned read each. -> [len, D]."""
         path, entry = self._entry(key)
-        dtype, (n, d) = DTYPES[entry["dtype"]], entry["shape"]
+        dtype, (n, d) = EXPORT_DTYPES[entry["dtype"]], entry["shape"]
         size = d * torch.tensor([], dtype=dtype).element_size()
         out = torch.empty(len(rows), size, dtype=torch.uint8)
         with open(path, "rb") as f:

@@ -13,6 +13,7 @@ the tiny exports.
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -25,15 +26,16 @@ else:
 
 from tiny_models import tiny_batch, tiny_model  # noqa: E402
 
-from qvlquant.checkpoint.export import export, quantization_config  # noqa: E402
+from qvlquant.checkpoint.datafree import export_fp8  # noqa: E402
+from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config  # noqa: E402
 from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes  # noqa: E402
 from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
 from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
-from qvlquant.quant.formats import PackFormat  # noqa: E402
+from qvlquant.quant.formats import Fp8Format, PackFormat  # noqa: E402
 from qvlquant.quant.spec import QuantConfig, QuantSpec  # noqa: E402
-from qvlquant.storage.shards import read_checkpoint_header  # noqa: E402
+from qvlquant.storage.shards import ShardReader, read_checkpoint_header  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -141,6 +143,26 @@ def test_the_copied_rules_agree_with_vllm(exports, model_type):
         asked = inspect_checkpoint(folder)["vllm"]
         assert copied["checked_by"].startswith("a COPY") and copied["vision_quantized"] == asked["vision_quantized"]
         assert copied["refused"] is None and asked["refused"] is None
+        assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_copied_rules_agree_with_vllm_on_fp8(fp8_exports, model_type):
+    """The fallback's answers for the FP8 exports: no vision linear quantized (exact names for the block format),
+    and the TP sizes vLLM accepts (the block format's input shards in whole blocks of 128)."""
+    for fmt in Fp8Format:
+        folder = fp8_exports[model_type, fmt]
+        config = json.loads((folder / "config.json").read_text())
+        family = family_for(model_type)
+        header = read_checkpoint_header(folder)
+        quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
+        shapes = quantized_shapes(header, quant, family)
+        assert len(shapes) == 3 * 7
+        vision = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                        if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
+        copied = copied_rules(quant, shapes, vision, family, copy.deepcopy(config))
+        asked = inspect_checkpoint(folder)["vllm"]
+        assert copied["vision_quantized"] == asked["vision_quantized"] == []
         assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
 
 
@@ -385,3 +407,58 @@ def test_vllm_reads_qvlquants_own_mixed_exports(tmp_path, model_type, fmt):
     eight = {prefix + "1.self_attn.qkv_proj", prefix + "1.self_attn.o_proj"} if fmt != "awq" else set()
     assert {v for v, s in settings.items() if s.startswith("W8")} == eight
     assert {s.split()[0] for v, s in settings.items() if v not in eight} == {"W4"}
+
+
+# --- FP8, data-free: Qwen's block format and compressed-tensors FP8_DYNAMIC --------------------------------------
+FP8 = {  # format -> (vLLM's method, what it gives a decoder linear, the kernel at TP 1 on an sm_90)
+    Fp8Format.BLOCK: ("fp8", "Fp8LinearMethod", "TritonFp8BlockScaledMMKernel"),
+    Fp8Format.CHANNEL: ("compressed-tensors", "CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)",
+                        "CutlassFP8ScaledMMLinearKernel"),
+}
+
+
+def make_fp8_export(root, model_type, fmt, not_converted=None):
+    """The tiny model saved in bf16, then exported data-free from its checkpoint as ``quantize --scheme`` does."""
+    model = tiny_model(model_type).to(torch.bfloat16)
+    model.save_pretrained(root / f"{model_type}-base")
+    family = family_for(model_type)
+    base = CheckpointTensors(ShardReader(root / f"{model_type}-base"), family, torch.bfloat16)
+    return export_fp8(model, None, base, fmt, root / f"{model_type}-{fmt.value}", lambda quantized: {})
+
+
+@pytest.fixture(scope="module")
+def fp8_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-fp8")
+    return {(t, f): make_fp8_export(root, t, f) for t in TYPES for f in Fp8Format}
+
+
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_serves_fp8_exports_with_the_vision_tower_unquantized(fp8_exports, model_type, fmt):
+    vllm = inspect_checkpoint(fp8_exports[model_type, fmt])["vllm"]
+    method, linear_method, kernel = FP8[fmt]
+    assert vllm["checked_by"].startswith("vLLM 0.33") and vllm["refused"] is None and vllm["method"] == method
+    language = {v: m for v, m in vllm["layers"].items() if v.startswith("language_model.model.layers.")}
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(language) == 3 * 4 and set(language.values()) == {linear_method}
+    assert len(vision) == VISION_LINEARS[model_type] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert vllm["vision_quantized"] == [] and vllm["tp"][1] == []
+    assert set(vllm["kernels"][1].values()) == {kernel}
+    if fmt is Fp8Format.BLOCK:  # o_proj's input (128 columns) splits into 64 at TP 2: not a whole block of 128
+        assert vllm["tp"][2] == ["language_model.model.layers.0.self_attn.o_proj: ValueError: Weight "
+                                 "input_size_per_partition = 64 is not divisible by weight quantization block_k = 128."]
+    else:
+        assert vllm["tp"][2] == []
+
+
+def test_vllm_matches_fp8_modules_to_not_convert_by_exact_name_only(fp8_exports, tmp_path):
+    """Why the block export names every vision linear: with only the family's prefixes (``visual``, ``model.visual``)
+    vLLM's Fp8Config would build the vision tower's linears as FP8 over bf16 weights."""
+    folder = fp8_exports["qwen2_vl", Fp8Format.BLOCK]
+    edited = tmp_path / "prefixes-only"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = family_for("qwen2_vl").not_converted_names()
+    (edited / "config.json").write_text(json.dumps(config))
+    quantized = inspect_checkpoint(edited)["vllm"]["vision_quantized"]
+    assert len(quantized) == VISION_LINEARS["qwen2_vl"] and all(n.startswith("visual.") for n in quantized)

@@ -42,6 +42,22 @@ def test_streamed_file_is_byte_identical_to_save_file(tmp_path):
         assert reader.meta(k) == (v.dtype, tuple(v.shape)) and torch.equal(reader.get(k), v)
 
 
+def test_fp8_exports_are_written_as_save_file_writes_them_and_read_back_only_when_asked(tmp_path):
+    """e4m3 weights sit between I8 and I16 in safetensors' order; a base model holding them is still refused."""
+    t = sample_tensors()
+    t["w.weight"] = torch.randn(4, 8).to(torch.float8_e4m3fn)
+    t["a.weight"] = torch.randn(2, 3).to(torch.float8_e4m3fn)
+    save_file(t, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tmp_path / "model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in t.items()],
+                      t.__getitem__, {"format": "pt"})
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    reader = ShardReader(tmp_path, ["model.safetensors"], dtypes=shards.EXPORT_DTYPES)
+    assert reader.meta("w.weight") == (torch.float8_e4m3fn, (4, 8))
+    assert torch.equal(reader.get("w.weight").view(torch.uint8), t["w.weight"].view(torch.uint8))
+    with pytest.raises(ShardError, match=r"tensor 'a.weight' is F8_E4M3, which qvlquant does not read"):
+        ShardReader(tmp_path, ["model.safetensors"])
+
+
 def test_a_tensor_that_does_not_match_its_plan_is_refused(tmp_path):
     with pytest.raises(ShardError, match=r"x is torch.float32 \[3\], planned F32 \[2\]"):
         write_safetensors(tmp_path / "m.safetensors", [("x", torch.float32, (2,))], lambda k: torch.zeros(3))

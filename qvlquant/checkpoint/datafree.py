@@ -1,0 +1,91 @@
+"""Data-free FP8 exports: each decoder-layer linear weight of the language model read from the base checkpoint,
+quantized to e4m3 (``Fp8Format``) and written, one tensor at a time; no calibration data, no forward pass, no
+model in memory. Everything else (vision tower, embeddings, norms, biases, lm_head) is copied in the storage dtype.
+
+Memory holds one tensor (in float32 while it is quantized). safetensors orders a file's tensors by dtype, so a
+linear's float32 scale is written before its e4m3 weight: each quantized weight is read twice (once for its scale,
+once for its codes) rather than holding a shard's codes until their turn.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import shutil
+from typing import Callable
+
+import torch
+
+from qvlquant.checkpoint.export import Entry, CheckpointTensors, finish_export, fp8_quantization_config, write_shards
+from qvlquant.config import ExportConfig
+from qvlquant.families import ModelFamily
+from qvlquant.quant.formats import Fp8Format
+from qvlquant.storage.outputs import temp_dir
+
+
+def is_fp8_linear(family: ModelFamily, runtime_name: str) -> bool:
+    """Whether ``runtime_name`` is the weight of one of the family's decoder-layer linears (``model.language_model
+    .layers.3.mlp.up_proj.weight``): what an FP8 export quantizes."""
+    if not (family.is_layer_key(runtime_name) and runtime_name.endswith(".weight")):
+        return False
+    inside = runtime_name[len(family.decoder_layers) + 1: -len(".weight")]  # "3.mlp.up_proj"
+    index, _, linear = inside.partition(".")
+    return index.isdigit() and linear in family.linears
+
+
+def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
+             fmt: Fp8Format) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
+    """Every tensor of the export in state-dict order (a quantized linear's weight and scale where its weight was),
+    with a function fetching each. ``model`` may be a meta skeleton: only its names are read.
+    -> (entries, fetch, the runtime names of the quantized linears)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    entries: list[Entry] = []
+    fetch: dict[str, Callable[[], torch.Tensor]] = {}
+    quantized = []
+    for name in model.state_dict().keys():
+        if tied and name == f"{family.lm_head}.weight":
+            continue
+        key = family.to_disk(name)
+        if not is_fp8_linear(family, name):
+            entries.append((key, *base.meta(name)))
+            fetch[key] = lambda name=name: base.get(name)
+            continue
+        quantized.append(name[: -len(".weight")])
+        n, k = base.meta(name)[1]
+        head = key[: -len("weight")]
+        for tensor, (shape, dtype) in fmt.tensor_shapes(k, n, base.dtype).items():
+            entries.append((head + tensor, dtype, shape))
+        fetch[key] = lambda name=name, key=key: fmt.pack(base.get(name), key, base.dtype)["weight"]
+        fetch[head + fmt.scale_name] = lambda name=name, key=key: fmt.scale(base.get(name), key, base.dtype)
+    return entries, fetch, quantized
+
+
+def not_converted_modules(model, family: ModelFamily) -> list[str]:
+    """``modules_to_not_convert`` of a block-FP8 export: the family's names (``not_converted_names``: both layouts
+    and the bare leaf, for transformers' prefix / suffix match) and every matrix-holding module of the vision tower
+    (its linears, and Qwen3-VL's position embedding, which inspect's rules cannot tell from one) named whole in both
+    layouts, as Qwen's own FP8 checkpoints list them, since vLLM's ``Fp8Config`` matches only exact names."""
+    vision = [name for name, m in model.named_modules() if name.startswith(family.vision_tower + ".")
+              and isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    whole = [form for name in vision for form in (family.to_disk(name + ".")[:-1], name)]
+    return list(dict.fromkeys(family.not_converted_names() + whole))
+
+
+def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format, out: str | pathlib.Path,
+               report: Callable[[list[str]], dict], options: ExportConfig = ExportConfig(),
+               base_folder: pathlib.Path | None = None) -> pathlib.Path:
+    """Write the FP8 export of the checkpoint ``base`` reads to ``out``, published atomically. ``model``: the
+    model's meta skeleton (names and config only); ``report``: makes the report from the quantized linears' names
+    once the tensors are written. -> the published folder."""
+    family = base.family
+    tmp = temp_dir(out)
+    try:
+        entries, fetch, quantized = plan_fp8(model, family, base, fmt)
+        write_shards(entries, fetch, tmp, options.max_shard_bytes)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = fp8_quantization_config(fmt, family, not_converted_modules(model, family))
+        config.dtype = str(base.dtype).removeprefix("torch.")
+        return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,77 @@
+"""Running FP8 exports with the numerics of their serving kernels: ``Fp8Linear`` holds the e4m3 weight and its
+scales exactly as they are on disk and, on every call, quantizes its input the way vLLM's FP8 linears do (dynamic
+e4m3 per token, or per token and group of 128 inputs for block weights), then multiplies by the dequantized weight.
+So an eval of the loaded model measures the served W8A8 model, not a weight-only approximation of it.
+
+The activation quantization is emulated (quantize, dequantize at once) on every device; the product is then a
+plain matmul in the input's dtype (exact in float32, where the kernels accumulate in float32 too).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qvlquant.quant.formats import Fp8Format
+from qvlquant.quant.fp8 import fake_quantize_activations
+
+
+class Fp8Linear(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: Fp8Format, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        for name, (shape, dt) in fmt.tensor_shapes(in_features, out_features).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, fmt: Fp8Format, bias: torch.Tensor | None) -> "Fp8Linear":
+        """A float weight [N, K] quantized to ``fmt`` (and its bias kept as it is)."""
+        n, k = w.shape
+        module = cls(k, n, fmt, bias is not None, bias.dtype if bias is not None else torch.float32)
+        for name, t in fmt.pack(w).items():
+            getattr(module, name).copy_(t)
+        if bias is not None:
+            module.bias.data.copy_(bias)
+        return module
+
+    def weight_dequantized(self) -> torch.Tensor:
+        """The weight the stored tensors stand for, [N, K] float32."""
+        return self.fmt.unpack({name: getattr(self, name) for name in self.fmt.tensor_shapes(1, 1)})
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequantized = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
+            self._dequantized = self.weight_dequantized().to(device=x.device, dtype=x.dtype)  # [N, K]
+        xq = fake_quantize_activations(x, self.fmt.activation_group)  # [..., K], what the kernel reads
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(xq, self._dequantized, bias)
+
+    def extra_repr(self) -> str:
+        group = self.fmt.activation_group
+        acts = f"per token and {group} inputs" if group else "per token"
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt.value}, activations fp8 dynamic {acts}"
+
+
+def fp8_linear_targets(keys: list[str], family, fmt: Fp8Format) -> list[str]:
+    """Runtime paths of the linears an FP8 checkpoint stores quantized: those with the format's scale beside an
+    e4m3 weight."""
+    marker = "." + fmt.scale_name
+    return sorted(family.to_runtime(k)[: -len(marker)] for k in keys if k.endswith(marker))
+
+
+def swap_in_fp8_linears(model, targets: list[str], fmt: Fp8Format, dtype: torch.dtype) -> None:
+    """Replace the nn.Linear at each runtime path in ``targets`` by an empty Fp8Linear (buffers on the meta
+    device when the model's parameters are: the checkpoint fills them)."""
+    for name in targets:
+        parent_name, leaf = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, leaf)
+        if not isinstance(old, torch.nn.Linear):
+            raise ValueError(f"{name} is a {type(old).__name__}, not a Linear: the checkpoint does not fit this model")
+        with torch.device(old.weight.device):
+            setattr(parent, leaf, Fp8Linear(old.in_features, old.out_features, fmt, old.bias is not None, dtype))

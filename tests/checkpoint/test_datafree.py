@@ -1,0 +1,172 @@
+"""Data-free FP8 exports of the demo: what is written, read back through the one reader, and by compressed-tensors."""
+
+import json
+
+import pytest
+import torch
+
+from qvlquant.assets.paths import EMBEDDED_MODELS
+from qvlquant.checkpoint.datafree import is_fp8_linear
+from qvlquant.checkpoint.export import MANIFEST
+from qvlquant.checkpoint.qconfig import read_quantization_config
+from qvlquant.families import QWEN2_VL, QWEN3_VL, QWEN_VL_V1
+from qvlquant.quant.formats import FP8_SCHEMES, Fp8Format
+from qvlquant.storage.shards import EXPORT_DTYPES, ShardReader
+
+
+@pytest.fixture(scope="session")
+def fp8_exports(tmp_path_factory):
+    """scheme -> the demo's export folder, each written once."""
+    from qvlquant.api import quantize
+
+    root = tmp_path_factory.mktemp("fp8")
+    return {scheme: quantize(output=str(root / scheme), scheme=scheme) and root / scheme for scheme in FP8_SCHEMES}
+
+
+def demo_reader():
+    return ShardReader(EMBEDDED_MODELS["demo"])
+
+
+@pytest.mark.parametrize("family,name,expected", [
+    (QWEN2_VL, "model.language_model.layers.3.mlp.up_proj.weight", True),
+    (QWEN2_VL, "model.language_model.layers.0.self_attn.q_proj.weight", True),
+    (QWEN2_VL, "model.language_model.layers.0.self_attn.q_proj.bias", False),
+    (QWEN2_VL, "model.language_model.layers.0.input_layernorm.weight", False),
+    (QWEN2_VL, "model.visual.blocks.0.mlp.fc1.weight", False),
+    (QWEN2_VL, "lm_head.weight", False),
+    (QWEN3_VL, "model.language_model.layers.1.self_attn.q_norm.weight", False),
+    (QWEN_VL_V1, "transformer.h.2.attn.c_attn.weight", True),
+    (QWEN_VL_V1, "transformer.visual.transformer.resblocks.0.attn.in_proj.weight", False),
+])
+def test_only_decoder_layer_linears_are_quantized(family, name, expected):
+    assert is_fp8_linear(family, name) is expected
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_linears_hold_the_fp8_of_the_base_weights_and_the_rest_is_copied_bit_for_bit(fp8_exports, scheme):
+    fmt = FP8_SCHEMES[scheme]
+    out = ShardReader(fp8_exports[scheme], dtypes=EXPORT_DTYPES)
+    base = demo_reader()
+    quantized = [k[: -len(".weight")] for k in base.keys() if is_fp8_linear(QWEN2_VL, QWEN2_VL.to_runtime(k))]
+    assert len(quantized) == 28
+    expected = set(base.keys()) - {m + ".weight" for m in quantized}
+    expected |= {f"{m}.{t}" for m in quantized for t in ("weight", fmt.scale_name)}
+    assert set(out.keys()) == expected
+    for module in quantized:
+        packed = fmt.pack(base.get(module + ".weight"), scale_dtype=torch.bfloat16)  # the demo's dtype
+        assert torch.equal(out.get(module + ".weight").view(torch.uint8), packed["weight"].view(torch.uint8))
+        assert torch.equal(out.get(f"{module}.{fmt.scale_name}"), packed[fmt.scale_name])
+    scale_dtype = out.meta(f"{quantized[0]}.{fmt.scale_name}")[0]
+    assert scale_dtype == (torch.float32 if fmt is Fp8Format.BLOCK else torch.bfloat16)  # as Qwen / llm-compressor
+    for key in set(base.keys()) - {m + ".weight" for m in quantized}:  # vision, embeddings, norms, biases
+        assert out.meta(key) == base.meta(key) and torch.equal(out.get(key), base.get(key)), key
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_the_config_reads_back_as_its_format_and_the_export_is_verified(fp8_exports, scheme):
+    folder = fp8_exports[scheme]
+    config = json.loads((folder / "config.json").read_text())
+    quant = read_quantization_config(config["quantization_config"], "config.json")
+    assert quant.pack_format is FP8_SCHEMES[scheme] and quant.spec.bits == 8
+    assert quant.summary()["weights"] == "fp8_e4m3"
+    assert config["dtype"] == "bfloat16"
+    report = json.loads((folder / "quantize_report.json").read_text())
+    assert report["scheme"] == scheme and report["calibration"] is None and len(report["layers"]) == 28
+    assert report["config"]["calib"]["source"] is None  # nothing was read, nothing recorded
+    assert MANIFEST in {p.name for p in folder.iterdir()}
+    from qvlquant.storage.manifest import verify_manifest
+
+    verify_manifest(folder)
+
+
+def test_block_config_is_qwens_with_every_vision_linear_named(fp8_exports):
+    qc = json.loads((fp8_exports["FP8_BLOCK"] / "config.json").read_text())["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "fmt", "activation_scheme", "weight_block_size")} == {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    names = qc["modules_to_not_convert"]
+    assert {"visual", "model.visual", "lm_head"} <= set(names)
+    assert {"visual.blocks.1.mlp.fc2", "model.visual.merger.mlp.2"} <= set(names)  # vLLM matches exact names
+    assert not any(".layers." in n for n in names)
+
+
+def test_dynamic_config_is_compressed_tensors_fp8_dynamic(fp8_exports):
+    qc = json.loads((fp8_exports["FP8_DYNAMIC"] / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == group["format"] == "float-quantized"
+    w, a = group["weights"], group["input_activations"]
+    assert (w["type"], w["num_bits"], w["strategy"], w["symmetric"], w["dynamic"]) == ("float", 8, "channel", True, False)
+    assert (a["type"], a["num_bits"], a["strategy"], a["dynamic"]) == ("float", 8, "token", True)
+    assert qc["ignore"] == QWEN2_VL.compressed_ignore()
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
+     r"activation_scheme 'static' is not supported"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, r"weight_block_size None is not supported"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, r"activation_scheme is missing"),
+    ({"quant_method": "fp8", "fmt": "e5m2", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+     r"fmt 'e5m2' is not supported"),
+])
+def test_fp8_configs_qvlquant_does_not_run_are_refused_naming_the_field(qc, message):
+    with pytest.raises(ValueError, match=r"x/config.json: quantization_config\." + message):
+        read_quantization_config(qc, "x/config.json")
+
+
+def test_static_or_weight_only_float_quantized_is_refused(fp8_exports):
+    qc = json.loads((fp8_exports["FP8_DYNAMIC"] / "config.json").read_text())["quantization_config"]
+    qc["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    with pytest.raises(ValueError, match=r"input_activations\.dynamic is False; qvlquant reads float-quantized"):
+        read_quantization_config(qc, "config.json")
+    qc["config_groups"]["group_0"]["input_activations"] = None
+    with pytest.raises(ValueError, match=r"input_activations is missing"):
+        read_quantization_config(qc, "config.json")
+
+
+def test_compressed_tensors_decompresses_to_qvlquants_weights(fp8_exports):
+    ct = pytest.importorskip("compressed_tensors", reason="the interop extra (compressed-tensors) is not installed")
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    folder = fp8_exports["FP8_DYNAMIC"]
+    group = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"],
+                                input_activations=group["input_activations"])
+    out = ShardReader(folder, dtypes=EXPORT_DTYPES)
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj"):
+        stored = {"weight": out.get(module + ".weight"), "weight_scale": out.get(module + ".weight_scale")}
+        theirs = FloatQuantizationCompressor.decompress(stored, scheme)["weight"]
+        # it decompresses into the scale's dtype (the model's, bf16): exactly qvlquant's product, rounded once
+        assert theirs.dtype == torch.bfloat16, ct.__version__
+        assert torch.equal(theirs, Fp8Format.CHANNEL.unpack(stored).bfloat16()), (module, ct.__version__)
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_transformers_loads_both_exports_on_a_cpu_with_qvlquants_weights(fp8_exports, scheme):
+    """transformers 5.24 on a CPU: the block format through its fine-grained FP8 integration, which (no GPU or XPU)
+    dequantizes to bf16 at load; FP8_DYNAMIC through compressed-tensors, which keeps e4m3 + its bf16 scale."""
+    from transformers import AutoModelForImageTextToText
+
+    fmt = FP8_SCHEMES[scheme]
+    model = AutoModelForImageTextToText.from_pretrained(fp8_exports[scheme], device_map="cpu")
+    state = model.model.language_model.layers[2].mlp.down_proj.state_dict()
+    out = ShardReader(fp8_exports[scheme], dtypes=EXPORT_DTYPES)
+    key = "model.layers.2.mlp.down_proj"
+    ours = fmt.unpack({t: out.get(f"{key}.{t}") for t in ("weight", fmt.scale_name)})
+    theirs = fmt.unpack(state) if fmt.scale_name in state else state["weight"]
+    assert torch.equal(theirs.bfloat16(), ours.bfloat16())
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[10, 11, 12, 13]])).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_inspect_reads_fp8_exports(fp8_exports, scheme):
+    """28 quantized linears (e4m3 weight beside its scale), the vision tower's full precision, and vLLM (its own
+    classes where installed, else the copied rules) quantizing none of it."""
+    from qvlquant.checkpoint.inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(fp8_exports[scheme])
+    assert report["verification"]["status"] == "verified" and report["quantized_linears"] == 28
+    assert report["vision_linears"] == 10 and report["vision_exposed_in_transformers"] == []
+    assert report["quantization"]["weights"] == "fp8_e4m3"
+    assert report["vllm"]["vision_quantized"] == [] and report["marlin"][1] == []
