@@ -364,12 +364,14 @@ def carry_serving_files(base_folder: pathlib.Path, folder: pathlib.Path) -> list
 
 
 def export(model, processor, result: QuantResult, out: str | os.PathLike, report: dict | Callable[[], dict],
-           base=None, options: ExportConfig = ExportConfig(), base_folder: pathlib.Path | None = None) -> pathlib.Path:
+           base=None, options: ExportConfig = ExportConfig(), base_folder: pathlib.Path | None = None,
+           files: dict[str, str] | None = None) -> pathlib.Path:
     """Write the quantized checkpoint of ``result`` to ``out``. ``model``: the model quantized (or its meta
     skeleton, with ``base`` reading the checkpoint); ``base``: where the tensors that are not quantized come from
     (default: ``model`` itself); ``report``: a dict, or a function making it once the tensors are written (so
     the peak memory it records covers the export); ``options.protected``: paths the output may never replace;
-    ``base_folder``: the base checkpoint's folder, whose ``SERVING_FILES`` the export carries over."""
+    ``base_folder``: the base checkpoint's folder, whose ``SERVING_FILES`` the export carries over; ``files``: further
+    text files by name (the sensitivity search's recipe), written with the rest and listed in the manifest."""
     plan = result.plan
     if not result.complete:
         raise ValueError(f"only layers {result.store.finished()} of {result.num_layers} are quantized")
@@ -388,6 +390,8 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         if base_folder is not None:
             carry_serving_files(pathlib.Path(base_folder), tmp)
         _strip_truncation(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         report = report() if callable(report) else report
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         write_card(tmp, report, pathlib.Path(out).name)  # README.md, listed in the manifest
