@@ -26,7 +26,7 @@ from qvlquant.checkpoint.export import (
     quantization_config,
 )
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
-from qvlquant.config import JobConfig, SearchConfig
+from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
 from qvlquant.engine.estimate import estimate, format_estimate
 from qvlquant.engine.loop import (
     LayerStore,
@@ -37,7 +37,6 @@ from qvlquant.engine.loop import (
     fused_groups,
     quantize_model,
 )
-from qvlquant.engine.sensitivity import SensitivityPlan, format_choice, timed_search
 from qvlquant.engine.resume import (
     DiskStore,
     RankStore,
@@ -45,6 +44,7 @@ from qvlquant.engine.resume import (
     model_digest,
     settings_fingerprint,
 )
+from qvlquant.engine.sensitivity import SensitivityPlan, format_choice, timed_search
 from qvlquant.engine.skeleton import (
     build_skeleton,
     check_processor_files,
@@ -61,8 +61,6 @@ from qvlquant.engine.streaming import (
     check_config_fits,
 )
 from qvlquant.engine.transforms import pad_config
-from qvlquant.quant.rules import ModulePlan, format_plan, plan_rows
-from qvlquant.recipes import dump_recipe, job_recipe
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
     choose_offload,
@@ -82,6 +80,8 @@ from qvlquant.parallel.distributed import (
     stop,
 )
 from qvlquant.parallel.launch import check_batches
+from qvlquant.quant.rules import ModulePlan, format_plan, plan_rows
+from qvlquant.recipes import dump_recipe, job_recipe
 from qvlquant.storage.lock import output_lock
 from qvlquant.storage.outputs import beside, check_output_target, check_output_writable
 from qvlquant.storage.shards import ShardReader, checkpoint_files
@@ -190,9 +190,7 @@ def _search(config: JobConfig, job: PreparedJob, batches: list[dict],
     -> (the job with the search's rules after the user's and the search off, the job's checked plan, the report's
     mixed_precision section)."""
     if world.distributed:
-        raise ValueError("--target-bits measures in one process: run it without --nproc (or quantize with "
-                         "--max-layers 1 to have only the search), then pass the mixed_precision.yaml it writes "
-                         "with --recipe to a run with --nproc")
+        raise ValueError(SEARCH_IN_ONE_PROCESS)
     fmt, storage_bits = config.pack_format, torch.finfo(job.storage).bits
     search = config.search
     plan = SensitivityPlan(family=job.family, qcfg=config.quant, pack_format=fmt, candidates=search.candidate_bits,

@@ -43,7 +43,14 @@ logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 # so set before any import below brings torch in; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from qvlquant.config import DTYPES, EXPORT_FORMATS, MEASURES, OFFLOAD, JobConfig
+from qvlquant.config import (
+    DTYPES,
+    EXPORT_FORMATS,
+    MEASURES,
+    OFFLOAD,
+    SEARCH_IN_ONE_PROCESS,
+    JobConfig,
+)
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.parallel import launch
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, resolved_by_bits
@@ -229,7 +236,8 @@ def _add_search_flags(p, job: JobConfig) -> None:
                    "as mixed_precision.yaml for --recipe. Linears your own --override / --ignore / recipe rules "
                    "match keep those rules and count at their size. Not for the AWQ GEMM format (one width)")
     p.add_argument("--candidate-bits", metavar="B,B,...", help="widths the search may give a linear group, at the "
-                   "job's group size and sym; 16 keeps it in the checkpoint's dtype (default "
+                   "job's group size and sym; 16 keeps it in the checkpoint's dtype; vLLM 0.33 serves GPTQ at 4 and 8 bits, not "
+                   "3: 4,8,16 for an export it loads (default "
                    f"{','.join(map(str, search.candidate_bits))})")
     p.add_argument("--sensitivity", choices=list(MEASURES), help="what the search measures per candidate: layer, "
                    "the decoder layer's output with that group rounded (one replay per candidate); output, the "
@@ -268,6 +276,8 @@ def run_quantize(args) -> int:
     settings["rules"] = [*(args.cli_rules or []), *(settings.get("rules") or [])]  # the flags' before the recipe's
     if args.nproc is not None and args.nproc != 1:
         config = JobConfig.from_flat(**settings)  # its checks and the batch count, before any process starts
+        if config.search.active:
+            raise ValueError(SEARCH_IN_ONE_PROCESS)
         launch.check_batches(-(-config.calib.num_samples // config.processing.batch_size), args.nproc)
         return launch.run_ranks(args.nproc, [sys.executable, "-m", "qvlquant", *launch.without_option(args.argv, "--nproc")])
     report = quantize(JobConfig.from_flat(**settings))

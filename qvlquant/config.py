@@ -15,7 +15,14 @@ import re
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
 from qvlquant.quant.formats import EXPORT_FORMATS, PackFormat
-from qvlquant.quant.rules import ModulePlan, Rule, config_with, packed_bits, parse_rule, rule_from_mapping
+from qvlquant.quant.rules import (
+    ModulePlan,
+    Rule,
+    config_with,
+    packed_bits,
+    parse_rule,
+    rule_from_mapping,
+)
 from qvlquant.quant.spec import QuantConfig, QuantSpec, finite_positive, positive_int
 
 CONFIG_VERSION = 1
@@ -80,6 +87,8 @@ class ExportConfig:
 SKIP_BITS = 16  # the candidate that keeps a linear group in the checkpoint's dtype (sized at 16 bits per weight)
 CANDIDATE_BITS = (2, 3, 4, 8, SKIP_BITS)
 MEASURES = ("layer", "output")  # sensitivity: the decoder layer's output error, or the linear's (tr(dW H dW^T))
+SEARCH_IN_ONE_PROCESS = ("--target-bits measures in one process: run it without --nproc / torchrun, then pass the "
+                         "mixed_precision.yaml it writes with --recipe to a run with --nproc")
 NOMINAL_SHAPE = 4096  # in = out features of the linear the job config sizes candidates on, before a model is read
 
 

@@ -463,6 +463,7 @@ def test_target_bits_writes_a_mixed_export_whose_recipe_reproduces_it(tmp_path):
     (["--method", "gptq", "--target-bits", "4.5", "--candidate-bits", "3,5"], "candidate_bits: '5' is not one of"),
     (["--method", "gptq", "--target-bits", "4.5", "--sensitivity", "hessian"], "invalid choice: 'hessian'"),
     (["--method", "gptq", "--target-bits", "-1"], "target_bits must be a finite number above 0"),
+    (["--method", "gptq", "--target-bits", "4.5", "--nproc", "2"], "--target-bits measures in one process"),
 ])
 def test_target_bits_is_checked_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "out"

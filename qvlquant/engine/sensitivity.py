@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from qvlquant.config import SKIP_BITS, candidate_config, check_target_bits, linear_bits
-from qvlquant.engine.loop import LayerSource, capture_inputs, InMemoryLayers
+from qvlquant.engine.loop import InMemoryLayers, LayerSource, capture_inputs
 from qvlquant.families import ModelFamily
 from qvlquant.quant.apply import collect_hessians
 from qvlquant.quant.formats import PackFormat
@@ -30,7 +30,12 @@ from qvlquant.quant.gptq import hessian
 from qvlquant.quant.layer import LayerInput, QuantizationError, next_input, run_layer
 from qvlquant.quant.rtn import fake_quantize
 from qvlquant.quant.rules import ModulePlan, Rule, describe
-from qvlquant.quant.sensitivity import choose, output_energy, output_error, squared_error
+from qvlquant.quant.sensitivity import (
+    choose,
+    output_energy,
+    output_error,
+    squared_error,
+)
 from qvlquant.quant.spec import QuantConfig
 from qvlquant.ui.progress import progress
 

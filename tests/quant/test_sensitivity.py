@@ -6,7 +6,13 @@ import torch
 
 from qvlquant.quant.gptq import accumulate_hessian, hessian
 from qvlquant.quant.rtn import fake_quantize
-from qvlquant.quant.sensitivity import choose, fill, output_energy, output_error, squared_error
+from qvlquant.quant.sensitivity import (
+    choose,
+    fill,
+    output_energy,
+    output_error,
+    squared_error,
+)
 from qvlquant.quant.spec import QuantSpec
 
 

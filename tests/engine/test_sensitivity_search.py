@@ -1,9 +1,17 @@
+"""engine/sensitivity.py: the streamed pass and the search on the demo (named apart from tests/quant/test_sensitivity.py:
+pytest imports test modules by their base name)."""
+
 import pytest
 import torch
 
 from qvlquant.config import SKIP_BITS
 from qvlquant.engine.loop import InMemoryLayers, decoder_linears, fused_groups
-from qvlquant.engine.sensitivity import SensitivityPlan, group_rule, measure_model, search
+from qvlquant.engine.sensitivity import (
+    SensitivityPlan,
+    group_rule,
+    measure_model,
+    search,
+)
 from qvlquant.families import QWEN2_VL
 from qvlquant.quant.formats import PackFormat
 from qvlquant.quant.rules import ModulePlan, parse_rule, plan_rows, plan_total
