@@ -27,7 +27,7 @@ from qvlquant.checkpoint.export import (
 )
 from qvlquant.checkpoint.datafree import export_fp8
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
-from qvlquant.config import JobConfig
+from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
 from qvlquant.engine.estimate import estimate, format_estimate
 from qvlquant.engine.loop import (
     LayerStore,
@@ -45,6 +45,7 @@ from qvlquant.engine.resume import (
     model_digest,
     settings_fingerprint,
 )
+from qvlquant.engine.sensitivity import SensitivityPlan, format_choice, timed_search
 from qvlquant.engine.skeleton import (
     build_skeleton,
     check_processor_files,
@@ -61,7 +62,6 @@ from qvlquant.engine.streaming import (
     check_config_fits,
 )
 from qvlquant.engine.transforms import pad_config
-from qvlquant.quant.rules import ModulePlan, format_plan, plan_rows
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
     choose_offload,
@@ -81,6 +81,8 @@ from qvlquant.parallel.distributed import (
     stop,
 )
 from qvlquant.parallel.launch import check_batches
+from qvlquant.quant.rules import ModulePlan, format_plan, plan_rows
+from qvlquant.recipes import dump_recipe, job_recipe
 from qvlquant.storage.lock import output_lock
 from qvlquant.storage.outputs import beside, check_output_target, check_output_writable
 from qvlquant.storage.shards import ShardReader, checkpoint_files
@@ -140,6 +142,7 @@ class RunMeasures:
     offload: str | None  # where the activations waited between layers (None: on the device)
     peak_rss: tuple[int, ...]  # every process's peak resident bytes at the loop's end, in rank order
     export_started: float | None = None  # time.time() when the export began (None: stopped by --max-layers)
+    mixed_precision: dict | None = None  # the sensitivity search's table and choice (--target-bits)
 
 
 def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | None:
@@ -147,9 +150,13 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
     torch.manual_seed(config.calib.seed)
     with contextlib.ExitStack() as held:  # rank 0's lock on --output: from its checks until the export is published
         job = _prepare(config, world, device, held)
-        if world.leader:
+        if world.leader and not config.search.active:
             _warn_about_vllm(config, job)
         batches, job = _batches(config, job, world)
+        mixed = None
+        if config.search.active:  # the quantize run below is then that of the recipe the search writes
+            config, job, mixed = _search(config, job, batches, world)
+            _warn_about_vllm(config, job)
         digest = batches_digest(batches)
         check_same(digest, "the calibration batches", world)
         check_batches(len(batches), world.size)
@@ -172,7 +179,8 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
         source.prepare_capture()
         result = quantize_model(job.skeleton, local, plan, source, store)
         peak_rss = tuple(each(peak_rss_bytes(), world))
-        measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss)
+        measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss,
+                               mixed_precision=mixed)
         barrier(world)
         if not world.leader:
             return None
@@ -220,6 +228,49 @@ def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], 
     }
 
 
+def _search(config: JobConfig, job: PreparedJob, batches: list[dict],
+            world: World) -> tuple[JobConfig, PreparedJob, dict]:
+    """--target-bits: the sensitivity pass (streamed from the checkpoint like the quantize loop) and the choice.
+    -> (the job with the search's rules after the user's and the search off, the job's checked plan, the report's
+    mixed_precision section)."""
+    if world.distributed:
+        raise ValueError(SEARCH_IN_ONE_PROCESS)
+    fmt, storage_bits = config.pack_format, torch.finfo(job.storage).bits
+    search = config.search
+    plan = SensitivityPlan(family=job.family, qcfg=config.quant, pack_format=fmt, candidates=search.candidate_bits,
+                           measure=search.measure, fixed=job.modules if job.modules.mixed else None,
+                           storage_bits=storage_bits,
+                           offload=choose_offload(job.device, _activation_bytes(batches, job.hidden, job.dtype),
+                                                  config.device.offload))
+    source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
+                            dtype=job.dtype, pad_to=config.pad_intermediate_to)
+    say(f"sensitivity search: {search.measure} error of each linear group at "
+        f"{', '.join(map(str, search.candidate_bits))} bits, for {search.target_bits:g} bits per weight")
+    source.prepare_capture()
+    linears = decoder_linears(job.skeleton, job.family, job.padded)
+    result, section = timed_search(job.skeleton, batches, plan, source, linears, search.target_bits)
+    config = dataclasses.replace(config, rules=config.rules + result.rules, search=SearchConfig())
+    modules = ModulePlan.resolve(config.rules, config.quant, [name for name, _, _ in linears],
+                                 fused_groups(job.family, len(job.skeleton.get_submodule(job.family.decoder_layers))))
+    say(format_choice(result, plan) + "; the plan:\n" + format_plan(plan_rows(modules, linears, fmt, storage_bits)))
+    section["recipe"] = MIXED_RECIPE
+    return config, dataclasses.replace(job, modules=modules), section
+
+
+MIXED_RECIPE = "mixed_precision.yaml"  # the search's choice as a recipe, in the export folder
+
+
+def mixed_recipe(config: JobConfig, section: dict) -> str:
+    """The recipe of the searched job (``config``: its rules included, the search off) as the export carries it."""
+    return dump_recipe(job_recipe(config), (
+        f"Written by qvlquant {__version__} quantize --target-bits {section['target_bits']:g} "
+        f"(sensitivity: {section['measure']}, candidates {','.join(map(str, section['candidates']))}): "
+        f"{section['bits_per_weight']:.4f} bits per weight over the decoder linears, scales included.\n"
+        "The rules are the search's choice (one per linear group not at the job's width; the first rule that "
+        "matches wins);\nthe measured table is in quantize_report.json under mixed_precision. Edit, then rerun "
+        "without the search:\n  qvlquant quantize --recipe mixed_precision.yaml --output DIR"))
+
+
 def _open_store(config: JobConfig, job: PreparedJob, world: World, digest: str,
                 shards: list[range]) -> LayerStore | None:
     """Rank 0's partial folder, under a fingerprint of everything that decides the result; in a distributed run
@@ -244,8 +295,9 @@ def _finish(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
     base = CheckpointTensors(job.reader, job.family, job.storage)
     measures = dataclasses.replace(measures, export_started=time.time())
     options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
+    files = {} if measures.mixed_precision is None else {MIXED_RECIPE: mixed_recipe(config, measures.mixed_precision)}
     export(job.skeleton, job.processor, result, job.out, lambda: _report(config, job, batches, result, measures),
-           base, options, base_folder=job.folder)
+           base, options, base_folder=job.folder, files=files)
     store.remove()
     return json.loads((job.out / REPORT).read_text())
 
@@ -379,6 +431,7 @@ def _report(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
         "processes": len(measures.peak_rss),
         "peak_rss_gib_per_process": [round(b / 2**30, 3) for b in measures.peak_rss],  # at the loop's end
         "peak_gpu_allocated_gib": None if gpu is None else round(gpu / 2**30, 3),
+        **({} if measures.mixed_precision is None else {"mixed_precision": measures.mixed_precision}),
         "estimate": measures.estimate,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}"
                    f", {where}",

@@ -43,7 +43,14 @@ logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 # so set before any import below brings torch in; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from qvlquant.config import DTYPES, EXPORT_FORMATS, OFFLOAD, JobConfig
+from qvlquant.config import (
+    DTYPES,
+    EXPORT_FORMATS,
+    MEASURES,
+    OFFLOAD,
+    SEARCH_IN_ONE_PROCESS,
+    JobConfig,
+)
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.parallel import launch
 from qvlquant.quant.formats import FP8_SCHEMES
@@ -167,6 +174,7 @@ def add_quantize(sub) -> None:
     p.add_argument("--ignore", dest="cli_rules", action=RuleFlag, metavar="PATTERN",
                    help="keep the linears whose runtime name matches the regex PATTERN in the checkpoint's dtype "
                         "(e.g. 'layers\\.0\\.mlp'); repeatable")
+    _add_search_flags(p, job)
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="delete a partial run of this output (.OUTPUT.partial) and start over instead of resuming")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --output that is "
@@ -218,6 +226,25 @@ def _add_method_flags(p, job: JobConfig) -> None:
                    f"{by_bits(resolved_by_bits('awq', 'awq_rounding', widths))}")
 
 
+def _add_search_flags(p, job: JobConfig) -> None:
+    """The sensitivity search: its result is rules (written to the export as mixed_precision.yaml)."""
+    search = job.search
+    p.add_argument("--target-bits", type=float, metavar="B", help="choose a width per linear group (q/k/v, o, "
+                   "gate/up, down of each layer) from --candidate-bits so that the measured error is least at B bits "
+                   "per weight on average over the decoder linears, scales and zeros included (as the printed plan "
+                   "counts them); the choice becomes rules, run like --override, and is written beside the weights "
+                   "as mixed_precision.yaml for --recipe. Linears your own --override / --ignore / recipe rules "
+                   "match keep those rules and count at their size. Not for the AWQ GEMM format (one width)")
+    p.add_argument("--candidate-bits", metavar="B,B,...", help="widths the search may give a linear group, at the "
+                   "job's group size and sym; 16 keeps it in the checkpoint's dtype; vLLM 0.33 serves GPTQ at 4 and 8 bits, not "
+                   "3: 4,8,16 for an export it loads (default "
+                   f"{','.join(map(str, search.candidate_bits))})")
+    p.add_argument("--sensitivity", choices=list(MEASURES), help="what the search measures per candidate: layer, "
+                   "the decoder layer's output with that group rounded (one replay per candidate); output, the "
+                   "linears' own output error tr(dW H dW^T) from GPTQ's Hessian (faster) (default "
+                   f"{search.measure})")
+
+
 def _add_calib_flags(p, job: JobConfig) -> None:
     """Which calibration samples and how they become batches."""
     calib, proc, columns = job.calib, job.processing, dict(job.calib.columns)
@@ -249,6 +276,8 @@ def run_quantize(args) -> int:
     settings["rules"] = [*(args.cli_rules or []), *(settings.get("rules") or [])]  # the flags' before the recipe's
     if args.nproc is not None and args.nproc != 1:
         config = JobConfig.from_flat(**settings)  # its checks and the batch count, before any process starts
+        if config.search.active:
+            raise ValueError(SEARCH_IN_ONE_PROCESS)
         launch.check_batches(-(-config.calib.num_samples // config.processing.batch_size), args.nproc)
         return launch.run_ranks(args.nproc, [sys.executable, "-m", "qvlquant", *launch.without_option(args.argv, "--nproc")])
     report = quantize(JobConfig.from_flat(**settings))
@@ -262,8 +291,12 @@ def run_quantize(args) -> int:
         print(f"quantized {len(report['layer_seconds'])} of {report['estimate']['layers']} layers "
               f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB (stopped early)")
         return 0
-    print(f"quantized {len(report['layers'])} linears ({report['method']} W{report['bits']} g{report['group_size']}) "
-          f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
+    mixed = report.get("mixed_precision")
+    setting = (f"{report['method']} mixed, {mixed['bits_per_weight']:.3f} bits per weight" if mixed else
+               f"{report['method']} W{report['bits']} g{report['group_size']}")
+    print(f"quantized {len(report['layers'])} linears ({setting}) in {report['quantize_seconds']:.1f}s, peak RSS "
+          f"{report['peak_rss_gib']:.2f} GiB -> {args.output}"
+          + (f" (the search's plan: {args.output}/{mixed['recipe']})" if mixed else ""))
     return 0
 
 

@@ -15,8 +15,15 @@ import re
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
 from qvlquant.quant.formats import EXPORT_FORMATS, FP8_SCHEMES, Fp8Format, PackFormat
-from qvlquant.quant.rules import ModulePlan, Rule, parse_rule, rule_from_mapping
-from qvlquant.quant.spec import QuantConfig, QuantSpec, positive_int
+from qvlquant.quant.rules import (
+    ModulePlan,
+    Rule,
+    config_with,
+    packed_bits,
+    parse_rule,
+    rule_from_mapping,
+)
+from qvlquant.quant.spec import QuantConfig, QuantSpec, finite_positive, positive_int
 
 CONFIG_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -77,6 +84,79 @@ class ExportConfig:
         positive_int("max_shard_bytes", self.max_shard_bytes)
 
 
+SKIP_BITS = 16  # the candidate that keeps a linear group in the checkpoint's dtype (sized at 16 bits per weight)
+CANDIDATE_BITS = (2, 3, 4, 8, SKIP_BITS)
+MEASURES = ("layer", "output")  # sensitivity: the decoder layer's output error, or the linear's (tr(dW H dW^T))
+SEARCH_IN_ONE_PROCESS = ("--target-bits measures in one process: run it without --nproc / torchrun, then pass the "
+                         "mixed_precision.yaml it writes with --recipe to a run with --nproc")
+NOMINAL_SHAPE = 4096  # in = out features of the linear the job config sizes candidates on, before a model is read
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The sensitivity search (engine.sensitivity): with ``target_bits``, each linear group gets one of
+    ``candidate_bits`` (16: kept in the checkpoint's dtype) at the job's group size and sym, chosen to least summed
+    ``measure`` error at that average of bits per weight (scales and zeros counted) over the quantizable linears.
+    ``candidate_bits`` may be given as text, ``"3,4,8,16"``."""
+
+    target_bits: float | None = None
+    candidate_bits: tuple[int, ...] = (3, 4, 8, SKIP_BITS)
+    measure: str = "layer"
+
+    def __post_init__(self):
+        if self.target_bits is not None:
+            finite_positive("target_bits", self.target_bits)
+        object.__setattr__(self, "candidate_bits", parse_candidates(self.candidate_bits))
+        if self.measure not in MEASURES:
+            raise ValueError(f"sensitivity must be one of {', '.join(MEASURES)}, got {self.measure!r:.40}")
+
+    @property
+    def active(self) -> bool:
+        return self.target_bits is not None
+
+
+def parse_candidates(value) -> tuple[int, ...]:
+    """``"3,4,8,16"`` or a sequence of widths -> sorted unique widths, each one of CANDIDATE_BITS."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = set()
+    for item in items:
+        try:
+            bits = int(str(item).strip()) if not isinstance(item, bool) else None
+        except ValueError:
+            bits = None
+        if bits not in CANDIDATE_BITS:
+            raise ValueError(f"candidate_bits: {str(item).strip()!r:.20} is not one of "
+                             f"{', '.join(map(str, CANDIDATE_BITS))} ({SKIP_BITS}: kept in the checkpoint's dtype)")
+        out.add(bits)
+    if not out:
+        raise ValueError("candidate_bits: give at least one width, e.g. 3,4,8,16")
+    return tuple(sorted(out))
+
+
+def candidate_config(default: QuantConfig, bits: int) -> QuantConfig | None:
+    """The settings candidate ``bits`` gives a linear: the job's at that width (None: kept, for SKIP_BITS)."""
+    return None if bits == SKIP_BITS else config_with(default, Rule("candidate", settings=(("bits", bits),)))
+
+
+def linear_bits(fmt: PackFormat, qcfg: QuantConfig | None, k: int, n: int, storage_bits: int = 16) -> int:
+    """Bits a [N, K] linear takes with settings ``qcfg`` (None: kept at ``storage_bits`` per weight) in ``fmt``."""
+    return n * k * storage_bits if qcfg is None else packed_bits(fmt, qcfg.spec, k, n)
+
+
+def check_target_bits(target: float, sizes: dict[int, float], where: str) -> None:
+    """``target`` (bits per weight) within what the candidates can reach: ``sizes`` maps each candidate width to
+    its bits per weight, measured ``where`` (on a nominal shape, or the model's linears)."""
+    low, high = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
+    name = lambda b: "16 (kept)" if b == SKIP_BITS else f"W{b}"  # noqa: E731
+    if target < sizes[low]:
+        raise ValueError(f"target_bits {target:g} is below the smallest candidate, {name(low)} at "
+                         f"{sizes[low]:.4f} bits per weight with its scales {where}: raise the target or add a "
+                         "narrower candidate_bits")
+    if target > sizes[high]:
+        raise ValueError(f"target_bits {target:g} is above the largest candidate, {name(high)} at "
+                         f"{sizes[high]:.4f} bits per weight {where}: lower the target or add a wider candidate")
+
+
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     output: str
@@ -95,6 +175,7 @@ class JobConfig:
     # FP8_BLOCK / FP8_DYNAMIC (llm-compressor's preset names): FP8 weights straight from the checkpoint, no
     # calibration; None: the integer methods of ``quant``
     scheme: str | None = None
+    search: SearchConfig = SearchConfig()  # --target-bits: rules chosen by measured sensitivity (engine.sensitivity)
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -121,6 +202,26 @@ class JobConfig:
                 check_fits_format(qcfg, fmt)
             except ValueError as e:
                 raise ValueError(f"rule {rule.text()!r}: {e}") from None
+        if self.search.active:
+            self._check_search(fmt)
+
+    def _check_search(self, fmt: PackFormat) -> None:
+        """--target-bits: a format that holds several widths, candidates it can store, a reachable target (on a
+        nominal NOMINAL_SHAPE-square linear; the search checks again on the model's own linears)."""
+        if fmt is PackFormat.AWQ_GEMM:
+            raise ValueError("target_bits: the AWQ GEMM format holds one width (4-bit) for every linear, so there "
+                             "is nothing to choose; use --format compressed-tensors for a per-module mix")
+        sizes = {}
+        for bits in self.search.candidate_bits:
+            try:
+                qcfg = candidate_config(self.quant, bits)
+                if qcfg is not None:
+                    check_fits_format(qcfg, fmt)
+            except ValueError as e:
+                raise ValueError(f"candidate_bits {bits}: {e}") from None
+            sizes[bits] = linear_bits(fmt, qcfg, NOMINAL_SHAPE, NOMINAL_SHAPE) / NOMINAL_SHAPE**2
+        check_target_bits(self.search.target_bits, sizes, f"(a {NOMINAL_SHAPE}x{NOMINAL_SHAPE} linear, group size "
+                          f"{self.quant.spec.group_size}, {fmt.value})")
 
     @property
     def module_plan(self) -> ModulePlan:
@@ -140,7 +241,8 @@ class JobConfig:
                                            ("format", self.export.format != "auto"),
                                            ("pad_intermediate_to", self.pad_intermediate_to is not None),
                                            ("max_layers", self.max_layers is not None),
-                                           ("rules (--override / --ignore)", bool(self.rules))) if given]
+                                           ("rules (--override / --ignore)", bool(self.rules)),
+                                           ("target_bits", self.search.target_bits is not None)) if given]
         if unused:
             raise ValueError(f"scheme {self.scheme} quantizes FP8 weights data-free, with no calibration and in "
                              f"its own format: {', '.join(unused)} do not apply; leave them out")
@@ -182,6 +284,8 @@ class JobConfig:
         d["device"].pop("threads")
         if not d["rules"]:
             d.pop("rules")  # a job without rules fingerprints as it did before rules existed (its partial run resumes)
+        if not self.search.active:
+            d.pop("search")  # likewise without a search (the search's own run quantizes with its rules, search off)
         return d
 
     @classmethod
@@ -214,6 +318,7 @@ class JobConfig:
             device=DeviceConfig(**pick(("device", "dtype", "offload", "threads"))),
             export=ExportConfig(**export),
             rules=tuple(as_rule(r, i) for i, r in enumerate(flat.get("rules") or ())),
+            search=SearchConfig(**{field: flat[key] for key, field in _SEARCH_KEYS.items() if key in flat}),
             **pick(("output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers", "scheme")),
         )
 
@@ -241,9 +346,10 @@ def check_fits_format(qcfg: QuantConfig, fmt: PackFormat) -> None:
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "damp_percent", "damp_max", "block_size", "desc_act",
                "static_groups", "true_sequential", "awq_grid", "awq_clip", "awq_max_tokens", "awq_rounding",
                "mse", "vision_weight")
+_SEARCH_KEYS = {"target_bits": "target_bits", "candidate_bits": "candidate_bits", "sensitivity": "measure"}
 _COLUMN_KEYS = ("image_column", "question_column", "answer_column", "text_column")
 _PROCESSING_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
 FLAT_KEYS = frozenset(_QUANT_KEYS + _COLUMN_KEYS + _PROCESSING_KEYS + (
     "calib", "num_samples", "seed", "split", "device", "dtype", "offload", "threads", "overwrite", "max_shard_bytes",
     "export_format", "output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers",
-    "rules", "scheme"))
+    "rules", "scheme", *_SEARCH_KEYS))

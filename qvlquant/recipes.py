@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 import yaml
 
+from qvlquant.config import MEASURES, JobConfig
 from qvlquant.eval.check import (
     DEFAULT_MAX_PPL_INCREASE,
     Tolerances,
@@ -80,6 +81,9 @@ SETTINGS: dict[str, Setting] = {
     "offload": Setting(str, ("auto", "cpu", "device")),
     "rules": Setting(list),  # per-module rules: [{pattern: REGEX, skip: true} or {pattern: REGEX, bits: 8, ...}]
     "scheme": Setting(str, tuple(FP8_SCHEMES)),
+    "target_bits": Setting(float, nullable=True),  # the sensitivity search (config.SearchConfig)
+    "candidate_bits": Setting(str),  # "3,4,8,16"
+    "sensitivity": Setting(str, MEASURES),
 }
 # Quantize flags a recipe may not set: the recipe itself, replacing an existing folder (asked for on the command line
 # each time, never by a file), a limit for measuring, and the machine's thread count.
@@ -177,3 +181,48 @@ def check_tolerances(recipe: str | pathlib.Path | None = None, max_drop: Mapping
     ``max_ppl_increase`` overriding it."""
     base = load_recipe(recipe).tolerances if recipe is not None else Tolerances()
     return base.override(max_drop, max_ppl_increase)
+
+
+# What a written recipe holds of a job: the settings that decide the exported tensors (never where the output goes,
+# whether it resumes, or the machine: device, offload, threads), each only where it is not the default.
+_QUANT_RECIPE_KEYS = ("damp_percent", "desc_act", "static_groups", "true_sequential", "mse", "vision_weight",
+                      "awq_rounding")
+_CALIB_RECIPE_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
+
+
+def job_recipe(config: JobConfig) -> dict:
+    """``config`` as recipe settings (SETTINGS keys): the model, method, grid, calibration draw, format and rules
+    always; every other setting where it differs from its default. ``JobConfig.from_flat(**job_recipe(c),
+    output=...)`` builds ``c`` again (the sensitivity search's recipe is read back that way)."""
+    q, spec = config.quant, config.quant.spec
+    plain = type(q)(q.method, spec)
+    out = {"model": str(config.model), "method": q.method, "bits": spec.bits, "group_size": spec.group_size,
+           "sym": spec.sym}
+    out |= {k: getattr(q, k) for k in _QUANT_RECIPE_KEYS if getattr(q, k) != getattr(plain, k)}
+    calib = config.calib
+    out |= {"calib": calib.source, "num_samples": calib.num_samples, "seed": calib.seed}
+    if calib.split != type(calib)().split:
+        out["split"] = calib.split
+    out |= {f"{k}_column": v for k, v in calib.columns if (k, v) not in type(calib)().columns}
+    default = type(config.processing)()
+    out |= {k: getattr(config.processing, k) for k in _CALIB_RECIPE_KEYS
+            if getattr(config.processing, k) != getattr(default, k)}
+    if config.device.dtype is not None:
+        out["dtype"] = config.device.dtype
+    if config.pad_intermediate_to is not None:
+        out["pad_intermediate_to"] = config.pad_intermediate_to
+    if config.trust_remote_code:
+        out["trust_remote_code"] = True
+    out["export_format"] = config.export.format
+    if config.search.active:
+        out |= {"target_bits": config.search.target_bits,
+                "candidate_bits": ",".join(map(str, config.search.candidate_bits)),
+                "sensitivity": config.search.measure}
+    out["rules"] = [rule.to_dict() for rule in config.rules]
+    return out
+
+
+def dump_recipe(settings: Mapping, comment: str = "") -> str:
+    """Recipe YAML of ``settings`` (``job_recipe``), in their order, after ``comment`` (each line made a comment)."""
+    head = "".join(f"# {line}\n" if line else "#\n" for line in comment.splitlines())
+    return head + yaml.safe_dump(dict(settings), sort_keys=False, allow_unicode=True, width=1000)

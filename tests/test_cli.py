@@ -457,3 +457,56 @@ def test_a_scheme_refuses_the_integer_methods_settings(extra, named, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert f"scheme FP8_BLOCK quantizes FP8 weights data-free" in err and f": {named} do not apply" in err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_target_bits_writes_a_mixed_export_whose_recipe_reproduces_it(tmp_path):
+    """The search's export differs from uniform W4 (rules in the config), its report holds the measured table, and
+    mixed_precision.yaml, rerun with --recipe and no search, gives the same safetensors bytes."""
+    import hashlib
+
+    from qvlquant.storage.manifest import verify_manifest
+
+    out, again = tmp_path / "mixed", tmp_path / "again"
+    assert main(["quantize", "--method", "gptq", "--target-bits", "4.5", "--num-samples", "8", "--output",
+                 str(out)]) == 0
+    report = json.loads((out / "quantize_report.json").read_text())
+    mixed = report["mixed_precision"]
+    assert mixed["target_bits"] == 4.5 and mixed["bits_per_weight"] <= 4.5 and mixed["recipe"] == "mixed_precision.yaml"
+    assert len(mixed["groups"]) == 16 and {g["chosen"] for g in mixed["groups"]} != {4}
+    assert all(g["errors"]["8"] < g["errors"]["4"] < g["errors"]["3"] for g in mixed["groups"])
+    assert report["config"]["rules"] and "target_bits" not in json.dumps(report["config"]["rules"])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"]  # per-module widths, as GPTQModel writes them
+    verify_manifest(out)  # the recipe is published with the rest and covered by the manifest
+    assert "mixed_precision.yaml" in json.loads((out / "qvlquant_manifest.json").read_text())["files"]
+    assert main(["quantize", "--recipe", str(out / "mixed_precision.yaml"), "--output", str(again)]) == 0
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(out / "model.safetensors") == digest(again / "model.safetensors")
+    assert (out / "config.json").read_text() == (again / "config.json").read_text()
+    assert "mixed_precision" not in json.loads((again / "quantize_report.json").read_text())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "awq", "--target-bits", "4.25"], "AWQ GEMM format holds one width"),
+    (["--method", "gptq", "--target-bits", "2.5"], "target_bits 2.5 is below the smallest candidate, W3 at 3.1"),
+    (["--method", "gptq", "--target-bits", "12", "--candidate-bits", "3,4,8"],
+     "target_bits 12 is above the largest candidate, W8 at 8.1"),
+    (["--method", "gptq", "--target-bits", "4.5", "--candidate-bits", "3,5"], "candidate_bits: '5' is not one of"),
+    (["--method", "gptq", "--target-bits", "4.5", "--sensitivity", "hessian"], "invalid choice: 'hessian'"),
+    (["--method", "gptq", "--target-bits", "-1"], "target_bits must be a finite number above 0"),
+    (["--method", "gptq", "--target-bits", "4.5", "--nproc", "2"], "--target-bits measures in one process"),
+])
+def test_target_bits_is_checked_before_any_work(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", *argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and not out.exists()
+
+
+def test_target_bits_on_the_model_names_the_exact_floor(tmp_path, capsys):
+    """The job config checks a nominal 4096-square linear; the search checks the model's own (the demo's small
+    linears carry more scale bits per weight), before any layer is quantized."""
+    assert main(["quantize", "--method", "gptq", "--target-bits", "3.2", "--num-samples", "2",
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "below the smallest candidate, W3 at 3.2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

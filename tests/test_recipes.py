@@ -200,3 +200,21 @@ def test_deep_or_long_recipes_give_short_errors(tmp_path, text):
     with pytest.raises(ValueError, match=rf"recipe {path}") as e:
         load_recipe(path)
     assert len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("flat", [
+    {}, {"method": "gptq"}, {"method": "gptq", "desc_act": True, "mse": 2.4, "num_samples": 16, "seed": 3},
+    {"method": "awq", "bits": 3, "export_format": "compressed-tensors", "max_length": 512},
+    {"method": "gptq", "rules": [r"layers\.0\.:skip", "mlp.down_proj:bits=8,group_size=64"], "dtype": "float32"},
+    {"method": "gptq", "target_bits": 4.25, "candidate_bits": "4,8", "sensitivity": "output"},
+])
+def test_a_written_recipe_builds_the_same_job(flat, tmp_path):
+    """What the sensitivity search writes (job_recipe, dump_recipe) loads back as the job it came from."""
+    from qvlquant.config import JobConfig
+    from qvlquant.recipes import dump_recipe, job_recipe
+
+    job = JobConfig.from_flat(output="o", **flat)
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(job_recipe(job), "a comment\nover two lines"))
+    assert path.read_text().startswith("# a comment\n# over two lines\n")
+    assert JobConfig.from_flat(output="o", **load_recipe(path).settings) == job

@@ -390,12 +390,14 @@ def carry_serving_files(base_folder: pathlib.Path, folder: pathlib.Path) -> list
 
 
 def export(model, processor, result: QuantResult, out: str | os.PathLike, report: dict | Callable[[], dict],
-           base=None, options: ExportConfig = ExportConfig(), base_folder: pathlib.Path | None = None) -> pathlib.Path:
+           base=None, options: ExportConfig = ExportConfig(), base_folder: pathlib.Path | None = None,
+           files: dict[str, str] | None = None) -> pathlib.Path:
     """Write the quantized checkpoint of ``result`` to ``out``. ``model``: the model quantized (or its meta
     skeleton, with ``base`` reading the checkpoint); ``base``: where the tensors that are not quantized come from
     (default: ``model`` itself); ``report``: a dict, or a function making it once the tensors are written (so
     the peak memory it records covers the export); ``options.protected``: paths the output may never replace;
-    ``base_folder``: the base checkpoint's folder, whose ``SERVING_FILES`` the export carries over."""
+    ``base_folder``: the base checkpoint's folder, whose ``SERVING_FILES`` the export carries over; ``files``: further
+    text files by name (the sensitivity search's recipe), written with the rest and listed in the manifest."""
     plan = result.plan
     if not result.complete:
         raise ValueError(f"only layers {result.store.finished()} of {result.num_layers} are quantized")
@@ -408,23 +410,26 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family, result.num_layers,
                                                          plan.modules)
         config.dtype = str(plan.storage_dtype).removeprefix("torch.")
-        return finish_export(tmp, config, processor, base_folder, report, out, options)
+        return finish_export(tmp, config, processor, base_folder, report, out, options, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def finish_export(tmp: pathlib.Path, config, processor, base_folder: pathlib.Path | None,
-                  report: dict | Callable[[], dict], out: str | os.PathLike, options: ExportConfig) -> pathlib.Path:
+                  report: dict | Callable[[], dict], out: str | os.PathLike, options: ExportConfig,
+                  files: dict[str, str] | None = None) -> pathlib.Path:
     """Everything an export holds beside its tensors, written into ``tmp`` (the weights already there): config.json,
-    the processor, the base's serving files, the report, the card and the manifest; then ``tmp`` published as
-    ``out``. -> the published folder."""
+    the processor, the base's serving files, ``files`` (name -> text), the report, the card and the manifest; then
+    ``tmp`` published as ``out``. -> the published folder."""
     config.save_pretrained(tmp)
     if processor is not None:
         processor.save_pretrained(tmp)
     if base_folder is not None:
         carry_serving_files(pathlib.Path(base_folder), tmp)
     _strip_truncation(tmp)
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     report = report() if callable(report) else report
     (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_card(tmp, report, pathlib.Path(out).name)  # README.md, listed in the manifest
