@@ -98,7 +98,7 @@ def mixed_settings(family: ModelFamily, num_layers: int, modules: ModulePlan | N
     head = family.decoder_layers.rsplit(".", 1)[-1]
     found: dict = {}  # setting -> {linear group: [layers]}, in the order first met
     for i in range(num_layers):
-        for group in family.linear_groups:
+        for group in family.at(i).linear_groups:
             cfg = modules.config_for(f"{family.decoder_layers}.{i}.{group[0]}")
             if cfg != modules.default:
                 found.setdefault(cfg, {}).setdefault(group, []).append(i)
@@ -106,7 +106,7 @@ def mixed_settings(family: ModelFamily, num_layers: int, modules: ModulePlan | N
     for cfg, groups in found.items():
         by_layers: dict[tuple[int, ...], list[str]] = {}  # linear groups given this setting in the same layers
         for group, layers in groups.items():
-            fused = family.fused_name(group[0])
+            fused = family.at(layers[0]).fused_name(group[0])
             by_layers.setdefault(tuple(layers), []).extend(list(group) + ([fused] if fused else []))
         out.append((cfg, [rf".*\.{re.escape(head)}\.(?:{'|'.join(map(str, layers))})\."
                           rf"(?:{'|'.join(re.escape(n) for n in names)})$" for layers, names in by_layers.items()]))
@@ -149,7 +149,7 @@ def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
     (``language_model.model.layers.3.mlp.gate_up_proj``'s shards)."""
     head = family.decoder_layers.rsplit(".", 1)[-1]
     skipped = lambda i, g: modules is not None and modules.config_for(f"{family.decoder_layers}.{i}.{g[0]}") is None  # noqa: E731
-    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.linear_groups
+    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.at(i).linear_groups
             if not skipped(i, group)]
 
 
@@ -159,7 +159,7 @@ def skipped_linears(family: ModelFamily, num_layers: int, modules: ModulePlan | 
     if modules is None:
         return []
     head = family.decoder_layers.rsplit(".", 1)[-1]
-    return [f"{head}.{i}.{n}" for i in range(num_layers) for n in family.linears
+    return [f"{head}.{i}.{n}" for i in range(num_layers) for n in family.at(i).linears
             if modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None]
 
 
@@ -220,6 +220,9 @@ class ModelTensors:
         t = self.state[runtime_name]
         return finite((t.to(self.dtype) if t.is_floating_point() else t).contiguous(), runtime_name)
 
+    def carried(self) -> list[str]:
+        return []  # a model in memory has no checkpoint keys besides its own
+
 
 class CheckpointTensors:
     """The tensors of the base checkpoint on disk, read one at a time and cast to the storage dtype."""
@@ -235,6 +238,18 @@ class CheckpointTensors:
         key = disk_key(self.reader, self.family, runtime_name)
         t = self.reader.get(key)
         return finite(t.to(self.dtype) if t.is_floating_point() else t, f"{self.reader.folder}: {key}")
+
+    def carried(self) -> list[str]:
+        """The checkpoint keys under the family's ``carried`` prefixes (Qwen3.5's MTP head), which the model does
+        not load: the export copies them as they are (``raw``)."""
+        prefixes = self.family.carried
+        return [key for key in self.reader.keys() if prefixes and key.startswith(prefixes)]
+
+    def raw_meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.reader.meta(key)
+
+    def raw(self, key: str) -> torch.Tensor:
+        return self.reader.get(key)
 
 
 def finite(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -269,6 +284,9 @@ def plan_tensors(model, result: QuantResult, base) -> tuple[list[Entry], dict[st
         key = family.to_disk(name)
         entries.append((key, *base.meta(name)))
         fetch[key] = lambda name=name: base.get(name)
+    for key in base.carried():  # after the model's own tensors, in the checkpoint's order, dtype and bytes
+        entries.append((key, *base.raw_meta(key)))
+        fetch[key] = lambda key=key: base.raw(key)
     return entries, fetch
 
 
