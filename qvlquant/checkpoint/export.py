@@ -70,7 +70,7 @@ def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily, mixed: lis
     group = lambda c, targets: {"targets": targets, "weights": compressed_weights(c),  # noqa: E731
                                 "input_activations": None, "output_activations": None, "format": "pack-quantized"}
     groups = {"group_0": group(qcfg, ["Linear"])}
-    ignore = family.compressed_ignore()
+    ignore = family.compressed_ignore() + [f"re:{p}" for p in carried_patterns(family)]
     for setting, patterns in mixed or ():
         if setting is None:
             ignore += [f"re:{p}" for p in patterns]
@@ -111,6 +111,13 @@ def mixed_settings(family: ModelFamily, num_layers: int, modules: ModulePlan | N
         out.append((cfg, [rf".*\.{re.escape(head)}\.(?:{'|'.join(map(str, layers))})\."
                           rf"(?:{'|'.join(re.escape(n) for n in names)})$" for layers, names in by_layers.items()]))
     return out
+
+
+def carried_patterns(family: ModelFamily) -> list[str]:
+    """Regexes of the modules the export carries unquantized from the base (Qwen3.5's ``mtp.``): vLLM builds its
+    MTP head from the export for speculative decoding, and GPTQ's ``modules_in_block_to_quantize`` entries
+    (``layers.0.mlp.gate_proj``) are substrings of its names (``mtp.layers.0.mlp.gate_proj``)."""
+    return [rf".*{re.escape(p)}.*" for p in family.carried]
 
 
 def gptq_dynamic(mixed: list[tuple]) -> dict:
@@ -180,7 +187,8 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
             "bits": spec.bits,
             "group_size": spec.group_size,
             "zero_point": not spec.sym,
-            "modules_to_not_convert": not_converted + skipped_linears(family, num_layers, modules),
+            "modules_to_not_convert": not_converted + [p.rstrip(".") for p in family.carried]
+                                      + skipped_linears(family, num_layers, modules),
         }
     config = {
         "quant_method": "gptq",
@@ -201,8 +209,10 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
         "modules_to_not_convert": not_converted,
         "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method, "act_order": qcfg.desc_act},
     }
-    if mixed:
-        config["dynamic"] = gptq_dynamic(mixed)
+    # vLLM keeps its MTP layers unquantized when a "-:" rule names mtp (qwen3_5_mtp.py)
+    dynamic = {f"-:{p}": {} for p in carried_patterns(family)} | gptq_dynamic(mixed)
+    if dynamic:
+        config["dynamic"] = dynamic
     return {k: v for k, v in config.items() if not (k == "damp_percent" and v is None)}
 
 
