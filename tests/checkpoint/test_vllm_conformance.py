@@ -435,3 +435,21 @@ def test_vllm_keeps_the_qwen3_5_mtp_head_unquantized(qwen3_5_exports, fmt):
         main, _ = vllm_decisions(quant, {"language_model.model.layers.0.mlp.gate_up_proj": ["x"]}, {"x": (128, 512)})
     assert set(layers.values()) == {"UnquantizedLinearMethod"}
     assert set(main.values()) == {FORMATS[fmt][3]}
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_a_rule_keeps_qwen3_5_linear_attention_in_16_bit_for_vllm_too(tmp_path, fmt):
+    """``--ignore linear_attn`` (what the published checkpoints do): the DeltaNet's linears stay bf16 in the export
+    and vLLM builds them unquantized; the full-attention layer and the MLPs stay W4."""
+    from qvlquant.quant.rules import parse_rule
+
+    folder = make_export(tmp_path / fmt, "qwen3_5", fmt, rules=(parse_rule("linear_attn:skip"),))
+    report = inspect_checkpoint(folder)["vllm"]
+    layers = {v.removeprefix("language_model.model."): m for v, m in report["layers"].items()}
+    assert all(layers[f"layers.{i}.linear_attn.{n}"] == "UnquantizedLinearMethod"
+               for i in (0, 1, 2) for n in ("in_proj_qkvz", "in_proj_ba", "out_proj"))
+    assert {layers[f"layers.{i}.mlp.down_proj"] for i in range(4)} | {layers["layers.3.self_attn.qkv_proj"]} == \
+        {FORMATS[fmt][3]}
+    header = read_checkpoint_header(folder)
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in header
+    assert report["tp"][1] == []
