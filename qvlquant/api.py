@@ -311,6 +311,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     family = family_for(read_model_type(folder))
     check_remote_code(family, folder, config.trust_remote_code)
     hf_config = load_config(folder, family)
+    family = family.bind(hf_config)  # hybrid models: each decoder layer's type
     storage = storage_dtype(hf_config)  # before the skeleton is built: building it sets config.dtype
     check_processor_files(folder, family)
     out = pathlib.Path(config.output).expanduser().resolve()

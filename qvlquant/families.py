@@ -3,11 +3,17 @@
 One frozen declaration per family and one visible dict from ``config.model_type`` to it. Module paths are those of
 the runtime model of the installed transformers (``model.language_model.layers.N...``); ``disk_prefixes`` maps them
 to the checkpoint keys ``save_pretrained`` writes (``model.layers.N...``).
+
+Hybrid models (Qwen3.5: Gated DeltaNet and full-attention layers) declare a ``LayerLayout`` per layer type; the
+family bound to a model's config (``bind``) knows each layer's type, and ``at(i)`` is the declaration of layer i,
+with the fields every per-layer user reads (``linear_groups``, ``scaling_groups``, ``fused``, ...). A family whose
+layers are all alike has no layouts: ``at(i)`` is itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +24,23 @@ class ScalingGroup:
     prev: str
     linears: tuple[str, ...]
     inspect: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """What one type of decoder layer holds: the ``ModelFamily`` fields of the same names, for its layers only."""
+
+    linear_groups: tuple[tuple[str, ...], ...]
+    scaling_groups: tuple[ScalingGroup, ...]
+    fused: tuple[tuple[str, tuple[str, ...]], ...]
+    column_parallel: tuple[str, ...]
+    row_parallel: tuple[str, ...]
+    clip_skipped: tuple[str, ...] = ()
+    attention: str = "self_attn"
+    attention_kwargs: tuple[str, ...] = ("attention_mask", "position_ids", "position_embeddings")
+
+
+PER_LAYER = tuple(f.name for f in dataclasses.fields(LayerLayout))  # the ModelFamily fields a layout replaces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +78,53 @@ class ModelFamily:
         ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
     )
+    # Hybrid models: (layer type as the text config's ``layer_types`` names it, its layout); the fields above then
+    # hold the union over the layouts (for matching names), and ``at(i)`` the layout of layer i. () : layers alike.
+    layouts: tuple[tuple[str, LayerLayout], ...] = ()
+    layer_types: tuple[str, ...] = ()  # the type of each decoder layer, once bound to a config (``bind``)
+    # Norms that scale by (norm_offset + weight) (Qwen3.5's zero-centred RMSNorm: 1): AWQ folds its scales there
+    norm_offset: float = 0.0
+    # Checkpoint key prefixes of tensors transformers does not load (Qwen3.5's MTP head, ``mtp.``): the export copies
+    # them from the base checkpoint as they are (dtype and bytes)
+    carried: tuple[str, ...] = ()
+
+    def bind(self, config) -> ModelFamily:
+        """This family knowing each decoder layer's type, from ``config`` (or its ``text_config``; an object or
+        config.json's dict) ``layer_types``; itself when its layers are alike. A ValueError names a type it does not declare."""
+        if not self.layouts:
+            return self
+        if isinstance(config, dict):  # config.json as read
+            types = tuple((config.get("text_config") or config).get("layer_types") or ())
+        else:
+            types = tuple(getattr(getattr(config, "text_config", config), "layer_types", None) or ())
+        unknown = sorted(set(types) - {t for t, _ in self.layouts})
+        if not types or unknown:
+            raise ValueError(f"{self.name}: config layer_types {list(types)[:8]} name "
+                             f"{unknown or 'no layer'}; qvlquant knows {[t for t, _ in self.layouts]}")
+        return dataclasses.replace(self, layer_types=types)
+
+    def at(self, i: int) -> ModelFamily:
+        """The declaration of decoder layer ``i``: per-layer fields from its type's layout (itself when the layers
+        are alike)."""
+        if not self.layouts:
+            return self
+        if not self.layer_types:
+            raise RuntimeError(f"{self.name} has layers of different types: bind it to the model's config first")
+        return _layout_view(self, self.layer_types[i])
+
+    def layer_type(self, i: int) -> str | None:
+        return self.layer_types[i] if self.layouts else None
+
+    def first_layers(self) -> dict[int, str]:
+        """The first decoder layer of each type, {index: type}, in layer order ({} when the layers are alike)."""
+        first: dict[str, int] = {}
+        for i, t in enumerate(self.layer_types if self.layouts else ()):
+            first.setdefault(t, i)
+        return {i: t for t, i in first.items()}
+
+    def index_of(self, layer_prefix: str) -> int:
+        """``model.language_model.layers.3`` -> 3."""
+        return int(layer_prefix[len(self.decoder_layers) + 1:].split(".", 1)[0])
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -159,10 +229,58 @@ QWEN_VL_V1 = ModelFamily(
     fused=(("mlp.gate_up_proj", ("mlp.w2", "mlp.w1")),),  # vLLM's QWenMLP; c_attn is fused in the checkpoint
 )
 
+@functools.cache
+def _layout_view(family: ModelFamily, layer_type: str) -> ModelFamily:
+    layout = dict(family.layouts)[layer_type]
+    return dataclasses.replace(family, layouts=(), layer_types=(), **{f: getattr(layout, f) for f in PER_LAYER})
+
+
+def hybrid(family: ModelFamily, layouts: tuple[tuple[str, LayerLayout], ...]) -> ModelFamily:
+    """``family`` with a layout per layer type; its own per-layer fields become the union of the layouts' (what
+    name matching over all layers needs), in the order the layouts give them."""
+    union = {f: tuple(dict.fromkeys(x for _, lay in layouts for x in getattr(lay, f))) for f in PER_LAYER
+             if f not in ("attention", "attention_kwargs")}
+    return dataclasses.replace(family, layouts=layouts, **union)
+
+
+_MLP = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+_MLP_SCALING = (ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                ScalingGroup("mlp.up_proj", ("mlp.down_proj",)))
+_GDN_IN = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b", "linear_attn.in_proj_a")
+
+# Qwen3.5 / Qwen3.6 (dense): three Gated DeltaNet layers (``linear_attn``) per gated full-attention layer (its q_proj
+# yields the query and the output gate), as config.text_config.layer_types says. The DeltaNet's conv1d, A_log,
+# dt_bias and gated norm are no linears: kept as they are. Its out_proj reads the gated norm's output, whose weight
+# is shared by every head, so no AWQ scale folds into it. vLLM fuses in_proj_qkv+z and in_proj_b+a.
+QWEN3_5 = hybrid(dataclasses.replace(QWEN3_VL, name="qwen3_5", deepstack=False, norm_offset=1.0, carried=("mtp.",)), (
+    ("linear_attention", LayerLayout(
+        linear_groups=(_GDN_IN, ("linear_attn.out_proj",)) + _MLP,
+        scaling_groups=(ScalingGroup("input_layernorm", _GDN_IN, "linear_attn"),) + _MLP_SCALING,
+        fused=(("linear_attn.in_proj_qkvz", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z")),
+               ("linear_attn.in_proj_ba", ("linear_attn.in_proj_b", "linear_attn.in_proj_a")),
+               ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))),
+        column_parallel=_GDN_IN + ("mlp.gate_proj", "mlp.up_proj"),
+        row_parallel=("linear_attn.out_proj", "mlp.down_proj"),
+        # in_proj_qkv: two thirds q / k, L2-normalised in the delta rule (as q/k under the softmax)
+        clip_skipped=("linear_attn.in_proj_qkv",),
+        attention="linear_attn",
+        attention_kwargs=("attention_mask",),
+    )),
+    ("full_attention", LayerLayout(
+        linear_groups=QWEN3_VL.linear_groups,
+        scaling_groups=QWEN3_VL.scaling_groups,
+        fused=QWEN3_VL.fused,
+        column_parallel=QWEN3_VL.column_parallel,
+        row_parallel=QWEN3_VL.row_parallel,
+        clip_skipped=QWEN3_VL.clip_skipped,
+    )),
+))
+
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl": QWEN2_VL,
     "qwen3_vl": QWEN3_VL,
+    "qwen3_5": QWEN3_5,  # Qwen3.5 and Qwen3.6 dense checkpoints both say model_type "qwen3_5"
     "qwen": QWEN_VL_V1,  # Qwen-VL-Chat's config.json says model_type "qwen"
 }
 

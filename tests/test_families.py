@@ -20,3 +20,41 @@ def test_key_mapping_both_ways():
 def test_not_converted_names_protect_the_vision_tower_in_both_layouts():
     names = QWEN2_VL.unquantized_disk_names()
     assert "visual" in names and "model.visual" in names and "lm_head" in names
+
+
+QWEN3_5_TYPES = ["linear_attention"] * 3 + ["full_attention"]
+
+
+def test_a_hybrid_family_bound_to_its_config_gives_each_layer_its_types_declaration():
+    from qvlquant.families import QWEN3_5
+
+    family = family_for("qwen3_5").bind({"text_config": {"layer_types": QWEN3_5_TYPES * 2}})
+    assert family.first_layers() == {0: "linear_attention", 3: "full_attention"}
+    delta, full = family.at(4), family.at(7)
+    assert delta.linears == ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                             "linear_attn.in_proj_a", "linear_attn.out_proj", "mlp.gate_proj", "mlp.up_proj",
+                             "mlp.down_proj")
+    assert full.linears == QWEN2_VL.linears and full.fused == QWEN2_VL.fused
+    assert delta.fused_name("linear_attn.in_proj_z") == "linear_attn.in_proj_qkvz" and full.fused_name("linear_attn.in_proj_z") is None
+    assert (delta.attention, delta.attention_kwargs) == ("linear_attn", ("attention_mask",))
+    # no AWQ scale folds into the DeltaNet's out_proj (its gated norm's weight is shared by all heads)
+    assert all("linear_attn.out_proj" not in g.linears for g in delta.scaling_groups)
+    # the unbound family's fields are the union over layer types (name matching over every layer)
+    assert set(QWEN3_5.linears) == set(delta.linears) | set(full.linears) and QWEN3_5.carried == ("mtp.",)
+
+
+def test_a_hybrid_family_refuses_to_guess_layer_types():
+    from qvlquant.families import QWEN3_5
+
+    with pytest.raises(RuntimeError, match="bind it to the model's config"):
+        QWEN3_5.at(0)
+    with pytest.raises(ValueError, match=r"\['mamba'\].*knows \['linear_attention', 'full_attention'\]"):
+        QWEN3_5.bind({"text_config": {"layer_types": ["linear_attention", "mamba"]}})
+    with pytest.raises(ValueError, match="name no layer"):
+        QWEN3_5.bind({"text_config": {}})
+
+
+def test_families_whose_layers_are_alike_are_their_own_layer_declaration():
+    for family in set(FAMILIES.values()) - {family_for("qwen3_5")}:
+        assert family.bind({"text_config": {"layer_types": ["x"]}}) is family
+        assert family.at(5) is family and family.first_layers() == {} and family.layer_type(5) is None

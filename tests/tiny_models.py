@@ -28,9 +28,29 @@ def tiny_model(model_type: str):
                                                   out_hidden_size=128, deepstack_visual_indexes=[0, 1],
                                                   num_position_embeddings=64, patch_size=16), **IDS)
         model = tf.Qwen3VLForConditionalGeneration(cfg)
+    elif model_type == "qwen3_5":
+        model = tf.Qwen3_5ForConditionalGeneration(qwen3_5_config())
+        with torch.no_grad():  # zero-centred norms start at 0 (a scale of 1): give them values, as training does
+            for name, p in model.named_parameters():
+                if name.endswith(("layernorm.weight", "norm.weight")) and "visual" not in name:
+                    p.normal_(0.0, 0.1)
     else:
         raise ValueError(model_type)
     return model.float().eval()
+
+
+def qwen3_5_config(vocab_size: int = 300, patch_size: int = 16, layers: int = 4):
+    """Qwen3.5 (dense): a Gated DeltaNet layer three times, then a gated full-attention layer; 32 value heads make
+    the DeltaNet's fused b/a projection 64 wide (vLLM's smallest quantized output)."""
+    import transformers as tf
+
+    text = dict(TEXT, vocab_size=vocab_size, num_hidden_layers=layers, head_dim=64,
+                rope_parameters=dict(MROPE, mrope_interleaved=True, mrope_section=[2, 3, 3], partial_rotary_factor=0.25),
+                linear_num_key_heads=16, linear_key_head_dim=4, linear_num_value_heads=32, linear_value_head_dim=4,
+                linear_conv_kernel_dim=4)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                  num_position_embeddings=64, patch_size=patch_size)
+    return tf.Qwen3_5Config(text_config=text, vision_config=vision, **IDS)
 
 
 def tiny_batch(model, lengths=(20, 14), seed=0) -> dict:
@@ -54,3 +74,38 @@ def tiny_batch(model, lengths=(20, 14), seed=0) -> dict:
         pixel_values=torch.randn(16 * len(lengths), features, generator=g),
         image_grid_thw=torch.tensor([[1, 4, 4]] * len(lengths)),
     )
+
+
+MTP_KEYS = {  # a few tensors of the MTP head, as Qwen3.5 checkpoints hold it (transformers does not load it)
+    "mtp.fc.weight": ((128, 256), torch.bfloat16),
+    "mtp.layers.0.mlp.down_proj.weight": ((128, 256), torch.bfloat16),
+    "mtp.norm.weight": ((128,), torch.float32),
+}
+
+
+def qwen3_5_checkpoint(folder, layers: int = 4):
+    """A bf16 checkpoint folder of a tiny Qwen3.5 (dense) with the demo's processor files (its tokenizer's 2008
+    tokens, 14-pixel patches) and an MTP head's tensors. -> the float32 model it holds."""
+    import pathlib
+    import shutil
+
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    from qvlquant.assets.paths import MODEL_DIR
+
+    torch.manual_seed(0)
+    model = tf.Qwen3_5ForConditionalGeneration(qwen3_5_config(vocab_size=2008, patch_size=14, layers=layers))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("layernorm.weight", "norm.weight")) and "visual" not in name:
+                p.normal_(0.0, 0.1)
+    folder = pathlib.Path(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        shutil.copyfile(MODEL_DIR / name, folder / name)
+    tensors = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    tensors.update({k: torch.randn(shape, generator=g).to(dtype) for k, (shape, dtype) in MTP_KEYS.items()})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return model.float().eval()

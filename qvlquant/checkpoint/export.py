@@ -71,7 +71,7 @@ def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily, mixed: lis
     group = lambda c, targets: {"targets": targets, "weights": compressed_weights(c),  # noqa: E731
                                 "input_activations": None, "output_activations": None, "format": "pack-quantized"}
     groups = {"group_0": group(qcfg, ["Linear"])}
-    ignore = family.compressed_ignore()
+    ignore = family.compressed_ignore() + [f"re:{p}" for p in carried_patterns(family)]
     for setting, patterns in mixed or ():
         if setting is None:
             ignore += [f"re:{p}" for p in patterns]
@@ -99,7 +99,7 @@ def mixed_settings(family: ModelFamily, num_layers: int, modules: ModulePlan | N
     head = family.decoder_layers.rsplit(".", 1)[-1]
     found: dict = {}  # setting -> {linear group: [layers]}, in the order first met
     for i in range(num_layers):
-        for group in family.linear_groups:
+        for group in family.at(i).linear_groups:
             cfg = modules.config_for(f"{family.decoder_layers}.{i}.{group[0]}")
             if cfg != modules.default:
                 found.setdefault(cfg, {}).setdefault(group, []).append(i)
@@ -107,11 +107,18 @@ def mixed_settings(family: ModelFamily, num_layers: int, modules: ModulePlan | N
     for cfg, groups in found.items():
         by_layers: dict[tuple[int, ...], list[str]] = {}  # linear groups given this setting in the same layers
         for group, layers in groups.items():
-            fused = family.fused_name(group[0])
+            fused = family.at(layers[0]).fused_name(group[0])
             by_layers.setdefault(tuple(layers), []).extend(list(group) + ([fused] if fused else []))
         out.append((cfg, [rf".*\.{re.escape(head)}\.(?:{'|'.join(map(str, layers))})\."
                           rf"(?:{'|'.join(re.escape(n) for n in names)})$" for layers, names in by_layers.items()]))
     return out
+
+
+def carried_patterns(family: ModelFamily) -> list[str]:
+    """Regexes of the modules the export carries unquantized from the base (Qwen3.5's ``mtp.``): vLLM builds its
+    MTP head from the export for speculative decoding, and GPTQ's ``modules_in_block_to_quantize`` entries
+    (``layers.0.mlp.gate_proj``) are substrings of its names (``mtp.layers.0.mlp.gate_proj``)."""
+    return [rf".*{re.escape(p)}.*" for p in family.carried]
 
 
 def gptq_dynamic(mixed: list[tuple]) -> dict:
@@ -175,7 +182,7 @@ def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
     (``language_model.model.layers.3.mlp.gate_up_proj``'s shards)."""
     head = family.decoder_layers.rsplit(".", 1)[-1]
     skipped = lambda i, g: modules is not None and modules.config_for(f"{family.decoder_layers}.{i}.{g[0]}") is None  # noqa: E731
-    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.linear_groups
+    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.at(i).linear_groups
             if not skipped(i, group)]
 
 
@@ -185,7 +192,7 @@ def skipped_linears(family: ModelFamily, num_layers: int, modules: ModulePlan | 
     if modules is None:
         return []
     head = family.decoder_layers.rsplit(".", 1)[-1]
-    return [f"{head}.{i}.{n}" for i in range(num_layers) for n in family.linears
+    return [f"{head}.{i}.{n}" for i in range(num_layers) for n in family.at(i).linears
             if modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None]
 
 
@@ -206,7 +213,8 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
             "bits": spec.bits,
             "group_size": spec.group_size,
             "zero_point": not spec.sym,
-            "modules_to_not_convert": not_converted + skipped_linears(family, num_layers, modules),
+            "modules_to_not_convert": not_converted + [p.rstrip(".") for p in family.carried]
+                                      + skipped_linears(family, num_layers, modules),
         }
     config = {
         "quant_method": "gptq",
@@ -227,8 +235,10 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
         "modules_to_not_convert": not_converted,
         "meta": {"quantizer": [f"qvlquant:{__version__}"], "method": qcfg.method, "act_order": qcfg.desc_act},
     }
-    if mixed:
-        config["dynamic"] = gptq_dynamic(mixed)
+    # vLLM keeps its MTP layers unquantized when a "-:" rule names mtp (qwen3_5_mtp.py)
+    dynamic = {f"-:{p}": {} for p in carried_patterns(family)} | gptq_dynamic(mixed)
+    if dynamic:
+        config["dynamic"] = dynamic
     return {k: v for k, v in config.items() if not (k == "damp_percent" and v is None)}
 
 
@@ -246,6 +256,9 @@ class ModelTensors:
         t = self.state[runtime_name]
         return finite((t.to(self.dtype) if t.is_floating_point() else t).contiguous(), runtime_name)
 
+    def carried(self) -> list[str]:
+        return []  # a model in memory has no checkpoint keys besides its own
+
 
 class CheckpointTensors:
     """The tensors of the base checkpoint on disk, read one at a time and cast to the storage dtype."""
@@ -261,6 +274,18 @@ class CheckpointTensors:
         key = disk_key(self.reader, self.family, runtime_name)
         t = self.reader.get(key)
         return finite(t.to(self.dtype) if t.is_floating_point() else t, f"{self.reader.folder}: {key}")
+
+    def carried(self) -> list[str]:
+        """The checkpoint keys under the family's ``carried`` prefixes (Qwen3.5's MTP head), which the model does
+        not load: the export copies them as they are (``raw``)."""
+        prefixes = self.family.carried
+        return [key for key in self.reader.keys() if prefixes and key.startswith(prefixes)]
+
+    def raw_meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.reader.meta(key)
+
+    def raw(self, key: str) -> torch.Tensor:
+        return self.reader.get(key)
 
 
 def finite(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -295,6 +320,9 @@ def plan_tensors(model, result: QuantResult, base) -> tuple[list[Entry], dict[st
         key = family.to_disk(name)
         entries.append((key, *base.meta(name)))
         fetch[key] = lambda name=name: base.get(name)
+    for key in base.carried():  # after the model's own tensors, in the checkpoint's order, dtype and bytes
+        entries.append((key, *base.raw_meta(key)))
+        fetch[key] = lambda key=key: base.raw(key)
     return entries, fetch
 
 

@@ -119,7 +119,7 @@ def inspect_checkpoint(folder: str | pathlib.Path) -> dict:
     folder = pathlib.Path(folder)
     verified = verification(folder)
     config = read_config(folder)  # every field read below, checked for its type
-    family = family_for(config.get("model_type", "?"))
+    family = family_for(config.get("model_type", "?")).bind(config)
     quant = read_quantization_config(config.get("quantization_config"), str(folder / "config.json"))
     header = read_checkpoint_header(folder)
     shapes = quantized_shapes(header, quant, family)

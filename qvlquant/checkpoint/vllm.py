@@ -56,7 +56,7 @@ def fused_shard_problems(quant: CheckpointQuant, layers: set[str], family: Model
     partly overridden group; vLLM checks nothing there). ``layers``: runtime paths of decoder layers."""
     problems = []
     for layer in sorted(layers):
-        for group in (g for g in family.linear_groups if len(g) > 1):
+        for group in (g for g in family.at(family.index_of(layer)).linear_groups if len(g) > 1):
             settings = {name: describe_spec(quant.spec_for(f"{layer}.{name}")) for name in group}
             if len(set(settings.values())) > 1:
                 problems.append(f"{layer}: vLLM fuses {', '.join(group)} into one linear of one setting, the "
@@ -148,6 +148,7 @@ VLLM_MODELS = {
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2", "Qwen2ForCausalLM"),
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2ForCausalLM"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3LLMForCausalLM"),
+    "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration", "qwen3_5", "Qwen3_5ForCausalLM"),
 }
 
 
@@ -358,14 +359,16 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
     heads = (text["num_attention_heads"], text["num_key_value_heads"],
              text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
     dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
-    first = f"{family.decoder_layers}.0."
-    layer0 = {v: s for v, s in names.items() if s[0].startswith(first)}
+    # the first decoder layer of each type (hybrid models: a DeltaNet and a full-attention layer)
+    firsts = [f"{family.decoder_layers}.{i}." for i in (family.first_layers() or {0: None})]
+    layer0 = {v: s for v, s in names.items() if s[0].startswith(tuple(firsts))}
     ours = read_quantization_config(config["quantization_config"], "config.json")
     problems, kernels = {}, {}
     for tp in TP_SIZES:
         problems[tp], kernels[tp] = [], {}
         with pretend_gpu(tp):
             for vname, shards in layer0.items():
+                first = next(f for f in firsts if shards[0].startswith(f))
                 leaf = shards[0][len(first):]
                 kind = "qkv" if vname.endswith("qkv_proj") else "row" if leaf in family.row_parallel else "column"
                 try:

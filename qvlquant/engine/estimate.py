@@ -145,9 +145,10 @@ def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.dev
     lm_head_and_layers = _numel(layers) + (0 if _shares_embedding(skeleton, family) else
                                            _numel(skeleton.get_submodule(family.lm_head)))
     capture = (_numel(skeleton) - embed - lm_head_and_layers) * stored + embed * stored  # held as stored, see models
-    layer = layers[0]
-    layer_params = _numel(layer) * size
-    k_max = max(layer.get_submodule(n).in_features for n in family.linears)
+    # hybrid models: the costliest layer type's first layer stands for every layer
+    kinds = [(layers[i], family.at(i)) for i in (family.first_layers() or {0: None})]
+    layer_params = max(_numel(layer) for layer, _ in kinds) * size
+    k_max = max(layer.get_submodule(n).in_features for layer, kind in kinds for n in kind.linears)
     k_max = max(k_max, padded or 0)
     hidden = text.hidden_size
     activations = 2 * -(-tokens // processes) * hidden * size
@@ -158,8 +159,9 @@ def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.dev
     on_device = max(capture, layer_params + work) + activations
     speed = measured_speed(device, dtype)
     batches = -(-config.calib.num_samples // config.processing.batch_size)
-    seconds = (layer_flops(layer, family, method, tokens, padded, processes, config.quant.true_sequential)
-               / speed.flops + layer_calls(layer, family, config.quant, -(-batches // processes)) * speed.call_seconds)
+    seconds = max(layer_flops(layer, kind, method, tokens, padded, processes, config.quant.true_sequential)
+                  / speed.flops + layer_calls(layer, kind, config.quant, -(-batches // processes)) * speed.call_seconds
+                  for layer, kind in kinds)
     load, cpus = machine_load()
     slowdown = max(1.0, load / cpus)  # other processes' share of the CPUs (a GPU's kernels also wait on the CPU)
     gpu = device.type == "cuda"

@@ -64,7 +64,8 @@ class LoopPlan:
 
     def quantized(self, prefix: str) -> tuple[str, ...]:
         """The family's linears of the layer at ``prefix`` that are quantized (not skipped by a rule)."""
-        return tuple(n for n in self.family.linears if self.config_for(f"{prefix}.{n}") is not None)
+        linears = self.family.at(self.family.index_of(prefix)).linears
+        return tuple(n for n in linears if self.config_for(f"{prefix}.{n}") is not None)
 
 
 class Phases:
@@ -186,11 +187,32 @@ class QuantResult:
                 for name, info in self.store.load_info(i).items()}
 
 
+class _PassedThrough:
+    """Decoder layers that hand their input hidden states on unchanged while the block runs (their forward hooks
+    still see what they receive): the capture pass reaches the first layer of each type without running one."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.forward = lambda *args, **kwargs: args[0] if args else kwargs["hidden_states"]
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.forward
+
+
 @torch.no_grad()
 def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str | None = None) -> list[LayerInput]:
-    """Run the real forward on each batch and keep what decoder layer 0 receives (moved to ``offload`` if set)."""
-    layer0 = model.get_submodule(family.decoder_layers)[0]
+    """Run the real forward on each batch and keep what decoder layer 0 receives (moved to ``offload`` if set).
+    Hybrid models: also the keyword arguments the first layer of every other type receives (``kwargs_of``), the
+    layers before it passed through (its hidden states are not kept: they would be layer 0's)."""
+    layers = model.get_submodule(family.decoder_layers)
+    firsts = family.first_layers()  # {index: type}; {} when the layers are alike
+    last = max(firsts, default=0)
     captured: list[LayerInput] = []
+    pending: list[LayerInput] = []
     mask_of_batch: list[torch.Tensor] = []
     deepstack: dict = {}
     masks_kw, embeds_kw = family.deepstack_kwargs
@@ -202,20 +224,26 @@ def capture_inputs(model, family: ModelFamily, batches: list[dict], offload: str
     def text_model_hook(module, args, kwargs):
         deepstack["masks"], deepstack["embeds"] = kwargs.get(masks_kw), kwargs.get(embeds_kw)
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def hook(module, args, kwargs, index=0):
         kept = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
-        x = LayerInput(hidden.detach(), kept, mask_of_batch[-1], vision_mask=vision_of_batch[-1])
-        if family.deepstack and deepstack.get("embeds") is not None:
-            x.visual_pos_masks, x.deepstack = deepstack["masks"], [e.detach() for e in deepstack["embeds"]]
-        captured.append(x if offload is None else x.to(offload))
-        raise _StopForward
+        if index == 0:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            x = LayerInput(hidden.detach(), kept, mask_of_batch[-1], vision_mask=vision_of_batch[-1])
+            if family.deepstack and deepstack.get("embeds") is not None:
+                x.visual_pos_masks, x.deepstack = deepstack["masks"], [e.detach() for e in deepstack["embeds"]]
+            pending[:] = [x]
+        if firsts:
+            x = pending[0]
+            x.kwargs_of = {**(x.kwargs_of or {}), firsts[index]: kept}
+        if index == last:
+            captured.append(pending[0] if offload is None else pending[0].to(offload))
+            raise _StopForward
 
-    pre_hooks = [(layer0, hook)]
+    pre_hooks = [(layers[i], lambda m, a, kw, i=i: hook(m, a, kw, i)) for i in sorted(set(firsts) | {0})]
     if family.deepstack:
         pre_hooks.append((model.get_submodule(family.language_model), text_model_hook))
     device = next(p.device for p in model.parameters() if not p.is_meta)  # where the capture parts live
-    with hooked(pre_hooks, pre=True, with_kwargs=True):
+    with hooked(pre_hooks, pre=True, with_kwargs=True), _PassedThrough(layers[:last]):
         for batch in progress(batches, desc="capture layer-0 inputs", unit="batch"):
             mask_of_batch.append(batch["attention_mask"].bool().to(device))
             ids = batch.get("input_ids")
@@ -234,7 +262,7 @@ def decoder_linears(model, family: ModelFamily, padded_intermediate: int | None 
     execution order; the MLP's sizes after --pad-intermediate-to. ``model`` may be a meta skeleton."""
     out = []
     for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
-        for name in family.linears:
+        for name in family.at(i).linears:
             linear = layer.get_submodule(name)
             k, n = linear.in_features, linear.out_features
             if padded_intermediate and name == family.mlp_out:
@@ -247,7 +275,8 @@ def decoder_linears(model, family: ModelFamily, padded_intermediate: int | None 
 
 def fused_groups(family: ModelFamily, num_layers: int) -> list[list[str]]:
     """Runtime names of the linears vLLM fuses into one layer (``family.fused``), per decoder layer."""
-    return [[f"{family.decoder_layers}.{i}.{n}" for n in parts] for i in range(num_layers) for _, parts in family.fused]
+    return [[f"{family.decoder_layers}.{i}.{n}" for n in parts] for i in range(num_layers)
+            for _, parts in family.at(i).fused]
 
 
 def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_intermediate: int | None = None,
@@ -257,7 +286,7 @@ def check_group_size(model, family: ModelFamily, spec: QuantSpec, padded_interme
     costs nothing). ``padded_intermediate``: the MLP's size after --pad-intermediate-to."""
     bad = []
     for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
-        for name in family.linears:
+        for name in family.at(i).linears:
             path = f"{family.decoder_layers}.{i}.{name}"
             cfg = modules.config_for(path) if modules is not None else None
             if modules is not None and cfg is None:
@@ -330,7 +359,7 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
                    phases: Phases | None = None) -> LayerRecord:
     """Quantize one decoder layer in place (weights become their dequantized values). -> its record: the packed
     tensors and every other parameter of the layer in the storage dtype, under checkpoint names."""
-    family = plan.family
+    family = plan.family.at(plan.family.index_of(prefix))  # this layer's type's declaration
     phases = phases or Phases()
 
     def step(phase: Phase, what: str) -> None:
@@ -387,6 +416,7 @@ def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSour
             check_finite(x.hidden, f"the inputs of {prefix}")
         phases.switch(Phase.LOAD)
         layer = source.load(i)
+        inputs = [x.of_type(family.layer_type(i)) for x in inputs]  # hybrid models: this layer type's mask
         record = quantize_layer(layer, inputs, plan, prefix, bar, phases)
         phases.switch(Phase.REPLAY)
         inputs = [next_input(i, layer, x) for x in inputs]

@@ -259,6 +259,8 @@ def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, dev
     family = family_for(read_model_type(folder))
     check_remote_code(family, folder, trust_remote_code)
     config = load_config(folder, family)
+    family = family.bind(config)
+    storage = storage_dtype(config)  # before the skeleton is built: building it sets config.dtype to ``dtype``
     reader = ShardReader(folder)
     check_config_fits(config, family, reader)
     net = build_skeleton(config, family, dtype)
@@ -269,4 +271,4 @@ def load_base(model: str | pathlib.Path, dtype: torch.dtype = torch.float32, dev
             materialize(child, name, reader, family, torch.device(device), dtype)
     net.tie_weights()
     check_processor_files(folder, family)
-    return net.eval(), load_processor(folder, family), family, storage_dtype(config)
+    return net.eval(), load_processor(folder, family), family, storage

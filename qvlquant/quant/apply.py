@@ -180,7 +180,8 @@ def _output_fn(layer, group, linears, feats, inputs, family):
         if attention:
             li = li.to(x.device)
             kw = {k: v for k, v in li.kwargs.items() if k in family.attention_kwargs}
-            return module(hidden_states=x, **kw)[0]
+            out = module(hidden_states=x, **kw)
+            return out[0] if isinstance(out, tuple) else out  # softmax attention: (output, weights)
         return module(x)
 
     @torch.no_grad()
@@ -193,15 +194,19 @@ def _output_fn(layer, group, linears, feats, inputs, family):
     return output_of
 
 
-def _fold(prev: torch.nn.Module, linears, s: torch.Tensor, storage_dtype) -> None:
+def _fold(prev: torch.nn.Module, linears, s: torch.Tensor, storage_dtype, norm_offset: float = 0.0) -> None:
     """prev's output / s, the linears' input columns * s: the full-precision function is unchanged. The changed
-    parameters of ``prev`` are rounded to the storage dtype so the exported model is exactly the in-memory one."""
+    parameters of ``prev`` are rounded to the storage dtype so the exported model is exactly the in-memory one.
+    A norm scaling by (norm_offset + weight) gets (norm_offset + weight) / s - norm_offset."""
     with torch.no_grad():
         if isinstance(prev, torch.nn.Linear):
             prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
             if prev.bias is not None:
                 prev.bias.div_(s.to(prev.bias.dtype))
                 prev.bias.data = prev.bias.data.to(storage_dtype).to(prev.bias.dtype)
+        elif norm_offset:
+            prev.weight.data = (prev.weight.data + norm_offset) / s.to(prev.weight.dtype) - norm_offset
+            prev.weight.data = prev.weight.data.to(storage_dtype).to(prev.weight.dtype)
         else:
             prev.weight.div_(s.to(prev.weight.dtype))
             prev.weight.data = prev.weight.data.to(storage_dtype).to(prev.weight.dtype)
@@ -252,7 +257,7 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     found, info = _search_scales(layer, inputs, ctx, feats, owner)
     gptq_rounds = qcfg.awq_rounding == "gptq"
     for group, prev, linears, s in found:
-        _fold(prev, linears, s, ctx.storage_dtype)
+        _fold(prev, linears, s, ctx.storage_dtype, family.norm_offset)
         if not gptq_rounds:  # the clipping search reads the scaled inputs; GPTQ captures its own
             key = owner[group.linears[0]]
             feats[key] = [f / s.to(f.dtype) for f in feats[key]]

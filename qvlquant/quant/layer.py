@@ -55,6 +55,14 @@ class LayerInput:
     visual_pos_masks: torch.Tensor | None = None
     deepstack: list | None = None
     vision_mask: torch.Tensor | None = None  # [B, S] bool: image / video tokens (for vision-token weighting)
+    # Hybrid models: what layers of each type receive (their attention masks differ), {layer type: kwargs}
+    kwargs_of: dict[str, dict] | None = None
+
+    def of_type(self, layer_type: str | None) -> "LayerInput":
+        """The input as a layer of ``layer_type`` receives it (itself when the layers are alike)."""
+        if layer_type is None or self.kwargs_of is None or self.kwargs_of.get(layer_type) is self.kwargs:
+            return self
+        return dataclasses.replace(self, kwargs=self.kwargs_of[layer_type])
 
     def token_weight(self, vision_weight: float) -> torch.Tensor | None:
         """[B, S] weight of each token in GPTQ's Hessian: ``vision_weight`` for image / video tokens, 1 for text
@@ -68,10 +76,14 @@ class LayerInput:
         if self.hidden.device == torch.device(device):
             return self
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        kwargs = {k: tuple(move(t) for t in v) if isinstance(v, tuple) else move(v) for k, v in self.kwargs.items()}
+        moved = lambda kw: {k: tuple(move(t) for t in v) if isinstance(v, tuple) else move(v)  # noqa: E731
+                            for k, v in kw.items()}
+        kwargs = moved(self.kwargs)
         deepstack = None if self.deepstack is None else [move(t) for t in self.deepstack]
+        kwargs_of = None if self.kwargs_of is None else {t: kwargs if kw is self.kwargs else moved(kw)
+                                                          for t, kw in self.kwargs_of.items()}
         return LayerInput(move(self.hidden), kwargs, move(self.token_mask), move(self.visual_pos_masks), deepstack,
-                          move(self.vision_mask))
+                          move(self.vision_mask), kwargs_of)
 
     def nbytes(self) -> int:
         tensors = [self.hidden, self.token_mask] + [t for v in self.kwargs.values()

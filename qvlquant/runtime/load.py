@@ -128,13 +128,15 @@ def swap_in_quant_linears(model, specs: dict[str, QuantSpec], fmt: PackFormat, d
 def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.device) -> None:
     """Give every parameter and persistent buffer of ``model`` its checkpoint tensor, one at a time, straight in
     the dtype the module declares and on ``device`` (no float32 copy of the model on the way). A tied lm_head
-    is tied afterwards; any other missing or unexpected tensor is an error naming it."""
+    is tied afterwards; the family's ``carried`` tensors are left on disk; any other missing or unexpected tensor is
+    an error naming it."""
     state = model.state_dict(keep_vars=True)
     keys = {name: find_disk_key(reader, family, name) for name in state}
     expected = {name: key for name, key in keys.items() if key is not None}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [n for n in state if n not in expected and not (tied and n == f"{family.lm_head}.weight")]
-    unexpected = sorted(set(reader.keys()) - set(expected.values()))
+    carried = tuple(family.carried)  # kept for other loaders (Qwen3.5's MTP head: vLLM's speculative decoding)
+    unexpected = sorted(k for k in set(reader.keys()) - set(expected.values()) if not (carried and k.startswith(carried)))
     if missing or unexpected:
         raise ValueError(f"{reader.folder}: checkpoint does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

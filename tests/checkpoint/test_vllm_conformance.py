@@ -55,7 +55,8 @@ def make_export(out, model_type, fmt, method="rtn", spec=None, rules=(), **optio
     model = tiny_model(model_type)
     pack, default_spec, _, _ = FORMATS[fmt]
     qcfg = QuantConfig(method, spec or default_spec, **options)
-    plan = LoopPlan(family=family_for(model_type), qcfg=qcfg, pack_format=pack, storage_dtype=torch.bfloat16,
+    plan = LoopPlan(family=family_for(model_type).bind(model.config), qcfg=qcfg, pack_format=pack,
+                    storage_dtype=torch.bfloat16,
                     modules=ModulePlan.resolve(rules, qcfg) if rules else None)
     result = quantize_model(model, [tiny_batch(model)], plan)
     export(model, None, result, out, {})
@@ -462,3 +463,70 @@ def test_vllm_matches_fp8_modules_to_not_convert_by_exact_name_only(fp8_exports,
     (edited / "config.json").write_text(json.dumps(config))
     quantized = inspect_checkpoint(edited)["vllm"]["vision_quantized"]
     assert len(quantized) == VISION_LINEARS["qwen2_vl"] and all(n.startswith("visual.") for n in quantized)
+
+
+# --- Qwen3.5 (dense): Gated DeltaNet and gated full-attention layers --------------------------------------------------
+QWEN3_5_FUSED = {  # vLLM's name in layer 0 (DeltaNet) / 3 (full attention) -> the linears it fuses
+    "layers.0.linear_attn.in_proj_qkvz": 2, "layers.0.linear_attn.in_proj_ba": 2, "layers.0.linear_attn.out_proj": 1,
+    "layers.0.mlp.gate_up_proj": 2, "layers.0.mlp.down_proj": 1, "layers.3.self_attn.qkv_proj": 3,
+    "layers.3.self_attn.o_proj": 1, "layers.3.mlp.gate_up_proj": 2, "layers.3.mlp.down_proj": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-qwen3_5")
+    return {f: make_export(root / f, "qwen3_5", f) for f in ("gptq", "compressed-tensors")}
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_vllm_quantizes_every_qwen3_5_layer_type_and_nothing_of_the_vision_tower(qwen3_5_exports, fmt):
+    """vLLM's Qwen3_5ForConditionalGeneration view: the DeltaNet's fused in_proj_qkvz / in_proj_ba, its out_proj,
+    the gated attention's qkv_proj / o_proj and the MLPs all W4 g64 in every layer; the vision tower (and the
+    DeltaNet's conv1d, which vLLM builds without a quantization config) unquantized; TP 1 and 2 accepted."""
+    report = inspect_checkpoint(qwen3_5_exports[fmt])["vllm"]
+    assert report["checked_by"].startswith("vLLM") and report["refused"] is None
+    method = FORMATS[fmt][3]
+    decoder = {v: m for v, m in report["layers"].items() if ".layers." in v and not v.startswith("visual")}
+    assert len(decoder) == 3 * 5 + 4 and set(decoder.values()) == {method}
+    for name in QWEN3_5_FUSED:
+        assert report["layers"][f"language_model.model.{name}"] == method and \
+            report["settings"][f"language_model.model.{name}"] == "W4 g64 sym"
+    vision = {v: m for v, m in report["layers"].items() if v.startswith("visual.")}
+    assert len(vision) == 10 and set(vision.values()) == {"UnquantizedLinearMethod"} and not report["vision_quantized"]
+    assert report["tp"][1] == [] and report["tp"][2] == []
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_vllm_keeps_the_qwen3_5_mtp_head_unquantized(qwen3_5_exports, fmt):
+    """vLLM builds the MTP head (speculative decoding) from the export with its quantization config: the carried
+    ``mtp.*`` tensors are bf16, so its linears must be unquantized, though ``layers.0.mlp.gate_proj`` (GPTQ's
+    list) is a substring of ``mtp.layers.0.mlp.gate_proj``."""
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_decisions, vllm_quant_config
+
+    names = {n: [n] for n in ("mtp.fc", "mtp.layers.0.mlp.gate_up_proj", "mtp.layers.0.self_attn.qkv_proj",
+                              "mtp.layers.0.mlp.down_proj")}
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(qwen3_5_exports[fmt], "qwen3_5")
+        layers, _ = vllm_decisions(quant, names, {n: (256, 256) for n in names})
+        main, _ = vllm_decisions(quant, {"language_model.model.layers.0.mlp.gate_up_proj": ["x"]}, {"x": (128, 512)})
+    assert set(layers.values()) == {"UnquantizedLinearMethod"}
+    assert set(main.values()) == {FORMATS[fmt][3]}
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_a_rule_keeps_qwen3_5_linear_attention_in_16_bit_for_vllm_too(tmp_path, fmt):
+    """``--ignore linear_attn`` (what the published checkpoints do): the DeltaNet's linears stay bf16 in the export
+    and vLLM builds them unquantized; the full-attention layer and the MLPs stay W4."""
+    from qvlquant.quant.rules import parse_rule
+
+    folder = make_export(tmp_path / fmt, "qwen3_5", fmt, rules=(parse_rule("linear_attn:skip"),))
+    report = inspect_checkpoint(folder)["vllm"]
+    layers = {v.removeprefix("language_model.model."): m for v, m in report["layers"].items()}
+    assert all(layers[f"layers.{i}.linear_attn.{n}"] == "UnquantizedLinearMethod"
+               for i in (0, 1, 2) for n in ("in_proj_qkvz", "in_proj_ba", "out_proj"))
+    assert {layers[f"layers.{i}.mlp.down_proj"] for i in range(4)} | {layers["layers.3.self_attn.qkv_proj"]} == \
+        {FORMATS[fmt][3]}
+    header = read_checkpoint_header(folder)
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in header
+    assert report["tp"][1] == []

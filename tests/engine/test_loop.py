@@ -162,3 +162,25 @@ def test_each_layer_is_calibrated_on_the_quantized_outputs_of_the_one_before(dem
             fp = next_input(i, full[i], x).hidden[mask]
             gap = ((seen.hidden[mask] - fp).norm() / fp.norm()).item()
             assert gap > 0.01, f"layer {i + 1}'s inputs are within {gap:.4f} of the full-precision outputs"
+
+
+def test_hybrid_layers_replay_with_the_mask_of_their_own_type():
+    """Qwen3.5: DeltaNet layers receive the 2-D padding mask, full-attention layers the causal mask. Each layer,
+    replayed from what the capture kept for its type, gives the hidden states of the HF forward (padded batch)."""
+    from tiny_models import tiny_batch, tiny_model
+
+    from qvlquant.families import family_for
+
+    model = tiny_model("qwen3_5")
+    batch = tiny_batch(model)
+    family = family_for("qwen3_5").bind(model.config)
+    x = capture_inputs(model, family, [batch])[0]
+    assert set(x.kwargs_of) == {"linear_attention", "full_attention"}
+    assert x.kwargs_of["linear_attention"]["attention_mask"].dim() == 2  # padding mask of the recurrent layers
+    with torch.no_grad():
+        reference = model.model(**batch, use_cache=False, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].bool()
+    for i, layer in enumerate(model.model.language_model.layers):
+        x = next_input(i, layer, x.of_type(family.layer_type(i)))
+        expected = model.model.language_model.norm(x.hidden) if i == len(reference) - 2 else x.hidden
+        torch.testing.assert_close(expected[mask], reference[i + 1][mask], rtol=1e-5, atol=1e-5)

@@ -120,3 +120,58 @@ def test_cuda_quantization_matches_the_cpu_within_tolerance(tmp_path, method):
     for name, w in weights["cpu"].items():
         rel = (w - weights["cuda"][name]).norm() / w.norm()
         assert rel < 2e-2, f"{name}: {rel:.3g}"
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_base(tmp_path_factory):
+    from tiny_models import qwen3_5_checkpoint
+
+    folder = tmp_path_factory.mktemp("qwen3_5") / "base"
+    qwen3_5_checkpoint(folder)
+    return folder
+
+
+def _tensors(folder):
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in list(f.keys())}  # safe_open is no mapping
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,fmt", [("rtn", "compressed-tensors"), ("gptq", "auto"), ("awq", "auto")])
+def test_qwen3_5_streamed_export_is_the_in_memory_quantized_model(qwen3_5_base, tmp_path, method, fmt):
+    """Qwen3.5 (DeltaNet and full-attention layers) through ``qvlquant.quantize`` from its folder: the export holds
+    the tensors the in-memory loop makes from the same batches, reloads with ``qvlquant.load`` to its logits, and
+    carries the MTP head, the DeltaNet's conv1d / A_log / dt_bias / gated norm and the vision tower unchanged."""
+    from tiny_models import MTP_KEYS
+
+    from qvlquant.calib.dataset import build_batches
+    from qvlquant.calib.sources import load_samples
+    from qvlquant.config import ExportConfig
+    from qvlquant.engine.streaming import load_base
+
+    model, processor, family, storage = load_base(qwen3_5_base)
+    samples, names, _ = load_samples("demo", 4, seed=3)
+    batches = build_batches(processor, samples, CalibConfig(batch_size=2), names)
+    job = JobConfig(model=str(qwen3_5_base), output=str(tmp_path / "streamed"), quant=QuantConfig(method),
+                    calib=CalibSource(source="demo", num_samples=4, seed=3), processing=CalibConfig(batch_size=2),
+                    export=ExportConfig(format=fmt))
+    plan = LoopPlan(family=family, qcfg=job.quant, pack_format=job.pack_format, storage_dtype=storage)
+    export(model, processor, quantize_model(model, batches, plan), tmp_path / "memory", {})
+    qvlquant.quantize(job)
+    streamed, memory = (_tensors(tmp_path / n) for n in ("streamed", "memory"))
+    base = _tensors(qwen3_5_base)
+    assert set(streamed) == set(memory) | set(MTP_KEYS)
+    assert all(torch.equal(streamed[k], memory[k]) for k in memory)
+    kept = [k for k in base if k in MTP_KEYS or "visual." in k
+            or any(p in k for p in ("conv1d", "A_log", "dt_bias", "linear_attn.norm", "q_norm", "k_norm"))]
+    assert len(kept) > len(MTP_KEYS) + 12
+    for k in kept:  # bit for bit, in the checkpoint's dtype (the MTP norm is float32 there)
+        assert streamed[k].dtype == base[k].dtype and torch.equal(streamed[k].view(torch.uint8), base[k].view(torch.uint8)), k
+    reloaded, _ = qvlquant.load(tmp_path / "streamed")
+    linears = {n for n, m in reloaded.named_modules() if type(m).__name__ == "QuantLinear"}
+    assert len(linears) == 31 and any(".linear_attn.in_proj_qkv" in n for n in linears)
+    with torch.no_grad():
+        for batch in batches[:2]:
+            torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
