@@ -135,7 +135,8 @@ def measure_model(model, batches: list[dict], plan: SensitivityPlan,
     for i in progress(range(n), desc=f"sensitivity ({plan.measure})", unit="layer"):
         prefix = f"{family.decoder_layers}.{i}"
         layer = source.load(i)
-        groups = [g for g in family.linear_groups if plan.searched(prefix, g)]
+        inputs = [x.of_type(family.layer_type(i)) for x in inputs]  # hybrid models: this layer type's mask
+        groups = [g for g in family.at(i).linear_groups if plan.searched(prefix, g)]
         for group, errors in measure_layer(layer, inputs, groups, plan).items():
             table.append(GroupErrors(i, tuple(f"{prefix}.{name}" for name in group), tuple(sorted(errors.items()))))
         inputs = [next_input(i, layer, x) for x in inputs]
