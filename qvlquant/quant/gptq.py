@@ -99,8 +99,12 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_max: floa
         work = _permuted_copy(H, perm, out)
         work.diagonal().add_(damp * mean_diag)
         _reverse_(work)
-        torch.linalg.cholesky_ex(work, out=(work, info))  # M, lower, in place
+        _mirror_lower_(work)  # exactly symmetric: its transpose is itself, bit for bit
+        # LAPACK factorises column-major matrices: given the row-major ``work`` torch copies it (1.4 GB for a 7B
+        # down_proj); its transposed view is column-major and, being symmetric, holds the same matrix
+        torch.linalg.cholesky_ex(work.mT, out=(work.mT, info))  # M, lower, in the transposed view
         if info.item() == 0:
+            _transpose_(work)  # M, lower, row-major
             work.tril_()
             _invert_lower_(work)
             _reverse_(work)
@@ -125,6 +129,29 @@ def _permuted_copy(H: torch.Tensor, perm: torch.Tensor | None, out: torch.Tensor
     for r0 in range(0, H.shape[0], chunk):
         out[r0:r0 + chunk] = H.index_select(0, perm[r0:r0 + chunk]).index_select(1, perm)
     return out
+
+
+def _mirror_lower_(A: torch.Tensor, chunk: int = 1024) -> None:
+    """A's strict upper triangle <- its strict lower one, transposed, in place (``chunk`` columns of temporary)."""
+    k = A.shape[0]
+    for c0 in range(0, k, chunk):
+        c1 = min(c0 + chunk, k)
+        block = A[c0:c1, c0:c1]
+        block.copy_(block.tril() + block.tril(-1).mT)
+        A[c0:c1, c1:] = A[c1:, c0:c1].mT  # the copy of a [k - c1, chunk] slice
+
+
+def _transpose_(A: torch.Tensor, chunk: int = 1024) -> None:
+    """A <- A^T in place, swapping ``chunk``-square blocks (one block of temporary)."""
+    k = A.shape[0]
+    for r0 in range(0, k, chunk):
+        r1 = min(r0 + chunk, k)
+        A[r0:r1, r0:r1] = A[r0:r1, r0:r1].mT.clone()
+        for c0 in range(r1, k, chunk):
+            c1 = min(c0 + chunk, k)
+            upper = A[r0:r1, c0:c1].clone()
+            A[r0:r1, c0:c1] = A[c0:c1, r0:r1].mT
+            A[c0:c1, r0:r1] = upper.mT
 
 
 def _reverse_(A: torch.Tensor, chunk: int = 1024) -> None:
