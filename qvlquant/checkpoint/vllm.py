@@ -330,6 +330,8 @@ def build_vllm_layer(shards: list[tuple[int, int]], kind: str, heads: tuple[int,
     k = shards[0][0]
     with torch.device("meta"):
         if kind == "qkv":
+            if heads is None:
+                raise ValueError("config.json has no num_attention_heads / num_key_value_heads to build it from")
             num_heads, num_kv, head_dim = heads
             return linear.QKVParallelLinear(k, head_dim, num_heads, num_kv, False, params_dtype=dtype,
                                             quant_config=quant, prefix=vname)
@@ -357,7 +359,8 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
     allocates. -> ({tp: [problem]}, {tp: {vLLM name: kernel}})."""
     text = config.get("text_config") or config
     heads = (text["num_attention_heads"], text["num_key_value_heads"],
-             text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+             text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) \
+        if "num_attention_heads" in text else None  # without them vLLM cannot build qkv_proj: a problem below
     dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
     # the first decoder layer of each type (hybrid models: a DeltaNet and a full-attention layer)
     firsts = [f"{family.decoder_layers}.{i}." for i in (family.first_layers() or {0: None})]
@@ -424,7 +427,9 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
     report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
                                                            read_checkpoint_header(folder))
     ours = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
-    misread = setting_mismatches(report["settings"], names, ours, family)
+    # the integer layouts' per-module widths (FP8 exports hold one setting, checked by the methods vLLM names)
+    misread = [] if ours.method == "fp8" or ours.summary().get("weights") == "fp8_e4m3" else \
+        setting_mismatches(report["settings"], names, ours, family)
     report["tp"] = {tp: misread + problems for tp, problems in report["tp"].items()}
     return report
 
