@@ -21,6 +21,7 @@ import torch
 
 from qvlquant.engine.resume import LayerRecord, MemoryStore
 from qvlquant.families import ModelFamily
+from qvlquant.parallel.devices import trim_heap
 from qvlquant.parallel.distributed import SINGLE, World, broadcast_tensors
 from qvlquant.quant.apply import LAYER_METHODS
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
@@ -403,6 +404,7 @@ def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSour
     phases.switch(Phase.CAPTURE)
     inputs = capture_inputs(model, family, batches, plan.offload)
     source.after_capture()
+    trim_heap()  # the vision tower's freed weights
     start, hidden = store.resume_point()
     if hidden is not None:
         inputs = [dataclasses.replace(x, hidden=h.to(x.hidden.device)) for x, h in zip(inputs, hidden)]

@@ -4,6 +4,7 @@ real CPU quota allows, and measured peaks (resident memory, GPU memory)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import resource
@@ -129,3 +130,21 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``). Tensors under glibc's mmap threshold
+    (the vision tower's 26 MB matrices, a layer's temporaries) come from the heap, and freed ones stay counted in
+    the process's memory: measured at a 7B GPTQ layer, 1.4 GB more before down_proj's 2.9 GB Hessian sum is
+    allocated. Cheap (milliseconds); a no-op where there is no glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from qvlquant.parallel.devices import trim_heap
 from qvlquant.parallel.distributed import fold
 from qvlquant.quant.awq import (
     activation_sum,
@@ -92,6 +93,7 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
         solved = [g for g in step if ctx.config(g[0]).method != "rtn"]  # a rule may round a group to nearest
         sums = {}
         if solved:
+            trim_heap()  # the groups before left freed temporaries: give them back before the next sums
             ctx.step(Phase.HESSIAN, f"Hessian of {', '.join(g[0] for g in solved)}")
             sums = collect_hessians(layer, inputs, solved, ctx.qcfg.vision_weight)
         ctx.step(Phase.SOLVE, f"solve {', '.join(names)}")
@@ -118,9 +120,11 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
                     w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, cfg, scratch if last else None)
                 except CholeskyError as e:
                     raise ctx.fail(name, str(e)) from None
-                ctx.finish(name, *decorate(name, w, dict(info, tokens=n)))
                 del Hj
-            del H, scratch  # the views hold S's memory: gone before the next group's sums
+                if last:  # the views hold S's memory: gone before the weight is dequantized and packed
+                    H = scratch = None
+                ctx.finish(name, *decorate(name, w, dict(info, tokens=n)))
+            H = scratch = None
         ctx.settle(owner)
 
 

@@ -204,22 +204,21 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig,
     n_out, k = w.shape
     device = w.device
     g = spec.effective_group(k)
-    W = w.detach().float().clone()  # [N, K]
     H = H.detach().float()  # [K, K]; no copy when it is float32 already (a 7B down_proj's is 1.4 GB)
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, make H invertible there
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k, device=device)
+    inv = torch.argsort(perm)
+    W = w.detach().float()[:, perm] if desc_act else w.detach().float().clone()  # the one working copy [N, K]
+    W[:, dead[perm]] = 0.0
     static = None
     if static_groups or spec.group_size == -1:  # params fixed up front, on the original column order
-        static = [_group_params(W[:, c:c + g], spec, config.mse) for c in range(0, k, g)]
-    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k, device=device)
-    if desc_act:
-        W = W[:, perm]
+        static = [_group_params(W[:, inv[c:c + g]], spec, config.mse) for c in range(0, k, g)]
     Hinv, damp_used = damped_inverse_cholesky(H, config.damp_percent, config.damp_max, perm if desc_act else None,
                                               scratch)
     del H
 
-    Q = torch.zeros(n_out, k, dtype=torch.int32, device=device)
+    Q = torch.zeros(n_out, k, dtype=torch.uint8, device=device)  # codes of at most 8 bits; int32 once, at the end
     scales = torch.zeros(n_out, k // g, device=device)
     zeros = torch.zeros(n_out, k // g, device=device)
     g_idx_perm = torch.zeros(k, dtype=torch.int32, device=device)  # group of each permuted column
@@ -244,15 +243,15 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig,
             wcol = W1[:, i]
             q = quantize(wcol.unsqueeze(1), scale, zero, spec.bits)  # [N, 1]
             deq = (scale * (q - zero)).flatten()
-            Q[:, col] = q.flatten().to(torch.int32)
+            Q[:, col] = q.flatten().to(torch.uint8)
             d = Hinv1[i, i]
             losses += (wcol - deq) ** 2 / d**2 / 2
             err = (wcol - deq) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
     g_idx = g_idx_perm[inv] if (desc_act and static is None) else default_g_idx(k, spec).to(device)
-    qw = QuantizedWeight(Q[:, inv].contiguous(), scales, zeros, g_idx.contiguous(), spec)
+    del W
+    qw = QuantizedWeight(Q[:, inv].to(torch.int32), scales, zeros, g_idx.contiguous(), spec)
     info = {"damp_percent": damp_used, "dead_columns": int(dead.sum()), "loss": float(losses.sum())}
     return qw, info
