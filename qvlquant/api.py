@@ -25,7 +25,7 @@ from qvlquant.checkpoint.export import (
     export,
     quantization_config,
 )
-from qvlquant.checkpoint.datafree import export_fp8
+from qvlquant.checkpoint.datafree import export_fp8, export_rtn
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
 from qvlquant.engine.estimate import estimate, format_estimate
@@ -104,6 +104,8 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
     world = World.from_env()
     if config.fp8_format is not None:
         return _quantize_datafree(config, world)
+    if _rtn_from_the_checkpoint(config, world):
+        return _quantize_rtn(config, world)
     device = resolve_device(config.device.device, world.local_rank if world.distributed else None)
     start(world, device)
     try:
@@ -204,6 +206,59 @@ def _quantize_datafree(config: JobConfig, world: World) -> dict:
         export_fp8(job.skeleton, job.processor, base, config.fp8_format, job.out,
                    lambda quantized: _datafree_report(config, job, quantized, t0), options, base_folder=job.folder)
     return json.loads((job.out / REPORT).read_text())
+
+
+def _rtn_from_the_checkpoint(config: JobConfig, world: World) -> bool:
+    """Round-to-nearest reads no activations, so it rounds each linear as the export streams it from the
+    checkpoint: not for a distributed run, a measurement (--max-layers), a padded MLP, a sensitivity search,
+    calibration data given with --calib (run through the layers, which checks the activations stay finite), or
+    when a partial run of this output is there to be resumed (the layer loop serves those)."""
+    if config.quant.method != "rtn" or world.distributed or config.max_layers is not None:
+        return False
+    if config.pad_intermediate_to is not None or config.search.target_bits is not None:
+        return False
+    if config.calib.source != "demo":  # data given on purpose: run it through the layers (activations checked)
+        return False
+    return not beside(pathlib.Path(config.output).expanduser().resolve(), "partial").exists()
+
+
+def _quantize_rtn(config: JobConfig, world: World) -> dict:
+    """RTN straight from the checkpoint (``checkpoint.datafree.export_rtn``): the checks of any run, no calibration
+    pass, no replay; the same tensors the layer loop writes. -> the report saved beside the weights."""
+    t0 = time.time()
+    with contextlib.ExitStack() as held:
+        job = _prepare(config, world, torch.device("cpu"), held)
+        _warn_about_vllm(config, job)
+        say(f"rtn: rounding {job.family.name}'s decoder linears as they stream from {job.folder} to {job.out} "
+            "(no calibration data)")
+        base = CheckpointTensors(job.reader, job.family, job.storage)
+        options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
+        export_rtn(job.skeleton, job.processor, base, config.quant, job.modules, config.pack_format, job.out,
+                   lambda quantized: _rtn_report(config, job, quantized, t0), options, base_folder=job.folder)
+    return json.loads((job.out / REPORT).read_text())
+
+
+def _rtn_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
+    """What quantize_report.json records for RTN rounded straight from the checkpoint."""
+    seconds = round(time.time() - started, 2)
+    return {
+        "qvlquant_version": __version__,
+        "config": config.to_dict(),
+        "base_model": str(config.model),
+        "method": "rtn",
+        "bits": config.quant.spec.bits,
+        "group_size": config.quant.spec.group_size,
+        "sym": config.quant.spec.sym,
+        "data_free": True,
+        "calibration": None,
+        "plan": plan_rows(job.modules, decoder_linears(job.skeleton, job.family, job.padded), config.pack_format),
+        "layers": {name: {} for name in quantized},
+        "complete": True,
+        "quantize_seconds": seconds,  # rounding, packing and writing happen together, tensor by tensor
+        "total_seconds": seconds,
+        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}",
+    }
 
 
 def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:

@@ -158,11 +158,14 @@ def run_child(argv: list[str], cwd: pathlib.Path) -> int:
 
 @pytest.fixture
 def no_layer_loop(monkeypatch):
-    """quantize runs every check, the calibration encoding and the estimate, then stops (exit 2)."""
+    """quantize runs every check (and for the layer loop the calibration encoding and the estimate), then stops
+    (exit 2)."""
     def refuse(*args, **kwargs):
         raise ValueError("fuzz: stopped before the layer loop")
 
     monkeypatch.setattr(api, "quantize_model", refuse)
+    monkeypatch.setattr(api, "export_rtn", refuse)  # RTN and FP8 round straight from the checkpoint: stop there too
+    monkeypatch.setattr(api, "export_fp8", refuse)
 
 
 @contextlib.contextmanager
@@ -317,8 +320,10 @@ def setting_value(f: Fuzz, spec):
     if spec.choices:
         return f.pick(list(spec.choices))
     strings = ["demo", "easyvqa", "cpu", "cuda", "cuda:7", "hf:x", "../x", "", f.text()]
+    rules = [[], [{"pattern": "mlp", "skip": True}], [{"pattern": r"layers\.0\.", "bits": f.pick(ODD_INTS)}],
+             [{"pattern": "[", "skip": True}], ["x"], [{"pattern": f.text(), "group_size": f.text()}], [None]]
     return {int: lambda: f.pick(ODD_INTS), float: lambda: f.pick(ODD_FLOATS + [0.01, 0.1]),
-            bool: lambda: f.chance(0.5), str: lambda: f.pick(strings)}[spec.type]()
+            bool: lambda: f.chance(0.5), str: lambda: f.pick(strings), list: lambda: f.pick(rules)}[spec.type]()
 
 
 def recipe_text(f: Fuzz) -> bytes:

@@ -1,4 +1,4 @@
-"""Data-free FP8 exports: each decoder-layer linear weight of the language model read from the base checkpoint,
+"""Data-free exports (FP8, and round-to-nearest in the integer layouts): each decoder-layer linear weight of the language model read from the base checkpoint,
 quantized to e4m3 (``Fp8Format``) and written, one tensor at a time; no calibration data, no forward pass, no
 model in memory. Everything else (vision tower, embeddings, norms, biases, lm_head) is copied in the storage dtype.
 
@@ -16,10 +16,20 @@ from typing import Callable
 
 import torch
 
-from qvlquant.checkpoint.export import Entry, CheckpointTensors, finish_export, fp8_quantization_config, write_shards
+from qvlquant.checkpoint.export import (
+    CheckpointTensors,
+    Entry,
+    finish_export,
+    fp8_quantization_config,
+    quantization_config,
+    write_shards,
+)
 from qvlquant.config import ExportConfig
 from qvlquant.families import ModelFamily
-from qvlquant.quant.formats import Fp8Format
+from qvlquant.quant.formats import Fp8Format, PackFormat, QuantizedWeight
+from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+from qvlquant.quant.rules import ModulePlan
+from qvlquant.quant.spec import QuantConfig
 from qvlquant.storage.outputs import temp_dir
 
 
@@ -30,7 +40,10 @@ def is_fp8_linear(family: ModelFamily, runtime_name: str) -> bool:
         return False
     inside = runtime_name[len(family.decoder_layers) + 1: -len(".weight")]  # "3.mlp.up_proj"
     index, _, linear = inside.partition(".")
-    return index.isdigit() and linear in family.linears
+    if not index.isdigit():
+        return False
+    layer = family.at(int(index)) if family.layouts and family.layer_types else family  # hybrid: its layer's type
+    return linear in layer.linears
 
 
 def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
@@ -84,6 +97,70 @@ def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format, out: s
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = fp8_quantization_config(fmt, family, not_converted_modules(model, family))
+        config.dtype = str(base.dtype).removeprefix("torch.")
+        return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: ModulePlan, fmt: PackFormat,
+             num_layers: int) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
+    """Round-to-nearest needs no activations: every tensor of the export in the layer loop's order (a quantized
+    linear's packed tensors where its weight was; the same bytes the loop writes), each linear rounded from the
+    checkpoint when its first packed tensor is written and its other tensors kept until theirs are (the file
+    groups tensors by dtype: a linear's scales wait for the float16 pass; they are small). The group index and
+    the shape are written without rounding anything. -> (entries, fetch, the runtime names of the linears rounded)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    entries: list[Entry] = []
+    fetch: dict[str, Callable[[], torch.Tensor]] = {}
+    quantized = []
+    waiting: dict[str, torch.Tensor] = {}  # packed tensors computed, not yet written
+
+    def packed(name: str, key: str, spec) -> torch.Tensor:
+        if key not in waiting:
+            q, scale, zero = rtn_quantize(base.get(name).float(), spec)
+            w = QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec), spec)
+            head = family.to_disk(name)[: -len("weight")]
+            waiting.update({head + t: v for t, v in fmt.pack(w).items()})
+        return waiting.pop(key)
+
+    for name in model.state_dict().keys():
+        if tied and name == f"{family.lm_head}.weight":
+            continue
+        key = family.to_disk(name)
+        linear = name[: -len(".weight")]
+        cfg = modules.config_for(linear) if is_fp8_linear(family, name) else None
+        if cfg is None:  # not a decoder linear, or skipped by a rule: as the base holds it
+            entries.append((key, *base.meta(name)))
+            fetch[key] = lambda name=name: base.get(name)
+            continue
+        quantized.append(linear)
+        n, k = base.meta(name)[1]
+        head = key[: -len("weight")]
+        for tensor, (shape, dtype) in fmt.tensor_shapes(k, n, cfg.spec).items():
+            entries.append((head + tensor, dtype, shape))
+            cheap = {"g_idx": lambda spec=cfg.spec, k=k: default_g_idx(k, spec).to(torch.int32),
+                     "weight_shape": lambda n=n, k=k: torch.tensor([n, k], dtype=torch.int64)}.get(tensor)
+            fetch[head + tensor] = cheap or (lambda name=name, key=head + tensor, spec=cfg.spec: packed(name, key, spec))
+    return entries, fetch, quantized
+
+
+def export_rtn(model, processor, base: CheckpointTensors, qcfg: QuantConfig, modules: ModulePlan, fmt: PackFormat,
+               out: str | pathlib.Path, report: Callable[[list[str]], dict], options: ExportConfig = ExportConfig(),
+               base_folder: pathlib.Path | None = None) -> pathlib.Path:
+    """The RTN export of the checkpoint ``base`` reads, straight from its shards to ``out`` (published atomically):
+    no calibration, no forward pass, one tensor in memory at a time, the bytes the layer loop would write.
+    -> the published folder."""
+    family = base.family
+    num_layers = len(model.get_submodule(family.decoder_layers))
+    tmp = temp_dir(out)
+    try:
+        entries, fetch, quantized = plan_rtn(model, family, base, modules, fmt, num_layers)
+        write_shards(entries, fetch, tmp, options.max_shard_bytes)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = quantization_config(qcfg, fmt, family, num_layers,
+                                                         modules if modules.mixed else None)
         config.dtype = str(base.dtype).removeprefix("torch.")
         return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
     except BaseException:

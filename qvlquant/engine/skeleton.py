@@ -180,6 +180,11 @@ def load_config(folder: pathlib.Path, family: ModelFamily):
         config = AutoConfig.from_pretrained(folder, trust_remote_code=family.needs_remote_code)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{folder} is already quantized; quantize its full-precision base model instead")
+    architectures = getattr(config, "architectures", None)
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or not all(isinstance(a, str) for a in architectures)):
+        raise ValueError(f"{folder}/config.json: architectures must be a list of class names, got "
+                         f"{architectures!r:.80}; the export copies it")
     check_sizes(config, folder)
     return config
 

@@ -71,9 +71,10 @@ def test_the_overview_is_the_same_readable_table_for_every_format(export):
     assert rows["Weights"] == "INT4, groups of 128, symmetric"
     assert rows["Activations"] == "not quantized (weight-only)"
     assert rows["Tool"] == "qvlquant 0.1.0"
-    tokens = json.loads((folder / "quantize_report.json").read_text())["calibration"]["tokens"]
-    assert rows["Calibration data"] == (f"2 samples from `demo` (seed 0), {tokens} tokens, images bounded to 200704 "
-                                        "pixels" if method == "gptq" else "none: round-to-nearest uses the weights alone")
+    calibration = json.loads((folder / "quantize_report.json").read_text())["calibration"]  # RTN: None, data-free
+    assert rows["Calibration data"] == (f"2 samples from `demo` (seed 0), {calibration['tokens']} tokens, images "
+                                        "bounded to 200704 pixels" if method == "gptq"
+                                        else "none: round-to-nearest uses the weights alone")
     stored = {"gptq": "GPTQ v1 (`quant_method: gptq`)",
               "compressed-tensors": "compressed-tensors pack-quantized (`quant_method: compressed-tensors`)"}
     assert rows["Stored as"] == stored[method]

@@ -170,3 +170,29 @@ def test_inspect_reads_fp8_exports(fp8_exports, scheme):
     assert report["vision_linears"] == 10 and report["vision_exposed_in_transformers"] == []
     assert report["quantization"]["weights"] == "fp8_e4m3"
     assert report["vllm"]["vision_quantized"] == [] and report["marlin"][1] == []
+
+
+RTN_CASES = {
+    "gptq-w4": ["--bits", "4"],
+    "ct-w3-asym": ["--bits", "3", "--asym", "--format", "compressed-tensors"],
+    "w8-per-channel": ["--bits", "8", "--group-size", "-1"],
+    "rules": ["--format", "compressed-tensors", "--ignore", r"layers\.1\.mlp", "--override", r"self_attn:bits=8"],
+}
+
+
+@pytest.mark.parametrize("case", list(RTN_CASES))
+def test_rtn_from_the_checkpoint_writes_the_layer_loops_bytes(tmp_path, case):
+    """RTN reads no activations, so quantize rounds it straight from the checkpoint (no capture, no replay); its
+    safetensors and config.json are byte for byte those of the layer loop (forced here by --max-layers past the
+    last layer), for both layouts, odd widths, per-channel and per-module rules."""
+    from qvlquant.cli import main
+
+    args = ["quantize", "--method", "rtn", "--num-samples", "2", *RTN_CASES[case]]
+    assert main([*args, "--output", str(tmp_path / "free")]) == 0
+    assert main([*args, "--max-layers", "1000", "--output", str(tmp_path / "loop")]) == 0
+    free = json.loads((tmp_path / "free" / "quantize_report.json").read_text())
+    loop = json.loads((tmp_path / "loop" / "quantize_report.json").read_text())
+    assert free["data_free"] is True and "phase_seconds" not in free and "capture" in loop["phase_seconds"]
+    assert sorted(free["layers"]) == sorted(loop["layers"])
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "free" / name).read_bytes() == (tmp_path / "loop" / name).read_bytes(), name
