@@ -102,11 +102,11 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
     elif settings:
         raise TypeError("pass either a JobConfig or flat settings, not both")
     world = World.from_env()
+    device = resolve_device(config.device.device, world.local_rank if world.distributed else None)  # checked
     if config.fp8_format is not None:
         return _quantize_datafree(config, world)
     if _rtn_from_the_checkpoint(config, world):
         return _quantize_rtn(config, world)
-    device = resolve_device(config.device.device, world.local_rank if world.distributed else None)
     start(world, device)
     try:
         return _quantize(config, world, device)

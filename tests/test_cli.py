@@ -27,7 +27,7 @@ def test_quantize_writes_a_checkpoint(w8_dir):
     assert {"config.json", "model.safetensors", "quantize_report.json", "qvlquant_manifest.json", "tokenizer.json"} <= names
     report = json.loads((w8_dir / "quantize_report.json").read_text())
     assert report["base_model"] == "demo" and report["bits"] == 8 and len(report["layers"]) == 28
-    assert report["calibration"]["num_samples"] == 16 and report["calibration"]["tokens"] > 16 * 20
+    assert report["data_free"] is True and report["calibration"] is None  # RTN rounds straight from the checkpoint
 
 
 @pytest.mark.slow

@@ -70,6 +70,9 @@ def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
             entries.append((head + tensor, dtype, shape))
         fetch[key] = lambda name=name, key=key: fmt.pack(base.get(name), key, base.dtype)["weight"]
         fetch[head + fmt.scale_name] = lambda name=name, key=key: fmt.scale(base.get(name), key, base.dtype)
+    for key in base.carried():  # the MTP head of Qwen3.5: in the checkpoint's bytes, never quantized
+        entries.append((key, *base.raw_meta(key)))
+        fetch[key] = lambda key=key: base.raw(key)
     return entries, fetch, quantized
 
 
@@ -143,6 +146,9 @@ def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: Modul
             cheap = {"g_idx": lambda spec=cfg.spec, k=k: default_g_idx(k, spec).to(torch.int32),
                      "weight_shape": lambda n=n, k=k: torch.tensor([n, k], dtype=torch.int64)}.get(tensor)
             fetch[head + tensor] = cheap or (lambda name=name, key=head + tensor, spec=cfg.spec: packed(name, key, spec))
+    for key in base.carried():  # as the layer loop's export: after the model's own, in the checkpoint's bytes
+        entries.append((key, *base.raw_meta(key)))
+        fetch[key] = lambda key=key: base.raw(key)
     return entries, fetch, quantized
 
 
