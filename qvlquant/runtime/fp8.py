@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from qvlquant.quant.formats import Fp8Format
 from qvlquant.quant.fp8 import fake_quantize_activations
+from qvlquant.runtime.swap import replace_linears
 
 
 class Fp8Linear(torch.nn.Module):
@@ -65,13 +66,6 @@ def fp8_linear_targets(keys: list[str], family, fmt: Fp8Format) -> list[str]:
 
 
 def swap_in_fp8_linears(model, targets: list[str], fmt: Fp8Format, dtype: torch.dtype) -> None:
-    """Replace the nn.Linear at each runtime path in ``targets`` by an empty Fp8Linear (buffers on the meta
-    device when the model's parameters are: the checkpoint fills them)."""
-    for name in targets:
-        parent_name, leaf = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, leaf)
-        if not isinstance(old, torch.nn.Linear):
-            raise ValueError(f"{name} is a {type(old).__name__}, not a Linear: the checkpoint does not fit this model")
-        with torch.device(old.weight.device):
-            setattr(parent, leaf, Fp8Linear(old.in_features, old.out_features, fmt, old.bias is not None, dtype))
+    """Replace the nn.Linear at each runtime path in ``targets`` by an empty Fp8Linear (the checkpoint fills it)."""
+    replace_linears(model, targets,
+                    lambda name, old: Fp8Linear(old.in_features, old.out_features, fmt, old.bias is not None, dtype))

@@ -22,6 +22,7 @@ from qvlquant.engine.streaming import find_disk_key
 from qvlquant.families import family_for
 from qvlquant.quant.formats import Fp8Format, PackFormat, QuantizedWeight
 from qvlquant.runtime.fp8 import fp8_linear_targets, swap_in_fp8_linears
+from qvlquant.runtime.swap import replace_linears
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.manifest import verify_manifest
 from qvlquant.storage.shards import DTYPES, EXPORT_DTYPES, ShardReader
@@ -112,17 +113,10 @@ def _is_decoder_linear(name: str, family) -> bool:
 
 
 def swap_in_quant_linears(model, specs: dict[str, QuantSpec], fmt: PackFormat, dtype):
-    """Replace the nn.Linear at each runtime path in ``specs`` by an empty QuantLinear of its setting (buffers on
-    the meta device when the model's parameters are: the checkpoint fills them)."""
-    for name, spec in specs.items():
-        parent_name, leaf = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, leaf)
-        if not isinstance(old, torch.nn.Linear):
-            raise ValueError(f"{name} is a {type(old).__name__}, not a Linear: the checkpoint does not fit this model")
-        with torch.device(old.weight.device):
-            new = QuantLinear(old.in_features, old.out_features, spec, fmt, old.bias is not None, dtype)
-        setattr(parent, leaf, new)
+    """Replace the nn.Linear at each runtime path in ``specs`` by an empty QuantLinear of its setting (the
+    checkpoint fills it)."""
+    replace_linears(model, specs, lambda name, old: QuantLinear(old.in_features, old.out_features, specs[name], fmt,
+                                                                 old.bias is not None, dtype))
 
 
 def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.device) -> None:
