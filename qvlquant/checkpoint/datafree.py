@@ -107,8 +107,8 @@ def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format, out: s
         raise
 
 
-def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: ModulePlan, fmt: PackFormat,
-             num_layers: int) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
+def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: ModulePlan,
+             fmt: PackFormat) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
     """Round-to-nearest needs no activations: every tensor of the export in the layer loop's order (a quantized
     linear's packed tensors where its weight was; the same bytes the loop writes), each linear rounded from the
     checkpoint when its first packed tensor is written and its other tensors kept until theirs are (the file
@@ -162,7 +162,7 @@ def export_rtn(model, processor, base: CheckpointTensors, qcfg: QuantConfig, mod
     num_layers = len(model.get_submodule(family.decoder_layers))
     tmp = temp_dir(out)
     try:
-        entries, fetch, quantized = plan_rtn(model, family, base, modules, fmt, num_layers)
+        entries, fetch, quantized = plan_rtn(model, family, base, modules, fmt)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = quantization_config(qcfg, fmt, family, num_layers,
