@@ -184,9 +184,11 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
         measures = RunMeasures(started=t0, estimate=estimated, offload=offload, peak_rss=peak_rss,
                                mixed_precision=mixed)
         barrier(world)
-        if not world.leader:
-            return None
-        return _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
+        report = None
+        if world.leader:
+            report = _finish(config, job, batches, result, measures, store.inner if world.distributed else store)
+        barrier(world)  # every rank leaves the process group together, once rank 0 has published (not mid-export)
+        return report
 
 
 def _quantize_datafree(config: JobConfig, world: World) -> dict:

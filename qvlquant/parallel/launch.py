@@ -42,6 +42,7 @@ def rank_env(rank: int, nproc: int, port: int, base: dict | None = None) -> dict
     env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_quota() // nproc)))  # the ranks share the CPUs
+    env.setdefault("PYTHONFAULTHANDLER", "1")  # a rank that crashes (SIGSEGV, SIGABRT) prints where it was
     return env
 
 

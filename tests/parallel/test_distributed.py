@@ -135,6 +135,22 @@ def test_nproc_reports_the_rank_that_failed(tmp_path, monkeypatch):
     assert "rank 1 of 2 exited with code 3; the other ranks were stopped" in proc.stderr
 
 
+def test_a_rank_that_crashes_prints_where_it_was(tmp_path, monkeypatch):
+    """A rank killed by SIGABRT (a C++ std::terminate, say) prints its Python stack (faulthandler), so the
+    failure can be traced from the log alone."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("PYTHONFAULTHANDLER", raising=False)
+    script = tmp_path / "crash.py"
+    script.write_text("import os, time\n\ndef deep_in_the_layer_loop():\n    os.abort()\n\n"
+                      "if os.environ['RANK'] == '1':\n    deep_in_the_layer_loop()\ntime.sleep(60)\n")
+    proc = subprocess.run([PYTHON, "-c", f"import sys; from qvlquant.parallel.launch import run_ranks; "
+                                         f"sys.exit(run_ranks(2, [sys.executable, {str(script)!r}]))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + 6
+    assert "rank 1 of 2 was killed by signal SIGABRT" in proc.stderr
+    assert "deep_in_the_layer_loop" in proc.stderr and "Fatal Python error: Aborted" in proc.stderr
+
+
 # whole runs of the demo: 8 calibration samples (8 batches), one thread per process, so the single-process run
 # and the ranks multiply the same shapes on the same number of threads
 ARGS = ["--num-samples", "8", "--bits", "4"]
