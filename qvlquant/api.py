@@ -29,6 +29,7 @@ from qvlquant.checkpoint.datafree import export_fp8, export_rtn
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
 from qvlquant.engine.estimate import estimate, format_estimate
+from qvlquant.engine.experts import coverage
 from qvlquant.engine.loop import (
     LayerStore,
     LoopPlan,
@@ -490,6 +491,7 @@ def _report(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
         "peak_rss_gib_per_process": [round(b / 2**30, 3) for b in measures.peak_rss],  # at the loop's end
         "peak_gpu_allocated_gib": None if gpu is None else round(gpu / 2**30, 3),
         **({} if measures.mixed_precision is None else {"mixed_precision": measures.mixed_precision}),
+        **({} if (experts := coverage(job.family, result.layer_info)) is None else {"experts": experts}),
         "estimate": measures.estimate,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}"
                    f", {where}",

@@ -221,6 +221,9 @@ def _add_method_flags(p, job: JobConfig) -> None:
                    f"{by_bits(resolved_by_bits('awq', 'mse', widths, awq_rounding='gptq'))}")
     p.add_argument("--vision-weight", type=float, metavar="W", help="GPTQ: weight of image / video tokens in the "
                    f"Hessian, VLMQ-style (default {shown(gptq.vision_weight)}; 1 weighs them like text tokens)")
+    p.add_argument("--min-expert-tokens", type=int, metavar="N", help="GPTQ / AWQ, MoE models: an expert the router sent "
+                   f"fewer calibration tokens is rounded to nearest instead, and named in the report (default "
+                   f"{shown(gptq.min_expert_tokens)}: only the experts no token reached)")
     p.add_argument("--awq-rounding", choices=list(AWQ_ROUNDING), help="AWQ: rtn (AWQ's clipping search and "
                    "round-to-nearest) or gptq (GPTQ rounds the AWQ-scaled layer); default: "
                    f"{by_bits(resolved_by_bits('awq', 'awq_rounding', widths))}")
@@ -297,6 +300,12 @@ def run_quantize(args) -> int:
     print(f"quantized {len(report['layers'])} linears ({setting}) in {report['quantize_seconds']:.1f}s, peak RSS "
           f"{report['peak_rss_gib']:.2f} GiB -> {args.output}"
           + (f" (the search's plan: {args.output}/{mixed['recipe']})" if mixed else ""))
+    experts = report.get("experts")
+    if experts:
+        rounded = experts["rounded_to_nearest"]
+        print(f"experts: {experts['fewest_tokens']} to {experts['most_tokens']} calibration tokens each"
+              + (f"; {len(rounded)} linears of experts with fewer than {report['config']['quant']['min_expert_tokens']} rounded to nearest"
+                 f" (e.g. {rounded[0]}; all in quantize_report.json 'experts')" if rounded else ""))
     return 0
 
 

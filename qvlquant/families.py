@@ -8,12 +8,19 @@ Hybrid models (Qwen3.5: Gated DeltaNet and full-attention layers) declare a ``La
 family bound to a model's config (``bind``) knows each layer's type, and ``at(i)`` is the declaration of layer i,
 with the fields every per-layer user reads (``linear_groups``, ``scaling_groups``, ``fused``, ...). A family whose
 layers are all alike has no layouts: ``at(i)`` is itself.
+
+Mixture-of-experts models (Qwen3.5-MoE) declare their experts' linears once, with ``{e}`` where the expert's index
+goes (``mlp.experts.{e}.gate_proj``); ``bind`` writes one name, group and rule per expert of the config. transformers
+holds the experts as fused 3-D parameters; ``experts`` names that module, which qvlquant runs as one linear per
+expert (``qvlquant.engine.experts``), so that each expert is quantized from the tokens its router sends it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+
+EXPERT = "{e}"  # in a declared module name: each expert's index, written by ``bind``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,21 +94,34 @@ class ModelFamily:
     # Checkpoint key prefixes of tensors transformers does not load (Qwen3.5's MTP head, ``mtp.``): the export copies
     # them from the base checkpoint as they are (dtype and bytes)
     carried: tuple[str, ...] = ()
+    # Mixture of experts: the fused experts module of a decoder layer (transformers 5's ``gate_up_proj`` [E, 2I, H]
+    # and ``down_proj`` [E, H, I] parameters; "" : none), the names of one expert's gate, up and down linears, the
+    # text config's field counting the experts, and the count once bound
+    experts: str = ""
+    expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    experts_field: str = "num_experts"
+    expert_count: int = 0
 
     def bind(self, config) -> ModelFamily:
         """This family knowing each decoder layer's type, from ``config`` (or its ``text_config``; an object or
         config.json's dict) ``layer_types``; itself when its layers are alike. A ValueError names a type it does not declare."""
-        if not self.layouts:
-            return self
-        if isinstance(config, dict):  # config.json as read
-            types = tuple((config.get("text_config") or config).get("layer_types") or ())
-        else:
-            types = tuple(getattr(getattr(config, "text_config", config), "layer_types", None) or ())
+        text = (config.get("text_config") or config) if isinstance(config, dict) else getattr(config, "text_config", config)
+        field = (lambda k: text.get(k)) if isinstance(text, dict) else (lambda k: getattr(text, k, None))
+        family = self
+        if self.experts and not self.expert_count:
+            count = field(self.experts_field)
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"{self.name}: config {self.experts_field} is {count!r}; a mixture-of-experts model "
+                                 "needs a positive expert count")
+            family = _with_experts(self, count)
+        if not family.layouts:
+            return family
+        types = tuple(field("layer_types") or ())
         unknown = sorted(set(types) - {t for t, _ in self.layouts})
         if not types or unknown:
             raise ValueError(f"{self.name}: config layer_types {list(types)[:8]} name "
                              f"{unknown or 'no layer'}; qvlquant knows {[t for t, _ in self.layouts]}")
-        return dataclasses.replace(self, layer_types=types)
+        return dataclasses.replace(family, layer_types=types)
 
     def at(self, i: int) -> ModelFamily:
         """The declaration of decoder layer ``i``: per-layer fields from its type's layout (itself when the layers
@@ -121,6 +141,20 @@ class ModelFamily:
         for i, t in enumerate(self.layer_types if self.layouts else ()):
             first.setdefault(t, i)
         return {i: t for t, i in first.items()}
+
+    def expert_of(self, linear: str) -> int | None:
+        """The expert index in a linear's name (``mlp.experts.5.up_proj`` -> 5); None for a linear of no expert."""
+        head = self.experts + "."
+        if not self.experts or not linear.startswith(head):
+            return None
+        index = linear[len(head):].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
+
+    def expert_template(self, linear: str) -> str:
+        """A linear's name with its expert index as ``{e}`` (itself for a linear of no expert): what the experts'
+        copies of one linear share."""
+        e = self.expert_of(linear)
+        return linear if e is None else f"{self.experts}.{EXPERT}{linear[len(self.experts) + 1 + len(str(e)):]}"
 
     def index_of(self, layer_prefix: str) -> int:
         """``model.language_model.layers.3`` -> 3."""
@@ -235,6 +269,39 @@ def _layout_view(family: ModelFamily, layer_type: str) -> ModelFamily:
     return dataclasses.replace(family, layouts=(), layer_types=(), **{f: getattr(layout, f) for f in PER_LAYER})
 
 
+def _expand(value, count: int):
+    """A declared per-layer value with each ``{e}`` written out for experts 0..count-1: a name becomes count names,
+    a group (tuple of names) or ScalingGroup count groups, a fused entry count entries; the rest stays."""
+    def has(v) -> bool:
+        if isinstance(v, str):
+            return EXPERT in v
+        if isinstance(v, ScalingGroup):
+            return has(v.prev) or any(map(has, v.linears))
+        return isinstance(v, tuple) and any(map(has, v))
+
+    def put(v, e: int):
+        if isinstance(v, str):
+            return v.replace(EXPERT, str(e))
+        if isinstance(v, ScalingGroup):
+            return ScalingGroup(put(v.prev, e), put(v.linears, e), v.inspect and put(v.inspect, e))
+        return tuple(put(x, e) for x in v) if isinstance(v, tuple) else v
+
+    if not isinstance(value, tuple):
+        return value
+    out = []
+    for item in value:
+        out += [put(item, e) for e in range(count)] if has(item) else [item]
+    return tuple(out)
+
+
+def _with_experts(family: ModelFamily, count: int) -> ModelFamily:
+    """``family`` with its ``{e}`` names written out for ``count`` experts, in its fields and its layouts'."""
+    layouts = tuple((t, dataclasses.replace(lay, **{f: _expand(getattr(lay, f), count) for f in PER_LAYER}))
+                    for t, lay in family.layouts)
+    return dataclasses.replace(family, layouts=layouts, expert_count=count,
+                               **{f: _expand(getattr(family, f), count) for f in PER_LAYER})
+
+
 def hybrid(family: ModelFamily, layouts: tuple[tuple[str, LayerLayout], ...]) -> ModelFamily:
     """``family`` with a layout per layer type; its own per-layer fields become the union of the layouts' (what
     name matching over all layers needs), in the order the layouts give them."""
@@ -276,11 +343,45 @@ QWEN3_5 = hybrid(dataclasses.replace(QWEN3_VL, name="qwen3_5", deepstack=False, 
     )),
 ))
 
+# Qwen3.5-MoE / Qwen3.6-MoE: Qwen3.5's hybrid layers with a sparse MoE block as every layer's MLP: a shared expert
+# (its output scaled by the sigmoid of ``shared_expert_gate``, a 1-row linear kept as it is), the top-k router
+# ``mlp.gate`` (kept), and the routed experts, each quantized as its own gate / up / down linears. AWQ smooths
+# within each expert (up -> down) and the shared expert only: a scale folded into post_attention_layernorm would
+# also reach the router and change which experts the tokens go to.
+_MOE = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",),
+        ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), ("mlp.experts.{e}.down_proj",))
+_MOE_SCALING = (ScalingGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),
+                ScalingGroup("mlp.experts.{e}.up_proj", ("mlp.experts.{e}.down_proj",)))
+_MOE_FUSED = (("mlp.shared_expert.gate_up_proj", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),)
+_MOE_COLUMN = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.experts.{e}.gate_proj",
+               "mlp.experts.{e}.up_proj")
+_MOE_ROW = ("mlp.shared_expert.down_proj", "mlp.experts.{e}.down_proj")
+
+
+def _moe_layout(layout: LayerLayout) -> LayerLayout:
+    """A Qwen3.5 layer layout with the MoE block in place of the dense MLP."""
+    mlp = lambda names: tuple(n for n in names if not n.startswith("mlp."))  # noqa: E731
+    return dataclasses.replace(
+        layout,
+        linear_groups=tuple(g for g in layout.linear_groups if not g[0].startswith("mlp.")) + _MOE,
+        scaling_groups=tuple(g for g in layout.scaling_groups if not g.linears[0].startswith("mlp.")) + _MOE_SCALING,
+        fused=tuple(f for f in layout.fused if not f[0].startswith("mlp.")) + _MOE_FUSED,
+        column_parallel=mlp(layout.column_parallel) + _MOE_COLUMN,
+        row_parallel=mlp(layout.row_parallel) + _MOE_ROW,
+    )
+
+
+QWEN3_5_MOE = hybrid(dataclasses.replace(QWEN3_5, name="qwen3_5_moe", layouts=(), experts="mlp.experts",
+                                         mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                                         mlp_out="mlp.shared_expert.down_proj"),
+                     tuple((t, _moe_layout(lay)) for t, lay in QWEN3_5.layouts))
+
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl": QWEN2_VL,
     "qwen3_vl": QWEN3_VL,
     "qwen3_5": QWEN3_5,  # Qwen3.5 and Qwen3.6 dense checkpoints both say model_type "qwen3_5"
+    "qwen3_5_moe": QWEN3_5_MOE,  # and their MoE checkpoints "qwen3_5_moe"
     "qwen": QWEN_VL_V1,  # Qwen-VL-Chat's config.json says model_type "qwen"
 }
 

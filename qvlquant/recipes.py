@@ -57,6 +57,7 @@ SETTINGS: dict[str, Setting] = {
     "true_sequential": Setting(bool),
     "mse": Setting(float),
     "vision_weight": Setting(float),
+    "min_expert_tokens": Setting(int),
     "awq_rounding": Setting(str, AWQ_ROUNDING),
     "calib": Setting(str),
     "num_samples": Setting(int),
@@ -186,7 +187,7 @@ def check_tolerances(recipe: str | pathlib.Path | None = None, max_drop: Mapping
 # What a written recipe holds of a job: the settings that decide the exported tensors (never where the output goes,
 # whether it resumes, or the machine: device, offload, threads), each only where it is not the default.
 _QUANT_RECIPE_KEYS = ("damp_percent", "desc_act", "static_groups", "true_sequential", "mse", "vision_weight",
-                      "awq_rounding")
+                      "min_expert_tokens", "awq_rounding")
 _CALIB_RECIPE_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
 
 

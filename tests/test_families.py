@@ -55,6 +55,25 @@ def test_a_hybrid_family_refuses_to_guess_layer_types():
 
 
 def test_families_whose_layers_are_alike_are_their_own_layer_declaration():
-    for family in set(FAMILIES.values()) - {family_for("qwen3_5")}:
+    for family in set(FAMILIES.values()) - {family_for("qwen3_5"), family_for("qwen3_5_moe")}:
         assert family.bind({"text_config": {"layer_types": ["x"]}}) is family
         assert family.at(5) is family and family.first_layers() == {} and family.layer_type(5) is None
+
+
+def test_a_moe_family_writes_out_each_experts_linears_from_the_config():
+    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 4, "layer_types": QWEN3_5_TYPES}})
+    delta, full = family.at(0), family.at(3)
+    expert_groups = [g for g in full.linear_groups if family.expert_of(g[0]) is not None]
+    # each expert's gate/up (one input), then each expert's down: 8 groups, named as the checkpoint stores them
+    assert expert_groups == [(f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj") for e in range(4)] + [
+        (f"mlp.experts.{e}.down_proj",) for e in range(4)]
+    assert delta.linear_groups[-8:] == full.linear_groups[-8:] and delta.linears[0] == "linear_attn.in_proj_qkv"
+    assert ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj") in full.linear_groups
+    # AWQ smooths within each expert only: nothing folds into post_attention_layernorm, which the router reads too
+    assert all(g.prev != "post_attention_layernorm" for g in full.scaling_groups)
+    assert sum(g.prev.startswith("mlp.experts.") for g in full.scaling_groups) == 4
+    assert family.expert_of("mlp.experts.3.down_proj") == 3 and family.expert_of("mlp.shared_expert.up_proj") is None
+    assert family.expert_template("mlp.experts.13.up_proj") == "mlp.experts.{e}.up_proj"
+    assert "mlp.experts.3.down_proj" in full.row_parallel and family.expert_count == 4
+    with pytest.raises(ValueError, match="num_experts is 0"):
+        family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 0, "layer_types": QWEN3_5_TYPES}})

@@ -53,6 +53,19 @@ def qwen3_5_config(vocab_size: int = 300, patch_size: int = 16, layers: int = 4)
     return tf.Qwen3_5Config(text_config=text, vision_config=vision, **IDS)
 
 
+def qwen3_5_moe_config(vocab_size: int = 300, patch_size: int = 16, layers: int = 4, experts: int = 8, top_k: int = 2):
+    """Qwen3.5-MoE: the Qwen3.5 layers above with a sparse MoE block (``experts`` routed experts, top ``top_k``, and a
+    shared expert) as every layer's MLP."""
+    import transformers as tf
+
+    dense = qwen3_5_config(vocab_size, patch_size, layers)
+    text = dict(dense.text_config.to_dict(), num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=128,
+                shared_expert_intermediate_size=128)
+    for key in ("model_type", "architectures", "transformers_version", "intermediate_size"):
+        text.pop(key, None)
+    return tf.Qwen3_5MoeConfig(text_config=text, vision_config=dense.vision_config.to_dict(), **IDS)
+
+
 def tiny_batch(model, lengths=(20, 14), seed=0) -> dict:
     """Rows: [text..., <vision_start>, 4 x <image_pad>, <vision_end>, text...], right-padded to the longest."""
     g = torch.Generator().manual_seed(seed)
@@ -83,9 +96,10 @@ MTP_KEYS = {  # a few tensors of the MTP head, as Qwen3.5 checkpoints hold it (t
 }
 
 
-def qwen3_5_checkpoint(folder, layers: int = 4):
-    """A bf16 checkpoint folder of a tiny Qwen3.5 (dense) with the demo's processor files (its tokenizer's 2008
-    tokens, 14-pixel patches) and an MTP head's tensors. -> the float32 model it holds."""
+def qwen3_5_checkpoint(folder, layers: int = 4, moe: bool = False):
+    """A bf16 checkpoint folder of a tiny Qwen3.5 (dense, or ``moe``: Qwen3.5-MoE, whose experts transformers saves
+    one tensor per expert) with the demo's processor files (its tokenizer's 2008 tokens, 14-pixel patches) and an
+    MTP head's tensors. -> the float32 model it holds."""
     import pathlib
     import shutil
 
@@ -95,7 +109,10 @@ def qwen3_5_checkpoint(folder, layers: int = 4):
     from qvlquant.assets.paths import MODEL_DIR
 
     torch.manual_seed(0)
-    model = tf.Qwen3_5ForConditionalGeneration(qwen3_5_config(vocab_size=2008, patch_size=14, layers=layers))
+    if moe:
+        model = tf.Qwen3_5MoeForConditionalGeneration(qwen3_5_moe_config(vocab_size=2008, patch_size=14, layers=layers))
+    else:
+        model = tf.Qwen3_5ForConditionalGeneration(qwen3_5_config(vocab_size=2008, patch_size=14, layers=layers))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("layernorm.weight", "norm.weight")) and "visual" not in name:

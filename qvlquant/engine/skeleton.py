@@ -11,6 +11,7 @@ import pathlib
 import torch
 
 from qvlquant.assets.paths import EMBEDDED_MODELS
+from qvlquant.engine.experts import unfuse_experts
 from qvlquant.families import ModelFamily
 from qvlquant.storage.files import read_text_bounded
 
@@ -208,8 +209,9 @@ def meta_parameters():
 
 
 def build_skeleton(config, family: ModelFamily, dtype: torch.dtype):
-    """The model with every parameter on the meta device, in ``dtype``, in eval mode. A config.json transformers
-    cannot build a model from is a ValueError naming it."""
+    """The model with every parameter on the meta device, in ``dtype``, in eval mode, its fused experts (if any) as
+    one linear per expert (``qvlquant.engine.experts``). A config.json transformers cannot build a model from is a
+    ValueError naming it."""
     with meta_parameters(), read_by_transformers(f"{config.name_or_path or 'the model'}/config.json"):
         if family.needs_remote_code:
             from transformers import AutoModelForCausalLM
@@ -217,4 +219,5 @@ def build_skeleton(config, family: ModelFamily, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
         else:
             model = model_class(config)._from_config(config, dtype=dtype)
+    unfuse_experts(model, family)  # MoE: one linear per expert, as the checkpoint stores them
     return model.eval()

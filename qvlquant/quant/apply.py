@@ -31,6 +31,7 @@ from qvlquant.quant.layer import (
     StopReplay,
     layer_device,
     replay,
+    rows_of,
 )
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 from qvlquant.quant.spec import METHODS
@@ -65,9 +66,8 @@ def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups,
         def hook(module, args, output):
             x = args[0]  # [B, S, K]
             S, n = sums.get(group) or (torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device), 0)
-            weight = current["weight"]
-            sums[group] = accumulate_hessian(S, n, x, current["mask"].to(x.device),
-                                             None if weight is None else weight.to(x.device))
+            mask, weight = rows_of(module, current["mask"]), rows_of(module, current["weight"])
+            sums[group] = accumulate_hessian(S, n, x, mask.to(x.device), None if weight is None else weight.to(x.device))
             if group == last:
                 raise StopReplay
 
@@ -78,6 +78,39 @@ def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups,
     return sums
 
 
+# A MoE layer's experts are solved in chunks whose float64 Hessian sums take at most this much (or one expert's):
+# 512 experts' gate/up sums of 4096 x 4096 would be 64 GiB at once; in 1 GiB, 8 experts per replay of the layer
+EXPERT_HESSIAN_BYTES = 2**30
+
+
+def gptq_steps(layer: torch.nn.Module, groups: list[tuple[str, ...]], ctx: LayerContext) -> list[list[tuple[str, ...]]]:
+    """The replays GPTQ collects Hessians in, in order: one per group (true-sequential) or one for all groups; the
+    copies of one linear group in every expert of a MoE layer (``mlp.experts.{e}.gate_proj``) read no output of
+    each other, so they share replays, in chunks of at most ``EXPERT_HESSIAN_BYTES`` of Hessian sums."""
+    family = ctx.family
+    steps: list[list] = []
+    for g in groups:
+        expert = family.expert_of(g[0]) is not None
+        sibling = steps and expert and family.expert_template(steps[-1][-1][0]) == family.expert_template(g[0])
+        if sibling or (steps and not ctx.qcfg.true_sequential):
+            steps[-1].append(g)
+        else:
+            steps.append([g])
+    chunked = []
+    for step in steps:
+        dense = [g for g in step if family.expert_of(g[0]) is None]
+        chunk, used = list(dense), 0
+        for g in (g for g in step if family.expert_of(g[0]) is not None):
+            k = layer.get_submodule(g[0]).in_features
+            if chunk and used and used + 8 * k * k > EXPERT_HESSIAN_BYTES:
+                chunked.append(chunk)
+                chunk, used = [], 0
+            chunk.append(g)
+            used += 8 * k * k
+        chunked.append(chunk)
+    return chunked
+
+
 def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext,
                decorate=lambda name, w, info: (w, info)) -> None:
     """GPTQ, one linear group at a time (true-sequential: each group's Hessian is re-captured after the groups
@@ -86,8 +119,7 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
     ``decorate(name, weight, info) -> (weight, info)`` adds what another method did before (AWQ's folded scales
     and search results) to each result."""
     groups = [g for g in ctx.family.linear_groups if ctx.config(g[0]) is not None]  # rules skip whole groups
-    steps = [[g] for g in groups] if ctx.qcfg.true_sequential else [list(groups)]
-    for step in steps:
+    for step in gptq_steps(layer, groups, ctx):
         names = [n for g in step for n in g]
         owner = ctx.owners(layer, names)
         solved = [g for g in step if ctx.config(g[0]).method != "rtn"]  # a rule may round a group to nearest
@@ -107,6 +139,11 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
             k = layer.get_submodule(group[0]).in_features
             S, n = sums.pop(group, None) or (torch.zeros(k, k, dtype=torch.float64, device=layer_device(layer)), 0)
             S, n = fold(S, sorted({owner[name] for name in group}), ctx.world), ctx.total_count(n)
+            if ctx.family.expert_of(group[0]) is not None and n < ctx.qcfg.min_expert_tokens:
+                for name in mine:  # a rare expert: too few tokens for a Hessian; rounded to nearest, and said
+                    w = _rtn_weight(layer.get_submodule(name), cfg.spec)
+                    ctx.finish(name, *decorate(name, w, {"tokens": n, "fallback": "rtn"}))
+                continue
             if n == 0:
                 raise ctx.fail(group[0], "received no calibration tokens; add samples or exclude it")
             if S is None:
@@ -129,17 +166,30 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
 
 
 def capture_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], names) -> dict[str, list[torch.Tensor]]:
-    """Replay ``layer`` and keep the input [B, S, K] of each named linear, per batch."""
+    """Replay ``layer`` and keep the input of each named linear, per batch: [B, S, K], or for an expert's linear
+    the real tokens routed to it, [T, K] (``rows_of``)."""
     seen: dict[str, list] = {n: [] for n in names}
-    replay(layer, inputs, [(layer.get_submodule(n), lambda m, args, out, n=n: seen[n].append(args[0].detach()))
-                           for n in names])
+    current = {}
+
+    def keep(module, args, out, n):
+        x = args[0].detach()
+        seen[n].append(x if getattr(module, "routed_rows", None) is None
+                       else x[rows_of(module, current["mask"]).to(x.device)])
+
+    replay(layer, inputs, [(layer.get_submodule(n), lambda m, args, out, n=n: keep(m, args, out, n)) for n in names],
+           before_each=lambda x: current.update(mask=x.token_mask))
     return seen
+
+
+def _real(f: torch.Tensor, x: LayerInput) -> torch.Tensor:
+    """The real tokens of captured features: [B, S, K] masked, or an expert's [T, K], which are real already."""
+    return f[x.token_mask.to(f.device)] if f.dim() == 3 else f
 
 
 def _tokens(feats: list[torch.Tensor], inputs: list[LayerInput], limit: int, ctx: LayerContext) -> tuple[torch.Tensor, int]:
     """Real (unpadded) tokens of per-batch features, evenly subsampled to at most ``limit`` over every rank's
     tokens (this rank keeps those of the subsample that are its own). -> ([T, K] here, T over all ranks)."""
-    x = torch.cat([f[i.token_mask.to(f.device)] for f, i in zip(feats, inputs)])
+    x = torch.cat([_real(f, i) for f, i in zip(feats, inputs)])
     counts = ctx.each(x.shape[0])
     start, everyone = sum(counts[:ctx.world.rank]), sum(counts)
     if everyone > limit:
@@ -176,7 +226,7 @@ def _output_fn(layer, group, linears, feats, inputs, family):
     once on all real tokens together (one large matmul instead of one small one per batch)."""
     module = None if group.inspect is None else layer.get_submodule(group.inspect)
     attention = group.inspect == family.attention
-    tokens = None if attention else torch.cat([f[li.token_mask.to(f.device)] for f, li in zip(feats, inputs)])
+    tokens = None if attention else torch.cat([_real(f, li) for f, li in zip(feats, inputs)])
 
     def run(x, li=None):
         if module is None:
@@ -218,11 +268,20 @@ def _fold(prev: torch.nn.Module, linears, s: torch.Tensor, storage_dtype, norm_o
             lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
 
 
-def _search_scales(layer, inputs, ctx: LayerContext, feats, owner) -> tuple[list, dict]:
+def _expert_tokens(feats, inputs, ctx: LayerContext, owner) -> dict[str, int]:
+    """Expert linear -> the real tokens (over every rank) its expert's router sent it."""
+    counts = {first: ctx.total_count(sum(int(_real(f, i).shape[0]) for f, i in zip(fs, inputs)))
+              for first, fs in feats.items() if ctx.family.expert_of(first) is not None}
+    return {name: counts[key] for name, key in owner.items() if key in counts}
+
+
+def _search_scales(layer, inputs, ctx: LayerContext, feats, owner, rare=frozenset()) -> tuple[list, dict]:
     """Every scaling group's scales, searched on the full-precision layer. -> ([(group, prev, linears, s)], info)."""
     family, qcfg = ctx.family, ctx.qcfg
     found, info = [], {}
     for group in family.scaling_groups:
+        if rare & set(group.linears + (group.prev,)):
+            continue  # an expert too rarely reached: its statistics would be noise
         prev = layer.get_submodule(group.prev)
         linears = [layer.get_submodule(n) for n in group.linears]
         if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
@@ -258,7 +317,12 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     real = ctx.total_count(sum(int(i.token_mask.sum()) for i in inputs))
     if real == 0:
         raise ctx.fail(firsts[0], "received no calibration tokens; add samples or exclude it")
-    found, info = _search_scales(layer, inputs, ctx, feats, owner)
+    tokens = _expert_tokens(feats, inputs, ctx, owner)
+    # experts the router sent too few tokens: no scale or clipping search (noise), round-to-nearest, named
+    rare = {name for name, n in tokens.items() if n < qcfg.min_expert_tokens}
+    found, info = _search_scales(layer, inputs, ctx, feats, owner, rare)
+    for name, n in tokens.items():
+        info[name] = dict(info.get(name, {}), tokens=n, **({"fallback": "rtn"} if name in rare else {}))
     gptq_rounds = qcfg.awq_rounding == "gptq"
     for group, prev, linears, s in found:
         _fold(prev, linears, s, ctx.storage_dtype, family.norm_offset)
@@ -278,7 +342,7 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     grams: dict[str, torch.Tensor] = {}  # one per shared input (gate and up clip against the same tokens)
     for name in names:
         spec = ctx.config(name).spec  # linears sharing an input share their settings (fused in serving)
-        clip = qcfg.awq_clip and name not in family.clip_skipped
+        clip = qcfg.awq_clip and name not in family.clip_skipped and name not in rare
         if clip and owner[name] not in grams:  # on every rank: a collective
             grams[owner[name]] = _clip_gram(feats[owner[name]], inputs, ctx, spec)
         gram = grams.get(owner[name]) if clip else None

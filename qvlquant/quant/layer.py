@@ -129,6 +129,16 @@ def hooked(pairs: Iterable[tuple[torch.nn.Module, Callable]], pre: bool = False,
             h.remove()
 
 
+def rows_of(module: torch.nn.Module, per_token: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-token tensor of the batch ([B, S, ...]: the real-token mask, the token weights) for the rows
+    ``module`` sees: all of them, or for an expert's linear (``qvlquant.engine.experts``) the tokens routed to it,
+    whose flat indices it carries as ``routed_rows`` while it runs."""
+    rows = getattr(module, "routed_rows", None)
+    if per_token is None or rows is None:
+        return per_token
+    return per_token.reshape(-1, *per_token.shape[2:])[rows.to(per_token.device)]
+
+
 class StopReplay(Exception):
     """Raised by a replay hook once it has seen what it needs: the rest of the layer does not run."""
 

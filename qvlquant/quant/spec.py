@@ -53,7 +53,7 @@ GPTQ_MSE_BELOW_BITS = 4
 DAMP_MIN, DAMP_CEILING = 1e-6, 10.0
 MSE_RANGE = (1.0, 10.0)
 VISION_WEIGHT_RANGE = (1e-4, 1e4)
-CEILINGS = {"block_size": 65536, "awq_grid": 1000, "awq_max_tokens": 2**18}
+CEILINGS = {"block_size": 65536, "awq_grid": 1000, "awq_max_tokens": 2**18, "min_expert_tokens": 2**20}
 
 
 def finite_positive(name: str, value) -> None:
@@ -98,6 +98,9 @@ class QuantConfig:
     mse: float | None = None  # GPTQ: group ranges shrunk to minimise |w - Q(w)|^mse (GPTQModel's mse, 2.4 typical);
     # 0: min-max; None: GPTQ_MSE below GPTQ_MSE_BELOW_BITS bits for method gptq, else 0
     vision_weight: float = 1.0  # GPTQ: weight of image / video tokens in the Hessian (VLMQ-style); 1: as text
+    # GPTQ / AWQ, MoE models: an expert that the router sent fewer calibration tokens is rounded to nearest instead
+    # (named in the report); 1: only the experts no token reached
+    min_expert_tokens: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -116,6 +119,9 @@ class QuantConfig:
                     "true_sequential": not self.true_sequential}  # GPTQ's own column order and layout
         misplaced = [k for k, v in rounding.items() if v and not gptq_rounds]
         misplaced += [k for k, v in ordering.items() if v and self.method != "gptq"]
+        if self.method == "rtn" and self.min_expert_tokens != 1:
+            raise ValueError("min_expert_tokens: a GPTQ / AWQ option (how rarely reached experts are calibrated); "
+                             "RTN uses no calibration tokens")
         if misplaced:
             hint = " (AWQ takes damp_percent, mse and vision_weight with awq_rounding 'gptq')" if self.method == "awq" else ""
             raise ValueError(f"{', '.join(misplaced)}: GPTQ options, not for method {self.method}{hint}")
