@@ -101,6 +101,8 @@ class ModelFamily:
     expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     experts_field: str = "num_experts"
     expert_count: int = 0
+    routed_field: str = "num_experts_per_tok"  # the text config's field: experts each token is sent to
+    routed: int = 0  # that count, once bound
 
     def bind(self, config) -> ModelFamily:
         """This family knowing each decoder layer's type, from ``config`` (or its ``text_config``; an object or
@@ -113,7 +115,11 @@ class ModelFamily:
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"{self.name}: config {self.experts_field} is {count!r}; a mixture-of-experts model "
                                  "needs a positive expert count")
-            family = _with_experts(self, count)
+            routed = field(self.routed_field)
+            if not isinstance(routed, int) or not 1 <= routed <= count:
+                raise ValueError(f"{self.name}: config {self.routed_field} is {routed!r}; it must be between 1 and "
+                                 f"{self.experts_field} ({count})")
+            family = dataclasses.replace(_with_experts(self, count), routed=routed)
         if not family.layouts:
             return family
         types = tuple(field("layer_types") or ())

@@ -61,7 +61,7 @@ def test_families_whose_layers_are_alike_are_their_own_layer_declaration():
 
 
 def test_a_moe_family_writes_out_each_experts_linears_from_the_config():
-    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 4, "layer_types": QWEN3_5_TYPES}})
+    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 4, "num_experts_per_tok": 2, "layer_types": QWEN3_5_TYPES}})
     delta, full = family.at(0), family.at(3)
     expert_groups = [g for g in full.linear_groups if family.expert_of(g[0]) is not None]
     # each expert's gate/up (one input), then each expert's down: 8 groups, named as the checkpoint stores them
@@ -76,4 +76,4 @@ def test_a_moe_family_writes_out_each_experts_linears_from_the_config():
     assert family.expert_template("mlp.experts.13.up_proj") == "mlp.experts.{e}.up_proj"
     assert "mlp.experts.3.down_proj" in full.row_parallel and family.expert_count == 4
     with pytest.raises(ValueError, match="num_experts is 0"):
-        family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 0, "layer_types": QWEN3_5_TYPES}})
+        family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 0, "num_experts_per_tok": 2, "layer_types": QWEN3_5_TYPES}})

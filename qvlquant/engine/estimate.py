@@ -23,6 +23,7 @@ from qvlquant.config import JobConfig
 from qvlquant.families import ModelFamily
 from qvlquant.parallel.devices import compute_dtype, cpu_quota
 from qvlquant.parallel.distributed import World, assign
+from qvlquant.quant.apply import EXPERT_HESSIAN_BYTES, gptq_steps
 
 BASE_RSS = int(0.7 * 2**30)  # interpreter, torch, transformers and the processor, measured here
 GiB = 2**30
@@ -89,7 +90,7 @@ def layer_calls(layer: torch.nn.Module, family: ModelFamily, qcfg, batches: int)
     Hessians' replays per true-sequential group, AWQ's input capture and its attention scale search per grid
     point), and GPTQ's column steps over every linear's input columns."""
     gptq = qcfg.method == "gptq" or (qcfg.method == "awq" and qcfg.awq_rounding == "gptq")
-    hessian_passes = (len(family.linear_groups) if qcfg.true_sequential else 1) if gptq else 0
+    hessian_passes = len(gptq_steps(layer, list(family.linear_groups), family, qcfg.true_sequential)) if gptq else 0
     passes = 1 + hessian_passes + ({"awq": 1 + qcfg.awq_grid}.get(qcfg.method, 0))
     columns = sum(layer.get_submodule(n).in_features for n in family.linears) if gptq else 0
     return batches * passes * CALLS_PER_PASS + columns * CALLS_PER_COLUMN
@@ -99,8 +100,9 @@ def layer_flops(layer: torch.nn.Module, family: ModelFamily, method: str, tokens
                 processes: int = 1, true_sequential: bool = True) -> float:
     """The method's floating-point work on one decoder layer (replays, Hessians, solves, searches), as the slowest
     of ``processes`` ranks does it: each runs 1/processes of the tokens, and each linear's solve runs on one rank
-    (``distributed.assign``), one linear group after the other when true-sequential."""
-    shapes = {}
+    (``distributed.assign``), one linear group after the other when true-sequential. A MoE expert's linears see
+    their share of the tokens (routed / experts of them, on average)."""
+    shapes, share = {}, {}
     for name in family.linears:
         lin = layer.get_submodule(name)
         n, k = lin.out_features, lin.in_features
@@ -109,12 +111,13 @@ def layer_flops(layer: torch.nn.Module, family: ModelFamily, method: str, tokens
         if padded and name == family.mlp_out:
             k = padded
         shapes[name] = (n, k)
+        share[name] = family.routed / family.expert_count if family.expert_of(name) is not None else 1.0
     tokens = -(-tokens // processes)
-    forward = 2 * tokens * sum(n * k for n, k in shapes.values())
+    forward = 2 * tokens * sum(n * k * share[name] for name, (n, k) in shapes.items())
     if method == "rtn":
         return forward + _slowest(shapes, [list(shapes)], processes, lambda n, k: 10 * n * k)
     if method == "gptq":
-        hessians = sum(2 * tokens * k * k for n, k in shapes.values())
+        hessians = sum(2 * tokens * k * k * share[name] for name, (n, k) in shapes.items())
         steps = [list(g) for g in family.linear_groups] if true_sequential else [list(shapes)]
         return 5 * forward + hessians + _slowest(shapes, steps, processes, lambda n, k: 2 * n * k * k + 2 * k**3)
     clip_tokens = min(tokens * processes, 512)
@@ -153,9 +156,18 @@ def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.dev
     hidden = text.hidden_size
     activations = 2 * -(-tokens // processes) * hidden * size
     method = config.quant.method
-    # GPTQ: the float64 sum of the largest Hessian and its float32 copy, at the moment it is rounded
+    # GPTQ: the float64 sum of the largest Hessian and its float32 copy, at the moment it is rounded; a MoE layer's
+    # experts' sums collected together, at most EXPERT_HESSIAN_BYTES (or one expert's)
     work = {"rtn": layer_params, "gptq": (8 + 4) * k_max * k_max + layer_params // 2,
             "awq": tokens * (3 * hidden + (padded or k_max)) * size + 2**25 * 4 * 4}[method]
+    if family.experts:
+        k_expert = max(layer.get_submodule(n).in_features for layer, kind in kinds for n in kind.linears
+                       if kind.expert_of(n) is not None)
+        sums = min(EXPERT_HESSIAN_BYTES, family.expert_count * 8 * k_expert**2)
+        # AWQ holds every expert's routed inputs: each token reaches ``routed`` experts' gate/up and down
+        routed_inputs = tokens * family.routed * (hidden + k_expert) * size
+        work = {"rtn": work, "gptq": max(work, max(sums, 8 * k_expert**2) + layer_params // 2),
+                "awq": work + routed_inputs}[method]
     on_device = max(capture, layer_params + work) + activations
     speed = measured_speed(device, dtype)
     batches = -(-config.calib.num_samples // config.processing.batch_size)

@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from qvlquant.families import ModelFamily
 from qvlquant.parallel.devices import trim_heap
 from qvlquant.parallel.distributed import fold
 from qvlquant.quant.awq import (
@@ -83,16 +84,16 @@ def collect_hessians(layer: torch.nn.Module, inputs: list[LayerInput], groups,
 EXPERT_HESSIAN_BYTES = 2**30
 
 
-def gptq_steps(layer: torch.nn.Module, groups: list[tuple[str, ...]], ctx: LayerContext) -> list[list[tuple[str, ...]]]:
+def gptq_steps(layer: torch.nn.Module, groups: list[tuple[str, ...]], family: ModelFamily,
+               true_sequential: bool = True) -> list[list[tuple[str, ...]]]:
     """The replays GPTQ collects Hessians in, in order: one per group (true-sequential) or one for all groups; the
     copies of one linear group in every expert of a MoE layer (``mlp.experts.{e}.gate_proj``) read no output of
     each other, so they share replays, in chunks of at most ``EXPERT_HESSIAN_BYTES`` of Hessian sums."""
-    family = ctx.family
     steps: list[list] = []
     for g in groups:
         expert = family.expert_of(g[0]) is not None
         sibling = steps and expert and family.expert_template(steps[-1][-1][0]) == family.expert_template(g[0])
-        if sibling or (steps and not ctx.qcfg.true_sequential):
+        if sibling or (steps and not true_sequential):
             steps[-1].append(g)
         else:
             steps.append([g])
@@ -119,7 +120,7 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
     ``decorate(name, weight, info) -> (weight, info)`` adds what another method did before (AWQ's folded scales
     and search results) to each result."""
     groups = [g for g in ctx.family.linear_groups if ctx.config(g[0]) is not None]  # rules skip whole groups
-    for step in gptq_steps(layer, groups, ctx):
+    for step in gptq_steps(layer, groups, ctx.family, ctx.qcfg.true_sequential):
         names = [n for g in step for n in g]
         owner = ctx.owners(layer, names)
         solved = [g for g in step if ctx.config(g[0]).method != "rtn"]  # a rule may round a group to nearest

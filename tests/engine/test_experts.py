@@ -78,7 +78,7 @@ def test_an_unfused_skeleton_is_named_as_the_checkpoint_stores_experts(tmp_path)
 
 
 def test_coverage_counts_tokens_per_expert_and_names_the_rounded():
-    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 3, "layer_types": ["full_attention"]}})
+    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 3, "num_experts_per_tok": 2, "layer_types": ["full_attention"]}})
     info = {"m.layers.0.mlp.experts.0.gate_proj": {"tokens": 9}, "m.layers.0.mlp.experts.0.up_proj": {"tokens": 9},
             "m.layers.0.mlp.experts.2.gate_proj": {"tokens": 1, "fallback": "rtn"},
             "m.layers.0.mlp.experts.2.down_proj": {"tokens": 1, "fallback": "rtn"},

@@ -220,14 +220,12 @@ def test_rules_skip_override_and_switch_method_per_linear(method, demo, demo_bat
 def test_gptq_collects_the_experts_hessians_in_replays_bounded_in_memory(monkeypatch):
     """The copies of one group in every expert share a replay (they read no output of each other), in chunks of at
     most EXPERT_HESSIAN_BYTES of float64 sums; dense groups keep their own replays (true-sequential)."""
-    import types
-
     from qvlquant.engine.experts import ExpertLinears
     from qvlquant.families import family_for
     from qvlquant.quant import apply
-    from qvlquant.quant.spec import QuantConfig
 
-    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 5, "layer_types": ["full_attention"]}})
+    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 5, "num_experts_per_tok": 2,
+                                                             "layer_types": ["full_attention"]}})
     layer = torch.nn.Module()
     layer.mlp = torch.nn.Module()
     layer.mlp.experts = ExpertLinears(5, family.expert_linears, 64, 32, torch.nn.SiLU(), torch.float32, "meta")
@@ -235,15 +233,15 @@ def test_gptq_collects_the_experts_hessians_in_replays_bounded_in_memory(monkeyp
     for name in ("gate_proj", "up_proj", "down_proj"):
         layer.mlp.shared_expert.add_module(name, torch.nn.Linear(64, 64, device="meta"))
     groups = [g for g in family.at(0).linear_groups if g[0].startswith("mlp.")]
-    ctx = types.SimpleNamespace(family=family.at(0), qcfg=QuantConfig("gptq"))
+    family = family.at(0)
     gate_up = 8 * 64 * 64  # one expert's gate/up sum: K = 64
     monkeypatch.setattr(apply, "EXPERT_HESSIAN_BYTES", 2 * gate_up)
-    steps = apply.gptq_steps(layer, groups, ctx)
+    steps = apply.gptq_steps(layer, groups, family)
     assert [len(s) for s in steps] == [1, 1, 2, 2, 1, 5]  # shared gate/up, shared down, 5 gate/up in 3, 5 downs
     assert steps[2] == [("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"),
                         ("mlp.experts.1.gate_proj", "mlp.experts.1.up_proj")]
     assert steps[5] == [(f"mlp.experts.{e}.down_proj",) for e in range(5)]  # K = 32: 5 sums fit in 4 of K = 64
     monkeypatch.setattr(apply, "EXPERT_HESSIAN_BYTES", 1)  # one expert per replay at the least
-    assert [len(s) for s in apply.gptq_steps(layer, groups, ctx)] == [1, 1] + [1] * 10
-    one = apply.gptq_steps(layer, groups, types.SimpleNamespace(family=ctx.family, qcfg=QuantConfig("gptq", true_sequential=False)))
+    assert [len(s) for s in apply.gptq_steps(layer, groups, family)] == [1, 1] + [1] * 10
+    one = apply.gptq_steps(layer, groups, family, true_sequential=False)
     assert one[0][:2] == groups[:2] and sum(map(len, one)) == len(groups) and len(one) == 10
