@@ -104,7 +104,7 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
         raise TypeError("pass either a JobConfig or flat settings, not both")
     world = World.from_env()
     device = resolve_device(config.device.device, world.local_rank if world.distributed else None)  # checked
-    if config.fp8_format is not None:
+    if config.datafree_format is not None:
         return _quantize_datafree(config, world)
     if _rtn_from_the_checkpoint(config, world):
         return _quantize_rtn(config, world)
@@ -193,20 +193,21 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
 
 
 def _quantize_datafree(config: JobConfig, world: World) -> dict:
-    """A data-free scheme (``config.fp8_format``): the checks of any run, then each decoder-layer linear quantized
-    as the export streams it from the checkpoint (``checkpoint.datafree``). One process, on the CPU: the work is
-    reading and writing. -> the report saved beside the weights."""
+    """A data-free scheme (``config.datafree_format``: FP8 or INT8 W8A8): the checks of any run, then each
+    decoder-layer linear quantized as the export streams it from the checkpoint (``checkpoint.datafree``). One
+    process, on the CPU: the work is reading and writing. -> the report saved beside the weights."""
     if world.distributed:
         raise ValueError(f"scheme {config.scheme} quantizes data-free in one process, as fast as the checkpoint "
                          "reads; run it without --nproc / torchrun")
     t0 = time.time()
     with contextlib.ExitStack() as held:
         job = _prepare(config, world, torch.device("cpu"), held)
-        say(f"{config.scheme}: quantizing {job.family.name}'s decoder linears to FP8 as they stream from "
+        kind = "FP8" if config.fp8_format is not None else "INT8"
+        say(f"{config.scheme}: quantizing {job.family.name}'s decoder linears to {kind} as they stream from "
             f"{job.folder} to {job.out} (no calibration data)")
         base = CheckpointTensors(job.reader, job.family, job.storage)
         options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
-        export_fp8(job.skeleton, job.processor, base, config.fp8_format, job.out,
+        export_fp8(job.skeleton, job.processor, base, config.datafree_format, job.out,
                    lambda quantized: _datafree_report(config, job, quantized, t0), options, base_folder=job.folder)
     return json.loads((job.out / REPORT).read_text())
 
@@ -266,6 +267,8 @@ def _rtn_report(config: JobConfig, job: PreparedJob, quantized: list[str], start
 
 def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
     """What quantize_report.json records for a data-free scheme."""
+    if config.fp8_format is None:
+        return _w8a8_report(config, job, quantized, started)
     fmt = config.fp8_format
     group = fmt.activation_group
     return {
@@ -277,6 +280,27 @@ def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], 
         "bits": 8,
         "weights": f"float8_e4m3fn, {fmt.scale_name} " + ("per 128x128 block" if group else "per output channel"),
         "activations": "float8_e4m3fn, dynamic per token" + (f" and group of {group} inputs" if group else ""),
+        "calibration": None,
+        "layers": {name: {"format": fmt.value} for name in quantized},
+        "complete": True,
+        "total_seconds": round(time.time() - started, 2),
+        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}",
+    }
+
+
+def _w8a8_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
+    """What quantize_report.json records for the data-free INT8 W8A8 scheme (round-to-nearest per channel)."""
+    fmt = config.datafree_format
+    return {
+        "qvlquant_version": __version__,
+        "config": config.to_dict(),
+        "base_model": str(config.model),
+        "method": "int8",
+        "scheme": config.scheme,
+        "bits": 8,
+        "weights": f"int8 symmetric, {fmt.scale_name} absmax/127 per output channel (round-to-nearest)",
+        "activations": "int8 symmetric, dynamic per token (absmax/127)",
         "calibration": None,
         "layers": {name: {"format": fmt.value} for name in quantized},
         "complete": True,
@@ -387,7 +411,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     linears = decoder_linears(skeleton, family, padded)
     modules = ModulePlan.resolve(config.rules, config.quant, [name for name, _, _ in linears],
                                  fused_groups(family, len(skeleton.get_submodule(family.decoder_layers))))
-    if config.fp8_format is None:  # a data-free scheme has no integer groups
+    if config.datafree_format is None:  # a data-free scheme has no integer groups
         check_group_size(skeleton, family, config.quant.spec, padded, modules if modules.mixed else None)
         if world.leader:
             say("the plan (bits per weight with scales and zeros; skipped linears at the checkpoint's 16 bits):\n"

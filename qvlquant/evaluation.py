@@ -197,7 +197,8 @@ def published_figures(model: str, task: str) -> str | None:
 
 def weights_label(summary: dict) -> str:
     """How the eval table names a model's weights: 'BF16 (full precision)', 'AWQ W4g128', 'GPTQ-format W8g128',
-    'compressed-tensors W4g128 asym', 'bnb NF4 (no calib)', 'compressed-tensors FP8 channel'."""
+    'compressed-tensors W4g128 asym', 'bnb NF4 (no calib)', 'compressed-tensors FP8 channel',
+    'compressed-tensors W8A8 INT8'."""
     q = summary.get("quantization")
     if not q:
         return "BF16 (full precision)"
@@ -207,6 +208,8 @@ def weights_label(summary: dict) -> str:
     if q.get("weights") == "fp8_e4m3":  # W8A8: e4m3 weights and dynamic e4m3 activations
         prefix = "" if method == "fp8" else f"{FORMAT_LABELS.get(method, method)} "
         return prefix + ("FP8 block" if q.get("group_size", -1) > 0 else "FP8 channel")
+    if q.get("weights") == "int8_w8a8":  # W8A8: int8 weights per channel and dynamic int8 activations per token
+        return f"{FORMAT_LABELS.get(method, method)} W8A8 INT8"
     asym = "" if q.get("sym", True) or method == "awq" else " asym"  # AWQ is asymmetric by default: not repeated
     return f"{FORMAT_LABELS.get(method, method)} W{q['bits']}g{q['group_size']}{asym}"
 

@@ -459,6 +459,30 @@ def test_a_scheme_refuses_the_integer_methods_settings(extra, named, tmp_path, c
     assert len(err.splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("extra", [["--override", "self_attn:bits=8"], ["--ignore", r"layers\.1\.mlp"],
+                                   ["--method", "gptq"], ["--calib", "easyvqa"]])
+def test_w8a8_refuses_per_module_rules_and_the_integer_methods_settings_as_fp8_does(extra, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", "--scheme", "W8A8", *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "scheme W8A8 quantizes INT8 weights data-free, with no calibration and in its own format" in err
+    assert len(err.splitlines()) == 1 and "do not apply; leave them out" in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_w8a8_quantizes_without_data_and_passes_the_check(tmp_path, capsys):
+    """Data-free INT8 W8A8 from the command line, then eval (the served numerics: int8 activations per token) and
+    qvlquant's own gate with its default tolerances."""
+    out = tmp_path / "w8a8"
+    assert main(["quantize", "--scheme", "W8A8", "--output", str(out)]) == 0
+    assert "quantized 28 linears (W8A8, data-free)" in capsys.readouterr().out
+    report = tmp_path / "e.json"
+    assert main(["eval", "--model", str(out), "--limit", "200", "--report", str(report)]) == 0
+    assert "compressed-tensors W8A8 INT8" in capsys.readouterr().out  # the eval table names the format
+    assert json.loads(report.read_text())["quantization"]["weights"] == "int8_w8a8"
+    assert main(["check", str(report)]) == 0
+
+
 def test_target_bits_writes_a_mixed_export_whose_recipe_reproduces_it(tmp_path):
     """The search's export differs from uniform W4 (rules in the config), its report holds the measured table, and
     mixed_precision.yaml, rerun with --recipe and no search, gives the same safetensors bytes."""

@@ -24,7 +24,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
 from qvlquant.eval.check import task_scores
 from qvlquant.families import FAMILIES
-from qvlquant.quant.formats import Fp8Format
+from qvlquant.quant.formats import Fp8Format, Int8Format
 
 CARD = "README.md"
 # owner/name as the hub spells repository ids (no leading dot or dash, no "..")
@@ -41,6 +41,11 @@ REQUIREMENTS = {
 # by compute capability; below 8.9 both fall back to FP8 Marlin, weight-only)
 FP8_HARDWARE = ("an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell) for FP8 W8A8 kernels; "
                 "on older GPUs vLLM serves the FP8 weights through its Marlin kernel with 16-bit activations")
+# Where INT8 W8A8 exports run (vLLM 0.33's CompressedTensorsW8A8Int8: get_min_capability 75, CUTLASS int8 scaled-mm)
+W8A8_HARDWARE = ("an NVIDIA GPU with INT8 tensor cores (Ampere and newer; vLLM 0.33 accepts compute capability 7.5, "
+                 "Turing, and up) for vLLM's CUTLASS int8 W8A8 kernels")
+W8A8_METHOD = "INT8 W8A8 (W8A8), data-free round-to-nearest"
+W8A8_ACTIVATIONS = "INT8, symmetric, dynamic: the serving kernel scales each token (absmax / 127) at run time"
 
 
 def looks_like_hub_id(name) -> bool:
@@ -159,6 +164,8 @@ def weights_text(q: CheckpointQuant, quant: dict) -> str:
     if isinstance(q.pack_format, Fp8Format):
         grid = "128x128 blocks" if q.pack_format is Fp8Format.BLOCK else "per output channel"
         return f"FP8, e4m3, {grid}, symmetric"
+    if isinstance(q.pack_format, Int8Format):
+        return "INT8, per output channel, symmetric (scale absmax / 127)"
     spec = quant.get("spec") or {"bits": q.spec.bits, "group_size": q.spec.group_size, "sym": q.spec.sym}
     group = spec.get("group_size")
     parts = [f"INT{spec.get('bits')}"]
@@ -222,7 +229,7 @@ def plan_text(plan: list[dict]) -> str:
 def calibration_text(report: dict, method: str) -> str:
     if method == "rtn":
         return "none: round-to-nearest uses the weights alone"
-    if method == "fp8":
+    if method in ("fp8", "int8"):
         return "none: data-free, the weight scales come from the weights alone and activation scales per token"
     calib = report.get("calibration")
     if not calib:
@@ -257,13 +264,15 @@ def overview(config: dict, report: dict) -> str:
     layers = text.get("num_hidden_layers")
     arch = ", ".join(config.get("architectures") or []) or "?"
     fp8 = q.pack_format if isinstance(q.pack_format, Fp8Format) else None
+    int8 = isinstance(q.pack_format, Int8Format)
     rows = [("Architecture", f"{arch} (`{config.get('model_type', '?')}`)"
              + (f", {layers} decoder layers" if layers else "")),
-            ("Quantization", fp8_method_text(report) if fp8 else method_text(method, quant)),
+            ("Quantization", fp8_method_text(report) if fp8 else W8A8_METHOD if int8 else method_text(method, quant)),
             ("Weights", weights_text(q, quant)),
-            ("Activations", fp8_activations_text(fp8) if fp8 else "not quantized (weight-only)")]
-    if fp8:
-        rows.append(("Hardware", FP8_HARDWARE))
+            ("Activations", fp8_activations_text(fp8) if fp8 else W8A8_ACTIVATIONS if int8
+             else "not quantized (weight-only)")]
+    if fp8 or int8:
+        rows.append(("Hardware", FP8_HARDWARE if fp8 else W8A8_HARDWARE))
     if gptq_rounds(quant):
         rows.append(("Act-order (static groups)", act_order_text(quant)))
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype")

@@ -1,6 +1,7 @@
-"""Data-free exports (FP8, and round-to-nearest in the integer layouts): each decoder-layer linear weight of the language model read from the base checkpoint,
-quantized to e4m3 (``Fp8Format``) and written, one tensor at a time; no calibration data, no forward pass, no
-model in memory. Everything else (vision tower, embeddings, norms, biases, lm_head) is copied in the storage dtype.
+"""Data-free exports (FP8, INT8 W8A8, and round-to-nearest in the integer layouts): each decoder-layer linear weight
+of the language model read from the base checkpoint, quantized to e4m3 (``Fp8Format``) or int8 per channel
+(``Int8Format``, W8A8) and written, one tensor at a time; no calibration data, no forward pass, no model in memory.
+Everything else (vision tower, embeddings, norms, biases, lm_head) is copied in the storage dtype.
 
 Memory holds one tensor (in float32 while it is quantized). safetensors orders a file's tensors by dtype, so a
 linear's float32 scale is written before its e4m3 weight: each quantized weight is read twice (once for its scale,
@@ -22,11 +23,12 @@ from qvlquant.checkpoint.export import (
     finish_export,
     fp8_quantization_config,
     quantization_config,
+    w8a8_quantization_config,
     write_shards,
 )
 from qvlquant.config import ExportConfig
 from qvlquant.families import ModelFamily
-from qvlquant.quant.formats import Fp8Format, PackFormat, QuantizedWeight
+from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
@@ -47,7 +49,7 @@ def is_fp8_linear(family: ModelFamily, runtime_name: str) -> bool:
 
 
 def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
-             fmt: Fp8Format) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
+             fmt: Fp8Format | Int8Format) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
     """Every tensor of the export in state-dict order (a quantized linear's weight and scale where its weight was),
     with a function fetching each. ``model`` may be a meta skeleton: only its names are read.
     -> (entries, fetch, the runtime names of the quantized linears)."""
@@ -87,19 +89,21 @@ def not_converted_modules(model, family: ModelFamily) -> list[str]:
     return list(dict.fromkeys(family.not_converted_names() + whole))
 
 
-def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format, out: str | pathlib.Path,
+def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format | Int8Format, out: str | pathlib.Path,
                report: Callable[[list[str]], dict], options: ExportConfig = ExportConfig(),
                base_folder: pathlib.Path | None = None) -> pathlib.Path:
-    """Write the FP8 export of the checkpoint ``base`` reads to ``out``, published atomically. ``model``: the
-    model's meta skeleton (names and config only); ``report``: makes the report from the quantized linears' names
-    once the tensors are written. -> the published folder."""
+    """Write the FP8 (or INT8 W8A8, ``Int8Format``: the same weight-and-scale plan) export of the checkpoint
+    ``base`` reads to ``out``, published atomically. ``model``: the model's meta skeleton (names and config
+    only); ``report``: makes the report from the quantized linears' names once the tensors are written.
+    -> the published folder."""
     family = base.family
     tmp = temp_dir(out)
     try:
         entries, fetch, quantized = plan_fp8(model, family, base, fmt)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
-        config.quantization_config = fp8_quantization_config(fmt, family, not_converted_modules(model, family))
+        config.quantization_config = w8a8_quantization_config(fmt, family) if isinstance(fmt, Int8Format) else \
+            fp8_quantization_config(fmt, family, not_converted_modules(model, family))
         config.dtype = str(base.dtype).removeprefix("torch.")
         return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
     except BaseException:

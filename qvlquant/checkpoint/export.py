@@ -27,7 +27,7 @@ from qvlquant.config import ExportConfig
 from qvlquant.engine.loop import QuantResult
 from qvlquant.engine.streaming import disk_key
 from qvlquant.families import ModelFamily
-from qvlquant.quant.formats import FP8_SCHEME_NAMES, Fp8Format, PackFormat
+from qvlquant.quant.formats import FP8_SCHEME_NAMES, SCHEME_NAMES, Fp8Format, Int8Format, PackFormat
 from qvlquant.quant.fp8 import BLOCK as FP8_BLOCK
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
@@ -166,6 +166,26 @@ def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: 
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": "float-quantized"}},
+        "ignore": family.compressed_ignore(),
+        "kv_cache_scheme": None,
+    }
+    return {**validated_by_library(config), "meta": meta}
+
+
+def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily) -> dict:
+    """The ``quantization_config`` of an INT8 W8A8 export: compressed-tensors ``int-quantized``, llm-compressor's
+    W8A8 preset (int8 weights per channel, symmetric; int8 input activations per token, dynamic, symmetric)."""
+    meta = {"quantizer": f"qvlquant:{__version__}", "method": "int8", "scheme": SCHEME_NAMES[fmt]}
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel",
+               "group_size": None, "observer": "minmax"}
+    activations = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
+                   "group_size": None, "observer": None}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+                                      "output_activations": None, "format": "int-quantized"}},
         "ignore": family.compressed_ignore(),
         "kv_cache_scheme": None,
     }

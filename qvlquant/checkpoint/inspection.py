@@ -26,7 +26,7 @@ from qvlquant.checkpoint.vllm import (
     vllm_problems,
 )
 from qvlquant.families import ModelFamily, family_for
-from qvlquant.quant.formats import Fp8Format, PackFormat
+from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat
 from qvlquant.storage.manifest import (
     MANIFEST,
     ManifestError,
@@ -76,8 +76,9 @@ def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelF
             k = shape[0] * 32 // bits if quant.pack_format is PackFormat.GPTQ else shape[0]
         elif key.endswith(".weight_packed"):
             n, k = shape[0], shape[1] * 32 // bits
-        elif isinstance(quant.pack_format, Fp8Format) and key.endswith("." + quant.pack_format.scale_name):
-            n, k = header[module + ".weight"][0]  # FP8: e4m3 weight [out, in] beside its scale
+        elif isinstance(quant.pack_format, (Fp8Format, Int8Format)) and \
+                key.endswith("." + quant.pack_format.scale_name):
+            n, k = header[module + ".weight"][0]  # FP8 / INT8 W8A8: e4m3 or int8 weight [out, in] beside its scale
         else:
             continue
         shapes[name] = (k, n)
@@ -98,8 +99,10 @@ def module_settings(header: dict, quant: CheckpointQuant | None, family: ModelFa
                 or not name.endswith(tuple("." + linear for linear in family.linears)):
             continue
         setting = describe_spec(quant.spec_for(name))
-        if (leaf == "weight") != (quant.spec_for(name) is None):
-            setting += " but held as a plain weight" if leaf == "weight" else " but held packed"
+        scaled = isinstance(quant.pack_format, (Fp8Format, Int8Format))  # FP8 / W8A8: ``weight`` beside its scale
+        plain = leaf == "weight" and not (scaled and f"{module}.{quant.pack_format.scale_name}" in header)
+        if plain != (quant.spec_for(name) is None):
+            setting += " but held as a plain weight" if plain else " but held packed"
         counts[setting] = counts.get(setting, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 

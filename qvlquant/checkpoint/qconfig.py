@@ -26,6 +26,8 @@ AWQ holds one width, so its only per-module setting is ``modules_to_not_convert`
   default) and "dynamic"; ``fmt`` "e4m3"; ``weight_block_size`` [128, 128] (per-tensor FP8 is not read).
 - compressed-tensors ``float-quantized``: FP8_DYNAMIC only (8-bit float weights per channel, symmetric; 8-bit float
   input activations per token, dynamic).
+- compressed-tensors ``int-quantized``: W8A8 with dynamic activations only (8-bit int weights per channel,
+  symmetric; 8-bit int input activations per token, dynamic, symmetric).
 
 A present field of the wrong type (``"bits": "4"``), an unknown method, a layout qvlquant has no ``PackFormat`` for,
 or a width ``QuantSpec`` refuses is a ValueError naming the file and the field; never a KeyError.
@@ -38,7 +40,7 @@ import json
 import pathlib
 import re
 
-from qvlquant.quant.formats import Fp8Format, PackFormat
+from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat
 from qvlquant.quant.fp8 import BLOCK as FP8_BLOCK
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.files import read_text_bounded
@@ -73,7 +75,8 @@ class CheckpointQuant:
     """What a checkpoint's ``quantization_config`` says, read once by ``read_quantization_config``."""
 
     method: str  # quant_method: "gptq", "awq", "compressed-tensors" or "fp8"
-    pack_format: PackFormat | Fp8Format  # the layout of the packed tensors on disk (Fp8Format: FP8 e4m3 weights)
+    # the layout of the packed tensors on disk (Fp8Format: FP8 e4m3 weights; Int8Format: INT8 W8A8 weights)
+    pack_format: PackFormat | Fp8Format | Int8Format
     spec: QuantSpec  # the base setting: bits; group_size (-1: per channel); sym (AWQ: not zero_point)
     act_order: bool  # the groups are permuted at load time (GPTQ desc_act, compressed-tensors actorder "group")
     checkpoint_format: str  # GPTQ checkpoint_format "gptq", AWQ version "gemm", compressed-tensors "pack-quantized"
@@ -95,6 +98,8 @@ class CheckpointQuant:
                "sym": self.spec.sym}
         if isinstance(self.pack_format, Fp8Format):
             out["weights"] = "fp8_e4m3"
+        if isinstance(self.pack_format, Int8Format):
+            out["weights"] = "int8_w8a8"
         if self.mixed:
             settings = [r.describe() for r in self.overrides]
             out["mixed"] = ", ".join(f"{settings.count(s)} rule(s) {s}" for s in dict.fromkeys(settings))
@@ -221,6 +226,13 @@ def _read_compressed(qc: dict, path: str) -> CheckpointQuant:
             raise ValueError(f"{path}.config_groups holds {len(groups)} groups with float-quantized among them; "
                              "qvlquant reads float-quantized as one group for every Linear")
         return read_float_quantized(qc, fp8[0][1], f"{path}.config_groups.{fp8[0][0]}", path)
+    int8 = [(n, g) for n, g in groups.items() if isinstance(g, dict)
+            and (_get(g, "format", str, None, f"{path}.config_groups.{n}") or qc.get("format")) == "int-quantized"]
+    if int8:  # INT8 W8A8 (llm-compressor's W8A8): one scheme for every Linear
+        if len(groups) != 1:
+            raise ValueError(f"{path}.config_groups holds {len(groups)} groups with int-quantized among them; "
+                             "qvlquant reads int-quantized as one group for every Linear")
+        return read_int_quantized(qc, int8[0][1], f"{path}.config_groups.{int8[0][0]}", path)
     base, rules, layout = None, [], None
     for name, group in groups.items():
         gpath = f"{path}.config_groups.{name}"
@@ -312,6 +324,27 @@ def read_float_quantized(qc: dict, group: dict, gpath: str, path: str) -> Checkp
                                  f"({key} {value!r})")
     return CheckpointQuant("compressed-tensors", Fp8Format.CHANNEL, QuantSpec(8, -1, True), False,
                            "float-quantized", ignore=_names(qc, "ignore", path))
+
+
+def read_int_quantized(qc: dict, group: dict, gpath: str, path: str) -> CheckpointQuant:
+    """compressed-tensors ``int-quantized`` as llm-compressor's W8A8 writes it: 8-bit int weights per channel,
+    symmetric; 8-bit int input activations per token, dynamic, symmetric. Anything else (static or asymmetric
+    activations, per-tensor weights, weight-only) is refused, naming the field."""
+    wpath, apath = f"{gpath}.weights", f"{gpath}.input_activations"
+    weights = _get(group, "weights", dict, REQUIRED, gpath)
+    acts = _get(group, "input_activations", dict, None, gpath)
+    if acts is None:
+        raise ValueError(f"{apath} is missing; qvlquant reads int-quantized W8A8 with dynamic per-token activations")
+    expected = ((weights, wpath, {"type": "int", "num_bits": 8, "strategy": "channel", "symmetric": True}),
+                (acts, apath, {"type": "int", "num_bits": 8, "strategy": "token", "dynamic": True, "symmetric": True}))
+    defaults = {"symmetric": True, "dynamic": False}  # compressed-tensors' QuantizationArgs defaults
+    for d, where, fields in expected:
+        for key, value in fields.items():
+            got = _get(d, key, type(value), defaults.get(key), where)
+            if got != value:
+                raise ValueError(f"{where}.{key} is {got!r}; qvlquant reads int-quantized W8A8 ({key} {value!r})")
+    return CheckpointQuant("compressed-tensors", Int8Format.CHANNEL, QuantSpec(8, -1, True), False,
+                           "int-quantized", ignore=_names(qc, "ignore", path))
 
 
 def _ct_group_size(weights: dict, wpath: str) -> int:

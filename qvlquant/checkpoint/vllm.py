@@ -427,8 +427,9 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
     report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
                                                            read_checkpoint_header(folder))
     ours = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
-    # the integer layouts' per-module widths (FP8 exports hold one setting, checked by the methods vLLM names)
-    misread = [] if ours.method == "fp8" or ours.summary().get("weights") == "fp8_e4m3" else \
+    # the integer layouts' per-module widths (FP8 and INT8 W8A8 exports hold one setting, checked by the methods
+    # vLLM names)
+    misread = [] if ours.method == "fp8" or ours.summary().get("weights") in ("fp8_e4m3", "int8_w8a8") else \
         setting_mismatches(report["settings"], names, ours, family)
     report["tp"] = {tp: misread + problems for tp, problems in report["tp"].items()}
     return report

@@ -23,7 +23,7 @@ import enum
 
 import torch
 
-from qvlquant.quant import fp8
+from qvlquant.quant import fp8, int8
 from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups
 from qvlquant.quant.spec import QuantSpec
 
@@ -314,3 +314,50 @@ class Fp8Format(str, enum.Enum):
 # --scheme: llm-compressor's preset names for the FP8 layouts (its FP8_BLOCK, FP8_DYNAMIC), quantized data-free
 FP8_SCHEMES = {"FP8_BLOCK": Fp8Format.BLOCK, "FP8_DYNAMIC": Fp8Format.CHANNEL}
 FP8_SCHEME_NAMES = {fmt: name for name, fmt in FP8_SCHEMES.items()}
+
+
+class Int8Format(str, enum.Enum):
+    """INT8 W8A8 layouts of a quantized linear (``qvlquant.quant.int8`` has the math). Beside ``Fp8Format`` and
+    for the same reasons: the codes come from the weight alone, one int8 per weight (nothing packed), and the
+    serving kernels also quantize the activations (int8 per token, dynamic).
+
+    - ``CHANNEL`` (compressed-tensors ``int-quantized``, llm-compressor's W8A8): ``weight`` [N, K] int8,
+      ``weight_scale`` [N, 1] in ``scale_dtype`` (an export writes the model's dtype, as llm-compressor does).
+    """
+
+    CHANNEL = "int8_channel"
+
+    @property
+    def scale_name(self) -> str:
+        return "weight_scale"
+
+    @property
+    def activation_group(self) -> int | None:
+        """Inputs per dynamic activation scale: None, one scale per token."""
+        return None
+
+    def pack(self, w: torch.Tensor, name: str = "weight",
+             scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """A float weight [N, K] -> the tensors stored for it (``name`` is named in a non-finite error)."""
+        q, scale = int8.quantize_channels(w, name, scale_dtype)
+        return {"weight": q, "weight_scale": scale}
+
+    def scale(self, w: torch.Tensor, name: str = "weight", scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``pack(w)["weight_scale"]`` without computing the codes."""
+        return int8.channel_scales(w, name, scale_dtype)
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stored tensors -> the weight they stand for, [N, K] float32."""
+        return int8.dequantize_channels(tensors["weight"], tensors["weight_scale"])
+
+    def tensor_shapes(self, k: int, n: int,
+                      scale_dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the stored tensors of a [N, K] linear."""
+        return {"weight": ((n, k), torch.int8), "weight_scale": ((n, 1), scale_dtype)}
+
+
+# --scheme W8A8: llm-compressor's preset (INT8 weights per channel, INT8 activations per token, dynamic), data-free
+W8A8_SCHEMES = {"W8A8": Int8Format.CHANNEL}
+# every data-free --scheme, and the one name of each layout
+DATAFREE_SCHEMES = {**FP8_SCHEMES, **W8A8_SCHEMES}
+SCHEME_NAMES = {fmt: name for name, fmt in DATAFREE_SCHEMES.items()}

@@ -33,7 +33,7 @@ from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
 from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
-from qvlquant.quant.formats import Fp8Format, PackFormat  # noqa: E402
+from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat  # noqa: E402
 from qvlquant.quant.spec import QuantConfig, QuantSpec  # noqa: E402
 from qvlquant.storage.shards import ShardReader, read_checkpoint_header  # noqa: E402
 
@@ -463,6 +463,50 @@ def test_vllm_matches_fp8_modules_to_not_convert_by_exact_name_only(fp8_exports,
     (edited / "config.json").write_text(json.dumps(config))
     quantized = inspect_checkpoint(edited)["vllm"]["vision_quantized"]
     assert len(quantized) == VISION_LINEARS["qwen2_vl"] and all(n.startswith("visual.") for n in quantized)
+
+
+# --- INT8 W8A8, data-free: compressed-tensors int-quantized (llm-compressor's W8A8) ----------------------------------
+W8A8 = ("compressed-tensors", "CompressedTensorsLinearMethod(CompressedTensorsW8A8Int8)",
+        "CutlassInt8ScaledMMLinearKernel")  # vLLM's method, what it gives a decoder linear, the kernel on an sm_90
+
+
+@pytest.fixture(scope="module")
+def w8a8_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-w8a8")
+    return {t: make_fp8_export(root, t, Int8Format.CHANNEL) for t in TYPES}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_serves_w8a8_exports_with_the_vision_tower_unquantized(w8a8_exports, model_type):
+    """vLLM picks its int8 W8A8 scheme (dynamic per-token activations, per-channel weights) for every decoder
+    linear, allocates the shapes the export holds (int8 weight [N, K], scale [N, 1]) and leaves the vision tower
+    unquantized; the copied rules agree."""
+    folder = w8a8_exports[model_type]
+    vllm = inspect_checkpoint(folder)["vllm"]
+    method, linear_method, kernel = W8A8
+    assert vllm["checked_by"].startswith("vLLM 0.33") and vllm["refused"] is None and vllm["method"] == method
+    language = {v: m for v, m in vllm["layers"].items() if v.startswith("language_model.model.layers.")}
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(language) == 3 * 4 and set(language.values()) == {linear_method}
+    assert len(vision) == VISION_LINEARS[model_type] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert vllm["vision_quantized"] == [] and vllm["tp"][1] == [] and vllm["tp"][2] == []
+    assert set(vllm["kernels"][1].values()) == {kernel}
+    config = json.loads((folder / "config.json").read_text())
+    family = family_for(model_type)
+    header = read_checkpoint_header(folder)
+    quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
+    shapes = quantized_shapes(header, quant, family)
+    assert len(shapes) == 3 * 7
+    vision_names = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                          if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
+    copied = copied_rules(quant, shapes, vision_names, family, copy.deepcopy(config))
+    assert copied["vision_quantized"] == [] and copied["refused"] is None
+    assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in vllm["tp"].items()}
+
+
+def test_vllm_refuses_nothing_it_is_told_about_w8a8_at_quantize_time(w8a8_exports):
+    config = json.loads((w8a8_exports["qwen2_vl"] / "config.json").read_text())
+    assert vllm_compatibility_warnings(config["quantization_config"], family_for("qwen2_vl")) == []
 
 
 # --- Qwen3.5 (dense): Gated DeltaNet and gated full-attention layers --------------------------------------------------
