@@ -25,7 +25,7 @@ from qvlquant.checkpoint.export import (
     export,
     quantization_config,
 )
-from qvlquant.checkpoint.datafree import export_fp8, export_rtn
+from qvlquant.checkpoint.datafree import export_fp8, export_nvfp4, export_rtn
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
 from qvlquant.engine.estimate import estimate, format_estimate
@@ -103,7 +103,7 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
         raise TypeError("pass either a JobConfig or flat settings, not both")
     world = World.from_env()
     device = resolve_device(config.device.device, world.local_rank if world.distributed else None)  # checked
-    if config.fp8_format is not None:
+    if config.fp8_format is not None or config.nvfp4_format is not None:
         return _quantize_datafree(config, world)
     if _rtn_from_the_checkpoint(config, world):
         return _quantize_rtn(config, world)
@@ -192,7 +192,7 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
 
 
 def _quantize_datafree(config: JobConfig, world: World) -> dict:
-    """A data-free scheme (``config.fp8_format``): the checks of any run, then each decoder-layer linear quantized
+    """A data-free scheme (``config.fp8_format``, ``config.nvfp4_format``): the checks of any run, then each decoder-layer linear quantized
     as the export streams it from the checkpoint (``checkpoint.datafree``). One process, on the CPU: the work is
     reading and writing. -> the report saved beside the weights."""
     if world.distributed:
@@ -201,12 +201,17 @@ def _quantize_datafree(config: JobConfig, world: World) -> dict:
     t0 = time.time()
     with contextlib.ExitStack() as held:
         job = _prepare(config, world, torch.device("cpu"), held)
-        say(f"{config.scheme}: quantizing {job.family.name}'s decoder linears to FP8 as they stream from "
+        kind = "FP8" if config.fp8_format is not None else "NVFP4"
+        say(f"{config.scheme}: quantizing {job.family.name}'s decoder linears to {kind} as they stream from "
             f"{job.folder} to {job.out} (no calibration data)")
         base = CheckpointTensors(job.reader, job.family, job.storage)
         options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
-        export_fp8(job.skeleton, job.processor, base, config.fp8_format, job.out,
-                   lambda quantized: _datafree_report(config, job, quantized, t0), options, base_folder=job.folder)
+        if config.nvfp4_format is not None:
+            export_nvfp4(job.skeleton, job.processor, base, config.nvfp4_format, job.out,
+                         lambda quantized: _nvfp4_report(config, job, quantized, t0), options, base_folder=job.folder)
+        else:
+            export_fp8(job.skeleton, job.processor, base, config.fp8_format, job.out,
+                       lambda quantized: _datafree_report(config, job, quantized, t0), options, base_folder=job.folder)
     return json.loads((job.out / REPORT).read_text())
 
 
@@ -278,6 +283,27 @@ def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], 
         "activations": "float8_e4m3fn, dynamic per token" + (f" and group of {group} inputs" if group else ""),
         "calibration": None,
         "layers": {name: {"format": fmt.value} for name in quantized},
+        "complete": True,
+        "total_seconds": round(time.time() - started, 2),
+        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}",
+    }
+
+
+def _nvfp4_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
+    """What quantize_report.json records for NVFP4A16."""
+    return {
+        "qvlquant_version": __version__,
+        "config": config.to_dict(),
+        "base_model": str(config.model),
+        "method": "nvfp4",
+        "scheme": config.scheme,
+        "bits": 4,
+        "weights": "float4_e2m1, weight_scale float8_e4m3fn per 16 inputs, weight_global_scale float32 per tensor "
+                   "(shared by the linears vLLM fuses)",
+        "activations": "not quantized (weight-only)",
+        "calibration": None,
+        "layers": {name: {"format": config.nvfp4_format.value} for name in quantized},
         "complete": True,
         "total_seconds": round(time.time() - started, 2),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
@@ -386,7 +412,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     linears = decoder_linears(skeleton, family, padded)
     modules = ModulePlan.resolve(config.rules, config.quant, [name for name, _, _ in linears],
                                  fused_groups(family, len(skeleton.get_submodule(family.decoder_layers))))
-    if config.fp8_format is None:  # a data-free scheme has no integer groups
+    if config.scheme is None:  # a data-free scheme has no integer groups
         check_group_size(skeleton, family, config.quant.spec, padded, modules if modules.mixed else None)
         if world.leader:
             say("the plan (bits per weight with scales and zeros; skipped linears at the checkpoint's 16 bits):\n"

@@ -53,7 +53,7 @@ from qvlquant.config import (
 )
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.parallel import launch
-from qvlquant.quant.formats import FP8_SCHEMES
+from qvlquant.quant.formats import DATAFREE_SCHEMES
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, resolved_by_bits
 from qvlquant.tools.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.version import __version__
@@ -139,10 +139,11 @@ def add_quantize(sub) -> None:
     p.add_argument("--recipe", default=None, help="YAML of settings (recipes/*.yaml); flags given override it")
     p.add_argument("--model", help=f"'demo' (the embedded demo model), a local folder, or a hub id (default "
                    f"{job.model})")
-    p.add_argument("--scheme", choices=list(FP8_SCHEMES), help="FP8 weights, data-free (no calibration data, no "
-                   "--method): FP8_BLOCK, e4m3 in 128x128 blocks as Qwen's official FP8 checkpoints (quant_method "
-                   "fp8); FP8_DYNAMIC, e4m3 per output channel in compressed-tensors, llm-compressor's FP8_DYNAMIC. "
-                   "Both with dynamic per-token FP8 activations at serving time")
+    p.add_argument("--scheme", choices=list(DATAFREE_SCHEMES), help="float weights, data-free (no calibration data, "
+                   "no --method): FP8_BLOCK, e4m3 in 128x128 blocks as Qwen's official FP8 checkpoints (quant_method "
+                   "fp8); FP8_DYNAMIC, e4m3 per output channel in compressed-tensors, llm-compressor's FP8_DYNAMIC; "
+                   "both with dynamic per-token FP8 activations at serving time. NVFP4A16: e2m1 weights in groups of "
+                   "16 with e4m3 scales (compressed-tensors nvfp4-pack-quantized), weight-only")
     _add_method_flags(p, job)
     _add_calib_flags(p, job)
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: where each layer, its "
@@ -283,7 +284,7 @@ def run_quantize(args) -> int:
     report = quantize(JobConfig.from_flat(**settings))
     if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
-    if report.get("scheme"):  # data-free FP8
+    if report.get("scheme"):  # data-free FP8 / NVFP4
         print(f"quantized {len(report['layers'])} linears ({report['scheme']}, data-free) in "
               f"{report['total_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
         return 0

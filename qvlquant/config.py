@@ -14,7 +14,15 @@ import re
 
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
-from qvlquant.quant.formats import EXPORT_FORMATS, FP8_SCHEMES, Fp8Format, PackFormat
+from qvlquant.quant.formats import (
+    DATAFREE_SCHEMES,
+    EXPORT_FORMATS,
+    FP8_SCHEMES,
+    NVFP4_SCHEMES,
+    Fp8Format,
+    Nvfp4Format,
+    PackFormat,
+)
 from qvlquant.quant.rules import (
     ModulePlan,
     Rule,
@@ -172,7 +180,7 @@ class JobConfig:
     max_layers: int | None = None  # stop after this many layers (measurement); the partial run stays resumable
     # per-module precision (quant.rules): first match wins over runtime linear names; skip, or other settings
     rules: tuple[Rule, ...] = ()
-    # FP8_BLOCK / FP8_DYNAMIC (llm-compressor's preset names): FP8 weights straight from the checkpoint, no
+    # FP8_BLOCK / FP8_DYNAMIC / NVFP4A16 (llm-compressor's preset names): weights straight from the checkpoint, no
     # calibration; None: the integer methods of ``quant``
     scheme: str | None = None
     search: SearchConfig = SearchConfig()  # --target-bits: rules chosen by measured sensitivity (engine.sensitivity)
@@ -234,8 +242,8 @@ class JobConfig:
         them given is an error naming it, rather than a setting silently unused."""
         if self.scheme is None:
             return
-        if self.scheme not in FP8_SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(FP8_SCHEMES)}, got {self.scheme!r}")
+        if self.scheme not in DATAFREE_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(DATAFREE_SCHEMES)}, got {self.scheme!r}")
         unused = [name for name, given in (("method and its settings", self.quant != QuantConfig()),
                                            ("calib", self.calib.source is not None),
                                            ("format", self.export.format != "auto"),
@@ -244,13 +252,19 @@ class JobConfig:
                                            ("rules (--override / --ignore)", bool(self.rules)),
                                            ("target_bits", self.search.target_bits is not None)) if given]
         if unused:
-            raise ValueError(f"scheme {self.scheme} quantizes FP8 weights data-free, with no calibration and in "
+            kind = "NVFP4" if self.scheme in NVFP4_SCHEMES else "FP8"
+            raise ValueError(f"scheme {self.scheme} quantizes {kind} weights data-free, with no calibration and in "
                              f"its own format: {', '.join(unused)} do not apply; leave them out")
 
     @property
     def fp8_format(self) -> Fp8Format | None:
         """The FP8 layout ``scheme`` names; None for the integer methods."""
         return FP8_SCHEMES.get(self.scheme)
+
+    @property
+    def nvfp4_format(self) -> Nvfp4Format | None:
+        """The NVFP4 layout ``scheme`` names (NVFP4A16); None otherwise."""
+        return NVFP4_SCHEMES.get(self.scheme)
 
     def _default_calib(self) -> str:
         """The demo's chats for the embedded models, and for RTN (which rounds without data; the samples only run

@@ -207,6 +207,8 @@ def weights_label(summary: dict) -> str:
     if q.get("weights") == "fp8_e4m3":  # W8A8: e4m3 weights and dynamic e4m3 activations
         prefix = "" if method == "fp8" else f"{FORMAT_LABELS.get(method, method)} "
         return prefix + ("FP8 block" if q.get("group_size", -1) > 0 else "FP8 channel")
+    if q.get("weights") == "nvfp4_e2m1":  # W4A16: e2m1 weights, 16-bit activations
+        return f"{FORMAT_LABELS.get(method, method)} NVFP4A16"
     asym = "" if q.get("sym", True) or method == "awq" else " asym"  # AWQ is asymmetric by default: not repeated
     return f"{FORMAT_LABELS.get(method, method)} W{q['bits']}g{q['group_size']}{asym}"
 

@@ -24,7 +24,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
 from qvlquant.eval.check import task_scores
 from qvlquant.families import FAMILIES
-from qvlquant.quant.formats import Fp8Format
+from qvlquant.quant.formats import Fp8Format, Nvfp4Format
 
 CARD = "README.md"
 # owner/name as the hub spells repository ids (no leading dot or dash, no "..")
@@ -41,6 +41,11 @@ REQUIREMENTS = {
 # by compute capability; below 8.9 both fall back to FP8 Marlin, weight-only)
 FP8_HARDWARE = ("an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell) for FP8 W8A8 kernels; "
                 "on older GPUs vLLM serves the FP8 weights through its Marlin kernel with 16-bit activations")
+# Where NVFP4A16 runs (vLLM 0.33's CompressedTensorsW4A4Fp4(use_a16=True): compute capability 7.5 or newer; its
+# kernel choice: FlashInfer's CuTe-DSL W4A16 on sm_100/103 when installed, else Marlin's FP4 kernel)
+NVFP4_HARDWARE = ("an NVIDIA GPU of compute capability 7.5 or newer: Blackwell runs FP4 natively; on Hopper, Ada, "
+                  "Ampere and Turing vLLM serves the NVFP4 weights through its Marlin FP4 kernel (weights dequantized "
+                  "in the matmul, 16-bit activations)")
 
 
 def looks_like_hub_id(name) -> bool:
@@ -159,6 +164,8 @@ def weights_text(q: CheckpointQuant, quant: dict) -> str:
     if isinstance(q.pack_format, Fp8Format):
         grid = "128x128 blocks" if q.pack_format is Fp8Format.BLOCK else "per output channel"
         return f"FP8, e4m3, {grid}, symmetric"
+    if isinstance(q.pack_format, Nvfp4Format):
+        return "NVFP4, e2m1 in groups of 16 with e4m3 scales under a float32 global scale per tensor, symmetric"
     spec = quant.get("spec") or {"bits": q.spec.bits, "group_size": q.spec.group_size, "sym": q.spec.sym}
     group = spec.get("group_size")
     parts = [f"INT{spec.get('bits')}"]
@@ -224,6 +231,8 @@ def calibration_text(report: dict, method: str) -> str:
         return "none: round-to-nearest uses the weights alone"
     if method == "fp8":
         return "none: data-free, the weight scales come from the weights alone and activation scales per token"
+    if method == "nvfp4":
+        return "none: data-free, the weight scales come from the weights alone"
     calib = report.get("calibration")
     if not calib:
         return "not recorded"
@@ -237,6 +246,11 @@ def calibration_text(report: dict, method: str) -> str:
 def fp8_method_text(report: dict) -> str:
     scheme = report.get("scheme")
     return f"FP8 ({scheme}), data-free round-to-nearest" if scheme else "FP8"
+
+
+def nvfp4_method_text(report: dict) -> str:
+    scheme = report.get("scheme")
+    return f"NVFP4 ({scheme}), data-free round-to-nearest" if scheme else "NVFP4"
 
 
 def fp8_activations_text(fmt: Fp8Format) -> str:
@@ -257,13 +271,15 @@ def overview(config: dict, report: dict) -> str:
     layers = text.get("num_hidden_layers")
     arch = ", ".join(config.get("architectures") or []) or "?"
     fp8 = q.pack_format if isinstance(q.pack_format, Fp8Format) else None
+    fp4 = isinstance(q.pack_format, Nvfp4Format)
     rows = [("Architecture", f"{arch} (`{config.get('model_type', '?')}`)"
              + (f", {layers} decoder layers" if layers else "")),
-            ("Quantization", fp8_method_text(report) if fp8 else method_text(method, quant)),
+            ("Quantization", fp8_method_text(report) if fp8 else nvfp4_method_text(report) if fp4
+             else method_text(method, quant)),
             ("Weights", weights_text(q, quant)),
             ("Activations", fp8_activations_text(fp8) if fp8 else "not quantized (weight-only)")]
-    if fp8:
-        rows.append(("Hardware", FP8_HARDWARE))
+    if fp8 or fp4:
+        rows.append(("Hardware", FP8_HARDWARE if fp8 else NVFP4_HARDWARE))
     if gptq_rounds(quant):
         rows.append(("Act-order (static groups)", act_order_text(quant)))
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype")

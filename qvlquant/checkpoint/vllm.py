@@ -19,6 +19,7 @@ from qvlquant.checkpoint.qconfig import (
     read_quantization_config,
 )
 from qvlquant.families import QWEN2_VL, ModelFamily
+from qvlquant.quant.formats import Nvfp4Format
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.shards import read_checkpoint_header
 
@@ -44,7 +45,7 @@ def copied_config_refusals(quant: CheckpointQuant) -> list[str]:
         if quant.method == "gptq" and act_order and group != -1:
             problems.append(f"GPTQ act-order (desc_act=true) is refused by vLLM 0.33{where}: export with "
                             "--static-groups")
-        if group not in MARLIN_GROUPS:
+        if group not in MARLIN_GROUPS and not isinstance(quant.pack_format, Nvfp4Format):  # NVFP4: its own 16
             problems.append(f"group_size {group} not in {MARLIN_GROUPS}{where}")
     return problems
 
@@ -427,8 +428,8 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
     report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
                                                            read_checkpoint_header(folder))
     ours = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
-    # the integer layouts' per-module widths (FP8 exports hold one setting, checked by the methods vLLM names)
-    misread = [] if ours.method == "fp8" or ours.summary().get("weights") == "fp8_e4m3" else \
+    # the integer layouts' per-module widths (FP8 / NVFP4 exports hold one setting, checked by the methods vLLM names)
+    misread = [] if ours.method == "fp8" or ours.summary().get("weights") in ("fp8_e4m3", "nvfp4_e2m1") else \
         setting_mismatches(report["settings"], names, ours, family)
     report["tp"] = {tp: misread + problems for tp, problems in report["tp"].items()}
     return report
