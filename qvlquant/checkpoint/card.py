@@ -41,11 +41,12 @@ REQUIREMENTS = {
 # by compute capability; below 8.9 both fall back to FP8 Marlin, weight-only)
 FP8_HARDWARE = ("an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell) for FP8 W8A8 kernels; "
                 "on older GPUs vLLM serves the FP8 weights through its Marlin kernel with 16-bit activations")
-# Where NVFP4A16 runs (vLLM 0.33's CompressedTensorsW4A4Fp4(use_a16=True): compute capability 7.5 or newer; its
-# kernel choice: FlashInfer's CuTe-DSL W4A16 on sm_100/103 when installed, else Marlin's FP4 kernel)
-NVFP4_HARDWARE = ("an NVIDIA GPU of compute capability 7.5 or newer: Blackwell runs FP4 natively; on Hopper, Ada, "
-                  "Ampere and Turing vLLM serves the NVFP4 weights through its Marlin FP4 kernel (weights dequantized "
-                  "in the matmul, 16-bit activations)")
+# Where NVFP4A16 runs (vLLM 0.33's CompressedTensorsW4A4Fp4(use_a16=True), compute capability 7.5 or newer; its
+# kernel by capability, asked of vLLM's own init_nvfp4_linear_kernel in tests/checkpoint/test_vllm_conformance.py)
+NVFP4_HARDWARE = ("an NVIDIA GPU of compute capability 7.5 or newer; weight-only, so activations stay 16-bit "
+                  "everywhere: vLLM 0.33 runs it with FlashInfer's CuTe-DSL W4A16 kernel on Blackwell sm_100, its "
+                  "Humming kernel on Hopper (when installed) and Marlin's FP4 kernel on Turing, Ampere, Ada and "
+                  "sm_120. Blackwell's native FP4 matmuls need FP4 activations too (NVFP4 W4A4, not made here)")
 
 
 def looks_like_hub_id(name) -> bool:

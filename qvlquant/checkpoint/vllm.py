@@ -180,7 +180,12 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
 
     get_quantization_config("gptq")  # imports every method's module while the platform is still the real one
     fake = {"_enum": PlatformEnum.CUDA, "device_type": "cuda", "device_name": "cuda",
-            "get_device_capability": lambda device_id=0: DeviceCapability(*capability)}
+            "get_device_capability": lambda device_id=0: DeviceCapability(*capability),
+            # a classmethod on the platform's class reading the class's own get_device_capability: faked beside it
+            # (the NVFP4 kernels ask it)
+            "has_device_capability": lambda wanted, device_id=0: (
+                capability >= tuple(wanted) if isinstance(wanted, tuple)
+                else DeviceCapability(*capability).to_int() >= wanted)}
     saved = {k: current_platform.__dict__[k] for k in fake if k in current_platform.__dict__}
     saved_tp = parallel_state._TP
     saved_ops = _fake_cutlass_queries()

@@ -157,7 +157,7 @@ def test_the_card_names_the_format_and_the_hardware(export):
     card = (export / "README.md").read_text()
     assert "decoder linears hold NVFP4 weights" in card
     assert "| Quantization | NVFP4 (NVFP4A16), data-free round-to-nearest |" in card
-    assert "e2m1 in groups of 16 with e4m3 scales" in card and "Marlin FP4 kernel" in card
+    assert "e2m1 in groups of 16 with e4m3 scales" in card and "Marlin's FP4 kernel" in card
     assert "| Activations | not quantized (weight-only) |" in card
 
 
