@@ -25,7 +25,7 @@ from qvlquant.checkpoint.export import (
     export,
     quantization_config,
 )
-from qvlquant.checkpoint.datafree import export_fp8, export_rtn
+from qvlquant.checkpoint.datafree import export_fp8, export_nvfp4, export_rtn
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
 from qvlquant.engine.estimate import estimate, format_estimate
@@ -193,7 +193,7 @@ def _quantize(config: JobConfig, world: World, device: torch.device) -> dict | N
 
 
 def _quantize_datafree(config: JobConfig, world: World) -> dict:
-    """A data-free scheme (``config.datafree_format``: FP8 or INT8 W8A8): the checks of any run, then each
+    """A data-free scheme (``config.datafree_format``: FP8, INT8 W8A8 or NVFP4A16): the checks of any run, then each
     decoder-layer linear quantized as the export streams it from the checkpoint (``checkpoint.datafree``). One
     process, on the CPU: the work is reading and writing. -> the report saved beside the weights."""
     if world.distributed:
@@ -202,13 +202,17 @@ def _quantize_datafree(config: JobConfig, world: World) -> dict:
     t0 = time.time()
     with contextlib.ExitStack() as held:
         job = _prepare(config, world, torch.device("cpu"), held)
-        kind = "FP8" if config.fp8_format is not None else "INT8"
+        kind = "FP8" if config.fp8_format is not None else "NVFP4" if config.nvfp4_format is not None else "INT8"
         say(f"{config.scheme}: quantizing {job.family.name}'s decoder linears to {kind} as they stream from "
             f"{job.folder} to {job.out} (no calibration data)")
         base = CheckpointTensors(job.reader, job.family, job.storage)
         options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
-        export_fp8(job.skeleton, job.processor, base, config.datafree_format, job.out,
-                   lambda quantized: _datafree_report(config, job, quantized, t0), options, base_folder=job.folder)
+        if config.nvfp4_format is not None:
+            export_nvfp4(job.skeleton, job.processor, base, config.nvfp4_format, job.out,
+                         lambda quantized: _nvfp4_report(config, job, quantized, t0), options, base_folder=job.folder)
+        else:
+            export_fp8(job.skeleton, job.processor, base, config.datafree_format, job.out,
+                       lambda quantized: _datafree_report(config, job, quantized, t0), options, base_folder=job.folder)
     return json.loads((job.out / REPORT).read_text())
 
 
@@ -292,17 +296,33 @@ def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], 
 def _w8a8_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
     """What quantize_report.json records for the data-free INT8 W8A8 scheme (round-to-nearest per channel)."""
     fmt = config.datafree_format
+    return _scheme_report(config, job, quantized, started, method="int8", bits=8,
+                          weights=f"int8 symmetric, {fmt.scale_name} absmax/127 per output channel (round-to-nearest)",
+                          activations="int8 symmetric, dynamic per token (absmax/127)")
+
+
+def _nvfp4_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
+    """What quantize_report.json records for NVFP4A16."""
+    return _scheme_report(config, job, quantized, started, method="nvfp4", bits=4,
+                          weights="float4_e2m1, weight_scale float8_e4m3fn per 16 inputs, weight_global_scale float32 "
+                                  "per tensor (shared by the linears vLLM fuses)",
+                          activations="not quantized (weight-only)")
+
+
+def _scheme_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float, *, method: str,
+                   bits: int, weights: str, activations: str) -> dict:
+    """The report of a data-free scheme other than FP8, whose fields name its weights and activations."""
     return {
         "qvlquant_version": __version__,
         "config": config.to_dict(),
         "base_model": str(config.model),
-        "method": "int8",
+        "method": method,
         "scheme": config.scheme,
-        "bits": 8,
-        "weights": f"int8 symmetric, {fmt.scale_name} absmax/127 per output channel (round-to-nearest)",
-        "activations": "int8 symmetric, dynamic per token (absmax/127)",
+        "bits": bits,
+        "weights": weights,
+        "activations": activations,
         "calibration": None,
-        "layers": {name: {"format": fmt.value} for name in quantized},
+        "layers": {name: {"format": config.datafree_format.value} for name in quantized},
         "complete": True,
         "total_seconds": round(time.time() - started, 2),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),

@@ -139,12 +139,13 @@ def add_quantize(sub) -> None:
     p.add_argument("--recipe", default=None, help="YAML of settings (recipes/*.yaml); flags given override it")
     p.add_argument("--model", help=f"'demo' (the embedded demo model), a local folder, or a hub id (default "
                    f"{job.model})")
-    p.add_argument("--scheme", choices=list(DATAFREE_SCHEMES), help="FP8 or INT8 W8A8 weights, data-free (no "
-                   "calibration data, no --method): FP8_BLOCK, e4m3 in 128x128 blocks as Qwen's official FP8 "
-                   "checkpoints (quant_method fp8); FP8_DYNAMIC, e4m3 per output channel in compressed-tensors, "
-                   "llm-compressor's FP8_DYNAMIC. Both with dynamic per-token FP8 activations at serving time. W8A8, "
-                   "int8 per output channel (round-to-nearest) in compressed-tensors int-quantized, llm-compressor's "
-                   "W8A8, with dynamic per-token int8 activations at serving time (INT8 tensor cores: Ampere or newer)")
+    p.add_argument("--scheme", choices=list(DATAFREE_SCHEMES), help="data-free weights (no calibration data, no "
+                   "--method): FP8_BLOCK, e4m3 in 128x128 blocks as Qwen's official FP8 checkpoints (quant_method "
+                   "fp8); FP8_DYNAMIC, e4m3 per output channel in compressed-tensors, llm-compressor's FP8_DYNAMIC; "
+                   "both with dynamic per-token FP8 activations at serving time. W8A8: int8 per output channel "
+                   "(round-to-nearest) in compressed-tensors int-quantized, llm-compressor's W8A8, with dynamic "
+                   "per-token int8 activations at serving time (INT8 tensor cores: Ampere or newer). NVFP4A16: e2m1 "
+                   "weights in groups of 16 with e4m3 scales (compressed-tensors nvfp4-pack-quantized), weight-only")
     _add_method_flags(p, job)
     _add_calib_flags(p, job)
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: where each layer, its "
@@ -288,7 +289,7 @@ def run_quantize(args) -> int:
     report = quantize(JobConfig.from_flat(**settings))
     if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
-    if report.get("scheme"):  # data-free FP8 / INT8 W8A8
+    if report.get("scheme"):  # data-free FP8 / INT8 W8A8 / NVFP4
         print(f"quantized {len(report['layers'])} linears ({report['scheme']}, data-free) in "
               f"{report['total_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
         return 0

@@ -14,7 +14,16 @@ import re
 
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
-from qvlquant.quant.formats import DATAFREE_SCHEMES, EXPORT_FORMATS, FP8_SCHEMES, Fp8Format, Int8Format, PackFormat
+from qvlquant.quant.formats import (
+    DATAFREE_SCHEMES,
+    EXPORT_FORMATS,
+    FP8_SCHEMES,
+    NVFP4_SCHEMES,
+    Fp8Format,
+    Int8Format,
+    Nvfp4Format,
+    PackFormat,
+)
 from qvlquant.quant.rules import (
     ModulePlan,
     Rule,
@@ -172,7 +181,7 @@ class JobConfig:
     max_layers: int | None = None  # stop after this many layers (measurement); the partial run stays resumable
     # per-module precision (quant.rules): first match wins over runtime linear names; skip, or other settings
     rules: tuple[Rule, ...] = ()
-    # FP8_BLOCK / FP8_DYNAMIC / W8A8 (llm-compressor's preset names): FP8 or INT8 W8A8 weights straight from the
+    # FP8_BLOCK / FP8_DYNAMIC / W8A8 / NVFP4A16 (llm-compressor's preset names): weights straight from the
     # checkpoint, no calibration; None: the integer methods of ``quant``
     scheme: str | None = None
     search: SearchConfig = SearchConfig()  # --target-bits: rules chosen by measured sensitivity (engine.sensitivity)
@@ -244,7 +253,7 @@ class JobConfig:
                                            ("rules (--override / --ignore)", bool(self.rules)),
                                            ("target_bits", self.search.target_bits is not None)) if given]
         if unused:
-            kind = "FP8" if self.scheme in FP8_SCHEMES else "INT8"
+            kind = "FP8" if self.scheme in FP8_SCHEMES else "NVFP4" if self.scheme in NVFP4_SCHEMES else "INT8"
             raise ValueError(f"scheme {self.scheme} quantizes {kind} weights data-free, with no calibration and in "
                              f"its own format: {', '.join(unused)} do not apply; leave them out")
 
@@ -254,9 +263,14 @@ class JobConfig:
         return FP8_SCHEMES.get(self.scheme)
 
     @property
-    def datafree_format(self) -> Fp8Format | Int8Format | None:
-        """The layout a data-free ``scheme`` names (FP8 or INT8 W8A8); None for the integer methods."""
+    def datafree_format(self) -> Fp8Format | Int8Format | Nvfp4Format | None:
+        """The layout a data-free ``scheme`` names (FP8, INT8 W8A8 or NVFP4); None for the integer methods."""
         return DATAFREE_SCHEMES.get(self.scheme)
+
+    @property
+    def nvfp4_format(self) -> Nvfp4Format | None:
+        """The NVFP4 layout ``scheme`` names (NVFP4A16); None otherwise."""
+        return NVFP4_SCHEMES.get(self.scheme)
 
     def _default_calib(self) -> str:
         """The demo's chats for the embedded models, and for RTN (which rounds without data; the samples only run

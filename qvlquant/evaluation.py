@@ -210,6 +210,8 @@ def weights_label(summary: dict) -> str:
         return prefix + ("FP8 block" if q.get("group_size", -1) > 0 else "FP8 channel")
     if q.get("weights") == "int8_w8a8":  # W8A8: int8 weights per channel and dynamic int8 activations per token
         return f"{FORMAT_LABELS.get(method, method)} W8A8 INT8"
+    if q.get("weights") == "nvfp4_e2m1":  # W4A16: e2m1 weights, 16-bit activations
+        return f"{FORMAT_LABELS.get(method, method)} NVFP4A16"
     asym = "" if q.get("sym", True) or method == "awq" else " asym"  # AWQ is asymmetric by default: not repeated
     return f"{FORMAT_LABELS.get(method, method)} W{q['bits']}g{q['group_size']}{asym}"
 

@@ -24,7 +24,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from qvlquant.checkpoint.qconfig import CheckpointQuant, read_quantization_config
 from qvlquant.eval.check import task_scores
 from qvlquant.families import FAMILIES
-from qvlquant.quant.formats import Fp8Format, Int8Format
+from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format
 
 CARD = "README.md"
 # owner/name as the hub spells repository ids (no leading dot or dash, no "..")
@@ -46,6 +46,12 @@ W8A8_HARDWARE = ("an NVIDIA GPU with INT8 tensor cores (Ampere and newer; vLLM 0
                  "Turing, and up) for vLLM's CUTLASS int8 W8A8 kernels")
 W8A8_METHOD = "INT8 W8A8 (W8A8), data-free round-to-nearest"
 W8A8_ACTIVATIONS = "INT8, symmetric, dynamic: the serving kernel scales each token (absmax / 127) at run time"
+# Where NVFP4A16 runs (vLLM 0.33's CompressedTensorsW4A4Fp4(use_a16=True), compute capability 7.5 or newer; its
+# kernel by capability, asked of vLLM's own init_nvfp4_linear_kernel in tests/checkpoint/test_vllm_conformance.py)
+NVFP4_HARDWARE = ("an NVIDIA GPU of compute capability 7.5 or newer; weight-only, so activations stay 16-bit "
+                  "everywhere: vLLM 0.33 runs it with FlashInfer's CuTe-DSL W4A16 kernel on Blackwell sm_100, its "
+                  "Humming kernel on Hopper (when installed) and Marlin's FP4 kernel on Turing, Ampere, Ada and "
+                  "sm_120. Blackwell's native FP4 matmuls need FP4 activations too (NVFP4 W4A4, not made here)")
 
 
 def looks_like_hub_id(name) -> bool:
@@ -166,6 +172,8 @@ def weights_text(q: CheckpointQuant, quant: dict) -> str:
         return f"FP8, e4m3, {grid}, symmetric"
     if isinstance(q.pack_format, Int8Format):
         return "INT8, per output channel, symmetric (scale absmax / 127)"
+    if isinstance(q.pack_format, Nvfp4Format):
+        return "NVFP4, e2m1 in groups of 16 with e4m3 scales under a float32 global scale per tensor, symmetric"
     spec = quant.get("spec") or {"bits": q.spec.bits, "group_size": q.spec.group_size, "sym": q.spec.sym}
     group = spec.get("group_size")
     parts = [f"INT{spec.get('bits')}"]
@@ -231,6 +239,8 @@ def calibration_text(report: dict, method: str) -> str:
         return "none: round-to-nearest uses the weights alone"
     if method in ("fp8", "int8"):
         return "none: data-free, the weight scales come from the weights alone and activation scales per token"
+    if method == "nvfp4":
+        return "none: data-free, the weight scales come from the weights alone"
     calib = report.get("calibration")
     if not calib:
         return "not recorded"
@@ -244,6 +254,11 @@ def calibration_text(report: dict, method: str) -> str:
 def fp8_method_text(report: dict) -> str:
     scheme = report.get("scheme")
     return f"FP8 ({scheme}), data-free round-to-nearest" if scheme else "FP8"
+
+
+def nvfp4_method_text(report: dict) -> str:
+    scheme = report.get("scheme")
+    return f"NVFP4 ({scheme}), data-free round-to-nearest" if scheme else "NVFP4"
 
 
 def fp8_activations_text(fmt: Fp8Format) -> str:
@@ -265,14 +280,16 @@ def overview(config: dict, report: dict) -> str:
     arch = ", ".join(config.get("architectures") or []) or "?"
     fp8 = q.pack_format if isinstance(q.pack_format, Fp8Format) else None
     int8 = isinstance(q.pack_format, Int8Format)
+    fp4 = isinstance(q.pack_format, Nvfp4Format)
     rows = [("Architecture", f"{arch} (`{config.get('model_type', '?')}`)"
              + (f", {layers} decoder layers" if layers else "")),
-            ("Quantization", fp8_method_text(report) if fp8 else W8A8_METHOD if int8 else method_text(method, quant)),
+            ("Quantization", fp8_method_text(report) if fp8 else W8A8_METHOD if int8 else nvfp4_method_text(report)
+             if fp4 else method_text(method, quant)),
             ("Weights", weights_text(q, quant)),
             ("Activations", fp8_activations_text(fp8) if fp8 else W8A8_ACTIVATIONS if int8
              else "not quantized (weight-only)")]
-    if fp8 or int8:
-        rows.append(("Hardware", FP8_HARDWARE if fp8 else W8A8_HARDWARE))
+    if fp8 or int8 or fp4:
+        rows.append(("Hardware", FP8_HARDWARE if fp8 else W8A8_HARDWARE if int8 else NVFP4_HARDWARE))
     if gptq_rounds(quant):
         rows.append(("Act-order (static groups)", act_order_text(quant)))
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype")

@@ -1,7 +1,8 @@
-"""Data-free exports (FP8, INT8 W8A8, and round-to-nearest in the integer layouts): each decoder-layer linear weight
-of the language model read from the base checkpoint, quantized to e4m3 (``Fp8Format``) or int8 per channel
-(``Int8Format``, W8A8) and written, one tensor at a time; no calibration data, no forward pass, no model in memory.
-Everything else (vision tower, embeddings, norms, biases, lm_head) is copied in the storage dtype.
+"""Data-free exports (FP8, INT8 W8A8, NVFP4A16, and round-to-nearest in the integer layouts): each decoder-layer
+linear weight of the language model read from the base checkpoint, quantized to e4m3 (``Fp8Format``), int8 per
+channel (``Int8Format``, W8A8) or e2m1 in groups of 16 (``Nvfp4Format``) and written, one tensor at a time; no
+calibration data, no forward pass, no model in memory. Everything else (vision tower, embeddings, norms, biases,
+lm_head) is copied in the storage dtype.
 
 Memory holds one tensor (in float32 while it is quantized). safetensors orders a file's tensors by dtype, so a
 linear's float32 scale is written before its e4m3 weight: each quantized weight is read twice (once for its scale,
@@ -22,13 +23,15 @@ from qvlquant.checkpoint.export import (
     Entry,
     finish_export,
     fp8_quantization_config,
+    nvfp4_quantization_config,
     quantization_config,
     w8a8_quantization_config,
     write_shards,
 )
 from qvlquant.config import ExportConfig
 from qvlquant.families import ModelFamily
-from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat, QuantizedWeight
+from qvlquant.quant import nvfp4
+from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
@@ -104,6 +107,83 @@ def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format | Int8F
         config = copy.deepcopy(model.config)
         config.quantization_config = w8a8_quantization_config(fmt, family) if isinstance(fmt, Int8Format) else \
             fp8_quantization_config(fmt, family, not_converted_modules(model, family))
+        config.dtype = str(base.dtype).removeprefix("torch.")
+        return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fused_siblings(family: ModelFamily, runtime_name: str) -> list[str]:
+    """The weights of the linears vLLM fuses with the decoder linear whose weight is ``runtime_name`` (q/k/v,
+    gate/up: the layer's ``fused``), itself included, in the family's order; [itself] when it is fused with none."""
+    inside = runtime_name[len(family.decoder_layers) + 1: -len(".weight")]  # "3.self_attn.q_proj"
+    index, _, linear = inside.partition(".")
+    layer = family.at(int(index))
+    parts = next((parts for _, parts in layer.fused if linear in parts), (linear,))
+    return [f"{family.decoder_layers}.{index}.{part}.weight" for part in parts]
+
+
+def plan_nvfp4(model, family: ModelFamily, base: CheckpointTensors,
+               fmt: Nvfp4Format) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
+    """``plan_fp8`` for NVFP4: every tensor of the export in state-dict order, a quantized linear's three tensors
+    where its weight was. Each linear's global scale comes from the largest magnitude of the linears vLLM fuses
+    with it (read once each and kept as one number), so a fused layer has one; the group scales and the packed
+    codes are each computed when written (safetensors orders them by dtype), reading the weight again.
+    -> (entries, fetch, the runtime names of the quantized linears)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    entries: list[Entry] = []
+    fetch: dict[str, Callable[[], torch.Tensor]] = {}
+    quantized = []
+    amax: dict[str, float] = {}
+
+    def shared_global(name: str) -> torch.Tensor:
+        for sibling in fused_siblings(family, name):
+            if sibling not in amax:
+                amax[sibling] = nvfp4.weight_amax(base.get(sibling).float())
+        return nvfp4.global_scale(max(amax[s] for s in fused_siblings(family, name)))
+
+    def packed(name: str, key: str, tensor: str) -> torch.Tensor:
+        if tensor == "weight_global_scale":
+            return shared_global(name)
+        codes, scale, _ = nvfp4.quantize(base.get(name), shared_global(name), key)
+        return scale if tensor == "weight_scale" else nvfp4.pack(codes)
+
+    for name in model.state_dict().keys():
+        if tied and name == f"{family.lm_head}.weight":
+            continue
+        key = family.to_disk(name)
+        if not is_fp8_linear(family, name):
+            entries.append((key, *base.meta(name)))
+            fetch[key] = lambda name=name: base.get(name)
+            continue
+        quantized.append(name[: -len(".weight")])
+        n, k = base.meta(name)[1]
+        if k % nvfp4.GROUP:  # before anything is written
+            raise ValueError(f"{key} is [{n}, {k}]: NVFP4 needs in_features in whole groups of {nvfp4.GROUP}; "
+                             "use an FP8 scheme or the integer methods for this model")
+        head = key[: -len("weight")]
+        for tensor, (shape, dtype) in fmt.tensor_shapes(k, n).items():
+            entries.append((head + tensor, dtype, shape))
+            fetch[head + tensor] = lambda name=name, key=key, tensor=tensor: packed(name, key, tensor)
+    for key in base.carried():  # the MTP head of Qwen3.5: in the checkpoint's bytes, never quantized
+        entries.append((key, *base.raw_meta(key)))
+        fetch[key] = lambda key=key: base.raw(key)
+    return entries, fetch, quantized
+
+
+def export_nvfp4(model, processor, base: CheckpointTensors, fmt: Nvfp4Format, out: str | pathlib.Path,
+                 report: Callable[[list[str]], dict], options: ExportConfig = ExportConfig(),
+                 base_folder: pathlib.Path | None = None) -> pathlib.Path:
+    """``export_fp8`` for NVFP4A16 (compressed-tensors ``nvfp4-pack-quantized``, weight-only). -> the published
+    folder."""
+    family = base.family
+    tmp = temp_dir(out)
+    try:
+        entries, fetch, quantized = plan_nvfp4(model, family, base, fmt)
+        write_shards(entries, fetch, tmp, options.max_shard_bytes)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = nvfp4_quantization_config(fmt, family)
         config.dtype = str(base.dtype).removeprefix("torch.")
         return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
     except BaseException:

@@ -27,7 +27,13 @@ from qvlquant.config import ExportConfig
 from qvlquant.engine.loop import QuantResult
 from qvlquant.engine.streaming import disk_key
 from qvlquant.families import ModelFamily
-from qvlquant.quant.formats import FP8_SCHEME_NAMES, SCHEME_NAMES, Fp8Format, Int8Format, PackFormat
+from qvlquant.quant.formats import (
+    SCHEME_NAMES,
+    Fp8Format,
+    Int8Format,
+    Nvfp4Format,
+    PackFormat,
+)
 from qvlquant.quant.fp8 import BLOCK as FP8_BLOCK
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
@@ -152,7 +158,7 @@ def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: 
     fp8``; vLLM's ``Fp8Config`` and transformers' ``FineGrainedFP8Config``); ``not_converted``: the modules kept in
     full precision, each named whole (vLLM matches them exactly). ``CHANNEL``: compressed-tensors
     ``float-quantized``, llm-compressor's FP8_DYNAMIC scheme."""
-    meta = {"quantizer": f"qvlquant:{__version__}", "method": "fp8", "scheme": FP8_SCHEME_NAMES[fmt]}
+    meta = {"quantizer": f"qvlquant:{__version__}", "method": "fp8", "scheme": SCHEME_NAMES[fmt]}
     if fmt is Fp8Format.BLOCK:
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": not_converted, "meta": meta}
@@ -186,6 +192,26 @@ def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily) -> dict:
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": "int-quantized"}},
+        "ignore": family.compressed_ignore(),
+        "kv_cache_scheme": None,
+    }
+    return {**validated_by_library(config), "meta": meta}
+
+
+def nvfp4_quantization_config(fmt: Nvfp4Format, family: ModelFamily) -> dict:
+    """The ``quantization_config`` of an NVFP4A16 export: compressed-tensors ``nvfp4-pack-quantized``, 4-bit float
+    weights in groups of 16 with e4m3 scales under a per-tensor global scale (strategy ``tensor_group``), symmetric,
+    as llm-compressor's NVFP4A16 preset writes it; no input_activations (weight-only); the vision tower and lm_head
+    ignored."""
+    meta = {"quantizer": f"qvlquant:{__version__}", "method": "nvfp4", "scheme": SCHEME_NAMES[fmt]}
+    weights = {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False, "strategy": "tensor_group",
+               "group_size": 16, "observer": "minmax", "scale_dtype": "float8_e4m3fn"}
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "nvfp4-pack-quantized"}},
         "ignore": family.compressed_ignore(),
         "kv_cache_scheme": None,
     }

@@ -26,7 +26,7 @@ from qvlquant.checkpoint.vllm import (
     vllm_problems,
 )
 from qvlquant.families import ModelFamily, family_for
-from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat
+from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat
 from qvlquant.storage.manifest import (
     MANIFEST,
     ManifestError,
@@ -59,7 +59,7 @@ def verification(folder: pathlib.Path) -> dict:
 
 def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelFamily) -> dict[str, tuple[int, int]]:
     """Runtime name -> (in, out) of every quantized linear: GPTQ / AWQ ``qweight`` + ``scales``, compressed-tensors
-    ``weight_packed`` [out, in * bits / 32], FP8 ``weight`` [out, in] beside its scale; {} for a full-precision
+    ``weight_packed`` [out, in * bits / 32] (NVFP4: [out, in / 2] uint8), FP8 ``weight`` [out, in] beside its scale; {} for a full-precision
     checkpoint."""
     if quant is None:
         return {}
@@ -75,7 +75,8 @@ def quantized_shapes(header: dict, quant: CheckpointQuant | None, family: ModelF
             n = header[module + ".scales"][0][1]
             k = shape[0] * 32 // bits if quant.pack_format is PackFormat.GPTQ else shape[0]
         elif key.endswith(".weight_packed"):
-            n, k = shape[0], shape[1] * 32 // bits
+            per = 2 if isinstance(quant.pack_format, Nvfp4Format) else 32 // bits  # NVFP4: two codes a uint8
+            n, k = shape[0], shape[1] * per
         elif isinstance(quant.pack_format, (Fp8Format, Int8Format)) and \
                 key.endswith("." + quant.pack_format.scale_name):
             n, k = header[module + ".weight"][0]  # FP8 / INT8 W8A8: e4m3 or int8 weight [out, in] beside its scale

@@ -28,6 +28,8 @@ AWQ holds one width, so its only per-module setting is ``modules_to_not_convert`
   input activations per token, dynamic).
 - compressed-tensors ``int-quantized``: W8A8 with dynamic activations only (8-bit int weights per channel,
   symmetric; 8-bit int input activations per token, dynamic, symmetric).
+- compressed-tensors ``nvfp4-pack-quantized``: NVFP4A16 only (4-bit float weights, strategy ``tensor_group``, groups
+  of 16, symmetric; no input activations: NVFP4 W4A4 is refused).
 
 A present field of the wrong type (``"bits": "4"``), an unknown method, a layout qvlquant has no ``PackFormat`` for,
 or a width ``QuantSpec`` refuses is a ValueError naming the file and the field; never a KeyError.
@@ -40,8 +42,9 @@ import json
 import pathlib
 import re
 
-from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat
+from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat
 from qvlquant.quant.fp8 import BLOCK as FP8_BLOCK
+from qvlquant.quant.nvfp4 import GROUP as NVFP4_GROUP
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.files import read_text_bounded
 
@@ -75,8 +78,9 @@ class CheckpointQuant:
     """What a checkpoint's ``quantization_config`` says, read once by ``read_quantization_config``."""
 
     method: str  # quant_method: "gptq", "awq", "compressed-tensors" or "fp8"
-    # the layout of the packed tensors on disk (Fp8Format: FP8 e4m3 weights; Int8Format: INT8 W8A8 weights)
-    pack_format: PackFormat | Fp8Format | Int8Format
+    # the layout of the packed tensors on disk (Fp8Format: FP8 e4m3 weights; Int8Format: INT8 W8A8 weights;
+    # Nvfp4Format: e2m1 codes, e4m3 scales)
+    pack_format: PackFormat | Fp8Format | Int8Format | Nvfp4Format
     spec: QuantSpec  # the base setting: bits; group_size (-1: per channel); sym (AWQ: not zero_point)
     act_order: bool  # the groups are permuted at load time (GPTQ desc_act, compressed-tensors actorder "group")
     checkpoint_format: str  # GPTQ checkpoint_format "gptq", AWQ version "gemm", compressed-tensors "pack-quantized"
@@ -100,6 +104,8 @@ class CheckpointQuant:
             out["weights"] = "fp8_e4m3"
         if isinstance(self.pack_format, Int8Format):
             out["weights"] = "int8_w8a8"
+        if isinstance(self.pack_format, Nvfp4Format):
+            out["weights"] = "nvfp4_e2m1"
         if self.mixed:
             settings = [r.describe() for r in self.overrides]
             out["mixed"] = ", ".join(f"{settings.count(s)} rule(s) {s}" for s in dict.fromkeys(settings))
@@ -233,6 +239,13 @@ def _read_compressed(qc: dict, path: str) -> CheckpointQuant:
             raise ValueError(f"{path}.config_groups holds {len(groups)} groups with int-quantized among them; "
                              "qvlquant reads int-quantized as one group for every Linear")
         return read_int_quantized(qc, int8[0][1], f"{path}.config_groups.{int8[0][0]}", path)
+    fp4 = [(n, g) for n, g in groups.items() if isinstance(g, dict)
+           and (_get(g, "format", str, None, f"{path}.config_groups.{n}") or qc.get("format")) == "nvfp4-pack-quantized"]
+    if fp4:  # NVFP4A16: one scheme for every Linear
+        if len(groups) != 1:
+            raise ValueError(f"{path}.config_groups holds {len(groups)} groups with nvfp4-pack-quantized among them; "
+                             "qvlquant reads nvfp4-pack-quantized as one group for every Linear")
+        return read_nvfp4(qc, fp4[0][1], f"{path}.config_groups.{fp4[0][0]}", path)
     base, rules, layout = None, [], None
     for name, group in groups.items():
         gpath = f"{path}.config_groups.{name}"
@@ -345,6 +358,24 @@ def read_int_quantized(qc: dict, group: dict, gpath: str, path: str) -> Checkpoi
                 raise ValueError(f"{where}.{key} is {got!r}; qvlquant reads int-quantized W8A8 ({key} {value!r})")
     return CheckpointQuant("compressed-tensors", Int8Format.CHANNEL, QuantSpec(8, -1, True), False,
                            "int-quantized", ignore=_names(qc, "ignore", path))
+
+
+def read_nvfp4(qc: dict, group: dict, gpath: str, path: str) -> CheckpointQuant:
+    """compressed-tensors ``nvfp4-pack-quantized`` as NVFP4A16 writes it: 4-bit float weights, ``tensor_group`` in
+    groups of 16, symmetric, and no input activations. NVFP4 W4A4 (input activations with a calibrated global scale)
+    and anything else is refused, naming the field."""
+    wpath = f"{gpath}.weights"
+    weights = _get(group, "weights", dict, REQUIRED, gpath)
+    if group.get("input_activations") is not None:
+        raise ValueError(f"{gpath}.input_activations is set: NVFP4 W4A4 (activation global scales from calibration) "
+                         "is not read by qvlquant; it reads weight-only NVFP4A16")
+    fields = {"type": "float", "num_bits": 4, "strategy": "tensor_group", "group_size": NVFP4_GROUP, "symmetric": True}
+    for key, value in fields.items():
+        got = _get(weights, key, type(value), None, wpath)
+        if got != value:
+            raise ValueError(f"{wpath}.{key} is {got!r}; qvlquant reads nvfp4-pack-quantized NVFP4A16 ({key} {value!r})")
+    return CheckpointQuant("compressed-tensors", Nvfp4Format.PACKED, QuantSpec(4, NVFP4_GROUP, True), False,
+                           "nvfp4-pack-quantized", ignore=_names(qc, "ignore", path), where=path)
 
 
 def _ct_group_size(weights: dict, wpath: str) -> int:

@@ -19,6 +19,7 @@ from qvlquant.checkpoint.qconfig import (
     read_quantization_config,
 )
 from qvlquant.families import QWEN2_VL, ModelFamily
+from qvlquant.quant.formats import Nvfp4Format
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.shards import read_checkpoint_header
 
@@ -44,7 +45,7 @@ def copied_config_refusals(quant: CheckpointQuant) -> list[str]:
         if quant.method == "gptq" and act_order and group != -1:
             problems.append(f"GPTQ act-order (desc_act=true) is refused by vLLM 0.33{where}: export with "
                             "--static-groups")
-        if group not in MARLIN_GROUPS:
+        if group not in MARLIN_GROUPS and not isinstance(quant.pack_format, Nvfp4Format):  # NVFP4: its own 16
             problems.append(f"group_size {group} not in {MARLIN_GROUPS}{where}")
     return problems
 
@@ -179,7 +180,12 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
 
     get_quantization_config("gptq")  # imports every method's module while the platform is still the real one
     fake = {"_enum": PlatformEnum.CUDA, "device_type": "cuda", "device_name": "cuda",
-            "get_device_capability": lambda device_id=0: DeviceCapability(*capability)}
+            "get_device_capability": lambda device_id=0: DeviceCapability(*capability),
+            # a classmethod on the platform's class reading the class's own get_device_capability: faked beside it
+            # (the NVFP4 kernels ask it)
+            "has_device_capability": lambda wanted, device_id=0: (
+                capability >= tuple(wanted) if isinstance(wanted, tuple)
+                else DeviceCapability(*capability).to_int() >= wanted)}
     saved = {k: current_platform.__dict__[k] for k in fake if k in current_platform.__dict__}
     saved_tp = parallel_state._TP
     saved_ops = _fake_cutlass_queries()
@@ -427,10 +433,10 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
     report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
                                                            read_checkpoint_header(folder))
     ours = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
-    # the integer layouts' per-module widths (FP8 and INT8 W8A8 exports hold one setting, checked by the methods
-    # vLLM names)
-    misread = [] if ours.method == "fp8" or ours.summary().get("weights") in ("fp8_e4m3", "int8_w8a8") else \
-        setting_mismatches(report["settings"], names, ours, family)
+    # the integer layouts' per-module widths (FP8, INT8 W8A8 and NVFP4 exports hold one setting, checked by the
+    # methods vLLM names)
+    one_setting = ours.method == "fp8" or ours.summary().get("weights") in ("fp8_e4m3", "int8_w8a8", "nvfp4_e2m1")
+    misread = [] if one_setting else setting_mismatches(report["settings"], names, ours, family)
     report["tp"] = {tp: misread + problems for tp, problems in report["tp"].items()}
     return report
 

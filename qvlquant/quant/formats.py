@@ -23,7 +23,7 @@ import enum
 
 import torch
 
-from qvlquant.quant import fp8, int8
+from qvlquant.quant import fp8, int8, nvfp4
 from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups
 from qvlquant.quant.spec import QuantSpec
 
@@ -313,7 +313,6 @@ class Fp8Format(str, enum.Enum):
 
 # --scheme: llm-compressor's preset names for the FP8 layouts (its FP8_BLOCK, FP8_DYNAMIC), quantized data-free
 FP8_SCHEMES = {"FP8_BLOCK": Fp8Format.BLOCK, "FP8_DYNAMIC": Fp8Format.CHANNEL}
-FP8_SCHEME_NAMES = {fmt: name for name, fmt in FP8_SCHEMES.items()}
 
 
 class Int8Format(str, enum.Enum):
@@ -358,6 +357,40 @@ class Int8Format(str, enum.Enum):
 
 # --scheme W8A8: llm-compressor's preset (INT8 weights per channel, INT8 activations per token, dynamic), data-free
 W8A8_SCHEMES = {"W8A8": Int8Format.CHANNEL}
-# every data-free --scheme, and the one name of each layout
-DATAFREE_SCHEMES = {**FP8_SCHEMES, **W8A8_SCHEMES}
+
+
+class Nvfp4Format(str, enum.Enum):
+    """NVFP4 layouts of a quantized linear (``qvlquant.quant.nvfp4`` has the math). Beside ``Fp8Format`` for the same
+    reason: floating codes with a scale grid of their own, made from the weight alone.
+
+    - ``PACKED`` (compressed-tensors ``nvfp4-pack-quantized``, llm-compressor's NVFP4A16): ``weight_packed`` [N, K/2]
+      uint8, two e2m1 codes a byte (the even column in the low nibble); ``weight_scale`` [N, K/16] e4m3, one per 16
+      inputs; ``weight_global_scale`` [1] float32, ``448 * 6 / amax``, shared by the linears vLLM fuses.
+      Weight-only: activations stay 16-bit (NVFP4 W4A4 needs activation global scales from calibration).
+    """
+
+    PACKED = "nvfp4_pack_quantized"
+
+    def pack(self, w: torch.Tensor, name: str = "weight",
+             global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """A float weight [N, K] -> the tensors stored for it (``global_scale``: the fused group's, None: ``w``'s)."""
+        codes, scale, gscale = nvfp4.quantize(w, global_scale, name)
+        return {"weight_packed": nvfp4.pack(codes), "weight_scale": scale, "weight_global_scale": gscale}
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stored tensors -> the weight they stand for, [N, K] float32."""
+        codes = nvfp4.unpack(tensors["weight_packed"])
+        return nvfp4.dequantize(codes, tensors["weight_scale"], tensors["weight_global_scale"])
+
+    def tensor_shapes(self, k: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the stored tensors of a [N, K] linear."""
+        return {"weight_packed": ((n, k // 2), torch.uint8),
+                "weight_scale": ((n, k // nvfp4.GROUP), nvfp4.SCALE_DTYPE),
+                "weight_global_scale": ((1,), torch.float32)}
+
+
+# --scheme: llm-compressor's preset name for weight-only NVFP4, quantized data-free
+NVFP4_SCHEMES = {"NVFP4A16": Nvfp4Format.PACKED}
+# every data-free --scheme (quantized straight from the checkpoint), and the one name of each layout
+DATAFREE_SCHEMES = {**FP8_SCHEMES, **W8A8_SCHEMES, **NVFP4_SCHEMES}
 SCHEME_NAMES = {fmt: name for name, fmt in DATAFREE_SCHEMES.items()}

@@ -20,8 +20,9 @@ from qvlquant.checkpoint.qconfig import (
 from qvlquant.engine.skeleton import build_skeleton, load_processor, resolve_model_path
 from qvlquant.engine.streaming import find_disk_key
 from qvlquant.families import family_for
-from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat, QuantizedWeight
+from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat, QuantizedWeight
 from qvlquant.runtime.fp8 import fp8_linear_targets, swap_in_fp8_linears
+from qvlquant.runtime.nvfp4 import nvfp4_linear_targets, swap_in_nvfp4_linears
 from qvlquant.runtime.swap import replace_linears
 from qvlquant.runtime.w8a8 import swap_in_w8a8_linears, w8a8_linear_targets
 from qvlquant.quant.spec import QuantSpec
@@ -153,7 +154,7 @@ def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.devic
 
 def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a BF16 or quantized (GPTQ / AWQ GEMM / compressed-tensors / FP8: ``runtime.fp8`` / INT8 W8A8:
-    ``runtime.w8a8``) Qwen-VL checkpoint. -> (model, processor);
+    ``runtime.w8a8`` / NVFP4A16: ``runtime.nvfp4``) Qwen-VL checkpoint. -> (model, processor);
     the processor is None only for a folder that holds none (bare test checkpoints). The model is built on the
     meta device and each tensor read straight into ``dtype`` on ``device``: a quantized model holds its packed
     tensors, never a float copy of the whole model. Pickle checkpoints are refused."""
@@ -170,7 +171,8 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
         verify_manifest(folder)  # before anything is read from an edited export
     quant = read_quantization_config(qc, str(folder / "config.json"))
     fp8 = quant.pack_format if quant is not None and isinstance(quant.pack_format, Fp8Format) else None
-    reader = ShardReader(folder, dtypes=EXPORT_DTYPES if fp8 else DTYPES)
+    fp4 = quant.pack_format if quant is not None and isinstance(quant.pack_format, Nvfp4Format) else None
+    reader = ShardReader(folder, dtypes=EXPORT_DTYPES if fp8 or fp4 else DTYPES)
     if quant is None:
         model = build_skeleton(config, family, dtype)
     else:
@@ -182,6 +184,8 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
             swap_in_fp8_linears(model, fp8_linear_targets(reader.keys(), family, fp8), fp8, dtype)
         elif isinstance(quant.pack_format, Int8Format):
             swap_in_w8a8_linears(model, w8a8_linear_targets(reader.keys(), family), quant.pack_format, dtype)
+        elif fp4:
+            swap_in_nvfp4_linears(model, nvfp4_linear_targets(reader.keys(), family), fp4, dtype)
         else:
             swap_in_quant_linears(model, quant_linear_specs(reader, family, quant), quant.pack_format, dtype)
     fill_from_checkpoint(model, reader, family, torch.device(device))

@@ -26,14 +26,14 @@ else:
 
 from tiny_models import tiny_batch, tiny_model  # noqa: E402
 
-from qvlquant.checkpoint.datafree import export_fp8  # noqa: E402
+from qvlquant.checkpoint.datafree import export_fp8, export_nvfp4  # noqa: E402
 from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config  # noqa: E402
 from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes  # noqa: E402
 from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
 from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
-from qvlquant.quant.formats import Fp8Format, Int8Format, PackFormat  # noqa: E402
+from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat  # noqa: E402
 from qvlquant.quant.spec import QuantConfig, QuantSpec  # noqa: E402
 from qvlquant.storage.shards import ShardReader, read_checkpoint_header  # noqa: E402
 
@@ -412,7 +412,9 @@ def test_vllm_reads_qvlquants_own_mixed_exports(tmp_path, model_type, fmt):
 
 # --- FP8, data-free: Qwen's block format and compressed-tensors FP8_DYNAMIC --------------------------------------
 FP8 = {  # format -> (vLLM's method, what it gives a decoder linear, the kernel at TP 1 on an sm_90)
-    Fp8Format.BLOCK: ("fp8", "Fp8LinearMethod", "TritonFp8BlockScaledMMKernel"),
+    # sm_90 with humming installed (the vLLM venv); TritonFp8BlockScaledMMKernel was what vLLM answered while the
+    # faked GPU still said no to has_device_capability
+    Fp8Format.BLOCK: ("fp8", "Fp8LinearMethod", "HummingFP8ScaledMMLinearKernel"),
     Fp8Format.CHANNEL: ("compressed-tensors", "CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)",
                         "CutlassFP8ScaledMMLinearKernel"),
 }
@@ -507,6 +509,74 @@ def test_vllm_serves_w8a8_exports_with_the_vision_tower_unquantized(w8a8_exports
 def test_vllm_refuses_nothing_it_is_told_about_w8a8_at_quantize_time(w8a8_exports):
     config = json.loads((w8a8_exports["qwen2_vl"] / "config.json").read_text())
     assert vllm_compatibility_warnings(config["quantization_config"], family_for("qwen2_vl")) == []
+
+
+# --- NVFP4A16, data-free: compressed-tensors nvfp4-pack-quantized, weight-only ------------------------------------
+NVFP4_METHOD = "CompressedTensorsLinearMethod(CompressedTensorsW4A4Fp4)"  # vLLM 0.33: W4A4Fp4(use_a16=True)
+
+
+@pytest.fixture(scope="module")
+def nvfp4_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-nvfp4")
+    out = {}
+    for t in TYPES:
+        model = tiny_model(t).to(torch.bfloat16)
+        model.save_pretrained(root / f"{t}-base")
+        base = CheckpointTensors(ShardReader(root / f"{t}-base"), family_for(t), torch.bfloat16)
+        out[t] = export_nvfp4(model, None, base, Nvfp4Format.PACKED, root / f"{t}-nvfp4", lambda quantized: {})
+    return out
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_serves_nvfp4a16_exports_with_the_vision_tower_unquantized(nvfp4_exports, model_type):
+    """vLLM's compressed-tensors config picks its NVFP4 scheme in weight-only mode for every decoder linear (and
+    allocates the tensors' shapes: uint8 [N, K/2], e4m3 [N, K/16], a float32 global scale); the vision tower
+    unquantized; TP 1 and 2 accepted."""
+    vllm = inspect_checkpoint(nvfp4_exports[model_type])["vllm"]
+    assert vllm["checked_by"].startswith("vLLM 0.33") and vllm["refused"] is None
+    assert vllm["method"] == "compressed-tensors"
+    language = {v: m for v, m in vllm["layers"].items() if v.startswith("language_model.model.layers.")}
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(language) == 3 * 4 and set(language.values()) == {NVFP4_METHOD}
+    assert len(vision) == VISION_LINEARS[model_type] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert vllm["vision_quantized"] == [] and vllm["tp"][1] == [] and vllm["tp"][2] == []
+    assert set(vllm["kernels"][1].values()) == {"HummingNvFp4LinearKernel"}  # sm_90 with humming installed
+
+
+# vLLM 0.33's weight-only NVFP4 kernel by compute capability (init_nvfp4_linear_kernel(use_a16=True), auto backend,
+# as installed in the vLLM venv: humming present, no GPU)
+NVFP4_KERNELS = {(7, 5): "MarlinNvFp4LinearKernel", (8, 0): "MarlinNvFp4LinearKernel",
+                 (8, 9): "MarlinNvFp4LinearKernel", (9, 0): "HummingNvFp4LinearKernel",
+                 (10, 0): "FlashInferCuteDslNvFp4W4A16LinearKernel", (12, 0): "MarlinNvFp4LinearKernel"}
+
+
+@pytest.mark.parametrize("capability", list(NVFP4_KERNELS))
+def test_which_kernel_vllm_runs_nvfp4a16_with(nvfp4_exports, capability):
+    """What the docs and the card say about hardware: Marlin's FP4 kernel from Turing on, Humming on Hopper,
+    FlashInfer's CuTe-DSL W4A16 on sm_100; the scheme is the same weight-only one everywhere."""
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_quant_config
+
+    with pretend_gpu(1, capability):
+        _, quant = vllm_quant_config(nvfp4_exports["qwen2_vl"], "qwen2_vl")
+        scheme = quant.get_scheme(torch.nn.Linear(64, 64), "language_model.model.layers.0.mlp.down_proj")
+    assert type(scheme).__name__ == "CompressedTensorsW4A4Fp4" and scheme.use_a16 is True
+    assert type(scheme.kernel).__name__ == NVFP4_KERNELS[capability]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_copied_rules_agree_with_vllm_on_nvfp4(nvfp4_exports, model_type):
+    folder = nvfp4_exports[model_type]
+    config = json.loads((folder / "config.json").read_text())
+    family, header = family_for(model_type), read_checkpoint_header(folder)
+    quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
+    shapes = quantized_shapes(header, quant, family)
+    assert len(shapes) == 3 * 7
+    vision = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                    if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
+    copied = copied_rules(quant, shapes, vision, family, copy.deepcopy(config))
+    asked = inspect_checkpoint(folder)["vllm"]
+    assert copied["vision_quantized"] == asked["vision_quantized"] == []
+    assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
 
 
 # --- Qwen3.5 (dense): Gated DeltaNet and gated full-attention layers --------------------------------------------------

@@ -1,0 +1,63 @@
+"""Running NVFP4A16 exports: ``Nvfp4Linear`` holds the packed e2m1 codes and their two scales exactly as they are on
+disk and multiplies by the weight they stand for, dequantized once into the input's dtype (weight-only: the
+activations are not quantized, as in vLLM's W4A16 kernels, which dequantize inside the matmul).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qvlquant.quant.formats import Nvfp4Format
+from qvlquant.runtime.swap import replace_linears
+
+
+class Nvfp4Linear(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: Nvfp4Format, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        for name, (shape, dt) in fmt.tensor_shapes(in_features, out_features).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, fmt: Nvfp4Format, bias: torch.Tensor | None,
+                    global_scale: torch.Tensor | None = None) -> "Nvfp4Linear":
+        """A float weight [N, K] quantized to ``fmt`` (``global_scale``: its fused group's; None: its own)."""
+        n, k = w.shape
+        module = cls(k, n, fmt, bias is not None, bias.dtype if bias is not None else torch.float32)
+        for name, t in fmt.pack(w, global_scale=global_scale).items():
+            getattr(module, name).copy_(t)
+        if bias is not None:
+            module.bias.data.copy_(bias)
+        return module
+
+    def weight_dequantized(self) -> torch.Tensor:
+        """The weight the stored tensors stand for, [N, K] float32."""
+        return self.fmt.unpack({name: getattr(self, name) for name in self.fmt.tensor_shapes(16, 1)})
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequantized = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
+            self._dequantized = self.weight_dequantized().to(device=x.device, dtype=x.dtype)  # [N, K]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._dequantized, bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt.value}, activations not quantized"
+
+
+def nvfp4_linear_targets(keys: list[str], family) -> list[str]:
+    """Runtime paths of the linears an NVFP4 checkpoint stores quantized: those with a ``weight_global_scale``."""
+    marker = ".weight_global_scale"
+    return sorted(family.to_runtime(k)[: -len(marker)] for k in keys if k.endswith(marker))
+
+
+def swap_in_nvfp4_linears(model, targets: list[str], fmt: Nvfp4Format, dtype: torch.dtype) -> None:
+    """Replace the nn.Linear at each runtime path in ``targets`` by an empty Nvfp4Linear (the checkpoint fills it)."""
+    replace_linears(model, targets,
+                    lambda name, old: Nvfp4Linear(old.in_features, old.out_features, fmt, old.bias is not None, dtype))
