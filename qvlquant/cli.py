@@ -54,7 +54,7 @@ from qvlquant.config import (
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.parallel import launch
 from qvlquant.quant.formats import DATAFREE_SCHEMES
-from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, resolved_by_bits
+from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, RARE_EXPERTS, resolved_by_bits
 from qvlquant.tools.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.version import __version__
 
@@ -225,8 +225,11 @@ def _add_method_flags(p, job: JobConfig) -> None:
     p.add_argument("--vision-weight", type=float, metavar="W", help="GPTQ: weight of image / video tokens in the "
                    f"Hessian, VLMQ-style (default {shown(gptq.vision_weight)}; 1 weighs them like text tokens)")
     p.add_argument("--min-expert-tokens", type=int, metavar="N", help="GPTQ / AWQ, MoE models: an expert the router sent "
-                   f"fewer calibration tokens is rounded to nearest instead, and named in the report (default "
+                   "fewer calibration tokens is handled as --rare-experts says, and named in the report (default "
                    f"{shown(gptq.min_expert_tokens)}: only the experts no token reached)")
+    p.add_argument("--rare-experts", choices=list(RARE_EXPERTS), help="GPTQ / AWQ, MoE models: such an expert is "
+                   "rounded to nearest (rtn) or calibrated on every token of its layer (all_tokens; its output still "
+                   f"only for its routed tokens); default {gptq.rare_experts}")
     p.add_argument("--awq-rounding", choices=list(AWQ_ROUNDING), help="AWQ: rtn (AWQ's clipping search and "
                    "round-to-nearest) or gptq (GPTQ rounds the AWQ-scaled layer); default: "
                    f"{by_bits(resolved_by_bits('awq', 'awq_rounding', widths))}")
@@ -305,10 +308,12 @@ def run_quantize(args) -> int:
           + (f" (the search's plan: {args.output}/{mixed['recipe']})" if mixed else ""))
     experts = report.get("experts")
     if experts:
-        rounded = experts["rounded_to_nearest"]
+        fewer = report['config']['quant']['min_expert_tokens']
+        said = [f"{len(names)} linears of experts with fewer than {fewer} {how} (e.g. {names[0]})"
+                for names, how in ((experts["rounded_to_nearest"], "rounded to nearest"),
+                                   (experts.get("calibrated_on_all_tokens", []), "calibrated on all tokens")) if names]
         print(f"experts: {experts['fewest_tokens']} to {experts['most_tokens']} calibration tokens each"
-              + (f"; {len(rounded)} linears of experts with fewer than {report['config']['quant']['min_expert_tokens']} rounded to nearest"
-                 f" (e.g. {rounded[0]}; all in quantize_report.json 'experts')" if rounded else ""))
+              + (f"; {'; '.join(said)}; all in quantize_report.json 'experts'" if said else ""))
     return 0
 
 

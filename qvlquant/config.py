@@ -365,7 +365,7 @@ def check_fits_format(qcfg: QuantConfig, fmt: PackFormat) -> None:
 
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "damp_percent", "damp_max", "block_size", "desc_act",
                "static_groups", "true_sequential", "awq_grid", "awq_clip", "awq_max_tokens", "awq_rounding",
-               "mse", "vision_weight", "min_expert_tokens")
+               "mse", "vision_weight", "min_expert_tokens", "rare_experts")
 _SEARCH_KEYS = {"target_bits": "target_bits", "candidate_bits": "candidate_bits", "sensitivity": "measure"}
 _COLUMN_KEYS = ("image_column", "question_column", "answer_column", "text_column")
 _PROCESSING_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")

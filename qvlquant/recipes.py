@@ -28,7 +28,7 @@ from qvlquant.eval.check import (
 )
 from qvlquant.quant.formats import DATAFREE_SCHEMES, EXPORT_FORMATS
 from qvlquant.quant.rules import rule_from_mapping
-from qvlquant.quant.spec import AWQ_ROUNDING, METHODS
+from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, RARE_EXPERTS
 from qvlquant.storage.files import read_text_bounded
 
 MAX_RECIPE_BYTES = 1 << 20  # the published recipes are under 1 KB
@@ -58,6 +58,7 @@ SETTINGS: dict[str, Setting] = {
     "mse": Setting(float),
     "vision_weight": Setting(float),
     "min_expert_tokens": Setting(int),
+    "rare_experts": Setting(str, RARE_EXPERTS),
     "awq_rounding": Setting(str, AWQ_ROUNDING),
     "calib": Setting(str),
     "num_samples": Setting(int),
@@ -187,7 +188,7 @@ def check_tolerances(recipe: str | pathlib.Path | None = None, max_drop: Mapping
 # What a written recipe holds of a job: the settings that decide the exported tensors (never where the output goes,
 # whether it resumes, or the machine: device, offload, threads), each only where it is not the default.
 _QUANT_RECIPE_KEYS = ("damp_percent", "desc_act", "static_groups", "true_sequential", "mse", "vision_weight",
-                      "min_expert_tokens", "awq_rounding")
+                      "min_expert_tokens", "rare_experts", "awq_rounding")
 _CALIB_RECIPE_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
 
 

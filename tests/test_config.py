@@ -56,6 +56,8 @@ def test_damping_is_checked_at_the_boundary(damp):
     (dict(method="awq", bits=3), "AWQ exports the AWQ GEMM format: 4-bit"),
     (dict(method="gptq", desc_act=True, export_format="compressed-tensors"), "contiguous groups only"),
     (dict(method="bogus"), "unknown method 'bogus'"),
+    (dict(method="gptq", rare_experts="drop"), "rare_experts must be one of rtn, all_tokens"),
+    (dict(method="rtn", rare_experts="all_tokens"), "rare_experts: GPTQ / AWQ options"),
     (dict(device="gpu"), "device must be auto, cpu, cuda or cuda:N"),
     (dict(dtype="int8"), "dtype must be one of"),
     (dict(offload="disk"), "offload must be one of"),

@@ -10,7 +10,8 @@ experts module of a meta skeleton, so the checkpoint's per-expert tensors stream
 
 Each expert's linears are called with the rows of the tokens routed to it only, and carry those rows' flat indices
 (``routed_rows``) while they run, so that a statistics hook can match them to the batch's token mask and weights
-(``qvlquant.quant.layer.rows_of``).
+(``qvlquant.quant.layer.rows_of``). An expert in ``all_tokens`` runs on every token instead (its output still
+added for its routed tokens only): how a rarely reached expert is calibrated on all tokens.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ExpertLinears(torch.nn.Module):
     def __init__(self, count: int, names: tuple[str, str, str], hidden: int, intermediate: int, act, dtype, device):
         super().__init__()
         self.num_experts = count
+        self.all_tokens: frozenset[int] = frozenset()  # experts run on every token (``experts_on_all_tokens``)
         for e in range(count):
             self.add_module(str(e), ExpertMLP(names, hidden, intermediate, act, dtype, device))
 
@@ -65,13 +67,18 @@ class ExpertLinears(torch.nn.Module):
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens in order
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         start = 0
+        every = None
         for e, n in enumerate(counts[: self.num_experts]):
             pairs = order[start:start + n]
             start += n
-            if n == 0:
-                continue
             token, slot = pairs // k, pairs % k
-            y = self.expert(e)(hidden_states[token], token)
+            if e in self.all_tokens:  # calibration of a rare expert: its linears see every token
+                every = torch.arange(hidden_states.shape[0], device=hidden_states.device) if every is None else every
+                y = self.expert(e)(hidden_states, every)[token]
+            elif n == 0:
+                continue
+            else:
+                y = self.expert(e)(hidden_states[token], token)
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -102,21 +109,21 @@ def unfuse_experts(model: torch.nn.Module, family: ModelFamily) -> int:
 
 def coverage(family: ModelFamily, layer_info: dict[str, dict]) -> dict | None:
     """What calibration reached the experts, from the per-linear results (``tokens``, ``fallback``): per layer,
-    the tokens each expert's first linear received, the fewest, and the linears rounded to nearest because their
-    expert had too few (``QuantConfig.min_expert_tokens``). None for a model without experts or a method that
+    the tokens each expert's first linear received, the fewest, and the linears of experts that had too few
+    (``QuantConfig.min_expert_tokens``): rounded to nearest, or calibrated on all tokens (``rare_experts``). None for a model without experts or a method that
     counts no tokens (RTN)."""
     if not family.experts:
         return None
     first = family.expert_linears[0]
     per_layer: dict[str, list] = {}
-    fallback = []
+    fallback: dict[str, list] = {"rtn": [], "all_tokens": []}
     for name, info in layer_info.items():
         head, _, leaf = name.rpartition(".")
         layer_prefix, _, inside = head.partition(f".{family.experts}.")
         if not inside.isdigit():
             continue
         if info.get("fallback"):
-            fallback.append(name)
+            fallback[info["fallback"]].append(name)
         if leaf == first and "tokens" in info:
             tokens = per_layer.setdefault(layer_prefix, [None] * family.expert_count)
             tokens[int(inside)] = info["tokens"]
@@ -124,4 +131,5 @@ def coverage(family: ModelFamily, layer_info: dict[str, dict]) -> dict | None:
         return None
     counts = [t for tokens in per_layer.values() for t in tokens if t is not None]
     return {"experts_per_layer": family.expert_count, "fewest_tokens": min(counts), "most_tokens": max(counts),
-            "rounded_to_nearest": fallback, "tokens": per_layer}
+            "rounded_to_nearest": fallback["rtn"], "calibrated_on_all_tokens": fallback["all_tokens"],
+            "tokens": per_layer}

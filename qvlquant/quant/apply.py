@@ -30,6 +30,7 @@ from qvlquant.quant.layer import (
     LayerInput,
     Phase,
     StopReplay,
+    experts_on_all_tokens,
     layer_device,
     replay,
     rows_of,
@@ -129,6 +130,7 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
             trim_heap()  # the groups before left freed temporaries: give them back before the next sums
             ctx.step(Phase.HESSIAN, f"Hessian of {', '.join(g[0] for g in solved)}")
             sums = collect_hessians(layer, inputs, solved, ctx.qcfg.vision_weight)
+        routed = _rare_on_all_tokens(layer, inputs, solved, sums, ctx) if ctx.qcfg.rare_experts == "all_tokens" else {}
         ctx.step(Phase.SOLVE, f"solve {', '.join(names)}")
         for group in step:
             cfg = ctx.config(group[0])
@@ -161,9 +163,30 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
                 del Hj
                 if last:  # the views hold S's memory: gone before the weight is dequantized and packed
                     H = scratch = None
-                ctx.finish(name, *decorate(name, w, dict(info, tokens=n)))
+                more = {"tokens": routed[group], "fallback": "all_tokens", "calibration_tokens": n} if group in routed \
+                    else {"tokens": n}
+                ctx.finish(name, *decorate(name, w, dict(info, **more)))
             H = scratch = None
         ctx.settle(owner)
+
+
+def _rare_on_all_tokens(layer: torch.nn.Module, inputs: list[LayerInput], groups, sums: dict,
+                        ctx: LayerContext) -> dict[tuple[str, ...], int]:
+    """``rare_experts`` "all_tokens": the expert groups among ``groups`` that the router sent fewer than
+    ``min_expert_tokens`` tokens (over every rank) get their Hessian sums from every token of the layer instead
+    (``sums`` updated in place). -> {such group: the tokens routed to it}."""
+    family = ctx.family
+    experts = [g for g in groups if family.expert_of(g[0]) is not None]
+    routed = {g: ctx.total_count((sums.get(g) or (None, 0))[1]) for g in experts}  # same order on every rank
+    rare = [g for g in experts if routed[g] < ctx.qcfg.min_expert_tokens]
+    if not rare:
+        return {}
+    for g in rare:
+        sums.pop(g, None)
+    ctx.step(Phase.HESSIAN, f"Hessian of {len(rare)} rarely reached experts' linear groups on all tokens")
+    with experts_on_all_tokens(layer, family, {family.expert_of(g[0]) for g in rare}):
+        sums.update(collect_hessians(layer, inputs, rare, ctx.qcfg.vision_weight))
+    return {g: routed[g] for g in rare}
 
 
 def capture_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], names) -> dict[str, list[torch.Tensor]]:
@@ -319,11 +342,19 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     if real == 0:
         raise ctx.fail(firsts[0], "received no calibration tokens; add samples or exclude it")
     tokens = _expert_tokens(feats, inputs, ctx, owner)
-    # experts the router sent too few tokens: no scale or clipping search (noise), round-to-nearest, named
+    # experts the router sent too few tokens: no scale or clipping search (noise), round-to-nearest, named; or
+    # (rare_experts "all_tokens") their statistics taken from every token of the layer
     rare = {name for name, n in tokens.items() if n < qcfg.min_expert_tokens}
+    wide = set()
+    if rare and qcfg.rare_experts == "all_tokens":
+        again = [first for first in firsts if first in rare]
+        with experts_on_all_tokens(layer, family, {family.expert_of(first) for first in again}):
+            feats.update(capture_linear_inputs(layer, inputs, again))
+        wide, rare = rare, set()
     found, info = _search_scales(layer, inputs, ctx, feats, owner, rare)
     for name, n in tokens.items():
-        info[name] = dict(info.get(name, {}), tokens=n, **({"fallback": "rtn"} if name in rare else {}))
+        fallback = "rtn" if name in rare else "all_tokens" if name in wide else None
+        info[name] = dict(info.get(name, {}), tokens=n, **({"fallback": fallback} if fallback else {}))
     gptq_rounds = qcfg.awq_rounding == "gptq"
     for group, prev, linears, s in found:
         _fold(prev, linears, s, ctx.storage_dtype, family.norm_offset)

@@ -139,6 +139,20 @@ def rows_of(module: torch.nn.Module, per_token: torch.Tensor | None) -> torch.Te
     return per_token.reshape(-1, *per_token.shape[2:])[rows.to(per_token.device)]
 
 
+@contextlib.contextmanager
+def experts_on_all_tokens(layer: torch.nn.Module, family: ModelFamily, experts):
+    """While open, the experts ``experts`` (indices) of ``layer``'s MoE block run on every token of the batch, so
+    hooks on their linears see all of them (the block's output still takes each expert's output for its routed
+    tokens only): how a rarely reached expert is calibrated on all tokens (``QuantConfig.rare_experts``). The block
+    (``qvlquant.engine.experts.ExpertLinears``) reads the set as ``all_tokens``."""
+    block = layer.get_submodule(family.experts)
+    block.all_tokens = frozenset(experts)
+    try:
+        yield
+    finally:
+        block.all_tokens = frozenset()
+
+
 class StopReplay(Exception):
     """Raised by a replay hook once it has seen what it needs: the rest of the layer does not run."""
 

@@ -32,6 +32,10 @@ class QuantSpec:
 
 METHODS = ("rtn", "gptq", "awq")
 AWQ_ROUNDING = ("rtn", "gptq")
+# MoE models, an expert the router sent fewer than min_expert_tokens calibration tokens: rounded to nearest ("rtn"),
+# or calibrated on every token of its layer ("all_tokens", as llm-compressor's calibrate-all-experts does for every
+# expert), its output still taken only for the tokens routed to it
+RARE_EXPERTS = ("rtn", "all_tokens")
 # GPTQ's defaults, chosen by measurement (README, "Methods with error bars"): damping 0.01 of the mean Hessian diagonal
 # and act-order with static groups (columns by decreasing Hessian diagonal, group parameters fixed on the original
 # order, so the checkpoint needs no runtime g_idx and vLLM serves it). The recipes of published checkpoints keep
@@ -98,9 +102,10 @@ class QuantConfig:
     mse: float | None = None  # GPTQ: group ranges shrunk to minimise |w - Q(w)|^mse (GPTQModel's mse, 2.4 typical);
     # 0: min-max; None: GPTQ_MSE below GPTQ_MSE_BELOW_BITS bits for method gptq, else 0
     vision_weight: float = 1.0  # GPTQ: weight of image / video tokens in the Hessian (VLMQ-style); 1: as text
-    # GPTQ / AWQ, MoE models: an expert that the router sent fewer calibration tokens is rounded to nearest instead
-    # (named in the report); 1: only the experts no token reached
+    # GPTQ / AWQ, MoE models: an expert that the router sent fewer calibration tokens is handled as ``rare_experts``
+    # says (named in the report); 1: only the experts no token reached
     min_expert_tokens: int = 1
+    rare_experts: str = "rtn"  # RARE_EXPERTS: round them to nearest, or calibrate them on all tokens of the layer
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -119,9 +124,11 @@ class QuantConfig:
                     "true_sequential": not self.true_sequential}  # GPTQ's own column order and layout
         misplaced = [k for k, v in rounding.items() if v and not gptq_rounds]
         misplaced += [k for k, v in ordering.items() if v and self.method != "gptq"]
-        if self.method == "rtn" and self.min_expert_tokens != 1:
-            raise ValueError("min_expert_tokens: a GPTQ / AWQ option (how rarely reached experts are calibrated); "
-                             "RTN uses no calibration tokens")
+        if self.method == "rtn" and (self.min_expert_tokens != 1 or self.rare_experts != "rtn"):
+            raise ValueError("min_expert_tokens, rare_experts: GPTQ / AWQ options (how rarely reached experts are "
+                             "calibrated); RTN uses no calibration tokens")
+        if self.rare_experts not in RARE_EXPERTS:
+            raise ValueError(f"rare_experts must be one of {', '.join(RARE_EXPERTS)}, got {self.rare_experts!r:.80}")
         if misplaced:
             hint = " (AWQ takes damp_percent, mse and vision_weight with awq_rounding 'gptq')" if self.method == "awq" else ""
             raise ValueError(f"{', '.join(misplaced)}: GPTQ options, not for method {self.method}{hint}")

@@ -54,6 +54,36 @@ def test_expert_linears_compute_what_transformers_fused_experts_compute():
     assert module.expert(3).up_proj.routed_rows is None  # not left behind
 
 
+def test_experts_on_all_tokens_see_every_token_and_change_no_output():
+    """A rarely reached expert calibrated on all tokens (``rare_experts`` "all_tokens"): while the set is open its
+    linears run on every token (a never-picked expert too), the block's output is unchanged, and afterwards the
+    experts are back to their routed tokens."""
+    from types import SimpleNamespace
+
+    from qvlquant.quant.layer import experts_on_all_tokens
+
+    fused = _fused_experts()
+    module = _unfused_copy(fused)
+    layer = torch.nn.Module()
+    layer.mlp = torch.nn.Module()
+    layer.mlp.experts = module
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 32, generator=g)
+    index = torch.stack([torch.arange(40) % 5, (torch.arange(40) + 1) % 5], 1)  # expert 5 is never picked
+    weights = torch.softmax(torch.randn(40, 2, generator=g), -1)
+    seen = {}
+    for e in (3, 5):
+        module.expert(e).down_proj.register_forward_hook(
+            lambda m, a, o, e=e: seen.setdefault(e, []).append((m.routed_rows.tolist(), a[0].shape[0])))
+    with torch.no_grad(), experts_on_all_tokens(layer, SimpleNamespace(experts="mlp.experts"), {3, 5}):
+        torch.testing.assert_close(module(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+    assert seen == {3: [(list(range(40)), 40)], 5: [(list(range(40)), 40)]}
+    seen.clear()
+    with torch.no_grad():
+        module(x, index, weights)
+    assert seen == {3: [(sorted(set((index == 3).nonzero()[:, 0].tolist())), 16)]} and module.all_tokens == frozenset()
+
+
 def test_an_unfused_skeleton_is_named_as_the_checkpoint_stores_experts(tmp_path):
     from tiny_models import qwen3_5_checkpoint
 
@@ -145,3 +175,38 @@ def test_a_qwen3_5_moe_run_calibrates_each_expert_on_its_own_tokens(moe_base, tm
     assert (got - x @ expected.T).norm() / (x @ expected.T).norm() < 1e-3  # the 16-bit scales' rounding only
     quantized = [n for n, m in reloaded.named_modules() if type(m).__name__ == "QuantLinear"]
     assert len(quantized) == len(report["layers"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_rare_experts_calibrated_on_all_tokens(moe_base, tmp_path, method):
+    """``rare_experts="all_tokens"``: the experts under --min-expert-tokens are calibrated on every token of their
+    layer instead of rounded to nearest: named under ``calibrated_on_all_tokens``, none rounded, GPTQ's Hessian of
+    such an expert counts every calibration token, and its weights are not RTN's."""
+    import qvlquant
+
+    from qvlquant.quant.rtn import fake_quantize
+    from qvlquant.quant.spec import QuantSpec
+
+    out = tmp_path / method
+    report = qvlquant.quantize(model=str(moe_base), output=str(out), method=method, calib="demo", num_samples=4,
+                               min_expert_tokens=150, rare_experts="all_tokens")
+    experts = report["experts"]
+    rare = [(layer, e) for layer, tokens in experts["tokens"].items() for e, n in enumerate(tokens) if n < 150]
+    assert rare and experts["rounded_to_nearest"] == []
+    assert sorted(experts["calibrated_on_all_tokens"]) == sorted(
+        f"{layer}.mlp.experts.{e}.{leaf}" for layer, e in rare for leaf in ("gate_proj", "up_proj", "down_proj"))
+    layer, e = rare[0]
+    name = f"{layer}.mlp.experts.{e}.up_proj"
+    info = report["layers"][name]
+    assert info["tokens"] == experts["tokens"][layer][e] and info["fallback"] == "all_tokens"
+    if method == "gptq":
+        assert info["calibration_tokens"] == report["calibration"]["tokens"]
+    base = _tensors(moe_base)
+    w = base[name + ".weight"].float()
+    rtn = fake_quantize(w, QuantSpec(4, 128, sym=method == "gptq"))
+    reloaded, _ = qvlquant.load(out)
+    x = torch.randn(16, w.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = reloaded.get_submodule(name)(x)
+    assert (got - x @ rtn.T).norm() / (x @ rtn.T).norm() > 1e-2  # calibrated, not rounded to nearest
