@@ -110,19 +110,26 @@ class PackFormat(str, enum.Enum):
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes [L, M] along dim 0 as a little-endian bit stream. -> [L*bits/32, M] int32.
 
-    Widths that divide 32 (2, 4, 8) fill each word with 32/bits whole codes, shifted in place one position at a time
-    (no temporaries larger than the output); 3 bits, whose codes straddle words, goes through an explicit stream."""
+    Widths that divide 32 (2, 4, 8) fill each word with 32/bits whole codes, in int32 (a code shifted into the top
+    bit wraps exactly as the stored word does). A transposed view (GPTQ's ``qweight`` packs ``q.t()``) holds each
+    word's codes side by side in memory: they are shifted and summed in place of a strided pass per code position
+    (the sum of codes whose bits do not overlap is their OR). 3 bits, whose codes straddle words, goes through an
+    explicit stream."""
     length, m = codes.shape
     if (length * bits) % 32:
         raise ValueError(f"cannot pack {length} {bits}-bit values into whole 32-bit words")
     if 32 % bits:
         return _pack_bits_stream(codes, bits)
     per = 32 // bits
-    c = codes.to(torch.int64).view(length // per, per, m)
-    words = torch.zeros(length // per, m, dtype=torch.int64)
+    c = codes.to(torch.int32) & (2**bits - 1)  # keeps the codes' memory order
+    if m > 1 and c.stride(0) == 1:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=c.device)
+        return (c.t().reshape(m, length // per, per) << shifts).sum(-1, dtype=torch.int32).t().contiguous()
+    c = c.contiguous().view(length // per, per, m)
+    words = torch.zeros(length // per, m, dtype=torch.int32, device=c.device)
     for j in range(per):
-        words |= (c[:, j] & (2**bits - 1)) << (bits * j)
-    return _as_int32(words)
+        words |= c[:, j] << (bits * j)
+    return words
 
 
 def unpack_bits(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -146,11 +153,11 @@ def _pack_bits_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes whose width does not divide 32 (3 bits): 32 codes fill ``bits`` words exactly, so each run of 32 codes
     is placed code by code at bit offset ``bits * i`` of its run, a code that crosses a word boundary split across
     the two words. One pass per code position over [L/32, M] (no per-bit stream: 3-bit packing of a 7B layer took
-    38 s that way)."""
+    38 s that way; the codes are made contiguous first, so each position is one pass over adjacent memory)."""
     length, m = codes.shape
     if length % 32:
         raise ValueError(f"cannot pack {length} {bits}-bit values: runs of 32 codes fill whole words")
-    c = (codes.to(torch.int64) & (2**bits - 1)).view(length // 32, 32, m)
+    c = (codes.to(torch.int64) & (2**bits - 1)).contiguous().view(length // 32, 32, m)
     words = torch.zeros(length // 32, bits, m, dtype=torch.int64)
     for i in range(32):
         word, shift = divmod(bits * i, 32)
@@ -199,8 +206,10 @@ def _awq_interleave(x: torch.Tensor) -> torch.Tensor:
     r, n = x.shape
     if n % 8:
         raise ValueError(f"AWQ GEMM packing needs out_features divisible by 8, got {n}")
-    cols = x.to(torch.int64).view(r, n // 8, 8)[:, :, list(AWQ_PACK_ORDER)]  # [R, N/8, 8]
-    return _as_int32((cols << (4 * torch.arange(8))).sum(-1))
+    shifts = torch.empty(8, dtype=torch.int32)
+    shifts[list(AWQ_PACK_ORDER)] = 4 * torch.arange(8, dtype=torch.int32)  # column n0 + p goes to nibble i, p = ORDER[i]
+    cols = (x.to(torch.int32) & 0xF).contiguous().view(r, n // 8, 8)
+    return (cols << shifts.to(cols.device)).sum(-1, dtype=torch.int32)  # no bits overlap: the sum is the OR
 
 
 def _awq_deinterleave(words: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def _grouped_codes(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     g = spec.effective_group(k)
     if k % g:
         raise ValueError(f"in_features {k} is not divisible by group_size {g}")
-    grouped = w.float().reshape(n, k // g, g)  # [N, G, g]
-    scale, zero = minmax_qparams(grouped.amin(-1), grouped.amax(-1), spec)
-    q = torch.clamp(torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, spec.maxq)
+    grouped = w.to(torch.float32, copy=True).reshape(n, k // g, g)  # [N, G, g], our own copy: rounded in place
+    scale, zero = minmax_qparams(*torch.aminmax(grouped, dim=-1), spec)
+    q = grouped.div_(scale.unsqueeze(-1)).round_().add_(zero.unsqueeze(-1)).clamp_(0, spec.maxq)
     return q, scale, zero

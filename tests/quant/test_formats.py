@@ -41,6 +41,10 @@ def test_whole_code_packing_equals_the_bit_stream(bits):
     words = pack_bits(codes, bits)
     assert torch.equal(words, _pack_bits_stream(codes, bits)) and (words < 0).any()
     assert torch.equal(unpack_bits(words, bits, 256), _unpack_bits_stream(words, bits, 256))
+    # a transposed view (GPTQ's qweight packs q.t()) takes the shift-and-sum path: the same words
+    transposed = codes.t().contiguous().t()
+    assert transposed.stride(0) == 1 and torch.equal(pack_bits(transposed, bits), words)
+    assert torch.equal(pack_bits(transposed.float(), bits), words)  # codes held as floats (zero points)
 
 
 def test_pack_bits_layout_matches_autogptq():
