@@ -414,6 +414,9 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     check_remote_code(family, folder, config.trust_remote_code)
     hf_config = load_config(folder, family)
     family = family.bind(hf_config)  # hybrid models: each decoder layer's type
+    if config.pad_intermediate_to is not None and not family.mlp_out:
+        raise ValueError(f"--pad-intermediate-to: {family.name}'s decoder layers do not all hold one dense MLP to "
+                         "pad (its MoE layers hold experts); leave it out")
     storage = storage_dtype(hf_config)  # before the skeleton is built: building it sets config.dtype
     check_processor_files(folder, family)
     out = pathlib.Path(config.output).expanduser().resolve()

@@ -9,16 +9,19 @@ family bound to a model's config (``bind``) knows each layer's type, and ``at(i)
 with the fields every per-layer user reads (``linear_groups``, ``scaling_groups``, ``fused``, ...). A family whose
 layers are all alike has no layouts: ``at(i)`` is itself.
 
-Mixture-of-experts models (Qwen3.5-MoE) declare their experts' linears once, with ``{e}`` where the expert's index
-goes (``mlp.experts.{e}.gate_proj``); ``bind`` writes one name, group and rule per expert of the config. transformers
-holds the experts as fused 3-D parameters; ``experts`` names that module, which qvlquant runs as one linear per
-expert (``qvlquant.engine.experts``), so that each expert is quantized from the tokens its router sends it.
+Mixture-of-experts models (Qwen3.5-MoE, Qwen3-VL-MoE) declare their experts' linears once, with ``{e}`` where the
+expert's index goes (``mlp.experts.{e}.gate_proj``); ``bind`` writes one name, group and rule per expert of the
+config. transformers holds the experts as fused 3-D parameters; ``experts`` names that module, which qvlquant runs as
+one linear per expert (``qvlquant.engine.experts``), so that each expert is quantized from the tokens its router
+sends it. A checkpoint that stores them fused too (Qwen3-VL-MoE's) is read one expert's slice at a time, as
+``fused_experts`` says where each linear lies.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 EXPERT = "{e}"  # in a declared module name: each expert's index, written by ``bind``
 
@@ -47,7 +50,20 @@ class LayerLayout:
     attention_kwargs: tuple[str, ...] = ("attention_mask", "position_ids", "position_embeddings")
 
 
-PER_LAYER = tuple(f.name for f in dataclasses.fields(LayerLayout))  # the ModelFamily fields a layout replaces
+PER_LAYER = tuple(f.name for f in dataclasses.fields(LayerLayout))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSlice:
+    """Where one expert linear's weight [out, in] lies in the tensor a checkpoint stores for all of a layer's experts
+    fused: ``tensor`` (its name under the experts module, ``gate_up_proj``), expert e's entry of its first axis, and
+    the ``part``-th of ``parts`` equal blocks along the linear's outputs (gate: the first half of ``gate_up_proj``'s,
+    up: the second). Such a tensor holds [E, parts x out, in] (transformers 5's parameters, what ``save_pretrained``
+    writes) or its transpose [E, in, parts x out]: ``qvlquant.engine.experts.fused_layout`` tells them apart."""
+
+    tensor: str
+    part: int = 0
+    parts: int = 1  # the ModelFamily fields a layout replaces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +105,9 @@ class ModelFamily:
     # hold the union over the layouts (for matching names), and ``at(i)`` the layout of layer i. () : layers alike.
     layouts: tuple[tuple[str, LayerLayout], ...] = ()
     layer_types: tuple[str, ...] = ()  # the type of each decoder layer, once bound to a config (``bind``)
+    # Hybrid models whose config has no ``layer_types`` list: how the types follow from the text config's fields
+    # (called with a function reading one field, None when absent; a ValueError names a field it cannot use)
+    layer_types_from: Callable[[Callable[[str], object]], tuple[str, ...]] | None = None
     # Norms that scale by (norm_offset + weight) (Qwen3.5's zero-centred RMSNorm: 1): AWQ folds its scales there
     norm_offset: float = 0.0
     # Checkpoint key prefixes of tensors transformers does not load (Qwen3.5's MTP head, ``mtp.``): the export copies
@@ -96,33 +115,44 @@ class ModelFamily:
     carried: tuple[str, ...] = ()
     # Mixture of experts: the fused experts module of a decoder layer (transformers 5's ``gate_up_proj`` [E, 2I, H]
     # and ``down_proj`` [E, H, I] parameters; "" : none), the names of one expert's gate, up and down linears, the
-    # text config's field counting the experts, and the count once bound
+    # text config's field counting the experts (the first of these names it has), and the count once bound
     experts: str = ""
     expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    experts_field: str = "num_experts"
+    experts_field: tuple[str, ...] = ("num_experts",)
     expert_count: int = 0
+    # Checkpoints storing each layer's experts fused: where each of ``expert_linears`` lies (() : one tensor per
+    # expert linear, ``mlp.experts.{e}.gate_proj.weight``, as Qwen3.5-MoE's)
+    fused_experts: tuple[ExpertSlice, ...] = ()
     routed_field: str = "num_experts_per_tok"  # the text config's field: experts each token is sent to
     routed: int = 0  # that count, once bound
 
     def bind(self, config) -> ModelFamily:
         """This family knowing each decoder layer's type, from ``config`` (or its ``text_config``; an object or
-        config.json's dict) ``layer_types``; itself when its layers are alike. A ValueError names a type it does not declare."""
+        config.json's dict) ``layer_types`` (or as ``layer_types_from`` derives them), and its experts' count;
+        itself when its layers are alike. A ValueError names a type it does not declare, or the field it cannot use."""
         text = (config.get("text_config") or config) if isinstance(config, dict) else getattr(config, "text_config", config)
         field = (lambda k: text.get(k)) if isinstance(text, dict) else (lambda k: getattr(text, k, None))
         family = self
         if self.experts and not self.expert_count:
-            count = field(self.experts_field)
-            if not isinstance(count, int) or count < 1:
-                raise ValueError(f"{self.name}: config {self.experts_field} is {count!r}; a mixture-of-experts model "
-                                 "needs a positive expert count")
+            named = " / ".join(self.experts_field)
+            count = next((v for v in map(field, self.experts_field) if v is not None), None)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"{self.name}: config {named} is {count!r}; a mixture-of-experts model needs a "
+                                 "positive expert count")
             routed = field(self.routed_field)
             if not isinstance(routed, int) or not 1 <= routed <= count:
                 raise ValueError(f"{self.name}: config {self.routed_field} is {routed!r}; it must be between 1 and "
-                                 f"{self.experts_field} ({count})")
+                                 f"{named} ({count})")
             family = dataclasses.replace(_with_experts(self, count), routed=routed)
         if not family.layouts:
             return family
-        types = tuple(field("layer_types") or ())
+        if self.layer_types_from is not None:
+            try:
+                types = tuple(self.layer_types_from(field))
+            except ValueError as e:
+                raise ValueError(f"{self.name}: {e}") from None
+        else:
+            types = tuple(field("layer_types") or ())
         unknown = sorted(set(types) - {t for t, _ in self.layouts})
         if not types or unknown:
             raise ValueError(f"{self.name}: config layer_types {list(types)[:8]} name "
@@ -382,12 +412,67 @@ QWEN3_5_MOE = hybrid(dataclasses.replace(QWEN3_5, name="qwen3_5_moe", layouts=()
                                          mlp_out="mlp.shared_expert.down_proj"),
                      tuple((t, _moe_layout(lay)) for t, lay in QWEN3_5.layouts))
 
+
+def _sparse_or_dense(field: Callable[[str], object]) -> tuple[str, ...]:
+    """Qwen3-VL-MoE's (and Qwen3-MoE's) layer types, as transformers' ``Qwen3VLMoeTextDecoderLayer`` chooses its MLP:
+    layer i is "sparse" (the MoE block) unless ``mlp_only_layers`` lists it or i + 1 is no multiple of
+    ``decoder_sparse_step``, then "dense" (an MLP). Absent fields take transformers' defaults (1 and [])."""
+    layers, step, dense = field("num_hidden_layers"), field("decoder_sparse_step"), field("mlp_only_layers")
+    step = 1 if step is None else step
+    dense = [] if dense is None else dense
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not whole(layers) or layers < 1:
+        raise ValueError(f"config num_hidden_layers is {layers!r:.80}; it must be a whole number of at least 1")
+    if not whole(step) or step < 1:
+        raise ValueError(f"config decoder_sparse_step is {step!r:.80}; it must be a whole number of at least 1 "
+                         "(every step-th layer holds the experts)")
+    if not isinstance(dense, list) or not all(whole(i) and 0 <= i < layers for i in dense):
+        raise ValueError(f"config mlp_only_layers is {dense!r:.80}; it must list layer indices from 0 to "
+                         f"{layers - 1}")
+    return tuple("dense" if i in dense or (i + 1) % step else "sparse" for i in range(layers))
+
+
+# Qwen3-VL-MoE (Qwen3-VL-30B-A3B, 235B-A22B): Qwen3-VL (DeepStack, checkpoints in the runtime names) whose decoder
+# layers hold, by the config (``_sparse_or_dense``), a sparse MoE block or a dense MLP. The MoE block has a top-k
+# router ``mlp.gate`` (kept, not an nn.Linear) and routed experts, no shared expert; AWQ smooths within each expert
+# only (a scale folded into post_attention_layernorm would reach the router too). Its published checkpoints store
+# each layer's experts fused and transposed, ``mlp.experts.gate_up_proj`` [E, H, 2I] and ``down_proj`` [E, I, H]
+# (transformers transposes them at load and writes its own [E, 2I, H] / [E, H, I] at save): read either way, one
+# expert at a time. No MLP of every layer to pad (``mlp_in`` / ``mlp_out`` empty: --pad-intermediate-to refused).
+_EXPERTS = (("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), ("mlp.experts.{e}.down_proj",))
+QWEN3_VL_MOE = hybrid(
+    dataclasses.replace(QWEN3_VL, name="qwen3_vl_moe", experts="mlp.experts", mlp_in=(), mlp_out="",
+                        # transformers 5.24 reads num_experts and writes num_local_experts into config.json
+                        experts_field=("num_experts", "num_local_experts"), layer_types_from=_sparse_or_dense,
+                        fused_experts=(ExpertSlice("gate_up_proj", 0, 2), ExpertSlice("gate_up_proj", 1, 2),
+                                       ExpertSlice("down_proj"))),
+    (
+        ("sparse", LayerLayout(
+            linear_groups=QWEN3_VL.linear_groups[:2] + _EXPERTS,
+            scaling_groups=QWEN3_VL.scaling_groups[:2] + (ScalingGroup("mlp.experts.{e}.up_proj",
+                                                                       ("mlp.experts.{e}.down_proj",)),),
+            fused=QWEN3_VL.fused[:1],
+            column_parallel=QWEN3_VL.column_parallel[:3] + _EXPERTS[0],
+            row_parallel=QWEN3_VL.row_parallel[:1] + _EXPERTS[1],
+            clip_skipped=QWEN3_VL.clip_skipped,
+        )),
+        ("dense", LayerLayout(
+            linear_groups=QWEN3_VL.linear_groups,
+            scaling_groups=QWEN3_VL.scaling_groups,
+            fused=QWEN3_VL.fused,
+            column_parallel=QWEN3_VL.column_parallel,
+            row_parallel=QWEN3_VL.row_parallel,
+            clip_skipped=QWEN3_VL.clip_skipped,
+        )),
+    ))
+
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl": QWEN2_VL,
     "qwen3_vl": QWEN3_VL,
     "qwen3_5": QWEN3_5,  # Qwen3.5 and Qwen3.6 dense checkpoints both say model_type "qwen3_5"
     "qwen3_5_moe": QWEN3_5_MOE,  # and their MoE checkpoints "qwen3_5_moe"
+    "qwen3_vl_moe": QWEN3_VL_MOE,
     "qwen": QWEN_VL_V1,  # Qwen-VL-Chat's config.json says model_type "qwen"
 }
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from qvlquant.families import FAMILIES, QWEN2_VL, family_for
 
@@ -55,7 +56,7 @@ def test_a_hybrid_family_refuses_to_guess_layer_types():
 
 
 def test_families_whose_layers_are_alike_are_their_own_layer_declaration():
-    for family in set(FAMILIES.values()) - {family_for("qwen3_5"), family_for("qwen3_5_moe")}:
+    for family in set(FAMILIES.values()) - {family_for(t) for t in ("qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")}:
         assert family.bind({"text_config": {"layer_types": ["x"]}}) is family
         assert family.at(5) is family and family.first_layers() == {} and family.layer_type(5) is None
 
@@ -77,3 +78,56 @@ def test_a_moe_family_writes_out_each_experts_linears_from_the_config():
     assert "mlp.experts.3.down_proj" in full.row_parallel and family.expert_count == 4
     with pytest.raises(ValueError, match="num_experts is 0"):
         family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 0, "num_experts_per_tok": 2, "layer_types": QWEN3_5_TYPES}})
+
+
+def _vl_moe(**text):
+    return family_for("qwen3_vl_moe").bind({"text_config": {"num_experts": 3, "num_experts_per_tok": 2,
+                                                            "num_hidden_layers": 4, **text}})
+
+
+def test_qwen3_vl_moe_layer_types_follow_decoder_sparse_step_and_mlp_only_layers():
+    from qvlquant.families import QWEN3_VL
+
+    assert _vl_moe().layer_types == ("sparse",) * 4  # transformers' defaults: step 1, no dense layer
+    family = _vl_moe(decoder_sparse_step=2, mlp_only_layers=[3])
+    assert family.layer_types == ("dense", "sparse", "dense", "dense")
+    assert family.first_layers() == {0: "dense", 1: "sparse"}
+    dense, sparse = family.at(0), family.at(1)
+    assert dense.linears == QWEN3_VL.linears and dense.fused == QWEN3_VL.fused
+    # attention, then each expert's gate/up and each expert's down; no shared expert; the router is no linear
+    assert sparse.linear_groups == QWEN3_VL.linear_groups[:2] + tuple(
+        (f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj") for e in range(3)) + tuple(
+        (f"mlp.experts.{e}.down_proj",) for e in range(3))
+    assert sparse.fused == QWEN3_VL.fused[:1] and "mlp.experts.2.down_proj" in sparse.row_parallel
+    # AWQ smooths within each expert: nothing folds into post_attention_layernorm, which the router reads too
+    assert [g.prev for g in sparse.scaling_groups] == ["input_layernorm", "self_attn.v_proj"] + [
+        f"mlp.experts.{e}.up_proj" for e in range(3)]
+    assert family.deepstack and family.expert_count == 3 and family.routed == 2
+    # transformers 5.24 writes the count as num_local_experts into config.json; a config object answers both
+    assert family_for("qwen3_vl_moe").bind({"text_config": {"num_local_experts": 5, "num_experts_per_tok": 1,
+                                                             "num_hidden_layers": 2}}).expert_count == 5
+
+
+def test_qwen3_vl_moe_agrees_with_transformers_on_which_layers_hold_experts():
+    import transformers as tf
+    from tiny_models import qwen3_vl_moe_config
+
+    config = qwen3_vl_moe_config(layers=6, mlp_only_layers=[4], decoder_sparse_step=2)
+    family = family_for("qwen3_vl_moe").bind(config)
+    with torch.device("meta"):
+        model = tf.Qwen3VLMoeForConditionalGeneration(config)
+    held = tuple("sparse" if hasattr(layer.mlp, "experts") else "dense" for layer in model.model.language_model.layers)
+    assert family.layer_types == held == ("dense", "sparse", "dense", "sparse", "dense", "sparse")
+
+
+@pytest.mark.parametrize("text, says", [
+    ({"decoder_sparse_step": 0}, r"qwen3_vl_moe: config decoder_sparse_step is 0; it must be a whole number"),
+    ({"mlp_only_layers": [4]}, r"config mlp_only_layers is \[4\]; it must list layer indices from 0 to 3"),
+    ({"mlp_only_layers": "1"}, r"config mlp_only_layers is '1'"),
+    ({"num_hidden_layers": None}, r"config num_hidden_layers is None"),
+    ({"num_experts": None}, r"config num_experts / num_local_experts is None; a mixture-of-experts model"),
+    ({"num_experts_per_tok": 4}, r"config num_experts_per_tok is 4; it must be between 1 and num_experts"),
+])
+def test_qwen3_vl_moe_refuses_configs_it_cannot_read(text, says):
+    with pytest.raises(ValueError, match=says):
+        _vl_moe(**text)

@@ -66,6 +66,55 @@ def qwen3_5_moe_config(vocab_size: int = 300, patch_size: int = 16, layers: int 
     return tf.Qwen3_5MoeConfig(text_config=text, vision_config=dense.vision_config.to_dict(), **IDS)
 
 
+def qwen3_vl_moe_config(vocab_size: int = 300, patch_size: int = 16, layers: int = 3, experts: int = 8, top_k: int = 2,
+                        mlp_only_layers=(1,), decoder_sparse_step: int = 1):
+    """Qwen3-VL-MoE: Qwen3-VL (DeepStack after layers 0 and 1) whose layers hold a sparse MoE block (``experts``
+    routed experts 256 wide, top ``top_k``, no shared expert) or, those ``mlp_only_layers`` lists or
+    ``decoder_sparse_step`` skips, a dense MLP (256 wide). No fused expert tensor is square (transformers 5.24 keeps
+    a square one as stored, so it would load a transposed checkpoint's wrongly)."""
+    import transformers as tf
+
+    text = dict(TEXT, vocab_size=vocab_size, num_hidden_layers=layers, head_dim=64,
+                rope_parameters=dict(MROPE, mrope_interleaved=True), num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=256, mlp_only_layers=list(mlp_only_layers),
+                decoder_sparse_step=decoder_sparse_step)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                  deepstack_visual_indexes=[0, 1], num_position_embeddings=64, patch_size=patch_size)
+    return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **IDS)
+
+
+def qwen3_vl_moe_checkpoint(folder, transposed: bool = True, **config):
+    """A bf16 checkpoint folder of a tiny Qwen3-VL-MoE with the demo's processor files (its tokenizer's 2008 tokens,
+    14-pixel patches), written as the published checkpoints are: each layer's experts fused and ``transposed``
+    (``mlp.experts.gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]; transformers' ``save_pretrained`` writes its
+    runtime [E, 2I, H] / [E, H, I]), and the expert count as ``num_experts`` (transformers writes
+    ``num_local_experts``). -> the float32 model it holds."""
+    import json
+    import pathlib
+    import shutil
+
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    from qvlquant.assets.paths import MODEL_DIR
+
+    torch.manual_seed(0)
+    model = tf.Qwen3VLMoeForConditionalGeneration(qwen3_vl_moe_config(vocab_size=2008, patch_size=14, **config))
+    folder = pathlib.Path(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        shutil.copyfile(MODEL_DIR / name, folder / name)
+    tensors = load_file(folder / "model.safetensors")
+    if transposed:
+        tensors = {k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v
+                   for k, v in tensors.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["num_experts"] = cfg["text_config"].pop("num_local_experts")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return model.float().eval()
+
+
 def tiny_batch(model, lengths=(20, 14), seed=0) -> dict:
     """Rows: [text..., <vision_start>, 4 x <image_pad>, <vision_end>, text...], right-padded to the longest."""
     g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ import torch
 from qvlquant.checkpoint.card import write_card
 from qvlquant.config import ExportConfig
 from qvlquant.engine.loop import QuantResult
-from qvlquant.engine.streaming import disk_key
+from qvlquant.engine.streaming import stored_tensor
 from qvlquant.families import ModelFamily
 from qvlquant.quant.formats import (
     SCHEME_NAMES,
@@ -313,13 +313,13 @@ class CheckpointTensors:
         self.reader, self.family, self.dtype = reader, family, dtype
 
     def meta(self, runtime_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        dtype, shape = self.reader.meta(disk_key(self.reader, self.family, runtime_name))
-        return (self.dtype if dtype.is_floating_point else dtype), shape
+        stored = stored_tensor(self.reader, self.family, runtime_name)
+        return (self.dtype if stored.dtype.is_floating_point else stored.dtype), stored.shape
 
     def get(self, runtime_name: str) -> torch.Tensor:
-        key = disk_key(self.reader, self.family, runtime_name)
-        t = self.reader.get(key)
-        return finite(t.to(self.dtype) if t.is_floating_point() else t, f"{self.reader.folder}: {key}")
+        stored = stored_tensor(self.reader, self.family, runtime_name)  # an expert of fused ones: its slice
+        t = stored.read(self.reader)
+        return finite(t.to(self.dtype) if t.is_floating_point() else t, f"{self.reader.folder}: {stored}")
 
     def carried(self) -> list[str]:
         """The checkpoint keys under the family's ``carried`` prefixes (Qwen3.5's MTP head), which the model does

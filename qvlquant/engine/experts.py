@@ -8,6 +8,10 @@ linear of its own: its own scales, and the Hessian / activation statistics of th
 computing what the fused module computes. ``unfuse_experts`` puts one in place of each decoder layer's fused
 experts module of a meta skeleton, so the checkpoint's per-expert tensors stream into it like any linear's.
 
+Checkpoints that store the experts fused (Qwen3-VL-MoE's, ``family.fused_experts``) are read one expert's slice at a
+time: ``fused_layout`` tells transformers' [E, out, in] from the transposed [E, in, out] by the shapes, and
+``expert_weight`` cuts one linear out of an expert's slice.
+
 Each expert's linears are called with the rows of the tokens routed to it only, and carry those rows' flat indices
 (``routed_rows``) while they run, so that a statistics hook can match them to the batch's token mask and weights
 (``qvlquant.quant.layer.rows_of``). An expert in ``all_tokens`` runs on every token instead (its output still
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from qvlquant.families import ModelFamily
+from qvlquant.families import ExpertSlice, ModelFamily
 
 
 class ExpertMLP(torch.nn.Module):
@@ -133,3 +137,46 @@ def coverage(family: ModelFamily, layer_info: dict[str, dict]) -> dict | None:
     return {"experts_per_layer": family.expert_count, "fewest_tokens": min(counts), "most_tokens": max(counts),
             "rounded_to_nearest": fallback["rtn"], "calibrated_on_all_tokens": fallback["all_tokens"],
             "tokens": per_layer}
+
+
+def fused_layout(slices: tuple[ExpertSlice, ...], stored: dict[str, tuple[int, ...]], where: str) -> bool:
+    """Whether one layer's fused expert tensors hold each expert's weight transposed ([E, in, parts x out], as
+    Qwen3-VL-MoE's published checkpoints) rather than as transformers' parameters ([E, parts x out, in]).
+    ``slices``: where the gate, up and down linears lie (``family.fused_experts``); ``stored``: each tensor's shape.
+    Decided by the one reading under which every expert's gate and up come out [I, H] and its down [H, I] (a square
+    tensor alone could be read either way; the layer's tensors together can not). A ValueError naming ``where`` and
+    the shapes when no reading, or both, fit."""
+    def linears(transposed: bool) -> list[tuple[int, ...]] | None:
+        out = []
+        for s in slices:
+            shape = stored[s.tensor]
+            if len(shape) != 3:
+                return None
+            rows, cols = (shape[2], shape[1]) if transposed else shape[1:]
+            if rows % s.parts:
+                return None
+            out.append((shape[0], rows // s.parts, cols))
+        return out
+
+    fits = []
+    for transposed in (False, True):
+        got = linears(transposed)
+        if got is not None:
+            (e1, i1, h1), (e2, i2, h2), (e3, h3, i3) = got
+            if len({e1, e2, e3}) == 1 and i1 == i2 == i3 and h1 == h2 == h3:
+                fits.append(transposed)
+    shapes = ", ".join(f"{name} {list(shape)}" for name, shape in stored.items())
+    if len(fits) != 1:
+        reason = "fit both readings" if fits else "fit neither"
+        raise ValueError(f"{where}: the fused experts' tensors ({shapes}) {reason} of [E, 2I, H] / [E, H, I] "
+                         "(transformers' layout) and [E, H, 2I] / [E, I, H] (transposed); the checkpoint is not "
+                         "one qvlquant can read one expert at a time")
+    return fits[0]
+
+
+def expert_weight(entry: torch.Tensor, where: ExpertSlice, transposed: bool) -> torch.Tensor:
+    """One expert linear's weight [out, in], a fresh contiguous tensor, from its expert's entry of the fused tensor
+    (``[parts x out, in]``, or ``[in, parts x out]`` when ``transposed``)."""
+    w = entry.T if transposed else entry
+    n = w.shape[0] // where.parts
+    return w[where.part * n:(where.part + 1) * n].clone(memory_format=torch.contiguous_format)

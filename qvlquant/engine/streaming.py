@@ -1,9 +1,11 @@
 """Filling a meta skeleton (``qvlquant.engine.skeleton``) from the safetensors shards one part at a time: the vision
 tower and embeddings for the capture pass, then one decoder layer at a time (``StreamedLayers``); and ``load_base``,
-the whole model in memory for small models."""
+the whole model in memory for small models. ``find_stored`` says where the checkpoint holds each parameter: its own
+tensor, or one expert's slice of a tensor holding a layer's experts fused (read one expert at a time)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import torch
@@ -19,8 +21,9 @@ from qvlquant.engine.skeleton import (
     resolve_model_path,
     storage_dtype,
 )
+from qvlquant.engine.experts import expert_weight, fused_layout
 from qvlquant.engine.transforms import pad_layer
-from qvlquant.families import ModelFamily, family_for
+from qvlquant.families import ExpertSlice, ModelFamily, family_for
 from qvlquant.parallel.devices import return_freed_memory
 from qvlquant.storage.shards import NAMES, ShardReader
 
@@ -37,6 +40,68 @@ def disk_key(reader: ShardReader, family: ModelFamily, runtime_name: str) -> str
     if key is None:
         raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
     return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """Where the checkpoint holds one runtime parameter: the tensor ``key``, or, for an expert linear's weight in a
+    checkpoint of fused experts (``family.fused_experts``), ``where`` in expert ``expert``'s entry of ``key``
+    (``transposed``: stored [E, in, out]). ``dtype`` and ``shape`` are the parameter's as read."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    expert: int | None = None
+    where: ExpertSlice | None = None
+    transposed: bool = False
+
+    def __str__(self) -> str:
+        if self.expert is None:
+            return self.key
+        return f"{self.key}[{self.expert}] (part {self.where.part + 1} of {self.where.parts})"
+
+    def read(self, reader: ShardReader) -> torch.Tensor:
+        """The tensor, fresh; an expert's weight reads only its expert's entry of the fused tensor."""
+        if self.expert is None:
+            return reader.get(self.key)
+        return expert_weight(reader.get_rows(self.key, [self.expert])[0], self.where, self.transposed)
+
+
+def find_stored(reader: ShardReader, family: ModelFamily, runtime_name: str) -> Stored | None:
+    """Where the checkpoint holds the runtime parameter ``runtime_name`` (``find_disk_key``, else an expert linear's
+    slice of the layer's fused expert tensors); None when it holds it nowhere. A fused tensor of fewer experts than
+    the name's, or of shapes no reading fits (``fused_layout``), is a ValueError naming the file and tensor."""
+    key = find_disk_key(reader, family, runtime_name)
+    if key is not None:
+        return Stored(key, *reader.meta(key))
+    if not family.fused_experts or not runtime_name.endswith(".weight") or not family.is_layer_key(runtime_name):
+        return None
+    index, _, linear = runtime_name[len(family.decoder_layers) + 1: -len(".weight")].partition(".")
+    e, leaf = family.expert_of(linear), linear.rpartition(".")[2]
+    if e is None or leaf not in family.expert_linears or linear != f"{family.experts}.{e}.{leaf}":
+        return None
+    head = f"{family.decoder_layers}.{index}.{family.experts}"
+    keys = {s.tensor: find_disk_key(reader, family, f"{head}.{s.tensor}") for s in family.fused_experts}
+    if None in keys.values():
+        return None
+    shapes = {tensor: reader.meta(key)[1] for tensor, key in keys.items()}
+    transposed = fused_layout(family.fused_experts, shapes, f"{reader.folder}: {family.to_disk(head)}")
+    where = family.fused_experts[family.expert_linears.index(leaf)]
+    key = keys[where.tensor]
+    dtype, (count, *matrix) = reader.meta(key)
+    if e >= count:
+        raise ValueError(f"{reader.folder}: {key} holds {count} experts; config.json gives the model more "
+                         f"({runtime_name})")
+    rows, cols = reversed(matrix) if transposed else matrix
+    return Stored(key, dtype, (rows // where.parts, cols), e, where, transposed)
+
+
+def stored_tensor(reader: ShardReader, family: ModelFamily, runtime_name: str) -> Stored:
+    """``find_stored`` for a parameter that must be there: a KeyError naming the folder and the key looked for."""
+    stored = find_stored(reader, family, runtime_name)
+    if stored is None:
+        raise KeyError(f"{reader.folder}: no tensor for {runtime_name} (looked for {family.to_disk(runtime_name)!r})")
+    return stored
 
 
 def check_config_fits(config, family: ModelFamily, reader: ShardReader) -> None:
@@ -84,16 +149,15 @@ def check_checkpoint(model: torch.nn.Module, family: ModelFamily, reader: ShardR
     if len(model.get_submodule(family.decoder_layers)) == 0:
         raise ValueError(f"{reader.folder}/config.json: the model has no decoder layers; nothing to quantize")
     for name, param in model.named_parameters():  # a tied lm_head is the embedding's parameter: not listed twice
-        key = find_disk_key(reader, family, name)
-        if key is None:
+        stored = find_stored(reader, family, name)
+        if stored is None:
             raise ValueError(f"{reader.folder}: the checkpoint has no tensor {family.to_disk(name)!r} ({name}); "
                              "its files are incomplete or of another model")
-        dtype, shape = reader.meta(key)
-        if not dtype.is_floating_point:
-            raise ValueError(f"{reader.folder}: {key} is {NAMES[dtype]} ({dtype}) in the checkpoint; weights must "
-                             "be floating point")
-        if shape != tuple(param.shape):
-            raise ValueError(_shape_fault(reader.folder, key, name, family, shape, tuple(param.shape)))
+        if not stored.dtype.is_floating_point:
+            raise ValueError(f"{reader.folder}: {stored.key} is {NAMES[stored.dtype]} ({stored.dtype}) in the "
+                             "checkpoint; weights must be floating point")
+        if stored.shape != tuple(param.shape):
+            raise ValueError(_shape_fault(reader.folder, str(stored), name, family, stored.shape, tuple(param.shape)))
 
 
 def _shape_fault(folder: pathlib.Path, key: str, name: str, family: ModelFamily, shape: tuple,
@@ -153,7 +217,7 @@ def materialize_shallow(module: torch.nn.Module, prefix: str, reader: ShardReade
         if param is None:
             continue
         full = f"{prefix}.{leaf}" if prefix else leaf
-        t = reader.get(disk_key(reader, family, full))
+        t = stored_tensor(reader, family, full).read(reader)
         if tuple(t.shape) != tuple(param.shape):
             raise ValueError(f"{reader.folder}: {full} is {list(t.shape)} in the checkpoint, the config says "
                              f"{list(param.shape)}")

@@ -18,7 +18,7 @@ from qvlquant.checkpoint.qconfig import (
     read_quantization_config,
 )
 from qvlquant.engine.skeleton import build_skeleton, load_processor, resolve_model_path
-from qvlquant.engine.streaming import find_disk_key
+from qvlquant.engine.streaming import find_stored
 from qvlquant.families import family_for
 from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat, QuantizedWeight
 from qvlquant.runtime.fp8 import fp8_linear_targets, swap_in_fp8_linears
@@ -127,23 +127,24 @@ def fill_from_checkpoint(model, reader: ShardReader, family, device: torch.devic
     is tied afterwards; the family's ``carried`` tensors are left on disk; any other missing or unexpected tensor is
     an error naming it."""
     state = model.state_dict(keep_vars=True)
-    keys = {name: find_disk_key(reader, family, name) for name in state}
-    expected = {name: key for name, key in keys.items() if key is not None}
+    found = {name: find_stored(reader, family, name) for name in state}  # a base of fused experts: each one's slice
+    expected = {name: stored for name, stored in found.items() if stored is not None}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [n for n in state if n not in expected and not (tied and n == f"{family.lm_head}.weight")]
     carried = tuple(family.carried)  # kept for other loaders (Qwen3.5's MTP head: vLLM's speculative decoding)
-    unexpected = sorted(k for k in set(reader.keys()) - set(expected.values()) if not (carried and k.startswith(carried)))
+    used = {stored.key for stored in expected.values()}
+    unexpected = sorted(k for k in set(reader.keys()) - used if not (carried and k.startswith(carried)))
     if missing or unexpected:
         raise ValueError(f"{reader.folder}: checkpoint does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    for name, key in expected.items():
+    for name, stored in expected.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        if reader.meta(key)[1] != tuple(state[name].shape):  # a packed tensor of another setting than the config's
-            raise ValueError(f"{reader.folder}: {key} has shape {list(reader.meta(key)[1])}, the model expects "
+        if stored.shape != tuple(state[name].shape):  # a packed tensor of another setting than the config's
+            raise ValueError(f"{reader.folder}: {stored} has shape {list(stored.shape)}, the model expects "
                              f"{list(state[name].shape)} (for a quantized linear: the bits / group_size config.json "
                              "gives it); the config does not describe these tensors")
-        value = reader.get(key).to(device=device, dtype=state[name].dtype)
+        value = stored.read(reader).to(device=device, dtype=state[name].dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
         else:
@@ -162,7 +163,7 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
 
     folder = resolve_model_path(path)
     config = AutoConfig.from_pretrained(folder)
-    family = family_for(config.model_type)
+    family = family_for(config.model_type).bind(config)  # each layer's type, each expert's linears
     has_processor = any((folder / f).exists() for f in ("processor_config.json", "tokenizer_config.json"))
     processor = load_processor(folder, family) if has_processor else None
     qc = getattr(config, "quantization_config", None)

@@ -241,18 +241,20 @@ class ShardReader:
         return buf.view(EXPORT_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
-        """Rows ``rows`` of the 2-D tensor ``key`` (an embedding table), one positioned read each. -> [len, D]."""
+        """Entries ``rows`` of the first axis of tensor ``key`` (rows of an embedding table, experts of a fused
+        [E, ...] tensor), one positioned read each. -> [len(rows), *its other axes]."""
         path, entry = self._entry(key)
-        dtype, (n, d) = EXPORT_DTYPES[entry["dtype"]], entry["shape"]
-        size = d * torch.tensor([], dtype=dtype).element_size()
+        dtype, (n, *inner) = EXPORT_DTYPES[entry["dtype"]], entry["shape"]
+        size = int(torch.Size(inner).numel()) * torch.tensor([], dtype=dtype).element_size()
         out = torch.empty(len(rows), size, dtype=torch.uint8)
         with open(path, "rb") as f:
             for j, r in enumerate(rows):
                 if not 0 <= r < n:
                     raise ShardError(f"{path}: row {r} of {key} is outside its {n} rows")
                 f.seek(entry["start"] + entry["data_offsets"][0] + r * size)
-                f.readinto(memoryview(out[j].numpy()))
-        return out.view(dtype).reshape(len(rows), d)
+                if f.readinto(memoryview(out[j].numpy())) != size:
+                    raise ShardError(f"{path}: {key} is truncated")
+        return out.view(dtype).reshape(len(rows), *inner)
 
     def _entry(self, key: str):
         try:

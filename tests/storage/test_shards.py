@@ -113,6 +113,17 @@ def test_rows_of_a_table_are_those_of_the_whole_tensor(tmp_path):
         ShardReader(tmp_path).get_rows("embed", [50])
 
 
+def test_one_entry_of_a_fused_tensor_is_read_alone(tmp_path):
+    """An expert's slice of a fused [E, H, 2I] tensor: its entry of the first axis, beside other tensors."""
+    fused = torch.randn(5, 3, 8).bfloat16()
+    save_file({"a": torch.randn(4), "experts": fused, "z": torch.randn(2, 2)}, str(tmp_path / "model.safetensors"))
+    reader = ShardReader(tmp_path)
+    assert torch.equal(reader.get_rows("experts", [3])[0], fused[3])
+    assert torch.equal(reader.get_rows("experts", [4, 0]), fused[[4, 0]])
+    with pytest.raises(ShardError, match="row 5 of experts is outside its 5 rows"):
+        reader.get_rows("experts", [5])
+
+
 def raw_safetensors(path, header, data: bytes) -> None:
     """A safetensors file with exactly this header (a dict, or raw bytes) and data, however wrong."""
     text = header if isinstance(header, bytes) else json.dumps(header).encode()
