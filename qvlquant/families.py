@@ -50,7 +50,7 @@ class LayerLayout:
     attention_kwargs: tuple[str, ...] = ("attention_mask", "position_ids", "position_embeddings")
 
 
-PER_LAYER = tuple(f.name for f in dataclasses.fields(LayerLayout))
+PER_LAYER = tuple(f.name for f in dataclasses.fields(LayerLayout))  # the ModelFamily fields a layout replaces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ExpertSlice:
 
     tensor: str
     part: int = 0
-    parts: int = 1  # the ModelFamily fields a layout replaces
+    parts: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
