@@ -2,6 +2,7 @@
 
     python benchmarks/mixed_precision.py [--models testbed,demo] [--seeds 0,1,2] [--measures layer]
         [--num-samples 64] [--threads 2] [--json benchmarks/results/mixed_precision_cpu.json]
+        [--gptqmodel [--peers-dir DIR]]    # GPTQModel's dynamic beside: mixed_precision_peers_testbed.json
 
 Per model and calibration draw (``--num-samples`` from the demo source, the draw's seed), GPTQ W*g128 in memory
 (``quantize_model``, the loop ``qvlquant quantize`` runs, with the rules ``--override`` / ``--target-bits`` give):
