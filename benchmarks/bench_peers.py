@@ -50,14 +50,15 @@ def _bench_methods():
 
 
 def run_peer(name: str, folder: pathlib.Path, batches: pathlib.Path, bits: int, group: int, peers_dir: pathlib.Path,
-             out: pathlib.Path) -> dict:
-    """One peer run in its venv. -> its meta.json (the dense state dict is out/model.safetensors)."""
+             out: pathlib.Path, more: tuple[str, ...] = ()) -> dict:
+    """One peer run in its venv, ``more`` arguments after the run's own (``--dynamic JSON`` for GPTQModel). -> its
+    meta.json (the dense state dict is out/model.safetensors)."""
     venv, runner, extra = PEER_RUNS[name]
     python = peers_dir / venv / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"{python} is missing: run bash benchmarks/peers/setup_venvs.sh {peers_dir}")
     cmd = [str(python), str(HERE / "peers" / runner), "--model", str(folder), "--batches", str(batches),
-           "--bits", str(bits), "--group-size", str(group), *extra, "--output", str(out)]
+           "--bits", str(bits), "--group-size", str(group), *extra, *more, "--output", str(out)]
     env = dict(os.environ, QVLQUANT_QUIET="1", GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)  # GPTQModel writes logs/ there
     if done.returncode != 0:

@@ -14,12 +14,18 @@ filter are switched off. Only the language model's decoder linears are quantized
 - ``--damp``: ``damp_percent``; ``--actorder none|static|gar``: none = plain column order (``desc_act=False``,
   ``act_group_aware=False``), static = ``desc_act=True, static_groups=True``, gar = GPTQModel's own default
   (group-aware reordering, ``act_group_aware=True``); ``--mse F``: GPTQModel's MSE scale search (0 = off).
+- ``--dynamic JSON``: ``QuantizeConfig.dynamic``, per-module overrides as GPTQModel 7.7 reads them: an object of
+  regex -> settings, first match wins, ``"+:regex"`` (or a bare regex) -> overrides such as ``{"bits": 8}``,
+  ``"-:regex"`` -> left unquantized. GPTQModel matches a regex from the start of the module name (``re.match``
+  semantics, its ``pcre`` module), so ``".*\\.layers\\.(?:0|3)\\."``, not ``"\\.layers\\.(?:0|3)\\."``.
 
 GPTQModel saves GPTQ "v1" (``qweight`` [K*b/32, N] int32 packed along K as a little-endian bit stream, ``qzeros``
 [G, N*b/32] packed along N holding zero - 1, ``scales`` [G, N] fp16, ``g_idx`` [K]); ``dequantize_gptq`` reads
 those tensors back to W [N, K] = scales[g_idx] * (q - zero), float32, and the result is written as
-``OUTPUT/model.safetensors`` under exactly the keys (and shapes) of the input folder's model.safetensors.
-``OUTPUT/meta.json`` records the versions, the settings, the wall time and the calibration counts.
+``OUTPUT/model.safetensors`` under exactly the keys (and shapes) of the input folder's model.safetensors. Each
+linear's width is read from its own tensors' shapes (``packed_width``), not from the settings, so what GPTQModel
+applied under ``dynamic`` is what is read back. ``OUTPUT/meta.json`` records the versions, the settings, the wall
+time, the calibration counts and, per quantized linear, the width, groups and packed bits found on disk.
 Needs ``GPTQMODEL_CPU_WORKERS=2`` on a 2-core machine (set here when unset) and ``mm_token_type_ids`` in the
 batches (export_batches.py writes it).
 """
@@ -33,6 +39,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -55,6 +62,7 @@ class Settings:
     actorder: str = "none"
     mse: float = 0.0
     dtype: str = "float32"  # the dtype the model is loaded and calibrated in
+    dynamic: dict | None = None  # QuantizeConfig.dynamic: regex (optionally "+:" / "-:") -> overrides
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -69,6 +77,28 @@ class Settings:
             raise ValueError(f"--mse {self.mse}: 0 (off) or a positive norm")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r}: float32 or bfloat16")
+        if self.dynamic is not None:
+            check_dynamic(self.dynamic)
+
+
+def check_dynamic(dynamic) -> None:
+    """``--dynamic``: an object of regex -> object of overrides, each regex valid, "-:" entries without overrides."""
+    if not isinstance(dynamic, dict) or not dynamic:
+        raise ValueError(f"--dynamic: a JSON object of regex -> overrides, got {dynamic!r:.80}")
+    for key, overrides in dynamic.items():
+        pattern = key[2:] if key.startswith(("+:", "-:")) else key
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"--dynamic {key!r}: not a regular expression ({e})") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--dynamic {key!r}: overrides must be an object such as {{\"bits\": 8}}, "
+                             f"got {overrides!r:.80}")
+        if key.startswith("-:") and overrides:
+            raise ValueError(f"--dynamic {key!r}: a '-:' entry leaves its modules unquantized; give it {{}}")
+        bits = overrides.get("bits")
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
+            raise ValueError(f"--dynamic {key!r}: bits {bits!r}; GPTQModel packs 2..8-bit integers")
 
 
 def unpack_stream(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -97,15 +127,37 @@ def dequantize_gptq(t: dict[str, torch.Tensor], bits: int, v1: bool = True) -> t
     return (scales[g_idx] * (q - zero[g_idx]).float()).t().contiguous()  # [N, K]
 
 
-def dequantize_state(packed: dict[str, torch.Tensor], bits: int, v1: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A saved GPTQ checkpoint's tensors -> (dense state dict, names of the quantized linears)."""
+def packed_width(name: str, t: dict[str, torch.Tensor]) -> dict:
+    """The width one GPTQ linear was packed at, read from its tensors' shapes alone: ``qzeros`` [G, N*b/32] against
+    ``scales`` [G, N] gives b; ``qweight`` [K*b/32, N] must then hold the K codes ``g_idx`` [K] indexes.
+    -> {bits, groups, in_features, out_features, packed_bits (every tensor of the linear, in bits)}."""
+    groups, n = t["scales"].shape
+    words = t["qzeros"].shape[1]
+    bits, rest = divmod(words * 32, n)
+    if rest or not 2 <= bits <= 8 or t["qzeros"].shape[0] != groups:
+        raise SystemExit(f"{name}: qzeros {list(t['qzeros'].shape)} against scales {list(t['scales'].shape)} is no "
+                         "2..8-bit GPTQ packing")
+    k, rest = divmod(t["qweight"].shape[0] * 32, bits)
+    if rest or t["qweight"].shape[1] != n or ("g_idx" in t and t["g_idx"].numel() != k):
+        got = f", g_idx [{t['g_idx'].numel()}]" if "g_idx" in t else ""
+        raise SystemExit(f"{name}: qweight {list(t['qweight'].shape)}{got} does not hold {bits}-bit codes of "
+                         f"{n} output channels")
+    return {"bits": bits, "groups": groups, "in_features": k, "out_features": n,
+            "packed_bits": sum(8 * v.numel() * v.element_size() for v in t.values())}
+
+
+def dequantize_state(packed: dict[str, torch.Tensor], v1: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """A saved GPTQ checkpoint's tensors -> (dense state dict, each quantized linear's name -> its
+    ``packed_width``), every linear read at the width its own tensors hold."""
     state = dict(packed)
     names = sorted(k[: -len(".qweight")] for k in packed if k.endswith(".qweight"))
+    widths = {}
     for name in names:
         keys = ("qweight", "qzeros", "scales", "g_idx")
         parts = {p: state.pop(f"{name}.{p}") for p in keys if f"{name}.{p}" in state}
-        state[f"{name}.weight"] = dequantize_gptq(parts, bits, v1)
-    return state, names
+        widths[name] = packed_width(name, parts)
+        state[f"{name}.weight"] = dequantize_gptq(parts, widths[name]["bits"], v1)
+    return state, widths
 
 
 def read_batches(folder: pathlib.Path) -> tuple[list[dict], dict]:
@@ -123,7 +175,8 @@ def quantize_config(s: Settings):
     order = {"none": {"desc_act": False, "act_group_aware": False},
              "static": {"desc_act": True, "static_groups": True, "act_group_aware": False},
              "gar": {"desc_act": False, "act_group_aware": True}}[s.actorder]
-    return QuantizeConfig(bits=s.bits, group_size=s.group_size, sym=s.sym, damp_percent=s.damp, mse=s.mse, **order)
+    return QuantizeConfig(bits=s.bits, group_size=s.group_size, sym=s.sym, damp_percent=s.damp, mse=s.mse,
+                          dynamic=s.dynamic, **order)
 
 
 def _use_encoded_batches(model) -> None:
@@ -159,7 +212,7 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
     fmt = qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
         raise SystemExit(f"GPTQModel saved checkpoint_format {fmt!r}; this runner reads gptq (v1) and gptq_v2")
-    state, names = dequantize_state(packed, s.bits, v1=fmt == "gptq")
+    state, widths = dequantize_state(packed, v1=fmt == "gptq")
     dense, renamed = to_input_layout(state, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(dense, str(out / "model.safetensors"))
@@ -167,12 +220,20 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
         "peer": "GPTQModel", "versions": versions(), "settings": {"method": "gptq", **dataclasses.asdict(s)},
         "model": str(model_dir), "batches": str(batch_dir), "wall_seconds": round(seconds, 2),
         "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
-        "quantized_linears": [renamed[n + ".weight"][: -len(".weight")] for n in names],
+        "quantized_linears": [renamed[n + ".weight"][: -len(".weight")] for n in widths],
+        "packed": {n: dict(w, key=renamed[n + ".weight"][: -len(".weight")]) for n, w in widths.items()},
         "checkpoint_format": fmt, "quantize_config": qcfg,
         "threads": torch.get_num_threads(), "cpu_workers": os.environ["GPTQMODEL_CPU_WORKERS"],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
     return meta
+
+
+def json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r:.80}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,14 +249,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--actorder", default="none", choices=["none", "static", "gar"])
     ap.add_argument("--mse", type=float, default=0.0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dynamic", type=json_arg, default=None,
+                    help='QuantizeConfig.dynamic as JSON, e.g. \'{"+:.*\\\\.layers\\\\.(?:0|3)\\\\.": {"bits": 8}}\'')
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", required=True, type=pathlib.Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = Settings(args.bits, args.group_size, args.sym, args.damp, args.actorder, args.mse, args.dtype)
+    s = Settings(args.bits, args.group_size, args.sym, args.damp, args.actorder, args.mse, args.dtype, args.dynamic)
     meta = run(args.model.resolve(), args.batches.resolve(), s, args.output)
-    print(f"GPTQModel gptq W{s.bits}g{s.group_size}: {len(meta['quantized_linears'])} linears, "
-          f"{meta['wall_seconds']} s -> {args.output / 'model.safetensors'}", file=sys.stderr)
+    widths = sorted({w["bits"] for w in meta["packed"].values()})
+    print(f"GPTQModel gptq W{s.bits}g{s.group_size}: {len(meta['quantized_linears'])} linears at "
+          f"{'/'.join(map(str, widths))} bits, {meta['wall_seconds']} s -> {args.output / 'model.safetensors'}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # Create the two peer virtual environments the peer benchmark runs in, each with its own torch/transformers:
 #
 #   bash benchmarks/peers/setup_venvs.sh [PEERS_DIR]        # default $QVLQUANT_PEERS_DIR or /work/peers
+#   PEERS=gptqmodel bash benchmarks/peers/setup_venvs.sh    # only the venvs named (llmc, gptqmodel; default both)
 #   PEERS_DIR/llmc       llmcompressor 0.14 (pins transformers <= 5.17, torch <= 2.14.0)
 #   PEERS_DIR/gptqmodel  gptqmodel 7.7      (needs torch >= 2.14.1, transformers >= 5.20.2)
 #
@@ -16,6 +17,7 @@ set -euo pipefail
 
 PEERS_DIR="${1:-${QVLQUANT_PEERS_DIR:-/work/peers}}"
 PYTHON="${PYTHON:-python3}"
+PEERS="${PEERS:-llmc gptqmodel}"
 NICE="nice -n 10"
 
 LLMC_PINS=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 torch==2.14.0 torchvision==0.29.0 transformers==5.17.0)
@@ -43,11 +45,27 @@ for name in sys.argv[1:]:
 EOF
 }
 
-mkdir -p "$PEERS_DIR"
-make_venv "$PEERS_DIR/llmc" "${LLMC_PINS[@]}"
-make_venv "$PEERS_DIR/gptqmodel" "${GPTQMODEL_PINS[@]}"
-# The CUDA wheels are huge; pip's cache would keep a second copy of each.
-"$PEERS_DIR/llmc/bin/python" -m pip cache purge >/dev/null 2>&1 || true
+for peer in $PEERS; do
+    case "$peer" in
+        llmc|gptqmodel) ;;
+        *) echo "PEERS: unknown venv '$peer'; choose from llmc gptqmodel" >&2; exit 2 ;;
+    esac
+done
 
-report "$PEERS_DIR/llmc" llmcompressor compressed-tensors torch torchvision transformers accelerate safetensors
-report "$PEERS_DIR/gptqmodel" gptqmodel torch torchvision transformers accelerate safetensors
+mkdir -p "$PEERS_DIR"
+for peer in $PEERS; do
+    case "$peer" in
+        llmc) make_venv "$PEERS_DIR/llmc" "${LLMC_PINS[@]}" ;;
+        gptqmodel) make_venv "$PEERS_DIR/gptqmodel" "${GPTQMODEL_PINS[@]}" ;;
+    esac
+    # The CUDA wheels are huge; pip's cache would keep a second copy of each.
+    "$PEERS_DIR/$peer/bin/python" -m pip cache purge >/dev/null 2>&1 || true
+done
+
+for peer in $PEERS; do
+    case "$peer" in
+        llmc) report "$PEERS_DIR/llmc" llmcompressor compressed-tensors torch torchvision transformers accelerate \
+                  safetensors ;;
+        gptqmodel) report "$PEERS_DIR/gptqmodel" gptqmodel torch torchvision transformers accelerate safetensors ;;
+    esac
+done

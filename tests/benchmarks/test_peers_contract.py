@@ -105,3 +105,40 @@ def test_runners_map_transformers5_names_back(runner):
     del renamed["model.visual.merger.ln_q.weight"]
     with pytest.raises(SystemExit, match="visual.merger.ln_q.weight: 0 matches"):
         runner.to_input_layout(renamed, MODEL_DIR)
+
+
+def test_gptq_reader_reads_each_linear_at_the_width_its_tensors_hold():
+    """Under GPTQModel's ``dynamic`` one checkpoint mixes widths: each linear is read at its own, from the shapes."""
+    from qvlquant.quant.rules import packed_bits
+
+    weights = {"a": _random_weight(4, 32, False), "b": _random_weight(8, 32, True), "c": _random_weight(3, -1, False)}
+    packed = {f"{name}.{key}": t for name, w in weights.items() for key, t in PackFormat.GPTQ.pack(w).items()}
+    state, widths = run_gptqmodel.dequantize_state(packed, v1=True)
+    assert sorted(widths) == ["a", "b", "c"] and not any(k.endswith(".qweight") for k in state)
+    for name, w in weights.items():
+        n, k = w.q.shape
+        assert torch.equal(state[f"{name}.weight"], w.dequantize()), name
+        assert widths[name] == {"bits": w.spec.bits, "groups": w.spec.groups(k), "in_features": k, "out_features": n,
+                                "packed_bits": packed_bits(PackFormat.GPTQ, w.spec, k, n)}  # qvlquant's size count
+
+
+def test_gptq_reader_refuses_shapes_of_no_width_naming_the_linear():
+    t = PackFormat.GPTQ.pack(_random_weight(4, 32, False, n=64))
+    with pytest.raises(SystemExit, match=r"layers\.0\.q: qzeros \[2, 3\] against scales \[2, 64\] is no"):
+        run_gptqmodel.dequantize_state({"layers.0.q.qzeros": t["qzeros"][:, :3], **{
+            f"layers.0.q.{k}": v for k, v in t.items() if k != "qzeros"}}, v1=True)
+    with pytest.raises(SystemExit, match=r"layers\.0\.q: qweight \[6, 64\], g_idx \[64\] does not hold 4-bit"):
+        run_gptqmodel.dequantize_state({"layers.0.q.qweight": t["qweight"][:6], **{
+            f"layers.0.q.{k}": v for k, v in t.items() if k != "qweight"}}, v1=True)
+
+
+def test_dynamic_is_checked_before_gptqmodel_runs():
+    ok = {"+:.*\\.layers\\.(?:0|3)\\.": {"bits": 8}, "-:.*visual.*": {}, ".*mlp": {"group_size": 64}}
+    assert run_gptqmodel.Settings(4, 128, True, dynamic=ok).dynamic == ok
+    for bad, message in [({"+:(": {"bits": 8}}, "not a regular expression"), ({"+:a": 8}, "must be an object"),
+                         ({"-:a": {"bits": 8}}, "give it {}"), ({"+:a": {"bits": 9}}, "2..8-bit"),
+                         ({"+:a": {"bits": True}}, "2..8-bit"), ({}, "a JSON object")]:
+        with pytest.raises(ValueError, match=message):
+            run_gptqmodel.Settings(4, 128, True, dynamic=bad)
+    with pytest.raises(SystemExit):  # argparse: not JSON
+        run_gptqmodel.main(["--model", "m", "--batches", "b", "--output", "o", "--dynamic", "{bits: 8}"])
