@@ -12,6 +12,7 @@ the rows name the step, so they line up. The load average before and after is re
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -76,8 +77,11 @@ def main(argv=None) -> None:
         }
         if args.mse_bits:
             wf = w.float().reshape(-1, 128)[::MSE_SAMPLE]  # every 16th group (linear in them; scaled back below)
-            steps[f"mse range search W{args.mse_bits} (all groups)"] = \
-                lambda: mse_qparams(wf, QuantSpec(args.mse_bits, -1, True))
+            mse_spec = QuantSpec(args.mse_bits, -1, True)
+            steps[f"mse range search W{args.mse_bits}"] = lambda: mse_qparams(wf, mse_spec)
+            if "coarse" in inspect.signature(mse_qparams).parameters:  # the exhaustive grid beside it, same run
+                steps[f"mse range search W{args.mse_bits}, exhaustive (coarse=1)"] = \
+                    lambda: mse_qparams(wf, mse_spec, coarse=1)
         for step, fn in steps.items():
             t = timed(fn, args.repeats) * (MSE_SAMPLE if step.startswith("mse") else 1)
             totals[step] = totals.get(step, 0.0) + t
