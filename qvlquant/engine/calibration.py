@@ -15,6 +15,7 @@ vision tower is never observed: only decoder linears are. Memory holds one layer
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -58,7 +59,8 @@ def observe_layer(index: int, layer: torch.nn.Module, inputs: list[LayerInput], 
         def hook(module, args, output):
             seen = input_amax(args[0], rows_of(module, current["mask"]))
             if seen is not None:
-                amax[name] = max(amax.get(name, 0.0), seen)
+                prev = amax.get(name, 0.0)
+                amax[name] = math.nan if math.isnan(seen) or math.isnan(prev) else max(prev, seen)  # NaN stays
 
         return hook
 
@@ -107,7 +109,7 @@ def input_ranges(model, batches: list[dict], family: ModelFamily, names: Sequenc
         if name not in amax:
             raise QuantizationError(f"{name}: received no calibration tokens, so it has no activation scale; add "
                                     "samples (--num-samples) or use a data-free scheme")
-        if not torch.isfinite(torch.tensor(amax[name])):
+        if not math.isfinite(amax[name]):
             raise QuantizationError(f"{name}: its calibration inputs hold NaN or infinite values; compute in "
                                     "float32 or bfloat16, not float16, and check the model")
     return InputRanges({name: amax[name] for name in names}, tokens, time.time() - t0)
