@@ -54,10 +54,10 @@ NVFP4_HARDWARE = ("an NVIDIA GPU of compute capability 7.5 or newer; weight-only
                   "sm_120. Blackwell's native FP4 matmuls need FP4 activations too (the calibrated NVFP4 scheme)")
 # Where NVFP4 W4A4 runs (vLLM 0.33's CompressedTensorsW4A4Fp4(use_a16=False); its kernel by capability, asked of
 # vLLM's own init_nvfp4_linear_kernel in tests/checkpoint/test_vllm_conformance.py)
-NVFP4_W4A4_HARDWARE = ("an NVIDIA Blackwell GPU (compute capability 10.0 or 12.0) for FP4 matmuls of FP4 "
-                       "activations (vLLM 0.33: FlashInfer's CUTLASS / CuTe-DSL NVFP4 kernels); on older GPUs vLLM "
-                       "serves the weights through a weight-only kernel (Marlin's FP4, Humming on Hopper) and the "
-                       "activations stay 16-bit, as NVFP4A16")
+NVFP4_W4A4_HARDWARE = ("an NVIDIA Blackwell GPU (compute capability 10.x or 12.x, a CUDA 12.8+ build of vLLM) for "
+                       "FP4 matmuls of FP4 activations (vLLM 0.33: FlashInfer's CUTLASS NVFP4 kernel); before "
+                       "Blackwell vLLM serves the weights through a weight-only kernel (Marlin's FP4 on Turing, "
+                       "Ampere and Ada, Humming on Hopper when installed) with 16-bit activations, as NVFP4A16")
 
 
 def looks_like_hub_id(name) -> bool:
