@@ -151,7 +151,7 @@ def test_the_copied_rules_agree_with_vllm(exports, model_type):
 def test_the_copied_rules_agree_with_vllm_on_fp8(fp8_exports, model_type):
     """The fallback's answers for the FP8 exports: no vision linear quantized (exact names for the block format),
     and the TP sizes vLLM accepts (the block format's input shards in whole blocks of 128)."""
-    for fmt in Fp8Format:
+    for fmt in FP8:
         folder = fp8_exports[model_type, fmt]
         config = json.loads((folder / "config.json").read_text())
         family = family_for(model_type)
@@ -432,10 +432,10 @@ def make_fp8_export(root, model_type, fmt, not_converted=None):
 @pytest.fixture(scope="module")
 def fp8_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-fp8")
-    return {(t, f): make_fp8_export(root, t, f) for t in TYPES for f in Fp8Format}
+    return {(t, f): make_fp8_export(root, t, f) for t in TYPES for f in FP8}
 
 
-@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("fmt", list(FP8))  # data-free; the calibrated FP8 below
 @pytest.mark.parametrize("model_type", TYPES)
 def test_vllm_serves_fp8_exports_with_the_vision_tower_unquantized(fp8_exports, model_type, fmt):
     vllm = inspect_checkpoint(fp8_exports[model_type, fmt])["vllm"]
