@@ -25,9 +25,16 @@ from qvlquant.checkpoint.export import (
     export,
     quantization_config,
 )
-from qvlquant.checkpoint.datafree import export_fp8, export_nvfp4, export_rtn
+from qvlquant.checkpoint.datafree import (
+    check_nvfp4_groups,
+    export_fp8,
+    export_nvfp4,
+    export_rtn,
+    quantized_linears,
+)
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
+from qvlquant.engine.calibration import InputRanges, input_ranges
 from qvlquant.engine.estimate import estimate, format_estimate
 from qvlquant.engine.experts import coverage
 from qvlquant.engine.loop import (
@@ -82,6 +89,7 @@ from qvlquant.parallel.distributed import (
     stop,
 )
 from qvlquant.parallel.launch import check_batches
+from qvlquant.quant.formats import Nvfp4Format
 from qvlquant.quant.rules import ModulePlan, format_plan, plan_rows
 from qvlquant.recipes import dump_recipe, job_recipe
 from qvlquant.storage.lock import output_lock
@@ -106,6 +114,8 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
     device = resolve_device(config.device.device, world.local_rank if world.distributed else None)  # checked
     if config.datafree_format is not None:
         return _quantize_datafree(config, world)
+    if config.calibrated_format is not None:
+        return _quantize_calibrated(config, world, device)
     if _rtn_from_the_checkpoint(config, world):
         return _quantize_rtn(config, world)
     start(world, device)
@@ -216,6 +226,42 @@ def _quantize_datafree(config: JobConfig, world: World) -> dict:
     return json.loads((job.out / REPORT).read_text())
 
 
+def _quantize_calibrated(config: JobConfig, world: World, device: torch.device) -> dict:
+    """A calibrated scheme (``config.calibrated_format``: FP8 with static input scales, NVFP4 W4A4): the checks of
+    any run and the calibration batches, one streamed pass over the decoder layers recording the largest input of
+    every linear the export quantizes (``engine.calibration``: one decoder layer in memory at a time, the vision
+    tower never observed), then the export streamed from the checkpoint as a data-free scheme's, each linear's
+    activation scale beside its weight. One process. -> the report saved beside the weights."""
+    if world.distributed:
+        raise ValueError(f"scheme {config.scheme} calibrates in one process (one forward pass over the calibration "
+                         "data, one decoder layer at a time); run it without --nproc / torchrun")
+    t0 = time.time()
+    torch.manual_seed(config.calib.seed)
+    fmt = config.calibrated_format
+    with contextlib.ExitStack() as held:
+        job = _prepare(config, world, device, held)
+        names = quantized_linears(job.skeleton, job.family)
+        if isinstance(fmt, Nvfp4Format):
+            check_nvfp4_groups(job.skeleton, names)  # before any data is read
+        batches, job = _batches(config, job, world)
+        offload = choose_offload(job.device, _activation_bytes(batches, job.hidden, job.dtype), config.device.offload)
+        source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
+                                dtype=job.dtype)
+        say(f"{config.scheme}: recording the largest input of {len(names)} decoder linears over {len(batches)} "
+            f"calibration batches on {job.device}, one layer at a time (the vision tower is not quantized)")
+        source.prepare_capture()
+        ranges = input_ranges(job.skeleton, batches, job.family, names, source, offload)
+        say(f"{config.scheme}: writing {job.out}, weights from {job.folder} and the activation scales of "
+            f"{ranges.tokens} calibration tokens")
+        base = CheckpointTensors(job.reader, job.family, job.storage)
+        options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
+        report = lambda quantized: _calibrated_report(config, job, batches, ranges, quantized, t0)  # noqa: E731
+        write = export_nvfp4 if isinstance(fmt, Nvfp4Format) else export_fp8
+        write(job.skeleton, job.processor, base, fmt, job.out, report, options, base_folder=job.folder,
+              inputs=ranges.amax)
+    return json.loads((job.out / REPORT).read_text())
+
+
 def _rtn_from_the_checkpoint(config: JobConfig, world: World) -> bool:
     """Round-to-nearest reads no activations, so it rounds each linear as the export streams it from the
     checkpoint: not for a distributed run, a measurement (--max-layers), a padded MLP, a sensitivity search,
@@ -309,9 +355,38 @@ def _nvfp4_report(config: JobConfig, job: PreparedJob, quantized: list[str], sta
                           activations="not quantized (weight-only)")
 
 
+def _calibrated_report(config: JobConfig, job: PreparedJob, batches: list[dict], ranges: InputRanges,
+                       quantized: list[str], started: float) -> dict:
+    """What quantize_report.json records for a calibrated scheme: the data-free fields, the calibration data, and
+    each linear's largest calibration input (from which its activation scale was made)."""
+    fmt = config.calibrated_format
+    if isinstance(fmt, Nvfp4Format):
+        report = _scheme_report(config, job, quantized, started, method="nvfp4", bits=4,
+                                weights="float4_e2m1, weight_scale float8_e4m3fn per 16 inputs, weight_global_scale "
+                                        "float32 per tensor (shared by the linears vLLM fuses)",
+                                activations="float4_e2m1 per token and group of 16 inputs (dynamic e4m3 group "
+                                            "scales) under input_global_scale float32, calibrated per tensor "
+                                            "(448 * 6 / largest input; shared by the linears vLLM fuses)")
+    else:
+        report = _scheme_report(config, job, quantized, started, method="fp8", bits=8,
+                                weights="float8_e4m3fn, weight_scale per tensor (shared by the linears vLLM fuses)",
+                                activations="float8_e4m3fn, static: input_scale per tensor, calibrated (largest "
+                                            "input / 448; shared by the linears vLLM fuses)")
+    report["calibration"] = {"source": config.calib.source, "num_samples": config.calib.num_samples,
+                             "seed": config.calib.seed, "batches": len(batches), "tokens": ranges.tokens,
+                             "observer": "static_minmax (largest |x| over the real tokens, full-precision layers)",
+                             "seconds": round(ranges.seconds, 2)}
+    for name in quantized:
+        report["layers"][name]["input_amax"] = ranges.amax[name]
+    report["device"] = str(job.device)
+    report["compute_dtype"] = str(job.dtype).removeprefix("torch.")
+    return report
+
+
 def _scheme_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float, *, method: str,
                    bits: int, weights: str, activations: str) -> dict:
-    """The report of a data-free scheme other than FP8, whose fields name its weights and activations."""
+    """The report of a scheme other than data-free FP8, whose fields name its weights and activations."""
+    fmt = config.datafree_format or config.calibrated_format
     return {
         "qvlquant_version": __version__,
         "config": config.to_dict(),
@@ -322,7 +397,7 @@ def _scheme_report(config: JobConfig, job: PreparedJob, quantized: list[str], st
         "weights": weights,
         "activations": activations,
         "calibration": None,
-        "layers": {name: {"format": config.datafree_format.value} for name in quantized},
+        "layers": {name: {"format": fmt.value} for name in quantized},
         "complete": True,
         "total_seconds": round(time.time() - started, 2),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
@@ -434,7 +509,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     linears = decoder_linears(skeleton, family, padded)
     modules = ModulePlan.resolve(config.rules, config.quant, [name for name, _, _ in linears],
                                  fused_groups(family, len(skeleton.get_submodule(family.decoder_layers))))
-    if config.datafree_format is None:  # a data-free scheme has no integer groups
+    if config.scheme is None:  # a scheme has no integer groups
         check_group_size(skeleton, family, config.quant.spec, padded, modules if modules.mixed else None)
         if world.leader:
             say("the plan (bits per weight with scales and zeros; skipped linears at the checkpoint's 16 bits):\n"

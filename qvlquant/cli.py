@@ -53,7 +53,7 @@ from qvlquant.config import (
 )
 from qvlquant.eval.metrics import EVAL_TASKS
 from qvlquant.parallel import launch
-from qvlquant.quant.formats import DATAFREE_SCHEMES
+from qvlquant.quant.formats import CALIBRATED_SCHEMES, SCHEMES
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, RARE_EXPERTS, resolved_by_bits
 from qvlquant.tools.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.version import __version__
@@ -139,13 +139,16 @@ def add_quantize(sub) -> None:
     p.add_argument("--recipe", default=None, help="YAML of settings (recipes/*.yaml); flags given override it")
     p.add_argument("--model", help=f"'demo' (the embedded demo model), a local folder, or a hub id (default "
                    f"{job.model})")
-    p.add_argument("--scheme", choices=list(DATAFREE_SCHEMES), help="data-free weights (no calibration data, no "
-                   "--method): FP8_BLOCK, e4m3 in 128x128 blocks as Qwen's official FP8 checkpoints (quant_method "
+    p.add_argument("--scheme", choices=list(SCHEMES), help="llm-compressor's presets, no --method. Data-free (no "
+                   "calibration data): FP8_BLOCK, e4m3 in 128x128 blocks as Qwen's official FP8 checkpoints (quant_method "
                    "fp8); FP8_DYNAMIC, e4m3 per output channel in compressed-tensors, llm-compressor's FP8_DYNAMIC; "
                    "both with dynamic per-token FP8 activations at serving time. W8A8: int8 per output channel "
                    "(round-to-nearest) in compressed-tensors int-quantized, llm-compressor's W8A8, with dynamic "
                    "per-token int8 activations at serving time (INT8 tensor cores: Ampere or newer). NVFP4A16: e2m1 "
-                   "weights in groups of 16 with e4m3 scales (compressed-tensors nvfp4-pack-quantized), weight-only")
+                   "weights in groups of 16 with e4m3 scales (compressed-tensors nvfp4-pack-quantized), weight-only. "
+                   "Calibrated (--calib: the activation scales): FP8, e4m3 per tensor with a static per-tensor "
+                   "input scale; NVFP4, NVFP4A16's weights with NVFP4 activations per 16 inputs under a calibrated "
+                   "input global scale (W4A4: Blackwell's FP4 matmuls)")
     _add_method_flags(p, job)
     _add_calib_flags(p, job)
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: where each layer, its "
@@ -287,13 +290,18 @@ def run_quantize(args) -> int:
         config = JobConfig.from_flat(**settings)  # its checks and the batch count, before any process starts
         if config.search.active:
             raise ValueError(SEARCH_IN_ONE_PROCESS)
+        if config.scheme is not None:
+            raise ValueError(f"scheme {config.scheme} runs in one process (data-free: as fast as the checkpoint "
+                             "reads; calibrated: one forward pass, one decoder layer at a time); drop --nproc")
         launch.check_batches(-(-config.calib.num_samples // config.processing.batch_size), args.nproc)
         return launch.run_ranks(args.nproc, [sys.executable, "-m", "qvlquant", *launch.without_option(args.argv, "--nproc")])
     report = quantize(JobConfig.from_flat(**settings))
     if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
-    if report.get("scheme"):  # data-free FP8 / INT8 W8A8 / NVFP4
-        print(f"quantized {len(report['layers'])} linears ({report['scheme']}, data-free) in "
+    if report.get("scheme"):  # FP8 / INT8 W8A8 / NVFP4, data-free or calibrated
+        how = "data-free" if report["scheme"] not in CALIBRATED_SCHEMES else \
+            f"activation scales from {report['calibration']['tokens']} calibration tokens"
+        print(f"quantized {len(report['layers'])} linears ({report['scheme']}, {how}) in "
               f"{report['total_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
         return 0
     if not report["complete"]:  # --max-layers

@@ -15,10 +15,12 @@ import re
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.calib.dataset import CalibConfig
 from qvlquant.quant.formats import (
+    CALIBRATED_SCHEMES,
     DATAFREE_SCHEMES,
     EXPORT_FORMATS,
     FP8_SCHEMES,
     NVFP4_SCHEMES,
+    SCHEMES,
     Fp8Format,
     Int8Format,
     Nvfp4Format,
@@ -181,8 +183,9 @@ class JobConfig:
     max_layers: int | None = None  # stop after this many layers (measurement); the partial run stays resumable
     # per-module precision (quant.rules): first match wins over runtime linear names; skip, or other settings
     rules: tuple[Rule, ...] = ()
-    # FP8_BLOCK / FP8_DYNAMIC / W8A8 / NVFP4A16 (llm-compressor's preset names): weights straight from the
-    # checkpoint, no calibration; None: the integer methods of ``quant``
+    # llm-compressor's preset names, weights straight from the checkpoint: FP8_BLOCK / FP8_DYNAMIC / W8A8 /
+    # NVFP4A16 data-free (no calibration), FP8 / NVFP4 with activation scales from calibration data (``calib``);
+    # None: the integer methods of ``quant``
     scheme: str | None = None
     search: SearchConfig = SearchConfig()  # --target-bits: rules chosen by measured sensitivity (engine.sensitivity)
     version: int = CONFIG_VERSION
@@ -193,7 +196,7 @@ class JobConfig:
             raise ValueError("output must name a folder")
         positive_int("pad_intermediate_to", self.pad_intermediate_to, allow_none=True, ceiling=MAX_PAD_MULTIPLE)
         positive_int("max_layers", self.max_layers, allow_none=True)
-        if self.calib.source is None and self.scheme is None:  # a data-free scheme reads none
+        if self.calib.source is None and self.datafree_format is None:  # a data-free scheme reads none
             object.__setattr__(self, "calib", dataclasses.replace(self.calib, source=self._default_calib()))
         object.__setattr__(self, "rules", tuple(self.rules))
         if not all(isinstance(r, Rule) for r in self.rules):
@@ -239,47 +242,65 @@ class JobConfig:
         return ModulePlan.resolve(self.rules, self.quant)
 
     def _check_scheme(self) -> None:
-        """A data-free scheme reads no calibration data and takes none of the integer methods' settings: any of
-        them given is an error naming it, rather than a setting silently unused."""
+        """A scheme takes none of the integer methods' settings, and only the calibrated ones (CALIBRATED_SCHEMES:
+        FP8, NVFP4) read calibration data (--calib); a data-free one given --calib, or any of the settings that do
+        not apply, is an error naming them, rather than a setting silently unused."""
         if self.scheme is None:
             return
-        if self.scheme not in DATAFREE_SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(DATAFREE_SCHEMES)}, got {self.scheme!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        calibrated = self.scheme in CALIBRATED_SCHEMES
         unused = [name for name, given in (("method and its settings", self.quant != QuantConfig()),
-                                           ("calib", self.calib.source is not None),
+                                           ("calib", self.calib.source is not None and not calibrated),
                                            ("format", self.export.format != "auto"),
                                            ("pad_intermediate_to", self.pad_intermediate_to is not None),
                                            ("max_layers", self.max_layers is not None),
                                            ("rules (--override / --ignore)", bool(self.rules)),
                                            ("target_bits", self.search.target_bits is not None)) if given]
-        if unused:
-            kind = "FP8" if self.scheme in FP8_SCHEMES else "NVFP4" if self.scheme in NVFP4_SCHEMES else "INT8"
-            raise ValueError(f"scheme {self.scheme} quantizes {kind} weights data-free, with no calibration and in "
-                             f"its own format: {', '.join(unused)} do not apply; leave them out")
+        if not unused:
+            return
+        fmt = SCHEMES[self.scheme]
+        kind = "FP8" if isinstance(fmt, Fp8Format) else "NVFP4" if isinstance(fmt, Nvfp4Format) else "INT8"
+        takes = f"only {' and '.join(CALIBRATED_SCHEMES)} take --calib"
+        if calibrated:
+            raise ValueError(f"scheme {self.scheme} quantizes {kind} weights from the checkpoint and its activation "
+                             f"scales from --calib, in its own format: {', '.join(unused)} do not apply; leave them "
+                             "out")
+        raise ValueError(f"scheme {self.scheme} quantizes {kind} weights data-free, with no calibration and in "
+                         f"its own format: {', '.join(unused)} do not apply; leave them out"
+                         + (f" ({takes}: the calibrated schemes)" if self.calib.source is not None else ""))
 
     @property
     def fp8_format(self) -> Fp8Format | None:
-        """The FP8 layout ``scheme`` names; None for the integer methods."""
+        """The FP8 layout a data-free ``scheme`` names; None otherwise."""
         return FP8_SCHEMES.get(self.scheme)
 
     @property
     def datafree_format(self) -> Fp8Format | Int8Format | Nvfp4Format | None:
-        """The layout a data-free ``scheme`` names (FP8, INT8 W8A8 or NVFP4); None for the integer methods."""
+        """The layout a data-free ``scheme`` names (FP8, INT8 W8A8 or NVFP4); None for the integer methods and the
+        calibrated schemes."""
         return DATAFREE_SCHEMES.get(self.scheme)
 
     @property
     def nvfp4_format(self) -> Nvfp4Format | None:
-        """The NVFP4 layout ``scheme`` names (NVFP4A16); None otherwise."""
+        """The NVFP4 layout a data-free ``scheme`` names (NVFP4A16); None otherwise."""
         return NVFP4_SCHEMES.get(self.scheme)
+
+    @property
+    def calibrated_format(self) -> Fp8Format | Nvfp4Format | None:
+        """The layout a calibrated ``scheme`` names (FP8: ``Fp8Format.TENSOR``, NVFP4: ``Nvfp4Format.W4A4``);
+        None otherwise."""
+        return CALIBRATED_SCHEMES.get(self.scheme)
 
     def _default_calib(self) -> str:
         """The demo's chats for the embedded models, and for RTN (which rounds without data; the samples only run
-        through the layers to check that activations stay finite). GPTQ and AWQ on any other model need real data:
-        an error, as llm-compressor's and GPTQModel's GPTQ / AWQ ask for a dataset, rather than auto-round's silent
-        text default, which calibrates a vision-language model on no images at all."""
-        if str(self.model) in EMBEDDED_MODELS or self.quant.method == "rtn":
+        through the layers to check that activations stay finite). GPTQ, AWQ and the calibrated schemes on any other
+        model need real data: an error, as llm-compressor's and GPTQModel's GPTQ / AWQ ask for a dataset, rather than
+        auto-round's silent text default, which calibrates a vision-language model on no images at all."""
+        if str(self.model) in EMBEDDED_MODELS or (self.scheme is None and self.quant.method == "rtn"):
             return "demo"
-        raise ValueError(f"{self.quant.method} on {self.model} needs calibration data that looks like what the model "
+        what = f"scheme {self.scheme} (its activation scales)" if self.scheme else self.quant.method
+        raise ValueError(f"{what} on {self.model} needs calibration data that looks like what the model "
                          "will serve: pass --calib FILE.jsonl (chats with images), an image folder with captions, or "
                          "hf:DATASET; '--calib easyvqa' or '--calib demo' pick the toy 64x64-shape chats on purpose")
 

@@ -198,20 +198,21 @@ def published_figures(model: str, task: str) -> str | None:
 def weights_label(summary: dict) -> str:
     """How the eval table names a model's weights: 'BF16 (full precision)', 'AWQ W4g128', 'GPTQ-format W8g128',
     'compressed-tensors W4g128 asym', 'bnb NF4 (no calib)', 'compressed-tensors FP8 channel',
-    'compressed-tensors W8A8 INT8'."""
+    'compressed-tensors FP8 static', 'compressed-tensors W8A8 INT8', 'compressed-tensors NVFP4 W4A4'."""
     q = summary.get("quantization")
     if not q:
         return "BF16 (full precision)"
     if q.get("quant_method") == "bitsandbytes":
         return f"bnb {'NF4' if q.get('load_in_4bit') else 'int8'} (no calib)"
     method = q.get("quant_method")
-    if q.get("weights") == "fp8_e4m3":  # W8A8: e4m3 weights and dynamic e4m3 activations
+    static = bool(q.get("activations"))  # the calibrated schemes: activation scales from calibration
+    if q.get("weights") == "fp8_e4m3":  # W8A8: e4m3 weights and e4m3 activations (dynamic, or static per tensor)
         prefix = "" if method == "fp8" else f"{FORMAT_LABELS.get(method, method)} "
-        return prefix + ("FP8 block" if q.get("group_size", -1) > 0 else "FP8 channel")
+        return prefix + ("FP8 static" if static else "FP8 block" if q.get("group_size", -1) > 0 else "FP8 channel")
     if q.get("weights") == "int8_w8a8":  # W8A8: int8 weights per channel and dynamic int8 activations per token
         return f"{FORMAT_LABELS.get(method, method)} W8A8 INT8"
-    if q.get("weights") == "nvfp4_e2m1":  # W4A16: e2m1 weights, 16-bit activations
-        return f"{FORMAT_LABELS.get(method, method)} NVFP4A16"
+    if q.get("weights") == "nvfp4_e2m1":  # e2m1 weights; 16-bit activations (W4A16) or e2m1 ones (W4A4)
+        return f"{FORMAT_LABELS.get(method, method)} {'NVFP4 W4A4' if static else 'NVFP4A16'}"
     asym = "" if q.get("sym", True) or method == "awq" else " asym"  # AWQ is asymmetric by default: not repeated
     return f"{FORMAT_LABELS.get(method, method)} W{q['bits']}g{q['group_size']}{asym}"
 

@@ -26,7 +26,7 @@ from qvlquant.eval.check import (
     known_task,
     tolerance,
 )
-from qvlquant.quant.formats import DATAFREE_SCHEMES, EXPORT_FORMATS
+from qvlquant.quant.formats import EXPORT_FORMATS, SCHEMES
 from qvlquant.quant.rules import rule_from_mapping
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, RARE_EXPERTS
 from qvlquant.storage.files import read_text_bounded
@@ -82,7 +82,7 @@ SETTINGS: dict[str, Setting] = {
     "device": Setting(str, nullable=True),
     "offload": Setting(str, ("auto", "cpu", "device")),
     "rules": Setting(list),  # per-module rules: [{pattern: REGEX, skip: true} or {pattern: REGEX, bits: 8, ...}]
-    "scheme": Setting(str, tuple(DATAFREE_SCHEMES)),
+    "scheme": Setting(str, tuple(SCHEMES)),
     "target_bits": Setting(float, nullable=True),  # the sensitivity search (config.SearchConfig)
     "candidate_bits": Setting(str),  # "3,4,8,16"
     "sensitivity": Setting(str, MEASURES),

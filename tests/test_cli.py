@@ -459,6 +459,35 @@ def test_a_scheme_refuses_the_integer_methods_settings(extra, named, tmp_path, c
     assert len(err.splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,label", [("FP8", "compressed-tensors FP8 static"),
+                                          ("NVFP4", "compressed-tensors NVFP4 W4A4")])
+def test_calibrated_schemes_quantize_from_calibration_data_and_pass_the_check(scheme, label, tmp_path, capsys):
+    """The calibrated schemes from the command line on the demo's chats, then eval (the served numerics: static
+    FP8 activations, NVFP4 activations per 16 inputs) and qvlquant's own gate with its default tolerances
+    (RESULTS.md, "Calibrated FP8 and NVFP4 on the demo")."""
+    out = tmp_path / scheme
+    assert main(["quantize", "--scheme", scheme, "--num-samples", "32", "--output", str(out)]) == 0
+    assert f"quantized 28 linears ({scheme}, activation scales from " in capsys.readouterr().out
+    report = tmp_path / "e.json"
+    assert main(["eval", "--model", str(out), "--limit", "200", "--report", str(report)]) == 0
+    assert label in capsys.readouterr().out
+    assert main(["check", str(report)]) == 0
+
+
+@pytest.mark.parametrize("scheme,extra,message", [
+    ("FP8", ["--method", "gptq"], "method and its settings do not apply"),
+    ("NVFP4", ["--override", "self_attn:bits=8"], "rules (--override / --ignore) do not apply"),
+    ("FP8", ["--nproc", "2"], "scheme FP8 runs in one process"),
+    ("NVFP4A16", ["--calib", "easyvqa"], "(only FP8 and NVFP4 take --calib: the calibrated schemes)"),
+])
+def test_the_calibrated_schemes_refuse_what_does_not_apply_before_any_work(scheme, extra, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", "--scheme", scheme, *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.parametrize("extra", [["--override", "self_attn:bits=8"], ["--ignore", r"layers\.1\.mlp"],
                                    ["--method", "gptq"], ["--calib", "easyvqa"]])
 def test_w8a8_refuses_per_module_rules_and_the_integer_methods_settings_as_fp8_does(extra, tmp_path, capsys):

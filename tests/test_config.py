@@ -130,3 +130,43 @@ def test_numeric_settings_at_their_limits_are_accepted(settings):
     for key, value in settings.items():  # kept as given, not clamped
         if key != "method":
             assert getattr(job.quant, key, getattr(job, key, None)) == value, key
+
+
+def test_which_schemes_take_calibration_data_and_which_refuse_it():
+    """One table (quant.formats.SCHEMES) owns the names: the data-free presets refuse --calib, the calibrated ones
+    (FP8, NVFP4: their activation scales) take it, and default to the demo's chats on the embedded models only."""
+    from qvlquant.quant.formats import CALIBRATED_SCHEMES, DATAFREE_SCHEMES, SCHEMES, Fp8Format, Nvfp4Format
+
+    assert set(CALIBRATED_SCHEMES) == {"FP8", "NVFP4"} and not set(CALIBRATED_SCHEMES) & set(DATAFREE_SCHEMES)
+    assert list(SCHEMES) == [*DATAFREE_SCHEMES, *CALIBRATED_SCHEMES]
+    fp8 = JobConfig.from_flat(output="o", scheme="FP8")
+    assert fp8.calib.source == "demo" and fp8.calibrated_format is Fp8Format.TENSOR and fp8.datafree_format is None
+    nvfp4 = JobConfig.from_flat(output="o", scheme="NVFP4", calib="easyvqa", num_samples=8)
+    assert nvfp4.calib.source == "easyvqa" and nvfp4.calibrated_format is Nvfp4Format.W4A4
+    assert JobConfig.from_flat(output="o", scheme="FP8_DYNAMIC").calib.source is None  # reads none
+    for scheme in DATAFREE_SCHEMES:
+        with pytest.raises(ValueError, match=rf"scheme {scheme} quantizes .* data-free.*: calib do not apply; leave "
+                                             r"them out \(only FP8 and NVFP4 take --calib: the calibrated schemes\)"):
+            JobConfig.from_flat(output="o", scheme=scheme, calib="easyvqa")
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"method": "gptq"}, r"method and its settings do not apply"),
+    ({"rules": ["mlp:skip"]}, r"rules \(--override / --ignore\) do not apply"),
+    ({"export_format": "compressed-tensors"}, r"format do not apply"),
+    ({"max_layers": 2}, r"max_layers do not apply"),
+])
+@pytest.mark.parametrize("scheme", ["FP8", "NVFP4"])
+def test_a_calibrated_scheme_refuses_the_integer_methods_settings(scheme, settings, message):
+    with pytest.raises(ValueError, match=rf"scheme {scheme} quantizes .* weights from the checkpoint and its "
+                                         rf"activation scales from --calib, in its own format: {message}"):
+        JobConfig.from_flat(output="o", scheme=scheme, **settings)
+
+
+def test_a_calibrated_scheme_on_a_real_model_asks_for_calibration_data():
+    with pytest.raises(ValueError, match=r"scheme NVFP4 \(its activation scales\) on /models/qwen2-vl needs "
+                                         r"calibration data .*--calib FILE\.jsonl"):
+        JobConfig.from_flat(output="o", scheme="NVFP4", model="/models/qwen2-vl")
+    assert JobConfig.from_flat(output="o", scheme="FP8", model="/models/qwen2-vl", calib="x.jsonl").calib.source == "x.jsonl"
+    with pytest.raises(ValueError, match=r"scheme must be one of FP8_BLOCK, .*, NVFP4A16, FP8, NVFP4, got 'FP4'"):
+        JobConfig.from_flat(output="o", scheme="FP4")

@@ -213,3 +213,20 @@ def test_each_model_is_summarised_as_it_finishes(monkeypatch, capsys):
     monkeypatch.setattr(run.easyvqa, "evaluate", lambda *a, **k: {"accuracy": 100 * 2 / 3, "n": 3, "predictions": []})
     evaluate("demo", EvalConfig(perplexity=False))
     assert capsys.readouterr().err == "eval demo (BF16 (full precision)): easyvqa 66.67 % of 3\n"
+
+
+@pytest.mark.parametrize("scheme,label", [("FP8", "compressed-tensors FP8 static"),
+                                          ("NVFP4", "compressed-tensors NVFP4 W4A4"),
+                                          ("FP8_DYNAMIC", "compressed-tensors FP8 channel"),
+                                          ("NVFP4A16", "compressed-tensors NVFP4A16")])
+def test_the_schemes_are_labelled_by_their_activations(scheme, label):
+    """The calibrated schemes' configs (static activation scales) are told apart from the data-free ones of the
+    same weights in the eval table."""
+    from qvlquant.checkpoint.export import fp8_quantization_config, nvfp4_quantization_config
+    from qvlquant.quant.formats import SCHEMES, Nvfp4Format
+
+    fmt = SCHEMES[scheme]
+    qc = nvfp4_quantization_config(fmt, QWEN2_VL) if isinstance(fmt, Nvfp4Format) else \
+        fp8_quantization_config(fmt, QWEN2_VL, [])
+    model = types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=qc, name_or_path="out/q"))
+    assert weights_label({"quantization": quantization_summary(model)}) == label

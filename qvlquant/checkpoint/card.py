@@ -51,7 +51,13 @@ W8A8_ACTIVATIONS = "INT8, symmetric, dynamic: the serving kernel scales each tok
 NVFP4_HARDWARE = ("an NVIDIA GPU of compute capability 7.5 or newer; weight-only, so activations stay 16-bit "
                   "everywhere: vLLM 0.33 runs it with FlashInfer's CuTe-DSL W4A16 kernel on Blackwell sm_100, its "
                   "Humming kernel on Hopper (when installed) and Marlin's FP4 kernel on Turing, Ampere, Ada and "
-                  "sm_120. Blackwell's native FP4 matmuls need FP4 activations too (NVFP4 W4A4, not made here)")
+                  "sm_120. Blackwell's native FP4 matmuls need FP4 activations too (the calibrated NVFP4 scheme)")
+# Where NVFP4 W4A4 runs (vLLM 0.33's CompressedTensorsW4A4Fp4(use_a16=False); its kernel by capability, asked of
+# vLLM's own init_nvfp4_linear_kernel in tests/checkpoint/test_vllm_conformance.py)
+NVFP4_W4A4_HARDWARE = ("an NVIDIA Blackwell GPU (compute capability 10.x or 12.x, a CUDA 12.8+ build of vLLM) for "
+                       "FP4 matmuls of FP4 activations (vLLM 0.33: FlashInfer's CUTLASS NVFP4 kernel); before "
+                       "Blackwell vLLM serves the weights through a weight-only kernel (Marlin's FP4 on Turing, "
+                       "Ampere and Ada, Humming on Hopper when installed) with 16-bit activations, as NVFP4A16")
 
 
 def looks_like_hub_id(name) -> bool:
@@ -168,7 +174,8 @@ def weights_text(q: CheckpointQuant, quant: dict) -> str:
     """INT bits, the group size, symmetric or not: the run's spec, else the quantization_config's (FP8: e4m3 and
     its scale grid)."""
     if isinstance(q.pack_format, Fp8Format):
-        grid = "128x128 blocks" if q.pack_format is Fp8Format.BLOCK else "per output channel"
+        grid = {Fp8Format.BLOCK: "128x128 blocks", Fp8Format.CHANNEL: "per output channel",
+                Fp8Format.TENSOR: "per tensor (one scale shared by the linears vLLM fuses)"}[q.pack_format]
         return f"FP8, e4m3, {grid}, symmetric"
     if isinstance(q.pack_format, Int8Format):
         return "INT8, per output channel, symmetric (scale absmax / 127)"
@@ -237,34 +244,49 @@ def plan_text(plan: list[dict]) -> str:
 def calibration_text(report: dict, method: str) -> str:
     if method == "rtn":
         return "none: round-to-nearest uses the weights alone"
-    if method in ("fp8", "int8"):
-        return "none: data-free, the weight scales come from the weights alone and activation scales per token"
-    if method == "nvfp4":
-        return "none: data-free, the weight scales come from the weights alone"
     calib = report.get("calibration")
+    if method in ("fp8", "int8") and not calib:
+        return "none: data-free, the weight scales come from the weights alone and activation scales per token"
+    if method == "nvfp4" and not calib:
+        return "none: data-free, the weight scales come from the weights alone"
     if not calib:
         return "not recorded"
     pixels = (report.get("config") or {}).get("processing", {}).get("max_pixels")
     bound = f", images bounded to {pixels} pixels" if pixels else ""
     tokens = f", {calib['tokens']} tokens" if calib.get("tokens") else ""
+    used = " (for the activation scales only)" if method in ("fp8", "nvfp4") else ""
     return (f"{calib.get('num_samples')} samples from `{calib.get('source')}` (seed {calib.get('seed')})"
-            f"{tokens}{bound}")
+            f"{tokens}{bound}{used}")
+
+
+def scheme_method_text(kind: str, report: dict) -> str:
+    """"FP8 (FP8_DYNAMIC), data-free round-to-nearest"; a calibrated scheme says its activation scales are."""
+    scheme = report.get("scheme")
+    if not scheme:
+        return kind
+    if report.get("calibration"):
+        return f"{kind} ({scheme}), round-to-nearest weights, activation scales from calibration"
+    return f"{kind} ({scheme}), data-free round-to-nearest"
 
 
 def fp8_method_text(report: dict) -> str:
-    scheme = report.get("scheme")
-    return f"FP8 ({scheme}), data-free round-to-nearest" if scheme else "FP8"
+    return scheme_method_text("FP8", report)
 
 
 def nvfp4_method_text(report: dict) -> str:
-    scheme = report.get("scheme")
-    return f"NVFP4 ({scheme}), data-free round-to-nearest" if scheme else "NVFP4"
+    return scheme_method_text("NVFP4", report)
 
 
 def fp8_activations_text(fmt: Fp8Format) -> str:
+    if fmt.static_activations:
+        return "FP8 e4m3, static: one scale per linear (`input_scale`, from calibration), shared by the linears vLLM fuses"
     group = fmt.activation_group
     return ("FP8 e4m3, dynamic: the serving kernel scales each token" + (f" per group of {group} inputs" if group
                                                                          else "") + " at run time")
+
+
+NVFP4_W4A4_ACTIVATIONS = ("NVFP4: e2m1 per 16 inputs, their e4m3 scales computed per token at run time under a "
+                          "global scale from calibration (`input_global_scale`)")
 
 
 def escape_cell(text: str) -> str:
@@ -287,9 +309,10 @@ def overview(config: dict, report: dict) -> str:
              if fp4 else method_text(method, quant)),
             ("Weights", weights_text(q, quant)),
             ("Activations", fp8_activations_text(fp8) if fp8 else W8A8_ACTIVATIONS if int8
-             else "not quantized (weight-only)")]
+             else NVFP4_W4A4_ACTIVATIONS if q.pack_format is Nvfp4Format.W4A4 else "not quantized (weight-only)")]
     if fp8 or int8 or fp4:
-        rows.append(("Hardware", FP8_HARDWARE if fp8 else W8A8_HARDWARE if int8 else NVFP4_HARDWARE))
+        rows.append(("Hardware", FP8_HARDWARE if fp8 else W8A8_HARDWARE if int8 else NVFP4_W4A4_HARDWARE
+                     if q.pack_format is Nvfp4Format.W4A4 else NVFP4_HARDWARE))
     if gptq_rounds(quant):
         rows.append(("Act-order (static groups)", act_order_text(quant)))
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype")

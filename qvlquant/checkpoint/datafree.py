@@ -4,6 +4,10 @@ channel (``Int8Format``, W8A8) or e2m1 in groups of 16 (``Nvfp4Format``) and wri
 calibration data, no forward pass, no model in memory. Everything else (vision tower, embeddings, norms, biases,
 lm_head) is copied in the storage dtype.
 
+The calibrated schemes (FP8 with static input scales, NVFP4 W4A4) are written the same way: their weights come from
+the checkpoint alone; ``inputs`` (the calibration pass's largest |x| per linear, ``engine.calibration``) gives each
+linear its activation scale, written beside its weight tensors.
+
 Memory holds one tensor (in float32 while it is quantized). safetensors orders a file's tensors by dtype, so a
 linear's float32 scale is written before its e4m3 weight: each quantized weight is read twice (once for its scale,
 once for its codes) rather than holding a shard's codes until their turn.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import pathlib
 import shutil
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -30,8 +35,8 @@ from qvlquant.checkpoint.export import (
 )
 from qvlquant.config import ExportConfig
 from qvlquant.families import ModelFamily
-from qvlquant.quant import nvfp4
-from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat, QuantizedWeight
+from qvlquant.quant import fp8, nvfp4
+from qvlquant.quant.formats import SCHEME_NAMES, Fp8Format, Int8Format, Nvfp4Format, PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
@@ -51,15 +56,63 @@ def is_fp8_linear(family: ModelFamily, runtime_name: str) -> bool:
     return linear in layer.linears
 
 
-def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
-             fmt: Fp8Format | Int8Format) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
+def quantized_linears(model, family: ModelFamily) -> list[str]:
+    """Runtime paths of the linears a data-free or calibrated scheme quantizes (``is_fp8_linear``), in state-dict
+    order: what the calibration pass observes. ``model`` may be a meta skeleton."""
+    return [name[: -len(".weight")] for name in model.state_dict().keys() if is_fp8_linear(family, name)]
+
+
+def check_nvfp4_groups(model, names: list[str]) -> None:
+    """Every linear ``names`` (runtime paths of ``model``, a meta skeleton will do) has in_features in whole groups
+    of 16, as NVFP4 needs: checked before the calibration pass reads any data."""
+    bad = [(n, model.get_submodule(n).in_features) for n in names if model.get_submodule(n).in_features % nvfp4.GROUP]
+    if bad:
+        raise ValueError(f"{', '.join(f'{n} (in_features {k})' for n, k in bad[:4])}: NVFP4 needs in_features in "
+                         f"whole groups of {nvfp4.GROUP}; use an FP8 scheme or the integer methods for this model")
+
+
+class FusedAmax:
+    """The largest |w| of the linears vLLM fuses with a decoder linear (``fused_siblings``), each sibling's weight
+    read from the checkpoint once and kept as one number: what a shared per-tensor scale is made from."""
+
+    def __init__(self, base: CheckpointTensors, family: ModelFamily):
+        self.base, self.family, self.amax = base, family, {}
+
+    def __call__(self, name: str) -> float:
+        """``name``: the runtime name of a linear's weight."""
+        for sibling in fused_siblings(self.family, name):
+            if sibling not in self.amax:
+                self.amax[sibling] = nvfp4.weight_amax(self.base.get(sibling).float())
+        return max(self.amax[s] for s in fused_siblings(self.family, name))
+
+
+def fused_input_amax(family: ModelFamily, inputs: Mapping[str, float] | None, name: str, scheme: str) -> float:
+    """The largest calibration input among the linears vLLM fuses with the one whose weight is ``name`` (they read
+    one input, so their ranges agree; vLLM keeps one scale for the fused layer): what its activation scale is made
+    from. An error naming the linear when the calibration pass has no range for it."""
+    linears = [s[: -len(".weight")] for s in fused_siblings(family, name)]
+    missing = [s for s in linears if inputs is None or s not in inputs]
+    if missing:
+        raise ValueError(f"{missing[0]}: scheme {scheme} needs its calibrated input range (the calibration pass "
+                         "records it); nothing was exported")
+    return max(inputs[s] for s in linears)
+
+
+def plan_fp8(model, family: ModelFamily, base: CheckpointTensors, fmt: Fp8Format | Int8Format,
+             inputs: Mapping[str, float] | None = None
+             ) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
     """Every tensor of the export in state-dict order (a quantized linear's weight and scale where its weight was),
-    with a function fetching each. ``model`` may be a meta skeleton: only its names are read.
+    with a function fetching each. ``model`` may be a meta skeleton: only its names are read. ``inputs`` (the
+    per-tensor FP8 of the calibrated FP8 scheme): runtime linear name -> largest calibration input, made into each
+    linear's ``input_scale``; its weight scale is shared by the linears vLLM fuses (vLLM requantizes a fused layer's
+    shards to the largest of their scales, so one scale makes every client read the same weights).
     -> (entries, fetch, the runtime names of the quantized linears)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     entries: list[Entry] = []
     fetch: dict[str, Callable[[], torch.Tensor]] = {}
     quantized = []
+    fused = FusedAmax(base, family)
+    shared = lambda name: fp8.tensor_scale(fused(name), base.dtype)  # noqa: E731
     for name in model.state_dict().keys():
         if tied and name == f"{family.lm_head}.weight":
             continue
@@ -73,6 +126,14 @@ def plan_fp8(model, family: ModelFamily, base: CheckpointTensors,
         head = key[: -len("weight")]
         for tensor, (shape, dtype) in fmt.tensor_shapes(k, n, base.dtype).items():
             entries.append((head + tensor, dtype, shape))
+        if fmt is Fp8Format.TENSOR:
+            fetch[key] = lambda name=name, key=key: fmt.pack(base.get(name), key, base.dtype, shared(name))["weight"]
+            fetch[head + fmt.scale_name] = lambda name=name: shared(name)
+            amax = fused_input_amax(family, inputs, name, SCHEME_NAMES[fmt])  # before anything is written
+            for tensor, (shape, dtype) in fmt.input_tensors(base.dtype).items():
+                entries.append((head + tensor, dtype, shape))
+                fetch[head + tensor] = lambda amax=amax, tensor=tensor: fmt.input_pack(amax, base.dtype)[tensor]
+            continue
         fetch[key] = lambda name=name, key=key: fmt.pack(base.get(name), key, base.dtype)["weight"]
         fetch[head + fmt.scale_name] = lambda name=name, key=key: fmt.scale(base.get(name), key, base.dtype)
     for key in base.carried():  # the MTP head of Qwen3.5: in the checkpoint's bytes, never quantized
@@ -94,15 +155,15 @@ def not_converted_modules(model, family: ModelFamily) -> list[str]:
 
 def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format | Int8Format, out: str | pathlib.Path,
                report: Callable[[list[str]], dict], options: ExportConfig = ExportConfig(),
-               base_folder: pathlib.Path | None = None) -> pathlib.Path:
+               base_folder: pathlib.Path | None = None, inputs: Mapping[str, float] | None = None) -> pathlib.Path:
     """Write the FP8 (or INT8 W8A8, ``Int8Format``: the same weight-and-scale plan) export of the checkpoint
     ``base`` reads to ``out``, published atomically. ``model``: the model's meta skeleton (names and config
-    only); ``report``: makes the report from the quantized linears' names once the tensors are written.
-    -> the published folder."""
+    only); ``report``: makes the report from the quantized linears' names once the tensors are written;
+    ``inputs``: the calibrated input ranges ``Fp8Format.TENSOR`` needs (``plan_fp8``). -> the published folder."""
     family = base.family
     tmp = temp_dir(out)
     try:
-        entries, fetch, quantized = plan_fp8(model, family, base, fmt)
+        entries, fetch, quantized = plan_fp8(model, family, base, fmt, inputs)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = w8a8_quantization_config(fmt, family) if isinstance(fmt, Int8Format) else \
@@ -124,24 +185,23 @@ def fused_siblings(family: ModelFamily, runtime_name: str) -> list[str]:
     return [f"{family.decoder_layers}.{index}.{part}.weight" for part in parts]
 
 
-def plan_nvfp4(model, family: ModelFamily, base: CheckpointTensors,
-               fmt: Nvfp4Format) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
+def plan_nvfp4(model, family: ModelFamily, base: CheckpointTensors, fmt: Nvfp4Format,
+               inputs: Mapping[str, float] | None = None
+               ) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
     """``plan_fp8`` for NVFP4: every tensor of the export in state-dict order, a quantized linear's three tensors
     where its weight was. Each linear's global scale comes from the largest magnitude of the linears vLLM fuses
     with it (read once each and kept as one number), so a fused layer has one; the group scales and the packed
-    codes are each computed when written (safetensors orders them by dtype), reading the weight again.
-    -> (entries, fetch, the runtime names of the quantized linears)."""
+    codes are each computed when written (safetensors orders them by dtype), reading the weight again. W4A4
+    (``inputs``: runtime linear name -> largest calibration input) adds each linear's ``input_global_scale``, one
+    per fused layer too. -> (entries, fetch, the runtime names of the quantized linears)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     entries: list[Entry] = []
     fetch: dict[str, Callable[[], torch.Tensor]] = {}
     quantized = []
-    amax: dict[str, float] = {}
+    fused = FusedAmax(base, family)
 
     def shared_global(name: str) -> torch.Tensor:
-        for sibling in fused_siblings(family, name):
-            if sibling not in amax:
-                amax[sibling] = nvfp4.weight_amax(base.get(sibling).float())
-        return nvfp4.global_scale(max(amax[s] for s in fused_siblings(family, name)))
+        return nvfp4.global_scale(fused(name))
 
     def packed(name: str, key: str, tensor: str) -> torch.Tensor:
         if tensor == "weight_global_scale":
@@ -166,6 +226,11 @@ def plan_nvfp4(model, family: ModelFamily, base: CheckpointTensors,
         for tensor, (shape, dtype) in fmt.tensor_shapes(k, n).items():
             entries.append((head + tensor, dtype, shape))
             fetch[head + tensor] = lambda name=name, key=key, tensor=tensor: packed(name, key, tensor)
+        if fmt.static_activations:
+            amax = fused_input_amax(family, inputs, name, SCHEME_NAMES[fmt])  # before anything is written
+            for tensor, (shape, dtype) in fmt.input_tensors().items():
+                entries.append((head + tensor, dtype, shape))
+                fetch[head + tensor] = lambda amax=amax, tensor=tensor: fmt.input_pack(amax)[tensor]
     for key in base.carried():  # the MTP head of Qwen3.5: in the checkpoint's bytes, never quantized
         entries.append((key, *base.raw_meta(key)))
         fetch[key] = lambda key=key: base.raw(key)
@@ -174,13 +239,13 @@ def plan_nvfp4(model, family: ModelFamily, base: CheckpointTensors,
 
 def export_nvfp4(model, processor, base: CheckpointTensors, fmt: Nvfp4Format, out: str | pathlib.Path,
                  report: Callable[[list[str]], dict], options: ExportConfig = ExportConfig(),
-                 base_folder: pathlib.Path | None = None) -> pathlib.Path:
-    """``export_fp8`` for NVFP4A16 (compressed-tensors ``nvfp4-pack-quantized``, weight-only). -> the published
-    folder."""
+                 base_folder: pathlib.Path | None = None, inputs: Mapping[str, float] | None = None) -> pathlib.Path:
+    """``export_fp8`` for NVFP4 (compressed-tensors ``nvfp4-pack-quantized``): weight-only NVFP4A16, or W4A4 with
+    the calibrated input ranges ``inputs``. -> the published folder."""
     family = base.family
     tmp = temp_dir(out)
     try:
-        entries, fetch, quantized = plan_nvfp4(model, family, base, fmt)
+        entries, fetch, quantized = plan_nvfp4(model, family, base, fmt, inputs)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = nvfp4_quantization_config(fmt, family)

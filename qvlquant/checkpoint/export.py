@@ -153,11 +153,27 @@ def validated_by_library(config: dict) -> dict:
     return QuantizationConfig.model_validate(config).model_dump(mode="json")
 
 
+# The weights and input_activations of llm-compressor's calibrated presets, as compressed-tensors' PRESET_SCHEMES
+# defines them and writes them (0.17 / 0.20: fields it fills by default are left out, so no observer on the weights)
+FP8_STATIC_ARGS = (
+    {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False},
+    {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False,
+     "observer": "static_minmax"},
+)
+NVFP4_W4A4_ARGS = (
+    {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+     "dynamic": False, "scale_dtype": "float8_e4m3fn"},
+    {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+     "dynamic": "local", "scale_dtype": "float8_e4m3fn", "observer": "static_minmax"},
+)
+
+
 def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: list[str]) -> dict:
     """The ``quantization_config`` of an FP8 export. ``BLOCK``: Qwen's official FP8 checkpoints' (``quant_method:
     fp8``; vLLM's ``Fp8Config`` and transformers' ``FineGrainedFP8Config``); ``not_converted``: the modules kept in
     full precision, each named whole (vLLM matches them exactly). ``CHANNEL``: compressed-tensors
-    ``float-quantized``, llm-compressor's FP8_DYNAMIC scheme."""
+    ``float-quantized``, llm-compressor's FP8_DYNAMIC scheme; ``TENSOR``: the same format, its FP8 preset (per-tensor
+    weights, static per-tensor input activations)."""
     meta = {"quantizer": f"qvlquant:{__version__}", "method": "fp8", "scheme": SCHEME_NAMES[fmt]}
     if fmt is Fp8Format.BLOCK:
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -166,6 +182,8 @@ def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: 
                "group_size": None, "observer": "minmax"}
     activations = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token",
                    "group_size": None, "observer": None}
+    if fmt is Fp8Format.TENSOR:
+        weights, activations = (dict(args) for args in FP8_STATIC_ARGS)
     config = {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
@@ -199,18 +217,22 @@ def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily) -> dict:
 
 
 def nvfp4_quantization_config(fmt: Nvfp4Format, family: ModelFamily) -> dict:
-    """The ``quantization_config`` of an NVFP4A16 export: compressed-tensors ``nvfp4-pack-quantized``, 4-bit float
+    """The ``quantization_config`` of an NVFP4 export: compressed-tensors ``nvfp4-pack-quantized``, 4-bit float
     weights in groups of 16 with e4m3 scales under a per-tensor global scale (strategy ``tensor_group``), symmetric,
-    as llm-compressor's NVFP4A16 preset writes it; no input_activations (weight-only); the vision tower and lm_head
-    ignored."""
+    as llm-compressor's NVFP4A16 preset writes it, with no input_activations (weight-only); or as its NVFP4 preset
+    writes it (``W4A4``), with input activations of the same grid whose global scale is calibrated and group scales
+    dynamic (``dynamic: local``). The vision tower and lm_head ignored."""
     meta = {"quantizer": f"qvlquant:{__version__}", "method": "nvfp4", "scheme": SCHEME_NAMES[fmt]}
     weights = {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False, "strategy": "tensor_group",
                "group_size": 16, "observer": "minmax", "scale_dtype": "float8_e4m3fn"}
+    activations = None
+    if fmt is Nvfp4Format.W4A4:
+        weights, activations = (dict(args) for args in NVFP4_W4A4_ARGS)
     config = {
         "quant_method": "compressed-tensors",
         "format": "nvfp4-pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": "nvfp4-pack-quantized"}},
         "ignore": family.compressed_ignore(),
         "kv_cache_scheme": None,

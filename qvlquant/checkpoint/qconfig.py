@@ -24,12 +24,14 @@ AWQ holds one width, so its only per-module setting is ``modules_to_not_convert`
 
 - FP8, Qwen's block format (vLLM's ``Fp8Config``): ``activation_scheme`` required (vLLM reads it without a
   default) and "dynamic"; ``fmt`` "e4m3"; ``weight_block_size`` [128, 128] (per-tensor FP8 is not read).
-- compressed-tensors ``float-quantized``: FP8_DYNAMIC only (8-bit float weights per channel, symmetric; 8-bit float
-  input activations per token, dynamic).
+- compressed-tensors ``float-quantized``: FP8_DYNAMIC (8-bit float weights per channel, symmetric; 8-bit float
+  input activations per token, dynamic) and FP8 (weights per tensor; input activations per tensor, static: a
+  calibrated ``input_scale``), told apart by the weights' strategy.
 - compressed-tensors ``int-quantized``: W8A8 with dynamic activations only (8-bit int weights per channel,
   symmetric; 8-bit int input activations per token, dynamic, symmetric).
-- compressed-tensors ``nvfp4-pack-quantized``: NVFP4A16 only (4-bit float weights, strategy ``tensor_group``, groups
-  of 16, symmetric; no input activations: NVFP4 W4A4 is refused).
+- compressed-tensors ``nvfp4-pack-quantized``: NVFP4A16 (4-bit float weights, strategy ``tensor_group``, groups
+  of 16, symmetric; no input activations) and NVFP4 W4A4 (input activations of the same grid, ``dynamic: local``:
+  a calibrated ``input_global_scale``, group scales computed at run time).
 
 A present field of the wrong type (``"bits": "4"``), an unknown method, a layout qvlquant has no ``PackFormat`` for,
 or a width ``QuantSpec`` refuses is a ValueError naming the file and the field; never a KeyError.
@@ -106,6 +108,9 @@ class CheckpointQuant:
             out["weights"] = "int8_w8a8"
         if isinstance(self.pack_format, Nvfp4Format):
             out["weights"] = "nvfp4_e2m1"
+        if self.pack_format in (Fp8Format.TENSOR, Nvfp4Format.W4A4):  # the calibrated schemes' static scales
+            out["activations"] = "fp8_e4m3 static per tensor" if self.pack_format is Fp8Format.TENSOR \
+                else "nvfp4_e2m1 per 16, calibrated global scale"
         if self.mixed:
             settings = [r.describe() for r in self.overrides]
             out["mixed"] = ", ".join(f"{settings.count(s)} rule(s) {s}" for s in dict.fromkeys(settings))
@@ -318,24 +323,39 @@ def read_fp8_block(qc: dict, path: str) -> CheckpointQuant:
                            not_converted=_names(qc, "modules_to_not_convert", path))
 
 
+# float-quantized as qvlquant reads it: per weight strategy, the preset, its fields and the layout it is
+FLOAT_QUANTIZED = {
+    "channel": ("FP8_DYNAMIC", Fp8Format.CHANNEL, {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True},
+                {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}),
+    "tensor": ("FP8", Fp8Format.TENSOR, {"type": "float", "num_bits": 8, "strategy": "tensor", "symmetric": True},
+               {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False, "symmetric": True}),
+}
+
+
 def read_float_quantized(qc: dict, group: dict, gpath: str, path: str) -> CheckpointQuant:
-    """compressed-tensors ``float-quantized`` as FP8_DYNAMIC writes it: 8-bit float weights per channel,
-    symmetric; 8-bit float input activations per token, dynamic. Anything else (static or per-tensor scales,
-    weight-only) is refused, naming the field."""
+    """compressed-tensors ``float-quantized`` as FP8_DYNAMIC writes it (8-bit float weights per channel, symmetric;
+    8-bit float input activations per token, dynamic) or as the FP8 preset does (weights per tensor; input
+    activations per tensor, static: a calibrated ``input_scale``), told apart by the weights' strategy. Anything
+    else (per-channel weights with static activations, weight-only) is refused, naming the field."""
     wpath, apath = f"{gpath}.weights", f"{gpath}.input_activations"
     weights = _get(group, "weights", dict, REQUIRED, gpath)
     acts = _get(group, "input_activations", dict, None, gpath)
     if acts is None:
-        raise ValueError(f"{apath} is missing; qvlquant reads FP8 with dynamic per-token activations (FP8_DYNAMIC)")
-    expected = ((weights, wpath, {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True}),
-                (acts, apath, {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}))
-    for d, where, fields in expected:
+        raise ValueError(f"{apath} is missing; qvlquant reads FP8 with dynamic per-token activations (FP8_DYNAMIC) "
+                         "or static per-tensor ones (FP8)")
+    strategy = _get(weights, "strategy", str, None, wpath)
+    if strategy not in FLOAT_QUANTIZED:
+        raise ValueError(f"{wpath}.strategy is {strategy!r}; qvlquant reads float-quantized FP8_DYNAMIC (strategy "
+                         "'channel') and FP8 (strategy 'tensor')")
+    scheme, fmt, wfields, afields = FLOAT_QUANTIZED[strategy]
+    defaults = {"symmetric": True, "dynamic": False}  # compressed-tensors' QuantizationArgs defaults
+    for d, where, fields in ((weights, wpath, wfields), (acts, apath, afields)):
         for key, value in fields.items():
-            got = _get(d, key, type(value), None, where)
+            got = _get(d, key, type(value), defaults.get(key) if d is acts else None, where)
             if got != value:
-                raise ValueError(f"{where}.{key} is {got!r}; qvlquant reads float-quantized FP8_DYNAMIC "
+                raise ValueError(f"{where}.{key} is {got!r}; qvlquant reads float-quantized {scheme} "
                                  f"({key} {value!r})")
-    return CheckpointQuant("compressed-tensors", Fp8Format.CHANNEL, QuantSpec(8, -1, True), False,
+    return CheckpointQuant("compressed-tensors", fmt, QuantSpec(8, -1, True), False,
                            "float-quantized", ignore=_names(qc, "ignore", path))
 
 
@@ -360,21 +380,30 @@ def read_int_quantized(qc: dict, group: dict, gpath: str, path: str) -> Checkpoi
                            "int-quantized", ignore=_names(qc, "ignore", path))
 
 
+NVFP4_FIELDS = {"type": "float", "num_bits": 4, "strategy": "tensor_group", "group_size": NVFP4_GROUP, "symmetric": True}
+
+
 def read_nvfp4(qc: dict, group: dict, gpath: str, path: str) -> CheckpointQuant:
-    """compressed-tensors ``nvfp4-pack-quantized`` as NVFP4A16 writes it: 4-bit float weights, ``tensor_group`` in
-    groups of 16, symmetric, and no input activations. NVFP4 W4A4 (input activations with a calibrated global scale)
-    and anything else is refused, naming the field."""
-    wpath = f"{gpath}.weights"
+    """compressed-tensors ``nvfp4-pack-quantized`` as NVFP4A16 writes it (4-bit float weights, ``tensor_group`` in
+    groups of 16, symmetric, no input activations) or as the NVFP4 preset does (W4A4: input activations of the same
+    grid, ``dynamic: local``, whose calibrated global scale is ``input_global_scale``). Anything else (fully dynamic
+    or static activation group scales, other groups) is refused, naming the field."""
+    wpath, apath = f"{gpath}.weights", f"{gpath}.input_activations"
     weights = _get(group, "weights", dict, REQUIRED, gpath)
-    if group.get("input_activations") is not None:
-        raise ValueError(f"{gpath}.input_activations is set: NVFP4 W4A4 (activation global scales from calibration) "
-                         "is not read by qvlquant; it reads weight-only NVFP4A16")
-    fields = {"type": "float", "num_bits": 4, "strategy": "tensor_group", "group_size": NVFP4_GROUP, "symmetric": True}
-    for key, value in fields.items():
-        got = _get(weights, key, type(value), None, wpath)
-        if got != value:
-            raise ValueError(f"{wpath}.{key} is {got!r}; qvlquant reads nvfp4-pack-quantized NVFP4A16 ({key} {value!r})")
-    return CheckpointQuant("compressed-tensors", Nvfp4Format.PACKED, QuantSpec(4, NVFP4_GROUP, True), False,
+    acts = _get(group, "input_activations", dict, None, gpath)
+    scheme = "NVFP4A16" if acts is None else "NVFP4"
+    checks = [(weights, wpath, NVFP4_FIELDS)] + ([] if acts is None else [(acts, apath, NVFP4_FIELDS)])
+    for d, where, fields in checks:
+        for key, value in fields.items():
+            got = _get(d, key, type(value), True if key == "symmetric" else None, where)
+            if got != value:
+                raise ValueError(f"{where}.{key} is {got!r}; qvlquant reads nvfp4-pack-quantized {scheme} "
+                                 f"({key} {value!r})")
+    if acts is not None and acts.get("dynamic") != "local":
+        raise ValueError(f"{apath}.dynamic is {acts.get('dynamic')!r}; qvlquant reads nvfp4-pack-quantized NVFP4 "
+                         "(W4A4) with dynamic 'local': a calibrated input_global_scale, group scales at run time")
+    fmt = Nvfp4Format.PACKED if acts is None else Nvfp4Format.W4A4
+    return CheckpointQuant("compressed-tensors", fmt, QuantSpec(4, NVFP4_GROUP, True), False,
                            "nvfp4-pack-quantized", ignore=_names(qc, "ignore", path), where=path)
 
 

@@ -199,7 +199,9 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
         with set_current_vllm_config(engine):
             yield
     finally:
-        _custom_ops().__dict__.update(saved_ops)
+        for key, value in saved_ops.items():
+            owner, name = key if isinstance(key, tuple) else (_custom_ops(), key)
+            setattr(owner, name, value)
         parallel_state._TP = saved_tp
         for k in fake:
             current_platform.__dict__.pop(k, None)
@@ -211,15 +213,20 @@ def _custom_ops():
 
 
 def _fake_cutlass_queries() -> dict:
-    """FP8 kernel choice asks vLLM's compiled CUDA ops whether CUTLASS runs FP8 (per-tensor / per-token, and
-    128x128 blocks) on the device; a CPU build has no such ops. Where they are missing, answer as a CUDA 12 build of
-    vLLM 0.33 does (FP8 from sm_89, blocks from sm_90: a COPY of its build rules). -> what was replaced."""
+    """FP8 and NVFP4 (W4A4) kernel choice asks vLLM's compiled CUDA ops whether CUTLASS runs FP8 (per-tensor /
+    per-token, and 128x128 blocks) or FP4 on the device; a CPU build has no such ops. Where they are missing, answer
+    as a CUDA 12.8+ build of vLLM 0.33 does (FP8 from sm_89, blocks from sm_90, FP4 from sm_100: a COPY of its build
+    rules). -> what was replaced."""
     ops = _custom_ops()
     if hasattr(torch.ops._C, "cutlass_scaled_mm_supports_fp8"):
         return {}
     saved = {k: ops.__dict__[k] for k in ("cutlass_scaled_mm_supports_fp8", "cutlass_scaled_mm_supports_block_fp8")}
     ops.cutlass_scaled_mm_supports_fp8 = lambda capability: capability >= 89
     ops.cutlass_scaled_mm_supports_block_fp8 = lambda capability: capability >= 90
+    # NVFP4's query is imported by name into nvfp4_utils: replaced there
+    fp4 = importlib.import_module("vllm.model_executor.layers.quantization.utils.nvfp4_utils")
+    saved[(fp4, "cutlass_scaled_mm_supports_fp4")] = fp4.__dict__["cutlass_scaled_mm_supports_fp4"]
+    fp4.cutlass_scaled_mm_supports_fp4 = lambda capability: capability >= 100
     return saved
 
 

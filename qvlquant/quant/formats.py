@@ -275,10 +275,14 @@ class Fp8Format(str, enum.Enum):
       e4m3, ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] float32, the multiplier of its block.
     - ``CHANNEL`` (compressed-tensors ``float-quantized``, FP8_DYNAMIC): ``weight`` [N, K] e4m3, ``weight_scale``
       [N, 1] in ``scale_dtype`` (an export writes the model's dtype, as llm-compressor does).
+    - ``TENSOR`` (compressed-tensors ``float-quantized``, llm-compressor's FP8 preset): ``weight`` [N, K] e4m3,
+      ``weight_scale`` [1], and the calibrated ``input_scale`` [1] (``input_tensors``), both in ``scale_dtype``:
+      activations are quantized statically, one scale per linear.
     """
 
     BLOCK = "fp8_block"
     CHANNEL = "fp8_channel"
+    TENSOR = "fp8_tensor"
 
     @property
     def scale_name(self) -> str:
@@ -287,37 +291,60 @@ class Fp8Format(str, enum.Enum):
     @property
     def activation_group(self) -> int | None:
         """Inputs per dynamic activation scale in the serving kernels: per token and group of 128 for blocks
-        (vLLM's ``GroupShape(1, 128)``), per token for channels."""
+        (vLLM's ``GroupShape(1, 128)``), per token for channels; None for TENSOR too, whose scale is static."""
         return fp8.BLOCK[1] if self is Fp8Format.BLOCK else None
 
-    def pack(self, w: torch.Tensor, name: str = "weight",
-             scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """A float weight [N, K] -> the tensors stored for it (``name`` is named in a non-finite error;
-        ``scale_dtype``: CHANNEL's scale, BLOCK's is always float32 as Qwen stores it)."""
+    @property
+    def static_activations(self) -> bool:
+        """Whether the activation scale is calibrated and stored (``input_scale``) rather than computed per token."""
+        return self is Fp8Format.TENSOR
+
+    def pack(self, w: torch.Tensor, name: str = "weight", scale_dtype: torch.dtype = torch.float32,
+             scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """A float weight [N, K] -> its weight tensors (``name`` is named in a non-finite error; ``scale_dtype``:
+        CHANNEL's and TENSOR's scale, BLOCK's is always float32 as Qwen stores it; ``scale``: TENSOR's shared by
+        the linears vLLM fuses, None: from ``w`` alone)."""
         if self is Fp8Format.BLOCK:
-            q, scale = fp8.quantize_blocks(w, name)
+            q, s = fp8.quantize_blocks(w, name)
+        elif self is Fp8Format.TENSOR:
+            q, s = fp8.quantize_tensor(w, name, scale_dtype, scale)
         else:
-            q, scale = fp8.quantize_channels(w, name, scale_dtype)
-        return {"weight": q, self.scale_name: scale}
+            q, s = fp8.quantize_channels(w, name, scale_dtype)
+        return {"weight": q, self.scale_name: s}
 
     def scale(self, w: torch.Tensor, name: str = "weight", scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``pack(w)[scale_name]`` without computing the codes (a streamed export writes the scale and the weight
         at different times: safetensors orders a file's tensors by dtype)."""
+        if self is Fp8Format.TENSOR:
+            fp8.check_finite(w, name)
+            return fp8.tensor_scale(w.float().abs().max(), scale_dtype)
         return fp8.block_scales(w, name) if self is Fp8Format.BLOCK else fp8.channel_scales(w, name, scale_dtype)
 
     def unpack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The stored tensors -> the weight they stand for, [N, K] float32."""
         if self is Fp8Format.BLOCK:
             return fp8.dequantize_blocks(tensors["weight"], tensors["weight_scale_inv"])
+        if self is Fp8Format.TENSOR:
+            return fp8.dequantize_tensor(tensors["weight"], tensors["weight_scale"])
         return fp8.dequantize_channels(tensors["weight"], tensors["weight_scale"])
 
     def tensor_shapes(self, k: int, n: int,
                       scale_dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Name -> (shape, dtype) of the stored tensors of a [N, K] linear."""
+        """Name -> (shape, dtype) of the weight tensors of a [N, K] linear (what ``pack`` returns)."""
         if self is Fp8Format.BLOCK:
             return {"weight": ((n, k), fp8.FP8_DTYPE),
                     self.scale_name: ((-(-n // fp8.BLOCK[0]), -(-k // fp8.BLOCK[1])), torch.float32)}
+        if self is Fp8Format.TENSOR:
+            return {"weight": ((n, k), fp8.FP8_DTYPE), self.scale_name: ((1,), scale_dtype)}
         return {"weight": ((n, k), fp8.FP8_DTYPE), self.scale_name: ((n, 1), scale_dtype)}
+
+    def input_tensors(self, scale_dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the calibrated activation tensors stored beside the weight ({}: dynamic)."""
+        return {"input_scale": ((1,), scale_dtype)} if self.static_activations else {}
+
+    def input_pack(self, amax: float, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The largest |x| a linear (or the group vLLM fuses it into) received in calibration -> ``input_tensors``."""
+        return {"input_scale": fp8.tensor_scale(amax, scale_dtype)} if self.static_activations else {}
 
 
 # --scheme: llm-compressor's preset names for the FP8 layouts (its FP8_BLOCK, FP8_DYNAMIC), quantized data-free
@@ -375,10 +402,19 @@ class Nvfp4Format(str, enum.Enum):
     - ``PACKED`` (compressed-tensors ``nvfp4-pack-quantized``, llm-compressor's NVFP4A16): ``weight_packed`` [N, K/2]
       uint8, two e2m1 codes a byte (the even column in the low nibble); ``weight_scale`` [N, K/16] e4m3, one per 16
       inputs; ``weight_global_scale`` [1] float32, ``448 * 6 / amax``, shared by the linears vLLM fuses.
-      Weight-only: activations stay 16-bit (NVFP4 W4A4 needs activation global scales from calibration).
+      Weight-only: activations stay 16-bit.
+    - ``W4A4`` (the same layout, llm-compressor's NVFP4 preset): those three tensors and the calibrated
+      ``input_global_scale`` [1] float32 (``input_tensors``); activations are quantized to NVFP4 per 16 inputs at
+      run time under it.
     """
 
     PACKED = "nvfp4_pack_quantized"
+    W4A4 = "nvfp4_pack_quantized_w4a4"
+
+    @property
+    def static_activations(self) -> bool:
+        """Whether a calibrated activation scale is stored (``input_global_scale``)."""
+        return self is Nvfp4Format.W4A4
 
     def pack(self, w: torch.Tensor, name: str = "weight",
              global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -392,14 +428,27 @@ class Nvfp4Format(str, enum.Enum):
         return nvfp4.dequantize(codes, tensors["weight_scale"], tensors["weight_global_scale"])
 
     def tensor_shapes(self, k: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Name -> (shape, dtype) of the stored tensors of a [N, K] linear."""
+        """Name -> (shape, dtype) of the weight tensors of a [N, K] linear (what ``pack`` returns)."""
         return {"weight_packed": ((n, k // 2), torch.uint8),
                 "weight_scale": ((n, k // nvfp4.GROUP), nvfp4.SCALE_DTYPE),
                 "weight_global_scale": ((1,), torch.float32)}
 
+    def input_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the calibrated activation tensors stored beside the weight ({}: weight-only)."""
+        return {"input_global_scale": ((1,), torch.float32)} if self.static_activations else {}
+
+    def input_pack(self, amax: float) -> dict[str, torch.Tensor]:
+        """The largest |x| a linear (or the group vLLM fuses it into) received in calibration -> ``input_tensors``."""
+        return {"input_global_scale": nvfp4.global_scale(amax)} if self.static_activations else {}
+
 
 # --scheme: llm-compressor's preset name for weight-only NVFP4, quantized data-free
 NVFP4_SCHEMES = {"NVFP4A16": Nvfp4Format.PACKED}
-# every data-free --scheme (quantized straight from the checkpoint), and the one name of each layout
+# every data-free --scheme (quantized straight from the checkpoint, no --calib)
 DATAFREE_SCHEMES = {**FP8_SCHEMES, **W8A8_SCHEMES, **NVFP4_SCHEMES}
-SCHEME_NAMES = {fmt: name for name, fmt in DATAFREE_SCHEMES.items()}
+# --scheme presets whose activation scales come from calibration data (--calib): llm-compressor's FP8 (static
+# per-tensor input scales) and NVFP4 (W4A4: an input global scale); weights still from the checkpoint alone
+CALIBRATED_SCHEMES = {"FP8": Fp8Format.TENSOR, "NVFP4": Nvfp4Format.W4A4}
+# every --scheme, and the one name of each layout
+SCHEMES = {**DATAFREE_SCHEMES, **CALIBRATED_SCHEMES}
+SCHEME_NAMES = {fmt: name for name, fmt in SCHEMES.items()}

@@ -11,8 +11,13 @@ N = out_features, K = in_features. Every function runs on the device its inputs 
 - Channels (compressed-tensors ``float-quantized``, llm-compressor's FP8_DYNAMIC): ``weight`` [N, K] e4m3 and
   ``weight_scale`` [N, 1] in the model's dtype (as llm-compressor stores it), ``w ~= weight * weight_scale`` row
   by row.
+- Per tensor (compressed-tensors ``float-quantized``, llm-compressor's FP8 preset): ``weight`` [N, K] e4m3 and
+  ``weight_scale`` [1] in the model's dtype, ``w ~= weight * weight_scale``; the linears vLLM fuses share one scale
+  (the caller passes it), since vLLM requantizes a fused layer's shards to the largest of their scales.
 - Activations, dynamic: per token (channel weights) or per token and group of 128 inputs (block weights), scale
   ``amax / 448`` floored at ``1 / (448 * 512)`` as vLLM's ``QuantFP8`` does.
+- Activations, static (the FP8 preset): one ``input_scale`` [1] per linear, ``amax / 448`` of its calibration
+  inputs; at run time ``x * (1 / input_scale)`` saturated to e4m3, as vLLM's static ``QuantFP8`` does.
 
 Scales are ``amax / 448``; an all-zero block or row gets scale 1, so it stays exactly zero and the scale finite.
 """
@@ -132,3 +137,37 @@ def fake_quantize_activations(x: torch.Tensor, group: int | None = None) -> torc
     g = k if group is None else group
     full = scale.repeat_interleave(g, dim=-1)[..., :k]
     return (q.float() * full).to(x.dtype)
+
+
+def tensor_scale(amax: torch.Tensor | float, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The largest magnitude of a weight (or of a fused group's weights, or of a linear's calibration inputs) -> its
+    per-tensor scale [1] in ``scale_dtype``: ``amax / 448``, 1 for amax 0."""
+    return _scale(torch.as_tensor(amax, dtype=torch.float32).reshape(1)).to(scale_dtype)
+
+
+def quantize_tensor(w: torch.Tensor, name: str = "weight", scale_dtype: torch.dtype = torch.float32,
+                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (weight [N, K] e4m3, weight_scale [1] in ``scale_dtype``). ``scale``: the fused group's shared one
+    (None: from ``w``'s own amax); rounded to ``scale_dtype`` before it divides the weight, as ``quantize_channels``."""
+    check_finite(w, name)
+    scale = tensor_scale(w.float().abs().max() if w.numel() else 0.0, scale_dtype) if scale is None \
+        else scale.reshape(1).to(scale_dtype)
+    return _to_fp8(w.float() / scale.float()), scale
+
+
+def dequantize_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(weight [N, K] e4m3, weight_scale [1]) -> [N, K] float32."""
+    if scale.numel() != 1:
+        raise ValueError(f"weight_scale is {list(scale.shape)}, a per-tensor FP8 weight needs [1]")
+    return q.float() * scale.float().reshape(1, 1)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static FP8 of activations ``x`` [..., K] with the calibrated per-tensor ``scale`` [1]: ``x * (1 / scale)``
+    in float32, saturated to e4m3 (vLLM's static ``QuantFP8``: it multiplies by the reciprocal). -> e4m3 [..., K]."""
+    return _to_fp8(x.float() * scale.float().reshape(()).reciprocal())
+
+
+def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., K] through ``quantize_static`` and back, in ``x``'s dtype: what the static FP8 kernel reads."""
+    return (quantize_static(x, scale).float() * scale.float().reshape(())).to(x.dtype)

@@ -1,5 +1,6 @@
 """NVFP4 (e2m1 codes, e4m3 scales per 16 inputs, one float32 global scale) as small pure tensor functions: the
-weight-only NVFP4A16 of llm-compressor, stored as compressed-tensors ``nvfp4-pack-quantized``.
+weights of llm-compressor's NVFP4A16 and NVFP4 (W4A4), stored as compressed-tensors ``nvfp4-pack-quantized``, and
+the activation quantization NVFP4 W4A4 kernels apply at run time.
 
 N = out_features, K = in_features (a multiple of ``GROUP``). Every function runs on the device its inputs are on.
 
@@ -16,6 +17,11 @@ N = out_features, K = in_features (a multiple of ``GROUP``). Every function runs
 Linears that vLLM fuses (q/k/v, gate/up) must share one global scale (vLLM keeps the largest and warns): the
 caller passes the group's ``global_scale`` from the largest amax of its linears, as llm-compressor does.
 Rounding is to the nearest grid value, ties to the even code (the thresholds compressed-tensors uses).
+
+- Activations (W4A4): ``input_global_scale`` [1] float32 = ``global_scale`` of the largest |x| a linear received in
+  calibration (llm-compressor's static_minmax observer); at run time each token's groups of 16 get an e4m3 scale
+  ``input_global_scale * group_amax / 6`` and e2m1 codes, computed as vLLM's ``ref_nvfp4_quant`` computes them
+  (``fake_quantize_activations``).
 """
 
 from __future__ import annotations
@@ -127,3 +133,20 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of ``pack``: [N, K/2] uint8 -> codes [N, K] uint8."""
     n, half = packed.shape
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).view(n, 2 * half)
+
+
+def fake_quantize_activations(x: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
+    """Activations ``x`` [..., K] (K a multiple of ``GROUP``) through NVFP4 with the input global scale ``gscale``
+    [1] and back, in ``x``'s dtype: per token and group of 16, the e4m3 scale ``gscale * (amax * (1/6))`` (0 when
+    it rounds to 0), the inputs times ``1 / (scale * (1 / gscale))`` saturated at 6 and rounded to e2m1, times
+    ``scale / gscale``: vLLM's ``ref_nvfp4_quant`` and its dequantize, in that order of operations."""
+    k = x.shape[-1]
+    if k % GROUP:
+        raise ValueError(f"NVFP4 activations need a multiple of {GROUP} inputs, got {k}")
+    gs = gscale.float().reshape(()).to(x.device)
+    groups = x.float().reshape(-1, k // GROUP, GROUP)  # [T, K/16, 16]
+    amax = groups.abs().amax(-1, keepdim=True)  # [T, K/16, 1]
+    scale = (gs * (amax * (1.0 / E2M1_MAX))).clamp(-SCALE_MAX, SCALE_MAX).to(SCALE_DTYPE).float()
+    step = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / (scale * (1.0 / gs)))
+    codes = round_to_e2m1((groups * step).clamp(-E2M1_MAX, E2M1_MAX))
+    return (e2m1_values(codes) * (scale / gs)).reshape(x.shape).to(x.dtype)

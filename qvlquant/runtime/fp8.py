@@ -1,7 +1,8 @@
 """Running FP8 exports with the numerics of their serving kernels: ``Fp8Linear`` holds the e4m3 weight and its
 scales exactly as they are on disk and, on every call, quantizes its input the way vLLM's FP8 linears do (dynamic
-e4m3 per token, or per token and group of 128 inputs for block weights), then multiplies by the dequantized weight.
-So an eval of the loaded model measures the served W8A8 model, not a weight-only approximation of it.
+e4m3 per token, or per token and group of 128 inputs for block weights; static, with the calibrated per-tensor
+``input_scale``, for the FP8 preset), then multiplies by the dequantized weight. So an eval of the loaded model
+measures the served W8A8 model, not a weight-only approximation of it.
 
 The activation quantization is emulated (quantize, dequantize at once) on every device; the product is then a
 plain matmul in the input's dtype (exact in float32, where the kernels accumulate in float32 too).
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from qvlquant.quant.formats import Fp8Format
-from qvlquant.quant.fp8 import fake_quantize_activations
+from qvlquant.quant.fp8 import fake_quantize_activations, fake_quantize_static
 from qvlquant.runtime.swap import replace_linears
 
 
@@ -21,17 +22,25 @@ class Fp8Linear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: Fp8Format, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        for name, (shape, dt) in fmt.tensor_shapes(in_features, out_features).items():
+        shapes = {**fmt.tensor_shapes(in_features, out_features), **fmt.input_tensors()}
+        for name, (shape, dt) in shapes.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dt))
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._dequantized: torch.Tensor | None = None
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, fmt: Fp8Format, bias: torch.Tensor | None) -> "Fp8Linear":
-        """A float weight [N, K] quantized to ``fmt`` (and its bias kept as it is)."""
+    def from_weight(cls, w: torch.Tensor, fmt: Fp8Format, bias: torch.Tensor | None,
+                    input_amax: float | None = None) -> "Fp8Linear":
+        """A float weight [N, K] quantized to ``fmt`` (and its bias kept as it is); ``input_amax``: the largest
+        calibration input, for a format with static activation scales."""
         n, k = w.shape
         module = cls(k, n, fmt, bias is not None, bias.dtype if bias is not None else torch.float32)
-        for name, t in fmt.pack(w).items():
+        tensors = fmt.pack(w)
+        if fmt.static_activations:
+            if input_amax is None:
+                raise ValueError(f"{fmt.value} quantizes activations statically: give the calibrated input_amax")
+            tensors |= fmt.input_pack(input_amax)
+        for name, t in tensors.items():
             getattr(module, name).copy_(t)
         if bias is not None:
             module.bias.data.copy_(bias)
@@ -48,14 +57,18 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
             self._dequantized = self.weight_dequantized().to(device=x.device, dtype=x.dtype)  # [N, K]
-        xq = fake_quantize_activations(x, self.fmt.activation_group)  # [..., K], what the kernel reads
+        if self.fmt.static_activations:
+            xq = fake_quantize_static(x, self.input_scale)  # [..., K], one calibrated scale
+        else:
+            xq = fake_quantize_activations(x, self.fmt.activation_group)  # [..., K], what the kernel reads
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(xq, self._dequantized, bias)
 
     def extra_repr(self) -> str:
         group = self.fmt.activation_group
-        acts = f"per token and {group} inputs" if group else "per token"
-        return f"in={self.in_features}, out={self.out_features}, {self.fmt.value}, activations fp8 dynamic {acts}"
+        acts = "static per tensor" if self.fmt.static_activations else \
+            f"dynamic per token and {group} inputs" if group else "dynamic per token"
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt.value}, activations fp8 {acts}"
 
 
 def fp8_linear_targets(keys: list[str], family, fmt: Fp8Format) -> list[str]:

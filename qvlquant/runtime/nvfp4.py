@@ -1,6 +1,9 @@
-"""Running NVFP4A16 exports: ``Nvfp4Linear`` holds the packed e2m1 codes and their two scales exactly as they are on
-disk and multiplies by the weight they stand for, dequantized once into the input's dtype (weight-only: the
-activations are not quantized, as in vLLM's W4A16 kernels, which dequantize inside the matmul).
+"""Running NVFP4 exports: ``Nvfp4Linear`` holds the packed e2m1 codes and their two scales exactly as they are on
+disk and multiplies by the weight they stand for, dequantized once into the input's dtype. NVFP4A16 is weight-only:
+the activations are not quantized, as in vLLM's W4A16 kernels, which dequantize inside the matmul. NVFP4 W4A4
+(the ``W4A4`` format) also holds the calibrated ``input_global_scale`` and, on every call, quantizes its input to
+NVFP4 per token and group of 16 under it (``qvlquant.quant.nvfp4.fake_quantize_activations``, vLLM's reference
+numerics), emulated on every device: an eval then scores what a W4A4 kernel (Blackwell's FP4 matmul) serves.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qvlquant.quant.formats import Nvfp4Format
+from qvlquant.quant.nvfp4 import fake_quantize_activations
 from qvlquant.runtime.swap import replace_linears
 
 
@@ -16,18 +20,24 @@ class Nvfp4Linear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: Nvfp4Format, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        for name, (shape, dt) in fmt.tensor_shapes(in_features, out_features).items():
+        for name, (shape, dt) in {**fmt.tensor_shapes(in_features, out_features), **fmt.input_tensors()}.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dt))
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._dequantized: torch.Tensor | None = None
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, fmt: Nvfp4Format, bias: torch.Tensor | None,
-                    global_scale: torch.Tensor | None = None) -> "Nvfp4Linear":
-        """A float weight [N, K] quantized to ``fmt`` (``global_scale``: its fused group's; None: its own)."""
+                    global_scale: torch.Tensor | None = None, input_amax: float | None = None) -> "Nvfp4Linear":
+        """A float weight [N, K] quantized to ``fmt`` (``global_scale``: its fused group's; None: its own;
+        ``input_amax``: the largest calibration input, for W4A4)."""
         n, k = w.shape
         module = cls(k, n, fmt, bias is not None, bias.dtype if bias is not None else torch.float32)
-        for name, t in fmt.pack(w, global_scale=global_scale).items():
+        tensors = fmt.pack(w, global_scale=global_scale)
+        if fmt.static_activations:
+            if input_amax is None:
+                raise ValueError(f"{fmt.value} quantizes activations: give the calibrated input_amax")
+            tensors |= fmt.input_pack(input_amax)
+        for name, t in tensors.items():
             getattr(module, name).copy_(t)
         if bias is not None:
             module.bias.data.copy_(bias)
@@ -45,10 +55,13 @@ class Nvfp4Linear(torch.nn.Module):
         if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
             self._dequantized = self.weight_dequantized().to(device=x.device, dtype=x.dtype)  # [N, K]
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fmt.static_activations:
+            x = fake_quantize_activations(x, self.input_global_scale)  # [..., K], what the W4A4 kernel reads
         return F.linear(x, self._dequantized, bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.fmt.value}, activations not quantized"
+        acts = "nvfp4 per 16 inputs, calibrated global scale" if self.fmt.static_activations else "not quantized"
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt.value}, activations {acts}"
 
 
 def nvfp4_linear_targets(keys: list[str], family) -> list[str]:

@@ -97,7 +97,8 @@ def test_the_config_is_compressed_tensors_nvfp4a16_and_reads_back(export):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda g: g.update(input_activations={"num_bits": 4, "type": "float", "strategy": "tensor_group",
-                                           "group_size": 16, "dynamic": "local"}), r"input_activations is set: NVFP4 W4A4 .* is not read"),
+                                           "group_size": 16, "dynamic": True}),
+     r"input_activations\.dynamic is True; qvlquant reads nvfp4-pack-quantized NVFP4 \(W4A4\) with dynamic 'local'"),
     (lambda g: g["weights"].update(group_size=32), r"weights\.group_size is 32; qvlquant reads nvfp4-pack-quantized"),
     (lambda g: g["weights"].update(strategy="group"), r"weights\.strategy is 'group'"),
 ])

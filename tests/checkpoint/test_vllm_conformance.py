@@ -151,7 +151,7 @@ def test_the_copied_rules_agree_with_vllm(exports, model_type):
 def test_the_copied_rules_agree_with_vllm_on_fp8(fp8_exports, model_type):
     """The fallback's answers for the FP8 exports: no vision linear quantized (exact names for the block format),
     and the TP sizes vLLM accepts (the block format's input shards in whole blocks of 128)."""
-    for fmt in Fp8Format:
+    for fmt in FP8:
         folder = fp8_exports[model_type, fmt]
         config = json.loads((folder / "config.json").read_text())
         family = family_for(model_type)
@@ -432,10 +432,10 @@ def make_fp8_export(root, model_type, fmt, not_converted=None):
 @pytest.fixture(scope="module")
 def fp8_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-fp8")
-    return {(t, f): make_fp8_export(root, t, f) for t in TYPES for f in Fp8Format}
+    return {(t, f): make_fp8_export(root, t, f) for t in TYPES for f in FP8}
 
 
-@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("fmt", list(FP8))  # data-free; the calibrated FP8 below
 @pytest.mark.parametrize("model_type", TYPES)
 def test_vllm_serves_fp8_exports_with_the_vision_tower_unquantized(fp8_exports, model_type, fmt):
     vllm = inspect_checkpoint(fp8_exports[model_type, fmt])["vllm"]
@@ -644,3 +644,138 @@ def test_a_rule_keeps_qwen3_5_linear_attention_in_16_bit_for_vllm_too(tmp_path, 
     header = read_checkpoint_header(folder)
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in header
     assert report["tp"][1] == []
+
+
+# --- The calibrated schemes: FP8 (static per-tensor input scales) and NVFP4 (W4A4) -----------------------------------
+CALIBRATED = {  # scheme -> (vLLM's method for a decoder linear, the kernel at TP 1 on an sm_90)
+    "FP8": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)", "CutlassFP8ScaledMMLinearKernel"),
+    # sm_90 has no FP4 matmul: vLLM serves W4A4 weight-only there (Humming, installed in the vLLM venv)
+    "NVFP4": ("CompressedTensorsLinearMethod(CompressedTensorsW4A4Fp4)", "HummingNvFp4LinearKernel"),
+}
+
+
+def make_calibrated_export(root, model_type, scheme):
+    """The tiny model's activation ranges over a tiny batch (the calibration pass, in memory), then its bf16
+    checkpoint exported with them as ``quantize --scheme`` does."""
+    from qvlquant.checkpoint.datafree import quantized_linears
+    from qvlquant.engine.calibration import input_ranges
+    from qvlquant.quant.formats import CALIBRATED_SCHEMES
+
+    model = tiny_model(model_type)
+    family = family_for(model_type).bind(model.config)
+    ranges = input_ranges(model, [tiny_batch(model)], family, quantized_linears(model, family))
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(root / f"{model_type}-{scheme}-base")
+    base = CheckpointTensors(ShardReader(root / f"{model_type}-{scheme}-base"), family, torch.bfloat16)
+    fmt = CALIBRATED_SCHEMES[scheme]
+    write = export_nvfp4 if isinstance(fmt, Nvfp4Format) else export_fp8
+    return write(model, None, base, fmt, root / f"{model_type}-{scheme}", lambda quantized: {}, inputs=ranges.amax)
+
+
+@pytest.fixture(scope="module")
+def calibrated_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-calibrated")
+    return {(t, s): make_calibrated_export(root, t, s) for t in TYPES for s in CALIBRATED}
+
+
+@pytest.mark.parametrize("scheme", list(CALIBRATED))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_vllm_serves_calibrated_exports_with_the_vision_tower_unquantized(calibrated_exports, model_type, scheme):
+    """vLLM's compressed-tensors config gives every decoder linear its static-FP8 scheme (W8A8Fp8 with
+    ``is_static_input_scheme``, per-tensor weights) or its W4A4 NVFP4 scheme (``use_a16`` false: an input global
+    scale allocated), allocates the shapes the export holds, leaves the vision tower unquantized; TP 1 and 2
+    accepted; the copied rules agree."""
+    folder = calibrated_exports[model_type, scheme]
+    vllm = inspect_checkpoint(folder)["vllm"]
+    linear_method, kernel = CALIBRATED[scheme]
+    assert vllm["checked_by"].startswith("vLLM 0.33") and vllm["refused"] is None
+    assert vllm["method"] == "compressed-tensors"
+    language = {v: m for v, m in vllm["layers"].items() if v.startswith("language_model.model.layers.")}
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(language) == 3 * 4 and set(language.values()) == {linear_method}
+    assert len(vision) == VISION_LINEARS[model_type] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert vllm["vision_quantized"] == [] and vllm["tp"][1] == [] and vllm["tp"][2] == []
+    assert set(vllm["kernels"][1].values()) == {kernel}
+    config = json.loads((folder / "config.json").read_text())
+    family, header = family_for(model_type), read_checkpoint_header(folder)
+    quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
+    shapes = quantized_shapes(header, quant, family)
+    assert len(shapes) == 3 * 7
+    vision_names = sorted(family.to_runtime(k[: -len(".weight")] + ".")[:-1] for k, (s, _) in header.items()
+                          if k.endswith(".weight") and len(s) == 2 and family.to_runtime(k).startswith("model.visual."))
+    copied = copied_rules(quant, shapes, vision_names, family, copy.deepcopy(config))
+    assert copied["vision_quantized"] == [] and copied["refused"] is None
+    assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in vllm["tp"].items()}
+    assert vllm_compatibility_warnings(config["quantization_config"], family) == []
+
+
+def vllm_scheme(folder, capability=(9, 0)):
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_quant_config
+
+    with pretend_gpu(1, capability):
+        _, quant = vllm_quant_config(folder, "qwen2_vl")
+        return quant.get_scheme(torch.nn.Linear(64, 64), "language_model.model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("capability,served", [((8, 0), "CompressedTensorsW8A16Fp8"), ((8, 6), "CompressedTensorsW8A16Fp8"),
+                                                 ((8, 9), "CompressedTensorsW8A8Fp8"), ((9, 0), "CompressedTensorsW8A8Fp8"),
+                                                 ((10, 0), "CompressedTensorsW8A8Fp8")])
+def test_vllm_reads_the_fp8_export_as_static_per_tensor_from_sm_89(calibrated_exports, capability, served):
+    """FP8 W8A8 with the stored input scale (static, per tensor) from compute capability 8.9; below it vLLM serves
+    the FP8 weights with 16-bit activations (its W8A16 scheme), leaving the input scale unused."""
+    from compressed_tensors.quantization import QuantizationStrategy
+
+    scheme = vllm_scheme(calibrated_exports["qwen2_vl", "FP8"], capability)
+    assert type(scheme).__name__ == served
+    if served == "CompressedTensorsW8A8Fp8":
+        assert scheme.is_static_input_scheme is True and scheme.strategy == QuantizationStrategy.TENSOR
+
+
+# vLLM 0.33's W4A4 NVFP4 kernel by compute capability (init_nvfp4_linear_kernel(use_a16=False), auto backend, as
+# installed in the vLLM venv: flashinfer and humming present; CUTLASS's FP4 answered by a CUDA 12.8 build's rule):
+# FP4 activations only on Blackwell (FlashInfer's CUTLASS FP4 matmul); before it a weight-only kernel, activations
+# 16-bit as NVFP4A16 (Marlin's FP4, Humming on Hopper)
+NVFP4_W4A4_KERNELS = {(7, 5): "MarlinNvFp4LinearKernel", (8, 0): "MarlinNvFp4LinearKernel",
+                      (8, 9): "MarlinNvFp4LinearKernel", (9, 0): "HummingNvFp4LinearKernel",
+                      (10, 0): "FlashInferCutlassNvFp4LinearKernel", (12, 0): "FlashInferCutlassNvFp4LinearKernel"}
+
+
+@pytest.mark.parametrize("capability", list(NVFP4_W4A4_KERNELS))
+def test_which_kernel_vllm_runs_nvfp4_w4a4_with(calibrated_exports, capability):
+    scheme = vllm_scheme(calibrated_exports["qwen2_vl", "NVFP4"], capability)
+    assert type(scheme).__name__ == "CompressedTensorsW4A4Fp4" and scheme.use_a16 is False
+    assert type(scheme.kernel).__name__ == NVFP4_W4A4_KERNELS[capability]
+
+
+def test_qvlquants_emulation_is_vllms_reference_numerics(calibrated_exports):
+    """The activation quantization ``qvlquant.load`` emulates, against vLLM's own: its static per-tensor
+    ``QuantFP8.forward_native`` for FP8, its ``ref_nvfp4_quant_dequant`` (the emulation backend's, and the CUDA
+    kernels' order of operations) for NVFP4, bit for bit on the stored scales; and a loaded NVFP4 linear equals
+    vLLM's emulated W4A4 product (``run_nvfp4_emulations``) on the stored tensors."""
+    import qvlquant
+    from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import (
+        ref_nvfp4_quant_dequant,
+        run_nvfp4_emulations,
+    )
+    from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
+
+    from qvlquant.checkpoint.vllm import pretend_gpu
+    from qvlquant.quant import fp8, nvfp4
+
+    torch.manual_seed(0)
+    model, _ = qvlquant.load(calibrated_exports["qwen2_vl", "FP8"], dtype=torch.bfloat16)
+    linear = model.model.language_model.layers[1].mlp.down_proj
+    x = torch.randn(5, linear.in_features, dtype=torch.bfloat16) * 3
+    with pretend_gpu(1):  # the op reads vLLM's current config when it is built; forward_native is plain torch
+        theirs, _ = QuantFP8(static=True, group_shape=GroupShape.PER_TENSOR).forward_native(x, linear.input_scale)
+    assert torch.equal(fp8.quantize_static(x, linear.input_scale).view(torch.uint8), theirs.view(torch.uint8))
+
+    model, _ = qvlquant.load(calibrated_exports["qwen2_vl", "NVFP4"], dtype=torch.float32)
+    linear = model.model.language_model.layers[1].mlp.down_proj
+    x = torch.randn(5, linear.in_features) * 3
+    gscale = linear.input_global_scale
+    assert torch.equal(nvfp4.fake_quantize_activations(x, gscale), ref_nvfp4_quant_dequant(x, gscale, 16))
+    served = run_nvfp4_emulations(x, gscale, linear.weight_packed, linear.weight_scale,
+                                  1.0 / linear.weight_global_scale, swizzle=False)
+    torch.testing.assert_close(linear(x), served, rtol=1e-6, atol=1e-6)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qvlquant.quant import fp8
-from qvlquant.quant.formats import Fp8Format
+from qvlquant.quant.formats import CALIBRATED_SCHEMES, FP8_SCHEMES, Fp8Format
 
 SHAPES = [(256, 384), (128, 128), (200, 300), (1, 129), (130, 5)]  # whole blocks and partial ones at both edges
 
@@ -70,7 +70,7 @@ def test_requantizing_the_dequantized_weight_gives_the_same_codes(fmt):
     torch.testing.assert_close(again[fmt.scale_name], packed[fmt.scale_name], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("fmt", list(FP8_SCHEMES.values()))  # per tensor: test_an_all_zero_tensor_...
 def test_zero_blocks_stay_exactly_zero_with_scale_one(fmt):
     w = torch.randn(256, 256)
     w[:128, :128] = 0  # one whole block (and, per channel, rows 0-127 partly)
@@ -149,3 +149,66 @@ def test_channel_scales_rounded_to_the_model_dtype_give_the_same_weight_in_every
     assert torch.equal(back, packed["weight"].float() * scale.float())
     full = scale.float().expand(64, 256)
     assert bool(((back - w.float()).abs() <= error_bound(w.float(), full) * (1 + 1e-6)).all())
+
+
+# --- per tensor (the calibrated FP8 preset): weights and static activations ---------------------------------------
+def test_the_fp8_preset_is_the_per_tensor_layout_with_static_activations():
+    fmt = CALIBRATED_SCHEMES["FP8"]
+    assert fmt is Fp8Format.TENSOR and fmt.static_activations and fmt.activation_group is None
+    assert fmt.tensor_shapes(320, 192, torch.bfloat16) == {"weight": ((192, 320), torch.float8_e4m3fn),
+                                                           "weight_scale": ((1,), torch.bfloat16)}
+    assert fmt.input_tensors(torch.bfloat16) == {"input_scale": ((1,), torch.bfloat16)}
+    assert not any(f.static_activations or f.input_tensors() for f in FP8_SCHEMES.values())
+
+
+@pytest.mark.parametrize("amax,scale", [(448.0, 1.0), (1.0, 1 / 448), (0.0, 1.0), (3.5, 3.5 / 448)])
+def test_tensor_scale_is_amax_over_448(amax, scale):
+    assert fp8.tensor_scale(amax).tolist() == [pytest.approx(scale, rel=1e-7)]
+    assert fp8.tensor_scale(amax, torch.bfloat16).dtype == torch.bfloat16
+    assert float(fp8.tensor_scale(amax, torch.bfloat16)) == float(torch.tensor(scale).bfloat16())
+
+
+def test_per_tensor_weight_largest_value_lands_on_448_and_a_shared_scale_is_used():
+    torch.manual_seed(5)
+    w = torch.randn(64, 96) * 3
+    q, scale = fp8.quantize_tensor(w)
+    assert float(q.float().abs().max()) == 448.0 and torch.equal(scale, fp8.tensor_scale(w.abs().max()))
+    shared = fp8.tensor_scale(w.abs().max() * 4)  # a fused sibling's larger weights: this one's codes are smaller
+    q2, s2 = fp8.quantize_tensor(w, scale=shared)
+    assert torch.equal(s2, shared) and float(q2.float().abs().max()) == pytest.approx(112.0, abs=8)
+    back = fp8.dequantize_tensor(q2, s2)
+    assert bool(((back - w).abs() <= error_bound(w, s2.expand(w.shape)) * (1 + 1e-6)).all())
+    with pytest.raises(ValueError, match=r"weight_scale is \[2\], a per-tensor FP8 weight needs \[1\]"):
+        fp8.dequantize_tensor(q, torch.ones(2))
+
+
+def test_an_all_zero_tensor_stays_zero_with_scale_one():
+    q, scale = fp8.quantize_tensor(torch.zeros(8, 16))
+    assert scale.tolist() == [1.0] and torch.equal(fp8.dequantize_tensor(q, scale), torch.zeros(8, 16))
+
+
+def reference_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Element by element: x times the reciprocal of the scale in float32, saturated at 448, rounded to e4m3, times
+    the scale (vLLM's static QuantFP8.forward_native, written with Python floats for the reciprocal)."""
+    inv = torch.tensor(1.0 / torch.tensor(scale, dtype=torch.float32).item(), dtype=torch.float32)
+    codes = (x.float() * inv).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return codes.float() * torch.tensor(scale, dtype=torch.float32)
+
+
+def test_static_activations_use_the_one_calibrated_scale_and_saturate_beyond_it():
+    torch.manual_seed(6)
+    x = torch.randn(2, 9, 64) * torch.rand(2, 9, 1) * 10
+    amax = float(x.abs().max())
+    scale = fp8.tensor_scale(amax, torch.bfloat16)  # as an export stores it
+    got = fp8.fake_quantize_static(x, scale)
+    assert got.dtype == x.dtype and torch.equal(got, reference_static(x, float(scale)))
+    assert bool(((got - x).abs() <= error_bound(x, scale.float().expand(x.shape)) * 1.01 + 1e-6 * amax).all())
+    # one scale for every token: a token 1e5 times quieter than the loudest falls into e4m3's subnormals (measured
+    # 38 % relative error), where a dynamic per-token scale keeps it at e4m3's 2.7 %
+    quiet = x[0, 0] / 1e5
+    static_err = (fp8.fake_quantize_static(quiet, scale) - quiet).norm() / quiet.norm()
+    dynamic_err = (fp8.fake_quantize_activations(quiet) - quiet).norm() / quiet.norm()
+    assert static_err > 0.2 and dynamic_err < 0.04, (float(static_err), float(dynamic_err))
+    loud = x * 3  # inputs beyond the calibrated range saturate at 448 x scale
+    assert float(fp8.fake_quantize_static(loud, scale).abs().max()) == pytest.approx(448 * float(scale))
+    assert fp8.quantize_static(x, scale).dtype == torch.float8_e4m3fn

@@ -57,7 +57,7 @@ def test_activations_are_quantized_as_the_kernels_do(demo_batches, fp8_models, s
     assert (w8a8 - w8a16).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("fmt", list(FP8_SCHEMES.values()))  # static activations: the test below
 def test_fp8_linear_matches_the_explicit_w8a8_product(fmt):
     """The module computes quantize(x) @ dequantize(W)^T + b: written out here from the math functions, on
     activations whose tokens and groups differ in magnitude."""
@@ -78,3 +78,21 @@ def test_fp8_linear_matches_the_explicit_w8a8_product(fmt):
     exact = F.linear(x, w, b)
     rel = float((linear(x) - exact).norm() / exact.norm())
     assert 1e-3 < rel < 0.06, rel  # measured 0.03 - 0.04: two e4m3 roundings
+
+
+def test_static_fp8_linear_matches_the_explicit_product_with_its_calibrated_scale():
+    """The FP8 preset's module: quantize(x) with the one stored input_scale, times the per-tensor weight, plus b."""
+    torch.manual_seed(1)
+    w, b = torch.randn(96, 160), torch.randn(96)
+    x = torch.randn(3, 5, 160) * torch.rand(3, 5, 1) * 5
+    amax = float(x.abs().max())
+    linear = Fp8Linear.from_weight(w, Fp8Format.TENSOR, b, input_amax=amax)
+    assert linear.input_scale.tolist() == fp8.tensor_scale(amax).tolist() and linear.weight_scale.shape == (1,)
+    wq, ws = fp8.quantize_tensor(w)
+    expected = F.linear(fp8.fake_quantize_static(x, fp8.tensor_scale(amax)), fp8.dequantize_tensor(wq, ws), b)
+    torch.testing.assert_close(linear(x), expected, rtol=0, atol=0)
+    exact = F.linear(x, w, b)
+    rel = float((linear(x) - exact).norm() / exact.norm())
+    assert 1e-3 < rel < 0.08, rel
+    with pytest.raises(ValueError, match="give the calibrated input_amax"):
+        Fp8Linear.from_weight(w, Fp8Format.TENSOR, b)
