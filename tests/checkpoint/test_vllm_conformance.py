@@ -30,7 +30,7 @@ from qvlquant.checkpoint.datafree import export_fp8, export_nvfp4  # noqa: E402
 from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config  # noqa: E402
 from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes  # noqa: E402
 from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
-from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings  # noqa: E402
+from qvlquant.checkpoint.vllm import TP_SIZES, copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
 from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat  # noqa: E402
@@ -211,7 +211,6 @@ def test_tensor_parallel_at_the_real_sizes(tmp_path, size, fmt):
     import transformers
 
     from qvlquant.checkpoint.vllm import (
-        TP_SIZES,
         checkpoint_linears,
         marlin_problems,
         pretend_gpu,
@@ -329,7 +328,7 @@ def copied_inputs(folder, model_type):
 
     folder = pathlib.Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    family, header = family_for(model_type), read_checkpoint_header(folder)
+    family, header = family_for(model_type).bind(config), read_checkpoint_header(folder)
     quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
     return quant, quantized_shapes(header, quant, family), [], family, config
 
@@ -644,3 +643,183 @@ def test_a_rule_keeps_qwen3_5_linear_attention_in_16_bit_for_vllm_too(tmp_path, 
     header = read_checkpoint_header(folder)
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in header
     assert report["tp"][1] == []
+
+
+# --- Mixture of experts: every expert of a layer in one vLLM MoE layer ----------------------------------------------
+def _qwen3_5_moe_base(folder):
+    from tiny_models import qwen3_5_checkpoint
+
+    qwen3_5_checkpoint(folder, moe=True)
+
+
+MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a new MoE family needs an entry only
+    "qwen3_5_moe": dict(
+        base=_qwen3_5_moe_base,  # writes the tiny bf16 checkpoint into a folder
+        layers=4, experts=8,
+        # vLLM's quantized modules of the decoder: 3 DeltaNet layers (in_proj_qkvz, in_proj_ba, out_proj) and a
+        # full-attention layer (qkv_proj, o_proj), each with a shared expert (gate_up_proj, down_proj) and its experts
+        vllm_modules=3 * 6 + 5,
+        block=("qwen3_next", "Qwen3NextSparseMoeBlock"),  # vLLM's MoE block: (models module, class)
+        kept=("gate", "shared_expert_gate"),  # its linears built without a quantization config: routers
+        first_moe_layers=(0, 3),  # the first layer of each type: inspect builds and loads those at every TP size
+    ),
+}
+MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and 2 (sm_90), and its experts kernel
+    "gptq": ("AutoGPTQMoEMethod", "HummingIndexedExperts"),
+    "compressed-tensors": ("CompressedTensorsWNA16MoEMethod", "HummingIndexedExperts"),
+}
+
+
+def moe_export(root, model_type, fmt, rules=(), method="rtn"):
+    """The tiny MoE checkpoint (made once per ``root``), exported as ``quantize`` does (RTN: straight from the
+    checkpoint) at W4 g64 in ``fmt``."""
+    import qvlquant
+
+    base = root / f"{model_type}-base"
+    if not base.exists():
+        MOE[model_type]["base"](base)
+    out = root / f"{model_type}-{fmt}-{method}-{len(rules)}"
+    sym = method != "awq"
+    qvlquant.quantize(model=str(base), output=str(out), method=method, bits=4, group_size=64, sym=sym,
+                      export_format="compressed-tensors" if fmt == "compressed-tensors" else "auto",
+                      rules=list(rules), **({"calib": "demo", "num_samples": 2} if method == "awq" else {}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-moe")
+    return {(t, f): moe_export(root, t, f) for t in MOE for f in MOE_METHODS}
+
+
+def _moe_layers(report, model_type):
+    return [f"language_model.model.layers.{i}.mlp.experts" for i in range(MOE[model_type]["layers"])]
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_type, fmt):
+    """vLLM's view of a GPTQ / compressed-tensors W4 g64 export of an MoE family: each layer's experts one MoE layer
+    (``FusedMoEFactory``: AutoGPTQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, every other decoder linear
+    (the shared expert's included) quantized, the vision tower unquantized, TP 1 and 2 accepted with the experts'
+    tensors loaded by vLLM's own loader without a problem."""
+    report = inspect_checkpoint(moe_exports[model_type, fmt])["vllm"]
+    entry, (moe_method, kernel) = MOE[model_type], MOE_METHODS[fmt]
+    assert report["checked_by"].startswith("vLLM 0.33") and report["refused"] is None
+    decoder = {v: m for v, m in report["layers"].items() if ".layers." in v and not v.startswith("visual")}
+    experts = _moe_layers(report, model_type)
+    assert {v: decoder[v] for v in experts} == {v: moe_method for v in experts}
+    assert {report["settings"][v] for v in experts} == {"W4 g64 sym"}
+    others = {v: m for v, m in decoder.items() if v not in experts}
+    assert len(others) == entry["vllm_modules"] - entry["layers"] and set(others.values()) == {FORMATS[fmt][3]}
+    # routers: never asked (vLLM builds them without a quantization config; the block's test below shows it)
+    assert not any(v.rsplit(".", 1)[-1] in entry["kept"] for v in decoder)
+    vision = {v: m for v, m in report["layers"].items() if v.startswith("visual.")}
+    assert len(vision) == 10 and set(vision.values()) == {"UnquantizedLinearMethod"} and not report["vision_quantized"]
+    assert report["tp"][1] == [] and report["tp"][2] == []
+    assert {report["kernels"][1][f"language_model.model.layers.{i}.mlp.experts"] for i in entry["first_moe_layers"]} \
+        == {kernel}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exports, model_type, fmt, tp):
+    """Layer 0's experts built on the CPU as vLLM builds them at TP ``tp`` (rank 0), and the export's per-expert
+    tensors given to vLLM's own loader (through its checkpoint mapper: GPTQ's g_idx dropped): each parameter of the
+    MoE layer then holds, for every expert, rank 0's share of the tensors the export wrote (gate then up along the
+    intermediate dimension of w13, down's along w2's): the packed codes byte for byte, the scales as the model's
+    dtype holds them."""
+    from safetensors.torch import load_file
+
+    from qvlquant.checkpoint.vllm import (
+        build_vllm_experts,
+        checkpoint_linears,
+        pretend_gpu,
+        vllm_model_classes,
+        vllm_names,
+        vllm_quant_config,
+    )
+
+    folder = moe_exports[model_type, fmt]
+    family = family_for(model_type).bind(json.loads((folder / "config.json").read_text()))
+    tensors = load_file(str(folder / "model.safetensors"))
+    linears = checkpoint_linears(folder)
+    with pretend_gpu(tp):
+        _, quant = vllm_quant_config(folder, model_type)
+        outer, _ = vllm_model_classes(model_type)
+        vname = "language_model.model.layers.0.mlp.experts"
+        shards = vllm_names(linears, family, outer, quant)[vname]
+        runner = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16, device="cpu")
+        mapper = quant.get_checkpoint_weight_mapper()
+        disk = family.to_disk(f"{family.decoder_layers}.0.{family.experts}.")
+        weights = [(f"{vname}.{k[len(disk):]}", t) for k, t in tensors.items() if k.startswith(disk)]
+        loaded = list(runner.load_weights([(n[len(vname) + 1:], t) for n, t in mapper.apply(iter(weights))]))
+    experts = runner.routed_experts
+    assert type(experts.quant_method).__name__ == MOE_METHODS[fmt][0] and loaded
+    gptq = fmt == "gptq"
+    split = {"gate_proj": 1 if gptq else 0, "up_proj": 1 if gptq else 0, "down_proj": 0 if gptq else 1}
+    names = [n for n in tensors if n.startswith(disk + "0.gate_proj.") and not n.endswith(("g_idx", "weight_shape"))]
+    assert len(names) == (3 if gptq else 2)  # qweight, qzeros, scales / weight_packed, weight_scale
+    for e in range(MOE[model_type]["experts"]):
+        for leaf in (n.rsplit(".", 1)[-1] for n in names):
+            ckpt = {p: tensors[f"{disk}{e}.{p}.{leaf}"] for p in split}
+            w13, w2 = getattr(experts, f"w13_{leaf}")[e], getattr(experts, f"w2_{leaf}")[e]
+            # (float16 scales are read into the model's bfloat16, as vLLM serves the export)
+            share = {p: t.narrow(split[p], 0, t.shape[split[p]] // tp).to(w13.dtype) for p, t in ckpt.items()}
+            n = share["gate_proj"].shape[split["gate_proj"]]
+            assert torch.equal(w13.narrow(split["gate_proj"], 0, n), share["gate_proj"]), (e, leaf)
+            assert torch.equal(w13.narrow(split["up_proj"], n, n), share["up_proj"]), (e, leaf)
+            assert torch.equal(w2, share["down_proj"]), (e, leaf)
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model_type, fmt, monkeypatch):
+    """vLLM's whole MoE block built from the export's config (its own class, TP 2): the router and the
+    shared-expert gate get no quantization method (vLLM builds them without the quantization config), the shared
+    expert the format's linear method, the experts its MoE method. Two run-time pieces a CPU build of vLLM lacks are
+    stood in for: the SiLU-and-mul op (no weights) and the shared experts' CUDA stream (vLLM's own switch)."""
+    import importlib
+
+    from transformers import AutoConfig
+    from vllm.config import get_current_vllm_config
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_quant_config
+
+    module, cls = MOE[model_type]["block"]
+    models = importlib.import_module(f"vllm.model_executor.models.{module}")
+    monkeypatch.setenv("VLLM_DISABLE_SHARED_EXPERTS_STREAM", "1")
+    monkeypatch.setattr(importlib.import_module("vllm.model_executor.models.qwen2_moe"), "SiluAndMul",
+                        torch.nn.Identity)
+    folder = moe_exports[model_type, fmt]
+    with pretend_gpu(2):
+        _, quant = vllm_quant_config(folder, model_type)
+        engine = get_current_vllm_config()
+        engine.model_config.hf_text_config = AutoConfig.from_pretrained(folder).text_config
+        object.__setattr__(engine, "quant_config", quant)
+        with torch.device("meta"):
+            block = getattr(models, cls)(engine, prefix="language_model.model.layers.0.mlp")
+    methods = {n: type(m.quant_method).__name__ for n, m in block.named_modules() if hasattr(m, "quant_method")}
+    assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
+    assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
+    shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
+    assert shared == {FORMATS[fmt][3].split("(")[0]}
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_the_copied_rules_agree_with_vllm_on_moe_exports(moe_exports, model_type):
+    """The fallback's answer for the MoE exports at every TP size, including the MoE layers' own rules (GPTQ: MoeWNA16
+    past a split group, refused below groups of 32; compressed-tensors: a split group refused)."""
+    for fmt in MOE_METHODS:
+        folder = moe_exports[model_type, fmt]
+        copied = copied_rules(*copied_inputs(folder, model_type))
+        asked = inspect_checkpoint(folder)["vllm"]
+        assert copied["refused"] is None and copied["vision_quantized"] == []
+        assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
+        # the MoE layers each names (inspect builds the first layer of each type; the copy checks them all)
+        firsts = tuple(f".layers.{i}.mlp.experts" for i in MOE[model_type]["first_moe_layers"])
+        moe = lambda problems: {p.split(":")[0].replace("model.language_model.", "language_model.model.")  # noqa: E731
+                                for p in problems if p.split(":")[0].endswith(firsts)}
+        for tp in TP_SIZES:
+            assert moe(copied["tp"][tp]) == moe(asked["tp"][tp]), tp
