@@ -250,18 +250,27 @@ def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
 
 def skipped_linears(family: ModelFamily, num_layers: int, modules: ModulePlan | None) -> list[str]:
     """Linears a rule skipped, named from the decoder-layer list on (``layers.3.mlp.down_proj``): a suffix of
-    transformers' runtime names and a substring of vLLM's, as AWQ's ``modules_to_not_convert`` is matched. A layer
-    whose experts are all skipped is named too (``layers.3.mlp.experts``): vLLM matches its one MoE layer by that
-    name, which contains no expert's."""
+    transformers' runtime names and a substring of vLLM's, as AWQ's ``modules_to_not_convert`` is matched; then
+    ``skipped_expert_layers``."""
     if modules is None:
+        return []
+    head = family.decoder_layers.rsplit(".", 1)[-1]
+    return [f"{head}.{i}.{n}" for i in range(num_layers) for n in family.at(i).linears
+            if modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None] + \
+        skipped_expert_layers(family, num_layers, modules)
+
+
+def skipped_expert_layers(family: ModelFamily, num_layers: int, modules: ModulePlan | None) -> list[str]:
+    """``layers.3.mlp.experts`` for each MoE layer whose experts a rule skips: vLLM's AWQ matches its one MoE layer
+    by that name in ``modules_to_not_convert`` (which holds no expert's name), also where it falls back to MoeWNA16.
+    (GPTQ's MoeWNA16 fallback reads no skip at all: ``checkpoint.vllm`` says so.)"""
+    if modules is None or not family.experts:
         return []
     head = family.decoder_layers.rsplit(".", 1)[-1]
     out = []
     for i in range(num_layers):
-        skipped = [n for n in family.at(i).linears if modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None]
-        out += [f"{head}.{i}.{n}" for n in skipped]
         experts = [n for n in family.at(i).linears if family.expert_of(n) is not None]
-        if experts and set(experts) <= set(skipped):
+        if experts and all(modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None for n in experts):
             out.append(f"{head}.{i}.{family.experts}")
     return out
 

@@ -76,10 +76,12 @@ def fused_shard_problems(quant: CheckpointQuant, layers: set[str], family: Model
 def copied_experts_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], tp: int,
                             family: ModelFamily) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback) for the MoE layers at tensor-parallel size ``tp``: every expert is
-    split over the ranks along its intermediate size (gate/up outputs, down inputs), so a rank must hold whole
-    groups of the down projection. compressed-tensors refuses a split group; GPTQ / AWQ leave Marlin's MoE kernel
-    for vLLM's MoeWNA16, which halves the group until it divides the rank's share and the hidden size, and refuses
-    below 32. More ranks than experts are refused."""
+    split over the ranks along its intermediate size (gate/up outputs, down inputs). More ranks than experts are
+    refused. compressed-tensors refuses a rank's share that splits a group of the layer's setting. GPTQ / AWQ run
+    Marlin's MoE kernel when the hidden size is a multiple of 128 and the share holds whole groups of the config's
+    base setting, else vLLM's MoeWNA16 at that base setting: it halves the group until it divides the share and the
+    hidden size (refused below 32), reads AWQ's ``modules_to_not_convert`` but no GPTQ ``dynamic`` rule, so a GPTQ
+    MoE layer skipped or given another setting is then misread."""
     problems = []
     seen = set()
     for name, (k, n) in sorted(shapes.items()):
@@ -90,24 +92,29 @@ def copied_experts_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int,
         if family.expert_of(inside) is None or not inside.endswith("." + family.expert_linears[2]) or layer in seen:
             continue  # one check per layer, from an expert's down projection (in: the intermediate size)
         seen.add(layer)
-        spec = quant.spec_for(name)
-        group = spec.group_size if spec is not None else -1
-        vname = f"{layer}.{family.experts}"
+        vname, share, spec = f"{layer}.{family.experts}", k // tp, quant.spec_for(name)
         if tp > family.expert_count:
             problems.append(f"{vname}: tensor-parallel size {tp} is greater than the number of experts "
                             f"{family.expert_count}")
         elif k % tp:
             problems.append(f"{vname}: intermediate size {k} does not split over tp={tp}")
-        elif group > 0 and (k // tp) % group:
-            if quant.method == "compressed-tensors":
-                problems.append(f"{vname}: its intermediate share of {k // tp} at tp={tp} splits a quantization "
-                                f"group of {group}")
-            else:
-                while group >= 32 and ((k // tp) % group or n % group):
-                    group //= 2
-                if group < 32:
-                    problems.append(f"{vname}: no group of 32 or more divides its intermediate share of {k // tp} "
-                                    f"at tp={tp} (vLLM's MoeWNA16)")
+        elif quant.method == "compressed-tensors":
+            if spec is not None and spec.group_size > 0 and share % spec.group_size:
+                problems.append(f"{vname}: its intermediate share of {share} at tp={tp} splits a quantization group "
+                                f"of {spec.group_size}")
+        elif n % 128 or (quant.spec.group_size > 0 and share % quant.spec.group_size):  # Marlin's MoE kernel: no
+            if spec is None and quant.method == "awq":
+                continue  # MoeWNA16 reads AWQ's modules_to_not_convert
+            if describe_spec(spec) != describe_spec(quant.spec):
+                problems.append(f"{vname}: at tp={tp} vLLM falls back to MoeWNA16, which builds it "
+                                f"{describe_spec(quant.spec)} (no dynamic rule read); the config gives it "
+                                f"{describe_spec(spec)}")
+            group = quant.spec.group_size
+            while group >= 32 and (share % group or n % group):
+                group //= 2
+            if group < 32:
+                problems.append(f"{vname}: no group of 32 or more divides its intermediate share of {share} at "
+                                f"tp={tp} (vLLM's MoeWNA16)")
     return problems
 
 
@@ -357,7 +364,7 @@ def vllm_names(linears: dict, family: ModelFamily, outer, quant) -> dict[str, li
     out: dict[str, list[str]] = {}
     for name in linears:
         vname = mapper.apply_list([family.to_disk(name + ".")[:-1]])[0]
-        expert = next((w for w in experts if w in vname + "."), None) if family.is_layer_key(name) else None
+        expert = next((w for _, w in experts if w in vname + "."), None) if family.is_layer_key(name) else None
         if expert is not None:  # "experts.5.up_proj." -> the MoE layer "...mlp.experts"
             out.setdefault(vname[: (vname + ".").index(expert)] + "experts", []).append(name)
             continue
@@ -366,9 +373,9 @@ def vllm_names(linears: dict, family: ModelFamily, outer, quant) -> dict[str, li
     return out
 
 
-def _expert_mapping(family: ModelFamily) -> list[str]:
-    """The per-expert checkpoint names vLLM's MoE layer loads (``experts.5.up_proj.``), from its own mapping; [] for a
-    family without experts."""
+def _expert_mapping(family: ModelFamily) -> list[tuple[str, str]]:
+    """vLLM's MoE layer's own mapping from the per-expert checkpoint names it loads to its parameters:
+    [("experts.w13_", "experts.5.up_proj."), ...]; [] for a family without experts."""
     if not family.experts:
         return []
     from vllm.model_executor.layers.fused_moe.routed_experts import (
@@ -376,8 +383,8 @@ def _expert_mapping(family: ModelFamily) -> list[str]:
     )
 
     gate, up, down = family.expert_linears
-    return [weight for _, weight, _, _ in RoutedExperts.build_expert_params_mapping(gate, down, up,
-                                                                                   family.expert_count)]
+    return [(param, weight) for param, weight, _, _ in RoutedExperts.build_expert_params_mapping(gate, down, up,
+                                                                                              family.expert_count)]
 
 
 def is_moe_layer(vname: str, family: ModelFamily) -> bool:
@@ -545,10 +552,11 @@ def _moe_layer_problems(quant, vname: str, shards: list[str], linears: dict, fam
 def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily, quant, header: dict) -> list[str]:
     """The MoE layer's checkpoint tensors (``header``: name -> (shape, dtype); the ones of ``shards``) given to
     vLLM's own loader (``load_weights`` of the layer, after the quantization config's checkpoint mapper, which drops
-    ``g_idx``), as empty tensors on the meta device: a name its expert mapping does not know (the loader would drop
-    it without a word), an error it raises, and a copy between different shapes (which torch would broadcast
-    without a word) are problems. (A tensor the method declines, such as symmetric GPTQ's qzeros in MoeWNA16, is
-    not.)"""
+    ``g_idx``), as empty tensors on the meta device. Problems: a name its expert mapping does not know (the loader
+    would drop it without a word), an error it raises, a copy between different shapes (torch would broadcast it),
+    and an expert's slot of a parameter that the tensors loaded into it do not fill (the loader narrows its
+    destination to a smaller tensor, for padded layers: the rest would stay uninitialised). A tensor the method
+    declines (symmetric GPTQ's qzeros in MoeWNA16) is none."""
     prefix = vname + "."
     mapper = quant.get_checkpoint_weight_mapper()
     known = _expert_mapping(family)
@@ -558,14 +566,17 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
         vllm_shard = prefix + shard[len(family.decoder_layers):].split(".", 2)[2][len(family.experts) + 1:] + "."
         weights += [(vllm_shard + key[len(disk):], key, header[key]) for key in header if key.startswith(disk)]
     out = []
+    filled: dict[tuple[str, int], list] = {}  # (vLLM parameter, expert) -> [values copied in, a checkpoint key]
     for name, key, (shape, dtype) in weights:
         mapped = mapper.apply_list([name])
         if not mapped:
             continue  # dropped by vLLM's checkpoint mapper (g_idx)
-        relative = mapped[0][len(prefix):]
-        if not any(w in "experts." + relative for w in known):
+        relative = mapped[0][len(prefix):]  # "5.up_proj.qweight"
+        entry = next(((param, w) for param, w in known if w in "experts." + relative), None)
+        if entry is None:
             out.append(f"{key}: vLLM's expert mapping has no entry for it; its loader would drop it")
             continue
+        param = entry[0].rsplit(".", 1)[-1] + ("experts." + relative).split(entry[1], 1)[1]  # "w13_" + "qweight"
         tensor = torch.empty(shape, dtype=DTYPES.get(dtype, torch.float32), device="meta")
         with _ExactCopies() as copies:
             try:
@@ -574,19 +585,31 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
                 out.append(f"{key}: vLLM's loader: {_raised(e)}")
                 continue
         out += [f"{key}: vLLM copies {src} into its {dst} (a broadcast, not a load)" for dst, src in copies.mismatches]
+        if copies.values:
+            slot = filled.setdefault((param, int(relative.split(".", 1)[0])), [0, key])
+            slot[0] += copies.values
+    for (param, e), (values, key) in filled.items():
+        target = getattr(runner.routed_experts, param, None)
+        if target is not None and values != target[e].numel():
+            out.append(f"{key}: vLLM's loader fills {values} of the {target[e].numel()} values of expert {e}'s "
+                       f"{param} (shape {tuple(target.shape[1:])}) from the checkpoint; the rest stays uninitialised")
     return out
 
 
 class _ExactCopies(torch.overrides.TorchFunctionMode):
-    """Records every ``Tensor.copy_`` between tensors of different shapes while it is active."""
+    """While active: every ``Tensor.copy_`` between tensors of different shapes (``mismatches``: (destination,
+    source) shapes), and how many values all copies wrote (``values``)."""
 
     def __init__(self):
         super().__init__()
         self.mismatches: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self.values = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.copy_ and tuple(args[0].shape) != tuple(args[1].shape):
-            self.mismatches.append((tuple(args[0].shape), tuple(args[1].shape)))
+        if func is torch.Tensor.copy_:
+            self.values += args[0].numel()
+            if tuple(args[0].shape) != tuple(args[1].shape):
+                self.mismatches.append((tuple(args[0].shape), tuple(args[1].shape)))
         return func(*args, **(kwargs or {}))
 
 

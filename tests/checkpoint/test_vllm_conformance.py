@@ -823,3 +823,159 @@ def test_the_copied_rules_agree_with_vllm_on_moe_exports(moe_exports, model_type
                                 for p in problems if p.split(":")[0].endswith(firsts)}
         for tp in TP_SIZES:
             assert moe(copied["tp"][tp]) == moe(asked["tp"][tp]), tp
+
+
+def _moe_rule(model_type, layer, action):
+    """A rule on every expert of one layer: ``layers\\.0\\.mlp\\.experts\\.:skip``."""
+    import re
+
+    return rf"layers\.{layer}\.{re.escape(family_for(model_type).experts)}\.:{action}"
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_gives_each_moe_layer_its_rule(tmp_path, model_type, fmt):
+    """Rules on whole MoE layers, as vLLM reads them: the first layer of one type's experts skipped
+    (UnquantizedFusedMoEMethod; GPTQ: the ``-:`` dynamic rule names vLLM's ``mlp.experts``; compressed-tensors: its
+    ``ignore`` regex matches expert 0's names, which vLLM asks), the other type's at 8 bits, the rest at W4; vLLM's
+    own loader takes both layers' tensors (plain weights, 8-bit codes) at TP 1 and 2."""
+    skipped, eight = MOE[model_type]["first_moe_layers"][:2]
+    folder = moe_export(tmp_path, model_type, fmt, rules=(_moe_rule(model_type, skipped, "skip"),
+                                                          _moe_rule(model_type, eight, "bits=8")))
+    report = inspect_checkpoint(folder)
+    vllm = report["vllm"]
+    assert vllm["refused"] is None and vllm["tp"][1] == [] and vllm["tp"][2] == [], vllm["tp"]
+    experts = dict.fromkeys(_moe_layers(vllm, model_type))
+    skipped, eight = (f"language_model.model.layers.{i}.mlp.experts" for i in (skipped, eight))
+    assert vllm["layers"][skipped] == "UnquantizedFusedMoEMethod" and vllm["settings"][skipped] == "not quantized"
+    assert vllm["layers"][eight] == MOE_METHODS[fmt][0] and vllm["settings"][eight] == "W8 g64 sym"
+    assert {vllm["settings"][v] for v in experts if v not in (skipped, eight)} == {"W4 g64 sym"}
+    assert copied_rules(*copied_inputs(folder, model_type))["tp"][1] == []
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_one_expert_given_another_setting_is_refused_and_flagged(tmp_path, moe_exports, model_type, fmt):
+    """vLLM builds an MoE layer at one setting and reads nothing else: compressed-tensors asks expert 0's names only,
+    GPTQ's ``dynamic`` is matched against the layer's name. So qvlquant refuses a rule that splits a layer's
+    experts (before any work), and a checkpoint whose config does (edited here: expert 3 of layer 0 at 8 bits) is
+    built at W4 by vLLM without a word: inspect's check of vLLM's decision names it, and the copied rules refuse it."""
+    import qvlquant
+
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts: 21 linears W4g64 rtn \(first 0\.gate_proj\), "
+                                         r"3 linears W8g64 rtn \(first 3\.gate_proj\); vLLM runs these linears as "
+                                         "one fused layer"):
+        qvlquant.quantize(model=str(moe_exports[model_type, fmt].parent / f"{model_type}-base"),
+                          output=str(tmp_path / "refused"), bits=4, group_size=64,
+                          rules=[r"layers\.0\.mlp\.experts\.3\.:bits=8"])
+    assert not (tmp_path / "refused").exists()
+    edited = tmp_path / "edited"
+    shutil.copytree(moe_exports[model_type, fmt], edited)
+    config = json.loads((edited / "config.json").read_text())
+    qc = config["quantization_config"]
+    pattern = r".*\.layers\.0\.mlp\.experts\.3\.(?:gate_proj|up_proj|down_proj)$"
+    if fmt == "gptq":
+        qc["dynamic"][f"+:{pattern}"] = {"bits": 8, "group_size": 64, "sym": True, "desc_act": False}
+    else:
+        qc["config_groups"]["group_1"] = {**qc["config_groups"]["group_0"], "targets": [f"re:{pattern}"],
+                                          "weights": {**qc["config_groups"]["group_0"]["weights"], "num_bits": 8}}
+    (edited / "config.json").write_text(json.dumps(config))
+    (edited / "qvlquant_manifest.json").unlink()
+    report = inspect_checkpoint(edited)
+    vname = "language_model.model.layers.0.mlp.experts"
+    assert report["vllm"]["refused"] is None and report["vllm"]["settings"][vname] == "W4 g64 sym"
+    flagged = [p for p in report["marlin"][1] if p.startswith(vname)]
+    assert len(flagged) == 3 and all("vLLM builds it W4 g64 sym, the checkpoint holds model.language_model."
+                                     "layers.0.mlp.experts.3." in p and p.endswith("W8 g64 sym [qvlquant's check of "
+                                                                                   "vLLM's decision]") for p in flagged)
+    copied = copied_rules(*copied_inputs(edited, model_type))
+    assert any("vLLM runs mlp.experts (24 linears) as one layer of one setting, the config gives them W4 g64 sym "
+               "(21 linears), W8 g64 sym (3 linears)" in p for p in copied["tp"][1])
+
+
+def test_vllms_moe_loader_is_watched_for_what_it_would_misread(moe_exports, tmp_path):
+    """The experts' tensors inspect gives vLLM's loader: one stored transposed is an error vLLM's loader raises; a
+    scale with one group row where two belong it loads without a word (it narrows its destination to what it is
+    given, for padded layers), leaving the second row uninitialised: inspect names it."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "repacked"
+    shutil.copytree(moe_exports["qwen3_5_moe", "gptq"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    head = "model.language_model.layers.0.mlp.experts."
+    tensors[head + "0.gate_proj.qweight"] = tensors[head + "0.gate_proj.qweight"].t().contiguous()
+    tensors[head + "1.down_proj.scales"] = tensors[head + "1.down_proj.scales"][:1].contiguous()
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    problems = inspect_checkpoint(bad)["vllm"]["tp"][1]
+    assert any(p.startswith(head + "0.gate_proj.qweight: vLLM's loader: RuntimeError") for p in problems), problems
+    assert head + "1.down_proj.scales: vLLM's loader fills 128 of the 256 values of expert 1's w2_scales (shape " \
+        "(2, 128)) from the checkpoint; the rest stays uninitialised" in problems
+
+
+MOE_SIZES = dict(hidden_size=2048, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=16,
+                 num_experts_per_tok=4)  # a layer of real proportions (16 experts: the decision reads no count)
+MOE_BUILT = {  # format -> TP size -> the methods vLLM gives layer 0's experts (a rule skips them) and layer 1's (W4)
+    # GPTQ / AWQ leave Marlin's MoE kernel for MoeWNA16 where a rank's share (512 / 8 = 64) splits a group of 128
+    "gptq": {1: ("UnquantizedFusedMoEMethod", "AutoGPTQMoEMethod"), 8: ("MoeWNA16Method", "MoeWNA16Method")},
+    "awq": {1: ("UnquantizedFusedMoEMethod", "AutoAWQMoEMethod"), 8: ("UnquantizedFusedMoEMethod", "MoeWNA16Method")},
+    "compressed-tensors": {1: ("UnquantizedFusedMoEMethod", "CompressedTensorsWNA16MoEMethod"),
+                           8: ("UnquantizedFusedMoEMethod", "refused")},
+}
+MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8}}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
+    """MoE layers of 512-wide experts at g128, layer 0's experts skipped by a rule, from config.json only (vLLM
+    allocates on the meta device). TP 1, 2, 4: each format's MoE method, the skip honoured. TP 8 (a rank holds 64 of
+    each expert's intermediate size, half a group): compressed-tensors refuses; GPTQ and AWQ fall back to MoeWNA16,
+    which halves the group and serves it, but reads GPTQ's skip nowhere (it builds the skipped layer W4 over plain
+    weights: refused) while AWQ's ``modules_to_not_convert`` keeps it, by the name ``layers.0.mlp.experts`` the
+    export writes (no expert's name is in the layer's). The copied rules refuse the same TP sizes."""
+    from tiny_models import qwen3_5_moe_config
+
+    from qvlquant.checkpoint.vllm import (
+        build_vllm_experts,
+        checkpoint_linears,
+        marlin_problems,
+        pretend_gpu,
+        vllm_model_classes,
+        vllm_names,
+        vllm_quant_config,
+    )
+    from qvlquant.engine.loop import fused_groups
+    from qvlquant.quant.rules import ModulePlan, parse_rule
+
+    config = qwen3_5_moe_config(layers=4, experts=MOE_SIZES["num_experts"], top_k=MOE_SIZES["num_experts_per_tok"])
+    for key, value in MOE_SIZES.items():
+        setattr(config.text_config, key, value)
+    family = family_for("qwen3_5_moe").bind(config)
+    pack, spec, _, _ = FORMATS[fmt]
+    qcfg = QuantConfig("awq" if fmt == "awq" else "rtn", QuantSpec(4, 128, spec.sym))
+    names = [f"{family.decoder_layers}.{i}.{n}" for i in range(4) for n in family.at(i).linears]
+    modules = ModulePlan.resolve([parse_rule(_moe_rule("qwen3_5_moe", 0, "skip"))], qcfg, names,
+                                 fused_groups(family, 4))
+    config.quantization_config = quantization_config(qcfg, pack, family, 4, modules)
+    config.save_pretrained(tmp_path)
+    if fmt == "awq":
+        assert "layers.0.mlp.experts" in config.quantization_config["modules_to_not_convert"]
+    linears = checkpoint_linears(tmp_path)
+    built = {}
+    for tp in TP_SIZES:
+        with pretend_gpu(tp):
+            _, quant = vllm_quant_config(tmp_path, "qwen3_5_moe")
+            vnames = vllm_names(linears, family, vllm_model_classes("qwen3_5_moe")[0], quant)
+            methods = []
+            for i in (0, 1):
+                vname = f"language_model.model.layers.{i}.mlp.experts"
+                try:
+                    runner = build_vllm_experts(vnames[vname], linears, family, quant, vname, torch.bfloat16)
+                    methods.append(type(runner.routed_experts.quant_method).__name__)
+                except ValueError:
+                    methods.append("refused")
+            built[tp] = tuple(methods)
+    assert built == {1: MOE_BUILT[fmt][1], 2: MOE_BUILT[fmt][1], 4: MOE_BUILT[fmt][1], 8: MOE_BUILT[fmt][8]}
+    saved = json.loads((tmp_path / "config.json").read_text())
+    quant = read_quantization_config(saved["quantization_config"], "config.json")
+    moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
+    assert {tp for tp in TP_SIZES if marlin_problems(quant, moe, tp, family)} == MOE_REFUSED_AT[fmt]
