@@ -20,7 +20,7 @@ from qvlquant.checkpoint.qconfig import (
 )
 from qvlquant.engine.experts import unfuse_experts
 from qvlquant.families import QWEN2_VL, ModelFamily, family_for
-from qvlquant.quant.formats import Nvfp4Format, PackFormat
+from qvlquant.quant.formats import Nvfp4Format
 from qvlquant.quant.spec import QuantSpec
 from qvlquant.storage.shards import DTYPES, read_checkpoint_header
 
@@ -422,7 +422,8 @@ def vllm_decisions(quant, names: dict[str, list[str]], linears: dict,
     out, settings = {}, {}
     for vname, shards in names.items():
         if family is not None and is_moe_layer(vname, family):
-            method = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16).routed_experts.quant_method
+            runner = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16)
+            method = runner.routed_experts.quant_method
             out[vname], settings[vname] = type(method).__name__, vllm_setting(method, None)
             continue
         stub = ReplicatedLinear.__new__(ReplicatedLinear)  # a LinearBase with its sizes: what the decision reads
@@ -553,10 +554,9 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
     """The MoE layer's checkpoint tensors (``header``: name -> (shape, dtype); the ones of ``shards``) given to
     vLLM's own loader (``load_weights`` of the layer, after the quantization config's checkpoint mapper, which drops
     ``g_idx``), as empty tensors on the meta device. Problems: a name its expert mapping does not know (the loader
-    would drop it without a word), an error it raises, a copy between different shapes (torch would broadcast it),
-    and an expert's slot of a parameter that the tensors loaded into it do not fill (the loader narrows its
-    destination to a smaller tensor, for padded layers: the rest would stay uninitialised). A tensor the method
-    declines (symmetric GPTQ's qzeros in MoeWNA16) is none."""
+    would drop it without a word), an error it raises, and an expert's slot of a parameter that the tensors loaded
+    into it do not fill (the loader narrows its destination to a smaller tensor, for padded layers: the rest would
+    stay uninitialised). A tensor the method declines (symmetric GPTQ's qzeros in MoeWNA16) is none."""
     prefix = vname + "."
     mapper = quant.get_checkpoint_weight_mapper()
     known = _expert_mapping(family)
@@ -578,13 +578,12 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
             continue
         param = entry[0].rsplit(".", 1)[-1] + ("experts." + relative).split(entry[1], 1)[1]  # "w13_" + "qweight"
         tensor = torch.empty(shape, dtype=DTYPES.get(dtype, torch.float32), device="meta")
-        with _ExactCopies() as copies:
+        with _CopiedValues() as copies:
             try:
                 list(runner.load_weights([(relative, tensor)]))
             except (ValueError, AssertionError, AttributeError, RuntimeError, IndexError) as e:
                 out.append(f"{key}: vLLM's loader: {_raised(e)}")
                 continue
-        out += [f"{key}: vLLM copies {src} into its {dst} (a broadcast, not a load)" for dst, src in copies.mismatches]
         if copies.values:
             slot = filled.setdefault((param, int(relative.split(".", 1)[0])), [0, key])
             slot[0] += copies.values
@@ -596,20 +595,17 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
     return out
 
 
-class _ExactCopies(torch.overrides.TorchFunctionMode):
-    """While active: every ``Tensor.copy_`` between tensors of different shapes (``mismatches``: (destination,
-    source) shapes), and how many values all copies wrote (``values``)."""
+class _CopiedValues(torch.overrides.TorchFunctionMode):
+    """While active: how many values the ``Tensor.copy_`` calls wrote (``values``; vLLM's loader writes a
+    parameter's slot with ``copy_`` into a view of it)."""
 
     def __init__(self):
         super().__init__()
-        self.mismatches: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
         self.values = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.copy_:
             self.values += args[0].numel()
-            if tuple(args[0].shape) != tuple(args[1].shape):
-                self.mismatches.append((tuple(args[0].shape), tuple(args[1].shape)))
         return func(*args, **(kwargs or {}))
 
 

@@ -4,10 +4,14 @@ random models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL), ``inspect`` asks vLLM's qua
 layer, the kernel chosen by ``create_weights`` at each tensor-parallel size, GPU capability faked) which method
 every linear gets. The vision tower must be unquantized, the language model quantized, TP 1/2 accepted.
 
+MoE families (Qwen3.5-MoE; the ``MOE`` table) add each layer's experts as vLLM's one MoE layer: its method per
+format and TP size, vLLM's own loader given the experts' tensors, its whole MoE block built (routers unquantized),
+rules on whole MoE layers, and a split layer refused and flagged.
+
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it in the main
-venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 cores:
-about 72 s for the 54 tests (mixed-precision ones included), most of it importing vLLM once (~9 s) and building
-the tiny exports.
+venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 shared
+cores at a load average of about 9: 400 s for the 112 tests, of which the 17 MoE tests took about 120 s run alone
+(most of it importing vLLM and building the tiny exports).
 """
 
 import copy
