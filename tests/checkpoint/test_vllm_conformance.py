@@ -649,6 +649,21 @@ def test_a_rule_keeps_qwen3_5_linear_attention_in_16_bit_for_vllm_too(tmp_path, 
     assert report["tp"][1] == []
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_a_rule_gives_qwen3_5_linear_attention_8_bits_in_vllm_too(tmp_path, fmt):
+    """``--override 'linear_attn:bits=8'``: the DeltaNet's inputs are one linear group in qvlquant but two fused
+    layers in vLLM (in_proj_qkvz, in_proj_ba); GPTQ's ``dynamic`` rule names both, so vLLM builds both, and out_proj,
+    at W8 (it named in_proj_qkvz only, and vLLM built in_proj_ba at W4 over 8-bit tensors)."""
+    from qvlquant.quant.rules import parse_rule
+
+    folder = make_export(tmp_path / fmt, "qwen3_5", fmt, rules=(parse_rule("linear_attn:bits=8"),))
+    report = inspect_checkpoint(folder)["vllm"]
+    settings = {v.removeprefix("language_model.model."): s for v, s in report["settings"].items()}
+    assert {settings[f"layers.{i}.linear_attn.{n}"] for i in (0, 1, 2)
+            for n in ("in_proj_qkvz", "in_proj_ba", "out_proj")} == {"W8 g64 sym"}
+    assert settings["layers.3.self_attn.qkv_proj"] == "W4 g64 sym" and report["tp"][1] == []
+
+
 # --- Mixture of experts: every expert of a layer in one vLLM MoE layer ----------------------------------------------
 def _qwen3_5_moe_base(folder):
     from tiny_models import qwen3_5_checkpoint
@@ -662,10 +677,12 @@ MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a ne
         layers=4, experts=8,
         # vLLM's quantized modules of the decoder: 3 DeltaNet layers (in_proj_qkvz, in_proj_ba, out_proj) and a
         # full-attention layer (qkv_proj, o_proj), each with a shared expert (gate_up_proj, down_proj) and its experts
-        vllm_modules=3 * 6 + 5,
-        block=("qwen3_next", "Qwen3NextSparseMoeBlock"),  # vLLM's MoE block: (models module, class)
+        vllm_modules=3 * 6 + 5, vision_linears=10,
+        block=("qwen3_next", "Qwen3NextSparseMoeBlock"),  # vLLM's MoE block: (models module, class(config, prefix))
         kept=("gate", "shared_expert_gate"),  # its linears built without a quantization config: routers
+        shared_expert=True,  # the block's shared expert (quantized linears of their own)
         first_moe_layers=(0, 3),  # the first layer of each type: inspect builds and loads those at every TP size
+        rule_layers=(0, 3),  # the MoE layers the rules test skips / gives 8 bits (first layers: loaded at TP 1, 2)
     ),
 }
 MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and 2 (sm_90), and its experts kernel
@@ -719,8 +736,8 @@ def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_t
     # routers: never asked (vLLM builds them without a quantization config; the block's test below shows it)
     assert not any(v.rsplit(".", 1)[-1] in entry["kept"] for v in decoder)
     vision = {v: m for v, m in report["layers"].items() if v.startswith("visual.")}
-    assert len(vision) == 10 and set(vision.values()) == {"UnquantizedLinearMethod"} and not report["vision_quantized"]
-    assert report["tp"][1] == [] and report["tp"][2] == []
+    assert len(vision) == entry["vision_linears"] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert not report["vision_quantized"] and report["tp"][1] == [] and report["tp"][2] == []
     assert {report["kernels"][1][f"language_model.model.layers.{i}.mlp.experts"] for i in entry["first_moe_layers"]} \
         == {kernel}
 
@@ -808,7 +825,7 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
     assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
     assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
     shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
-    assert shared == {FORMATS[fmt][3].split("(")[0]}
+    assert shared == ({FORMATS[fmt][3].split("(")[0]} if MOE[model_type]["shared_expert"] else set())
 
 
 @pytest.mark.parametrize("model_type", list(MOE))
@@ -843,7 +860,7 @@ def test_vllm_gives_each_moe_layer_its_rule(tmp_path, model_type, fmt):
     (UnquantizedFusedMoEMethod; GPTQ: the ``-:`` dynamic rule names vLLM's ``mlp.experts``; compressed-tensors: its
     ``ignore`` regex matches expert 0's names, which vLLM asks), the other type's at 8 bits, the rest at W4; vLLM's
     own loader takes both layers' tensors (plain weights, 8-bit codes) at TP 1 and 2."""
-    skipped, eight = MOE[model_type]["first_moe_layers"][:2]
+    skipped, eight = MOE[model_type]["rule_layers"]
     folder = moe_export(tmp_path, model_type, fmt, rules=(_moe_rule(model_type, skipped, "skip"),
                                                           _moe_rule(model_type, eight, "bits=8")))
     report = inspect_checkpoint(folder)
@@ -866,9 +883,10 @@ def test_one_expert_given_another_setting_is_refused_and_flagged(tmp_path, moe_e
     built at W4 by vLLM without a word: inspect's check of vLLM's decision names it, and the copied rules refuse it."""
     import qvlquant
 
-    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts: 21 linears W4g64 rtn \(first 0\.gate_proj\), "
-                                         r"3 linears W8g64 rtn \(first 3\.gate_proj\); vLLM runs these linears as "
-                                         "one fused layer"):
+    linears = 3 * MOE[model_type]["experts"]  # gate, up, down of every expert
+    with pytest.raises(ValueError, match=rf"layers\.0\.mlp\.experts: {linears - 3} linears W4g64 rtn \(first "
+                                         r"0\.gate_proj\), 3 linears W8g64 rtn \(first 3\.gate_proj\); vLLM runs these "
+                                         "linears as one fused layer"):
         qvlquant.quantize(model=str(moe_exports[model_type, fmt].parent / f"{model_type}-base"),
                           output=str(tmp_path / "refused"), bits=4, group_size=64,
                           rules=[r"layers\.0\.mlp\.experts\.3\.:bits=8"])
@@ -893,8 +911,8 @@ def test_one_expert_given_another_setting_is_refused_and_flagged(tmp_path, moe_e
                                      "layers.0.mlp.experts.3." in p and p.endswith("W8 g64 sym [qvlquant's check of "
                                                                                    "vLLM's decision]") for p in flagged)
     copied = copied_rules(*copied_inputs(edited, model_type))
-    assert any("vLLM runs mlp.experts (24 linears) as one layer of one setting, the config gives them W4 g64 sym "
-               "(21 linears), W8 g64 sym (3 linears)" in p for p in copied["tp"][1])
+    assert any(f"vLLM runs mlp.experts ({linears} linears) as one layer of one setting, the config gives them W4 g64 "
+               f"sym ({linears - 3} linears), W8 g64 sym (3 linears)" in p for p in copied["tp"][1])
 
 
 def test_vllms_moe_loader_is_watched_for_what_it_would_misread(moe_exports, tmp_path):
