@@ -10,8 +10,8 @@ rules on whole MoE layers, and a split layer refused and flagged.
 
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it in the main
 venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 shared
-cores at a load average of about 9: 400 s for the 112 tests, of which the 17 MoE tests took about 120 s run alone
-(most of it importing vLLM and building the tiny exports).
+cores at a load average of 5 to 9: 276 s for the 114 tests; the 17 MoE tests took 80 to 120 s run alone (most of
+it importing vLLM and building the tiny exports).
 """
 
 import copy
