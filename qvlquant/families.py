@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Callable
 
 EXPERT = "{e}"  # in a declared module name: each expert's index, written by ``bind``
@@ -113,6 +114,10 @@ class ModelFamily:
     # Checkpoint key prefixes of tensors transformers does not load (Qwen3.5's MTP head, ``mtp.``): the export copies
     # them from the base checkpoint as they are (dtype and bytes)
     carried: tuple[str, ...] = ()
+    # Decoder-layer linears kept in full precision and never quantized (an MoE block's router and shared-expert gate:
+    # serving stacks build them without a quantization config); compressed-tensors' ``ignore`` names them, since its
+    # config group targets every Linear
+    kept: tuple[str, ...] = ()
     # Mixture of experts: the fused experts module of a decoder layer (transformers 5's ``gate_up_proj`` [E, 2I, H]
     # and ``down_proj`` [E, H, I] parameters; "" : none), the names of one expert's gate, up and down linears, the
     # text config's field counting the experts (the first of these names it has), and the count once bound
@@ -220,9 +225,10 @@ class ModelFamily:
         return runtime_name.startswith(self.decoder_layers + ".")
 
     def compressed_ignore(self) -> list[str]:
-        """compressed-tensors ``ignore``: lm_head and every module of the vision tower, in either layout."""
+        """compressed-tensors ``ignore``: lm_head and every module of the vision tower, in either layout, and the
+        ``kept`` linears of every decoder layer (``re:.*\\.mlp\\.gate$``)."""
         leaf = self.vision_tower.rsplit(".", 1)[-1]
-        return [self.lm_head, f"re:.*{leaf}.*"]
+        return [self.lm_head, f"re:.*{leaf}.*"] + [f"re:.*\\.{re.escape(name)}$" for name in self.kept]
 
     def unquantized_disk_names(self) -> list[str]:
         """What ``modules_to_not_convert`` must list: both layouts, since transformers 5 matches the runtime name
@@ -307,7 +313,9 @@ def _layout_view(family: ModelFamily, layer_type: str) -> ModelFamily:
 
 def _expand(value, count: int):
     """A declared per-layer value with each ``{e}`` written out for experts 0..count-1: a name becomes count names,
-    a group (tuple of names) or ScalingGroup count groups, a fused entry count entries; the rest stays."""
+    a group (tuple of names) or ScalingGroup count groups; a fused entry (name, linears) whose name has ``{e}``
+    count entries, and one whose name has none (a layer running every expert, vLLM's FusedMoE ``mlp.experts``)
+    stays one entry listing every expert's linears, expert by expert; the rest stays."""
     def has(v) -> bool:
         if isinstance(v, str):
             return EXPERT in v
@@ -326,8 +334,15 @@ def _expand(value, count: int):
         return value
     out = []
     for item in value:
-        out += [put(item, e) for e in range(count)] if has(item) else [item]
+        if _is_fused_entry(item) and not has(item[0]) and has(item[1]):
+            out.append((item[0], tuple(put(p, e) for e in range(count) for p in item[1])))
+        else:
+            out += [put(item, e) for e in range(count)] if has(item) else [item]
     return tuple(out)
+
+
+def _is_fused_entry(item) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], tuple)
 
 
 def _with_experts(family: ModelFamily, count: int) -> ModelFamily:
@@ -383,12 +398,14 @@ QWEN3_5 = hybrid(dataclasses.replace(QWEN3_VL, name="qwen3_5", deepstack=False, 
 # (its output scaled by the sigmoid of ``shared_expert_gate``, a 1-row linear kept as it is), the top-k router
 # ``mlp.gate`` (kept), and the routed experts, each quantized as its own gate / up / down linears. AWQ smooths
 # within each expert (up -> down) and the shared expert only: a scale folded into post_attention_layernorm would
-# also reach the router and change which experts the tokens go to.
+# also reach the router and change which experts the tokens go to. vLLM runs a layer's routed experts as one
+# FusedMoE layer (``mlp.experts``) of one setting, so all of them are one fused entry.
 _MOE = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",),
         ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), ("mlp.experts.{e}.down_proj",))
 _MOE_SCALING = (ScalingGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),
                 ScalingGroup("mlp.experts.{e}.up_proj", ("mlp.experts.{e}.down_proj",)))
-_MOE_FUSED = (("mlp.shared_expert.gate_up_proj", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),)
+_MOE_FUSED = (("mlp.shared_expert.gate_up_proj", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),
+              ("mlp.experts", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")))
 _MOE_COLUMN = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.experts.{e}.gate_proj",
                "mlp.experts.{e}.up_proj")
 _MOE_ROW = ("mlp.shared_expert.down_proj", "mlp.experts.{e}.down_proj")
@@ -408,6 +425,7 @@ def _moe_layout(layout: LayerLayout) -> LayerLayout:
 
 
 QWEN3_5_MOE = hybrid(dataclasses.replace(QWEN3_5, name="qwen3_5_moe", layouts=(), experts="mlp.experts",
+                                         kept=("mlp.gate", "mlp.shared_expert_gate"),
                                          mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
                                          mlp_out="mlp.shared_expert.down_proj"),
                      tuple((t, _moe_layout(lay)) for t, lay in QWEN3_5.layouts))

@@ -76,6 +76,11 @@ def test_a_moe_family_writes_out_each_experts_linears_from_the_config():
     assert family.expert_of("mlp.experts.3.down_proj") == 3 and family.expert_of("mlp.shared_expert.up_proj") is None
     assert family.expert_template("mlp.experts.13.up_proj") == "mlp.experts.{e}.up_proj"
     assert "mlp.experts.3.down_proj" in full.row_parallel and family.expert_count == 4
+    # vLLM runs a layer's experts as one MoE layer: one fused entry with every expert's linears, in either layer type
+    experts = tuple(f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj"))
+    assert ("mlp.experts", experts) in delta.fused and ("mlp.experts", experts) in full.fused
+    assert family.fused_name("mlp.experts.3.up_proj") == "mlp.experts"
+    assert family.compressed_ignore()[2:] == [r"re:.*\.mlp\.gate$", r"re:.*\.mlp\.shared_expert_gate$"]
     with pytest.raises(ValueError, match="num_experts is 0"):
         family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 0, "num_experts_per_tok": 2, "layer_types": QWEN3_5_TYPES}})
 

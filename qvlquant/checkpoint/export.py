@@ -26,7 +26,7 @@ from qvlquant.checkpoint.card import write_card
 from qvlquant.config import ExportConfig
 from qvlquant.engine.loop import QuantResult
 from qvlquant.engine.streaming import stored_tensor
-from qvlquant.families import ModelFamily
+from qvlquant.families import EXPERT, ModelFamily
 from qvlquant.quant.formats import (
     SCHEME_NAMES,
     Fp8Format,
@@ -113,11 +113,27 @@ def mixed_settings(family: ModelFamily, num_layers: int, modules: ModulePlan | N
     for cfg, groups in found.items():
         by_layers: dict[tuple[int, ...], list[str]] = {}  # linear groups given this setting in the same layers
         for group, layers in groups.items():
-            fused = family.at(layers[0]).fused_name(group[0])
-            by_layers.setdefault(tuple(layers), []).extend(list(group) + ([fused] if fused else []))
+            fused = [f for f in map(family.at(layers[0]).fused_name, group) if f]  # DeltaNet: in_proj_qkvz, _ba
+            by_layers.setdefault(tuple(layers), []).extend(list(group) + fused)
         out.append((cfg, [rf".*\.{re.escape(head)}\.(?:{'|'.join(map(str, layers))})\."
-                          rf"(?:{'|'.join(re.escape(n) for n in names)})$" for layers, names in by_layers.items()]))
+                          rf"(?:{'|'.join(_name_patterns(family, names))})$" for layers, names in by_layers.items()]))
     return out
+
+
+def _name_patterns(family: ModelFamily, names: list[str]) -> list[str]:
+    """Regexes of ``names`` (linears of one layer, fused names beside them), each once. Where ``names`` holds every
+    expert's copy of a linear (an MoE layer's experts, which vLLM runs as one layer of one setting), one pattern
+    with the expert's index as ``\\d+`` stands for all of them."""
+    experts: dict[str, set[int]] = {}
+    for n in names:
+        if family.expert_of(n) is not None:
+            experts.setdefault(family.expert_template(n), set()).add(family.expert_of(n))
+    whole = {t for t, seen in experts.items() if len(seen) == family.expert_count}
+    out = []
+    for n in names:
+        template = family.expert_template(n)
+        out.append(re.escape(template).replace(re.escape(EXPERT), r"\d+") if template in whole else re.escape(n))
+    return list(dict.fromkeys(out))
 
 
 def carried_patterns(family: ModelFamily) -> list[str]:
@@ -256,12 +272,29 @@ def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
 
 def skipped_linears(family: ModelFamily, num_layers: int, modules: ModulePlan | None) -> list[str]:
     """Linears a rule skipped, named from the decoder-layer list on (``layers.3.mlp.down_proj``): a suffix of
-    transformers' runtime names and a substring of vLLM's, as AWQ's ``modules_to_not_convert`` is matched."""
+    transformers' runtime names and a substring of vLLM's, as AWQ's ``modules_to_not_convert`` is matched; then
+    ``skipped_expert_layers``."""
     if modules is None:
         return []
     head = family.decoder_layers.rsplit(".", 1)[-1]
     return [f"{head}.{i}.{n}" for i in range(num_layers) for n in family.at(i).linears
-            if modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None]
+            if modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None] + \
+        skipped_expert_layers(family, num_layers, modules)
+
+
+def skipped_expert_layers(family: ModelFamily, num_layers: int, modules: ModulePlan | None) -> list[str]:
+    """``layers.3.mlp.experts`` for each MoE layer whose experts a rule skips: vLLM's AWQ matches its one MoE layer
+    by that name in ``modules_to_not_convert`` (which holds no expert's name), also where it falls back to MoeWNA16.
+    (GPTQ's MoeWNA16 fallback reads no skip at all: ``checkpoint.vllm`` says so.)"""
+    if modules is None or not family.experts:
+        return []
+    head = family.decoder_layers.rsplit(".", 1)[-1]
+    out = []
+    for i in range(num_layers):
+        experts = [n for n in family.at(i).linears if family.expert_of(n) is not None]
+        if experts and all(modules.config_for(f"{family.decoder_layers}.{i}.{n}") is None for n in experts):
+            out.append(f"{head}.{i}.{family.experts}")
+    return out
 
 
 def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily, num_layers: int,
@@ -281,7 +314,7 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
             "bits": spec.bits,
             "group_size": spec.group_size,
             "zero_point": not spec.sym,
-            "modules_to_not_convert": not_converted + [p.rstrip(".") for p in family.carried]
+            "modules_to_not_convert": not_converted + [p.rstrip(".") for p in family.carried] + list(family.kept)
                                       + skipped_linears(family, num_layers, modules),
         }
     config = {

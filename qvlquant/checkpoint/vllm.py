@@ -18,10 +18,11 @@ from qvlquant.checkpoint.qconfig import (
     describe_spec,
     read_quantization_config,
 )
-from qvlquant.families import QWEN2_VL, ModelFamily
+from qvlquant.engine.experts import unfuse_experts
+from qvlquant.families import QWEN2_VL, ModelFamily, family_for
 from qvlquant.quant.formats import Nvfp4Format
 from qvlquant.quant.spec import QuantSpec
-from qvlquant.storage.shards import read_checkpoint_header
+from qvlquant.storage.shards import DTYPES, read_checkpoint_header
 
 MARLIN_GROUPS = (-1, 32, 64, 128)
 VLLM_CHECKED = "0.33.0"  # the release whose code the conformance tests ran and whose rules the fallback copies
@@ -51,17 +52,69 @@ def copied_config_refusals(quant: CheckpointQuant) -> list[str]:
 
 
 def fused_shard_problems(quant: CheckpointQuant, layers: set[str], family: ModelFamily) -> list[str]:
-    """vLLM runs q/k/v and gate/up (the family's linear groups of more than one linear) as one fused linear of one
-    setting: shards of different settings are refused (a partly skipped group: GPTQ's
-    ``is_layer_gptq_quantized``, compressed-tensors' ``should_ignore_layer``) or read with the first shard's (a
-    partly overridden group; vLLM checks nothing there). ``layers``: runtime paths of decoder layers."""
+    """vLLM runs q/k/v, gate/up and an MoE layer's experts (the family's ``fused`` entries) as one layer of one
+    setting: shards of different settings are refused (a partly skipped group: GPTQ's ``is_layer_gptq_quantized``,
+    compressed-tensors' ``should_ignore_layer``) or read with one shard's (a partly overridden group: vLLM checks
+    nothing there; its MoE layer takes expert 0's setting, or GPTQ's rule for the layer). ``layers``: runtime paths
+    of decoder layers."""
     problems = []
     for layer in sorted(layers):
-        for group in (g for g in family.at(family.index_of(layer)).linear_groups if len(g) > 1):
+        for fused, group in family.at(family.index_of(layer)).fused:
             settings = {name: describe_spec(quant.spec_for(f"{layer}.{name}")) for name in group}
-            if len(set(settings.values())) > 1:
+            if len(set(settings.values())) <= 1:
+                continue
+            if len(group) <= 4:
                 problems.append(f"{layer}: vLLM fuses {', '.join(group)} into one linear of one setting, the "
                                 f"config gives them {', '.join(f'{n} {v}' for n, v in settings.items())}")
+            else:
+                counts = {v: sum(1 for x in settings.values() if x == v) for v in dict.fromkeys(settings.values())}
+                problems.append(f"{layer}: vLLM runs {fused} ({len(group)} linears) as one layer of one setting, "
+                                f"the config gives them {', '.join(f'{v} ({n} linears)' for v, n in counts.items())}")
+    return problems
+
+
+def copied_experts_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], tp: int,
+                            family: ModelFamily) -> list[str]:
+    """A COPY of vLLM 0.33's rules (fallback) for the MoE layers at tensor-parallel size ``tp``: every expert is
+    split over the ranks along its intermediate size (gate/up outputs, down inputs). More ranks than experts are
+    refused. compressed-tensors refuses a rank's share that splits a group of the layer's setting. GPTQ / AWQ run
+    Marlin's MoE kernel when the hidden size is a multiple of 128 and the share holds whole groups of the config's
+    base setting, else vLLM's MoeWNA16 at that base setting: it halves the group until it divides the share and the
+    hidden size (refused below 32), reads AWQ's ``modules_to_not_convert`` but no GPTQ ``dynamic`` rule, so a GPTQ
+    MoE layer skipped or given another setting is then misread."""
+    problems = []
+    seen = set()
+    for name, (k, n) in sorted(shapes.items()):
+        if not family.is_layer_key(name):
+            continue
+        index, _, inside = name[len(family.decoder_layers) + 1:].partition(".")
+        layer = f"{family.decoder_layers}.{index}"
+        if family.expert_of(inside) is None or not inside.endswith("." + family.expert_linears[2]) or layer in seen:
+            continue  # one check per layer, from an expert's down projection (in: the intermediate size)
+        seen.add(layer)
+        vname, share, spec = f"{layer}.{family.experts}", k // tp, quant.spec_for(name)
+        if tp > family.expert_count:
+            problems.append(f"{vname}: tensor-parallel size {tp} is greater than the number of experts "
+                            f"{family.expert_count}")
+        elif k % tp:
+            problems.append(f"{vname}: intermediate size {k} does not split over tp={tp}")
+        elif quant.method == "compressed-tensors":
+            if spec is not None and spec.group_size > 0 and share % spec.group_size:
+                problems.append(f"{vname}: its intermediate share of {share} at tp={tp} splits a quantization group "
+                                f"of {spec.group_size}")
+        elif n % 128 or (quant.spec.group_size > 0 and share % quant.spec.group_size):  # Marlin's MoE kernel: no
+            if spec is None and quant.method == "awq":
+                continue  # MoeWNA16 reads AWQ's modules_to_not_convert
+            if describe_spec(spec) != describe_spec(quant.spec):
+                problems.append(f"{vname}: at tp={tp} vLLM falls back to MoeWNA16, which builds it "
+                                f"{describe_spec(quant.spec)} (no dynamic rule read); the config gives it "
+                                f"{describe_spec(spec)}")
+            group = quant.spec.group_size
+            while group >= 32 and (share % group or n % group):
+                group //= 2
+            if group < 32:
+                problems.append(f"{vname}: no group of 32 or more divides its intermediate share of {share} at "
+                                f"tp={tp} (vLLM's MoeWNA16)")
     return problems
 
 
@@ -73,13 +126,17 @@ def marlin_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int, int]], 
     (misaligned kernel tiles are padded, so that is the only shape rule left). Which linears split along outputs
     or inputs comes from the family (``column_parallel`` / ``row_parallel``)."""
     problems = copied_config_refusals(quant)
-    problems += fused_shard_problems(quant, {n.rsplit(".", 2)[0] for n in shapes if family.is_layer_key(n)}, family)
+    layers = {f"{family.decoder_layers}.{n[len(family.decoder_layers) + 1:].split('.', 1)[0]}" for n in shapes
+              if family.is_layer_key(n)}
+    problems += fused_shard_problems(quant, layers, family) + copied_experts_problems(quant, shapes, tp, family)
     if heads is not None:
         num_heads, num_kv = heads
         kv_ok = tp % num_kv == 0 if tp >= num_kv else num_kv % tp == 0
         if num_heads % tp or not kv_ok:
             problems.append(f"{num_heads} attention heads / {num_kv} KV heads do not split over tp={tp}")
     for name, (k, n) in sorted(shapes.items()):
+        if family.experts and f".{family.experts}." in name:
+            continue  # copied_experts_problems: vLLM's MoE layer has rules of its own
         spec = quant.spec_for(name)
         group = spec.group_size if spec is not None else -1  # an unquantized input split needs no whole groups
         row = any(name.endswith("." + p) for p in family.row_parallel)
@@ -150,6 +207,7 @@ VLLM_MODELS = {
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2ForCausalLM"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3LLMForCausalLM"),
     "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration", "qwen3_5", "Qwen3_5ForCausalLM"),
+    "qwen3_5_moe": ("qwen3_5", "Qwen3_5MoeForConditionalGeneration", "qwen3_5", "Qwen3_5MoeForCausalLM"),
 }
 
 
@@ -165,8 +223,9 @@ def vllm_installed() -> str | None:
 @contextlib.contextmanager
 def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
     """vLLM's platform reports a CUDA device of ``capability`` and a tensor-parallel group of ``tp`` ranks (this
-    process rank 0) while the block runs, so its quantization classes take the decisions they take on a GPU server;
-    everything is put back afterwards. Only construction-time decisions are asked: no kernel runs."""
+    process rank 0; data-, context- and expert-parallel groups of one rank, which vLLM's MoE layers read) while the
+    block runs, so its quantization classes take the decisions they take on a GPU server; everything is put back
+    afterwards. Only construction-time decisions are asked: no kernel runs."""
     from vllm.config import VllmConfig, set_current_vllm_config  # optional: the vllm extra
     from vllm.distributed import parallel_state  # optional: the vllm extra
     from vllm.model_executor.layers.quantization import (
@@ -187,10 +246,15 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
                 capability >= tuple(wanted) if isinstance(wanted, tuple)
                 else DeviceCapability(*capability).to_int() >= wanted)}
     saved = {k: current_platform.__dict__[k] for k in fake if k in current_platform.__dict__}
-    saved_tp = parallel_state._TP
+    groups = ("_TP", "_DP", "_PCP", "_EP")
+    saved_groups = {g: getattr(parallel_state, g) for g in groups}
     saved_ops = _fake_cutlass_queries()
     current_platform.__dict__.update(fake)
-    parallel_state._TP = types.SimpleNamespace(world_size=tp, rank_in_group=0)
+    one = types.SimpleNamespace(world_size=1, rank_in_group=0, device_group=types.SimpleNamespace(size=lambda: 1))
+    for g in groups[1:]:
+        setattr(parallel_state, g, getattr(parallel_state, g) or one)
+    # device: where vLLM's MoeWNA16 loader moves a tensor first (the meta device: inspect loads empty tensors)
+    parallel_state._TP = types.SimpleNamespace(world_size=tp, rank_in_group=0, device=torch.device("meta"))
     try:
         # a default engine config for the block: FP8's linear methods read the model's dtype from it and build
         # vLLM's QuantFP8 op, which reads the rest
@@ -202,7 +266,8 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
         for key, value in saved_ops.items():
             owner, name = key if isinstance(key, tuple) else (_custom_ops(), key)
             setattr(owner, name, value)
-        parallel_state._TP = saved_tp
+        for g, group in saved_groups.items():
+            setattr(parallel_state, g, group)
         for k in fake:
             current_platform.__dict__.pop(k, None)
         current_platform.__dict__.update(saved)
@@ -279,37 +344,95 @@ def vllm_quant_config(folder: pathlib.Path, model_type: str):
 
 def checkpoint_linears(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
     """Runtime name -> (in, out) of every nn.Linear of the model transformers builds from config.json (on the meta
-    device: no memory, no weights), lm_head excepted."""
+    device: no memory, no weights), with an MoE layer's experts as one linear each, named as the checkpoint stores
+    them (``mlp.experts.5.up_proj``); lm_head and the family's ``kept`` linears (routers: vLLM builds them without a
+    quantization config) excepted."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    config = AutoConfig.from_pretrained(folder)
+    family = family_for(config.model_type).bind(config)
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+        model = AutoModelForImageTextToText.from_config(config)
+    unfuse_experts(model, family)
+    kept = tuple(f".{name}" for name in family.kept)
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+            if isinstance(m, torch.nn.Linear) and name != "lm_head"
+            and not (family.is_layer_key(name) and name.endswith(kept))}
 
 
 def vllm_names(linears: dict, family: ModelFamily, outer, quant) -> dict[str, list[str]]:
     """vLLM's module name -> the runtime names of its shards: checkpoint names through the model's
-    ``hf_to_vllm_mapper``, then q/k/v and gate/up fused as ``packed_modules_mapping`` says."""
+    ``hf_to_vllm_mapper``, then q/k/v and gate/up fused as ``packed_modules_mapping`` says, and each expert's
+    linears into its layer's MoE layer (``...mlp.experts``) as vLLM's expert mapping
+    (``RoutedExperts.build_expert_params_mapping``) reads their checkpoint names."""
     mapper = outer.hf_to_vllm_mapper.get_rename_mapper()
     fused_of = {shard: fused for fused, shards in quant.packed_modules_mapping.items() for shard in shards}
+    experts = _expert_mapping(family)
     out: dict[str, list[str]] = {}
     for name in linears:
         vname = mapper.apply_list([family.to_disk(name + ".")[:-1]])[0]
+        expert = next((w for _, w in experts if w in vname + "."), None) if family.is_layer_key(name) else None
+        if expert is not None:  # "experts.5.up_proj." -> the MoE layer "...mlp.experts"
+            out.setdefault(vname[: (vname + ".").index(expert)] + "experts", []).append(name)
+            continue
         head, leaf = vname.rsplit(".", 1)
         out.setdefault(f"{head}.{fused_of.get(leaf, leaf)}", []).append(name)
     return out
 
 
-def vllm_decisions(quant, names: dict[str, list[str]], linears: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """vLLM module name -> the method vLLM's ``get_quant_method`` gives it (with the compressed-tensors scheme),
-    and -> the weight setting it builds it with (``vllm_setting``), at tensor-parallel 1."""
+def _expert_mapping(family: ModelFamily) -> list[tuple[str, str]]:
+    """vLLM's MoE layer's own mapping from the per-expert checkpoint names it loads to its parameters:
+    [("experts.w13_", "experts.5.up_proj."), ...]; [] for a family without experts."""
+    if not family.experts:
+        return []
+    from vllm.model_executor.layers.fused_moe.routed_experts import (
+        RoutedExperts,  # optional: the vllm extra
+    )
+
+    gate, up, down = family.expert_linears
+    return [(param, weight) for param, weight, _, _ in RoutedExperts.build_expert_params_mapping(gate, down, up,
+                                                                                              family.expert_count)]
+
+
+def is_moe_layer(vname: str, family: ModelFamily) -> bool:
+    """Whether the vLLM module ``vname`` is an MoE layer's experts (one FusedMoE layer of every expert)."""
+    return bool(family.experts) and vname.endswith("." + family.experts.rsplit(".", 1)[-1]) and \
+        ".layers." in vname and not vname.startswith("visual")
+
+
+def build_vllm_experts(shards: list[str], linears: dict, family: ModelFamily, quant, vname: str, dtype,
+                       device: str = "meta"):
+    """One MoE layer's experts as vLLM builds them (``FusedMoEFactory``: its quant method chosen and its
+    ``create_weights`` run), at the tensor-parallel size ``pretend_gpu`` set. -> vLLM's MoE runner (its
+    ``routed_experts`` holds the method and the parameters)."""
+    from vllm.model_executor.layers.fused_moe.layer import (
+        FusedMoEFactory,  # optional: the vllm extra
+    )
+
+    gate = next(s for s in shards if s.endswith("." + family.expert_linears[0]))
+    hidden, intermediate = linears[gate]
+    with torch.device(device):
+        return FusedMoEFactory(num_experts=len(shards) // len(family.expert_linears), top_k=family.routed,
+                               hidden_size=hidden, intermediate_size=intermediate, params_dtype=dtype,
+                               quant_config=quant, prefix=vname)
+
+
+def vllm_decisions(quant, names: dict[str, list[str]], linears: dict,
+                   family: ModelFamily | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """vLLM module name -> the method vLLM's ``get_quant_method`` gives it (with the compressed-tensors scheme; an
+    MoE layer's, built by ``build_vllm_experts``), and -> the weight setting it builds it with (``vllm_setting``),
+    at tensor-parallel 1."""
     from vllm.model_executor.layers.linear import (
         ReplicatedLinear,  # optional: the vllm extra
     )
 
     out, settings = {}, {}
     for vname, shards in names.items():
+        if family is not None and is_moe_layer(vname, family):
+            runner = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16)
+            method = runner.routed_experts.quant_method
+            out[vname], settings[vname] = type(method).__name__, vllm_setting(method, None)
+            continue
         stub = ReplicatedLinear.__new__(ReplicatedLinear)  # a LinearBase with its sizes: what the decision reads
         torch.nn.Module.__init__(stub)
         stub.input_size = stub.input_size_per_partition = linears[shards[0]][0]
@@ -326,10 +449,12 @@ def vllm_setting(method, scheme) -> str:
     writes qvlquant's), or "not quantized"."""
     if scheme is not None and hasattr(scheme, "num_bits"):  # compressed-tensors WNA16
         bits, group, sym = scheme.num_bits, scheme.group_size, scheme.symmetric
-    elif hasattr(getattr(method, "quant_config", None), "weight_bits"):  # GPTQ, AWQ
+    elif hasattr(method, "num_bits") and hasattr(method, "symmetric"):  # compressed-tensors WNA16 MoE
+        bits, group, sym = method.num_bits, method.group_size, method.symmetric
+    elif hasattr(getattr(method, "quant_config", None), "weight_bits"):  # GPTQ, AWQ (MoeWNA16: its has_zp)
         config = method.quant_config
         bits, group = config.weight_bits, config.group_size
-        sym = getattr(config, "is_sym", not getattr(config, "zero_point", False))
+        sym = getattr(config, "is_sym", not getattr(config, "zero_point", getattr(config, "has_zp", False)))
     else:
         return "not quantized"
     return describe_spec(QuantSpec(bits, group, sym))
@@ -366,10 +491,12 @@ def shape_mismatches(layer, disk_module: str, header: dict) -> list[str]:
 
 
 def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily, config: dict,
-                         header: dict) -> tuple[dict, dict]:
-    """For each TP size: the problems vLLM raises building the first decoder layer's linears, and the kernel it
-    picks for each; at TP 1 also the checkpoint tensors of its unfused linears whose shapes differ from what vLLM
-    allocates. -> ({tp: [problem]}, {tp: {vLLM name: kernel}})."""
+                         header: dict, settings: dict | None = None) -> tuple[dict, dict]:
+    """For each TP size: the problems vLLM raises building the first decoder layer's linears (and MoE layer), and
+    the kernel it picks for each; at TP 1 also the checkpoint tensors of its unfused linears whose shapes differ
+    from what vLLM allocates, and at every TP size the MoE layer's checkpoint tensors as vLLM's own loader puts them
+    into its parameters (``moe_load_problems``) and the setting it builds it with against ``settings`` (TP 1's).
+    -> ({tp: [problem]}, {tp: {vLLM name: kernel}})."""
     text = config.get("text_config") or config
     heads = (text["num_attention_heads"], text["num_key_value_heads"],
              text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) \
@@ -384,6 +511,10 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
         problems[tp], kernels[tp] = [], {}
         with pretend_gpu(tp):
             for vname, shards in layer0.items():
+                if is_moe_layer(vname, family):
+                    problems[tp] += _moe_layer_problems(quant, vname, shards, linears, family, dtype, header, tp,
+                                                        (settings or {}).get(vname), kernels[tp])
+                    continue
                 first = next(f for f in firsts if shards[0].startswith(f))
                 leaf = shards[0][len(first):]
                 kind = "qkv" if vname.endswith("qkv_proj") else "row" if leaf in family.row_parallel else "column"
@@ -404,6 +535,96 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
                 kernel = _kernel_of(layer)
                 kernels[tp][vname] = type(kernel).__name__ if kernel is not None else type(layer.quant_method).__name__
     return problems, kernels
+
+
+def _moe_layer_problems(quant, vname: str, shards: list[str], linears: dict, family: ModelFamily, dtype, header: dict,
+                        tp: int, setting: str | None, kernels: dict) -> list[str]:
+    """What building the MoE layer ``vname`` at ``tp`` raises, or else what its loader makes of the checkpoint's
+    tensors and, past TP 1, a setting other than TP 1's (GPTQ's fallback to MoeWNA16 reads no ``dynamic`` rule);
+    records the experts kernel vLLM picked in ``kernels``."""
+    try:
+        runner = build_vllm_experts(shards, linears, family, quant, vname, dtype)
+    except (ValueError, AssertionError, NotImplementedError) as e:
+        return [f"{vname}: {_raised(e)}"]
+    method = runner.routed_experts.quant_method
+    kernel = getattr(method, "experts_cls", None)
+    kernels[vname] = kernel.__name__ if kernel is not None else type(method).__name__
+    out = moe_load_problems(runner, vname, shards, family, quant, header)
+    built = vllm_setting(method, None)
+    if tp > 1 and setting is not None and built != setting:
+        out.append(f"{vname}: at tp={tp} vLLM builds it {built} ({type(method).__name__}), at tp=1 {setting} "
+                   "[qvlquant's check of vLLM's decision]")
+    return out
+
+
+def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily, quant, header: dict) -> list[str]:
+    """The MoE layer's checkpoint tensors (``header``: name -> (shape, dtype); the ones of ``shards``) given to
+    vLLM's own loader (``load_weights`` of the layer, after the quantization config's checkpoint mapper, which drops
+    ``g_idx``), as empty tensors on the meta device. Problems: a name its expert mapping does not know (the loader
+    would drop it without a word), an error it raises, and an expert's slot of a parameter that the tensors loaded
+    into it do not fill (the loader narrows its destination to a smaller tensor, for padded layers: the rest would
+    stay uninitialised). A tensor the method declines (symmetric GPTQ's qzeros in MoeWNA16) is none."""
+    prefix = vname + "."
+    mapper = quant.get_checkpoint_weight_mapper()
+    known = _expert_mapping(family)
+    weights = []
+    for shard in shards:
+        disk = family.to_disk(shard + ".")
+        vllm_shard = prefix + shard[len(family.decoder_layers):].split(".", 2)[2][len(family.experts) + 1:] + "."
+        weights += [(vllm_shard + key[len(disk):], key, header[key]) for key in header if key.startswith(disk)]
+    out = []
+    filled: dict[tuple[str, int], list] = {}  # (vLLM parameter, expert) -> [values copied in, a checkpoint key]
+    for name, key, (shape, dtype) in weights:
+        mapped = mapper.apply_list([name])
+        if not mapped:
+            continue  # dropped by vLLM's checkpoint mapper (g_idx)
+        relative = mapped[0][len(prefix):]  # "5.up_proj.qweight"
+        entry = next(((param, w) for param, w in known if w in "experts." + relative), None)
+        if entry is None:
+            out.append(f"{key}: vLLM's expert mapping has no entry for it; its loader would drop it")
+            continue
+        param = entry[0].rsplit(".", 1)[-1] + ("experts." + relative).split(entry[1], 1)[1]  # "w13_" + "qweight"
+        tensor = torch.empty(shape, dtype=DTYPES.get(dtype, torch.float32), device="meta")
+        with _CopiedValues() as copies:
+            try:
+                list(runner.load_weights([(relative, tensor)]))
+            except (ValueError, AssertionError, AttributeError, RuntimeError, IndexError) as e:
+                out.append(f"{key}: vLLM's loader: {_raised(e)}")
+                continue
+        if copies.values:
+            slot = filled.setdefault((param, int(relative.split(".", 1)[0])), [0, key])
+            slot[0] += copies.values
+    for (param, e), (values, key) in filled.items():
+        target = getattr(runner.routed_experts, param, None)
+        if target is not None and values != target[e].numel():
+            out.append(f"{key}: vLLM's loader fills {values} of the {target[e].numel()} values of expert {e}'s "
+                       f"{param} (shape {tuple(target.shape[1:])}) from the checkpoint; the rest stays uninitialised")
+    return out
+
+
+class _CopiedValues(torch.overrides.TorchFunctionMode):
+    """While active: how many values the ``Tensor.copy_`` calls wrote (``values``; vLLM's loader writes a
+    parameter's slot with ``copy_`` into a view of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_:
+            self.values += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def _raised(e: BaseException) -> str:
+    """``ValueError: message``; for an assertion without a message, the assert's own source line in vLLM."""
+    if str(e) or not e.__traceback__:
+        return f"{type(e).__name__}: {e}"
+    import traceback
+
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    where = frame.filename.split("site-packages/")[-1]
+    return f"{type(e).__name__}: {frame.line} ({where}:{frame.lineno})"
 
 
 def _kernel_of(layer):
@@ -429,7 +650,7 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
             report["method"], quant = vllm_quant_config(folder, config["model_type"])
             outer, _ = vllm_model_classes(config["model_type"])
             names = vllm_names(linears, family, outer, quant)
-            report["layers"], report["settings"] = vllm_decisions(quant, names, linears)
+            report["layers"], report["settings"] = vllm_decisions(quant, names, linears, family)
     except (ValueError, AssertionError, KeyError, NotImplementedError) as e:
         report["refused"] = f"{type(e).__name__}: {e}"
         report["tp"] = {tp: [f"vLLM {version} refuses the config: {e}"] for tp in TP_SIZES}
@@ -438,7 +659,7 @@ def ask_vllm(folder: pathlib.Path, config: dict, family: ModelFamily) -> dict:
                                         if shards[0].startswith(family.vision_tower + ".")
                                         and report["layers"][v] != "UnquantizedLinearMethod")
     report["tp"], report["kernels"] = vllm_tensor_parallel(quant, names, linears, family, config,
-                                                           read_checkpoint_header(folder))
+                                                           read_checkpoint_header(folder), report["settings"])
     ours = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
     # the integer layouts' per-module widths (FP8, INT8 W8A8 and NVFP4 exports hold one setting, checked by the
     # methods vLLM names)
@@ -454,10 +675,15 @@ def setting_mismatches(settings: dict[str, str], names: dict[str, list[str]], qu
     (``CheckpointQuant.spec_for`` of each shard): vLLM would refuse their tensors or read them wrongly."""
     out = []
     for vname, shards in names.items():
-        for shard in (s for s in shards if family.is_layer_key(s)):
-            if settings[vname] != describe_spec(quant.spec_for(shard)):
-                out.append(f"{vname}: vLLM builds it {settings[vname]}, the checkpoint holds {shard} "
-                           f"{describe_spec(quant.spec_for(shard))} [qvlquant's check of vLLM's decision]")
+        wrong = [s for s in shards if family.is_layer_key(s) and settings[vname] != describe_spec(quant.spec_for(s))]
+        if len(wrong) > 4:  # an MoE layer: one line
+            out.append(f"{vname}: vLLM builds it {settings[vname]}, the checkpoint holds {len(wrong)} of its "
+                       f"{len(shards)} linears otherwise (first {wrong[0]} {describe_spec(quant.spec_for(wrong[0]))}) "
+                       "[qvlquant's check of vLLM's decision]")
+            continue
+        for shard in wrong:
+            out.append(f"{vname}: vLLM builds it {settings[vname]}, the checkpoint holds {shard} "
+                       f"{describe_spec(quant.spec_for(shard))} [qvlquant's check of vLLM's decision]")
     return out
 
 

@@ -137,11 +137,36 @@ def measure_model(model, batches: list[dict], plan: SensitivityPlan,
         layer = source.load(i)
         inputs = [x.of_type(family.layer_type(i)) for x in inputs]  # hybrid models: this layer type's mask
         groups = [g for g in family.at(i).linear_groups if plan.searched(prefix, g)]
-        for group, errors in measure_layer(layer, inputs, groups, plan).items():
-            table.append(GroupErrors(i, tuple(f"{prefix}.{name}" for name in group), tuple(sorted(errors.items()))))
+        measured = measure_layer(layer, inputs, groups, plan)
+        for unit in search_units(family.at(i), groups):  # an MoE layer's experts: one unit, their errors summed
+            errors = {b: sum(measured[g][b] for g in unit) for b in measured[unit[0]]}
+            table.append(GroupErrors(i, tuple(f"{prefix}.{name}" for g in unit for name in g),
+                                     tuple(sorted(errors.items()))))
         inputs = [next_input(i, layer, x) for x in inputs]
         source.release(i)
     return table
+
+
+def search_units(layout: ModelFamily, groups: list[tuple[str, ...]]) -> list[tuple[tuple[str, ...], ...]]:
+    """The layer's linear ``groups`` joined where one of vLLM's fused layers (``layout.fused``) spans several: an
+    MoE layer's experts, one group per expert, which vLLM runs as one layer of one setting. The search gives each
+    unit one width, so it never splits a fused layer (summing its groups' errors is the same knapsack with that
+    constraint). Groups that no fused layer joins stay units of their own, in their order."""
+    unit_of = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while unit_of[i] != i:
+            i = unit_of[i]
+        return i
+
+    for _, parts in layout.fused:
+        joined = [i for i, g in enumerate(groups) if set(g) & set(parts)]
+        for i in joined[1:]:
+            unit_of[root(i)] = root(joined[0])
+    units: dict[int, list[tuple[str, ...]]] = {}
+    for i, g in enumerate(groups):
+        units.setdefault(root(i), []).append(g)
+    return [tuple(u) for u in units.values()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +241,21 @@ def search(table: Sequence[GroupErrors], plan: SensitivityPlan, linears: Sequenc
 
 def group_rule(names: Sequence[str], bits: int) -> Rule:
     """The rule giving exactly the linears ``names`` (one layer's group) width ``bits`` (SKIP_BITS: skip):
-    ``^model\\.language_model\\.layers\\.3\\.(?:self_attn\\.q_proj|...)$``."""
+    ``^model\\.language_model\\.layers\\.3\\.(?:self_attn\\.q_proj|...)$``. Names numbered 0..n-1 below one module
+    with the same linears each (every expert of an MoE layer) take one pattern, the number as ``\\d+``."""
     prefix = names[0].rsplit(".", 2)[0] + "."
-    pattern = f"^{re.escape(prefix)}(?:{'|'.join(re.escape(n[len(prefix):]) for n in names)})$"
+    inside = [n[len(prefix):] for n in names]
+    numbered: dict[str, list[str]] = {}
+    for n in inside:
+        index, _, leaf = n.partition(".")
+        numbered.setdefault(index, []).append(leaf)
+    leaves = next(iter(numbered.values()))
+    if len(numbered) > 1 and sorted(numbered) == sorted(map(str, range(len(numbered)))) and \
+            all(v == leaves for v in numbered.values()):
+        body = rf"\d+\.(?:{'|'.join(re.escape(leaf) for leaf in leaves)})"
+    else:
+        body = "|".join(re.escape(n) for n in inside)
+    pattern = f"^{re.escape(prefix)}(?:{body})$"
     return Rule(pattern, skip=True) if bits == SKIP_BITS else Rule(pattern, settings=(("bits", bits),))
 
 

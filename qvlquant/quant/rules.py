@@ -197,8 +197,18 @@ class ModulePlan:
         """Linears a serving stack fuses into one layer (vLLM's qkv_proj, gate_up_proj) need one setting."""
         configs = {name: self.config_for(name) for name in group}
         if len({None if c is None else _key(c) for c in configs.values()}) > 1:
-            shown = ", ".join(f"{n.rsplit('.', 1)[-1]}: {describe(c)}" for n, c in configs.items())
-            prefix = group[0].rsplit(".", 1)[0]
+            # the names below the group's common module (q_proj; an MoE layer's 0.gate_proj, ...)
+            parts = [n.split(".") for n in group]
+            common = next((i for i in range(len(parts[0])) if len({tuple(p[: i + 1]) for p in parts}) > 1),
+                          len(parts[0]) - 1)
+            prefix, leaf = ".".join(parts[0][:common]), lambda n: ".".join(n.split(".")[common:])  # noqa: E731
+            if len(group) <= 4:
+                shown = ", ".join(f"{leaf(n)}: {describe(c)}" for n, c in configs.items())
+            else:  # an MoE layer's experts: per setting, how many linears and the first of them
+                by: dict[str, list[str]] = {}
+                for n, c in configs.items():
+                    by.setdefault(describe(c), []).append(leaf(n))
+                shown = ", ".join(f"{len(ns)} linears {s} (first {ns[0]})" for s, ns in by.items())
             raise ValueError(f"{prefix}: {shown}; vLLM runs these linears as one fused layer, so they need one "
                              "setting: make the rule's pattern match all of them, or none")
 

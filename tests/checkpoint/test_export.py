@@ -292,3 +292,51 @@ def test_mixed_exports_reload_with_each_linear_as_the_rules_left_it(demo, demo_b
     assert loaded.get_submodule(f"{prefix}.2.mlp.up_proj").spec == QuantSpec(4, 128, sym)
     batch = next(b for b in demo_batches if "pixel_values" in b)
     torch.testing.assert_close(logits(loaded, batch), logits(q, batch), rtol=0, atol=1e-5)
+
+
+def test_moe_configs_give_each_layers_experts_one_decision_every_client_reads():
+    """Qwen3.5-MoE, rules on whole MoE layers (layer 1's experts skipped, layer 2's at 8 bits; a rule cannot split a
+    layer's experts, tests/quant/test_rules.py): GPTQ ``dynamic`` and compressed-tensors regexes stand for every
+    expert with ``\\d+`` (one pattern per linear, not one per expert) and match vLLM's MoE layer
+    (``language_model.model.layers.1.mlp.experts``, which GPTQ's rules are matched against) and every expert's
+    runtime and checkpoint names, of those layers only (not layer 11 / 12); compressed-tensors ignores the routers
+    and shared-expert gates, AWQ names them and the skipped MoE layer (vLLM matches its substrings)."""
+    import re
+
+    from qvlquant.checkpoint.export import quantization_config
+    from qvlquant.engine.loop import fused_groups
+    from qvlquant.quant.rules import ModulePlan, parse_rule
+
+    layers = 13
+    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 6, "num_experts_per_tok": 2,
+                                                             "layer_types": ["linear_attention"] * layers}})
+    names = [f"{family.decoder_layers}.{i}.{n}" for i in range(layers) for n in family.at(i).linears]
+    rules = [parse_rule(r"layers\.1\.mlp\.experts\.:skip"), parse_rule(r"layers\.2\.mlp\.experts\.:bits=8")]
+    gptq = QuantConfig("gptq")
+    plan = ModulePlan.resolve(rules, gptq, names, fused_groups(family, layers))
+    config = quantization_config(gptq, PackFormat.GPTQ, family, layers, plan)
+    ct = quantization_config(gptq, PackFormat.COMPRESSED, family, layers, plan)
+    assert max(len(k) for k in config["dynamic"]) < 200  # one pattern per linear, whatever the expert count
+    groups = {g["weights"]["num_bits"]: g["targets"] for g in ct["config_groups"].values()}
+    want = {1: "skip", 2: 8}
+    for i in (1, 2, 11, 12):
+        vllm = f"language_model.model.layers.{i}.mlp.experts"
+        assert _dynamic_decision(config["dynamic"], vllm) == want.get(i, 4), vllm
+        for e in range(6):
+            for leaf in ("gate_proj", "up_proj", "down_proj"):
+                runtime = f"model.language_model.layers.{i}.mlp.experts.{e}.{leaf}"
+                assert _dynamic_decision(config["dynamic"], runtime) == want.get(i, 4), runtime
+                ct_skip = any(re.match(x[3:], runtime) for x in ct["ignore"] if x.startswith("re:"))
+                ct_bits = next((b for b, targets in groups.items() if any(
+                    t.startswith("re:") and re.match(t[3:], runtime) for t in targets)), 4)
+                assert ("skip" if ct_skip else ct_bits) == want.get(i, 4), runtime
+    for kept in ("mlp.gate", "mlp.shared_expert_gate"):
+        runtime = f"model.language_model.layers.3.{kept}"
+        assert any(re.match(x[3:], runtime) for x in ct["ignore"] if x.startswith("re:"))
+    assert not any(re.match(x[3:], "model.language_model.layers.3.mlp.shared_expert.gate_proj")
+                   for x in ct["ignore"] if x.startswith("re:"))
+    awq = QuantConfig("awq")
+    awq_plan = ModulePlan.resolve(rules[:1], awq, names, fused_groups(family, layers))
+    not_converted = quantization_config(awq, PackFormat.AWQ_GEMM, family, layers, awq_plan)["modules_to_not_convert"]
+    assert {"mlp.gate", "mlp.shared_expert_gate", "layers.1.mlp.experts"} <= set(not_converted)
+    assert [n for n in not_converted if "experts" in n and not n.startswith("layers.1.")] == []

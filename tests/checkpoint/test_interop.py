@@ -85,3 +85,66 @@ def test_transformers_cannot_load_per_module_widths_in_the_gptq_format(tmp_path)
                  "--output", str(out)]) == 0
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         Qwen2VLForConditionalGeneration.from_pretrained(out, device_map="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def moe_exports(tmp_path_factory):
+    """A tiny Qwen3.5-MoE checkpoint and its W4 g64 exports (RTN, straight from the checkpoint)."""
+    from tiny_models import qwen3_5_checkpoint
+
+    root = tmp_path_factory.mktemp("interop-moe")
+    qwen3_5_checkpoint(root / "base", moe=True)
+    out = {}
+    for fmt in ("gptq", "compressed-tensors"):
+        out[fmt] = root / fmt
+        qvlquant.quantize(model=str(root / "base"), output=str(out[fmt]), bits=4, group_size=64,
+                          export_format="compressed-tensors" if fmt == "compressed-tensors" else "auto")
+    return root / "base", out
+
+
+def _expert_gate(model, layer: int, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s gate_proj weight [I, H] in transformers' fused experts of decoder layer ``layer``."""
+    fused = model.model.language_model.layers[layer].mlp.experts.gate_up_proj[expert]
+    return fused[: fused.shape[0] // 2].float()
+
+
+@pytest.mark.slow
+def test_transformers_loads_a_compressed_tensors_moe_export_with_its_gates_as_they_were(moe_exports):
+    """compressed-tensors' config group targets every Linear; the export's ``ignore`` keeps each layer's
+    shared-expert gate (and router) out of it, so transformers 5.24 loads them as the plain weights they are (without
+    it, it built them as packed linears whose tensors the checkpoint lacks, left random). The experts are
+    decompressed into transformers' fused experts: each expert's weight is the one qvlquant.load dequantizes."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    base, exports = moe_exports
+    hf = AutoModelForImageTextToText.from_pretrained(exports["compressed-tensors"], device_map="cpu",
+                                                     dtype=torch.float32)
+    tensors = load_file(str(base / "model.safetensors"))
+    for i in range(4):
+        gate = hf.model.language_model.layers[i].mlp.shared_expert_gate
+        key = f"model.language_model.layers.{i}.mlp.shared_expert_gate.weight"
+        assert type(gate) is torch.nn.Linear and torch.equal(gate.weight, tensors[key].float()), i
+    ours, _ = qvlquant.load(exports["compressed-tensors"], dtype=torch.float32)
+    for e in (0, 5):
+        expected = ours.get_submodule(f"model.language_model.layers.2.mlp.experts.{e}.gate_proj")
+        torch.testing.assert_close(_expert_gate(hf, 2, e), expected.quantized_weight().dequantize().float(),
+                                   rtol=1e-2, atol=1e-3)  # float16 scales against transformers' decompression
+
+
+@pytest.mark.slow
+def test_transformers_leaves_a_gptq_moe_exports_experts_unloaded(moe_exports):
+    """What docs/INTEROP.md says of transformers 5.24 (optimum 2.3, gptqmodel 7.7): the GPTQ export's per-expert
+    tensors are not read into its fused experts (its load report lists them UNEXPECTED and the fused
+    ``gate_up_proj`` / ``down_proj`` MISSING, so they stay at their random initialisation), while the other decoder
+    linears load as gptqmodel's. When this fails, transformers loads them: update INTEROP.md and this test."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    base, exports = moe_exports
+    hf = AutoModelForImageTextToText.from_pretrained(exports["gptq"], device_map="cpu", dtype=torch.float32)
+    shared = hf.model.language_model.layers[0].mlp.shared_expert.down_proj
+    assert "gptqmodel" in type(shared).__module__
+    w = load_file(str(base / "model.safetensors"))["model.language_model.layers.0.mlp.experts.3.gate_proj.weight"]
+    got = _expert_gate(hf, 0, 3)
+    assert (got - w.float()).norm() / w.float().norm() > 0.5  # not the expert's weight (W4 g64 would be ~0.1)

@@ -4,10 +4,14 @@ random models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL), ``inspect`` asks vLLM's qua
 layer, the kernel chosen by ``create_weights`` at each tensor-parallel size, GPU capability faked) which method
 every linear gets. The vision tower must be unquantized, the language model quantized, TP 1/2 accepted.
 
+MoE families (Qwen3.5-MoE; the ``MOE`` table) add each layer's experts as vLLM's one MoE layer: its method per
+format and TP size, vLLM's own loader given the experts' tensors, its whole MoE block built (routers unquantized),
+rules on whole MoE layers, and a split layer refused and flagged.
+
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it in the main
-venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 cores:
-about 72 s for the 54 tests (mixed-precision ones included), most of it importing vLLM once (~9 s) and building
-the tiny exports.
+venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 shared
+cores at a load average of 5 to 9: 276 s for the 114 tests; the 17 MoE tests took 80 to 120 s run alone (most of
+it importing vLLM and building the tiny exports).
 """
 
 import copy
@@ -30,7 +34,7 @@ from qvlquant.checkpoint.datafree import export_fp8, export_nvfp4  # noqa: E402
 from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config  # noqa: E402
 from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes  # noqa: E402
 from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
-from qvlquant.checkpoint.vllm import copied_rules, vllm_compatibility_warnings  # noqa: E402
+from qvlquant.checkpoint.vllm import TP_SIZES, copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
 from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat  # noqa: E402
@@ -211,7 +215,6 @@ def test_tensor_parallel_at_the_real_sizes(tmp_path, size, fmt):
     import transformers
 
     from qvlquant.checkpoint.vllm import (
-        TP_SIZES,
         checkpoint_linears,
         marlin_problems,
         pretend_gpu,
@@ -329,7 +332,7 @@ def copied_inputs(folder, model_type):
 
     folder = pathlib.Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    family, header = family_for(model_type), read_checkpoint_header(folder)
+    family, header = family_for(model_type).bind(config), read_checkpoint_header(folder)
     quant = read_quantization_config(config["quantization_config"], str(folder / "config.json"))
     return quant, quantized_shapes(header, quant, family), [], family, config
 
@@ -779,3 +782,357 @@ def test_qvlquants_emulation_is_vllms_reference_numerics(calibrated_exports):
     served = run_nvfp4_emulations(x, gscale, linear.weight_packed, linear.weight_scale,
                                   1.0 / linear.weight_global_scale, swizzle=False)
     torch.testing.assert_close(linear(x), served, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_a_rule_gives_qwen3_5_linear_attention_8_bits_in_vllm_too(tmp_path, fmt):
+    """``--override 'linear_attn:bits=8'``: the DeltaNet's inputs are one linear group in qvlquant but two fused
+    layers in vLLM (in_proj_qkvz, in_proj_ba); GPTQ's ``dynamic`` rule names both, so vLLM builds both, and out_proj,
+    at W8 (it named in_proj_qkvz only, and vLLM built in_proj_ba at W4 over 8-bit tensors)."""
+    from qvlquant.quant.rules import parse_rule
+
+    folder = make_export(tmp_path / fmt, "qwen3_5", fmt, rules=(parse_rule("linear_attn:bits=8"),))
+    report = inspect_checkpoint(folder)["vllm"]
+    settings = {v.removeprefix("language_model.model."): s for v, s in report["settings"].items()}
+    assert {settings[f"layers.{i}.linear_attn.{n}"] for i in (0, 1, 2)
+            for n in ("in_proj_qkvz", "in_proj_ba", "out_proj")} == {"W8 g64 sym"}
+    assert settings["layers.3.self_attn.qkv_proj"] == "W4 g64 sym" and report["tp"][1] == []
+
+
+# --- Mixture of experts: every expert of a layer in one vLLM MoE layer ----------------------------------------------
+def _qwen3_5_moe_base(folder):
+    from tiny_models import qwen3_5_checkpoint
+
+    qwen3_5_checkpoint(folder, moe=True)
+
+
+MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a new MoE family needs an entry only
+    "qwen3_5_moe": dict(
+        base=_qwen3_5_moe_base,  # writes the tiny bf16 checkpoint into a folder
+        layers=4, experts=8,
+        # vLLM's quantized modules of the decoder: 3 DeltaNet layers (in_proj_qkvz, in_proj_ba, out_proj) and a
+        # full-attention layer (qkv_proj, o_proj), each with a shared expert (gate_up_proj, down_proj) and its experts
+        vllm_modules=3 * 6 + 5, vision_linears=10,
+        block=("qwen3_next", "Qwen3NextSparseMoeBlock"),  # vLLM's MoE block: (models module, class(config, prefix))
+        kept=("gate", "shared_expert_gate"),  # its linears built without a quantization config: routers
+        shared_expert=True,  # the block's shared expert (quantized linears of their own)
+        first_moe_layers=(0, 3),  # the first layer of each type: inspect builds and loads those at every TP size
+        rule_layers=(0, 3),  # the MoE layers the rules test skips / gives 8 bits (first layers: loaded at TP 1, 2)
+    ),
+}
+MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and 2 (sm_90), and its experts kernel
+    "gptq": ("AutoGPTQMoEMethod", "HummingIndexedExperts"),
+    "compressed-tensors": ("CompressedTensorsWNA16MoEMethod", "HummingIndexedExperts"),
+}
+
+
+def moe_export(root, model_type, fmt, rules=(), method="rtn"):
+    """The tiny MoE checkpoint (made once per ``root``), exported as ``quantize`` does (RTN: straight from the
+    checkpoint) at W4 g64 in ``fmt``."""
+    import qvlquant
+
+    base = root / f"{model_type}-base"
+    if not base.exists():
+        MOE[model_type]["base"](base)
+    out = root / f"{model_type}-{fmt}-{method}-{len(rules)}"
+    sym = method != "awq"
+    qvlquant.quantize(model=str(base), output=str(out), method=method, bits=4, group_size=64, sym=sym,
+                      export_format="compressed-tensors" if fmt == "compressed-tensors" else "auto",
+                      rules=list(rules), **({"calib": "demo", "num_samples": 2} if method == "awq" else {}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-moe")
+    return {(t, f): moe_export(root, t, f) for t in MOE for f in MOE_METHODS}
+
+
+def _moe_layers(report, model_type):
+    return [f"language_model.model.layers.{i}.mlp.experts" for i in range(MOE[model_type]["layers"])]
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_type, fmt):
+    """vLLM's view of a GPTQ / compressed-tensors W4 g64 export of an MoE family: each layer's experts one MoE layer
+    (``FusedMoEFactory``: AutoGPTQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, every other decoder linear
+    (the shared expert's included) quantized, the vision tower unquantized, TP 1 and 2 accepted with the experts'
+    tensors loaded by vLLM's own loader without a problem."""
+    report = inspect_checkpoint(moe_exports[model_type, fmt])["vllm"]
+    entry, (moe_method, kernel) = MOE[model_type], MOE_METHODS[fmt]
+    assert report["checked_by"].startswith("vLLM 0.33") and report["refused"] is None
+    decoder = {v: m for v, m in report["layers"].items() if ".layers." in v and not v.startswith("visual")}
+    experts = _moe_layers(report, model_type)
+    assert {v: decoder[v] for v in experts} == {v: moe_method for v in experts}
+    assert {report["settings"][v] for v in experts} == {"W4 g64 sym"}
+    others = {v: m for v, m in decoder.items() if v not in experts}
+    assert len(others) == entry["vllm_modules"] - entry["layers"] and set(others.values()) == {FORMATS[fmt][3]}
+    # routers: never asked (vLLM builds them without a quantization config; the block's test below shows it)
+    assert not any(v.rsplit(".", 1)[-1] in entry["kept"] for v in decoder)
+    vision = {v: m for v, m in report["layers"].items() if v.startswith("visual.")}
+    assert len(vision) == entry["vision_linears"] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert not report["vision_quantized"] and report["tp"][1] == [] and report["tp"][2] == []
+    assert {report["kernels"][1][f"language_model.model.layers.{i}.mlp.experts"] for i in entry["first_moe_layers"]} \
+        == {kernel}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exports, model_type, fmt, tp):
+    """Layer 0's experts built on the CPU as vLLM builds them at TP ``tp`` (rank 0), and the export's per-expert
+    tensors given to vLLM's own loader (through its checkpoint mapper: GPTQ's g_idx dropped): each parameter of the
+    MoE layer then holds, for every expert, rank 0's share of the tensors the export wrote (gate then up along the
+    intermediate dimension of w13, down's along w2's): the packed codes byte for byte, the scales as the model's
+    dtype holds them."""
+    from safetensors.torch import load_file
+
+    from qvlquant.checkpoint.vllm import (
+        build_vllm_experts,
+        checkpoint_linears,
+        pretend_gpu,
+        vllm_model_classes,
+        vllm_names,
+        vllm_quant_config,
+    )
+
+    folder = moe_exports[model_type, fmt]
+    family = family_for(model_type).bind(json.loads((folder / "config.json").read_text()))
+    tensors = load_file(str(folder / "model.safetensors"))
+    linears = checkpoint_linears(folder)
+    with pretend_gpu(tp):
+        _, quant = vllm_quant_config(folder, model_type)
+        outer, _ = vllm_model_classes(model_type)
+        vname = "language_model.model.layers.0.mlp.experts"
+        shards = vllm_names(linears, family, outer, quant)[vname]
+        runner = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16, device="cpu")
+        mapper = quant.get_checkpoint_weight_mapper()
+        disk = family.to_disk(f"{family.decoder_layers}.0.{family.experts}.")
+        weights = [(f"{vname}.{k[len(disk):]}", t) for k, t in tensors.items() if k.startswith(disk)]
+        loaded = list(runner.load_weights([(n[len(vname) + 1:], t) for n, t in mapper.apply(iter(weights))]))
+    experts = runner.routed_experts
+    assert type(experts.quant_method).__name__ == MOE_METHODS[fmt][0] and loaded
+    gptq = fmt == "gptq"
+    split = {"gate_proj": 1 if gptq else 0, "up_proj": 1 if gptq else 0, "down_proj": 0 if gptq else 1}
+    names = [n for n in tensors if n.startswith(disk + "0.gate_proj.") and not n.endswith(("g_idx", "weight_shape"))]
+    assert len(names) == (3 if gptq else 2)  # qweight, qzeros, scales / weight_packed, weight_scale
+    for e in range(MOE[model_type]["experts"]):
+        for leaf in (n.rsplit(".", 1)[-1] for n in names):
+            ckpt = {p: tensors[f"{disk}{e}.{p}.{leaf}"] for p in split}
+            w13, w2 = getattr(experts, f"w13_{leaf}")[e], getattr(experts, f"w2_{leaf}")[e]
+            # (float16 scales are read into the model's bfloat16, as vLLM serves the export)
+            share = {p: t.narrow(split[p], 0, t.shape[split[p]] // tp).to(w13.dtype) for p, t in ckpt.items()}
+            n = share["gate_proj"].shape[split["gate_proj"]]
+            assert torch.equal(w13.narrow(split["gate_proj"], 0, n), share["gate_proj"]), (e, leaf)
+            assert torch.equal(w13.narrow(split["up_proj"], n, n), share["up_proj"]), (e, leaf)
+            assert torch.equal(w2, share["down_proj"]), (e, leaf)
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model_type, fmt, monkeypatch):
+    """vLLM's whole MoE block built from the export's config (its own class, TP 2): the router and the
+    shared-expert gate get no quantization method (vLLM builds them without the quantization config), the shared
+    expert the format's linear method, the experts its MoE method. Two run-time pieces a CPU build of vLLM lacks are
+    stood in for: the SiLU-and-mul op (no weights) and the shared experts' CUDA stream (vLLM's own switch)."""
+    import importlib
+
+    from transformers import AutoConfig
+    from vllm.config import get_current_vllm_config
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_quant_config
+
+    module, cls = MOE[model_type]["block"]
+    models = importlib.import_module(f"vllm.model_executor.models.{module}")
+    monkeypatch.setenv("VLLM_DISABLE_SHARED_EXPERTS_STREAM", "1")
+    monkeypatch.setattr(importlib.import_module("vllm.model_executor.models.qwen2_moe"), "SiluAndMul",
+                        torch.nn.Identity)
+    folder = moe_exports[model_type, fmt]
+    with pretend_gpu(2):
+        _, quant = vllm_quant_config(folder, model_type)
+        engine = get_current_vllm_config()
+        engine.model_config.hf_text_config = AutoConfig.from_pretrained(folder).text_config
+        object.__setattr__(engine, "quant_config", quant)
+        with torch.device("meta"):
+            block = getattr(models, cls)(engine, prefix="language_model.model.layers.0.mlp")
+    methods = {n: type(m.quant_method).__name__ for n, m in block.named_modules() if hasattr(m, "quant_method")}
+    assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
+    assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
+    shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
+    assert shared == ({FORMATS[fmt][3].split("(")[0]} if MOE[model_type]["shared_expert"] else set())
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_the_copied_rules_agree_with_vllm_on_moe_exports(moe_exports, model_type):
+    """The fallback's answer for the MoE exports at every TP size, including the MoE layers' own rules (GPTQ: MoeWNA16
+    past a split group, refused below groups of 32; compressed-tensors: a split group refused)."""
+    for fmt in MOE_METHODS:
+        folder = moe_exports[model_type, fmt]
+        copied = copied_rules(*copied_inputs(folder, model_type))
+        asked = inspect_checkpoint(folder)["vllm"]
+        assert copied["refused"] is None and copied["vision_quantized"] == []
+        assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in asked["tp"].items()}
+        # the MoE layers each names (inspect builds the first layer of each type; the copy checks them all)
+        firsts = tuple(f".layers.{i}.mlp.experts" for i in MOE[model_type]["first_moe_layers"])
+        moe = lambda problems: {p.split(":")[0].replace("model.language_model.", "language_model.model.")  # noqa: E731
+                                for p in problems if p.split(":")[0].endswith(firsts)}
+        for tp in TP_SIZES:
+            assert moe(copied["tp"][tp]) == moe(asked["tp"][tp]), tp
+
+
+def _moe_rule(model_type, layer, action):
+    """A rule on every expert of one layer: ``layers\\.0\\.mlp\\.experts\\.:skip``."""
+    import re
+
+    return rf"layers\.{layer}\.{re.escape(family_for(model_type).experts)}\.:{action}"
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_vllm_gives_each_moe_layer_its_rule(tmp_path, model_type, fmt):
+    """Rules on whole MoE layers, as vLLM reads them: the first layer of one type's experts skipped
+    (UnquantizedFusedMoEMethod; GPTQ: the ``-:`` dynamic rule names vLLM's ``mlp.experts``; compressed-tensors: its
+    ``ignore`` regex matches expert 0's names, which vLLM asks), the other type's at 8 bits, the rest at W4; vLLM's
+    own loader takes both layers' tensors (plain weights, 8-bit codes) at TP 1 and 2."""
+    skipped, eight = MOE[model_type]["rule_layers"]
+    folder = moe_export(tmp_path, model_type, fmt, rules=(_moe_rule(model_type, skipped, "skip"),
+                                                          _moe_rule(model_type, eight, "bits=8")))
+    report = inspect_checkpoint(folder)
+    vllm = report["vllm"]
+    assert vllm["refused"] is None and vllm["tp"][1] == [] and vllm["tp"][2] == [], vllm["tp"]
+    experts = dict.fromkeys(_moe_layers(vllm, model_type))
+    skipped, eight = (f"language_model.model.layers.{i}.mlp.experts" for i in (skipped, eight))
+    assert vllm["layers"][skipped] == "UnquantizedFusedMoEMethod" and vllm["settings"][skipped] == "not quantized"
+    assert vllm["layers"][eight] == MOE_METHODS[fmt][0] and vllm["settings"][eight] == "W8 g64 sym"
+    assert {vllm["settings"][v] for v in experts if v not in (skipped, eight)} == {"W4 g64 sym"}
+    assert copied_rules(*copied_inputs(folder, model_type))["tp"][1] == []
+
+
+@pytest.mark.parametrize("fmt", list(MOE_METHODS))
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_one_expert_given_another_setting_is_refused_and_flagged(tmp_path, moe_exports, model_type, fmt):
+    """vLLM builds an MoE layer at one setting and reads nothing else: compressed-tensors asks expert 0's names only,
+    GPTQ's ``dynamic`` is matched against the layer's name. So qvlquant refuses a rule that splits a layer's
+    experts (before any work), and a checkpoint whose config does (edited here: expert 3 of layer 0 at 8 bits) is
+    built at W4 by vLLM without a word: inspect's check of vLLM's decision names it, and the copied rules refuse it."""
+    import qvlquant
+
+    linears = 3 * MOE[model_type]["experts"]  # gate, up, down of every expert
+    with pytest.raises(ValueError, match=rf"layers\.0\.mlp\.experts: {linears - 3} linears W4g64 rtn \(first "
+                                         r"0\.gate_proj\), 3 linears W8g64 rtn \(first 3\.gate_proj\); vLLM runs these "
+                                         "linears as one fused layer"):
+        qvlquant.quantize(model=str(moe_exports[model_type, fmt].parent / f"{model_type}-base"),
+                          output=str(tmp_path / "refused"), bits=4, group_size=64,
+                          rules=[r"layers\.0\.mlp\.experts\.3\.:bits=8"])
+    assert not (tmp_path / "refused").exists()
+    edited = tmp_path / "edited"
+    shutil.copytree(moe_exports[model_type, fmt], edited)
+    config = json.loads((edited / "config.json").read_text())
+    qc = config["quantization_config"]
+    pattern = r".*\.layers\.0\.mlp\.experts\.3\.(?:gate_proj|up_proj|down_proj)$"
+    if fmt == "gptq":
+        qc["dynamic"][f"+:{pattern}"] = {"bits": 8, "group_size": 64, "sym": True, "desc_act": False}
+    else:
+        qc["config_groups"]["group_1"] = {**qc["config_groups"]["group_0"], "targets": [f"re:{pattern}"],
+                                          "weights": {**qc["config_groups"]["group_0"]["weights"], "num_bits": 8}}
+    (edited / "config.json").write_text(json.dumps(config))
+    (edited / "qvlquant_manifest.json").unlink()
+    report = inspect_checkpoint(edited)
+    vname = "language_model.model.layers.0.mlp.experts"
+    assert report["vllm"]["refused"] is None and report["vllm"]["settings"][vname] == "W4 g64 sym"
+    flagged = [p for p in report["marlin"][1] if p.startswith(vname)]
+    assert len(flagged) == 3 and all("vLLM builds it W4 g64 sym, the checkpoint holds model.language_model."
+                                     "layers.0.mlp.experts.3." in p and p.endswith("W8 g64 sym [qvlquant's check of "
+                                                                                   "vLLM's decision]") for p in flagged)
+    copied = copied_rules(*copied_inputs(edited, model_type))
+    assert any(f"vLLM runs mlp.experts ({linears} linears) as one layer of one setting, the config gives them W4 g64 "
+               f"sym ({linears - 3} linears), W8 g64 sym (3 linears)" in p for p in copied["tp"][1])
+
+
+def test_vllms_moe_loader_is_watched_for_what_it_would_misread(moe_exports, tmp_path):
+    """The experts' tensors inspect gives vLLM's loader: one stored transposed is an error vLLM's loader raises; a
+    scale with one group row where two belong it loads without a word (it narrows its destination to what it is
+    given, for padded layers), leaving the second row uninitialised: inspect names it."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "repacked"
+    shutil.copytree(moe_exports["qwen3_5_moe", "gptq"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    head = "model.language_model.layers.0.mlp.experts."
+    tensors[head + "0.gate_proj.qweight"] = tensors[head + "0.gate_proj.qweight"].t().contiguous()
+    tensors[head + "1.down_proj.scales"] = tensors[head + "1.down_proj.scales"][:1].contiguous()
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    problems = inspect_checkpoint(bad)["vllm"]["tp"][1]
+    assert any(p.startswith(head + "0.gate_proj.qweight: vLLM's loader: RuntimeError") for p in problems), problems
+    assert head + "1.down_proj.scales: vLLM's loader fills 128 of the 256 values of expert 1's w2_scales (shape " \
+        "(2, 128)) from the checkpoint; the rest stays uninitialised" in problems
+
+
+MOE_SIZES = dict(hidden_size=2048, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=16,
+                 num_experts_per_tok=4)  # a layer of real proportions (16 experts: the decision reads no count)
+MOE_BUILT = {  # format -> TP size -> the methods vLLM gives layer 0's experts (a rule skips them) and layer 1's (W4)
+    # GPTQ / AWQ leave Marlin's MoE kernel for MoeWNA16 where a rank's share (512 / 8 = 64) splits a group of 128
+    "gptq": {1: ("UnquantizedFusedMoEMethod", "AutoGPTQMoEMethod"), 8: ("MoeWNA16Method", "MoeWNA16Method")},
+    "awq": {1: ("UnquantizedFusedMoEMethod", "AutoAWQMoEMethod"), 8: ("UnquantizedFusedMoEMethod", "MoeWNA16Method")},
+    "compressed-tensors": {1: ("UnquantizedFusedMoEMethod", "CompressedTensorsWNA16MoEMethod"),
+                           8: ("UnquantizedFusedMoEMethod", "refused")},
+}
+MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8}}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
+    """MoE layers of 512-wide experts at g128, layer 0's experts skipped by a rule, from config.json only (vLLM
+    allocates on the meta device). TP 1, 2, 4: each format's MoE method, the skip honoured. TP 8 (a rank holds 64 of
+    each expert's intermediate size, half a group): compressed-tensors refuses; GPTQ and AWQ fall back to MoeWNA16,
+    which halves the group and serves it, but reads GPTQ's skip nowhere (it builds the skipped layer W4 over plain
+    weights: refused) while AWQ's ``modules_to_not_convert`` keeps it, by the name ``layers.0.mlp.experts`` the
+    export writes (no expert's name is in the layer's). The copied rules refuse the same TP sizes."""
+    from tiny_models import qwen3_5_moe_config
+
+    from qvlquant.checkpoint.vllm import (
+        build_vllm_experts,
+        checkpoint_linears,
+        marlin_problems,
+        pretend_gpu,
+        vllm_model_classes,
+        vllm_names,
+        vllm_quant_config,
+    )
+    from qvlquant.engine.loop import fused_groups
+    from qvlquant.quant.rules import ModulePlan, parse_rule
+
+    config = qwen3_5_moe_config(layers=4, experts=MOE_SIZES["num_experts"], top_k=MOE_SIZES["num_experts_per_tok"])
+    for key, value in MOE_SIZES.items():
+        setattr(config.text_config, key, value)
+    family = family_for("qwen3_5_moe").bind(config)
+    pack, spec, _, _ = FORMATS[fmt]
+    qcfg = QuantConfig("awq" if fmt == "awq" else "rtn", QuantSpec(4, 128, spec.sym))
+    names = [f"{family.decoder_layers}.{i}.{n}" for i in range(4) for n in family.at(i).linears]
+    modules = ModulePlan.resolve([parse_rule(_moe_rule("qwen3_5_moe", 0, "skip"))], qcfg, names,
+                                 fused_groups(family, 4))
+    config.quantization_config = quantization_config(qcfg, pack, family, 4, modules)
+    config.save_pretrained(tmp_path)
+    if fmt == "awq":
+        assert "layers.0.mlp.experts" in config.quantization_config["modules_to_not_convert"]
+    linears = checkpoint_linears(tmp_path)
+    built = {}
+    for tp in TP_SIZES:
+        with pretend_gpu(tp):
+            _, quant = vllm_quant_config(tmp_path, "qwen3_5_moe")
+            vnames = vllm_names(linears, family, vllm_model_classes("qwen3_5_moe")[0], quant)
+            methods = []
+            for i in (0, 1):
+                vname = f"language_model.model.layers.{i}.mlp.experts"
+                try:
+                    runner = build_vllm_experts(vnames[vname], linears, family, quant, vname, torch.bfloat16)
+                    methods.append(type(runner.routed_experts.quant_method).__name__)
+                except ValueError:
+                    methods.append("refused")
+            built[tp] = tuple(methods)
+    assert built == {1: MOE_BUILT[fmt][1], 2: MOE_BUILT[fmt][1], 4: MOE_BUILT[fmt][1], 8: MOE_BUILT[fmt][8]}
+    saved = json.loads((tmp_path / "config.json").read_text())
+    quant = read_quantization_config(saved["quantization_config"], "config.json")
+    moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
+    assert {tp for tp in TP_SIZES if marlin_problems(quant, moe, tp, family)} == MOE_REFUSED_AT[fmt]

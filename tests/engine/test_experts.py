@@ -422,3 +422,26 @@ def _rounded(model, spec):
                 experts.gate_up_proj[e] = torch.cat([fake_quantize(gate, spec), fake_quantize(up, spec)])
                 experts.down_proj[e] = fake_quantize(experts.down_proj[e], spec)
     return model
+
+
+def test_the_size_search_gives_each_moe_layer_one_width(moe_base, tmp_path):
+    """--target-bits on Qwen3.5-MoE: the search's unit for a layer's experts is all of them (vLLM runs them as one
+    layer of one setting), so its choice passes the fused-layer check and every expert of a layer has one width."""
+    import qvlquant
+    from qvlquant.checkpoint.qconfig import read_quantization_config
+
+    out = tmp_path / "searched"
+    report = qvlquant.quantize(model=str(moe_base), output=str(out), method="rtn", group_size=64, target_bits=6.5,
+                               candidate_bits=[4, 8], calib="demo", num_samples=2, export_format="compressed-tensors")
+    section = report["mixed_precision"]
+    assert len(section["groups"]) == 3 * 5 + 5  # per layer: its linear groups, the experts' joined into one unit
+    config = json.loads((out / "config.json").read_text())
+    quant = read_quantization_config(config["quantization_config"], "config.json")
+    widths = {}
+    for i in range(4):
+        for e in range(8):
+            for leaf in ("gate_proj", "up_proj", "down_proj"):
+                spec = quant.spec_for(f"model.language_model.layers.{i}.mlp.experts.{e}.{leaf}")
+                widths.setdefault(i, set()).add(spec.bits)
+    assert all(len(w) == 1 for w in widths.values()), widths
+    assert abs(section["bits_per_weight"] - 6.5) < 0.1

@@ -188,10 +188,29 @@ def test_errors_of_a_loud_layer_and_a_quiet_one_compare(measure):
         assert quiet[group][8] < quiet[group][4] < quiet[group][3] < 0.5
 
 
-def test_every_fused_layer_lies_inside_one_linear_group():
-    """The search gives one width per linear group: a group that split one of vLLM's fused layers would be refused."""
+def test_every_fused_layer_lies_inside_one_search_unit():
+    """The search gives one width per unit: a unit that split one of vLLM's fused layers would be refused. The dense
+    families' fused layers lie inside one linear group (a unit each, as before); an MoE layer's experts, one group per
+    expert, are joined into one unit."""
+    from qvlquant.engine.sensitivity import search_units
     from qvlquant.families import FAMILIES
 
+    config = {"text_config": {"num_experts": 3, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+                              "layer_types": ["linear_attention", "full_attention"]}}
     for family in FAMILIES.values():
-        for _, parts in family.fused:
-            assert any(set(parts) <= set(group) for group in family.linear_groups), (family.name, parts)
+        bound = family.bind(config)
+        for i in range(2):
+            layout = bound.at(i)
+            units = search_units(layout, list(layout.linear_groups))
+            assert sorted(g for u in units for g in u) == sorted(layout.linear_groups)
+            for _, parts in layout.fused:
+                assert any(set(parts) <= {n for g in u for n in g} for u in units), (family.name, parts)
+            if not family.experts:
+                assert units == [(g,) for g in layout.linear_groups]
+    moe = FAMILIES["qwen3_5_moe"].bind(config).at(1)
+    experts = [u for u in search_units(moe, list(moe.linear_groups)) if len(u) > 1]
+    assert experts == [tuple(g for g in moe.linear_groups if g[0].startswith("mlp.experts."))]
+    rule = group_rule([f"model.language_model.layers.1.{n}" for g in experts[0] for n in g], 8)
+    assert rule.pattern == r"^model\.language_model\.layers\.1\.mlp\.experts\.(?:\d+\.(?:gate_proj|up_proj|down_proj))$"
+    assert rule.matches("model.language_model.layers.1.mlp.experts.2.down_proj")
+    assert not rule.matches("model.language_model.layers.1.mlp.shared_expert.down_proj")

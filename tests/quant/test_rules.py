@@ -82,6 +82,23 @@ def test_fused_linears_need_one_setting():
     ModulePlan.resolve([parse_rule(r"2\.self_attn\.[qkv]_proj:bits=8")], QuantConfig(), NAMES, FUSED)
 
 
+def test_an_moe_layers_experts_need_one_setting():
+    """vLLM runs a layer's experts as one MoE layer (the family's fused ``mlp.experts``): a rule reaching some of
+    them is refused, the error counting the linears per setting rather than listing every expert."""
+    from qvlquant.engine.loop import fused_groups
+    from qvlquant.families import family_for
+
+    family = family_for("qwen3_5_moe").bind({"text_config": {"num_experts": 64, "num_experts_per_tok": 2,
+                                                             "layer_types": ["full_attention"] * 2}})
+    names = [f"{PREFIX}.{i}.{n}" for i in range(2) for n in family.at(i).linears]
+    with pytest.raises(ValueError, match=r"^model\.language_model\.layers\.1\.mlp\.experts: 190 linears W4g128 rtn "
+                                         r"\(first 0\.gate_proj\), 2 linears skip \(first 5\.up_proj\); vLLM runs"):
+        ModulePlan.resolve([parse_rule(r"1\.mlp\.experts\.(5|9)\.up_proj:skip")], QuantConfig(), names,
+                           fused_groups(family, 2))
+    whole = ModulePlan.resolve([parse_rule(r"1\.mlp\.experts\.:bits=8")], QuantConfig(), names, fused_groups(family, 2))
+    assert whole.config_for(f"{PREFIX}.1.mlp.experts.63.down_proj").spec.bits == 8
+
+
 def test_a_rule_re_resolves_width_dependent_defaults_but_keeps_what_was_given():
     w4 = QuantConfig("gptq")
     assert w4.mse == 0.0 and config_with(w4, parse_rule("x:bits=3")).mse == 2.4  # mse is GPTQ's default below 4 bits
