@@ -117,7 +117,7 @@ def plan_fp8(model, family: ModelFamily, base: CheckpointTensors, fmt: Fp8Format
         if tied and name == f"{family.lm_head}.weight":
             continue
         key = family.to_disk(name)
-        if not is_fp8_linear(family, name):
+        if not is_fp8_linear(family, name) or (fmt is Fp8Format.BLOCK and block_refused(family, base, name)):
             entries.append((key, *base.meta(name)))
             fetch[key] = lambda name=name: base.get(name)
             continue
@@ -142,14 +142,25 @@ def plan_fp8(model, family: ModelFamily, base: CheckpointTensors, fmt: Fp8Format
     return entries, fetch, quantized
 
 
-def not_converted_modules(model, family: ModelFamily) -> list[str]:
+def block_refused(family: ModelFamily, base: CheckpointTensors, runtime_name: str) -> bool:
+    """Block FP8 only: whether vLLM refuses, block-wise, the fused layer of the decoder linear whose weight is
+    ``runtime_name``. A layer fusing several linears needs each of them but the last in whole blocks of
+    ``fp8.BLOCK[0]`` rows (vLLM 0.33's ``validate_fp8_block_shape``; at TP > 1 every shard, which ``inspect``
+    reports). Qwen3.5's in_proj_b / in_proj_a (one row per value head, fused as in_proj_ba) are not: such a layer
+    stays in the checkpoint dtype, listed in ``modules_to_not_convert``, as Qwen's own FP8 checkpoints keep it."""
+    parts = fused_siblings(family, runtime_name)
+    return len(parts) > 1 and any(base.meta(p)[1][0] % fp8.BLOCK[0] for p in parts[:-1])
+
+
+def not_converted_modules(model, family: ModelFamily, kept: list[str] = ()) -> list[str]:
     """``modules_to_not_convert`` of a block-FP8 export: the family's names (``not_converted_names``: both layouts
-    and the bare leaf, for transformers' prefix / suffix match) and every matrix-holding module of the vision tower
-    (its linears, and Qwen3-VL's position embedding, which inspect's rules cannot tell from one) named whole in both
-    layouts, as Qwen's own FP8 checkpoints list them, since vLLM's ``Fp8Config`` matches only exact names."""
+    and the bare leaf, for transformers' prefix / suffix match), every matrix-holding module of the vision tower
+    (its linears, and Qwen3-VL's position embedding, which inspect's rules cannot tell from one) and the decoder
+    linears ``kept`` (``block_refused``; runtime paths) named whole in both layouts, as Qwen's own FP8 checkpoints
+    list them, since vLLM's ``Fp8Config`` matches only exact names."""
     vision = [name for name, m in model.named_modules() if name.startswith(family.vision_tower + ".")
               and isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
-    whole = [form for name in vision for form in (family.to_disk(name + ".")[:-1], name)]
+    whole = [form for name in vision + list(kept) for form in (family.to_disk(name + ".")[:-1], name)]
     return list(dict.fromkeys(family.not_converted_names() + whole))
 
 
@@ -166,8 +177,9 @@ def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format | Int8F
         entries, fetch, quantized = plan_fp8(model, family, base, fmt, inputs)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
+        kept = [n for n in quantized_linears(model, family) if n not in set(quantized)]  # block_refused
         config.quantization_config = w8a8_quantization_config(fmt, family) if isinstance(fmt, Int8Format) else \
-            fp8_quantization_config(fmt, family, not_converted_modules(model, family))
+            fp8_quantization_config(fmt, family, not_converted_modules(model, family, kept))
         config.dtype = str(base.dtype).removeprefix("torch.")
         return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
     except BaseException:

@@ -490,6 +490,26 @@ def shape_mismatches(layer, disk_module: str, header: dict) -> list[str]:
     return out
 
 
+def fused_load_problems(layer, kind: str, disk_modules: list[str], header: dict) -> list[str]:
+    """The checkpoint tensors of a fused layer's parts (``disk_modules``, in vLLM's shard order) as vLLM's own
+    weight loaders put them into the parameters ``create_weights`` allocated, on the meta device (shapes and
+    offsets only, no data): what fails, named (e.g. block-FP8 scales of parts that are not whole blocks of rows, which
+    vLLM 0.33 offsets past the end of the fused scale)."""
+    out = []
+    for i, disk in enumerate(disk_modules):
+        shard = "qkv"[i] if kind == "qkv" else i
+        for pname, param in layer.named_parameters():
+            key = f"{disk}.{pname}"
+            loader = getattr(param, "weight_loader", None)
+            if key not in header or loader is None:
+                continue
+            try:
+                loader(param, torch.empty(tuple(header[key][0]), dtype=param.dtype, device="meta"), shard)
+            except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+                out.append(f"{key}: vLLM's loader failed: {type(e).__name__}: {e}")
+    return out
+
+
 def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily, config: dict,
                          header: dict, settings: dict | None = None) -> tuple[dict, dict]:
     """For each TP size: the problems vLLM raises building the first decoder layer's linears (and MoE layer), and
@@ -525,6 +545,9 @@ def vllm_tensor_parallel(quant, names: dict, linears: dict, family: ModelFamily,
                     continue
                 if tp == 1 and len(shards) == 1:
                     problems[tp] += shape_mismatches(layer, family.to_disk(shards[0] + ".")[:-1], header)
+                elif tp == 1:
+                    problems[tp] += fused_load_problems(layer, kind, [family.to_disk(s + ".")[:-1] for s in shards],
+                                                        header)
                 k, spec = linears[shards[0]][0], ours.spec_for(shards[0])
                 group = spec.group_size if spec is not None else -1
                 if kind == "row" and group > 0 and (k // tp) % group:  # vLLM's GPTQ path builds it (0.33)

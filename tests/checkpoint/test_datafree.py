@@ -89,6 +89,38 @@ def test_block_config_is_qwens_with_every_vision_linear_named(fp8_exports):
     assert not any(".layers." in n for n in names)
 
 
+def test_block_fp8_keeps_a_fused_layer_of_parts_in_partial_blocks_in_the_checkpoint_dtype(tmp_path):
+    """Qwen3.5 (a tiny one): in_proj_b / in_proj_a have 32 rows, one per value head, and vLLM fuses them (in_proj_ba),
+    so their block scales cannot be loaded (``block_refused``; shown with vLLM's own loader in the vLLM venv's
+    conformance tests). They are copied bit for bit and named whole in modules_to_not_convert in both layouts, as
+    Qwen's FP8 checkpoints name them; the tiny model's full-attention q/k/v (a 64-row k) too; every other decoder
+    linear is FP8. ``qvlquant.load`` reads them as plain linears."""
+    import qvlquant
+    from tiny_models import qwen3_5_checkpoint
+
+    from qvlquant.storage.shards import read_checkpoint_header
+
+    qwen3_5_checkpoint(tmp_path / "base")
+    out = tmp_path / "fp8"
+    qvlquant.quantize(model=str(tmp_path / "base"), output=str(out), scheme="FP8_BLOCK")
+    names = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    decoder = sorted(n for n in names if ".layers." in n and not n.startswith("model.visual"))
+    want = [f"model.language_model.layers.{i}.linear_attn.in_proj_{x}" for i in (0, 1, 2) for x in "ab"] + \
+           [f"model.language_model.layers.3.self_attn.{x}_proj" for x in "qkv"]
+    assert decoder == sorted(want)
+    from safetensors.torch import load_file
+
+    header, base, export = read_checkpoint_header(out), ShardReader(tmp_path / "base"), load_file(out / "model.safetensors")
+    for name in want:
+        assert f"{name}.weight_scale_inv" not in header and header[f"{name}.weight"][1] == "BF16"
+        assert torch.equal(export[f"{name}.weight"], base.get(f"{name}.weight"))
+    assert header["model.language_model.layers.0.linear_attn.in_proj_z.weight"][1] == "F8_E4M3"
+    model, _ = qvlquant.load(out)
+    layers = model.model.language_model.layers
+    assert type(layers[0].linear_attn.in_proj_a) is torch.nn.Linear
+    assert type(layers[0].linear_attn.in_proj_z) is not torch.nn.Linear
+
+
 def test_dynamic_config_is_compressed_tensors_fp8_dynamic(fp8_exports):
     qc = json.loads((fp8_exports["FP8_DYNAMIC"] / "config.json").read_text())["quantization_config"]
     group = qc["config_groups"]["group_0"]
