@@ -134,10 +134,12 @@ def _slowest(shapes: dict, steps: list[list[str]], processes: int, cost) -> floa
 
 
 def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.device, tokens: int,
-             storage: torch.dtype, processes: int = 1) -> dict:
+             storage: torch.dtype, processes: int = 1, speed: Speed | None = None) -> dict:
     """Peak RAM / GPU memory (GiB, per process) and seconds per layer for this job, from the meta skeleton's
     shapes (its config holds the padded intermediate size, if any), ``tokens`` calibration tokens (over all
-    ``processes``) and the checkpoint's dtype."""
+    ``processes``) and the checkpoint's dtype. ``speed``: the device's, for a figure computed for a device this
+    machine is not (benchmarks/estimate_qwen3_5.py); then nothing is measured and this machine's load is not
+    counted. None: measured now, scaled by the load."""
     dtype = compute_dtype(device, config.device.dtype)
     size = torch.tensor([], dtype=dtype).element_size()
     stored = torch.tensor([], dtype=storage).element_size()
@@ -169,12 +171,13 @@ def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.dev
         work = {"rtn": work, "gptq": max(work, max(sums, 8 * k_expert**2) + layer_params // 2),
                 "awq": work + routed_inputs}[method]
     on_device = max(capture, layer_params + work) + activations
-    speed = measured_speed(device, dtype)
+    given = speed is not None
+    speed = speed or measured_speed(device, dtype)
     batches = -(-config.calib.num_samples // config.processing.batch_size)
     seconds = max(layer_flops(layer, kind, method, tokens, padded, processes, config.quant.true_sequential)
                   / speed.flops + layer_calls(layer, kind, config.quant, -(-batches // processes)) * speed.call_seconds
                   for layer, kind in kinds)
-    load, cpus = machine_load()
+    load, cpus = (0.0, 1) if given else machine_load()
     slowdown = max(1.0, load / cpus)  # other processes' share of the CPUs (a GPU's kernels also wait on the CPU)
     gpu = device.type == "cuda"
     return {
