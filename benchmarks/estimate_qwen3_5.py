@@ -62,7 +62,7 @@ def rows(shape: str, tokens_list: list[int], ranks: list[int], samples: int) -> 
                                tokens=tokens, ranks=n,
                                tflop_slowest_rank=round(layer_flops(layer, kind, method, tokens, None, n,
                                                                      config.quant.true_sequential) / 1e12, 2),
-                               small_calls=layer_calls(layer, kind, config.quant, math.ceil(batches / n)))
+                               small_calls=layer_calls(layer, kind, config.quant, math.ceil(batches / n), n))
                     for name, speed in SPEEDS.items():
                         e = estimate(skeleton, family, config, torch.device("cuda"), tokens, torch.bfloat16, n, speed)
                         row[f"seconds_per_layer ({name})"] = e["seconds_per_layer"]
