@@ -1,13 +1,25 @@
-"""Write a random-weight checkpoint of the real Qwen2-VL-2B or -7B shape, for speed, memory and scale tests.
+"""Write a random-weight checkpoint of a released model's shape (Qwen2-VL-2B / -7B, Qwen3.5-0.8B / -2B / -35B-A3B /
+-397B-A17B), for speed, memory and scale tests.
 
-The released configs as ``qvlquant bench`` builds them (text model, the 32-block vision tower, vocabulary), bf16
-safetensors in 5 GiB shards with an index, and a processor: the embedded demo's (its word-level tokenizer carries
-the Qwen special tokens; the config's image / video / vision marker ids are set to that tokenizer's, so real
-multimodal calibration batches run through the model). Speed and memory do not depend on weight values; accuracy
-does, so nothing about accuracy is measured on these. Each tensor is generated when its turn comes and written
-at once (``qvlquant.storage.shards.write_safetensors``): the script holds one tensor, never the model.
+The released configs (text model, vision tower, vocabulary), bf16 safetensors in 5 GiB shards with an index, and a
+processor: the embedded demo's (its word-level tokenizer carries the Qwen special tokens; the config's image / video
+/ vision marker ids are set to that tokenizer's, so real multimodal calibration batches run through the model; for
+Qwen3.5 its image and video patch size is set to the tower's 16). Speed and memory do not depend on weight values;
+accuracy does, so nothing about accuracy is measured on these. Each tensor is generated when its turn comes and
+written at once (``qvlquant.storage.shards.write_safetensors``): the script holds one tensor, never the model.
+
+Qwen3.5 checkpoints are written in each family's on-disk layout: the runtime names (``model.language_model.layers.N``,
+``model.visual``, ``lm_head``), a MoE model's routed experts one tensor per expert (``mlp.experts.{e}.gate_proj.weight``)
+beside ``mlp.gate`` (the router), ``mlp.shared_expert`` and ``mlp.shared_expert_gate``, and the MTP head the released
+checkpoints carry (``mtp.fc``, ``mtp.pre_fc_norm_embedding`` / ``_hidden``, ``mtp.norm`` and ``mtp_num_hidden_layers``
+full-attention decoder layers ``mtp.layers.N``, as vLLM's ``qwen3_5_mtp.py`` builds them). ``--layers N`` writes the
+first N decoder layers only (a 35B-A3B is 67 GB), the config saying N layers; ``--full-attention-interval K`` sets
+which of them are full attention (every K-th, as the released configs' ``full_attention_interval`` 4 does), so that
+two layers can hold one of each type.
 
     python benchmarks/make_random_checkpoint.py --shape qwen2-vl-7b --output /tmp/qwen2-vl-7b-random
+    python benchmarks/make_random_checkpoint.py --shape qwen3.5-35b-a3b --layers 2 --full-attention-interval 2 \\
+        --output /tmp/qwen3.5-35b-a3b-2layers
 """
 
 from __future__ import annotations
@@ -22,12 +34,62 @@ import torch
 from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.checkpoint.export import plan_shards
 from qvlquant.engine.skeleton import build_skeleton
-from qvlquant.families import QWEN2_VL
+from qvlquant.families import QWEN2_VL, family_for
 from qvlquant.storage.shards import INDEX, write_safetensors
 from qvlquant.tools.bench import SHAPES, VISION
 
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json")
+
+# The released Qwen3.5 configs, and where each number is from (no number here is made up; none was read from the
+# hub, which this project's machines cannot reach):
+#   [T]  transformers 5.24 configuration_qwen3_5_moe.py: Qwen3_5MoeTextConfig / Qwen3_5MoeVisionConfig defaults,
+#        documented as the Qwen/Qwen3.5-35B-A3B configuration (its vision out_hidden_size default, 3584, is not the
+#        35B-A3B's: [O] and [P] say 2048)
+#   [P]  mlc-ai/pith-train examples/pretrain_lm/qwen3.5-35b-a3b/config.json (commit 2bdf0836): the 35B-A3B's text
+#        config.json (40 layer_types, full_attention_interval 4, mtp_num_hidden_layers 1, rope_parameters, every size)
+#   [O]  p-doom/omegalax omegalax/models/qwen3_5/config.py (commit 6f3854e1): per-model specs with hf_repo_id
+#        Qwen/Qwen3.5-0.8B, -2B, -35B-A3B, -397B-A17B (text and vision sizes; the 397B's hidden 4096, 32 heads,
+#        2 kv heads, 64 linear value heads are its config class's defaults, which its 397B spec does not override)
+#   [J]  lawrence3699/Jev-Style-Qwen3.5-2B-Decision-MLX-bf16 config.json (commit 1468e07d): a fine-tune of
+#        Qwen3.5-2B keeping its architecture: the 2B's full text_config (agrees with [O])
+#   [C]  model-card restatements found by the search tool (chaobro.com, lilting.ch on Qwen3.6-35B-A3B, same
+#        architecture per transformers' qwen3_5_moe doc): 40 layers = 10 x (3 DeltaNet + 1 attention), hidden 2048,
+#        DeltaNet 32 V / 16 QK heads of 128, attention 16 Q / 2 KV heads of 256, 256 experts, 8 routed + 1 shared,
+#        expert intermediate 512, vocabulary 248320 (agrees with [T] and [P])
+# Common to every size ([P], [J]; [T] for the defaults): head_dim 256, linear_key_head_dim = linear_value_head_dim
+# 128, linear_num_key_heads 16, linear_conv_kernel_dim 4, vocab_size 248320, rms_norm_eps 1e-6, attn_output_gate,
+# mRoPE (interleaved, sections [11, 11, 10], theta 1e7, partial_rotary_factor 0.25), one MTP layer; the vision tower's
+# patch 16, temporal patch 2, spatial merge 2, 2304 position embeddings, gelu_pytorch_tanh ([T], [O]).
+QWEN3_5_COMMON = dict(head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+                      linear_conv_kernel_dim=4, vocab_size=248320, rms_norm_eps=1e-6, attn_output_gate=True,
+                      max_position_embeddings=262144, mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
+                      mamba_ssm_dtype="float32", full_attention_interval=4, hidden_act="silu",
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                                       "mrope_interleaved": True, "mrope_section": [11, 11, 10]})
+QWEN3_5_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                      temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304,
+                      hidden_act="gelu_pytorch_tanh")  # [T]; the 35B-A3B's and (by [O]'s defaults) the 397B's
+QWEN3_5 = {  # model_type, text sizes, vision sizes (over QWEN3_5_VISION), tie_word_embeddings, sources
+    "qwen3.5-0.8b": ("qwen3_5", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=8,
+                                     num_key_value_heads=2, intermediate_size=3584, linear_num_value_heads=16),
+                     dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12, out_hidden_size=1024),
+                     True, "[O]"),
+    "qwen3.5-2b": ("qwen3_5", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=8,
+                                   num_key_value_heads=2, intermediate_size=6144, linear_num_value_heads=16),
+                   dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048),
+                   True, "text [J] and [O], vision [O]"),
+    "qwen3.5-35b-a3b": ("qwen3_5_moe", dict(hidden_size=2048, num_hidden_layers=40, num_attention_heads=16,
+                                            num_key_value_heads=2, linear_num_value_heads=32, num_experts=256,
+                                            num_experts_per_tok=8, moe_intermediate_size=512,
+                                            shared_expert_intermediate_size=512),
+                        dict(out_hidden_size=2048), False, "[P], [T], [O], [C]"),
+    "qwen3.5-397b-a17b": ("qwen3_5_moe", dict(hidden_size=4096, num_hidden_layers=60, num_attention_heads=32,
+                                              num_key_value_heads=2, linear_num_value_heads=64, num_experts=512,
+                                              num_experts_per_tok=10, moe_intermediate_size=1024,
+                                              shared_expert_intermediate_size=1024),
+                          dict(out_hidden_size=4096), False, "[O] only (not cross-checked)"),
+}
 
 
 def real_config(shape: str):
@@ -48,6 +110,47 @@ def real_config(shape: str):
     return config
 
 
+def qwen3_5_config(shape: str, layers: int | None = None, interval: int | None = None):
+    """The released Qwen3.5 config of ``shape`` (``QWEN3_5``), with the demo tokenizer's special-token ids; ``layers``:
+    that many decoder layers (the config says so), ``interval``: every interval-th of them full attention."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    model_type, sizes, vision, tie, _ = QWEN3_5[shape]
+    demo = json.loads((MODEL_DIR / "config.json").read_text())
+    text = dict(QWEN3_5_COMMON, **sizes, tie_word_embeddings=tie, bos_token_id=demo["text_config"].get("bos_token_id", 0),
+                eos_token_id=demo["text_config"].get("eos_token_id", 1), pad_token_id=0)
+    n = layers or text["num_hidden_layers"]
+    every = interval or text.pop("full_attention_interval")
+    text.pop("full_attention_interval", None)  # transformers derives layer_types from it; they are written out
+    text.update(num_hidden_layers=n, layer_types=["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                                                  for i in range(n)])
+    ids = {k: demo[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    cls = Qwen3_5MoeConfig if model_type == "qwen3_5_moe" else Qwen3_5Config
+    config = cls(text_config=text, vision_config=dict(QWEN3_5_VISION, **vision), tie_word_embeddings=tie, **ids)
+    config.architectures = [cls.__name__.replace("Config", "ForConditionalGeneration")]
+    config.dtype = "bfloat16"
+    return config
+
+
+def mtp_shapes(config, family) -> dict[str, tuple[int, ...]]:
+    """The MTP head's tensors as the released checkpoints carry them: ``mtp.fc`` [H, 2H], three norms and
+    ``mtp_num_hidden_layers`` full-attention decoder layers (with the model's MLP: a MoE block, experts one tensor
+    each), shaped from a one-layer meta skeleton."""
+    import copy
+
+    one = copy.deepcopy(config)
+    one.text_config.num_hidden_layers = 1
+    one.text_config.layer_types = ["full_attention"]
+    bound = family.bind(one)
+    layer = build_skeleton(one, bound, torch.bfloat16).get_submodule(bound.decoder_layers)[0]
+    h = config.text_config.hidden_size
+    out = {"mtp.fc.weight": (h, 2 * h)}
+    out.update({f"mtp.{n}.weight": (h,) for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")})
+    for i in range(getattr(config.text_config, "mtp_num_hidden_layers", 0) or 0):
+        out.update({f"mtp.layers.{i}.{k}": tuple(t.shape) for k, t in layer.state_dict().items()})
+    return out
+
+
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Norm weights 1, biases 0, everything else N(0, 0.02), in bf16; the same name always gives the same values."""
     if len(shape) == 1 and ("norm" in name or ".ln_" in name) and name.endswith(".weight"):
@@ -58,11 +161,20 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
 
 
-def write_checkpoint(shape: str, output: pathlib.Path, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    config = real_config(shape)
-    skeleton = build_skeleton(config, QWEN2_VL, torch.bfloat16)
+def write_checkpoint(shape: str, output: pathlib.Path, max_shard_bytes: int = 5 * 2**30, layers: int | None = None,
+                     interval: int | None = None) -> list[str]:
+    if shape in QWEN3_5:
+        config = qwen3_5_config(shape, layers, interval)
+        family = family_for(config.model_type).bind(config)
+    else:
+        if layers or interval:
+            raise ValueError(f"--layers / --full-attention-interval: Qwen3.5 shapes only, not {shape}")
+        config, family = real_config(shape), QWEN2_VL
+    skeleton = build_skeleton(config, family, torch.bfloat16)
     names = [n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")]
-    shapes = {QWEN2_VL.to_disk(n): tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names}
+    shapes = {family.to_disk(n): tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names}
+    if shape in QWEN3_5:
+        shapes.update(mtp_shapes(config, family_for(config.model_type)))
     entries = [(k, torch.bfloat16, s) for k, s in shapes.items()]
     output.mkdir(parents=True, exist_ok=False)
     shards = plan_shards(entries, max_shard_bytes)
@@ -79,15 +191,29 @@ def write_checkpoint(shape: str, output: pathlib.Path, max_shard_bytes: int = 5 
     for f in PROCESSOR_FILES:
         if (MODEL_DIR / f).exists():
             shutil.copy(MODEL_DIR / f, output / f)
+    if shape in QWEN3_5:  # the demo processor's pixels in the tower's patches
+        processor = json.loads((output / "processor_config.json").read_text())
+        patch = config.vision_config.patch_size
+        for part in ("image_processor", "video_processor"):
+            if part in processor:
+                processor[part]["patch_size"] = patch
+        (output / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return files
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=["qwen2-vl-2b", "qwen2-vl-7b"], required=True)
+    p.add_argument("--shape", choices=["qwen2-vl-2b", "qwen2-vl-7b", *QWEN3_5], required=True)
     p.add_argument("--output", required=True, help="a new folder")
+    p.add_argument("--layers", type=int, default=None, help="Qwen3.5: write the first N decoder layers only")
+    p.add_argument("--full-attention-interval", type=int, default=None,
+                   help="Qwen3.5: every K-th layer full attention (default: the released 4)")
     args = p.parse_args()
-    files = write_checkpoint(args.shape, pathlib.Path(args.output))
+    for name in ("layers", "full_attention_interval"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    files = write_checkpoint(args.shape, pathlib.Path(args.output), layers=args.layers,
+                             interval=args.full_attention_interval)
     print(f"{args.shape}: {len(files)} shard(s) in {args.output}")
 
 

@@ -84,16 +84,18 @@ def machine_load() -> tuple[float, int]:
     return load, cpu_quota()
 
 
-def layer_calls(layer: torch.nn.Module, family: ModelFamily, qcfg, batches: int) -> int:
-    """The small torch calls of one decoder layer, outside its large matmuls, as one of the processes (holding
-    ``batches`` batches) makes them: a pass through the layer per batch and replay (the next layer's inputs, the
-    Hessians' replays per true-sequential group, AWQ's input capture and its attention scale search per grid
-    point), and GPTQ's column steps over every linear's input columns."""
+def layer_calls(layer: torch.nn.Module, family: ModelFamily, qcfg, batches: int, processes: int = 1) -> int:
+    """The small torch calls of one decoder layer, outside its large matmuls, as the slowest of ``processes``
+    (each holding ``batches`` batches) makes them: a pass through the layer per batch and replay (the next layer's
+    inputs, the Hessians' replays per true-sequential group, AWQ's input capture and its attention scale search
+    per grid point), and GPTQ's column steps over the input columns of the linears it solves (each linear on one
+    rank, ``distributed.assign``: a MoE layer's hundreds of expert linears spread over the ranks)."""
     gptq = qcfg.method == "gptq" or (qcfg.method == "awq" and qcfg.awq_rounding == "gptq")
-    hessian_passes = len(gptq_steps(layer, list(family.linear_groups), family, qcfg.true_sequential)) if gptq else 0
-    passes = 1 + hessian_passes + ({"awq": 1 + qcfg.awq_grid}.get(qcfg.method, 0))
-    columns = sum(layer.get_submodule(n).in_features for n in family.linears) if gptq else 0
-    return batches * passes * CALLS_PER_PASS + columns * CALLS_PER_COLUMN
+    steps = gptq_steps(layer, list(family.linear_groups), family, qcfg.true_sequential) if gptq else []
+    passes = 1 + len(steps) + ({"awq": 1 + qcfg.awq_grid}.get(qcfg.method, 0))
+    shapes = {n: (layer.get_submodule(n).out_features, layer.get_submodule(n).in_features) for n in family.linears}
+    columns = _slowest(shapes, [[n for g in step for n in g] for step in steps], processes, lambda n, k: k)
+    return batches * passes * CALLS_PER_PASS + int(columns) * CALLS_PER_COLUMN
 
 
 def layer_flops(layer: torch.nn.Module, family: ModelFamily, method: str, tokens: int, padded: int | None,
@@ -134,10 +136,12 @@ def _slowest(shapes: dict, steps: list[list[str]], processes: int, cost) -> floa
 
 
 def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.device, tokens: int,
-             storage: torch.dtype, processes: int = 1) -> dict:
+             storage: torch.dtype, processes: int = 1, speed: Speed | None = None) -> dict:
     """Peak RAM / GPU memory (GiB, per process) and seconds per layer for this job, from the meta skeleton's
     shapes (its config holds the padded intermediate size, if any), ``tokens`` calibration tokens (over all
-    ``processes``) and the checkpoint's dtype."""
+    ``processes``) and the checkpoint's dtype. ``speed``: the device's, for a figure computed for a device this
+    machine is not (benchmarks/estimate_qwen3_5.py); then nothing is measured and this machine's load is not
+    counted. None: measured now, scaled by the load."""
     dtype = compute_dtype(device, config.device.dtype)
     size = torch.tensor([], dtype=dtype).element_size()
     stored = torch.tensor([], dtype=storage).element_size()
@@ -169,12 +173,13 @@ def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.dev
         work = {"rtn": work, "gptq": max(work, max(sums, 8 * k_expert**2) + layer_params // 2),
                 "awq": work + routed_inputs}[method]
     on_device = max(capture, layer_params + work) + activations
-    speed = measured_speed(device, dtype)
+    given = speed is not None
+    speed = speed or measured_speed(device, dtype)
     batches = -(-config.calib.num_samples // config.processing.batch_size)
     seconds = max(layer_flops(layer, kind, method, tokens, padded, processes, config.quant.true_sequential)
-                  / speed.flops + layer_calls(layer, kind, config.quant, -(-batches // processes)) * speed.call_seconds
+                  / speed.flops + layer_calls(layer, kind, config.quant, -(-batches // processes), processes) * speed.call_seconds
                   for layer, kind in kinds)
-    load, cpus = machine_load()
+    load, cpus = (0.0, 1) if given else machine_load()
     slowdown = max(1.0, load / cpus)  # other processes' share of the CPUs (a GPU's kernels also wait on the CPU)
     gpu = device.type == "cuda"
     return {

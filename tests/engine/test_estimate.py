@@ -8,7 +8,7 @@ import torch
 from qvlquant.assets.paths import MODEL_DIR
 from qvlquant.config import JobConfig
 from qvlquant.engine import estimate as estimate_module
-from qvlquant.engine.estimate import Speed, estimate, format_estimate, layer_flops
+from qvlquant.engine.estimate import Speed, estimate, format_estimate, layer_calls, layer_flops
 from qvlquant.engine.skeleton import build_skeleton, load_config
 from qvlquant.families import family_for
 
@@ -83,3 +83,23 @@ def test_the_demo_estimate_counts_the_per_call_overhead_a_flop_count_misses(monk
     e = demo_estimate("gptq", 0.0, monkeypatch)
     flops_only = layer_flops(*demo_layer(), "gptq", 2416, None) / 86e9
     assert 0.4 < e["seconds_per_layer"] < 1.2 and e["seconds_per_layer"] > 2 * flops_only
+
+
+def test_gptq_column_steps_of_a_moe_layer_spread_over_the_ranks():
+    """Each linear is solved on one rank, so the slowest rank steps through the columns of its own linears only: a
+    MoE layer's expert linears (8 experts here, hundreds at real sizes) divide over the ranks; one rank steps
+    through all of them."""
+    from tests.tiny_models import qwen3_5_moe_config
+
+    config = qwen3_5_moe_config(layers=1, experts=8)
+    family = family_for("qwen3_5_moe").bind(config)
+    layer = build_skeleton(config, family, torch.float32).get_submodule(family.decoder_layers)[0]
+    kind = family.at(0)
+    qcfg = JobConfig.from_flat(output="-", method="gptq").quant
+    passes = layer_calls(layer, kind, qcfg, 1, 1) - estimate_module.CALLS_PER_COLUMN * sum(
+        layer.get_submodule(n).in_features for n in kind.linears)
+    one, four = (layer_calls(layer, kind, qcfg, 1, p) - passes for p in (1, 4))
+    experts = sum(layer.get_submodule(n).in_features for n in kind.linears if kind.expert_of(n) is not None)
+    assert one == estimate_module.CALLS_PER_COLUMN * sum(layer.get_submodule(n).in_features for n in kind.linears)
+    assert one - four >= estimate_module.CALLS_PER_COLUMN * experts * 3 // 4 * 0.9  # the experts' share splits
+    assert four * 4 >= one  # no rank does less than its share
