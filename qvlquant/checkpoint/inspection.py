@@ -99,7 +99,9 @@ def module_settings(header: dict, quant: CheckpointQuant | None, family: ModelFa
         if leaf not in ("qweight", "weight_packed", "weight") or not family.is_layer_key(name) \
                 or not name.endswith(tuple("." + linear for linear in family.linears)):
             continue
-        setting = describe_spec(quant.spec_for(name))
+        spec = quant.spec_for(name)
+        setting = quant.pack_format.label if spec is not None and hasattr(quant.pack_format, "label") \
+            else describe_spec(spec)
         scaled = isinstance(quant.pack_format, (Fp8Format, Int8Format))  # FP8 / W8A8: ``weight`` beside its scale
         plain = leaf == "weight" and not (scaled and f"{module}.{quant.pack_format.scale_name}" in header)
         if plain != (quant.spec_for(name) is None):

@@ -289,6 +289,13 @@ class Fp8Format(str, enum.Enum):
         return "weight_scale_inv" if self is Fp8Format.BLOCK else "weight_scale"
 
     @property
+    def label(self) -> str:
+        """What ``inspect`` calls a linear's setting in this layout."""
+        scales = {Fp8Format.BLOCK: "128x128 blocks", Fp8Format.CHANNEL: "per-channel", Fp8Format.TENSOR: "per-tensor"}
+        activations = "static per-tensor" if self.static_activations else "dynamic"
+        return f"FP8 e4m3 {scales[self]}, {activations} activations"
+
+    @property
     def activation_group(self) -> int | None:
         """Inputs per dynamic activation scale in the serving kernels: per token and group of 128 for blocks
         (vLLM's ``GroupShape(1, 128)``), per token for channels; None for TENSOR too, whose scale is static."""
@@ -367,6 +374,11 @@ class Int8Format(str, enum.Enum):
         return "weight_scale"
 
     @property
+    def label(self) -> str:
+        """What ``inspect`` calls a linear's setting in this layout."""
+        return "INT8 per-channel, dynamic per-token int8 activations"
+
+    @property
     def activation_group(self) -> int | None:
         """Inputs per dynamic activation scale: None, one scale per token."""
         return None
@@ -415,6 +427,11 @@ class Nvfp4Format(str, enum.Enum):
     def static_activations(self) -> bool:
         """Whether a calibrated activation scale is stored (``input_global_scale``)."""
         return self is Nvfp4Format.W4A4
+
+    @property
+    def label(self) -> str:
+        """What ``inspect`` calls a linear's setting in this layout."""
+        return "FP4 e2m1 g16, " + ("NVFP4 activations" if self.static_activations else "16-bit activations")
 
     def pack(self, w: torch.Tensor, name: str = "weight",
              global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

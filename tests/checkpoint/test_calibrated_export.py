@@ -223,3 +223,5 @@ def test_the_report_card_and_inspect_name_the_calibration(exports, scheme):
     assert inspected["vision_linears"] == 10 and inspected["vllm"]["vision_quantized"] == []
     assert inspected["quantization"]["activations"] == ("fp8_e4m3 static per tensor" if scheme == "FP8" else
                                                         "nvfp4_e2m1 per 16, calibrated global scale")
+    assert inspected["module_settings"] == {("FP8 e4m3 per-tensor, static per-tensor activations" if scheme == "FP8"
+                                             else "FP4 e2m1 g16, NVFP4 activations"): 28}

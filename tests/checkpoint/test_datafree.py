@@ -201,6 +201,8 @@ def test_inspect_reads_fp8_exports(fp8_exports, scheme):
     assert report["verification"]["status"] == "verified" and report["quantized_linears"] == 28
     assert report["vision_linears"] == 10 and report["vision_exposed_in_transformers"] == []
     assert report["quantization"]["weights"] == "fp8_e4m3"
+    assert report["module_settings"] == {{"FP8_BLOCK": "FP8 e4m3 128x128 blocks, dynamic activations",
+                                          "FP8_DYNAMIC": "FP8 e4m3 per-channel, dynamic activations"}[scheme]: 28}
     assert report["vllm"]["vision_quantized"] == [] and report["marlin"][1] == []
 
 

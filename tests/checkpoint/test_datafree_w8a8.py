@@ -116,7 +116,7 @@ def test_inspect_reads_the_export(w8a8_export):
 
     report = inspect_checkpoint(w8a8_export)
     assert report["verification"]["status"] == "verified" and report["quantized_linears"] == 28
-    assert report["module_settings"] == {"W8 per-channel sym": 28}
+    assert report["module_settings"] == {"INT8 per-channel, dynamic per-token int8 activations": 28}
     assert report["vision_linears"] == 10 and report["vision_exposed_in_transformers"] == []
     assert report["quantization"]["weights"] == "int8_w8a8"
     assert report["vllm"]["vision_quantized"] == [] and report["marlin"][1] == []

@@ -149,7 +149,7 @@ def test_inspect_reads_the_export(export):
 
     report = inspect_checkpoint(export)
     assert report["verification"]["status"] == "verified" and report["quantized_linears"] == 28
-    assert report["module_settings"] == {"W4 g16 sym": 28}
+    assert report["module_settings"] == {"FP4 e2m1 g16, 16-bit activations": 28}
     assert report["vision_linears"] == 10 and report["quantization"]["weights"] == "nvfp4_e2m1"
     assert report["vllm"]["vision_quantized"] == [] and report["marlin"][1] == []
 
