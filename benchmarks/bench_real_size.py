@@ -97,21 +97,24 @@ def run_one(checkpoint: pathlib.Path, method: str, max_layers: int | None, work:
     report_path = out / "quantize_report.json" if (out / "quantize_report.json").exists() else partial / "report.json"
     report = json.loads(report_path.read_text())
     layers = layer_windows(rss, ends, types)
+    seconds = report.get("layer_seconds") or {}  # none for a data-free run (RTN, FP8: no layer loop)
     for row in layers:
-        row["seconds"] = report["layer_seconds"].get(str(row["layer"]))
+        row["seconds"] = seconds.get(str(row["layer"]))
     disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else None
     for p in (out, out.with_name(f".{out.name}.partial")):
         shutil.rmtree(p, ignore_errors=True)
-    layer_s = list(report["layer_seconds"].values())
+    layer_s = list(seconds.values())
     return {
         "checkpoint": checkpoint.name, "method": method, "bits": bits, "quant_settings": report.get("config", {}).get("quant"),
         "layers_run": len(layer_s),
-        "layers_total": report["estimate"]["layers"], "wall_s": round(wall, 1),
-        "quantize_s": report["quantize_seconds"], "export_s": report.get("export_seconds"),
-        "mean_layer_s": round(sum(layer_s) / len(layer_s), 2), "max_layer_s": max(layer_s),
-        "phase_s": report["phase_seconds"], "peak_rss_gib_time_v": round(rss_kib * 1024 / 2**30, 3),
-        "peak_rss_gib_report": report["peak_rss_gib"], "estimate": report["estimate"],
-        "export_bytes": disk, "tokens": report["calibration"]["tokens"], "machine": report["machine"],
+        "layers_total": (report.get("estimate") or {}).get("layers", len(types or []) or None),
+        "wall_s": round(wall, 1), "quantize_s": report.get("quantize_seconds"), "export_s": report.get("export_seconds"),
+        "mean_layer_s": round(sum(layer_s) / len(layer_s), 2) if layer_s else None,
+        "max_layer_s": max(layer_s, default=None),
+        "phase_s": report.get("phase_seconds"), "peak_rss_gib_time_v": round(rss_kib * 1024 / 2**30, 3),
+        "peak_rss_gib_report": report.get("peak_rss_gib"), "estimate": report.get("estimate"),
+        "export_bytes": disk, "tokens": (report.get("calibration") or {}).get("tokens"), "machine": report.get("machine"),
+        "data_free": not seconds,
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "layers": layers,
         "experts": report.get("experts"), "commit": _commit(),
     }
