@@ -43,6 +43,7 @@ logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 # so set before any import below brings torch in; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.config import (
     DTYPES,
     EXPORT_FORMATS,
@@ -57,6 +58,8 @@ from qvlquant.quant.formats import CALIBRATED_SCHEMES, SCHEMES
 from qvlquant.quant.spec import AWQ_ROUNDING, METHODS, RARE_EXPERTS, resolved_by_bits
 from qvlquant.tools.bench import BENCH_VARIANTS, SHAPES
 from qvlquant.version import __version__
+
+EMBEDDED = ", ".join(EMBEDDED_MODELS)  # what --model names without a folder
 
 COMMANDS = ("quantize", "eval", "inspect", "check", "push", "bench")
 EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -137,7 +140,7 @@ def add_quantize(sub) -> None:
     job = JobConfig.from_flat(output="-")  # what a run given no flags applies
     p = sub.add_parser("quantize", help="quantize a model's language layers and export the checkpoint")
     p.add_argument("--recipe", default=None, help="YAML of settings (recipes/*.yaml); flags given override it")
-    p.add_argument("--model", help=f"'demo' (the embedded demo model), a local folder, or a hub id (default "
+    p.add_argument("--model", help=f"an embedded model ({EMBEDDED}), a local folder, or a hub id (default "
                    f"{job.model})")
     p.add_argument("--scheme", choices=list(SCHEMES), help="llm-compressor's presets, no --method. Data-free (no "
                    "calibration data): FP8_BLOCK, e4m3 in 128x128 blocks as Qwen's official FP8 checkpoints (quant_method "
@@ -341,8 +344,9 @@ def add_eval(sub) -> None:
     about = ("task accuracy (the embedded easy-vqa, or a VLMEvalKit TSV / hf: benchmark) and held-out perplexity of "
              "a checkpoint, beside its base model; bnb-nf4 / bnb-int8 load a base through bitsandbytes")
     p = sub.add_parser("eval", help=about, description=about[0].upper() + about[1:] + ".")
-    p.add_argument("--model", default="demo", help="a checkpoint folder (quantized or not), 'demo', a hub id, or "
-                   "bnb-nf4:BASE / bnb-int8:BASE (BASE loaded through transformers' BitsAndBytesConfig)")
+    p.add_argument("--model", default="demo", help=f"a checkpoint folder (quantized or not), an embedded model "
+                   f"({EMBEDDED}), a hub id, or bnb-nf4:BASE / bnb-int8:BASE (BASE loaded through transformers' "
+                   "BitsAndBytesConfig)")
     p.add_argument("--base", default=None, help="model to compare with (default: the base recorded at quantization; "
                    "'none' to skip)")
     p.add_argument("--task", default="easyvqa", choices=list(EVAL_TASKS), help="what to score")

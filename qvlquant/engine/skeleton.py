@@ -1,4 +1,4 @@
-"""Finding the model to quantize (the embedded demo or test bed, a local folder or a hub id), checking it before any
+"""Finding the model to quantize (an embedded model, a local folder or a hub id), checking it before any
 weight loads (model type, remote code, processor files, already quantized), and building its skeleton: every
 parameter on the meta device, no memory. ``qvlquant.engine.streaming`` fills it part by part."""
 
@@ -34,7 +34,8 @@ PROCESSOR_SIZES = ("patch_size", "merge_size", "temporal_patch_size")
 
 def resolve_model_path(model: str | pathlib.Path) -> pathlib.Path:
     """'demo' -> the embedded demo; 'testbed' -> the embedded test bed (the demo with outlier channels,
-    ``qvlquant.tools.demo.testbed``); an existing folder -> itself; anything else is taken as a hub id and fetched
+    ``qvlquant.tools.demo.testbed``); 'demo-qwen3.5' / 'demo-qwen3.5-moe' -> the demo's sizes and data in Qwen3.5's
+    architecture, dense or MoE (``qvlquant.tools.demo.train --family``); an existing folder -> itself; anything else is taken as a hub id and fetched
     (safetensors and text files only; the local cache when HF_HUB_OFFLINE=1)."""
     if str(model) in EMBEDDED:
         folder = EMBEDDED[str(model)]
