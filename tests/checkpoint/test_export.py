@@ -340,3 +340,18 @@ def test_moe_configs_give_each_layers_experts_one_decision_every_client_reads():
     not_converted = quantization_config(awq, PackFormat.AWQ_GEMM, family, layers, awq_plan)["modules_to_not_convert"]
     assert {"mlp.gate", "mlp.shared_expert_gate", "layers.1.mlp.experts"} <= set(not_converted)
     assert [n for n in not_converted if "experts" in n and not n.startswith("layers.1.")] == []
+
+
+def test_finite_checks_a_tensor_chunk_by_chunk_and_counts_every_bad_value(monkeypatch):
+    """The copied tensors' NaN / infinity check walks ``FINITE_CHUNK`` elements at a time (bounded temporaries on
+    a whole embedding table) and still finds and counts bad values in any chunk, the last partial one included."""
+    from qvlquant.checkpoint import export as export_module
+
+    monkeypatch.setattr(export_module, "FINITE_CHUNK", 7)
+    t = torch.zeros(5, 6, dtype=torch.bfloat16)
+    assert export_module.finite(t, "x") is t
+    t[3, 1], t[4, 5] = float("nan"), float("-inf")  # elements 19 and 29: the third chunk and the last, partial one
+    with pytest.raises(ValueError, match=r"^w holds NaN or infinite values \(2 of 30\)"):
+        export_module.finite(t, "w")
+    ints = torch.zeros(4, dtype=torch.int32)
+    assert export_module.finite(ints, "i") is ints
