@@ -24,7 +24,7 @@ from qvlquant.engine.skeleton import (
 from qvlquant.engine.experts import expert_weight, fused_layout
 from qvlquant.engine.transforms import pad_layer
 from qvlquant.families import ExpertSlice, ModelFamily, family_for
-from qvlquant.parallel.devices import return_freed_memory
+from qvlquant.parallel.devices import trim_heap
 from qvlquant.storage.shards import NAMES, ShardReader
 
 
@@ -282,7 +282,7 @@ class StreamedLayers:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        return_freed_memory()
+        trim_heap()
 
     def load(self, i: int) -> torch.nn.Module:
         layer = self.layers[i]
@@ -293,7 +293,7 @@ class StreamedLayers:
 
     def release(self, i: int) -> None:
         release(self.layers[i])
-        return_freed_memory()
+        trim_heap()
 
 
 def _top_children(model: torch.nn.Module, skip: tuple[str, ...]):

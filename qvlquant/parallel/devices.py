@@ -123,15 +123,6 @@ def choose_offload(device: torch.device, activation_bytes: int, setting: str) ->
     return None if activation_bytes <= free_bytes(device) // 4 else "cpu"
 
 
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps the many small blocks of a released vision tower or
-    layer in its arenas, so the process's resident size would not fall); a no-op where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @functools.cache
 def _libc():
     try:
