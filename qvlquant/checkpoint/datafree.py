@@ -268,6 +268,9 @@ def export_nvfp4(model, processor, base: CheckpointTensors, fmt: Nvfp4Format, ou
         raise
 
 
+SHAPE_ONLY = ("g_idx", "weight_shape")  # packed tensors ``plan_rtn`` writes from the shape alone, never kept waiting
+
+
 def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: ModulePlan,
              fmt: PackFormat) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]], list[str]]:
     """Round-to-nearest needs no activations: every tensor of the export in the layer loop's order (a quantized
@@ -286,7 +289,7 @@ def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: Modul
             q, scale, zero = rtn_quantize(base.get(name).float(), spec)
             w = QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec), spec)
             head = family.to_disk(name)[: -len("weight")]
-            waiting.update({head + t: v for t, v in fmt.pack(w).items()})
+            waiting.update({head + t: v for t, v in fmt.pack(w).items() if t not in SHAPE_ONLY})
         return waiting.pop(key)
 
     for name in model.state_dict().keys():
