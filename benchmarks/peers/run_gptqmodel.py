@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/peers: layout.py beside this script
-from layout import to_input_layout  # noqa: E402
+from layout import peak_rss_gib, to_input_layout, weight_errors  # noqa: E402
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # read when gptqmodel is imported; its default hangs on 2 cores
 
@@ -198,13 +198,17 @@ def versions() -> dict:
     return {n: md.version(n) for n in names} | {"python": platform.python_version()}
 
 
-def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: pathlib.Path) -> dict:
+def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: pathlib.Path, dense: bool = True) -> dict:
+    """Quantize; then either write the dense result (``dense``) or only check it against the input's weights, one
+    linear at a time (``--check-only``: what a real-size run can afford)."""
     batches, index = read_batches(batch_dir)
     with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
         saved = pathlib.Path(tmp)
         t0 = time.time()
         quantize(model_dir, batches, s, saved)
         seconds = time.time() - t0
+        peak = peak_rss_gib()
+        saved_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
         qcfg = json.loads((saved / "quantize_config.json").read_text())
         packed = {}
         for f in sorted(saved.glob("*.safetensors")):
@@ -212,19 +216,30 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
     fmt = qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
         raise SystemExit(f"GPTQModel saved checkpoint_format {fmt!r}; this runner reads gptq (v1) and gptq_v2")
-    state, widths = dequantize_state(packed, v1=fmt == "gptq")
-    dense, renamed = to_input_layout(state, model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(dense, str(out / "model.safetensors"))
     meta = {
         "peer": "GPTQModel", "versions": versions(), "settings": {"method": "gptq", **dataclasses.asdict(s)},
         "model": str(model_dir), "batches": str(batch_dir), "wall_seconds": round(seconds, 2),
+        "peak_rss_gib_quantize": peak, "saved_bytes": saved_bytes,
         "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
-        "quantized_linears": [renamed[n + ".weight"][: -len(".weight")] for n in widths],
-        "packed": {n: dict(w, key=renamed[n + ".weight"][: -len(".weight")]) for n, w in widths.items()},
         "checkpoint_format": fmt, "quantize_config": qcfg,
         "threads": torch.get_num_threads(), "cpu_workers": os.environ["GPTQMODEL_CPU_WORKERS"],
     }
+    out.mkdir(parents=True, exist_ok=True)
+    if dense:
+        state, widths = dequantize_state(packed, v1=fmt == "gptq")
+        dense_state, renamed = to_input_layout(state, model_dir)
+        save_file(dense_state, str(out / "model.safetensors"))
+        meta["quantized_linears"] = [renamed[n + ".weight"][: -len(".weight")] for n in widths]
+        meta["packed"] = {n: dict(w, key=renamed[n + ".weight"][: -len(".weight")]) for n, w in widths.items()}
+    else:
+        names = sorted(k[: -len(".qweight")] for k in packed if k.endswith(".qweight"))
+
+        def one(name: str) -> torch.Tensor:
+            parts = {p: packed[f"{name}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{p}" in packed}
+            return dequantize_gptq(parts, packed_width(name, parts)["bits"], fmt == "gptq")
+
+        meta["sanity"] = weight_errors(names, one, model_dir)
+        meta["quantized_linears"] = len(names)
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
     return meta
 
@@ -252,11 +267,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dynamic", type=json_arg, default=None,
                     help='QuantizeConfig.dynamic as JSON, e.g. \'{"+:.*\\\\.layers\\\\.(?:0|3)\\\\.": {"bits": 8}}\'')
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--check-only", action="store_true",
+                    help="write only meta.json, with each linear's error against the input instead of dense weights")
     ap.add_argument("--output", required=True, type=pathlib.Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = Settings(args.bits, args.group_size, args.sym, args.damp, args.actorder, args.mse, args.dtype, args.dynamic)
-    meta = run(args.model.resolve(), args.batches.resolve(), s, args.output)
+    meta = run(args.model.resolve(), args.batches.resolve(), s, args.output, dense=not args.check_only)
+    if args.check_only:
+        print(f"GPTQModel gptq W{s.bits}g{s.group_size}: {meta['quantized_linears']} linears, "
+              f"{meta['wall_seconds']} s -> {args.output}", file=sys.stderr)
+        return
     widths = sorted({w["bits"] for w in meta["packed"].values()})
     print(f"GPTQModel gptq W{s.bits}g{s.group_size}: {len(meta['quantized_linears'])} linears at "
           f"{'/'.join(map(str, widths))} bits, {meta['wall_seconds']} s -> {args.output / 'model.safetensors'}",

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/peers: layout.py beside this script
-from layout import to_input_layout  # noqa: E402
+from layout import peak_rss_gib, to_input_layout, weight_errors  # noqa: E402
 
 IGNORE = ["lm_head", "re:(model\\.)?visual\\..*"]  # the vision tower stays BF16, as in qvlquant
 SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"]
@@ -139,31 +139,48 @@ def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:
     return bool(torch.equal(g_idx.long(), torch.arange(k) // (k // groups)))
 
 
-def decompress(saved: pathlib.Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The saved pack-quantized checkpoint -> (dense state dict, names of the quantized linears), through
-    compressed-tensors' own decompressor."""
-    from compressed_tensors.compressors.pack_quantized.base import (
-        PackedQuantizationCompressor,  # peer venv only
-    )
-    from compressed_tensors.quantization import QuantizationConfig
+def _read_saved(saved: pathlib.Path):
+    """The saved checkpoint's (one pack-quantized scheme group, all its tensors, the quantized linears' names)."""
+    from compressed_tensors.quantization import QuantizationConfig  # peer venv only
 
     qc = QuantizationConfig.model_validate(json.loads((saved / "config.json").read_text())["quantization_config"])
     if qc.format != "pack-quantized" or len(qc.config_groups) != 1:
         raise SystemExit(f"{saved}: format {qc.format}, {len(qc.config_groups)} groups; "
                          "expected one pack-quantized group")
-    group = next(iter(qc.config_groups.values()))
     state = {}
     for f in sorted(saved.glob("*.safetensors")):
         state.update(load_file(str(f)))
     names = sorted(k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed"))
+    return next(iter(qc.config_groups.values())), state, names
+
+
+def _decompress_one(state: dict, prefix: str, group, pop: bool = True) -> torch.Tensor:
+    """One linear's packed tensors -> its dense weight, through compressed-tensors' own decompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import (
+        PackedQuantizationCompressor,  # peer venv only
+    )
+
+    get = state.pop if pop else state.get
+    parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+    local = {n: get(f"{prefix}.{n}") for n in parts if f"{prefix}.{n}" in state}
+    g_idx = get(f"{prefix}.weight_g_idx", None)
+    if g_idx is not None and not _is_default_g_idx(g_idx, local["weight_scale"].shape[-1]):
+        raise SystemExit(f"{prefix}: permuted weight_g_idx, which the pack-quantized decompressor does not apply")
+    return PackedQuantizationCompressor.decompress(local, group)["weight"]
+
+
+def decompress(saved: pathlib.Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The saved pack-quantized checkpoint -> (dense state dict, names of the quantized linears)."""
+    group, state, names = _read_saved(saved)
     for prefix in names:
-        parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
-        local = {n: state.pop(f"{prefix}.{n}") for n in parts if f"{prefix}.{n}" in state}
-        g_idx = state.pop(f"{prefix}.weight_g_idx", None)
-        if g_idx is not None and not _is_default_g_idx(g_idx, local["weight_scale"].shape[-1]):
-            raise SystemExit(f"{prefix}: permuted weight_g_idx, which the pack-quantized decompressor does not apply")
-        state[f"{prefix}.weight"] = PackedQuantizationCompressor.decompress(local, group)["weight"]
+        state[f"{prefix}.weight"] = _decompress_one(state, prefix, group)
     return state, names
+
+
+def check(saved: pathlib.Path, model_dir: pathlib.Path) -> dict:
+    """The saved checkpoint's linears dequantized one at a time against the input's weights (layout.weight_errors)."""
+    group, state, names = _read_saved(saved)
+    return weight_errors(names, lambda name: _decompress_one(state, name, group, pop=False), model_dir)
 
 
 def versions() -> dict:
@@ -171,24 +188,36 @@ def versions() -> dict:
     return {n: md.version(n) for n in names} | {"python": platform.python_version()}
 
 
-def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: pathlib.Path) -> dict:
+def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: pathlib.Path, dense: bool = True) -> dict:
+    """Quantize; then either write the dense result (``dense``) or only check it against the input's weights, one
+    linear at a time (``--check-only``: what a real-size run can afford)."""
     batches, index = read_batches(batch_dir)
     with tempfile.TemporaryDirectory(prefix="llmc-") as tmp:
         saved = pathlib.Path(tmp)
         t0 = time.time()
         quantize(model_dir, batches, s, saved)
         seconds = time.time() - t0
-        state, names = decompress(saved)
-    dense, renamed = to_input_layout(state, model_dir, "decompression")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(dense, str(out / "model.safetensors"))
+        peak = peak_rss_gib()
+        saved_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+        if dense:
+            state, names = decompress(saved)
+        else:
+            sanity = check(saved, model_dir)
     meta = {
         "peer": "llm-compressor", "versions": versions(), "settings": dataclasses.asdict(s),
         "model": str(model_dir), "batches": str(batch_dir), "wall_seconds": round(seconds, 2),
+        "peak_rss_gib_quantize": peak, "saved_bytes": saved_bytes,
         "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
-        "quantized_linears": [renamed[n + ".weight"][: -len(".weight")] for n in names],
         "threads": torch.get_num_threads(),
     }
+    out.mkdir(parents=True, exist_ok=True)
+    if dense:
+        dense_state, renamed = to_input_layout(state, model_dir, "decompression")
+        save_file(dense_state, str(out / "model.safetensors"))
+        meta["quantized_linears"] = [renamed[n + ".weight"][: -len(".weight")] for n in names]
+    else:
+        meta["sanity"] = sanity
+        meta["quantized_linears"] = sanity["linears"]
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return meta
 
@@ -206,14 +235,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--actorder", default="none", choices=["none", "static"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--check-only", action="store_true",
+                    help="write only meta.json, with each linear's error against the input instead of dense weights")
     ap.add_argument("--output", required=True, type=pathlib.Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sym = args.sym if args.sym is not None else args.method == "gptq"  # each method's published default
     s = Settings(args.method, args.bits, args.group_size, sym, args.damp, args.actorder, args.dtype)
-    meta = run(args.model.resolve(), args.batches.resolve(), s, args.output)
-    print(f"llm-compressor {s.method} W{s.bits}g{s.group_size}: {len(meta['quantized_linears'])} linears, "
-          f"{meta['wall_seconds']} s -> {args.output / 'model.safetensors'}", file=sys.stderr)
+    meta = run(args.model.resolve(), args.batches.resolve(), s, args.output, dense=not args.check_only)
+    count = meta["quantized_linears"] if args.check_only else len(meta["quantized_linears"])
+    print(f"llm-compressor {s.method} W{s.bits}g{s.group_size}: {count} linears, "
+          f"{meta['wall_seconds']} s -> {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

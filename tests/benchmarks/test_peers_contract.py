@@ -142,3 +142,35 @@ def test_dynamic_is_checked_before_gptqmodel_runs():
             run_gptqmodel.Settings(4, 128, True, dynamic=bad)
     with pytest.raises(SystemExit):  # argparse: not JSON
         run_gptqmodel.main(["--model", "m", "--batches", "b", "--output", "o", "--dynamic", "{bits: 8}"])
+
+
+layout = _module("layout")
+
+
+def test_weight_errors_compares_each_linear_with_the_input_weight_it_came_from(tmp_path):
+    """The real-size peer benchmark's sanity check: each dequantized linear, named as in the peer's model, against
+    the input folder's weight (shards included), as a relative error; non-finite and unmatched linears are named."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(16, 8), "model.layers.0.mlp.down_proj.weight":
+            torch.randn(8, 16), "visual.blocks.0.qkv.weight": torch.randn(24, 8)}
+    save_file({k: v for k, v in base.items() if "up_proj" in k}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: v for k, v in base.items() if "up_proj" not in k}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    up, down = "model.language_model.layers.0.mlp.up_proj", "model.language_model.layers.0.mlp.down_proj"
+    noise = {up: 0.1, down: 0.3}  # the error each dequantized weight is given, relative to its input weight
+    got = {}
+    for name, rel in noise.items():
+        w = base[name.replace("language_model.", "") + ".weight"]
+        d = torch.randn_like(w)
+        got[name] = w + d * (rel * w.norm() / d.norm())
+    r = layout.weight_errors([up, down], got.__getitem__, tmp_path)
+    assert r["linears"] == 2 and r["worst"] == down and not r["nonfinite"] and not r["unmatched"]
+    assert r["max"] == pytest.approx(0.3, rel=1e-4) and r["median"] == pytest.approx(0.3, rel=1e-4)  # of 2: upper
+    got[up] = got[up].clone()
+    got[up][0, 0] = float("nan")
+    r = layout.weight_errors([up, down, "model.language_model.layers.0.mlp.gate_proj"], got.__getitem__, tmp_path)
+    assert r["nonfinite"] == [up] and r["unmatched"] == ["model.language_model.layers.0.mlp.gate_proj"]
+    with pytest.raises(SystemExit, match="down_proj: dequantized shape \\[16, 8\\]"):
+        layout.weight_errors([down], lambda name: torch.zeros(16, 8), tmp_path)
+    assert layout.input_files(tmp_path)["visual.blocks.0.qkv.weight"].name == "model-00002-of-00002.safetensors"
