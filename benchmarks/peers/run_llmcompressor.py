@@ -32,6 +32,7 @@ import importlib.metadata as md
 import json
 import pathlib
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/p
 from layout import peak_rss_gib, to_input_layout, weight_errors  # noqa: E402
 
 IGNORE = ["lm_head", "re:(model\\.)?visual\\..*"]  # the vision tower stays BF16, as in qvlquant
+PRESETS = ("FP8_DYNAMIC", "W8A8", "NVFP4A16")  # llm-compressor's data-free preset schemes, run with no calibration
 SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"]
 
 
@@ -57,8 +59,8 @@ class Settings:
     dtype: str = "float32"  # the dtype the model is loaded and calibrated in
 
     def __post_init__(self):
-        if self.method not in ("gptq", "awq"):
-            raise ValueError(f"--method {self.method!r}: use gptq or awq")
+        if self.method not in ("gptq", "awq", *PRESETS):
+            raise ValueError(f"--method {self.method!r}: use gptq, awq or a data-free preset ({', '.join(PRESETS)})")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"--bits {self.bits}: llm-compressor packs 2..8-bit integers")
         if self.group_size != -1 and self.group_size < 1:
@@ -103,6 +105,8 @@ def recipe(s: Settings) -> list:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
+    if s.method in PRESETS:
+        return [QuantizationModifier(targets="Linear", scheme=s.method, ignore=IGNORE)]
     if s.method == "gptq":
         actorder = None if s.actorder == "none" else s.actorder
         return [GPTQModifier(config_groups=scheme(s), ignore=IGNORE, dampening_frac=s.damp, actorder=actorder)]
@@ -126,6 +130,11 @@ def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: p
     _no_pinning()
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, s.dtype))
     processor = AutoProcessor.from_pretrained(model_dir)
+    if s.method in PRESETS:  # data-free: no dataset, as llm-compressor's own FP8_DYNAMIC / W8A8 / NVFP4A16 examples
+        oneshot(model=model, recipe=recipe(s))
+        model.save_pretrained(saved, save_compressed=True)
+        processor.save_pretrained(saved)
+        return
     loader = torch.utils.data.DataLoader(batches, batch_size=1, shuffle=False, collate_fn=lambda b: b[0])
     targets = [t for t in SEQUENTIAL_TARGETS if any(type(m).__name__ == t for m in model.modules())]
     oneshot(model=model, processor=processor, dataset=loader, recipe=recipe(s), num_calibration_samples=len(batches),
@@ -188,10 +197,12 @@ def versions() -> dict:
     return {n: md.version(n) for n in names} | {"python": platform.python_version()}
 
 
-def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: pathlib.Path, dense: bool = True) -> dict:
+def run(model_dir: pathlib.Path, batch_dir: pathlib.Path | None, s: Settings, out: pathlib.Path, dense: bool = True,
+        keep: pathlib.Path | None = None) -> dict:
     """Quantize; then either write the dense result (``dense``) or only check it against the input's weights, one
-    linear at a time (``--check-only``: what a real-size run can afford)."""
-    batches, index = read_batches(batch_dir)
+    linear at a time (``--check-only``: what a real-size run can afford). ``keep``: a copy of the compressed
+    checkpoint llm-compressor saved (the only output of a data-free preset)."""
+    batches, index = read_batches(batch_dir) if batch_dir is not None else ([], {})
     with tempfile.TemporaryDirectory(prefix="llmc-") as tmp:
         saved = pathlib.Path(tmp)
         t0 = time.time()
@@ -199,13 +210,18 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
         seconds = time.time() - t0
         peak = peak_rss_gib()
         saved_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
-        if dense:
+        if keep is not None:
+            shutil.copytree(saved, keep, dirs_exist_ok=True)
+        if s.method in PRESETS:
+            dense, sanity = False, None
+        elif dense:
             state, names = decompress(saved)
         else:
             sanity = check(saved, model_dir)
     meta = {
         "peer": "llm-compressor", "versions": versions(), "settings": dataclasses.asdict(s),
-        "model": str(model_dir), "batches": str(batch_dir), "wall_seconds": round(seconds, 2),
+        "model": str(model_dir), "batches": str(batch_dir) if batch_dir else None, "kept": str(keep) if keep else None,
+        "wall_seconds": round(seconds, 2),
         "peak_rss_gib_quantize": peak, "saved_bytes": saved_bytes,
         "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
         "threads": torch.get_num_threads(),
@@ -215,7 +231,7 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
         dense_state, renamed = to_input_layout(state, model_dir, "decompression")
         save_file(dense_state, str(out / "model.safetensors"))
         meta["quantized_linears"] = [renamed[n + ".weight"][: -len(".weight")] for n in names]
-    else:
+    elif sanity is not None:
         meta["sanity"] = sanity
         meta["quantized_linears"] = sanity["linears"]
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
@@ -225,8 +241,8 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, type=pathlib.Path, help="BF16 model folder (with its processor)")
-    ap.add_argument("--batches", required=True, type=pathlib.Path, help="export_batches.py's output folder")
-    ap.add_argument("--method", required=True, choices=["gptq", "awq"])
+    ap.add_argument("--batches", type=pathlib.Path, help="export_batches.py's output folder (not for a preset)")
+    ap.add_argument("--method", required=True, choices=["gptq", "awq", *PRESETS])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sym", dest="sym", action="store_true", default=None)
@@ -237,13 +253,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-only", action="store_true",
                     help="write only meta.json, with each linear's error against the input instead of dense weights")
+    ap.add_argument("--keep", type=pathlib.Path, default=None, help="copy llm-compressor's compressed checkpoint here")
     ap.add_argument("--output", required=True, type=pathlib.Path)
     args = ap.parse_args(argv)
+    if (args.method in PRESETS) != (args.batches is None):
+        ap.error("--batches is needed by gptq and awq, and taken by no data-free preset")
+    if args.method in PRESETS and args.keep is None:
+        ap.error(f"--method {args.method}: a preset's output is its compressed checkpoint; give --keep DIR")
     torch.set_num_threads(args.threads)
     sym = args.sym if args.sym is not None else args.method == "gptq"  # each method's published default
     s = Settings(args.method, args.bits, args.group_size, sym, args.damp, args.actorder, args.dtype)
-    meta = run(args.model.resolve(), args.batches.resolve(), s, args.output, dense=not args.check_only)
-    count = meta["quantized_linears"] if args.check_only else len(meta["quantized_linears"])
+    meta = run(args.model.resolve(), args.batches.resolve() if args.batches else None, s, args.output,
+               dense=not args.check_only, keep=args.keep)
+    count = meta.get("quantized_linears")
+    count = len(count) if isinstance(count, list) else count
     print(f"llm-compressor {s.method} W{s.bits}g{s.group_size}: {count} linears, "
           f"{meta['wall_seconds']} s -> {args.output}", file=sys.stderr)
 
