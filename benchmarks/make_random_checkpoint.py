@@ -1,5 +1,5 @@
 """Write a random-weight checkpoint of a released model's shape (Qwen2-VL-2B / -7B, Qwen3.5-0.8B / -2B / -35B-A3B /
--397B-A17B), for speed, memory and scale tests.
+-397B-A17B, Qwen3-VL-30B-A3B), for speed, memory and scale tests.
 
 The released configs (text model, vision tower, vocabulary), bf16 safetensors in 5 GiB shards with an index, and a
 processor: the embedded demo's (its word-level tokenizer carries the Qwen special tokens; the config's image / video
@@ -13,9 +13,12 @@ Qwen3.5 checkpoints are written in each family's on-disk layout: the runtime nam
 beside ``mlp.gate`` (the router), ``mlp.shared_expert`` and ``mlp.shared_expert_gate``, and the MTP head the released
 checkpoints carry (``mtp.fc``, ``mtp.pre_fc_norm_embedding`` / ``_hidden``, ``mtp.norm`` and ``mtp_num_hidden_layers``
 full-attention decoder layers ``mtp.layers.N``, as vLLM's ``qwen3_5_mtp.py`` builds them). ``--layers N`` writes the
-first N decoder layers only (a 35B-A3B is 67 GB), the config saying N layers; ``--full-attention-interval K`` sets
+first N decoder layers only (a 35B-A3B is 67 GB), the config saying N layers (Qwen3-VL-30B-A3B too); ``--full-attention-interval K`` sets
 which of them are full attention (every K-th, as the released configs' ``full_attention_interval`` 4 does), so that
 two layers can hold one of each type.
+
+Qwen3-VL-MoE checkpoints are written as the released ones store them: each layer's routed experts fused and
+transposed, ``mlp.experts.gate_up_proj`` [E, H, 2I] and ``mlp.experts.down_proj`` [E, I, H], beside ``mlp.gate``.
 
     python benchmarks/make_random_checkpoint.py --shape qwen2-vl-7b --output /tmp/qwen2-vl-7b-random
     python benchmarks/make_random_checkpoint.py --shape qwen3.5-35b-a3b --layers 2 --full-attention-interval 2 \\
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import shutil
 
 import torch
@@ -91,6 +95,48 @@ QWEN3_5 = {  # model_type, text sizes, vision sizes (over QWEN3_5_VISION), tie_w
                           dict(out_hidden_size=4096), False, "[O] only (not cross-checked)"),
 }
 
+# Qwen3-VL-30B-A3B: [V] the released Qwen/Qwen3-VL-30B-A3B-Instruct config.json (commit 1fc78ad) as transcribed into a
+# public project's parser test (found by the search tool; every field below is in it), agreeing with a second public
+# copy of the same config under another model_type, and with transformers 5.24's vision defaults
+# (configuration_qwen3_vl_moe.py, documented as this checkpoint's; its text defaults are not this model's).
+QWEN3_VL_MOE = {  # text sizes, vision sizes, tie_word_embeddings, sources
+    "qwen3-vl-30b-a3b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                              num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                              moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                              rms_norm_eps=1e-6, vocab_size=151936, max_position_embeddings=262144,
+                              attention_bias=False,
+                              rope_parameters={"rope_type": "default", "rope_theta": 5000000,
+                                               "mrope_interleaved": True, "mrope_section": [24, 20, 20]}),
+                         dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+                              patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304,
+                              deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"),
+                         False, "[V]"),
+}
+EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def fused_transposed(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Per-expert linears' shapes -> each layer's experts as Qwen3-VL-MoE stores them: ``experts.gate_up_proj``
+    [E, H, 2I] and ``experts.down_proj`` [E, I, H] (the transpose of transformers' fused runtime parameters)."""
+    out, experts = {}, {}
+    for key, shape in shapes.items():
+        m = EXPERT_KEY.fullmatch(key)
+        if m is None:
+            out[key] = shape
+            continue
+        first = experts.setdefault(m[1], {"count": 0})
+        first["count"] = max(first["count"], int(m[2]) + 1)
+        first[m[3]] = shape
+        if m[1] + ".gate_up_proj" not in out:  # keep the layer's place in the key order
+            out[m[1] + ".gate_up_proj"] = out[m[1] + ".down_proj"] = None
+    for prefix, e in experts.items():
+        (inter, hidden), count = e["gate"], e["count"]
+        if e["up"] != (inter, hidden) or e["down"] != (hidden, inter):
+            raise ValueError(f"{prefix}: gate {e['gate']}, up {e['up']}, down {e['down']} are no SwiGLU expert")
+        out[prefix + ".gate_up_proj"] = (count, hidden, 2 * inter)
+        out[prefix + ".down_proj"] = (count, inter, hidden)
+    return out
+
 
 def real_config(shape: str):
     """The released architecture's config, with the demo tokenizer's special-token ids."""
@@ -132,6 +178,23 @@ def qwen3_5_config(shape: str, layers: int | None = None, interval: int | None =
     return config
 
 
+def qwen3_vl_moe_config(shape: str, layers: int | None = None):
+    """The released Qwen3-VL-MoE config of ``shape`` (``QWEN3_VL_MOE``), with the demo tokenizer's special-token ids;
+    ``layers``: that many decoder layers (the config says so)."""
+    from transformers import Qwen3VLMoeConfig
+
+    sizes, vision, tie, _ = QWEN3_VL_MOE[shape]
+    demo = json.loads((MODEL_DIR / "config.json").read_text())
+    text = dict(sizes, tie_word_embeddings=tie, bos_token_id=demo["text_config"].get("bos_token_id", 0),
+                eos_token_id=demo["text_config"].get("eos_token_id", 1), pad_token_id=0)
+    text["num_hidden_layers"] = layers or text["num_hidden_layers"]
+    ids = {k: demo[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+    config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    return config
+
+
 def mtp_shapes(config, family) -> dict[str, tuple[int, ...]]:
     """The MTP head's tensors as the released checkpoints carry them: ``mtp.fc`` [H, 2H], three norms and
     ``mtp_num_hidden_layers`` full-attention decoder layers (with the model's MLP: a MoE block, experts one tensor
@@ -166,13 +229,20 @@ def write_checkpoint(shape: str, output: pathlib.Path, max_shard_bytes: int = 5 
     if shape in QWEN3_5:
         config = qwen3_5_config(shape, layers, interval)
         family = family_for(config.model_type).bind(config)
+    elif shape in QWEN3_VL_MOE:
+        if interval:
+            raise ValueError(f"--full-attention-interval: Qwen3.5 shapes only, not {shape}")
+        config = qwen3_vl_moe_config(shape, layers)
+        family = family_for(config.model_type).bind(config)
     else:
         if layers or interval:
-            raise ValueError(f"--layers / --full-attention-interval: Qwen3.5 shapes only, not {shape}")
+            raise ValueError(f"--layers / --full-attention-interval: Qwen3.5 and Qwen3-VL-MoE shapes only, not {shape}")
         config, family = real_config(shape), QWEN2_VL
     skeleton = build_skeleton(config, family, torch.bfloat16)
     names = [n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")]
     shapes = {family.to_disk(n): tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names}
+    if shape in QWEN3_VL_MOE:
+        shapes = fused_transposed(shapes)
     if shape in QWEN3_5:
         shapes.update(mtp_shapes(config, family_for(config.model_type)))
     entries = [(k, torch.bfloat16, s) for k, s in shapes.items()]
@@ -191,7 +261,7 @@ def write_checkpoint(shape: str, output: pathlib.Path, max_shard_bytes: int = 5 
     for f in PROCESSOR_FILES:
         if (MODEL_DIR / f).exists():
             shutil.copy(MODEL_DIR / f, output / f)
-    if shape in QWEN3_5:  # the demo processor's pixels in the tower's patches
+    if shape in QWEN3_5 or shape in QWEN3_VL_MOE:  # the demo processor's pixels in the tower's patches
         processor = json.loads((output / "processor_config.json").read_text())
         patch = config.vision_config.patch_size
         for part in ("image_processor", "video_processor"):
@@ -203,9 +273,10 @@ def write_checkpoint(shape: str, output: pathlib.Path, max_shard_bytes: int = 5 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=["qwen2-vl-2b", "qwen2-vl-7b", *QWEN3_5], required=True)
+    p.add_argument("--shape", choices=["qwen2-vl-2b", "qwen2-vl-7b", *QWEN3_5, *QWEN3_VL_MOE], required=True)
     p.add_argument("--output", required=True, help="a new folder")
-    p.add_argument("--layers", type=int, default=None, help="Qwen3.5: write the first N decoder layers only")
+    p.add_argument("--layers", type=int, default=None,
+                   help="Qwen3.5, Qwen3-VL-MoE: write the first N decoder layers only")
     p.add_argument("--full-attention-interval", type=int, default=None,
                    help="Qwen3.5: every K-th layer full attention (default: the released 4)")
     args = p.parse_args()
