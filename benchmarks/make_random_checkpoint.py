@@ -13,7 +13,7 @@ Qwen3.5 checkpoints are written in each family's on-disk layout: the runtime nam
 beside ``mlp.gate`` (the router), ``mlp.shared_expert`` and ``mlp.shared_expert_gate``, and the MTP head the released
 checkpoints carry (``mtp.fc``, ``mtp.pre_fc_norm_embedding`` / ``_hidden``, ``mtp.norm`` and ``mtp_num_hidden_layers``
 full-attention decoder layers ``mtp.layers.N``, as vLLM's ``qwen3_5_mtp.py`` builds them). ``--layers N`` writes the
-first N decoder layers only (a 35B-A3B is 67 GB), the config saying N layers (Qwen3-VL-30B-A3B too); ``--full-attention-interval K`` sets
+first N decoder layers only (a 35B-A3B is 67 GB), the config saying N layers (any shape); ``--full-attention-interval K`` sets
 which of them are full attention (every K-th, as the released configs' ``full_attention_interval`` 4 does), so that
 two layers can hold one of each type.
 
@@ -138,14 +138,17 @@ def fused_transposed(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int,
     return out
 
 
-def real_config(shape: str):
-    """The released architecture's config, with the demo tokenizer's special-token ids."""
+def real_config(shape: str, layers: int | None = None):
+    """The released architecture's config, with the demo tokenizer's special-token ids; ``layers``: that many decoder
+    layers (the config says so)."""
     from transformers import Qwen2VLConfig
 
     demo = json.loads((MODEL_DIR / "config.json").read_text())
     text = dict(SHAPES[shape], bos_token_id=demo["text_config"].get("bos_token_id", 0),
                 eos_token_id=demo["text_config"].get("eos_token_id", 1), pad_token_id=0)
     tie = text.pop("tie_word_embeddings")
+    if layers:
+        text["num_hidden_layers"] = layers
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6,
                                "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]}
@@ -235,9 +238,9 @@ def write_checkpoint(shape: str, output: pathlib.Path, max_shard_bytes: int = 5 
         config = qwen3_vl_moe_config(shape, layers)
         family = family_for(config.model_type).bind(config)
     else:
-        if layers or interval:
-            raise ValueError(f"--layers / --full-attention-interval: Qwen3.5 and Qwen3-VL-MoE shapes only, not {shape}")
-        config, family = real_config(shape), QWEN2_VL
+        if interval:
+            raise ValueError(f"--full-attention-interval: Qwen3.5 shapes only, not {shape}")
+        config, family = real_config(shape, layers), QWEN2_VL
     skeleton = build_skeleton(config, family, torch.bfloat16)
     names = [n for n in skeleton.state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")]
     shapes = {family.to_disk(n): tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names}
@@ -276,7 +279,7 @@ def main() -> None:
     p.add_argument("--shape", choices=["qwen2-vl-2b", "qwen2-vl-7b", *QWEN3_5, *QWEN3_VL_MOE], required=True)
     p.add_argument("--output", required=True, help="a new folder")
     p.add_argument("--layers", type=int, default=None,
-                   help="Qwen3.5, Qwen3-VL-MoE: write the first N decoder layers only")
+                   help="write the first N decoder layers only (the config says N)")
     p.add_argument("--full-attention-interval", type=int, default=None,
                    help="Qwen3.5: every K-th layer full attention (default: the released 4)")
     args = p.parse_args()
