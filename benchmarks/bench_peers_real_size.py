@@ -106,53 +106,52 @@ def qvlquant_command(checkpoint: pathlib.Path, method: str, args, out: pathlib.P
 
 def qvlquant_sanity(checkpoint: pathlib.Path, out: pathlib.Path) -> dict:
     """qvlquant's GPTQ v1 export read back by the GPTQModel runner's own reader (not qvlquant's), linear by linear."""
+    peers = _peer_module("run_gptqmodel")
+    names, read = _packed_linears(out)
+
+    def one(name: str):
+        parts = read(name, ("qweight", "qzeros", "scales", "g_idx"))
+        return peers.dequantize_gptq(parts, peers.packed_width(name, parts)["bits"], v1=True)
+
+    return _peer_module("layout").weight_errors(names, one, checkpoint)
+
+
+def _packed_linears(out: pathlib.Path):
+    """An export's packed linears (the names of its ``.qweight`` tensors) and a reader of one linear's parts."""
     from safetensors import safe_open
 
-    peers = _peer_module("run_gptqmodel")
-    layout = _peer_module("layout")
     where = {}
     for path in sorted(out.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             where.update(dict.fromkeys(f.keys(), path))
-    names = sorted(k[: -len(".qweight")] for k in where if k.endswith(".qweight"))
 
-    def one(name: str):
-        parts = {}
-        for p in ("qweight", "qzeros", "scales", "g_idx"):
+    def read(name: str, parts: tuple[str, ...]) -> dict:
+        got = {}
+        for p in parts:
             if f"{name}.{p}" in where:
                 with safe_open(str(where[f"{name}.{p}"]), "pt") as f:
-                    parts[p] = f.get_tensor(f"{name}.{p}")
-        return peers.dequantize_gptq(parts, peers.packed_width(name, parts)["bits"], v1=True)
+                    got[p] = f.get_tensor(f"{name}.{p}")
+        return got
 
-    return layout.weight_errors(names, one, checkpoint)
+    return sorted(k[: -len(".qweight")] for k in where if k.endswith(".qweight")), read
 
 
 def awq_sanity(checkpoint: pathlib.Path, out: pathlib.Path) -> dict:
     """qvlquant's AWQ GEMM export: read back with qvlquant's own unpacking (the AWQ layout is checked against the
     peers' readers in the tests), linear by linear. AWQ folds smoothing scales into the weights, so the error is
     against the input weight of an unscaled linear only where no scale was folded: reported, not bounded."""
-    from safetensors import safe_open
-
     from qvlquant.quant.formats import PackFormat
     from qvlquant.quant.spec import QuantSpec
 
-    layout = _peer_module("layout")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     spec = QuantSpec(bits=config["bits"], group_size=config["group_size"], sym=False)
-    where = {}
-    for path in sorted(out.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            where.update(dict.fromkeys(f.keys(), path))
-    names = sorted(k[: -len(".qweight")] for k in where if k.endswith(".qweight"))
+    names, read = _packed_linears(out)
 
     def one(name: str):
-        parts = {}
-        for p in ("qweight", "qzeros", "scales"):
-            with safe_open(str(where[f"{name}.{p}"]), "pt") as f:
-                parts[p] = f.get_tensor(f"{name}.{p}")
+        parts = read(name, ("qweight", "qzeros", "scales"))
         return PackFormat.AWQ_GEMM.unpack(parts, spec, parts["qweight"].shape[0]).dequantize()
 
-    return layout.weight_errors(names, one, checkpoint)
+    return _peer_module("layout").weight_errors(names, one, checkpoint)
 
 
 def run_one(name: str, checkpoint: pathlib.Path, batches: pathlib.Path, args, work: pathlib.Path) -> dict:
