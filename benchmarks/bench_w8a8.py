@@ -35,6 +35,15 @@ VARIANTS = {  # name -> quantize settings beyond scheme W8A8 (None: data-free)
 }
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (platform.processor() is empty on Linux)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
@@ -79,7 +88,7 @@ def main() -> None:
     out = pathlib.Path(args.json or f"benchmarks/results/w8a8_{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-            "processor": platform.processor(), "torch": torch.__version__, "qvlquant": qvlquant.__version__,
+            "cpu": cpu_model(), "torch": torch.__version__, "qvlquant": qvlquant.__version__,
             "args": vars(args), "seconds": round(time.time() - t0, 1), "load_average": os.getloadavg()}
     out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "table": table}, indent=2) + "\n")
 
