@@ -308,7 +308,7 @@ def run_quantize(args) -> int:
     report = quantize(JobConfig.from_flat(**settings))
     if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
-    if report.get("scheme"):  # FP8 / INT8 W8A8 / NVFP4, data-free or calibrated
+    if report.get("scheme") and report.get("complete", True):  # FP8 / INT8 W8A8 / NVFP4, data-free or calibrated
         how = "data-free" if report["scheme"] not in CALIBRATED_SCHEMES else \
             f"activation scales from {report['calibration']['tokens']} calibration tokens"
         if "smoothing" in report:  # calibrated W8A8
@@ -318,7 +318,8 @@ def run_quantize(args) -> int:
               f"{report['total_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
         return 0
     if not report["complete"]:  # --max-layers
-        print(f"quantized {len(report['layer_seconds'])} of {report['estimate']['layers']} layers "
+        of = f" of {report['estimate']['layers']}" if report.get("estimate") else ""  # calibrated W8A8: none
+        print(f"quantized {len(report['layer_seconds'])}{of} layers "
               f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB (stopped early)")
         return 0
     mixed = report.get("mixed_precision")

@@ -108,3 +108,19 @@ def test_the_card_names_smoothquant_and_the_rounding(exports):
     card = (exports["gptq_auto"] / "README.md").read_text()
     assert "| Quantization | INT8 W8A8 (W8A8), SmoothQuant (strength auto) and gptq on calibration data |" in card
     assert "8 samples from `demo`" in card
+
+
+def test_a_run_stopped_by_max_layers_resumes_to_the_same_export(exports, tmp_path):
+    """--max-layers leaves a partial run (smoothed, quantized layers on disk); the rerun finishes it and writes
+    what one uninterrupted run writes."""
+    from qvlquant.api import quantize
+
+    out, settings = tmp_path / "resumed", dict(RUNS["gptq_auto"], num_samples=8)
+    partial = quantize(output=str(out), scheme="W8A8", max_layers=2, **settings)
+    assert not partial["complete"] and not out.exists() and len(partial["layer_seconds"]) == 2
+    quantize(output=str(out), scheme="W8A8", **settings)
+    ours, straight = ShardReader(out), ShardReader(exports["gptq_auto"])
+    assert set(ours.keys()) == set(straight.keys())
+    for key in straight.keys():
+        assert torch.equal(ours.get(key), straight.get(key)), key
+    assert report_of(out)["smoothing"] == report_of(exports["gptq_auto"])["smoothing"]
