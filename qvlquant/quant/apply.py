@@ -428,9 +428,9 @@ def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerCon
     feats = capture_linear_inputs(layer, inputs, list(dict.fromkeys(g.linears[0] for g in groups)))
     found, info = [], {}
     for group in groups:
-        x_feats = feats[group.linears[0]]
-        x_all = torch.cat([_real(f, x) for f, x in zip(x_feats, inputs)])  # [T, K]
-        if x_all.shape[0] == 0:
+        x_feats = feats[group.linears[0]]  # per batch; an expert's only for the batches that reached it
+        x_all = torch.cat([_real(f, x) for f, x in zip(x_feats, inputs)]) if x_feats else None  # [T, K]
+        if x_all is None or x_all.shape[0] == 0:
             continue  # an expert no calibration token reached: nothing to smooth by
         weights = [layer.get_submodule(n).weight.data for n in group.linears]
         x_max = input_absmax(x_all)

@@ -124,3 +124,19 @@ def test_a_run_stopped_by_max_layers_resumes_to_the_same_export(exports, tmp_pat
     for key in straight.keys():
         assert torch.equal(ours.get(key), straight.get(key)), key
     assert report_of(out)["smoothing"] == report_of(exports["gptq_auto"])["smoothing"]
+
+
+def test_moe_experts_that_some_batches_never_reach_are_smoothed_from_the_ones_that_do(tmp_path):
+    """demo-qwen3.5-moe: each routed expert sees only some batches (none for some experts); SmoothQuant smooths each
+    expert's up -> down from the tokens routed to it, and the export holds every decoder linear in int8."""
+    import qvlquant
+    from qvlquant.runtime.w8a8 import W8A8Linear
+
+    out = tmp_path / "moe"
+    report = qvlquant.quantize(output=str(out), model="demo-qwen3.5-moe", scheme="W8A8", method="rtn",
+                               smoothing_strength="0.8", num_samples=4)
+    groups = report["smoothing"]["groups"]
+    assert any(".mlp.experts." in g for g in groups) and any(".shared_expert." in g for g in groups)
+    model, _ = qvlquant.load(out)
+    int8 = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
+    assert len(int8) == len(report["layers"]) and any(".experts." in n for n in int8)
