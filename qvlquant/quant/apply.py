@@ -39,7 +39,13 @@ from qvlquant.quant.layer import (
 )
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 from qvlquant.quant.rtn import quantize as rtn_quantize_with
-from qvlquant.quant.smoothquant import input_absmax, search_strength, smoothing_scales, weight_absmax
+from qvlquant.quant.smoothquant import (
+    input_absmax,
+    search_strength,
+    smoothing_scales,
+    stored_norm_scales,
+    weight_absmax,
+)
 from qvlquant.quant.spec import METHODS
 
 
@@ -448,8 +454,10 @@ def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerCon
             found.append((group, s))
         info.update({n: dict(found_info, smoothed_by=group.prev) for n in group.linears})
     for group, s in found:
-        _fold(layer.get_submodule(group.prev), [layer.get_submodule(n) for n in group.linears], s,
-              ctx.storage_dtype, family.norm_offset)
+        prev = layer.get_submodule(group.prev)
+        if not isinstance(prev, torch.nn.Linear):  # the columns get what the stored norm divides by
+            s = stored_norm_scales(prev.weight.data, s, ctx.storage_dtype, family.norm_offset)
+        _fold(prev, [layer.get_submodule(n) for n in group.linears], s, ctx.storage_dtype, family.norm_offset)
     return info
 
 

@@ -48,6 +48,19 @@ def smoothing_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> 
     return torch.where(live, s, torch.ones_like(s)).clamp(min=MIN_SCALE)
 
 
+def stored_norm_scales(weight: torch.Tensor, s: torch.Tensor, storage_dtype: torch.dtype,
+                       offset: float = 0.0) -> torch.Tensor:
+    """The scales a norm really divides by once its folded weight ``(offset + w) / s - offset`` is rounded to the
+    checkpoint's ``storage_dtype`` [K]: multiplying the weight columns by these instead of ``s`` keeps the float
+    layer unchanged to float32 rounding. It matters for zero-centred norms (``offset`` 1, Qwen3.5): their stored
+    ``w`` near -1 keeps bf16's absolute step of 2^-8 on ``1 + w``, up to 1.5 % of it on the demo's. Where the
+    stored value would be 0 (or flip sign), ``s`` itself."""
+    w = weight.float()
+    stored = ((offset + w) / s - offset).to(storage_dtype).float()
+    effective = (offset + w) / (offset + stored)
+    return torch.where(torch.isfinite(effective) & (effective > 0), effective, s)
+
+
 def w8a8_output(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
     """What the linears serve after smoothing by ``s`` [K]: int8 per token of ``x / s`` [T, K] times the int8 per
     channel of each ``w * s`` [N, K], all concatenated. -> [T, sum N] float32."""

@@ -81,16 +81,17 @@ def test_search_keeps_no_smoothing_where_no_strength_does_better():
     assert info["smoothing_loss"] == info["smoothing_loss_off"] == 0.0
 
 
-def _ctx(prefix="model.language_model.layers.1", method="rtn", finish=lambda *a: None):
+def _ctx(prefix="model.language_model.layers.1", method="rtn", storage=torch.float32):
     return LayerContext(family=QWEN2_VL, qcfg=QuantConfig(method, QuantSpec(8, -1, True)), prefix=prefix,
-                        storage_dtype=torch.float32, finish=finish)
+                        storage_dtype=storage, finish=lambda *a: None)
 
 
-@pytest.mark.parametrize("strength", [0.8, "auto"])
-def test_smoothing_a_decoder_layer_leaves_its_full_precision_output_unchanged(demo, demo_batches, strength):
+@pytest.mark.parametrize("strength,storage", [(0.8, torch.float32), ("auto", torch.float32), (0.8, torch.bfloat16)])
+def test_smoothing_a_decoder_layer_leaves_its_full_precision_output_unchanged(demo, demo_batches, strength, storage):
     """smooth_layer folds each group's scales into its norm / previous linear and multiplies the weight columns:
     the float layer's output is unchanged (a fold applied to one side only moves it by far more than this
-    tolerance), the norms did change, and the smoothed inputs of q_proj have a smaller max/median spread."""
+    tolerance; with the norms stored in bf16, so does multiplying the columns by s rather than by what the stored
+    norm divides by), the norms did change, and the smoothed inputs of q_proj have a smaller max/median spread."""
     from qvlquant.quant.apply import capture_linear_inputs, smooth_layer
 
     model, _ = demo
@@ -100,7 +101,7 @@ def test_smoothing_a_decoder_layer_leaves_its_full_precision_output_unchanged(de
     before = [run_layer(layer, x) for x in inputs]
     x_before = torch.cat([f[x.token_mask] for f, x in zip(capture_linear_inputs(layer, inputs, ["self_attn.q_proj"])[
         "self_attn.q_proj"], inputs)])
-    info = smooth_layer(layer, inputs, _ctx(), strength)
+    info = smooth_layer(layer, inputs, _ctx(storage=storage), strength)
     after = [run_layer(layer, x) for x in inputs]
     for a, b, x in zip(after, before, inputs):
         torch.testing.assert_close(a[x.token_mask], b[x.token_mask], rtol=1e-4, atol=1e-4)
@@ -149,3 +150,19 @@ def test_int8_packing_refuses_codes_off_the_w8a8_grid():
     with pytest.raises(ValueError, match="INT8 W8A8 stores symmetric 8-bit codes per channel"):
         Int8Format.CHANNEL.pack_quantized(off)
     assert w.shape == (4, 8)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_stored_norm_scales_keep_the_folded_norm_exact_after_bf16_rounding(offset):
+    """A zero-centred norm (offset 1: it scales by 1 + w) folded by s and stored in bf16 keeps only bf16's absolute
+    step on w near -1, so (1 + w_stored) * s misses 1 + w by percents; the stored scales make up for it to float32
+    rounding."""
+    from qvlquant.quant.smoothquant import stored_norm_scales
+
+    g = torch.Generator().manual_seed(4)
+    w = (torch.rand(512, generator=g) * 0.4 + 0.8 - offset).bfloat16().float()  # the effective scale 0.8 to 1.2
+    s = torch.rand(512, generator=g) * 8 + 0.5
+    stored = ((offset + w) / s - offset).bfloat16().float()
+    naive = ((offset + stored) * s - (offset + w)).abs() / (offset + w)
+    fixed = ((offset + stored) * stored_norm_scales(w, s, torch.bfloat16, offset) - (offset + w)).abs() / (offset + w)
+    assert float(fixed.max()) < 1e-6 and float(naive.max()) > (1e-2 if offset else 1e-3)
