@@ -89,7 +89,7 @@ from qvlquant.parallel.distributed import (
     stop,
 )
 from qvlquant.parallel.launch import check_batches
-from qvlquant.quant.formats import Nvfp4Format
+from qvlquant.quant.formats import W8A8_SCHEMES, Nvfp4Format
 from qvlquant.quant.rules import ModulePlan, format_plan, plan_rows
 from qvlquant.recipes import dump_recipe, job_recipe
 from qvlquant.storage.lock import output_lock
@@ -116,6 +116,8 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
         return _quantize_datafree(config, world)
     if config.calibrated_format is not None:
         return _quantize_calibrated(config, world, device)
+    if config.w8a8_calibrated:
+        return _quantize_w8a8(config, world, device)
     if _rtn_from_the_checkpoint(config, world):
         return _quantize_rtn(config, world)
     start(world, device)
@@ -260,6 +262,54 @@ def _quantize_calibrated(config: JobConfig, world: World, device: torch.device) 
         write(job.skeleton, job.processor, base, fmt, job.out, report, options, base_folder=job.folder,
               inputs=ranges.amax)
     return json.loads((job.out / REPORT).read_text())
+
+
+def _quantize_w8a8(config: JobConfig, world: World, device: torch.device) -> dict:
+    """Calibrated INT8 W8A8 (``config.w8a8_calibrated``): the layer loop of the integer methods, each decoder layer
+    smoothed (SmoothQuant, folded into its norms and linears) and its linears rounded by GPTQ or to nearest onto the
+    int8 per-channel grid (``quant.apply.w8a8_layer``); exported in the data-free W8A8's layout and config, the
+    smoothed norms in place of the base's. One process. -> the report saved beside the weights."""
+    if world.distributed:
+        raise ValueError("scheme W8A8 with SmoothQuant / GPTQ calibrates in one process; run it without --nproc / "
+                         "torchrun")
+    t0 = time.time()
+    torch.manual_seed(config.calib.seed)
+    with contextlib.ExitStack() as held:
+        job = _prepare(config, world, device, held)
+        batches, job = _batches(config, job, world)
+        digest = batches_digest(batches)
+        store = _open_store(config, job, world, digest, [range(len(batches))])
+        offload = choose_offload(job.device, _activation_bytes(batches, job.hidden, job.dtype), config.device.offload)
+        plan = LoopPlan(family=job.family, qcfg=config.loop_quant, pack_format=W8A8_SCHEMES[config.scheme],
+                        storage_dtype=job.storage, offload=offload, max_layers=config.max_layers,
+                        smoothing=config.smoothing)
+        source = StreamedLayers(model=job.skeleton, family=job.family, reader=job.reader, device=job.device,
+                                dtype=job.dtype)
+        say(f"W8A8: SmoothQuant ({config.smoothing_strength}) and {plan.qcfg.method} on {len(batches)} calibration "
+            f"batches on {job.device}, one decoder layer at a time")
+        source.prepare_capture()
+        result = quantize_model(job.skeleton, batches, plan, source, store)
+        measures = RunMeasures(started=t0, estimate=None, offload=offload, peak_rss=(peak_rss_bytes(),))
+        report = _finish(config, job, batches, result, measures, store)
+    return report
+
+
+def _w8a8_calibrated_report(config: JobConfig, job: PreparedJob, report: dict) -> dict:
+    """The layer loop's report of a calibrated W8A8 run, with the scheme's fields: what rounded the weights, the
+    smoothing strength asked and each smoothed group's (searched: per layer and group), by the runtime name of
+    the norm or linear its scales were folded into."""
+    head, strengths = job.family.decoder_layers, {}
+    for name, info in report["layers"].items():
+        if "smoothed_by" in info:
+            layer = name[len(head) + 1:].split(".", 1)[0]
+            strengths[f"{head}.{layer}.{info['smoothed_by']}"] = info["strength"]
+    report.pop("plan")  # the integer methods' bits-per-weight table: not this layout's
+    return {**report, "method": "int8", "scheme": config.scheme, "rounding": config.quant.method, "bits": 8,
+            "group_size": -1, "sym": True,
+            "weights": f"int8 symmetric, weight_scale absmax/127 per output channel ({config.quant.method} on the "
+                       "smoothed weights)",
+            "activations": "int8 symmetric, dynamic per token (absmax/127)",
+            "smoothing": {"strength": config.smoothing_strength, "groups": strengths}}
 
 
 def _rtn_from_the_checkpoint(config: JobConfig, world: World) -> bool:
@@ -507,7 +557,7 @@ def _prepare(config: JobConfig, world: World, device: torch.device, held: contex
     skeleton = build_skeleton(hf_config, family, dtype)
     padded = pad_config(skeleton.config, config.pad_intermediate_to) if config.pad_intermediate_to else None
     linears = decoder_linears(skeleton, family, padded)
-    modules = ModulePlan.resolve(config.rules, config.quant, [name for name, _, _ in linears],
+    modules = ModulePlan.resolve(config.rules, config.loop_quant, [name for name, _, _ in linears],
                                  fused_groups(family, len(skeleton.get_submodule(family.decoder_layers))))
     if config.scheme is None:  # a scheme has no integer groups
         check_group_size(skeleton, family, config.quant.spec, padded, modules if modules.mixed else None)
@@ -563,7 +613,7 @@ def _batches(config: JobConfig, job: PreparedJob, world: World) -> tuple[list[di
     cfg = config.processing
     if root and cfg.image_root is None:
         cfg = dataclasses.replace(cfg, image_root=root)
-    if config.quant.method == "rtn" and src.source != "demo":
+    if config.quant.method == "rtn" and not config.w8a8_calibrated and src.source != "demo":
         say(f"note: RTN rounds without calibration data; the samples of --calib {src.source} only run through "
             "the layers to check that activations stay finite")
     job = dataclasses.replace(job, protected=job.protected + tuple(dict.fromkeys(image_files(samples, cfg.image_root))))
@@ -586,7 +636,7 @@ def _report(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
     gpu = peak_gpu_bytes(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {job.threads} threads"
     export_started = measures.export_started
-    return {
+    report = {
         "qvlquant_version": __version__,
         "config": config.to_dict(),
         "base_model": str(config.model),
@@ -618,3 +668,4 @@ def _report(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
         "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}"
                    f", {where}",
     }
+    return _w8a8_calibrated_report(config, job, report) if config.w8a8_calibrated else report

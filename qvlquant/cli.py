@@ -45,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.config import (
+    DEFAULT_SMOOTHING,
     DTYPES,
     EXPORT_FORMATS,
     MEASURES,
@@ -151,7 +152,13 @@ def add_quantize(sub) -> None:
                    "weights in groups of 16 with e4m3 scales (compressed-tensors nvfp4-pack-quantized), weight-only. "
                    "Calibrated (--calib: the activation scales): FP8, e4m3 per tensor with a static per-tensor "
                    "input scale; NVFP4, NVFP4A16's weights with NVFP4 activations per 16 inputs under a calibrated "
-                   "input global scale (W4A4: Blackwell's FP4 matmuls)")
+                   "input global scale (W4A4: Blackwell's FP4 matmuls). W8A8 with --method gptq or rtn and/or "
+                   "--smoothing-strength: calibrated, SmoothQuant then GPTQ or round-to-nearest, the same layout")
+    p.add_argument("--smoothing-strength", metavar="ALPHA|auto|off", help="--scheme W8A8, calibrated on --calib: "
+                   "SmoothQuant's migration strength, a number from 0 to 1 (s = max|x|^ALPHA / max|w|^(1-ALPHA) per "
+                   "input channel, folded into the previous norm / linear), auto (searched per layer and smoothing "
+                   "group for the least int8 output error of its linears) or off; default with --method gptq: "
+                   f"{DEFAULT_SMOOTHING} (llm-compressor's SmoothQuantModifier)")
     _add_method_flags(p, job)
     _add_calib_flags(p, job)
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: where each layer, its "
@@ -301,14 +308,18 @@ def run_quantize(args) -> int:
     report = quantize(JobConfig.from_flat(**settings))
     if report is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
-    if report.get("scheme"):  # FP8 / INT8 W8A8 / NVFP4, data-free or calibrated
+    if report.get("scheme") and report.get("complete", True):  # FP8 / INT8 W8A8 / NVFP4, data-free or calibrated
         how = "data-free" if report["scheme"] not in CALIBRATED_SCHEMES else \
             f"activation scales from {report['calibration']['tokens']} calibration tokens"
+        if "smoothing" in report:  # calibrated W8A8
+            how = (f"SmoothQuant {report['smoothing']['strength']} and {report['rounding']} on "
+                   f"{report['calibration']['tokens']} calibration tokens")
         print(f"quantized {len(report['layers'])} linears ({report['scheme']}, {how}) in "
               f"{report['total_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
         return 0
     if not report["complete"]:  # --max-layers
-        print(f"quantized {len(report['layer_seconds'])} of {report['estimate']['layers']} layers "
+        of = f" of {report['estimate']['layers']}" if report.get("estimate") else ""  # calibrated W8A8: none
+        print(f"quantized {len(report['layer_seconds'])}{of} layers "
               f"in {report['quantize_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB (stopped early)")
         return 0
     mixed = report.get("mixed_precision")

@@ -25,6 +25,7 @@ from qvlquant.quant.formats import (
     Int8Format,
     Nvfp4Format,
     PackFormat,
+    W8A8_SCHEMES,
 )
 from qvlquant.quant.rules import (
     ModulePlan,
@@ -35,6 +36,30 @@ from qvlquant.quant.rules import (
     rule_from_mapping,
 )
 from qvlquant.quant.spec import QuantConfig, QuantSpec, finite_positive, positive_int
+
+# --smoothing-strength (SmoothQuant's migration strength alpha, calibrated --scheme W8A8): a number in [0, 1], "auto"
+# (searched per layer and smoothing group for the least W8A8 output error) or "off"; with --method gptq and no
+# strength given, llm-compressor's SmoothQuantModifier default
+SMOOTHING_WORDS = ("auto", "off")
+DEFAULT_SMOOTHING = 0.8
+W8A8_METHODS = ("gptq", "rtn")  # what rounds the (smoothed) weights of a calibrated W8A8 export
+
+
+def parse_strength(value) -> float | str | None:
+    """A smoothing strength as given (a number, its text, "auto", "off", or None: not given) -> None, "auto",
+    "off" or a float in [0, 1]; anything else is an error naming the value and what to give."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in SMOOTHING_WORDS:
+        return value.strip().lower()
+    try:
+        alpha = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        alpha = None
+    if alpha is None or not 0.0 <= alpha <= 1.0:  # NaN fails both comparisons
+        raise ValueError(f"smoothing_strength must be a number from 0 to 1 (SmoothQuant's alpha; 0.8 is "
+                         f"llm-compressor's), 'auto' (searched per layer) or 'off', got {value!r:.40}")
+    return alpha
 
 CONFIG_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -188,9 +213,13 @@ class JobConfig:
     # None: the integer methods of ``quant``
     scheme: str | None = None
     search: SearchConfig = SearchConfig()  # --target-bits: rules chosen by measured sensitivity (engine.sensitivity)
+    # --scheme W8A8 calibrated: SmoothQuant's strength (parse_strength); None: not given (data-free W8A8, or
+    # DEFAULT_SMOOTHING with --method gptq)
+    smoothing_strength: float | str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
+        object.__setattr__(self, "smoothing_strength", parse_strength(self.smoothing_strength))
         self._check_scheme()
         if not str(self.output).strip():
             raise ValueError("output must name a folder")
@@ -245,10 +274,17 @@ class JobConfig:
         """A scheme takes none of the integer methods' settings, and only the calibrated ones (CALIBRATED_SCHEMES:
         FP8, NVFP4) read calibration data (--calib); a data-free one given --calib, or any of the settings that do
         not apply, is an error naming them, rather than a setting silently unused."""
+        if self.scheme is None or self.scheme not in W8A8_SCHEMES:
+            if self.smoothing_strength is not None:
+                raise ValueError("smoothing_strength: SmoothQuant is for --scheme W8A8 (with --method gptq or rtn); "
+                                 + ("leave it out" if self.scheme is None else f"not for scheme {self.scheme}"))
         if self.scheme is None:
             return
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if self.w8a8_calibrated:
+            self._check_w8a8_calibrated()
+            return
         calibrated = self.scheme in CALIBRATED_SCHEMES
         unused = [name for name, given in (("method and its settings", self.quant != QuantConfig()),
                                            ("calib", self.calib.source is not None and not calibrated),
@@ -268,7 +304,49 @@ class JobConfig:
                              "out")
         raise ValueError(f"scheme {self.scheme} quantizes {kind} weights data-free, with no calibration and in "
                          f"its own format: {', '.join(unused)} do not apply; leave them out"
-                         + (f" ({takes}: the calibrated schemes)" if self.calib.source is not None else ""))
+                         + (f" ({takes}: the calibrated schemes)" if self.calib.source is not None else "")
+                         + ("; W8A8 calibrates with --method gptq or --smoothing-strength (SmoothQuant)"
+                            if self.scheme in W8A8_SCHEMES and self.calib.source is not None else ""))
+
+    @property
+    def w8a8_calibrated(self) -> bool:
+        """Whether this is the calibrated INT8 W8A8 job: --scheme W8A8 with --method gptq or a smoothing strength
+        (SmoothQuant, then GPTQ or round-to-nearest, in the data-free W8A8's layout)."""
+        return self.scheme in W8A8_SCHEMES and (self.quant.method != "rtn" or self.smoothing_strength is not None)
+
+    def _check_w8a8_calibrated(self) -> None:
+        """Calibrated W8A8 takes --method gptq or rtn and GPTQ's options, --calib and --max-layers; the int8 grid
+        (8 bits per output channel, symmetric) is fixed, and the settings of other layouts do not apply."""
+        q = self.quant
+        if q.method not in W8A8_METHODS:
+            raise ValueError(f"scheme W8A8 rounds its (smoothed) weights with --method gptq or rtn, got {q.method}; "
+                             "SmoothQuant (--smoothing-strength) moves the activation outliers, AWQ's scales are "
+                             "for weight-only formats")
+        if q.spec != QuantConfig(q.method).spec or q.mse:
+            raise ValueError("scheme W8A8 quantizes int8 weights per output channel, symmetric, on a fixed grid "
+                             "(absmax / 127): bits, group_size, sym and mse do not apply; leave them out")
+        unused = [name for name, given in (("format", self.export.format != "auto"),
+                                           ("pad_intermediate_to", self.pad_intermediate_to is not None),
+                                           ("rules (--override / --ignore)", bool(self.rules)),
+                                           ("target_bits", self.search.target_bits is not None)) if given]
+        if unused:
+            raise ValueError(f"scheme W8A8 with --method {q.method} writes its own format (compressed-tensors "
+                             f"int-quantized): {', '.join(unused)} do not apply; leave them out")
+        if self.smoothing_strength is None:
+            object.__setattr__(self, "smoothing_strength", DEFAULT_SMOOTHING)
+
+    @property
+    def smoothing(self) -> float | str | None:
+        """SmoothQuant's strength the layer loop applies: a float or "auto"; None: no smoothing."""
+        return None if self.smoothing_strength in (None, "off") else self.smoothing_strength
+
+    @property
+    def loop_quant(self) -> QuantConfig:
+        """The method and grid the layer loop rounds with: the job's ``quant``; for calibrated W8A8, its method
+        (and GPTQ options) on the int8 per-channel symmetric grid."""
+        if not self.w8a8_calibrated:
+            return self.quant
+        return dataclasses.replace(self.quant, spec=QuantSpec(8, -1, sym=True))
 
     @property
     def fp8_format(self) -> Fp8Format | None:
@@ -278,8 +356,8 @@ class JobConfig:
     @property
     def datafree_format(self) -> Fp8Format | Int8Format | Nvfp4Format | None:
         """The layout a data-free ``scheme`` names (FP8, INT8 W8A8 or NVFP4); None for the integer methods and the
-        calibrated schemes."""
-        return DATAFREE_SCHEMES.get(self.scheme)
+        calibrated schemes (and calibrated W8A8)."""
+        return None if self.w8a8_calibrated else DATAFREE_SCHEMES.get(self.scheme)
 
     @property
     def nvfp4_format(self) -> Nvfp4Format | None:
@@ -299,7 +377,8 @@ class JobConfig:
         auto-round's silent text default, which calibrates a vision-language model on no images at all."""
         if str(self.model) in EMBEDDED_MODELS or (self.scheme is None and self.quant.method == "rtn"):
             return "demo"
-        what = f"scheme {self.scheme} (its activation scales)" if self.scheme else self.quant.method
+        what = (f"scheme W8A8 with {self.quant.method} and SmoothQuant" if self.w8a8_calibrated else
+                f"scheme {self.scheme} (its activation scales)" if self.scheme else self.quant.method)
         raise ValueError(f"{what} on {self.model} needs calibration data that looks like what the model "
                          "will serve: pass --calib FILE.jsonl (chats with images), an image folder with captions, or "
                          "hf:DATASET; '--calib easyvqa' or '--calib demo' pick the toy 64x64-shape chats on purpose")
@@ -326,7 +405,9 @@ class JobConfig:
         if not d["rules"]:
             d.pop("rules")  # a job without rules fingerprints as it did before rules existed (its partial run resumes)
         if not self.search.active:
-            d.pop("search")  # likewise without a search (the search's own run quantizes with its rules, search off)
+            d.pop("search")
+        if self.smoothing_strength is None:
+            d.pop("smoothing_strength")  # likewise for every job but calibrated W8A8  # likewise without a search (the search's own run quantizes with its rules, search off)
         return d
 
     @classmethod
@@ -360,7 +441,8 @@ class JobConfig:
             export=ExportConfig(**export),
             rules=tuple(as_rule(r, i) for i, r in enumerate(flat.get("rules") or ())),
             search=SearchConfig(**{field: flat[key] for key, field in _SEARCH_KEYS.items() if key in flat}),
-            **pick(("output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers", "scheme")),
+            **pick(("output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers", "scheme",
+                    "smoothing_strength")),
         )
 
 
@@ -393,4 +475,4 @@ _PROCESSING_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "all
 FLAT_KEYS = frozenset(_QUANT_KEYS + _COLUMN_KEYS + _PROCESSING_KEYS + (
     "calib", "num_samples", "seed", "split", "device", "dtype", "offload", "threads", "overwrite", "max_shard_bytes",
     "export_format", "output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers",
-    "rules", "scheme", *_SEARCH_KEYS))
+    "rules", "scheme", "smoothing_strength", *_SEARCH_KEYS))

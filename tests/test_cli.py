@@ -489,13 +489,28 @@ def test_the_calibrated_schemes_refuse_what_does_not_apply_before_any_work(schem
 
 
 @pytest.mark.parametrize("extra", [["--override", "self_attn:bits=8"], ["--ignore", r"layers\.1\.mlp"],
-                                   ["--method", "gptq"], ["--calib", "easyvqa"]])
+                                   ["--group-size", "64"], ["--calib", "easyvqa"]])
 def test_w8a8_refuses_per_module_rules_and_the_integer_methods_settings_as_fp8_does(extra, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["quantize", "--scheme", "W8A8", *extra, "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "scheme W8A8 quantizes INT8 weights data-free, with no calibration and in its own format" in err
     assert len(err.splitlines()) == 1 and "do not apply; leave them out" in err and not out.exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "awq"], "scheme W8A8 rounds its (smoothed) weights with --method gptq or rtn, got awq"),
+    (["--method", "gptq", "--smoothing-strength", "1.2"], "smoothing_strength must be a number from 0 to 1"),
+    (["--method", "gptq", "--bits", "8"], "bits, group_size, sym and mse do not apply"),
+    (["--method", "gptq", "--nproc", "2"], "scheme W8A8 runs in one process"),
+])
+def test_calibrated_w8a8_refuses_bad_settings_before_any_work(extra, message, tmp_path, capsys):
+    """--scheme W8A8 with --method gptq / rtn or --smoothing-strength is the calibrated path (SmoothQuant, then
+    GPTQ or RTN); what it cannot take is a one-line error naming it, before anything is read or written."""
+    out = tmp_path / "out"
+    assert main(["quantize", "--scheme", "W8A8", *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The job's settings: per-method defaults and every check live in qvlquant.config, before any work starts."""
 
 import math
+import re
 
 import pytest
 
@@ -170,3 +171,51 @@ def test_a_calibrated_scheme_on_a_real_model_asks_for_calibration_data():
     assert JobConfig.from_flat(output="o", scheme="FP8", model="/models/qwen2-vl", calib="x.jsonl").calib.source == "x.jsonl"
     with pytest.raises(ValueError, match=r"scheme must be one of FP8_BLOCK, .*, NVFP4A16, FP8, NVFP4, got 'FP4'"):
         JobConfig.from_flat(output="o", scheme="FP4")
+
+
+@pytest.mark.parametrize("given,parsed", [(None, None), ("auto", "auto"), (" Off ", "off"), ("0.8", 0.8), (0, 0.0),
+                                          (1, 1.0), (0.35, 0.35)])
+def test_smoothing_strength_reads_a_number_from_0_to_1_auto_or_off(given, parsed):
+    from qvlquant.config import parse_strength
+
+    assert parse_strength(given) == parsed
+
+
+@pytest.mark.parametrize("bad", ["1.5", -0.1, "nan", "strong", True, "inf"])
+def test_a_bad_smoothing_strength_is_an_error_naming_it(bad):
+    with pytest.raises(ValueError, match=r"smoothing_strength must be a number from 0 to 1 .*'auto' .* or 'off', "
+                                         rf"got {re.escape(repr(bad))}"):
+        JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", smoothing_strength=bad)
+
+
+def test_calibrated_w8a8_is_gptq_or_a_smoothing_strength_with_its_defaults():
+    from qvlquant.config import DEFAULT_SMOOTHING
+
+    plain = JobConfig.from_flat(output="o", scheme="W8A8")
+    assert not plain.w8a8_calibrated and plain.datafree_format is not None and plain.calib.source is None
+    assert "smoothing_strength" not in plain.result_settings()  # fingerprints as before the setting existed
+    gptq = JobConfig.from_flat(output="o", scheme="W8A8", method="gptq")
+    assert gptq.w8a8_calibrated and gptq.datafree_format is None and gptq.calib.source == "demo"
+    assert gptq.smoothing_strength == DEFAULT_SMOOTHING == 0.8  # llm-compressor's SmoothQuantModifier default
+    assert gptq.loop_quant.spec == QuantSpec(8, -1, True) and gptq.loop_quant.method == "gptq"
+    rtn = JobConfig.from_flat(output="o", scheme="W8A8", smoothing_strength="auto")
+    assert rtn.w8a8_calibrated and rtn.loop_quant.method == "rtn" and rtn.smoothing == "auto"
+    off = JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", smoothing_strength="off")
+    assert off.w8a8_calibrated and off.smoothing is None
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"smoothing_strength": 0.5}, r"smoothing_strength: SmoothQuant is for --scheme W8A8 .*; leave it out"),
+    ({"scheme": "FP8", "smoothing_strength": 0.5}, r"SmoothQuant is for --scheme W8A8 .*; not for scheme FP8"),
+    ({"scheme": "W8A8", "method": "awq"}, r"scheme W8A8 rounds its \(smoothed\) weights with --method gptq or rtn, "
+                                          "got awq"),
+    ({"scheme": "W8A8", "method": "gptq", "bits": 8, "group_size": -1}, r"int8 weights per output channel.*bits, "
+                                                                        "group_size, sym and mse do not apply"),
+    ({"scheme": "W8A8", "method": "gptq", "export_format": "compressed-tensors"}, r"format do not apply"),
+    ({"scheme": "W8A8", "method": "gptq", "rules": ["mlp:skip"]}, r"rules \(--override / --ignore\) do not apply"),
+    ({"scheme": "W8A8", "calib": "demo"}, r"calib do not apply.*W8A8 calibrates with --method gptq or "
+                                          r"--smoothing-strength"),
+])
+def test_calibrated_w8a8_refuses_what_does_not_apply_naming_it(settings, message):
+    with pytest.raises(ValueError, match=message):
+        JobConfig.from_flat(output="o", **settings)

@@ -269,6 +269,15 @@ def scheme_method_text(kind: str, report: dict) -> str:
     return f"{kind} ({scheme}), data-free round-to-nearest"
 
 
+def w8a8_method_text(report: dict) -> str:
+    """The data-free W8A8's line, or what the calibrated path did: SmoothQuant's strength and the rounding."""
+    smoothing = report.get("smoothing")
+    if not smoothing:
+        return W8A8_METHOD
+    return (f"INT8 W8A8 ({report.get('scheme')}), SmoothQuant (strength {smoothing.get('strength')}) and "
+            f"{report.get('rounding')} on calibration data")
+
+
 def fp8_method_text(report: dict) -> str:
     return scheme_method_text("FP8", report)
 
@@ -305,7 +314,7 @@ def overview(config: dict, report: dict) -> str:
     fp4 = isinstance(q.pack_format, Nvfp4Format)
     rows = [("Architecture", f"{arch} (`{config.get('model_type', '?')}`)"
              + (f", {layers} decoder layers" if layers else "")),
-            ("Quantization", fp8_method_text(report) if fp8 else W8A8_METHOD if int8 else nvfp4_method_text(report)
+            ("Quantization", fp8_method_text(report) if fp8 else w8a8_method_text(report) if int8 else nvfp4_method_text(report)
              if fp4 else method_text(method, quant)),
             ("Weights", weights_text(q, quant)),
             ("Activations", fp8_activations_text(fp8) if fp8 else W8A8_ACTIVATIONS if int8

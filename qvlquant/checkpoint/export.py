@@ -213,10 +213,12 @@ def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: 
     return {**validated_by_library(config), "meta": meta}
 
 
-def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily) -> dict:
+def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily, calibrated: dict | None = None) -> dict:
     """The ``quantization_config`` of an INT8 W8A8 export: compressed-tensors ``int-quantized``, llm-compressor's
-    W8A8 preset (int8 weights per channel, symmetric; int8 input activations per token, dynamic, symmetric)."""
-    meta = {"quantizer": f"qvlquant:{__version__}", "method": "int8", "scheme": SCHEME_NAMES[fmt]}
+    W8A8 preset (int8 weights per channel, symmetric; int8 input activations per token, dynamic, symmetric).
+    ``calibrated``: what the calibrated path did ({"method": "gptq", "smoothing_strength": ...}), added to ``meta``
+    (the layout and what loaders read are the data-free export's)."""
+    meta = {"quantizer": f"qvlquant:{__version__}", "method": "int8", "scheme": SCHEME_NAMES[fmt], **(calibrated or {})}
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel",
                "group_size": None, "observer": "minmax"}
     activations = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
@@ -558,8 +560,13 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         entries, fetch = plan_tensors(model, result, base)
         write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
-        config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family, result.num_layers,
-                                                         plan.modules)
+        if isinstance(plan.pack_format, Int8Format):  # calibrated W8A8: the data-free export's layout and config
+            smoothing = "off" if plan.smoothing is None else plan.smoothing
+            config.quantization_config = w8a8_quantization_config(plan.pack_format, plan.family, {
+                "method": plan.qcfg.method, "smoothing_strength": smoothing})
+        else:
+            config.quantization_config = quantization_config(plan.qcfg, plan.pack_format, plan.family,
+                                                             result.num_layers, plan.modules)
         config.dtype = str(plan.storage_dtype).removeprefix("torch.")
         return finish_export(tmp, config, processor, base_folder, report, out, options, files)
     except BaseException:

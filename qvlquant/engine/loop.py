@@ -23,8 +23,8 @@ from qvlquant.engine.resume import LayerRecord, MemoryStore
 from qvlquant.families import ModelFamily
 from qvlquant.parallel.devices import trim_heap
 from qvlquant.parallel.distributed import SINGLE, World, broadcast_tensors
-from qvlquant.quant.apply import LAYER_METHODS
-from qvlquant.quant.formats import PackFormat, QuantizedWeight
+from qvlquant.quant.apply import LAYER_METHODS, w8a8_layer
+from qvlquant.quant.formats import Int8Format, PackFormat, QuantizedWeight
 from qvlquant.quant.layer import (
     LayerContext,
     LayerInput,
@@ -52,12 +52,33 @@ class LoopPlan:
 
     family: ModelFamily
     qcfg: QuantConfig
-    pack_format: PackFormat  # the layout the records hold (``PackFormat.for_job`` for a job)
+    # the layout the records hold (``PackFormat.for_job`` for a job; ``Int8Format`` for calibrated INT8 W8A8, whose
+    # layers go through ``w8a8_layer``)
+    pack_format: PackFormat | Int8Format
     storage_dtype: torch.dtype = torch.bfloat16  # the checkpoint's dtype: what the export writes
     offload: str | None = None  # where activations wait between layers ("cpu"), None: where they were computed
     max_layers: int | None = None  # stop after this many layers
     world: World = SINGLE  # the ranks of a distributed run (each runs its own share of the batches)
     modules: ModulePlan | None = None  # per-module rules, resolved against the model (None: qcfg everywhere)
+    smoothing: float | str | None = None  # INT8 W8A8: SmoothQuant's strength (alpha, or "auto"); None: none
+
+    def pack(self, w: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """A linear's codes -> the tensors its record holds (INT8: scales in the storage dtype)."""
+        if isinstance(self.pack_format, Int8Format):
+            return self.pack_format.pack_quantized(w, self.storage_dtype)
+        return self.pack_format.pack(w)
+
+    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, in_features: int) -> QuantizedWeight:
+        if isinstance(self.pack_format, Int8Format):
+            return self.pack_format.unpack_quantized(tensors, spec)
+        return self.pack_format.unpack(tensors, spec, in_features)
+
+    def quantize_layer_with(self, layer: torch.nn.Module, inputs: list, ctx) -> None:
+        """Run the method of this plan on one decoder layer."""
+        if isinstance(self.pack_format, Int8Format):
+            w8a8_layer(layer, inputs, ctx, self.smoothing)
+        else:
+            LAYER_METHODS[self.qcfg.method](layer, inputs, ctx)
 
     def config_for(self, name: str) -> QuantConfig | None:
         """The settings of the linear at runtime path ``name`` (None: skipped by a rule)."""
@@ -158,7 +179,7 @@ class QuantizedWeights(Mapping):
         disk = family.to_disk(name)
         k = record.in_features[linear]
         tensors = {key.rsplit(".", 1)[1]: t for key, t in record.tensors.items() if key.rsplit(".", 1)[0] == disk}
-        w = self.plan.pack_format.unpack(tensors, self.plan.config_for(name).spec, k)
+        w = self.plan.unpack(tensors, self.plan.config_for(name).spec, k)
         return dataclasses.replace(w, input_scale=record.aux.get(f"{linear}.input_scale"),
                                    output_scale=record.aux.get(f"{linear}.output_scale"))
 
@@ -330,7 +351,7 @@ class _Recorder:
         w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
                             *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
         aux = {f: getattr(w, f).clone() for f in ("input_scale", "output_scale") if getattr(w, f) is not None}
-        self._keep(name, self.plan.pack_format.pack(w), info, aux)
+        self._keep(name, self.plan.pack(w), info, aux)
         self.step(Phase.QUANTIZE, f"{name} done")
 
     def settle(self, owner: dict[str, int]) -> None:
@@ -347,7 +368,7 @@ class _Recorder:
                 packed = {k: t for k, t in got.items() if not k.startswith("aux.")}
                 linear = self.layer.get_submodule(name)
                 spec = self.plan.config_for(f"{self.prefix}.{name}").spec
-                set_weight(linear, self.plan.pack_format.unpack(packed, spec, linear.weight.shape[1]))
+                set_weight(linear, self.plan.unpack(packed, spec, linear.weight.shape[1]))
                 self._keep(name, packed, info, {k[4:]: t for k, t in got.items() if k.startswith("aux.")})
         for name in owner:  # the order one process records them in, whichever rank solved what
             disk = self._disk(name)
@@ -374,7 +395,7 @@ def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopP
     ctx = LayerContext(family=family, qcfg=plan.qcfg, prefix=prefix, storage_dtype=plan.storage_dtype,
                        finish=recorder.finish, step=step, world=plan.world, settle=recorder.settle,
                        modules=plan.modules)
-    LAYER_METHODS[plan.qcfg.method](layer, inputs, ctx)
+    plan.quantize_layer_with(layer, inputs, ctx)
     phases.switch(Phase.PACK)
     quantized = set(plan.quantized(prefix))
     missing = [n for n in family.linears if n in quantized and n not in record.info]

@@ -5,6 +5,7 @@ decoder layer, its captured inputs and a ``LayerContext``, and reporting every q
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -18,6 +19,7 @@ from qvlquant.quant.awq import (
     group_gram_sum,
     search_scale,
 )
+from qvlquant.quant import int8
 from qvlquant.quant.formats import QuantizedWeight
 from qvlquant.quant.gptq import (
     CholeskyError,
@@ -36,6 +38,14 @@ from qvlquant.quant.layer import (
     rows_of,
 )
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+from qvlquant.quant.rtn import quantize as rtn_quantize_with
+from qvlquant.quant.smoothquant import (
+    input_absmax,
+    search_strength,
+    smoothing_scales,
+    stored_norm_scales,
+    weight_absmax,
+)
 from qvlquant.quant.spec import METHODS
 
 
@@ -114,12 +124,15 @@ def gptq_steps(layer: torch.nn.Module, groups: list[tuple[str, ...]], family: Mo
 
 
 def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext,
-               decorate=lambda name, w, info: (w, info)) -> None:
+               decorate=lambda name, w, info: (w, info), qparams=None, round_nearest=None) -> None:
     """GPTQ, one linear group at a time (true-sequential: each group's Hessian is re-captured after the groups
     before it were quantized), or all groups from the unquantized layer when true_sequential is off. Across
     ranks: every rank sums its own batches, the sums meet on the ranks that solve the group's linears.
     ``decorate(name, weight, info) -> (weight, info)`` adds what another method did before (AWQ's folded scales
-    and search results) to each result."""
+    and search results) to each result. ``qparams(name, w) -> (scale, zero)``: a fixed per-channel grid for every
+    solved linear (``gptq_quantize``'s); ``round_nearest(linear, spec)``: what a linear rounded to nearest gets
+    (None: ``rtn_quantize``'s grid)."""
+    round_nearest = round_nearest or _rtn_weight
     groups = [g for g in ctx.family.linear_groups if ctx.config(g[0]) is not None]  # rules skip whole groups
     for step in gptq_steps(layer, groups, ctx.family, ctx.qcfg.true_sequential):
         names = [n for g in step for n in g]
@@ -137,14 +150,14 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
             mine = [name for name in group if owner[name] == ctx.world.rank]
             if cfg.method == "rtn":
                 for name in mine:
-                    ctx.finish(name, *decorate(name, _rtn_weight(layer.get_submodule(name), cfg.spec), {}))
+                    ctx.finish(name, *decorate(name, round_nearest(layer.get_submodule(name), cfg.spec), {}))
                 continue
             k = layer.get_submodule(group[0]).in_features
             S, n = sums.pop(group, None) or (torch.zeros(k, k, dtype=torch.float64, device=layer_device(layer)), 0)
             S, n = fold(S, sorted({owner[name] for name in group}), ctx.world), ctx.total_count(n)
             if ctx.family.expert_of(group[0]) is not None and n < ctx.qcfg.min_expert_tokens:
                 for name in mine:  # a rare expert: too few tokens for a Hessian; rounded to nearest, and said
-                    w = _rtn_weight(layer.get_submodule(name), cfg.spec)
+                    w = round_nearest(layer.get_submodule(name), cfg.spec)
                     ctx.finish(name, *decorate(name, w, {"tokens": n, "fallback": "rtn"}))
                 continue
             if n == 0:
@@ -157,7 +170,9 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
                 last = j == len(mine) - 1
                 Hj = H if last else H.clone()  # gptq_quantize uses its Hessian in place
                 try:
-                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, cfg, scratch if last else None)
+                    grid = None if qparams is None else functools.partial(qparams, name)
+                    w, info = gptq_quantize(layer.get_submodule(name).weight.data, Hj, cfg, scratch if last else None,
+                                            grid)
                 except CholeskyError as e:
                     raise ctx.fail(name, str(e)) from None
                 del Hj
@@ -396,6 +411,79 @@ def _clip_gram(feats: list[torch.Tensor], inputs: list[LayerInput], ctx: LayerCo
     """The clipping search's per-group Gram matrices over (a subsample of) every rank's tokens. -> [G, gs, gs]."""
     x, count = _tokens(feats, inputs, min(ctx.qcfg.awq_max_tokens, 512), ctx)
     return (ctx.total(group_gram_sum(x, spec)) / max(1, count)).float()
+
+
+def _smoothable(layer: torch.nn.Module, group, ctx: LayerContext) -> bool:
+    """Whether a scaling group can take per-channel scales: as AWQ's (``_search_scales``), not v_proj -> o_proj under
+    GQA (v's outputs are shared by several heads) nor a group with a skipped linear on either side."""
+    prev, family = layer.get_submodule(group.prev), ctx.family
+    if isinstance(prev, torch.nn.Linear) and prev.out_features != layer.get_submodule(group.linears[0]).in_features:
+        return False
+    return all(ctx.config(n) is not None for n in group.linears + ((group.prev,) if group.prev in family.linears else ()))
+
+
+def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext,
+                 strength: float | str) -> dict[str, dict]:
+    """SmoothQuant: every scaling group's scales from the full-precision layer (input maxima over all its real
+    calibration tokens; ``strength`` a fixed alpha, or "auto": searched per group on at most ``awq_max_tokens``
+    tokens for the least W8A8 output error), then all folded into the previous norm / linear as AWQ folds its
+    own (``_fold``); a group searched to "off" is left as it is. -> linear -> {"strength", "smoothed_by", and when
+    searched "smoothing_loss", "smoothing_loss_off": the W8A8 output errors of the chosen strength and of none}."""
+    family = ctx.family
+    groups = [g for g in family.scaling_groups if _smoothable(layer, g, ctx)]
+    feats = capture_linear_inputs(layer, inputs, list(dict.fromkeys(g.linears[0] for g in groups)))
+    found, info = [], {}
+    for group in groups:
+        x_feats = feats[group.linears[0]]  # per batch; an expert's only for the batches that reached it
+        x_all = torch.cat([_real(f, x) for f, x in zip(x_feats, inputs)]) if x_feats else None  # [T, K]
+        if x_all is None or x_all.shape[0] == 0:
+            continue  # an expert no calibration token reached: nothing to smooth by
+        weights = [layer.get_submodule(n).weight.data for n in group.linears]
+        x_max = input_absmax(x_all)
+        del x_all
+        ctx.step(Phase.SCALE, f"smoothing {group.prev} -> {', '.join(group.linears)}")
+        if strength == "auto":
+            x, _ = _tokens(x_feats, inputs, ctx.qcfg.awq_max_tokens, ctx)
+            try:
+                _, s, found_info = search_strength(x, weights, x_max)
+            except FloatingPointError as e:
+                raise ctx.fail(group.linears[0], str(e)) from None
+        else:
+            s, found_info = smoothing_scales(x_max, weight_absmax(weights), strength), {"strength": strength}
+        if found_info["strength"] != "off":
+            found.append((group, s))
+        info.update({n: dict(found_info, smoothed_by=group.prev) for n in group.linears})
+    for group, s in found:
+        prev = layer.get_submodule(group.prev)
+        if not isinstance(prev, torch.nn.Linear):  # the columns get what the stored norm divides by
+            s = stored_norm_scales(prev.weight.data, s, ctx.storage_dtype, family.norm_offset)
+        _fold(prev, [layer.get_submodule(n) for n in group.linears], s, ctx.storage_dtype, family.norm_offset)
+    return info
+
+
+def w8a8_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext,
+               strength: float | str | None) -> None:
+    """Calibrated INT8 W8A8: SmoothQuant (``strength``: alpha, "auto", or None for none), then GPTQ (``ctx.qcfg``
+    method gptq, its Hessians from the smoothed layer) or round-to-nearest onto the W8A8 export's grid (int8 per
+    output channel, symmetric, scales in the storage dtype: ``int8.channel_qparams``)."""
+    info = smooth_layer(layer, inputs, ctx, strength) if strength is not None else {}
+    name_of = {layer.get_submodule(n): n for n in ctx.family.linears}
+
+    def round_nearest(linear: torch.nn.Linear, spec) -> QuantizedWeight:
+        scale, zero = int8.channel_qparams(linear.weight.data, f"{ctx.prefix}.{name_of[linear]}", ctx.storage_dtype)
+        q = rtn_quantize_with(linear.weight.data, scale, zero, spec.bits).to(torch.int32)
+        return QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec).to(q.device), spec)
+
+    def decorate(name, w, more):
+        return w, dict(info.get(name, {}), **more)
+
+    if ctx.qcfg.method == "gptq":
+        qparams = lambda name, w: int8.channel_qparams(w, f"{ctx.prefix}.{name}", ctx.storage_dtype)  # noqa: E731
+        gptq_layer(layer, inputs, ctx, decorate, qparams, round_nearest)
+        return
+    ctx.step(Phase.QUANTIZE, "round to nearest")
+    for name in ctx.quantized(ctx.family.linears):
+        ctx.finish(name, *decorate(name, round_nearest(layer.get_submodule(name), ctx.config(name).spec), {}))
 
 
 def check_dispatch(dispatch: dict, names: tuple[str, ...]) -> None:

@@ -402,6 +402,21 @@ class Int8Format(str, enum.Enum):
         """Name -> (shape, dtype) of the stored tensors of a [N, K] linear."""
         return {"weight": ((n, k), torch.int8), "weight_scale": ((n, 1), scale_dtype)}
 
+    def pack_quantized(self, w: QuantizedWeight, scale_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Codes already on the int8 grid (the calibrated W8A8 path: GPTQ or round-to-nearest on
+        ``int8.channel_qparams``, unsigned with zero 128, one group per row) -> the tensors ``pack`` stores."""
+        if w.scale.shape[1] != 1 or not bool((w.zero == int8.GRID_ZERO).all()) or w.spec.bits != 8:
+            raise ValueError(f"INT8 W8A8 stores symmetric 8-bit codes per channel (zero {int8.GRID_ZERO}, one scale "
+                             f"a row), got {w.spec.bits} bits and scales {list(w.scale.shape)}")
+        codes = w.q.to(torch.int32) - int8.GRID_ZERO  # [N, K] in [-128, 127]
+        return {"weight": codes.to(torch.int8), "weight_scale": w.scale.to(scale_dtype).contiguous()}
+
+    def unpack_quantized(self, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+        """Inverse of ``pack_quantized``: the stored tensors -> codes on the integer methods' conventions."""
+        q = tensors["weight"].to(torch.int32) + int8.GRID_ZERO  # [N, K]
+        scale = tensors["weight_scale"].float()  # [N, 1]
+        return QuantizedWeight(q, scale, torch.full_like(scale, int8.GRID_ZERO), default_g_idx(q.shape[1], spec), spec)
+
 
 # --scheme W8A8: llm-compressor's preset (INT8 weights per channel, INT8 activations per token, dynamic), data-free
 W8A8_SCHEMES = {"W8A8": Int8Format.CHANNEL}

@@ -19,6 +19,7 @@ True
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -193,11 +194,15 @@ def _group_params(cols: torch.Tensor, spec: QuantSpec, mse: float = 0.0) -> tupl
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig,
-                  scratch: torch.Tensor | None = None) -> tuple[QuantizedWeight, dict]:
+                  scratch: torch.Tensor | None = None,
+                  qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                  ) -> tuple[QuantizedWeight, dict]:
     """GPTQ of ``w`` [N, K] given its input Hessian ``H`` [K, K], with ``config``'s spec, block size, damping,
     act-order and static groups; runs on ``w``'s device. A float32 ``H`` is used in place (its dead diagonal
     entries are set to 1): pass a copy to keep it. ``scratch``: a float32 [K, K] the inverse factor is built in
-    (``hessian_with_scratch``'s; None: a new one).
+    (``hessian_with_scratch``'s; None: a new one). ``qparams``: per-channel specs only (group size -1), the grid
+    fixed from the weight [N, K] -> (scale [N, 1], zero [N, 1]) instead of its min-max range (the INT8 W8A8 grid,
+    ``int8.channel_qparams``).
     -> (codes, {"damp_percent", "dead_columns", "loss"})."""
     spec, block_size, desc_act = config.spec, config.block_size, config.desc_act
     static_groups = config.static_groups
@@ -212,7 +217,11 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, config: QuantConfig,
     W = w.detach().float()[:, perm] if desc_act else w.detach().float().clone()  # the one working copy [N, K]
     W[:, dead[perm]] = 0.0
     static = None
-    if static_groups or spec.group_size == -1:  # params fixed up front, on the original column order
+    if qparams is not None:
+        if spec.group_size != -1:
+            raise ValueError(f"a fixed grid (qparams) is per channel: group_size -1, got {spec.group_size}")
+        static = [qparams(W)]
+    elif static_groups or spec.group_size == -1:  # params fixed up front, on the original column order
         static = [_group_params(W[:, inv[c:c + g]], spec, config.mse) for c in range(0, k, g)]
     Hinv, damp_used = damped_inverse_cholesky(H, config.damp_percent, config.damp_max, perm if desc_act else None,
                                               scratch)

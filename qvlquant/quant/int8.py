@@ -81,3 +81,22 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+# The int8 grid on the integer methods' conventions (``qvlquant.quant.rtn``: unsigned codes, ``w ~= scale * (q -
+# zero)``), so that GPTQ's solver rounds onto exactly the W8A8 export's grid: zero 128, the row's ``channel_scales``.
+GRID_ZERO = INT8_MAX + 1
+
+
+def channel_qparams(w: torch.Tensor, name: str = "weight",
+                    scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (scale [N, 1] float32, rounded through ``scale_dtype`` as the export stores it; zero [N, 1] = 128):
+    ``rtn.quantize(w, scale, zero, 8)`` gives codes ``q`` with ``q - 128`` the int8 weight (GPTQ's error feedback may
+    reach -128, which int8 holds and every int8 kernel reads)."""
+    scale = channel_scales(w, name, scale_dtype).float()  # [N, 1]
+    return scale, torch.full_like(scale, GRID_ZERO)
+
+
+def fake_quantize_channels(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] through ``quantize_channels`` and back, in float32 (scales in float32)."""
+    return dequantize_channels(*quantize_channels(w))

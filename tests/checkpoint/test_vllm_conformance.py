@@ -543,6 +543,24 @@ def test_vllm_serves_w8a8_exports_with_the_vision_tower_unquantized(w8a8_exports
     assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in vllm["tp"].items()}
 
 
+def test_vllm_serves_the_calibrated_w8a8_export_as_the_data_free_one(tmp_path):
+    """SmoothQuant auto + GPTQ on the demo (its smoothed norms, GPTQ's int8 codes, the same layout and config but
+    for meta): vLLM gives every decoder linear the same int8 W8A8 scheme and kernel, the vision tower none."""
+    from qvlquant.api import quantize
+
+    folder = tmp_path / "w8a8-gptq"
+    quantize(output=str(folder), scheme="W8A8", method="gptq", smoothing_strength="auto", num_samples=4)
+    vllm = inspect_checkpoint(folder)["vllm"]
+    method, linear_method, kernel = W8A8
+    assert vllm["checked_by"].startswith("vLLM 0.33") and vllm["refused"] is None and vllm["method"] == method
+    language = {v: m for v, m in vllm["layers"].items() if v.startswith("language_model.model.layers.")}
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(language) == 4 * 4 and set(language.values()) == {linear_method}  # the demo: 4 layers, fused
+    assert len(vision) == VISION_LINEARS["qwen2_vl"] and set(vision.values()) == {"UnquantizedLinearMethod"}
+    assert vllm["vision_quantized"] == [] and vllm["tp"][1] == [] and vllm["tp"][2] == []
+    assert set(vllm["kernels"][1].values()) == {kernel}
+
+
 def test_vllm_refuses_nothing_it_is_told_about_w8a8_at_quantize_time(w8a8_exports):
     config = json.loads((w8a8_exports["qwen2_vl"] / "config.json").read_text())
     assert vllm_compatibility_warnings(config["quantization_config"], family_for("qwen2_vl")) == []
