@@ -260,7 +260,7 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
         # a default engine config for the block: FP8's linear methods read the model's dtype from it and build
         # vLLM's QuantFP8 op, which reads the rest
         engine = VllmConfig()
-        object.__setattr__(engine, "model_config", types.SimpleNamespace(dtype=torch.bfloat16))
+        object.__setattr__(engine, "model_config", types.SimpleNamespace(dtype=torch.bfloat16, hf_text_config=None))
         with set_current_vllm_config(engine):
             yield
     finally:

@@ -1187,3 +1187,26 @@ def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
     quant = read_quantization_config(saved["quantization_config"], "config.json")
     moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
     assert {tp for tp in TP_SIZES if marlin_problems(quant, moe, tp, family)} == MOE_REFUSED_AT[fmt]
+
+
+def test_block_fp8_of_qwen3_vl_moe_keeps_the_router_vllm_builds_with_the_quantization_config(tmp_path):
+    """``--scheme FP8_BLOCK`` of the tiny Qwen3-VL-MoE: vLLM's Fp8Config matches ``modules_to_not_convert`` by exact
+    name, and Qwen3-VL-MoE's router is a GateLinear built with the quantization config, so the export names each
+    layer's router (transformers' router is no nn.Linear, so nothing else would): vLLM builds every router
+    unquantized (else FP8 over the bf16 weight), each MoE layer's experts with Fp8MoEMethod, and loads them at TP 1."""
+    import qvlquant
+    from vllm.model_executor.layers.fused_moe import GateLinear
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_quant_config
+
+    _qwen3_vl_moe_base(tmp_path / "base")
+    qvlquant.quantize(model=str(tmp_path / "base"), output=str(tmp_path / "fp8"), scheme="FP8_BLOCK")
+    vllm = inspect_checkpoint(tmp_path / "fp8")["vllm"]
+    assert vllm["method"] == "fp8" and vllm["refused"] is None and vllm["tp"][1] == [], vllm["tp"][1]
+    assert {vllm["layers"][v] for v in _moe_layers(vllm, "qwen3_vl_moe")} == {"Fp8MoEMethod"}
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(tmp_path / "fp8", "qwen3_vl_moe")
+        with torch.device("meta"):
+            routers = [GateLinear(128, 8, quant_config=quant, prefix=f"language_model.model.layers.{i}.mlp.gate")
+                       for i in MOE["qwen3_vl_moe"]["moe_layers"]]
+    assert {type(r.quant_method).__name__ for r in routers} == {"UnquantizedLinearMethod"}
