@@ -585,6 +585,9 @@ def run_inspect(args) -> int:
         print("  vision tower: stays full precision in transformers 5")
     if report["vllm"]:
         print(f"  vLLM: judged by {report['vllm']['checked_by']}")
+        methods = {m for v, m in report["vllm"].get("layers", {}).items() if not v.startswith("visual.")}
+        if methods:  # {vLLM layer: its quantization method (and compressed-tensors scheme)}, the language model's
+            print(f"  vLLM methods (language model): {', '.join(sorted(methods))}")
         at_tp1 = report["vllm"].get("kernels", {}).get(1) or {}  # {vLLM layer: kernel class}
         if at_tp1:
             print(f"  vLLM kernels at tensor-parallel 1: {', '.join(sorted(set(at_tp1.values())))}")

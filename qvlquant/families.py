@@ -130,6 +130,14 @@ class ModelFamily:
     fused_experts: tuple[ExpertSlice, ...] = ()
     routed_field: str = "num_experts_per_tok"  # the text config's field: experts each token is sent to
     routed: int = 0  # that count, once bound
+    # Fused layers (of ``fused``) vLLM's model builds without naming them in its quantization config's
+    # ``packed_modules_mapping`` (vLLM 0.33's Qwen3-VL-MoE: its dense MLP's ``mlp.gate_up_proj``): GPTQ's
+    # ``modules_in_block_to_quantize`` must name them, or vLLM builds them unquantized
+    unmapped_fused: tuple[str, ...] = ()
+    # Text-config fields a serving stack reads that transformers' config class lacks, with the value that does what
+    # transformers' model does: an export's config.json gets those its base lacks (vLLM 0.33's Qwen3-VL-MoE reads
+    # ``norm_topk_prob`` and fails without it; transformers' router always renormalises the top-k weights)
+    serving_fields: tuple[tuple[str, object], ...] = ()
 
     def bind(self, config) -> ModelFamily:
         """This family knowing each decoder layer's type, from ``config`` (or its ``text_config``; an object or
@@ -457,11 +465,15 @@ def _sparse_or_dense(field: Callable[[str], object]) -> tuple[str, ...]:
 # each layer's experts fused and transposed, ``mlp.experts.gate_up_proj`` [E, H, 2I] and ``down_proj`` [E, I, H]
 # (transformers transposes them at load and writes its own [E, 2I, H] / [E, H, I] at save): read either way, one
 # expert at a time. No MLP of every layer to pad (``mlp_in`` / ``mlp_out`` empty: --pad-intermediate-to refused).
+# vLLM 0.33 (``qwen3_vl_moe.py`` on ``qwen3_moe.py``) builds the router as a ``GateLinear`` with the checkpoint's
+# quantization config, so the configs must keep it (``kept``); a layer's experts are one FusedMoE layer read from
+# per-expert names; its dense MLP is one ``gate_up_proj`` that its ``packed_modules_mapping`` never names.
 _EXPERTS = (("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), ("mlp.experts.{e}.down_proj",))
 QWEN3_VL_MOE = hybrid(
-    dataclasses.replace(QWEN3_VL, name="qwen3_vl_moe", experts="mlp.experts", mlp_in=(), mlp_out="",
+    dataclasses.replace(QWEN3_VL, name="qwen3_vl_moe", experts="mlp.experts", mlp_in=(), mlp_out="", kept=("mlp.gate",),
                         # transformers 5.24 reads num_experts and writes num_local_experts into config.json
                         experts_field=("num_experts", "num_local_experts"), layer_types_from=_sparse_or_dense,
+                        unmapped_fused=("mlp.gate_up_proj",), serving_fields=(("norm_topk_prob", True),),
                         fused_experts=(ExpertSlice("gate_up_proj", 0, 2), ExpertSlice("gate_up_proj", 1, 2),
                                        ExpertSlice("down_proj"))),
     (
@@ -469,7 +481,7 @@ QWEN3_VL_MOE = hybrid(
             linear_groups=QWEN3_VL.linear_groups[:2] + _EXPERTS,
             scaling_groups=QWEN3_VL.scaling_groups[:2] + (ScalingGroup("mlp.experts.{e}.up_proj",
                                                                        ("mlp.experts.{e}.down_proj",)),),
-            fused=QWEN3_VL.fused[:1],
+            fused=QWEN3_VL.fused[:1] + _MOE_FUSED[1:],
             column_parallel=QWEN3_VL.column_parallel[:3] + _EXPERTS[0],
             row_parallel=QWEN3_VL.row_parallel[:1] + _EXPERTS[1],
             clip_skipped=QWEN3_VL.clip_skipped,

@@ -103,7 +103,10 @@ def test_qwen3_vl_moe_layer_types_follow_decoder_sparse_step_and_mlp_only_layers
     assert sparse.linear_groups == QWEN3_VL.linear_groups[:2] + tuple(
         (f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj") for e in range(3)) + tuple(
         (f"mlp.experts.{e}.down_proj",) for e in range(3))
-    assert sparse.fused == QWEN3_VL.fused[:1] and "mlp.experts.2.down_proj" in sparse.row_parallel
+    # vLLM runs a layer's experts as one FusedMoE layer of one setting: one fused entry of every expert's linears
+    every = tuple(f"mlp.experts.{e}.{p}" for e in range(3) for p in ("gate_proj", "up_proj", "down_proj"))
+    assert sparse.fused == QWEN3_VL.fused[:1] + (("mlp.experts", every),)
+    assert "mlp.experts.2.down_proj" in sparse.row_parallel
     # AWQ smooths within each expert: nothing folds into post_attention_layernorm, which the router reads too
     assert [g.prev for g in sparse.scaling_groups] == ["input_layernorm", "self_attn.v_proj"] + [
         f"mlp.experts.{e}.up_proj" for e in range(3)]

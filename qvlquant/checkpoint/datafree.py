@@ -156,11 +156,14 @@ def not_converted_modules(model, family: ModelFamily, kept: list[str] = ()) -> l
     """``modules_to_not_convert`` of a block-FP8 export: the family's names (``not_converted_names``: both layouts
     and the bare leaf, for transformers' prefix / suffix match), every matrix-holding module of the vision tower
     (its linears, and Qwen3-VL's position embedding, which inspect's rules cannot tell from one) and the decoder
-    linears ``kept`` (``block_refused``; runtime paths) named whole in both layouts, as Qwen's own FP8 checkpoints
-    list them, since vLLM's ``Fp8Config`` matches only exact names."""
+    linears ``kept`` (``block_refused``; runtime paths) and the family's own ``kept`` (routers: vLLM's Qwen3-VL-MoE
+    builds its ``GateLinear`` with the quantization config, FP8 over the bf16 weight unless named) named whole in
+    both layouts, as Qwen's own FP8 checkpoints list them, since vLLM's ``Fp8Config`` matches only exact names."""
     vision = [name for name, m in model.named_modules() if name.startswith(family.vision_tower + ".")
               and isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
-    whole = [form for name in vision + list(kept) for form in (family.to_disk(name + ".")[:-1], name)]
+    routers = [name for name, _ in model.named_modules()
+               if family.is_layer_key(name) and name.endswith(tuple(f".{k}" for k in family.kept))]
+    whole = [form for name in vision + list(kept) + routers for form in (family.to_disk(name + ".")[:-1], name)]
     return list(dict.fromkeys(family.not_converted_names() + whole))
 
 

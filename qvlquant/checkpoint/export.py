@@ -26,7 +26,7 @@ from qvlquant.checkpoint.card import write_card
 from qvlquant.config import ExportConfig
 from qvlquant.engine.loop import QuantResult
 from qvlquant.engine.streaming import stored_tensor
-from qvlquant.families import EXPERT, ModelFamily
+from qvlquant.families import EXPERT, FAMILIES, ModelFamily
 from qvlquant.parallel.devices import trim_heap
 from qvlquant.quant.formats import (
     SCHEME_NAMES,
@@ -269,8 +269,29 @@ def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
     (``language_model.model.layers.3.mlp.gate_up_proj``'s shards)."""
     head = family.decoder_layers.rsplit(".", 1)[-1]
     skipped = lambda i, g: modules is not None and modules.config_for(f"{family.decoder_layers}.{i}.{g[0]}") is None  # noqa: E731
-    return [[f"{head}.{i}.{name}" for name in group] for i in range(num_layers) for group in family.at(i).linear_groups
-            if not skipped(i, group)]
+    return [[f"{head}.{i}.{name}" for name in group + unmapped_fused_of(family.at(i), group)]
+            for i in range(num_layers) for group in family.at(i).linear_groups if not skipped(i, group)]
+
+
+def unmapped_fused_of(layer: ModelFamily, group: tuple[str, ...]) -> tuple[str, ...]:
+    """The fused layers vLLM builds of the linears of ``group`` without telling its quantization config
+    (``family.unmapped_fused``): GPTQ's list names them too (``layers.1.mlp.gate_up_proj``), since vLLM then
+    matches the fused name itself against the list, and an entry no loaded module ends with changes nothing in
+    optimum / transformers."""
+    return tuple(fused for fused, parts in layer.fused if fused in layer.unmapped_fused and set(parts) <= set(group))
+
+
+def kept_linears(family: ModelFamily, num_layers: int) -> list[str]:
+    """The family's ``kept`` linears (routers) as AWQ's ``modules_to_not_convert`` names them: the bare name
+    (``mlp.gate``) unless it is part of a linear's name in some layer (Qwen3-VL-MoE's dense ``mlp.gate_proj``; vLLM
+    matches the list as substrings, and builds that layer's ``mlp.gate_up_proj``), then one entry per layer whose
+    linears it is part of none of (``layers.0.mlp.gate``)."""
+    head = family.decoder_layers.rsplit(".", 1)[-1]
+    out = []
+    for name in family.kept:
+        clash = {i for i in range(num_layers) if any(name in n for n in family.at(i).linears)}
+        out += [f"{head}.{i}.{name}" for i in range(num_layers) if i not in clash] if clash else [name]
+    return out
 
 
 def skipped_linears(family: ModelFamily, num_layers: int, modules: ModulePlan | None) -> list[str]:
@@ -317,8 +338,8 @@ def quantization_config(qcfg: QuantConfig, fmt: PackFormat, family: ModelFamily,
             "bits": spec.bits,
             "group_size": spec.group_size,
             "zero_point": not spec.sym,
-            "modules_to_not_convert": not_converted + [p.rstrip(".") for p in family.carried] + list(family.kept)
-                                      + skipped_linears(family, num_layers, modules),
+            "modules_to_not_convert": not_converted + [p.rstrip(".") for p in family.carried]
+                                      + kept_linears(family, num_layers) + skipped_linears(family, num_layers, modules),
         }
     config = {
         "quant_method": "gptq",
@@ -574,13 +595,28 @@ def export(model, processor, result: QuantResult, out: str | os.PathLike, report
         raise
 
 
+def with_serving_fields(config):
+    """A copy of ``config`` whose text config holds the family's ``serving_fields`` that it lacks, at the value that
+    does what transformers does (Qwen3-VL-MoE: ``norm_topk_prob`` true, which vLLM 0.33 reads and transformers'
+    config class does not have); ``config`` itself when nothing is missing."""
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    text = getattr(config, "text_config", None) or config
+    missing = [(k, v) for k, v in (family.serving_fields if family else ()) if k not in text.to_dict()]
+    if not missing:
+        return config
+    config = copy.deepcopy(config)
+    for key, value in missing:
+        setattr(getattr(config, "text_config", None) or config, key, value)
+    return config
+
+
 def finish_export(tmp: pathlib.Path, config, processor, base_folder: pathlib.Path | None,
                   report: dict | Callable[[], dict], out: str | os.PathLike, options: ExportConfig,
                   files: dict[str, str] | None = None) -> pathlib.Path:
     """Everything an export holds beside its tensors, written into ``tmp`` (the weights already there): config.json,
     the processor, the base's serving files, ``files`` (name -> text), the report, the card and the manifest; then
     ``tmp`` published as ``out``. -> the published folder."""
-    config.save_pretrained(tmp)
+    with_serving_fields(config).save_pretrained(tmp)
     if processor is not None:
         processor.save_pretrained(tmp)
     if base_folder is not None:

@@ -208,6 +208,7 @@ VLLM_MODELS = {
     "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3LLMForCausalLM"),
     "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration", "qwen3_5", "Qwen3_5ForCausalLM"),
     "qwen3_5_moe": ("qwen3_5", "Qwen3_5MoeForConditionalGeneration", "qwen3_5", "Qwen3_5MoeForCausalLM"),
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", "Qwen3MoeLLMForCausalLM"),
 }
 
 
@@ -259,7 +260,7 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
         # a default engine config for the block: FP8's linear methods read the model's dtype from it and build
         # vLLM's QuantFP8 op, which reads the rest
         engine = VllmConfig()
-        object.__setattr__(engine, "model_config", types.SimpleNamespace(dtype=torch.bfloat16))
+        object.__setattr__(engine, "model_config", types.SimpleNamespace(dtype=torch.bfloat16, hf_text_config=None))
         with set_current_vllm_config(engine):
             yield
     finally:
@@ -362,9 +363,11 @@ def checkpoint_linears(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
 
 def vllm_names(linears: dict, family: ModelFamily, outer, quant) -> dict[str, list[str]]:
     """vLLM's module name -> the runtime names of its shards: checkpoint names through the model's
-    ``hf_to_vllm_mapper``, then q/k/v and gate/up fused as ``packed_modules_mapping`` says, and each expert's
-    linears into its layer's MoE layer (``...mlp.experts``) as vLLM's expert mapping
-    (``RoutedExperts.build_expert_params_mapping``) reads their checkpoint names."""
+    ``hf_to_vllm_mapper``, then q/k/v and gate/up fused as ``packed_modules_mapping`` says or, in the decoder layers,
+    as the family's ``fused`` says vLLM's model builds them (Qwen3-VL-MoE's dense MLP is one ``gate_up_proj``,
+    though its quantization config is never told so), and each expert's linears into its layer's MoE layer
+    (``...mlp.experts``) as vLLM's expert mapping (``RoutedExperts.build_expert_params_mapping``) reads their
+    checkpoint names."""
     mapper = outer.hf_to_vllm_mapper.get_rename_mapper()
     fused_of = {shard: fused for fused, shards in quant.packed_modules_mapping.items() for shard in shards}
     experts = _expert_mapping(family)
@@ -376,8 +379,18 @@ def vllm_names(linears: dict, family: ModelFamily, outer, quant) -> dict[str, li
             out.setdefault(vname[: (vname + ".").index(expert)] + "experts", []).append(name)
             continue
         head, leaf = vname.rsplit(".", 1)
-        out.setdefault(f"{head}.{fused_of.get(leaf, leaf)}", []).append(name)
+        out.setdefault(f"{head}.{fused_of.get(leaf) or _built_fused(family, name) or leaf}", []).append(name)
     return out
+
+
+def _built_fused(family: ModelFamily, name: str) -> str | None:
+    """The leaf name of the fused layer vLLM's model builds the decoder linear ``name`` into (the family's
+    ``fused``: ``gate_up_proj`` for ``...layers.1.mlp.gate_proj``); None outside the decoder layers or unfused."""
+    if not family.is_layer_key(name):
+        return None
+    index, _, inside = name[len(family.decoder_layers) + 1:].partition(".")
+    fused = family.at(int(index)).fused_name(inside)
+    return fused.rsplit(".", 1)[-1] if fused else None
 
 
 def _expert_mapping(family: ModelFamily) -> list[tuple[str, str]]:

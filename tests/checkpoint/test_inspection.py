@@ -365,3 +365,35 @@ def test_a_qweight_without_scales_is_named(tmp_path, capsys):
               str(q / "model.safetensors"))
     assert main(["inspect", str(q)]) == 2
     assert "model.layers.0.mlp.up_proj.qweight has no model.layers.0.mlp.up_proj.scales" in capsys.readouterr().err
+
+
+INSPECTED_MOE = {  # format -> (--format, --method, vLLM's method for a layer's experts, for the other decoder linears)
+    "gptq": ("auto", "rtn", "AutoGPTQMoEMethod", "AutoGPTQLinearMethod"),
+    "awq": ("auto", "awq", "AutoAWQMoEMethod", "AutoAWQMarlinLinearMethod"),
+    "compressed-tensors": ("compressed-tensors", "rtn", "CompressedTensorsWNA16MoEMethod",
+                           "CompressedTensorsLinearMethod(CompressedTensorsWNA16)"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(INSPECTED_MOE))
+def test_inspect_names_vllms_methods_and_kernels_for_a_qwen3_vl_moe_export(tmp_path, capsys, fmt):
+    """``qvlquant inspect`` of a tiny Qwen3-VL-MoE export (experts fused and transposed in the base, one layer dense)
+    where vLLM is installed: the MoE method vLLM gives each layer's experts, the linear method of the rest, the
+    kernels it picks at TP 1 (sm_90, faked), and no problem at TP 1."""
+    pytest.importorskip("vllm", reason="vLLM's own classes name the methods (docs/VLLM.md: its own venv)")
+    from tiny_models import qwen3_vl_moe_checkpoint
+
+    qwen3_vl_moe_checkpoint(tmp_path / "base", layers=3)
+    export_format, method, experts, linears = INSPECTED_MOE[fmt]
+    out = tmp_path / fmt
+    calibration = ["--calib", "demo", "--num-samples", "2"] if method == "awq" else []
+    assert main(["quantize", "--model", str(tmp_path / "base"), "--method", method, "--bits", "4", "--group-size",
+                 "64", "--format", export_format, *calibration, "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+             if ":" in line}
+    assert lines["vLLM methods (language model)"] == ", ".join(sorted((experts, linears)))
+    assert lines["vLLM kernels at tensor-parallel 1"] == "HummingIndexedExperts, HummingLinearKernel"
+    assert lines["vLLM at tensor-parallel 1"] == "ok"

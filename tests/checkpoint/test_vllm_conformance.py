@@ -4,14 +4,15 @@ random models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL), ``inspect`` asks vLLM's qua
 layer, the kernel chosen by ``create_weights`` at each tensor-parallel size, GPU capability faked) which method
 every linear gets. The vision tower must be unquantized, the language model quantized, TP 1/2 accepted.
 
-MoE families (Qwen3.5-MoE; the ``MOE`` table) add each layer's experts as vLLM's one MoE layer: its method per
-format and TP size, vLLM's own loader given the experts' tensors, its whole MoE block built (routers unquantized),
-rules on whole MoE layers, and a split layer refused and flagged.
+MoE families (Qwen3.5-MoE, Qwen3-VL-MoE; the ``MOE`` table) add each layer's experts as vLLM's one MoE layer: its
+method per format and TP size, vLLM's own loader given the experts' tensors, its whole MoE block built (routers
+unquantized), rules on whole MoE layers, and a split layer refused and flagged.
 
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it in the main
 venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 shared
 cores at a load average of 5 to 9: 276 s for the 114 tests; the 17 MoE tests took 80 to 120 s run alone (most of
-it importing vLLM and building the tiny exports).
+it importing vLLM and building the tiny exports). With Qwen3-VL-MoE's: 158 s for the 151 tests at a load average of
+about 3, the 34 MoE tests 96 s.
 """
 
 import copy
@@ -33,7 +34,7 @@ from tiny_models import tiny_batch, tiny_model  # noqa: E402
 from qvlquant.checkpoint.datafree import export_fp8, export_nvfp4  # noqa: E402
 from qvlquant.checkpoint.export import CheckpointTensors, export, quantization_config  # noqa: E402
 from qvlquant.checkpoint.inspection import inspect_checkpoint, quantized_shapes  # noqa: E402
-from qvlquant.checkpoint.qconfig import read_quantization_config  # noqa: E402
+from qvlquant.checkpoint.qconfig import describe_spec, read_quantization_config  # noqa: E402
 from qvlquant.checkpoint.vllm import TP_SIZES, copied_rules, vllm_compatibility_warnings  # noqa: E402
 from qvlquant.engine.loop import LoopPlan, quantize_model  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
@@ -858,10 +859,19 @@ def _qwen3_5_moe_base(folder):
     qwen3_5_checkpoint(folder, moe=True)
 
 
+def _qwen3_vl_moe_base(folder):
+    from tiny_models import qwen3_vl_moe_checkpoint
+
+    # as published: experts fused and transposed on disk; layer 1 dense. No norm_topk_prob in its config.json
+    # (transformers' config class has none): the export adds what vLLM's Qwen3MoeSparseMoeBlock reads
+    qwen3_vl_moe_checkpoint(folder, layers=4)
+
+
 MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a new MoE family needs an entry only
     "qwen3_5_moe": dict(
         base=_qwen3_5_moe_base,  # writes the tiny bf16 checkpoint into a folder
-        layers=4, experts=8,
+        formats=("gptq", "compressed-tensors"),  # the formats checked
+        moe_layers=(0, 1, 2, 3), experts=8,  # the decoder layers holding experts
         # vLLM's quantized modules of the decoder: 3 DeltaNet layers (in_proj_qkvz, in_proj_ba, out_proj) and a
         # full-attention layer (qkv_proj, o_proj), each with a shared expert (gate_up_proj, down_proj) and its experts
         vllm_modules=3 * 6 + 5, vision_linears=10,
@@ -871,11 +881,23 @@ MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a ne
         first_moe_layers=(0, 3),  # the first layer of each type: inspect builds and loads those at every TP size
         rule_layers=(0, 3),  # the MoE layers the rules test skips / gives 8 bits (first layers: loaded at TP 1, 2)
     ),
+    "qwen3_vl_moe": dict(
+        base=_qwen3_vl_moe_base, formats=("gptq", "awq", "compressed-tensors"), moe_layers=(0, 2, 3), experts=8,
+        # per layer qkv_proj, o_proj, and the experts or (the dense layer 1) gate_up_proj (vLLM's Qwen3MoeMLP, a
+        # fused layer its packed_modules_mapping does not name) and down_proj
+        vllm_modules=4 * 2 + 3 + 2, vision_linears=14,
+        block=("qwen3_moe", "Qwen3MoeSparseMoeBlock"),
+        kept=("gate",),  # a GateLinear built WITH the quantization config: the export's config must keep it
+        shared_expert=False, first_moe_layers=(0,), rule_layers=(0, 2),
+    ),
 }
 MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and 2 (sm_90), and its experts kernel
     "gptq": ("AutoGPTQMoEMethod", "HummingIndexedExperts"),
+    "awq": ("AutoAWQMoEMethod", "HummingIndexedExperts"),
     "compressed-tensors": ("CompressedTensorsWNA16MoEMethod", "HummingIndexedExperts"),
 }
+MOE_CASES = [(t, f) for t in MOE for f in MOE[t]["formats"]]
+MOE_RULED = [(t, f) for t, f in MOE_CASES if f != "awq"]  # AWQ GEMM holds one width: no per-layer 8 bits
 
 
 def moe_export(root, model_type, fmt, rules=(), method="rtn"):
@@ -897,30 +919,30 @@ def moe_export(root, model_type, fmt, rules=(), method="rtn"):
 @pytest.fixture(scope="module")
 def moe_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-moe")
-    return {(t, f): moe_export(root, t, f) for t in MOE for f in MOE_METHODS}
+    return {(t, f): moe_export(root, t, f, method="awq" if f == "awq" else "rtn") for t, f in MOE_CASES}
 
 
 def _moe_layers(report, model_type):
-    return [f"language_model.model.layers.{i}.mlp.experts" for i in range(MOE[model_type]["layers"])]
+    return [f"language_model.model.layers.{i}.mlp.experts" for i in MOE[model_type]["moe_layers"]]
 
 
-@pytest.mark.parametrize("fmt", list(MOE_METHODS))
-@pytest.mark.parametrize("model_type", list(MOE))
+@pytest.mark.parametrize("model_type,fmt", MOE_CASES)
 def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_type, fmt):
-    """vLLM's view of a GPTQ / compressed-tensors W4 g64 export of an MoE family: each layer's experts one MoE layer
-    (``FusedMoEFactory``: AutoGPTQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, every other decoder linear
-    (the shared expert's included) quantized, the vision tower unquantized, TP 1 and 2 accepted with the experts'
-    tensors loaded by vLLM's own loader without a problem."""
+    """vLLM's view of a W4 g64 export of an MoE family in each format: each layer's experts one MoE layer
+    (``FusedMoEFactory``: AutoGPTQMoEMethod / AutoAWQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, every
+    other decoder linear (the shared expert's and a dense layer's MLP included) quantized, the vision tower
+    unquantized, TP 1 and 2 accepted with the experts' tensors loaded by vLLM's own loader without a problem."""
     report = inspect_checkpoint(moe_exports[model_type, fmt])["vllm"]
     entry, (moe_method, kernel) = MOE[model_type], MOE_METHODS[fmt]
     assert report["checked_by"].startswith("vLLM 0.33") and report["refused"] is None
     decoder = {v: m for v, m in report["layers"].items() if ".layers." in v and not v.startswith("visual")}
     experts = _moe_layers(report, model_type)
     assert {v: decoder[v] for v in experts} == {v: moe_method for v in experts}
-    assert {report["settings"][v] for v in experts} == {"W4 g64 sym"}
+    assert {report["settings"][v] for v in experts} == {describe_spec(FORMATS[fmt][1])}
     others = {v: m for v, m in decoder.items() if v not in experts}
-    assert len(others) == entry["vllm_modules"] - entry["layers"] and set(others.values()) == {FORMATS[fmt][3]}
-    # routers: never asked (vLLM builds them without a quantization config; the block's test below shows it)
+    assert len(others) == entry["vllm_modules"] - len(experts) and set(others.values()) == {FORMATS[fmt][3]}
+    # routers: not among the linears inspect asks about (Qwen3.5-MoE's vLLM builds without a quantization config,
+    # Qwen3-VL-MoE's with it: the block's test below shows both unquantized)
     assert not any(v.rsplit(".", 1)[-1] in entry["kept"] for v in decoder)
     vision = {v: m for v, m in report["layers"].items() if v.startswith("visual.")}
     assert len(vision) == entry["vision_linears"] and set(vision.values()) == {"UnquantizedLinearMethod"}
@@ -930,8 +952,7 @@ def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_t
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("fmt", list(MOE_METHODS))
-@pytest.mark.parametrize("model_type", list(MOE))
+@pytest.mark.parametrize("model_type,fmt", MOE_CASES)
 def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exports, model_type, fmt, tp):
     """Layer 0's experts built on the CPU as vLLM builds them at TP ``tp`` (rank 0), and the export's per-expert
     tensors given to vLLM's own loader (through its checkpoint mapper: GPTQ's g_idx dropped): each parameter of the
@@ -965,7 +986,7 @@ def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exp
         loaded = list(runner.load_weights([(n[len(vname) + 1:], t) for n, t in mapper.apply(iter(weights))]))
     experts = runner.routed_experts
     assert type(experts.quant_method).__name__ == MOE_METHODS[fmt][0] and loaded
-    gptq = fmt == "gptq"
+    gptq = fmt in ("gptq", "awq")  # [in, out] tensors (qweight [K/8, N] / [K, N/8]), not [out, in]
     split = {"gate_proj": 1 if gptq else 0, "up_proj": 1 if gptq else 0, "down_proj": 0 if gptq else 1}
     names = [n for n in tensors if n.startswith(disk + "0.gate_proj.") and not n.endswith(("g_idx", "weight_shape"))]
     assert len(names) == (3 if gptq else 2)  # qweight, qzeros, scales / weight_packed, weight_scale
@@ -981,12 +1002,12 @@ def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exp
             assert torch.equal(w2, share["down_proj"]), (e, leaf)
 
 
-@pytest.mark.parametrize("fmt", list(MOE_METHODS))
-@pytest.mark.parametrize("model_type", list(MOE))
+@pytest.mark.parametrize("model_type,fmt", MOE_CASES)
 def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model_type, fmt, monkeypatch):
     """vLLM's whole MoE block built from the export's config (its own class, TP 2): the router and the
-    shared-expert gate get no quantization method (vLLM builds them without the quantization config), the shared
-    expert the format's linear method, the experts its MoE method. Two run-time pieces a CPU build of vLLM lacks are
+    shared-expert gate get no quantization method (Qwen3.5-MoE's are built without the quantization config;
+    Qwen3-VL-MoE's router is a GateLinear built with it, which the export's config keeps), the shared expert the
+    format's linear method, the experts its MoE method. Two run-time pieces a CPU build of vLLM lacks are
     stood in for: the SiLU-and-mul op (no weights) and the shared experts' CUDA stream (vLLM's own switch)."""
     import importlib
 
@@ -1019,7 +1040,7 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
 def test_the_copied_rules_agree_with_vllm_on_moe_exports(moe_exports, model_type):
     """The fallback's answer for the MoE exports at every TP size, including the MoE layers' own rules (GPTQ: MoeWNA16
     past a split group, refused below groups of 32; compressed-tensors: a split group refused)."""
-    for fmt in MOE_METHODS:
+    for fmt in MOE[model_type]["formats"]:
         folder = moe_exports[model_type, fmt]
         copied = copied_rules(*copied_inputs(folder, model_type))
         asked = inspect_checkpoint(folder)["vllm"]
@@ -1040,13 +1061,12 @@ def _moe_rule(model_type, layer, action):
     return rf"layers\.{layer}\.{re.escape(family_for(model_type).experts)}\.:{action}"
 
 
-@pytest.mark.parametrize("fmt", list(MOE_METHODS))
-@pytest.mark.parametrize("model_type", list(MOE))
+@pytest.mark.parametrize("model_type,fmt", MOE_RULED)
 def test_vllm_gives_each_moe_layer_its_rule(tmp_path, model_type, fmt):
-    """Rules on whole MoE layers, as vLLM reads them: the first layer of one type's experts skipped
+    """Rules on whole MoE layers, as vLLM reads them: the first MoE layer (of one type)'s experts skipped
     (UnquantizedFusedMoEMethod; GPTQ: the ``-:`` dynamic rule names vLLM's ``mlp.experts``; compressed-tensors: its
-    ``ignore`` regex matches expert 0's names, which vLLM asks), the other type's at 8 bits, the rest at W4; vLLM's
-    own loader takes both layers' tensors (plain weights, 8-bit codes) at TP 1 and 2."""
+    ``ignore`` regex matches expert 0's names, which vLLM asks), another's (the other type's) at 8 bits, the rest
+    at W4; vLLM's own loader takes the first MoE layers' tensors (plain weights, 8-bit codes) at TP 1 and 2."""
     skipped, eight = MOE[model_type]["rule_layers"]
     folder = moe_export(tmp_path, model_type, fmt, rules=(_moe_rule(model_type, skipped, "skip"),
                                                           _moe_rule(model_type, eight, "bits=8")))
@@ -1061,8 +1081,7 @@ def test_vllm_gives_each_moe_layer_its_rule(tmp_path, model_type, fmt):
     assert copied_rules(*copied_inputs(folder, model_type))["tp"][1] == []
 
 
-@pytest.mark.parametrize("fmt", list(MOE_METHODS))
-@pytest.mark.parametrize("model_type", list(MOE))
+@pytest.mark.parametrize("model_type,fmt", MOE_RULED)
 def test_one_expert_given_another_setting_is_refused_and_flagged(tmp_path, moe_exports, model_type, fmt):
     """vLLM builds an MoE layer at one setting and reads nothing else: compressed-tensors asks expert 0's names only,
     GPTQ's ``dynamic`` is matched against the layer's name. So qvlquant refuses a rule that splits a layer's
@@ -1084,7 +1103,7 @@ def test_one_expert_given_another_setting_is_refused_and_flagged(tmp_path, moe_e
     qc = config["quantization_config"]
     pattern = r".*\.layers\.0\.mlp\.experts\.3\.(?:gate_proj|up_proj|down_proj)$"
     if fmt == "gptq":
-        qc["dynamic"][f"+:{pattern}"] = {"bits": 8, "group_size": 64, "sym": True, "desc_act": False}
+        qc.setdefault("dynamic", {})[f"+:{pattern}"] = {"bits": 8, "group_size": 64, "sym": True, "desc_act": False}
     else:
         qc["config_groups"]["group_1"] = {**qc["config_groups"]["group_0"], "targets": [f"re:{pattern}"],
                                           "weights": {**qc["config_groups"]["group_0"]["weights"], "num_bits": 8}}
@@ -1188,3 +1207,26 @@ def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
     quant = read_quantization_config(saved["quantization_config"], "config.json")
     moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
     assert {tp for tp in TP_SIZES if marlin_problems(quant, moe, tp, family)} == MOE_REFUSED_AT[fmt]
+
+
+def test_block_fp8_of_qwen3_vl_moe_keeps_the_router_vllm_builds_with_the_quantization_config(tmp_path):
+    """``--scheme FP8_BLOCK`` of the tiny Qwen3-VL-MoE: vLLM's Fp8Config matches ``modules_to_not_convert`` by exact
+    name, and Qwen3-VL-MoE's router is a GateLinear built with the quantization config, so the export names each
+    layer's router (transformers' router is no nn.Linear, so nothing else would): vLLM builds every router
+    unquantized (else FP8 over the bf16 weight), each MoE layer's experts with Fp8MoEMethod, and loads them at TP 1."""
+    import qvlquant
+    from vllm.model_executor.layers.fused_moe import GateLinear
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_quant_config
+
+    _qwen3_vl_moe_base(tmp_path / "base")
+    qvlquant.quantize(model=str(tmp_path / "base"), output=str(tmp_path / "fp8"), scheme="FP8_BLOCK")
+    vllm = inspect_checkpoint(tmp_path / "fp8")["vllm"]
+    assert vllm["method"] == "fp8" and vllm["refused"] is None and vllm["tp"][1] == [], vllm["tp"][1]
+    assert {vllm["layers"][v] for v in _moe_layers(vllm, "qwen3_vl_moe")} == {"Fp8MoEMethod"}
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(tmp_path / "fp8", "qwen3_vl_moe")
+        with torch.device("meta"):
+            routers = [GateLinear(128, 8, quant_config=quant, prefix=f"language_model.model.layers.{i}.mlp.gate")
+                       for i in MOE["qwen3_vl_moe"]["moe_layers"]]
+    assert {type(r.quant_method).__name__ for r in routers} == {"UnquantizedLinearMethod"}
