@@ -45,6 +45,7 @@ from layout import peak_rss_gib, to_input_layout, weight_errors  # noqa: E402
 
 IGNORE = ["lm_head", "re:(model\\.)?visual\\..*"]  # the vision tower stays BF16, as in qvlquant
 PRESETS = ("FP8_DYNAMIC", "W8A8", "NVFP4A16")  # llm-compressor's data-free preset schemes, run with no calibration
+W8A8_GPTQ = "w8a8-gptq"  # its INT8 W8A8 recipe: SmoothQuantModifier (--smoothing, 0 = none) then GPTQModifier(W8A8)
 SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"]
 
 
@@ -57,10 +58,14 @@ class Settings:
     damp: float = 0.01
     actorder: str = "none"
     dtype: str = "float32"  # the dtype the model is loaded and calibrated in
+    smoothing: float = 0.8  # w8a8-gptq: SmoothQuantModifier's smoothing_strength; 0: no SmoothQuant
 
     def __post_init__(self):
-        if self.method not in ("gptq", "awq", *PRESETS):
-            raise ValueError(f"--method {self.method!r}: use gptq, awq or a data-free preset ({', '.join(PRESETS)})")
+        if self.method not in ("gptq", "awq", W8A8_GPTQ, *PRESETS):
+            raise ValueError(f"--method {self.method!r}: use gptq, awq, {W8A8_GPTQ} or a data-free preset "
+                             f"({', '.join(PRESETS)})")
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f"--smoothing {self.smoothing}: SmoothQuant's strength in [0, 1) (0: none)")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"--bits {self.bits}: llm-compressor packs 2..8-bit integers")
         if self.group_size != -1 and self.group_size < 1:
@@ -107,6 +112,11 @@ def recipe(s: Settings) -> list:
 
     if s.method in PRESETS:
         return [QuantizationModifier(targets="Linear", scheme=s.method, ignore=IGNORE)]
+    if s.method == W8A8_GPTQ:  # llm-compressor's W8A8 example: SmoothQuant, then GPTQ on the W8A8 preset
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        smooth = [SmoothQuantModifier(smoothing_strength=s.smoothing)] if s.smoothing else []
+        return [*smooth, GPTQModifier(targets="Linear", scheme="W8A8", ignore=IGNORE, dampening_frac=s.damp)]
     if s.method == "gptq":
         actorder = None if s.actorder == "none" else s.actorder
         return [GPTQModifier(config_groups=scheme(s), ignore=IGNORE, dampening_frac=s.damp, actorder=actorder)]
@@ -140,6 +150,8 @@ def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: p
     oneshot(model=model, processor=processor, dataset=loader, recipe=recipe(s), num_calibration_samples=len(batches),
             sequential_targets=targets, shuffle_calibration_samples=False)
     model.save_pretrained(saved, save_compressed=True)
+    if s.method == W8A8_GPTQ:
+        processor.save_pretrained(saved)
 
 
 def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:
@@ -212,7 +224,7 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path | None, s: Settings, ou
         saved_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
         if keep is not None:
             shutil.copytree(saved, keep, dirs_exist_ok=True)
-        if s.method in PRESETS:
+        if s.method in (*PRESETS, W8A8_GPTQ):  # int-quantized / float-quantized: kept as saved, not decompressed
             dense, sanity = False, None
         elif dense:
             state, names = decompress(saved)
@@ -242,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, type=pathlib.Path, help="BF16 model folder (with its processor)")
     ap.add_argument("--batches", type=pathlib.Path, help="export_batches.py's output folder (not for a preset)")
-    ap.add_argument("--method", required=True, choices=["gptq", "awq", *PRESETS])
+    ap.add_argument("--method", required=True, choices=["gptq", "awq", W8A8_GPTQ, *PRESETS])
+    ap.add_argument("--smoothing", type=float, default=0.8, help=f"{W8A8_GPTQ}: SmoothQuant's strength (0: none)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sym", dest="sym", action="store_true", default=None)
@@ -258,11 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if (args.method in PRESETS) != (args.batches is None):
         ap.error("--batches is needed by gptq and awq, and taken by no data-free preset")
-    if args.method in PRESETS and args.keep is None:
-        ap.error(f"--method {args.method}: a preset's output is its compressed checkpoint; give --keep DIR")
+    if args.method in (*PRESETS, W8A8_GPTQ) and args.keep is None:
+        ap.error(f"--method {args.method}: its output is the compressed checkpoint; give --keep DIR")
     torch.set_num_threads(args.threads)
     sym = args.sym if args.sym is not None else args.method == "gptq"  # each method's published default
-    s = Settings(args.method, args.bits, args.group_size, sym, args.damp, args.actorder, args.dtype)
+    s = Settings(args.method, args.bits, args.group_size, sym, args.damp, args.actorder, args.dtype, args.smoothing)
     meta = run(args.model.resolve(), args.batches.resolve() if args.batches else None, s, args.output,
                dense=not args.check_only, keep=args.keep)
     count = meta.get("quantized_linears")
