@@ -143,7 +143,8 @@ def main() -> None:
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
             "cpu": cpu_model(), "torch": torch.__version__, "qvlquant": qvlquant.__version__,
             "args": vars(args), "seconds": round(time.time() - t0, 1), "load_average": os.getloadavg()}
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "table": table}, indent=2) + "\n")
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary, "table": table}, indent=2, default=str)
+                   + "\n")
 
 
 if __name__ == "__main__":
