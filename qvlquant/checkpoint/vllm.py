@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import math
 import pathlib
 import re
 import types
@@ -621,6 +622,8 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
             continue
         param = entry[0].rsplit(".", 1)[-1] + ("experts." + relative).split(entry[1], 1)[1]  # "w13_" + "qweight"
         tensor = torch.empty(shape, dtype=DTYPES.get(dtype, torch.float32), device="meta")
+        if math.prod(shape) == 1:  # a per-tensor scale: its loader compares values (static FP8's input scales)
+            tensor = _values_for(runner.routed_experts, param, tensor)
         with _CopiedValues() as copies:
             try:
                 list(runner.load_weights([(relative, tensor)]))
@@ -636,6 +639,20 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
             out.append(f"{key}: vLLM's loader fills {values} of the {target[e].numel()} values of expert {e}'s "
                        f"{param} (shape {tuple(target.shape[1:])}) from the checkpoint; the rest stays uninitialised")
     return out
+
+
+def _values_for(experts, param: str, tensor):
+    """A per-tensor scale as ones on the CPU, and the MoE layer's parameter it loads into (one value per expert, or
+    two: gate's and up's) moved there holding ones: vLLM's loader reads such a parameter's value (compressed-tensors'
+    input scales: gate's and up's must be equal, ``FusedMoE.weight_loader``), which meta tensors have none of. The
+    values are no checkpoint's (inspect reads headers only); vLLM's own loader, given the real tensors, compares
+    those (the conformance tests)."""
+    target = getattr(experts, param, None)
+    if target is not None and target.is_meta:
+        moved = torch.nn.Parameter(torch.ones(target.shape, dtype=target.dtype), requires_grad=False)
+        moved.__dict__.update(target.__dict__)  # vLLM's weight_loader and quant_method attributes
+        setattr(experts, param, moved)
+    return torch.ones(tensor.shape, dtype=tensor.dtype)
 
 
 class _CopiedValues(torch.overrides.TorchFunctionMode):
