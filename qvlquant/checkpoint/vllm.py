@@ -460,7 +460,8 @@ def vllm_decisions(quant, names: dict[str, list[str]], linears: dict,
 
 def vllm_setting(method, scheme) -> str:
     """The weight setting vLLM built a linear with, from its own objects: "W8 g128 sym" (as ``describe_spec``
-    writes qvlquant's), or "not quantized"."""
+    writes qvlquant's), "not quantized", or, for a method of no integer weight setting (FP8, INT8 W8A8, NVFP4: its
+    method's name says it), "not an integer setting"."""
     if scheme is not None and hasattr(scheme, "num_bits"):  # compressed-tensors WNA16
         bits, group, sym = scheme.num_bits, scheme.group_size, scheme.symmetric
     elif hasattr(method, "num_bits") and hasattr(method, "symmetric"):  # compressed-tensors WNA16 MoE
@@ -469,8 +470,10 @@ def vllm_setting(method, scheme) -> str:
         config = method.quant_config
         bits, group = config.weight_bits, config.group_size
         sym = getattr(config, "is_sym", not getattr(config, "zero_point", getattr(config, "has_zp", False)))
-    else:
+    elif type(method).__name__.startswith("Unquantized"):
         return "not quantized"
+    else:
+        return "not an integer setting"
     return describe_spec(QuantSpec(bits, group, sym))
 
 
