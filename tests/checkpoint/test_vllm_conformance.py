@@ -5,8 +5,9 @@ layer, the kernel chosen by ``create_weights`` at each tensor-parallel size, GPU
 every linear gets. The vision tower must be unquantized, the language model quantized, TP 1/2 accepted.
 
 MoE families (Qwen3.5-MoE, Qwen3-VL-MoE; the ``MOE`` table) add each layer's experts as vLLM's one MoE layer: its
-method per format and TP size, vLLM's own loader given the experts' tensors, its whole MoE block built (routers
-unquantized), rules on whole MoE layers, and a split layer refused and flagged.
+method per format and scheme (FP8, INT8 W8A8, NVFP4 too) and TP size, vLLM's own loader given the experts'
+tensors, its whole MoE block built (routers unquantized), rules on whole MoE layers, and a split layer refused and
+flagged.
 
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it in the main
 venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 shared
@@ -901,7 +902,8 @@ MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a ne
         rule_layers=(0, 3),  # the MoE layers the rules test skips / gives 8 bits (first layers: loaded at TP 1, 2)
     ),
     "qwen3_vl_moe": dict(
-        base=_qwen3_vl_moe_base, formats=("gptq", "awq", "compressed-tensors", *MOE_SCHEMES), moe_layers=(0, 2, 3), experts=8,
+        base=_qwen3_vl_moe_base, formats=("gptq", "awq", "compressed-tensors", *MOE_SCHEMES), moe_layers=(0, 2, 3),
+        experts=8,
         # per layer qkv_proj, o_proj, and the experts or (the dense layer 1) gate_up_proj (vLLM's Qwen3MoeMLP, a
         # fused layer its packed_modules_mapping does not name) and down_proj
         vllm_modules=4 * 2 + 3 + 2, vision_linears=14,
@@ -958,7 +960,8 @@ def _moe_layers(report, model_type):
 @pytest.mark.parametrize("model_type,fmt", MOE_CASES)
 def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_type, fmt):
     """vLLM's view of a W4 g64 export of an MoE family in each format: each layer's experts one MoE layer
-    (``FusedMoEFactory``: AutoGPTQMoEMethod / AutoAWQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, every
+    (``FusedMoEFactory``: AutoGPTQMoEMethod / AutoAWQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, or a
+    scheme's (CompressedTensorsW8A8Fp8MoEMethod / W8A8Int8MoEMethod / W4A4Nvfp4MoEMethod), every
     other decoder linear (the shared expert's and a dense layer's MLP included) quantized, the vision tower
     unquantized, TP 1 and 2 accepted with the experts' tensors loaded by vLLM's own loader without a problem."""
     report = inspect_checkpoint(moe_exports[model_type, fmt])["vllm"]
@@ -988,7 +991,8 @@ def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exp
     tensors given to vLLM's own loader (through its checkpoint mapper: GPTQ's g_idx dropped): each parameter of the
     MoE layer then holds, for every expert, rank 0's share of the tensors the export wrote (gate then up along the
     intermediate dimension of w13, down's along w2's): the packed codes byte for byte, the scales as the model's
-    dtype holds them."""
+    dtype holds them; a per-tensor scale in its expert's slot (gate's and up's side by side, or one where vLLM
+    keeps one: static FP8's input scale, which its loader refuses unless gate's and up's are equal)."""
     from safetensors.torch import load_file
 
     from qvlquant.checkpoint.vllm import (
