@@ -868,11 +868,13 @@ def _qwen3_vl_moe_base(folder):
     qwen3_vl_moe_checkpoint(folder, layers=4)
 
 
-# the schemes (``quantize --scheme``; FP8 and NVFP4 calibrated on the demo) -> the method vLLM gives every other
+# the schemes (``quantize --scheme``; FP8, NVFP4 and W8A8+gptq, SmoothQuant then GPTQ, calibrated on the demo) ->
+# the method vLLM gives every other
 # decoder linear, and the tensors each expert linear holds (what vLLM's MoE loader takes)
 MOE_SCHEMES = {
     "FP8_DYNAMIC": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)", ("weight", "weight_scale")),
     "W8A8": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Int8)", ("weight", "weight_scale")),
+    "W8A8+gptq": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Int8)", ("weight", "weight_scale")),
     "NVFP4A16": (NVFP4_METHOD, ("weight_packed", "weight_scale", "weight_global_scale")),
     "FP8": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)", ("weight", "weight_scale", "input_scale")),
     "NVFP4": (NVFP4_METHOD, ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")),
@@ -919,6 +921,7 @@ MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and
     "FP8_DYNAMIC": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),
     "FP8": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),  # static input scales
     "W8A8": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
+    "W8A8+gptq": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
     # one class for both: use_a16 is NVFP4A16's (no input global scale read)
     "NVFP4A16": ("CompressedTensorsW4A4Nvfp4MoEMethod", "HummingIndexedExperts"),
     "NVFP4": ("CompressedTensorsW4A4Nvfp4MoEMethod", "HummingIndexedExperts"),
@@ -937,8 +940,10 @@ def moe_export(root, model_type, fmt, rules=(), method="rtn"):
         MOE[model_type]["base"](base)
     out = root / f"{model_type}-{fmt}-{method}-{len(rules)}"
     if fmt in MOE_SCHEMES:
-        calibrated = {"calib": "demo", "num_samples": 2} if fmt in ("FP8", "NVFP4") else {}
-        qvlquant.quantize(model=str(base), output=str(out), scheme=fmt, rules=list(rules), **calibrated)
+        scheme, _, rounding = fmt.partition("+")
+        calibrated = {"calib": "demo", "num_samples": 2} if scheme in ("FP8", "NVFP4") or rounding else {}
+        qvlquant.quantize(model=str(base), output=str(out), scheme=scheme, rules=list(rules), **calibrated,
+                          **({"method": rounding} if rounding else {}))
         return out
     sym = method != "awq"
     qvlquant.quantize(model=str(base), output=str(out), method=method, bits=4, group_size=64, sym=sym,
