@@ -13,8 +13,8 @@ Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md)
 venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 shared
 cores at a load average of 5 to 9: 276 s for the 114 tests; the 17 MoE tests took 80 to 120 s run alone (most of
 it importing vLLM and building the tiny exports). With Qwen3-VL-MoE's: 158 s for the 151 tests at a load average of
-about 3, the 34 MoE tests 96 s. With the schemes' MoE cases: 192 tests, 139 s at a load average of 2.4 to 3 (then the 8 calibrated W8A8 MoE
-cases, 43 s alone).
+about 3, the 34 MoE tests 96 s. With the schemes' MoE cases: 192 tests, 139 s at a load average of 2.4 to 3
+(then the 8 calibrated W8A8 MoE cases, 43 s alone).
 """
 
 import copy
