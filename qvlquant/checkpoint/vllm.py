@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import math
 import pathlib
 import re
 import types
@@ -459,7 +460,8 @@ def vllm_decisions(quant, names: dict[str, list[str]], linears: dict,
 
 def vllm_setting(method, scheme) -> str:
     """The weight setting vLLM built a linear with, from its own objects: "W8 g128 sym" (as ``describe_spec``
-    writes qvlquant's), or "not quantized"."""
+    writes qvlquant's), "not quantized", or, for a method of no integer weight setting (FP8, INT8 W8A8, NVFP4: its
+    method's name says it), "not an integer setting"."""
     if scheme is not None and hasattr(scheme, "num_bits"):  # compressed-tensors WNA16
         bits, group, sym = scheme.num_bits, scheme.group_size, scheme.symmetric
     elif hasattr(method, "num_bits") and hasattr(method, "symmetric"):  # compressed-tensors WNA16 MoE
@@ -468,8 +470,10 @@ def vllm_setting(method, scheme) -> str:
         config = method.quant_config
         bits, group = config.weight_bits, config.group_size
         sym = getattr(config, "is_sym", not getattr(config, "zero_point", getattr(config, "has_zp", False)))
-    else:
+    elif type(method).__name__.startswith("Unquantized"):
         return "not quantized"
+    else:
+        return "not an integer setting"
     return describe_spec(QuantSpec(bits, group, sym))
 
 
@@ -621,6 +625,8 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
             continue
         param = entry[0].rsplit(".", 1)[-1] + ("experts." + relative).split(entry[1], 1)[1]  # "w13_" + "qweight"
         tensor = torch.empty(shape, dtype=DTYPES.get(dtype, torch.float32), device="meta")
+        if math.prod(shape) == 1:  # a per-tensor scale: its loader compares values (static FP8's input scales)
+            tensor = _values_for(runner.routed_experts, param, tensor)
         with _CopiedValues() as copies:
             try:
                 list(runner.load_weights([(relative, tensor)]))
@@ -636,6 +642,20 @@ def moe_load_problems(runner, vname: str, shards: list[str], family: ModelFamily
             out.append(f"{key}: vLLM's loader fills {values} of the {target[e].numel()} values of expert {e}'s "
                        f"{param} (shape {tuple(target.shape[1:])}) from the checkpoint; the rest stays uninitialised")
     return out
+
+
+def _values_for(experts, param: str, tensor):
+    """A per-tensor scale as ones on the CPU, and the MoE layer's parameter it loads into (one value per expert, or
+    two: gate's and up's) moved there holding ones: vLLM's loader reads such a parameter's value (compressed-tensors'
+    input scales: gate's and up's must be equal, ``FusedMoE.weight_loader``), which meta tensors have none of. The
+    values are no checkpoint's (inspect reads headers only); vLLM's own loader, given the real tensors, compares
+    those (the conformance tests)."""
+    target = getattr(experts, param, None)
+    if target is not None and target.is_meta:
+        moved = torch.nn.Parameter(torch.ones(target.shape, dtype=target.dtype), requires_grad=False)
+        moved.__dict__.update(target.__dict__)  # vLLM's weight_loader and quant_method attributes
+        setattr(experts, param, moved)
+    return torch.ones(tensor.shape, dtype=tensor.dtype)
 
 
 class _CopiedValues(torch.overrides.TorchFunctionMode):

@@ -5,14 +5,16 @@ layer, the kernel chosen by ``create_weights`` at each tensor-parallel size, GPU
 every linear gets. The vision tower must be unquantized, the language model quantized, TP 1/2 accepted.
 
 MoE families (Qwen3.5-MoE, Qwen3-VL-MoE; the ``MOE`` table) add each layer's experts as vLLM's one MoE layer: its
-method per format and TP size, vLLM's own loader given the experts' tensors, its whole MoE block built (routers
-unquantized), rules on whole MoE layers, and a split layer refused and flagged.
+method per format and scheme (FP8, INT8 W8A8, NVFP4 too) and TP size, vLLM's own loader given the experts'
+tensors, its whole MoE block built (routers unquantized), rules on whole MoE layers, and a split layer refused and
+flagged.
 
 Needs vLLM (``pip install 'qvlquant[vllm,test]'`` in its own venv, docs/VLLM.md); skipped without it in the main
 venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cannot skip. Measured on 2 shared
 cores at a load average of 5 to 9: 276 s for the 114 tests; the 17 MoE tests took 80 to 120 s run alone (most of
 it importing vLLM and building the tiny exports). With Qwen3-VL-MoE's: 158 s for the 151 tests at a load average of
-about 3, the 34 MoE tests 96 s.
+about 3, the 34 MoE tests 96 s. With the schemes' MoE cases: 192 tests, 139 s at a load average of 2.4 to 3
+(then the 8 calibrated W8A8 MoE cases, 43 s alone).
 """
 
 import copy
@@ -867,10 +869,31 @@ def _qwen3_vl_moe_base(folder):
     qwen3_vl_moe_checkpoint(folder, layers=4)
 
 
+# the schemes (``quantize --scheme``; FP8, NVFP4 and W8A8+gptq, SmoothQuant then GPTQ, calibrated on the demo) ->
+# the method vLLM gives every other
+# decoder linear, and the tensors each expert linear holds (what vLLM's MoE loader takes)
+MOE_SCHEMES = {
+    "FP8_DYNAMIC": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)", ("weight", "weight_scale")),
+    "W8A8": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Int8)", ("weight", "weight_scale")),
+    "W8A8+gptq": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Int8)", ("weight", "weight_scale")),
+    "NVFP4A16": (NVFP4_METHOD, ("weight_packed", "weight_scale", "weight_global_scale")),
+    "FP8": ("CompressedTensorsLinearMethod(CompressedTensorsW8A8Fp8)", ("weight", "weight_scale", "input_scale")),
+    "NVFP4": (NVFP4_METHOD, ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")),
+}
+MOE_LEAVES = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
+              "compressed-tensors": ("weight_packed", "weight_scale"),
+              **{scheme: leaves for scheme, (_, leaves) in MOE_SCHEMES.items()}}
+
+
+def _linear_method(fmt):
+    """The method vLLM gives a quantized decoder linear (not an MoE layer) of an export in ``fmt``."""
+    return FORMATS[fmt][3] if fmt in FORMATS else MOE_SCHEMES[fmt][0]
+
+
 MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a new MoE family needs an entry only
     "qwen3_5_moe": dict(
         base=_qwen3_5_moe_base,  # writes the tiny bf16 checkpoint into a folder
-        formats=("gptq", "compressed-tensors"),  # the formats checked
+        formats=("gptq", "compressed-tensors", *MOE_SCHEMES),  # the formats and schemes checked
         moe_layers=(0, 1, 2, 3), experts=8,  # the decoder layers holding experts
         # vLLM's quantized modules of the decoder: 3 DeltaNet layers (in_proj_qkvz, in_proj_ba, out_proj) and a
         # full-attention layer (qkv_proj, o_proj), each with a shared expert (gate_up_proj, down_proj) and its experts
@@ -882,7 +905,8 @@ MOE = {  # family -> what its tiny checkpoint holds and how vLLM builds it; a ne
         rule_layers=(0, 3),  # the MoE layers the rules test skips / gives 8 bits (first layers: loaded at TP 1, 2)
     ),
     "qwen3_vl_moe": dict(
-        base=_qwen3_vl_moe_base, formats=("gptq", "awq", "compressed-tensors"), moe_layers=(0, 2, 3), experts=8,
+        base=_qwen3_vl_moe_base, formats=("gptq", "awq", "compressed-tensors", *MOE_SCHEMES), moe_layers=(0, 2, 3),
+        experts=8,
         # per layer qkv_proj, o_proj, and the experts or (the dense layer 1) gate_up_proj (vLLM's Qwen3MoeMLP, a
         # fused layer its packed_modules_mapping does not name) and down_proj
         vllm_modules=4 * 2 + 3 + 2, vision_linears=14,
@@ -895,20 +919,33 @@ MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and
     "gptq": ("AutoGPTQMoEMethod", "HummingIndexedExperts"),
     "awq": ("AutoAWQMoEMethod", "HummingIndexedExperts"),
     "compressed-tensors": ("CompressedTensorsWNA16MoEMethod", "HummingIndexedExperts"),
+    "FP8_DYNAMIC": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),
+    "FP8": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),  # static input scales
+    "W8A8": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
+    "W8A8+gptq": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
+    # one class for both: use_a16 is NVFP4A16's (no input global scale read)
+    "NVFP4A16": ("CompressedTensorsW4A4Nvfp4MoEMethod", "HummingIndexedExperts"),
+    "NVFP4": ("CompressedTensorsW4A4Nvfp4MoEMethod", "HummingIndexedExperts"),
 }
 MOE_CASES = [(t, f) for t in MOE for f in MOE[t]["formats"]]
-MOE_RULED = [(t, f) for t, f in MOE_CASES if f != "awq"]  # AWQ GEMM holds one width: no per-layer 8 bits
+MOE_RULED = [(t, f) for t, f in MOE_CASES if f in ("gptq", "compressed-tensors")]  # AWQ GEMM, the schemes: one width
 
 
 def moe_export(root, model_type, fmt, rules=(), method="rtn"):
     """The tiny MoE checkpoint (made once per ``root``), exported as ``quantize`` does (RTN: straight from the
-    checkpoint) at W4 g64 in ``fmt``."""
+    checkpoint) at W4 g64 in ``fmt``, or with ``--scheme fmt`` (a scheme of ``MOE_SCHEMES``)."""
     import qvlquant
 
     base = root / f"{model_type}-base"
     if not base.exists():
         MOE[model_type]["base"](base)
     out = root / f"{model_type}-{fmt}-{method}-{len(rules)}"
+    if fmt in MOE_SCHEMES:
+        scheme, _, rounding = fmt.partition("+")
+        calibrated = {"calib": "demo", "num_samples": 2} if scheme in ("FP8", "NVFP4") or rounding else {}
+        qvlquant.quantize(model=str(base), output=str(out), scheme=scheme, rules=list(rules), **calibrated,
+                          **({"method": rounding} if rounding else {}))
+        return out
     sym = method != "awq"
     qvlquant.quantize(model=str(base), output=str(out), method=method, bits=4, group_size=64, sym=sym,
                       export_format="compressed-tensors" if fmt == "compressed-tensors" else "auto",
@@ -929,7 +966,8 @@ def _moe_layers(report, model_type):
 @pytest.mark.parametrize("model_type,fmt", MOE_CASES)
 def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_type, fmt):
     """vLLM's view of a W4 g64 export of an MoE family in each format: each layer's experts one MoE layer
-    (``FusedMoEFactory``: AutoGPTQMoEMethod / AutoAWQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, every
+    (``FusedMoEFactory``: AutoGPTQMoEMethod / AutoAWQMoEMethod / CompressedTensorsWNA16MoEMethod) at W4 g64, or a
+    scheme's (CompressedTensorsW8A8Fp8MoEMethod / W8A8Int8MoEMethod / W4A4Nvfp4MoEMethod), every
     other decoder linear (the shared expert's and a dense layer's MLP included) quantized, the vision tower
     unquantized, TP 1 and 2 accepted with the experts' tensors loaded by vLLM's own loader without a problem."""
     report = inspect_checkpoint(moe_exports[model_type, fmt])["vllm"]
@@ -938,9 +976,10 @@ def test_vllm_builds_each_moe_layer_of_the_export_quantized(moe_exports, model_t
     decoder = {v: m for v, m in report["layers"].items() if ".layers." in v and not v.startswith("visual")}
     experts = _moe_layers(report, model_type)
     assert {v: decoder[v] for v in experts} == {v: moe_method for v in experts}
-    assert {report["settings"][v] for v in experts} == {describe_spec(FORMATS[fmt][1])}
+    assert {report["settings"][v] for v in experts} == \
+        {describe_spec(FORMATS[fmt][1]) if fmt in FORMATS else "not an integer setting"}
     others = {v: m for v, m in decoder.items() if v not in experts}
-    assert len(others) == entry["vllm_modules"] - len(experts) and set(others.values()) == {FORMATS[fmt][3]}
+    assert len(others) == entry["vllm_modules"] - len(experts) and set(others.values()) == {_linear_method(fmt)}
     # routers: not among the linears inspect asks about (Qwen3.5-MoE's vLLM builds without a quantization config,
     # Qwen3-VL-MoE's with it: the block's test below shows both unquantized)
     assert not any(v.rsplit(".", 1)[-1] in entry["kept"] for v in decoder)
@@ -958,7 +997,8 @@ def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exp
     tensors given to vLLM's own loader (through its checkpoint mapper: GPTQ's g_idx dropped): each parameter of the
     MoE layer then holds, for every expert, rank 0's share of the tensors the export wrote (gate then up along the
     intermediate dimension of w13, down's along w2's): the packed codes byte for byte, the scales as the model's
-    dtype holds them."""
+    dtype holds them; a per-tensor scale in its expert's slot (gate's and up's side by side, or one where vLLM
+    keeps one: static FP8's input scale, which its loader refuses unless gate's and up's are equal)."""
     from safetensors.torch import load_file
 
     from qvlquant.checkpoint.vllm import (
@@ -989,13 +1029,22 @@ def test_vllm_loads_every_experts_tensors_where_its_moe_layer_reads_them(moe_exp
     gptq = fmt in ("gptq", "awq")  # [in, out] tensors (qweight [K/8, N] / [K, N/8]), not [out, in]
     split = {"gate_proj": 1 if gptq else 0, "up_proj": 1 if gptq else 0, "down_proj": 0 if gptq else 1}
     names = [n for n in tensors if n.startswith(disk + "0.gate_proj.") and not n.endswith(("g_idx", "weight_shape"))]
-    assert len(names) == (3 if gptq else 2)  # qweight, qzeros, scales / weight_packed, weight_scale
+    assert sorted(n.rsplit(".", 1)[-1] for n in names) == sorted(MOE_LEAVES[fmt])
     for e in range(MOE[model_type]["experts"]):
         for leaf in (n.rsplit(".", 1)[-1] for n in names):
             ckpt = {p: tensors[f"{disk}{e}.{p}.{leaf}"] for p in split}
             w13, w2 = getattr(experts, f"w13_{leaf}")[e], getattr(experts, f"w2_{leaf}")[e]
-            # (float16 scales are read into the model's bfloat16, as vLLM serves the export)
-            share = {p: t.narrow(split[p], 0, t.shape[split[p]] // tp).to(w13.dtype) for p, t in ckpt.items()}
+            if ckpt["gate_proj"].numel() == 1:  # a per-tensor scale: one per expert linear
+                gate, up, down = (ckpt[p].reshape(()).to(w13.dtype) for p in split)
+                # gate's and up's side by side, or one (static input scales: vLLM's loader wants them equal)
+                assert torch.equal(w13, torch.stack([gate, up]) if w13.numel() == 2 else gate), (e, leaf)
+                assert torch.equal(gate, up) or w13.numel() == 2, (e, leaf)
+                assert torch.equal(w2.reshape(()), down), (e, leaf)
+                continue
+            # (float16 scales are read into the model's bfloat16, as vLLM serves the export; a per-channel scale of
+            # down_proj [out, 1] is every rank's whole)
+            share = {p: (t.narrow(split[p], 0, t.shape[split[p]] // tp) if t.shape[split[p]] > 1 else t)
+                     .to(w13.dtype) for p, t in ckpt.items()}
             n = share["gate_proj"].shape[split["gate_proj"]]
             assert torch.equal(w13.narrow(split["gate_proj"], 0, n), share["gate_proj"]), (e, leaf)
             assert torch.equal(w13.narrow(split["up_proj"], n, n), share["up_proj"]), (e, leaf)
@@ -1033,7 +1082,7 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
     assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
     assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
     shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
-    assert shared == ({FORMATS[fmt][3].split("(")[0]} if MOE[model_type]["shared_expert"] else set())
+    assert shared == ({_linear_method(fmt).split("(")[0]} if MOE[model_type]["shared_expert"] else set())
 
 
 @pytest.mark.parametrize("model_type", list(MOE))
