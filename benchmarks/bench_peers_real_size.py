@@ -73,10 +73,11 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def sampled(cmd: list[str], env: dict, timeout: float) -> dict:
+def sampled(cmd: list[str], env: dict, timeout: float, cwd: pathlib.Path | None = None) -> dict:
     """Run ``cmd`` in its own process group, sampling the tree's memory; kill the group past ``timeout`` seconds."""
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                                cwd=cwd)
         t0, peak, timed_out = time.time(), 0, False
         while proc.poll() is None:
             peak = max(peak, tree_rss_bytes(proc.pid))
@@ -177,7 +178,7 @@ def run_one(name: str, checkpoint: pathlib.Path, batches: pathlib.Path, args, wo
         env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", OMP_NUM_THREADS=str(args.threads))
     load_before = os.getloadavg()
     row = {"run": name, "tool": tool, "method": method, "checkpoint": checkpoint.name,
-           **sampled(["/usr/bin/time", "-v", *cmd], env, args.timeout)}
+           **sampled(["/usr/bin/time", "-v", *cmd], env, args.timeout, cwd=work)}  # llm-compressor writes logs/ there
     row["load_average_before"], row["load_average_after"] = load_before, os.getloadavg()
     if row["rc"] == 0:
         if tool == "qvlquant":
