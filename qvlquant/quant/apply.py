@@ -12,6 +12,7 @@ import torch
 from qvlquant.families import ModelFamily
 from qvlquant.parallel.devices import trim_heap
 from qvlquant.parallel.distributed import fold
+from qvlquant.quant import int8
 from qvlquant.quant.awq import (
     activation_sum,
     apply_clip,
@@ -19,7 +20,6 @@ from qvlquant.quant.awq import (
     group_gram_sum,
     search_scale,
 )
-from qvlquant.quant import int8
 from qvlquant.quant.formats import QuantizedWeight
 from qvlquant.quant.gptq import (
     CholeskyError,
@@ -321,12 +321,10 @@ def _search_scales(layer, inputs, ctx: LayerContext, feats, owner, rare=frozense
     for group in family.scaling_groups:
         if rare & set(group.linears + (group.prev,)):
             continue  # an expert too rarely reached: its statistics would be noise
+        if not _smoothable(layer, group, ctx):
+            continue
         prev = layer.get_submodule(group.prev)
         linears = [layer.get_submodule(n) for n in group.linears]
-        if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
-            continue  # v_proj -> o_proj under GQA: v's outputs are shared by several heads, no per-channel fold
-        if any(ctx.config(n) is None for n in group.linears + ((group.prev,) if group.prev in family.linears else ())):
-            continue  # a skipped linear is left as it is: nothing folded into it or out of it
         spec = ctx.config(group.linears[0]).spec
         ctx.step(Phase.SCALE, f"scale search {group.prev} -> {', '.join(group.linears)}")
         x_feats = feats[owner[group.linears[0]]]
@@ -414,8 +412,9 @@ def _clip_gram(feats: list[torch.Tensor], inputs: list[LayerInput], ctx: LayerCo
 
 
 def _smoothable(layer: torch.nn.Module, group, ctx: LayerContext) -> bool:
-    """Whether a scaling group can take per-channel scales: as AWQ's (``_search_scales``), not v_proj -> o_proj under
-    GQA (v's outputs are shared by several heads) nor a group with a skipped linear on either side."""
+    """Whether a scaling group can take per-channel scales (AWQ's and SmoothQuant's): not v_proj -> o_proj under
+    GQA (v's outputs are shared by several heads, no per-channel fold), nor a group with a skipped linear on either
+    side (nothing is folded into or out of a linear left as it is)."""
     prev, family = layer.get_submodule(group.prev), ctx.family
     if isinstance(prev, torch.nn.Linear) and prev.out_features != layer.get_submodule(group.linears[0]).in_features:
         return False
@@ -478,7 +477,7 @@ def w8a8_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
         return w, dict(info.get(name, {}), **more)
 
     if ctx.qcfg.method == "gptq":
-        qparams = lambda name, w: int8.channel_qparams(w, f"{ctx.prefix}.{name}", ctx.storage_dtype)  # noqa: E731
+        qparams = lambda name, w: int8.channel_qparams(w, f"{ctx.prefix}.{name}", ctx.storage_dtype)
         gptq_layer(layer, inputs, ctx, decorate, qparams, round_nearest)
         return
     ctx.step(Phase.QUANTIZE, "round to nearest")
