@@ -36,8 +36,8 @@ from qvlquant.checkpoint.export import (
 from qvlquant.config import ExportConfig
 from qvlquant.families import ModelFamily
 from qvlquant.quant import fp8, nvfp4
-from qvlquant.quant.formats import SCHEME_NAMES, Fp8Format, Int8Format, Nvfp4Format, PackFormat, QuantizedWeight
-from qvlquant.quant.rtn import default_g_idx, rtn_quantize
+from qvlquant.quant.formats import SCHEME_NAMES, Fp8Format, Int8Format, Nvfp4Format, PackFormat, pack_rtn
+from qvlquant.quant.rtn import default_g_idx
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
 from qvlquant.storage.outputs import temp_dir
@@ -289,10 +289,8 @@ def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: Modul
 
     def packed(name: str, key: str, spec) -> torch.Tensor:
         if key not in waiting:
-            q, scale, zero = rtn_quantize(base.get(name).float(), spec)
-            w = QuantizedWeight(q, scale, zero, default_g_idx(q.shape[1], spec), spec)
             head = family.to_disk(name)[: -len("weight")]
-            waiting.update({head + t: v for t, v in fmt.pack(w).items() if t not in SHAPE_ONLY})
+            waiting.update({head + t: v for t, v in pack_rtn(base.get(name), spec, fmt).items() if t not in SHAPE_ONLY})
         return waiting.pop(key)
 
     for name in model.state_dict().keys():

@@ -413,23 +413,23 @@ class CheckpointTensors:
         return self.reader.get(key)
 
 
-FINITE_CHUNK = 1 << 24  # elements checked at a time: torch's isfinite on a bf16 CPU tensor works in float32
+FINITE_CHUNK = 1 << 24  # elements counted at a time when a tensor is not finite (isfinite's temporaries)
 
 
 def finite(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t``, when it holds no NaN or infinity: the tensors copied unquantized into an export (the final norm, an
     embedding row no calibration token used, the vision tower) are checked here, where every one of them passes,
-    since nothing else reads all of them. Checked ``FINITE_CHUNK`` elements at a time: on a whole embedding table
-    (1 GB in bf16 at Qwen3.5's vocabulary) the check's temporaries had tripled a data-free run's peak memory."""
-    if not t.is_floating_point():
+    since nothing else reads all of them. Checked by the largest and smallest value, into which a NaN or an
+    infinity propagates: no temporaries (``isfinite`` on a whole embedding table, 1 GB in bf16 at Qwen3.5's
+    vocabulary, had tripled a data-free run's peak memory) and 12x faster on a bf16 CPU tensor, where ``isfinite``
+    works in float32 (it was 79 of a 7B RTN export's 221 s). The bad values are counted ``FINITE_CHUNK`` at a time."""
+    if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin())):
         return t
     flat = t.reshape(-1)
     chunks = [flat[i:i + FINITE_CHUNK] for i in range(0, flat.numel(), FINITE_CHUNK)]
-    if not all(bool(torch.isfinite(c).all()) for c in chunks):
-        bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
-        raise ValueError(f"{name} holds NaN or infinite values ({bad} of {t.numel()}); the base model is damaged "
-                         "(re-download it); nothing was exported")
-    return t
+    bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
+    raise ValueError(f"{name} holds NaN or infinite values ({bad} of {t.numel()}); the base model is damaged "
+                     "(re-download it); nothing was exported")
 
 
 def plan_tensors(model, result: QuantResult, base) -> tuple[list[Entry], dict[str, Callable[[], torch.Tensor]]]:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
 
 import torch
 
 from qvlquant.quant import fp8, int8, nvfp4
-from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups
+from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups, rtn_quantize
 from qvlquant.quant.spec import QuantSpec
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column n0 + AWQ_PACK_ORDER[i] goes to nibble i of a word
@@ -91,6 +92,14 @@ class PackFormat(str, enum.Enum):
             return _unpack_compressed(tensors, spec)
         return _unpack_awq(tensors, spec)
 
+    def row_axis(self, tensor: str) -> int | None:
+        """The axis of the packed ``tensor`` that runs over the weight's rows (out_features): the packed tensors of
+        consecutive blocks of rows, each a multiple of 32 rows, join along it into those of the whole weight. None
+        for a tensor that is not per row (``g_idx``, ``weight_shape``)."""
+        if tensor in ("g_idx", "weight_shape"):
+            return None
+        return 0 if self is PackFormat.COMPRESSED else 1
+
     def tensor_shapes(self, k: int, n: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of the packed tensors of a [N, K] linear."""
         b, g = spec.bits, spec.groups(k)
@@ -107,25 +116,56 @@ class PackFormat(str, enum.Enum):
         return shapes
 
 
+RTN_BLOCK_ELEMENTS = 2**19  # weights rounded at a time by ``pack_rtn``: 2 MB of float32, inside this CPU's L2/L3
+
+
+def pack_rtn(w: torch.Tensor, spec: QuantSpec, fmt: PackFormat,
+             block_elements: int = RTN_BLOCK_ELEMENTS) -> dict[str, torch.Tensor]:
+    """``fmt``'s packed tensors of the round-to-nearest of ``w`` [N, K] (any float dtype): the tensors
+    ``fmt.pack(QuantizedWeight(*rtn_quantize(w.float(), spec), ...))`` gives, bit for bit, made a block of rows at a
+    time (a multiple of 32 rows, about ``block_elements`` weights) so that each block's float32 temporaries stay in
+    the cache instead of passing through memory once per step. On a 7B gate_proj [18944, 3584] here (2 threads) the
+    whole-tensor path took about 1.4 s, this 0.3-0.4 s."""
+    n, k = w.shape
+    rows = max(32, block_elements // max(k, 1) // 32 * 32)
+    g_idx = default_g_idx(k, spec)
+    blocks = []
+    for i in range(0, n, rows):
+        q, scale, zero = rtn_quantize(w[i:i + rows], spec)
+        blocks.append(fmt.pack(QuantizedWeight(q, scale, zero, g_idx, spec)))
+    out = {}
+    for name, first in blocks[0].items():
+        axis = fmt.row_axis(name)
+        if axis is not None:
+            out[name] = first if len(blocks) == 1 else torch.cat([b[name] for b in blocks], dim=axis)
+        else:
+            out[name] = torch.tensor([n, k], dtype=torch.int64) if name == "weight_shape" else first
+    return out
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes [L, M] along dim 0 as a little-endian bit stream. -> [L*bits/32, M] int32.
 
     Widths that divide 32 (2, 4, 8) fill each word with 32/bits whole codes, in int32 (a code shifted into the top
     bit wraps exactly as the stored word does). A transposed view (GPTQ's ``qweight`` packs ``q.t()``) holds each
-    word's codes side by side in memory: they are shifted and summed in place of a strided pass per code position
-    (the sum of codes whose bits do not overlap is their OR). 3 bits, whose codes straddle words, goes through an
-    explicit stream."""
+    word's codes side by side in memory: they are packed into bytes (8/bits codes each, the low bits first) and
+    each run of 4 bytes read as the little-endian int32 word they make, in place of a pass per code position (1.7x
+    faster at 4 bits, 4.8x at 8). 3 bits, whose codes straddle words, goes through an explicit stream."""
     length, m = codes.shape
     if (length * bits) % 32:
         raise ValueError(f"cannot pack {length} {bits}-bit values into whole 32-bit words")
     if 32 % bits:
         return _pack_bits_stream(codes, bits)
+    if m > 1 and codes.stride(0) == 1 and sys.byteorder == "little":
+        ints = codes.to(torch.int32) if codes.is_floating_point() else codes  # integers wrap to their low byte
+        rows = ints.t().to(torch.uint8) & (2**bits - 1)  # [M, length]: each word's codes adjacent
+        per_byte = 8 // bits
+        packed = rows.contiguous() if per_byte == 1 else rows[:, 0::per_byte] | (rows[:, 1::per_byte] << bits)
+        for j in range(2, per_byte):
+            packed |= rows[:, j::per_byte] << (bits * j)
+        return packed.view(torch.int32).t().contiguous()  # [length * bits / 32, M]
     per = 32 // bits
-    c = codes.to(torch.int32) & (2**bits - 1)  # keeps the codes' memory order
-    if m > 1 and c.stride(0) == 1:
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=c.device)
-        return (c.t().reshape(m, length // per, per) << shifts).sum(-1, dtype=torch.int32).t().contiguous()
-    c = c.contiguous().view(length // per, per, m)
+    c = (codes.to(torch.int32) & (2**bits - 1)).contiguous().view(length // per, per, m)
     words = torch.zeros(length // per, m, dtype=torch.int32, device=c.device)
     for j in range(per):
         words |= c[:, j] << (bits * j)

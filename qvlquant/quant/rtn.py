@@ -131,6 +131,6 @@ def _grouped_codes(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     if k % g:
         raise ValueError(f"in_features {k} is not divisible by group_size {g}")
     grouped = w.to(torch.float32, copy=True).reshape(n, k // g, g)  # [N, G, g], our own copy: rounded in place
-    scale, zero = minmax_qparams(*torch.aminmax(grouped, dim=-1), spec)
+    scale, zero = minmax_qparams(grouped.amin(-1), grouped.amax(-1), spec)  # torch.aminmax: 8x slower on CPU
     q = grouped.div_(scale.unsqueeze(-1)).round_().add_(zero.unsqueeze(-1)).clamp_(0, spec.maxq)
     return q, scale, zero

@@ -355,3 +355,20 @@ def test_finite_checks_a_tensor_chunk_by_chunk_and_counts_every_bad_value(monkey
         export_module.finite(t, "w")
     ints = torch.zeros(4, dtype=torch.int32)
     assert export_module.finite(ints, "i") is ints
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_finds_one_bad_value_anywhere_in_a_large_tensor(dtype, bad):
+    """The check reads a tensor's largest and smallest value: a single NaN or infinity of either sign, at the first,
+    a middle or the last element of a tensor long enough for vectorised reductions, is still found."""
+    from qvlquant.checkpoint import export as export_module
+
+    t = torch.randn(4099, 33).to(dtype)
+    assert export_module.finite(t, "x") is t
+    assert export_module.finite(torch.empty(0, 3, dtype=dtype), "e") is not None
+    for index in (0, t.numel() // 2, t.numel() - 1):
+        u = t.clone()
+        u.view(-1)[index] = bad
+        with pytest.raises(ValueError, match=r"^y holds NaN or infinite values \(1 of 135267\)"):
+            export_module.finite(u, "y")

@@ -7,6 +7,7 @@ from qvlquant.quant.formats import (
     QuantizedWeight,
     is_contiguous_groups,
     pack_bits,
+    pack_rtn,
     unpack_bits,
 )
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
@@ -185,3 +186,22 @@ def test_one_rule_picks_the_pack_format(method):
     assert PackFormat.for_job(method, "compressed-tensors") is PackFormat.COMPRESSED
     with pytest.raises(ValueError, match="export format must be one of auto, compressed-tensors, got 'gguf'"):
         PackFormat.for_job(method, "gguf")
+
+
+@pytest.mark.parametrize("fmt, bits, group_size, sym", [
+    (PackFormat.GPTQ, 4, 32, True), (PackFormat.GPTQ, 3, 32, False), (PackFormat.GPTQ, 2, -1, True),
+    (PackFormat.GPTQ, 8, 64, False), (PackFormat.AWQ_GEMM, 4, 32, False), (PackFormat.COMPRESSED, 4, 32, True),
+    (PackFormat.COMPRESSED, 3, 64, False), (PackFormat.COMPRESSED, 8, -1, False)])
+def test_blockwise_rtn_packs_the_whole_weights_bytes(fmt, bits, group_size, sym):
+    """pack_rtn rounds a block of rows at a time: every tensor equals, bit for bit, the whole weight's rounding
+    packed at once, including a last block shorter than the others (160 rows in blocks of 64)."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
+    w = (torch.randn(160, 128) * torch.rand(160, 1) * 3).to(torch.bfloat16)
+    q, scale, zero = rtn_quantize(w.float(), spec)
+    whole = fmt.pack(QuantizedWeight(q, scale, zero, default_g_idx(128, spec), spec))
+    for block in (64 * 128, 10**9):  # blocks of 64 rows (the last 32), and one block
+        blocks = pack_rtn(w, spec, fmt, block_elements=block)
+        assert list(blocks) == list(whole)
+        for name, t in whole.items():
+            assert blocks[name].dtype == t.dtype and torch.equal(blocks[name], t), name
