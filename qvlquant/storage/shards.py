@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import torch
@@ -277,7 +278,9 @@ def _layout(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> list
 def write_safetensors(path: pathlib.Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
                       fetch: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``path`` holding the tensors ``entries`` names; ``fetch(name)`` is called once per tensor, in file
-    order, and its result released before the next one. A full disk is an error naming the file."""
+    order, one call at a time, in a worker thread one tensor ahead of the writing: the next tensor is read (and, in
+    a data-free export, quantized) while this one is written, so memory holds two fetched tensors, each released
+    once written. A fetch's error is raised here. A full disk is an error naming the file."""
     rows = _layout(entries)
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -287,10 +290,12 @@ def write_safetensors(path: pathlib.Path, entries: Iterable[tuple[str, torch.dty
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     try:
-        with open(path, "wb") as f:
+        with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="fetch") as ahead:
             f.write(struct.pack("<Q", len(text)) + text)
-            for name, dtype, shape, size in rows:
-                t = fetch(name)
+            pending = ahead.submit(fetch, rows[0][0]) if rows else None
+            for i, (name, dtype, shape, size) in enumerate(rows):
+                t = pending.result()
+                pending = ahead.submit(fetch, rows[i + 1][0]) if i + 1 < len(rows) else None
                 if NAMES.get(t.dtype) != dtype or list(t.shape) != shape:
                     raise ShardError(f"{path}: {name} is {t.dtype} {list(t.shape)}, planned {dtype} {shape}")
                 f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
