@@ -296,6 +296,8 @@ class JobConfig:
                              "calibrated" if self.scheme in CALIBRATED_SCHEMES else "datafree"]
         if self.w8a8_calibrated and self.quant.method != "gptq":
             takes -= set(_GPTQ_KEYS)  # rounded to nearest: GPTQ's options do not apply
+        if self.smoothing_strength != "auto":
+            takes -= {"awq_max_tokens"}  # only the strength search scores tokens
         if self.scheme in W8A8_SCHEMES and not self.w8a8_calibrated:
             takes |= {"method"}  # data-free W8A8 rounds to nearest: --method rtn names what it does
         refused = sorted(self.given_settings() - takes, key=_FLAT_ORDER.index)
@@ -320,6 +322,9 @@ class JobConfig:
         if self.w8a8_calibrated and quant & set(_GPTQ_KEYS):  # refused with --method rtn
             hints.append("GPTQ's options take --method gptq")
             quant -= set(_GPTQ_KEYS)
+        if self.w8a8_calibrated and "awq_max_tokens" in quant:
+            hints.append("awq_max_tokens is the token budget of --smoothing-strength auto's search")
+            quant.discard("awq_max_tokens")
         if quant:
             bits = self.quant.spec.bits if "bits" in refused else None
             hints.append(f"for {bits}-bit integer weights leave out --scheme and use --method gptq --bits {bits}"
@@ -517,7 +522,8 @@ _FLAT_ORDER = (*_QUANT_KEYS, *_CALIB_KEYS, *_LAYOUT_KEYS, *_ANY_JOB_KEYS, "max_l
 FLAT_KEYS = frozenset(_FLAT_ORDER)
 # the settings each kind of --scheme job takes (JobConfig._check_scheme): a data-free scheme only what every job
 # takes; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method (gptq or rtn), GPTQ's
-# options, SmoothQuant's strength, awq_max_tokens (the tokens its strength search scores) and --max-layers
+# options (with --method gptq), SmoothQuant's strength, awq_max_tokens (the tokens --smoothing-strength auto's search
+# scores: with auto only) and --max-layers
 SCHEME_TAKES = {
     "datafree": frozenset(_ANY_JOB_KEYS),
     "calibrated": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS),

@@ -289,8 +289,12 @@ def test_what_each_scheme_takes_is_accepted():
     assert plain.datafree_format is not None and not plain.w8a8_calibrated
     gptq = JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", damp_percent=0.1, desc_act=False,
                                static_groups=False, true_sequential=False, vision_weight=2.0, min_expert_tokens=4,
-                               rare_experts="all_tokens", awq_max_tokens=512, max_layers=2, num_samples=8)
+                               rare_experts="all_tokens", smoothing_strength="auto", awq_max_tokens=512,
+                               max_layers=2, num_samples=8)
     assert gptq.loop_quant.spec == QuantSpec(8, -1, True) and gptq.loop_quant.desc_act is False
+    with pytest.raises(ValueError, match=r"^awq_max_tokens does not apply to --scheme W8A8 .*: drop it; "
+                                         r"awq_max_tokens is the token budget of --smoothing-strength auto's search$"):
+        JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", smoothing_strength=0.5, awq_max_tokens=512)
 
 
 def test_a_config_built_field_by_field_gets_the_same_check():
