@@ -152,8 +152,9 @@ def add_quantize(sub) -> None:
                    "weights in groups of 16 with e4m3 scales (compressed-tensors nvfp4-pack-quantized), weight-only. "
                    "Calibrated (--calib: the activation scales): FP8, e4m3 per tensor with a static per-tensor "
                    "input scale; NVFP4, NVFP4A16's weights with NVFP4 activations per 16 inputs under a calibrated "
-                   "input global scale (W4A4: Blackwell's FP4 matmuls). W8A8 with --method gptq or rtn and/or "
-                   "--smoothing-strength: calibrated, SmoothQuant then GPTQ or round-to-nearest, the same layout")
+                   "input global scale (W4A4: Blackwell's FP4 matmuls). W8A8 with --method gptq and/or "
+                   "--smoothing-strength: calibrated, SmoothQuant then GPTQ (or with --method rtn round-to-nearest), "
+                   "the same layout. A flag the scheme does not take is an error, even at its default")
     p.add_argument("--smoothing-strength", metavar="ALPHA|auto|off", help="--scheme W8A8, calibrated on --calib: "
                    "SmoothQuant's migration strength, a number from 0 to 1 (s = max|x|^ALPHA / max|w|^(1-ALPHA) per "
                    "input channel, folded into the previous norm / linear), auto (searched per layer and smoothing "

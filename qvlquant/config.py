@@ -217,6 +217,10 @@ class JobConfig:
     # DEFAULT_SMOOTHING with --method gptq)
     smoothing_strength: float | str | None = None
     version: int = CONFIG_VERSION
+    # the settings the caller gave, by flat name (``from_flat`` records them); None: read as those that differ from
+    # their defaults (``given_settings``). What a scheme checks against what it takes; not a setting of the result,
+    # so neither the report nor the fingerprint holds it
+    given: frozenset[str] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "smoothing_strength", parse_strength(self.smoothing_strength))
@@ -271,9 +275,11 @@ class JobConfig:
         return ModulePlan.resolve(self.rules, self.quant)
 
     def _check_scheme(self) -> None:
-        """A scheme takes none of the integer methods' settings, and only the calibrated ones (CALIBRATED_SCHEMES:
-        FP8, NVFP4) read calibration data (--calib); a data-free one given --calib, or any of the settings that do
-        not apply, is an error naming them, rather than a setting silently unused."""
+        """A scheme takes only the settings in SCHEME_TAKES: the data-free ones (FP8_BLOCK, FP8_DYNAMIC, W8A8,
+        NVFP4A16) none of the integer methods', calibration's or layout's; the calibrated ones (FP8, NVFP4) the
+        calibration settings too; calibrated W8A8 (``w8a8_calibrated``) also its method and GPTQ's options. Any other
+        setting the caller gave (``given_settings``: a value equal to the default counts) is an error naming its flag,
+        the scheme and what to do, rather than a setting silently unused."""
         if self.scheme is None or self.scheme not in W8A8_SCHEMES:
             if self.smoothing_strength is not None:
                 raise ValueError("smoothing_strength: SmoothQuant is for --scheme W8A8 (with --method gptq or rtn); "
@@ -282,58 +288,87 @@ class JobConfig:
             return
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
-        if self.w8a8_calibrated:
-            self._check_w8a8_calibrated()
-            return
-        calibrated = self.scheme in CALIBRATED_SCHEMES
-        unused = [name for name, given in (("method and its settings", self.quant != QuantConfig()),
-                                           ("calib", self.calib.source is not None and not calibrated),
-                                           ("format", self.export.format != "auto"),
-                                           ("pad_intermediate_to", self.pad_intermediate_to is not None),
-                                           ("max_layers", self.max_layers is not None),
-                                           ("rules (--override / --ignore)", bool(self.rules)),
-                                           ("target_bits", self.search.target_bits is not None)) if given]
-        if not unused:
-            return
+        if self.w8a8_calibrated and self.quant.method not in W8A8_METHODS:
+            raise ValueError(f"scheme W8A8 rounds its (smoothed) weights with --method gptq or rtn, got "
+                             f"{self.quant.method}; SmoothQuant (--smoothing-strength) moves the activation outliers, "
+                             "AWQ's scales are for weight-only formats")
+        takes = SCHEME_TAKES["w8a8" if self.w8a8_calibrated else
+                             "calibrated" if self.scheme in CALIBRATED_SCHEMES else "datafree"]
+        if self.w8a8_calibrated and self.quant.method != "gptq":
+            takes -= set(_GPTQ_KEYS)  # rounded to nearest: GPTQ's options do not apply
+        if self.smoothing_strength != "auto":
+            takes -= {"awq_max_tokens"}  # only the strength search scores tokens
+        if self.scheme in W8A8_SCHEMES and not self.w8a8_calibrated:
+            takes |= {"method"}  # data-free W8A8 rounds to nearest: --method rtn names what it does
+        refused = sorted(self.given_settings() - takes, key=_FLAT_ORDER.index)
+        if refused:
+            raise ValueError(self._refusal(refused))
+        if self.w8a8_calibrated and self.smoothing_strength is None:
+            object.__setattr__(self, "smoothing_strength", DEFAULT_SMOOTHING)
+
+    def _refusal(self, refused: list[str]) -> str:
+        """The error for settings ``refused`` by the scheme: the flags, the scheme and what it is, what to do."""
         fmt = SCHEMES[self.scheme]
-        kind = "FP8" if isinstance(fmt, Fp8Format) else "NVFP4" if isinstance(fmt, Nvfp4Format) else "INT8"
-        takes = f"only {' and '.join(CALIBRATED_SCHEMES)} take --calib"
-        if calibrated:
-            raise ValueError(f"scheme {self.scheme} quantizes {kind} weights from the checkpoint and its activation "
-                             f"scales from --calib, in its own format: {', '.join(unused)} do not apply; leave them "
-                             "out")
-        raise ValueError(f"scheme {self.scheme} quantizes {kind} weights data-free, with no calibration and in "
-                         f"its own format: {', '.join(unused)} do not apply; leave them out"
-                         + (f" ({takes}: the calibrated schemes)" if self.calib.source is not None else "")
+        if self.w8a8_calibrated:
+            how = (f"calibrated: SmoothQuant, then {self.quant.method} on the fixed int8 grid, 8 bits per output "
+                   "channel, symmetric, absmax / 127, in the data-free W8A8's format")
+        elif self.scheme in CALIBRATED_SCHEMES:
+            how = "weights from the checkpoint, activation scales from --calib, in its own format"
+        else:
+            how = "data-free: weights from the checkpoint, no calibration, in its own format"
+        names = ", ".join(flag_name(key, self) for key in refused)
+        one = len(refused) == 1
+        hints, quant = [], set(refused) & set(_QUANT_KEYS)
+        if self.w8a8_calibrated and quant & set(_GPTQ_KEYS):  # refused with --method rtn
+            hints.append("GPTQ's options take --method gptq")
+            quant -= set(_GPTQ_KEYS)
+        if self.w8a8_calibrated and "awq_max_tokens" in quant:
+            hints.append("awq_max_tokens is the token budget of --smoothing-strength auto's search")
+            quant.discard("awq_max_tokens")
+        if quant:
+            bits = self.quant.spec.bits if "bits" in refused else None
+            hints.append(f"for {bits}-bit integer weights leave out --scheme and use --method gptq --bits {bits}"
+                         if bits else "for integer weights of your own bits, group size and symmetry leave out "
+                         "--scheme and use --method rtn, gptq or awq")
+        if set(refused) & set(_CALIB_KEYS):
+            hints.append(f"only {' and '.join(CALIBRATED_SCHEMES)} take calibration data (the calibrated schemes)"
                          + ("; W8A8 calibrates with --method gptq or --smoothing-strength (SmoothQuant)"
-                            if self.scheme in W8A8_SCHEMES and self.calib.source is not None else ""))
+                            if self.scheme in W8A8_SCHEMES else ""))
+        if set(refused) & set(_LAYOUT_KEYS):
+            hints.append("a scheme quantizes every decoder linear alike in its own format; per-module widths, "
+                         "--format, padding and --target-bits are the integer methods'")
+        if "max_layers" in refused:
+            hints.append("only the layer loop of the integer methods and calibrated W8A8 stops after N layers")
+        return (f"{names} {'does' if one else 'do'} not apply to --scheme {self.scheme} ({fmt.label}; {how}): "
+                f"drop {'it' if one else 'them'}" + "".join(f"; {hint}" for hint in hints))
+
+    def given_settings(self) -> frozenset[str]:
+        """The settings the caller gave, by their flat names (the quantize flags' with underscores): as
+        ``from_flat`` recorded them, a value equal to its default included; for a JobConfig built field by field,
+        those whose value differs from the default (a default value given there cannot be told apart)."""
+        if self.given is not None:
+            return self.given
+        q, spec = self.quant, QuantConfig(self.quant.method).spec
+        plain, calib, processing = QuantConfig(q.method, q.spec), CalibSource(), CalibConfig()
+        values = [("method", q.method, "rtn"), *((k, getattr(q.spec, k), getattr(spec, k)) for k in _SPEC_KEYS),
+                  *((k, getattr(q, k), getattr(plain, k)) for k in _QUANT_KEYS if k not in ("method", *_SPEC_KEYS)),
+                  ("calib", self.calib.source, None),
+                  *((k, getattr(self.calib, k), getattr(calib, k)) for k in ("num_samples", "seed", "split")),
+                  *((f"{k}_column", v, dict(calib.columns).get(k)) for k, v in self.calib.columns),
+                  *((k, getattr(self.processing, k), getattr(processing, k)) for k in _PROCESSING_KEYS),
+                  ("export_format", self.export.format, ExportConfig.format),
+                  ("target_bits", self.search.target_bits, None),
+                  ("candidate_bits", self.search.candidate_bits, SearchConfig.candidate_bits),
+                  ("sensitivity", self.search.measure, SearchConfig.measure),
+                  *((k, getattr(self, k), None) for k in ("pad_intermediate_to", "max_layers", "smoothing_strength")),
+                  ("rules", self.rules, ())]
+        return frozenset(key for key, value, default in values if value != default)
 
     @property
     def w8a8_calibrated(self) -> bool:
         """Whether this is the calibrated INT8 W8A8 job: --scheme W8A8 with --method gptq or a smoothing strength
         (SmoothQuant, then GPTQ or round-to-nearest, in the data-free W8A8's layout)."""
         return self.scheme in W8A8_SCHEMES and (self.quant.method != "rtn" or self.smoothing_strength is not None)
-
-    def _check_w8a8_calibrated(self) -> None:
-        """Calibrated W8A8 takes --method gptq or rtn and GPTQ's options, --calib and --max-layers; the int8 grid
-        (8 bits per output channel, symmetric) is fixed, and the settings of other layouts do not apply."""
-        q = self.quant
-        if q.method not in W8A8_METHODS:
-            raise ValueError(f"scheme W8A8 rounds its (smoothed) weights with --method gptq or rtn, got {q.method}; "
-                             "SmoothQuant (--smoothing-strength) moves the activation outliers, AWQ's scales are "
-                             "for weight-only formats")
-        if q.spec != QuantConfig(q.method).spec or q.mse:
-            raise ValueError("scheme W8A8 quantizes int8 weights per output channel, symmetric, on a fixed grid "
-                             "(absmax / 127): bits, group_size, sym and mse do not apply; leave them out")
-        unused = [name for name, given in (("format", self.export.format != "auto"),
-                                           ("pad_intermediate_to", self.pad_intermediate_to is not None),
-                                           ("rules (--override / --ignore)", bool(self.rules)),
-                                           ("target_bits", self.search.target_bits is not None)) if given]
-        if unused:
-            raise ValueError(f"scheme W8A8 with --method {q.method} writes its own format (compressed-tensors "
-                             f"int-quantized): {', '.join(unused)} do not apply; leave them out")
-        if self.smoothing_strength is None:
-            object.__setattr__(self, "smoothing_strength", DEFAULT_SMOOTHING)
 
     @property
     def smoothing(self) -> float | str | None:
@@ -390,6 +425,7 @@ class JobConfig:
     def to_dict(self) -> dict:
         """JSON-ready settings (what the report records); rules as a recipe writes them."""
         d = dataclasses.asdict(self)
+        d.pop("given")
         d["rules"] = [rule.to_dict() for rule in self.rules]
         return d
 
@@ -413,7 +449,7 @@ class JobConfig:
     @classmethod
     def from_flat(cls, **flat) -> "JobConfig":
         """From flat settings named like the quantize flags; unknown names are an error naming them."""
-        flat = {k: v for k, v in flat.items() if v is not None}
+        flat = {k: v for k, v in flat.items() if v is not None and not (k == "rules" and not v)}
         unknown = sorted(set(flat) - FLAT_KEYS)
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; known: {', '.join(sorted(FLAT_KEYS))}")
@@ -443,6 +479,7 @@ class JobConfig:
             search=SearchConfig(**{field: flat[key] for key, field in _SEARCH_KEYS.items() if key in flat}),
             **pick(("output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers", "scheme",
                     "smoothing_strength")),
+            given=frozenset(flat),
         )
 
 
@@ -469,10 +506,44 @@ def check_fits_format(qcfg: QuantConfig, fmt: PackFormat) -> None:
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "damp_percent", "damp_max", "block_size", "desc_act",
                "static_groups", "true_sequential", "awq_grid", "awq_clip", "awq_max_tokens", "awq_rounding",
                "mse", "vision_weight", "min_expert_tokens", "rare_experts")
+_SPEC_KEYS = ("bits", "group_size", "sym")
+_GPTQ_KEYS = ("damp_percent", "damp_max", "block_size", "desc_act", "static_groups", "true_sequential",
+              "vision_weight", "min_expert_tokens", "rare_experts")
 _SEARCH_KEYS = {"target_bits": "target_bits", "candidate_bits": "candidate_bits", "sensitivity": "measure"}
 _COLUMN_KEYS = ("image_column", "question_column", "answer_column", "text_column")
 _PROCESSING_KEYS = ("max_length", "min_pixels", "max_pixels", "batch_size", "allow_urls")
-FLAT_KEYS = frozenset(_QUANT_KEYS + _COLUMN_KEYS + _PROCESSING_KEYS + (
-    "calib", "num_samples", "seed", "split", "device", "dtype", "offload", "threads", "overwrite", "max_shard_bytes",
-    "export_format", "output", "model", "pad_intermediate_to", "trust_remote_code", "resume", "max_layers",
-    "rules", "scheme", "smoothing_strength", *_SEARCH_KEYS))
+_CALIB_KEYS = ("calib", "num_samples", "seed", "split", *_COLUMN_KEYS, *_PROCESSING_KEYS)
+# what the integer methods' layout takes and a scheme's own format does not
+_LAYOUT_KEYS = ("export_format", "pad_intermediate_to", "rules", *_SEARCH_KEYS)
+# every job's: which model, where it is written and how, where and on how many threads it computes
+_ANY_JOB_KEYS = ("output", "model", "scheme", "trust_remote_code", "resume", "overwrite", "max_shard_bytes",
+                 "device", "dtype", "offload", "threads")
+_FLAT_ORDER = (*_QUANT_KEYS, *_CALIB_KEYS, *_LAYOUT_KEYS, *_ANY_JOB_KEYS, "max_layers", "smoothing_strength")
+FLAT_KEYS = frozenset(_FLAT_ORDER)
+# the settings each kind of --scheme job takes (JobConfig._check_scheme): a data-free scheme only what every job
+# takes; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method (gptq or rtn), GPTQ's
+# options (with --method gptq), SmoothQuant's strength, awq_max_tokens (the tokens --smoothing-strength auto's search
+# scores: with auto only) and --max-layers
+SCHEME_TAKES = {
+    "datafree": frozenset(_ANY_JOB_KEYS),
+    "calibrated": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS),
+    "w8a8": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS + _GPTQ_KEYS + ("method", "awq_max_tokens", "smoothing_strength",
+                                                                   "max_layers")),
+}
+# how a flat setting is spelled on the quantize command line where it is not --NAME-WITH-DASHES (None: no flag, a
+# Python API setting only); a switch by the value given (False, True)
+_FLAGS = {"sym": ("--asym", "--sym"), "desc_act": ("--no-desc-act", "--desc-act"),
+          "static_groups": ("--no-static-groups", "--static-groups"), "true_sequential": ("--no-true-sequential",) * 2,
+          "resume": ("--no-resume",) * 2, "export_format": "--format", "rules": "--override / --ignore",
+          "damp_max": None, "block_size": None, "awq_grid": None, "awq_clip": None, "awq_max_tokens": None,
+          "max_shard_bytes": None}
+
+
+def flag_name(key: str, job: JobConfig | None = None) -> str:
+    """The quantize flag of flat setting ``key`` (``export_format`` -> ``--format``; ``sym`` -> ``--sym`` or
+    ``--asym`` by ``job``'s value); the key itself where no flag sets it (``block_size``)."""
+    spelled = _FLAGS.get(key, "--" + key.replace("_", "-"))
+    if isinstance(spelled, tuple):
+        value = getattr(job.quant.spec if key == "sym" else job.quant, key, True) if job is not None else True
+        return spelled[bool(value)]
+    return key if spelled is None else spelled

@@ -36,6 +36,19 @@ def test_quantize_from_python_with_the_awq_defaults(tmp_path):
     assert (tmp_path / "q" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not save_file's 0600
 
 
+def test_a_setting_the_scheme_ignores_is_refused_from_python_before_any_work(tmp_path):
+    """Issue 26 from Python: flat settings and a JobConfig get the check the flags get, before any output exists."""
+    from qvlquant.config import JobConfig
+    from qvlquant.quant.spec import QuantConfig, QuantSpec
+
+    out = tmp_path / "q"
+    with pytest.raises(ValueError, match=r"^--bits does not apply to --scheme W8A8 .*--method gptq --bits 4$"):
+        qvlquant.quantize(output=str(out), scheme="W8A8", bits=4)
+    with pytest.raises(ValueError, match=r"^--group-size does not apply to --scheme W8A8 .*: drop it"):
+        qvlquant.quantize(JobConfig(output=str(out), scheme="W8A8", quant=QuantConfig("gptq", QuantSpec(4, 64))))
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_max_layers_stops_early_and_a_rerun_finishes_byte_identically(tmp_path):
     argv = ["quantize", "--method", "gptq", "--num-samples", "2"]

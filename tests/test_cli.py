@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -447,15 +448,39 @@ def test_fp8_schemes_quantize_without_data_and_pass_the_check(scheme, label, tmp
     assert main(["check", str(report)]) == 0
 
 
-@pytest.mark.parametrize("extra,named", [(["--method", "gptq"], "method and its settings"),
-                                         (["--bits", "8"], "method and its settings"),
-                                         (["--calib", "easyvqa"], "calib"),
-                                         (["--format", "compressed-tensors"], "format")])
+@pytest.mark.parametrize("extra,named", [(["--method", "gptq"], "--method"),
+                                         (["--bits", "8"], "--bits"),
+                                         (["--bits", "4"], "--bits"),  # --bits' default, given: still refused
+                                         (["--calib", "easyvqa"], "--calib"),
+                                         (["--format", "compressed-tensors"], "--format"),
+                                         (["--format", "auto"], "--format")])
 def test_a_scheme_refuses_the_integer_methods_settings(extra, named, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["quantize", "--scheme", "FP8_BLOCK", *extra, "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"scheme FP8_BLOCK quantizes FP8 weights data-free" in err and f": {named} do not apply" in err
+    assert err.startswith(f"qvlquant quantize: error: {named} does not apply to --scheme FP8_BLOCK (FP8 e4m3 "
+                          "128x128 blocks, dynamic activations; data-free: ") and ": drop it" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--method", "gptq"]])
+def test_w8a8_with_bits_4_is_refused_naming_the_flag_and_what_to_do(extra, tmp_path, capsys):
+    """Issue 26: --scheme W8A8 --bits 4 ran a W8A8 export and ignored the 4."""
+    out = tmp_path / "out"
+    assert main(["quantize", "--scheme", "W8A8", "--bits", "4", *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qvlquant quantize: error: --bits does not apply to --scheme W8A8 (INT8 per-channel")
+    assert err.endswith("drop it; for 4-bit integer weights leave out --scheme and use --method gptq --bits 4")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_flag_a_recipes_scheme_does_not_take_is_refused(tmp_path, capsys):
+    """A recipe's settings and the flags given with it are checked alike: the FP8 recipe with --group-size."""
+    out = tmp_path / "out"
+    recipe = pathlib.Path(__file__).resolve().parent.parent / "recipes" / "demo-fp8-block.yaml"
+    assert main(["quantize", "--recipe", str(recipe), "--group-size", "128", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qvlquant quantize: error: --group-size does not apply to --scheme FP8_BLOCK")
     assert len(err.splitlines()) == 1 and not out.exists()
 
 
@@ -476,10 +501,10 @@ def test_calibrated_schemes_quantize_from_calibration_data_and_pass_the_check(sc
 
 
 @pytest.mark.parametrize("scheme,extra,message", [
-    ("FP8", ["--method", "gptq"], "method and its settings do not apply"),
-    ("NVFP4", ["--override", "self_attn:bits=8"], "rules (--override / --ignore) do not apply"),
+    ("FP8", ["--method", "gptq"], "--method does not apply to --scheme FP8"),
+    ("NVFP4", ["--override", "self_attn:bits=8"], "--override / --ignore does not apply to --scheme NVFP4"),
     ("FP8", ["--nproc", "2"], "scheme FP8 runs in one process"),
-    ("NVFP4A16", ["--calib", "easyvqa"], "(only FP8 and NVFP4 take --calib: the calibrated schemes)"),
+    ("NVFP4A16", ["--calib", "easyvqa"], "only FP8 and NVFP4 take calibration data (the calibrated schemes)"),
 ])
 def test_the_calibrated_schemes_refuse_what_does_not_apply_before_any_work(scheme, extra, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -488,20 +513,25 @@ def test_the_calibrated_schemes_refuse_what_does_not_apply_before_any_work(schem
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("extra", [["--override", "self_attn:bits=8"], ["--ignore", r"layers\.1\.mlp"],
-                                   ["--group-size", "64"], ["--calib", "easyvqa"]])
-def test_w8a8_refuses_per_module_rules_and_the_integer_methods_settings_as_fp8_does(extra, tmp_path, capsys):
+@pytest.mark.parametrize("extra,flag", [(["--override", "self_attn:bits=8"], "--override / --ignore"),
+                                        (["--ignore", r"layers\.1\.mlp"], "--override / --ignore"),
+                                        (["--group-size", "64"], "--group-size"), (["--calib", "easyvqa"], "--calib"),
+                                        (["--num-samples", "64"], "--num-samples")])
+def test_w8a8_refuses_per_module_rules_and_the_integer_methods_settings_as_fp8_does(extra, flag, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["quantize", "--scheme", "W8A8", *extra, "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "scheme W8A8 quantizes INT8 weights data-free, with no calibration and in its own format" in err
-    assert len(err.splitlines()) == 1 and "do not apply; leave them out" in err and not out.exists()
+    assert err.startswith(f"qvlquant quantize: error: {flag} does not apply to --scheme W8A8 (INT8 per-channel, "
+                          "dynamic per-token int8 activations; data-free: weights from the checkpoint, no calibration, "
+                          "in its own format): drop it")
+    assert len(err.splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--method", "awq"], "scheme W8A8 rounds its (smoothed) weights with --method gptq or rtn, got awq"),
     (["--method", "gptq", "--smoothing-strength", "1.2"], "smoothing_strength must be a number from 0 to 1"),
-    (["--method", "gptq", "--bits", "8"], "bits, group_size, sym and mse do not apply"),
+    (["--method", "gptq", "--bits", "8"], "--bits does not apply to --scheme W8A8"),
+    (["--method", "gptq", "--asym", "--mse", "0"], "--asym, --mse do not apply to --scheme W8A8"),
     (["--method", "gptq", "--nproc", "2"], "scheme W8A8 runs in one process"),
 ])
 def test_calibrated_w8a8_refuses_bad_settings_before_any_work(extra, message, tmp_path, capsys):

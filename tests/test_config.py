@@ -146,21 +146,22 @@ def test_which_schemes_take_calibration_data_and_which_refuse_it():
     assert nvfp4.calib.source == "easyvqa" and nvfp4.calibrated_format is Nvfp4Format.W4A4
     assert JobConfig.from_flat(output="o", scheme="FP8_DYNAMIC").calib.source is None  # reads none
     for scheme in DATAFREE_SCHEMES:
-        with pytest.raises(ValueError, match=rf"scheme {scheme} quantizes .* data-free.*: calib do not apply; leave "
-                                             r"them out \(only FP8 and NVFP4 take --calib: the calibrated schemes\)"):
+        with pytest.raises(ValueError, match=rf"^--calib does not apply to --scheme {scheme} \(.*; data-free: .*\): "
+                                             r"drop it; only FP8 and NVFP4 take calibration data \(the calibrated "
+                                             r"schemes\)"):
             JobConfig.from_flat(output="o", scheme=scheme, calib="easyvqa")
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"method": "gptq"}, r"method and its settings do not apply"),
-    ({"rules": ["mlp:skip"]}, r"rules \(--override / --ignore\) do not apply"),
-    ({"export_format": "compressed-tensors"}, r"format do not apply"),
-    ({"max_layers": 2}, r"max_layers do not apply"),
+@pytest.mark.parametrize("settings,flag", [
+    ({"method": "gptq"}, r"--method"),
+    ({"rules": ["mlp:skip"]}, r"--override / --ignore"),
+    ({"export_format": "compressed-tensors"}, r"--format"),
+    ({"max_layers": 2}, r"--max-layers"),
 ])
 @pytest.mark.parametrize("scheme", ["FP8", "NVFP4"])
-def test_a_calibrated_scheme_refuses_the_integer_methods_settings(scheme, settings, message):
-    with pytest.raises(ValueError, match=rf"scheme {scheme} quantizes .* weights from the checkpoint and its "
-                                         rf"activation scales from --calib, in its own format: {message}"):
+def test_a_calibrated_scheme_refuses_the_integer_methods_settings(scheme, settings, flag):
+    with pytest.raises(ValueError, match=rf"^{flag} does not apply to --scheme {scheme} \(.*; weights from the "
+                                         r"checkpoint, activation scales from --calib, in its own format\): drop it"):
         JobConfig.from_flat(output="o", scheme=scheme, **settings)
 
 
@@ -209,13 +210,115 @@ def test_calibrated_w8a8_is_gptq_or_a_smoothing_strength_with_its_defaults():
     ({"scheme": "FP8", "smoothing_strength": 0.5}, r"SmoothQuant is for --scheme W8A8 .*; not for scheme FP8"),
     ({"scheme": "W8A8", "method": "awq"}, r"scheme W8A8 rounds its \(smoothed\) weights with --method gptq or rtn, "
                                           "got awq"),
-    ({"scheme": "W8A8", "method": "gptq", "bits": 8, "group_size": -1}, r"int8 weights per output channel.*bits, "
-                                                                        "group_size, sym and mse do not apply"),
-    ({"scheme": "W8A8", "method": "gptq", "export_format": "compressed-tensors"}, r"format do not apply"),
-    ({"scheme": "W8A8", "method": "gptq", "rules": ["mlp:skip"]}, r"rules \(--override / --ignore\) do not apply"),
-    ({"scheme": "W8A8", "calib": "demo"}, r"calib do not apply.*W8A8 calibrates with --method gptq or "
+    ({"scheme": "W8A8", "method": "gptq", "bits": 8, "group_size": -1}, r"^--bits, --group-size do not apply to "
+                                                                        r"--scheme W8A8 .*fixed int8 grid, 8 bits "
+                                                                        r"per output channel.*: drop them"),
+    ({"scheme": "W8A8", "method": "gptq", "export_format": "compressed-tensors"}, r"^--format does not apply"),
+    ({"scheme": "W8A8", "method": "gptq", "rules": ["mlp:skip"]}, r"^--override / --ignore does not apply"),
+    ({"scheme": "W8A8", "calib": "demo"}, r"^--calib does not apply.*W8A8 calibrates with --method gptq or "
                                           r"--smoothing-strength"),
+    ({"scheme": "W8A8", "smoothing_strength": 0.5, "desc_act": False}, r"^--no-desc-act does not apply to --scheme "
+                                                                       r"W8A8 .*then rtn.*GPTQ's options take "
+                                                                       r"--method gptq"),
 ])
 def test_calibrated_w8a8_refuses_what_does_not_apply_naming_it(settings, message):
     with pytest.raises(ValueError, match=message):
         JobConfig.from_flat(output="o", **settings)
+
+
+def test_w8a8_refuses_bits_4_naming_the_flag_and_what_to_do():
+    """Issue 26: --scheme W8A8 --bits 4 was accepted and the 4 ignored (4 is --bits' default, so the config could not
+    tell it from no --bits); now the setting given is refused whatever its value, with or without --method gptq."""
+    for settings in ({}, {"method": "gptq"}):
+        with pytest.raises(ValueError) as e:
+            JobConfig.from_flat(output="o", scheme="W8A8", bits=4, **settings)
+        assert str(e.value).startswith("--bits does not apply to --scheme W8A8 (INT8 per-channel")
+        assert "drop it; for 4-bit integer weights leave out --scheme and use --method gptq --bits 4" in str(e.value)
+
+
+# a value of each setting no scheme takes, equal to its default where it has one (what the config used to miss)
+# -> the flag the error names
+AT_DEFAULT = [({"bits": 4}, "--bits"), ({"group_size": 128}, "--group-size"), ({"sym": True}, "--sym"),
+              ({"sym": False}, "--asym"), ({"mse": 0.0}, "--mse"), ({"awq_rounding": "rtn"}, "--awq-rounding"),
+              ({"awq_grid": 20}, "awq_grid"), ({"export_format": "auto"}, "--format"),
+              ({"candidate_bits": "3,4,8,16"}, "--candidate-bits"), ({"sensitivity": "output"}, "--sensitivity"),
+              ({"target_bits": 4.5}, "--target-bits"), ({"pad_intermediate_to": 1024}, "--pad-intermediate-to"),
+              ({"rules": ["mlp:skip"]}, "--override / --ignore")]
+SCHEME_JOBS = [{"scheme": "FP8_BLOCK"}, {"scheme": "FP8_DYNAMIC"}, {"scheme": "W8A8"}, {"scheme": "NVFP4A16"},
+               {"scheme": "FP8"}, {"scheme": "NVFP4"}, {"scheme": "W8A8", "method": "gptq"},
+               {"scheme": "W8A8", "smoothing_strength": "auto"}]
+
+
+@pytest.mark.parametrize("settings,flag", AT_DEFAULT, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("job", SCHEME_JOBS, ids=lambda job: "-".join(map(str, job.values())))
+def test_every_scheme_refuses_a_setting_it_ignores_even_at_its_default(job, settings, flag):
+    with pytest.raises(ValueError, match=rf"^{re.escape(flag)} does not apply to --scheme {job['scheme']} \(.*\): "
+                                         "drop it"):
+        JobConfig.from_flat(output="o", **job, **settings)
+
+
+@pytest.mark.parametrize("settings,flag", [({"calib": "demo"}, "--calib"), ({"num_samples": 64}, "--num-samples"),
+                                           ({"seed": 0}, "--seed"), ({"split": "train"}, "--split"),
+                                           ({"batch_size": 1}, "--batch-size"), ({"max_length": 2048}, "--max-length"),
+                                           ({"image_column": "image"}, "--image-column"),
+                                           ({"allow_urls": False}, "--allow-urls")])
+@pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC", "W8A8", "NVFP4A16"])
+def test_a_data_free_scheme_refuses_every_calibration_setting_and_a_calibrated_one_takes_them(scheme, settings, flag):
+    with pytest.raises(ValueError, match=rf"^{flag} does not apply to --scheme {scheme} .*: drop it; only FP8 and "
+                                         r"NVFP4 take calibration data"):
+        JobConfig.from_flat(output="o", scheme=scheme, **settings)
+    for calibrated in ({"scheme": "FP8"}, {"scheme": "NVFP4"}, {"scheme": "W8A8", "method": "gptq"}):
+        JobConfig.from_flat(output="o", **calibrated, **settings)
+
+
+@pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC", "NVFP4A16", "FP8", "NVFP4"])
+def test_a_scheme_refuses_any_method_even_rtn(scheme):
+    with pytest.raises(ValueError, match=rf"^--method does not apply to --scheme {scheme} .*: drop it; for integer "
+                                         r"weights of your own bits, group size and symmetry leave out --scheme"):
+        JobConfig.from_flat(output="o", scheme=scheme, method="rtn")
+
+
+def test_what_each_scheme_takes_is_accepted():
+    """Every job's settings (model, where it writes and computes) with any scheme; --method rtn with W8A8 (what its
+    data-free export does); GPTQ's options, the calibration settings and --max-layers with calibrated W8A8."""
+    every = {"model": "demo", "trust_remote_code": False, "resume": False, "overwrite": True, "device": "cpu",
+             "dtype": "float32", "offload": "cpu", "threads": 1}
+    for scheme in ("FP8_BLOCK", "FP8_DYNAMIC", "W8A8", "NVFP4A16", "FP8", "NVFP4"):
+        assert JobConfig.from_flat(output="o", scheme=scheme, **every).scheme == scheme
+    plain = JobConfig.from_flat(output="o", scheme="W8A8", method="rtn")
+    assert plain.datafree_format is not None and not plain.w8a8_calibrated
+    gptq = JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", damp_percent=0.1, desc_act=False,
+                               static_groups=False, true_sequential=False, vision_weight=2.0, min_expert_tokens=4,
+                               rare_experts="all_tokens", smoothing_strength="auto", awq_max_tokens=512,
+                               max_layers=2, num_samples=8)
+    assert gptq.loop_quant.spec == QuantSpec(8, -1, True) and gptq.loop_quant.desc_act is False
+    with pytest.raises(ValueError, match=r"^awq_max_tokens does not apply to --scheme W8A8 .*: drop it; "
+                                         r"awq_max_tokens is the token budget of --smoothing-strength auto's search$"):
+        JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", smoothing_strength=0.5, awq_max_tokens=512)
+
+
+def test_a_config_built_field_by_field_gets_the_same_check():
+    """qvlquant.quantize(JobConfig(...)): no flat names were recorded, so what differs from its default is what was
+    given; qvlquant.quantize(**flat) goes through from_flat and the flat names."""
+    from qvlquant.config import CalibSource, ExportConfig
+
+    with pytest.raises(ValueError, match=r"^--bits, --group-size do not apply to --scheme W8A8 .*then gptq"):
+        JobConfig(output="o", scheme="W8A8", quant=QuantConfig("gptq", QuantSpec(3, 64, True)))
+    with pytest.raises(ValueError, match=r"^--num-samples does not apply to --scheme FP8_BLOCK"):
+        JobConfig(output="o", scheme="FP8_BLOCK", calib=CalibSource(num_samples=8))
+    with pytest.raises(ValueError, match=r"^--format does not apply to --scheme NVFP4"):
+        JobConfig(output="o", scheme="NVFP4", export=ExportConfig(format="compressed-tensors"))
+    assert JobConfig(output="o", scheme="W8A8", quant=QuantConfig("gptq")).w8a8_calibrated
+
+
+@pytest.mark.parametrize("settings", [{"scheme": "FP8_BLOCK"}, {"scheme": "W8A8", "method": "gptq"},
+                                      {"scheme": "NVFP4", "num_samples": 8}, {"method": "gptq", "bits": 3}])
+def test_what_was_given_is_in_neither_the_report_nor_the_fingerprint(settings):
+    """The record of the settings given only checks them: a job built from flags reports and fingerprints exactly
+    as the same job built field by field (so a valid job's report, and a partial run's resume, are unchanged)."""
+    flat = JobConfig.from_flat(output="o", **settings)
+    assert flat.given == frozenset({"output", *settings}) and "given" not in flat.to_dict()
+    by_field = JobConfig(output="o", quant=flat.quant, calib=flat.calib, scheme=flat.scheme,
+                         smoothing_strength=flat.smoothing_strength)
+    assert by_field.given is None and by_field == flat
+    assert by_field.to_dict() == flat.to_dict() and by_field.result_settings() == flat.result_settings()

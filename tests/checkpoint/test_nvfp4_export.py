@@ -166,6 +166,6 @@ def test_a_rule_with_the_scheme_is_refused():
     from qvlquant.config import JobConfig
     from qvlquant.quant.rules import parse_rule
 
-    with pytest.raises(ValueError, match=r"scheme NVFP4A16 quantizes NVFP4 weights data-free.*rules \(--override / "
-                                         r"--ignore\) do not apply"):
+    with pytest.raises(ValueError, match=r"^--override / --ignore does not apply to --scheme NVFP4A16 \(.*; "
+                                         r"data-free: .*\): drop it"):
         JobConfig(output="x", scheme="NVFP4A16", rules=(parse_rule("mlp:skip"),))
