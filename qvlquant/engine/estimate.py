@@ -41,8 +41,9 @@ def _numel(module: torch.nn.Module) -> int:
 CALLS_PER_PASS = 90
 CALLS_PER_COLUMN = 14
 # One routed expert in one pass of one batch (``ExpertLinears.forward``: its tokens gathered, its three linears, the
-# weighted index_add), in the same units: 25-30 measured here on 256 experts of 8 x 8 linears (no matmul work to
-# speak of), top-8 of 132 tokens (benchmarks/bench_estimate_rates.py)
+# weighted index_add), in the same units: measured here on 256 experts of 8 x 8 linears (no matmul work to speak
+# of), top-8 of 132 tokens (benchmarks/bench_estimate_rates.py): 25-30 in four runs, 12-14 in two more (the shared
+# machine's load moves the ratio); the larger kept, a MoE pass's calls are a few % of its time at 35B-A3B
 CALLS_PER_EXPERT = 27
 
 
@@ -186,6 +187,9 @@ def expert_work(layer: torch.nn.Module, family: ModelFamily, qcfg, tokens: int, 
         searched = qcfg.awq_grid * sum(size[n] for g in family.scaling_groups
                                         if family.expert_of(g.linears[0]) is not None for n in g.linears)
     calls = mine * reached * elements / per_expert * CALLS_PER_EXPERT
+    if qcfg.method == "awq":  # a grid point of an expert's search (weights scaled, its down linear, the loss)
+        calls += qcfg.awq_grid * sum(family.expert_of(g.linears[0]) is not None for g in family.scaling_groups) \
+            * CALLS_PER_EXPERT  # counted as one pass of the expert
     # GPTQ's column loop updates the rest of its block after each column: an outer product [N, b - i] written by
     # a matmul, then read and subtracted from the block's slice (4 accesses an element), b/2 columns on average:
     # 2 N K (b + 1) per linear; at matmul speed in the flop count, it runs at a few-token matmul's pace
