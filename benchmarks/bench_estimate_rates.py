@@ -64,7 +64,8 @@ def main() -> None:
     x, w = torch.randn(tokens, 8), torch.rand(tokens, k)
     index = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])  # [T, k]
     # against the estimate's own small call (best of 50), measured just before each try
-    ratios = sorted(best(lambda: block(x, index, w), 3) / measured_speed(torch.device("cpu"), torch.float32).call_seconds
+    cpu = torch.device("cpu")
+    ratios = sorted(best(lambda: block(x, index, w), 3) / measured_speed(cpu, torch.float32).call_seconds
                     for _ in range(5))
     out["calls_per_expert"] = round(ratios[2] / experts, 1)
 

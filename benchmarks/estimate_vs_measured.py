@@ -44,8 +44,8 @@ def layer_seconds(checkpoint: str, row: dict, speed: E.Speed) -> dict[str, tuple
     family = family_for(config.model_type).bind(config)
     skeleton = build_skeleton(config, family, torch.float32)
     settings = row.get("quant_settings") or {}
-    job = JobConfig.from_flat(output="-", method=row["method"], num_samples=SAMPLES,
-                              **{k: settings[k] for k in ("true_sequential", "awq_grid", "awq_rounding") if k in settings})
+    kept = {k: settings[k] for k in ("true_sequential", "awq_grid", "awq_rounding") if k in settings}
+    job = JobConfig.from_flat(output="-", method=row["method"], num_samples=SAMPLES, **kept)
     qcfg, tokens = job.quant, row["tokens"]
     load = (row.get("load_average_before") or [0.0])[0]
     slowdown = max(1.0, load / 2)  # the estimate's rule: load over this process's CPU quota (2 here)
@@ -93,7 +93,8 @@ def main() -> None:
                 table.append(dict(row=where, layer=kind, measured_s=round(measured, 1), before_s=round(before, 1),
                                   after_s=round(after, 1), before_ratio=round(before / measured, 2),
                                   after_ratio=round(after / measured, 2), gflops=round(speed.flops / 1e9, 1),
-                                  call_us=round(speed.call_seconds * 1e6, 1), recorded_estimate=est.get("seconds_per_layer")))
+                                  call_us=round(speed.call_seconds * 1e6, 1),
+                                  recorded_estimate=est.get("seconds_per_layer")))
     print("| row | layer | measured s | estimate before s (x) | after s (x) |")
     print("|---|---|---|---|---|")
     for r in table:

@@ -251,7 +251,8 @@ def estimate(skeleton, family: ModelFamily, config: JobConfig, device: torch.dev
     given = speed is not None
     speed = speed or measured_speed(device, dtype)
     batches = -(-config.calib.num_samples // config.processing.batch_size)
-    seconds = max(_layer_seconds(layer, kind, config, tokens, padded, batches, processes, speed) for layer, kind in kinds)
+    seconds = max(_layer_seconds(layer, kind, config, tokens, padded, batches, processes, speed)
+                  for layer, kind in kinds)
     load, cpus = (0.0, 1) if given else machine_load()
     slowdown = max(1.0, load / cpus)  # other processes' share of the CPUs (a GPU's kernels also wait on the CPU)
     gpu = device.type == "cuda"
