@@ -147,8 +147,8 @@ def layer_flops(layer: torch.nn.Module, family: ModelFamily, method: str, tokens
 def expert_work(layer: torch.nn.Module, family: ModelFamily, qcfg, tokens: int, batches: int,
                 processes: int = 1) -> tuple[float, float]:
     """What a MoE layer's routed experts cost besides their floating-point work, as the slowest of ``processes``
-    ranks (each holding 1/processes of the batches) does it: (weight elements, small calls); (0, 0) without
-    experts. An expert sees a few tokens of a batch (tokens x routed / experts over the batches: 4 at 35B-A3B
+    ranks (each holding 1/processes of the batches) does it: (weight elements, small calls); (0, 0) for a layer
+    without experts. An expert sees a few tokens of a batch (tokens x routed / experts over the batches: 4 at 35B-A3B
     with 16 samples), so each pass of a batch through the block costs each expert it reaches the reading of its
     three weights (``Speed.weight_seconds`` per element) and ``CALLS_PER_EXPERT`` calls, whatever its tokens. The
     passes: every replay of GPTQ's steps, which stops at the step's last group (a chunk of gate/up groups runs the
@@ -157,10 +157,10 @@ def expert_work(layer: torch.nn.Module, family: ModelFamily, qcfg, tokens: int, 
     group's float64 Hessian sum (``accumulate_hessian``'s addmm of a few rows into [K, K]: 1.0-1.1 times a
     few-token linear's time per element here, benchmarks/bench_estimate_rates.py; counted at that rate), and the
     in-block updates of each expert linear's column loop (hundreds of small solves, each at that pace)."""
-    if not family.experts:
+    first = [n for n in family.linears if family.expert_of(n) == 0]  # one expert's linears, in execution order
+    if not first:  # no experts, or a dense layer of a mixed model
         return 0.0, 0.0
     size = {n: layer.get_submodule(n).weight.numel() for n in family.linears}
-    first = [n for n in family.linears if family.expert_of(n) == 0]  # one expert's linears, in execution order
     per_expert = sum(size[n] for n in first)
     groups = list(family.linear_groups)
     first_expert_group = min(i for i, g in enumerate(groups) if family.expert_of(g[0]) is not None)

@@ -156,3 +156,15 @@ def test_the_estimate_of_a_real_size_moe_layer_is_not_the_flop_count():
     speed = Speed(91.2e9, 10.3e-6, 0.55e-9)
     e = estimate(skeleton, family, config, torch.device("cpu"), 2111, torch.bfloat16, speed=speed)
     assert 450 < e["seconds_per_layer"] < 886
+
+
+def test_the_dense_layer_of_a_mixed_moe_model_has_no_expert_work_and_its_sparse_layer_has():
+    """Qwen3-VL-MoE with ``mlp_only_layers``: the family has experts, its layer 1 none (a dense MLP)."""
+    from tests.tiny_models import qwen3_vl_moe_config
+
+    config = qwen3_vl_moe_config(layers=3, mlp_only_layers=(1,))
+    family = family_for(config.model_type).bind(config)
+    layers = build_skeleton(config, family, torch.float32).get_submodule(family.decoder_layers)
+    qcfg = JobConfig.from_flat(output="-", method="gptq").quant
+    sparse, dense = (estimate_module.expert_work(layers[i], family.at(i), qcfg, 640, 16) for i in (0, 1))
+    assert dense == (0.0, 0.0) and sparse[0] > 0 and sparse[1] > 0
