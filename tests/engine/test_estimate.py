@@ -146,7 +146,8 @@ def test_gptq_expert_work_counts_every_pass_hessian_and_block_update_of_the_expe
 
 
 def test_the_estimate_of_a_real_size_moe_layer_is_not_the_flop_count():
-    """Qwen3.5-35B-A3B's MoE block (hidden 2048, 256 experts of 512, top 8, a shared expert), GPTQ on 2,111 tokens in
+    """Qwen3.5-35B-A3B's MoE block (hidden 2048, 256 experts of 512, top 8, a shared expert; the tiny model's
+    attention heads, a small part of the layer's time), GPTQ on 2,111 tokens in
     16 batches, at the speeds its measured CPU run's header recorded (91.2 GFLOP/s, 10.3 us a call) and the fewest
     ns per weight element a few-token linear took on that machine (0.55): the run measured 851-886 s a layer
     (benchmarks/results/real_size_qwen3_5_cpu.json); the estimate without the experts' passes, Hessian sums and
