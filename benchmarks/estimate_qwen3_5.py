@@ -4,11 +4,14 @@ solve assignment) on a meta skeleton of the released shapes (``make_random_check
 is from), one decoder layer of each type.
 
 Nothing here ran on a GPU. The time is the estimate's floating-point work over an assumed matmul speed plus its small
-torch calls times an assumed time per call; two assumptions bracket it (``SPEEDS``): a bf16 matmul at the H200's
+torch calls times an assumed time per call plus the routed experts' weight-element passes (``estimate.expert_work``:
+each replay's few-token expert matmuls, one pass over each expert Hessian sum per batch, GPTQ's in-block column
+updates) times an assumed time per element; two assumptions bracket it (``SPEEDS``): a bf16 matmul at the H200's
 dense tensor-core peak (about 989 TFLOP/s, third-party spec pages) with 5 us per call, and float32 at its CUDA-core
-peak (about 67 TFLOP/s) with 20 us per call. Real runs sit above the FLOP part (peaks are not reached; GPTQ solves in
-float32) and the per-call time is a guess, not a measurement; the call counts are printed so another figure can be
-put in. Memory is the estimate's rule: GPU: the capture parts or one layer in bf16 plus the method's working set (GPTQ:
+peak (about 67 TFLOP/s) with 20 us per call; both with 3.3 ps per element, a float64 read and write (16 bytes) at
+the H200's 4.8 TB/s memory bandwidth (its spec), the costliest of the passes counted (a bf16 weight read is 2
+bytes). Real runs sit above the FLOP part (peaks are not reached; GPTQ solves in float32) and the per-call time is a
+guess, not a measurement; the call and element counts are printed so other figures can be put in. Memory is the estimate's rule: GPU: the capture parts or one layer in bf16 plus the method's working set (GPTQ:
 expert Hessian sums in chunks of at most ``EXPERT_HESSIAN_BYTES``) plus the calibration activations; host RAM: the
 base process and the activations when they are offloaded.
 
@@ -29,13 +32,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the sibling 
 from make_random_checkpoint import QWEN3_5, qwen3_5_config  # noqa: E402
 
 from qvlquant.config import JobConfig  # noqa: E402
-from qvlquant.engine.estimate import Speed, estimate, layer_calls, layer_flops  # noqa: E402
+from qvlquant.engine.estimate import Speed, estimate, expert_work, layer_calls, layer_flops  # noqa: E402
 from qvlquant.engine.skeleton import build_skeleton  # noqa: E402
 from qvlquant.families import family_for  # noqa: E402
 
+ELEMENT_SECONDS = 16 / 4.8e12  # a float64 element read and written at the H200's memory bandwidth
 SPEEDS = {  # assumptions, not measurements: see the docstring
-    "bf16 peak, 5 us/call": Speed(flops=989e12, call_seconds=5e-6),
-    "fp32 peak, 20 us/call": Speed(flops=67e12, call_seconds=20e-6),
+    "bf16 peak, 5 us/call": Speed(flops=989e12, call_seconds=5e-6, weight_seconds=ELEMENT_SECONDS),
+    "fp32 peak, 20 us/call": Speed(flops=67e12, call_seconds=20e-6, weight_seconds=ELEMENT_SECONDS),
 }
 
 
@@ -62,7 +66,10 @@ def rows(shape: str, tokens_list: list[int], ranks: list[int], samples: int) -> 
                                tokens=tokens, ranks=n,
                                tflop_slowest_rank=round(layer_flops(layer, kind, method, tokens, None, n,
                                                                      config.quant.true_sequential) / 1e12, 2),
-                               small_calls=layer_calls(layer, kind, config.quant, math.ceil(batches / n), n))
+                               small_calls=layer_calls(layer, kind, config.quant, math.ceil(batches / n), n)
+                               + round(expert_work(layer, kind, config.quant, tokens, batches, n)[1]),
+                               expert_giga_elements=round(expert_work(layer, kind, config.quant, tokens, batches,
+                                                                      n)[0] / 1e9, 1))
                     for name, speed in SPEEDS.items():
                         e = estimate(skeleton, family, config, torch.device("cuda"), tokens, torch.bfloat16, n, speed)
                         row[f"seconds_per_layer ({name})"] = e["seconds_per_layer"]
