@@ -25,6 +25,23 @@ class ManifestFileMissing(ManifestError, FileNotFoundError):
     """A file the manifest lists is not in the export."""
 
 
+# sha256 of files this process has just written, computed from the bytes as they were written
+# (``shards.write_safetensors``): file identity (device, inode, size, modification time) -> digest. Read once, by the
+# manifest of the export being written (``manifest_entry``), so 7 GB of shards are not read back to be hashed;
+# verification always reads the file.
+_WRITTEN: dict[tuple[int, int, int, int], str] = {}
+
+
+def _identity(path: os.PathLike | str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def remember_digest(path: os.PathLike | str, digest: str) -> None:
+    """Record ``digest``, the sha256 of the bytes this process wrote to ``path`` (closed, unchanged since)."""
+    _WRITTEN[_identity(path)] = digest
+
+
 def sha256(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -44,7 +61,10 @@ def is_plain_name(name) -> bool:
 
 
 def manifest_entry(path: pathlib.Path) -> dict:
-    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+    """The file's sha256 and size: the digest taken while it was written when there is one (``remember_digest``,
+    the same file unchanged), else read from the file."""
+    digest = _WRITTEN.pop(_identity(path), None)
+    return {"sha256": digest or sha256(path), "bytes": path.stat().st_size}
 
 
 def dump_manifest(files: dict[str, dict]) -> str:

@@ -16,6 +16,7 @@ could replace ``export.plan_shards``; writing stays here.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pathlib
@@ -26,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from qvlquant.storage.files import read_text_bounded
-from qvlquant.storage.manifest import is_pickle
+from qvlquant.storage.manifest import is_pickle, remember_digest
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -290,16 +291,21 @@ def write_safetensors(path: pathlib.Path, entries: Iterable[tuple[str, torch.dty
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     try:
+        digest = hashlib.sha256()  # of the bytes as written: the manifest's, without reading the file back
         with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="fetch") as ahead:
-            f.write(struct.pack("<Q", len(text)) + text)
+            f.write(head := struct.pack("<Q", len(text)) + text)
+            digest.update(head)
             pending = ahead.submit(fetch, rows[0][0]) if rows else None
             for i, (name, dtype, shape, size) in enumerate(rows):
                 t = pending.result()
                 pending = ahead.submit(fetch, rows[i + 1][0]) if i + 1 < len(rows) else None
                 if NAMES.get(t.dtype) != dtype or list(t.shape) != shape:
                     raise ShardError(f"{path}: {name} is {t.dtype} {list(t.shape)}, planned {dtype} {shape}")
-                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-                del t
+                data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                digest.update(data)
+                del t, data
+        remember_digest(path, digest.hexdigest())
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"no space left on device writing {path}; free space there and rerun "

@@ -227,3 +227,30 @@ def test_a_plain_name_that_is_a_symlink_is_followed(tmp_path):
     (model / "model-1.safetensors").symlink_to("../blobs/abc123")
     index_of(model, {"w": "model-1.safetensors"})
     assert torch.equal(ShardReader(model).get("w"), torch.ones(2))
+
+
+def test_the_digest_taken_while_writing_is_the_files_and_is_used_once(tmp_path, monkeypatch):
+    """write_safetensors hashes the bytes as it writes them; the manifest entry of that file uses the digest (no read
+    back: ``sha256`` is not called), which equals the file's own sha256, and only for the unchanged file: after an
+    edit, or a second time, the file is read again."""
+    import hashlib
+    import os
+
+    from qvlquant.storage import manifest
+
+    t = sample_tensors()
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, [(k, v.dtype, tuple(v.shape)) for k, v in t.items()], t.__getitem__, {"format": "pt"})
+    truth = hashlib.sha256(path.read_bytes()).hexdigest()
+    reads = []
+    real = manifest.sha256
+    monkeypatch.setattr(manifest, "sha256", lambda p: (reads.append(p), real(p))[1])
+    assert manifest.manifest_entry(path) == {"sha256": truth, "bytes": path.stat().st_size}
+    assert reads == []
+    assert manifest.manifest_entry(path)["sha256"] == truth and reads == [path]  # used once: then read
+    write_safetensors(path, [(k, v.dtype, tuple(v.shape)) for k, v in t.items()], t.__getitem__, {"format": "pt"})
+    with open(path, "r+b") as f:  # edited after writing, same size, a later modification time
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert manifest.manifest_entry(path)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() != truth
