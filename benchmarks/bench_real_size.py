@@ -78,8 +78,9 @@ def run_one(checkpoint: pathlib.Path, method: str, max_layers: int | None, work:
     for p in (out, partial):
         shutil.rmtree(p, ignore_errors=True)
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "qvlquant.cli", "quantize", "--model", str(checkpoint),
-           "--method", method, "--bits", str(bits), "--group-size", "128", "--calib", "demo", "--num-samples", str(samples),
-           "--output", str(out)]  # random weights: the demo chats on purpose
+           "--method", method, "--bits", str(bits), "--group-size", "128", "--output", str(out)]
+    if method != "rtn":  # round-to-nearest reads no calibration data (and refuses its flags)
+        cmd += ["--calib", "demo", "--num-samples", str(samples)]  # random weights: the demo chats on purpose
     if max_layers:
         cmd += ["--max-layers", str(max_layers)]
     if threads:
@@ -120,6 +121,19 @@ def run_one(checkpoint: pathlib.Path, method: str, max_layers: int | None, work:
     }
 
 
+def time_copy(checkpoint: pathlib.Path, work: pathlib.Path) -> float:
+    """Seconds ``cp -r`` takes to copy ``checkpoint`` into ``work`` (the copy deleted after): what reading and writing
+    the checkpoint costs on this machine, the yardstick of a data-free run. Neither the copy nor an export syncs its
+    files to disk."""
+    target = work / f"{checkpoint.name}-copy"
+    shutil.rmtree(target, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run(["cp", "-r", str(checkpoint), str(target)], check=True)
+    seconds = time.time() - t0
+    shutil.rmtree(target, ignore_errors=True)
+    return round(seconds, 1)
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -137,6 +151,8 @@ def main() -> None:
     p.add_argument("--work", default=None, help="where exports go (default: beside the checkpoints)")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--json", required=True)
+    p.add_argument("--copy-baseline", action="store_true",
+                   help="time cp -r of the checkpoint before and after each run (page cache warm), recorded beside it")
     args = p.parse_args()
     root = pathlib.Path(args.checkpoints)
     work = pathlib.Path(args.work or root / "runs")
@@ -147,8 +163,13 @@ def main() -> None:
         shape, method, *rest = spec.split(":")
         max_layers = int(rest[0]) if rest and rest[0] else None
         name = f"qwen2-vl-{shape}-random" if shape in ("2b", "7b") else shape
+        copies = [time_copy(root / name, work)] if args.copy_baseline else []
         row = run_one(root / name, method, max_layers, work, args.num_samples,
                       int(rest[1]) if len(rest) > 1 else 4, args.threads)
+        if args.copy_baseline:
+            copies.append(time_copy(root / name, work))
+            row["copy_checkpoint_s"] = copies
+            row["wall_over_copy"] = [round(row["wall_s"] / c, 2) for c in copies]
         rows.append(row)
         path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
         print(f"{spec}: wall {row['wall_s']} s, {row['layers_run']}/{row['layers_total']} layers, "
