@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from qvlquant.quant.awq import scaled_fake_quant
 from qvlquant.quant.formats import PackFormat, QuantizedWeight
 from qvlquant.quant.rtn import default_g_idx, mse_qparams, rtn_quantize
 from qvlquant.quant.spec import QuantSpec
@@ -75,6 +76,15 @@ def main(argv=None) -> None:
             f"pack compressed-tensors W{args.bits}": lambda: PackFormat.COMPRESSED.pack(qw),
             "pack AWQ GEMM W4": lambda: PackFormat.AWQ_GEMM.pack(asym),
         }
+        import qvlquant.quant.formats as formats
+
+        if hasattr(formats, "pack_rtn"):  # rounding and packing a block of rows at a time (the data-free RTN path)
+            steps[f"rtn_quantize + pack GPTQ W{args.bits}, whole weight"] = \
+                lambda: PackFormat.GPTQ.pack(QuantizedWeight(*rtn_quantize(w.float(), spec), default_g_idx(k, spec), spec))
+            steps[f"rtn_quantize + pack GPTQ W{args.bits}, blocks of rows (pack_rtn)"] = \
+                lambda: formats.pack_rtn(w, spec, PackFormat.GPTQ)
+        s_awq = torch.rand(k, generator=g) + 0.5  # one AWQ grid point: Q(W diag(s)) / s, asymmetric W4 g128
+        steps["AWQ scaled fake-quant W4, one grid point"] = lambda: scaled_fake_quant(w, s_awq, QuantSpec(4, 128, False))
         if args.mse_bits:
             wf = w.float().reshape(-1, 128)[::MSE_SAMPLE]  # every 16th group (linear in them; scaled back below)
             mse_spec = QuantSpec(args.mse_bits, -1, True)

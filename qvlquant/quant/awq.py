@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from qvlquant.quant.rtn import fake_quantize, minmax_qparams
+from qvlquant.quant.rtn import fake_quantize, minmax_qparams, row_blocks
 from qvlquant.quant.spec import QuantSpec
 
 
@@ -45,8 +45,12 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -
 
 
 def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """What the linear computes after scaling and quantization, seen from the unscaled input: Q(W diag(s)) / s."""
-    return fake_quantize(w.float() * s, spec) / s
+    """What the linear computes after scaling and quantization, seen from the unscaled input: Q(W diag(s)) / s,
+    float32, a block of rows at a time (``row_blocks``: the scaling and unscaling passes stay in the cache too)."""
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for rows in row_blocks(w):
+        out[rows] = fake_quantize(w[rows].float() * s, spec) / s
+    return out
 
 
 def search_scale(

@@ -25,7 +25,7 @@ import sys
 import torch
 
 from qvlquant.quant import fp8, int8, nvfp4
-from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups, rtn_quantize
+from qvlquant.quant.rtn import default_g_idx, dequantize, expand_groups, row_blocks, rtn_quantize
 from qvlquant.quant.spec import QuantSpec
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column n0 + AWQ_PACK_ORDER[i] goes to nibble i of a word
@@ -116,23 +116,14 @@ class PackFormat(str, enum.Enum):
         return shapes
 
 
-RTN_BLOCK_ELEMENTS = 2**19  # weights rounded at a time by ``pack_rtn``: 2 MB of float32, inside this CPU's L2/L3
-
-
-def pack_rtn(w: torch.Tensor, spec: QuantSpec, fmt: PackFormat,
-             block_elements: int = RTN_BLOCK_ELEMENTS) -> dict[str, torch.Tensor]:
+def pack_rtn(w: torch.Tensor, spec: QuantSpec, fmt: PackFormat) -> dict[str, torch.Tensor]:
     """``fmt``'s packed tensors of the round-to-nearest of ``w`` [N, K] (any float dtype): the tensors
-    ``fmt.pack(QuantizedWeight(*rtn_quantize(w.float(), spec), ...))`` gives, bit for bit, made a block of rows at a
-    time (a multiple of 32 rows, about ``block_elements`` weights) so that each block's float32 temporaries stay in
-    the cache instead of passing through memory once per step. On a 7B gate_proj [18944, 3584] here (2 threads) the
-    whole-tensor path took about 1.4 s, this 0.3-0.4 s."""
+    ``fmt.pack(QuantizedWeight(*rtn_quantize(w.float(), spec), ...))`` gives, bit for bit, each block of rows
+    (``row_blocks``, multiples of 32 rows: whole packed words along N) rounded and packed while it is in the cache,
+    the blocks' packed tensors then joined (``row_axis``)."""
     n, k = w.shape
-    rows = max(32, block_elements // max(k, 1) // 32 * 32)
     g_idx = default_g_idx(k, spec)
-    blocks = []
-    for i in range(0, n, rows):
-        q, scale, zero = rtn_quantize(w[i:i + rows], spec)
-        blocks.append(fmt.pack(QuantizedWeight(q, scale, zero, g_idx, spec)))
+    blocks = [fmt.pack(QuantizedWeight(*rtn_quantize(w[rows], spec), g_idx, spec)) for rows in row_blocks(w, 32)]
     out = {}
     for name, first in blocks[0].items():
         axis = fmt.row_axis(name)

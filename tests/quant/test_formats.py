@@ -10,6 +10,7 @@ from qvlquant.quant.formats import (
     pack_rtn,
     unpack_bits,
 )
+from qvlquant.quant import rtn
 from qvlquant.quant.rtn import default_g_idx, rtn_quantize
 from qvlquant.quant.spec import METHODS, QuantSpec
 
@@ -192,7 +193,7 @@ def test_one_rule_picks_the_pack_format(method):
     (PackFormat.GPTQ, 4, 32, True), (PackFormat.GPTQ, 3, 32, False), (PackFormat.GPTQ, 2, -1, True),
     (PackFormat.GPTQ, 8, 64, False), (PackFormat.AWQ_GEMM, 4, 32, False), (PackFormat.COMPRESSED, 4, 32, True),
     (PackFormat.COMPRESSED, 3, 64, False), (PackFormat.COMPRESSED, 8, -1, False)])
-def test_blockwise_rtn_packs_the_whole_weights_bytes(fmt, bits, group_size, sym):
+def test_blockwise_rtn_packs_the_whole_weights_bytes(fmt, bits, group_size, sym, monkeypatch):
     """pack_rtn rounds a block of rows at a time: every tensor equals, bit for bit, the whole weight's rounding
     packed at once, including a last block shorter than the others (160 rows in blocks of 64)."""
     torch.manual_seed(0)
@@ -201,7 +202,9 @@ def test_blockwise_rtn_packs_the_whole_weights_bytes(fmt, bits, group_size, sym)
     q, scale, zero = rtn_quantize(w.float(), spec)
     whole = fmt.pack(QuantizedWeight(q, scale, zero, default_g_idx(128, spec), spec))
     for block in (64 * 128, 10**9):  # blocks of 64 rows (the last 32), and one block
-        blocks = pack_rtn(w, spec, fmt, block_elements=block)
+        monkeypatch.setattr(rtn, "CPU_BLOCK_ELEMENTS", block)
+        assert len(rtn.row_blocks(w, 32)) == (3 if block < 10**9 else 1)
+        blocks = pack_rtn(w, spec, fmt)
         assert list(blocks) == list(whole)
         for name, t in whole.items():
             assert blocks[name].dtype == t.dtype and torch.equal(blocks[name], t), name

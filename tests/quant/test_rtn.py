@@ -138,3 +138,26 @@ def test_mse_coarse_to_fine_search_tracks_the_exhaustive_one(bits, sym):
     assert (e_fast >= e_exh - 1e-5 * e_exh).all()
     assert e_fast.sum() <= 1.005 * e_exh.sum()
     assert (exhaustive[0] == fast[0]).float().mean() > 0.9  # the fine pass reaches shrinks off the coarse grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(3, 64, False), QuantSpec(8, -1, False)])
+def test_rounding_a_block_of_rows_at_a_time_changes_no_bit(dtype, spec, monkeypatch):
+    """rtn_quantize, fake_quantize and AWQ's scaled fake quantization round a block of rows at a time on a CPU
+    (``row_blocks``): codes, scales, zeros and dequantized weights equal those of one block, bit for bit, with a
+    last block shorter than the others."""
+    from qvlquant.quant import rtn
+    from qvlquant.quant.awq import scaled_fake_quant
+
+    torch.manual_seed(1)
+    w = (torch.randn(100, 128) * torch.rand(100, 1) * 4).to(dtype)
+    s = torch.rand(128) + 0.5
+    monkeypatch.setattr(rtn, "CPU_BLOCK_ELEMENTS", 10**9)
+    assert len(rtn.row_blocks(w)) == 1
+    whole = (rtn_quantize(w, spec), fake_quantize(w, spec), scaled_fake_quant(w, s, spec))
+    monkeypatch.setattr(rtn, "CPU_BLOCK_ELEMENTS", 24 * 128)
+    assert [b.stop - b.start for b in rtn.row_blocks(w)] == [24, 24, 24, 24, 4]
+    blocks = (rtn_quantize(w, spec), fake_quantize(w, spec), scaled_fake_quant(w, s, spec))
+    for a, b in zip([*whole[0], *whole[1:]], [*blocks[0], *blocks[1:]]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert whole[1].dtype == dtype and whole[0][0].dtype == torch.int32
