@@ -346,18 +346,20 @@ class _Recorder:
         record.aux.update({f"{name}.{field}": t for field, t in aux.items()})
 
     def finish(self, name: str, w: QuantizedWeight, info: dict) -> None:
+        resume = self.phases.current  # the method's phase: what it does next is timed there, not as packing
         self.phases.switch(Phase.PACK)
         set_weight(self.layer.get_submodule(name), w)
         w = QuantizedWeight(*(None if t is None else t.cpu() for t in (w.q, w.scale, w.zero, w.g_idx)), w.spec,
                             *(None if t is None else t.cpu() for t in (w.input_scale, w.output_scale)))
         aux = {f: getattr(w, f).clone() for f in ("input_scale", "output_scale") if getattr(w, f) is not None}
         self._keep(name, self.plan.pack(w), info, aux)
-        self.step(Phase.QUANTIZE, f"{name} done")
+        self.step(resume, f"{name} done")
 
     def settle(self, owner: dict[str, int]) -> None:
         world, record = self.plan.world, self.record
         if not world.distributed:
             return
+        resume = self.phases.current
         self.phases.switch(Phase.SHARE)
         for name, src in owner.items():
             mine, disk = src == world.rank, self._disk(name)
@@ -375,6 +377,7 @@ class _Recorder:
             for key in [k for k in record.tensors if k.rsplit(".", 1)[0] == disk]:
                 record.tensors[key] = record.tensors.pop(key)
             record.info[name] = record.info.pop(name)
+        self.phases.switch(resume)
 
 
 def quantize_layer(layer: torch.nn.Module, inputs: list[LayerInput], plan: LoopPlan, prefix: str, bar=None,

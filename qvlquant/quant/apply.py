@@ -60,6 +60,7 @@ def rtn_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     owner = ctx.owners(layer, names)
     for name in names:
         if owner[name] == ctx.world.rank:
+            ctx.step(Phase.QUANTIZE, f"round {name}")
             ctx.finish(name, _rtn_weight(layer.get_submodule(name), ctx.config(name).spec), {})
     ctx.settle(owner)
 
@@ -140,23 +141,25 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
         solved = [g for g in step if ctx.config(g[0]).method != "rtn"]  # a rule may round a group to nearest
         sums = {}
         if solved:
-            trim_heap()  # the groups before left freed temporaries: give them back before the next sums
             ctx.step(Phase.HESSIAN, f"Hessian of {', '.join(g[0] for g in solved)}")
+            trim_heap()  # the groups before left freed temporaries: give them back before the next sums
             sums = collect_hessians(layer, inputs, solved, ctx.qcfg.vision_weight)
         routed = _rare_on_all_tokens(layer, inputs, solved, sums, ctx) if ctx.qcfg.rare_experts == "all_tokens" else {}
-        ctx.step(Phase.SOLVE, f"solve {', '.join(names)}")
         for group in step:
             cfg = ctx.config(group[0])
             mine = [name for name in group if owner[name] == ctx.world.rank]
             if cfg.method == "rtn":
                 for name in mine:
+                    ctx.step(Phase.QUANTIZE, f"round {name}")
                     ctx.finish(name, *decorate(name, round_nearest(layer.get_submodule(name), cfg.spec), {}))
                 continue
+            ctx.step(Phase.SOLVE, f"solve {', '.join(group)}")  # the sums meeting, the Hessian made of them
             k = layer.get_submodule(group[0]).in_features
             S, n = sums.pop(group, None) or (torch.zeros(k, k, dtype=torch.float64, device=layer_device(layer)), 0)
             S, n = fold(S, sorted({owner[name] for name in group}), ctx.world), ctx.total_count(n)
             if ctx.family.expert_of(group[0]) is not None and n < ctx.qcfg.min_expert_tokens:
                 for name in mine:  # a rare expert: too few tokens for a Hessian; rounded to nearest, and said
+                    ctx.step(Phase.QUANTIZE, f"round {name} (rare expert)")
                     w = round_nearest(layer.get_submodule(name), cfg.spec)
                     ctx.finish(name, *decorate(name, w, {"tokens": n, "fallback": "rtn"}))
                 continue
@@ -167,6 +170,7 @@ def gptq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
             H, scratch = hessian_with_scratch(S, n)  # both in S's memory: no [K, K] matrix more
             del S
             for j, name in enumerate(mine):
+                ctx.step(Phase.SOLVE, f"solve {name}")
                 last = j == len(mine) - 1
                 Hj = H if last else H.clone()  # gptq_quantize uses its Hessian in place
                 try:
@@ -349,6 +353,7 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
     family, qcfg = ctx.family, ctx.qcfg
     groups = [g for g in family.linear_groups if ctx.config(g[0]) is not None]  # rules skip whole groups
     firsts = [g[0] for g in groups]
+    ctx.step(Phase.INPUTS, f"inputs of {', '.join(firsts)}")
     feats = capture_linear_inputs(layer, inputs, firsts)
     owner = {name: g[0] for g in groups for name in g}
     real = ctx.total_count(sum(int(i.token_mask.sum()) for i in inputs))
@@ -369,6 +374,7 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
         fallback = "rtn" if name in rare else "all_tokens" if name in wide else None
         info[name] = dict(info.get(name, {}), tokens=n, **({"fallback": fallback} if fallback else {}))
     gptq_rounds = qcfg.awq_rounding == "gptq"
+    ctx.step(Phase.SCALE, "fold the scales")
     for group, prev, linears, s in found:
         _fold(prev, linears, s, ctx.storage_dtype, family.norm_offset)
         if not gptq_rounds:  # the clipping search reads the scaled inputs; GPTQ captures its own
@@ -389,6 +395,7 @@ def awq_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContex
         spec = ctx.config(name).spec  # linears sharing an input share their settings (fused in serving)
         clip = qcfg.awq_clip and name not in family.clip_skipped and name not in rare
         if clip and owner[name] not in grams:  # on every rank: a collective
+            ctx.step(Phase.CLIP, f"clip Gram matrices of {owner[name]}'s inputs")
             grams[owner[name]] = _clip_gram(feats[owner[name]], inputs, ctx, spec)
         gram = grams.get(owner[name]) if clip else None
         if solver[name] != ctx.world.rank:
@@ -430,9 +437,12 @@ def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerCon
     searched "smoothing_loss", "smoothing_loss_off": the W8A8 output errors of the chosen strength and of none}."""
     family = ctx.family
     groups = [g for g in family.scaling_groups if _smoothable(layer, g, ctx)]
-    feats = capture_linear_inputs(layer, inputs, list(dict.fromkeys(g.linears[0] for g in groups)))
+    firsts = list(dict.fromkeys(g.linears[0] for g in groups))
+    ctx.step(Phase.INPUTS, f"inputs of {', '.join(firsts)}")
+    feats = capture_linear_inputs(layer, inputs, firsts)
     found, info = [], {}
     for group in groups:
+        ctx.step(Phase.SCALE, f"smoothing {group.prev} -> {', '.join(group.linears)}")
         x_feats = feats[group.linears[0]]  # per batch; an expert's only for the batches that reached it
         x_all = torch.cat([_real(f, x) for f, x in zip(x_feats, inputs)]) if x_feats else None  # [T, K]
         if x_all is None or x_all.shape[0] == 0:
@@ -440,7 +450,6 @@ def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerCon
         weights = [layer.get_submodule(n).weight.data for n in group.linears]
         x_max = input_absmax(x_all)
         del x_all
-        ctx.step(Phase.SCALE, f"smoothing {group.prev} -> {', '.join(group.linears)}")
         if strength == "auto":
             x, _ = _tokens(x_feats, inputs, ctx.qcfg.awq_max_tokens, ctx)
             try:
@@ -452,6 +461,7 @@ def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerCon
         if found_info["strength"] != "off":
             found.append((group, s))
         info.update({n: dict(found_info, smoothed_by=group.prev) for n in group.linears})
+    ctx.step(Phase.SCALE, "fold the smoothing scales")
     for group, s in found:
         prev = layer.get_submodule(group.prev)
         if not isinstance(prev, torch.nn.Linear):  # the columns get what the stored norm divides by
@@ -480,8 +490,8 @@ def w8a8_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerConte
         qparams = lambda name, w: int8.channel_qparams(w, f"{ctx.prefix}.{name}", ctx.storage_dtype)
         gptq_layer(layer, inputs, ctx, decorate, qparams, round_nearest)
         return
-    ctx.step(Phase.QUANTIZE, "round to nearest")
     for name in ctx.quantized(ctx.family.linears):
+        ctx.step(Phase.QUANTIZE, f"round {name}")
         ctx.finish(name, *decorate(name, round_nearest(layer.get_submodule(name), ctx.config(name).spec), {}))
 
 

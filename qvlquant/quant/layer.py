@@ -26,16 +26,19 @@ from qvlquant.quant.spec import QuantConfig
 
 class Phase(str, enum.Enum):
     """Where a layer's time goes; the values are the keys of ``phase_seconds`` in quantize_report.json. The loop
-    switches to capture, load, quantize, pack, share (distributed), replay and save itself; a method names the
-    others as it enters them (``LayerContext.step``)."""
+    switches to capture, load, pack, share (distributed), replay and save itself; a method names each of the others
+    as it enters it (``LayerContext.step``), per linear where it works linear by linear. Packing a finished linear
+    (``LayerContext.finish``) and sharing finished linears (``settle``) go back to the phase the method was in, so
+    the next linear's work is never timed as packing or as the loop's ``quantize``."""
 
     CAPTURE = "capture"  # layer 0's inputs, through the vision tower and embeddings
     LOAD = "load"  # a decoder layer read from the checkpoint
     HESSIAN = "hessian"  # GPTQ: replaying the layer to sum X^T X
-    SOLVE = "solve"  # GPTQ: the column-by-column solve
-    SCALE = "scale"  # AWQ: the scale search
-    CLIP = "clip"  # AWQ: the clipping search
-    QUANTIZE = "quantize"  # rounding (RTN, AWQ's own) and whatever a method does outside the phases above
+    SOLVE = "solve"  # GPTQ: each linear's solve (the Hessian's factorisation and the column-by-column loop)
+    INPUTS = "inputs"  # AWQ, SmoothQuant: replaying the layer to keep its linears' inputs
+    SCALE = "scale"  # AWQ: the scale search and folding the scales (SmoothQuant: its smoothing scales)
+    CLIP = "clip"  # AWQ: the clipping search (its Gram matrices included)
+    QUANTIZE = "quantize"  # rounding to nearest: RTN, AWQ's own, the linears GPTQ or a rule rounds to nearest
     PACK = "pack"  # codes packed into the export layout, the layer's other tensors recorded
     SHARE = "share"  # a distributed run: finished linears handed from their rank to all
     REPLAY = "replay"  # the quantized layer's outputs: the next layer's inputs
@@ -187,7 +190,8 @@ def set_weight(linear: torch.nn.Linear, w: QuantizedWeight) -> None:
 class LayerContext:
     """What a per-layer method needs besides the layer and its inputs. ``finish(name, weight, info)`` is called
     once per linear as soon as it is quantized: it packs the codes, gives the linear its dequantized weight and
-    records the result, so no layer's int32 codes outlive their linear.
+    records the result, so no layer's int32 codes outlive their linear (timed as ``Phase.PACK``; the clock then
+    goes back to the phase the method was in).
 
     In a distributed run (``world``) each linear is solved by one rank (``owners``): the method calls ``finish``
     for the linears this rank solved, then ``settle(owners)`` on every rank, which hands each of those linears from

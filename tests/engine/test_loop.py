@@ -1,4 +1,6 @@
+import collections
 import copy
+import time
 
 import pytest
 import torch
@@ -77,6 +79,52 @@ def test_phases_are_the_ones_the_method_names_never_its_text(demo, demo_batches,
     phases = quantize_model(copy.deepcopy(model), demo_batches[:1], plan).phases.rounded()
     assert set(phases) == {"capture", "load", "scale", "quantize", "pack", "replay", "save"}
     assert all(type(k) is str for k in phases)  # plain names in the report's JSON
+
+
+SLEEP = 0.02  # seconds each patched call of a method's per-linear work sleeps
+
+
+@pytest.mark.parametrize("method, slept", [
+    ("gptq", {"collect_hessians": Phase.HESSIAN, "gptq_quantize": Phase.SOLVE}),
+    ("awq", {"capture_linear_inputs": Phase.INPUTS, "search_scale": Phase.SCALE, "_clip_gram": Phase.CLIP,
+             "clip_from_gram": Phase.CLIP, "rtn_quantize": Phase.QUANTIZE}),
+    ("rtn", {"rtn_quantize": Phase.QUANTIZE}),
+])
+def test_each_linear_is_timed_in_the_phase_that_spends_it(demo, demo_batches, monkeypatch, method, slept):
+    """Every call of a method's work (GPTQ's solve of each of q, k and v from one Hessian, AWQ's input capture,
+    searches and clipping Gram matrices, rounding) and every linear's packing runs while the clock is in its own
+    phase, not in the phase the linear before it was packed in: patched to sleep a known time, each phase holds at
+    least calls x sleep, and ``quantize`` takes none of it unless rounding is what slept."""
+    from qvlquant.engine import loop
+    from qvlquant.quant import apply
+
+    clocks = []  # the run's Phases, to read which phase is current during each call
+    init = loop.Phases.__init__
+    monkeypatch.setattr(loop.Phases, "__init__", lambda self: (init(self), clocks.append(self))[0])
+    during = collections.defaultdict(list)  # the phase a call should be timed in -> the phase current in each call
+
+    def sleeping(fn, phase):
+        def run(*args, **kwargs):
+            during[phase].append(clocks[-1].current)
+            time.sleep(SLEEP)
+            return fn(*args, **kwargs)
+
+        return run
+
+    for name, phase in slept.items():
+        monkeypatch.setattr(apply, name, sleeping(getattr(apply, name), phase))
+    monkeypatch.setattr(LoopPlan, "pack", sleeping(LoopPlan.pack, Phase.PACK))
+    model, _ = demo
+    plan = LoopPlan(family=QWEN2_VL, qcfg=QuantConfig(method, QuantSpec(4, 128, method != "awq")),
+                    pack_format=PackFormat.GPTQ)
+    seconds = quantize_model(copy.deepcopy(model), demo_batches[:1], plan).phases.seconds
+    assert set(during) == set(slept.values()) | {Phase.PACK}
+    assert len(during[Phase.PACK]) == 4 * 7  # the demo's 4 layers of 7 linears, each packed once
+    for phase, current in during.items():
+        assert current == [phase] * len(current), (phase, collections.Counter(current))
+        assert seconds[phase] >= len(current) * SLEEP, (phase, seconds)
+    if Phase.QUANTIZE not in slept.values():
+        assert seconds.get(Phase.QUANTIZE, 0.0) < SLEEP, seconds
 
 
 def test_group_size_checked_before_calibration(demo):
