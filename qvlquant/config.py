@@ -305,6 +305,8 @@ class JobConfig:
             takes -= {"awq_max_tokens"}  # only the strength search scores tokens
         if self.scheme in W8A8_SCHEMES and not self.w8a8_calibrated:
             takes |= {"method"}  # data-free W8A8 rounds to nearest: --method rtn names what it does
+        if self.datafree_format is not None and self.device.device == "cpu":
+            takes |= {"device"}  # a data-free scheme runs on the CPU: --device cpu names where
         refused = sorted(self.given_settings() - takes, key=_FLAT_ORDER.index)
         if refused:
             raise ValueError(self._refusal(refused))
@@ -344,6 +346,11 @@ class JobConfig:
                          "--format, padding and --target-bits are the integer methods'")
         if "max_layers" in refused:
             hints.append("only the layer loop of the integer methods and calibrated W8A8 stops after N layers")
+        if set(refused) & set(_COMPUTE_KEYS):
+            hints.append("a data-free scheme runs no layer: it quantizes each weight on the CPU as the export streams "
+                         "it from the checkpoint (--device cpu may stay)"
+                         + ("; W8A8 runs its layers on a device when calibrated (--method gptq or "
+                            "--smoothing-strength)" if self.scheme in W8A8_SCHEMES else ""))
         return (f"{names} {'does' if one else 'do'} not apply to --scheme {self.scheme} ({fmt.label}; {how}): "
                 f"drop {'it' if one else 'them'}" + "".join(f"; {hint}" for hint in hints))
 
@@ -532,12 +539,15 @@ _ANY_JOB_KEYS = ("output", "model", "scheme", "trust_remote_code", "resume", "ov
                  "device", "dtype", "offload", "threads")
 _FLAT_ORDER = (*_QUANT_KEYS, *_CALIB_KEYS, *_LAYOUT_KEYS, *_ANY_JOB_KEYS, "max_layers", "smoothing_strength")
 FLAT_KEYS = frozenset(_FLAT_ORDER)
+# where the layer math runs and its activations wait: a data-free scheme runs no layer (it quantizes each weight on
+# the CPU as the export streams it from the checkpoint), so it takes none of them but --device cpu
+_COMPUTE_KEYS = ("device", "dtype", "offload")
 # the settings each kind of --scheme job takes (JobConfig._check_scheme): a data-free scheme only what every job
-# takes; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method (gptq or rtn), GPTQ's
+# takes but _COMPUTE_KEYS; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method (gptq or rtn), GPTQ's
 # options (with --method gptq), SmoothQuant's strength, awq_max_tokens (the tokens --smoothing-strength auto's search
 # scores: with auto only) and --max-layers
 SCHEME_TAKES = {
-    "datafree": frozenset(_ANY_JOB_KEYS),
+    "datafree": frozenset(_ANY_JOB_KEYS) - frozenset(_COMPUTE_KEYS),
     "calibrated": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS),
     "w8a8": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS + _GPTQ_KEYS + ("method", "awq_max_tokens", "smoothing_strength",
                                                                    "max_layers")),

@@ -507,6 +507,19 @@ def test_w8a8_with_bits_4_is_refused_naming_the_flag_and_what_to_do(extra, tmp_p
     assert len(err.splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("extra,named", [(["--device", "cuda"], "--device"), (["--dtype", "bfloat16"], "--dtype"),
+                                         (["--offload", "cpu"], "--offload")])
+def test_a_data_free_scheme_refuses_where_layers_would_run(extra, named, tmp_path, capsys):
+    """Data-free, each weight is quantized on the CPU as it streams from the checkpoint: these flags did nothing."""
+    out = tmp_path / "out"
+    assert main(["quantize", "--scheme", "NVFP4A16", *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qvlquant quantize: error: {named} does not apply to --scheme NVFP4A16 (") and \
+        err.endswith("drop it; a data-free scheme runs no layer: it quantizes each weight on the CPU as the export "
+                     "streams it from the checkpoint (--device cpu may stay)")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_a_flag_a_recipes_scheme_does_not_take_is_refused(tmp_path, capsys):
     """A recipe's settings and the flags given with it are checked alike: the FP8 recipe with --group-size."""
     out = tmp_path / "out"

@@ -283,9 +283,12 @@ def test_what_each_scheme_takes_is_accepted():
     """Every job's settings (model, where it writes and computes) with any scheme; --method rtn with W8A8 (what its
     data-free export does); GPTQ's options, the calibration settings and --max-layers with calibrated W8A8."""
     every = {"model": "demo", "trust_remote_code": False, "resume": False, "overwrite": True, "device": "cpu",
-             "dtype": "float32", "offload": "cpu", "threads": 1}
+             "threads": 1}
     for scheme in ("FP8_BLOCK", "FP8_DYNAMIC", "W8A8", "NVFP4A16", "FP8", "NVFP4"):
         assert JobConfig.from_flat(output="o", scheme=scheme, **every).scheme == scheme
+    compute = {"device": "cuda", "dtype": "float32", "offload": "cpu"}  # where the layers run: calibrated only
+    for job in ({"scheme": "FP8"}, {"scheme": "NVFP4"}, {"scheme": "W8A8", "method": "gptq"}):
+        assert JobConfig.from_flat(output="o", **job, **compute).device.dtype == "float32"
     plain = JobConfig.from_flat(output="o", scheme="W8A8", method="rtn")
     assert plain.datafree_format is not None and not plain.w8a8_calibrated
     gptq = JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", damp_percent=0.1, desc_act=False,
@@ -409,3 +412,16 @@ def test_the_method_check_of_a_config_built_field_by_field():
     with pytest.raises(ValueError, match=r"^drop --candidate-bits: without --target-bits"):
         JobConfig(output="o", search=SearchConfig(candidate_bits=(4, 8)))
     assert JobConfig(output="o", quant=QuantConfig("awq", awq_clip=False)).quant.awq_clip is False
+
+
+@pytest.mark.parametrize("settings,flag", [({"device": "cuda"}, "--device"), ({"device": "auto"}, "--device"),
+                                           ({"dtype": "bfloat16"}, "--dtype"), ({"dtype": "float32"}, "--dtype"),
+                                           ({"offload": "auto"}, "--offload"), ({"offload": "cpu"}, "--offload")])
+@pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC", "W8A8", "NVFP4A16"])
+def test_a_data_free_scheme_refuses_where_the_layers_would_run(scheme, settings, flag):
+    """A data-free scheme runs no layer: each weight is quantized on the CPU as the export streams it from the
+    checkpoint, whatever --device, --dtype or --offload said (api._quantize_datafree). --device cpu says what it does."""
+    with pytest.raises(ValueError, match=rf"^{flag} does not apply to --scheme {scheme} .*data-free.*: drop it; a "
+                                         r"data-free scheme runs no layer: it quantizes each weight on the CPU"):
+        JobConfig.from_flat(output="o", scheme=scheme, **settings)
+    assert JobConfig.from_flat(output="o", scheme=scheme, device="cpu").device.device == "cpu"
