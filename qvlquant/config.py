@@ -543,9 +543,9 @@ FLAT_KEYS = frozenset(_FLAT_ORDER)
 # the CPU as the export streams it from the checkpoint), so it takes none of them but --device cpu
 _COMPUTE_KEYS = ("device", "dtype", "offload")
 # the settings each kind of --scheme job takes (JobConfig._check_scheme): a data-free scheme only what every job
-# takes but _COMPUTE_KEYS; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method (gptq or rtn), GPTQ's
-# options (with --method gptq), SmoothQuant's strength, awq_max_tokens (the tokens --smoothing-strength auto's search
-# scores: with auto only) and --max-layers
+# takes but _COMPUTE_KEYS; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method
+# (gptq or rtn), GPTQ's options (with --method gptq), SmoothQuant's strength, awq_max_tokens (the tokens
+# --smoothing-strength auto's search scores: with auto only) and --max-layers
 SCHEME_TAKES = {
     "datafree": frozenset(_ANY_JOB_KEYS) - frozenset(_COMPUTE_KEYS),
     "calibrated": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS),

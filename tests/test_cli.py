@@ -121,7 +121,8 @@ def test_awq_refuses_what_its_format_cannot_hold(tmp_path, capsys):
     ("awq", ["--no-desc-act"], "--no-desc-act"), ("awq", ["--mse", "0"], "--mse"),
     ("awq", ["--damp-percent", "0.01"], "--damp-percent"), ("awq", ["--no-true-sequential"], "--no-true-sequential"),
     ("awq", ["--awq-rounding", "gptq", "--static-groups"], "--static-groups"),
-    ("rtn", ["--candidate-bits", "3,4,8,16"], "--candidate-bits"), ("gptq", ["--sensitivity", "output"], "--sensitivity"),
+    ("rtn", ["--candidate-bits", "3,4,8,16"], "--candidate-bits"),
+    ("gptq", ["--sensitivity", "output"], "--sensitivity"),
 ])
 def test_a_flag_the_method_does_not_read_is_refused_even_at_its_default(method, extra, named, tmp_path, capsys):
     out = tmp_path / "out"

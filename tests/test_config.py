@@ -330,7 +330,8 @@ def test_what_was_given_is_in_neither_the_report_nor_the_fingerprint(settings):
 
 # each setting only some integer methods read, at its default (or either way for a switch) -> the flag the error names
 METHOD_ONLY_AT_DEFAULT = {
-    "damp_percent": ({"damp_percent": GPTQ_DAMP_PERCENT}, "--damp-percent"), "damp_max": ({"damp_max": 1.0}, "damp_max"),
+    "damp_percent": ({"damp_percent": GPTQ_DAMP_PERCENT}, "--damp-percent"),
+    "damp_max": ({"damp_max": 1.0}, "damp_max"),
     "block_size": ({"block_size": 128}, "block_size"), "mse": ({"mse": 0.0}, "--mse"),
     "vision_weight": ({"vision_weight": 1.0}, "--vision-weight"), "no_desc_act": ({"desc_act": False}, "--no-desc-act"),
     "desc_act": ({"desc_act": True}, "--desc-act"), "static_groups": ({"static_groups": True}, "--static-groups"),
@@ -346,7 +347,8 @@ EXPERTS = ["min_expert_tokens", "rare_experts"]
 AWQ = ["awq_grid", "awq_clip", "awq_max_tokens", "awq_rounding"]
 # each kind of integer-method job -> (its settings, what the error says it does, the settings it does not read)
 METHOD_JOBS = {
-    "rtn": ({"method": "rtn"}, "--method rtn rounds each weight to nearest", GPTQ_ROUNDING + GPTQ_ORDER + EXPERTS + AWQ),
+    "rtn": ({"method": "rtn"}, "--method rtn rounds each weight to nearest",
+            GPTQ_ROUNDING + GPTQ_ORDER + EXPERTS + AWQ),
     "gptq": ({"method": "gptq"}, "--method gptq rounds with GPTQ", AWQ),
     "awq": ({"method": "awq"}, "--method awq rounds its scaled weights with its own clipping search",
             GPTQ_ROUNDING + GPTQ_ORDER),
@@ -420,7 +422,8 @@ def test_the_method_check_of_a_config_built_field_by_field():
 @pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC", "W8A8", "NVFP4A16"])
 def test_a_data_free_scheme_refuses_where_the_layers_would_run(scheme, settings, flag):
     """A data-free scheme runs no layer: each weight is quantized on the CPU as the export streams it from the
-    checkpoint, whatever --device, --dtype or --offload said (api._quantize_datafree). --device cpu says what it does."""
+    checkpoint, whatever --device, --dtype or --offload said (api._quantize_datafree). --device cpu says what it
+    does."""
     with pytest.raises(ValueError, match=rf"^{flag} does not apply to --scheme {scheme} .*data-free.*: drop it; a "
                                          r"data-free scheme runs no layer: it quantizes each weight on the CPU"):
         JobConfig.from_flat(output="o", scheme=scheme, **settings)
