@@ -35,7 +35,7 @@ from qvlquant.quant.rules import (
     parse_rule,
     rule_from_mapping,
 )
-from qvlquant.quant.spec import QuantConfig, QuantSpec, finite_positive, positive_int
+from qvlquant.quant.spec import QuantConfig, QuantSpec, default_awq_rounding, finite_positive, positive_int
 
 # --smoothing-strength (SmoothQuant's migration strength alpha, calibrated --scheme W8A8): a number in [0, 1], "auto"
 # (searched per layer and smoothing group for the least W8A8 output error) or "off"; with --method gptq and no
@@ -225,6 +225,11 @@ class JobConfig:
     def __post_init__(self):
         object.__setattr__(self, "smoothing_strength", parse_strength(self.smoothing_strength))
         self._check_scheme()
+        if self.scheme is None:
+            refusal = method_refusal(self.given_settings(), self.quant.method, self.quant.awq_rounding,
+                                     lambda key: flag_name(key, self))
+            if refusal:
+                raise ValueError(refusal)
         if not str(self.output).strip():
             raise ValueError("output must name a folder")
         positive_int("pad_intermediate_to", self.pad_intermediate_to, allow_none=True, ceiling=MAX_PAD_MULTIPLE)
@@ -300,6 +305,8 @@ class JobConfig:
             takes -= {"awq_max_tokens"}  # only the strength search scores tokens
         if self.scheme in W8A8_SCHEMES and not self.w8a8_calibrated:
             takes |= {"method"}  # data-free W8A8 rounds to nearest: --method rtn names what it does
+        if self.datafree_format is not None and self.device.device == "cpu":
+            takes |= {"device"}  # a data-free scheme runs on the CPU: --device cpu names where
         refused = sorted(self.given_settings() - takes, key=_FLAT_ORDER.index)
         if refused:
             raise ValueError(self._refusal(refused))
@@ -339,6 +346,11 @@ class JobConfig:
                          "--format, padding and --target-bits are the integer methods'")
         if "max_layers" in refused:
             hints.append("only the layer loop of the integer methods and calibrated W8A8 stops after N layers")
+        if set(refused) & set(_COMPUTE_KEYS):
+            hints.append("a data-free scheme runs no layer: it quantizes each weight on the CPU as the export streams "
+                         "it from the checkpoint (--device cpu may stay)"
+                         + ("; W8A8 runs its layers on a device when calibrated (--method gptq or "
+                            "--smoothing-strength)" if self.scheme in W8A8_SCHEMES else ""))
         return (f"{names} {'does' if one else 'do'} not apply to --scheme {self.scheme} ({fmt.label}; {how}): "
                 f"drop {'it' if one else 'them'}" + "".join(f"; {hint}" for hint in hints))
 
@@ -461,6 +473,13 @@ class JobConfig:
             default = QuantSpec(4, 128, sym=method != "awq")
             quant["spec"] = QuantSpec(spec_keys.get("bits", default.bits), spec_keys.get("group_size", default.group_size),
                                       spec_keys.get("sym", default.sym))
+        if "scheme" not in flat:  # before QuantConfig's checks of the values, so the error names the flag given
+            bits = quant["spec"].bits if "spec" in quant else QuantSpec.bits
+            refusal = method_refusal(frozenset(flat), method,
+                                     flat.get("awq_rounding") or default_awq_rounding(method, bits),
+                                     lambda key: flag_name(key, value=flat[key]))
+            if refusal:
+                raise ValueError(refusal)
         columns = dict(CalibSource.columns)
         columns.update({k[: -len("_column")]: flat[k] for k in _COLUMN_KEYS if k in flat})
         calib = pick(("num_samples", "seed", "split"))
@@ -520,12 +539,15 @@ _ANY_JOB_KEYS = ("output", "model", "scheme", "trust_remote_code", "resume", "ov
                  "device", "dtype", "offload", "threads")
 _FLAT_ORDER = (*_QUANT_KEYS, *_CALIB_KEYS, *_LAYOUT_KEYS, *_ANY_JOB_KEYS, "max_layers", "smoothing_strength")
 FLAT_KEYS = frozenset(_FLAT_ORDER)
+# where the layer math runs and its activations wait: a data-free scheme runs no layer (it quantizes each weight on
+# the CPU as the export streams it from the checkpoint), so it takes none of them but --device cpu
+_COMPUTE_KEYS = ("device", "dtype", "offload")
 # the settings each kind of --scheme job takes (JobConfig._check_scheme): a data-free scheme only what every job
-# takes; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method (gptq or rtn), GPTQ's
-# options (with --method gptq), SmoothQuant's strength, awq_max_tokens (the tokens --smoothing-strength auto's search
-# scores: with auto only) and --max-layers
+# takes but _COMPUTE_KEYS; a calibrated one (FP8, NVFP4) its calibration data too; calibrated W8A8 also its method
+# (gptq or rtn), GPTQ's options (with --method gptq), SmoothQuant's strength, awq_max_tokens (the tokens
+# --smoothing-strength auto's search scores: with auto only) and --max-layers
 SCHEME_TAKES = {
-    "datafree": frozenset(_ANY_JOB_KEYS),
+    "datafree": frozenset(_ANY_JOB_KEYS) - frozenset(_COMPUTE_KEYS),
     "calibrated": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS),
     "w8a8": frozenset(_ANY_JOB_KEYS + _CALIB_KEYS + _GPTQ_KEYS + ("method", "awq_max_tokens", "smoothing_strength",
                                                                    "max_layers")),
@@ -539,11 +561,71 @@ _FLAGS = {"sym": ("--asym", "--sym"), "desc_act": ("--no-desc-act", "--desc-act"
           "max_shard_bytes": None}
 
 
-def flag_name(key: str, job: JobConfig | None = None) -> str:
+def flag_name(key: str, job: JobConfig | None = None, value=True) -> str:
     """The quantize flag of flat setting ``key`` (``export_format`` -> ``--format``; ``sym`` -> ``--sym`` or
-    ``--asym`` by ``job``'s value); the key itself where no flag sets it (``block_size``)."""
+    ``--asym`` by ``job``'s value, else by ``value``); the key itself where no flag sets it (``block_size``)."""
     spelled = _FLAGS.get(key, "--" + key.replace("_", "-"))
     if isinstance(spelled, tuple):
-        value = getattr(job.quant.spec if key == "sym" else job.quant, key, True) if job is not None else True
+        if job is not None:
+            value = getattr(job.quant.spec if key == "sym" else job.quant, key, True)
         return spelled[bool(value)]
     return key if spelled is None else spelled
+
+
+# The settings only some integer methods read (every other setting is every method's): GPTQ's rounding wherever GPTQ
+# rounds (gptq; awq with awq_rounding gptq), its column order and layout with gptq alone (AWQ's GPTQ rounding keeps the
+# columns in order), the handling of rarely reached MoE experts where calibration statistics are taken (gptq, awq),
+# AWQ's own settings with awq, its clipping search only where AWQ rounds itself (awq_rounding rtn). A setting given
+# that the job's method does not read is an error (``method_refusal``), even at its default.
+_ROUNDING_KEYS = ("damp_percent", "damp_max", "block_size", "mse", "vision_weight")
+_ORDER_KEYS = ("desc_act", "static_groups", "true_sequential")
+_EXPERT_KEYS = ("min_expert_tokens", "rare_experts")
+_AWQ_KEYS = ("awq_grid", "awq_clip", "awq_max_tokens", "awq_rounding")
+METHOD_TAKES = {
+    "rtn": frozenset(),
+    "gptq": frozenset(_ROUNDING_KEYS + _ORDER_KEYS + _EXPERT_KEYS),
+    "awq": frozenset(_AWQ_KEYS + _EXPERT_KEYS),  # awq_rounding rtn
+    "awq+gptq": frozenset(_ROUNDING_KEYS + _EXPERT_KEYS + _AWQ_KEYS) - {"awq_clip"},
+}
+_METHOD_ONLY = frozenset().union(*METHOD_TAKES.values())
+_SEARCH_ONLY = ("candidate_bits", "sensitivity")  # read by the --target-bits search alone
+# what the job does, then where a refused setting does apply: the two halves of the error
+_METHOD_DOES = {
+    "rtn": "--method rtn rounds each weight to nearest, with no Hessian, column order, scale search or calibration "
+           "statistics",
+    "gptq": "--method gptq rounds with GPTQ, with no AWQ scales",
+    "awq": "--method awq rounds its scaled weights with its own clipping search (--awq-rounding rtn)",
+    "awq+gptq": "--method awq --awq-rounding gptq: GPTQ rounds the AWQ-scaled layer in column order, with no "
+                "clipping search",
+    "search": "without --target-bits nothing is searched",
+}
+_APPLIES = {
+    **dict.fromkeys(("desc_act", "static_groups"), "GPTQ's act-order and its groups: --method gptq"),
+    "true_sequential": "GPTQ's group-by-group Hessians: --method gptq",
+    **dict.fromkeys(_ROUNDING_KEYS, "GPTQ's rounding: --method gptq, or --method awq --awq-rounding gptq"),
+    **dict.fromkeys(_EXPERT_KEYS, "how GPTQ and AWQ calibrate rarely reached MoE experts: --method gptq or awq"),
+    **dict.fromkeys(("awq_grid", "awq_max_tokens", "awq_rounding"), "AWQ's: --method awq"),
+    "awq_clip": "the clipping search of AWQ's own rounding: --method awq --awq-rounding rtn",
+    **dict.fromkeys(_SEARCH_ONLY, "the search's: add --target-bits B, or fix widths with --override"),
+}
+
+
+def method_refusal(given: frozenset[str], method: str, awq_rounding: str, flag) -> str | None:
+    """The error for the settings in ``given`` that an integer ``method`` job (AWQ rounding with ``awq_rounding``)
+    does not read (METHOD_TAKES), or that only the --target-bits search reads when no target is given; None when it
+    reads them all. ``flag``: a flat name -> the flag the error names."""
+    kind = "awq+gptq" if method == "awq" and awq_rounding == "gptq" else method
+    if kind not in METHOD_TAKES:
+        return None  # an unknown method: QuantConfig's error
+    unread = given & _METHOD_ONLY - METHOD_TAKES[kind]
+    if not unread and "target_bits" not in given:
+        kind, unread = "search", given & set(_SEARCH_ONLY)
+    if not unread:
+        return None
+    unread = sorted(unread, key=_FLAT_ORDER.index)
+    where: dict[str, list[str]] = {}
+    for key in unread:
+        where.setdefault(_APPLIES[key], []).append(flag(key))
+    return (f"drop {', '.join(map(flag, unread))}: {_METHOD_DOES[kind]}; "
+            + "; ".join(f"{', '.join(flags)} {'is' if len(flags) == 1 else 'are'} {applies}"
+                        for applies, flags in where.items()))

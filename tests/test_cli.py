@@ -107,7 +107,41 @@ def test_awq_refuses_what_its_format_cannot_hold(tmp_path, capsys):
     assert main(["quantize", "--method", "awq", "--bits", "8", "--output", str(tmp_path / "o")]) == 2
     assert "4-bit with zero point" in capsys.readouterr().err
     assert main(["quantize", "--method", "rtn", "--desc-act", "--output", str(tmp_path / "o")]) == 2
-    assert "GPTQ options" in capsys.readouterr().err
+    assert "drop --desc-act: --method rtn rounds each weight to nearest" in capsys.readouterr().err
+
+
+# each flag a method does not read, at its default (or a switch), and the flag the error names
+@pytest.mark.parametrize("method,extra,named", [
+    ("rtn", ["--desc-act"], "--desc-act"), ("rtn", ["--no-desc-act"], "--no-desc-act"),
+    ("rtn", ["--static-groups"], "--static-groups"), ("rtn", ["--no-static-groups"], "--no-static-groups"),
+    ("rtn", ["--no-true-sequential"], "--no-true-sequential"), ("rtn", ["--mse", "0"], "--mse"),
+    ("rtn", ["--damp-percent", "0.01"], "--damp-percent"), ("rtn", ["--vision-weight", "1"], "--vision-weight"),
+    ("rtn", ["--min-expert-tokens", "1"], "--min-expert-tokens"), ("rtn", ["--rare-experts", "rtn"], "--rare-experts"),
+    ("rtn", ["--awq-rounding", "rtn"], "--awq-rounding"), ("gptq", ["--awq-rounding", "rtn"], "--awq-rounding"),
+    ("awq", ["--no-desc-act"], "--no-desc-act"), ("awq", ["--mse", "0"], "--mse"),
+    ("awq", ["--damp-percent", "0.01"], "--damp-percent"), ("awq", ["--no-true-sequential"], "--no-true-sequential"),
+    ("awq", ["--awq-rounding", "gptq", "--static-groups"], "--static-groups"),
+    ("rtn", ["--candidate-bits", "3,4,8,16"], "--candidate-bits"),
+    ("gptq", ["--sensitivity", "output"], "--sensitivity"),
+])
+def test_a_flag_the_method_does_not_read_is_refused_even_at_its_default(method, extra, named, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", "--method", method, *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qvlquant quantize: error: drop {named}: ") and f"; {named} is " in err
+    assert (f"--method {method}" in err or "without --target-bits" in err) and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_flag_a_recipes_method_does_not_read_is_refused(tmp_path, capsys):
+    """The GPTQ recipe's act-order, static groups and damping with --method rtn: the recipe's settings are given."""
+    out = tmp_path / "out"
+    recipe = pathlib.Path(__file__).resolve().parent.parent / "recipes" / "demo-gptq-int4.yaml"
+    assert main(["quantize", "--recipe", str(recipe), "--method", "rtn", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qvlquant quantize: error: drop --damp-percent, --no-desc-act, --no-static-groups, "
+                          "--no-true-sequential: --method rtn")
+    assert len(err.splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.slow
@@ -471,6 +505,19 @@ def test_w8a8_with_bits_4_is_refused_naming_the_flag_and_what_to_do(extra, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.startswith("qvlquant quantize: error: --bits does not apply to --scheme W8A8 (INT8 per-channel")
     assert err.endswith("drop it; for 4-bit integer weights leave out --scheme and use --method gptq --bits 4")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("extra,named", [(["--device", "cuda"], "--device"), (["--dtype", "bfloat16"], "--dtype"),
+                                         (["--offload", "cpu"], "--offload")])
+def test_a_data_free_scheme_refuses_where_layers_would_run(extra, named, tmp_path, capsys):
+    """Data-free, each weight is quantized on the CPU as it streams from the checkpoint: these flags did nothing."""
+    out = tmp_path / "out"
+    assert main(["quantize", "--scheme", "NVFP4A16", *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qvlquant quantize: error: {named} does not apply to --scheme NVFP4A16 (") and \
+        err.endswith("drop it; a data-free scheme runs no layer: it quantizes each weight on the CPU as the export "
+                     "streams it from the checkpoint (--device cpu may stay)")
     assert len(err.splitlines()) == 1 and not out.exists()
 
 

@@ -44,12 +44,13 @@ def test_damping_is_checked_at_the_boundary(damp):
 
 
 @pytest.mark.parametrize("settings,message", [
-    (dict(method="rtn", damp_percent=0.01), "damp_percent: GPTQ options, not for method rtn"),
-    (dict(method="awq", desc_act=True), "desc_act: GPTQ options, not for method awq"),
-    (dict(method="awq", mse=2.4), "mse: GPTQ options, not for method awq \\(AWQ takes .* awq_rounding 'gptq'\\)"),
-    (dict(method="awq", awq_rounding="gptq", static_groups=True), "static_groups: GPTQ options"),
-    (dict(method="rtn", vision_weight=0.5), "vision_weight: GPTQ options, not for method rtn"),
-    (dict(method="gptq", awq_rounding="gptq"), "awq_rounding: an AWQ option, not for method gptq"),
+    (dict(method="rtn", damp_percent=0.01), "^drop --damp-percent: --method rtn rounds each weight to nearest"),
+    (dict(method="awq", desc_act=True), "^drop --desc-act: --method awq rounds .*; --desc-act is GPTQ's act-order"),
+    (dict(method="awq", mse=2.4), "^drop --mse: --method awq .*--method awq --awq-rounding gptq$"),
+    (dict(method="awq", awq_rounding="gptq", static_groups=True), "^drop --static-groups: --method awq "
+                                                                  "--awq-rounding gptq: GPTQ rounds the AWQ-scaled"),
+    (dict(method="rtn", vision_weight=0.5), "^drop --vision-weight: --method rtn"),
+    (dict(method="gptq", awq_rounding="gptq"), "^drop --awq-rounding: --method gptq .*is AWQ's: --method awq$"),
     (dict(method="awq", awq_rounding="nearest"), "awq_rounding must be one of rtn, gptq"),
     (dict(method="gptq", mse=-1.0), "mse must be a finite number >= 0"),
     (dict(method="gptq", vision_weight=0.0), "vision_weight must be a finite number above 0"),
@@ -58,7 +59,7 @@ def test_damping_is_checked_at_the_boundary(damp):
     (dict(method="gptq", desc_act=True, export_format="compressed-tensors"), "contiguous groups only"),
     (dict(method="bogus"), "unknown method 'bogus'"),
     (dict(method="gptq", rare_experts="drop"), "rare_experts must be one of rtn, all_tokens"),
-    (dict(method="rtn", rare_experts="all_tokens"), "rare_experts: GPTQ / AWQ options"),
+    (dict(method="rtn", rare_experts="all_tokens"), "^drop --rare-experts: --method rtn .*: --method gptq or awq$"),
     (dict(device="gpu"), "device must be auto, cpu, cuda or cuda:N"),
     (dict(dtype="int8"), "dtype must be one of"),
     (dict(offload="disk"), "offload must be one of"),
@@ -282,9 +283,12 @@ def test_what_each_scheme_takes_is_accepted():
     """Every job's settings (model, where it writes and computes) with any scheme; --method rtn with W8A8 (what its
     data-free export does); GPTQ's options, the calibration settings and --max-layers with calibrated W8A8."""
     every = {"model": "demo", "trust_remote_code": False, "resume": False, "overwrite": True, "device": "cpu",
-             "dtype": "float32", "offload": "cpu", "threads": 1}
+             "threads": 1}
     for scheme in ("FP8_BLOCK", "FP8_DYNAMIC", "W8A8", "NVFP4A16", "FP8", "NVFP4"):
         assert JobConfig.from_flat(output="o", scheme=scheme, **every).scheme == scheme
+    compute = {"device": "cuda", "dtype": "float32", "offload": "cpu"}  # where the layers run: calibrated only
+    for job in ({"scheme": "FP8"}, {"scheme": "NVFP4"}, {"scheme": "W8A8", "method": "gptq"}):
+        assert JobConfig.from_flat(output="o", **job, **compute).device.dtype == "float32"
     plain = JobConfig.from_flat(output="o", scheme="W8A8", method="rtn")
     assert plain.datafree_format is not None and not plain.w8a8_calibrated
     gptq = JobConfig.from_flat(output="o", scheme="W8A8", method="gptq", damp_percent=0.1, desc_act=False,
@@ -322,3 +326,105 @@ def test_what_was_given_is_in_neither_the_report_nor_the_fingerprint(settings):
                          smoothing_strength=flat.smoothing_strength)
     assert by_field.given is None and by_field == flat
     assert by_field.to_dict() == flat.to_dict() and by_field.result_settings() == flat.result_settings()
+
+
+# each setting only some integer methods read, at its default (or either way for a switch) -> the flag the error names
+METHOD_ONLY_AT_DEFAULT = {
+    "damp_percent": ({"damp_percent": GPTQ_DAMP_PERCENT}, "--damp-percent"),
+    "damp_max": ({"damp_max": 1.0}, "damp_max"),
+    "block_size": ({"block_size": 128}, "block_size"), "mse": ({"mse": 0.0}, "--mse"),
+    "vision_weight": ({"vision_weight": 1.0}, "--vision-weight"), "no_desc_act": ({"desc_act": False}, "--no-desc-act"),
+    "desc_act": ({"desc_act": True}, "--desc-act"), "static_groups": ({"static_groups": True}, "--static-groups"),
+    "no_static_groups": ({"static_groups": False}, "--no-static-groups"),
+    "true_sequential": ({"true_sequential": False}, "--no-true-sequential"),
+    "min_expert_tokens": ({"min_expert_tokens": 1}, "--min-expert-tokens"),
+    "rare_experts": ({"rare_experts": "rtn"}, "--rare-experts"), "awq_grid": ({"awq_grid": 20}, "awq_grid"),
+    "awq_clip": ({"awq_clip": True}, "awq_clip"), "awq_max_tokens": ({"awq_max_tokens": 4096}, "awq_max_tokens"),
+    "awq_rounding": ({"awq_rounding": "rtn"}, "--awq-rounding")}
+GPTQ_ROUNDING = ["damp_percent", "damp_max", "block_size", "mse", "vision_weight"]
+GPTQ_ORDER = ["no_desc_act", "desc_act", "static_groups", "no_static_groups", "true_sequential"]
+EXPERTS = ["min_expert_tokens", "rare_experts"]
+AWQ = ["awq_grid", "awq_clip", "awq_max_tokens", "awq_rounding"]
+# each kind of integer-method job -> (its settings, what the error says it does, the settings it does not read)
+METHOD_JOBS = {
+    "rtn": ({"method": "rtn"}, "--method rtn rounds each weight to nearest",
+            GPTQ_ROUNDING + GPTQ_ORDER + EXPERTS + AWQ),
+    "gptq": ({"method": "gptq"}, "--method gptq rounds with GPTQ", AWQ),
+    "awq": ({"method": "awq"}, "--method awq rounds its scaled weights with its own clipping search",
+            GPTQ_ROUNDING + GPTQ_ORDER),
+    "awq-gptq": ({"method": "awq", "awq_rounding": "gptq"}, "--method awq --awq-rounding gptq: GPTQ rounds",
+                 GPTQ_ORDER + ["awq_clip"]),
+    "awq-w3": ({"method": "awq", "bits": 3, "export_format": "compressed-tensors"},  # GPTQ rounds below 4 bits
+               "--method awq --awq-rounding gptq: GPTQ rounds", GPTQ_ORDER + ["awq_clip"]),
+}
+METHOD_REFUSALS = [(kind, name) for kind, (_, _, refused) in METHOD_JOBS.items() for name in refused]
+
+
+@pytest.mark.parametrize("kind,name", METHOD_REFUSALS, ids=[f"{k}-{n}" for k, n in METHOD_REFUSALS])
+def test_every_method_refuses_a_setting_it_does_not_read_even_at_its_default(kind, name):
+    """--method rtn --no-desc-act (or --mse 0, or any GPTQ option), --method gptq --awq-rounding rtn, ...: equal to the
+    default, such a flag used to pass unnoticed; now the flag given is refused, naming it, the method and where the
+    flag does apply. The Python API (from_flat) and a config built field by field, where a value tells, alike."""
+    job, does, _ = METHOD_JOBS[kind]
+    settings, flag = METHOD_ONLY_AT_DEFAULT[name]
+    with pytest.raises(ValueError, match=rf"^drop {re.escape(flag)}: {re.escape(does)}.*; {re.escape(flag)} is "):
+        JobConfig.from_flat(output="o", **job, **settings)
+
+
+@pytest.mark.parametrize("kind", METHOD_JOBS)
+def test_what_each_method_reads_is_accepted_and_changes_nothing_at_its_default(kind):
+    """Every setting the method reads, given at its default, builds the very job given none: the same report
+    (to_dict) and fingerprint (result_settings) as before the check."""
+    job, _, refused = METHOD_JOBS[kind]
+    taken = [n for n in METHOD_ONLY_AT_DEFAULT if n not in refused and n not in ("no_desc_act", "no_static_groups")]
+    settings = {k: v for n in taken for k, v in METHOD_ONLY_AT_DEFAULT[n][0].items()}
+    if kind == "gptq":
+        settings["true_sequential"] = True  # --no-true-sequential's setting off is not the default
+    if kind.startswith("awq-"):
+        settings["awq_rounding"] = "gptq"  # the rounding these jobs take (given, or by the width)
+    given = JobConfig.from_flat(output="o", **{**job, **settings})
+    plain = JobConfig.from_flat(output="o", **job)
+    assert given == plain and given.to_dict() == plain.to_dict()
+    assert given.result_settings() == plain.result_settings()
+
+
+@pytest.mark.parametrize("settings,flag", [({"candidate_bits": "3,4,8,16"}, "--candidate-bits"),
+                                           ({"candidate_bits": "4,8"}, "--candidate-bits"),
+                                           ({"sensitivity": "output"}, "--sensitivity"),
+                                           ({"sensitivity": "layer"}, "--sensitivity")])
+@pytest.mark.parametrize("job", [{"method": "rtn"}, {"method": "gptq"},
+                                 {"method": "awq", "export_format": "compressed-tensors"}], ids=lambda j: j["method"])
+def test_the_search_settings_without_target_bits_are_refused(job, settings, flag):
+    with pytest.raises(ValueError, match=rf"^drop {flag}: without --target-bits nothing is searched; {flag} is the "
+                                         r"search's: add --target-bits B"):
+        JobConfig.from_flat(output="o", **job, **settings)
+    searched = JobConfig.from_flat(output="o", **job, **settings, target_bits=4.5)
+    assert searched.search.active
+
+
+def test_the_method_check_of_a_config_built_field_by_field():
+    """No flat names recorded: a value other than the default is what was given (AWQ's settings with GPTQ, which
+    QuantConfig itself lets through; the search's candidates without a target)."""
+    from qvlquant.config import SearchConfig
+
+    with pytest.raises(ValueError, match=r"^drop awq_grid: --method gptq rounds with GPTQ"):
+        JobConfig(output="o", quant=QuantConfig("gptq", awq_grid=10))
+    with pytest.raises(ValueError, match=r"^drop awq_clip: --method awq --awq-rounding gptq"):
+        JobConfig(output="o", quant=QuantConfig("awq", awq_rounding="gptq", awq_clip=False))
+    with pytest.raises(ValueError, match=r"^drop --candidate-bits: without --target-bits"):
+        JobConfig(output="o", search=SearchConfig(candidate_bits=(4, 8)))
+    assert JobConfig(output="o", quant=QuantConfig("awq", awq_clip=False)).quant.awq_clip is False
+
+
+@pytest.mark.parametrize("settings,flag", [({"device": "cuda"}, "--device"), ({"device": "auto"}, "--device"),
+                                           ({"dtype": "bfloat16"}, "--dtype"), ({"dtype": "float32"}, "--dtype"),
+                                           ({"offload": "auto"}, "--offload"), ({"offload": "cpu"}, "--offload")])
+@pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC", "W8A8", "NVFP4A16"])
+def test_a_data_free_scheme_refuses_where_the_layers_would_run(scheme, settings, flag):
+    """A data-free scheme runs no layer: each weight is quantized on the CPU as the export streams it from the
+    checkpoint, whatever --device, --dtype or --offload said (api._quantize_datafree). --device cpu says what it
+    does."""
+    with pytest.raises(ValueError, match=rf"^{flag} does not apply to --scheme {scheme} .*data-free.*: drop it; a "
+                                         r"data-free scheme runs no layer: it quantizes each weight on the CPU"):
+        JobConfig.from_flat(output="o", scheme=scheme, **settings)
+    assert JobConfig.from_flat(output="o", scheme=scheme, device="cpu").device.device == "cpu"

@@ -170,10 +170,15 @@ class QuantConfig:
         if self.desc_act is None:
             object.__setattr__(self, "desc_act", gptq and GPTQ_ACT_ORDER)
         if self.awq_rounding is None:
-            below = self.method == "awq" and self.spec.bits < AWQ_GPTQ_ROUNDING_BELOW_BITS
-            object.__setattr__(self, "awq_rounding", "gptq" if below else "rtn")
+            object.__setattr__(self, "awq_rounding", default_awq_rounding(self.method, self.spec.bits))
         if self.mse is None:
             object.__setattr__(self, "mse", GPTQ_MSE if gptq and self.spec.bits < GPTQ_MSE_BELOW_BITS else 0.0)
+
+
+def default_awq_rounding(method: str, bits: int) -> str:
+    """The rounding after AWQ's scales when none is given: gptq below AWQ_GPTQ_ROUNDING_BELOW_BITS bits, else rtn
+    (rtn for the other methods, which take no AWQ rounding)."""
+    return "gptq" if method == "awq" and bits < AWQ_GPTQ_ROUNDING_BELOW_BITS else "rtn"
 
 
 def resolved_by_bits(method: str, name: str, widths, **given) -> dict[int, object]:
