@@ -29,6 +29,7 @@ from qvlquant.checkpoint.export import (
     finish_export,
     fp8_quantization_config,
     nvfp4_quantization_config,
+    plan_shards,
     quantization_config,
     w8a8_quantization_config,
     write_shards,
@@ -41,6 +42,7 @@ from qvlquant.quant.rtn import default_g_idx
 from qvlquant.quant.rules import ModulePlan
 from qvlquant.quant.spec import QuantConfig
 from qvlquant.storage.outputs import temp_dir
+from qvlquant.storage.shards import file_order
 
 
 def is_fp8_linear(family: ModelFamily, runtime_name: str) -> bool:
@@ -317,6 +319,20 @@ def plan_rtn(model, family: ModelFamily, base: CheckpointTensors, modules: Modul
     return entries, fetch, quantized
 
 
+def rounding_order(entries: list[Entry], family: ModelFamily, quantized: list[str],
+                   max_shard_bytes: int | None) -> list[str]:
+    """The weights ``plan_rtn``'s export reads, in the order it reads them: each linear's when the first of its
+    packed tensors is written (shards in turn, each file in its own order). -> runtime weight names."""
+    linear_of = {family.to_disk(name + ".weight")[: -len("weight")]: name + ".weight" for name in quantized}
+    order: dict[str, None] = {}
+    for shard in plan_shards(entries, max_shard_bytes):
+        for key in file_order(shard):
+            head, _, tensor = key.rpartition(".")
+            if head + "." in linear_of and tensor not in SHAPE_ONLY:
+                order.setdefault(linear_of[head + "."])
+    return list(order)
+
+
 def export_rtn(model, processor, base: CheckpointTensors, qcfg: QuantConfig, modules: ModulePlan, fmt: PackFormat,
                out: str | pathlib.Path, report: Callable[[list[str]], dict], options: ExportConfig = ExportConfig(),
                base_folder: pathlib.Path | None = None) -> pathlib.Path:
@@ -328,7 +344,8 @@ def export_rtn(model, processor, base: CheckpointTensors, qcfg: QuantConfig, mod
     tmp = temp_dir(out)
     try:
         entries, fetch, quantized = plan_rtn(model, family, base, modules, fmt)
-        write_shards(entries, fetch, tmp, options.max_shard_bytes)
+        with base.read_ahead(rounding_order(entries, family, quantized, options.max_shard_bytes)):
+            write_shards(entries, fetch, tmp, options.max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = quantization_config(qcfg, fmt, family, num_layers,
                                                          modules if modules.mixed else None)

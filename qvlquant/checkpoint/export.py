@@ -12,12 +12,15 @@ destroys the model that was there before.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import json
 import os
 import pathlib
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -390,15 +393,46 @@ class CheckpointTensors:
 
     def __init__(self, reader: ShardReader, family: ModelFamily, dtype: torch.dtype):
         self.reader, self.family, self.dtype = reader, family, dtype
+        self._order: collections.deque[str] = collections.deque()  # read_ahead's names still to come
+        self._pending: tuple[str, Future] | None = None
+        self._reader: ThreadPoolExecutor | None = None
 
     def meta(self, runtime_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         stored = stored_tensor(self.reader, self.family, runtime_name)
         return (self.dtype if stored.dtype.is_floating_point else stored.dtype), stored.shape
 
     def get(self, runtime_name: str) -> torch.Tensor:
+        if self._pending is not None and self._pending[0] == runtime_name:
+            future = self._pending[1]
+            self._read_next()
+            return future.result()  # its read's error, if it failed
+        return self._read(runtime_name)
+
+    def _read(self, runtime_name: str) -> torch.Tensor:
         stored = stored_tensor(self.reader, self.family, runtime_name)  # an expert of fused ones: its slice
         t = stored.read(self.reader)
         return finite(t.to(self.dtype) if t.is_floating_point() else t, f"{self.reader.folder}: {stored}")
+
+    @contextlib.contextmanager
+    def read_ahead(self, runtime_names: list[str]):
+        """Within the block, ``runtime_names`` (the order in which ``get`` will ask for them) are read one ahead in
+        a background thread: the next one is read from disk while the caller works on this one (in a data-free
+        export, rounds and packs it). Memory holds one tensor more; a name asked for out of turn is read then."""
+        self._order = collections.deque(runtime_names)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        try:
+            self._read_next()
+            yield self
+        finally:
+            self._order, self._pending = collections.deque(), None
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = None
+
+    def _read_next(self) -> None:
+        self._pending = None
+        if self._order:
+            name = self._order.popleft()
+            self._pending = (name, self._reader.submit(self._read, name))
 
     def carried(self) -> list[str]:
         """The checkpoint keys under the family's ``carried`` prefixes (Qwen3.5's MTP head), which the model does

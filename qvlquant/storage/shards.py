@@ -276,6 +276,11 @@ def _layout(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> list
     return sorted(rows, key=lambda r: (-_RANK[r[1]], r[0]))
 
 
+def file_order(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """The names of ``entries`` in the order ``write_safetensors`` fetches and stores them."""
+    return [row[0] for row in _layout(entries)]
+
+
 def write_safetensors(path: pathlib.Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
                       fetch: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``path`` holding the tensors ``entries`` names; ``fetch(name)`` is called once per tensor, in file

@@ -255,3 +255,41 @@ def test_rtn_from_the_checkpoint_keeps_nothing_waiting_once_written(tmp_path, mo
     qvlquant.quantize(output=str(tmp_path / "out"), method="rtn", bits=4,
                       export_format="compressed-tensors" if fmt == "compressed-tensors" else "auto")
     assert seen == [{}]
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 1 << 20])
+def test_rtn_from_the_checkpoint_reads_each_weight_once_one_ahead(tmp_path, monkeypatch, shard_bytes):
+    """The RTN export reads its linears' weights in a background thread one ahead (``read_ahead`` with
+    ``rounding_order``): every weight it rounds was read there, exactly once, and in the order the export asked for
+    them, in one file and across shards of 1 MiB; the export is the one read without read-ahead, byte for byte."""
+    import threading
+
+    import qvlquant
+    from qvlquant.checkpoint.export import CheckpointTensors
+
+    reads, asked = [], []
+    read, get = CheckpointTensors._read, CheckpointTensors.get
+
+    def recording_read(self, name):
+        reads.append((name, threading.current_thread().name.startswith("read-ahead")))
+        return read(self, name)
+
+    def recording_get(self, name):
+        asked.append(name)
+        return get(self, name)
+
+    settings = dict(method="rtn", bits=4, **({"max_shard_bytes": shard_bytes} if shard_bytes else {}))
+    qvlquant.quantize(output=str(tmp_path / "plain"), **settings)
+    monkeypatch.setattr(CheckpointTensors, "_read", recording_read)
+    monkeypatch.setattr(CheckpointTensors, "get", recording_get)
+    qvlquant.quantize(output=str(tmp_path / "ahead"), **settings)
+    ahead = [name for name, background in reads if background]
+    linears = [name for name in asked if ".layers." in name and name.endswith("proj.weight")]
+    report = json.loads((tmp_path / "ahead" / "quantize_report.json").read_text())
+    assert len(linears) == len(set(linears)) == len(report["layers"]) > 0  # each rounded linear asked for once
+    assert ahead == linears
+    assert not [name for name, background in reads if not background and name in set(linears)]
+    files = sorted(p.name for p in (tmp_path / "plain").glob("*.safetensors"))
+    assert (len(files) == 1) == (shard_bytes is None)
+    for name in files:
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "ahead" / name).read_bytes(), name
