@@ -654,6 +654,7 @@ def _report(config: JobConfig, job: PreparedJob, batches: list[dict], result: Qu
         "layers": result.layer_info,
         "layer_seconds": {str(k): v for k, v in result.layer_seconds.items()},
         "phase_seconds": result.phases.rounded(),
+        "peak_rss_gib_by_phase": result.phases.highs_gib(),  # where the resident high-water mark rose
         "complete": result.complete,
         "quantize_seconds": round(result.seconds, 2),
         "export_seconds": None if export_started is None else round(time.time() - export_started, 2),

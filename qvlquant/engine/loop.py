@@ -21,7 +21,7 @@ import torch
 
 from qvlquant.engine.resume import LayerRecord, MemoryStore
 from qvlquant.families import ModelFamily
-from qvlquant.parallel.devices import trim_heap
+from qvlquant.parallel.devices import rss_high_water_bytes, trim_heap
 from qvlquant.parallel.distributed import SINGLE, World, broadcast_tensors
 from qvlquant.quant.apply import LAYER_METHODS, w8a8_layer
 from qvlquant.quant.formats import Int8Format, PackFormat, QuantizedWeight
@@ -91,22 +91,34 @@ class LoopPlan:
 
 
 class Phases:
-    """Wall time per ``Phase`` of the loop, summed over all layers."""
+    """Wall time per ``Phase`` of the loop, summed over all layers; and in which phase the process's resident
+    memory reached a new high (its high-water mark read at every switch: the phase that just ended raised it)."""
 
-    def __init__(self):
+    def __init__(self, high_water: Callable[[], int | None] = rss_high_water_bytes):
         self.seconds: dict[Phase, float] = {}
         self.current: Phase | None = None
         self.since = 0.0
+        self.high_water, self.highs = high_water, {}
+        self.mark = high_water()
 
     def switch(self, phase: Phase | None) -> None:
         now = time.perf_counter()
         if self.current is not None:
             self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+            mark = self.high_water()
+            if mark is not None and self.mark is not None and mark > self.mark:
+                self.highs[self.current] = mark
+            self.mark = mark
         self.current, self.since = phase, now
 
     def rounded(self) -> dict[str, float]:
         """phase name -> seconds (what the report records)."""
         return {phase.value: round(v, 2) for phase, v in self.seconds.items()}
+
+    def highs_gib(self) -> dict[str, float]:
+        """phase name -> the highest resident memory (GiB) the process first reached during that phase; the phase
+        holding the largest value is where the run's peak happened. Phases that never raised it are absent."""
+        return {phase.value: round(b / 2**30, 3) for phase, b in self.highs.items()}
 
 
 class LayerSource(Protocol):

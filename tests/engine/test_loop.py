@@ -232,3 +232,36 @@ def test_hybrid_layers_replay_with_the_mask_of_their_own_type():
         x = next_input(i, layer, x.of_type(family.layer_type(i)))
         expected = model.model.language_model.norm(x.hidden) if i == len(reference) - 2 else x.hidden
         torch.testing.assert_close(expected[mask], reference[i + 1][mask], rtol=1e-5, atol=1e-5)
+
+
+def test_phases_name_the_phase_in_which_resident_memory_rose():
+    """``Phases.highs_gib``: the high-water mark read at each switch is given to the phase that just ended, and only
+    when it rose during that phase (a fake reader: 1, 1, 3, 3, 5 GiB)."""
+    from qvlquant.engine.loop import Phases
+
+    marks = iter(g * 2**30 for g in (1, 1, 3, 3, 5))
+    phases = Phases(high_water=lambda: next(marks))
+    for phase in (Phase.LOAD, Phase.HESSIAN, Phase.SOLVE, Phase.HESSIAN, None):
+        phases.switch(phase)
+    assert phases.highs_gib() == {"hessian": 5.0}  # load raised nothing (1 -> 1), hessian 1 -> 3, solve 3 -> 3, 3 -> 5
+
+
+def test_phases_see_a_real_allocation_in_its_phase():
+    """Linux's VmHWM, read by default: inside ``solve`` a tensor touched to 256 MiB above the process's earlier
+    high-water mark raises the mark there, by about that much, and nowhere else."""
+    from qvlquant.engine.loop import Phases
+    from qvlquant.parallel.devices import rss_high_water_bytes
+
+    start = rss_high_water_bytes()
+    if start is None:
+        pytest.skip("no /proc/self/status VmHWM here")
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    phases = Phases()
+    phases.switch(Phase.LOAD)
+    phases.switch(Phase.SOLVE)
+    current = torch.ones((start - rss + 2**28) // 4, dtype=torch.float32)  # every page written
+    phases.switch(None)
+    del current
+    highs = phases.highs_gib()
+    assert set(highs) == {"solve"} and highs["solve"] * 2**30 >= start + 2**28 - 2**24, (highs, start)
