@@ -466,6 +466,8 @@ def quantize_model(model, batches: list[dict], plan: LoopPlan, source: LayerSour
         phases.switch(Phase.SAVE)
         store.save(i, record, [x.hidden for x in inputs])
         result.layer_seconds[i] = round(record.seconds, 2)
+        record = layer = None  # saved: the packed layer is not held while the next one is quantized
+        trim_heap()
         bar.update(1)
     phases.switch(None)
     bar.close()
