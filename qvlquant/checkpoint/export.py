@@ -649,7 +649,11 @@ def finish_export(tmp: pathlib.Path, config, processor, base_folder: pathlib.Pat
                   files: dict[str, str] | None = None) -> pathlib.Path:
     """Everything an export holds beside its tensors, written into ``tmp`` (the weights already there): config.json,
     the processor, the base's serving files, ``files`` (name -> text), the report, the card and the manifest; then
-    ``tmp`` published as ``out``. -> the published folder."""
+    ``tmp`` published as ``out``. -> the published folder. Every sub-config (text, vision) states ``config.dtype``,
+    the dtype the export stores, not the dtype the model was computed in."""
+    for sub in ("text_config", "vision_config"):
+        if getattr(config, sub, None) is not None and hasattr(getattr(config, sub), "dtype"):
+            getattr(config, sub).dtype = config.dtype
     with_serving_fields(config).save_pretrained(tmp)
     if processor is not None:
         processor.save_pretrained(tmp)

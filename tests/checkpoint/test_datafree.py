@@ -69,7 +69,7 @@ def test_the_config_reads_back_as_its_format_and_the_export_is_verified(fp8_expo
     quant = read_quantization_config(config["quantization_config"], "config.json")
     assert quant.pack_format is FP8_SCHEMES[scheme] and quant.spec.bits == 8
     assert quant.summary()["weights"] == "fp8_e4m3"
-    assert config["dtype"] == "bfloat16"
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
     report = json.loads((folder / "quantize_report.json").read_text())
     assert report["scheme"] == scheme and report["calibration"] is None and len(report["layers"]) == 28
     assert report["config"]["calib"]["source"] is None  # nothing was read, nothing recorded
@@ -230,6 +230,8 @@ def test_rtn_from_the_checkpoint_writes_the_layer_loops_bytes(tmp_path, case):
     assert sorted(free["layers"]) == sorted(loop["layers"])
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "free" / name).read_bytes() == (tmp_path / "loop" / name).read_bytes(), name
+    config = json.loads((tmp_path / "loop" / "config.json").read_text())  # the stored dtype, not the compute dtype
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
