@@ -41,6 +41,7 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+TIMELINE_STEP_S = 15.0  # seconds between the recorded points of a run's memory over time
 SANE_ERROR = 0.25  # relative weight error above which a W4 g128 linear is not a plausible quantization of its input
 
 RUNS = {  # name -> (tool, method)
@@ -78,9 +79,12 @@ def sampled(cmd: list[str], env: dict, timeout: float, cwd: pathlib.Path | None 
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
                                 cwd=cwd)
-        t0, peak, timed_out = time.time(), 0, False
+        t0, peak, timed_out, timeline = time.time(), 0, False, []
         while proc.poll() is None:
-            peak = max(peak, tree_rss_bytes(proc.pid))
+            rss = tree_rss_bytes(proc.pid)
+            peak = max(peak, rss)
+            if not timeline or time.time() - t0 >= timeline[-1][0] + TIMELINE_STEP_S:
+                timeline.append((round(time.time() - t0, 1), round(rss / 2**30, 2)))
             if time.time() - t0 > timeout:
                 timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -93,7 +97,18 @@ def sampled(cmd: list[str], env: dict, timeout: float, cwd: pathlib.Path | None 
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return {"rc": proc.returncode, "timed_out": timed_out, "wall_s": round(wall, 1),
             "peak_tree_rss_gib_sampled": round(peak / 2**30, 3),
-            "peak_rss_gib_time_v": round(int(m[1]) * 1024 / 2**30, 3) if m else None, "log_tail": text[-2500:]}
+            "peak_rss_gib_time_v": round(int(m[1]) * 1024 / 2**30, 3) if m else None,
+            "rss_timeline_gib": timeline, **progress(text), "log_tail": text[-2500:]}
+
+
+def progress(log: str) -> dict:
+    """How far a run got, from its log: the highest decoder layer index it named (``layers.N``, as the peers'
+    progress bars and qvlquant's per-layer lines name them) and the last line naming a layer, progress bars'
+    carriage returns and colour codes removed. What a killed run reached, not a measurement of its speed."""
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", log).replace("\r", "\n")
+    layers = [int(n) for n in re.findall(r"layers\.(\d+)\.", plain)]
+    named = [line.strip() for line in plain.splitlines() if re.search(r"layer", line, re.IGNORECASE)]
+    return {"highest_layer_named": max(layers) if layers else None, "last_layer_line": named[-1][:300] if named else None}
 
 
 def qvlquant_command(checkpoint: pathlib.Path, method: str, args, out: pathlib.Path) -> list[str]:
@@ -162,7 +177,7 @@ def run_one(name: str, checkpoint: pathlib.Path, batches: pathlib.Path, args, wo
     shutil.rmtree(out.with_name(f".{out.name}.partial"), ignore_errors=True)
     if tool == "qvlquant":
         cmd = qvlquant_command(checkpoint, method, args, out)
-        env = dict(os.environ, QVLQUANT_QUIET="1")
+        env = dict(os.environ)  # progress lines on: a run killed at --timeout shows the layer it reached
     else:
         python = args.peers_dir / tool / "bin" / "python"
         if not python.exists():
@@ -195,7 +210,9 @@ def run_one(name: str, checkpoint: pathlib.Path, batches: pathlib.Path, args, wo
         if method == "awq":  # scales folded into the weights: the error against the input is no bound
             row["sane"] = bool(s["linears"]) and not s["nonfinite"] and not s["unmatched"]
     else:
-        row["oom_killed"] = "Killed" in row["log_tail"] or "MemoryError" in row["log_tail"] or row["rc"] in (-9, 137)
+        # our own kill at --timeout is SIGKILL too: only a kill we did not send counts as out of memory
+        row["oom_killed"] = not row["timed_out"] and (
+            "Killed" in row["log_tail"] or "MemoryError" in row["log_tail"] or row["rc"] in (-9, 137))
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(f".{out.name}.partial"), ignore_errors=True)
     return row
