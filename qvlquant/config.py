@@ -236,6 +236,7 @@ class JobConfig:
         positive_int("max_layers", self.max_layers, allow_none=True)
         if self.calib.source is None and self.datafree_format is None:  # a data-free scheme reads none
             object.__setattr__(self, "calib", dataclasses.replace(self.calib, source=self._default_calib()))
+        self._check_dataset_flags()
         object.__setattr__(self, "rules", tuple(self.rules))
         if not all(isinstance(r, Rule) for r in self.rules):
             raise ValueError("rules must be quant.rules.Rule values (parse_rule('PATTERN:bits=8') builds one)")
@@ -278,6 +279,17 @@ class JobConfig:
         """The rules with the config each gives, checked against the method and each other (not yet against a
         model's linears: ``ModulePlan.resolve`` with the names does that before any data work)."""
         return ModulePlan.resolve(self.rules, self.quant)
+
+    def _check_dataset_flags(self) -> None:
+        """The split and the column names are read from hf: datasets only: given with another source (the demo
+        chats, a .json file, an image folder) they would be silently unused, so they are an error naming them."""
+        source = self.calib.source
+        unused = sorted(self.given_settings() & {"split", *_COLUMN_KEYS}, key=_FLAT_ORDER.index)
+        if unused and source is not None and not str(source).startswith("hf:"):
+            names = ", ".join(flag_name(key, self) for key in unused)
+            raise ValueError(f"{names} {'applies' if len(unused) == 1 else 'apply'} to hf: datasets only "
+                             f"(--calib hf:PATH_OR_ID); --calib {source!r} is not one: drop "
+                             f"{'it' if len(unused) == 1 else 'them'}")
 
     def _check_scheme(self) -> None:
         """A scheme takes only the settings in SCHEME_TAKES: the data-free ones (FP8_BLOCK, FP8_DYNAMIC, W8A8,

@@ -268,8 +268,9 @@ def test_a_data_free_scheme_refuses_every_calibration_setting_and_a_calibrated_o
     with pytest.raises(ValueError, match=rf"^{flag} does not apply to --scheme {scheme} .*: drop it; only FP8 and "
                                          r"NVFP4 take calibration data"):
         JobConfig.from_flat(output="o", scheme=scheme, **settings)
+    dataset = {"calib": "hf:org/data"} if flag in ("--split", "--image-column") else {}  # read from hf: only
     for calibrated in ({"scheme": "FP8"}, {"scheme": "NVFP4"}, {"scheme": "W8A8", "method": "gptq"}):
-        JobConfig.from_flat(output="o", **calibrated, **settings)
+        JobConfig.from_flat(output="o", **calibrated, **settings, **dataset)
 
 
 @pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC", "NVFP4A16", "FP8", "NVFP4"])
@@ -428,3 +429,23 @@ def test_a_data_free_scheme_refuses_where_the_layers_would_run(scheme, settings,
                                          r"data-free scheme runs no layer: it quantizes each weight on the CPU"):
         JobConfig.from_flat(output="o", scheme=scheme, **settings)
     assert JobConfig.from_flat(output="o", scheme=scheme, device="cpu").device.device == "cpu"
+
+
+@pytest.mark.parametrize("given,named", [({"split": "validation"}, "--split"),
+                                         ({"text_column": "body", "split": "x"}, "--split, --text-column")])
+@pytest.mark.parametrize("source", [None, "demo", "samples.jsonl"])
+def test_dataset_split_and_columns_are_refused_for_a_source_that_is_no_hf_dataset(given, named, source):
+    """--split / --*-column are read from hf: datasets only; with the demo chats (the default), a file or a folder
+    they did nothing. Refused by name, with what to do."""
+    flat = {"method": "gptq", "output": "out", **({} if source is None else {"calib": source}), **given}
+    with pytest.raises(ValueError) as e:
+        JobConfig.from_flat(**flat)
+    shown = "demo" if source is None else source
+    assert str(e.value) == (f"{named} appl{'y' if ',' in named else 'ies'} to hf: datasets only (--calib "
+                            f"hf:PATH_OR_ID); --calib '{shown}' is not one: drop {'them' if ',' in named else 'it'}")
+
+
+def test_dataset_split_and_columns_are_taken_with_an_hf_dataset():
+    job = JobConfig.from_flat(**{"method": "gptq", "output": "out", "calib": "hf:org/data", "split": "validation",
+                               "question_column": "prompt"})
+    assert job.calib.split == "validation" and dict(job.calib.columns)["question"] == "prompt"
