@@ -919,8 +919,10 @@ MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and
     "gptq": ("AutoGPTQMoEMethod", "HummingIndexedExperts"),
     "awq": ("AutoAWQMoEMethod", "HummingIndexedExperts"),
     "compressed-tensors": ("CompressedTensorsWNA16MoEMethod", "HummingIndexedExperts"),
-    "FP8_DYNAMIC": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),
-    "FP8": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),  # static input scales
+    # FP8: Triton's kernel, ahead of Humming in vLLM's order (what an sm_90 answers; HummingIndexedExperts while the
+    # faked GPU still said no to supports_fp8)
+    "FP8_DYNAMIC": ("CompressedTensorsW8A8Fp8MoEMethod", "TritonExperts"),
+    "FP8": ("CompressedTensorsW8A8Fp8MoEMethod", "TritonExperts"),  # static input scales
     "W8A8": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
     "W8A8+gptq": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
     # one class for both: use_a16 is NVFP4A16's (no input global scale read)
@@ -1058,6 +1060,16 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
     Qwen3-VL-MoE's router is a GateLinear built with it, which the export's config keeps), the shared expert the
     format's linear method, the experts its MoE method. Two run-time pieces a CPU build of vLLM lacks are
     stood in for: the SiLU-and-mul op (no weights) and the shared experts' CUDA stream (vLLM's own switch)."""
+    methods = _vllm_moe_block(moe_exports[model_type, fmt], model_type, monkeypatch)
+    assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
+    assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
+    shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
+    assert shared == ({_linear_method(fmt).split("(")[0]} if MOE[model_type]["shared_expert"] else set())
+
+
+def _vllm_moe_block(folder, model_type, monkeypatch, tp=2) -> dict[str, str]:
+    """vLLM's whole MoE block of layer 0 (its own class, MOE[model_type]["block"]) built on the meta device from the
+    export's config at TP ``tp``: its module names -> their quantization methods."""
     import importlib
 
     from transformers import AutoConfig
@@ -1070,19 +1082,14 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
     monkeypatch.setenv("VLLM_DISABLE_SHARED_EXPERTS_STREAM", "1")
     monkeypatch.setattr(importlib.import_module("vllm.model_executor.models.qwen2_moe"), "SiluAndMul",
                         torch.nn.Identity)
-    folder = moe_exports[model_type, fmt]
-    with pretend_gpu(2):
+    with pretend_gpu(tp):
         _, quant = vllm_quant_config(folder, model_type)
         engine = get_current_vllm_config()
         engine.model_config.hf_text_config = AutoConfig.from_pretrained(folder).text_config
         object.__setattr__(engine, "quant_config", quant)
         with torch.device("meta"):
             block = getattr(models, cls)(engine, prefix="language_model.model.layers.0.mlp")
-    methods = {n: type(m.quant_method).__name__ for n, m in block.named_modules() if hasattr(m, "quant_method")}
-    assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
-    assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
-    shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
-    assert shared == ({_linear_method(fmt).split("(")[0]} if MOE[model_type]["shared_expert"] else set())
+    return {n: type(m.quant_method).__name__ for n, m in block.named_modules() if hasattr(m, "quant_method")}
 
 
 @pytest.mark.parametrize("model_type", list(MOE))
@@ -1279,3 +1286,97 @@ def test_block_fp8_of_qwen3_vl_moe_keeps_the_router_vllm_builds_with_the_quantiz
             routers = [GateLinear(128, 8, quant_config=quant, prefix=f"language_model.model.layers.{i}.mlp.gate")
                        for i in MOE["qwen3_vl_moe"]["moe_layers"]]
     assert {type(r.quant_method).__name__ for r in routers} == {"UnquantizedLinearMethod"}
+
+
+def _with_moe_mtp_head(folder, experts):
+    """Adds to the tiny Qwen3.5-MoE checkpoint a whole MTP layer as Qwen3.5-MoE checkpoints hold one (attention,
+    router, shared expert and per-expert linears; the tiny base holds three MTP tensors only) -> its matrices'
+    module names."""
+    from safetensors.torch import load_file, save_file
+
+    mlp = ["gate", "shared_expert_gate"] + [f"shared_expert.{p}_proj" for p in ("gate", "up", "down")] + \
+        [f"experts.{e}.{p}_proj" for e in range(experts) for p in ("gate", "up", "down")]
+    names = ["mtp.fc"] + [f"mtp.layers.0.self_attn.{p}_proj" for p in "qkvo"] + [f"mtp.layers.0.mlp.{m}" for m in mlp]
+    tensors = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(2)
+    tensors.update({f"{n}.weight": torch.randn(128, 128, generator=g).to(torch.bfloat16) for n in names})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return names
+
+
+# block FP8 of the tiny Qwen3.5-MoE (hidden 128, experts and shared expert 128 wide): the vLLM modules each TP size
+# refuses. Row-parallel inputs of 64 / 32 / 16 columns are no whole 128-block (vLLM's validate_fp8_block_shape);
+# 2 query heads do not split over 4 or 8; the experts' 64 / 32 intermediate columns at TP 2 / 4 are served with
+# the blocks refined to 64 / 32 (Fp8MoEMethod, Triton's kernel), their 16 at TP 8 are refused (refined below 32)
+BLOCK_MOE_REFUSED = {1: set(), 2: {"0.linear_attn.out_proj", "0.mlp.shared_expert.down_proj", "3.self_attn.o_proj",
+                                   "3.mlp.shared_expert.down_proj"}}
+BLOCK_MOE_REFUSED[4] = BLOCK_MOE_REFUSED[2] | {"3.self_attn.qkv_proj"}
+BLOCK_MOE_REFUSED[8] = BLOCK_MOE_REFUSED[4] | {"0.mlp.experts", "3.mlp.experts"}
+
+
+def test_block_fp8_of_qwen3_5_moe_as_vllm_builds_it(tmp_path, monkeypatch):
+    """``--scheme FP8_BLOCK`` of the tiny Qwen3.5-MoE, asked of vLLM 0.33's own classes: every DeltaNet in_proj_qkvz
+    and out_proj, attention o_proj and shared-expert linear Fp8LinearMethod; in_proj_ba (32 rows a part) and the
+    attention's qkv_proj (64 KV rows) kept bf16 as the export keeps them (no whole 128-blocks); each layer's
+    experts one Fp8MoEMethod layer whose tensors vLLM's own loader takes at TP 1, 2 and 4; the routers
+    (``mlp.gate``, ``mlp.shared_expert_gate``) and the vision tower unquantized; what each TP size refuses, and the
+    copied rules refusing the same. vLLM's MTP drafter (``Qwen3_5MoeMTP``, built from the same quantization config
+    with no name mapper) builds the bf16 MTP head unquantized: the export names its modules."""
+    import qvlquant
+    from vllm.model_executor.models.qwen3_5_mtp import Qwen3_5MoeMTP
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_decisions, vllm_quant_config
+
+    _qwen3_5_moe_base(tmp_path / "base")
+    mtp = _with_moe_mtp_head(tmp_path / "base", MOE["qwen3_5_moe"]["experts"])
+    folder = tmp_path / "fp8"
+    qvlquant.quantize(model=str(tmp_path / "base"), output=str(folder), scheme="FP8_BLOCK")
+    vllm = inspect_checkpoint(folder)["vllm"]
+    assert vllm["method"] == "fp8" and vllm["refused"] is None
+    decoder = {v.removeprefix("language_model.model.layers."): m for v, m in vllm["layers"].items()
+               if not v.startswith("visual.")}
+    fp8, kept = "Fp8LinearMethod", "UnquantizedLinearMethod"
+    expected = {**{f"{i}.linear_attn.{n}": m for i in (0, 1, 2)
+                   for n, m in (("in_proj_qkvz", fp8), ("in_proj_ba", kept), ("out_proj", fp8))},
+                "3.self_attn.qkv_proj": kept, "3.self_attn.o_proj": fp8,
+                **{f"{i}.mlp.{n}": m for i in range(4) for n, m in (("experts", "Fp8MoEMethod"),
+                                                                     ("shared_expert.gate_up_proj", fp8),
+                                                                     ("shared_expert.down_proj", fp8))}}
+    assert decoder == expected
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(vision) == MOE["qwen3_5_moe"]["vision_linears"] and set(vision.values()) == {kept}
+    assert vllm["vision_quantized"] == []
+    refused = {tp: {p.split(":")[0].removeprefix("language_model.model.layers.") for p in problems}
+               for tp, problems in vllm["tp"].items()}
+    assert refused == BLOCK_MOE_REFUSED, vllm["tp"]
+    experts = [f"language_model.model.layers.{i}.mlp.experts" for i in MOE["qwen3_5_moe"]["first_moe_layers"]]
+    assert {tp: {vllm["kernels"][tp].get(v) for v in experts} for tp in (1, 2, 4)} == \
+        {tp: {"TritonExperts"} for tp in (1, 2, 4)}
+    assert f"{experts[0]}: ValueError: The output_size of gate's and up's weight = 16 is not divisible by weight " \
+           "quantization block_n = 128." in vllm["tp"][8]
+    copied = copied_rules(*copied_inputs(folder, "qwen3_5_moe"))
+    assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in vllm["tp"].items()}
+    moe = [p for p in copied["tp"][8] if ".mlp.experts:" in p]
+    assert len(moe) == 4 and all("vLLM's Fp8MoEMethod refines the blocks only so far" in p for p in moe)
+    assert not any(".mlp.experts:" in p for tp in (1, 2, 4) for p in copied["tp"][tp])
+    # the whole MoE block vLLM builds: routers unquantized, the shared expert and the experts FP8
+    methods = _vllm_moe_block(folder, "qwen3_5_moe", monkeypatch, tp=1)
+    assert {methods[k] for k in MOE["qwen3_5_moe"]["kept"]} == {kept}
+    assert methods["experts.routed_experts"] == "Fp8MoEMethod"
+    assert {v for n, v in methods.items() if n.startswith("shared_expert.")} == {fp8}
+    # the MTP drafter, asked for every MTP matrix of the checkpoint under vLLM's names (q/k/v, the shared expert's
+    # gate/up fused; the experts one MoE layer)
+    family = family_for("qwen3_5_moe").bind(json.loads((folder / "config.json").read_text()))
+    fused = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+             "mlp.shared_expert.gate_up_proj": ("shared_expert.gate_proj", "shared_expert.up_proj")}
+    names = {n: [n] for n in mtp if ".experts." not in n and not n.endswith(("q_proj", "k_proj", "v_proj", "gate",
+                                                                            "gate_proj", "up_proj"))}
+    names.update({f"mtp.layers.0.{f}": [f"mtp.layers.0.{f.split('.')[0]}.{p}" for p in parts]
+                  for f, parts in fused.items()})
+    names["mtp.layers.0.mlp.experts"] = [n for n in mtp if ".experts." in n]
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(folder, "qwen3_5_moe", classes=(Qwen3_5MoeMTP,))
+        drafter, _ = vllm_decisions(quant, names, {s: (128, 128) for shards in names.values() for s in shards},
+                                    family)
+    assert drafter == {**{n: kept for n in names}, "mtp.layers.0.mlp.experts": "UnquantizedFusedMoEMethod"}, drafter
+    assert "mtp.fc" in drafter and len(drafter) == 6
