@@ -1205,21 +1205,48 @@ MOE_BUILT = {  # format -> TP size -> the methods vLLM gives layer 0's experts (
     "compressed-tensors": {1: ("UnquantizedFusedMoEMethod", "CompressedTensorsWNA16MoEMethod"),
                            8: ("UnquantizedFusedMoEMethod", "refused")},
 }
-MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8}}
+# the schemes (no rules: both layers alike) at every TP size: one method, one kernel (MOE_METHODS; block FP8's
+# Fp8MoEMethod and Triton's kernel too), none refused; per-channel and per-tensor scales need no whole group, NVFP4's
+# groups of 16 divide a share of 64
+MOE_BUILT.update({scheme: {tp: (method, method) for tp in (1, 8)} for scheme, method in
+                  [("FP8_BLOCK", "Fp8MoEMethod")] + [(s, MOE_METHODS[s][0]) for s in MOE_SCHEMES if "+" not in s]})
+MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8}, **{s: set() for s in MOE_BUILT if s not in FORMATS}}
+MOE_KERNELS = {**{s: MOE_METHODS[s][1] for s in MOE_SCHEMES}, "FP8_BLOCK": "TritonExperts"}
+# block FP8: the blocks vLLM builds a rank's experts with. A share of 64 (512 / 8) is no whole 128-block: its
+# Fp8MoEMethod refines the blocks to 64 x 64 (the largest common divisor of 128, the share and the hidden size; 32
+# at least), which only Triton's kernel reads, and its loader spreads each checkpoint scale over the finer blocks
+MOE_BLOCKS = {1: [128, 128], 2: [128, 128], 4: [128, 128], 8: [64, 64]}
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+def _scheme_config(scheme, family):
+    """The ``quantization_config`` ``--scheme`` writes (FP8_BLOCK: the family's not-converted names only)."""
+    from qvlquant.checkpoint.export import nvfp4_quantization_config, w8a8_quantization_config
+    from qvlquant.quant.formats import SCHEMES
+
+    fmt = SCHEMES[scheme]
+    if isinstance(fmt, Fp8Format):
+        from qvlquant.checkpoint.export import fp8_quantization_config
+
+        return fp8_quantization_config(fmt, family, family.not_converted_names())
+    return w8a8_quantization_config(fmt, family) if isinstance(fmt, Int8Format) else \
+        nvfp4_quantization_config(fmt, family)
+
+
+@pytest.mark.parametrize("fmt", list(MOE_BUILT))
 def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
     """MoE layers of 512-wide experts at g128, layer 0's experts skipped by a rule, from config.json only (vLLM
     allocates on the meta device). TP 1, 2, 4: each format's MoE method, the skip honoured. TP 8 (a rank holds 64 of
     each expert's intermediate size, half a group): compressed-tensors refuses; GPTQ and AWQ fall back to MoeWNA16,
     which halves the group and serves it, but reads GPTQ's skip nowhere (it builds the skipped layer W4 over plain
     weights: refused) while AWQ's ``modules_to_not_convert`` keeps it, by the name ``layers.0.mlp.experts`` the
-    export writes (no expert's name is in the layer's). The copied rules refuse the same TP sizes."""
+    export writes (no expert's name is in the layer's). The schemes (FP8_BLOCK, FP8_DYNAMIC, W8A8, NVFP4A16, FP8,
+    NVFP4; no rule) are served at every TP size by one method and kernel, block FP8 at TP 8 with its blocks refined
+    to 64 x 64. The copied rules refuse the same TP sizes."""
     from tiny_models import qwen3_5_moe_config
 
     from qvlquant.checkpoint.vllm import (
         build_vllm_experts,
+        build_vllm_layer,
         checkpoint_linears,
         marlin_problems,
         pretend_gpu,
@@ -1234,17 +1261,20 @@ def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
     for key, value in MOE_SIZES.items():
         setattr(config.text_config, key, value)
     family = family_for("qwen3_5_moe").bind(config)
-    pack, spec, _, _ = FORMATS[fmt]
-    qcfg = QuantConfig("awq" if fmt == "awq" else "rtn", QuantSpec(4, 128, spec.sym))
-    names = [f"{family.decoder_layers}.{i}.{n}" for i in range(4) for n in family.at(i).linears]
-    modules = ModulePlan.resolve([parse_rule(_moe_rule("qwen3_5_moe", 0, "skip"))], qcfg, names,
-                                 fused_groups(family, 4))
-    config.quantization_config = quantization_config(qcfg, pack, family, 4, modules)
+    if fmt in FORMATS:
+        pack, spec, _, _ = FORMATS[fmt]
+        qcfg = QuantConfig("awq" if fmt == "awq" else "rtn", QuantSpec(4, 128, spec.sym))
+        names = [f"{family.decoder_layers}.{i}.{n}" for i in range(4) for n in family.at(i).linears]
+        modules = ModulePlan.resolve([parse_rule(_moe_rule("qwen3_5_moe", 0, "skip"))], qcfg, names,
+                                     fused_groups(family, 4))
+        config.quantization_config = quantization_config(qcfg, pack, family, 4, modules)
+    else:
+        config.quantization_config = _scheme_config(fmt, family)
     config.save_pretrained(tmp_path)
     if fmt == "awq":
         assert "layers.0.mlp.experts" in config.quantization_config["modules_to_not_convert"]
     linears = checkpoint_linears(tmp_path)
-    built = {}
+    built, kernels, blocks = {}, {}, {}
     for tp in TP_SIZES:
         with pretend_gpu(tp):
             _, quant = vllm_quant_config(tmp_path, "qwen3_5_moe")
@@ -1254,11 +1284,33 @@ def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
                 vname = f"language_model.model.layers.{i}.mlp.experts"
                 try:
                     runner = build_vllm_experts(vnames[vname], linears, family, quant, vname, torch.bfloat16)
-                    methods.append(type(runner.routed_experts.quant_method).__name__)
+                    method = runner.routed_experts.quant_method
+                    methods.append(type(method).__name__)
+                    kernels[tp] = getattr(getattr(method, "experts_cls", None), "__name__", None)
+                    blocks[tp] = getattr(method, "moe_block_shape", None)
                 except ValueError:
                     methods.append("refused")
             built[tp] = tuple(methods)
     assert built == {1: MOE_BUILT[fmt][1], 2: MOE_BUILT[fmt][1], 4: MOE_BUILT[fmt][1], 8: MOE_BUILT[fmt][8]}
+    if fmt in MOE_KERNELS:
+        assert kernels == dict.fromkeys(TP_SIZES, MOE_KERNELS[fmt])
+    if fmt == "FP8_BLOCK":  # and the shared expert (512 wide): its down_proj's 64 input columns at TP 8 are refused
+        assert blocks == MOE_BLOCKS
+        shared = f"{family.decoder_layers}.0.mlp.shared_expert.down_proj"
+        refused = set()
+        for tp in TP_SIZES:
+            with pretend_gpu(tp):
+                _, quant = vllm_quant_config(tmp_path, "qwen3_5_moe")
+                try:
+                    build_vllm_layer([linears[shared]], "row", None, quant, "language_model.model.layers.0.mlp."
+                                     "shared_expert.down_proj", torch.bfloat16)
+                except ValueError as e:
+                    assert "input_size_per_partition = 64 is not divisible by weight quantization block_k" in str(e)
+                    refused.add(tp)
+        copied = read_quantization_config(json.loads((tmp_path / "config.json").read_text())["quantization_config"],
+                                          "config.json")
+        assert refused == {8} == {tp for tp in TP_SIZES if marlin_problems(copied, {shared: linears[shared]}, tp,
+                                                                             family)}
     saved = json.loads((tmp_path / "config.json").read_text())
     quant = read_quantization_config(saved["quantization_config"], "config.json")
     moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
