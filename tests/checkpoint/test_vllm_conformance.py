@@ -1432,3 +1432,30 @@ def test_block_fp8_of_qwen3_5_moe_as_vllm_builds_it(tmp_path, monkeypatch):
                                     family)
     assert drafter == {**{n: kept for n in names}, "mtp.layers.0.mlp.experts": "UnquantizedFusedMoEMethod"}, drafter
     assert "mtp.fc" in drafter and len(drafter) == 6
+    # vLLM's own loader given layer 0's expert tensors at TP 1 and 2 (rank 0): the FP8 codes of rank 0's share byte
+    # for byte, and each checkpoint block scale spread over the blocks vLLM built (at TP 2 refined to 64 x 64)
+    from safetensors.torch import load_file
+
+    from qvlquant.checkpoint.vllm import build_vllm_experts, checkpoint_linears, vllm_model_classes, vllm_names
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    linears = checkpoint_linears(folder)
+    disk, vname = "model.language_model.layers.0.mlp.experts.", "language_model.model.layers.0.mlp.experts"
+    for tp in (1, 2):
+        with pretend_gpu(tp):
+            _, quant = vllm_quant_config(folder, "qwen3_5_moe")
+            shards = vllm_names(linears, family, vllm_model_classes("qwen3_5_moe")[0], quant)[vname]
+            runner = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16, device="cpu")
+            assert list(runner.load_weights([(k[len(disk):], t) for k, t in tensors.items() if k.startswith(disk)]))
+        experts, half = runner.routed_experts, 128 // tp  # a rank's share of the 128-wide intermediate size
+        fine = experts.quant_method.moe_block_shape[0]
+        assert fine == 128 // tp
+        spread = lambda s: s.repeat_interleave(128 // fine, 0).repeat_interleave(128 // fine, 1)  # noqa: E731
+        for e in range(MOE["qwen3_5_moe"]["experts"]):
+            w = {p: tensors[f"{disk}{e}.{p}_proj.weight"].view(torch.uint8) for p in ("gate", "up", "down")}
+            s = {p: spread(tensors[f"{disk}{e}.{p}_proj.weight_scale_inv"]) for p in ("gate", "up", "down")}
+            assert torch.equal(experts.w13_weight[e].view(torch.uint8), torch.cat([w["gate"][:half], w["up"][:half]]))
+            assert torch.equal(experts.w2_weight[e].view(torch.uint8), w["down"][:, :half])
+            assert torch.equal(experts.w13_weight_scale_inv[e], torch.cat([s["gate"][: half // fine],
+                                                                           s["up"][: half // fine]]))
+            assert torch.equal(experts.w2_weight_scale_inv[e], s["down"][:, : half // fine])
