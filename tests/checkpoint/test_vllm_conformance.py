@@ -1210,7 +1210,8 @@ MOE_BUILT = {  # format -> TP size -> the methods vLLM gives layer 0's experts (
 # groups of 16 divide a share of 64
 MOE_BUILT.update({scheme: {tp: (method, method) for tp in (1, 8)} for scheme, method in
                   [("FP8_BLOCK", "Fp8MoEMethod")] + [(s, MOE_METHODS[s][0]) for s in MOE_SCHEMES if "+" not in s]})
-MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8}, **{s: set() for s in MOE_BUILT if s not in FORMATS}}
+MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8},
+                  **{s: set() for s in MOE_BUILT if s not in FORMATS}}
 MOE_KERNELS = {**{s: MOE_METHODS[s][1] for s in MOE_SCHEMES}, "FP8_BLOCK": "TritonExperts"}
 # block FP8: the blocks vLLM builds a rank's experts with. A share of 64 (512 / 8) is no whole 128-block: its
 # Fp8MoEMethod refines the blocks to 64 x 64 (the largest common divisor of 128, the share and the hidden size; 32
@@ -1315,6 +1316,45 @@ def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
     quant = read_quantization_config(saved["quantization_config"], "config.json")
     moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
     assert {tp for tp in TP_SIZES if marlin_problems(quant, moe, tp, family)} == MOE_REFUSED_AT[fmt]
+
+
+def test_which_blocks_vllm_builds_qwen3_vl_moe_block_fp8_experts_with(tmp_path):
+    """Block FP8 experts at Qwen3-VL-30B-A3B's proportions (768 wide, hidden 2048; from config.json): a rank's share
+    of 384 at TP 2 holds whole 128-blocks, 192 at TP 4 and 96 at TP 8 do not, and vLLM's Fp8MoEMethod serves them
+    with the blocks refined to 64 x 64 and 32 x 32 (Triton's kernel); nothing refused, by the copied rules either."""
+    from tiny_models import qwen3_vl_moe_config
+
+    from qvlquant.checkpoint.vllm import (
+        build_vllm_experts,
+        checkpoint_linears,
+        marlin_problems,
+        pretend_gpu,
+        vllm_model_classes,
+        vllm_names,
+        vllm_quant_config,
+    )
+
+    config = qwen3_vl_moe_config(layers=2, experts=16, top_k=4, mlp_only_layers=())
+    config.text_config.hidden_size, config.text_config.moe_intermediate_size = 2048, 768
+    family = family_for("qwen3_vl_moe").bind(config)
+    config.quantization_config = _scheme_config("FP8_BLOCK", family)
+    config.save_pretrained(tmp_path)
+    linears = checkpoint_linears(tmp_path)
+    vname = "language_model.model.layers.0.mlp.experts"
+    built = {}
+    for tp in TP_SIZES:
+        with pretend_gpu(tp):
+            _, quant = vllm_quant_config(tmp_path, "qwen3_vl_moe")
+            shards = vllm_names(linears, family, vllm_model_classes("qwen3_vl_moe")[0], quant)[vname]
+            experts = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16).routed_experts
+            method = experts.quant_method
+            built[tp] = (type(method).__name__, method.experts_cls.__name__, method.moe_block_shape)
+    assert built == {1: ("Fp8MoEMethod", "TritonExperts", [128, 128]), 2: ("Fp8MoEMethod", "TritonExperts", [128, 128]),
+                     4: ("Fp8MoEMethod", "TritonExperts", [64, 64]), 8: ("Fp8MoEMethod", "TritonExperts", [32, 32])}
+    copied = read_quantization_config(json.loads((tmp_path / "config.json").read_text())["quantization_config"],
+                                      "config.json")
+    moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
+    assert len(moe) == 2 * 16 * 3 and not any(marlin_problems(copied, moe, tp, family) for tp in TP_SIZES)
 
 
 def test_block_fp8_of_qwen3_vl_moe_keeps_the_router_vllm_builds_with_the_quantization_config(tmp_path):
