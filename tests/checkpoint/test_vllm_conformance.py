@@ -487,6 +487,16 @@ def test_block_fp8_of_qwen3_5_keeps_the_fused_layers_vllm_cannot_load_blockwise(
     layers = {v.removeprefix("language_model.model."): m for v, m in vllm["layers"].items() if ".layers." in v}
     assert layers["layers.0.linear_attn.in_proj_ba"] == "UnquantizedLinearMethod"
     assert layers["layers.0.linear_attn.in_proj_qkvz"] == layers["layers.0.mlp.gate_up_proj"] == "Fp8LinearMethod"
+    # vLLM's MTP drafter (Qwen3_5MTP: the quantization config, no name mapper) keeps the bf16 MTP matrices
+    from vllm.model_executor.models.qwen3_5_mtp import Qwen3_5MTP
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_decisions, vllm_quant_config
+
+    mtp = {n: [n] for n in ("mtp.fc", "mtp.layers.0.mlp.down_proj")}  # the tiny base's (tiny_models.MTP_KEYS)
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(tmp_path / "fp8", "qwen3_5", classes=(Qwen3_5MTP,))
+        drafter, _ = vllm_decisions(quant, mtp, {n: (256, 128) for n in mtp})
+    assert drafter == dict.fromkeys(mtp, "UnquantizedLinearMethod")
     monkeypatch.setattr(datafree, "block_refused", lambda *a: False)
     qvlquant.quantize(model=str(tmp_path / "base"), output=str(tmp_path / "unkept"), scheme="FP8_BLOCK")
     problems = inspect_checkpoint(tmp_path / "unkept")["vllm"]["tp"][1]
