@@ -1078,6 +1078,22 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
     assert shared == ({_linear_method(fmt).split("(")[0]} if MOE[model_type]["shared_expert"] else set())
 
 
+@pytest.mark.parametrize("fmt", MOE["qwen3_5_moe"]["formats"])
+def test_vllms_mtp_drafter_keeps_the_mtp_head_of_every_qwen3_5_moe_export(moe_exports, fmt):
+    """vLLM's MTP drafter (``Qwen3_5MoeMTP``: the checkpoint's quantization config, no name mapper) builds the MTP
+    matrices the export copies in bf16 unquantized: GPTQ's ``-:`` dynamic rule and compressed-tensors' ``ignore``
+    (the W4 export's and the schemes', whose config group targets every Linear) name ``mtp.``."""
+    from vllm.model_executor.models.qwen3_5_mtp import Qwen3_5MoeMTP
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_decisions, vllm_quant_config
+
+    mtp = {n: [n] for n in ("mtp.fc", "mtp.layers.0.mlp.down_proj")}  # the tiny base's (tiny_models.MTP_KEYS)
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(moe_exports["qwen3_5_moe", fmt], "qwen3_5_moe", classes=(Qwen3_5MoeMTP,))
+        drafter, _ = vllm_decisions(quant, mtp, {n: (256, 128) for n in mtp})
+    assert drafter == dict.fromkeys(mtp, "UnquantizedLinearMethod")
+
+
 def _vllm_moe_block(folder, model_type, monkeypatch, tp=2) -> dict[str, str]:
     """vLLM's whole MoE block of layer 0 (its own class, MOE[model_type]["block"]) built on the meta device from the
     export's config at TP ``tp``: its module names -> their quantization methods."""
