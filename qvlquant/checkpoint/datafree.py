@@ -154,19 +154,32 @@ def block_refused(family: ModelFamily, base: CheckpointTensors, runtime_name: st
     return len(parts) > 1 and any(base.meta(p)[1][0] % fp8.BLOCK[0] for p in parts[:-1])
 
 
-def not_converted_modules(model, family: ModelFamily, kept: list[str] = ()) -> list[str]:
+def not_converted_modules(model, family: ModelFamily, kept: list[str] = (), carried: list[str] = ()) -> list[str]:
     """``modules_to_not_convert`` of a block-FP8 export: the family's names (``not_converted_names``: both layouts
     and the bare leaf, for transformers' prefix / suffix match), every matrix-holding module of the vision tower
     (its linears, and Qwen3-VL's position embedding, which inspect's rules cannot tell from one) and the decoder
     linears ``kept`` (``block_refused``; runtime paths) and the family's own ``kept`` (routers: vLLM's Qwen3-VL-MoE
     builds its ``GateLinear`` with the quantization config, FP8 over the bf16 weight unless named) named whole in
-    both layouts, as Qwen's own FP8 checkpoints list them, since vLLM's ``Fp8Config`` matches only exact names."""
+    both layouts, as Qwen's own FP8 checkpoints list them, since vLLM's ``Fp8Config`` matches only exact names.
+    ``carried``: the matrices the export copies unquantized from the base (checkpoint keys: Qwen3.5's MTP head),
+    named by module; an MoE layer's experts by the layer (``mtp.layers.0.mlp.experts``, which vLLM's exact match
+    finds inside every expert's name). vLLM's MTP drafter (``qwen3_5_mtp.py``) builds ``mtp.fc`` and its layers
+    with the checkpoint's quantization config under these names, no name mapper applied."""
     vision = [name for name, m in model.named_modules() if name.startswith(family.vision_tower + ".")
               and isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     routers = [name for name, _ in model.named_modules()
                if family.is_layer_key(name) and name.endswith(tuple(f".{k}" for k in family.kept))]
     whole = [form for name in vision + list(kept) + routers for form in (family.to_disk(name + ".")[:-1], name)]
-    return list(dict.fromkeys(family.not_converted_names() + whole))
+    experts = f".{family.experts}." if family.experts else None
+    heads = [key.removesuffix(".weight") for key in carried]
+    heads = [h[: h.index(experts) + len(experts) - 1] if experts and experts in h else h for h in heads]
+    return list(dict.fromkeys(family.not_converted_names() + whole + heads))
+
+
+def carried_matrices(base: CheckpointTensors) -> list[str]:
+    """The checkpoint keys of the 2-D weights the export copies from the base unquantized (``carried``: Qwen3.5's
+    MTP head): the modules a block-FP8 config must name to keep them so."""
+    return [key for key in base.carried() if key.endswith(".weight") and len(base.raw_meta(key)[1]) == 2]
 
 
 def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format | Int8Format, out: str | pathlib.Path,
@@ -184,7 +197,7 @@ def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format | Int8F
         config = copy.deepcopy(model.config)
         kept = [n for n in quantized_linears(model, family) if n not in set(quantized)]  # block_refused
         config.quantization_config = w8a8_quantization_config(fmt, family) if isinstance(fmt, Int8Format) else \
-            fp8_quantization_config(fmt, family, not_converted_modules(model, family, kept))
+            fp8_quantization_config(fmt, family, not_converted_modules(model, family, kept, carried_matrices(base)))
         config.dtype = str(base.dtype).removeprefix("torch.")
         return finish_export(tmp, config, processor, base_folder, lambda: report(quantized), out, options)
     except BaseException:

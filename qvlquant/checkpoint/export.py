@@ -81,7 +81,7 @@ def compressed_tensors_config(qcfg: QuantConfig, family: ModelFamily, mixed: lis
     group = lambda c, targets: {"targets": targets, "weights": compressed_weights(c),  # noqa: E731
                                 "input_activations": None, "output_activations": None, "format": "pack-quantized"}
     groups = {"group_0": group(qcfg, ["Linear"])}
-    ignore = family.compressed_ignore() + [f"re:{p}" for p in carried_patterns(family)]
+    ignore = compressed_tensors_ignore(family)
     for setting, patterns in mixed or ():
         if setting is None:
             ignore += [f"re:{p}" for p in patterns]
@@ -138,6 +138,13 @@ def _name_patterns(family: ModelFamily, names: list[str]) -> list[str]:
         template = family.expert_template(n)
         out.append(re.escape(template).replace(re.escape(EXPERT), r"\d+") if template in whole else re.escape(n))
     return list(dict.fromkeys(out))
+
+
+def compressed_tensors_ignore(family: ModelFamily) -> list[str]:
+    """compressed-tensors ``ignore`` of every export (W4 ``pack-quantized``, and the FP8, INT8 W8A8 and NVFP4
+    schemes): the family's (``compressed_ignore``) and the modules carried unquantized (``carried_patterns``):
+    vLLM's MTP drafter builds Qwen3.5's MTP head with the checkpoint's config, whose group targets every Linear."""
+    return family.compressed_ignore() + [f"re:{p}" for p in carried_patterns(family)]
 
 
 def carried_patterns(family: ModelFamily) -> list[str]:
@@ -210,7 +217,7 @@ def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: 
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": "float-quantized"}},
-        "ignore": family.compressed_ignore(),
+        "ignore": compressed_tensors_ignore(family),
         "kv_cache_scheme": None,
     }
     return {**validated_by_library(config), "meta": meta}
@@ -232,7 +239,7 @@ def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily, calibrated: d
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": "int-quantized"}},
-        "ignore": family.compressed_ignore(),
+        "ignore": compressed_tensors_ignore(family),
         "kv_cache_scheme": None,
     }
     return {**validated_by_library(config), "meta": meta}
@@ -256,7 +263,7 @@ def nvfp4_quantization_config(fmt: Nvfp4Format, family: ModelFamily) -> dict:
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": "nvfp4-pack-quantized"}},
-        "ignore": family.compressed_ignore(),
+        "ignore": compressed_tensors_ignore(family),
         "kv_cache_scheme": None,
     }
     return {**validated_by_library(config), "meta": meta}

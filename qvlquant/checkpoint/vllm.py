@@ -78,7 +78,9 @@ def copied_experts_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int,
                             family: ModelFamily) -> list[str]:
     """A COPY of vLLM 0.33's rules (fallback) for the MoE layers at tensor-parallel size ``tp``: every expert is
     split over the ranks along its intermediate size (gate/up outputs, down inputs). More ranks than experts are
-    refused. compressed-tensors refuses a rank's share that splits a group of the layer's setting. GPTQ / AWQ run
+    refused. Block FP8 (``Fp8MoEMethod``) takes a share of whole 128-blocks, else refines the blocks to the largest
+    common divisor of 128, the share and the hidden size (32 or more: Triton's kernel), else refuses.
+    compressed-tensors refuses a rank's share that splits a group of the layer's setting. GPTQ / AWQ run
     Marlin's MoE kernel when the hidden size is a multiple of 128 and the share holds whole groups of the config's
     base setting, else vLLM's MoeWNA16 at that base setting: it halves the group until it divides the share and the
     hidden size (refused below 32), reads AWQ's ``modules_to_not_convert`` but no GPTQ ``dynamic`` rule, so a GPTQ
@@ -99,6 +101,12 @@ def copied_experts_problems(quant: CheckpointQuant, shapes: dict[str, tuple[int,
                             f"{family.expert_count}")
         elif k % tp:
             problems.append(f"{vname}: intermediate size {k} does not split over tp={tp}")
+        elif quant.method == "fp8":  # block FP8: whole blocks, or blocks refined to a divisor of 32 or more
+            block = quant.spec.group_size
+            if share % block and math.gcd(block, share, n) < 32:
+                problems.append(f"{vname}: its intermediate share of {share} at tp={tp} is no whole number of "
+                                f"{block}-blocks, and no block of 32 or more divides it and the hidden size {n} "
+                                "(vLLM's Fp8MoEMethod refines the blocks only so far)")
         elif quant.method == "compressed-tensors":
             if spec is not None and spec.group_size > 0 and share % spec.group_size:
                 problems.append(f"{vname}: its intermediate share of {share} at tp={tp} splits a quantization group "
@@ -246,7 +254,10 @@ def pretend_gpu(tp: int, capability: tuple[int, int] = VLLM_CAPABILITY):
             # (the NVFP4 kernels ask it)
             "has_device_capability": lambda wanted, device_id=0: (
                 capability >= tuple(wanted) if isinstance(wanted, tuple)
-                else DeviceCapability(*capability).to_int() >= wanted)}
+                else DeviceCapability(*capability).to_int() >= wanted),
+            # CUDA's rule (``CudaPlatformBase.supports_fp8``): FP8 from sm_89. Triton's FP8 MoE kernels ask it; left
+            # to the CPU platform's False, every FP8 MoE layer a Triton kernel alone can run looked refused
+            "supports_fp8": lambda: capability >= (8, 9)}
     saved = {k: current_platform.__dict__[k] for k in fake if k in current_platform.__dict__}
     groups = ("_TP", "_DP", "_PCP", "_EP")
     saved_groups = {g: getattr(parallel_state, g) for g in groups}
@@ -304,12 +315,14 @@ def vllm_model_classes(model_type: str) -> tuple[type, type]:
     return load(outer_mod, outer), load(inner_mod, inner)
 
 
-def vllm_quant_config(folder: pathlib.Path, model_type: str):
+def vllm_quant_config(folder: pathlib.Path, model_type: str, classes: tuple[type, ...] | None = None):
     """What vLLM's loader makes of the checkpoint's ``quantization_config``: its override chain picks the method
     (``ModelConfig._verify_quantization``), ``get_quant_config`` builds it (``from_config``), ``maybe_update_config``
     reads the checkpoint, and the model classes apply their name mappers and fused-module lists as vLLM's loader
     does (``configure_quant_config`` for the top class, ``SupportsQuant`` for the classes built inside).
-    -> (method name, vLLM's quantization config object). Raises what vLLM raises (a refused config)."""
+    ``classes``: the top class and those built inside, when vLLM builds others than the family's model from the
+    checkpoint (Qwen3.5's MTP drafter, ``Qwen3_5MTP``). -> (method name, vLLM's quantization config object).
+    Raises what vLLM raises (a refused config)."""
     from transformers import AutoConfig
     from vllm.config.model import ModelConfig  # optional: the vllm extra
     from vllm.model_executor.model_loader.utils import (
@@ -332,8 +345,9 @@ def vllm_quant_config(folder: pathlib.Path, model_type: str):
     ModelConfig._verify_quantization(model_config)
     quant = get_quant_config(model_config, None)
     quant.maybe_update_config(str(folder), hf_config=hf)
-    outer, inner = vllm_model_classes(model_type)
-    for cls in (outer, inner):
+    classes = classes or vllm_model_classes(model_type)
+    outer = classes[0]
+    for cls in classes:
         if issubclass(cls, SupportsQuant):  # what SupportsQuant.__new__ does when vLLM builds the class
             view = types.SimpleNamespace(quant_config=quant, hf_to_vllm_mapper=cls.hf_to_vllm_mapper,
                                          packed_modules_mapping=getattr(cls, "packed_modules_mapping", None))

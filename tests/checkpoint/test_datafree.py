@@ -94,9 +94,9 @@ def test_block_fp8_keeps_a_fused_layer_of_parts_in_partial_blocks_in_the_checkpo
     so their block scales cannot be loaded (``block_refused``; shown with vLLM's own loader in the vLLM venv's
     conformance tests). They are copied bit for bit and named whole in modules_to_not_convert in both layouts, as
     Qwen's FP8 checkpoints name them; the tiny model's full-attention q/k/v (a 64-row k) too; every other decoder
-    linear is FP8. ``qvlquant.load`` reads them as plain linears."""
+    linear is FP8. ``qvlquant.load`` reads them as plain linears. The MTP head (bf16) is named too."""
     import qvlquant
-    from tiny_models import qwen3_5_checkpoint
+    from tiny_models import MTP_KEYS, qwen3_5_checkpoint
 
     from qvlquant.storage.shards import read_checkpoint_header
 
@@ -104,10 +104,13 @@ def test_block_fp8_keeps_a_fused_layer_of_parts_in_partial_blocks_in_the_checkpo
     out = tmp_path / "fp8"
     qvlquant.quantize(model=str(tmp_path / "base"), output=str(out), scheme="FP8_BLOCK")
     names = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
-    decoder = sorted(n for n in names if ".layers." in n and not n.startswith("model.visual"))
+    decoder = sorted(n for n in names if ".layers." in n and not n.startswith(("model.visual", "mtp.")))
     want = [f"model.language_model.layers.{i}.linear_attn.in_proj_{x}" for i in (0, 1, 2) for x in "ab"] + \
            [f"model.language_model.layers.3.self_attn.{x}_proj" for x in "qkv"]
     assert decoder == sorted(want)
+    # the MTP head's matrices, copied bf16: named as vLLM's MTP drafter builds them (exact names, no mapper)
+    assert {n for n in names if n.startswith("mtp.")} == {k[: -len(".weight")] for k, (shape, _) in MTP_KEYS.items()
+                                                         if len(shape) == 2}
     from safetensors.torch import load_file
 
     header, base, export = read_checkpoint_header(out), ShardReader(tmp_path / "base"), load_file(out / "model.safetensors")

@@ -14,7 +14,8 @@ venv. CI's second venv (.ci/vllm) sets QVLQUANT_REQUIRE_VLLM=1, so there it cann
 cores at a load average of 5 to 9: 276 s for the 114 tests; the 17 MoE tests took 80 to 120 s run alone (most of
 it importing vLLM and building the tiny exports). With Qwen3-VL-MoE's: 158 s for the 151 tests at a load average of
 about 3, the 34 MoE tests 96 s. With the schemes' MoE cases: 192 tests, 139 s at a load average of 2.4 to 3
-(then the 8 calibrated W8A8 MoE cases, 43 s alone).
+(then the 8 calibrated W8A8 MoE cases, 43 s alone). With the schemes and block FP8 at TP 4 / 8 and block FP8 of
+Qwen3.5-MoE, and the MTP drafter asked: 216 tests, 177 s (184 s wall) at a load average of 2.2 to 2.4.
 """
 
 import copy
@@ -487,6 +488,16 @@ def test_block_fp8_of_qwen3_5_keeps_the_fused_layers_vllm_cannot_load_blockwise(
     layers = {v.removeprefix("language_model.model."): m for v, m in vllm["layers"].items() if ".layers." in v}
     assert layers["layers.0.linear_attn.in_proj_ba"] == "UnquantizedLinearMethod"
     assert layers["layers.0.linear_attn.in_proj_qkvz"] == layers["layers.0.mlp.gate_up_proj"] == "Fp8LinearMethod"
+    # vLLM's MTP drafter (Qwen3_5MTP: the quantization config, no name mapper) keeps the bf16 MTP matrices
+    from vllm.model_executor.models.qwen3_5_mtp import Qwen3_5MTP
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_decisions, vllm_quant_config
+
+    mtp = {n: [n] for n in ("mtp.fc", "mtp.layers.0.mlp.down_proj")}  # the tiny base's (tiny_models.MTP_KEYS)
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(tmp_path / "fp8", "qwen3_5", classes=(Qwen3_5MTP,))
+        drafter, _ = vllm_decisions(quant, mtp, {n: (256, 128) for n in mtp})
+    assert drafter == dict.fromkeys(mtp, "UnquantizedLinearMethod")
     monkeypatch.setattr(datafree, "block_refused", lambda *a: False)
     qvlquant.quantize(model=str(tmp_path / "base"), output=str(tmp_path / "unkept"), scheme="FP8_BLOCK")
     problems = inspect_checkpoint(tmp_path / "unkept")["vllm"]["tp"][1]
@@ -919,8 +930,10 @@ MOE_METHODS = {  # format -> the method vLLM 0.33 gives an MoE layer at TP 1 and
     "gptq": ("AutoGPTQMoEMethod", "HummingIndexedExperts"),
     "awq": ("AutoAWQMoEMethod", "HummingIndexedExperts"),
     "compressed-tensors": ("CompressedTensorsWNA16MoEMethod", "HummingIndexedExperts"),
-    "FP8_DYNAMIC": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),
-    "FP8": ("CompressedTensorsW8A8Fp8MoEMethod", "HummingIndexedExperts"),  # static input scales
+    # FP8: Triton's kernel, ahead of Humming in vLLM's order (what an sm_90 answers; HummingIndexedExperts while the
+    # faked GPU still said no to supports_fp8)
+    "FP8_DYNAMIC": ("CompressedTensorsW8A8Fp8MoEMethod", "TritonExperts"),
+    "FP8": ("CompressedTensorsW8A8Fp8MoEMethod", "TritonExperts"),  # static input scales
     "W8A8": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
     "W8A8+gptq": ("CompressedTensorsW8A8Int8MoEMethod", "TritonExperts"),
     # one class for both: use_a16 is NVFP4A16's (no input global scale read)
@@ -1058,6 +1071,32 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
     Qwen3-VL-MoE's router is a GateLinear built with it, which the export's config keeps), the shared expert the
     format's linear method, the experts its MoE method. Two run-time pieces a CPU build of vLLM lacks are
     stood in for: the SiLU-and-mul op (no weights) and the shared experts' CUDA stream (vLLM's own switch)."""
+    methods = _vllm_moe_block(moe_exports[model_type, fmt], model_type, monkeypatch)
+    assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
+    assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
+    shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
+    assert shared == ({_linear_method(fmt).split("(")[0]} if MOE[model_type]["shared_expert"] else set())
+
+
+@pytest.mark.parametrize("fmt", MOE["qwen3_5_moe"]["formats"])
+def test_vllms_mtp_drafter_keeps_the_mtp_head_of_every_qwen3_5_moe_export(moe_exports, fmt):
+    """vLLM's MTP drafter (``Qwen3_5MoeMTP``: the checkpoint's quantization config, no name mapper) builds the MTP
+    matrices the export copies in bf16 unquantized: GPTQ's ``-:`` dynamic rule and compressed-tensors' ``ignore``
+    (the W4 export's and the schemes', whose config group targets every Linear) name ``mtp.``."""
+    from vllm.model_executor.models.qwen3_5_mtp import Qwen3_5MoeMTP
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_decisions, vllm_quant_config
+
+    mtp = {n: [n] for n in ("mtp.fc", "mtp.layers.0.mlp.down_proj")}  # the tiny base's (tiny_models.MTP_KEYS)
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(moe_exports["qwen3_5_moe", fmt], "qwen3_5_moe", classes=(Qwen3_5MoeMTP,))
+        drafter, _ = vllm_decisions(quant, mtp, {n: (256, 128) for n in mtp})
+    assert drafter == dict.fromkeys(mtp, "UnquantizedLinearMethod")
+
+
+def _vllm_moe_block(folder, model_type, monkeypatch, tp=2) -> dict[str, str]:
+    """vLLM's whole MoE block of layer 0 (its own class, MOE[model_type]["block"]) built on the meta device from the
+    export's config at TP ``tp``: its module names -> their quantization methods."""
     import importlib
 
     from transformers import AutoConfig
@@ -1070,19 +1109,14 @@ def test_vllm_builds_the_routers_of_its_moe_block_unquantized(moe_exports, model
     monkeypatch.setenv("VLLM_DISABLE_SHARED_EXPERTS_STREAM", "1")
     monkeypatch.setattr(importlib.import_module("vllm.model_executor.models.qwen2_moe"), "SiluAndMul",
                         torch.nn.Identity)
-    folder = moe_exports[model_type, fmt]
-    with pretend_gpu(2):
+    with pretend_gpu(tp):
         _, quant = vllm_quant_config(folder, model_type)
         engine = get_current_vllm_config()
         engine.model_config.hf_text_config = AutoConfig.from_pretrained(folder).text_config
         object.__setattr__(engine, "quant_config", quant)
         with torch.device("meta"):
             block = getattr(models, cls)(engine, prefix="language_model.model.layers.0.mlp")
-    methods = {n: type(m.quant_method).__name__ for n, m in block.named_modules() if hasattr(m, "quant_method")}
-    assert {methods[k] for k in MOE[model_type]["kept"]} == {"UnquantizedLinearMethod"}
-    assert methods["experts.routed_experts"] == MOE_METHODS[fmt][0]
-    shared = {v for n, v in methods.items() if n.startswith("shared_expert.")}
-    assert shared == ({_linear_method(fmt).split("(")[0]} if MOE[model_type]["shared_expert"] else set())
+    return {n: type(m.quant_method).__name__ for n, m in block.named_modules() if hasattr(m, "quant_method")}
 
 
 @pytest.mark.parametrize("model_type", list(MOE))
@@ -1198,21 +1232,49 @@ MOE_BUILT = {  # format -> TP size -> the methods vLLM gives layer 0's experts (
     "compressed-tensors": {1: ("UnquantizedFusedMoEMethod", "CompressedTensorsWNA16MoEMethod"),
                            8: ("UnquantizedFusedMoEMethod", "refused")},
 }
-MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8}}
+# the schemes (no rules: both layers alike) at every TP size: one method, one kernel (MOE_METHODS; block FP8's
+# Fp8MoEMethod and Triton's kernel too), none refused; per-channel and per-tensor scales need no whole group, NVFP4's
+# groups of 16 divide a share of 64
+MOE_BUILT.update({scheme: {tp: (method, method) for tp in (1, 8)} for scheme, method in
+                  [("FP8_BLOCK", "Fp8MoEMethod")] + [(s, MOE_METHODS[s][0]) for s in MOE_SCHEMES if "+" not in s]})
+MOE_REFUSED_AT = {"gptq": {8}, "awq": set(), "compressed-tensors": {8},
+                  **{s: set() for s in MOE_BUILT if s not in FORMATS}}
+MOE_KERNELS = {**{s: MOE_METHODS[s][1] for s in MOE_SCHEMES}, "FP8_BLOCK": "TritonExperts"}
+# block FP8: the blocks vLLM builds a rank's experts with. A share of 64 (512 / 8) is no whole 128-block: its
+# Fp8MoEMethod refines the blocks to 64 x 64 (the largest common divisor of 128, the share and the hidden size; 32
+# at least), which only Triton's kernel reads, and its loader spreads each checkpoint scale over the finer blocks
+MOE_BLOCKS = {1: [128, 128], 2: [128, 128], 4: [128, 128], 8: [64, 64]}
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+def _scheme_config(scheme, family):
+    """The ``quantization_config`` ``--scheme`` writes (FP8_BLOCK: the family's not-converted names only)."""
+    from qvlquant.checkpoint.export import nvfp4_quantization_config, w8a8_quantization_config
+    from qvlquant.quant.formats import SCHEMES
+
+    fmt = SCHEMES[scheme]
+    if isinstance(fmt, Fp8Format):
+        from qvlquant.checkpoint.export import fp8_quantization_config
+
+        return fp8_quantization_config(fmt, family, family.not_converted_names())
+    return w8a8_quantization_config(fmt, family) if isinstance(fmt, Int8Format) else \
+        nvfp4_quantization_config(fmt, family)
+
+
+@pytest.mark.parametrize("fmt", list(MOE_BUILT))
 def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
     """MoE layers of 512-wide experts at g128, layer 0's experts skipped by a rule, from config.json only (vLLM
     allocates on the meta device). TP 1, 2, 4: each format's MoE method, the skip honoured. TP 8 (a rank holds 64 of
     each expert's intermediate size, half a group): compressed-tensors refuses; GPTQ and AWQ fall back to MoeWNA16,
     which halves the group and serves it, but reads GPTQ's skip nowhere (it builds the skipped layer W4 over plain
     weights: refused) while AWQ's ``modules_to_not_convert`` keeps it, by the name ``layers.0.mlp.experts`` the
-    export writes (no expert's name is in the layer's). The copied rules refuse the same TP sizes."""
+    export writes (no expert's name is in the layer's). The schemes (FP8_BLOCK, FP8_DYNAMIC, W8A8, NVFP4A16, FP8,
+    NVFP4; no rule) are served at every TP size by one method and kernel, block FP8 at TP 8 with its blocks refined
+    to 64 x 64. The copied rules refuse the same TP sizes."""
     from tiny_models import qwen3_5_moe_config
 
     from qvlquant.checkpoint.vllm import (
         build_vllm_experts,
+        build_vllm_layer,
         checkpoint_linears,
         marlin_problems,
         pretend_gpu,
@@ -1227,17 +1289,20 @@ def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
     for key, value in MOE_SIZES.items():
         setattr(config.text_config, key, value)
     family = family_for("qwen3_5_moe").bind(config)
-    pack, spec, _, _ = FORMATS[fmt]
-    qcfg = QuantConfig("awq" if fmt == "awq" else "rtn", QuantSpec(4, 128, spec.sym))
-    names = [f"{family.decoder_layers}.{i}.{n}" for i in range(4) for n in family.at(i).linears]
-    modules = ModulePlan.resolve([parse_rule(_moe_rule("qwen3_5_moe", 0, "skip"))], qcfg, names,
-                                 fused_groups(family, 4))
-    config.quantization_config = quantization_config(qcfg, pack, family, 4, modules)
+    if fmt in FORMATS:
+        pack, spec, _, _ = FORMATS[fmt]
+        qcfg = QuantConfig("awq" if fmt == "awq" else "rtn", QuantSpec(4, 128, spec.sym))
+        names = [f"{family.decoder_layers}.{i}.{n}" for i in range(4) for n in family.at(i).linears]
+        modules = ModulePlan.resolve([parse_rule(_moe_rule("qwen3_5_moe", 0, "skip"))], qcfg, names,
+                                     fused_groups(family, 4))
+        config.quantization_config = quantization_config(qcfg, pack, family, 4, modules)
+    else:
+        config.quantization_config = _scheme_config(fmt, family)
     config.save_pretrained(tmp_path)
     if fmt == "awq":
         assert "layers.0.mlp.experts" in config.quantization_config["modules_to_not_convert"]
     linears = checkpoint_linears(tmp_path)
-    built = {}
+    built, kernels, blocks = {}, {}, {}
     for tp in TP_SIZES:
         with pretend_gpu(tp):
             _, quant = vllm_quant_config(tmp_path, "qwen3_5_moe")
@@ -1247,15 +1312,76 @@ def test_which_tp_sizes_vllm_serves_an_moe_layer_at(tmp_path, fmt):
                 vname = f"language_model.model.layers.{i}.mlp.experts"
                 try:
                     runner = build_vllm_experts(vnames[vname], linears, family, quant, vname, torch.bfloat16)
-                    methods.append(type(runner.routed_experts.quant_method).__name__)
+                    method = runner.routed_experts.quant_method
+                    methods.append(type(method).__name__)
+                    kernels[tp] = getattr(getattr(method, "experts_cls", None), "__name__", None)
+                    blocks[tp] = getattr(method, "moe_block_shape", None)
                 except ValueError:
                     methods.append("refused")
             built[tp] = tuple(methods)
     assert built == {1: MOE_BUILT[fmt][1], 2: MOE_BUILT[fmt][1], 4: MOE_BUILT[fmt][1], 8: MOE_BUILT[fmt][8]}
+    if fmt in MOE_KERNELS:
+        assert kernels == dict.fromkeys(TP_SIZES, MOE_KERNELS[fmt])
+    if fmt == "FP8_BLOCK":  # and the shared expert (512 wide): its down_proj's 64 input columns at TP 8 are refused
+        assert blocks == MOE_BLOCKS
+        shared = f"{family.decoder_layers}.0.mlp.shared_expert.down_proj"
+        refused = set()
+        for tp in TP_SIZES:
+            with pretend_gpu(tp):
+                _, quant = vllm_quant_config(tmp_path, "qwen3_5_moe")
+                try:
+                    build_vllm_layer([linears[shared]], "row", None, quant, "language_model.model.layers.0.mlp."
+                                     "shared_expert.down_proj", torch.bfloat16)
+                except ValueError as e:
+                    assert "input_size_per_partition = 64 is not divisible by weight quantization block_k" in str(e)
+                    refused.add(tp)
+        copied = read_quantization_config(json.loads((tmp_path / "config.json").read_text())["quantization_config"],
+                                          "config.json")
+        assert refused == {8} == {tp for tp in TP_SIZES if marlin_problems(copied, {shared: linears[shared]}, tp,
+                                                                             family)}
     saved = json.loads((tmp_path / "config.json").read_text())
     quant = read_quantization_config(saved["quantization_config"], "config.json")
     moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
     assert {tp for tp in TP_SIZES if marlin_problems(quant, moe, tp, family)} == MOE_REFUSED_AT[fmt]
+
+
+def test_which_blocks_vllm_builds_qwen3_vl_moe_block_fp8_experts_with(tmp_path):
+    """Block FP8 experts at Qwen3-VL-30B-A3B's proportions (768 wide, hidden 2048; from config.json): a rank's share
+    of 384 at TP 2 holds whole 128-blocks, 192 at TP 4 and 96 at TP 8 do not, and vLLM's Fp8MoEMethod serves them
+    with the blocks refined to 64 x 64 and 32 x 32 (Triton's kernel); nothing refused, by the copied rules either."""
+    from tiny_models import qwen3_vl_moe_config
+
+    from qvlquant.checkpoint.vllm import (
+        build_vllm_experts,
+        checkpoint_linears,
+        marlin_problems,
+        pretend_gpu,
+        vllm_model_classes,
+        vllm_names,
+        vllm_quant_config,
+    )
+
+    config = qwen3_vl_moe_config(layers=2, experts=16, top_k=4, mlp_only_layers=())
+    config.text_config.hidden_size, config.text_config.moe_intermediate_size = 2048, 768
+    family = family_for("qwen3_vl_moe").bind(config)
+    config.quantization_config = _scheme_config("FP8_BLOCK", family)
+    config.save_pretrained(tmp_path)
+    linears = checkpoint_linears(tmp_path)
+    vname = "language_model.model.layers.0.mlp.experts"
+    built = {}
+    for tp in TP_SIZES:
+        with pretend_gpu(tp):
+            _, quant = vllm_quant_config(tmp_path, "qwen3_vl_moe")
+            shards = vllm_names(linears, family, vllm_model_classes("qwen3_vl_moe")[0], quant)[vname]
+            experts = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16).routed_experts
+            method = experts.quant_method
+            built[tp] = (type(method).__name__, method.experts_cls.__name__, method.moe_block_shape)
+    assert built == {1: ("Fp8MoEMethod", "TritonExperts", [128, 128]), 2: ("Fp8MoEMethod", "TritonExperts", [128, 128]),
+                     4: ("Fp8MoEMethod", "TritonExperts", [64, 64]), 8: ("Fp8MoEMethod", "TritonExperts", [32, 32])}
+    copied = read_quantization_config(json.loads((tmp_path / "config.json").read_text())["quantization_config"],
+                                      "config.json")
+    moe = {n: s for n, s in linears.items() if ".mlp.experts." in n}
+    assert len(moe) == 2 * 16 * 3 and not any(marlin_problems(copied, moe, tp, family) for tp in TP_SIZES)
 
 
 def test_block_fp8_of_qwen3_vl_moe_keeps_the_router_vllm_builds_with_the_quantization_config(tmp_path):
@@ -1279,3 +1405,124 @@ def test_block_fp8_of_qwen3_vl_moe_keeps_the_router_vllm_builds_with_the_quantiz
             routers = [GateLinear(128, 8, quant_config=quant, prefix=f"language_model.model.layers.{i}.mlp.gate")
                        for i in MOE["qwen3_vl_moe"]["moe_layers"]]
     assert {type(r.quant_method).__name__ for r in routers} == {"UnquantizedLinearMethod"}
+
+
+def _with_moe_mtp_head(folder, experts):
+    """Adds to the tiny Qwen3.5-MoE checkpoint a whole MTP layer as Qwen3.5-MoE checkpoints hold one (attention,
+    router, shared expert and per-expert linears; the tiny base holds three MTP tensors only) -> its matrices'
+    module names."""
+    from safetensors.torch import load_file, save_file
+
+    mlp = ["gate", "shared_expert_gate"] + [f"shared_expert.{p}_proj" for p in ("gate", "up", "down")] + \
+        [f"experts.{e}.{p}_proj" for e in range(experts) for p in ("gate", "up", "down")]
+    names = ["mtp.fc"] + [f"mtp.layers.0.self_attn.{p}_proj" for p in "qkvo"] + [f"mtp.layers.0.mlp.{m}" for m in mlp]
+    tensors = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(2)
+    tensors.update({f"{n}.weight": torch.randn(128, 128, generator=g).to(torch.bfloat16) for n in names})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return names
+
+
+# block FP8 of the tiny Qwen3.5-MoE (hidden 128, experts and shared expert 128 wide): the vLLM modules each TP size
+# refuses. Row-parallel inputs of 64 / 32 / 16 columns are no whole 128-block (vLLM's validate_fp8_block_shape);
+# 2 query heads do not split over 4 or 8; the experts' 64 / 32 intermediate columns at TP 2 / 4 are served with
+# the blocks refined to 64 / 32 (Fp8MoEMethod, Triton's kernel), their 16 at TP 8 are refused (refined below 32)
+BLOCK_MOE_REFUSED = {1: set(), 2: {"0.linear_attn.out_proj", "0.mlp.shared_expert.down_proj", "3.self_attn.o_proj",
+                                   "3.mlp.shared_expert.down_proj"}}
+BLOCK_MOE_REFUSED[4] = BLOCK_MOE_REFUSED[2] | {"3.self_attn.qkv_proj"}
+BLOCK_MOE_REFUSED[8] = BLOCK_MOE_REFUSED[4] | {"0.mlp.experts", "3.mlp.experts"}
+
+
+def test_block_fp8_of_qwen3_5_moe_as_vllm_builds_it(tmp_path, monkeypatch):
+    """``--scheme FP8_BLOCK`` of the tiny Qwen3.5-MoE, asked of vLLM 0.33's own classes: every DeltaNet in_proj_qkvz
+    and out_proj, attention o_proj and shared-expert linear Fp8LinearMethod; in_proj_ba (32 rows a part) and the
+    attention's qkv_proj (64 KV rows) kept bf16 as the export keeps them (no whole 128-blocks); each layer's
+    experts one Fp8MoEMethod layer whose tensors vLLM's own loader takes at TP 1, 2 and 4; the routers
+    (``mlp.gate``, ``mlp.shared_expert_gate``) and the vision tower unquantized; what each TP size refuses, and the
+    copied rules refusing the same. vLLM's MTP drafter (``Qwen3_5MoeMTP``, built from the same quantization config
+    with no name mapper) builds the bf16 MTP head unquantized: the export names its modules."""
+    import qvlquant
+    from vllm.model_executor.models.qwen3_5_mtp import Qwen3_5MoeMTP
+
+    from qvlquant.checkpoint.vllm import pretend_gpu, vllm_decisions, vllm_quant_config
+
+    _qwen3_5_moe_base(tmp_path / "base")
+    mtp = _with_moe_mtp_head(tmp_path / "base", MOE["qwen3_5_moe"]["experts"])
+    folder = tmp_path / "fp8"
+    qvlquant.quantize(model=str(tmp_path / "base"), output=str(folder), scheme="FP8_BLOCK")
+    vllm = inspect_checkpoint(folder)["vllm"]
+    assert vllm["method"] == "fp8" and vllm["refused"] is None
+    decoder = {v.removeprefix("language_model.model.layers."): m for v, m in vllm["layers"].items()
+               if not v.startswith("visual.")}
+    fp8, kept = "Fp8LinearMethod", "UnquantizedLinearMethod"
+    expected = {**{f"{i}.linear_attn.{n}": m for i in (0, 1, 2)
+                   for n, m in (("in_proj_qkvz", fp8), ("in_proj_ba", kept), ("out_proj", fp8))},
+                "3.self_attn.qkv_proj": kept, "3.self_attn.o_proj": fp8,
+                **{f"{i}.mlp.{n}": m for i in range(4) for n, m in (("experts", "Fp8MoEMethod"),
+                                                                     ("shared_expert.gate_up_proj", fp8),
+                                                                     ("shared_expert.down_proj", fp8))}}
+    assert decoder == expected
+    vision = {v: m for v, m in vllm["layers"].items() if v.startswith("visual.")}
+    assert len(vision) == MOE["qwen3_5_moe"]["vision_linears"] and set(vision.values()) == {kept}
+    assert vllm["vision_quantized"] == []
+    refused = {tp: {p.split(":")[0].removeprefix("language_model.model.layers.") for p in problems}
+               for tp, problems in vllm["tp"].items()}
+    assert refused == BLOCK_MOE_REFUSED, vllm["tp"]
+    experts = [f"language_model.model.layers.{i}.mlp.experts" for i in MOE["qwen3_5_moe"]["first_moe_layers"]]
+    assert {tp: {vllm["kernels"][tp].get(v) for v in experts} for tp in (1, 2, 4)} == \
+        {tp: {"TritonExperts"} for tp in (1, 2, 4)}
+    assert f"{experts[0]}: ValueError: The output_size of gate's and up's weight = 16 is not divisible by weight " \
+           "quantization block_n = 128." in vllm["tp"][8]
+    copied = copied_rules(*copied_inputs(folder, "qwen3_5_moe"))
+    assert {tp: not p for tp, p in copied["tp"].items()} == {tp: not p for tp, p in vllm["tp"].items()}
+    moe = [p for p in copied["tp"][8] if ".mlp.experts:" in p]
+    assert len(moe) == 4 and all("vLLM's Fp8MoEMethod refines the blocks only so far" in p for p in moe)
+    assert not any(".mlp.experts:" in p for tp in (1, 2, 4) for p in copied["tp"][tp])
+    # the whole MoE block vLLM builds: routers unquantized, the shared expert and the experts FP8
+    methods = _vllm_moe_block(folder, "qwen3_5_moe", monkeypatch, tp=1)
+    assert {methods[k] for k in MOE["qwen3_5_moe"]["kept"]} == {kept}
+    assert methods["experts.routed_experts"] == "Fp8MoEMethod"
+    assert {v for n, v in methods.items() if n.startswith("shared_expert.")} == {fp8}
+    # the MTP drafter, asked for every MTP matrix of the checkpoint under vLLM's names (q/k/v, the shared expert's
+    # gate/up fused; the experts one MoE layer)
+    family = family_for("qwen3_5_moe").bind(json.loads((folder / "config.json").read_text()))
+    fused = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+             "mlp.shared_expert.gate_up_proj": ("shared_expert.gate_proj", "shared_expert.up_proj")}
+    names = {n: [n] for n in mtp if ".experts." not in n and not n.endswith(("q_proj", "k_proj", "v_proj", "gate",
+                                                                            "gate_proj", "up_proj"))}
+    names.update({f"mtp.layers.0.{f}": [f"mtp.layers.0.{f.split('.')[0]}.{p}" for p in parts]
+                  for f, parts in fused.items()})
+    names["mtp.layers.0.mlp.experts"] = [n for n in mtp if ".experts." in n]
+    with pretend_gpu(1):
+        _, quant = vllm_quant_config(folder, "qwen3_5_moe", classes=(Qwen3_5MoeMTP,))
+        drafter, _ = vllm_decisions(quant, names, {s: (128, 128) for shards in names.values() for s in shards},
+                                    family)
+    assert drafter == {**{n: kept for n in names}, "mtp.layers.0.mlp.experts": "UnquantizedFusedMoEMethod"}, drafter
+    assert "mtp.fc" in drafter and len(drafter) == 6
+    # vLLM's own loader given layer 0's expert tensors at TP 1 and 2 (rank 0): the FP8 codes of rank 0's share byte
+    # for byte, and each checkpoint block scale spread over the blocks vLLM built (at TP 2 refined to 64 x 64)
+    from safetensors.torch import load_file
+
+    from qvlquant.checkpoint.vllm import build_vllm_experts, checkpoint_linears, vllm_model_classes, vllm_names
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    linears = checkpoint_linears(folder)
+    disk, vname = "model.language_model.layers.0.mlp.experts.", "language_model.model.layers.0.mlp.experts"
+    for tp in (1, 2):
+        with pretend_gpu(tp):
+            _, quant = vllm_quant_config(folder, "qwen3_5_moe")
+            shards = vllm_names(linears, family, vllm_model_classes("qwen3_5_moe")[0], quant)[vname]
+            runner = build_vllm_experts(shards, linears, family, quant, vname, torch.bfloat16, device="cpu")
+            assert list(runner.load_weights([(k[len(disk):], t) for k, t in tensors.items() if k.startswith(disk)]))
+        experts, half = runner.routed_experts, 128 // tp  # a rank's share of the 128-wide intermediate size
+        fine = experts.quant_method.moe_block_shape[0]
+        assert fine == 128 // tp
+        spread = lambda s: s.repeat_interleave(128 // fine, 0).repeat_interleave(128 // fine, 1)  # noqa: E731
+        for e in range(MOE["qwen3_5_moe"]["experts"]):
+            w = {p: tensors[f"{disk}{e}.{p}_proj.weight"].view(torch.uint8) for p in ("gate", "up", "down")}
+            s = {p: spread(tensors[f"{disk}{e}.{p}_proj.weight_scale_inv"]) for p in ("gate", "up", "down")}
+            assert torch.equal(experts.w13_weight[e].view(torch.uint8), torch.cat([w["gate"][:half], w["up"][:half]]))
+            assert torch.equal(experts.w2_weight[e].view(torch.uint8), w["down"][:, :half])
+            assert torch.equal(experts.w13_weight_scale_inv[e], torch.cat([s["gate"][: half // fine],
+                                                                           s["up"][: half // fine]]))
+            assert torch.equal(experts.w2_weight_scale_inv[e], s["down"][:, : half // fine])
