@@ -141,10 +141,10 @@ def method_of(variant: str) -> str:
     return "bf16" if variant == "bf16" else ("awq" if "awq" in variant else "gptq")
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], method=method_of) -> list[dict]:
     """Group per-seed rows by (setting, variant): mean and spread of each metric, and verdicts on perplexity
-    within the same method and setting: against qvlquant's best variant ("vs best") and the peers' best run
-    ("vs best peer")."""
+    within the same method (``method``: variant -> the method it is compared within) and setting: against
+    qvlquant's best variant ("vs best") and the peers' best run ("vs best peer")."""
     from qvlquant.eval.compare import spread, verdict
 
     groups: dict = {}
@@ -159,7 +159,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 row[m] = dict(zip(("mean", "sd"), spread(vals)), values=vals)
         out.append(row)
     for r in out:
-        r["method"] = method_of(r["variant"])
+        r["method"] = method(r["variant"])
     for setting, method in {(r["setting"], r["method"]) for r in out if r["variant"] != "bf16"}:
         mine = [r for r in out if r["setting"] == setting and r["method"] == method]
         ours = [r for r in mine if not r["peer"]]

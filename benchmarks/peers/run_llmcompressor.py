@@ -11,6 +11,12 @@ language model's linears are quantized (``visual.*`` and ``lm_head`` are ignored
   default is static, so it is always given explicitly; compressed-tensors 0.19 refuses ``group``, the g_idx kind).
 - AWQ: 0.14's ``AWQModifier`` (a transform that folds the smoothing scales into the previous ops) followed by a
   ``QuantizationModifier`` with the same scheme, i.e. what ``llmcompressor.modifiers.awq.AWQModifier`` builds.
+- Presets (``--method FP8_DYNAMIC|W8A8|NVFP4A16``, data-free: no ``--batches``; ``--method FP8|NVFP4``, calibrated:
+  their static activation scales are observed over ``--batches``): ``QuantizationModifier(scheme=S)``, run through
+  ``oneshot`` as llm-compressor's own examples do (FP8_DYNAMIC / NVFP4A16 with no dataset; NVFP4 and FP8 over the
+  calibration set, its sequential pipeline one decoder layer at a time). ``--method w8a8-gptq``: its W8A8 example,
+  ``SmoothQuantModifier`` (``--smoothing``, 0: none) then ``GPTQModifier(scheme="W8A8")``. These keep the
+  compressed-tensors checkpoint llm-compressor saves (``--keep DIR``, with the processor) instead of dense weights.
 
 The compressed checkpoint it saves (compressed-tensors ``pack-quantized``) is decompressed with compressed-tensors'
 own ``PackedQuantizationCompressor.decompress`` (transformers cannot decompress it with ``run_compressed=False``)
@@ -45,8 +51,10 @@ from layout import peak_rss_gib, to_input_layout, weight_errors  # noqa: E402
 
 IGNORE = ["lm_head", "re:(model\\.)?visual\\..*"]  # the vision tower stays BF16, as in qvlquant
 PRESETS = ("FP8_DYNAMIC", "W8A8", "NVFP4A16")  # llm-compressor's data-free preset schemes, run with no calibration
+CALIBRATED_PRESETS = ("FP8", "NVFP4")  # its preset schemes with static activation scales, observed over --batches
 W8A8_GPTQ = "w8a8-gptq"  # its INT8 W8A8 recipe: SmoothQuantModifier (--smoothing, 0 = none) then GPTQModifier(W8A8)
-SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"]
+KEPT = (*PRESETS, *CALIBRATED_PRESETS, W8A8_GPTQ)  # output: the compressed checkpoint it saves (--keep), not dense
+SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3_5DecoderLayer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +69,9 @@ class Settings:
     smoothing: float = 0.8  # w8a8-gptq: SmoothQuantModifier's smoothing_strength; 0: no SmoothQuant
 
     def __post_init__(self):
-        if self.method not in ("gptq", "awq", W8A8_GPTQ, *PRESETS):
-            raise ValueError(f"--method {self.method!r}: use gptq, awq, {W8A8_GPTQ} or a data-free preset "
-                             f"({', '.join(PRESETS)})")
+        if self.method not in ("gptq", "awq", *KEPT):
+            raise ValueError(f"--method {self.method!r}: use gptq, awq, {W8A8_GPTQ}, a data-free preset "
+                             f"({', '.join(PRESETS)}) or a calibrated one ({', '.join(CALIBRATED_PRESETS)})")
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"--smoothing {self.smoothing}: SmoothQuant's strength in [0, 1) (0: none)")
         if not 2 <= self.bits <= 8:
@@ -110,7 +118,7 @@ def recipe(s: Settings) -> list:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    if s.method in PRESETS:
+    if s.method in (*PRESETS, *CALIBRATED_PRESETS):
         return [QuantizationModifier(targets="Linear", scheme=s.method, ignore=IGNORE)]
     if s.method == W8A8_GPTQ:  # llm-compressor's W8A8 example: SmoothQuant, then GPTQ on the W8A8 preset
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
@@ -150,7 +158,7 @@ def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: p
     oneshot(model=model, processor=processor, dataset=loader, recipe=recipe(s), num_calibration_samples=len(batches),
             sequential_targets=targets, shuffle_calibration_samples=False)
     model.save_pretrained(saved, save_compressed=True)
-    if s.method == W8A8_GPTQ:
+    if s.method in KEPT:  # a checkpoint to load as it is
         processor.save_pretrained(saved)
 
 
@@ -224,7 +232,7 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path | None, s: Settings, ou
         saved_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
         if keep is not None:
             shutil.copytree(saved, keep, dirs_exist_ok=True)
-        if s.method in (*PRESETS, W8A8_GPTQ):  # int-quantized / float-quantized: kept as saved, not decompressed
+        if s.method in KEPT:  # int-quantized / float-quantized / nvfp4-pack-quantized: kept as saved
             dense, sanity = False, None
         elif dense:
             state, names = decompress(saved)
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, type=pathlib.Path, help="BF16 model folder (with its processor)")
     ap.add_argument("--batches", type=pathlib.Path, help="export_batches.py's output folder (not for a preset)")
-    ap.add_argument("--method", required=True, choices=["gptq", "awq", W8A8_GPTQ, *PRESETS])
+    ap.add_argument("--method", required=True, choices=["gptq", "awq", *KEPT])
     ap.add_argument("--smoothing", type=float, default=0.8, help=f"{W8A8_GPTQ}: SmoothQuant's strength (0: none)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
@@ -270,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output", required=True, type=pathlib.Path)
     args = ap.parse_args(argv)
     if (args.method in PRESETS) != (args.batches is None):
-        ap.error("--batches is needed by gptq and awq, and taken by no data-free preset")
-    if args.method in (*PRESETS, W8A8_GPTQ) and args.keep is None:
+        ap.error(f"--batches is needed by gptq, awq, {W8A8_GPTQ} and the calibrated presets "
+                 f"({', '.join(CALIBRATED_PRESETS)}), and taken by no data-free preset ({', '.join(PRESETS)})")
+    if args.method in KEPT and args.keep is None:
         ap.error(f"--method {args.method}: its output is the compressed checkpoint; give --keep DIR")
     torch.set_num_threads(args.threads)
     sym = args.sym if args.sym is not None else args.method == "gptq"  # each method's published default

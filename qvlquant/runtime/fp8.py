@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from qvlquant.quant.formats import Fp8Format
-from qvlquant.quant.fp8 import fake_quantize_activations, fake_quantize_static
+from qvlquant.quant.fp8 import dequantize_tensor, fake_quantize_activations, fake_quantize_static, quantize_tensor
 from qvlquant.runtime.swap import replace_linears
 
 
@@ -82,3 +82,34 @@ def swap_in_fp8_linears(model, targets: list[str], fmt: Fp8Format, dtype: torch.
     """Replace the nn.Linear at each runtime path in ``targets`` by an empty Fp8Linear (the checkpoint fills it)."""
     replace_linears(model, targets,
                     lambda name, old: Fp8Linear(old.in_features, old.out_features, fmt, old.bias is not None, dtype))
+
+
+def share_fused_scales(model, family) -> list[str]:
+    """What vLLM does when it loads a per-tensor FP8 checkpoint (``requantize_with_max_scale``): the linears it fuses
+    (q/k/v, gate/up: ``family``'s ``fused``) run as one layer with one weight scale, the largest of theirs, each
+    linear's e4m3 weight dequantized with its own scale and rounded again to e4m3 under the shared one, and one
+    input scale, the largest. qvlquant's FP8 exports share both already (nothing changes); llm-compressor's FP8
+    preset stores each linear's own weight scale. -> the runtime paths of the linears whose scales changed."""
+    from qvlquant.checkpoint.datafree import fused_siblings  # the export's own notion of a fused group
+
+    modules = dict(model.named_modules())
+    changed, seen = [], set()
+    for name, module in modules.items():
+        if not isinstance(module, Fp8Linear) or module.fmt is not Fp8Format.TENSOR or name in seen:
+            continue
+        group = [s[: -len(".weight")] for s in fused_siblings(family, name + ".weight")] \
+            if family.is_layer_key(name) else [name]
+        parts = {g: modules[g] for g in group if isinstance(modules.get(g), Fp8Linear)}
+        seen.update(parts)
+        for field in ("weight_scale", "input_scale"):
+            shared = torch.stack([getattr(m, field).reshape(()) for m in parts.values()]).max().reshape(1)
+            for g, m in parts.items():
+                own = getattr(m, field)
+                if torch.equal(own, shared.to(own.dtype)):
+                    continue
+                if field == "weight_scale":
+                    m.weight.copy_(quantize_tensor(dequantize_tensor(m.weight, own), g, own.dtype, shared)[0])
+                own.copy_(shared)
+                m._dequantized = None
+                changed.append(g)
+    return sorted(set(changed))

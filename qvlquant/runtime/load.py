@@ -21,7 +21,7 @@ from qvlquant.engine.skeleton import build_skeleton, load_processor, resolve_mod
 from qvlquant.engine.streaming import find_stored
 from qvlquant.families import family_for
 from qvlquant.quant.formats import Fp8Format, Int8Format, Nvfp4Format, PackFormat, QuantizedWeight
-from qvlquant.runtime.fp8 import fp8_linear_targets, swap_in_fp8_linears
+from qvlquant.runtime.fp8 import fp8_linear_targets, share_fused_scales, swap_in_fp8_linears
 from qvlquant.runtime.nvfp4 import nvfp4_linear_targets, swap_in_nvfp4_linears
 from qvlquant.runtime.swap import replace_linears
 from qvlquant.runtime.w8a8 import swap_in_w8a8_linears, w8a8_linear_targets
@@ -190,4 +190,6 @@ def load(path: str | pathlib.Path = "demo", dtype: torch.dtype = torch.float32, 
         else:
             swap_in_quant_linears(model, quant_linear_specs(reader, family, quant), quant.pack_format, dtype)
     fill_from_checkpoint(model, reader, family, torch.device(device))
+    if fp8 is Fp8Format.TENSOR:  # one scale per fused layer, as vLLM serves it (a no-op on qvlquant's exports)
+        share_fused_scales(model, family)
     return model.to(device).eval(), processor

@@ -174,3 +174,18 @@ def test_weight_errors_compares_each_linear_with_the_input_weight_it_came_from(t
     with pytest.raises(SystemExit, match="down_proj: dequantized shape \\[16, 8\\]"):
         layout.weight_errors([down], lambda name: torch.zeros(16, 8), tmp_path)
     assert layout.input_files(tmp_path)["visual.blocks.0.qkv.weight"].name == "model-00002-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("method, batches, keep, error", [
+    ("NVFP4", False, True, "--batches is needed"),  # a calibrated preset observes its activation scales
+    ("FP8", True, False, "give --keep DIR"),  # its output is the compressed checkpoint
+    ("FP8_DYNAMIC", True, True, "taken by no data-free preset"),
+])
+def test_llmcompressor_presets_take_batches_only_where_they_calibrate(tmp_path, capsys, method, batches, keep, error):
+    argv = ["--model", str(MODEL_DIR), "--method", method, "--output", str(tmp_path / "out")]
+    argv += ["--batches", str(tmp_path)] if batches else []
+    argv += ["--keep", str(tmp_path / "kept")] if keep else []
+    with pytest.raises(SystemExit):
+        run_llmcompressor.main(argv)
+    assert error in capsys.readouterr().err
+    assert run_llmcompressor.Settings(method, 4, 128, True).method == method

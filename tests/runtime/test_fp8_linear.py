@@ -96,3 +96,48 @@ def test_static_fp8_linear_matches_the_explicit_product_with_its_calibrated_scal
     assert 1e-3 < rel < 0.08, rel
     with pytest.raises(ValueError, match="give the calibrated input_amax"):
         Fp8Linear.from_weight(w, Fp8Format.TENSOR, b)
+
+
+def test_fused_per_tensor_scales_are_shared_as_vllm_loads_them():
+    """llm-compressor's FP8 preset stores q/k/v's and gate/up's own weight scales; vLLM runs each fused layer under
+    the largest (``requantize_with_max_scale``: every shard dequantized with its own scale, rounded again under the
+    largest) with the largest input scale, and so does ``share_fused_scales`` (``qvlquant.load``). A linear fused
+    with none, and a group already shared, are left bit for bit."""
+    from qvlquant.families import family_for
+    from qvlquant.runtime.fp8 import share_fused_scales
+
+    torch.manual_seed(0)
+    spec = {"self_attn.q_proj": (32, 64, 3.0, 4.0), "self_attn.k_proj": (16, 64, 1.0, 5.0),
+            "self_attn.v_proj": (16, 64, 0.5, 4.5), "self_attn.o_proj": (64, 32, 1.0, 2.0),
+            "mlp.gate_proj": (48, 64, 1.0, 7.0), "mlp.up_proj": (48, 64, 2.0, 7.0), "mlp.down_proj": (64, 48, 1.0, 9.0)}
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.language_model = torch.nn.Module()
+    layer = torch.nn.Module()
+    layer.self_attn, layer.mlp = torch.nn.Module(), torch.nn.Module()
+    model.model.language_model.layers = torch.nn.ModuleList([layer])
+    for path, (n, k, size, amax) in spec.items():
+        parent, leaf = path.split(".")
+        setattr(getattr(layer, parent), leaf, Fp8Linear.from_weight(torch.randn(n, k) * size, Fp8Format.TENSOR, None,
+                                                                      input_amax=amax))
+    before = {p: {b: t.clone() for b, t in layer.get_submodule(p).named_buffers()} for p in spec}
+    family = family_for("qwen2_vl")
+    changed = share_fused_scales(model, family)
+    prefix = "model.language_model.layers.0."
+    assert changed == [prefix + p for p in ("mlp.gate_proj", "self_attn.k_proj", "self_attn.q_proj",
+                                            "self_attn.v_proj")]
+    for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+        w_max = max(before[p]["weight_scale"] for p in group)
+        in_max = max(before[p]["input_scale"] for p in group)
+        for p in group:
+            m = layer.get_submodule(p)
+            assert torch.equal(m.weight_scale, w_max) and torch.equal(m.input_scale, in_max)
+            old = fp8.dequantize_tensor(before[p]["weight"], before[p]["weight_scale"])
+            requantized = (old / w_max.float()).to(torch.float8_e4m3fn)
+            assert torch.equal(m.weight.view(torch.uint8), requantized.view(torch.uint8))
+            x = torch.randn(3, m.in_features) * 2
+            expected = F.linear(fp8.fake_quantize_static(x, in_max), fp8.dequantize_tensor(m.weight, w_max))
+            torch.testing.assert_close(m(x), expected, rtol=0, atol=0)
+    for p in ("self_attn.o_proj", "mlp.down_proj"):  # fused with none
+        assert all(torch.equal(t, before[p][b]) for b, t in layer.get_submodule(p).named_buffers())
+    assert share_fused_scales(model, family) == []  # shared now: nothing left to change
