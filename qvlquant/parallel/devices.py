@@ -94,16 +94,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def rss_high_water_bytes() -> int | None:
-    """The process's resident high-water mark now (Linux ``VmHWM``, cheap to read often); None where there is none."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``field: N kB`` line of a Linux /proc file, in bytes; None where the file or the field is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def rss_high_water_bytes() -> int | None:
+    """The process's resident high-water mark now (Linux ``VmHWM``, cheap to read often); None where there is none."""
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def peak_gpu_bytes(device: torch.device) -> int | None:
@@ -114,14 +119,8 @@ def free_bytes(device: torch.device) -> int:
     """Memory available for activations on ``device``."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**40
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return 2**40 if available is None else available
 
 
 def choose_offload(device: torch.device, activation_bytes: int, setting: str) -> str | None:
