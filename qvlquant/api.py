@@ -72,6 +72,7 @@ from qvlquant.engine.streaming import (
 from qvlquant.engine.transforms import pad_config
 from qvlquant.families import ModelFamily, family_for
 from qvlquant.parallel.devices import (
+    bound_heap,
     choose_offload,
     compute_dtype,
     peak_gpu_bytes,
@@ -112,6 +113,7 @@ def quantize(config: JobConfig | None = None, **settings) -> dict | None:
         raise TypeError("pass either a JobConfig or flat settings, not both")
     world = World.from_env()
     device = resolve_device(config.device.device, world.local_rank if world.distributed else None)  # checked
+    bound_heap()  # freed layer temporaries go back to the system instead of staying in a fragmented heap
     if config.datafree_format is not None:
         return _quantize_datafree(config, world)
     if config.calibrated_format is not None:

@@ -142,6 +142,28 @@ def _libc():
         return None
 
 
+# glibc's mallopt parameter, and what qvlquant sets it to: every allocation of 1 MiB or more gets pages of its own
+M_MMAP_THRESHOLD = -3
+HEAP_MMAP_THRESHOLD = 2**20
+
+
+def bound_heap() -> bool:
+    """Make glibc give every freed allocation of ``HEAP_MMAP_THRESHOLD`` or more straight back to the system.
+
+    glibc serves a large allocation with pages of its own (returned when freed) only above its mmap threshold, and it
+    raises that threshold each time such a block is freed, up to 32 MiB. After the first layer, the tensors of 1 to
+    32 MiB that a layer's math frees (a MoE layer's per-expert weights, inputs and Hessian sums) stay in the heap,
+    fragmented, and count in the process's memory until the heap's top is free (measured at a Qwen3.5-35B-A3B layer
+    in docs/RESULTS.md). Fixing the threshold stops the raising. Process-wide; a ``MALLOC_MMAP_THRESHOLD_`` in the environment (glibc's own setting) wins. -> whether it
+    was set (False without glibc, or where the environment sets it)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+
+
 def trim_heap() -> None:
     """Hand freed heap memory back to the system (glibc's ``malloc_trim``). Tensors under glibc's mmap threshold
     (the vision tower's 26 MB matrices, a layer's temporaries) come from the heap, and freed ones stay counted in
