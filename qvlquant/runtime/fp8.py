@@ -11,58 +11,25 @@ plain matmul in the input's dtype (exact in float32, where the kernels accumulat
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from qvlquant.quant.formats import Fp8Format
 from qvlquant.quant.fp8 import dequantize_tensor, fake_quantize_activations, fake_quantize_static, quantize_tensor
+from qvlquant.runtime.stored import StoredLinear
 from qvlquant.runtime.swap import replace_linears
 
 
-class Fp8Linear(torch.nn.Module):
-    def __init__(self, in_features: int, out_features: int, fmt: Fp8Format, bias: bool, dtype: torch.dtype):
-        super().__init__()
-        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        shapes = {**fmt.tensor_shapes(in_features, out_features), **fmt.input_tensors()}
-        for name, (shape, dt) in shapes.items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dt))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._dequantized: torch.Tensor | None = None
-
+class Fp8Linear(StoredLinear):
     @classmethod
     def from_weight(cls, w: torch.Tensor, fmt: Fp8Format, bias: torch.Tensor | None,
                     input_amax: float | None = None) -> "Fp8Linear":
         """A float weight [N, K] quantized to ``fmt`` (and its bias kept as it is); ``input_amax``: the largest
         calibration input, for a format with static activation scales."""
-        n, k = w.shape
-        module = cls(k, n, fmt, bias is not None, bias.dtype if bias is not None else torch.float32)
-        tensors = fmt.pack(w)
-        if fmt.static_activations:
-            if input_amax is None:
-                raise ValueError(f"{fmt.value} quantizes activations statically: give the calibrated input_amax")
-            tensors |= fmt.input_pack(input_amax)
-        for name, t in tensors.items():
-            getattr(module, name).copy_(t)
-        if bias is not None:
-            module.bias.data.copy_(bias)
-        return module
+        return cls.packed(w, fmt, bias, input_amax)
 
-    def weight_dequantized(self) -> torch.Tensor:
-        """The weight the stored tensors stand for, [N, K] float32."""
-        return self.fmt.unpack({name: getattr(self, name) for name in self.fmt.tensor_shapes(1, 1)})
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._dequantized = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
-            self._dequantized = self.weight_dequantized().to(device=x.device, dtype=x.dtype)  # [N, K]
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt.static_activations:
-            xq = fake_quantize_static(x, self.input_scale)  # [..., K], one calibrated scale
-        else:
-            xq = fake_quantize_activations(x, self.fmt.activation_group)  # [..., K], what the kernel reads
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(xq, self._dequantized, bias)
+            return fake_quantize_static(x, self.input_scale)  # [..., K], one calibrated scale
+        return fake_quantize_activations(x, self.fmt.activation_group)  # [..., K], what the kernel reads
 
     def extra_repr(self) -> str:
         group = self.fmt.activation_group

@@ -9,55 +9,27 @@ numerics), emulated on every device: an eval then scores what a W4A4 kernel (Bla
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from qvlquant.quant.formats import Nvfp4Format
 from qvlquant.quant.nvfp4 import fake_quantize_activations
+from qvlquant.runtime.stored import StoredLinear
 from qvlquant.runtime.swap import replace_linears
 
 
-class Nvfp4Linear(torch.nn.Module):
-    def __init__(self, in_features: int, out_features: int, fmt: Nvfp4Format, bias: bool, dtype: torch.dtype):
-        super().__init__()
-        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        for name, (shape, dt) in {**fmt.tensor_shapes(in_features, out_features), **fmt.input_tensors()}.items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dt))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._dequantized: torch.Tensor | None = None
+class Nvfp4Linear(StoredLinear):
+    PROBE = (16, 1)  # one group of 16 inputs
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, fmt: Nvfp4Format, bias: torch.Tensor | None,
                     global_scale: torch.Tensor | None = None, input_amax: float | None = None) -> "Nvfp4Linear":
         """A float weight [N, K] quantized to ``fmt`` (``global_scale``: its fused group's; None: its own;
         ``input_amax``: the largest calibration input, for W4A4)."""
-        n, k = w.shape
-        module = cls(k, n, fmt, bias is not None, bias.dtype if bias is not None else torch.float32)
-        tensors = fmt.pack(w, global_scale=global_scale)
-        if fmt.static_activations:
-            if input_amax is None:
-                raise ValueError(f"{fmt.value} quantizes activations: give the calibrated input_amax")
-            tensors |= fmt.input_pack(input_amax)
-        for name, t in tensors.items():
-            getattr(module, name).copy_(t)
-        if bias is not None:
-            module.bias.data.copy_(bias)
-        return module
+        return cls.packed(w, fmt, bias, input_amax, global_scale=global_scale)
 
-    def weight_dequantized(self) -> torch.Tensor:
-        """The weight the stored tensors stand for, [N, K] float32."""
-        return self.fmt.unpack({name: getattr(self, name) for name in self.fmt.tensor_shapes(16, 1)})
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._dequantized = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dequantized is None or self._dequantized.dtype != x.dtype or self._dequantized.device != x.device:
-            self._dequantized = self.weight_dequantized().to(device=x.device, dtype=x.dtype)  # [N, K]
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt.static_activations:
-            x = fake_quantize_activations(x, self.input_global_scale)  # [..., K], what the W4A4 kernel reads
-        return F.linear(x, self._dequantized, bias)
+            return fake_quantize_activations(x, self.input_global_scale)  # [..., K], what the W4A4 kernel reads
+        return x
 
     def extra_repr(self) -> str:
         acts = "nvfp4 per 16 inputs, calibrated global scale" if self.fmt.static_activations else "not quantized"
