@@ -373,22 +373,11 @@ def _datafree_report(config: JobConfig, job: PreparedJob, quantized: list[str], 
         return _w8a8_report(config, job, quantized, started)
     fmt = config.fp8_format
     group = fmt.activation_group
-    return {
-        "qvlquant_version": __version__,
-        "config": config.to_dict(),
-        "base_model": str(config.model),
-        "method": "fp8",
-        "scheme": config.scheme,
-        "bits": 8,
-        "weights": f"float8_e4m3fn, {fmt.scale_name} " + ("per 128x128 block" if group else "per output channel"),
-        "activations": "float8_e4m3fn, dynamic per token" + (f" and group of {group} inputs" if group else ""),
-        "calibration": None,
-        "layers": {name: {"format": fmt.value} for name in quantized},
-        "complete": True,
-        "total_seconds": round(time.time() - started, 2),
-        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({job.threads} used), torch {torch.__version__}",
-    }
+    return _scheme_report(config, job, quantized, started, method="fp8", bits=8,
+                          weights=f"float8_e4m3fn, {fmt.scale_name} " + ("per 128x128 block" if group else
+                                                                          "per output channel"),
+                          activations="float8_e4m3fn, dynamic per token" + (f" and group of {group} inputs" if group
+                                                                            else ""))
 
 
 def _w8a8_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
@@ -399,11 +388,14 @@ def _w8a8_report(config: JobConfig, job: PreparedJob, quantized: list[str], star
                           activations="int8 symmetric, dynamic per token (absmax/127)")
 
 
+NVFP4_WEIGHTS = ("float4_e2m1, weight_scale float8_e4m3fn per 16 inputs, weight_global_scale float32 per tensor "
+                 "(shared by the linears vLLM fuses)")
+
+
 def _nvfp4_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float) -> dict:
     """What quantize_report.json records for NVFP4A16."""
     return _scheme_report(config, job, quantized, started, method="nvfp4", bits=4,
-                          weights="float4_e2m1, weight_scale float8_e4m3fn per 16 inputs, weight_global_scale float32 "
-                                  "per tensor (shared by the linears vLLM fuses)",
+                          weights=NVFP4_WEIGHTS,
                           activations="not quantized (weight-only)")
 
 
@@ -414,8 +406,7 @@ def _calibrated_report(config: JobConfig, job: PreparedJob, batches: list[dict],
     fmt = config.calibrated_format
     if isinstance(fmt, Nvfp4Format):
         report = _scheme_report(config, job, quantized, started, method="nvfp4", bits=4,
-                                weights="float4_e2m1, weight_scale float8_e4m3fn per 16 inputs, weight_global_scale "
-                                        "float32 per tensor (shared by the linears vLLM fuses)",
+                                weights=NVFP4_WEIGHTS,
                                 activations="float4_e2m1 per token and group of 16 inputs (dynamic e4m3 group "
                                             "scales) under input_global_scale float32, calibrated per tensor "
                                             "(448 * 6 / largest input; shared by the linears vLLM fuses)")
@@ -437,7 +428,7 @@ def _calibrated_report(config: JobConfig, job: PreparedJob, batches: list[dict],
 
 def _scheme_report(config: JobConfig, job: PreparedJob, quantized: list[str], started: float, *, method: str,
                    bits: int, weights: str, activations: str) -> dict:
-    """The report of a scheme other than data-free FP8, whose fields name its weights and activations."""
+    """The report of an FP8, INT8 W8A8 or NVFP4 scheme, whose fields name its weights and activations."""
     fmt = config.datafree_format or config.calibrated_format
     return {
         "qvlquant_version": __version__,
