@@ -117,8 +117,8 @@ def calibration(processor, n: int, seed: int) -> list[dict]:
     return build_batches(processor, samples, CalibConfig(), names)
 
 
-def run_variant(base, calib, family, variant: str, bits: int, group: int):
-    """-> (quantized copy of base, seconds)."""
+def run_variant(base, calib, family, variant: str, bits: int, group: int, results: list | None = None):
+    """-> (quantized copy of base, seconds); ``results``: quantize_model's QuantResult is appended to it."""
     from qvlquant.engine.loop import LoopPlan, quantize_model
     from qvlquant.quant.formats import PackFormat
     from qvlquant.quant.spec import QuantConfig, QuantSpec
@@ -130,7 +130,9 @@ def run_variant(base, calib, family, variant: str, bits: int, group: int):
     model = copy.deepcopy(base)
     t0 = time.time()
     plan = LoopPlan(family=family, qcfg=qcfg, pack_format=PackFormat.GPTQ)  # any width; the model in memory is scored
-    quantize_model(model, calib, plan)
+    result = quantize_model(model, calib, plan)
+    if results is not None:
+        results.append(result)
     return model, time.time() - t0
 
 

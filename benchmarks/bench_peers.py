@@ -99,6 +99,20 @@ def calibration_notes(meta: dict) -> dict:
     return notes | {k: v for k, v in (meta.get("gptq") or {}).items() if k != "calls"}
 
 
+def qvlquant_notes(info: dict[str, dict], family) -> dict:
+    """qvlquant's per-linear record (QuantResult.layer_info) -> how many linears it quantized and, on an MoE, the
+    fewest tokens any routed expert saw and the experts' linears it did not calibrate on their own routed tokens
+    (``fallback``: "rtn" below ``min_expert_tokens``, or "all_tokens"), as "name (tokens)"."""
+    experts = {n: i for n, i in info.items() if family.experts and f".{family.experts}." in n}
+    tokens = [i["tokens"] for i in experts.values() if isinstance(i.get("tokens"), int)]
+    notes = {"quantized_linears": len(info)}
+    if experts:
+        notes |= {"expert_linears": len(experts), "min_expert_tokens": min(tokens, default=None),
+                  "fallback": [f"{n} ({i.get('tokens')}, {i['fallback']})" for n, i in experts.items()
+                               if i.get("fallback")]}
+    return notes
+
+
 def report(r: dict, t0: float) -> None:
     print(f"[{time.time() - t0:6.0f}s] seed {r['seed']} {r['setting']} {r['variant']}: ppl {r['perplexity']:.3f} "
           f"KL {r['answer_kl']:.4f} photo KL {r['photo_kl']:.4f} layer {r['layer_error']:.2e} "
@@ -166,9 +180,11 @@ def main() -> None:
             write_batches(calib, batches, {"seed": seed, "calib": "demo", "model": str(folder)})
             for name, bits, group in settings:
                 for variant in variants:  # qvlquant, from the tensors just written
-                    model, seconds = bm.run_variant(base, calib, family, variant, bits, group)
+                    results = []
+                    model, seconds = bm.run_variant(base, calib, family, variant, bits, group, results)
                     rows.append(dict(scorer.score(model), setting=name, variant=variant, seed=seed,
-                                     quantize_seconds=round(seconds, 2)))
+                                     quantize_seconds=round(seconds, 2),
+                                     calibration=qvlquant_notes(results[0].layer_info, family)))
                     del model
                     report(rows[-1], t0)
                     save(False)
