@@ -117,8 +117,8 @@ def calibration(processor, n: int, seed: int) -> list[dict]:
     return build_batches(processor, samples, CalibConfig(), names)
 
 
-def run_variant(base, calib, family, variant: str, bits: int, group: int):
-    """-> (quantized copy of base, seconds)."""
+def run_variant(base, calib, family, variant: str, bits: int, group: int, results: list | None = None):
+    """-> (quantized copy of base, seconds); ``results``: quantize_model's QuantResult is appended to it."""
     from qvlquant.engine.loop import LoopPlan, quantize_model
     from qvlquant.quant.formats import PackFormat
     from qvlquant.quant.spec import QuantConfig, QuantSpec
@@ -130,7 +130,9 @@ def run_variant(base, calib, family, variant: str, bits: int, group: int):
     model = copy.deepcopy(base)
     t0 = time.time()
     plan = LoopPlan(family=family, qcfg=qcfg, pack_format=PackFormat.GPTQ)  # any width; the model in memory is scored
-    quantize_model(model, calib, plan)
+    result = quantize_model(model, calib, plan)
+    if results is not None:
+        results.append(result)
     return model, time.time() - t0
 
 
@@ -176,7 +178,8 @@ def summarise(rows: list[dict], method=method_of) -> list[dict]:
     return out
 
 
-def fmt_table(summary: list[dict]) -> str:
+def fmt_table(summary: list[dict], kl: str = ".4f") -> str:
+    """The summary as a markdown table; ``kl``: the KL cells' format (".2e" where they are all below 1e-4)."""
     head = ["setting", "variant", "ppl", "vs best", "vs best peer", "KL easy-vqa", "KL photos", "layer err", "acc %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cell = lambda r, m, f: "-" if m not in r else (f"{r[m]['mean']:{f}} ± {r[m]['sd']:{f}}" if len(r[m]["values"]) > 1
@@ -184,18 +187,18 @@ def fmt_table(summary: list[dict]) -> str:
     for r in summary:
         lines.append("| " + " | ".join([
             r["setting"], r["variant"], cell(r, "perplexity", ".3f"), r.get("vs_best", "-"), r.get("vs_best_peer", "-"),
-            cell(r, "answer_kl", ".4f"),
-            cell(r, "photo_kl", ".4f"), cell(r, "layer_error", ".2e"), cell(r, "accuracy", ".2f"),
+            cell(r, "answer_kl", kl),
+            cell(r, "photo_kl", kl), cell(r, "layer_error", ".2e"), cell(r, "accuracy", ".2f"),
         ]) + " |")
     return "\n".join(lines)
 
 
-def combine(paths: list[str], out: str | None) -> None:
+def combine(paths: list[str], out: str | None, kl: str = ".4f") -> None:
     """One table from the per-seed rows of earlier runs (each file's meta kept beside)."""
     runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     rows = [r for run in runs for r in run["rows"]]
     summary = summarise(rows)
-    table = fmt_table(summary)
+    table = fmt_table(summary, kl)
     print(table)
     if out:
         meta = {"combined": {p: run["meta"] for p, run in zip(paths, runs)}}
@@ -215,11 +218,12 @@ def main() -> None:
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                     help="measure nothing: one table from the rows of earlier runs' JSON (this script's, bench_peers')")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kl-format", default=".4f", help="the KL cells' format, e.g. .2e for a bed whose KL is tiny")
     ap.add_argument("--json", default=None, help="default benchmarks/results/methods_MODEL.json")
     args = ap.parse_args()
     os.environ.setdefault("QVLQUANT_QUIET", "1")
     if args.combine:
-        combine(args.combine, args.json)
+        combine(args.combine, args.json, args.kl_format)
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -234,7 +238,7 @@ def main() -> None:
     settings = [(s, *parse_setting(s)) for s in args.settings.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     base, processor = qvlquant.load(args.model)
-    family = family_for(base.config.model_type)
+    family = family_for(base.config.model_type).bind(base.config)  # hybrid models: each layer's type
     t0 = time.time()
     scorer = Scorer(base, processor, family, args.kl_limit, args.acc_limit)
     rows = [dict(scorer.base_row(), setting="-", variant="bf16", seed=None)]
@@ -253,7 +257,7 @@ def main() -> None:
         peers = json.loads(pathlib.Path(args.peers).read_text())
         rows += [r for r in peers["rows"] if r["setting"] in {s for s, _, _ in settings}]
     summary = summarise(rows)
-    table = fmt_table(summary)
+    table = fmt_table(summary, args.kl_format)
     print(table)
     label = args.model if args.model in EMBEDDED else pathlib.Path(args.model).name
     out = pathlib.Path(args.json or f"benchmarks/results/methods_{label}.json")

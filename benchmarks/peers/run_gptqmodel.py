@@ -184,13 +184,46 @@ def _use_encoded_batches(model) -> None:
     model.prepare_dataset = lambda calibration_dataset, **_: calibration_dataset
 
 
-def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: pathlib.Path) -> None:
+HYBRID_LAYERS = ("Qwen3_5DecoderLayer", "Qwen3_5MoeDecoderLayer")  # decoder layers given position_ids only sometimes
+
+
+def _no_layer_position_ids(model) -> int:
+    """Qwen3.5's text model hands its decoder layers ``position_ids`` for some batches only (its text positions
+    when it built them itself, None when the 3-D mRoPE positions came from the image grid), and GPTQModel 7.7's
+    input capture keeps a layer's ``position_ids`` only when not None, so its list comes out shorter than the
+    batches and the replay fails (``IndexError: list index out of range`` at ``pos = position_ids[batch_idx]``,
+    gptqmodel/looper/forward_executor.py). The layers do not read them (RoPE arrives as ``position_embeddings``;
+    SDPA ignores ``position_ids``), so each such layer is called with ``position_ids=None`` for every batch.
+    -> how many layers were hooked."""
+    layers = [m for m in model.model.modules() if type(m).__name__ in HYBRID_LAYERS]
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, "position_ids": None}),
+                                        with_kwargs=True)
+    return len(layers)
+
+
+def calibration_log(quant_log: list[dict]) -> dict:
+    """GPTQModel's per-linear log (``model.quant_log``: process, layer, module, loss, samples, ...) -> the linears
+    it calibrated, the fewest rows any of them saw, and those it rounded to nearest instead (its ``fallback``, by
+    default RTN for a linear that saw under 0.5 % of the calibration tokens: a rarely routed expert), as
+    "layer.module (rows)"."""
+    rows = [e for e in quant_log if e.get("process") == "gptq" and "module" in e]
+    samples = [int(e["samples"]) for e in rows if str(e.get("samples", "")).isdigit()]
+    fallback = [f"{e.get('layer')}.{e['module']} ({e.get('samples')})" for e in rows
+                if str(e.get("loss", "")).startswith("fallback")]
+    return {"linears": len(rows), "min_samples": min(samples, default=None), "fallback": fallback}
+
+
+def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: pathlib.Path) -> dict:
+    """-> ``calibration_log`` of the run."""
     from gptqmodel import GPTQModel  # peer venv only
 
     model = GPTQModel.load(str(model_dir), quantize_config(s), device="cpu", dtype=getattr(torch, s.dtype))
     _use_encoded_batches(model)
+    _no_layer_position_ids(model)
     model.quantize(batches, batch_size=1, calibration_sort=None, calibration_data_min_length=0)
     model.save(str(saved))
+    return calibration_log(list(getattr(model, "quant_log", None) or []))
 
 
 def versions() -> dict:
@@ -205,7 +238,7 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
     with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
         saved = pathlib.Path(tmp)
         t0 = time.time()
-        quantize(model_dir, batches, s, saved)
+        log = quantize(model_dir, batches, s, saved)
         seconds = time.time() - t0
         peak = peak_rss_gib()
         saved_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
@@ -222,7 +255,7 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path, s: Settings, out: path
         "peak_rss_gib_quantize": peak, "saved_bytes": saved_bytes,
         "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
         "checkpoint_format": fmt, "quantize_config": qcfg,
-        "threads": torch.get_num_threads(), "cpu_workers": os.environ["GPTQMODEL_CPU_WORKERS"],
+        "threads": torch.get_num_threads(), "cpu_workers": os.environ["GPTQMODEL_CPU_WORKERS"], "gptq": log,
     }
     out.mkdir(parents=True, exist_ok=True)
     if dense:

@@ -49,12 +49,15 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/peers: layout.py beside this script
 from layout import peak_rss_gib, to_input_layout, weight_errors  # noqa: E402
 
-IGNORE = ["lm_head", "re:(model\\.)?visual\\..*"]  # the vision tower stays BF16, as in qvlquant
 PRESETS = ("FP8_DYNAMIC", "W8A8", "NVFP4A16")  # llm-compressor's data-free preset schemes, run with no calibration
 CALIBRATED_PRESETS = ("FP8", "NVFP4")  # its preset schemes with static activation scales, observed over --batches
 W8A8_GPTQ = "w8a8-gptq"  # its INT8 W8A8 recipe: SmoothQuantModifier (--smoothing, 0 = none) then GPTQModifier(W8A8)
 KEPT = (*PRESETS, *CALIBRATED_PRESETS, W8A8_GPTQ)  # output: the compressed checkpoint it saves (--keep), not dense
-SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3_5DecoderLayer"]
+SEQUENTIAL_TARGETS = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3_5DecoderLayer", "Qwen3_5MoeDecoderLayer"]
+# Qwen3.5-MoE's 1-row shared_expert_gate is kept 16-bit, as qvlquant and GPTQModel keep it (the router, mlp.gate, is
+# a parameter, not a Linear, so no tool quantizes it)
+MOE_IGNORE = ["re:.*mlp\\.shared_expert_gate$"]
+IGNORE = ["lm_head", "re:(model\\.)?visual\\..*", *MOE_IGNORE]  # the vision tower stays BF16, as in qvlquant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Settings:
     actorder: str = "none"
     dtype: str = "float32"  # the dtype the model is loaded and calibrated in
     smoothing: float = 0.8  # w8a8-gptq: SmoothQuantModifier's smoothing_strength; 0: no SmoothQuant
+    moe_experts: str = "all"  # oneshot's moe_calibrate_all_experts: all (its default) or routed tokens only
 
     def __post_init__(self):
         if self.method not in ("gptq", "awq", *KEPT):
@@ -84,6 +88,8 @@ class Settings:
             raise ValueError(f"--damp {self.damp}: a fraction of the Hessian's mean diagonal, in [0, 1)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r}: float32 or bfloat16")
+        if self.moe_experts not in ("all", "routed"):
+            raise ValueError(f"--moe-experts {self.moe_experts!r}: all (every token through every expert) or routed")
 
 
 def read_batches(folder: pathlib.Path) -> tuple[list[dict], dict]:
@@ -140,26 +146,57 @@ def _no_pinning():
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
-def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: pathlib.Path) -> None:
-    """oneshot over the batches, then save the compressed checkpoint to ``saved``."""
+def _record_gptq(record: dict) -> None:
+    """Have GPTQModifier note, as it quantizes, which linears' Hessians are all zero (``record["uncalibrated"]``: an
+    expert no calibration token reached, whose columns GPTQ zeroes as dead), how many calls each Hessian accumulated
+    (``record["calls"]``, its ``num_samples``: one per batch, and per call of an expert, with or without rows) and
+    which linears it rounded to nearest because their Hessian would not factorise (``record["rtn_fallback"]``)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier  # peer venv only
+
+    compress, summary = GPTQModifier.compress_module_list, GPTQModifier._log_rtn_fallback_summary
+    record.update(calls={}, uncalibrated=[], rtn_fallback=[])
+
+    def compress_module_list(self, module_list):
+        for m in module_list:
+            record["calls"][self._module_names[m]] = int(self._num_samples[m])
+            if not self._hessians[m].diagonal().any():
+                record["uncalibrated"].append(self._module_names[m])
+        return compress(self, module_list)
+
+    def log_rtn_fallback_summary(self):
+        record["rtn_fallback"] += list(self._rtn_fallback_module_names)
+        return summary(self)
+
+    GPTQModifier.compress_module_list = compress_module_list
+    GPTQModifier._log_rtn_fallback_summary = log_rtn_fallback_summary
+
+
+def quantize(model_dir: pathlib.Path, batches: list[dict], s: Settings, saved: pathlib.Path) -> dict:
+    """oneshot over the batches, then save the compressed checkpoint to ``saved``. -> what GPTQ recorded
+    (``_record_gptq``; empty for other methods)."""
     from llmcompressor import oneshot  # peer venv only
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _no_pinning()
+    record: dict = {}
+    if s.method == "gptq":
+        _record_gptq(record)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, s.dtype))
     processor = AutoProcessor.from_pretrained(model_dir)
     if s.method in PRESETS:  # data-free: no dataset, as llm-compressor's own FP8_DYNAMIC / W8A8 / NVFP4A16 examples
         oneshot(model=model, recipe=recipe(s))
         model.save_pretrained(saved, save_compressed=True)
         processor.save_pretrained(saved)
-        return
+        return record
     loader = torch.utils.data.DataLoader(batches, batch_size=1, shuffle=False, collate_fn=lambda b: b[0])
     targets = [t for t in SEQUENTIAL_TARGETS if any(type(m).__name__ == t for m in model.modules())]
     oneshot(model=model, processor=processor, dataset=loader, recipe=recipe(s), num_calibration_samples=len(batches),
-            sequential_targets=targets, shuffle_calibration_samples=False)
+            sequential_targets=targets, shuffle_calibration_samples=False,
+            moe_calibrate_all_experts=s.moe_experts == "all")
     model.save_pretrained(saved, save_compressed=True)
     if s.method in KEPT:  # a checkpoint to load as it is
         processor.save_pretrained(saved)
+    return record
 
 
 def _is_default_g_idx(g_idx: torch.Tensor, groups: int) -> bool:
@@ -226,7 +263,7 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path | None, s: Settings, ou
     with tempfile.TemporaryDirectory(prefix="llmc-") as tmp:
         saved = pathlib.Path(tmp)
         t0 = time.time()
-        quantize(model_dir, batches, s, saved)
+        record = quantize(model_dir, batches, s, saved)
         seconds = time.time() - t0
         peak = peak_rss_gib()
         saved_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
@@ -246,6 +283,8 @@ def run(model_dir: pathlib.Path, batch_dir: pathlib.Path | None, s: Settings, ou
         "calibration": {k: index.get(k) for k in ("count", "num_tokens", "num_images", "seed", "calib")},
         "threads": torch.get_num_threads(),
     }
+    if record:  # GPTQ: linears whose Hessian no token reached; RTN fallbacks; Hessian calls per linear
+        meta["gptq"] = {"linears": len(record["calls"]), **record}
     out.mkdir(parents=True, exist_ok=True)
     if dense:
         dense_state, renamed = to_input_layout(state, model_dir, "decompression")
@@ -271,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--actorder", default="none", choices=["none", "static"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--moe-experts", default="all", choices=["all", "routed"],
+                    help="MoE calibration: every token through every expert (oneshot's default) or routed tokens only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-only", action="store_true",
                     help="write only meta.json, with each linear's error against the input instead of dense weights")
@@ -284,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--method {args.method}: its output is the compressed checkpoint; give --keep DIR")
     torch.set_num_threads(args.threads)
     sym = args.sym if args.sym is not None else args.method == "gptq"  # each method's published default
-    s = Settings(args.method, args.bits, args.group_size, sym, args.damp, args.actorder, args.dtype, args.smoothing)
+    s = Settings(args.method, args.bits, args.group_size, sym, args.damp, args.actorder, args.dtype, args.smoothing,
+                 args.moe_experts)
     meta = run(args.model.resolve(), args.batches.resolve() if args.batches else None, s, args.output,
                dense=not args.check_only, keep=args.keep)
     count = meta.get("quantized_linears")

@@ -28,7 +28,11 @@ PEERS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
 def _module(name: str):
     """A script of benchmarks/peers/ as a module (the folder is not a package; the peers' own libraries are
     imported inside functions only, so this works without their venvs)."""
-    spec = importlib.util.spec_from_file_location(f"peers_{name}", PEERS / f"{name}.py")
+    return _module_at(PEERS / f"{name}.py")
+
+
+def _module_at(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"peers_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -189,3 +193,65 @@ def test_llmcompressor_presets_take_batches_only_where_they_calibrate(tmp_path, 
         run_llmcompressor.main(argv)
     assert error in capsys.readouterr().err
     assert run_llmcompressor.Settings(method, 4, 128, True).method == method
+
+
+def test_moe_peer_experts_land_in_the_fused_experts_of_the_loaded_model(tmp_path):
+    """Both peers save Qwen3.5-MoE's experts one linear each (``mlp.experts.N.gate_proj.weight``), as the bed's
+    checkpoint stores them: the runners keep those keys, and the folder bench_peers.py loads puts each expert's
+    tensors into that expert of the loaded model (qvlquant.load's ExpertLinears, one linear per expert, where
+    transformers 5 would hold slices of a fused ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I])."""
+    from safetensors.torch import save_file
+
+    from qvlquant.assets.paths import QWEN3_5_MOE_DIR
+
+    bench_peers = _module_at(PEERS.parent / "bench_peers.py")
+    with safe_open(str(QWEN3_5_MOE_DIR / "model.safetensors"), "pt") as f:
+        base = {k: f.get_tensor(k) for k in f.keys()}
+    prefix = "model.language_model.layers.2.mlp.experts.5."
+    state = dict(base)
+    state[prefix + "gate_proj.weight"] = base[prefix + "gate_proj.weight"] * 2  # exact in bf16
+    state[prefix + "down_proj.weight"] = -base[prefix + "down_proj.weight"]
+    dense, renamed = run_llmcompressor.to_input_layout(state, QWEN3_5_MOE_DIR)
+    assert list(dense) == list(base) and renamed[prefix + "up_proj.weight"] == prefix + "up_proj.weight"
+    out = tmp_path / "peer"
+    out.mkdir()
+    save_file(dense, str(out / "model.safetensors"))
+    model = bench_peers.dense_model(QWEN3_5_MOE_DIR, out)
+    experts = model.model.language_model.layers[2].mlp.experts
+    inter = base[prefix + "gate_proj.weight"].shape[0]
+    got = {n: p.detach().float() for n, p in experts.named_parameters()}
+    if "gate_up_proj" in got:  # transformers' fused experts, should a load keep them
+        gate, up, down = got["gate_up_proj"][5, :inter], got["gate_up_proj"][5, inter:], got["down_proj"][5]
+        assert torch.equal(got["gate_up_proj"][4, :inter], base[prefix.replace(".5.", ".4.") + "gate_proj.weight"].float())
+    else:  # qvlquant's ExpertLinears
+        gate, up, down = (got[f"5.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+    assert torch.equal(gate, base[prefix + "gate_proj.weight"].float() * 2)
+    assert torch.equal(up, base[prefix + "up_proj.weight"].float())
+    assert torch.equal(down, -base[prefix + "down_proj.weight"].float())
+    with pytest.raises(KeyError, match="does not hold exactly the keys"):
+        del dense[prefix + "up_proj.weight"]
+        save_file(dense, str(out / "model.safetensors"))
+        bench_peers.dense_model(QWEN3_5_MOE_DIR, out)
+
+
+def test_gptqmodel_runner_calls_hybrid_layers_without_position_ids():
+    """GPTQModel 7.7 keeps a decoder layer's position_ids only when not None, and Qwen3.5 passes them for some
+    batches only: the runner drops them for every call of such a layer, and leaves other modules alone."""
+    import types
+
+    layer_cls = type("Qwen3_5MoeDecoderLayer", (torch.nn.Module,), {"forward": lambda self, x, position_ids=None: position_ids})
+    other_cls = type("Qwen2VLDecoderLayer", (torch.nn.Module,), {"forward": lambda self, x, position_ids=None: position_ids})
+    layer, other = layer_cls(), other_cls()
+    model = types.SimpleNamespace(model=torch.nn.ModuleList([layer, other]))
+    assert run_gptqmodel._no_layer_position_ids(model) == 1
+    pos = torch.arange(3)
+    assert layer(torch.zeros(3), position_ids=pos) is None and other(torch.zeros(3), position_ids=pos) is pos
+
+
+def test_gptqmodel_calibration_log_names_its_rtn_fallbacks():
+    log = [{"process": "gptq", "layer": 0, "module": "mlp.experts.1.up_proj", "loss": "0.00015", "samples": "160"},
+           {"process": "gptq", "layer": 3, "module": "mlp.experts.0.up_proj", "loss": "fallback(rtn): 0.0021",
+            "samples": "16"},
+           {"process": "other"}]
+    got = run_gptqmodel.calibration_log(log)
+    assert got == {"linears": 2, "min_samples": 16, "fallback": ["3.mlp.experts.0.up_proj (16)"]}
