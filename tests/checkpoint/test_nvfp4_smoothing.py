@@ -107,3 +107,7 @@ def test_smoothing_cuts_the_served_w4a4_error_on_outlier_channels(testbed_export
     assert len(report["smoothing"]["groups"]) == 4 * len(FOLDED_INTO)
     assert json.loads((testbed_exports["off"] / "quantize_report.json").read_text())["smoothing"] == {
         "strength": "off", "groups": {}}
+    cards = {kind: (folder / "README.md").read_text() for kind, folder in testbed_exports.items()}
+    assert (f"| Quantization | NVFP4 (NVFP4), SmoothQuant (strength {DEFAULT_NVFP4_SMOOTHING}) then round-to-nearest "
+            "weights, activation scales from calibration |") in cards["default"]
+    assert "| Quantization | NVFP4 (NVFP4), round-to-nearest weights, activation scales from calibration |" in cards["off"]
