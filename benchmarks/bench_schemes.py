@@ -9,7 +9,8 @@
 ``VARIANTS``: qvlquant's rows, each in one setting (the scheme it is compared in): W8A8 data-free round-to-nearest
 against the calibrated path (SmoothQuant off / 0.8 / auto, then GPTQ); FP8_DYNAMIC (data-free) and FP8 (static
 per-tensor input scales, calibrated); NVFP4A16 (data-free, weight-only) and NVFP4 (W4A4, calibrated input global
-scales); W4A16 GPTQ (qvlquant's GPTQ defaults, 4 bits, groups of 128). ``--schemes`` picks the settings whose
+scales: its default SmoothQuant, then with smoothing off, at 0.5 and at 0.8; rows named "nvfp4" written before the
+default smoothing are the unsmoothed ones); W4A16 GPTQ (qvlquant's GPTQ defaults, 4 bits, groups of 128). ``--schemes`` picks the settings whose
 variants run (default W8A8, the original benchmark); ``--variants`` names them one by one instead.
 
 Every export is scored by ``bench_methods.Scorer``, the evaluation every other method row gets: held-out text
@@ -53,7 +54,10 @@ VARIANTS = {
     "fp8-dynamic": ("FP8_DYNAMIC", {"scheme": "FP8_DYNAMIC"}, False),
     "fp8-static": ("FP8", {"scheme": "FP8"}, True),
     "nvfp4a16": ("NVFP4A16", {"scheme": "NVFP4A16"}, False),
-    "nvfp4": ("NVFP4", {"scheme": "NVFP4"}, True),
+    "nvfp4": ("NVFP4", {"scheme": "NVFP4"}, True),  # its default: SmoothQuant at DEFAULT_NVFP4_SMOOTHING
+    "nvfp4-smoothquant-off": ("NVFP4", {"scheme": "NVFP4", "smoothing_strength": "off"}, True),
+    "nvfp4-smoothquant-0.5": ("NVFP4", {"scheme": "NVFP4", "smoothing_strength": "0.5"}, True),
+    "nvfp4-smoothquant-0.8": ("NVFP4", {"scheme": "NVFP4", "smoothing_strength": "0.8"}, True),
     "gptq-w4a16": ("W4A16", {"method": "gptq", "bits": 4, "group_size": 128}, True),
 }
 # name -> (setting, run_llmcompressor.py's arguments, calibrated: from each seed's batches)

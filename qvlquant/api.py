@@ -26,6 +26,7 @@ from qvlquant.checkpoint.export import (
     quantization_config,
 )
 from qvlquant.checkpoint.datafree import (
+    SmoothedTensors,
     check_nvfp4_groups,
     export_fp8,
     export_nvfp4,
@@ -34,7 +35,7 @@ from qvlquant.checkpoint.datafree import (
 )
 from qvlquant.checkpoint.vllm import vllm_compatibility_warnings
 from qvlquant.config import SEARCH_IN_ONE_PROCESS, JobConfig, SearchConfig
-from qvlquant.engine.calibration import InputRanges, input_ranges
+from qvlquant.engine.calibration import InputRanges, Smoothing, input_ranges
 from qvlquant.engine.estimate import estimate, format_estimate
 from qvlquant.engine.experts import coverage
 from qvlquant.engine.loop import (
@@ -235,7 +236,10 @@ def _quantize_calibrated(config: JobConfig, world: World, device: torch.device) 
     any run and the calibration batches, one streamed pass over the decoder layers recording the largest input of
     every linear the export quantizes (``engine.calibration``: one decoder layer in memory at a time, the vision
     tower never observed), then the export streamed from the checkpoint as a data-free scheme's, each linear's
-    activation scale beside its weight. One process. -> the report saved beside the weights."""
+    activation scale beside its weight. NVFP4 with a smoothing strength (its default) smooths each layer first
+    (``engine.calibration.Smoothing``, SmoothQuant folded into its norms and linears) and observes it smoothed; the
+    export writes the smoothed norms and quantizes the smoothed weights (``checkpoint.datafree.SmoothedTensors``).
+    One process. -> the report saved beside the weights."""
     if world.distributed:
         raise ValueError(f"scheme {config.scheme} calibrates in one process (one forward pass over the calibration "
                          "data, one decoder layer at a time); run it without --nproc / torchrun")
@@ -253,13 +257,21 @@ def _quantize_calibrated(config: JobConfig, world: World, device: torch.device) 
                                 dtype=job.dtype)
         say(f"{config.scheme}: recording the largest input of {len(names)} decoder linears over {len(batches)} "
             f"calibration batches on {job.device}, one layer at a time (the vision tower is not quantized)")
+        smoothing = None
+        if isinstance(fmt, Nvfp4Format) and config.smoothing is not None:
+            smoothing = Smoothing(config.smoothing, job.storage, config.quant)
+            say(f"{config.scheme}: SmoothQuant (strength {config.smoothing}) folded into each layer before it is "
+                "observed")
         source.prepare_capture()
-        ranges = input_ranges(job.skeleton, batches, job.family, names, source, offload)
+        ranges = input_ranges(job.skeleton, batches, job.family, names, source, offload, prepare=smoothing)
         say(f"{config.scheme}: writing {job.out}, weights from {job.folder} and the activation scales of "
             f"{ranges.tokens} calibration tokens")
         base = CheckpointTensors(job.reader, job.family, job.storage)
+        if smoothing is not None:
+            base = SmoothedTensors(base, smoothing)
         options = dataclasses.replace(config.export, protected=tuple(str(p) for p in job.protected))
-        report = lambda quantized: _calibrated_report(config, job, batches, ranges, quantized, t0)  # noqa: E731
+        report = lambda quantized: _calibrated_report(config, job, batches, ranges, quantized, t0,  # noqa: E731
+                                                      smoothing)
         write = export_nvfp4 if isinstance(fmt, Nvfp4Format) else export_fp8
         write(job.skeleton, job.processor, base, fmt, job.out, report, options, base_folder=job.folder,
               inputs=ranges.amax)
@@ -400,9 +412,11 @@ def _nvfp4_report(config: JobConfig, job: PreparedJob, quantized: list[str], sta
 
 
 def _calibrated_report(config: JobConfig, job: PreparedJob, batches: list[dict], ranges: InputRanges,
-                       quantized: list[str], started: float) -> dict:
+                       quantized: list[str], started: float, smoothing: Smoothing | None = None) -> dict:
     """What quantize_report.json records for a calibrated scheme: the data-free fields, the calibration data, and
-    each linear's largest calibration input (from which its activation scale was made)."""
+    each linear's largest calibration input (from which its activation scale was made); for NVFP4, the smoothing
+    strength asked and each smoothed group's, by the runtime name of the norm or linear its scales were folded
+    into (none: "off")."""
     fmt = config.calibrated_format
     if isinstance(fmt, Nvfp4Format):
         report = _scheme_report(config, job, quantized, started, method="nvfp4", bits=4,
@@ -421,6 +435,9 @@ def _calibrated_report(config: JobConfig, job: PreparedJob, batches: list[dict],
                              "seconds": round(ranges.seconds, 2)}
     for name in quantized:
         report["layers"][name]["input_amax"] = ranges.amax[name]
+    if isinstance(fmt, Nvfp4Format):
+        report["smoothing"] = {"strength": config.smoothing_strength,
+                               "groups": {} if smoothing is None else dict(smoothing.groups)}
     report["device"] = str(job.device)
     report["compute_dtype"] = str(job.dtype).removeprefix("torch.")
     return report

@@ -45,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qvlquant.assets.paths import EMBEDDED_MODELS
 from qvlquant.config import (
+    DEFAULT_NVFP4_SMOOTHING,
     DEFAULT_SMOOTHING,
     DTYPES,
     EXPORT_FORMATS,
@@ -155,11 +156,12 @@ def add_quantize(sub) -> None:
                    "input global scale (W4A4: Blackwell's FP4 matmuls). W8A8 with --method gptq and/or "
                    "--smoothing-strength: calibrated, SmoothQuant then GPTQ (or with --method rtn round-to-nearest), "
                    "the same layout. A flag the scheme does not take is an error, even at its default")
-    p.add_argument("--smoothing-strength", metavar="ALPHA|auto|off", help="--scheme W8A8, calibrated on --calib: "
-                   "SmoothQuant's migration strength, a number from 0 to 1 (s = max|x|^ALPHA / max|w|^(1-ALPHA) per "
-                   "input channel, folded into the previous norm / linear), auto (searched per layer and smoothing "
-                   "group for the least int8 output error of its linears) or off; default with --method gptq: "
-                   f"{DEFAULT_SMOOTHING} (llm-compressor's SmoothQuantModifier)")
+    p.add_argument("--smoothing-strength", metavar="ALPHA|auto|off", help="--scheme W8A8 (calibrated on --calib) "
+                   "and NVFP4: SmoothQuant's migration strength, a number from 0 to 1 (s = max|x|^ALPHA / "
+                   "max|w|^(1-ALPHA) per input channel, folded into the previous norm / linear), auto (W8A8 only: "
+                   "searched per layer and smoothing group for the least int8 output error of its linears) or off; "
+                   f"default for W8A8 with --method gptq: {DEFAULT_SMOOTHING} (llm-compressor's SmoothQuantModifier), "
+                   f"for NVFP4: {DEFAULT_NVFP4_SMOOTHING} (FP4 activations lose far less on outlier channels)")
     _add_method_flags(p, job)
     _add_calib_flags(p, job)
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N: where each layer, its "
@@ -312,9 +314,11 @@ def run_quantize(args) -> int:
     if report.get("scheme") and report.get("complete", True):  # FP8 / INT8 W8A8 / NVFP4, data-free or calibrated
         how = "data-free" if report["scheme"] not in CALIBRATED_SCHEMES else \
             f"activation scales from {report['calibration']['tokens']} calibration tokens"
-        if "smoothing" in report:  # calibrated W8A8
+        if "smoothing" in report and "rounding" in report:  # calibrated W8A8
             how = (f"SmoothQuant {report['smoothing']['strength']} and {report['rounding']} on "
                    f"{report['calibration']['tokens']} calibration tokens")
+        elif "smoothing" in report:  # NVFP4 (W4A4)
+            how = f"SmoothQuant {report['smoothing']['strength']}, {how}"
         print(f"quantized {len(report['layers'])} linears ({report['scheme']}, {how}) in "
               f"{report['total_seconds']:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB -> {args.output}")
         return 0

@@ -83,7 +83,7 @@ SETTINGS: dict[str, Setting] = {
     "offload": Setting(str, ("auto", "cpu", "device")),
     "rules": Setting(list),  # per-module rules: [{pattern: REGEX, skip: true} or {pattern: REGEX, bits: 8, ...}]
     "scheme": Setting(str, tuple(SCHEMES)),
-    "smoothing_strength": Setting(str, nullable=True),  # --scheme W8A8: "0.8" (quoted), "auto" or "off"
+    "smoothing_strength": Setting(str, nullable=True),  # --scheme W8A8 / NVFP4: "0.8" (quoted), "auto" (W8A8) or "off"
     "target_bits": Setting(float, nullable=True),  # the sensitivity search (config.SearchConfig)
     "candidate_bits": Setting(str),  # "3,4,8,16"
     "sensitivity": Setting(str, MEASURES),

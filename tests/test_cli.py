@@ -540,7 +540,8 @@ def test_calibrated_schemes_quantize_from_calibration_data_and_pass_the_check(sc
     (RESULTS.md, "Calibrated FP8 and NVFP4 on the demo")."""
     out = tmp_path / scheme
     assert main(["quantize", "--scheme", scheme, "--num-samples", "32", "--output", str(out)]) == 0
-    assert f"quantized 28 linears ({scheme}, activation scales from " in capsys.readouterr().out
+    smoothing = "SmoothQuant 0.8, " if scheme == "NVFP4" else ""  # NVFP4's default strength
+    assert f"quantized 28 linears ({scheme}, {smoothing}activation scales from " in capsys.readouterr().out
     report = tmp_path / "e.json"
     assert main(["eval", "--model", str(out), "--limit", "200", "--report", str(report)]) == 0
     assert label in capsys.readouterr().out
@@ -552,6 +553,11 @@ def test_calibrated_schemes_quantize_from_calibration_data_and_pass_the_check(sc
     ("NVFP4", ["--override", "self_attn:bits=8"], "--override / --ignore does not apply to --scheme NVFP4"),
     ("FP8", ["--nproc", "2"], "scheme FP8 runs in one process"),
     ("NVFP4A16", ["--calib", "easyvqa"], "only FP8 and NVFP4 take calibration data (the calibrated schemes)"),
+    ("FP8", ["--smoothing-strength", "0.5"], "SmoothQuant is for --scheme W8A8 (with --method gptq or rtn) and "
+                                             "--scheme NVFP4 (W4A4); not for scheme FP8"),
+    ("NVFP4A16", ["--smoothing-strength", "0.5"], "not for scheme NVFP4A16"),
+    ("NVFP4", ["--smoothing-strength", "auto"], "smoothing_strength auto searches for the least int8 (W8A8) output "
+                                                "error; for --scheme NVFP4 give a number from 0 to 1"),
 ])
 def test_the_calibrated_schemes_refuse_what_does_not_apply_before_any_work(scheme, extra, message, tmp_path, capsys):
     out = tmp_path / "out"

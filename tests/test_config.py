@@ -206,8 +206,32 @@ def test_calibrated_w8a8_is_gptq_or_a_smoothing_strength_with_its_defaults():
     assert off.w8a8_calibrated and off.smoothing is None
 
 
+def test_nvfp4_smooths_by_default_and_takes_a_strength_or_off():
+    """--scheme NVFP4 (W4A4) smooths its activations' outliers into the weights by default (its own default, not
+    W8A8's); a number or off is taken, auto (a search scored by int8 error) is refused."""
+    from qvlquant.config import DEFAULT_NVFP4_SMOOTHING
+
+    plain = JobConfig.from_flat(output="o", scheme="NVFP4")
+    assert plain.smoothing_strength == plain.smoothing == DEFAULT_NVFP4_SMOOTHING == 0.8
+    assert plain.result_settings()["smoothing_strength"] == 0.8  # a setting of the result
+    assert JobConfig.from_flat(output="o", scheme="NVFP4", smoothing_strength="0.5").smoothing == 0.5
+    off = JobConfig.from_flat(output="o", scheme="NVFP4", smoothing_strength="off")
+    assert off.smoothing_strength == "off" and off.smoothing is None
+    assert off.result_settings() != plain.result_settings()
+    with pytest.raises(ValueError, match=r"^smoothing_strength auto searches for the least int8 \(W8A8\) output "
+                                         r"error; for --scheme NVFP4 give a number from 0 to 1 \(default 0.8\) or off$"):
+        JobConfig.from_flat(output="o", scheme="NVFP4", smoothing_strength="auto")
+    for scheme in ("FP8_BLOCK", "FP8_DYNAMIC", "FP8", "NVFP4A16"):  # they neither smooth nor get a strength
+        assert JobConfig.from_flat(output="o", scheme=scheme).smoothing_strength is None
+
+
 @pytest.mark.parametrize("settings,message", [
     ({"smoothing_strength": 0.5}, r"smoothing_strength: SmoothQuant is for --scheme W8A8 .*; leave it out"),
+    ({"scheme": "NVFP4A16", "smoothing_strength": 0.5}, r"SmoothQuant is for --scheme W8A8 \(with --method gptq or "
+                                                         r"rtn\) and --scheme NVFP4 \(W4A4\); not for scheme NVFP4A16"),
+    ({"scheme": "FP8_DYNAMIC", "smoothing_strength": "off"}, r"SmoothQuant is for .*; not for scheme FP8_DYNAMIC"),
+    ({"scheme": "NVFP4", "smoothing_strength": 0.5, "awq_max_tokens": 512}, r"^awq_max_tokens does not apply to "
+                                                                            r"--scheme NVFP4"),
     ({"scheme": "FP8", "smoothing_strength": 0.5}, r"SmoothQuant is for --scheme W8A8 .*; not for scheme FP8"),
     ({"scheme": "W8A8", "method": "awq"}, r"scheme W8A8 rounds its \(smoothed\) weights with --method gptq or rtn, "
                                           "got awq"),

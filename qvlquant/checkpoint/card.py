@@ -283,6 +283,11 @@ def fp8_method_text(report: dict) -> str:
 
 
 def nvfp4_method_text(report: dict) -> str:
+    """NVFP4's line; W4A4 smoothed by SmoothQuant (groups folded) says so and with which strength."""
+    smoothing = report.get("smoothing") or {}
+    if smoothing.get("groups"):
+        return (f"NVFP4 ({report.get('scheme')}), SmoothQuant (strength {smoothing.get('strength')}) then "
+                "round-to-nearest weights, activation scales from calibration")
     return scheme_method_text("NVFP4", report)
 
 

@@ -205,6 +205,35 @@ def export_fp8(model, processor, base: CheckpointTensors, fmt: Fp8Format | Int8F
         raise
 
 
+class SmoothedTensors:
+    """The base checkpoint's tensors (a ``CheckpointTensors``) with a calibration pass's SmoothQuant fold replayed
+    (``smoothing``: an ``engine.calibration.Smoothing``): a folded norm or bias as the smoothed layer held it, a
+    scaled linear's weight in float32 with its scales applied (``smoothing.fold``), anything else as stored. What
+    an NVFP4 W4A4 export with smoothing reads in place of the checkpoint; one tensor in memory at a time, as there."""
+
+    def __init__(self, base: CheckpointTensors, smoothing):
+        self.base, self.smoothing = base, smoothing
+        self.family, self.dtype = base.family, base.dtype
+
+    def get(self, runtime_name: str) -> torch.Tensor:
+        replaced = self.smoothing.replaced.get(runtime_name)
+        if replaced is not None:
+            return replaced
+        return self.smoothing.fold(runtime_name, self.base.get(runtime_name))
+
+    def meta(self, runtime_name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.base.meta(runtime_name)
+
+    def carried(self) -> list[str]:
+        return self.base.carried()
+
+    def raw_meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.base.raw_meta(key)
+
+    def raw(self, key: str) -> torch.Tensor:
+        return self.base.raw(key)
+
+
 def fused_siblings(family: ModelFamily, runtime_name: str) -> list[str]:
     """The weights of the linears vLLM fuses with the decoder linear whose weight is ``runtime_name`` (q/k/v,
     gate/up: the layer's ``fused``), itself included, in the family's order; [itself] when it is fused with none."""

@@ -10,6 +10,11 @@ FP8 / NVFP4 weights are not changed in place), so every layer sees the activatio
 vision tower is never observed: only decoder linears are. Memory holds one layer and the calibration activations.
 
     ranges = input_ranges(skeleton, batches, family, names, source)   # InputRanges, names: runtime linear paths
+
+NVFP4 W4A4 smooths first (``Smoothing``: SmoothQuant, the W8A8 path's ``quant.apply.smooth_layer``, folded into each
+layer's norms and linears as it is loaded); its linears are then observed smoothed, and the export replays the same
+fold onto the checkpoint's tensors as it streams them (``checkpoint.datafree.SmoothedTensors``). What is kept for
+that is one scale vector per smoothing group and the folded norms, never the layers' weights.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from qvlquant.engine.loop import InMemoryLayers, LayerSource, capture_inputs
 from qvlquant.families import ModelFamily
-from qvlquant.quant.layer import LayerInput, QuantizationError, hooked, next_input, rows_of
+from qvlquant.quant.apply import smooth_layer
+from qvlquant.quant.layer import LayerContext, LayerInput, QuantizationError, hooked, next_input, rows_of
+from qvlquant.quant.spec import QuantConfig
 from qvlquant.ui.progress import progress
 
 
@@ -83,12 +90,71 @@ def by_layer(family: ModelFamily, names: Sequence[str]) -> dict[int, list[str]]:
     return out
 
 
+def _no_finish(name: str, weight, info: dict) -> None:
+    raise RuntimeError(f"{name}: smoothing rounds nothing")  # smooth_layer never calls it
+
+
+@dataclasses.dataclass
+class Smoothing:
+    """SmoothQuant before the observation of a calibrated scheme (NVFP4 W4A4), called on each decoder layer as it
+    is loaded: ``quant.apply.smooth_layer`` (the calibrated W8A8's) with the fixed migration strength ``strength``
+    folds its scales into the layer in place, and what the export needs to write the same smoothed model from the
+    checkpoint is recorded:
+
+    - ``scales``: runtime weight name -> [("columns" | "rows", s [K] float32)], in the order they were folded (a
+      smoothed linear's input columns times s; a previous linear's output rows divided by s);
+    - ``replaced``: runtime name -> the folded tensor in the storage dtype (a norm's weight, a previous linear's
+      bias), as the layer holds it;
+    - ``groups``: runtime name of each norm or linear scales were folded into -> the strength."""
+
+    strength: float
+    storage_dtype: torch.dtype
+    qcfg: QuantConfig = QuantConfig()
+    scales: dict[str, list[tuple[str, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    replaced: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    groups: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, index: int, family: ModelFamily, layer: torch.nn.Module, inputs: list[LayerInput]) -> None:
+        prefix = f"{family.decoder_layers}.{index}"
+        ctx = LayerContext(family=family.at(index), qcfg=self.qcfg, prefix=prefix, storage_dtype=self.storage_dtype,
+                           finish=_no_finish)
+        folded: list = []
+        smooth_layer(layer, inputs, ctx, self.strength, folded)
+        for group, s in folded:
+            s = s.detach().float().cpu()
+            for name in group.linears:
+                self.scales.setdefault(f"{prefix}.{name}.weight", []).append(("columns", s))
+            prev = layer.get_submodule(group.prev)
+            if isinstance(prev, torch.nn.Linear):
+                self.scales.setdefault(f"{prefix}.{group.prev}.weight", []).append(("rows", s))
+                if prev.bias is not None:
+                    self.replaced[f"{prefix}.{group.prev}.bias"] = prev.bias.data.to(self.storage_dtype).cpu()
+            else:
+                self.replaced[f"{prefix}.{group.prev}.weight"] = prev.weight.data.to(self.storage_dtype).cpu()
+            self.groups[f"{prefix}.{group.prev}"] = self.strength
+
+    def fold(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's weight at runtime name ``name`` with the recorded scales applied in the order the layer
+        folded them, in float32 (the values the smoothed layer held when it computed in float32); unchanged when no
+        group scaled it."""
+        steps = self.scales.get(name)
+        if not steps:
+            return weight
+        w = weight.float()
+        for kind, s in steps:
+            w = w * s.view(1, -1) if kind == "columns" else w / s.view(-1, 1)
+        return w
+
+
 @torch.no_grad()
 def input_ranges(model, batches: list[dict], family: ModelFamily, names: Sequence[str],
-                 source: LayerSource | None = None, offload: str | None = None) -> InputRanges:
+                 source: LayerSource | None = None, offload: str | None = None,
+                 prepare: Callable[[int, ModelFamily, torch.nn.Module, list[LayerInput]], None] | None = None
+                 ) -> InputRanges:
     """The pass: capture, then per decoder layer load it from ``source``, observe the linears of ``names`` (runtime
-    paths) among it while it computes the next layer's inputs, release it. A linear that received no real token,
-    or a non-finite value, is an error naming it."""
+    paths) among it while it computes the next layer's inputs, release it. ``prepare(index, family, layer,
+    inputs)``, where given, changes each layer in place before it is observed (``Smoothing``). A linear that
+    received no real token, or a non-finite value, is an error naming it."""
     t0 = time.time()
     source = source or InMemoryLayers(model, family)
     wanted = by_layer(family, names)
@@ -101,6 +167,8 @@ def input_ranges(model, batches: list[dict], family: ModelFamily, names: Sequenc
         prefix = f"{family.decoder_layers}.{i}"
         layer = source.load(i)
         inputs = [x.of_type(family.layer_type(i)) for x in inputs]  # hybrid models: this layer type's mask
+        if prepare is not None:
+            prepare(i, family, layer, inputs)
         seen: dict[str, float] = {}
         inputs = observe_layer(i, layer, inputs, wanted.get(i, []), seen)
         amax.update({f"{prefix}.{n}": v for n, v in seen.items()})

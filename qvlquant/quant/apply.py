@@ -429,12 +429,15 @@ def _smoothable(layer: torch.nn.Module, group, ctx: LayerContext) -> bool:
 
 
 def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext,
-                 strength: float | str) -> dict[str, dict]:
+                 strength: float | str, folded: list | None = None) -> dict[str, dict]:
     """SmoothQuant: every scaling group's scales from the full-precision layer (input maxima over all its real
     calibration tokens; ``strength`` a fixed alpha, or "auto": searched per group on at most ``awq_max_tokens``
     tokens for the least W8A8 output error), then all folded into the previous norm / linear as AWQ folds its
-    own (``_fold``); a group searched to "off" is left as it is. -> linear -> {"strength", "smoothed_by", and when
-    searched "smoothing_loss", "smoothing_loss_off": the W8A8 output errors of the chosen strength and of none}."""
+    own (``_fold``); a group searched to "off" is left as it is. ``folded``: where given, each folded group is
+    appended to it as (group, s [K]: what its linears' columns were multiplied by and a previous linear's rows
+    divided by), in the order they were folded (NVFP4 W4A4 replays that onto the checkpoint's weights as its
+    export streams them). -> linear -> {"strength", "smoothed_by", and when searched "smoothing_loss",
+    "smoothing_loss_off": the W8A8 output errors of the chosen strength and of none}."""
     family = ctx.family
     groups = [g for g in family.scaling_groups if _smoothable(layer, g, ctx)]
     firsts = list(dict.fromkeys(g.linears[0] for g in groups))
@@ -467,6 +470,8 @@ def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerCon
         if not isinstance(prev, torch.nn.Linear):  # the columns get what the stored norm divides by
             s = stored_norm_scales(prev.weight.data, s, ctx.storage_dtype, family.norm_offset)
         _fold(prev, [layer.get_submodule(n) for n in group.linears], s, ctx.storage_dtype, family.norm_offset)
+        if folded is not None:
+            folded.append((group, s))
     return info
 
 

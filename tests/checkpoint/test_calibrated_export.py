@@ -22,12 +22,14 @@ INPUTS = {"FP8": "input_scale", "NVFP4": "input_global_scale"}
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """scheme -> the demo's export, calibrated on 8 of the demo's chats."""
+    """scheme -> the demo's export, calibrated on 8 of the demo's chats; NVFP4 without its default SmoothQuant, so
+    that its weights and norms are the checkpoint's (the smoothed export: test_nvfp4_smoothing.py)."""
     from qvlquant.api import quantize
 
     root = tmp_path_factory.mktemp("calibrated")
     for scheme in SCHEMES:
-        quantize(output=str(root / scheme), scheme=scheme, num_samples=8)
+        quantize(output=str(root / scheme), scheme=scheme, num_samples=8,
+                 **({"smoothing_strength": "off"} if scheme == "NVFP4" else {}))
     return {scheme: root / scheme for scheme in SCHEMES}
 
 
