@@ -195,6 +195,23 @@ NVFP4_W4A4_ARGS = (
 )
 
 
+def _compressed_tensors_config(fmt: str, weights: dict, activations: dict | None, family: ModelFamily,
+                               meta: dict) -> dict:
+    """A compressed-tensors ``quantization_config`` of one group over every Linear in format ``fmt`` with these
+    weight / input-activation arguments, the family's ignore list and qvlquant's ``meta``, validated by the
+    library where it is installed."""
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+                                      "output_activations": None, "format": fmt}},
+        "ignore": compressed_tensors_ignore(family),
+        "kv_cache_scheme": None,
+    }
+    return {**validated_by_library(config), "meta": meta}
+
+
 def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: list[str]) -> dict:
     """The ``quantization_config`` of an FP8 export. ``BLOCK``: Qwen's official FP8 checkpoints' (``quant_method:
     fp8``; vLLM's ``Fp8Config`` and transformers' ``FineGrainedFP8Config``); ``not_converted``: the modules kept in
@@ -211,16 +228,7 @@ def fp8_quantization_config(fmt: Fp8Format, family: ModelFamily, not_converted: 
                    "group_size": None, "observer": None}
     if fmt is Fp8Format.TENSOR:
         weights, activations = (dict(args) for args in FP8_STATIC_ARGS)
-    config = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
-                                      "output_activations": None, "format": "float-quantized"}},
-        "ignore": compressed_tensors_ignore(family),
-        "kv_cache_scheme": None,
-    }
-    return {**validated_by_library(config), "meta": meta}
+    return _compressed_tensors_config("float-quantized", weights, activations, family, meta)
 
 
 def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily, calibrated: dict | None = None) -> dict:
@@ -233,16 +241,7 @@ def w8a8_quantization_config(fmt: Int8Format, family: ModelFamily, calibrated: d
                "group_size": None, "observer": "minmax"}
     activations = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
                    "group_size": None, "observer": None}
-    config = {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
-                                      "output_activations": None, "format": "int-quantized"}},
-        "ignore": compressed_tensors_ignore(family),
-        "kv_cache_scheme": None,
-    }
-    return {**validated_by_library(config), "meta": meta}
+    return _compressed_tensors_config("int-quantized", weights, activations, family, meta)
 
 
 def nvfp4_quantization_config(fmt: Nvfp4Format, family: ModelFamily) -> dict:
@@ -257,16 +256,7 @@ def nvfp4_quantization_config(fmt: Nvfp4Format, family: ModelFamily) -> dict:
     activations = None
     if fmt is Nvfp4Format.W4A4:
         weights, activations = (dict(args) for args in NVFP4_W4A4_ARGS)
-    config = {
-        "quant_method": "compressed-tensors",
-        "format": "nvfp4-pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
-                                      "output_activations": None, "format": "nvfp4-pack-quantized"}},
-        "ignore": compressed_tensors_ignore(family),
-        "kv_cache_scheme": None,
-    }
-    return {**validated_by_library(config), "meta": meta}
+    return _compressed_tensors_config("nvfp4-pack-quantized", weights, activations, family, meta)
 
 
 def modules_in_block_to_quantize(family: ModelFamily, num_layers: int,
