@@ -54,6 +54,12 @@ class LayerLayout:
 PER_LAYER = tuple(f.name for f in dataclasses.fields(LayerLayout))  # the ModelFamily fields a layout replaces
 
 
+def layout_of(family: "ModelFamily") -> LayerLayout:
+    """The layout of a family whose decoder layers are all alike, made of its own per-layer fields: for a hybrid
+    family's layer type that is that family's layer (Qwen3.5's full-attention layers are Qwen3-VL's)."""
+    return LayerLayout(**{name: getattr(family, name) for name in PER_LAYER})
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertSlice:
     """Where one expert linear's weight [out, in] lies in the tensor a checkpoint stores for all of a layer's experts
@@ -392,14 +398,7 @@ QWEN3_5 = hybrid(dataclasses.replace(QWEN3_VL, name="qwen3_5", deepstack=False, 
         attention="linear_attn",
         attention_kwargs=("attention_mask",),
     )),
-    ("full_attention", LayerLayout(
-        linear_groups=QWEN3_VL.linear_groups,
-        scaling_groups=QWEN3_VL.scaling_groups,
-        fused=QWEN3_VL.fused,
-        column_parallel=QWEN3_VL.column_parallel,
-        row_parallel=QWEN3_VL.row_parallel,
-        clip_skipped=QWEN3_VL.clip_skipped,
-    )),
+    ("full_attention", layout_of(QWEN3_VL)),
 ))
 
 # Qwen3.5-MoE / Qwen3.6-MoE: Qwen3.5's hybrid layers with a sparse MoE block as every layer's MLP: a shared expert
@@ -486,14 +485,7 @@ QWEN3_VL_MOE = hybrid(
             row_parallel=QWEN3_VL.row_parallel[:1] + _EXPERTS[1],
             clip_skipped=QWEN3_VL.clip_skipped,
         )),
-        ("dense", LayerLayout(
-            linear_groups=QWEN3_VL.linear_groups,
-            scaling_groups=QWEN3_VL.scaling_groups,
-            fused=QWEN3_VL.fused,
-            column_parallel=QWEN3_VL.column_parallel,
-            row_parallel=QWEN3_VL.row_parallel,
-            clip_skipped=QWEN3_VL.clip_skipped,
-        )),
+        ("dense", layout_of(QWEN3_VL)),
     ))
 
 FAMILIES: dict[str, ModelFamily] = {

@@ -36,6 +36,9 @@ def test_a_hybrid_family_bound_to_its_config_gives_each_layer_its_types_declarat
                              "linear_attn.in_proj_a", "linear_attn.out_proj", "mlp.gate_proj", "mlp.up_proj",
                              "mlp.down_proj")
     assert full.linears == QWEN2_VL.linears and full.fused == QWEN2_VL.fused
+    from qvlquant.families import PER_LAYER, QWEN3_VL  # its full-attention layers are Qwen3-VL's, field by field
+
+    assert {f: getattr(full, f) for f in PER_LAYER} == {f: getattr(QWEN3_VL, f) for f in PER_LAYER}
     assert delta.fused_name("linear_attn.in_proj_z") == "linear_attn.in_proj_qkvz" and full.fused_name("linear_attn.in_proj_z") is None
     assert (delta.attention, delta.attention_kwargs) == ("linear_attn", ("attention_mask",))
     # no AWQ scale folds into the DeltaNet's out_proj (its gated norm's weight is shared by all heads)
