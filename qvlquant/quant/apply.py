@@ -224,6 +224,28 @@ def capture_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], name
     return seen
 
 
+def input_absmaxima(layer: torch.nn.Module, inputs: list[LayerInput], names) -> dict[str, torch.Tensor | None]:
+    """Replay ``layer`` and keep, for each named linear, the largest |x| per input channel over its real tokens
+    (``smoothquant.input_absmax`` of all of them, [K] float32; None where no token reached it): a running maximum
+    updated batch by batch, so memory holds one vector per linear, not the tokens ``capture_linear_inputs`` keeps."""
+    maxima: dict[str, torch.Tensor | None] = {n: None for n in names}
+    current = {}
+
+    def update(module, args, out, n):
+        x = args[0].detach()
+        if getattr(module, "routed_rows", None) is not None:  # an expert's: the real tokens routed to it
+            x = x[rows_of(module, current["mask"]).to(x.device)]
+        elif x.dim() == 3:  # [B, S, K]: its real tokens, as _real keeps them
+            x = x[current["mask"].to(x.device)]
+        if x.shape[0]:
+            m = input_absmax(x)
+            maxima[n] = m if maxima[n] is None else torch.maximum(maxima[n], m)
+
+    replay(layer, inputs, [(layer.get_submodule(n), lambda m, args, out, n=n: update(m, args, out, n)) for n in names],
+           before_each=lambda x: current.update(mask=x.token_mask))
+    return maxima
+
+
 def _real(f: torch.Tensor, x: LayerInput) -> torch.Tensor:
     """The real tokens of captured features: [B, S, K] masked, or an expert's [T, K], which are real already."""
     return f[x.token_mask.to(f.device)] if f.dim() == 3 else f
@@ -428,6 +450,13 @@ def _smoothable(layer: torch.nn.Module, group, ctx: LayerContext) -> bool:
     return all(ctx.config(n) is not None for n in group.linears + ((group.prev,) if group.prev in family.linears else ()))
 
 
+def _real_absmax(x_feats: list[torch.Tensor], inputs: list[LayerInput]) -> torch.Tensor | None:
+    """``input_absmax`` over the real tokens of captured per-batch features (an expert's: only the batches that
+    reached it); None when there are none."""
+    x_all = torch.cat([_real(f, x) for f, x in zip(x_feats, inputs)]) if x_feats else None  # [T, K]
+    return None if x_all is None or x_all.shape[0] == 0 else input_absmax(x_all)
+
+
 def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerContext,
                  strength: float | str, folded: list | None = None) -> dict[str, dict]:
     """SmoothQuant: every scaling group's scales from the full-precision layer (input maxima over all its real
@@ -442,19 +471,20 @@ def smooth_layer(layer: torch.nn.Module, inputs: list[LayerInput], ctx: LayerCon
     groups = [g for g in family.scaling_groups if _smoothable(layer, g, ctx)]
     firsts = list(dict.fromkeys(g.linears[0] for g in groups))
     ctx.step(Phase.INPUTS, f"inputs of {', '.join(firsts)}")
-    feats = capture_linear_inputs(layer, inputs, firsts)
+    if strength == "auto":  # the search scores candidate strengths on the tokens themselves
+        feats = capture_linear_inputs(layer, inputs, firsts)
+        maxima = {n: _real_absmax(feats[n], inputs) for n in firsts}
+    else:  # a fixed strength needs each input channel's largest value only, kept as the layer runs
+        feats, maxima = {}, input_absmaxima(layer, inputs, firsts)
     found, info = [], {}
     for group in groups:
         ctx.step(Phase.SCALE, f"smoothing {group.prev} -> {', '.join(group.linears)}")
-        x_feats = feats[group.linears[0]]  # per batch; an expert's only for the batches that reached it
-        x_all = torch.cat([_real(f, x) for f, x in zip(x_feats, inputs)]) if x_feats else None  # [T, K]
-        if x_all is None or x_all.shape[0] == 0:
+        x_max = maxima[group.linears[0]]
+        if x_max is None:
             continue  # an expert no calibration token reached: nothing to smooth by
         weights = [layer.get_submodule(n).weight.data for n in group.linears]
-        x_max = input_absmax(x_all)
-        del x_all
         if strength == "auto":
-            x, _ = _tokens(x_feats, inputs, ctx.qcfg.awq_max_tokens, ctx)
+            x, _ = _tokens(feats[group.linears[0]], inputs, ctx.qcfg.awq_max_tokens, ctx)
             try:
                 _, s, found_info = search_strength(x, weights, x_max)
             except FloatingPointError as e:

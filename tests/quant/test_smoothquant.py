@@ -120,6 +120,33 @@ def test_smoothing_a_decoder_layer_leaves_its_full_precision_output_unchanged(de
         assert spread(x_after) < spread(x_before)
 
 
+def test_a_fixed_strength_keeps_each_inputs_maxima_not_its_tokens(demo, demo_batches, monkeypatch):
+    """input_absmaxima (a running maximum, batch by batch, over the real tokens) equals the largest |x| of every
+    token capture_linear_inputs keeps, bit for bit; smooth_layer at a fixed strength captures no tokens (memory:
+    one vector per linear, whatever the calibration set's size), only the strength search does."""
+    from qvlquant.quant import apply
+
+    model, _ = demo
+    layer = model.model.language_model.layers[1]
+    inputs = capture_inputs(model, QWEN2_VL, demo_batches)
+    assert any(not bool(x.token_mask.all()) for x in inputs)  # padded batches: the mask matters
+    names = ["self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"]
+    feats = apply.capture_linear_inputs(layer, inputs, names)
+    maxima = apply.input_absmaxima(layer, inputs, names)
+    for n in names:
+        want = input_absmax(torch.cat([f[x.token_mask] for f, x in zip(feats[n], inputs)]))
+        assert torch.equal(maxima[n], want), n
+
+    def kept(*args):
+        raise AssertionError("smooth_layer at a fixed strength kept the layer's input tokens")
+
+    monkeypatch.setattr(apply, "capture_linear_inputs", kept)
+    info = apply.smooth_layer(copy.deepcopy(layer), inputs, _ctx(), 0.8)
+    assert {v["strength"] for v in info.values()} == {0.8}
+    with pytest.raises(AssertionError, match="kept the layer's input tokens"):
+        apply.smooth_layer(copy.deepcopy(layer), inputs, _ctx(), "auto")
+
+
 def test_gptq_on_the_int8_grid_stores_the_w8a8_layout_and_beats_round_to_nearest():
     """GPTQ with the fixed int8 grid (int8.channel_qparams): scales are the data-free W8A8's (absmax / 127 in the
     storage dtype), codes pack to int8 through Int8Format, and the output error on correlated inputs is below
