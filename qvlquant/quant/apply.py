@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -208,19 +209,27 @@ def _rare_on_all_tokens(layer: torch.nn.Module, inputs: list[LayerInput], groups
     return {g: routed[g] for g in rare}
 
 
+def _replay_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], names,
+                          take: Callable[[str, torch.Tensor, LayerInput], None]) -> None:
+    """Replay ``layer``, handing ``take(name, x, batch)`` the input of each named linear on each batch: [B, S, K] as
+    it ran, or for an expert's linear the real tokens routed to it, [T, K] (``rows_of``)."""
+    current = {}
+
+    def hook(module, args, out, n):
+        x = args[0].detach()
+        if getattr(module, "routed_rows", None) is not None:
+            x = x[rows_of(module, current["batch"].token_mask).to(x.device)]
+        take(n, x, current["batch"])
+
+    replay(layer, inputs, [(layer.get_submodule(n), lambda m, args, out, n=n: hook(m, args, out, n)) for n in names],
+           before_each=lambda x: current.update(batch=x))
+
+
 def capture_linear_inputs(layer: torch.nn.Module, inputs: list[LayerInput], names) -> dict[str, list[torch.Tensor]]:
     """Replay ``layer`` and keep the input of each named linear, per batch: [B, S, K], or for an expert's linear
     the real tokens routed to it, [T, K] (``rows_of``)."""
     seen: dict[str, list] = {n: [] for n in names}
-    current = {}
-
-    def keep(module, args, out, n):
-        x = args[0].detach()
-        seen[n].append(x if getattr(module, "routed_rows", None) is None
-                       else x[rows_of(module, current["mask"]).to(x.device)])
-
-    replay(layer, inputs, [(layer.get_submodule(n), lambda m, args, out, n=n: keep(m, args, out, n)) for n in names],
-           before_each=lambda x: current.update(mask=x.token_mask))
+    _replay_linear_inputs(layer, inputs, names, lambda n, x, batch: seen[n].append(x))
     return seen
 
 
@@ -229,20 +238,14 @@ def input_absmaxima(layer: torch.nn.Module, inputs: list[LayerInput], names) -> 
     (``smoothquant.input_absmax`` of all of them, [K] float32; None where no token reached it): a running maximum
     updated batch by batch, so memory holds one vector per linear, not the tokens ``capture_linear_inputs`` keeps."""
     maxima: dict[str, torch.Tensor | None] = {n: None for n in names}
-    current = {}
 
-    def update(module, args, out, n):
-        x = args[0].detach()
-        if getattr(module, "routed_rows", None) is not None:  # an expert's: the real tokens routed to it
-            x = x[rows_of(module, current["mask"]).to(x.device)]
-        elif x.dim() == 3:  # [B, S, K]: its real tokens, as _real keeps them
-            x = x[current["mask"].to(x.device)]
+    def update(n: str, x: torch.Tensor, batch: LayerInput) -> None:
+        x = _real(x, batch)
         if x.shape[0]:
             m = input_absmax(x)
             maxima[n] = m if maxima[n] is None else torch.maximum(maxima[n], m)
 
-    replay(layer, inputs, [(layer.get_submodule(n), lambda m, args, out, n=n: update(m, args, out, n)) for n in names],
-           before_each=lambda x: current.update(mask=x.token_mask))
+    _replay_linear_inputs(layer, inputs, names, update)
     return maxima
 
 
